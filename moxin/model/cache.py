@@ -1,0 +1,117 @@
+"""Rolling-buffer KV cache (Mistral 7B, section 2).
+
+With sliding-window attention a query at position p only sees keys at positions p-W+1 .. p, so the cache
+keeps W slots per layer and the keys/values of position i live in slot ``i mod W``. Memory is fixed at W
+tokens however long the sequence grows: for Moxin-7B at 32K tokens, 4096 slots instead of 32768, 8x less.
+
+Worked example, W = 4 slots, one sequence of 6 prompt tokens (positions 0..5) then decoding:
+
+    prefill positions 0..5 (one chunk of 6 > W):
+        the chunk attends to [cache (empty), its own 6 keys] under causal + window masks, then only the
+        last W tokens are written: slot = pos % 4  ->  slot 0: pos 4, slot 1: pos 5, slot 2: pos 2, slot 3: pos 3
+    decode position 6: its key goes to slot 6 % 4 = 2, overwriting pos 2, which position 6 no longer sees
+        (6 - 2 = 4 = W); it attends to slots holding positions {3, 4, 5, 6}: exactly its window.
+    decode position 7: slot 3 (pos 3 -> pos 7); window {4, 5, 6, 7}.
+
+A chunk of several tokens must attend before it writes: its first query may still need keys that its own
+later tokens would overwrite. A single decode token can write first (it only evicts the position just
+outside its window), which lets decode attend over the W slots alone.
+
+Every slot remembers the position it holds (``pos``, -1 when empty), and masks are built from positions, not
+slot order, so left padding, right padding and per-row lengths all work: a token with position -1 (padding)
+is never written and never attended to. When the whole generation is shorter than W, the cache allocates only
+``max_len`` slots (nothing wraps then).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from moxin.model.config import ModelConfig
+
+
+class RollingKVCache:
+    def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
+        """Slots per layer: the window W, or `max_len` when a whole generation fits in fewer than W tokens.
+        With `sliding_window=None` (full attention) the cache needs `max_len` slots."""
+        W = cfg.sliding_window
+        if W is None and max_len is None:
+            raise ValueError("a full-attention model (sliding_window=None) needs max_len for its cache")
+        self.window = W
+        self.capacity = W if max_len is None else (max_len if W is None else min(W, max_len))
+        self.max_len = max_len
+        self.batch_size = batch_size
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        self.k = torch.zeros(shape, device=device, dtype=dtype)
+        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        self.pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)  # position per slot
+        self._step = None
+
+    def nbytes(self) -> int:
+        """Bytes the cache actually allocates (keys, values, slot positions)."""
+        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+
+    def reset(self) -> None:
+        self.pos.fill_(-1)
+
+    def _visible(self, q_pos: torch.Tensor, kv_pos: torch.Tensor) -> torch.Tensor:
+        """(B, 1, Tq, Tk) mask: key valid, not in the future, inside the window. Padded queries (-1) see
+        everything valid or, with nothing valid, their row's first key, so no softmax row is empty (NaN)."""
+        qp, kp = q_pos.unsqueeze(-1), kv_pos.unsqueeze(-2)  # (B, Tq, 1), (B, 1, Tk)
+        vis = (kp >= 0) & (kp <= qp)
+        if self.window is not None:
+            vis &= (qp - kp) < self.window
+        empty = ~vis.any(-1, keepdim=True)
+        vis = vis | (empty & (torch.arange(vis.shape[-1], device=vis.device) == 0))
+        return vis.unsqueeze(1)
+
+    def begin(self, positions: torch.Tensor) -> None:
+        """Called once per forward with the (B, T) positions of the new tokens; prepares masks and slots."""
+        B, T = positions.shape
+        if B != self.batch_size:
+            raise ValueError(f"cache was built for batch {self.batch_size}, got tokens of batch {B}")
+        if self.max_len is not None and int(positions.max()) >= self.max_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the cache's max_len={self.max_len}")
+        valid = positions >= 0
+        # only the last `capacity` tokens of each row can survive; writing only those avoids slot collisions
+        last = positions.max(dim=1, keepdim=True).values
+        keep = valid & (positions > last - self.capacity)
+        b_idx, t_idx = keep.nonzero(as_tuple=True)
+        slots = positions[b_idx, t_idx] % self.capacity
+        decode = T == 1
+        if decode:  # write first, then attend over the slots alone
+            new_pos = self.pos.clone()
+            new_pos[b_idx, slots] = positions[b_idx, t_idx]
+            mask = self._visible(positions, new_pos)
+        else:  # attend over [old slots, new tokens], then write
+            new_pos = None
+            mask = self._visible(positions, torch.cat([self.pos, torch.where(valid, positions, -1)], dim=1))
+        self._step = (decode, b_idx, t_idx, slots, mask, new_pos, positions)
+
+    def attend(self, layer: int, q, k, v):
+        """q (B, H, T, hd); k, v (B, KVH, T, hd) of the new tokens, RoPE applied. Returns (B, H, T, hd)."""
+        decode, b_idx, t_idx, slots, mask, _, _ = self._step
+        kc, vc = self.k[layer], self.v[layer]  # (B, KVH, C, hd)
+        k_new = k[b_idx, :, t_idx].to(kc.dtype)  # (N, KVH, hd)
+        v_new = v[b_idx, :, t_idx].to(vc.dtype)
+        if decode:
+            kc[b_idx, :, slots] = k_new
+            vc[b_idx, :, slots] = v_new
+            keys, values = kc, vc
+        else:
+            keys = torch.cat([kc, k.to(kc.dtype)], dim=2)
+            values = torch.cat([vc, v.to(vc.dtype)], dim=2)
+            kc[b_idx, :, slots] = k_new
+            vc[b_idx, :, slots] = v_new
+        gqa = keys.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, keys.to(q.dtype), values.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+
+    def end(self) -> None:
+        decode, b_idx, t_idx, slots, _, new_pos, positions = self._step
+        if decode:
+            self.pos = new_pos
+        else:
+            self.pos[b_idx, slots] = positions[b_idx, t_idx]
+        self._step = None

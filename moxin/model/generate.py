@@ -1,0 +1,114 @@
+"""Batched generation on the rolling-buffer cache: prefill (optionally in chunks), then decode.
+
+Prompts of different lengths are padded on the left or on the right; padding carries position -1, so it is
+never written to the cache nor attended to, and each row decodes from its own next position. Sampling:
+temperature, top-k, top-p (nucleus); temperature 0 is greedy. A row stops at any of `stop_tokens` or after
+`max_new_tokens`. Randomness comes only from `generator`, so a seed reproduces the rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from moxin.model.cache import RollingKVCache
+
+
+@dataclass
+class GenerationOutput:
+    tokens: list[list[int]]
+    """New tokens per prompt, the stop token included when one was produced."""
+    finished: list[bool]
+    """True when the row stopped on a stop token, False when it ran into max_new_tokens (truncated)."""
+    logprobs: list[list[float]] | None = None
+    """Log-probability of each sampled token under the sampling distribution's logits (temperature applied)."""
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the first always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
+             pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
+             pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
+             ) -> GenerationOutput:
+    """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache."""
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token (add the bos token)")
+    if pad_side not in ("left", "right"):
+        raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    device = next(model.parameters()).device
+    dtype = cache_dtype or next(model.parameters()).dtype
+    B = len(prompts)
+    lens = torch.tensor([len(p) for p in prompts], device=device)
+    L = int(lens.max())
+    tokens = torch.full((B, L), pad_id, dtype=torch.long, device=device)
+    positions = torch.full((B, L), -1, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        s = L - len(p) if pad_side == "left" else 0
+        tokens[i, s:s + len(p)] = torch.tensor(p, device=device)
+        positions[i, s:s + len(p)] = torch.arange(len(p), device=device)
+    cache = RollingKVCache(model.cfg, B, L + max_new_tokens, device=device, dtype=dtype)
+
+    # prefill, chunk by chunk; keep each row's logits at its last prompt token
+    chunk = prefill_chunk or L
+    last_logits = torch.zeros(B, model.cfg.vocab_size, device=device)
+    last_col = (L - 1) if pad_side == "left" else None
+    for s in range(0, L, chunk):
+        logits = model(tokens[:, s:s + chunk], positions[:, s:s + chunk], cache=cache)  # (B, c, V)
+        cols = torch.arange(s, min(s + chunk, L), device=device)
+        end_col = torch.full_like(lens, last_col) if last_col is not None else lens - 1
+        hit = (end_col.unsqueeze(1) == cols.unsqueeze(0))  # (B, c)
+        rows = hit.any(1)
+        if rows.any():
+            idx = hit.float().argmax(1)
+            last_logits[rows] = logits[rows, idx[rows]].float()
+
+    stops = torch.tensor(list(stop_tokens) or [-1], device=device)
+    out = torch.full((B, max_new_tokens), pad_id, dtype=torch.long, device=device)
+    lps = torch.zeros(B, max_new_tokens, device=device) if return_logprobs else None
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    stopped = torch.zeros(B, dtype=torch.bool, device=device)
+    n_new = torch.zeros(B, dtype=torch.long, device=device)
+    logits = last_logits
+    for t in range(max_new_tokens):
+        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = torch.where(done, pad_id, nxt)
+        out[:, t] = nxt
+        if lps is not None:
+            scaled = logits.float() / (temperature if temperature > 0 else 1.0)
+            lps[:, t] = scaled.log_softmax(-1).gather(-1, nxt.unsqueeze(-1)).squeeze(-1)
+        n_new += (~done).long()
+        is_stop = torch.isin(nxt, stops) & ~done
+        stopped |= is_stop
+        done |= is_stop
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        pos = torch.where(done, -1, lens + t).unsqueeze(1)  # finished rows feed padding
+        logits = model(nxt.unsqueeze(1), pos, cache=cache)[:, -1]
+
+    counts = n_new.tolist()
+    out_l = out.tolist()
+    res = GenerationOutput(tokens=[row[:n] for row, n in zip(out_l, counts)], finished=stopped.tolist())
+    if lps is not None:
+        res.logprobs = [row[:n] for row, n in zip(lps.tolist(), counts)]
+    return res
