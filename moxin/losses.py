@@ -1,0 +1,585 @@
+"""Loss functions for every moxin stage: pure tensor code, no Lightning, no model code.
+
+Three families live here:
+
+* **Token cross-entropy / log-probs** (pretraining, SFT, and the log-probs DPO and GRPO need), computed from the
+  final-normed hidden states and the ``lm_head`` weight in row chunks, so the full ``(B*T, V)`` fp32 logits never
+  exist at once (for Moxin, V = 32000: a 4096-token row would be 0.5 GiB of fp32 logits per sequence).
+* **DPO family** over per-sequence summed log-probs: ``dpo``, ``dpo_norm``, ``ipo``, ``simpo``.
+* **GRPO family**: group-relative advantages, KL estimators, the clipped policy loss with three aggregations.
+
+Normalisation contract (docs/architecture.md): functions return SUMS plus COUNTS (or take an explicit normaliser),
+never a mean over whatever happens to be in the micro-batch. The stage divides by the number of target tokens (or
+pairs, or sequences) across gradient accumulation and data-parallel ranks; a per-micro-batch mean silently
+re-weights short and long batches (the gradient-accumulation bug every open trainer fixed in 2024-25).
+
+Shapes use B = batch, T = sequence length, D = model dim, V = vocabulary, S = number of sequences (completions),
+N = prompts, G = group size (completions per prompt).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+__all__ = [
+    "IGNORE_INDEX",
+    "token_logprobs",
+    "token_cross_entropy",
+    "token_entropy",
+    "DPOOutput",
+    "DPO_LOSS_TYPES",
+    "dpo_loss",
+    "sft_nll_per_token",
+    "group_advantages",
+    "zero_std_groups",
+    "KL_ESTIMATORS",
+    "kl_penalty",
+    "completion_mask",
+    "policy_loss",
+]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Chunked token log-probs and cross-entropy
+# --------------------------------------------------------------------------------------------------------------
+
+
+class _ChunkedLabelLogProbs(torch.autograd.Function):
+    """log softmax(h @ W.T / temperature)[y] for selected rows, one chunk of rows at a time.
+
+    Forward keeps only the (R,) result and the per-row logsumexp; backward recomputes each chunk's logits, so peak
+    extra memory is one ``(chunk_size, V)`` fp32 block in both passes (this is what checkpointing per chunk would
+    give, without running the forward twice for the rows' values).
+
+    d logp_r / d logits_r = onehot(y_r) - softmax(logits_r); logits = h W^T / temperature.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float):  # hidden (R, D), labels (R,)
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty_like(out)
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = start + chunk_size
+            logits = (hidden[start:end] @ weight.T).float()  # (c, V) fp32
+            if temperature != 1.0:
+                logits = logits / temperature
+            lse = torch.logsumexp(logits, dim=-1)  # (c,)
+            out[start:end] = logits.gather(1, labels[start:end, None]).squeeze(1) - lse
+            lse_all[start:end] = lse
+        ctx.save_for_backward(hidden, weight, labels, lse_all)
+        ctx.chunk_size = chunk_size
+        ctx.temperature = temperature
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (R,)
+        hidden, weight, labels, lse_all = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        t = ctx.temperature
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hidden[start:end]
+            logits = (h @ weight.T).float()
+            if t != 1.0:
+                logits = logits / t
+            # g_logits = grad_out * (onehot - softmax) / temperature, in fp32
+            g = torch.exp(logits - lse_all[start:end, None]).neg_()
+            g.scatter_add_(1, labels[start:end, None], torch.ones_like(g[:, :1]))
+            g.mul_((grad_out[start:end].float() / t)[:, None])
+            if need_h:
+                grad_h[start:end] = (g.to(weight.dtype) @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += g.T @ h.float()
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def _check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    if hidden.dim() != 3:
+        raise ValueError(f"hidden must be (B, T, D) final-normed hidden states, got shape {tuple(hidden.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(
+            f"weight must be the lm_head (V, D) with D = hidden.shape[-1] = {hidden.shape[2]}, "
+            f"got shape {tuple(weight.shape)}"
+        )
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(
+            f"labels must be (B, T) = {tuple(hidden.shape[:2])} (already shifted, -100 = ignore), "
+            f"got shape {tuple(labels.shape)}"
+        )
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """Per-token log p(label) under ``softmax(hidden @ weight.T / temperature)``, 0 where the label is -100.
+
+    Args:
+        hidden: (B, T, D) final-normed hidden states (``model(..., return_hidden=True)``), any float dtype.
+        weight: (V, D) the lm_head (``model.output.weight``).
+        labels: (B, T) long, already shifted (``labels[:, t]`` is the target of position t), -100 = ignore.
+        chunk_size: rows (tokens) per chunk. Each chunk materialises a (chunk_size, V) fp32 block in forward and
+            again in backward. Too large defeats the purpose (OOM at long context: 8192 x 32000 x 4 B = 1 GiB);
+            too small (< ~128) leaves the GPU underfed by tiny matmuls.
+        temperature: divides the logits. GRPO must use the SAMPLING temperature here (Moxin: 0.6), otherwise
+            the importance ratio compares two different distributions and is biased from step one.
+
+    Returns:
+        (B, T) fp32 log-probs; differentiable w.r.t. ``hidden`` and ``weight``. Only rows with a label are
+        computed at all, so prompt and padding tokens cost nothing.
+    """
+    _check_hidden_weight_labels(hidden, weight, labels)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    B, T, D = hidden.shape
+    V = weight.shape[0]
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (R,)
+    selected = flat_labels[rows]
+    if rows.numel() and bool(((selected < 0) | (selected >= V)).any()):
+        bad = selected[(selected < 0) | (selected >= V)][:5].tolist()
+        raise ValueError(
+            f"labels contain ids outside [0, {V}) that are not -100 (first: {bad}); "
+            "check the tokenizer's vocab size against the model config and the padding label"
+        )
+    h = hidden.reshape(B * T, D).index_select(0, rows)  # (R, D)
+    logp_rows = _ChunkedLabelLogProbs.apply(h, weight, selected, int(chunk_size), float(temperature))
+    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
+    out = out.index_put((rows,), logp_rows)  # out-of-place so autograd routes the gradient to logp_rows
+    return out.view(B, T)
+
+
+def token_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed next-token cross-entropy over target tokens, in chunks, fp32 logits per chunk.
+
+    Equals ``F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100)`` (computed in fp32)
+    without holding the (B*T, V) logits. Shapes as in :func:`token_logprobs`.
+
+    Returns:
+        ``(loss_sum, n_tokens)``: a 0-dim fp32 tensor and a 0-dim long tensor. Divide by the number of target
+        tokens summed over gradient accumulation and ranks, NOT by this micro-batch's ``n_tokens`` (the
+        per-micro-batch mean over-weights tokens of short batches). ``n_tokens`` may be 0 (all labels -100):
+        then ``loss_sum`` is 0 with a zero gradient, never NaN.
+    """
+    logp = token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
+    n_tokens = (labels != IGNORE_INDEX).sum()
+    return -logp.sum(), n_tokens
+
+
+@torch.no_grad()
+def token_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed entropy of the next-token distribution at masked positions (a diagnostic: no gradient).
+
+    Useful in GRPO: entropy collapsing towards 0 means the policy stopped exploring (DAPO's motivation for
+    clip-higher). hidden (B, T, D), weight (V, D), mask (B, T) bool. Returns ``(entropy_sum, n_tokens)``.
+    """
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+    h = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).bool()]
+    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+    for start in range(0, h.shape[0], chunk_size):
+        logits = (h[start : start + chunk_size] @ weight.T).float() / temperature
+        logp = torch.log_softmax(logits, dim=-1)
+        total += -(logp.exp() * logp).sum()
+    return total, mask.bool().sum()
+
+
+# --------------------------------------------------------------------------------------------------------------
+# DPO family
+# --------------------------------------------------------------------------------------------------------------
+
+DPO_LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "simpo")
+
+
+@dataclass
+class DPOOutput:
+    """Per-pair results of :func:`dpo_loss`; all tensors are (P,) for P pairs.
+
+    ``losses`` carries the gradient: the stage sums it and divides by the number of pairs across accumulation and
+    ranks. ``chosen_rewards`` / ``rejected_rewards`` are the implicit rewards (detached): ``beta * log-ratio``
+    (for ``dpo_norm`` / ``ipo`` the length-averaged log-ratio; for ``simpo`` ``beta * average log-prob``).
+    ``margins = chosen_rewards - rejected_rewards``; ``accuracies`` is 1.0 where the margin is > 0.
+    Log ``dpo/margin`` and ``dpo/accuracy``: a loss stuck at log 2 = 0.693 with zero margins means the policy
+    equals the reference (e.g. a forgotten optimizer step or a wrong reference cache).
+    """
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+    margins: torch.Tensor
+    accuracies: torch.Tensor
+
+
+def _lengths(name: str, lengths: torch.Tensor | None, like: torch.Tensor, loss_type: str) -> torch.Tensor:
+    if lengths is None:
+        raise ValueError(
+            f"loss_type={loss_type!r} averages log-probs over tokens: pass {name} (number of target tokens of "
+            "each answer, shape (P,))"
+        )
+    lengths = torch.as_tensor(lengths, device=like.device)
+    if lengths.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)} (one count per pair), got {tuple(lengths.shape)}")
+    if bool((lengths <= 0).any()):
+        bad = (lengths <= 0).nonzero().squeeze(1)[:5].tolist()
+        raise ValueError(
+            f"{name} has zero-length answers at pair indices {bad}: a pair whose answer has no target tokens "
+            "cannot be length-normalised; drop such pairs in the data pipeline (check truncation to max_length "
+            "and the label mask)"
+        )
+    return lengths.to(like.dtype)
+
+
+def dpo_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None,
+    ref_rejected_logps: torch.Tensor | None,
+    *,
+    beta: float,
+    loss_type: Literal["dpo", "dpo_norm", "ipo", "simpo"] = "dpo",
+    chosen_lengths: torch.Tensor | None = None,
+    rejected_lengths: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
+    simpo_gamma: float = 0.5,
+) -> DPOOutput:
+    """Preference losses over per-sequence SUMMED log-probs (sum of :func:`token_logprobs` over answer tokens).
+
+    All inputs are (P,) for P pairs; lengths are the answer token counts (P,).
+
+    loss_type:
+      * ``"dpo"`` — Rafailov et al. 2023 (arXiv 2305.18290), sigmoid loss:
+        ``h = (pc - rc) - (pr - rr)``; ``loss = -(1-ls) logsigmoid(beta h) - ls logsigmoid(-beta h)``.
+      * ``"dpo_norm"`` — the same loss on length-AVERAGED log-probs (policy and reference both divided by their
+        answer's token count), as open-instruct's ``dpo_norm`` (its reference cache is averaged too). Moxin and
+        Tülu 3 use it with beta = 5: averaged log-ratios are ~length-times smaller than summed ones, so beta must be
+        correspondingly larger; beta 0.1 here trains almost nothing, beta 5 with plain ``dpo`` saturates at once.
+      * ``"ipo"`` — Azar et al. 2023 (arXiv 2310.12036): ``loss = (h - 1/(2 beta))^2`` with length-averaged
+        log-ratios (as TRL). Regresses the margin to a fixed target instead of pushing it to infinity; a tiny beta
+        means a huge target margin 1/(2 beta).
+      * ``"simpo"`` — Meng et al. 2024 (arXiv 2405.14734), reference-free: ``loss = -logsigmoid(beta (pc/|c| -
+        pr/|r|) - gamma)`` with ``gamma = simpo_gamma``, label smoothing as in ``dpo``. Reference inputs are
+        ignored (may be None). The paper uses beta ~2-10 and gamma/beta ~0.3-0.5; gamma too large forces
+        a margin the model cannot reach and degrades generation.
+
+    Args:
+        beta: inverse temperature / KL strength. Too small: the policy drifts far from the reference (verbose,
+            degenerate answers); too large: the loss saturates early and barely moves the policy.
+        label_smoothing: conservative DPO (cDPO), the assumed probability that a preference label is flipped;
+            0 = trust labels. Values >= 0.5 make the loss prefer the REJECTED answers. Not used by ``ipo``.
+        simpo_gamma: SimPO's target reward margin gamma (not gamma/beta).
+
+    Returns:
+        :class:`DPOOutput` with per-pair losses (differentiable) and detached reward statistics.
+
+    Raises:
+        ValueError: unknown loss_type, mismatched shapes, missing reference log-probs for a reference-based loss,
+            or missing / zero lengths for a length-normalised loss.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    if not beta > 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing} (>= 0.5 inverts the labels)")
+    pc, pr = policy_chosen_logps, policy_rejected_logps
+    if pc.shape != pr.shape or pc.dim() != 1:
+        raise ValueError(
+            f"policy_chosen_logps and policy_rejected_logps must both be (P,), got {tuple(pc.shape)} and {tuple(pr.shape)}"
+        )
+
+    if loss_type == "simpo":
+        lc = _lengths("chosen_lengths", chosen_lengths, pc, loss_type)
+        lr = _lengths("rejected_lengths", rejected_lengths, pr, loss_type)
+        chosen_rewards = beta * pc / lc
+        rejected_rewards = beta * pr / lr
+        logits = chosen_rewards - rejected_rewards - simpo_gamma
+        losses = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    else:
+        if ref_chosen_logps is None or ref_rejected_logps is None:
+            raise ValueError(f"loss_type={loss_type!r} needs ref_chosen_logps and ref_rejected_logps")
+        rc, rr = ref_chosen_logps.to(pc.device), ref_rejected_logps.to(pc.device)
+        if rc.shape != pc.shape or rr.shape != pc.shape:
+            raise ValueError(
+                f"reference log-probs must match the policy's shape {tuple(pc.shape)}, "
+                f"got {tuple(rc.shape)} and {tuple(rr.shape)}"
+            )
+        chosen_ratio, rejected_ratio = pc - rc, pr - rr  # (P,) log pi/ref of each answer
+        if loss_type in ("dpo_norm", "ipo"):
+            chosen_ratio = chosen_ratio / _lengths("chosen_lengths", chosen_lengths, pc, loss_type)
+            rejected_ratio = rejected_ratio / _lengths("rejected_lengths", rejected_lengths, pr, loss_type)
+        h = chosen_ratio - rejected_ratio
+        if loss_type == "ipo":
+            losses = (h - 1.0 / (2.0 * beta)) ** 2
+        else:
+            losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+        chosen_rewards = beta * chosen_ratio
+        rejected_rewards = beta * rejected_ratio
+
+    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
+    margins = chosen_rewards - rejected_rewards
+    return DPOOutput(
+        losses=losses,
+        chosen_rewards=chosen_rewards,
+        rejected_rewards=rejected_rewards,
+        margins=margins,
+        accuracies=(margins > 0).float(),
+    )
+
+
+def sft_nll_per_token(chosen_logps: torch.Tensor, chosen_lengths: torch.Tensor) -> torch.Tensor:
+    """Per-pair negative log-likelihood per token of the chosen answer: ``-logps / lengths``, (P,).
+
+    An optional auxiliary term (e.g. RPO, Pang et al. 2024, arXiv 2404.19733) added as ``alpha * nll`` to the
+    preference loss to stop the chosen answer's likelihood from falling while the margin grows. alpha ~1 is
+    typical; a large alpha turns DPO back into SFT on the chosen answers.
+    """
+    return -chosen_logps / _lengths("chosen_lengths", chosen_lengths, chosen_logps, "sft")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# GRPO family
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _grouped(rewards: torch.Tensor, group_size: int) -> torch.Tensor:
+    if group_size < 2:
+        raise ValueError(
+            f"group_size must be >= 2 (GRPO compares completions of the same prompt), got {group_size}"
+        )
+    if rewards.dim() == 2:
+        if rewards.shape[1] != group_size:
+            raise ValueError(f"rewards of shape (N, G) = {tuple(rewards.shape)} do not match group_size={group_size}")
+        return rewards
+    if rewards.dim() != 1 or rewards.numel() % group_size:
+        raise ValueError(
+            f"rewards must be (N*G,) with N*G divisible by group_size={group_size}, or (N, G); got {tuple(rewards.shape)}. "
+            "Completions of one prompt must be contiguous."
+        )
+    return rewards.view(-1, group_size)
+
+
+def group_advantages(
+    rewards: torch.Tensor,
+    group_size: int,
+    scale_by_std: bool = True,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """Group-relative advantages: reward minus its group's mean, optionally divided by the group's std.
+
+    GRPO (Shao et al. 2024, DeepSeekMath, arXiv 2402.03300) uses ``(r - mean) / (std + eps)``; Dr. GRPO (Liu et
+    al. 2025, arXiv 2503.20783) argues the std division over-weights near-uniform groups (too easy or too hard
+    prompts) and drops it (``scale_by_std=False``). std is the unbiased (Bessel) std, as in TRL and verl.
+
+    Args:
+        rewards: (N*G,) with the G completions of each prompt contiguous, or (N, G).
+        group_size: G, completions per prompt (Moxin: 8).
+        eps: added to the std. A group with identical rewards has advantage exactly 0 either way; an eps much
+            smaller than the reward scale makes a group with one tiny difference produce huge advantages.
+
+    Returns:
+        Advantages in the same shape as ``rewards`` (fp32).
+    """
+    grouped = _grouped(rewards, group_size).float()
+    adv = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        adv = adv / (grouped.std(dim=1, keepdim=True) + eps)
+    return adv.view(rewards.shape)
+
+
+def zero_std_groups(rewards: torch.Tensor, group_size: int, expand: bool = False) -> torch.Tensor:
+    """Bool mask of groups whose rewards are all equal (zero advantage, so zero policy gradient).
+
+    Log the fraction as ``grpo/frac_zero_std``: near 1 means the prompts are all too easy or all too hard and the
+    step learns nothing (DAPO's dynamic sampling filters such groups). Returns (N,), or (N*G,) / (N, G) matching
+    ``rewards`` when ``expand=True``.
+    """
+    grouped = _grouped(rewards, group_size)
+    mask = (grouped == grouped[:, :1]).all(dim=1)  # (N,)
+    if expand:
+        return mask[:, None].expand_as(grouped).reshape(rewards.shape)
+    return mask
+
+
+KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+
+
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "low_var_kl") -> torch.Tensor:
+    """Per-token estimate of KL(pi || ref) from log-probs of SAMPLED tokens (Schulman, "Approximating KL
+    divergence", 2020). Any shape; returns the same shape. With ``d = ref_logp - logp``:
+
+    * ``k1``: ``logp - ref_logp`` — unbiased, high variance, can be negative per token.
+    * ``k2``: ``0.5 * (logp - ref_logp)^2`` — biased, low variance, >= 0.
+    * ``k3`` / ``low_var_kl``: ``exp(d) - d - 1`` — unbiased, >= 0, low variance; ``d`` clamped to [-20, 20] and the
+      result to [-10, 10] as verl's ``low_var_kl`` (Moxin's GRPO: coefficient 0.001), so one token the reference
+      finds impossible cannot blow up the loss.
+
+    All are exactly 0 where ``logp == ref_logp``. Multiply by the completion mask before summing.
+    """
+    if logp.shape != ref_logp.shape:
+        raise ValueError(f"logp and ref_logp must have the same shape, got {tuple(logp.shape)} and {tuple(ref_logp.shape)}")
+    if estimator == "k1":
+        return logp - ref_logp
+    if estimator == "k2":
+        return 0.5 * (logp - ref_logp) ** 2
+    if estimator in ("k3", "low_var_kl"):
+        d = (ref_logp - logp).clamp(-20.0, 20.0)
+        return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
+    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+
+
+def completion_mask(
+    lengths: torch.Tensor,
+    truncated: torch.Tensor,
+    max_len: int,
+    mask_truncated: bool,
+) -> torch.Tensor:
+    """(S, max_len) float mask: 1 on the first ``lengths[s]`` tokens of each completion.
+
+    ``mask_truncated=True`` zeroes completions that hit ``max_len`` without a stop token (DAPO's overlong
+    filtering, arXiv 2503.14476): a truncated answer usually scores 0 for being cut, not for being wrong, and
+    penalising it teaches the model to be short rather than right. Leave it False when the reward already
+    accounts for length. If every completion is truncated and masked, the policy loss is 0 for the step; log it.
+
+    Args:
+        lengths: (S,) generated tokens per completion (the stop token counts if it is trained on).
+        truncated: (S,) bool, True where generation stopped at the length limit.
+    """
+    lengths = torch.as_tensor(lengths)
+    truncated = torch.as_tensor(truncated, device=lengths.device).bool()
+    if lengths.dim() != 1 or truncated.shape != lengths.shape:
+        raise ValueError(
+            f"lengths and truncated must both be (S,), got {tuple(lengths.shape)} and {tuple(truncated.shape)}"
+        )
+    if bool((lengths < 0).any()) or bool((lengths > max_len).any()):
+        raise ValueError(f"lengths must lie in [0, max_len={max_len}], got min {int(lengths.min())} max {int(lengths.max())}")
+    mask = torch.arange(max_len, device=lengths.device)[None, :] < lengths[:, None]
+    if mask_truncated:
+        mask = mask & ~truncated[:, None]
+    return mask.float()
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    aggregation: Literal["token", "sequence", "constant"] = "token",
+    constant_norm: float | None = None,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO-style clipped surrogate for GRPO, with separate lower and upper clip ranges.
+
+    Per token: ``r = exp(logp - old_logp)``; ``l = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))
+    + kl_coef * kl``. ``clip_high > clip_low`` is DAPO's "clip-higher" (arXiv 2503.14476): it lets unlikely
+    tokens with positive advantage grow, against entropy collapse. clip_high too large (> ~0.4) makes updates
+    unstable; clip_low too small freezes the policy.
+
+    Args:
+        logp: (S, T) current policy log-probs of the sampled tokens (differentiable).
+        old_logp: (S, T) log-probs under the policy that sampled them (detached). With one optimizer step per
+            batch, pass ``logp.detach()``: the ratio is 1 but the gradient is the policy gradient.
+        advantages: (S,) per sequence (broadcast over tokens) or (S, T) per token.
+        mask: (S, T) 1 on completion tokens that count (see :func:`completion_mask`), 0 elsewhere.
+        aggregation: how token losses become one number.
+            * ``"token"``: sum over all masked tokens / number of masked tokens (DAPO). Every token weighs the same.
+            * ``"sequence"``: mean over each sequence's tokens, then mean over sequences (original GRPO); a token of
+              a short answer weighs more, which biases towards short correct and long wrong answers (Dr. GRPO).
+            * ``"constant"``: sum / ``constant_norm`` (Dr. GRPO, e.g. ``max_new_tokens * n_sequences``). Also the way
+              to normalise by a token count summed over gradient accumulation and ranks: pass that count.
+        kl: optional (S, T) per-token KL from :func:`kl_penalty` (GRPO's KL-in-loss). kl_coef: its weight (Moxin
+            0.001); too large pins the policy to the reference, 0 with no clipping lets it drift.
+
+    Returns:
+        ``(loss, stats)``: scalar loss, and detached scalars ``clip_frac_low`` (ratio < 1 - clip_low with A < 0,
+        gradient stopped), ``clip_frac_high`` (ratio > 1 + clip_high with A > 0), ``approx_kl`` (k3 estimate of
+        KL(old || new), masked mean), ``ratio_mean``, ``ratio_max``, ``n_tokens``, ``pg_loss`` and ``kl_mean``.
+    """
+    if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(
+            f"logp, old_logp and mask must all be (S, T); got {tuple(logp.shape)}, {tuple(old_logp.shape)}, "
+            f"{tuple(mask.shape)}"
+        )
+    if advantages.dim() == 1:
+        if advantages.shape[0] != logp.shape[0]:
+            raise ValueError(f"per-sequence advantages must be (S,) = ({logp.shape[0]},), got {tuple(advantages.shape)}")
+        advantages = advantages[:, None]
+    elif advantages.shape != logp.shape:
+        raise ValueError(f"advantages must be (S,) or (S, T) = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
+    if not (0 <= clip_low < 1 and clip_high >= 0):
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
+    if aggregation not in ("token", "sequence", "constant"):
+        raise ValueError(f"unknown aggregation {aggregation!r}; choose 'token', 'sequence' or 'constant'")
+    if aggregation == "constant" and not (constant_norm and constant_norm > 0):
+        raise ValueError("aggregation='constant' needs constant_norm > 0 (e.g. max_new_tokens * n_sequences)")
+
+    mask = mask.to(logp.dtype)
+    advantages = advantages.to(logp.dtype)
+    log_ratio = logp - old_logp.detach()
+    ratio = torch.exp(log_ratio)
+    pg1 = -advantages * ratio
+    pg2 = -advantages * torch.clamp(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    per_token = torch.maximum(pg1, pg2)
+    pg_per_token = per_token
+    if kl is not None and kl_coef != 0.0:
+        if kl.shape != logp.shape:
+            raise ValueError(f"kl must be (S, T) = {tuple(logp.shape)}, got {tuple(kl.shape)}")
+        per_token = per_token + kl_coef * kl
+
+    n_tokens = mask.sum()
+    safe_n = n_tokens.clamp(min=1.0)
+
+    def aggregate(x: torch.Tensor) -> torch.Tensor:
+        if aggregation == "token":
+            return (x * mask).sum() / safe_n
+        if aggregation == "sequence":
+            per_seq_n = mask.sum(dim=1)
+            per_seq = (x * mask).sum(dim=1) / per_seq_n.clamp(min=1.0)
+            n_seq = (per_seq_n > 0).sum().clamp(min=1)  # fully masked sequences do not count
+            return per_seq.sum() / n_seq
+        return (x * mask).sum() / constant_norm
+
+    loss = aggregate(per_token)
+
+    with torch.no_grad():
+        masked_mean = lambda x: (x * mask).sum() / safe_n  # noqa: E731
+        adv = advantages.expand_as(ratio)
+        stats = {
+            "pg_loss": aggregate(pg_per_token).detach(),
+            "clip_frac_low": masked_mean(((ratio < 1.0 - clip_low) & (adv < 0)).to(mask.dtype)),
+            "clip_frac_high": masked_mean(((ratio > 1.0 + clip_high) & (adv > 0)).to(mask.dtype)),
+            "approx_kl": masked_mean(ratio - 1.0 - log_ratio),
+            "ratio_mean": masked_mean(ratio),
+            "ratio_max": (ratio * mask).max() if mask.numel() else ratio.new_zeros(()),
+            "n_tokens": n_tokens.detach(),
+            "kl_mean": masked_mean(kl) if kl is not None else ratio.new_zeros(()),
+        }
+    return loss, stats

@@ -1,0 +1,294 @@
+"""Tests for moxin.losses: chunked CE / log-probs against plain PyTorch, DPO and GRPO against hand-computed numbers."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moxin.losses import (
+    completion_mask,
+    dpo_loss,
+    group_advantages,
+    kl_penalty,
+    policy_loss,
+    sft_nll_per_token,
+    token_cross_entropy,
+    token_entropy,
+    token_logprobs,
+    zero_std_groups,
+)
+
+
+def _inputs(B=3, T=7, D=16, V=50, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(B, T, D, generator=g, dtype=torch.float64).float().requires_grad_()
+    weight = torch.randn(V, D, generator=g).mul(0.3).requires_grad_()
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[2, -2:] = -100  # padding
+    return hidden, weight, labels
+
+
+# ---------------------------------------------------------------- cross-entropy and log-probs
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, 1000])
+def test_token_cross_entropy_matches_plain_cross_entropy(chunk_size):
+    hidden, weight, labels = _inputs()
+    loss, n = token_cross_entropy(hidden, weight, labels, chunk_size=chunk_size)
+    gh, gw = torch.autograd.grad(loss, (hidden, weight))
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    ref = F.cross_entropy((h2 @ w2.T).reshape(-1, w2.shape[0]), labels.reshape(-1), reduction="sum", ignore_index=-100)
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+
+    assert n.item() == int((labels != -100).sum())
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+def test_token_logprobs_with_temperature_matches_log_softmax_and_grads():
+    hidden, weight, labels = _inputs(seed=1)
+    t = 0.6
+    lp = token_logprobs(hidden, weight, labels, chunk_size=3, temperature=t)
+    upstream = torch.randn(lp.shape, generator=torch.Generator().manual_seed(2))
+    gh, gw = torch.autograd.grad((lp * upstream).sum(), (hidden, weight))
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp_all = torch.log_softmax((h2 @ w2.T) / t, dim=-1)
+    valid = labels != -100
+    ref = logp_all.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    rh, rw = torch.autograd.grad((ref * upstream).sum(), (h2, w2))
+
+    assert lp.shape == labels.shape and lp.dtype == torch.float32
+    assert torch.all(lp[~valid] == 0)
+    torch.testing.assert_close(lp, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+def test_frozen_weight_and_bf16_inputs():
+    hidden, weight, labels = _inputs(seed=3)
+    w = weight.detach()  # a frozen reference model's head: no weight gradient requested
+    loss, _ = token_cross_entropy(hidden, w, labels, chunk_size=4)
+    (gh,) = torch.autograd.grad(loss, (hidden,))
+    assert torch.isfinite(gh).all()
+
+    hb = hidden.detach().bfloat16().requires_grad_()
+    loss_bf16, _ = token_cross_entropy(hb, w.bfloat16(), labels, chunk_size=4)
+    assert loss_bf16.dtype == torch.float32
+    ref = F.cross_entropy((hb.float() @ w.bfloat16().float().T).reshape(-1, w.shape[0]), labels.reshape(-1),
+                          reduction="sum", ignore_index=-100)
+    torch.testing.assert_close(loss_bf16, ref, atol=1e-2, rtol=1e-3)
+    loss_bf16.backward()
+    assert hb.grad.dtype == torch.bfloat16
+
+
+def test_all_labels_ignored_gives_zero_not_nan():
+    hidden, weight, labels = _inputs()
+    loss, n = token_cross_entropy(hidden, weight, torch.full_like(labels, -100))
+    loss.backward()
+    assert loss.item() == 0.0 and n.item() == 0
+    assert torch.all(hidden.grad == 0)
+
+
+def test_bad_label_and_shape_errors():
+    hidden, weight, labels = _inputs(V=50)
+    labels[1, 1] = 50
+    with pytest.raises(ValueError, match="outside"):
+        token_cross_entropy(hidden, weight, labels)
+    with pytest.raises(ValueError, match=r"\(B, T\)"):
+        token_cross_entropy(hidden, weight, labels[:, :-1])
+
+
+def test_token_entropy():
+    hidden, weight, labels = _inputs()
+    mask = labels != -100
+    ent, n = token_entropy(hidden, weight, mask, chunk_size=4)
+    p = torch.softmax(hidden.detach() @ weight.detach().T, -1)
+    ref = (-(p * p.log()).sum(-1) * mask).sum()
+    torch.testing.assert_close(ent, ref, atol=1e-4, rtol=1e-5)
+    assert n.item() == mask.sum().item()
+
+
+# ---------------------------------------------------------------- DPO family
+
+
+def _t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+def _logsig(x):
+    return -math.log1p(math.exp(-x))
+
+
+def test_dpo_sigmoid_by_hand():
+    pc, pr, rc, rr = _t(-10.0, -5.0), _t(-12.0, -4.0), _t(-11.0, -5.0), _t(-11.0, -5.0)
+    out = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="dpo")
+    # pair 0: h = (-10+11) - (-12+11) = 2 ; pair 1: h = (0) - (1) = -1
+    torch.testing.assert_close(out.losses, _t(-_logsig(0.2), -_logsig(-0.1)))
+    torch.testing.assert_close(out.chosen_rewards, _t(0.1, 0.0))
+    torch.testing.assert_close(out.rejected_rewards, _t(-0.1, 0.1))
+    torch.testing.assert_close(out.margins, _t(0.2, -0.1))
+    torch.testing.assert_close(out.accuracies, torch.tensor([1.0, 0.0]))
+
+    smoothed = dpo_loss(pc, pr, rc, rr, beta=0.1, loss_type="dpo", label_smoothing=0.1)
+    torch.testing.assert_close(smoothed.losses[0], torch.tensor(-0.9 * _logsig(0.2) - 0.1 * _logsig(-0.2), dtype=torch.float64))
+
+
+def test_dpo_norm_by_hand():
+    # chosen: policy -10 over 5 tokens (-2/token), ref -15 over 5 (-3/token): ratio +1
+    # rejected: policy -12 over 4 tokens (-3/token), ref -8 over 4 (-2/token): ratio -1 ; h = 2, beta = 5
+    out = dpo_loss(_t(-10.0), _t(-12.0), _t(-15.0), _t(-8.0), beta=5.0, loss_type="dpo_norm",
+                   chosen_lengths=torch.tensor([5]), rejected_lengths=torch.tensor([4]))
+    torch.testing.assert_close(out.losses, _t(-_logsig(10.0)))
+    torch.testing.assert_close(out.chosen_rewards, _t(5.0))
+    torch.testing.assert_close(out.rejected_rewards, _t(-5.0))
+
+
+def test_ipo_by_hand():
+    # averaged log-ratios: chosen (-6 - -8)/2 = 1, rejected (-9 - -6)/3 = -1 -> h = 2 ; beta 0.25 -> target 2
+    out = dpo_loss(_t(-6.0, -6.0), _t(-9.0, -6.0), _t(-8.0, -6.0), _t(-6.0, -6.0), beta=0.25, loss_type="ipo",
+                   chosen_lengths=torch.tensor([2, 2]), rejected_lengths=torch.tensor([3, 3]))
+    torch.testing.assert_close(out.losses, _t(0.0, 4.0))  # (2-2)^2, (0-2)^2
+
+
+def test_simpo_by_hand_reference_free():
+    # avg logps: chosen -4/2 = -2, rejected -9/3 = -3; beta 2 -> rewards -4, -6; logits = 2 - gamma(0.5) = 1.5
+    out = dpo_loss(_t(-4.0), _t(-9.0), None, None, beta=2.0, loss_type="simpo", simpo_gamma=0.5,
+                   chosen_lengths=torch.tensor([2]), rejected_lengths=torch.tensor([3]))
+    torch.testing.assert_close(out.losses, _t(-_logsig(1.5)))
+    torch.testing.assert_close(out.chosen_rewards, _t(-4.0))
+    torch.testing.assert_close(out.margins, _t(2.0))
+
+
+@pytest.mark.parametrize("loss_type", ["dpo", "dpo_norm", "ipo", "simpo"])
+def test_dpo_gradients_flow(loss_type):
+    pc = torch.tensor([-10.0, -3.0], requires_grad=True)
+    pr = torch.tensor([-11.0, -2.0], requires_grad=True)
+    out = dpo_loss(pc, pr, torch.tensor([-10.5, -3.0]), torch.tensor([-10.5, -3.0]), beta=0.5, loss_type=loss_type,
+                   chosen_lengths=torch.tensor([4, 2]), rejected_lengths=torch.tensor([5, 2]))
+    out.losses.sum().backward()
+    assert torch.isfinite(pc.grad).all() and (pc.grad < 0).all()  # raising the chosen log-prob lowers the loss
+    assert (pr.grad > 0).all()
+    assert not out.chosen_rewards.requires_grad
+
+
+def test_dpo_errors_are_clear():
+    x = torch.tensor([-1.0, -2.0])
+    with pytest.raises(ValueError, match="zero-length answers at pair indices \\[1\\]"):
+        dpo_loss(x, x, x, x, beta=5.0, loss_type="dpo_norm", chosen_lengths=torch.tensor([3, 0]),
+                 rejected_lengths=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="chosen_lengths"):
+        dpo_loss(x, x, x, x, beta=5.0, loss_type="ipo")
+    with pytest.raises(ValueError, match="unknown DPO loss_type"):
+        dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
+    with pytest.raises(ValueError, match="ref_chosen_logps"):
+        dpo_loss(x, x, None, None, beta=0.1, loss_type="dpo")
+
+
+def test_sft_nll_per_token():
+    torch.testing.assert_close(sft_nll_per_token(_t(-6.0, -1.0), torch.tensor([3, 2])), _t(2.0, 0.5))
+
+
+# ---------------------------------------------------------------- GRPO family
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 1.0, 1.0])  # two groups of 4
+    adv = group_advantages(r, group_size=4, scale_by_std=False)
+    torch.testing.assert_close(adv, torch.tensor([0.5, -0.5, -0.5, 0.5, 0, 0, 0, 0]))
+    adv = group_advantages(r, group_size=4, scale_by_std=True, eps=0.0 + 1e-6)
+    std = math.sqrt(4 * 0.25 / 3)  # unbiased std of [1, 0, 0, 1]
+    torch.testing.assert_close(adv[:4], torch.tensor([0.5, -0.5, -0.5, 0.5]) / (std + 1e-6))
+    assert torch.all(adv[4:] == 0)
+    assert group_advantages(r.view(2, 4), 4).shape == (2, 4)
+    torch.testing.assert_close(zero_std_groups(r, 4), torch.tensor([False, True]))
+    assert zero_std_groups(r, 4, expand=True).tolist() == [False] * 4 + [True] * 4
+    with pytest.raises(ValueError, match="divisible"):
+        group_advantages(r[:7], group_size=4)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3", "low_var_kl"])
+def test_kl_is_zero_when_equal(estimator):
+    logp = torch.randn(3, 5)
+    assert torch.all(kl_penalty(logp, logp.clone(), estimator) == 0)
+
+
+def test_kl_values_by_hand():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-2.0])  # ref - logp = -1
+    assert kl_penalty(logp, ref, "k1").item() == pytest.approx(1.0)
+    assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5)
+    assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-1) + 1 - 1)
+    assert kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "low_var_kl").item() == 10.0  # clamped
+    with pytest.raises(ValueError, match="unknown KL estimator"):
+        kl_penalty(logp, ref, "k4")
+
+
+def test_completion_mask():
+    m = completion_mask(torch.tensor([2, 4, 1]), torch.tensor([False, True, False]), max_len=4, mask_truncated=True)
+    assert m.tolist() == [[1, 1, 0, 0], [0, 0, 0, 0], [1, 0, 0, 0]]
+    m = completion_mask(torch.tensor([2, 4]), torch.tensor([False, True]), max_len=4, mask_truncated=False)
+    assert m.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_policy_loss_ratio_one_is_minus_mean_advantage():
+    logp = torch.randn(3, 4, requires_grad=True)
+    adv = torch.tensor([1.0, -2.0, 0.5])
+    mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.float32)
+    loss, stats = policy_loss(logp, logp.detach(), adv, mask, aggregation="token")
+    # token aggregation: -(2*1 + 4*(-2) + 1*0.5) / 7
+    assert loss.item() == pytest.approx(-(2 - 8 + 0.5) / 7)
+    assert stats["ratio_mean"].item() == pytest.approx(1.0) and stats["approx_kl"].item() == pytest.approx(0.0)
+    loss.backward()
+    # d loss / d logp = -A / n_tokens on masked tokens, 0 elsewhere
+    torch.testing.assert_close(logp.grad, -adv[:, None] * mask / 7)
+
+
+def test_policy_loss_aggregations_by_hand():
+    logp = torch.zeros(2, 3)
+    adv = torch.tensor([1.0, 3.0])
+    mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float32)
+    tok, _ = policy_loss(logp, logp, adv, mask, aggregation="token")
+    seq, _ = policy_loss(logp, logp, adv, mask, aggregation="sequence")
+    const, _ = policy_loss(logp, logp, adv, mask, aggregation="constant", constant_norm=6.0)
+    assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4)  # -1.5
+    assert seq.item() == pytest.approx(-(1 + 3) / 2)  # -2.0
+    assert const.item() == pytest.approx(-(3 + 3) / 6)  # -1.0
+    with pytest.raises(ValueError, match="constant_norm"):
+        policy_loss(logp, logp, adv, mask, aggregation="constant")
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(1, 4)
+    # ratios: 1.5 (above 1+0.28), 0.5 (below 1-0.2), 1.1 and 0.9 (inside)
+    logp = torch.log(torch.tensor([[1.5, 0.5, 1.1, 0.9]])).requires_grad_()
+    mask = torch.ones(1, 4)
+
+    loss, stats = policy_loss(logp, old, torch.tensor([1.0]), mask, clip_low=0.2, clip_high=0.28)
+    # A > 0: max(-r, -clip(r)) = -min(r, clip(r)): 1.5 -> 1.28 (clipped), 0.5 -> 0.5 (unclipped: min takes r)
+    assert loss.item() == pytest.approx(-(1.28 + 0.5 + 1.1 + 0.9) / 4, abs=1e-6)
+    assert stats["clip_frac_high"].item() == pytest.approx(0.25) and stats["clip_frac_low"].item() == 0.0
+    loss.backward()
+    g = logp.grad[0]
+    assert g[0] == 0  # clipped token: no gradient
+    assert g[1] == pytest.approx(-0.5 / 4) and g[2] == pytest.approx(-1.1 / 4)  # d(-r/4)/dlogp = -r/4
+
+    logp.grad = None
+    loss, stats = policy_loss(logp, old, torch.tensor([-1.0]), mask, clip_low=0.2, clip_high=0.28)
+    # A < 0: max(r, clip(r)): 1.5 -> 1.5 (unclipped), 0.5 -> 0.8 (clipped)
+    assert loss.item() == pytest.approx((1.5 + 0.8 + 1.1 + 0.9) / 4, abs=1e-6)
+    assert stats["clip_frac_low"].item() == pytest.approx(0.25) and stats["clip_frac_high"].item() == 0.0
+    loss.backward()
+    assert logp.grad[0, 1] == 0 and logp.grad[0, 0] == pytest.approx(1.5 / 4)
+
+
+def test_policy_loss_with_kl_term():
+    logp = torch.zeros(1, 2)
+    ref = torch.tensor([[-1.0, 0.0]])
+    kl = kl_penalty(logp, ref, "k3")  # [e^-1 - (-1) - 1, 0] = [e^-1, 0]
+    loss, stats = policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 2), kl=kl, kl_coef=0.1)
+    assert loss.item() == pytest.approx(0.1 * math.exp(-1) / 2)
+    assert stats["pg_loss"].item() == 0.0
