@@ -1,0 +1,61 @@
+"""Verifiers behind one interface: ``verifier(completion, reference) -> RewardResult``.
+
+    from moxin.rewards import get_verifier, score_batch
+    results, stats = score_batch(get_verifier("math"), completions, answers, timeout_s=10)
+
+Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify equality, Moxin's GRPO reward),
+``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form reward).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from moxin.rewards.base import RewardResult, Verifier, score_batch, shutdown_pools
+from moxin.rewards.format import CombinedVerifier, FormatVerifier
+from moxin.rewards.tasks import ArithmeticTask, ExactAnswerVerifier, solution_text
+
+__all__ = [
+    "RewardResult",
+    "Verifier",
+    "score_batch",
+    "shutdown_pools",
+    "MathVerifier",
+    "ExactAnswerVerifier",
+    "FormatVerifier",
+    "CombinedVerifier",
+    "ArithmeticTask",
+    "solution_text",
+    "VERIFIERS",
+    "get_verifier",
+]
+
+
+def _math(**kwargs: Any) -> Verifier:
+    from moxin.rewards.math import MathVerifier  # imports math-verify (and SymPy) only when asked for
+
+    return MathVerifier(**kwargs)
+
+
+VERIFIERS: dict[str, Callable[..., Verifier]] = {
+    "math": _math,
+    "exact": ExactAnswerVerifier,
+    "format": FormatVerifier,
+}
+
+
+def get_verifier(name: str, **kwargs: Any) -> Verifier:
+    """Build a verifier by name (``"math"``, ``"exact"``, ``"format"``); kwargs go to its constructor."""
+    try:
+        factory = VERIFIERS[name]
+    except KeyError:
+        raise KeyError(f"unknown verifier {name!r}; choose one of {sorted(VERIFIERS)}") from None
+    return factory(**kwargs)
+
+
+def __getattr__(name: str) -> Any:  # lazy MathVerifier, so `import moxin.rewards` does not pull in SymPy
+    if name == "MathVerifier":
+        from moxin.rewards.math import MathVerifier
+
+        return MathVerifier
+    raise AttributeError(f"module 'moxin.rewards' has no attribute {name!r}")
