@@ -1,0 +1,99 @@
+"""Pack documents into fixed-length rows whose positions restart at every document.
+
+Each document enters the stream as ``bos + tokens + eos``. A row takes ``seq_len + 1`` tokens from the stream:
+``input_ids = row[:-1]``, ``labels = row[1:]``; the next row starts at the row's *last* token, so consecutive
+rows overlap by one token and every token of the stream is predicted exactly once.
+
+Positions: 0 at every document start, counting up inside a document. A document split across rows continues
+in the next row with positions restarting at 0 (it becomes a fresh context there, without a bos): positions
+stay below ``seq_len`` and the model's document mask (a new document wherever the position is 0) stays valid.
+
+Labels at document boundaries: the target of the last token of a document (its eos) would be the next
+document's first token (its bos), a prediction across documents; that label is masked to -100. So eos is
+learned as a target (predicting the end), never used to predict the following document. A document
+continued from the previous row is *not* a document start, so its first token keeps its label.
+
+Worked example (seq_len 4, docs A = [a1 a2], B = [b1 b2 b3], bos s, eos e)::
+
+    stream     s  a1 a2 e  s  b1 b2 b3 e
+    starts     1  0  0  0  1  0  0  0  0
+    row 0      s  a1 a2 e  s      -> input [s a1 a2 e], labels [a1 a2 e -100], positions [0 1 2 3]
+    row 1      s  b1 b2 b3 e      -> input [s b1 b2 b3], labels [b1 b2 b3 e],  positions [0 1 2 3]
+
+The carry-over buffer (tokens not yet emitted, with their document-start flags) is the packer's state.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+__all__ = ["Packer", "row_positions"]
+
+IGNORE_INDEX = -100
+
+
+def row_positions(starts: torch.Tensor) -> torch.Tensor:
+    """Positions for a (T,) bool tensor of document starts; position 0 at index 0 and at every start."""
+    T = starts.shape[0]
+    idx = torch.arange(T)
+    s = starts.clone()
+    s[0] = True
+    last_start = torch.cummax(torch.where(s, idx, torch.zeros_like(idx)), dim=0).values
+    return idx - last_start
+
+
+class Packer:
+    """Accumulates documents and emits rows of ``seq_len`` inputs / labels / positions."""
+
+    def __init__(self, seq_len: int, bos_id: int | None, eos_id: int | None):
+        if seq_len < 1:
+            raise ValueError(f"seq_len must be >= 1, got {seq_len}")
+        self.seq_len = seq_len
+        self.bos_id = bos_id
+        self.eos_id = eos_id
+        self._tokens: list[int] = []
+        self._starts: list[bool] = []
+
+    def add(self, tokens: Sequence[int]) -> None:
+        """Append one document (bos/eos added here when the ids are not None)."""
+        doc = ([self.bos_id] if self.bos_id is not None else []) + list(tokens)
+        if self.eos_id is not None:
+            doc.append(self.eos_id)
+        if not doc:
+            return
+        self._tokens.extend(doc)
+        self._starts.append(True)
+        self._starts.extend([False] * (len(doc) - 1))
+
+    def buffered(self) -> int:
+        return len(self._tokens)
+
+    def has_row(self) -> bool:
+        return len(self._tokens) >= self.seq_len + 1
+
+    def pop_row(self) -> dict[str, torch.Tensor] | None:
+        """The next row as ``{"input_ids", "labels", "positions"}`` (each (seq_len,) long), or None."""
+        if not self.has_row():
+            return None
+        n = self.seq_len
+        toks = torch.tensor(self._tokens[: n + 1], dtype=torch.long)
+        starts = torch.tensor(self._starts[: n + 1], dtype=torch.bool)
+        labels = toks[1:].clone()
+        labels[starts[1:]] = IGNORE_INDEX
+        row = {"input_ids": toks[:-1], "labels": labels, "positions": row_positions(starts[:-1])}
+        # keep the last token: it is the first input of the next row (a continuation, unless it starts a doc)
+        del self._tokens[:n]
+        del self._starts[:n]
+        return row
+
+    def state_dict(self) -> dict:
+        return {
+            "tokens": torch.tensor(self._tokens, dtype=torch.long),
+            "starts": torch.tensor(self._starts, dtype=torch.bool),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self._tokens = state["tokens"].tolist()
+        self._starts = state["starts"].tolist()
