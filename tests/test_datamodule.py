@@ -137,8 +137,8 @@ def test_val_split_is_held_out_and_report_counts(corpus, tmp_path):
     "kw, match",
     [
         (dict(max_seq_len=48), r"phase 'long': seq_len 64 is beyond the model's max_seq_len 48"),
-        (dict(tokens_per_step=320), r"tokens_per_step=320 is not a multiple of micro_batch_tokens \* world_size"),
-        (dict(micro_batch_tokens=96, tokens_per_step=96 * 4), r"phase 'short'.*not a multiple of seq_len=32"),
+        (dict(tokens_per_step=288), r"tokens_per_step=288 is not a multiple of micro_batch_tokens \* world_size"),
+        (dict(micro_batch_tokens=96, tokens_per_step=96 * 4), r"phase 'long'.*micro_batch_tokens=96 is not a multiple of seq_len=64"),
         (dict(world_size=3), r"not a multiple"),
     ],
 )
