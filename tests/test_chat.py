@@ -111,3 +111,42 @@ def test_validation(tok, messages, fragment):
 def test_valid_conversation_has_no_problem():
     assert validate_conversation(CONVO) is None
     assert validate_conversation([{"role": "user", "content": "", "extra": 1}]) is None
+
+
+def test_sample_chat_and_preference_files_render(tok):
+    """The built-in chat / preference samples are valid, render, and have assistant targets."""
+    import json
+
+    from moxin.data.sample import sample_path
+
+    def rows(name):
+        return [json.loads(line) for line in sample_path(name).read_text(encoding="utf-8").splitlines()]
+
+    chat, chat_held = rows("chat"), rows("chat_heldout")
+    assert len(chat) + len(chat_held) >= 190 and len(chat_held) >= 30
+    for k, r in enumerate(chat + chat_held):
+        assert validate_conversation(r["messages"], k) is None
+        assert render_chat(r["messages"], tok).num_target_tokens > 0
+    assert any(r["messages"][0]["role"] == "system" for r in chat)
+    assert any(sum(m["role"] == "assistant" for m in r["messages"]) > 1 for r in chat)
+    prefs, held = rows("preferences"), rows("preferences_heldout")
+    assert len(prefs) >= 120 and len(held) == 30
+    for r in prefs + held:
+        assert r["chosen"][:-1] == r["rejected"][:-1] and r["chosen"][-1] != r["rejected"][-1]
+        assert validate_conversation(r["chosen"]) is None and validate_conversation(r["rejected"]) is None
+    train_prompts = {r["chosen"][-2]["content"] for r in prefs}
+    assert sum(r["chosen"][-2]["content"] in train_prompts for r in held) <= 3
+
+
+def test_sample_text_files():
+    import json
+
+    import pytest as _pytest
+
+    from moxin.data.sample import sample_path
+
+    for name in ("prose", "code", "cjk"):
+        docs = [json.loads(line)["text"] for line in sample_path(name).read_text(encoding="utf-8").splitlines()]
+        assert len(docs) >= 80 and all(isinstance(d, str) and len(d) > 20 for d in docs)
+    with _pytest.raises(FileNotFoundError, match="known: prose"):
+        sample_path("nope")
