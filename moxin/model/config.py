@@ -51,7 +51,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if self.n_heads % self.n_kv_heads:
+        if self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads:
             problems.append(f"n_heads={self.n_heads} must be a multiple of n_kv_heads={self.n_kv_heads}")
         if self.head_dim % 2:
             problems.append(f"head_dim={self.head_dim} must be even for RoPE")

@@ -1,0 +1,170 @@
+"""Masks and attention backends: the dense mask against a brute-force loop, document masking against running
+each document alone, FlexAttention (CPU when available) and, on CUDA, flex / flash against the SDPA reference."""
+
+import warnings
+
+import pytest
+import torch
+
+from moxin.model import attention, masks
+
+
+def brute_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
+    """(B, 1, T, T) from the definition: same document (a 0 position starts one), causal, 0 <= q - k < W."""
+    B, T = positions.shape
+    out = torch.zeros(B, 1, T, T, dtype=torch.bool)
+    for b in range(B):
+        doc, docs = -1, []
+        for t in range(T):
+            doc += int(positions[b, t] == 0)
+            docs.append(doc)
+        for q in range(T):
+            for k in range(T):
+                out[b, 0, q, k] = docs[q] == docs[k] and k <= q and (window is None or q - k < window)
+    return out
+
+
+def packed_positions(lengths_per_row):
+    return torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths_per_row])
+
+
+POS = packed_positions([[5, 9, 2, 8], [24]])  # (2, 24): several documents, one long one
+
+
+@pytest.mark.parametrize("window", [None, 1, 3, 6, 24])
+def test_dense_mask_matches_brute_force(window):
+    doc = masks.doc_ids_from_positions(POS)
+    got = masks.dense_mask(masks.training_mask(window, doc), 2, 24, 24, "cpu")
+    assert torch.equal(got, brute_mask(POS, window))
+    assert got[..., 0, 0].all()  # every query sees at least itself
+
+
+def test_and_masks_composes():
+    q, k = torch.arange(10).view(10, 1), torch.arange(10).view(1, 10)
+    w = masks.sliding_window(4)(0, 0, q, k)
+    c = masks.causal(0, 0, q, k)
+    assert torch.equal(masks.and_masks(masks.causal, masks.sliding_window(4))(0, 0, q, k), c & w)
+    assert int((c & w).sum(-1).max()) == 4  # at most W keys, itself included
+
+
+def rand_qkv(B=2, H=4, KVH=2, T=24, D=16, dtype=torch.float32, device="cpu", requires_grad=False):
+    g = torch.Generator(device=device).manual_seed(0)
+    return [torch.randn(B, n, T, D, generator=g, device=device, dtype=dtype).requires_grad_(requires_grad)
+            for n in (H, KVH, KVH)]
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_sdpa_documents_equal_separate_runs(window):
+    q, k, v = rand_qkv()
+    doc = masks.doc_ids_from_positions(POS)
+    out = attention.attend(q, k, v, window=window, doc_ids=doc, backend="sdpa")
+    for b in range(2):
+        starts = (POS[b] == 0).nonzero().flatten().tolist() + [24]
+        for s, e in zip(starts[:-1], starts[1:]):
+            alone = attention.attend(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e], window=window,
+                                     doc_ids=None, backend="sdpa")
+            torch.testing.assert_close(out[b:b + 1, :, s:e], alone, atol=1e-6, rtol=1e-5)
+
+
+def test_sdpa_window_equals_explicit_loop():
+    q, k, v = rand_qkv(B=1, H=2, KVH=2, T=12)
+    out = attention.attend(q, k, v, window=3, doc_ids=None, backend="sdpa")
+    scale = q.shape[-1] ** -0.5
+    for t in range(12):
+        lo = max(0, t - 2)
+        w = (q[:, :, t:t + 1] @ k[:, :, lo:t + 1].transpose(-1, -2) * scale).softmax(-1)
+        torch.testing.assert_close(out[:, :, t:t + 1], w @ v[:, :, lo:t + 1], atol=1e-6, rtol=1e-5)
+
+
+def test_backend_resolution():
+    assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        attention.resolve_backend("flex", torch.device("cpu"))
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        attention.attend(*rand_qkv(), window=None, doc_ids=None, backend="nope")
+
+
+# ---- FlexAttention on CPU ----------------------------------------------------------------------------------------
+def _flex_cpu_ok() -> bool:
+    if not attention.HAS_FLEX:
+        return False
+    try:
+        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+        q = torch.randn(1, 1, 16, 16)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            flex_attention(q, q, q, block_mask=create_block_mask(masks.causal, None, None, 16, 16, device="cpu"))
+        return True
+    except Exception:  # noqa: BLE001 - any failure means: not supported on this CPU build
+        return False
+
+
+flex_cpu = pytest.mark.skipif(not _flex_cpu_ok(), reason="flex_attention does not run on CPU in this torch")
+
+
+@flex_cpu
+@pytest.mark.parametrize("window", [None, 5])
+def test_flex_eager_cpu_matches_sdpa(window):
+    """FlexAttention (eager, CPU) driven by the same mask functions agrees with the SDPA reference."""
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    B, T = POS.shape
+    doc = masks.doc_ids_from_positions(POS)
+    q, k, v = rand_qkv(T=T)  # forward only: FlexAttention has no backward on CPU
+    bm = create_block_mask(masks.training_mask(window, doc), B, None, T, T, device="cpu", BLOCK_SIZE=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = flex_attention(q, k, v, block_mask=bm, enable_gqa=True)
+    ref = attention.sdpa_reference(q, k, v, window, doc)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+@flex_cpu
+@pytest.mark.slow  # torch.compile of flex on CPU takes ~30 s
+def test_flex_compiled_cpu_matches_sdpa():
+    doc = masks.doc_ids_from_positions(POS)
+    q, k, v = rand_qkv()
+    for d in (doc, None):
+        torch.testing.assert_close(attention.flex(q, k, v, 5, d), attention.sdpa_reference(q, k, v, 5, d),
+                                   atol=1e-5, rtol=1e-5)
+
+
+# ---- CUDA kernels against the reference (bf16) ---------------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _check_backend_bf16(backend: str, window: int | None, with_docs: bool):
+    B, H, KVH, T, D = 2, 8, 2, 512, 64
+    pos = packed_positions([[100, 37, 300, 75], [512]]).cuda()
+    doc = masks.doc_ids_from_positions(pos) if with_docs else None
+    q, k, v = rand_qkv(B, H, KVH, T, D, dtype=torch.bfloat16, device="cuda", requires_grad=True)
+    # reference in fp32 from the same bf16 inputs; the kernel must be about as close as bf16 SDPA itself
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = attention.sdpa_reference(q32, k32, v32, window, doc)
+    ref16 = attention.sdpa_reference(q, k, v, window, doc)
+    out = attention.attend(q, k, v, window=window, doc_ids=doc, backend=backend)
+    g = torch.randn_like(ref)
+    grads = torch.autograd.grad(out, (q, k, v), g.bfloat16())
+    grads16 = torch.autograd.grad(ref16, (q, k, v), g.bfloat16())
+    grads32 = torch.autograd.grad(ref, (q32, k32, v32), g)
+    err = lambda a, b: (a.float() - b.float()).abs().max().item()  # noqa: E731
+    assert err(out, ref) <= 2 * err(ref16, ref) + 1e-2, (err(out, ref), err(ref16, ref))
+    for a, b16, b32, name in zip(grads, grads16, grads32, "qkv"):
+        assert err(a, b32) <= 2 * err(b16, b32) + 2e-2, (name, err(a, b32), err(b16, b32))
+    torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.parametrize("window,with_docs", [(None, True), (128, False), (128, True)])
+def test_flex_cuda_matches_reference(window, with_docs):
+    _check_backend_bf16("flex", window, with_docs)
+
+
+@pytest.mark.gpu
+@cuda
+@pytest.mark.skipif(not attention.HAS_FLASH, reason="flash-attn not installed")
+@pytest.mark.parametrize("window,with_docs", [(None, True), (128, False), (128, True)])
+def test_flash_cuda_matches_reference(window, with_docs):
+    _check_backend_bf16("flash", window, with_docs)

@@ -1,0 +1,114 @@
+"""Transformer and ModelConfig: presets, parameter counts, packed documents, validation."""
+
+import pytest
+import torch
+
+from moxin.model import ModelConfig, Transformer
+from tests.conftest import tiny_model
+
+
+def test_moxin_7b_preset_exact():
+    c = ModelConfig.preset("moxin-7b")
+    assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) == \
+        (36, 4096, 32, 8, 128, 14336, 32000)
+    assert c.rope_theta == 1e4 and c.sliding_window == 4096 and c.max_seq_len == 32768
+    assert c.norm_eps == 1e-5 and c.tie_embeddings is False
+    assert ModelConfig.preset("mistral-7b").n_layers == 32
+    with pytest.raises(KeyError, match="unknown model preset"):
+        ModelConfig.preset("moxin-70b")
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_num_params_matches_real_model(tie):
+    m = tiny_model(tie_embeddings=tie)
+    assert m.cfg.num_params() == sum(p.numel() for p in m.parameters())
+    emb = m.cfg.vocab_size * m.cfg.dim
+    assert m.cfg.num_params(include_embeddings=False) == m.cfg.num_params() - emb
+
+
+def test_moxin_7b_param_count_on_meta():
+    cfg = ModelConfig.preset("moxin-7b")
+    with torch.device("meta"):
+        m = Transformer(cfg)
+    n = sum(p.numel() for p in m.parameters())
+    assert n == cfg.num_params()
+    assert abs(n - 8.11e9) < 0.01e9, n
+    block = sum(p.numel() for p in m.layers[0].parameters())
+    assert abs(block - 218.1e6) < 0.1e6 and m.tok_embeddings.weight.numel() == 131_072_000
+
+
+def test_positions_none_equals_arange(tiny):
+    x = torch.randint(0, 512, (2, 40))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny(x), tiny(x, torch.arange(40).expand(2, 40)))
+        h = tiny(x, return_hidden=True)
+        assert h.shape == (2, 40, 64)
+        torch.testing.assert_close(tiny.output(h), tiny(x))
+
+
+def test_packed_documents_equal_separate_runs():
+    model = tiny_model()  # window 16: the 30-token document also exercises the window
+    lengths = [[7, 30, 11], [1, 47]]
+    x = torch.randint(0, 512, (2, 48))
+    pos = torch.stack([torch.cat([torch.arange(n) for n in row]) for row in lengths])
+    with torch.no_grad():
+        packed = model(x, pos)
+        for b, row in enumerate(lengths):
+            s = 0
+            for n in row:
+                alone = model(x[b:b + 1, s:s + n])
+                torch.testing.assert_close(packed[b:b + 1, s:s + n], alone, atol=1e-5, rtol=1e-5)
+                s += n
+        # and the documents really are separated: without positions the second document sees the first
+        assert (model(x)[0, 7:37] - packed[0, 7:37]).abs().max() > 1e-3
+
+
+def test_right_padding_does_not_disturb_real_tokens():
+    model = tiny_model()
+    x = torch.randint(0, 512, (1, 20))
+    pos = torch.cat([torch.arange(14), torch.arange(14, 20)]).unsqueeze(0)  # pad continues the document
+    xp = x.clone()
+    xp[0, 14:] = 0
+    with torch.no_grad():
+        torch.testing.assert_close(model(xp, pos)[:, :14], model(x[:, :14]), atol=1e-5, rtol=1e-5)
+
+
+def test_window_bites():
+    """Changing a token more than W positions back changes nothing; inside the window it does (1 layer)."""
+    model = tiny_model(n_layers=1, sliding_window=4)
+    x = torch.randint(0, 512, (1, 12))
+    y = x.clone()
+    y[0, 3] = (x[0, 3] + 1) % 512
+    with torch.no_grad():
+        a, b = model(x), model(y)
+    torch.testing.assert_close(a[0, 7:], b[0, 7:])  # q - 3 >= 4: out of window
+    assert (a[0, 3:7] - b[0, 3:7]).abs().amax(-1).min() > 1e-4
+
+
+def test_gradients_flow(tiny):
+    x = torch.randint(0, 512, (2, 24))
+    tiny.train()
+    tiny(x).float().logsumexp(-1).mean().backward()
+    for n, p in tiny.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, n
+
+
+@pytest.mark.parametrize("bad", [dict(n_heads=4, n_kv_heads=3), dict(head_dim=15), dict(sliding_window=0),
+                                 dict(attn_backend="xformers"), dict(dim=0), dict(vocab_size=-1),
+                                 dict(n_kv_heads=0)])
+def test_invalid_configs_raise(bad):
+    with pytest.raises(ValueError, match="invalid ModelConfig"):
+        ModelConfig.preset("tiny", **bad)
+
+
+def test_too_long_sequence_raises(tiny):
+    with pytest.raises(ValueError, match="max_seq_len=256"):
+        tiny(torch.zeros(1, 257, dtype=torch.long))
+    with pytest.raises(ValueError, match="positions shape"):
+        tiny(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 7, dtype=torch.long))
+
+
+def test_flops_and_kv_figures():
+    c = ModelConfig.preset("moxin-7b")
+    assert c.kv_cache_bytes_per_token() == 144 * 1024
+    assert c.flops_per_token(2048) > 6 * c.num_params(include_embeddings=False)
