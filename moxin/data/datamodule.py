@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import os
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
@@ -91,7 +92,7 @@ class Phase:
 
 def resolve_tokenizer(spec: Any):
     """A tokenizer object (anything with encode/bos_id/eos_id) or a spec for ``moxin.tokenizer.load_tokenizer``."""
-    if hasattr(spec, "encode"):
+    if not isinstance(spec, (str, os.PathLike)) and hasattr(spec, "encode"):  # str has .encode too
         return spec
     from moxin.tokenizer import load_tokenizer
 
@@ -402,6 +403,11 @@ class PretrainDataModule(L.LightningDataModule):
 
     def steps_in_phase(self, phase: int) -> int:
         return self.phases[phase].tokens // self.tokens_per_step
+
+    @property
+    def num_epochs(self) -> int:
+        """Lightning epochs of the run: one per phase (the trainer's max_epochs)."""
+        return len(self.phases)
 
     @property
     def total_steps(self) -> int:

@@ -1,0 +1,41 @@
+"""Show what the model writes: at the end of every phase (epoch), greedy continuations of a few prompts
+through the rolling-cache generator, printed on rank zero and kept in `self.history`."""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+
+from moxin.model.generate import generate
+
+
+class SampleGenerations(L.Callback):
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32, tokenizer: str = "mistral",
+                 every_n_epochs: int = 1):
+        self.prompts = prompts or []
+        self.max_new_tokens = max_new_tokens
+        self.tokenizer_spec = tokenizer
+        self.every = every_n_epochs
+        self.history: list[dict] = []
+        self._tok = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if not self.prompts or (trainer.current_epoch + 1) % self.every or not trainer.is_global_zero:
+            return
+        if trainer.world_size > 1 and type(trainer.strategy).__name__ == "ModelParallelStrategy":
+            return  # sharded parameters: generation would need every rank
+        if self._tok is None:
+            from moxin.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_spec)
+        model = pl_module.model
+        was_training = model.training
+        model.eval()
+        ids = [self._tok.encode(p, bos=True) for p in self.prompts]
+        with torch.no_grad():
+            out = generate(model, ids, self.max_new_tokens, temperature=0.0, stop_tokens=(self._tok.eos_id,))
+        model.train(was_training)
+        for p, toks in zip(self.prompts, out.tokens):
+            text = self._tok.decode(toks)
+            self.history.append({"epoch": trainer.current_epoch, "prompt": p, "completion": text})
+            print(f"[sample, phase {trainer.current_epoch}] {p!r} -> {text!r}")

@@ -1,0 +1,196 @@
+"""`python -m moxin.run [+experiment=NAME] [key=value ...]`: compose the config, build data, stage and
+trainer, fit, print where everything went. Returns the monitored metric so Hydra sweepers can optimise it.
+
+With no arguments it pretrains a tiny Moxin on the built-in sample corpus on the CPU in a few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _sample_path(name: str) -> str:
+    from moxin.data.sample import sample_path
+
+    return str(sample_path(name))
+
+
+if not OmegaConf.has_resolver("moxin_sample"):
+    OmegaConf.register_new_resolver("moxin_sample", _sample_path)
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+def world_size_of(hw: DictConfig) -> int:
+    devices = hw.devices
+    if devices in (-1, "auto"):
+        import torch
+
+        devices = torch.cuda.device_count() if hw.accelerator in ("gpu", "cuda") else 1
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return int(devices) * int(hw.num_nodes)
+
+
+def build_strategy(hw: DictConfig):
+    name = hw.strategy
+    if name == "fsdp2":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size=hw.get("data_parallel_size", "auto"), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    if name == "ddp_cpu":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="gloo")
+    return name
+
+
+def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    if cfg.resume in (None, "", False):
+        if (ckpt_dir / "last.ckpt").exists():
+            raise ConfigError(f"{ckpt_dir} already holds a run's checkpoints. Continue it with resume=auto, or start "
+                              f"a new run with another run_name=... (nothing is overwritten silently)")
+        return None
+    if cfg.resume == "auto":
+        last = ckpt_dir / "last.ckpt"
+        return str(last) if last.exists() else None
+    p = Path(cfg.resume)
+    if not p.exists():
+        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint; use resume=auto or a path to a .ckpt")
+    return str(p)
+
+
+def build(cfg: DictConfig):
+    """Instantiate datamodule, stage, trainer from the composed config (before any training work)."""
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_path = resolve_resume(cfg, ckpt_dir)
+    hw = cfg.hardware
+    world = world_size_of(hw)
+
+    model_cfg = instantiate(cfg.model)
+    datamodule = instantiate(cfg.data, world_size=world, seed=cfg.seed, tokenizer=cfg.tokenizer,
+                             max_seq_len=model_cfg.max_seq_len, _convert_="all")
+    accum = datamodule.accumulate_grad_batches
+    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel),
+                        init_from=cfg.init_from, _convert_="object")
+
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+
+    from moxin.callbacks import AtomicCheckpointIO, SampleGenerations, Throughput
+
+    throughput = Throughput(peak_tflops=hw.peak_tflops)
+    callbacks = [
+        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1
+                        if cfg.trainer.keep_all_checkpoints else 1, monitor=None),
+        throughput,
+    ]
+    if cfg.trainer.progress_bar == "rich" and sys.stdout.isatty() or cfg.trainer.progress_bar == "rich_always":
+        callbacks.append(RichProgressBar(leave=True))
+    if cfg.get("samples") and cfg.samples.prompts:
+        callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, cfg.tokenizer))
+    logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
+    trainer = L.Trainer(
+        accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
+        strategy=build_strategy(hw), plugins=[AtomicCheckpointIO()] if hw.strategy != "fsdp2" else None,
+        max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
+        accumulate_grad_batches=accum, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
+        log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,
+        val_check_interval=cfg.trainer.val_every_n_steps * accum if cfg.trainer.val_every_n_steps else None,
+        check_val_every_n_epoch=1, limit_val_batches=cfg.trainer.limit_val_batches,
+        enable_progress_bar=cfg.trainer.progress_bar != "none", enable_model_summary=False,
+        deterministic=cfg.trainer.deterministic, use_distributed_sampler=False,
+    )
+    return trainer, stage, datamodule, ckpt_path, throughput
+
+
+def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict:
+    out_dir = Path(cfg.out_dir).resolve()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    info = {
+        "run_name": cfg.run_name,
+        "out_dir": str(out_dir),
+        "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
+        "optimizer_steps": trainer.global_step,
+        "target_tokens": stage.tokens_seen,
+        "seconds": round(time.time() - started, 1),
+        "tokens_per_s": throughput.tokens_per_s,
+        "mfu": throughput.mfu,
+        "metrics": metrics,
+    }
+    if hasattr(datamodule, "data_report"):
+        info["data"] = datamodule.data_report()
+    hist = getattr(stage, "loss_history", None)
+    if trainer.is_global_zero:
+        (out_dir / "summary.json").write_text(json.dumps(info, indent=2, default=str))
+    return info
+
+
+def print_summary(cfg, info: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    c = Console()
+    t = Table(title=f"moxin run '{info['run_name']}' finished", show_header=False)
+    t.add_row("steps", str(info["optimizer_steps"]))
+    t.add_row("target tokens", f"{info['target_tokens']:,}")
+    t.add_row("time", f"{info['seconds']} s")
+    if info.get("tokens_per_s"):
+        t.add_row("throughput", f"{info['tokens_per_s']:,.0f} tokens/s")
+    for k in sorted(info["metrics"]):
+        if k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
+            t.add_row(k, f"{info['metrics'][k]:.4f}")
+    t.add_row("checkpoint", info["checkpoint"])
+    if info.get("hf_export"):
+        t.add_row("HF export", info["hf_export"])
+    t.add_row("metrics CSV", str(Path(info["out_dir"]) / "metrics.csv"))
+    t.add_row("summary", str(Path(info["out_dir"]) / "summary.json"))
+    c.print(t)
+    c.print(f"Continue this run:   python -m moxin.run {' '.join(sys.argv[1:])} run_name={info['run_name']} resume=auto"
+            .replace("  ", " "))
+    c.print(f"Fine-tune from it:   python -m moxin.run +experiment=sft init_from={info['checkpoint']}")
+    c.print("Inspect it:          jupyter notebook notebooks/inspect_checkpoint.ipynb")
+
+
+def train(cfg: DictConfig) -> dict:
+    started = time.time()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    trainer, stage, datamodule, ckpt_path, throughput = build(cfg)
+    trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
+    info = summary(cfg, trainer, stage, datamodule, throughput, started)
+    if cfg.export_hf and trainer.is_global_zero and type(trainer.strategy).__name__ != "ModelParallelStrategy":
+        from moxin.model.hf import save_hf
+
+        hf_dir = Path(cfg.out_dir) / "hf"
+        save_hf(stage.model, hf_dir)
+        info["hf_export"] = str(hf_dir.resolve())
+    if trainer.is_global_zero:
+        print_summary(cfg, info)
+    return info
+
+
+@hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    info = train(cfg)
+    value = info["metrics"].get(cfg.monitor)
+    return None if value is None or math.isnan(value) else value
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,261 @@
+"""What every stage shares: building the model core, AdamW with warmup + decay, exact token normalisation of
+the loss across gradient accumulation and ranks, gradient clipping, RNG state in checkpoints.
+
+A stage subclass implements `compute_loss(batch) -> StepLoss` (a summed loss, the number of target tokens it
+was summed over, metrics). The base returns the sum to Lightning and, once the whole accumulation window has
+run, rescales the gradients by (accumulate * world) / (target tokens of the step on all ranks), so every target
+token of the optimizer step weighs the same however the tokens fall into micro-batches and ranks. Plain
+per-micro-batch means weigh a token of a short micro-batch more than one of a long one (the gradient
+accumulation bug fixed across the field in 2024).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moxin.distributed import ParallelConfig, parallelize
+from moxin.model import ModelConfig, Transformer
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate after warmup."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas; Moxin pretraining used (0.9, 0.95). beta2=0.999 is slow to react to loss spikes at scale."""
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    """Decoupled weight decay on matrices only (embeddings, norms and biases are not decayed)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps. Mutually exclusive with warmup_fraction."""
+    warmup_fraction: float = 0.01
+    """Warmup as a fraction of the total steps (SFT: 0.03, DPO: 0.1 in the Tulu 3 recipe)."""
+    schedule: str = "cosine"
+    """After warmup: cosine (to min_lr_ratio * lr), linear (to min_lr_ratio * lr) or constant."""
+    min_lr_ratio: float = 0.1
+    """Final LR as a fraction of the peak; Moxin decays to 10 %. SFT/DPO in Tulu 3 decay linearly to 0."""
+    grad_clip: float | None = 1.0
+    """Clip the global gradient norm (after token normalisation). None: no clipping."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"optim.schedule={self.schedule!r}: choose cosine, linear or constant")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be positive")
+
+
+def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
+    """Multiplier of the peak LR at optimizer step `step` (0-based)."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    if schedule == "constant" or total <= warmup:
+        return 1.0
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return 1.0 - (1.0 - min_ratio) * progress
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class StepLoss:
+    loss_sum: torch.Tensor
+    """Sum of the per-token (or per-sequence) losses of this micro-batch; gradients flow through it."""
+    n_tokens: torch.Tensor
+    """What the loss is normalised by over the whole optimizer step (target tokens; pairs for DPO)."""
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    """Extra per-micro-batch sums to log, normalised by the same count (e.g. DPO accuracy)."""
+    tokens_processed: int = 0
+    """Tokens through the model (for throughput), padding included."""
+
+
+def load_init_weights(model: Transformer, path: str) -> None:
+    """Initialise from a Hugging Face MistralForCausalLM directory, a moxin checkpoint (.ckpt) or a
+    safetensors file of moxin names. Shapes must match exactly."""
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"init_from={path!r} does not exist: give a Hugging Face model directory, "
+                                "a moxin .ckpt or a .safetensors file")
+    if p.is_dir():
+        if (p / "config.json").exists():
+            from moxin.model.hf import load_hf
+
+            src = load_hf(p).state_dict()
+        elif (p / "last.ckpt").exists():
+            return load_init_weights(model, str(p / "last.ckpt"))
+        else:
+            raise FileNotFoundError(f"init_from={path!r}: no config.json (Hugging Face) or last.ckpt inside")
+    elif p.suffix == ".safetensors":
+        src = load_file(str(p))
+    else:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+        sd = ckpt.get("state_dict", ckpt)
+        src = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} or sd
+    own = model.state_dict()
+    missing = sorted(set(own) - set(src))
+    unexpected = sorted(set(src) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"init_from={path}: checkpoint does not fit the model config; missing {missing[:5]}"
+                       f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for k, v in src.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"init_from={path}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but "
+                             f"{tuple(own[k].shape)} in the model; the model config does not match the checkpoint")
+    model.load_state_dict(src)
+
+
+class MoxinStage(L.LightningModule):
+    """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics."""
+
+    def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
+                 parallel: ParallelConfig | None = None, init_from: str | None = None,
+                 loss_chunk_size: int = 4096, total_steps: int | None = None):
+        super().__init__()
+        self.model_cfg = model
+        self.optim_cfg = optim or OptimConfig()
+        self.parallel_cfg = parallel or ParallelConfig()
+        self.init_from = init_from
+        self.loss_chunk_size = loss_chunk_size
+        self.total_steps_override = total_steps
+        self.model: Transformer | None = None
+        self._acc_tokens = 0.0
+        self._acc_loss = 0.0
+        self._acc_metrics: dict[str, float] = {}
+        self._acc_processed = 0
+        self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
+        self.last_step_tokens_processed = 0
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        self.model = Transformer(self.model_cfg)
+        if self.init_from:
+            load_init_weights(self.model, self.init_from)
+        mesh = None
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
+            mesh = self.device_mesh
+        parallelize(self.model, self.parallel_cfg, mesh)
+
+    # ---- optimisation ---------------------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        if self.total_steps_override:
+            return self.total_steps_override
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and getattr(dm, "total_steps", None):
+            return int(dm.total_steps)
+        if self.trainer.max_steps and self.trainer.max_steps > 0:
+            return self.trainer.max_steps
+        return int(self.trainer.estimated_stepping_batches)
+
+    def configure_optimizers(self):
+        oc = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
+        fused = self.device.type == "cuda"
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
+                                 {"params": no_decay, "weight_decay": 0.0}],
+                                lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=fused)
+        total = self.total_steps()
+        warmup = oc.warmup_steps if oc.warmup_steps is not None else int(round(oc.warmup_fraction * total))
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, total, warmup, oc.schedule, oc.min_lr_ratio))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def compute_loss(self, batch) -> StepLoss:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def training_step(self, batch, batch_idx):
+        out = self.compute_loss(batch)
+        self._acc_tokens += float(out.n_tokens)
+        self._acc_loss += float(out.loss_sum.detach())
+        for k, v in out.metrics.items():
+            self._acc_metrics[k] = self._acc_metrics.get(k, 0.0) + float(v)
+        self._acc_processed += out.tokens_processed
+        return out.loss_sum
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(t)
+        return t.tolist()
+
+    def on_before_optimizer_step(self, optimizer):
+        keys = sorted(self._acc_metrics)
+        vals = self._all_reduce([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
+                                + [self._acc_metrics[k] for k in keys])
+        n_tokens, loss_sum, processed = vals[:3]
+        world = self.trainer.world_size
+        accum = self.trainer.accumulate_grad_batches
+        if n_tokens > 0:
+            # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
+            scale = accum * world / n_tokens
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
+        grad_norm = None
+        if self.optim_cfg.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self.tokens_seen += int(n_tokens)
+        self.last_step_tokens_processed = int(processed)
+        denom = max(n_tokens, 1.0)
+        logs = {"train/loss": loss_sum / denom, "train/lr": optimizer.param_groups[0]["lr"],
+                "train/target_tokens": float(self.tokens_seen)}
+        if grad_norm is not None:
+            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            logs["train/grad_norm"] = float(gn)
+        for k, v in zip(keys, vals[3:]):
+            logs[k] = v / denom
+        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True, sync_dist=False)
+        self.log("loss", logs["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
+                 rank_zero_only=True)
+        self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
+        self._acc_metrics = {}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        # clipping happens in on_before_optimizer_step, after the token normalisation
+        return
+
+    # ---- checkpoints: everything needed to continue as if never stopped --------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        np_state = np.random.get_state()
+        checkpoint["moxin"] = {
+            "tokens_seen": self.tokens_seen,
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "rng_python": list(random.getstate()[1]),
+            "rng_python_version": random.getstate()[0],
+            "rng_python_gauss": random.getstate()[2],
+            "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                          int(np_state[3]), float(np_state[4])],
+        }
+
+    def on_load_checkpoint(self, checkpoint):
+        st = checkpoint.get("moxin")
+        if not st:
+            return
+        self.tokens_seen = int(st["tokens_seen"])
+        torch.set_rng_state(st["rng_torch"])
+        if torch.cuda.is_available() and st["rng_cuda"]:
+            torch.cuda.set_rng_state_all(st["rng_cuda"])
+        py = st["rng_python"]
+        random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
+        n = st["rng_numpy"]
+        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))

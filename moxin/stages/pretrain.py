@@ -1,0 +1,43 @@
+"""Pretraining: next-token prediction on packed rows whose positions restart at each document.
+
+Batch: {"input_ids": (B, T), "labels": (B, T) shifted targets with -100 where no loss, "positions": (B, T)}.
+The same stage serves SFT (labels masked to assistant tokens by the data), which is why it is called
+`LanguageModelingStage` too.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from moxin.losses import token_cross_entropy
+from moxin.stages.base import MoxinStage, StepLoss
+
+
+class PretrainStage(MoxinStage):
+    """Next-token cross-entropy summed over target tokens; the base normalises it over the optimizer step."""
+
+    def compute_loss(self, batch) -> StepLoss:
+        hidden = self.model(batch["input_ids"], batch["positions"], return_hidden=True)  # (B, T, D)
+        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, batch["labels"], self.loss_chunk_size)
+        return StepLoss(loss_sum=loss_sum, n_tokens=n, tokens_processed=batch["input_ids"].numel())
+
+    def on_validation_epoch_start(self):
+        self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        hidden = self.model(batch["input_ids"], batch["positions"], return_hidden=True)
+        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, batch["labels"], self.loss_chunk_size)
+        self._val += torch.stack([loss_sum.double(), n.double()])
+
+    def on_validation_epoch_end(self):
+        tot = self._val.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tot)
+        if tot[1] > 0:
+            loss = float(tot[0] / tot[1])
+            self.log_dict({"val/loss": loss, "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))},
+                          rank_zero_only=True, sync_dist=False)
+
+
+LanguageModelingStage = PretrainStage
