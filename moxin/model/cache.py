@@ -21,6 +21,13 @@ Every slot remembers the position it holds (``pos``, -1 when empty), and masks a
 slot order, so left padding, right padding and per-row lengths all work: a token with position -1 (padding)
 is never written and never attended to. When the whole generation is shorter than W, the cache allocates only
 ``max_len`` slots (nothing wraps then).
+
+Static decode (``static_decode = True``, used by `generate`'s fast path on CUDA): a single-token step writes
+exactly one slot per row, so it needs neither ``nonzero()`` nor any other host synchronisation: the slot of
+row b is ``pos_b mod capacity``; a padding row (-1) writes the value the slot already holds, and every buffer
+(``k``, ``v``, ``pos``) is updated in place. All shapes stay fixed from step to step, which lets a CUDA graph
+capture the whole decode forward and replay it. The numbers are the same as the eager path's (same mask,
+same attention call); tests hold them equal.
 """
 
 from __future__ import annotations
@@ -48,6 +55,8 @@ class RollingKVCache:
         self.v = torch.zeros(shape, device=device, dtype=dtype)
         self.pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)  # position per slot
         self._step = None
+        self.static_decode = False
+        """Single-token forwards take the sync-free, fixed-shape path (see the module docstring)."""
 
     def nbytes(self) -> int:
         """Bytes the cache actually allocates (keys, values, slot positions)."""
@@ -72,6 +81,8 @@ class RollingKVCache:
         B, T = positions.shape
         if B != self.batch_size:
             raise ValueError(f"cache was built for batch {self.batch_size}, got tokens of batch {B}")
+        if T == 1 and self.static_decode:
+            return self._begin_static(positions)
         if self.max_len is not None and int(positions.max()) >= self.max_len:
             raise ValueError(f"position {int(positions.max())} is beyond the cache's max_len={self.max_len}")
         valid = positions >= 0
@@ -90,8 +101,31 @@ class RollingKVCache:
             mask = self._visible(positions, torch.cat([self.pos, torch.where(valid, positions, -1)], dim=1))
         self._step = (decode, b_idx, t_idx, slots, mask, new_pos, positions)
 
+    def _begin_static(self, positions: torch.Tensor) -> None:
+        """Single-token step without host syncs: one slot per row, fixed shapes. The caller guarantees
+        positions < max_len (generate does: it sizes the cache for prompt + new tokens)."""
+        valid = positions >= 0  # (B, 1)
+        slot = positions.clamp(min=0) % self.capacity  # (B, 1)
+        old = self.pos.gather(1, slot)
+        new_pos = self.pos.clone().scatter_(1, slot, torch.where(valid, positions, old))
+        mask = self._visible(positions, new_pos)
+        self._step = ("static", valid, slot, None, mask, new_pos, positions)
+
+    def _attend_static(self, layer: int, q, k, v):
+        _, valid, slot, _, mask, _, _ = self._step
+        kc, vc = self.k[layer], self.v[layer]  # (B, KVH, C, hd)
+        B, KVH, _, hd = kc.shape
+        idx = slot.view(B, 1, 1, 1).expand(B, KVH, 1, hd)
+        keep = valid.view(B, 1, 1, 1)
+        kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))  # padding rows rewrite the old value
+        vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+        gqa = kc.shape[1] != q.shape[1]
+        return F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+
     def attend(self, layer: int, q, k, v):
         """q (B, H, T, hd); k, v (B, KVH, T, hd) of the new tokens, RoPE applied. Returns (B, H, T, hd)."""
+        if self._step[0] == "static":
+            return self._attend_static(layer, q, k, v)
         decode, b_idx, t_idx, slots, mask, _, _ = self._step
         kc, vc = self.k[layer], self.v[layer]  # (B, KVH, C, hd)
         k_new = k[b_idx, :, t_idx].to(kc.dtype)  # (N, KVH, hd)
@@ -110,7 +144,9 @@ class RollingKVCache:
 
     def end(self) -> None:
         decode, b_idx, t_idx, slots, _, new_pos, positions = self._step
-        if decode:
+        if decode == "static":
+            self.pos.copy_(new_pos)  # in place: a captured graph keeps pointing at the same buffer
+        elif decode:
             self.pos = new_pos
         else:
             self.pos[b_idx, slots] = positions[b_idx, t_idx]

@@ -4,10 +4,23 @@ Prompts of different lengths are padded on the left or on the right; padding car
 never written to the cache nor attended to, and each row decodes from its own next position. Sampling:
 temperature, top-k, top-p (nucleus); temperature 0 is greedy. A row stops at any of `stop_tokens` or after
 `max_new_tokens`. Randomness comes only from `generator`, so a seed reproduces the rollouts.
+
+Decode paths (``decode=``), all giving the same tokens:
+
+- ``eager``: the reference. One model forward per token through the cache's general path; the loop checks
+  ``done.all()`` on the host after every token. Launch-bound on a GPU (36 layers x a dozen small kernels per
+  token, plus a host sync per token).
+- ``static``: the cache's fixed-shape, sync-free single-token path (one slot per row, no ``nonzero()``), and
+  the stop condition read on the host only every ``sync_every`` tokens (rows that finished meanwhile decode
+  padding, which is trimmed, so the output is unchanged).
+- ``graph`` (the default on CUDA): ``static`` with the whole single-token forward (all layers, cache update,
+  output head) captured once in a CUDA graph on static input buffers and replayed per token; sampling stays
+  outside the graph. If capture fails the call falls back to ``static`` with a warning.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -50,13 +63,22 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
              top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
              pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
-             ) -> GenerationOutput:
-    """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache."""
+             decode: str = "auto", sync_every: int = 16) -> GenerationOutput:
+    """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache.
+
+    decode: auto (graph on CUDA, eager elsewhere), eager, static or graph; see the module docstring.
+    sync_every: with static/graph, tokens between host checks of "every row has stopped"."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add the bos token)")
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
+    if decode not in ("auto", "eager", "static", "graph"):
+        raise ValueError(f"decode must be auto, eager, static or graph, got {decode!r}")
     device = next(model.parameters()).device
+    if decode == "auto":
+        decode = "graph" if device.type == "cuda" else "eager"
+    if decode == "graph" and device.type != "cuda":
+        raise ValueError(f"decode='graph' needs a CUDA model, this one is on {device.type}; use static or eager")
     dtype = cache_dtype or next(model.parameters()).dtype
     B = len(prompts)
     lens = torch.tensor([len(p) for p in prompts], device=device)
@@ -90,6 +112,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     stopped = torch.zeros(B, dtype=torch.bool, device=device)
     n_new = torch.zeros(B, dtype=torch.long, device=device)
     logits = last_logits
+    step = _DecodeStep(model, cache, B, device, graph=decode == "graph") if decode != "eager" else None
+    check_every = 1 if step is None else max(1, sync_every)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, pad_id, nxt)
@@ -101,10 +125,13 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         is_stop = torch.isin(nxt, stops) & ~done
         stopped |= is_stop
         done |= is_stop
-        if t == max_new_tokens - 1 or bool(done.all()):
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
             break
         pos = torch.where(done, -1, lens + t).unsqueeze(1)  # finished rows feed padding
-        logits = model(nxt.unsqueeze(1), pos, cache=cache)[:, -1]
+        if step is None:
+            logits = model(nxt.unsqueeze(1), pos, cache=cache)[:, -1]
+        else:
+            logits = step(nxt.unsqueeze(1), pos)
 
     counts = n_new.tolist()
     out_l = out.tolist()
@@ -112,3 +139,52 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     if lps is not None:
         res.logprobs = [row[:n] for row, n in zip(lps.tolist(), counts)]
     return res
+
+
+class _DecodeStep:
+    """One single-token forward on the cache's static path, optionally captured in a CUDA graph.
+
+    The graph reads the token and position buffers and writes the logits buffer; the cache's k, v and pos
+    tensors are updated in place by the replay. The first call runs eagerly (on a side stream, as capture
+    requires: it is also that step's real computation), then the graph is captured; later calls copy their
+    inputs into the static buffers and replay. The returned logits are overwritten by the next call.
+    """
+
+    def __init__(self, model, cache: RollingKVCache, batch: int, device, graph: bool):
+        self.model, self.cache = model, cache
+        cache.static_decode = True
+        self.use_graph = graph
+        self.graph = None
+        if graph:
+            self.tok = torch.zeros(batch, 1, dtype=torch.long, device=device)
+            self.pos = torch.full((batch, 1), -1, dtype=torch.long, device=device)
+            self.out = None
+
+    def _forward(self, tok, pos):
+        return self.model(tok, pos, cache=self.cache)[:, -1]
+
+    def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        if not self.use_graph:
+            return self._forward(tok, pos)
+        self.tok.copy_(tok)
+        self.pos.copy_(pos)
+        if self.graph is not None:
+            self.graph.replay()
+            return self.out
+        # first step: run it for real on a side stream (warm-up), then capture the same computation
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = self._forward(self.tok, self.pos).clone()
+        torch.cuda.current_stream().wait_stream(side)
+        try:
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                self.out = self._forward(self.tok, self.pos)
+            self.graph = g
+        except Exception as e:  # pragma: no cover - depends on the model's kernels
+            warnings.warn(f"generate: CUDA graph capture of the decode step failed ({type(e).__name__}: {e}); "
+                          "continuing without the graph (decode='static')")
+            self.use_graph, self.graph = False, None
+            torch.cuda.synchronize()
+        return logits

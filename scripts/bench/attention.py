@@ -1,0 +1,112 @@
+"""Sliding-window attention through `moxin.model.attention.attend` (flex; flash when installed) against SDPA
+causal attention, forward + backward, bf16, 32/8 heads, head dim 128, W = 4096, at 4K / 16K / 32K tokens.
+
+    python scripts/bench/attention.py [--out bench.json]      # on a GPU
+    python scripts/bench/attention.py --smoke                 # tiny shapes on the CPU (sdpa backend)
+
+FLOPs as shared/baselines/hf_anchor.py counts them: 4*H*D*(visible pairs)*3.5 (forward 2 matmuls, backward
+~2.5x). The ideal speedup of a window over full causal is the ratio of visible pairs, (S^2/2)/(S*W - W^2/2);
+"of ideal" is the measured speedup as a fraction of it. Also checks flex against the SDPA reference with a
+dense window mask (max abs error, bf16), with the window biting (W < S) and with packed documents.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from _common import default_out, env, free, table, timed, write_json
+
+from moxin.model import attention as A
+
+
+def pairs(S: int, W: int | None) -> float:
+    if W is None or W >= S:
+        return S * S / 2
+    return S * W - W * W / 2
+
+
+def correctness(dev, backends, S, W, H, KV, D) -> list[dict]:
+    out = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(1, H, S, D, device=dev, generator=g)
+    k = torch.randn(1, KV, S, D, device=dev, generator=g)
+    v = torch.randn(1, KV, S, D, device=dev, generator=g)
+    pos = torch.cat([torch.arange(S // 3), torch.arange(S - S // 3)]).to(dev).unsqueeze(0)  # two packed docs
+    for window in (W, W // 4):
+        for docs in (False, True):
+            doc_ids = (pos == 0).cumsum(1) if docs else None
+            ref32 = A.attend(q, k, v, window=window, doc_ids=doc_ids, backend="sdpa")
+            qb, kb, vb = (t.bfloat16() for t in (q, k, v))
+            ref = A.attend(qb, kb, vb, window=window, doc_ids=doc_ids, backend="sdpa")
+            for be in backends:
+                o = A.attend(qb, kb, vb, window=window, doc_ids=doc_ids, backend=be)
+                out.append({"backend": be, "S": S, "W": window, "docs": docs,
+                            "max_abs_err_vs_sdpa_bf16": float((o.float() - ref.float()).abs().max()),
+                            "max_abs_err_vs_fp32": float((o.float() - ref32).abs().max()),
+                            "sdpa_bf16_err_vs_fp32": float((ref.float() - ref32).abs().max())})
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU")
+    ap.add_argument("--seqs", type=int, nargs="*", default=None)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        dev, dtype, H, KV, D, W, seqs, backends = "cpu", torch.float32, 4, 2, 16, 32, a.seqs or [64, 128], ["sdpa"]
+        warm, reps = 1, 2
+    else:
+        dev, dtype, H, KV, D, W, seqs = "cuda", torch.bfloat16, 32, 8, 128, 4096, a.seqs or [4096, 16384, 32768]
+        backends = ["flex"] + (["flash"] if A.HAS_FLASH else [])
+        warm, reps = 3, 10
+    torch.backends.cuda.matmul.allow_tf32 = True
+    check = correctness(dev, backends, 256 if a.smoke else 4096, W if not a.smoke else 32, H, KV, D)
+
+    rows = []
+    for S in seqs:
+        q = torch.randn(1, H, S, D, device=dev, dtype=dtype, requires_grad=True)
+        k = torch.randn(1, KV, S, D, device=dev, dtype=dtype, requires_grad=True)
+        v = torch.randn(1, KV, S, D, device=dev, dtype=dtype, requires_grad=True)
+        go = torch.randn(1, H, S, D, device=dev, dtype=dtype)
+
+        def sdpa():
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).backward(go)
+
+        t_ref = timed(sdpa, dev, warm, reps)
+        f_ref = 4 * H * D * pairs(S, None) * 3.5
+        ideal = pairs(S, None) / pairs(S, W)
+        rows.append({"kernel": "sdpa causal", "S": S, "ms": t_ref * 1e3, "tflops": f_ref / t_ref / 1e12,
+                     "speedup": 1.0, "ideal": 1.0, "of_ideal": None})
+        for be in backends:
+            def ours():
+                A.attend(q, k, v, window=W, doc_ids=None, backend=be).backward(go)
+            try:
+                t = timed(ours, dev, warm, reps)
+            except Exception as ex:  # keep the other rows
+                rows.append({"kernel": f"moxin {be} W={W}", "S": S, "error": repr(ex)[:200]})
+                continue
+            f = 4 * H * D * pairs(S, W) * 3.5
+            rows.append({"kernel": f"moxin {be} W={W}", "S": S, "ms": t * 1e3, "tflops": f / t / 1e12,
+                         "speedup": t_ref / t, "ideal": ideal, "of_ideal": (t_ref / t) / ideal})
+        del q, k, v, go
+        free(dev)
+
+    print(table(rows, [("kernel", "kernel", ""), ("S", "S", "d"), ("ms", "ms fwd+bwd", ".2f"),
+                       ("tflops", "TFLOP/s", ".0f"), ("speedup", "speedup", ".2f"), ("ideal", "ideal", ".2f"),
+                       ("of_ideal", "of ideal", ".0%")],
+                f"attention fwd+bwd, {H}/{KV} heads, hd {D}, {str(dtype).removeprefix('torch.')}, {dev}"))
+    print(table(check, [("backend", "backend", ""), ("S", "S", "d"), ("W", "W", "d"), ("docs", "docs", ""),
+                        ("max_abs_err_vs_sdpa_bf16", "max|err| vs SDPA dense mask (bf16)", ".2e"),
+                        ("max_abs_err_vs_fp32", "max|err| vs fp32 ref", ".2e"),
+                        ("sdpa_bf16_err_vs_fp32", "SDPA bf16 vs fp32", ".2e")], "correctness"))
+    write_json(a.out or default_out("attention"), {"env": env(), "rows": rows, "correctness": check,
+                                                   "shape": {"H": H, "KV": KV, "D": D, "W": W}})
+    return rows, check
+
+
+if __name__ == "__main__":
+    main()

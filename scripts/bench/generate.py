@@ -1,0 +1,152 @@
+"""Rollout throughput of the moxin-7b shape (random weights, bf16, 36 layers): batch 64, prompt 128, 256 new
+tokens, sampling, every row forced to produce all 256 tokens (no stop tokens), through `moxin.model.generate`
+(eager reference decode, static sync-free decode, CUDA-graph decode) and Hugging Face `generate` on the same
+weights (our state dict copied into `MistralForCausalLM`), measured in the same run.
+
+Memory-bandwidth bound of decode: every step reads all weights once (plus the KV cache); "of 4.8 TB/s" is
+(weight bytes / decode step time) / 4.8e12; "of copy" divides by a device-to-device copy measured here.
+
+    python scripts/bench/generate.py [--out bench.json]
+    python scripts/bench/generate.py --smoke          # tiny model on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from _common import default_out, env, free, sync, table, timed, write_json
+
+from moxin.model import ModelConfig, Transformer, generate
+
+
+def copy_bandwidth(dev) -> float | None:
+    if torch.device(dev).type != "cuda":
+        return None
+    n = 2 * 1024**3  # 2 GiB, read + written
+    a = torch.empty(n, dtype=torch.uint8, device=dev).random_()
+    b = torch.empty_like(a)
+    t = timed(lambda: b.copy_(a), dev, 3, 10)
+    del a, b
+    return 2 * n / t
+
+
+def hf_from_moxin(model: Transformer, dev, dtype):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from moxin.model.hf import moxin_to_hf_config, moxin_to_hf_name
+
+    d = moxin_to_hf_config(model.cfg)
+    d.pop("architectures", None); d.pop("model_type", None)
+    conf = MistralConfig(**d)
+    conf._attn_implementation = "sdpa"
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(dev):
+            hf = MistralForCausalLM(conf)
+    finally:
+        torch.set_default_dtype(prev)
+    sd = {moxin_to_hf_name(k): v for k, v in model.state_dict().items()}
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected and all("rotary" in m for m in missing), (missing, unexpected)
+    return hf.eval()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--batch", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=128)
+    ap.add_argument("--new", type=int, default=256)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        dev, dtype = "cpu", torch.float32
+        cfg = ModelConfig.preset("tiny", vocab_size=512)
+        B, P, N = 4, 16, 8
+        paths, reps = ["eager", "static"], 1
+    else:
+        dev, dtype = "cuda", torch.bfloat16
+        cfg = ModelConfig.preset("moxin-7b")
+        B, P, N = a.batch, a.prompt, a.new
+        paths, reps = ["eager", "static", "graph"], 2
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(dev):
+        model = Transformer(cfg).eval()
+    torch.set_default_dtype(prev)
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    g = torch.Generator().manual_seed(1)
+    prompts = torch.randint(3, cfg.vocab_size, (B, P), generator=g).tolist()
+    bw = copy_bandwidth(dev)
+
+    def prefill_time():
+        from moxin.model.cache import RollingKVCache
+        cache = RollingKVCache(cfg, B, P + N, device=dev, dtype=dtype)
+        toks = torch.tensor(prompts, device=dev)
+        pos = torch.arange(P, device=dev).expand(B, P)
+        def f():
+            cache.reset()
+            with torch.no_grad():
+                model(toks, pos, cache=cache)
+        return timed(f, dev, 1, 3)
+
+    t_prefill = prefill_time()
+    rows = []
+    for path in paths:
+        gen = torch.Generator(device=dev)
+
+        def run():
+            gen.manual_seed(5)
+            return generate(model, prompts, N, temperature=1.0, generator=gen, decode=path)
+        out = run()
+        assert all(len(t) == N for t in out.tokens)
+        t = timed(run, dev, 0, reps)
+        step = (t - t_prefill) / (N - 1)
+        rows.append({"impl": f"moxin generate decode={path}", "tok_s": B * N / t, "s": t, "step_ms": step * 1e3,
+                     "weights_tbs": weight_bytes / step / 1e12, "of_4p8": weight_bytes / step / 4.8e12,
+                     "of_copy": weight_bytes / step / bw if bw else None})
+        free(dev)
+    # greedy agreement of the fast paths with the reference on these weights (a few tokens)
+    ref = generate(model, prompts[:8], 16, temperature=0, decode="eager").tokens
+    agree = {p: generate(model, prompts[:8], 16, temperature=0, decode=p).tokens == ref for p in paths[1:]}
+
+    if not a.no_hf:
+        hf = hf_from_moxin(model, dev, dtype)
+        ids = torch.tensor(prompts, device=dev)
+
+        def hf_gen():
+            with torch.no_grad():
+                o = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
+                                do_sample=True, pad_token_id=0, eos_token_id=None)
+            assert o.shape[1] == P + N
+        t = timed(hf_gen, dev, 1 if not a.smoke else 0, reps)
+        step = (t - t_prefill) / (N - 1)
+        rows.append({"impl": "HF MistralForCausalLM.generate (sdpa)", "tok_s": B * N / t, "s": t,
+                     "step_ms": step * 1e3, "weights_tbs": weight_bytes / step / 1e12,
+                     "of_4p8": weight_bytes / step / 4.8e12, "of_copy": weight_bytes / step / bw if bw else None})
+        del hf
+        free(dev)
+    base = rows[-1]["tok_s"] if not a.no_hf else rows[0]["tok_s"]
+    for r in rows:
+        r["vs_hf"] = r["tok_s"] / base
+    title = (f"generate: {cfg.n_layers} layers, {str(dtype).removeprefix('torch.')}, batch {B}, prompt {P}, "
+             f"{N} new tokens (sampling, all forced), weights {weight_bytes / 1e9:.2f} GB, prefill {t_prefill * 1e3:.1f} ms"
+             + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""))
+    print(table(rows, [("impl", "implementation", ""), ("tok_s", "tokens/s", ",.0f"), ("s", "seconds", ".2f"),
+                       ("step_ms", "ms/decode step", ".2f"), ("weights_tbs", "weights TB/s", ".2f"),
+                       ("of_4p8", "of 4.8 TB/s", ".0%"), ("of_copy", "of copy BW", ".0%"),
+                       ("vs_hf", "x HF", ".2f")], title))
+    print(f"greedy tokens equal to decode=eager: {agree}")
+    write_json(a.out or default_out("generate"), {"env": env(), "rows": rows, "greedy_agree": agree,
+               "weight_bytes": weight_bytes, "copy_bw": bw, "prefill_s": t_prefill, "batch": B, "prompt": P, "new": N})
+    return rows, agree
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,202 @@
+"""Training throughput of the moxin-7b block shape (8 of its 36 layers), sequence 4096, bf16-mixed (fp32
+master weights + bf16 autocast), fused AdamW, through the real stage and data path:
+PretrainStage + PretrainDataModule (built-in sample corpus, real Mistral tokenizer, packed to 4096; the
+readers start a new pass when a source runs out, so the small sample repeats) + L.Trainer with the `gpu`
+hardware profile's settings (compiled blocks, FlexAttention). Baselines in the same run: a bare loop of our
+model on batches of the same loader (same compile/optimizer/loss), and Hugging Face MistralForCausalLM of the
+same shape measured as shared/baselines/hf_anchor.py does (eager SDPA; compiled SDPA unless --no-hf-compile).
+
+tokens/s over steady-state steps (after --warm steps), MFU vs 989 TFLOP/s with ModelConfig.flops_per_token.
+
+    python scripts/bench/train.py [--mbs 2 4] [--out bench.json]
+    python scripts/bench/train.py --smoke     # tiny model, short sequence, CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import lightning as L
+import torch
+
+from _common import PEAK_TFLOPS, default_out, env, free, sync, table, timed, write_json
+
+from moxin.data.datamodule import PretrainDataModule
+from moxin.data.sample import sample_path
+from moxin.distributed import ParallelConfig, parallelize
+from moxin.losses import token_cross_entropy
+from moxin.model import ModelConfig, Transformer
+from moxin.stages.base import OptimConfig
+from moxin.stages.pretrain import PretrainStage
+
+
+class StepTimer(L.Callback):
+    """Wall time between the end of optimizer step `warm` and of step `warm + n` (synchronised there only)."""
+
+    def __init__(self, warm: int, n: int):
+        self.warm, self.n = warm, n
+        self.t0 = self.t1 = None
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        s = trainer.global_step
+        if s == self.warm and self.t0 is None:
+            sync(pl_module.device); self.t0 = time.perf_counter()
+        elif s == self.warm + self.n and self.t1 is None:
+            sync(pl_module.device); self.t1 = time.perf_counter()
+            m = trainer.callback_metrics.get("train/loss")
+            if m is not None:
+                self.losses.append(float(m))
+
+    @property
+    def seconds_per_step(self):
+        return (self.t1 - self.t0) / self.n
+
+
+def make_dm(seq, mbs, steps, workers, world=1):
+    srcs = [{"name": n, "path": str(sample_path(f"{n}.jsonl")), "text_field": "text"} for n in ("prose", "code", "cjk")]
+    return PretrainDataModule(
+        sources=srcs, tokenizer="mistral", tokens_per_step=mbs * seq, micro_batch_tokens=mbs * seq,
+        phases=[{"name": "bench", "seq_len": seq, "tokens": steps * mbs * seq,
+                 "mixture": {"prose": 0.45, "code": 0.35, "cjk": 0.2}}],
+        max_seq_len=max(seq, 32768), num_workers=workers, val_percent=0, world_size=world)
+
+
+def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
+    steps = warm + n + 1
+    dm = make_dm(seq, mbs, steps, workers)
+    stage = PretrainStage(model=cfg, optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
+                          parallel=ParallelConfig(compile=compile_))
+    from moxin.callbacks import Throughput
+
+    timer = StepTimer(warm, n)
+    trainer = L.Trainer(accelerator="gpu" if dev == "cuda" else "cpu", devices=1, precision="bf16-mixed",
+                        max_epochs=dm.num_epochs, max_steps=warm + n, reload_dataloaders_every_n_epochs=1,
+                        accumulate_grad_batches=dm.accumulate_grad_batches, use_distributed_sampler=False,
+                        callbacks=[timer, Throughput(peak_tflops=PEAK_TFLOPS)], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, gradient_clip_val=None)
+    torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
+    trainer.fit(stage, datamodule=dm)
+    report = dm.data_report()
+    out = {"s_per_step": timer.seconds_per_step, "loss": timer.losses[-1] if timer.losses else None,
+           "passes": report}
+    batch = next(iter(dm.build_train_loader(0)))  # for the bare loop: same rows, same positions
+    model = stage.model
+    del trainer, stage
+    return out, batch, model
+
+
+def bare_loop(model, batch, warm, n, dev, chunk=4096):
+    """Our model without Lightning: autocast bf16 over fp32 weights, the stage's loss, clip, fused AdamW."""
+    decay = [p for nme, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in nme]
+    rest = [p for nme, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in nme)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
+                            lr=1e-4, betas=(0.9, 0.95), fused=dev == "cuda")
+    b = {k: v.to(dev) for k, v in batch.items()}
+    def step():
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+            h = model(b["input_ids"], b["positions"], return_hidden=True)
+            loss, ntok = token_cross_entropy(h, model.output.weight, b["labels"], chunk)
+        (loss / ntok).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad(set_to_none=True)
+    t = timed(step, dev, warm, n)
+    del opt
+    return t
+
+
+def hf_train(cfg, seq, mbs, dev, compile_, warm, n):
+    """As shared/baselines/hf_anchor.py hf_train: random ids, labels=ids, autocast bf16, fused AdamW."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hc = MistralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                       vocab_size=cfg.vocab_size, sliding_window=cfg.sliding_window,
+                       max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    hc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = MistralForCausalLM(hc).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    ids = torch.randint(0, cfg.vocab_size, (mbs, seq), device=dev)
+    def step():
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+            out = fwd(input_ids=ids, labels=ids)
+        out.loss.backward()
+        opt.step(); opt.zero_grad(set_to_none=True)
+    t = timed(step, dev, warm, n)
+    del model, opt, fwd
+    return t
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--mbs", type=int, nargs="*", default=[2, 4])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--warm", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--no-hf-compile", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        dev, seq, compile_, workers = "cpu", 128, False, 0
+        cfg = ModelConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                          hidden_dim=128, sliding_window=64, max_seq_len=1024, attn_backend="sdpa")
+        mbs_list, warm, n = [2], 1, 2
+    else:
+        dev, seq, compile_, workers = "cuda", 4096, True, 4
+        cfg = ModelConfig.preset("moxin-7b", n_layers=a.layers, attn_backend="flex")
+        mbs_list, warm, n = a.mbs, a.warm, a.steps
+    torch.backends.cuda.matmul.allow_tf32 = True
+    fpt = cfg.flops_per_token(seq)
+    rows = []
+
+    def add(name, mbs, spstep, **kw):
+        tok = mbs * seq / spstep
+        rows.append({"impl": name, "mbs": mbs, "tok_s": tok, "ms_step": spstep * 1e3, "mfu": tok * fpt / PEAK_TFLOPS / 1e12,
+                     **kw})
+        print(rows[-1], flush=True)
+
+    for mbs in mbs_list:
+        try:
+            res, batch, model = lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+            add("moxin PretrainStage + PretrainDataModule + L.Trainer", mbs, res["s_per_step"], peak_gib=peak,
+                loss=res["loss"])
+            rows[-1]["data"] = res["passes"]
+            t = bare_loop(model, batch, warm, n, dev)
+            add("moxin bare loop (same model/compile/loss/optimizer)", mbs, t)
+            del model, batch
+        except torch.OutOfMemoryError as ex:
+            rows.append({"impl": "moxin", "mbs": mbs, "error": "OOM"})
+        free(dev)
+        if not a.no_hf:
+            for comp in ([False] if (a.no_hf_compile or a.smoke) else [False, True]):
+                try:
+                    torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
+                    t = hf_train(cfg, seq, mbs, dev, comp, warm if not a.smoke else 1, 8 if not a.smoke else 2)
+                    add(f"HF MistralForCausalLM sdpa{' compiled' if comp else ' eager'}", mbs, t,
+                        peak_gib=torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None)
+                except torch.OutOfMemoryError:
+                    rows.append({"impl": f"HF sdpa compile={comp}", "mbs": mbs, "error": "OOM"})
+                free(dev)
+    for r in rows:
+        base = next((b for b in rows if b["mbs"] == r["mbs"] and b["impl"].startswith("HF") and "tok_s" in b), None)
+        if base and "tok_s" in r:
+            r["vs_hf_eager"] = r["tok_s"] / base["tok_s"]
+    print(table(rows, [("impl", "implementation", ""), ("mbs", "micro-batch", "d"), ("tok_s", "tokens/s", ",.0f"),
+                       ("ms_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"), ("vs_hf_eager", "x HF eager", ".2f"),
+                       ("peak_gib", "peak GiB", ".1f"), ("error", "error", "")],
+                f"train: moxin-7b blocks x {cfg.n_layers}, seq {seq}, bf16-mixed, fused AdamW, {dev}; "
+                f"flops/token {fpt / 1e9:.2f} G"))
+    write_json(a.out or default_out("train"), {"env": env(), "rows": rows, "flops_per_token": fpt, "seq": seq,
+                                               "layers": cfg.n_layers})
+    return rows
+
+
+if __name__ == "__main__":
+    main()

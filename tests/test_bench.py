@@ -1,0 +1,24 @@
+"""The benchmark scripts run end to end on the CPU with tiny shapes (--smoke), so they do not rot.
+No assertions on speed: only that each produces its table and JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("script", ["attention", "generate", "train"])
+def test_bench_smoke(script, tmp_path):
+    out = tmp_path / f"{script}.json"
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["rows"] and all("error" not in row for row in data["rows"]), data["rows"]
+    assert "|" in r.stdout
+    if script == "generate":
+        assert all(data["greedy_agree"].values())
