@@ -1,0 +1,344 @@
+"""Prompts with reference answers for GRPO: the built-in arithmetic task, local jsonl/parquet files, or a Hugging
+Face hub dataset (DeepScaleR form: ``problem``, ``answer``, ``solution``).
+
+Every record becomes ``{"prompt_ids", "user", "answer", "solution"}``:
+
+* ``user`` is the problem text followed by the ``instruction`` (e.g. "put the final answer in \\boxed{}"), the user
+  turn of a one-message conversation;
+* ``prompt_ids`` is that conversation rendered through THE chat template (:func:`moxin.tokenizer.chat.render_chat`
+  with ``add_generation_prompt=True``), so the policy is prompted exactly as SFT data and generation are;
+* ``answer`` is the reference string the verifier compares against;
+* ``solution`` is a worked answer (``solution_text`` for the arithmetic task, the ``solution`` field of files when
+  present, else None): the GRPO stage's optional SFT warm-up trains on it.
+
+Bad records (malformed JSON, not an object, a missing or non-string problem / answer, an empty problem, a prompt
+longer than ``max_prompt_tokens``) are counted with ``file:line`` for the first few and reported by
+:meth:`PromptDataModule.data_report`; past ``max_bad_fraction`` the run stops with :class:`DataError`, and a
+source with no usable record stops it too (a run never silently trains on nothing).
+
+Batches: one optimizer "step" of GRPO is one rollout batch of ``prompts_per_step`` prompts in total, split evenly
+over ranks (``prompts_per_step / world_size`` each). The order is a seeded shuffle per pass over the data, so a run is
+reproducible; the built-in task draws problem ``i`` of step ``k`` as ``ArithmeticTask.problem(k * P + i)``.
+``warmup_steps`` extra batches come first (the GRPO stage's SFT warm-up consumes them). The loader is a
+``torchdata`` ``StatefulDataLoader`` so a resumed run continues at the same batch.
+"""
+
+from __future__ import annotations
+
+import os
+
+import json
+import random
+from dataclasses import dataclass
+from typing import Any
+
+import lightning as L
+import torch
+
+from moxin.data.sources import DataError, SourceConfig, is_hub_name, resolve_files
+
+__all__ = ["PromptDataModule", "PromptStats", "load_prompt_records", "DEFAULT_INSTRUCTIONS"]
+
+#: Instructions appended to the problem, by the verifier that will check the answer.
+DEFAULT_INSTRUCTIONS = {
+    # DeepScaleR / verl's math prompt: the MathVerifier reads the last \boxed{}
+    "math": "Let's think step by step and output the final answer within \\boxed{}.",
+    # the built-in task: ExactAnswerVerifier reads "Answer: N"
+    "exact": "End with 'Answer: N'.",
+}
+_BAD_EXAMPLES = 5
+
+
+@dataclass
+class PromptStats:
+    records: int = 0
+    bad: int = 0
+    too_long: int = 0
+    kept: int = 0
+    bad_examples: list = None
+
+    def __post_init__(self):
+        self.bad_examples = list(self.bad_examples or [])
+
+    def add_bad(self, where: str, reason: str) -> None:
+        self.bad += 1
+        if len(self.bad_examples) < _BAD_EXAMPLES:
+            self.bad_examples.append(f"{where}: {reason}")
+
+    def to_dict(self) -> dict:
+        return {"records": self.records, "bad": self.bad, "too_long": self.too_long, "kept": self.kept,
+                "bad_examples": list(self.bad_examples)}
+
+
+def _pick(rec: dict, fields: tuple[str, ...]):
+    for f in fields:
+        if f in rec:
+            return f, rec[f]
+    return None, None
+
+
+def _raw_records(source: SourceConfig):
+    """Yield ``(where, record | error-string)`` for every record of a local file set or a hub dataset."""
+    if is_hub_name(source):
+        try:
+            import datasets
+
+            ds = datasets.load_dataset(source.path, source.hub_config, split=source.split, data_files=source.data_files)
+        except Exception as e:  # network, unknown name, gated dataset ...
+            raise DataError(
+                f"prompt source {source.path!r} (split {source.split!r}): cannot open the Hugging Face dataset: "
+                f"{type(e).__name__}: {e}. Check the name and the network, or point data.path at local jsonl/parquet"
+            ) from e
+        for i, rec in enumerate(ds, 1):
+            yield f"{source.path}[{source.split}] record {i}", rec
+        return
+    for path, fmt in resolve_files(source):
+        if fmt == "jsonl":
+            with open(path, encoding="utf-8", errors="replace") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        yield f"{path}:{lineno}", json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})"
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            for row, rec in enumerate(pq.read_table(path).to_pylist(), 1):
+                yield f"{path}:row {row}", rec
+        else:
+            raise DataError(f"prompt source {path!r}: format {fmt!r} has no prompt/answer fields; use jsonl or parquet")
+
+
+def load_prompt_records(source: SourceConfig, prompt_fields: tuple[str, ...], answer_field: str,
+                        solution_field: str | None, stats: PromptStats) -> list[dict]:
+    """Read ``{"problem", "answer", "solution"}`` dicts; bad records go to ``stats``."""
+    out = []
+    for where, rec in _raw_records(source):
+        stats.records += 1
+        if isinstance(rec, str):
+            stats.add_bad(where, rec)
+            continue
+        if not isinstance(rec, dict):
+            stats.add_bad(where, f"record is a {type(rec).__name__}, not an object")
+            continue
+        pf, problem = _pick(rec, prompt_fields)
+        if pf is None:
+            stats.add_bad(where, f"no prompt field (looked for {list(prompt_fields)}; fields: {sorted(rec)[:20]})")
+            continue
+        if not isinstance(problem, str) or not problem.strip():
+            stats.add_bad(where, f"field {pf!r} is {'empty' if isinstance(problem, str) else type(problem).__name__}")
+            continue
+        answer = rec.get(answer_field)
+        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
+            answer = str(answer)
+        if not isinstance(answer, str) or not answer.strip():
+            stats.add_bad(where, f"field {answer_field!r} is missing or empty (a prompt without a reference answer "
+                                 "cannot be scored)")
+            continue
+        sol = rec.get(solution_field) if solution_field else None
+        out.append({"problem": problem, "answer": answer.strip(), "solution": sol if isinstance(sol, str) else None})
+    return out
+
+
+def _identity(x):
+    return x
+
+
+class _StepDataset(torch.utils.data.Dataset):
+    def __init__(self, steps: list[list[dict]]):
+        self.steps = steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, i: int) -> list[dict]:
+        return self.steps[i]
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Prompt batches for GRPO (see the module docstring).
+
+    Args:
+        source: ``"arithmetic"`` (the built-in :class:`moxin.rewards.ArithmeticTask`), a local jsonl/parquet file,
+            folder or glob, or a hub dataset name (``agentica-org/DeepScaleR-Preview-Dataset``).
+        prompts_per_step: prompts per rollout batch over all ranks (Moxin-Reasoning: 64). Each gets
+            ``group_size`` completions in the stage.
+        steps: rollout steps; None = ``num_passes`` passes over a file source (required for ``arithmetic``).
+        num_passes: passes over the data when ``steps`` is None.
+        warmup_steps: extra batches in front for the stage's SFT warm-up (``stage.grpo.warmup_sft_steps``).
+        instruction: appended to each problem (after a blank line); None picks ``DEFAULT_INSTRUCTIONS[verifier]``.
+        verifier: which verifier will read the answers (chooses the default instruction).
+        system: optional system message.
+        prompt_fields: record fields tried in order for the problem text.
+        answer_field / solution_field: reference answer / worked solution fields.
+        max_prompt_tokens: longer rendered prompts are dropped and counted (Moxin-Reasoning: 1024).
+        max_bad_fraction: stop when more than this fraction of records is bad.
+        task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``).
+        world_size, seed, tokenizer, max_seq_len: given by ``moxin.run``.
+    """
+
+    def __init__(self, source: str = "arithmetic", prompts_per_step: int = 64, steps: int | None = None,
+                 num_passes: int = 1, warmup_steps: int = 0, instruction: str | None = None, verifier: str = "exact",
+                 system: str | None = None, prompt_fields: tuple[str, ...] = ("problem", "prompt", "question"),
+                 answer_field: str = "answer", solution_field: str | None = "solution", split: str = "train",
+                 hub_config: str | None = None, data_files: Any = None, max_prompt_tokens: int = 1024,
+                 max_bad_fraction: float = 0.01, task: dict | None = None, world_size: int = 1, seed: int = 0,
+                 tokenizer: Any = "mistral", max_seq_len: int | None = None, num_workers: int = 0):
+        super().__init__()
+        if prompts_per_step < 1 or prompts_per_step % world_size:
+            raise DataError(f"data.prompts_per_step={prompts_per_step} must be a positive multiple of the world size "
+                            f"({world_size}): every rank takes the same number of prompts per step")
+        if source == "arithmetic" and not steps:
+            raise DataError("data.steps is required with source=arithmetic (the task is unbounded)")
+        self.source = source
+        self.prompts_per_step = prompts_per_step
+        self.per_rank = prompts_per_step // world_size
+        self.steps_cfg = steps
+        self.num_passes = num_passes
+        self.warmup_steps = int(warmup_steps or 0)
+        self.instruction = DEFAULT_INSTRUCTIONS.get(verifier, "") if instruction is None else instruction
+        self.system = system
+        self.prompt_fields = tuple(prompt_fields)
+        self.answer_field = answer_field
+        self.solution_field = solution_field
+        self.split, self.hub_config, self.data_files = split, hub_config, data_files
+        self.max_prompt_tokens = max_prompt_tokens
+        self.max_bad_fraction = max_bad_fraction
+        self.task_kwargs = dict(task or {})
+        self.world_size = world_size
+        self.seed = seed
+        self.tokenizer_spec = tokenizer
+        self.max_seq_len = max_seq_len
+        self.num_workers = num_workers
+        self.stats = PromptStats()
+        self._records: list[dict] | None = None
+        self._tok = None
+
+    # ---- records ---------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from moxin.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_spec) if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec
+        return self._tok
+
+    def user_text(self, problem: str) -> str:
+        return f"{problem.strip()}\n\n{self.instruction}" if self.instruction else problem.strip()
+
+    def messages(self, problem: str) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}] if self.system else []
+        return msgs + [{"role": "user", "content": self.user_text(problem)}]
+
+    def render(self, rec: dict) -> dict | None:
+        """A raw ``{"problem", "answer", "solution"}`` record -> the batch record, or None when too long."""
+        from moxin.tokenizer.chat import render_chat
+
+        msgs = self.messages(rec["problem"])
+        ids = render_chat(msgs, self.tokenizer, add_generation_prompt=True).input_ids
+        if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
+            return None
+        return {"prompt_ids": ids, "messages": msgs, "answer": rec["answer"], "solution": rec.get("solution")}
+
+    def _file_records(self) -> list[dict]:
+        if self._records is None:
+            src = SourceConfig(name="prompts", path=self.source, split=self.split, hub_config=self.hub_config,
+                               data_files=self.data_files)
+            raw = load_prompt_records(src, self.prompt_fields, self.answer_field, self.solution_field, self.stats)
+            recs = []
+            for r in raw:
+                out = self.render(r)
+                if out is None:
+                    self.stats.too_long += 1
+                else:
+                    recs.append(out)
+            self.stats.kept = len(recs)
+            st = self.stats
+            if st.records and st.bad > self.max_bad_fraction * st.records:
+                raise DataError(
+                    f"prompt source {self.source!r}: {st.bad} bad records out of {st.records} (limit "
+                    f"data.max_bad_fraction={self.max_bad_fraction}); first ones: {st.bad_examples}. Fix the records, "
+                    f"set prompt_fields/answer_field ({list(self.prompt_fields)}/{self.answer_field!r}) or raise the limit")
+            if not recs:
+                raise DataError(
+                    f"prompt source {self.source!r}: no usable prompt ({st.records} records, {st.bad} bad, "
+                    f"{st.too_long} longer than max_prompt_tokens={self.max_prompt_tokens}); first bad: {st.bad_examples}")
+            self._records = recs
+        return self._records
+
+    # ---- the step plan ---------------------------------------------------------------------------------------
+    @property
+    def accumulate_grad_batches(self) -> int:
+        return 1  # the GRPO stage optimises manually; one batch = one rollout
+
+    @property
+    def num_epochs(self) -> int:
+        return 1  # the whole run (all passes) is laid out as one epoch of batches
+
+    @property
+    def total_steps(self) -> int:
+        """Rollout (GRPO) steps, warm-up excluded."""
+        if self.steps_cfg:
+            return int(self.steps_cfg)
+        return max(1, self.num_passes * len(self._file_records()) // self.prompts_per_step)
+
+    def steps_per_epoch(self) -> list[int]:
+        """Batches of the one epoch (warm-up included)."""
+        return [self.warmup_steps + self.total_steps]
+
+    def _global_batch(self, step: int) -> list[dict]:
+        """The ``prompts_per_step`` records of global step ``step`` (warm-up batches included)."""
+        P = self.prompts_per_step
+        if self.source == "arithmetic":
+            from moxin.rewards.tasks import ArithmeticTask, solution_text
+
+            task = ArithmeticTask(seed=self.seed, **self.task_kwargs)
+            out = []
+            for p in task.sample(P, start=step * P):
+                rec = self.render({"problem": p["prompt"], "answer": p["answer"], "solution": solution_text(p)})
+                if rec is None:
+                    raise DataError(f"an arithmetic prompt is longer than data.max_prompt_tokens={self.max_prompt_tokens}")
+                out.append(rec)
+            return out
+        recs = self._file_records()
+        n = len(recs)
+        out = []
+        for j in range(step * P, step * P + P):
+            pass_idx, k = divmod(j, n)
+            order = self._order(pass_idx, n)
+            out.append(recs[order[k]])
+        return out
+
+    def _order(self, pass_idx: int, n: int) -> list[int]:
+        cache = getattr(self, "_orders", None)
+        if cache is None:
+            cache = self._orders = {}
+        if pass_idx not in cache:
+            idx = list(range(n))
+            random.Random(f"moxin-prompts/{self.seed}/{pass_idx}").shuffle(idx)
+            cache[pass_idx] = idx
+        return cache[pass_idx]
+
+    def rank_batches(self, rank: int) -> list[list[dict]]:
+        steps = self.warmup_steps + self.total_steps
+        return [self._global_batch(s)[rank * self.per_rank:(rank + 1) * self.per_rank] for s in range(steps)]
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.source != "arithmetic":
+            self._file_records()
+
+    def train_dataloader(self):
+        from torchdata.stateful_dataloader import StatefulDataLoader
+
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        return StatefulDataLoader(_StepDataset(self.rank_batches(rank)), batch_size=None, shuffle=False,
+                                  collate_fn=_identity, num_workers=0)
+
+    def data_report(self) -> dict:
+        rep = {"source": self.source, "prompts_per_step": self.prompts_per_step, "rollout_steps": self.total_steps,
+               "warmup_steps": self.warmup_steps}
+        if self.source != "arithmetic":
+            rep.update(self.stats.to_dict())
+        return rep
