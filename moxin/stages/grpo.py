@@ -1,0 +1,526 @@
+"""GRPO: reinforcement learning from verifiable rewards (the Moxin-Reasoning recipe).
+
+One ``training_step`` is one rollout batch (Lightning manual optimisation):
+
+1. **Generate** ``group_size`` (G) completions for each of the batch's prompts with moxin's own batched engine
+   (:func:`moxin.model.generate.generate`, rolling-buffer KV cache) from the very weights being trained: no vLLM,
+   no weight sync, no mismatch between the sampling and the training policy. Sampling is seeded by
+   ``(seed, step, rank)``, so a run's rollouts are reproducible. A completion stops at the end-of-sequence token
+   or is *truncated* at ``max_new_tokens``.
+2. **Score** each completion against the reference answer with a verifier (:func:`moxin.rewards.score_batch`:
+   worker processes, a per-item timeout; errors and timeouts are counted and logged, never silent zeros).
+3. **Advantages**, group-relative (GRPO, DeepSeekMath, Shao et al. 2024, arXiv 2402.03300): reward minus the
+   group's mean, divided by the group's std when ``scale_by_std`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783,
+   drops the division: it over-weights prompts that are nearly always solved or nearly never).
+4. **Filter / mask**: groups whose G rewards are all equal have zero advantage and teach nothing; with
+   ``filter_zero_std`` they are left out of the update (DAPO's dynamic-sampling filter, Yu et al. 2025,
+   arXiv 2503.14476, without the re-sampling). With ``mask_truncated``, completions cut at ``max_new_tokens`` get
+   no loss (DAPO's overlong filtering: they score 0 for being cut, not for being wrong).
+5. **Update**: ``ppo_epochs`` passes over the kept completions in ``num_minibatches`` minibatches, one optimizer
+   step each, with the PPO-style clipped ratio of :func:`moxin.losses.policy_loss` (separate ``clip_low`` /
+   ``clip_high``: DAPO's clip-higher), aggregated per token (DAPO), per sequence (GRPO) or by a constant
+   (Dr. GRPO), plus optionally ``kl_coef`` x KL to a frozen copy of the initial policy (k1 / k2 / k3 =
+   ``low_var_kl``, Moxin: 0.001 with low_var_kl). The "old" log-probs come from one no-grad forward of the current
+   policy (not from the generator's numbers), so the ratio starts at exactly 1; with one epoch and one minibatch the
+   update is exactly on-policy and that forward is skipped (``old = logp.detach()``).
+
+**The loss is not a progress signal.** With a ratio near 1 the policy loss is roughly minus the mean advantage,
+which is ~0 by construction (advantages are centred per group), whatever the policy's quality; it can even rise
+while the policy improves. Watch ``grpo/reward_mean`` (and on held-out prompts), with ``grpo/frac_zero_std``
+(near 1: prompts too easy or too hard, nothing is learnt), ``grpo/entropy`` (collapsing to 0: exploration died),
+``grpo/clip_frac`` (large: updates too big for the clip range), ``grpo/kl`` and ``grpo/completion_len_mean``.
+
+Optional SFT warm-up (``warmup_sft_steps``): the first batches train plain cross-entropy on the records'
+``solution`` (chat-rendered, loss on the assistant answer) with a separate AdamW at ``warmup_sft_lr``, so a fresh
+tiny model learns the answer format before RL. Keep it short: GRPO needs headroom to show a reward rise. The
+warm-up optimizer is not checkpointed (resuming inside the warm-up restarts its moments).
+
+Distributed: data-parallel ranks each take ``prompts_per_step / world`` prompts; token / sequence counts are
+all-reduced so every token (or sequence) of a minibatch weighs the same on every rank, and every rank runs the
+same number of backward passes (empty micro-batches run a zero-weight one). Generation under FSDP needs every rank
+to run the same number of decode steps, which :func:`generate` does not enforce yet: use DDP or a single device
+for GRPO until it does (see the report of this stage).
+"""
+
+from __future__ import annotations
+
+import os
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from moxin.losses import (IGNORE_INDEX, completion_mask, group_advantages, kl_penalty, policy_loss,
+                          token_cross_entropy, token_entropy, token_logprobs, zero_std_groups)
+from moxin.model.generate import generate
+from moxin.stages.base import MoxinStage, OptimConfig
+
+__all__ = ["GRPOConfig", "GRPOStage", "Rollout"]
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """G completions per prompt (Moxin: 8). Too small (2-4) gives noisy advantages and many zero-std groups."""
+    temperature: float = 0.6
+    """Sampling temperature (Moxin: 0.6). The training log-probs use the same temperature, so the ratio compares
+    like with like. Too low: groups agree, frac_zero_std -> 1; too high: gibberish."""
+    top_p: float = 1.0
+    """Nucleus sampling. <1 samples from a truncated distribution the loss does not model (a biased ratio)."""
+    top_k: int | None = None
+    max_new_tokens: int = 16384
+    """Completion budget (Moxin-Reasoning: 16K). Completions hitting it count as truncated."""
+    gen_batch_size: int | None = None
+    """Sequences per generate() call (None: all of the rank's G x P at once). Lower it when the cache OOMs."""
+    prefill_chunk: int | None = None
+    scale_by_std: bool = True
+    """Divide advantages by the group std (GRPO) or not (Dr. GRPO)."""
+    filter_zero_std: bool = True
+    """Leave groups with identical rewards out of the update (DAPO); they contribute zero gradient anyway, but
+    with token/sequence aggregation they would dilute the normaliser."""
+    mask_truncated: bool = True
+    """No loss on completions cut at max_new_tokens (DAPO overlong filtering)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    """Ratio clip range [1 - clip_low, 1 + clip_high]; clip_high > clip_low is DAPO's clip-higher."""
+    aggregation: str = "token"
+    """token (DAPO) | sequence (GRPO) | constant (Dr. GRPO: sum / (max_new_tokens x sequences))."""
+    constant_norm: float | None = None
+    """For aggregation=constant: the divisor per minibatch; None = max_new_tokens x sequences in the minibatch."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || frozen initial policy) in the loss (Moxin: 0.001). 0: no reference model is kept."""
+    kl_estimator: str = "low_var_kl"
+    """k1 | k2 | k3 | low_var_kl (k3 clamped as verl; Moxin's choice)."""
+    ppo_epochs: int = 1
+    """Passes of policy updates over each rollout batch. >1 reuses samples but drifts off-policy (watch clip_frac)."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch; the kept completions are split into this many minibatches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (gradient accumulation inside a minibatch; memory only, not the math)."""
+    verifier: str = "exact"
+    """Registry name (moxin.rewards.get_verifier): math (Moxin), exact (built-in task), format."""
+    verifier_kwargs: dict = field(default_factory=dict)
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int | None = None
+    """Verifier worker processes (None: min(4, cpus)); 0 runs in-process without timeouts (debug only)."""
+    warmup_sft_steps: int = 0
+    """Batches of SFT on the records' solutions before RL (the data module adds them in front)."""
+    warmup_sft_lr: float = 1e-3
+    log_completions: int = 1
+    """Print this many (prompt, completion, reward) examples every `log_every` rollout steps (rank 0)."""
+    log_every: int = 10
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"stage.grpo.group_size={self.group_size}: GRPO needs >= 2 completions per prompt")
+        if self.aggregation not in ("token", "sequence", "constant"):
+            raise ValueError(f"stage.grpo.aggregation={self.aggregation!r}: choose token, sequence or constant")
+        if self.kl_estimator not in ("k1", "k2", "k3", "low_var_kl"):
+            raise ValueError(f"stage.grpo.kl_estimator={self.kl_estimator!r}: choose k1, k2, k3 or low_var_kl")
+        if self.temperature <= 0:
+            raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
+        if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
+            raise ValueError("stage.grpo.ppo_epochs, num_minibatches and micro_batch_size must be >= 1")
+
+
+@dataclass
+class Rollout:
+    """One rollout batch as tensors of the training layout (S = prompts x G sequences, rows right-padded)."""
+
+    input_ids: torch.Tensor  # (S, L) prompt + completion
+    labels: torch.Tensor  # (S, L) completion tokens shifted, -100 elsewhere
+    positions: torch.Tensor  # (S, L)
+    mask: torch.Tensor  # (S, L) float: 1 where the token counts in the loss
+    rewards: torch.Tensor  # (S,)
+    advantages: torch.Tensor  # (S,)
+    keep: torch.Tensor  # (S,) bool: in a group that is updated on
+    zero_std: torch.Tensor  # (N,) bool
+    truncated: torch.Tensor  # (S,) bool
+    lengths: torch.Tensor  # (S,) completion tokens
+    completions: list[str]
+    stats: dict = field(default_factory=dict)
+
+
+class GRPOStage(MoxinStage):
+    """See the module docstring. Batches are lists of prompt records from :class:`moxin.data.prompts.PromptDataModule`."""
+
+    def __init__(self, model, optim: OptimConfig | None = None, grpo: GRPOConfig | None = None,
+                 tokenizer="mistral", seed: int = 0, parallel=None, init_from: str | None = None,
+                 loss_chunk_size: int = 1024, total_steps: int | None = None):
+        super().__init__(model=model, optim=optim, parallel=parallel, init_from=init_from,
+                         loss_chunk_size=loss_chunk_size, total_steps=total_steps)
+        self.automatic_optimization = False
+        self.cfg = grpo or GRPOConfig()
+        self.tokenizer_spec = tokenizer
+        self.seed = int(seed)
+        self._tok = None
+        self.ref_model = None
+        self.batches_seen = 0
+        self.history: list[dict] = []  # per rollout step: the logged grpo/* metrics (also read by tests / summary)
+        self._warm_opt = None
+
+    # ---- setup --------------------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tok is None:
+            from moxin.tokenizer import load_tokenizer
+
+            self._tok = load_tokenizer(self.tokenizer_spec) if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec
+        return self._tok
+
+    def configure_model(self) -> None:
+        fresh = self.model is None
+        super().configure_model()
+        if fresh and self.cfg.kl_coef != 0.0 and self.ref_model is None:
+            self.make_reference()
+
+    def make_reference(self) -> None:
+        """Freeze a copy of the current policy as the KL reference (kept out of state_dict and the optimizer)."""
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        object.__setattr__(self, "ref_model", ref)  # not a submodule: not saved, not optimised
+
+    def on_fit_start(self) -> None:
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        dm = getattr(self.trainer, "datamodule", None)
+        need = getattr(dm, "max_prompt_tokens", 0) or 0
+        if need + self.cfg.max_new_tokens > self.model_cfg.max_seq_len:
+            raise ValueError(
+                f"data.max_prompt_tokens ({need}) + stage.grpo.max_new_tokens ({self.cfg.max_new_tokens}) exceeds "
+                f"model.max_seq_len ({self.model_cfg.max_seq_len}): the update runs prompt + completion through the "
+                "model in one row; lower one of them")
+
+    def optimizer_steps_per_rollout(self) -> int:
+        return self.cfg.ppo_epochs * self.cfg.num_minibatches
+
+    def total_steps(self) -> int:
+        if self.total_steps_override:
+            return self.total_steps_override
+        dm = getattr(self.trainer, "datamodule", None)
+        rollouts = int(dm.total_steps) if dm is not None and getattr(dm, "total_steps", None) else 1
+        return rollouts * self.optimizer_steps_per_rollout()
+
+    def on_before_optimizer_step(self, optimizer):
+        # the base class's token normalisation is for automatic optimisation; here the loss is already normalised
+        # (see _update), so only clip
+        if self.optim_cfg.grad_clip is not None:
+            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+            self._last_grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+
+    # ---- helpers ------------------------------------------------------------------------------------------------
+    def _world(self) -> int:
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    def _rank(self) -> int:
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    def _reduce(self, values: list[float], op=None) -> list[float]:
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if self._world() > 1:
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        return t.tolist()
+
+    def generator_for(self, step: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + self._rank() * 101 + 17) % (2**63 - 1))
+        return g
+
+    # ---- rollout ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def rollout(self, batch: list[dict], step: int) -> Rollout:
+        """Generate, score and build the tensors of one rollout batch (no optimisation)."""
+        c = self.cfg
+        G = c.group_size
+        tok = self.tokenizer
+        model = self.model
+        was_training = model.training
+        model.eval()
+        prompts = [r["prompt_ids"] for r in batch for _ in range(G)]  # the G completions of a prompt are contiguous
+        answers = [r["answer"] for r in batch for _ in range(G)]
+        gen = self.generator_for(step)
+        t0 = time.perf_counter()
+        tokens, finished = [], []
+        bs = c.gen_batch_size or len(prompts)
+        for s in range(0, len(prompts), bs):
+            out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                           top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left", prefill_chunk=c.prefill_chunk,
+                           generator=gen, pad_id=tok.pad_id if tok.pad_id is not None else 0)
+            tokens += out.tokens
+            finished += out.finished
+        gen_s = time.perf_counter() - t0
+        model.train(was_training)
+        n_gen = sum(len(t) for t in tokens)
+
+        completions = [tok.decode(t) for t in tokens]
+        from moxin.rewards import get_verifier, score_batch
+
+        verifier = get_verifier(c.verifier, **c.verifier_kwargs)
+        results, vstats = score_batch(verifier, completions, answers, timeout_s=c.verifier_timeout_s,
+                                      max_workers=c.verifier_workers)
+        rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
+        ro = self.build_rollout(prompts, tokens, finished, rewards)
+        ro.completions = completions
+        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "verifier_errors": vstats["errors"],
+                         "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
+        if c.log_completions and self.trainer_is_zero() and step % max(1, c.log_every) == 0:
+            for i in range(min(c.log_completions, len(batch))):
+                k = i * G
+                print(f"[grpo step {step}] {batch[i]['messages'][-1]['content']!r} -> {completions[k]!r} "
+                      f"(answer {answers[k]!r}, reward {float(rewards[k]):g}, {results[k].reason})", flush=True)
+        return ro
+
+    def trainer_is_zero(self) -> bool:
+        return self._trainer is None or self.trainer.is_global_zero
+
+    def build_rollout(self, prompts: list[list[int]], tokens: list[list[int]], finished: list[bool],
+                      rewards: torch.Tensor) -> Rollout:
+        """Tensors of the update from prompts, completion tokens, stop flags and rewards (pure: testable alone)."""
+        c = self.cfg
+        G = c.group_size
+        S = len(prompts)
+        plen = torch.tensor([len(p) for p in prompts])
+        clen = torch.tensor([len(t) for t in tokens])
+        truncated = ~torch.tensor(finished, dtype=torch.bool)
+        L = int((plen + clen).max())
+        input_ids = torch.zeros(S, L, dtype=torch.long)
+        labels = torch.full((S, L), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.empty(S, L, dtype=torch.long)
+        for s, (p, t) in enumerate(zip(prompts, tokens)):
+            full = list(p) + list(t)
+            input_ids[s, :len(full)] = torch.tensor(full)
+            positions[s] = torch.arange(L)  # right padding continues the document: never attended by real tokens
+            if t:
+                labels[s, len(p) - 1:len(full) - 1] = torch.tensor(t)
+        Cmax = max(1, int(clen.max()))
+        cmask = completion_mask(clen, truncated, Cmax, c.mask_truncated)  # (S, Cmax) completion-aligned
+        wide = torch.zeros(S, int(plen.max()) + Cmax)
+        idx = (plen - 1)[:, None] + torch.arange(Cmax)[None, :]
+        wide.scatter_(1, idx, cmask)
+        mask = wide[:, :L].contiguous()
+        adv = group_advantages(rewards, G, scale_by_std=c.scale_by_std)
+        zs = zero_std_groups(rewards, G)
+        keep = ~zero_std_groups(rewards, G, expand=True) if c.filter_zero_std else torch.ones(S, dtype=torch.bool)
+        mask = mask * keep[:, None].float()
+        return Rollout(input_ids=input_ids, labels=labels, positions=positions, mask=mask, rewards=rewards,
+                       advantages=adv, keep=keep, zero_std=zs, truncated=truncated, lengths=clen, completions=[])
+
+    # ---- update -------------------------------------------------------------------------------------------------
+    def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False):
+        hidden = model(ids, pos, return_hidden=True)  # (b, L, D)
+        W = model.output.weight
+        logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature)
+        ent = None
+        if with_entropy:
+            ent = token_entropy(hidden.detach(), W.detach(), mask.bool(), self.loss_chunk_size,
+                                temperature=self.cfg.temperature)
+        return logp, ent
+
+    def _minibatches(self, n_kept_local: int, step: int, epoch: int) -> list[list[torch.Tensor]]:
+        """Split the kept sequences into num_minibatches x micro-batches; every rank gets the same number of
+        micro-batches per minibatch (some possibly empty) so DDP backward calls line up."""
+        c = self.cfg
+        g = torch.Generator().manual_seed(self.seed * 7919 + step * 31 + epoch)
+        perm = torch.randperm(n_kept_local, generator=g) if n_kept_local else torch.zeros(0, dtype=torch.long)
+        mbs = list(torch.tensor_split(perm, c.num_minibatches))
+        sizes = [len(m) for m in mbs]
+        max_sizes = self._reduce([float(s) for s in sizes], op=dist.ReduceOp.MAX if self._world() > 1 else None)
+        out = []
+        for m, mx in zip(mbs, max_sizes):
+            n_micro = max(1, math.ceil(int(mx) / c.micro_batch_size))
+            out.append([m[i * c.micro_batch_size:(i + 1) * c.micro_batch_size] for i in range(n_micro)])
+        return out
+
+    def _update(self, ro: Rollout, step: int) -> dict:
+        c = self.cfg
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        world = self._world()
+        kept = ro.keep.nonzero().squeeze(1)
+        dev = self.device
+        ids, lab, pos = ro.input_ids[kept].to(dev), ro.labels[kept].to(dev), ro.positions[kept].to(dev)
+        mask, adv = ro.mask[kept].to(dev), ro.advantages[kept].to(dev)
+        on_policy = c.ppo_epochs == 1 and c.num_minibatches == 1
+        if self._reduce([float(len(kept))])[0] == 0:
+            # every group on every rank was filtered (all rewards equal): nothing to learn, no optimizer step
+            self.last_step_tokens_processed = 0
+            return {"train/loss": 0.0, "grpo/pg_loss": 0.0, "grpo/clip_frac": 0.0, "grpo/kl": 0.0,
+                    "grpo/ratio_max": 0.0, "grpo/loss_tokens": 0.0,
+                    "grpo/skipped_update": 1.0}
+        old = None
+        if not on_policy and len(kept):
+            with torch.no_grad():
+                old = torch.cat([self._logp(self.model, ids[s:s + c.micro_batch_size], pos[s:s + c.micro_batch_size],
+                                            lab[s:s + c.micro_batch_size])[0]
+                                 for s in range(0, len(kept), c.micro_batch_size)])
+        acc = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "ent": 0.0, "ent_n": 0.0, "tok": 0.0,
+               "ratio_max": 0.0, "n_mb": 0}
+        processed = 0
+        for epoch in range(c.ppo_epochs):
+            for mb in self._minibatches(len(kept), step, epoch):
+                idx_all = torch.cat(mb) if mb else torch.zeros(0, dtype=torch.long)
+                m_all = mask[idx_all.to(dev)] if len(idx_all) else mask[:0]
+                local_tok = float(m_all.sum())
+                local_seq = float((m_all.sum(1) > 0).sum())
+                tot_tok, tot_seq, tot_n = self._reduce([local_tok, local_seq, float(len(idx_all))])
+                opt.zero_grad(set_to_none=True)
+                mb_loss = mb_pg = mb_clip = mb_kl = 0.0
+                for micro in mb:
+                    empty = len(micro) == 0
+                    mi = (micro if not empty else torch.zeros(1, dtype=torch.long)).to(dev)
+                    if empty and len(kept) == 0:  # nothing at all on this rank: a zero-weight pass on a dummy row
+                        ids_m, pos_m = ro.input_ids[:1].to(dev), ro.positions[:1].to(dev)
+                        lab_m = ro.labels[:1].to(dev)
+                        m_m, a_m = torch.zeros_like(ro.mask[:1]).to(dev), torch.zeros(1, device=dev)
+                    else:
+                        ids_m, pos_m, lab_m, a_m = ids[mi], pos[mi], lab[mi], adv[mi]
+                        m_m = mask[mi] * (0.0 if empty else 1.0)
+                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0)
+                    old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
+                    kl = None
+                    if c.kl_coef != 0.0 and self.ref_model is not None:
+                        with torch.no_grad():
+                            ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m)
+                        kl = kl_penalty(logp, ref_logp, c.kl_estimator)
+                    # normalise by the whole minibatch on all ranks: each micro-batch returns its exact share
+                    if c.aggregation == "token":
+                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "constant",
+                                               constant_norm=max(tot_tok, 1.0), kl=kl, kl_coef=c.kl_coef)
+                    elif c.aggregation == "sequence":
+                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "sequence",
+                                               kl=kl, kl_coef=c.kl_coef)
+                        n_seq = float((m_m.sum(1) > 0).sum())
+                        scale = n_seq / max(tot_seq, 1.0)
+                        loss = loss * scale
+                        st["pg_loss"] = st["pg_loss"] * scale
+                    else:
+                        norm = c.constant_norm or c.max_new_tokens * max(tot_n, 1.0)
+                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "constant",
+                                               constant_norm=norm, kl=kl, kl_coef=c.kl_coef)
+                    # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
+                    self.manual_backward(loss * world)
+                    n_tok = float(st["n_tokens"])
+                    mb_loss += float(loss.detach())
+                    mb_pg += float(st["pg_loss"])
+                    mb_clip += float(st["clip_frac_low"] + st["clip_frac_high"]) * n_tok
+                    mb_kl += float(st["kl_mean"]) * n_tok
+                    acc["ratio_max"] = max(acc["ratio_max"], float(st["ratio_max"]))
+                    if ent is not None:
+                        acc["ent"] += float(ent[0])
+                        acc["ent_n"] += float(ent[1])
+                    processed += ids_m.numel()
+                opt.step()
+                sched.step()
+                r = self._reduce([mb_loss, mb_pg, mb_clip, mb_kl])
+                acc["loss"] += r[0] / world
+                acc["pg_loss"] += r[1] / world
+                acc["clip"] += r[2] / max(tot_tok, 1.0)
+                acc["kl"] += r[3] / max(tot_tok, 1.0)
+                acc["tok"] += tot_tok
+                acc["n_mb"] += 1
+        n_mb = max(acc["n_mb"], 1)
+        ent_sum, ent_n = self._reduce([acc["ent"], acc["ent_n"]])
+        self.last_step_tokens_processed = processed
+        return {"train/loss": acc["loss"] / n_mb, "grpo/pg_loss": acc["pg_loss"] / n_mb,
+                "grpo/clip_frac": acc["clip"] / n_mb, "grpo/kl": acc["kl"] / n_mb,
+                "grpo/entropy": ent_sum / max(ent_n, 1.0), "grpo/ratio_max": acc["ratio_max"],
+                "grpo/loss_tokens": acc["tok"] / n_mb, "grpo/skipped_update": 0.0}
+
+    # ---- the step -----------------------------------------------------------------------------------------------
+    def warmup_step(self, batch: list[dict]) -> dict:
+        """One SFT step on the records' solutions (loss on the assistant answer and its eos)."""
+        from moxin.tokenizer.chat import render_chat
+
+        if self._warm_opt is None:
+            self._warm_opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.warmup_sft_lr,
+                                               betas=(0.9, 0.95), weight_decay=0.0)
+        rows = []
+        for r in batch:
+            if not r.get("solution"):
+                raise ValueError("stage.grpo.warmup_sft_steps > 0 needs records with a solution (the data's "
+                                 "solution_field); this record has none: " + repr(r["messages"][-1]["content"][:80]))
+            ct = render_chat(r["messages"] + [{"role": "assistant", "content": r["solution"]}], self.tokenizer)
+            rows.append((ct.input_ids, ct.shifted_labels()))
+        L = min(max(len(i) for i, _ in rows), self.model_cfg.max_seq_len)
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        lab = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
+        for k, (i, lb) in enumerate(rows):
+            ids[k, :len(i[:L])] = torch.tensor(i[:L])
+            lab[k, :len(lb[:L])] = torch.tensor(lb[:L])
+        ids, lab = ids.to(self.device), lab.to(self.device)
+        pos = torch.arange(L, device=self.device).expand_as(ids)
+        self.model.train()
+        self._warm_opt.zero_grad(set_to_none=True)
+        hidden = self.model(ids, pos, return_hidden=True)
+        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, lab, self.loss_chunk_size)
+        tot = self._reduce([float(n)])[0]
+        self.manual_backward(loss_sum / max(tot, 1.0) * self._world())
+        if self.optim_cfg.grad_clip is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        self._warm_opt.step()
+        loss = self._reduce([float(loss_sum.detach())])[0] / max(tot, 1.0)
+        self.last_step_tokens_processed = ids.numel()
+        return {"warmup/loss": loss}
+
+    def training_step(self, batch, batch_idx):
+        step = self.batches_seen
+        self.batches_seen += 1
+        if step < self.cfg.warmup_sft_steps:
+            logs = self.warmup_step(batch)
+            if step == self.cfg.warmup_sft_steps - 1 and self.cfg.kl_coef != 0.0:
+                self.make_reference()  # the KL reference is the policy RL starts from
+                self.ref_model.to(self.device)
+            self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
+            return None
+        rl_step = step - self.cfg.warmup_sft_steps
+        t0 = time.perf_counter()
+        ro = self.rollout(batch, rl_step)
+        logs = self._update(ro, rl_step)
+        c = self.cfg
+        G = c.group_size
+        S = len(ro.rewards)
+        tot = self._reduce([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
+                            float(ro.zero_std.sum()), float(len(ro.zero_std)), float(ro.lengths.sum()),
+                            float(ro.truncated.sum()), float(ro.stats["gen_tokens"]),
+                            float(ro.stats["verifier_errors"]), float(ro.stats["verifier_timeouts"]),
+                            float(ro.stats["no_answer"])])
+        rs, rs2, n, zs, ng, ln, tr, gt, ve, vt, na = tot
+        mean = rs / n
+        gen_s = self._reduce([ro.stats["gen_s"]], op=dist.ReduceOp.MAX if self._world() > 1 else None)[0]
+        logs.update({
+            "grpo/reward_mean": mean,
+            "grpo/reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),
+            "grpo/frac_zero_std": zs / ng,
+            "grpo/completion_len_mean": ln / n,
+            "grpo/truncated_frac": tr / n,
+            "grpo/gen_tokens_per_s": gt / max(gen_s, 1e-9),
+            "grpo/verifier_errors": ve,
+            "grpo/verifier_timeouts": vt,
+            "grpo/no_answer_frac": na / n,
+            "grpo/step_s": time.perf_counter() - t0,
+            "train/lr": self.optimizers().param_groups[0]["lr"],
+        })
+        if getattr(self, "_last_grad_norm", None) is not None:
+            logs["train/grad_norm"] = self._last_grad_norm
+        self.tokens_seen += int(ln)
+        self.history.append({"step": rl_step, **logs})
+        self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
+        self.log("reward", mean, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
+        return None
+
+    # ---- checkpoints --------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["moxin"]["grpo_batches_seen"] = self.batches_seen
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        st = checkpoint.get("moxin") or {}
+        self.batches_seen = int(st.get("grpo_batches_seen", 0))
+        # the KL reference is rebuilt from init_from in configure_model (the policy RL started from when there is
+        # no warm-up); a run resumed after an SFT warm-up keeps the pre-warm-up weights as its reference

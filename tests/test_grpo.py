@@ -1,0 +1,205 @@
+"""GRPO stage: a step on a tiny model updates the weights and logs the metrics; KL is exactly zero against an
+identical reference (through the stage's own code path); generation is reproducible with a seed; zero-std groups
+are filtered and truncated completions masked in the tensors the stage builds; verifier errors and timeouts are
+counted; `+experiment=grpo` composes and a 2-step run works with tiny overrides.
+
+Advantages and each loss variant against hand-computed values live in tests/test_losses.py; verifier cases in
+tests/test_rewards.py (not repeated here)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+import moxin.rewards as rewards_pkg
+from moxin.data.prompts import PromptDataModule
+from moxin.model import ModelConfig
+from moxin.rewards import RewardResult
+from moxin.stages.base import OptimConfig
+from moxin.stages.grpo import GRPOConfig, GRPOStage
+
+CONF = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+class ParityVerifier:
+    """A stand-in reward that varies on a random model: 1 when the completion text has an odd length."""
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
+
+
+class BrokenVerifier:
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        if len(completion) % 3 == 0:
+            raise RuntimeError("verifier bug")
+        return RewardResult(float(len(completion) % 2), "wrong")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from moxin.tokenizer import load_tokenizer
+
+    return load_tokenizer("mistral")
+
+
+@pytest.fixture(autouse=True)
+def _verifiers(monkeypatch):
+    monkeypatch.setitem(rewards_pkg.VERIFIERS, "parity", ParityVerifier)
+    monkeypatch.setitem(rewards_pkg.VERIFIERS, "broken", BrokenVerifier)
+
+
+def model_cfg():
+    # the tiny shape with the real 32000-entry vocabulary (prompts are rendered with the Mistral tokenizer)
+    return ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+
+
+def make_stage(tok, **grpo) -> GRPOStage:
+    kw = dict(group_size=4, temperature=1.0, max_new_tokens=6, verifier="parity", verifier_workers=0,
+              micro_batch_size=4, log_completions=0, mask_truncated=False)  # random models never stop
+    kw.update(grpo)
+    torch.manual_seed(0)
+    return GRPOStage(model_cfg(), optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
+                     grpo=GRPOConfig(**kw), tokenizer=tok, seed=3)
+
+
+def make_dm(tok, steps=1, P=2, warmup=0) -> PromptDataModule:
+    return PromptDataModule(source="arithmetic", prompts_per_step=P, steps=steps, warmup_steps=warmup,
+                            tokenizer=tok, seed=0, max_prompt_tokens=64)
+
+
+def fit(stage, dm, tmp_path):
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
+                        num_sanity_val_steps=0)
+    trainer.fit(stage, datamodule=dm)
+    return trainer
+
+
+METRICS = ["grpo/reward_mean", "grpo/reward_std", "grpo/frac_zero_std", "grpo/completion_len_mean",
+           "grpo/truncated_frac", "grpo/clip_frac", "grpo/kl", "grpo/entropy", "grpo/gen_tokens_per_s",
+           "grpo/verifier_errors", "grpo/verifier_timeouts", "train/loss", "train/lr"]
+
+
+def test_step_changes_weights_and_logs_metrics(tok, tmp_path):
+    stage = make_stage(tok, ppo_epochs=2, num_minibatches=2)
+    dm = make_dm(tok, steps=1)
+    stage.configure_model()
+    before = {k: v.clone() for k, v in stage.model.state_dict().items()}
+    trainer = fit(stage, dm, tmp_path)
+    h = stage.history[0]
+    for k in METRICS:
+        assert k in h and math.isfinite(h[k]), k
+        assert k in trainer.callback_metrics, k
+    assert 0 < h["grpo/reward_mean"] < 1 and h["grpo/frac_zero_std"] < 1
+    assert trainer.global_step == 4  # ppo_epochs x num_minibatches optimizer steps per rollout
+    changed = [k for k, v in stage.model.state_dict().items() if not torch.equal(v, before[k])]
+    assert "output.weight" in changed and len(changed) > len(before) // 2
+
+
+def test_kl_is_exactly_zero_when_reference_equals_policy(tok, tmp_path):
+    for est in ("k1", "k2", "low_var_kl"):
+        stage = make_stage(tok, kl_coef=0.5, kl_estimator=est)
+        fit(stage, make_dm(tok, steps=1), tmp_path)
+        assert stage.ref_model is not None
+        assert stage.history[0]["grpo/kl"] == 0.0, est
+        # after the update the policy moved away from the reference: the next step sees KL > 0
+    stage = make_stage(tok, kl_coef=0.5, kl_estimator="low_var_kl")
+    fit(stage, make_dm(tok, steps=2), tmp_path)
+    assert stage.history[0]["grpo/kl"] == 0.0 and stage.history[1]["grpo/kl"] > 0.0
+
+
+def test_generation_is_reproducible_with_a_seed(tok):
+    dm = make_dm(tok, steps=2)
+    batch = dm.rank_batches(0)[0]
+    a, b = make_stage(tok), make_stage(tok)
+    for s in (a, b):
+        s.configure_model()
+    b.model.load_state_dict(a.model.state_dict())
+    ra, rb = a.rollout(batch, step=5), b.rollout(batch, step=5)
+    assert ra.completions == rb.completions
+    assert torch.equal(ra.input_ids, rb.input_ids) and torch.equal(ra.rewards, rb.rewards)
+    rc = a.rollout(batch, step=6)  # another step draws other samples
+    assert rc.completions != ra.completions
+
+
+def test_masks_filter_zero_std_groups_and_truncated(tok):
+    stage = make_stage(tok, group_size=2, mask_truncated=True, filter_zero_std=True)
+    prompts = [[1, 10, 11], [1, 10, 11], [1, 20], [1, 20]]
+    tokens = [[5, 6, 2], [7, 8, 9], [5, 2], [6, 2]]  # 2 = eos; sequence 1 is truncated
+    finished = [True, False, True, True]
+    rewards = torch.tensor([1.0, 0.0, 1.0, 1.0])  # group 1 is all 1: zero std
+    ro = stage.build_rollout(prompts, tokens, finished, rewards)
+    assert ro.zero_std.tolist() == [False, True]
+    assert ro.keep.tolist() == [True, True, False, False]
+    assert ro.truncated.tolist() == [False, True, False, False]
+    # labels: completion tokens shifted under the prompt's last token onwards
+    assert ro.labels[0].tolist() == [-100, -100, 5, 6, 2, -100]
+    assert ro.input_ids[0].tolist() == [1, 10, 11, 5, 6, 2]
+    assert ro.mask[0].tolist() == [0, 0, 1, 1, 1, 0]
+    assert ro.mask[1].sum() == 0  # truncated: masked
+    assert ro.mask[2].sum() == 0 and ro.mask[3].sum() == 0  # zero-std group: filtered
+    assert ro.advantages[:2].tolist() == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], rel=1e-4)
+    # every masked position carries a label
+    assert bool(((ro.mask > 0) <= (ro.labels != -100)).all())
+    # switched off: everything with a completion token counts
+    stage2 = make_stage(tok, group_size=2, mask_truncated=False, filter_zero_std=False)
+    ro2 = stage2.build_rollout(prompts, tokens, finished, rewards)
+    assert ro2.mask.sum(1).tolist() == [3, 3, 2, 2]
+    assert ro2.keep.all()
+
+
+def test_verifier_errors_and_timeouts_are_counted(tok, tmp_path, monkeypatch):
+    stage = make_stage(tok, verifier="broken")
+    fit(stage, make_dm(tok, steps=1), tmp_path)
+    h = stage.history[0]
+    comps = stage.history[0]  # noqa: F841
+    assert h["grpo/verifier_errors"] >= 1 or h["grpo/verifier_timeouts"] == 0
+
+    real = rewards_pkg.score_batch
+
+    def slow(verifier, completions, references, timeout_s=10.0, max_workers=None):
+        results, stats = real(verifier, completions, references, timeout_s, max_workers)
+        results = [RewardResult(0.0, "timeout", error="timeout") if i % 4 == 0 else r for i, r in enumerate(results)]
+        stats = dict(stats, timeouts=sum(1 for i in range(len(results)) if i % 4 == 0))
+        return results, stats
+
+    monkeypatch.setattr(rewards_pkg, "score_batch", slow)
+    stage = make_stage(tok, verifier="parity")
+    fit(stage, make_dm(tok, steps=1), tmp_path)
+    assert stage.history[0]["grpo/verifier_timeouts"] == 2  # 8 completions, every 4th timed out
+
+
+def test_broken_verifier_errors_are_logged(tok):
+    stage = make_stage(tok, verifier="broken")
+    stage.configure_model()
+    batch = make_dm(tok).rank_batches(0)[0]
+    ro = stage.rollout(batch, step=0)
+    n_err = sum(1 for c in ro.completions if len(c) % 3 == 0)
+    assert ro.stats["verifier_errors"] == n_err
+
+
+def test_experiment_composes_and_smoke_runs(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from moxin.run import train
+
+    with initialize_config_dir(config_dir=CONF, version_base=None):
+        big = compose(config_name="config", overrides=["+experiment=grpo_moxin_reasoning"])
+        assert big.stage.grpo.group_size == 8 and big.data.prompts_per_step == 64
+        assert big.stage.grpo.kl_coef == 0.001 and big.stage.grpo.kl_estimator == "low_var_kl"
+        assert big.stage.grpo.temperature == 0.6 and big.stage.grpo.max_new_tokens == 16384
+        assert big.stage.optim.lr == 1e-6 and big.stage.grpo.verifier == "math"
+        cfg = compose(config_name="config", overrides=[
+            "+experiment=grpo", f"out_dir={tmp_path}/run", "run_name=smoke", "trainer.progress_bar=none",
+            "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
+            "model.hidden_dim=128", "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",
+            "stage.grpo.max_new_tokens=4", "stage.grpo.warmup_sft_steps=1", "stage.grpo.verifier_workers=0",
+            "logger=csv",
+        ])
+    info = train(cfg)
+    assert "grpo/reward_mean" in info["metrics"]
+    assert (tmp_path / "run" / "summary.json").exists()
