@@ -38,6 +38,20 @@ import torch.nn.functional as F
 from moxin.model.config import ModelConfig
 
 
+def _decode_sdpa(q, keys, values, mask):
+    """Single-token attention over the cache. q (B, H, 1, hd); keys, values (B, KVH, C, hd); mask (B, 1, 1, C).
+
+    The G = H / KVH query heads that share a key/value head are folded into the query-length axis,
+    (B, H, 1, hd) -> (B, KVH, G, hd), so the kernel reads each cached key/value once instead of an
+    `enable_gqa` expansion that materialises G copies of the cache per layer (which made decode several
+    times slower than its weight reads on a GPU). Same arithmetic, same result."""
+    B, H, T, hd = q.shape
+    KVH = keys.shape[1]
+    qg = q.reshape(B, KVH, (H // KVH) * T, hd)  # head h = kv * G + g, as enable_gqa's repeat_interleave
+    out = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)  # mask broadcasts over KVH, G
+    return out.reshape(B, H, T, hd)
+
+
 class RollingKVCache:
     def __init__(self, cfg: ModelConfig, batch_size: int, max_len: int | None = None, *,
                  device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
@@ -119,8 +133,7 @@ class RollingKVCache:
         keep = valid.view(B, 1, 1, 1)
         kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))  # padding rows rewrite the old value
         vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
-        gqa = kc.shape[1] != q.shape[1]
-        return F.scaled_dot_product_attention(q, kc.to(q.dtype), vc.to(q.dtype), attn_mask=mask, enable_gqa=gqa)
+        return _decode_sdpa(q, kc.to(q.dtype), vc.to(q.dtype), mask)
 
     def attend(self, layer: int, q, k, v):
         """q (B, H, T, hd); k, v (B, KVH, T, hd) of the new tokens, RoPE applied. Returns (B, H, T, hd)."""
@@ -133,7 +146,7 @@ class RollingKVCache:
         if decode:
             kc[b_idx, :, slots] = k_new
             vc[b_idx, :, slots] = v_new
-            keys, values = kc, vc
+            return _decode_sdpa(q, kc.to(q.dtype), vc.to(q.dtype), mask)
         else:
             keys = torch.cat([kc, k.to(kc.dtype)], dim=2)
             values = torch.cat([vc, v.to(vc.dtype)], dim=2)

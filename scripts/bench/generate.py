@@ -106,15 +106,27 @@ def main(argv=None):
             return generate(model, prompts, N, temperature=1.0, generator=gen, decode=path)
         out = run()
         assert all(len(t) == N for t in out.tokens)
-        t = timed(run, dev, 0, reps)
+        t = timed(run, dev, 0, reps if path == "graph" else 1)
         step = (t - t_prefill) / (N - 1)
         rows.append({"impl": f"moxin generate decode={path}", "tok_s": B * N / t, "s": t, "step_ms": step * 1e3,
                      "weights_tbs": weight_bytes / step / 1e12, "of_4p8": weight_bytes / step / 4.8e12,
                      "of_copy": weight_bytes / step / bw if bw else None})
         free(dev)
-    # greedy agreement of the fast paths with the reference on these weights (a few tokens)
-    ref = generate(model, prompts[:8], 16, temperature=0, decode="eager").tokens
-    agree = {p: generate(model, prompts[:8], 16, temperature=0, decode=p).tokens == ref for p in paths[1:]}
+    # greedy agreement with the eager reference on these weights: fraction of equal tokens and the largest
+    # log-prob difference over the common prefix (random weights give near-tied logits, so one bf16 rounding
+    # difference can flip an argmax; eager-vs-eager shows the run-to-run baseline)
+    def greedy(p):
+        return generate(model, prompts[:8], 16, temperature=0, decode=p, return_logprobs=True)
+    ref = greedy("eager")
+    agree = {}
+    for p in ["eager"] + paths[1:]:
+        o = greedy(p)
+        eq = [x == y for r1, r2 in zip(o.tokens, ref.tokens) for x, y in zip(r1, r2)]
+        diff = 0.0
+        for r1, r2, l1, l2 in zip(o.tokens, ref.tokens, o.logprobs, ref.logprobs):
+            n = next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), len(r1))
+            diff = max([diff] + [abs(a - b) for a, b in zip(l1[:n + 1], l2[:n + 1])])
+        agree[p] = {"equal_tokens": sum(eq) / len(eq), "max_logprob_diff": diff}
 
     if not a.no_hf:
         hf = hf_from_moxin(model, dev, dtype)
@@ -125,7 +137,7 @@ def main(argv=None):
                 o = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=N, min_new_tokens=N,
                                 do_sample=True, pad_token_id=0, eos_token_id=None)
             assert o.shape[1] == P + N
-        t = timed(hf_gen, dev, 1 if not a.smoke else 0, reps)
+        t = timed(hf_gen, dev, 1 if not a.smoke else 0, 1)
         step = (t - t_prefill) / (N - 1)
         rows.append({"impl": "HF MistralForCausalLM.generate (sdpa)", "tok_s": B * N / t, "s": t,
                      "step_ms": step * 1e3, "weights_tbs": weight_bytes / step / 1e12,
@@ -142,7 +154,7 @@ def main(argv=None):
                        ("step_ms", "ms/decode step", ".2f"), ("weights_tbs", "weights TB/s", ".2f"),
                        ("of_4p8", "of 4.8 TB/s", ".0%"), ("of_copy", "of copy BW", ".0%"),
                        ("vs_hf", "x HF", ".2f")], title))
-    print(f"greedy tokens equal to decode=eager: {agree}")
+    print(f"greedy vs decode=eager (8 rows x 16 tokens): {agree}")
     write_json(a.out or default_out("generate"), {"env": env(), "rows": rows, "greedy_agree": agree,
                "weight_bytes": weight_bytes, "copy_bw": bw, "prefill_s": t_prefill, "batch": B, "prompt": P, "new": N})
     return rows, agree
