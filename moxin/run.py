@@ -95,16 +95,27 @@ def build(cfg: DictConfig):
     from moxin.callbacks import AtomicCheckpointIO, SampleGenerations, Throughput
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
+
+    class SaveWhereStopped(L.Callback):
+        """trainer.max_steps ends a run mid-phase: save last.ckpt right at that step (inside the loop, where
+        the loop and data-loader state say 'mid-epoch'), so resume=auto continues exactly there."""
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if 0 < trainer.max_steps <= trainer.global_step and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
+                trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
+
     callbacks = [
         ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1
                         if cfg.trainer.keep_all_checkpoints else 1, monitor=None),
         throughput,
+        SaveWhereStopped(),
     ]
     if cfg.trainer.progress_bar == "rich" and sys.stdout.isatty() or cfg.trainer.progress_bar == "rich_always":
         callbacks.append(RichProgressBar(leave=True))
     if cfg.get("samples") and cfg.samples.prompts:
         callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, cfg.tokenizer))
+    val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
     trainer = L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
@@ -112,12 +123,25 @@ def build(cfg: DictConfig):
         max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=accum, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
         log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,
-        val_check_interval=cfg.trainer.val_every_n_steps * accum if cfg.trainer.val_every_n_steps else None,
+        val_check_interval=(val_every * accum) if val_every else None, max_steps=cfg.trainer.max_steps,
         check_val_every_n_epoch=1, limit_val_batches=cfg.trainer.limit_val_batches,
         enable_progress_bar=cfg.trainer.progress_bar != "none", enable_model_summary=False,
         deterministic=cfg.trainer.deterministic, use_distributed_sampler=False,
     )
     return trainer, stage, datamodule, ckpt_path, throughput
+
+
+def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
+    """Optimizer steps between validations: the largest divisor of every phase's step count that is at most
+    `every`, so that validation also falls on each phase's last step (Lightning counts the interval inside
+    an epoch, and our phases are epochs)."""
+    if not every:
+        return None
+    g = 0
+    for n in phase_steps:
+        g = math.gcd(g, n)
+    g = max(g, 1)
+    return max(d for d in range(1, min(every, g) + 1) if g % d == 0)
 
 
 def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict:
@@ -134,9 +158,10 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
         "mfu": throughput.mfu,
         "metrics": metrics,
     }
+    if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
+        info["metrics_csv"] = str(Path(trainer.logger.log_dir).resolve() / "metrics.csv")
     if hasattr(datamodule, "data_report"):
         info["data"] = datamodule.data_report()
-    hist = getattr(stage, "loss_history", None)
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(info, indent=2, default=str))
     return info
@@ -159,11 +184,15 @@ def print_summary(cfg, info: dict) -> None:
     t.add_row("checkpoint", info["checkpoint"])
     if info.get("hf_export"):
         t.add_row("HF export", info["hf_export"])
-    t.add_row("metrics CSV", str(Path(info["out_dir"]) / "metrics.csv"))
+    if info.get("metrics_csv"):
+        t.add_row("metrics CSV", info["metrics_csv"])
     t.add_row("summary", str(Path(info["out_dir"]) / "summary.json"))
     c.print(t)
-    c.print(f"Continue this run:   python -m moxin.run {' '.join(sys.argv[1:])} run_name={info['run_name']} resume=auto"
-            .replace("  ", " "))
+    import shlex
+
+    keep = [a for a in sys.argv[1:] if not a.startswith(("run_name=", "resume="))]
+    args = " ".join(shlex.quote(a) for a in keep + [f"run_name={info['run_name']}", "resume=auto"])
+    c.print(f"Continue this run:   python -m moxin.run {args}", soft_wrap=True)
     c.print(f"Fine-tune from it:   python -m moxin.run +experiment=sft init_from={info['checkpoint']}")
     c.print("Inspect it:          jupyter notebook notebooks/inspect_checkpoint.ipynb")
 
@@ -178,7 +207,14 @@ def train(cfg: DictConfig) -> dict:
         from moxin.model.hf import save_hf
 
         hf_dir = Path(cfg.out_dir) / "hf"
-        save_hf(stage.model, hf_dir)
+        tok_files = [str(cfg.tokenizer)] if Path(str(cfg.tokenizer)).is_file() else None
+        save_hf(stage.model, hf_dir, tokenizer_files=tok_files)
+        if cfg.tokenizer == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer looks for
+            import shutil
+
+            from moxin.tokenizer import mistral_model_path
+
+            shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
         info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info)

@@ -316,6 +316,44 @@ class PackedDataset(IterableDataset):
             self._packer.add(ids)
 
 
+def _consumed_state_loader_cls():
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    class ConsumedStateLoader(StatefulDataLoader):
+        """A StatefulDataLoader whose `state_dict()` describes the batches the MODEL has consumed.
+
+        Lightning's fetcher runs one batch ahead of the training step (to know which batch is the last), so
+        the plain loader state at checkpoint time already counts a batch that was never trained on, and a
+        resumed run would skip it. We record the loader state after every yielded batch and answer with the
+        one matching `consumed`, which the data module advances as each batch reaches the training step."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._states: dict[int, dict] = {}
+            self._yielded = 0
+            self.consumed = 0
+
+        def __iter__(self):
+            it = super().__iter__()
+            self._yielded = self.consumed = 0
+            self._states = {0: super().state_dict()}
+            return self._track(it)
+
+        def _track(self, it):
+            for batch in it:
+                self._yielded += 1
+                self._states[self._yielded] = super().state_dict()
+                self._states.pop(self._yielded - 4, None)  # the fetcher is never more than a batch or two ahead
+                yield batch
+
+        def state_dict(self):
+            if self._yielded and self.consumed in self._states:
+                return self._states[self.consumed]
+            return super().state_dict()
+
+    return ConsumedStateLoader
+
+
 class PretrainDataModule(L.LightningDataModule):
     """Packed pretraining batches in context-length phases, resumable mid-phase.
 
@@ -403,6 +441,10 @@ class PretrainDataModule(L.LightningDataModule):
 
     def steps_in_phase(self, phase: int) -> int:
         return self.phases[phase].tokens // self.tokens_per_step
+
+    def steps_per_epoch(self) -> list[int]:
+        """Optimizer steps of every epoch (phase)."""
+        return [self.steps_in_phase(i) for i in range(len(self.phases))]
 
     @property
     def num_epochs(self) -> int:
@@ -513,8 +555,7 @@ class PretrainDataModule(L.LightningDataModule):
 
     def build_train_loader(self, phase: int, rank: int | None = None, world_size: int | None = None):
         """The StatefulDataLoader of one phase (rank/world_size default to the trainer's)."""
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
+        StatefulDataLoader = _consumed_state_loader_cls()
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
         self._harvest()
@@ -552,6 +593,13 @@ class PretrainDataModule(L.LightningDataModule):
 
     def train_dataloader(self):
         return self.build_train_loader(self._current_phase())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # called by Lightning for the batch that is about to be trained on (not for prefetched ones)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed += 1
+        return batch
 
     def val_dataloader(self):
         if self.val_percent <= 0 or self.val_tokens <= 0:

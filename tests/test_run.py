@@ -1,0 +1,119 @@
+"""The entry point: every experiment composes; the tiny ones run; a stopped run resumes exactly; bad
+configs stop before any training step with an error that names the problem."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from moxin import run as R
+
+EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.yaml"))
+
+# shrink any experiment to seconds on a CPU (the model keeps the real 32000-entry vocabulary and tokenizer)
+TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.head_dim=16", "model.sliding_window=32"]
+TINY_PRETRAIN = TINY_MODEL + [
+    "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
+    "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}},"
+    " {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
+    "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=3", "samples.prompts=[]",
+    "trainer.progress_bar=none", "export_hf=false", "data.val_tokens=1024",
+]
+
+
+def _compose(overrides):
+    with initialize_config_dir(R.CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def _losses(out_dir: Path) -> dict[int, float]:
+    out = {}
+    for f in sorted(out_dir.glob("logs/version_*/metrics.csv")):
+        for r in csv.DictReader(open(f)):
+            if r.get("train/loss"):
+                out[int(r["step"])] = float(r["train/loss"])
+    return out
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name, tmp_path):
+    cfg = _compose([f"+experiment={name}", f"out_dir={tmp_path}", "run_name=t"])
+    OmegaConf.resolve(cfg)  # every interpolation resolves
+    model_cfg = R.instantiate(cfg.model)
+    assert model_cfg.num_params() > 0
+    assert cfg.stage._target_.startswith("moxin.stages.")
+    if name.endswith(("moxin_7b", "moxin_instruct", "moxin_reasoning")):
+        assert model_cfg.n_layers == 36 and model_cfg.dim == 4096, "the published recipes use Moxin-7B"
+
+
+def test_default_run_composes_to_tiny_cpu_pretraining():
+    cfg = _compose([])
+    assert cfg.stage._target_ == "moxin.stages.pretrain.PretrainStage"
+    assert cfg.hardware.accelerator == "cpu"
+    assert [p.name for p in cfg.schedule.phases] == ["ctx128", "ctx256", "enhance"]
+    assert cfg.schedule.phases[1].seq_len == 2 * cfg.schedule.phases[0].seq_len
+
+
+def test_pretrain_smoke_run_learns_and_writes_everything(tmp_path):
+    cfg = _compose(["+experiment=pretrain", f"out_dir={tmp_path}", "run_name=smoke"] + TINY_PRETRAIN + ["export_hf=true"])
+    info = R.train(cfg)
+    losses = _losses(tmp_path)
+    assert info["optimizer_steps"] == 12 and sorted(losses) == list(range(12))
+    assert losses[11] < losses[0] - 0.5, losses  # it learns
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert "val/loss" in info["metrics"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["data"]["sources"]["prose"]["records"] > 0
+    # the HF export loads back into moxin with the same weights
+    from moxin.model import load_hf
+
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    back = load_hf(tmp_path / "hf")
+    w = ckpt["state_dict"]["model.layers.0.attention.wq.weight"]
+    assert torch.equal(back.layers[0].attention.wq.weight, w)
+
+
+@pytest.mark.parametrize("workers", [2])
+def test_resume_continues_exactly(tmp_path, workers):
+    """Stop at step 4 (checkpoint at 3), resume, and get the same losses as an uninterrupted run."""
+    common = TINY_PRETRAIN + [f"hardware.num_workers={workers}", "trainer.val_every_n_steps=null"]
+    full = R.train(_compose(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
+    with pytest.raises(R.ConfigError, match="resume=auto"):  # never silently overwrite a run
+        R.build(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
+    R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(12)), (sorted(a), sorted(b))
+    for step in a:  # phases, LR schedule, data position and weights all continue as if never stopped
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+    assert full["optimizer_steps"] == 12
+
+
+@pytest.mark.parametrize("override, match", [
+    ("schedule.phases=[{name: a, seq_len: 4096, tokens: 8192, mixture: {prose: 1}}]", "seq_len"),
+    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: -1, code: 1}}]", "prose"),
+    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: 0, code: 0}}]", "zero"),
+    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {poetry: 1}}]", "poetry"),
+    ("data.sources=[{name: prose, path: /nonexistent/corpus.jsonl}]", "/nonexistent/corpus.jsonl"),
+])
+def test_bad_config_stops_before_training(tmp_path, override, match):
+    with pytest.raises(Exception, match=match):
+        R.build(_compose(TINY_PRETRAIN + [override, f"out_dir={tmp_path}", "run_name=bad"]))
+
+
+def test_unknown_key_is_refused_naming_it():
+    with pytest.raises(Exception, match="no_such_knob"):
+        _compose(["model.no_such_knob=3"])
+
+
+def test_val_interval_falls_on_phase_ends():
+    assert R.val_interval_steps(25, [16, 16, 8]) == 8
+    assert R.val_interval_steps(5, [12, 12]) == 4
+    assert R.val_interval_steps(None, [12]) is None
