@@ -184,15 +184,16 @@ class MoxinStage(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.compute_loss(batch)
-        self._acc_tokens += float(out.n_tokens)
-        self._acc_loss += float(out.loss_sum.detach())
+        # accumulate on the device: no host sync per micro-batch, one per optimizer step
+        self._acc_tokens = self._acc_tokens + torch.as_tensor(out.n_tokens, device=self.device).detach().double()
+        self._acc_loss = self._acc_loss + out.loss_sum.detach().double()
         for k, v in out.metrics.items():
-            self._acc_metrics[k] = self._acc_metrics.get(k, 0.0) + float(v)
+            self._acc_metrics[k] = self._acc_metrics.get(k, 0.0) + torch.as_tensor(v).detach().double()
         self._acc_processed += out.tokens_processed
         return out.loss_sum
 
-    def _all_reduce(self, values: list[float]) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+    def _all_reduce(self, values: list) -> list[float]:
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(t)
         return t.tolist()
@@ -207,9 +208,9 @@ class MoxinStage(L.LightningModule):
         if n_tokens > 0:
             # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
             scale = accum * world / n_tokens
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.mul_(scale)
+            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, scale)
         grad_norm = None
         if self.optim_cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
