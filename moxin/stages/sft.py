@@ -1,0 +1,113 @@
+"""Supervised fine-tuning: next-token loss on assistant tokens only (Moxin-Instruct via the Tülu 3 recipe).
+
+The loss is PretrainStage's: the data (moxin/data/chat.py) already masks every label outside the assistant
+turns to -100, so ``token_cross_entropy`` sums over assistant tokens (each answer's content and its eos) and
+MoxinStage normalises by the assistant tokens of the whole optimizer step over accumulation and ranks. A
+micro-batch with few target tokens therefore weighs exactly its share, never more.
+
+Tülu 3 / Moxin "loss summed over tokens" vs our token mean over the step: both give every target token the same
+weight; they differ by one positive scalar per step (1 / target tokens of the step), which AdamW's update is
+invariant to (up to eps and gradient clipping). We keep the normalised form so ``train/loss`` is readable and the
+clipping threshold means the same thing in every step.
+
+Logged (rank zero, per optimizer step): ``train/loss`` (per assistant token), ``train/lr``, ``train/grad_norm``,
+``train/tokens_per_s`` (callback), ``sft/conversations`` and ``sft/target_tokens`` of the step,
+``sft/truncated`` (conversations truncated so far); ``val/loss`` and ``val/ppl`` on held-out conversations.
+With ``validate_at_start`` the held-out loss of the initial weights is measured before the first step (logged as
+``val/loss`` at step 0 and kept as ``val/loss_before`` in the run summary), so every run shows how far it moved.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from moxin.stages.pretrain import PretrainStage
+
+__all__ = ["SFTStage", "validate_before_training"]
+
+
+def validate_before_training(stage) -> dict[str, float]:
+    """Run the stage's validation hooks over the datamodule's val loader before training; return the metrics.
+
+    The values are written to the logger at step 0 and copied into ``trainer.callback_metrics`` with a
+    ``_before`` suffix (so ``summary.json`` holds before and after). Stages implement ``_val_metrics()``.
+    """
+    trainer = stage.trainer
+    dm = getattr(trainer, "datamodule", None)
+    loader = dm.val_dataloader() if dm is not None else []
+    if not loader:
+        return {}
+    limit = trainer.limit_val_batches
+    n_max = int(limit) if isinstance(limit, int) else None
+    ctx = getattr(trainer, "precision_plugin", None)
+    stage.on_validation_epoch_start()
+    with torch.no_grad(), (ctx.forward_context() if ctx is not None else contextlib.nullcontext()):
+        for i, batch in enumerate(loader):
+            if n_max is not None and i >= n_max:
+                break
+            batch = trainer.strategy.batch_to_device(batch)
+            stage.validation_step(batch, i)
+    metrics = stage._val_metrics()
+    if trainer.is_global_zero and stage.logger is not None and metrics:
+        stage.logger.log_metrics(metrics, step=0)
+    for k, v in metrics.items():
+        trainer.callback_metrics[f"{k}_before"] = torch.tensor(v)
+    if trainer.is_global_zero and metrics:
+        print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
+    return metrics
+
+
+class SFTStage(PretrainStage):
+    """PretrainStage's loss on assistant-masked labels, plus SFT counters and validation before training.
+
+    Args (besides MoxinStage's):
+        validate_at_start: measure held-out loss before the first step (cheap; off for huge val sets).
+    """
+
+    def __init__(self, *args, validate_at_start: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.validate_at_start = validate_at_start
+        self._sft_acc = [0.0, 0.0, 0.0]  # conversations, truncated, target tokens of the current step (this rank)
+        self.truncated_total = 0
+
+    def on_train_start(self):
+        if self.validate_at_start and self.trainer.global_step == 0:
+            validate_before_training(self)
+
+    def training_step(self, batch, batch_idx):
+        self._sft_acc[0] += float(batch.get("num_conversations", 0))
+        self._sft_acc[1] += float(batch.get("num_truncated", 0))
+        self._sft_acc[2] += float((batch["labels"] != -100).sum())
+        return super().training_step(batch, batch_idx)
+
+    def on_before_optimizer_step(self, optimizer):
+        super().on_before_optimizer_step(optimizer)
+        convs, trunc, tokens = self._all_reduce(self._sft_acc)
+        self.truncated_total += int(trunc)
+        self.log_dict({"sft/conversations": convs, "sft/target_tokens": tokens,
+                       "sft/truncated": float(self.truncated_total)},
+                      on_step=True, on_epoch=False, rank_zero_only=True, sync_dist=False)
+        self._sft_acc = [0.0, 0.0, 0.0]
+
+    def _val_metrics(self) -> dict[str, float]:
+        tot = self._val.clone()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(tot)
+        if tot[1] <= 0:
+            return {}
+        return {"val/loss": float(tot[0] / tot[1]), "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))}
+
+    def on_validation_epoch_end(self):
+        metrics = self._val_metrics()
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    def on_save_checkpoint(self, checkpoint):
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["moxin"]["sft_truncated_total"] = self.truncated_total
+
+    def on_load_checkpoint(self, checkpoint):
+        super().on_load_checkpoint(checkpoint)
+        self.truncated_total = int(checkpoint.get("moxin", {}).get("sft_truncated_total", 0))

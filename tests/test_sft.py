@@ -1,0 +1,186 @@
+"""SFT: the assistant-only mask in packed rows, the truncation policy, bad records, loss normalisation over
+micro-batches, and a tiny end-to-end run through `moxin.run` (compose + fit) whose checkpoint and HF export can
+start the next stage (init_from)."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from moxin.data.chat import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
+from moxin.data.sources import DataError, SourceConfig
+from moxin.model import ModelConfig
+from moxin.tokenizer import load_tokenizer, render_chat
+
+CONV_A = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "Capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "And of Italy?"},
+    {"role": "assistant", "content": "Rome is the capital of Italy."},
+]
+CONV_B = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
+
+TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.head_dim=16", "model.sliding_window=32"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("mistral")
+
+
+def _item(messages, tok, max_length=10_000):
+    chat, truncated = truncate_chat(render_chat(messages, tok), max_length, tok.eos_id)
+    return {"input_ids": chat.input_ids, "labels": chat.shifted_labels(), "truncated": truncated}
+
+
+def test_packed_row_mask_covers_exactly_the_assistant_tokens(tok):
+    batch = collate_sft(row_len=256, pad_id=tok.pad_id, pad_to_multiple_of=64)([_item(CONV_A, tok), _item(CONV_B, tok)])
+    n_a = len(render_chat(CONV_A, tok))
+    n_b = len(render_chat(CONV_B, tok))
+    T = -(-(n_a + n_b) // 64) * 64
+    assert batch["input_ids"].shape == (1, T)  # both conversations packed into one row, padded to a multiple of 64
+    ids, labels, pos = batch["input_ids"][0], batch["labels"][0], batch["positions"][0]
+    # positions restart at the second conversation (document mask), padding continues the last document
+    assert pos[:n_a].tolist() == list(range(n_a)) and pos[n_a:n_a + n_b].tolist() == list(range(n_b))
+    assert pos[n_a + n_b:].tolist() == list(range(n_b, n_b + T - n_a - n_b))
+    # hand-built expectation: the targets are exactly "Paris." </s> "Rome is the capital of Italy." </s> "4" </s>
+    expected = []
+    for answer in ("Paris.", "Rome is the capital of Italy.", "4"):
+        expected += tok.encode(answer, continuation=True) + [tok.eos_id]
+    targets = labels[labels != -100].tolist()
+    assert targets == expected
+    # each target is the next input token, and no label crosses from conversation A into B
+    idx = (labels != -100).nonzero().squeeze(1)
+    assert torch.equal(ids[idx + 1], labels[idx])
+    assert labels[n_a - 1] == -100 and (labels[n_a + n_b - 1:] == -100).all()
+    # nothing from system / user turns or the <|assistant|> headers is a target
+    text_targets = tok.decode([t for t in targets if t != tok.eos_id])
+    for forbidden in ("Be brief", "Capital of France", "And of Italy", "<|assistant|>", "<|user|>"):
+        assert forbidden not in text_targets
+    assert batch["num_conversations"] == 2 and batch["num_truncated"] == 0
+
+
+def test_truncation_keeps_whole_turns(tok):
+    full = render_chat(CONV_A, tok)
+    first_eos = full.input_ids.index(tok.eos_id)
+    cut, truncated = truncate_chat(full, first_eos + 3, tok.eos_id)  # the second answer does not fit
+    assert truncated and len(cut) == first_eos + 1 and cut.input_ids[-1] == tok.eos_id
+    # not even the first answer fits: hard cut inside it, the answer's start still trained
+    hard, truncated = truncate_chat(full, first_eos - 1, tok.eos_id)
+    assert truncated and len(hard) == first_eos - 1 and any(hard.loss_mask)
+    same, truncated = truncate_chat(full, len(full), tok.eos_id)
+    assert not truncated and same.input_ids == full.input_ids
+
+
+def _write(path, records):
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write((r if isinstance(r, str) else json.dumps(r)) + "\n")
+    return str(path)
+
+
+def test_bad_conversations_are_counted_with_file_line(tmp_path):
+    good = {"messages": CONV_B}
+    recs = [good] * 30 + [
+        {"messages": [{"role": "user", "content": "no answer"}]},               # line 31: no assistant turn
+        {"messages": [{"role": "wizard", "content": "x"}, *CONV_B]},            # line 32: unknown role
+        "{not json",                                                             # line 33
+        {"text": "no messages field"},                                           # line 34
+    ]
+    path = _write(tmp_path / "c.jsonl", recs)
+    store, rows, stats = load_conversations(SourceConfig(name="c", path=path), "messages", 10, 0.5)
+    assert len(store) == 30 and rows is None
+    assert stats.bad == 4
+    assert stats.reasons == {"no_assistant": 1, "unknown_role": 1, "malformed": 1, "missing_field": 1}
+    assert f"{path}:31" in stats.bad_examples[0] and "no assistant turn" in stats.bad_examples[0]
+    assert "unknown role 'wizard'" in stats.bad_examples[1]
+    with pytest.raises(DataError, match="4 bad records out of 34"):
+        load_conversations(SourceConfig(name="c", path=path), "messages", 3, 0.5)
+    only_bad = _write(tmp_path / "bad.jsonl", recs[30:32])
+    with pytest.raises(DataError, match="bad records|none of its"):
+        load_conversations(SourceConfig(name="b", path=only_bad), "messages", 10, 1.0)
+
+
+def test_datamodule_steps_are_exact_and_epochs_reshuffle(tmp_path, tok):
+    path = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
+                                                       {"role": "assistant", "content": f"a{i}"}]} for i in range(37)])
+    dm = ChatSFTDataModule(train=path, tokenizer=tok, max_length=64, batch_size=8, micro_batch_size=2, num_epochs=2,
+                           num_workers=0, world_size=2, rank=0)
+    assert dm.accumulate_grad_batches == 2 and dm.steps_per_epoch() == [4, 4] and dm.total_steps == 8
+    assert dm.data_report()["train"]["dropped_per_epoch"] == 5
+    seen = []
+    for rank in (0, 1):
+        dm._rank = rank
+        loader = dm.train_dataloader()
+        assert len(list(loader)) == 8  # 4 steps x 2 micro-batches on every rank
+        seen += [i for b in loader.batch_sampler for i in b]
+    assert len(seen) == len(set(seen)) == 32  # ranks never share a conversation within an epoch
+    with pytest.raises(DataError, match="multiple of micro_batch_size"):
+        ChatSFTDataModule(train=path, tokenizer=tok, batch_size=6, micro_batch_size=4, world_size=1)
+
+
+def test_sft_loss_normalisation_over_micro_batches(tok):
+    """Two micro-batches, one with very few targets: the step's gradient equals the gradient of the summed loss
+    over all target tokens divided by their number (not the mean of the two micro-batch means)."""
+    from moxin.stages.sft import SFTStage
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    stage = SFTStage(model=cfg)
+    stage.optim_cfg.grad_clip = None
+    stage.configure_model()
+    stage._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2)  # what the base reads
+    stage.log_dict = stage.log = lambda *a, **k: None
+    collate = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)
+    long_conv = [{"role": "user", "content": "Tell me about Rome."},
+                 {"role": "assistant", "content": "Rome is the capital of Italy, founded, as legend says, in 753 BC."}]
+    b1 = collate([_item(long_conv, tok), _item(CONV_A, tok)])
+    b2 = collate([_item(CONV_B, tok)])  # 2 target tokens only
+    for i, b in enumerate((b1, b2)):
+        (stage.training_step(b, i) / 2).backward()  # Lightning divides each micro loss by accumulate
+    stage.on_before_optimizer_step(SimpleNamespace(param_groups=[{"lr": 0.0}]))
+    got = [p.grad.clone() for p in stage.model.parameters()]
+    stage.model.zero_grad()
+    total, n = 0.0, 0
+    for b in (b1, b2):
+        out = stage.compute_loss(b)
+        total, n = total + out.loss_sum, n + int(out.n_tokens)
+    (total / n).backward()
+    for g, p in zip(got, stage.model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-7)
+    assert stage._sft_acc == [0.0, 0.0, 0.0]  # counters reset for the next step
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from moxin import run as R
+
+    with initialize_config_dir(R.CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
+    from moxin import run as R
+
+    base = ["+experiment=sft", *TINY_MODEL, "data.batch_size=8", "data.micro_batch_size=4", "data.num_epochs=1",
+            "trainer.max_steps=2", "trainer.val_every_n_steps=2", "samples.prompts=[]", "trainer.progress_bar=none",
+            "data.max_length=128", "hardware.num_workers=0"]
+    cfg = _compose(base + [f"out_dir={tmp_path / 'a'}", "run_name=a", "export_hf=true"])
+    info = R.train(cfg)
+    assert info["optimizer_steps"] == 2
+    m = info["metrics"]
+    assert "val/loss_before" in m and "val/loss" in m and m["val/loss"] < m["val/loss_before"]
+    assert m["sft/conversations"] == 8 and info["data"]["train"]["kept"] == 160
+    # a second SFT run starts from the first one's checkpoint, and from its Hugging Face export
+    for init in (info["checkpoint"], info["hf_export"]):
+        cfg2 = _compose(base + [f"out_dir={tmp_path / 'b'}_{len(init)}", "run_name=b", "export_hf=false",
+                                "trainer.max_steps=1", f"init_from={init}"])
+        info2 = R.train(cfg2)
+        # starting from the trained weights, the held-out loss before training is the first run's last one
+        assert abs(info2["metrics"]["val/loss_before"] - m["val/loss"]) < 1e-3
