@@ -90,6 +90,7 @@ def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
 
 def bare_loop(model, batch, warm, n, dev, chunk=4096):
     """Our model without Lightning: autocast bf16 over fp32 weights, the stage's loss, clip, fused AdamW."""
+    model.to(dev)  # Lightning moves the model back to the CPU at the end of fit
     decay = [p for nme, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in nme]
     rest = [p for nme, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in nme)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
