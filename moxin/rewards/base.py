@@ -90,6 +90,9 @@ def _worker_main(conn: Connection) -> None:
         if msg is None:
             return
         index, verifier, completion, reference = msg
+        # unpickling the verifier may import its module (SymPy for math: seconds in a fresh worker); the item's
+        # deadline starts only now, so a respawned worker's imports never turn a correct answer into a timeout
+        conn.send(("start", index))
         conn.send((index, _safe_call(verifier, completion, reference)))
 
 
@@ -171,7 +174,8 @@ class VerifierPool:
                             f"verifier {type(verifier).__name__} could not be sent to a worker process ({exc}); "
                             "define it at module level so it can be pickled"
                         ) from exc
-                    w.index, w.deadline = i, now + timeout_s
+                    # until the worker says "start" (verifier unpickled), allow the startup grace on top
+                    w.index, w.deadline = i, now + timeout_s + self.startup_timeout_s
             busy = {w.conn: w for w in self.workers}
             soonest = min(
                 [w.deadline for w in self.workers if w.index is not None]
@@ -192,6 +196,8 @@ class VerifierPool:
                     continue
                 if tag == "ready":
                     w.ready = True
+                elif tag == "start":
+                    w.deadline = time.monotonic() + timeout_s
                 else:
                     results[tag] = payload
                     done += 1
