@@ -1,0 +1,245 @@
+"""DPO data: preference pairs -> two rendered conversations (chosen, rejected) with the answer as the target.
+
+Accepted record forms (one pair per record):
+
+* Tülu 3 preference form (``allenai/llama-3.1-tulu-3-8b-preference-mixture``: ``id, prompt, chosen, rejected,
+  source``): ``chosen`` and ``rejected`` are full message lists sharing the prompt turns and ending with the
+  assistant answer being compared; ``prompt`` (a string copy of the first user turn) is then ignored.
+* Text form: ``{"prompt": str, "chosen": str, "rejected": str}``, rendered as one user turn and one assistant
+  answer (``prompt`` may also be a message list, then the answer is appended as the assistant turn).
+
+Both sides are rendered by the shared Tülu template (:func:`moxin.tokenizer.render_chat`). The target (label
+mask) is the *final* assistant turn, content and eos: the answer the preference is about. Earlier assistant turns
+are context, as in open-instruct's DPO.
+
+Bad pairs are counted by kind and reported with ``file:line`` (the run stops past ``max_bad_records`` /
+``max_bad_fraction``): malformed records, unknown roles or non-string content, a side that does not end with an
+assistant turn (``no_assistant``), identical chosen and rejected (``identical``: the pair carries no preference
+and its DPO gradient is exactly 0).
+
+Length policy: a pair whose chosen or rejected side renders longer than ``max_length`` tokens is *dropped and
+counted* (``too_long``, reported in ``data_report()`` and as a warning), never truncated: a truncated answer
+would be compared on a prefix the labeller never judged. All pairs are rendered once before training, which
+gives the exact count (so ``total_steps`` is exact) and a digest of every token id that enters training: the
+reference log-prob cache key (moxin/stages/refcache.py) includes it, so a change of data, tokenizer, template or
+``max_length`` never reuses stale reference values.
+
+Batches (not packed): ``{"chosen_input_ids", "chosen_labels", "chosen_positions", "rejected_input_ids",
+"rejected_labels", "rejected_positions"}`` each ``(P, T)`` with both sides right-padded to one ``T`` (labels
+-100, positions continuing ``arange(T)``), plus ``"pair_index"`` ``(P,)`` for the reference cache.
+Optimizer steps consume exactly ``batch_size`` pairs over all ranks (Tülu 3: 128), as
+:class:`moxin.data.chat.ChatSFTDataModule` does for conversations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from moxin.data.chat import (
+    ChatSFTDataModule, RecordStats, StepBatchSampler, as_source, load_conversations, source_identity,
+)
+from moxin.data.sources import DataError, SourceConfig
+from moxin.losses import IGNORE_INDEX
+from moxin.tokenizer.chat import ChatTokens, render_chat, validate_conversation
+
+__all__ = ["pair_from_record", "pair_problem", "render_answer", "PreferenceDataset", "collate_pairs",
+           "PreferenceDataModule", "LENGTH_POLICY"]
+
+log = logging.getLogger(__name__)
+LENGTH_POLICY = "drop pairs with a side longer than max_length; final assistant turn is the target"
+
+
+@dataclass
+class pair_from_record:
+    """Picklable getter: a record -> ``(chosen_messages, rejected_messages)`` (raises KeyError if fields miss)."""
+
+    prompt_field: str = "prompt"
+    chosen_field: str = "chosen"
+    rejected_field: str = "rejected"
+
+    def __call__(self, rec: dict):
+        chosen, rejected = rec[self.chosen_field], rec[self.rejected_field]
+        if isinstance(chosen, str) or isinstance(rejected, str):
+            prompt = rec[self.prompt_field]
+            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt or [])
+            if isinstance(chosen, str):
+                chosen = prompt + [{"role": "assistant", "content": chosen}]
+            if isinstance(rejected, str):
+                rejected = prompt + [{"role": "assistant", "content": rejected}]
+        return chosen, rejected
+
+
+def pair_problem(pair: Any, index: int | None = None) -> tuple[str, str] | None:
+    """``(kind, description)`` of what makes a pair unusable, or None."""
+    chosen, rejected = pair
+    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
+        problem = validate_conversation(msgs, index)
+        if problem is not None:
+            return ("unknown_role" if "unknown role" in problem else "invalid"), f"{side}: {problem}"
+        if msgs[-1]["role"] != "assistant":
+            return "no_assistant", f"{side}: the last message must be the assistant answer being compared"
+    if [(m["role"], m["content"]) for m in chosen] == [(m["role"], m["content"]) for m in rejected]:
+        return "identical", "chosen and rejected are identical (no preference to learn)"
+    return None
+
+
+def render_answer(messages: list, tokenizer) -> ChatTokens:
+    """Render a conversation; keep the loss mask on the final assistant turn (content + eos) only."""
+    chat = render_chat(messages, tokenizer)
+    mask = list(chat.loss_mask)
+    end = len(mask)
+    while end > 0 and not mask[end - 1]:
+        end -= 1
+    start = end
+    while start > 0 and mask[start - 1]:
+        start -= 1
+    return ChatTokens(chat.input_ids, [start <= i < end for i in range(len(mask))])
+
+
+class PreferenceDataset(torch.utils.data.Dataset):
+    """Map-style over the kept pairs; item ``i`` renders pair ``i`` (lazily, in loader workers)."""
+
+    def __init__(self, store, rows, keep: list[int], tokenizer, getter: pair_from_record):
+        self.store, self.rows, self.keep, self.tokenizer, self.getter = store, rows, keep, tokenizer, getter
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def pair(self, j: int):
+        """Pair ``j`` of the loaded (validated) list, before the length filter."""
+        return self.store[j] if self.rows is None else self.getter(self.store[int(self.rows[j])])
+
+    def __getitem__(self, i: int) -> dict:
+        chosen, rejected = self.pair(self.keep[i])
+        c, r = render_answer(chosen, self.tokenizer), render_answer(rejected, self.tokenizer)
+        return {"chosen_ids": c.input_ids, "chosen_labels": c.shifted_labels(),
+                "rejected_ids": r.input_ids, "rejected_labels": r.shifted_labels(), "pair_index": i}
+
+
+@dataclass
+class collate_pairs:
+    """Right-pad chosen and rejected rows of a micro-batch to one length (multiple of ``pad_to_multiple_of``)."""
+
+    pad_id: int
+    pad_to_multiple_of: int = 64
+    max_length: int | None = None
+
+    def __call__(self, items: list[dict]) -> dict:
+        longest = max((len(it[k]) for it in items for k in ("chosen_ids", "rejected_ids")), default=1)
+        m = max(1, self.pad_to_multiple_of)
+        T = -(-longest // m) * m
+        if self.max_length:
+            T = max(longest, min(T, self.max_length))
+        out = {"pair_index": torch.tensor([it["pair_index"] for it in items], dtype=torch.long)}
+        for side in ("chosen", "rejected"):
+            ids = torch.full((len(items), T), self.pad_id, dtype=torch.long)
+            labels = torch.full((len(items), T), IGNORE_INDEX, dtype=torch.long)
+            for b, it in enumerate(items):
+                n = len(it[f"{side}_ids"])
+                ids[b, :n] = torch.tensor(it[f"{side}_ids"])
+                labels[b, :n] = torch.tensor(it[f"{side}_labels"])
+            out[f"{side}_input_ids"] = ids
+            out[f"{side}_labels"] = labels
+            out[f"{side}_positions"] = torch.arange(T).expand(len(items), T).clone()  # padding continues positions
+        return out
+
+
+class PreferenceDataModule(ChatSFTDataModule):
+    """DPO pairs (module docstring). Arguments as :class:`ChatSFTDataModule`, counted in pairs; plus:
+
+    Args:
+        max_length: tokens per side (Tülu 3 / Moxin DPO: 2048); longer pairs are dropped and counted.
+        batch_size: pairs per optimizer step over all ranks (Tülu 3 / Moxin: 128).
+        micro_batch_size: pairs per rank per micro-step (2 x this many rows go through the model).
+        num_epochs: Moxin / Tülu 3 DPO: 1.
+        prompt_field / chosen_field / rejected_field: record fields.
+    """
+
+    def __init__(self, train: Any, val: Any = None, tokenizer: Any = "mistral", max_length: int = 2048,
+                 batch_size: int = 128, micro_batch_size: int = 1, num_epochs: int = 1, num_workers: int = 1,
+                 prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
+                 pad_to_multiple_of: int = 64, max_bad_records: int = 1000, max_bad_fraction: float = 0.01,
+                 max_seq_len: int | None = None, world_size: int | None = None, seed: int = 1234,
+                 rank: int | None = None):
+        super().__init__(train=train, val=val, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
+                         micro_batch_size=micro_batch_size, num_epochs=num_epochs, num_workers=num_workers,
+                         pad_to_multiple_of=pad_to_multiple_of, max_bad_records=max_bad_records,
+                         max_bad_fraction=max_bad_fraction, length_probe=0, max_seq_len=max_seq_len,
+                         world_size=world_size, seed=seed, rank=rank)
+        self.getter = pair_from_record(prompt_field, chosen_field, rejected_field)
+        self._digests: dict[str, str] = {}
+
+    def _load(self, source: SourceConfig):
+        store, rows, stats = load_conversations(source, self.getter.chosen_field, self.max_bad_records,
+                                                self.max_bad_fraction, check=pair_problem, get=self.getter)
+        ds = PreferenceDataset(store, rows, [], self.tokenizer, self.getter)
+        digest = hashlib.sha256()
+        too_long, examples = 0, []
+        for j in range(stats.kept):
+            chosen, rejected = ds.pair(j)
+            c, r = render_answer(chosen, self.tokenizer), render_answer(rejected, self.tokenizer)
+            if max(len(c), len(r)) > self.max_length:
+                too_long += 1
+                if len(examples) < 5:
+                    examples.append(f"pair {j}: chosen {len(c)} / rejected {len(r)} tokens")
+                continue
+            ds.keep.append(j)
+            for t in (c, r):
+                digest.update(torch.tensor(t.input_ids, dtype=torch.int32).numpy().tobytes())
+                digest.update(bytes(t.loss_mask))
+        if too_long:
+            log.warning("data set %r: %d of %d pairs have a side longer than max_length=%d and are dropped (%s)",
+                        source.name, too_long, stats.kept, self.max_length, examples)
+        if not ds.keep:
+            raise DataError(f"data set {source.name!r}: all {stats.kept} valid pairs are longer than "
+                            f"max_length={self.max_length} ({examples}); raise max_length")
+        self._digests[source.name] = digest.hexdigest()
+        report = {"source": source.path, **stats.to_dict(), "too_long": too_long, "too_long_examples": examples,
+                  "used": len(ds.keep), "length_policy": LENGTH_POLICY}
+        return ds, report
+
+    @property
+    def train_set(self) -> PreferenceDataset:
+        if self._train is None:
+            self._train, self._report["train"] = self._load(self.train_source)
+            n = len(self._train)
+            if n < self.batch_size:
+                raise DataError(f"data set {self.train_source.name!r}: {n} usable pairs, fewer than one optimizer "
+                                f"step (batch_size={self.batch_size}); lower batch_size or add data")
+            self._report["train"]["dropped_per_epoch"] = n % self.batch_size
+        return self._train
+
+    def _collate(self):
+        return collate_pairs(self.tokenizer.pad_id, self.pad_to_multiple_of, self.max_length)
+
+    # ---- what the reference log-prob cache needs ------------------------------------------------------------
+    def split_set(self, split: str) -> PreferenceDataset | None:
+        return self.train_set if split == "train" else self.val_set
+
+    def reference_dataloader(self, split: str):
+        """Every pair of ``split`` once, in order, split round-robin over ranks (same batch count everywhere)."""
+        ds = self.split_set(split)
+        sampler = StepBatchSampler(len(ds), self.micro_batch_size, self.world_size, self.rank, shuffle=False)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=0)
+
+    def reference_identity(self, split: str) -> dict:
+        """Everything about the data that changes reference log-probs (part of the cache key)."""
+        ds = self.split_set(split)
+        source = self.train_source if split == "train" else self.val_source
+        tok = self.tokenizer
+        return {
+            "split": split,
+            "source": source_identity(source),
+            "fields": [self.getter.prompt_field, self.getter.chosen_field, self.getter.rejected_field],
+            "tokens_sha256": self._digests[source.name],
+            "n_pairs": len(ds),
+            "tokenizer": {"name": getattr(tok, "name", type(tok).__name__), "vocab_size": getattr(tok, "vocab_size", None),
+                          "bos": tok.bos_id, "eos": tok.eos_id},
+            "max_length": self.max_length,
+            "length_policy": LENGTH_POLICY,
+        }

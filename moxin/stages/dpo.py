@@ -1,0 +1,250 @@
+"""Direct preference optimisation and its family (Moxin-Instruct: length-normalised DPO, beta 5, Tülu 3 recipe).
+
+Per pair, the policy's summed log-prob of the chosen and the rejected answer (the final assistant turn, content
+and eos; moxin/data/preference.py) is compared with the reference model's by ``moxin.losses.dpo_loss``:
+
+* ``dpo``      Rafailov et al. 2023, arXiv 2305.18290 (sigmoid loss on summed log-ratios; beta ~0.1).
+* ``dpo_norm`` the same on length-averaged log-ratios (open-instruct / Tülu 3 / Moxin, beta 5). Summed
+  log-ratios grow with answer length, so plain DPO favours long answers; averaging removes that, and beta must
+  be ~length-times larger (beta 0.1 here trains almost nothing).
+* ``ipo``      Azar et al. 2023, arXiv 2310.12036 (squared loss towards a margin 1/(2 beta); does not push the
+  margin to infinity on deterministic preferences).
+* ``simpo``    Meng et al. 2024, arXiv 2405.14734 (reference-free: average log-prob margin minus gamma).
+* ``sft_weight`` (alpha) adds alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024,
+  arXiv 2404.19733), which keeps the chosen answer's likelihood from falling while the margin grows.
+
+Reference (``reference``):
+* ``cached`` (default): the reference log-probs of every train and held-out pair are computed once in
+  ``on_fit_start`` with the starting weights and stored on disk (moxin/stages/refcache.py), keyed by a hash of
+  the checkpoint, data tokens, tokenizer, lengths, loss type and numerics; later runs with the same inputs reuse
+  it, any change rebuilds it. No second model in memory.
+* ``frozen``: a second copy of the starting weights, frozen and sharded exactly like the policy (same
+  ``parallelize``), runs a no-grad forward every step (memory x2 in weights; no precomputation).
+* ``none``: only for ``simpo``.
+
+Normalisation: DPO losses are per pair. ``compute_loss`` returns the SUM of the pair losses with ``n_tokens`` =
+the number of pairs, so MoxinStage divides by the pairs of the whole optimizer step over accumulation and ranks
+(every pair weighs the same, however pairs fall into micro-batches). Reward metrics are sums over pairs,
+normalised the same way.
+
+Logged: ``train/loss`` (per pair, incl. the SFT term), ``dpo/loss``, ``dpo/chosen_reward``,
+``dpo/rejected_reward``, ``dpo/margin``, ``dpo/accuracy``, ``dpo/chosen_logp`` (policy, per token),
+``train/tokens_per_s`` (callback); on held-out pairs ``val/loss`` (= ``val/dpo_loss``), ``val/dpo_accuracy``,
+``val/dpo_margin``, ``val/chosen_reward``, ``val/rejected_reward`` and ``val/logp_accuracy`` (how often the
+policy alone gives the chosen answer the higher per-token log-prob; meaningful before training too, when the
+policy equals the reference and every margin is exactly 0).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import asdict
+
+import torch
+import torch.distributed as dist
+
+from moxin.losses import DPO_LOSS_TYPES, dpo_loss, sft_nll_per_token
+from moxin.model import Transformer
+from moxin.stages import refcache
+from moxin.stages.base import MoxinStage, StepLoss, load_init_weights
+from moxin.stages.sft import validate_before_training
+
+__all__ = ["DPOStage", "REFERENCE_MODES"]
+
+log = logging.getLogger(__name__)
+REFERENCE_MODES = ("cached", "frozen", "none")
+_METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "logp_accuracy", "chosen_logp")
+
+
+class DPOStage(MoxinStage):
+    """Preference optimisation over the shared model core.
+
+    Args (besides MoxinStage's model, optim, parallel, init_from, loss_chunk_size):
+        loss_type: ``dpo`` | ``dpo_norm`` | ``ipo`` | ``simpo`` (module docstring, papers there).
+        beta: KL strength / inverse temperature. Moxin/Tülu 3: 5 with ``dpo_norm``; 0.1 is usual for ``dpo``.
+            Too small: the policy drifts far from the reference; too large: the loss saturates at once.
+        label_smoothing: cDPO's assumed label-flip probability (0 trusts the labels; must stay < 0.5).
+        simpo_gamma: SimPO's target margin gamma (not gamma/beta); too large degrades generation.
+        sft_weight: alpha of the optional SFT term on the chosen answer (0 = off; ~1 in RPO).
+        reference: ``cached`` | ``frozen`` | ``none`` (module docstring). ``simpo`` needs none; the others need one.
+        ref_cache_dir: where reference caches live (one sub-folder per key; safe to share between runs).
+        validate_at_start: measure held-out metrics before the first step (``*_before`` in the summary).
+    """
+
+    def __init__(self, *args, loss_type: str = "dpo_norm", beta: float = 5.0, label_smoothing: float = 0.0,
+                 simpo_gamma: float = 0.5, sft_weight: float = 0.0, reference: str = "cached",
+                 ref_cache_dir: str = "cache/dpo_reference", validate_at_start: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        if loss_type not in DPO_LOSS_TYPES:
+            raise ValueError(f"stage.loss_type={loss_type!r}: choose one of {DPO_LOSS_TYPES}")
+        if reference not in REFERENCE_MODES:
+            raise ValueError(f"stage.reference={reference!r}: choose one of {REFERENCE_MODES}")
+        if loss_type == "simpo" and reference != "none":
+            raise ValueError("stage.loss_type=simpo is reference-free: set stage.reference=none")
+        if loss_type != "simpo" and reference == "none":
+            raise ValueError(f"stage.loss_type={loss_type!r} needs a reference model: stage.reference=cached or frozen")
+        if not beta > 0:
+            raise ValueError(f"stage.beta={beta} must be > 0")
+        if sft_weight < 0:
+            raise ValueError(f"stage.sft_weight={sft_weight} must be >= 0")
+        self.loss_type, self.beta, self.label_smoothing = loss_type, float(beta), float(label_smoothing)
+        self.simpo_gamma, self.sft_weight, self.reference = float(simpo_gamma), float(sft_weight), reference
+        self.ref_cache_dir, self.validate_at_start = ref_cache_dir, validate_at_start
+        self.ref_model: Transformer | None = None
+        self._ref_tables: dict[str, dict[str, torch.Tensor]] = {}
+        self.ref_cache_info: dict[str, dict] = {}
+
+    # ---- model ----------------------------------------------------------------------------------------------
+    def _mesh(self):
+        strategy = self.trainer.strategy if self._trainer is not None else None
+        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
+            return self.device_mesh
+        return None
+
+    def _build_reference(self) -> Transformer:
+        """The starting weights as a frozen model, sharded like the policy."""
+        from moxin.distributed import parallelize
+
+        ref = Transformer(self.model_cfg)
+        if self.init_from:
+            load_init_weights(ref, self.init_from)
+        parallelize(ref, self.parallel_cfg, self._mesh())
+        ref.requires_grad_(False)
+        return ref.eval()
+
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.reference == "frozen":
+            # The reference is built from the same RNG state as the policy, so a random init matches too.
+            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+            with torch.random.fork_rng(devices=devices):
+                self.ref_model = self._build_reference()
+        super().configure_model()
+
+    # ---- reference log-probs ------------------------------------------------------------------------------------
+    def cache_parts(self, split: str) -> dict:
+        """Everything the cached reference values depend on (hashed into the cache key)."""
+        dm = self.trainer.datamodule
+        return {
+            "reference": refcache.checkpoint_identity(self.init_from, seed=torch.initial_seed()),
+            "model": asdict(self.model_cfg),
+            "data": dm.reference_identity(split),
+            "loss_type": self.loss_type,
+            "numerics": {"param_dtype": str(next(self.model.parameters()).dtype),
+                         "precision": str(self.trainer.precision),
+                         "fsdp_param_dtype": getattr(self.parallel_cfg, "fsdp_param_dtype", None)},
+        }
+
+    def on_fit_start(self):
+        if self.reference != "cached":
+            return
+        dm = self.trainer.datamodule
+        splits = ["train"] + (["val"] if dm.val_set is not None else [])
+        for split in splits:
+            parts = self.cache_parts(split)
+            n = len(dm.split_set(split))
+            tables, reused, path = refcache.load_or_build(self.ref_cache_dir, parts, n,
+                                                          lambda: self._compute_reference(split, n))
+            self._ref_tables[split] = tables
+            self.ref_cache_info[split] = {"path": str(path), "reused": reused, "pairs": n}
+            if self.trainer.is_global_zero:
+                print(f"DPO reference log-probs ({split}, {n} pairs): {'reused' if reused else 'computed'} {path}",
+                      flush=True)
+
+    def _compute_reference(self, split: str, n: int) -> dict[str, torch.Tensor]:
+        # Before the first step the policy holds the starting weights: use it. When resuming, the policy has
+        # moved, so the reference is rebuilt from init_from.
+        resuming = bool(getattr(self.trainer, "ckpt_path", None)) or self.trainer.global_step > 0
+        if resuming and not self.init_from:
+            raise RuntimeError("resuming a DPO run whose reference cache is missing, and init_from is not set: the "
+                               "random starting weights cannot be rebuilt. Restore the cache folder or start anew")
+        model = self._build_reference().to(self.device) if resuming else self.model
+        ctx = self.trainer.precision_plugin.forward_context
+        return refcache.compute_reference_logps(model, self.trainer.datamodule.reference_dataloader(split), n,
+                                                self.device, self.loss_chunk_size, ctx)
+
+    def _reference_logps(self, batch, split: str):
+        if self.reference == "none":
+            return None, None
+        if self.reference == "frozen":
+            with torch.no_grad():
+                ids, labels, pos = self._cat(batch)
+                logps, _ = refcache.sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)
+            P = batch["pair_index"].numel()
+            return logps[:P].detach(), logps[P:].detach()
+        table = self._ref_tables[split]
+        idx = batch["pair_index"].cpu()
+        return (table["chosen_logps"][idx].to(self.device, torch.float32),
+                table["rejected_logps"][idx].to(self.device, torch.float32))
+
+    # ---- loss -------------------------------------------------------------------------------------------------
+    @staticmethod
+    def _cat(batch):
+        return (torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]),
+                torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
+                torch.cat([batch["chosen_positions"], batch["rejected_positions"]]))
+
+    def _pair_terms(self, batch, split: str):
+        ids, labels, pos = self._cat(batch)  # (2P, T): chosen rows first, then rejected
+        logps, lengths = refcache.sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size)  # (2P,)
+        P = batch["pair_index"].numel()
+        pc, pr, lc, lr = logps[:P], logps[P:], lengths[:P], lengths[P:]
+        rc, rr = self._reference_logps(batch, split)
+        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, chosen_lengths=lc,
+                       rejected_lengths=lr, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+        losses = out.losses
+        if self.sft_weight > 0:
+            losses = losses + self.sft_weight * sft_nll_per_token(pc, lc)
+        stats = {
+            "loss": out.losses.detach().sum(), "chosen_reward": out.chosen_rewards.sum(),
+            "rejected_reward": out.rejected_rewards.sum(), "margin": out.margins.sum(),
+            "accuracy": out.accuracies.sum(),
+            "logp_accuracy": ((pc / lc.clamp(min=1)) > (pr / lr.clamp(min=1))).float().sum().detach(),
+            "chosen_logp": (pc / lc.clamp(min=1)).detach().sum(),
+        }
+        return losses.sum(), P, stats, int(ids.numel())
+
+    def compute_loss(self, batch) -> StepLoss:
+        loss_sum, P, stats, processed = self._pair_terms(batch, "train")
+        return StepLoss(loss_sum=loss_sum, n_tokens=torch.tensor(P), tokens_processed=processed,
+                        metrics={f"dpo/{k}": v for k, v in stats.items()})
+
+    def on_train_start(self):
+        if self.validate_at_start and self.trainer.global_step == 0:
+            validate_before_training(self)
+
+    # ---- validation on held-out pairs -------------------------------------------------------------------------
+    def on_validation_epoch_start(self):
+        self._val = torch.zeros(len(_METRICS) + 1, dtype=torch.float64, device=self.device)
+
+    def validation_step(self, batch, batch_idx):
+        if batch["pair_index"].numel() == 0:
+            return
+        with torch.no_grad():
+            _, P, stats, _ = self._pair_terms(batch, "val")
+        self._val += torch.tensor([float(stats[k]) for k in _METRICS] + [P], dtype=torch.float64, device=self.device)
+
+    def _val_metrics(self) -> dict[str, float]:
+        tot = self._val.clone()
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tot)
+        n = float(tot[-1])
+        if n <= 0:
+            return {}
+        v = {k: float(tot[i]) / n for i, k in enumerate(_METRICS)}
+        return {"val/loss": v["loss"], "val/dpo_loss": v["loss"], "val/dpo_accuracy": v["accuracy"],
+                "val/dpo_margin": v["margin"], "val/chosen_reward": v["chosen_reward"],
+                "val/rejected_reward": v["rejected_reward"], "val/logp_accuracy": v["logp_accuracy"],
+                "val/chosen_logp": v["chosen_logp"]}
+
+    def on_validation_epoch_end(self):
+        metrics = self._val_metrics()
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+
+    def configure_optimizers(self):
+        if self.ref_model is not None:  # the frozen reference is never optimised (no requires_grad anyway)
+            assert not any(p.requires_grad for p in self.ref_model.parameters())
+        return super().configure_optimizers()

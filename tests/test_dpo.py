@@ -1,0 +1,133 @@
+"""DPO: pair forms and answer masks, bad pairs counted (no assistant, unknown role, identical, too long), stage
+config errors, cached and frozen references agree, and a tiny end-to-end run through `moxin.run` whose second
+run reuses the reference cache. The loss formulas themselves are checked by hand in tests/test_losses.py."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from moxin.data.preference import PreferenceDataModule, collate_pairs, pair_from_record, pair_problem, render_answer
+from moxin.data.sources import DataError
+from moxin.tokenizer import load_tokenizer
+
+TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
+              "model.head_dim=16", "model.sliding_window=32"]
+U = {"role": "user", "content": "Capital of Norway?"}
+
+
+def A(text):
+    return {"role": "assistant", "content": text}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer("mistral")
+
+
+def _write(path, records):
+    with open(path, "w") as fh:
+        for r in records:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def test_text_form_equals_message_form_and_target_is_final_answer(tok):
+    msg = pair_from_record()({"chosen": [U, A("Oslo.")], "rejected": [U, A("No idea.")]})
+    txt = pair_from_record()({"prompt": "Capital of Norway?", "chosen": "Oslo.", "rejected": "No idea."})
+    assert msg == txt
+    multi = [U, A("Oslo."), {"role": "user", "content": "And Sweden?"}, A("Stockholm.")]
+    chat = render_answer(multi, tok)
+    targets = [t for t, m in zip(chat.input_ids, chat.loss_mask) if m]
+    assert targets == tok.encode("Stockholm.", continuation=True) + [tok.eos_id]  # earlier answers are context
+    batch = collate_pairs(tok.pad_id, 16)([
+        {"chosen_ids": [1, 2, 3], "chosen_labels": [2, 3, -100], "rejected_ids": [1, 5], "rejected_labels": [5, -100],
+         "pair_index": 7}])
+    assert batch["chosen_input_ids"].shape == batch["rejected_input_ids"].shape == (1, 16)
+    assert batch["rejected_labels"][0, 1:].eq(-100).all() and batch["pair_index"].tolist() == [7]
+    assert batch["rejected_positions"][0].tolist() == list(range(16))  # padding continues positions
+
+
+def test_bad_pairs_are_counted_and_too_long_dropped(tmp_path, tok):
+    good = [{"chosen": [U, A(f"Oslo {i}.")], "rejected": [U, A("No.")]} for i in range(20)]
+    bad = [
+        {"chosen": [U], "rejected": [U, A("No.")]},                                   # no assistant answer
+        {"chosen": [{"role": "robot", "content": "x"}, A("y")], "rejected": [U, A("z")]},  # unknown role
+        {"chosen": [U, A("Same.")], "rejected": [U, A("Same.")]},                     # identical
+    ]
+    too_long = [{"chosen": [U, A("word " * 200)], "rejected": [U, A("No.")]}]
+    path = _write(tmp_path / "p.jsonl", good + bad + too_long)
+    dm = PreferenceDataModule(train=path, tokenizer=tok, max_length=64, batch_size=4, micro_batch_size=2,
+                              num_workers=0, world_size=1, max_bad_fraction=0.5)
+    assert len(dm.train_set) == 20 and dm.total_steps == 5
+    rep = dm.data_report()["train"]
+    assert rep["bad_by_kind"] == {"no_assistant": 1, "unknown_role": 1, "identical": 1}
+    assert rep["too_long"] == 1 and "pair 20" in rep["too_long_examples"][0]
+    assert f"{path}:21" in rep["bad_examples"][0]
+    assert pair_problem(([U, A("a")], [U, A("a")]))[0] == "identical"
+    with pytest.raises(DataError, match="bad records"):
+        PreferenceDataModule(train=path, tokenizer=tok, max_length=64, batch_size=4, micro_batch_size=2,
+                             world_size=1, max_bad_records=2).train_set
+    with pytest.raises(DataError, match="longer than max_length"):
+        PreferenceDataModule(train=_write(tmp_path / "l.jsonl", too_long), tokenizer=tok, max_length=16,
+                             batch_size=1, micro_batch_size=1, world_size=1).train_set
+
+
+def test_stage_config_errors():
+    from moxin.model import ModelConfig
+    from moxin.stages.dpo import DPOStage
+
+    cfg = ModelConfig.preset("tiny")
+    with pytest.raises(ValueError, match="reference-free"):
+        DPOStage(model=cfg, loss_type="simpo", reference="cached")
+    with pytest.raises(ValueError, match="needs a reference"):
+        DPOStage(model=cfg, loss_type="dpo", reference="none")
+    with pytest.raises(ValueError, match="choose one of"):
+        DPOStage(model=cfg, loss_type="orpo")
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+
+    from moxin import run as R
+
+    with initialize_config_dir(R.CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):
+    from moxin import run as R
+
+    from moxin.data.sample import sample_path
+
+    small = {}
+    for name, n in (("preferences", 16), ("preferences_heldout", 6)):  # a slice of the sample keeps the test fast
+        small[name] = tmp_path / f"{name}.jsonl"
+        small[name].write_text("".join(open(sample_path(name)).readlines()[:n]))
+    base = ["+experiment=dpo", *TINY_MODEL, f"data.train.path={small['preferences']}",
+            f"data.val.path={small['preferences_heldout']}", "data.batch_size=8", "data.micro_batch_size=4", "data.num_epochs=1",
+            "trainer.max_steps=2", "trainer.val_every_n_steps=2", "samples.prompts=[]", "trainer.progress_bar=none",
+            "hardware.num_workers=0", "export_hf=false", f"stage.ref_cache_dir={tmp_path / 'cache'}"]
+    info = R.train(_compose(base + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    m = info["metrics"]
+    assert info["optimizer_steps"] == 2
+    for k in ("dpo/loss", "dpo/margin", "dpo/accuracy", "dpo/chosen_reward", "dpo/rejected_reward",
+              "val/dpo_accuracy", "val/dpo_margin"):
+        assert k in m, k
+    assert m["val/dpo_margin_before"] == 0.0 and abs(m["val/dpo_loss_before"] - 0.6931) < 1e-3  # policy = reference
+    caches = sorted((tmp_path / "cache").glob("*/ref_logps.safetensors"))
+    assert len(caches) == 2  # train and held-out pairs
+    # same inputs: the cache is reused (not rewritten); frozen reference gives the same starting metrics
+    mtimes = [c.stat().st_mtime_ns for c in caches]
+    info_b = R.train(_compose(base + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.max_steps=1"]))
+    assert [c.stat().st_mtime_ns for c in caches] == mtimes
+    assert len(list((tmp_path / "cache").glob("*/ref_logps.safetensors"))) == 2
+    info_f = R.train(_compose(base + [f"out_dir={tmp_path / 'f'}", "run_name=f", "trainer.max_steps=1",
+                                      "stage.reference=frozen"]))
+    for k in ("val/dpo_loss_before", "val/logp_accuracy_before", "val/chosen_logp_before"):
+        assert abs(info_f["metrics"][k] - info_b["metrics"][k]) < 1e-4, k
+    # a changed max length is a new cache
+    R.train(_compose(base + [f"out_dir={tmp_path / 'c'}", "run_name=c", "trainer.max_steps=1", "data.max_length=200"]))
+    assert len(list((tmp_path / "cache").glob("*/ref_logps.safetensors"))) == 4
