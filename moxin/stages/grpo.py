@@ -509,6 +509,11 @@ class GRPOStage(MoxinStage):
             logs["train/grad_norm"] = self._last_grad_norm
         self.tokens_seen += int(ln)
         self.history.append({"step": rl_step, **logs})
+        if c.log_every and rl_step % c.log_every == 0 and self.trainer_is_zero() and c.log_completions:
+            print(f"[grpo step {rl_step}] reward {mean:.3f} zero-std groups {zs / ng:.2f} "
+                  f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {logs.get('grpo/entropy', float('nan')):.3f} "
+                  f"clip {logs['grpo/clip_frac']:.3f} kl {logs['grpo/kl']:.4f} "
+                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s", flush=True)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("reward", mean, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
         return None
