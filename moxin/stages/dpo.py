@@ -74,7 +74,7 @@ class DPOStage(MoxinStage):
 
     def __init__(self, *args, loss_type: str = "dpo_norm", beta: float = 5.0, label_smoothing: float = 0.0,
                  simpo_gamma: float = 0.5, sft_weight: float = 0.0, reference: str = "cached",
-                 ref_cache_dir: str = "cache/dpo_reference", validate_at_start: bool = True, **kwargs):
+                 ref_cache_dir: str = "runs/dpo_reference_cache", validate_at_start: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
         if loss_type not in DPO_LOSS_TYPES:
             raise ValueError(f"stage.loss_type={loss_type!r}: choose one of {DPO_LOSS_TYPES}")
