@@ -46,12 +46,14 @@ def world_size_of(hw: DictConfig) -> int:
     return int(devices) * int(hw.num_nodes)
 
 
-def build_strategy(hw: DictConfig):
+def build_strategy(hw: DictConfig, world: int):
     name = hw.strategy
     if name == "fsdp2":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size=hw.get("data_parallel_size", "auto"), tensor_parallel_size=1,
+        # every rank is a data-parallel (FSDP) rank; tensor parallelism is not used
+        dp = hw.get("data_parallel_size", "auto")
+        return ModelParallelStrategy(data_parallel_size=world if dp == "auto" else int(dp), tensor_parallel_size=1,
                                      save_distributed_checkpoint=True)
     if name == "ddp_cpu":
         from lightning.pytorch.strategies import DDPStrategy
@@ -119,7 +121,7 @@ def build(cfg: DictConfig):
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
     trainer = L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
-        strategy=build_strategy(hw), plugins=[AtomicCheckpointIO()] if hw.strategy != "fsdp2" else None,
+        strategy=build_strategy(hw, world), plugins=[AtomicCheckpointIO()] if hw.strategy != "fsdp2" else None,
         max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=accum, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
         log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,

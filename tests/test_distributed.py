@@ -13,10 +13,10 @@ import pytest
 HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 
 
-def _run(world: int, out: Path) -> dict:
+def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + world + os.getpid() % 1000))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-           env["MASTER_PORT"], str(HELPER), str(out)]
+           env["MASTER_PORT"], str(HELPER), str(out), strategy]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     return json.loads(out.read_text())
@@ -30,3 +30,11 @@ def test_two_processes_match_one(tmp_path):
     assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
     # the runs really trained: the weights moved away from the (seeded, identical) initialisation
     assert abs(one["checksum"] - one["init_checksum"]) > 1e-3
+
+
+def test_fsdp2_two_processes_match_one(tmp_path):
+    """The same check through per-block FSDP2 sharding (Lightning's ModelParallelStrategy, gloo on CPU)."""
+    one = _run(1, tmp_path / "one.json")
+    two = _run(2, tmp_path / "fsdp.json", "fsdp2")
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-5)
+    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)

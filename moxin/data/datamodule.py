@@ -269,10 +269,13 @@ class PackedDataset(IterableDataset):
                 except StopIteration:
                     readers.pop(name, None)
                     s = srcs[name]
-                    if self.split == "val":
-                        exhausted.add(name)
+                    if self.split == "val" and s["kept_in_pass"] == 0:
+                        exhausted.add(name)  # no held-out document of this source in this shard
                         return None
-                    if s["kept_in_pass"] == 0:
+                    # validation cycles over its held-out documents like training does, so every rank yields
+                    # exactly the same number of batches (FSDP forwards are collective: a rank that stopped
+                    # early would hang the others)
+                    if self.split != "val" and s["kept_in_pass"] == 0:
                         raise DataError(
                             f"data source {name!r}: a full pass over reader shard {shard}/{nshards} "
                             f"(rank {self.rank}, worker {worker}) gave no training document (records read: "
@@ -294,7 +297,10 @@ class PackedDataset(IterableDataset):
                     yield batch
                 continue
             if self.split == "val" and len(exhausted) == len(self._mixture.names):
-                return
+                raise DataError(
+                    f"validation on rank {self.rank}: no held-out document in any source of phase "
+                    f"{self.phase.name!r} for this shard; raise data.val_percent, or set data.val_percent=0 "
+                    "to train without validation")
             name = self._mixture.choose()
             if name in exhausted:
                 continue

@@ -121,11 +121,14 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, cache=None,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, head=None):
         """tokens (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D) with return_hidden.
 
         positions (B, T): None means 0..T-1 in every row. In training, a 0 inside a row starts a new document.
         cache: a `RollingKVCache` for generation; positions are then required (-1 marks padding).
+        head: a function `head(hidden (B, T, D), output_weight (V, D))` applied instead of the output layer
+            and returned as is; losses use it to work on chunks of logits (never all (B*T, V) at once). It
+            runs inside this forward, where FSDP2 has gathered the output weight.
         """
         B, T = tokens.shape
         if positions is None:
@@ -150,4 +153,6 @@ class Transformer(nn.Module):
         if cache is not None:
             cache.end()
         h = self.norm(h)
+        if head is not None:
+            return head(h, self.output.weight)
         return h if return_hidden else self.output(h)

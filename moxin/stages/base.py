@@ -131,6 +131,7 @@ class MoxinStage(L.LightningModule):
         self.loss_chunk_size = loss_chunk_size
         self.total_steps_override = total_steps
         self.model: Transformer | None = None
+        self._parallelized = False
         self._acc_tokens = 0.0
         self._acc_loss = 0.0
         self._acc_metrics: dict[str, float] = {}
@@ -140,11 +141,15 @@ class MoxinStage(L.LightningModule):
 
     # ---- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is not None:
+        """Build the model (once) and apply parallelism (once, when a trainer is attached: FSDP2 needs the
+        mesh of Lightning's ModelParallelStrategy). Safe to call early, e.g. from a notebook or a test."""
+        if self.model is None:
+            self.model = Transformer(self.model_cfg)
+            if self.init_from:
+                load_init_weights(self.model, self.init_from)
+        if self._parallelized or self._trainer is None:
             return
-        self.model = Transformer(self.model_cfg)
-        if self.init_from:
-            load_init_weights(self.model, self.init_from)
+        self._parallelized = True
         mesh = None
         strategy = self.trainer.strategy if self._trainer is not None else None
         if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":

@@ -17,17 +17,20 @@ from moxin.stages.base import MoxinStage, StepLoss
 class PretrainStage(MoxinStage):
     """Next-token cross-entropy summed over target tokens; the base normalises it over the optimizer step."""
 
+    def _loss_sum(self, batch):
+        """(summed next-token loss, target tokens): the chunked cross-entropy runs as the model's head."""
+        return self.model(batch["input_ids"], batch["positions"],
+                          head=lambda h, w: token_cross_entropy(h, w, batch["labels"], self.loss_chunk_size))
+
     def compute_loss(self, batch) -> StepLoss:
-        hidden = self.model(batch["input_ids"], batch["positions"], return_hidden=True)  # (B, T, D)
-        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, batch["labels"], self.loss_chunk_size)
+        loss_sum, n = self._loss_sum(batch)
         return StepLoss(loss_sum=loss_sum, n_tokens=n, tokens_processed=batch["input_ids"].numel())
 
     def on_validation_epoch_start(self):
         self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
 
     def validation_step(self, batch, batch_idx):
-        hidden = self.model(batch["input_ids"], batch["positions"], return_hidden=True)
-        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, batch["labels"], self.loss_chunk_size)
+        loss_sum, n = self._loss_sum(batch)
         self._val += torch.stack([loss_sum.double(), n.double()])
 
     def on_validation_epoch_end(self):

@@ -48,7 +48,12 @@ class Rows(Dataset):
         return self.items[i]
 
 
-def main(out_path):
+def _checksum(model):
+    # FSDP2 parameters are DTensor shards: gather them (a collective: every rank calls it)
+    return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum()) for p in model.parameters())
+
+
+def main(out_path, strategy="ddp"):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
@@ -67,16 +72,24 @@ def main(out_path):
                 losses.append(float(trainer.callback_metrics["train/loss"]))
 
     loader = DataLoader(Rows(make_rows(), world, rank, per_rank), batch_size=micro, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy="ddp" if world > 1 else "auto",
+    if world == 1:
+        strat = "auto"
+    elif strategy == "fsdp2":  # the path of hardware=fsdp: per-block FSDP2 through ModelParallelStrategy
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    else:
+        strat = "ddp"
+    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strat,
                         max_steps=STEPS, accumulate_grad_batches=accum, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
                         use_distributed_sampler=False)
     trainer.fit(stage, loader)
+    checksum = _checksum(stage.model)
     if trainer.is_global_zero:
-        checksum = sum(float(p.double().sum()) for p in stage.model.parameters())
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "checksum": checksum, "init_checksum": init_checksum, "world": world}, f)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], *sys.argv[2:])
