@@ -70,8 +70,8 @@ def sequence_logps(model, input_ids, labels, positions, chunk_size: int = 4096) 
     """Summed log-probs of the labelled tokens of each row and their counts: ``(B,) fp32, (B,) long``."""
     from moxin.losses import IGNORE_INDEX, token_logprobs
 
-    hidden = model(input_ids, positions, return_hidden=True)  # (B, T, D)
-    logp = token_logprobs(hidden, model.output.weight, labels, chunk_size)  # (B, T)
+    # the log-probs run as the model's head, inside its forward, where FSDP2 has gathered the output weight
+    logp = model(input_ids, positions, head=lambda h, w: token_logprobs(h, w, labels, chunk_size))  # (B, T)
     return logp.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
