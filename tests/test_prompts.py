@@ -90,3 +90,13 @@ def test_arithmetic_is_deterministic_and_ranks_are_disjoint(tok):
     assert dm.accumulate_grad_batches == 1 and dm.num_epochs == 1 and dm.total_steps == 3
     with pytest.raises(DataError):
         PromptDataModule(source="arithmetic", prompts_per_step=3, steps=1, world_size=2, tokenizer=tok)
+
+
+def test_arithmetic_pool_cycles_and_warmup_is_disjoint(tok):
+    dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=4, warmup_steps=2, tokenizer=tok,
+                          task={"pool": 8})
+    b = dm.rank_batches(0)
+    text = lambda s: [x["messages"][-1]["content"] for x in s]  # noqa: E731
+    assert text(b[2]) == text(b[4]) and text(b[3]) == text(b[5])  # RL steps revisit the pool of 8
+    assert text(b[2]) != text(b[3])
+    assert all(x["solution"] for x in b[0])  # warm-up batches carry worked solutions

@@ -175,7 +175,9 @@ class PromptDataModule(L.LightningDataModule):
         answer_field / solution_field: reference answer / worked solution fields.
         max_prompt_tokens: longer rendered prompts are dropped and counted (Moxin-Reasoning: 1024).
         max_bad_fraction: stop when more than this fraction of records is bad.
-        task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``).
+        task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``), plus
+            ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream). Warm-up
+            problems come from a disjoint index range (with 1-digit operands many still repeat by value).
         world_size, seed, tokenizer, max_seq_len: given by ``moxin.run``.
     """
 
@@ -294,9 +296,16 @@ class PromptDataModule(L.LightningDataModule):
         if self.source == "arithmetic":
             from moxin.rewards.tasks import ArithmeticTask, solution_text
 
-            task = ArithmeticTask(seed=self.seed, **self.task_kwargs)
+            kw = dict(self.task_kwargs)
+            pool = kw.pop("pool", None)
+            task = ArithmeticTask(seed=self.seed, **kw)
+            if step < self.warmup_steps:  # warm-up problems: an index range disjoint from the RL ones
+                idx = [10**7 + step * P + i for i in range(P)]
+            else:
+                first = (step - self.warmup_steps) * P
+                idx = [(first + i) % pool if pool else first + i for i in range(P)]
             out = []
-            for p in task.sample(P, start=step * P):
+            for p in (task.problem(i) for i in idx):
                 rec = self.render({"problem": p["prompt"], "answer": p["answer"], "solution": solution_text(p)})
                 if rec is None:
                     raise DataError(f"an arithmetic prompt is longer than data.max_prompt_tokens={self.max_prompt_tokens}")
