@@ -96,16 +96,31 @@ def test_resume_continues_exactly(tmp_path, workers):
     assert full["optimizer_steps"] == 12
 
 
-@pytest.mark.parametrize("override, match", [
-    ("schedule.phases=[{name: a, seq_len: 4096, tokens: 8192, mixture: {prose: 1}}]", "seq_len"),
-    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: -1, code: 1}}]", "prose"),
-    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: 0, code: 0}}]", "zero"),
-    ("schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {poetry: 1}}]", "poetry"),
-    ("data.sources=[{name: prose, path: /nonexistent/corpus.jsonl}]", "/nonexistent/corpus.jsonl"),
+ONLY_PROSE = "schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: 1}}]"
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["schedule.phases=[{name: a, seq_len: 4096, tokens: 8192, mixture: {prose: 1}}]"], "seq_len"),
+    (["schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: -1, code: 1}}]"], "prose"),
+    (["schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: 0, code: 0}}]"], "zero"),
+    (["schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {poetry: 1}}]"], "poetry"),
+    (["data.sources=[{name: prose, path: /nonexistent/corpus.jsonl}]", ONLY_PROSE], "/nonexistent/corpus.jsonl"),
+    (["data.sources=[{name: prose, path: EMPTY}]", ONLY_PROSE], "no document|empty"),
+    (["data.sources=[{name: prose, path: NOFIELD, text_field: text}]", ONLY_PROSE], "text"),
+    (["data.sources=[{name: prose, path: MALFORMED}]", ONLY_PROSE], "malformed|bad"),
 ])
-def test_bad_config_stops_before_training(tmp_path, override, match):
+def test_bad_input_stops_before_any_training_step(tmp_path, overrides, match):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "nofield.jsonl").write_text("\n".join('{"content": "some words here"}' for _ in range(50)))
+    (tmp_path / "malformed.jsonl").write_text("\n".join('{"text": "fine"}' if i % 2 else "{not json" for i in range(400)))
+    subst = {"EMPTY": tmp_path / "empty.jsonl", "NOFIELD": tmp_path / "nofield.jsonl",
+             "MALFORMED": tmp_path / "malformed.jsonl"}
+    for k, v in subst.items():
+        overrides = [o.replace(k, str(v)) for o in overrides]
+    out = tmp_path / "run"
     with pytest.raises(Exception, match=match):
-        R.build(_compose(TINY_PRETRAIN + [override, f"out_dir={tmp_path}", "run_name=bad"]))
+        R.train(_compose(TINY_PRETRAIN + overrides + [f"out_dir={out}", "run_name=bad"]))
+    assert not list(out.glob("**/*.ckpt")) and not list(out.glob("logs/*/metrics.csv")), "a step ran"
 
 
 def test_unknown_key_is_refused_naming_it():
