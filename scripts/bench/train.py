@@ -141,6 +141,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-hf-compile", action="store_true")
+    ap.add_argument("--no-moxin", action="store_true", help="only the Hugging Face baselines")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -165,6 +166,8 @@ def main(argv=None):
     for i, mbs in enumerate(mbs_list):
         torch._dynamo.reset()  # each micro-batch compiles for its own static shapes, as a real run would
         try:
+            if a.no_moxin:
+                raise StopIteration
             res, batch, model = lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers)
             peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
             add("moxin PretrainStage + PretrainDataModule + L.Trainer", mbs, res["s_per_step"], peak_gib=peak,
@@ -173,6 +176,8 @@ def main(argv=None):
             t = bare_loop(model, batch, warm, n, dev)
             add("moxin bare loop (same model/compile/loss/optimizer)", mbs, t)
             del model, batch
+        except StopIteration:
+            pass
         except torch.OutOfMemoryError as ex:
             rows.append({"impl": "moxin", "mbs": mbs, "error": "OOM"})
         free(dev)
