@@ -39,7 +39,7 @@ Distributed: data-parallel ranks each take ``prompts_per_step / world`` prompts;
 all-reduced so every token (or sequence) of a minibatch weighs the same on every rank, and every rank runs the
 same number of backward passes (empty micro-batches run a zero-weight one). Generation under FSDP needs every rank
 to run the same number of decode steps, which :func:`generate` does not enforce yet: use DDP or a single device
-for GRPO until it does (see the report of this stage).
+for GRPO until it does. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested.
 """
 
 from __future__ import annotations
