@@ -165,3 +165,14 @@ def test_format_combined_and_registry():
     with pytest.raises(KeyError, match="unknown verifier 'nope'"):
         get_verifier("nope")
     assert isinstance(RewardResult(1.0, "correct"), RewardResult)
+
+
+def test_solution_text_styles_end_in_the_verified_answer():
+    from moxin.rewards.tasks import ArithmeticTask, ExactAnswerVerifier, solution_text
+
+    p = ArithmeticTask(seed=3).problem(5)
+    worked, short = solution_text(p), solution_text(p, "answer")
+    assert short == f"Answer: {p['answer']}" and worked.endswith(short)
+    assert ExactAnswerVerifier()(short, p["answer"]).score == 1.0
+    with pytest.raises(ValueError, match="worked"):
+        solution_text(p, "essay")

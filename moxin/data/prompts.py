@@ -176,7 +176,8 @@ class PromptDataModule(L.LightningDataModule):
         max_prompt_tokens: longer rendered prompts are dropped and counted (Moxin-Reasoning: 1024).
         max_bad_fraction: stop when more than this fraction of records is bad.
         task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``), plus
-            ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream). Warm-up
+            ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream);
+            ``solution``: ``worked`` or ``answer``, the form of the warm-up targets (see ``solution_text``). Warm-up
             problems come from a disjoint index range (with 1-digit operands many still repeat by value).
         world_size, seed, tokenizer, max_seq_len: given by ``moxin.run``.
     """
@@ -298,6 +299,7 @@ class PromptDataModule(L.LightningDataModule):
 
             kw = dict(self.task_kwargs)
             pool = kw.pop("pool", None)
+            style = kw.pop("solution", "worked")  # worked: "A + B = C. Answer: C"; answer: "Answer: C"
             task = ArithmeticTask(seed=self.seed, **kw)
             if step < self.warmup_steps:  # warm-up problems: an index range disjoint from the RL ones
                 idx = [10**7 + step * P + i for i in range(P)]
@@ -306,7 +308,7 @@ class PromptDataModule(L.LightningDataModule):
                 idx = [(first + i) % pool if pool else first + i for i in range(P)]
             out = []
             for p in (task.problem(i) for i in idx):
-                rec = self.render({"problem": p["prompt"], "answer": p["answer"], "solution": solution_text(p)})
+                rec = self.render({"problem": p["prompt"], "answer": p["answer"], "solution": solution_text(p, style)})
                 if rec is None:
                     raise DataError(f"an arithmetic prompt is longer than data.max_prompt_tokens={self.max_prompt_tokens}")
                 out.append(rec)

@@ -59,15 +59,25 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
 
 
 @torch.no_grad()
+def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
+    if lockstep and torch.distributed.is_available() and torch.distributed.is_initialized():
+        flag = done.all().to(torch.int32).reshape(1)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        return bool(flag.item())
+    return bool(done.all())
+
+
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
              pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
-             decode: str = "auto", sync_every: int = 16) -> GenerationOutput:
+             decode: str = "auto", sync_every: int = 16, lockstep: bool = False) -> GenerationOutput:
     """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache.
 
     decode: auto (graph on CUDA, eager elsewhere), eager, static or graph; see the module docstring.
-    sync_every: with static/graph, tokens between host checks of "every row has stopped"."""
+    sync_every: with static/graph, tokens between host checks of "every row has stopped".
+    lockstep: with torch.distributed initialised, stop only when every rank's rows have stopped, so all ranks run
+        the same number of forwards (needed when the forward is collective, as under FSDP2)."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add the bos token)")
     if pad_side not in ("left", "right"):
@@ -125,7 +135,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         is_stop = torch.isin(nxt, stops) & ~done
         stopped |= is_stop
         done |= is_stop
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and bool(done.all())):
+        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and _all_done(done, lockstep)):
             break
         pos = torch.where(done, -1, lens + t).unsqueeze(1)  # finished rows feed padding
         if step is None:

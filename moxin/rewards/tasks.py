@@ -67,12 +67,18 @@ class ArithmeticTask:
         return [self.problem(i) for i in range(start, start + n)]
 
 
-def solution_text(problem: dict[str, str]) -> str:
-    """A short correct worked answer in a fixed format ending in the answer: ``"37 + 48 = 85. Answer: 85"``.
+def solution_text(problem: dict[str, str], style: str = "worked") -> str:
+    """A short correct answer in a fixed format ending in the answer.
 
+    ``style="worked"``: ``"37 + 48 = 85. Answer: 85"``; ``style="answer"``: ``"Answer: 85"`` (the answer alone:
+    a tiny model learns the form in a few dozen steps without having to learn to copy the operands).
     The SFT warm-up trains on these, so GRPO starts from a model that already answers in the form
     :class:`ExactAnswerVerifier` and :class:`moxin.rewards.format.FormatVerifier` expect.
     """
+    if style not in ("worked", "answer"):
+        raise ValueError(f"solution style must be 'worked' or 'answer', got {style!r}")
+    if style == "answer":
+        return f"Answer: {problem['answer']}"
     m = _PROMPT.fullmatch(problem["prompt"].strip())
     if m is None:
         raise ValueError(f"not an ArithmeticTask prompt: {problem['prompt']!r} (expected 'What is A + B?')")

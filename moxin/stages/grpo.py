@@ -247,10 +247,14 @@ class GRPOStage(MoxinStage):
         t0 = time.perf_counter()
         tokens, finished = [], []
         bs = c.gen_batch_size or len(prompts)
+        # FSDP2 shards the weights: every forward is collective, so ranks decode in lockstep, eagerly (a CUDA
+        # graph cannot hold the all-gathers)
+        sharded = self._trainer is not None and type(self.trainer.strategy).__name__ == "ModelParallelStrategy"
         for s in range(0, len(prompts), bs):
             out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                            top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left", prefill_chunk=c.prefill_chunk,
-                           generator=gen, pad_id=tok.pad_id if tok.pad_id is not None else 0)
+                           generator=gen, pad_id=tok.pad_id if tok.pad_id is not None else 0,
+                           lockstep=sharded, decode="eager" if sharded else "auto")
             tokens += out.tokens
             finished += out.finished
         gen_s = time.perf_counter() - t0
@@ -312,14 +316,15 @@ class GRPOStage(MoxinStage):
 
     # ---- update -------------------------------------------------------------------------------------------------
     def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False):
-        hidden = model(ids, pos, return_hidden=True)  # (b, L, D)
-        W = model.output.weight
-        logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature)
-        ent = None
-        if with_entropy:
-            ent = token_entropy(hidden.detach(), W.detach(), mask.bool(), self.loss_chunk_size,
-                                temperature=self.cfg.temperature)
-        return logp, ent
+        def head(hidden, W):  # runs inside the model's forward, where FSDP2 has gathered the output weight
+            logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature)
+            ent = None
+            if with_entropy:
+                ent = token_entropy(hidden.detach(), W.detach(), mask.bool(), self.loss_chunk_size,
+                                    temperature=self.cfg.temperature)
+            return logp, ent
+
+        return model(ids, pos, head=head)
 
     def _minibatches(self, n_kept_local: int, step: int, epoch: int) -> list[list[torch.Tensor]]:
         """Split the kept sequences into num_minibatches x micro-batches; every rank gets the same number of
@@ -456,8 +461,7 @@ class GRPOStage(MoxinStage):
         pos = torch.arange(L, device=self.device).expand_as(ids)
         self.model.train()
         self._warm_opt.zero_grad(set_to_none=True)
-        hidden = self.model(ids, pos, return_hidden=True)
-        loss_sum, n = token_cross_entropy(hidden, self.model.output.weight, lab, self.loss_chunk_size)
+        loss_sum, n = self.model(ids, pos, head=lambda h, w: token_cross_entropy(h, w, lab, self.loss_chunk_size))
         tot = self._reduce([float(n)])[0]
         self.manual_backward(loss_sum / max(tot, 1.0) * self._world())
         if self.optim_cfg.grad_clip is not None:
