@@ -38,3 +38,21 @@ def test_fsdp2_two_processes_match_one(tmp_path):
     two = _run(2, tmp_path / "fsdp.json", "fsdp2")
     assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-5)
     assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
+
+
+@pytest.mark.parametrize("lockstep", ["1", "0"])
+def test_generate_lockstep_keeps_ranks_in_step(tmp_path, lockstep):
+    helper = Path(__file__).parent / "helpers" / "lockstep_generate.py"
+    out = tmp_path / "gen.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = str(29700 + int(lockstep) + os.getpid() % 1000)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                          str(helper), str(out), lockstep], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r0, r1 = json.loads(out.read_text())
+    assert r0["finished"] and len(r0["tokens"]) == 1  # rank 0's row still stops at its stop token
+    assert not r1["finished"] and len(r1["tokens"]) == 12
+    if lockstep == "1":
+        assert r0["forwards"] == r1["forwards"]  # but it keeps running forwards with its ranks
+    else:
+        assert r0["forwards"] < r1["forwards"]  # what would hang FSDP2: ranks fall out of step
