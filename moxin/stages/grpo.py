@@ -37,9 +37,10 @@ warm-up optimizer is not checkpointed (resuming inside the warm-up restarts its 
 
 Distributed: data-parallel ranks each take ``prompts_per_step / world`` prompts; token / sequence counts are
 all-reduced so every token (or sequence) of a minibatch weighs the same on every rank, and every rank runs the
-same number of backward passes (empty micro-batches run a zero-weight one). Generation under FSDP needs every rank
-to run the same number of decode steps, which :func:`generate` does not enforce yet: use DDP or a single device
-for GRPO until it does. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested.
+same number of backward passes (empty micro-batches run a zero-weight one). Under FSDP2 (sharded weights) every
+forward is collective: rollouts then decode eagerly and in lockstep (``generate(lockstep=True)``: a rank whose rows
+have all stopped keeps stepping until every rank's have), and log-probs run as the model's ``head`` inside its
+forward. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested.
 """
 
 from __future__ import annotations
