@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -92,7 +91,7 @@ def build(cfg: DictConfig):
     stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel),
                         init_from=cfg.init_from, _convert_="object")
 
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
 
     from moxin.callbacks import AtomicCheckpointIO, SampleGenerations, Throughput
 
@@ -223,8 +222,21 @@ def train(cfg: DictConfig) -> dict:
     return info
 
 
+def quiet_third_party_noise() -> None:
+    """Drop messages from dependencies that say nothing about this run (advertising, deprecations inside
+    Lightning/torchdata that users cannot act on)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+
+
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
+    quiet_third_party_noise()
     info = train(cfg)
     value = info["metrics"].get(cfg.monitor)
     return None if value is None or math.isnan(value) else value

@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from moxin.data.preference import PreferenceDataModule, collate_pairs, pair_from_record, pair_problem, render_answer
 from moxin.data.sources import DataError

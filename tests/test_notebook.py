@@ -1,10 +1,8 @@
 """notebooks/inspect_checkpoint.ipynb runs top to bottom on a tiny checkpoint made here."""
 
-import os
 from pathlib import Path
 
 import nbformat
-import pytest
 from nbclient import NotebookClient
 
 from tests.test_run import TINY_PRETRAIN, _compose

@@ -4,7 +4,6 @@ the max length and the tokenizer, and stays put when nothing changed; a stale or
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 
 import lightning as L
-import torch
 
 
 class Throughput(L.Callback):

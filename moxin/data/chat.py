@@ -45,9 +45,9 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
-import lightning as L
 import torch
 
+from moxin.data.common import RankedDataModule
 from moxin.data.sources import DataError, SourceConfig, is_hub_name, resolve_files
 from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat, validate_conversation
@@ -366,7 +366,7 @@ def load_conversations(source: SourceConfig, messages_field: str, max_bad_record
     return store, rows, stats
 
 
-class ChatSFTDataModule(L.LightningDataModule):
+class ChatSFTDataModule(RankedDataModule):
     """SFT on Tülu-form conversations (module docstring for the policies).
 
     Args:
@@ -415,20 +415,6 @@ class ChatSFTDataModule(L.LightningDataModule):
                             f"{self.micro_batch_size} * {self.world_size} = {per}; change batch_size or micro_batch_size")
 
     # ---- configuration -------------------------------------------------------------------------------------
-    @property
-    def world_size(self) -> int:
-        if self._world_size is not None:
-            return int(self._world_size)
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.world_size) if trainer is not None else 1
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
-
     @property
     def tokenizer(self):
         if self._tokenizer is None:

@@ -31,18 +31,17 @@ import copy
 import hashlib
 import logging
 import os
-import math
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
-import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from moxin.data.dedup import DedupFilter, text_hash
 from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
-from moxin.data.sources import DataError, SourceConfig, SourceStats, iter_records, validate_source
+from moxin.data.common import RankedDataModule
+from moxin.data.sources import DataError, plain, SourceConfig, SourceStats, iter_records, validate_source
 
 __all__ = ["Phase", "PackedDataset", "PretrainDataModule", "resolve_tokenizer"]
 
@@ -71,13 +70,7 @@ class Phase:
     def from_any(cls, obj: Any) -> "Phase":
         if isinstance(obj, Phase):
             return obj
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(obj, DictConfig):
-                obj = OmegaConf.to_container(obj, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        obj = plain(obj)
         if not isinstance(obj, Mapping):
             raise DataError(f"phase must be a mapping with keys name, seq_len, tokens, mixture; got {obj!r}")
         unknown = set(obj) - set(cls.__dataclass_fields__)
@@ -360,7 +353,7 @@ def _consumed_state_loader_cls():
     return ConsumedStateLoader
 
 
-class PretrainDataModule(L.LightningDataModule):
+class PretrainDataModule(RankedDataModule):
     """Packed pretraining batches in context-length phases, resumable mid-phase.
 
     Args:
@@ -424,18 +417,6 @@ class PretrainDataModule(L.LightningDataModule):
         self.check_config()
 
     # ---- configuration ------------------------------------------------------------------------------------
-    @property
-    def world_size(self) -> int:
-        if self._world_size is not None:
-            return int(self._world_size)
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.world_size) if trainer is not None else 1
-
-    @property
-    def rank(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        return int(trainer.global_rank) if trainer is not None else 0
-
     @property
     def accumulate_grad_batches(self) -> int:
         """tokens_per_step // (micro_batch_tokens * world_size); the same for every phase."""

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from moxin.data.chat import (
-    ChatSFTDataModule, RecordStats, StepBatchSampler, as_source, load_conversations, source_identity,
+    ChatSFTDataModule, StepBatchSampler, load_conversations, source_identity,
 )
 from moxin.data.sources import DataError, SourceConfig
 from moxin.losses import IGNORE_INDEX

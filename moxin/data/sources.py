@@ -60,6 +60,18 @@ class DataError(ValueError):
     """A data input that cannot be used. The message names the source, the file/line/key and the fix."""
 
 
+def plain(obj: Any) -> Any:
+    """A Hydra/OmegaConf container as plain dicts and lists (anything else unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
 @dataclass
 class SourceConfig:
     """One corpus.
@@ -95,13 +107,7 @@ class SourceConfig:
         """Accept a SourceConfig, a dict / DictConfig (Hydra) with the same keys."""
         if isinstance(obj, SourceConfig):
             return obj
-        try:
-            from omegaconf import DictConfig, OmegaConf
-
-            if isinstance(obj, DictConfig):
-                obj = OmegaConf.to_container(obj, resolve=True)
-        except ImportError:  # pragma: no cover
-            pass
+        obj = plain(obj)
         if not isinstance(obj, dict):
             raise DataError(f"data source must be a mapping with keys name, path, ...; got {obj!r}")
         known = set(cls.__dataclass_fields__)

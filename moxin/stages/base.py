@@ -12,7 +12,6 @@ accumulation bug fixed across the field in 2024).
 from __future__ import annotations
 
 import math
-import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path

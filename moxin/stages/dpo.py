@@ -37,7 +37,6 @@ policy equals the reference and every margin is exactly 0).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from dataclasses import asdict
 

@@ -487,7 +487,6 @@ class GRPOStage(MoxinStage):
         ro = self.rollout(batch, rl_step)
         logs = self._update(ro, rl_step)
         c = self.cfg
-        G = c.group_size
         S = len(ro.rewards)
         tot = self._reduce([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
                             float(ro.zero_std.sum()), float(len(ro.zero_std)), float(ro.lengths.sum()),

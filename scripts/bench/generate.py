@@ -13,11 +13,10 @@ Memory-bandwidth bound of decode: every step reads all weights once (plus the KV
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
-from _common import default_out, env, free, sync, table, timed, write_json
+from _common import default_out, env, free, table, timed, write_json
 
 from moxin.model import ModelConfig, Transformer, generate
 

@@ -24,9 +24,9 @@ from _common import PEAK_TFLOPS, default_out, env, free, sync, table, timed, wri
 
 from moxin.data.datamodule import PretrainDataModule
 from moxin.data.sample import sample_path
-from moxin.distributed import ParallelConfig, parallelize
+from moxin.distributed import ParallelConfig
 from moxin.losses import token_cross_entropy
-from moxin.model import ModelConfig, Transformer
+from moxin.model import ModelConfig
 from moxin.stages.base import OptimConfig
 from moxin.stages.pretrain import PretrainStage
 
