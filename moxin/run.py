@@ -191,8 +191,17 @@ def print_summary(cfg, info: dict) -> None:
     c.print(t)
     import shlex
 
-    keep = [a for a in sys.argv[1:] if not a.startswith(("run_name=", "resume="))]
-    args = " ".join(shlex.quote(a) for a in keep + [f"run_name={info['run_name']}", "resume=auto"])
+    try:  # this job's own overrides (in a sweep: its values, not the sweep's lists)
+        from hydra.core.hydra_config import HydraConfig
+
+        given = list(HydraConfig.get().overrides.task)
+    except ValueError:  # not under Hydra (called from Python)
+        given = sys.argv[1:]
+    keep = [a for a in given if not a.startswith(("run_name=", "resume=", "out_dir=", "-m", "--multirun"))]
+    where = [f"run_name={info['run_name']}"]
+    if Path(info["out_dir"]) != (Path("runs") / info["run_name"]).resolve():
+        where.append(f"out_dir={info['out_dir']}")
+    args = " ".join(shlex.quote(a) for a in keep + where + ["resume=auto"])
     c.print(f"Continue this run:   python -m moxin.run {args}", soft_wrap=True)
     c.print(f"Fine-tune from it:   python -m moxin.run +experiment=sft init_from={info['checkpoint']}")
     c.print("Inspect it:          jupyter notebook notebooks/inspect_checkpoint.ipynb")
@@ -237,6 +246,15 @@ def quiet_third_party_noise() -> None:
 @hydra.main(version_base=None, config_path=CONF_DIR, config_name="config")
 def main(cfg: DictConfig) -> float | None:
     quiet_third_party_noise()
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import open_dict
+
+    hc = HydraConfig.get()
+    if hc.mode == RunMode.MULTIRUN:  # each sweep job writes into its own multirun/<time>/<num> folder
+        with open_dict(cfg):
+            cfg.run_name = f"{cfg.run_name}-{hc.job.num}"
+            cfg.out_dir = hc.runtime.output_dir
     info = train(cfg)
     value = info["metrics"].get(cfg.monitor)
     return None if value is None or math.isnan(value) else value
