@@ -132,3 +132,28 @@ def test_val_interval_falls_on_phase_ends():
     assert R.val_interval_steps(25, [16, 16, 8]) == 8
     assert R.val_interval_steps(5, [12, 12]) == 4
     assert R.val_interval_steps(None, [12]) is None
+
+
+def _resume_matches(tmp_path, base, stop=3, total=6):
+    """Run `total` steps straight; run `stop` steps, resume to `total`; every step's loss must match."""
+    R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", f"trainer.max_steps={total}"]))
+    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={stop}"]))
+    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={total}",
+                             "resume=auto"]))
+    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(total)), (sorted(a), sorted(b))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+
+
+SFT_DPO_TINY = TINY_MODEL + ["data.batch_size=8", "data.micro_batch_size=4", "trainer.val_every_n_steps=null",
+                             "samples.prompts=[]", "trainer.progress_bar=none", "hardware.num_workers=0",
+                             "export_hf=false", "trainer.checkpoint_every_n_steps=100"]
+
+
+def test_sft_resume_continues_exactly(tmp_path):
+    _resume_matches(tmp_path, ["+experiment=sft", "data.max_length=128"] + SFT_DPO_TINY)
+
+
+def test_dpo_resume_continues_exactly(tmp_path):
+    _resume_matches(tmp_path, ["+experiment=dpo", f"stage.ref_cache_dir={tmp_path / 'cache'}"] + SFT_DPO_TINY)
