@@ -33,14 +33,19 @@ class PretrainStage(MoxinStage):
         loss_sum, n = self._loss_sum(batch)
         self._val += torch.stack([loss_sum.double(), n.double()])
 
-    def on_validation_epoch_end(self):
+    def _val_metrics(self) -> dict[str, float]:
+        """Held-out loss per target token over all ranks (and its perplexity)."""
         tot = self._val.clone()
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(tot)
-        if tot[1] > 0:
-            loss = float(tot[0] / tot[1])
-            self.log_dict({"val/loss": loss, "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))},
-                          rank_zero_only=True, sync_dist=False)
+        if tot[1] <= 0:
+            return {}
+        return {"val/loss": float(tot[0] / tot[1]), "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))}
+
+    def on_validation_epoch_end(self):
+        metrics = self._val_metrics()
+        if metrics:
+            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
 
 
 LanguageModelingStage = PretrainStage

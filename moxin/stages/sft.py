@@ -79,7 +79,7 @@ class SFTStage(PretrainStage):
     def training_step(self, batch, batch_idx):
         self._sft_acc[0] += float(batch.get("num_conversations", 0))
         self._sft_acc[1] += float(batch.get("num_truncated", 0))
-        self._sft_acc[2] += float((batch["labels"] != -100).sum())
+        self._sft_acc[2] = self._sft_acc[2] + (batch["labels"] != -100).sum()  # stays on the device
         return super().training_step(batch, batch_idx)
 
     def on_before_optimizer_step(self, optimizer):
@@ -90,19 +90,6 @@ class SFTStage(PretrainStage):
                        "sft/truncated": float(self.truncated_total)},
                       on_step=True, on_epoch=False, rank_zero_only=True, sync_dist=False)
         self._sft_acc = [0.0, 0.0, 0.0]
-
-    def _val_metrics(self) -> dict[str, float]:
-        tot = self._val.clone()
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(tot)
-        if tot[1] <= 0:
-            return {}
-        return {"val/loss": float(tot[0] / tot[1]), "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))}
-
-    def on_validation_epoch_end(self):
-        metrics = self._val_metrics()
-        if metrics:
-            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
