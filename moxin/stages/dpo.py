@@ -113,9 +113,7 @@ class DPOStage(MoxinStage):
         return ref.eval()
 
     def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        if self.reference == "frozen":
+        if self.model is None and self.reference == "frozen":
             # The reference is built from the same RNG state as the policy, so a random init matches too.
             devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
             with torch.random.fork_rng(devices=devices):
