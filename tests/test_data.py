@@ -188,3 +188,17 @@ def test_malformed_lines_counted_then_threshold(tmp_path):
     with pytest.raises(DataError, match=r"'m': 2 bad records.*max_bad_records=1") as e:
         list(iter_documents(SourceConfig("m", str(f), max_bad_records=1)))
     assert f"{f}:4" in str(e.value)
+
+
+def test_hub_source_that_cannot_be_reached_names_the_source_and_the_fix():
+    """The real loading path for hub names, exercised offline: a clear DataError, not a traceback from deep inside."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from moxin.data.sources import SourceConfig, open_hub_dataset, DataError\n"
+            "try:\n    open_hub_dataset(SourceConfig(name='slim', path='cerebras/SlimPajama-627B'), streaming=True)\n"
+            "except DataError as e:\n    print(e)\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert "data source 'slim'" in out and "cerebras/SlimPajama-627B" in out and "local jsonl / parquet" in out

@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from moxin.data.common import RankedDataModule
-from moxin.data.sources import DataError, SourceConfig, is_hub_name, resolve_files
+from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, resolve_files
 from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat, validate_conversation
 
@@ -97,17 +97,8 @@ class RecordStats:
 
 
 def load_hub_dataset(source: SourceConfig):
-    """``datasets.load_dataset(path, hub_config, split)`` (Arrow, memory-mapped); DataError naming the source."""
-    try:
-        import datasets
-
-        return datasets.load_dataset(source.path, source.hub_config, split=source.split, data_files=source.data_files)
-    except Exception as e:  # network, unknown name, gated dataset ...
-        raise DataError(
-            f"data set {source.name!r}: cannot open Hugging Face dataset {source.path!r} (config "
-            f"{source.hub_config!r}, split {source.split!r}): {type(e).__name__}: {e}. Check the name and the network "
-            "/ HF token, or point `path` at local jsonl / parquet files."
-        ) from e
+    """The whole hub dataset as memory-mapped Arrow (conversations are counted and rendered up front)."""
+    return open_hub_dataset(source, streaming=False)
 
 
 def read_records(source: SourceConfig) -> Iterator[tuple[str, Any]]:

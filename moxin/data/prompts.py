@@ -35,7 +35,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from moxin.data.sources import DataError, SourceConfig, is_hub_name, resolve_files
+from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, resolve_files
 
 __all__ = ["PromptDataModule", "PromptStats", "load_prompt_records", "DEFAULT_INSTRUCTIONS"]
 
@@ -80,15 +80,7 @@ def _pick(rec: dict, fields: tuple[str, ...]):
 def _raw_records(source: SourceConfig):
     """Yield ``(where, record | error-string)`` for every record of a local file set or a hub dataset."""
     if is_hub_name(source):
-        try:
-            import datasets
-
-            ds = datasets.load_dataset(source.path, source.hub_config, split=source.split, data_files=source.data_files)
-        except Exception as e:  # network, unknown name, gated dataset ...
-            raise DataError(
-                f"prompt source {source.path!r} (split {source.split!r}): cannot open the Hugging Face dataset: "
-                f"{type(e).__name__}: {e}. Check the name and the network, or point data.path at local jsonl/parquet"
-            ) from e
+        ds = open_hub_dataset(source, streaming=False)
         for i, rec in enumerate(ds, 1):
             yield f"{source.path}[{source.split}] record {i}", rec
         return

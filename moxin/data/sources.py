@@ -284,19 +284,25 @@ def _local_records(source: SourceConfig, files, keep) -> Iterator[tuple[str, Any
             raise DataError(f"data source {source.name!r}: unknown format {fmt!r} for {path}; use jsonl|parquet|txt")
 
 
-def _hub_dataset(source: SourceConfig, shard_index: int, num_shards: int, start: int):
+def open_hub_dataset(source: SourceConfig, streaming: bool):
+    """``datasets.load_dataset(path, hub_config, split, data_files)``: streamed (pretraining corpora) or
+    memory-mapped Arrow (SFT / preference / prompt sets that are counted up front); a DataError names the
+    source and what to do when it cannot be opened."""
     try:
         import datasets
 
-        ds = datasets.load_dataset(
-            source.path, source.hub_config, split=source.split, streaming=True, data_files=source.data_files
-        )
+        return datasets.load_dataset(source.path, source.hub_config, split=source.split, streaming=streaming,
+                                     data_files=source.data_files)
     except Exception as e:  # network, unknown name, gated dataset ...
         raise DataError(
             f"data source {source.name!r}: cannot open Hugging Face dataset {source.path!r} "
             f"(config {source.hub_config!r}, split {source.split!r}): {type(e).__name__}: {e}. "
-            "Check the name, the network / HF token, or point `path` at local files."
+            "Check the name, the network / HF token, or point `path` at local jsonl / parquet files."
         ) from e
+
+
+def _hub_dataset(source: SourceConfig, shard_index: int, num_shards: int, start: int):
+    ds = open_hub_dataset(source, streaming=True)
     if num_shards > 1:
         from datasets.distributed import split_dataset_by_node
 
