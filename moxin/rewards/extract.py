@@ -69,3 +69,17 @@ def extract_answer(text: str, number_fallback: bool = True) -> str | None:
     if phrase is not None:
         return phrase
     return last_number(text) if number_fallback else None
+
+
+def extract_or_no_answer(completion: str, number_fallback: bool):
+    """``(answer, None)``, or ``(None, RewardResult(0, "no_answer..."))`` when the completion has no answer or a
+    malformed one: the common first step of every answer-checking verifier."""
+    from moxin.rewards.base import NO_ANSWER, RewardResult
+
+    try:
+        extracted = extract_answer(completion, number_fallback=number_fallback)
+    except MalformedAnswer as exc:
+        return None, RewardResult(0.0, f"{NO_ANSWER}; {exc}")
+    if extracted is None:
+        return None, RewardResult(0.0, NO_ANSWER)
+    return extracted, None

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
-from moxin.rewards.extract import MalformedAnswer, extract_answer
+from moxin.rewards.extract import extract_or_no_answer
 
 __all__ = ["MathVerifier"]
 
@@ -69,12 +69,9 @@ class MathVerifier:
 
     def __call__(self, completion: str, reference: str) -> RewardResult:
         parse, verify, config = _math_verify()
-        try:
-            extracted = extract_answer(completion, number_fallback=self.number_fallback)
-        except MalformedAnswer as exc:
-            return RewardResult(0.0, f"{NO_ANSWER}; {exc}")
-        if extracted is None:
-            return RewardResult(0.0, NO_ANSWER)
+        extracted, no_answer = extract_or_no_answer(completion, self.number_fallback)
+        if no_answer is not None:
+            return no_answer
         gold = parse(_as_latex(reference), config, parsing_timeout=None)
         if not gold:
             return RewardResult(0.0, "error", extracted, error=f"could not parse the reference answer {reference!r}")

@@ -14,8 +14,8 @@ import random
 import re
 from dataclasses import dataclass
 
-from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
-from moxin.rewards.extract import MalformedAnswer, extract_answer
+from moxin.rewards.base import CORRECT, WRONG, RewardResult
+from moxin.rewards.extract import extract_or_no_answer
 
 __all__ = ["ArithmeticTask", "ExactAnswerVerifier", "solution_text"]
 
@@ -107,12 +107,9 @@ class ExactAnswerVerifier:
     number_fallback: bool = True
 
     def __call__(self, completion: str, reference: str) -> RewardResult:
-        try:
-            extracted = extract_answer(completion, number_fallback=self.number_fallback)
-        except MalformedAnswer as exc:
-            return RewardResult(0.0, f"{NO_ANSWER}; {exc}")
-        if extracted is None:
-            return RewardResult(0.0, NO_ANSWER)
+        extracted, no_answer = extract_or_no_answer(completion, self.number_fallback)
+        if no_answer is not None:
+            return no_answer
         if _normalise(extracted) == _normalise(reference):
             return RewardResult(1.0, CORRECT, extracted)
         return RewardResult(0.0, WRONG, extracted)
