@@ -136,3 +136,19 @@ def test_static_decode_equals_eager(model, side):
         assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
     g = generate(model, ps, 20, temperature=0, decode="static")
     assert g.tokens == generate(model, ps, 20, temperature=0, decode="eager").tokens
+
+
+@pytest.mark.parametrize("grad_mode", [True, False])
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_generate_never_records_autograd_history(model, grad_mode, decode):
+    """Rollouts must not build a graph (memory grows with every token): no forward inside `generate` may run
+    with grad enabled, whatever the caller's grad mode."""
+    seen = []
+    hook = model.register_forward_pre_hook(lambda m, args: seen.append(torch.is_grad_enabled()))
+    try:
+        with torch.set_grad_enabled(grad_mode):
+            out = generate(model, prompts_of(LENS), 6, temperature=0, decode=decode, return_logprobs=True)
+    finally:
+        hook.remove()
+    assert seen and not any(seen), f"{sum(seen)} of {len(seen)} forwards ran with grad enabled"
+    assert all(len(t) == 6 for t in out.tokens)

@@ -58,7 +58,6 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
     if lockstep and torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = done.all().to(torch.int32).reshape(1)
@@ -67,6 +66,7 @@ def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
     return bool(done.all())
 
 
+@torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperature: float = 1.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
              pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
