@@ -67,13 +67,36 @@ def _static_block_mask(T: int, window: int | None, device: str):
     return create_block_mask(masks.training_mask(window, None), None, None, T, T, device=device)
 
 
+#: Compiled FlexAttention kernels are not lowered reliably below this head size (seen: Inductor errors at 16);
+#: smaller heads (test-size models) take the SDPA reference, which gives the same numbers.
+FLEX_MIN_HEAD_DIM = 32
+
+#: FlexAttention works on blocks of this many queries/keys; sequences are padded up to a multiple of it.
+FLEX_BLOCK = 128
+
+
 def flex(q, k, v, window: int | None, doc_ids: torch.Tensor | None):
+    """FlexAttention over a length padded up to a multiple of `FLEX_BLOCK`.
+
+    Why pad: Inductor lowers FlexAttention for whole blocks; lengths such as 40 or 64 tokens (DPO pairs, GRPO
+    rollouts, short validation rows) have no valid kernel configuration on some torch versions
+    (``NoValidChoicesError: No choices to select``), and every distinct length compiles a new kernel. Padding
+    keys and queries at the end is exact: the causal mask keeps every real query (q < T) from the padded keys
+    (kv >= T > q), and the padded queries' outputs are dropped, so they receive no gradient either.
+    """
     B, H, T, D = q.shape
+    pad = (-T) % FLEX_BLOCK
+    if pad:
+        q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, *, T + pad, D)
+        if doc_ids is not None:
+            doc_ids = F.pad(doc_ids, (0, pad), value=-1)  # padding is its own document
+    Tp = T + pad
     if doc_ids is None:
-        block_mask = _static_block_mask(T, window, str(q.device))
+        block_mask = _static_block_mask(Tp, window, str(q.device))
     else:
-        block_mask = create_block_mask(masks.training_mask(window, doc_ids), B, None, T, T, device=q.device)
-    return _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
+        block_mask = create_block_mask(masks.training_mask(window, doc_ids), B, None, Tp, Tp, device=q.device)
+    out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
+    return out[:, :, :T] if pad else out
 
 
 def flash(q, k, v, window: int | None, doc_ids: torch.Tensor | None):
@@ -103,6 +126,8 @@ def attend(q, k, v, *, window: int | None, doc_ids: torch.Tensor | None, backend
     if backend == "sdpa":
         return sdpa_reference(q, k, v, window, doc_ids)
     if backend == "flex":
+        if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+            return sdpa_reference(q, k, v, window, doc_ids)
         return flex(q, k, v, window, doc_ids)
     if backend == "flash":
         return flash(q, k, v, window, doc_ids)
