@@ -52,6 +52,39 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_fo
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
+def is_sharded(strategy) -> bool:
+    """True when the trainer's strategy shards the model with FSDP2 (Lightning's ModelParallelStrategy): every
+    forward is then collective and parameters are DTensor shards."""
+    return strategy is not None and type(strategy).__name__ == "ModelParallelStrategy"
+
+
+@torch.no_grad()
+def weights_checksum(model: nn.Module) -> float:
+    """Sum of every parameter in float64: a cheap fingerprint that says whether two models hold the same weights
+    (a hand-off loaded what the previous stage wrote). Under FSDP2 the parameters are Shard(0) DTensors: each rank
+    sums its own shard and the sums are all-reduced, so this is collective (every rank must call it) and never
+    gathers a full tensor. Tied parameters count once."""
+    import torch.distributed as dist
+
+    device = next(model.parameters()).device
+    plain = torch.zeros((), dtype=torch.float64, device=device)
+    sharded = torch.zeros((), dtype=torch.float64, device=device)
+    group = None
+    for p in model.parameters():
+        if hasattr(p, "to_local"):  # DTensor
+            if any(not pl.is_shard() for pl in p.placements):
+                p = p.full_tensor()  # a replicated placement would be counted once per rank otherwise
+                plain += p.double().sum()
+                continue
+            group = p.device_mesh.get_group()
+            sharded += p.to_local().double().sum()
+        else:
+            plain += p.double().sum()
+    if group is not None:
+        dist.all_reduce(sharded, group=group)
+    return float(plain + sharded)
+
+
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding."""
     if cfg.activation_checkpointing:

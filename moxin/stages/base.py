@@ -20,8 +20,9 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from torchmetrics import Metric
 
-from moxin.distributed import ParallelConfig, parallelize
+from moxin.distributed import ParallelConfig, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
 
 
@@ -116,6 +117,25 @@ def load_init_weights(model: Transformer, path: str) -> None:
     model.load_state_dict(src)
 
 
+class HeldOutSums(Metric):
+    """Named sums over one validation pass (a loss sum, a token or pair count, ...), summed over every rank when
+    computed. torchmetrics keeps the states per process and all-reduces them in `compute()`, so N processes that
+    split the held-out data log exactly the single-process value (tests/test_distributed.py). `compute()` is
+    collective: every rank calls it."""
+
+    full_state_update = False
+
+    def __init__(self, n: int):
+        super().__init__()
+        self.add_state("sums", default=torch.zeros(n, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, values: torch.Tensor) -> None:
+        self.sums += values.detach().to(self.sums.device, torch.float64)
+
+    def compute(self) -> torch.Tensor:
+        return self.sums.clone()
+
+
 class MoxinStage(L.LightningModule):
     """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics."""
 
@@ -135,6 +155,8 @@ class MoxinStage(L.LightningModule):
         self._acc_loss = 0.0
         self._acc_metrics: dict[str, float] = {}
         self._acc_processed = 0
+        self.init_checksum: float | None = None
+        self.held_out: HeldOutSums | None = None
         self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
         self.last_step_tokens_processed = 0
 
@@ -146,14 +168,29 @@ class MoxinStage(L.LightningModule):
             self.model = Transformer(self.model_cfg)
             if self.init_from:
                 load_init_weights(self.model, self.init_from)
+                # what was loaded, before any sharding or step: summary.json records it so a chain can check
+                # that a hand-off really carried the previous stage's final weights (scripts/check_run.py)
+                self.init_checksum = weights_checksum(self.model)
         if self._parallelized or self._trainer is None:
             return
         self._parallelized = True
-        mesh = None
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
-            mesh = self.device_mesh
+        mesh = self.device_mesh if is_sharded(self.trainer.strategy) else None
         parallelize(self.model, self.parallel_cfg, mesh)
+        ref = getattr(self, "ref_model", None)
+        if ref is not None:  # a frozen reference (DPO, GRPO's KL) is sharded like the policy
+            parallelize(ref, self.parallel_cfg, mesh)
+
+    def frozen_start_copy(self) -> Transformer:
+        """A frozen model with the starting weights: `init_from`, or, without it, the very random init the
+        policy gets (built from the same RNG state, which is then restored, so call it before the policy is
+        built). Not sharded here: `configure_model` shards `self.ref_model` like the policy."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+        with torch.random.fork_rng(devices=devices):
+            ref = Transformer(self.model_cfg)
+        if self.init_from:
+            load_init_weights(ref, self.init_from)
+        ref.requires_grad_(False)
+        return ref.eval()
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def total_steps(self) -> int:
@@ -233,6 +270,27 @@ class MoxinStage(L.LightningModule):
                  rank_zero_only=True)
         self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
         self._acc_metrics = {}
+
+    # ---- held-out metrics: sums over the validation pass, reduced over ranks ----------------------------------
+    def held_out_start(self, n: int) -> None:
+        """Start a validation pass that accumulates `n` sums (see `HeldOutSums`)."""
+        if getattr(self, "held_out", None) is None or self.held_out.sums.numel() != n:
+            self.held_out = HeldOutSums(n).to(self.device)
+        self.held_out.reset()
+
+    def held_out_totals(self) -> torch.Tensor:
+        """The pass's sums over all ranks (collective)."""
+        import warnings
+
+        with warnings.catch_warnings():  # a rank with no held-out batch still takes part in the reduction
+            warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
+            return self.held_out.compute()
+
+    def log_held_out(self, metrics: dict[str, float]) -> None:
+        """Log values that every rank already holds reduced (sync_dist=True keeps Lightning from logging one
+        rank's value and averages identical numbers, which changes nothing)."""
+        if metrics:
+            self.log_dict(metrics, sync_dist=True)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # clipping happens in on_before_optimizer_step, after the token normalisation

@@ -41,12 +41,12 @@ import logging
 from dataclasses import asdict
 
 import torch
-import torch.distributed as dist
 
 from moxin.losses import DPO_LOSS_TYPES, dpo_loss, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.stages import refcache
-from moxin.stages.base import MoxinStage, StepLoss, load_init_weights
+from moxin.distributed import is_sharded
+from moxin.stages.base import MoxinStage, StepLoss
 from moxin.stages.sft import validate_before_training
 
 __all__ = ["DPOStage", "REFERENCE_MODES"]
@@ -95,29 +95,19 @@ class DPOStage(MoxinStage):
         self.ref_cache_info: dict[str, dict] = {}
 
     # ---- model ----------------------------------------------------------------------------------------------
-    def _mesh(self):
-        strategy = self.trainer.strategy if self._trainer is not None else None
-        if strategy is not None and type(strategy).__name__ == "ModelParallelStrategy":
-            return self.device_mesh
-        return None
-
     def _build_reference(self) -> Transformer:
-        """The starting weights as a frozen model, sharded like the policy."""
+        """The starting weights as a frozen model, sharded like the policy (used when a resumed run must
+        recompute a missing reference cache)."""
         from moxin.distributed import parallelize
 
-        ref = Transformer(self.model_cfg)
-        if self.init_from:
-            load_init_weights(ref, self.init_from)
-        parallelize(ref, self.parallel_cfg, self._mesh())
-        ref.requires_grad_(False)
-        return ref.eval()
+        ref = self.frozen_start_copy()
+        parallelize(ref, self.parallel_cfg, self.device_mesh if is_sharded(self.trainer.strategy) else None)
+        return ref
 
     def configure_model(self) -> None:
         if self.model is None and self.reference == "frozen":
-            # The reference is built from the same RNG state as the policy, so a random init matches too.
-            devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
-            with torch.random.fork_rng(devices=devices):
-                self.ref_model = self._build_reference()
+            # built before the policy from the same RNG state, so a random init matches too; the base shards it
+            self.ref_model = self.frozen_start_copy()
         super().configure_model()
 
     # ---- reference log-probs ------------------------------------------------------------------------------------
@@ -214,19 +204,19 @@ class DPOStage(MoxinStage):
 
     # ---- validation on held-out pairs -------------------------------------------------------------------------
     def on_validation_epoch_start(self):
-        self._val = torch.zeros(len(_METRICS) + 1, dtype=torch.float64, device=self.device)
+        self.held_out_start(len(_METRICS) + 1)  # the metric sums, then the pair count
 
     def validation_step(self, batch, batch_idx):
         if batch["pair_index"].numel() == 0:
             return
         with torch.no_grad():
             _, P, stats, _ = self._pair_terms(batch, "val")
-        self._val += torch.tensor([float(stats[k]) for k in _METRICS] + [P], dtype=torch.float64, device=self.device)
+        self.held_out.update(torch.stack([torch.as_tensor(stats[k], device=self.device).double().reshape(())
+                                          for k in _METRICS] + [torch.tensor(float(P), device=self.device,
+                                                                             dtype=torch.float64)]))
 
     def _val_metrics(self) -> dict[str, float]:
-        tot = self._val.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(tot)
+        tot = self.held_out_totals()  # collective: summed over ranks
         n = float(tot[-1])
         if n <= 0:
             return {}
@@ -237,9 +227,7 @@ class DPOStage(MoxinStage):
                 "val/chosen_logp": v["chosen_logp"]}
 
     def on_validation_epoch_end(self):
-        metrics = self._val_metrics()
-        if metrics:
-            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+        self.log_held_out(self._val_metrics())
 
     def configure_optimizers(self):
         if self.ref_model is not None:  # the frozen reference is never optimised (no requires_grad anyway)

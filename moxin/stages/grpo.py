@@ -45,10 +45,8 @@ forward. The KL reference is a deep copy of the policy module; under FSDP2 that 
 
 from __future__ import annotations
 
-import os
-
-import copy
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -57,6 +55,7 @@ import torch.distributed as dist
 
 from moxin.losses import (IGNORE_INDEX, completion_mask, group_advantages, kl_penalty, policy_loss,
                           token_cross_entropy, token_entropy, token_logprobs, zero_std_groups)
+from moxin.distributed import is_sharded
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage, OptimConfig
 
@@ -174,17 +173,11 @@ class GRPOStage(MoxinStage):
         return self._tok
 
     def configure_model(self) -> None:
-        fresh = self.model is None
+        if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None:
+            # the KL reference: the starting weights, frozen; kept out of state_dict and the optimizer (not a
+            # submodule) and sharded like the policy by the base's configure_model
+            object.__setattr__(self, "ref_model", self.frozen_start_copy())
         super().configure_model()
-        if fresh and self.cfg.kl_coef != 0.0 and self.ref_model is None:
-            self.make_reference()
-
-    def make_reference(self) -> None:
-        """Freeze a copy of the current policy as the KL reference (kept out of state_dict and the optimizer)."""
-        ref = copy.deepcopy(self.model).eval()
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        object.__setattr__(self, "ref_model", ref)  # not a submodule: not saved, not optimised
 
     def on_fit_start(self) -> None:
         if self.ref_model is not None:
@@ -250,7 +243,7 @@ class GRPOStage(MoxinStage):
         bs = c.gen_batch_size or len(prompts)
         # FSDP2 shards the weights: every forward is collective, so ranks decode in lockstep, eagerly (a CUDA
         # graph cannot hold the all-gathers)
-        sharded = self._trainer is not None and type(self.trainer.strategy).__name__ == "ModelParallelStrategy"
+        sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
         for s in range(0, len(prompts), bs):
             out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                            top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left", prefill_chunk=c.prefill_chunk,
@@ -478,8 +471,10 @@ class GRPOStage(MoxinStage):
         if step < self.cfg.warmup_sft_steps:
             logs = self.warmup_step(batch)
             if step == self.cfg.warmup_sft_steps - 1 and self.cfg.kl_coef != 0.0:
-                self.make_reference()  # the KL reference is the policy RL starts from
-                self.ref_model.to(self.device)
+                # the KL reference is the policy RL starts from: copy the warmed-up weights into it (same
+                # structure and sharding as the policy, so plain tensors and DTensor shards copy alike)
+                with torch.no_grad():
+                    self.ref_model.load_state_dict(self.model.state_dict())
             self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
             return None
         rl_step = step - self.cfg.warmup_sft_steps

@@ -8,7 +8,6 @@ The same stage serves SFT (labels masked to assistant tokens by the data), which
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
 from moxin.losses import token_cross_entropy
 from moxin.stages.base import MoxinStage, StepLoss
@@ -27,25 +26,21 @@ class PretrainStage(MoxinStage):
         return StepLoss(loss_sum=loss_sum, n_tokens=n, tokens_processed=batch["input_ids"].numel())
 
     def on_validation_epoch_start(self):
-        self._val = torch.zeros(2, dtype=torch.float64, device=self.device)
+        self.held_out_start(2)  # loss sum, target tokens
 
     def validation_step(self, batch, batch_idx):
         loss_sum, n = self._loss_sum(batch)
-        self._val += torch.stack([loss_sum.double(), n.double()])
+        self.held_out.update(torch.stack([loss_sum.double(), n.double()]))
 
     def _val_metrics(self) -> dict[str, float]:
-        """Held-out loss per target token over all ranks (and its perplexity)."""
-        tot = self._val.clone()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(tot)
+        """Held-out loss per target token over all ranks (and its perplexity). Collective."""
+        tot = self.held_out_totals()
         if tot[1] <= 0:
             return {}
         return {"val/loss": float(tot[0] / tot[1]), "val/ppl": float(torch.exp(tot[0] / tot[1]).clamp(max=1e6))}
 
     def on_validation_epoch_end(self):
-        metrics = self._val_metrics()
-        if metrics:
-            self.log_dict(metrics, rank_zero_only=True, sync_dist=False)
+        self.log_held_out(self._val_metrics())
 
 
 LanguageModelingStage = PretrainStage
