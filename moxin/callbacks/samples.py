@@ -6,6 +6,7 @@ from __future__ import annotations
 import lightning as L
 import torch
 
+from moxin.distributed import is_sharded
 from moxin.model.generate import generate
 
 
@@ -20,10 +21,14 @@ class SampleGenerations(L.Callback):
         self._tok = None
 
     def on_train_epoch_end(self, trainer, pl_module):
-        if not self.prompts or (trainer.current_epoch + 1) % self.every or not trainer.is_global_zero:
+        if not self.prompts or (trainer.current_epoch + 1) % self.every:
             return
-        if trainer.world_size > 1 and type(trainer.strategy).__name__ == "ModelParallelStrategy":
-            return  # sharded parameters: generation would need every rank
+        # Under FSDP2 the weights are sharded and every forward is collective: all ranks generate the same
+        # prompts in lockstep (eager decode, as GRPO's rollouts do) and rank zero prints. Otherwise only rank zero
+        # generates (the other ranks hold full copies and have nothing to add).
+        sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
+        if not (sharded or trainer.is_global_zero):
+            return
         if self._tok is None:
             from moxin.tokenizer import load_tokenizer
 
@@ -33,9 +38,12 @@ class SampleGenerations(L.Callback):
         model.eval()
         ids = [self._tok.encode(p, bos=True) for p in self.prompts]
         with torch.no_grad():
-            out = generate(model, ids, self.max_new_tokens, temperature=0.0, stop_tokens=(self._tok.eos_id,))
+            out = generate(model, ids, self.max_new_tokens, temperature=0.0, stop_tokens=(self._tok.eos_id,),
+                           lockstep=sharded, decode="eager" if sharded else "auto")
         model.train(was_training)
+        if not trainer.is_global_zero:
+            return
         for p, toks in zip(self.prompts, out.tokens):
             text = self._tok.decode(toks)
             self.history.append({"epoch": trainer.current_epoch, "prompt": p, "completion": text})
-            print(f"[sample, phase {trainer.current_epoch}] {p!r} -> {text!r}")
+            print(f"[sample, phase {trainer.current_epoch}] {p!r} -> {text!r}", flush=True)
