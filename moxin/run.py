@@ -76,6 +76,22 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     return str(p)
 
 
+def check_vocab(model_cfg, tokenizer_spec) -> None:
+    """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
+    the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
+    from moxin.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tokenizer_spec)
+    specials = {"bos": tok._bos_id, "eos": tok._eos_id, "pad": tok._pad_id}
+    top = max([tok.vocab_size - 1] + [i for i in specials.values() if i is not None])
+    if top >= model_cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} but tokenizer={tokenizer_spec!r} produces ids up to {top} "
+            f"({tok.vocab_size} entries; special ids {', '.join(f'{k} {v}' for k, v in specials.items() if v is not None)}). "
+            f"Set model.vocab_size={top + 1} (or more), or choose a tokenizer with at most {model_cfg.vocab_size} "
+            f"entries (tokenizer=path/to/tokenizer.json)")
+
+
 def build(cfg: DictConfig):
     """Instantiate datamodule, stage, trainer from the composed config (before any training work)."""
     out_dir = Path(cfg.out_dir)
@@ -85,6 +101,7 @@ def build(cfg: DictConfig):
     world = world_size_of(hw)
 
     model_cfg = instantiate(cfg.model)
+    check_vocab(model_cfg, cfg.tokenizer)
     datamodule = instantiate(cfg.data, world_size=world, seed=cfg.seed, tokenizer=cfg.tokenizer,
                              max_seq_len=model_cfg.max_seq_len, _convert_="all")
     accum = datamodule.accumulate_grad_batches
@@ -148,6 +165,9 @@ def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
 def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict:
     out_dir = Path(cfg.out_dir).resolve()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+    from moxin.distributed import weights_checksum
+
+    checksum = weights_checksum(stage.model)  # collective under FSDP2: every rank computes it
     info = {
         "run_name": cfg.run_name,
         "out_dir": str(out_dir),
@@ -158,6 +178,9 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
         "tokens_per_s": throughput.tokens_per_s,
         "mfu": throughput.mfu,
         "metrics": metrics,
+        "weights_checksum": checksum,
+        "init_from": cfg.init_from,
+        "init_checksum": stage.init_checksum,
     }
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         info["metrics_csv"] = str(Path(trainer.logger.log_dir).resolve() / "metrics.csv")
