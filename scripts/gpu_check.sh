@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# The whole recipe on GPUs, as a user runs it: pretrain -> sft -> dpo -> grpo, each stage init_from the previous
+# stage's HF export, a few steps each on the built-in sample data; then the same chain under FSDP2 on 2 GPUs
+# (torchrun); then a few steps of the full Moxin-7B on 2 GPUs. After every stage scripts/check_run.py checks that
+# it ran, that its metrics and final weights are finite, and that the hand-off loaded the previous stage's final
+# weights (parameter checksums in summary.json).
+#
+#   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
+#   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu (the chain on a CPU)
+#
+# Environment: GPU_CHECK_DIR (default runs/gpu_check, wiped first), PYTHON (default python3).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+DIR=${GPU_CHECK_DIR:-runs/gpu_check}
+PARTS=${*:-single fsdp 7b}
+NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+export PYTHONUNBUFFERED=1 HYDRA_FULL_ERROR=1
+rm -rf "$DIR"
+mkdir -p "$DIR"
+declare -a REPORT=()
+
+stage() {  # stage <tag> <name> <previous name or -> <launcher...> -- <overrides...>
+  local tag=$1 name=$2 prev=$3; shift 3
+  local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
+  local out="$DIR/$tag/$name" init=()
+  [[ $prev != - ]] && init=("init_from=$DIR/$tag/$prev/hf")
+  local t0=$SECONDS
+  echo "=== [$tag] $name $( [[ $prev != - ]] && echo "(init_from $prev)")"
+  "${launch[@]}" -m moxin.run "$@" "${init[@]}" run_name="$tag-$name" out_dir="$out" trainer.progress_bar=plain \
+    > "$DIR/$tag-$name.log" 2>&1 || { tail -40 "$DIR/$tag-$name.log"; echo "FAIL [$tag] $name: exit code $?"; exit 1; }
+  local after=() ; [[ $prev != - ]] && after=(--after "$DIR/$tag/$prev")
+  local line; line=$($PY scripts/check_run.py "$out" "${after[@]}" --rel-tol 1e-6) || { echo "$line"; exit 1; }
+  echo "$line ($((SECONDS - t0)) s wall)"
+  REPORT+=("$line ($((SECONDS - t0)) s wall)")
+}
+
+chain() {  # chain <tag> <launcher...> -- <hardware overrides...>
+  local tag=$1; shift
+  local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
+  local hw=("$@")
+  stage "$tag" pretrain - "${launch[@]}" -- "${hw[@]}" trainer.max_steps=12 trainer.val_every_n_steps=4
+  stage "$tag" sft pretrain "${launch[@]}" -- +experiment=sft "${hw[@]}" trainer.max_steps=10
+  stage "$tag" dpo sft "${launch[@]}" -- +experiment=dpo "${hw[@]}" trainer.max_steps=10 \
+    stage.ref_cache_dir="$DIR/$tag/refcache"
+  stage "$tag" grpo dpo "${launch[@]}" -- +experiment=grpo "${hw[@]}" data.steps=4 stage.grpo.warmup_sft_steps=4 \
+    stage.grpo.kl_coef=0.001 export_hf=true
+}
+
+for part in $PARTS; do
+  case $part in
+    single)
+      chain gpu $PY -- hardware=gpu ;;
+    fsdp)
+      if (( NGPU < 2 )); then echo "=== [fsdp] skipped: $NGPU GPU(s)"; continue; fi
+      chain fsdp $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp hardware.devices=2 ;;
+    7b)
+      if (( NGPU < 2 )); then echo "=== [7b] skipped: $NGPU GPU(s)"; continue; fi
+      # the full Moxin-7B (36 blocks), FSDP2 over 2 GPUs, one 4K-token phase on the sample corpus
+      stage 7b pretrain - $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- model=moxin-7b \
+        hardware=fsdp hardware.devices=2 schedule.tokens_per_step=16384 schedule.micro_batch_tokens=8192 \
+        "schedule.phases=[{name: ctx4k, seq_len: 4096, tokens: 65536, mixture: {prose: 0.45, code: 0.35, cjk: 0.2}}]" \
+        trainer.max_steps=3 trainer.val_every_n_steps=3 data.val_tokens=8192 export_hf=false \
+        "samples.prompts=[The history of the]" samples.max_new_tokens=8 ;;
+    cpu)  # the one-GPU chain's steps on the CPU: checks this script (and the chain) where no GPU is
+      chain cpu $PY -- hardware=cpu ;;
+    *) echo "unknown part $part (single, fsdp, 7b, cpu)"; exit 2 ;;
+  esac
+done
+echo "=== gpu_check: every stage passed"
+printf '%s\n' "${REPORT[@]}"
