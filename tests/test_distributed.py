@@ -56,3 +56,24 @@ def test_generate_lockstep_keeps_ranks_in_step(tmp_path, lockstep):
         assert r0["forwards"] == r1["forwards"]  # but it keeps running forwards with its ranks
     else:
         assert r0["forwards"] < r1["forwards"]  # what would hang FSDP2: ranks fall out of step
+
+
+def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
+    """Two FSDP2 processes, each holding half of the held-out rows, log the single-process val/loss (on both
+    ranks: torchmetrics reduces the sums), and phase-end sample generations run sharded, in lockstep, with the
+    same greedy text as one process."""
+    helper = Path(__file__).parent / "helpers" / "fsdp_val_samples.py"
+    res = {}
+    for world in (1, 2):
+        out = tmp_path / f"w{world}"
+        env = dict(os.environ, OMP_NUM_THREADS="1")
+        port = str(29800 + world + os.getpid() % 1000)
+        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
+                            port, str(helper), str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        res[world] = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
+    one, (r0, r1) = res[1][0], res[2]
+    assert r0["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert r1["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
+    assert len(one["samples"]) == 2 and r0["samples"] == one["samples"]
+    assert r1["samples"] == []  # rank 1 takes part in the decode but does not print

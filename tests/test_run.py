@@ -176,3 +176,10 @@ def test_grpo_resume_continues_exactly(tmp_path):
     assert any(abs(a[s]) > 1e-4 for s in (42, 43)), a  # real updates after the resume point (groups with signal)
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
+
+
+def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):
+    cfg = _compose(["model=tiny", f"out_dir={tmp_path}", "run_name=t"])
+    with pytest.raises(R.ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
+        R.build(cfg)
+    assert not (tmp_path / "checkpoints").exists()
