@@ -58,6 +58,16 @@ def is_sharded(strategy) -> bool:
     return strategy is not None and type(strategy).__name__ == "ModelParallelStrategy"
 
 
+def reshard(model: nn.Module) -> None:
+    """Free the gathered parameters of an FSDP2 model after a forward that has no backward (a frozen reference).
+    FSDP2 keeps the root module's (and our last block's) parameters gathered after the forward, expecting the
+    backward to need them at once; a model that never runs a backward would hold them, and show plain tensors instead of its shards,
+    until the next forward. No-op for a model that is not sharded."""
+    for m in model.modules():  # the root and the last block keep theirs (see apply_fsdp)
+        if hasattr(m, "reshard"):
+            m.reshard()
+
+
 @torch.no_grad()
 def weights_checksum(model: nn.Module) -> float:
     """Sum of every parameter in float64: a cheap fingerprint that says whether two models hold the same weights

@@ -77,3 +77,30 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
     assert r1["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
     assert len(one["samples"]) == 2 and r0["samples"] == one["samples"]
     assert r1["samples"] == []  # rank 1 takes part in the decode but does not print
+
+
+def _dpo(world: int, out: Path, accelerator: str = "cpu") -> dict:
+    helper = Path(__file__).parent / "helpers" / "dpo_equivalence.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = str(29900 + world + os.getpid() % 1000)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
+                        port, str(helper), str(out), accelerator], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def check_dpo_fsdp_matches_one(tmp_path, accelerator):
+    one = _dpo(1, tmp_path / "one.json", accelerator)
+    two = _dpo(2, tmp_path / "two.json", accelerator)
+    assert two["ref_sharded"] and not one["ref_sharded"]  # the frozen reference is sharded like the policy
+    assert len(one["losses"]) == len(two["losses"]) == 3
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-4, abs=1e-5)
+    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
+    assert one["ref_checksum"] == pytest.approx(two["ref_checksum"], rel=1e-9)  # the reference never moves
+    assert abs(one["losses"][-1] - one["losses"][0]) > 1e-3  # it trained
+
+
+def test_dpo_fsdp2_two_processes_match_one(tmp_path):
+    """DPO with a frozen reference under FSDP2 (2 gloo processes): same losses and weights as one process on the
+    same global batch of pairs, pairs normalised across accumulation and ranks."""
+    check_dpo_fsdp_matches_one(tmp_path, "cpu")

@@ -195,3 +195,11 @@ def test_dpo_and_grpo_run_on_gpu_compiled(tmp_path):
                            "stage.grpo.kl_coef=0.01", "stage.grpo.max_new_tokens=12")
     assert grpo["optimizer_steps"] > 0
     assert math.isfinite(grpo["metrics"]["grpo/reward_mean"]) and math.isfinite(grpo["metrics"]["grpo/kl"])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_dpo_fsdp2_two_gpus_match_one(tmp_path):
+    """DPO with a sharded frozen reference on 2 GPUs (NCCL) = one GPU on the same global batch."""
+    from tests.test_distributed import check_dpo_fsdp_matches_one
+
+    check_dpo_fsdp_matches_one(tmp_path, "gpu")

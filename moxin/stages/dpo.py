@@ -45,7 +45,7 @@ import torch
 from moxin.losses import DPO_LOSS_TYPES, dpo_loss, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.stages import refcache
-from moxin.distributed import is_sharded
+from moxin.distributed import is_sharded, reshard
 from moxin.stages.base import MoxinStage, StepLoss
 from moxin.stages.sft import validate_before_training
 
@@ -159,6 +159,7 @@ class DPOStage(MoxinStage):
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)
                 logps, _ = refcache.sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)
+                reshard(self.ref_model)
             P = batch["pair_index"].numel()
             return logps[:P].detach(), logps[P:].detach()
         table = self._ref_tables[split]

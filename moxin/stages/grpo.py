@@ -55,7 +55,7 @@ import torch.distributed as dist
 
 from moxin.losses import (IGNORE_INDEX, completion_mask, group_advantages, kl_penalty, policy_loss,
                           token_cross_entropy, token_entropy, token_logprobs, zero_std_groups)
-from moxin.distributed import is_sharded
+from moxin.distributed import is_sharded, reshard
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage, OptimConfig
 
@@ -385,6 +385,7 @@ class GRPOStage(MoxinStage):
                     if c.kl_coef != 0.0 and self.ref_model is not None:
                         with torch.no_grad():
                             ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m)
+                            reshard(self.ref_model)
                         kl = kl_penalty(logp, ref_logp, c.kl_estimator)
                     # normalise by the whole minibatch on all ranks: each micro-batch returns its exact share
                     if c.aggregation == "token":

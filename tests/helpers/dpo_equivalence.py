@@ -1,0 +1,80 @@
+"""Run DPOStage (frozen reference: a second model, sharded like the policy under FSDP2) on fixed preference pairs
+with 1 process or 2 FSDP2 processes (torchrun; gloo on the CPU, NCCL on GPUs) and write the per-step losses and a
+weight checksum to JSON. Every optimizer step consumes the same 4 global pairs whatever the world size (one
+process: 2 micro-batches of 2, accumulation 2; two processes: 2 pairs each). Used by tests/test_distributed.py
+(CPU) and tests/test_gpu.py (two GPUs).
+
+    torchrun --nproc_per_node N tests/helpers/dpo_equivalence.py OUT.json [cpu|gpu]
+"""
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from moxin.distributed import weights_checksum
+from moxin.model import ModelConfig
+from moxin.stages import OptimConfig
+from moxin.stages.dpo import DPOStage
+
+PAIRS, T, STEPS = 4, 24, 3
+
+
+def pairs():
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for i in range(PAIRS * STEPS):
+        item = {"pair_index": torch.tensor(i)}
+        for side, n in (("chosen", 5 + i % 7), ("rejected", 3 + (i * 3) % 9)):  # answers of different lengths
+            ids = torch.randint(3, 512, (T,), generator=g)
+            labels = torch.full((T,), -100)
+            labels[T - 1 - n:T - 1] = ids[T - n:]
+            item |= {f"{side}_input_ids": ids, f"{side}_labels": labels, f"{side}_positions": torch.arange(T)}
+        out.append(item)
+    return out
+
+
+def main(out_path, accelerator="cpu"):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                      sliding_window=8, max_seq_len=64)
+    stage = DPOStage(cfg, OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", betas=(0.9, 0.99)),
+                     loss_type="dpo", beta=0.5, reference="frozen", validate_at_start=False, total_steps=STEPS)
+    per = PAIRS // world
+    accum = 2 if world == 1 else 1
+    data = pairs()
+    mine = [p for s in range(STEPS) for p in data[s * PAIRS:(s + 1) * PAIRS][rank * per:(rank + 1) * per]]
+    losses = []
+
+    class Record(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if (batch_idx + 1) % accum == 0:
+                losses.append(float(trainer.callback_metrics["train/loss"]))
+
+    if world == 1:
+        strat = "auto"
+    else:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    trainer = L.Trainer(accelerator=accelerator, devices=world, strategy=strat, max_steps=STEPS, logger=False,
+                        accumulate_grad_batches=accum, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Record()], use_distributed_sampler=False,
+                        num_sanity_val_steps=0, precision="32-true")
+    trainer.fit(stage, DataLoader(mine, batch_size=per // accum))
+    ref_sharded = all(hasattr(p, "to_local") for p in stage.ref_model.parameters())
+
+    out = {"losses": losses, "checksum": weights_checksum(stage.model),
+           "ref_checksum": weights_checksum(stage.ref_model), "ref_sharded": ref_sharded, "world": world}
+    if rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(out, f)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
