@@ -259,12 +259,14 @@ class GRPOStage(MoxinStage):
         from moxin.rewards import get_verifier, score_batch
 
         verifier = get_verifier(c.verifier, **c.verifier_kwargs)
+        t1 = time.perf_counter()
         results, vstats = score_batch(verifier, completions, answers, timeout_s=c.verifier_timeout_s,
                                       max_workers=c.verifier_workers)
+        score_s = time.perf_counter() - t1
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         ro = self.build_rollout(prompts, tokens, finished, rewards)
         ro.completions = completions
-        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "verifier_errors": vstats["errors"],
+        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "score_s": score_s, "verifier_errors": vstats["errors"],
                          "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
         if c.log_completions and self.trainer_is_zero() and step % max(1, c.log_every) == 0:
             for i in range(min(c.log_completions, len(batch))):
@@ -481,7 +483,11 @@ class GRPOStage(MoxinStage):
         rl_step = step - self.cfg.warmup_sft_steps
         t0 = time.perf_counter()
         ro = self.rollout(batch, rl_step)
+        t_update = time.perf_counter()
         logs = self._update(ro, rl_step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        update_s = time.perf_counter() - t_update
         c = self.cfg
         S = len(ro.rewards)
         tot = self._reduce([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
@@ -503,6 +509,8 @@ class GRPOStage(MoxinStage):
             "grpo/verifier_timeouts": vt,
             "grpo/no_answer_frac": na / n,
             "grpo/step_s": time.perf_counter() - t0,
+            # where the step's time goes (rank 0's clock; generation is the slowest rank's)
+            "grpo/gen_s": gen_s, "grpo/score_s": ro.stats["score_s"], "grpo/update_s": update_s,
             "train/lr": self.optimizers().param_groups[0]["lr"],
         })
         if getattr(self, "_last_grad_norm", None) is not None:
@@ -513,7 +521,8 @@ class GRPOStage(MoxinStage):
             print(f"[grpo step {rl_step}] reward {mean:.3f} zero-std groups {zs / ng:.2f} "
                   f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {logs.get('grpo/entropy', float('nan')):.3f} "
                   f"clip {logs['grpo/clip_frac']:.3f} kl {logs['grpo/kl']:.4f} "
-                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s", flush=True)
+                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time gen {gen_s:.2f} s score "
+                  f"{ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("reward", mean, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
         return None
