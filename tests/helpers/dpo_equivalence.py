@@ -45,6 +45,10 @@ def main(out_path, accelerator="cpu"):
                       sliding_window=8, max_seq_len=64)
     stage = DPOStage(cfg, OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", betas=(0.9, 0.99)),
                      loss_type="dpo", beta=0.5, reference="frozen", validate_at_start=False, total_steps=STEPS)
+    # build the policy and the frozen reference here, on the CPU RNG: Lightning would build them inside its
+    # strategy's init context (on the GPU with one device, on the CPU under ModelParallelStrategy), which draws
+    # a different random init for 1 and 2 processes
+    stage.configure_model()
     per = PAIRS // world
     accum = 2 if world == 1 else 1
     data = pairs()
