@@ -20,15 +20,66 @@ N = prompts, G = group size (completions per prompt).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 
+
+def parse_option(enum_cls, value, key: str):
+    """``enum_cls(value)``, or a ValueError that names the config key and the choices."""
+    try:
+        return enum_cls(value)
+    except ValueError:
+        raise ValueError(f"{key}={value!r}: choose one of {', '.join(m.value for m in enum_cls)}") from None
+
+
+class DPOLoss(StrEnum):
+    """The preference losses of :func:`dpo_loss` (papers there). The rules that depend on the choice live here."""
+
+    DPO = "dpo"
+    DPO_NORM = "dpo_norm"
+    IPO = "ipo"
+    SIMPO = "simpo"
+
+    @property
+    def needs_reference(self) -> bool:
+        """SimPO is reference-free; the others compare with a reference model's log-probs."""
+        return self is not DPOLoss.SIMPO
+
+    @property
+    def averages_over_tokens(self) -> bool:
+        """Whether the loss works on length-averaged log-probs (needs the answers' token counts)."""
+        return self is not DPOLoss.DPO
+
+
+class KLEstimator(StrEnum):
+    """Per-token KL estimators of :func:`kl_penalty` (Schulman 2020); ``low_var_kl`` is verl's name for k3."""
+
+    K1 = "k1"
+    K2 = "k2"
+    K3 = "k3"
+    LOW_VAR_KL = "low_var_kl"
+
+
+class Aggregation(StrEnum):
+    """How :func:`policy_loss` turns token losses into one number, and what its ``normaliser`` counts."""
+
+    TOKEN = "token"
+    """sum over masked tokens / masked tokens (DAPO): every token weighs the same."""
+    SEQUENCE = "sequence"
+    """mean over each sequence's tokens, summed / sequences (original GRPO)."""
+    CONSTANT = "constant"
+    """sum over masked tokens / a constant (Dr. GRPO: max_new_tokens x sequences)."""
+
 __all__ = [
     "IGNORE_INDEX",
+    "parse_option",
+    "DPOLoss",
+    "KLEstimator",
+    "Aggregation",
     "token_logprobs",
     "token_cross_entropy",
     "token_entropy",
@@ -214,7 +265,7 @@ def token_entropy(
 # DPO family
 # --------------------------------------------------------------------------------------------------------------
 
-DPO_LOSS_TYPES = ("dpo", "dpo_norm", "ipo", "simpo")
+DPO_LOSS_TYPES = tuple(m.value for m in DPOLoss)
 
 
 @dataclass
@@ -262,7 +313,7 @@ def dpo_loss(
     ref_rejected_logps: torch.Tensor | None,
     *,
     beta: float,
-    loss_type: Literal["dpo", "dpo_norm", "ipo", "simpo"] = "dpo",
+    loss_type: DPOLoss | str = DPOLoss.DPO,
     chosen_lengths: torch.Tensor | None = None,
     rejected_lengths: torch.Tensor | None = None,
     label_smoothing: float = 0.0,
@@ -301,8 +352,7 @@ def dpo_loss(
         ValueError: unknown loss_type, mismatched shapes, missing reference log-probs for a reference-based loss,
             or missing / zero lengths for a length-normalised loss.
     """
-    if loss_type not in DPO_LOSS_TYPES:
-        raise ValueError(f"unknown DPO loss_type {loss_type!r}; choose one of {DPO_LOSS_TYPES}")
+    loss_type = parse_option(DPOLoss, loss_type, "loss_type")
     if not beta > 0:
         raise ValueError(f"beta must be > 0, got {beta}")
     if not 0.0 <= label_smoothing < 0.5:
@@ -313,7 +363,7 @@ def dpo_loss(
             f"policy_chosen_logps and policy_rejected_logps must both be (P,), got {tuple(pc.shape)} and {tuple(pr.shape)}"
         )
 
-    if loss_type == "simpo":
+    if not loss_type.needs_reference:  # simpo
         lc = _lengths("chosen_lengths", chosen_lengths, pc, loss_type)
         lr = _lengths("rejected_lengths", rejected_lengths, pr, loss_type)
         chosen_rewards = beta * pc / lc
@@ -330,11 +380,11 @@ def dpo_loss(
                 f"got {tuple(rc.shape)} and {tuple(rr.shape)}"
             )
         chosen_ratio, rejected_ratio = pc - rc, pr - rr  # (P,) log pi/ref of each answer
-        if loss_type in ("dpo_norm", "ipo"):
+        if loss_type.averages_over_tokens:  # dpo_norm, ipo
             chosen_ratio = chosen_ratio / _lengths("chosen_lengths", chosen_lengths, pc, loss_type)
             rejected_ratio = rejected_ratio / _lengths("rejected_lengths", rejected_lengths, pr, loss_type)
         h = chosen_ratio - rejected_ratio
-        if loss_type == "ipo":
+        if loss_type is DPOLoss.IPO:
             losses = (h - 1.0 / (2.0 * beta)) ** 2
         else:
             losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
@@ -426,10 +476,11 @@ def zero_std_groups(rewards: torch.Tensor, group_size: int, expand: bool = False
     return mask
 
 
-KL_ESTIMATORS = ("k1", "k2", "k3", "low_var_kl")
+KL_ESTIMATORS = tuple(m.value for m in KLEstimator)
 
 
-def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "low_var_kl") -> torch.Tensor:
+def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor,
+               estimator: KLEstimator | str = KLEstimator.LOW_VAR_KL) -> torch.Tensor:
     """Per-token estimate of KL(pi || ref) from log-probs of SAMPLED tokens (Schulman, "Approximating KL
     divergence", 2020). Any shape; returns the same shape. With ``d = ref_logp - logp``:
 
@@ -443,14 +494,13 @@ def kl_penalty(logp: torch.Tensor, ref_logp: torch.Tensor, estimator: str = "low
     """
     if logp.shape != ref_logp.shape:
         raise ValueError(f"logp and ref_logp must have the same shape, got {tuple(logp.shape)} and {tuple(ref_logp.shape)}")
-    if estimator == "k1":
+    estimator = parse_option(KLEstimator, estimator, "kl_estimator")
+    if estimator is KLEstimator.K1:
         return logp - ref_logp
-    if estimator == "k2":
+    if estimator is KLEstimator.K2:
         return 0.5 * (logp - ref_logp) ** 2
-    if estimator in ("k3", "low_var_kl"):
-        d = (ref_logp - logp).clamp(-20.0, 20.0)
-        return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
-    raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {KL_ESTIMATORS}")
+    d = (ref_logp - logp).clamp(-20.0, 20.0)  # k3 / low_var_kl
+    return (torch.exp(d) - d - 1.0).clamp(-10.0, 10.0)
 
 
 def completion_mask(
@@ -491,8 +541,8 @@ def policy_loss(
     mask: torch.Tensor,
     clip_low: float = 0.2,
     clip_high: float = 0.28,
-    aggregation: Literal["token", "sequence", "constant"] = "token",
-    constant_norm: float | None = None,
+    aggregation: Aggregation | str = Aggregation.TOKEN,
+    normaliser: float | None = None,
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -509,12 +559,15 @@ def policy_loss(
             batch, pass ``logp.detach()``: the ratio is 1 but the gradient is the policy gradient.
         advantages: (S,) per sequence (broadcast over tokens) or (S, T) per token.
         mask: (S, T) 1 on completion tokens that count (see :func:`completion_mask`), 0 elsewhere.
-        aggregation: how token losses become one number.
-            * ``"token"``: sum over all masked tokens / number of masked tokens (DAPO). Every token weighs the same.
-            * ``"sequence"``: mean over each sequence's tokens, then mean over sequences (original GRPO); a token of
-              a short answer weighs more, which biases towards short correct and long wrong answers (Dr. GRPO).
-            * ``"constant"``: sum / ``constant_norm`` (Dr. GRPO, e.g. ``max_new_tokens * n_sequences``). Also the way
-              to normalise by a token count summed over gradient accumulation and ranks: pass that count.
+        aggregation: how token losses become one number, divided by ``normaliser``:
+            * ``"token"``: sum over all masked tokens / masked tokens (DAPO). Every token weighs the same.
+            * ``"sequence"``: each sequence's token mean, summed / sequences (original GRPO); a token of a short
+              answer weighs more, which biases towards short correct and long wrong answers (Dr. GRPO).
+            * ``"constant"``: sum over masked tokens / a constant (Dr. GRPO, e.g. ``max_new_tokens * n_sequences``).
+        normaliser: what the sum is divided by: masked tokens (token), sequences with at least one masked token
+            (sequence), or the constant (constant; required). A stage that splits a minibatch over micro-batches
+            and ranks passes the count of the WHOLE minibatch on all ranks, so each call returns its exact share and
+            the shares add up to the minibatch's loss. None: this call's own count (token, sequence).
         kl: optional (S, T) per-token KL from :func:`kl_penalty` (GRPO's KL-in-loss). kl_coef: its weight (Moxin
             0.001); too large pins the policy to the reference, 0 with no clipping lets it drift.
 
@@ -536,10 +589,11 @@ def policy_loss(
         raise ValueError(f"advantages must be (S,) or (S, T) = {tuple(logp.shape)}, got {tuple(advantages.shape)}")
     if not (0 <= clip_low < 1 and clip_high >= 0):
         raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got clip_low={clip_low}, clip_high={clip_high}")
-    if aggregation not in ("token", "sequence", "constant"):
-        raise ValueError(f"unknown aggregation {aggregation!r}; choose 'token', 'sequence' or 'constant'")
-    if aggregation == "constant" and not (constant_norm and constant_norm > 0):
-        raise ValueError("aggregation='constant' needs constant_norm > 0 (e.g. max_new_tokens * n_sequences)")
+    aggregation = parse_option(Aggregation, aggregation, "aggregation")
+    if aggregation is Aggregation.CONSTANT and not (normaliser and normaliser > 0):
+        raise ValueError("aggregation='constant' needs normaliser > 0 (e.g. max_new_tokens * n_sequences)")
+    if normaliser is not None and not normaliser > 0:
+        raise ValueError(f"normaliser must be > 0, got {normaliser}")
 
     mask = mask.to(logp.dtype)
     advantages = advantages.to(logp.dtype)
@@ -556,16 +610,18 @@ def policy_loss(
 
     n_tokens = mask.sum()
     safe_n = n_tokens.clamp(min=1.0)
+    per_seq_n = mask.sum(dim=1)
+    if normaliser is not None:
+        norm = normaliser
+    elif aggregation is Aggregation.TOKEN:
+        norm = safe_n
+    else:  # sequence: fully masked sequences do not count
+        norm = (per_seq_n > 0).sum().clamp(min=1)
 
     def aggregate(x: torch.Tensor) -> torch.Tensor:
-        if aggregation == "token":
-            return (x * mask).sum() / safe_n
-        if aggregation == "sequence":
-            per_seq_n = mask.sum(dim=1)
-            per_seq = (x * mask).sum(dim=1) / per_seq_n.clamp(min=1.0)
-            n_seq = (per_seq_n > 0).sum().clamp(min=1)  # fully masked sequences do not count
-            return per_seq.sum() / n_seq
-        return (x * mask).sum() / constant_norm
+        if aggregation is Aggregation.SEQUENCE:
+            return ((x * mask).sum(dim=1) / per_seq_n.clamp(min=1.0)).sum() / norm
+        return (x * mask).sum() / norm  # token, constant
 
     loss = aggregate(per_token)
 

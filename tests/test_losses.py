@@ -183,7 +183,7 @@ def test_dpo_errors_are_clear():
                  rejected_lengths=torch.tensor([3, 3]))
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(x, x, x, x, beta=5.0, loss_type="ipo")
-    with pytest.raises(ValueError, match="unknown DPO loss_type"):
+    with pytest.raises(ValueError, match="loss_type='kto': choose one of dpo, dpo_norm"):
         dpo_loss(x, x, x, x, beta=0.1, loss_type="kto")
     with pytest.raises(ValueError, match="ref_chosen_logps"):
         dpo_loss(x, x, None, None, beta=0.1, loss_type="dpo")
@@ -223,7 +223,7 @@ def test_kl_values_by_hand():
     assert kl_penalty(logp, ref, "k2").item() == pytest.approx(0.5)
     assert kl_penalty(logp, ref, "k3").item() == pytest.approx(math.exp(-1) + 1 - 1)
     assert kl_penalty(torch.tensor([-30.0]), torch.tensor([0.0]), "low_var_kl").item() == 10.0  # clamped
-    with pytest.raises(ValueError, match="unknown KL estimator"):
+    with pytest.raises(ValueError, match="kl_estimator=.*: choose one of k1, k2, k3, low_var_kl"):
         kl_penalty(logp, ref, "k4")
 
 
@@ -253,11 +253,11 @@ def test_policy_loss_aggregations_by_hand():
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]], dtype=torch.float32)
     tok, _ = policy_loss(logp, logp, adv, mask, aggregation="token")
     seq, _ = policy_loss(logp, logp, adv, mask, aggregation="sequence")
-    const, _ = policy_loss(logp, logp, adv, mask, aggregation="constant", constant_norm=6.0)
+    const, _ = policy_loss(logp, logp, adv, mask, aggregation="constant", normaliser=6.0)
     assert tok.item() == pytest.approx(-(3 * 1 + 1 * 3) / 4)  # -1.5
     assert seq.item() == pytest.approx(-(1 + 3) / 2)  # -2.0
     assert const.item() == pytest.approx(-(3 + 3) / 6)  # -1.0
-    with pytest.raises(ValueError, match="constant_norm"):
+    with pytest.raises(ValueError, match="normaliser"):
         policy_loss(logp, logp, adv, mask, aggregation="constant")
 
 
@@ -292,3 +292,29 @@ def test_policy_loss_with_kl_term():
     loss, stats = policy_loss(logp, logp, torch.tensor([0.0]), torch.ones(1, 2), kl=kl, kl_coef=0.1)
     assert loss.item() == pytest.approx(0.1 * math.exp(-1) / 2)
     assert stats["pg_loss"].item() == 0.0
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_policy_loss_shares_add_up_with_the_whole_minibatch_normaliser(aggregation):
+    """A minibatch split into micro-batches (or ranks): each call, given the count of the WHOLE minibatch,
+    returns its exact share, and the shares add up to the loss of the minibatch in one call."""
+    g = torch.Generator().manual_seed(0)
+    logp = torch.randn(5, 7, generator=g)
+    old = logp + 0.1 * torch.randn(5, 7, generator=g)
+    adv = torch.randn(5, generator=g)
+    mask = (torch.rand(5, 7, generator=g) > 0.3).float()
+    mask[2] = 0  # a fully masked sequence does not count in the sequence normaliser
+    whole, _ = policy_loss(logp, old, adv, mask, aggregation=aggregation)
+    norm = float(mask.sum()) if aggregation == "token" else float((mask.sum(1) > 0).sum())
+    parts = [policy_loss(logp[s], old[s], adv[s], mask[s], aggregation=aggregation, normaliser=norm)[0]
+             for s in (slice(0, 2), slice(2, 5))]
+    assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-6)
+
+
+def test_string_options_name_the_key_and_the_choices():
+    from moxin.losses import DPOLoss, parse_option
+
+    assert parse_option(DPOLoss, "dpo_norm", "stage.loss_type") is DPOLoss.DPO_NORM
+    assert DPOLoss.SIMPO.needs_reference is False and DPOLoss.IPO.averages_over_tokens
+    with pytest.raises(ValueError, match=r"stage.loss_type='dpo2': choose one of dpo, dpo_norm, ipo, simpo"):
+        parse_option(DPOLoss, "dpo2", "stage.loss_type")

@@ -42,17 +42,30 @@ from dataclasses import asdict
 
 import torch
 
-from moxin.losses import DPO_LOSS_TYPES, dpo_loss, sft_nll_per_token
+from enum import StrEnum
+
+from moxin.losses import DPOLoss, dpo_loss, parse_option, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.stages import refcache
 from moxin.distributed import is_sharded, reshard
 from moxin.stages.base import MoxinStage, StepLoss
 from moxin.stages.sft import validate_before_training
 
-__all__ = ["DPOStage", "REFERENCE_MODES"]
+__all__ = ["DPOStage", "ReferenceMode", "REFERENCE_MODES"]
 
 log = logging.getLogger(__name__)
-REFERENCE_MODES = ("cached", "frozen", "none")
+class ReferenceMode(StrEnum):
+    """Where the reference log-probs come from (module docstring)."""
+
+    CACHED = "cached"
+    """computed once before training, stored on disk under a hash of everything they depend on"""
+    FROZEN = "frozen"
+    """a second, frozen model sharded like the policy, run on every batch"""
+    NONE = "none"
+    """no reference (SimPO)"""
+
+
+REFERENCE_MODES = tuple(m.value for m in ReferenceMode)
 _METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "logp_accuracy", "chosen_logp")
 
 
@@ -75,14 +88,12 @@ class DPOStage(MoxinStage):
                  simpo_gamma: float = 0.5, sft_weight: float = 0.0, reference: str = "cached",
                  ref_cache_dir: str = "runs/dpo_reference_cache", validate_at_start: bool = True, **kwargs):
         super().__init__(*args, **kwargs)
-        if loss_type not in DPO_LOSS_TYPES:
-            raise ValueError(f"stage.loss_type={loss_type!r}: choose one of {DPO_LOSS_TYPES}")
-        if reference not in REFERENCE_MODES:
-            raise ValueError(f"stage.reference={reference!r}: choose one of {REFERENCE_MODES}")
-        if loss_type == "simpo" and reference != "none":
-            raise ValueError("stage.loss_type=simpo is reference-free: set stage.reference=none")
-        if loss_type != "simpo" and reference == "none":
-            raise ValueError(f"stage.loss_type={loss_type!r} needs a reference model: stage.reference=cached or frozen")
+        loss_type = parse_option(DPOLoss, loss_type, "stage.loss_type")
+        reference = parse_option(ReferenceMode, reference, "stage.reference")
+        if not loss_type.needs_reference and reference is not ReferenceMode.NONE:
+            raise ValueError(f"stage.loss_type={loss_type} is reference-free: set stage.reference=none")
+        if loss_type.needs_reference and reference is ReferenceMode.NONE:
+            raise ValueError(f"stage.loss_type={loss_type} needs a reference model: stage.reference=cached or frozen")
         if not beta > 0:
             raise ValueError(f"stage.beta={beta} must be > 0")
         if sft_weight < 0:
@@ -105,7 +116,7 @@ class DPOStage(MoxinStage):
         return ref
 
     def configure_model(self) -> None:
-        if self.model is None and self.reference == "frozen":
+        if self.model is None and self.reference is ReferenceMode.FROZEN:
             # built before the policy from the same RNG state, so a random init matches too; the base shards it
             self.ref_model = self.frozen_start_copy()
         super().configure_model()
@@ -125,7 +136,7 @@ class DPOStage(MoxinStage):
         }
 
     def on_fit_start(self):
-        if self.reference != "cached":
+        if self.reference is not ReferenceMode.CACHED:
             return
         dm = self.trainer.datamodule
         splits = ["train"] + (["val"] if dm.val_set is not None else [])
@@ -153,9 +164,9 @@ class DPOStage(MoxinStage):
                                                 self.device, self.loss_chunk_size, ctx)
 
     def _reference_logps(self, batch, split: str):
-        if self.reference == "none":
+        if self.reference is ReferenceMode.NONE:
             return None, None
-        if self.reference == "frozen":
+        if self.reference is ReferenceMode.FROZEN:
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)
                 logps, _ = refcache.sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)

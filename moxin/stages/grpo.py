@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from moxin.losses import (IGNORE_INDEX, completion_mask, group_advantages, kl_penalty, policy_loss,
+from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, parse_option, group_advantages, kl_penalty, policy_loss,
                           token_cross_entropy, token_entropy, token_logprobs, zero_std_groups)
 from moxin.distributed import is_sharded, reshard
 from moxin.model.generate import generate
@@ -87,13 +87,13 @@ class GRPOConfig:
     clip_low: float = 0.2
     clip_high: float = 0.28
     """Ratio clip range [1 - clip_low, 1 + clip_high]; clip_high > clip_low is DAPO's clip-higher."""
-    aggregation: str = "token"
+    aggregation: Aggregation = Aggregation.TOKEN
     """token (DAPO) | sequence (GRPO) | constant (Dr. GRPO: sum / (max_new_tokens x sequences))."""
     constant_norm: float | None = None
     """For aggregation=constant: the divisor per minibatch; None = max_new_tokens x sequences in the minibatch."""
     kl_coef: float = 0.0
     """Weight of KL(policy || frozen initial policy) in the loss (Moxin: 0.001). 0: no reference model is kept."""
-    kl_estimator: str = "low_var_kl"
+    kl_estimator: KLEstimator = KLEstimator.LOW_VAR_KL
     """k1 | k2 | k3 | low_var_kl (k3 clamped as verl; Moxin's choice)."""
     ppo_epochs: int = 1
     """Passes of policy updates over each rollout batch. >1 reuses samples but drifts off-policy (watch clip_frac)."""
@@ -117,10 +117,8 @@ class GRPOConfig:
     def __post_init__(self):
         if self.group_size < 2:
             raise ValueError(f"stage.grpo.group_size={self.group_size}: GRPO needs >= 2 completions per prompt")
-        if self.aggregation not in ("token", "sequence", "constant"):
-            raise ValueError(f"stage.grpo.aggregation={self.aggregation!r}: choose token, sequence or constant")
-        if self.kl_estimator not in ("k1", "k2", "k3", "low_var_kl"):
-            raise ValueError(f"stage.grpo.kl_estimator={self.kl_estimator!r}: choose k1, k2, k3 or low_var_kl")
+        self.aggregation = parse_option(Aggregation, self.aggregation, "stage.grpo.aggregation")
+        self.kl_estimator = parse_option(KLEstimator, self.kl_estimator, "stage.grpo.kl_estimator")
         if self.temperature <= 0:
             raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
         if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
@@ -390,20 +388,10 @@ class GRPOStage(MoxinStage):
                             reshard(self.ref_model)
                         kl = kl_penalty(logp, ref_logp, c.kl_estimator)
                     # normalise by the whole minibatch on all ranks: each micro-batch returns its exact share
-                    if c.aggregation == "token":
-                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "constant",
-                                               constant_norm=max(tot_tok, 1.0), kl=kl, kl_coef=c.kl_coef)
-                    elif c.aggregation == "sequence":
-                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "sequence",
-                                               kl=kl, kl_coef=c.kl_coef)
-                        n_seq = float((m_m.sum(1) > 0).sum())
-                        scale = n_seq / max(tot_seq, 1.0)
-                        loss = loss * scale
-                        st["pg_loss"] = st["pg_loss"] * scale
-                    else:
-                        norm = c.constant_norm or c.max_new_tokens * max(tot_n, 1.0)
-                        loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, "constant",
-                                               constant_norm=norm, kl=kl, kl_coef=c.kl_coef)
+                    norm = {Aggregation.TOKEN: tot_tok, Aggregation.SEQUENCE: tot_seq,
+                            Aggregation.CONSTANT: c.constant_norm or c.max_new_tokens * tot_n}[c.aggregation]
+                    loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, c.aggregation,
+                                           normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     self.manual_backward(loss * world)
                     n_tok = float(st["n_tokens"])
