@@ -49,7 +49,7 @@ from moxin.model import Transformer
 from moxin.stages import refcache
 from moxin.distributed import is_sharded, reshard
 from moxin.stages.base import MoxinStage, StepLoss
-from moxin.stages.sft import validate_before_training
+from moxin.stages.common import sequence_logps, validate_before_training
 
 __all__ = ["DPOStage", "ReferenceMode", "REFERENCE_MODES"]
 
@@ -169,7 +169,7 @@ class DPOStage(MoxinStage):
         if self.reference is ReferenceMode.FROZEN:
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)
-                logps, _ = refcache.sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)
+                logps, _ = sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)
                 reshard(self.ref_model)
             P = batch["pair_index"].numel()
             return logps[:P].detach(), logps[P:].detach()
@@ -187,7 +187,7 @@ class DPOStage(MoxinStage):
 
     def _pair_terms(self, batch, split: str):
         ids, labels, pos = self._cat(batch)  # (2P, T): chosen rows first, then rejected
-        logps, lengths = refcache.sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size)  # (2P,)
+        logps, lengths = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size)  # (2P,)
         P = batch["pair_index"].numel()
         pc, pr, lc, lr = logps[:P], logps[P:], lengths[:P], lengths[P:]
         rc, rr = self._reference_logps(batch, split)

@@ -32,8 +32,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-__all__ = ["checkpoint_identity", "cache_key", "cache_path", "compute_reference_logps", "load_or_build",
-           "sequence_logps"]
+from moxin.stages.common import sequence_logps
+
+__all__ = ["checkpoint_identity", "cache_key", "cache_path", "compute_reference_logps", "load_or_build"]
 
 CACHE_VERSION = 1
 _FILE = "ref_logps.safetensors"
@@ -64,15 +65,6 @@ def cache_key(parts: dict) -> str:
 
 def cache_path(cache_dir: str | os.PathLike, key: str) -> Path:
     return Path(cache_dir) / key[:32] / _FILE
-
-
-def sequence_logps(model, input_ids, labels, positions, chunk_size: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed log-probs of the labelled tokens of each row and their counts: ``(B,) fp32, (B,) long``."""
-    from moxin.losses import IGNORE_INDEX, token_logprobs
-
-    # the log-probs run as the model's head, inside its forward, where FSDP2 has gathered the output weight
-    logp = model(input_ids, positions, head=lambda h, w: token_logprobs(h, w, labels, chunk_size))  # (B, T)
-    return logp.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 
 @torch.no_grad()

@@ -19,44 +19,10 @@ With ``validate_at_start`` the held-out loss of the initial weights is measured 
 
 from __future__ import annotations
 
-import contextlib
-
-import torch
-
+from moxin.stages.common import validate_before_training
 from moxin.stages.pretrain import PretrainStage
 
-__all__ = ["SFTStage", "validate_before_training"]
-
-
-def validate_before_training(stage) -> dict[str, float]:
-    """Run the stage's validation hooks over the datamodule's val loader before training; return the metrics.
-
-    The values are written to the logger at step 0 and copied into ``trainer.callback_metrics`` with a
-    ``_before`` suffix (so ``summary.json`` holds before and after). Stages implement ``_val_metrics()``.
-    """
-    trainer = stage.trainer
-    dm = getattr(trainer, "datamodule", None)
-    loader = dm.val_dataloader() if dm is not None else []
-    if not loader:
-        return {}
-    limit = trainer.limit_val_batches
-    n_max = int(limit) if isinstance(limit, int) else None
-    ctx = getattr(trainer, "precision_plugin", None)
-    stage.on_validation_epoch_start()
-    with torch.no_grad(), (ctx.forward_context() if ctx is not None else contextlib.nullcontext()):
-        for i, batch in enumerate(loader):
-            if n_max is not None and i >= n_max:
-                break
-            batch = trainer.strategy.batch_to_device(batch)
-            stage.validation_step(batch, i)
-    metrics = stage._val_metrics()
-    if trainer.is_global_zero and stage.logger is not None and metrics:
-        stage.logger.log_metrics(metrics, step=0)
-    for k, v in metrics.items():
-        trainer.callback_metrics[f"{k}_before"] = torch.tensor(v)
-    if trainer.is_global_zero and metrics:
-        print("before training: " + ", ".join(f"{k}={v:.4f}" for k, v in sorted(metrics.items())), flush=True)
-    return metrics
+__all__ = ["SFTStage"]
 
 
 class SFTStage(PretrainStage):
