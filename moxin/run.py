@@ -17,7 +17,9 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+from moxin.paths import conf_dir
+
+CONF_DIR = str(conf_dir())
 
 
 def _sample_path(name: str) -> str:

@@ -22,7 +22,9 @@ from moxin.rewards import RewardResult
 from moxin.stages.base import OptimConfig
 from moxin.stages.grpo import GRPOConfig, GRPOStage
 
-CONF = str(Path(__file__).resolve().parent.parent / "conf")
+from moxin.paths import conf_dir
+
+CONF = str(conf_dir())
 
 
 class ParityVerifier:

@@ -3,7 +3,7 @@
 `ModelConfig` describes a Mistral-style decoder: grouped-query attention, SwiGLU MLP, RMSNorm (pre-norm),
 rotary embeddings in the Hugging Face rotate-half layout, and optional sliding-window attention.
 
-Presets:
+Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them):
 - ``moxin-7b``: Moxin-7B exactly as published (Mistral-7B extended to 36 blocks).
 - ``mistral-7b``: the same shape with 32 blocks.
 - ``tiny``: a few hundred thousand parameters, for unit tests (vocab 512, window 16).
@@ -94,16 +94,25 @@ class ModelConfig:
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "ModelConfig":
-        if name not in PRESETS:
-            raise KeyError(f"unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
-        return dataclasses.replace(PRESETS[name], **overrides)
+        """The model of `conf/model/<name>.yaml` (the one place presets are stated; `model=<name>` on the command
+        line picks the same file), with `overrides` replaced."""
+        return dataclasses.replace(_load_preset(name), **overrides)
 
 
-PRESETS: dict[str, ModelConfig] = {
-    "moxin-7b": ModelConfig(),
-    "mistral-7b": ModelConfig(n_layers=32),
-    "tiny": ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                        hidden_dim=160, sliding_window=16, max_seq_len=256),
-    "tiny-cpu": ModelConfig(vocab_size=32000, dim=256, n_layers=4, n_heads=8, n_kv_heads=2, head_dim=32,
-                            hidden_dim=688, sliding_window=256, max_seq_len=1024),
-}
+def preset_names() -> list[str]:
+    from moxin.paths import conf_dir
+
+    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
+
+
+def _load_preset(name: str) -> ModelConfig:
+    import yaml
+
+    from moxin.paths import conf_dir
+
+    path = conf_dir() / "model" / f"{name}.yaml"
+    if not path.is_file():
+        raise KeyError(f"unknown model preset {name!r}; choose one of {preset_names()} (files in {path.parent})")
+    fields = yaml.safe_load(path.read_text())
+    fields.pop("_target_", None)
+    return ModelConfig(**fields)

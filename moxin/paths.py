@@ -1,0 +1,21 @@
+"""Where moxin finds its own files.
+
+The Hydra configs live in `conf/` at the top of a source checkout (the layout users know) and are copied into
+the wheel as `moxin/conf/` (setup.py's build step), so `pip install moxin` followed by `python -m moxin.run`
+works from any folder. `conf_dir()` returns whichever exists; an installed copy wins over a checkout's.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+_PKG = Path(__file__).resolve().parent
+
+
+def conf_dir() -> Path:
+    """The folder holding `config.yaml` and the config groups (model/, data/, stage/, hardware/, ...)."""
+    for candidate in (_PKG / "conf", _PKG.parent / "conf"):
+        if (candidate / "config.yaml").is_file():
+            return candidate
+    raise FileNotFoundError(f"moxin's config folder is missing: looked for config.yaml in {_PKG / 'conf'} (an installed "
+                            f"wheel) and {_PKG.parent / 'conf'} (a source checkout); reinstall moxin")

@@ -1,0 +1,33 @@
+"""The package installs: a built wheel carries the Hydra configs, so a non-editable install composes and runs
+`python -m moxin.run` from any folder (not only from a source checkout)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_wheel_carries_conf_and_runs_from_another_folder(tmp_path):
+    pytest.importorskip("setuptools")
+    dist, target, elsewhere = tmp_path / "dist", tmp_path / "site", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", str(ROOT),
+                            "-w", str(dist)], capture_output=True, text=True, timeout=300)
+    assert build.returncode == 0, build.stderr[-2000:]
+    wheel = next(dist.glob("moxin-*.whl"))
+    inst = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                           str(wheel)], capture_output=True, text=True, timeout=300)
+    assert inst.returncode == 0, inst.stderr[-2000:]
+    assert (target / "moxin" / "conf" / "config.yaml").is_file()
+    assert (target / "moxin" / "conf" / "experiment" / "grpo.yaml").is_file()
+    run = subprocess.run([sys.executable, "-m", "moxin.run", "--cfg", "job", "+experiment=sft"], cwd=elsewhere,
+                         env={"PYTHONPATH": str(target), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "moxin.stages.sft.SFTStage" in run.stdout
+    check = subprocess.run([sys.executable, "-c", "import moxin.paths as p; print(p.conf_dir())"], cwd=elsewhere,
+                           env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=60)
+    assert check.stdout.strip() == str(target / "moxin" / "conf")
