@@ -515,6 +515,10 @@ def export_hf(stage, hf_dir: str | os.PathLike, *, is_global_zero: bool, max_sha
     (tmp / "config.json").write_text(json.dumps(moxin_to_hf_config(cfg, dtype), indent=2) + "\n")
     for tf in tokenizer_files or []:
         shutil.copy2(tf, tmp / Path(tf).name)
+    from moxin.callbacks.checkpoint_io import FILE_MODE
+
+    for f in tmp.iterdir():
+        os.chmod(f, FILE_MODE)  # safetensors writes 0600 files
     if hf_dir.exists():
         old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
         os.rename(hf_dir, old)
