@@ -153,15 +153,13 @@ def build(cfg: DictConfig):
 
     from lightning.pytorch.callbacks import RichProgressBar
 
-    from moxin.callbacks import AtomicCheckpointIO, SampleGenerations, Throughput
-    from moxin.checkpointing import CheckpointPolicy
+    from moxin.callbacks import SampleGenerations, Throughput
+    from moxin.checkpointing import CheckpointPolicy, StopOnSignal
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
-    callbacks = [
-        CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints),
-        throughput,
-    ]
+    policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints)
+    callbacks = [policy, StopOnSignal(policy), throughput]
     if cfg.trainer.progress_bar == "rich" and sys.stdout.isatty() or cfg.trainer.progress_bar == "rich_always":
         callbacks.append(RichProgressBar(leave=True))
     if cfg.get("samples") and cfg.samples.prompts:
@@ -170,7 +168,7 @@ def build(cfg: DictConfig):
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
     trainer = L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
-        strategy=build_strategy(hw, world), plugins=[AtomicCheckpointIO()] if hw.strategy != "fsdp2" else None,
+        strategy=build_strategy(hw, world), plugins=_plugins(hw),
         max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=accum, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
         log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,
@@ -180,6 +178,20 @@ def build(cfg: DictConfig):
         deterministic=cfg.trainer.deterministic, use_distributed_sampler=False,
     )
     return trainer, stage, datamodule, ckpt_path, throughput
+
+
+def _plugins(hw: DictConfig) -> list | None:
+    """Atomic checkpoint files (ModelParallelStrategy writes its own folders), and under SLURM the cluster
+    environment without Lightning's requeue-in-the-signal-handler (StopOnSignal saves at a step boundary)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from moxin.callbacks import AtomicCheckpointIO
+
+    plugins = [AtomicCheckpointIO()] if hw.strategy != "fsdp2" else []
+
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins or None
 
 
 def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
@@ -308,7 +320,10 @@ def _train_locked(cfg: DictConfig) -> dict:
             return done
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     info = summary(cfg, trainer, stage, datamodule, throughput, started)
-    if cfg.export_hf:
+    stop = next((c for c in trainer.callbacks if type(c).__name__ == "StopOnSignal"), None)
+    if stop is not None and stop.stopped_at is not None:
+        info["stopped_by_signal_at"] = stop.stopped_at  # the job comes back (requeued): no export yet
+    elif cfg.export_hf:
         from moxin.checkpointing import export_hf, weights_finite
 
         hf_dir = Path(cfg.out_dir) / "hf"

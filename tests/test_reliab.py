@@ -277,3 +277,35 @@ def test_chat_roles_out_of_order_are_counted(tmp_path):
     _, _, stats = load_conversations(SourceConfig(name="chat", path=str(f)), "messages", 10, 1.0)
     assert stats.kept == 5 and stats.reasons == {"role_order": 3}
     assert "role 'assistant' where 'user' is expected" in stats.bad_examples[0]
+
+
+# ---- SLURM: SIGUSR1 before the time limit -------------------------------------------------------------------
+def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
+    """What `#SBATCH --signal=SIGUSR1@120` does: the run finishes its step, saves a complete checkpoint, exits 0
+    without exporting; resume=auto then continues exactly (every step's loss as in the uninterrupted run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = R.train(_compose(FAST + ["trainer.val_every_n_steps=null", f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    args = FAST + ["trainer.val_every_n_steps=null", "trainer.checkpoint_every_n_steps=100", "export_hf=true",
+                   "+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}", "run_name=part"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "moxin.run"] + args, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not any(r[1] for r in _rows(tmp_path / "part")):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-2000:]
+    info = C.read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
+    assert 0 < info.step < 12 and f"saved optimizer step {info.step}" in err
+    assert not (tmp_path / "part" / "hf").exists()
+    R.train(_compose(args[:-3] + ["+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
+                                  "run_name=part", "resume=auto"]))
+    a = {s: float(t) for s, t, _ in _rows(tmp_path / "full") if t}
+    b = {s: float(t) for s, t, _ in _rows(tmp_path / "part") if t}
+    assert sorted(a) == sorted(b) == list(range(12)) and full["optimizer_steps"] == 12
+    assert all(b[s] == pytest.approx(a[s], abs=1e-5) for s in a), (a, b)
