@@ -309,3 +309,22 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     b = {s: float(t) for s, t, _ in _rows(tmp_path / "part") if t}
     assert sorted(a) == sorted(b) == list(range(12)) and full["optimizer_steps"] == 12
     assert all(b[s] == pytest.approx(a[s], abs=1e-5) for s in a), (a, b)
+
+
+# ---- GRPO: a verifier that cannot score stops the run ------------------------------------------------------
+def test_grpo_stops_when_the_verifier_fails_on_most_completions(tmp_path, monkeypatch):
+    import moxin.rewards as rewards_pkg
+    from tests.test_grpo import fit, make_dm, make_stage
+
+    class Down:
+        def __call__(self, completion, reference):
+            raise TimeoutError("verifier service unreachable")
+
+    monkeypatch.setitem(rewards_pkg.VERIFIERS, "down", Down)
+    from moxin.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("mistral")
+    stage = make_stage(tok, verifier="down")
+    with pytest.raises(RuntimeError, match="max_verifier_failure_fraction"):
+        fit(stage, make_dm(tok, steps=2), tmp_path)
+    assert stage.history == []  # stopped at the first step, before any update was logged

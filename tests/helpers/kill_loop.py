@@ -49,6 +49,24 @@ def launch(mode: str, out: Path, port: int, log: Path):
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def kill_tree(p) -> None:
+    """SIGKILL the launcher and every process under it at once, as a node failure would (torchrun starts its
+    workers in sessions of their own, so killing its process group alone would leave them training)."""
+    import psutil
+
+    try:
+        procs = [psutil.Process(p.pid)] + psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for q in procs:
+        try:
+            q.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    p.wait()
+    psutil.wait_procs(procs, timeout=30)
+
+
 def logged(out: Path) -> tuple[dict[int, float], dict[int, float], int]:
     """Per step: the train loss of the latest launch that logged it, val losses, and the highest step logged."""
     train, val, top = {}, {}, -1
@@ -65,6 +83,13 @@ def logged(out: Path) -> tuple[dict[int, float], dict[int, float], int]:
             except (TypeError, ValueError, KeyError):
                 continue  # a line cut by the kill
     return train, val, top
+
+
+def saved_step(out: Path) -> int:
+    """The highest step file name in the checkpoint folder (-1 for none); renamed into place only when complete."""
+    steps = [int(m.group(1)) for p in (out / "checkpoints").glob("step*.ckpt")
+             if (m := re.match(r"step(\d+)\.ckpt$", p.name))] if (out / "checkpoints").is_dir() else []
+    return max(steps, default=-1)
 
 
 def newest_complete(out: Path) -> int | None:
@@ -108,18 +133,17 @@ def main() -> int:
         p = launch(a.mode, run, a.port + 1 + launches, log)
         launches += 1
         if kills < a.kills:
-            # a random moment once this launch trains: after its next logged step, 0-2.5 s on (steps here take
-            # about a second, so kills land in forward/backward, in checkpoint writes and in validation)
-            _, _, top0 = logged(run)
-            while p.poll() is None and logged(run)[2] <= top0:
-                time.sleep(0.2)
+            # a random moment once this launch trains: after its next checkpoint (one per step), 0-2.5 s on
+            # (steps here take about a second, so kills land in forward/backward, checkpoint writes, validation)
+            top0 = saved_step(run)
+            while p.poll() is None and saved_step(run) <= top0:
+                time.sleep(0.1)
             if p.poll() is None:
                 delay = rng.uniform(0.0, 2.5)
                 try:
                     p.wait(timeout=delay)
                 except subprocess.TimeoutExpired:
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
+                    kill_tree(p)
                     kills += 1
                     _, _, top = logged(run)
                     events.append({"kill_after_step_s": round(delay, 2), "highest_step_logged": top,
