@@ -296,7 +296,9 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     info = read_info(ckpt_path)
     total = int(getattr(datamodule, "total_steps", 0) or 0)
     limit = int(cfg.trainer.max_steps)
-    done = info.moxin.get("finished") or (0 < limit <= info.step)
+    # finished: saved at the last phase's end, and the schedule asks for no more steps than that (a schedule
+    # extended since then trains on)
+    done = (info.moxin.get("finished") and (not total or info.step >= total)) or (0 < limit <= info.step)
     if not done:
         return None
     prev = Path(cfg.out_dir) / "summary.json"
