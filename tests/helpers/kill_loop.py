@@ -35,18 +35,39 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_hea
         "+logger.flush_logs_every_n_steps=1"]
 
 
-def command(mode: str, out: Path, port: int) -> list[str]:
+LEGACY_FSDP = ["hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
+               "hardware.num_workers=0", "hardware.peak_tflops=null", "hardware.parallel.compile=false",
+               "hardware.parallel.activation_checkpointing=false", "hardware.parallel.fsdp_param_dtype=null"]
+
+
+def command(mode: str, out: Path, port: int, legacy: bool = False) -> list[str]:
     args = TINY + [f"out_dir={out}", f"run_name={out.name}", "resume=auto"]
     if mode == "fsdp":
+        hw = LEGACY_FSDP if legacy else ["hardware=fsdp_cpu"]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
-                "-m", "moxin.run", "hardware=fsdp_cpu"] + args
+                "-m", "moxin.run"] + hw + args
     return [sys.executable, "-m", "moxin.run"] + args
 
 
-def launch(mode: str, out: Path, port: int, log: Path):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    return subprocess.Popen(command(mode, out, port), cwd=ROOT, env=env, stdout=open(log, "w"),
+def launch(mode: str, out: Path, port: int, log: Path, code: Path = ROOT, legacy: bool = False):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(code))
+    return subprocess.Popen(command(mode, out, port, legacy), cwd=code, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def versions(out: Path) -> set[str]:
+    return {p.name for p in out.glob("logs/version_*")}
+
+
+def first_step(out: Path, names: set[str]) -> int | None:
+    steps = []
+    for n in names:
+        f = out / "logs" / n / "metrics.csv"
+        if f.exists():
+            for r in csv.DictReader(open(f, errors="replace")):
+                if (r.get("step") or "").isdigit() and r.get("train/loss"):
+                    steps.append(int(r["step"]))
+    return min(steps, default=None)
 
 
 def kill_tree(p) -> None:
@@ -114,29 +135,35 @@ def main() -> int:
     ap.add_argument("--kills", type=int, default=6)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--port", type=int, default=29650)
+    ap.add_argument("--code", default=str(ROOT), help="the moxin tree to run (another checkout: a before/after "
+                    "comparison; the analysis always uses this tree's readers)")
+    ap.add_argument("--legacy", action="store_true", help="the code predates hardware=fsdp_cpu")
     a = ap.parse_args()
-    root = Path(a.out)
+    root, code = Path(a.out), Path(a.code)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
 
     ref = root / "ref"
-    p = launch(a.mode, ref, a.port, root / "ref.log")
+    p = launch(a.mode, ref, a.port, root / "ref.log", code, a.legacy)
     if p.wait() != 0:
         print((root / "ref.log").read_text()[-3000:])
         return 1
 
     run = root / "killed"
-    kills, resumes, events = 0, 0, []
+    kills, events, failure = 0, [], None
     launches = 0
     while True:
         log = root / f"launch{launches}.log"
-        p = launch(a.mode, run, a.port + 1 + launches, log)
+        before = versions(run)
+        if events:
+            events[-1]["_versions_before"] = before
+        p = launch(a.mode, run, a.port + 1 + launches, log, code, a.legacy)
         launches += 1
         if kills < a.kills:
-            # a random moment once this launch trains: after its next checkpoint (one per step), 0-2.5 s on
-            # (steps here take about a second, so kills land in forward/backward, checkpoint writes, validation)
-            top0 = saved_step(run)
-            while p.poll() is None and saved_step(run) <= top0:
+            # a random moment once this launch trains: after 1-3 more checkpoints (one per step), then 0-2.5 s
+            # on (steps here take about a second: kills land in forward/backward, checkpoint writes, validation)
+            target = saved_step(run) + rng.randint(1, 3)
+            while p.poll() is None and saved_step(run) < target:
                 time.sleep(0.1)
             if p.poll() is None:
                 delay = rng.uniform(0.0, 2.5)
@@ -151,38 +178,45 @@ def main() -> int:
                     continue
         rc = p.wait()
         if rc != 0:
-            print(log.read_text()[-3000:])
-            return 1
+            lines = [l for l in log.read_text().splitlines() if l.strip()]
+            failure = {"launch": launches - 1, "rc": rc,
+                       "error": next((l for l in reversed(lines) if "Error" in l), lines[-1] if lines else "")[:300]}
         break
-    # which step each launch after a kill resumed from (resume=auto says it on stderr)
+    # which step each launch after a kill resumed from: resume=auto names it; older code: the first step the
+    # launch logged
     for i, ev in enumerate(events):
-        text = (root / f"launch{i + 1}.log").read_text()
+        lp = root / f"launch{i + 1}.log"
+        text = lp.read_text() if lp.exists() else ""
         m = re.search(r"continuing from .*\(optimizer step (\d+)\)", text)
-        ev["resumed_from"] = int(m.group(1)) if m else None
-        resumes += ev["resumed_from"] is not None
-        expect = ev["newest_complete_checkpoint"]
-        ev["steps_retrained"] = (ev["highest_step_logged"] + 1 - (ev["resumed_from"] or 0)) if ev["highest_step_logged"] >= 0 else 0
-        ev["ok"] = ev["resumed_from"] == expect
+        new = versions(run) - ev.pop("_versions_before", set())
+        ev["resumed_from"] = int(m.group(1)) if m else first_step(run, new)
+        top = ev["highest_step_logged"]
+        ev["steps_retrained"] = max(0, top + 1 - ev["resumed_from"]) if ev["resumed_from"] is not None else None
+        ev["ok"] = ev["resumed_from"] == ev["newest_complete_checkpoint"]
     ta, va, _ = logged(ref)
     tb, vb, _ = logged(run)
-    wa, wb = final_weights(ref), final_weights(run)
     res = {
-        "mode": a.mode, "kills": kills, "resumes": resumes, "launches": launches, "events": events,
+        "mode": a.mode, "code": str(code), "kills": kills, "launches": launches, "failure": failure,
+        "resumes": sum(e["resumed_from"] is not None for e in events), "events": events,
         "all_resumed_from_newest_complete": all(e["ok"] for e in events),
-        "steps_retrained": sum(e["steps_retrained"] for e in events),
+        "steps_retrained": sum(e["steps_retrained"] or 0 for e in events),
         "steps_lost_beyond_newest_checkpoint": sum(max(0, (e["newest_complete_checkpoint"] or 0) - (e["resumed_from"] or 0))
-                                                   for e in events),
+                                                   for e in events if e["resumed_from"] is not None),
         "steps_ref": sorted(ta), "steps_killed": sorted(tb),
-        "max_loss_diff": max(abs(ta[s] - tb[s]) for s in ta if s in tb) if tb else None,
+        "max_loss_diff": max((abs(ta[s] - tb[s]) for s in ta if s in tb), default=None),
         "missing_steps": sorted(set(ta) - set(tb)),
-        "max_weight_diff": max(float((wa[k] - wb[k]).abs().max()) for k in wa),
         "final_val_ref": va.get(max(va)) if va else None, "final_val_killed": vb.get(max(vb)) if vb else None,
         "leftover_temporaries": sorted(p.name for p in (run / "checkpoints").glob(".*")),
         "checkpoint_files": sorted(p.name for p in (run / "checkpoints").iterdir()),
     }
+    try:
+        wa, wb = final_weights(ref), final_weights(run)
+        res["max_weight_diff"] = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
+    except Exception as e:  # noqa: BLE001 - a before-run may leave no usable final checkpoint
+        res["max_weight_diff"] = f"unreadable: {type(e).__name__}: {e}"[:300]
     (root / "kill_loop.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
-    return 0
+    return 0 if failure is None else 3
 
 
 if __name__ == "__main__":
