@@ -106,6 +106,18 @@ class SourceConfig:
     max_bad_fraction: float = 0.01
     max_record_bytes: int | None = 8 * 1024 * 1024
 
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_bad_records, int) or self.max_bad_records < 0:
+            problems.append(f"max_bad_records={self.max_bad_records!r} must be an integer >= 0")
+        if not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
+            problems.append(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1]")
+        if self.max_record_bytes is not None and (not isinstance(self.max_record_bytes, int)
+                                                  or self.max_record_bytes < 1):
+            problems.append(f"max_record_bytes={self.max_record_bytes!r} must be an integer >= 1 or null")
+        if problems:
+            raise DataError(f"data source {self.name!r}: " + "; ".join(problems))
+
     @classmethod
     def from_any(cls, obj: Any) -> "SourceConfig":
         """Accept a SourceConfig, a dict / DictConfig (Hydra) with the same keys."""
