@@ -64,18 +64,65 @@ def build_strategy(hw: DictConfig, world: int):
 
 
 def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint to continue from: none for a fresh run (refused where checkpoints exist), the newest
+    complete one for resume=auto (newer incomplete or unreadable ones are named in a warning and skipped),
+    or the given path (checked)."""
+    from moxin.checkpointing import CheckpointError, candidates, find_resume, read_info
+
+    out_dir = ckpt_dir.parent
     if cfg.resume in (None, "", False):
-        if (ckpt_dir / "last.ckpt").exists():
+        if candidates(out_dir) or (ckpt_dir / "last.ckpt").exists():
             raise ConfigError(f"{ckpt_dir} already holds a run's checkpoints. Continue it with resume=auto, or start "
                               f"a new run with another run_name=... (nothing is overwritten silently)")
         return None
     if cfg.resume == "auto":
-        last = ckpt_dir / "last.ckpt"
-        return str(last) if last.exists() else None
-    p = Path(cfg.resume)
-    if not p.exists():
-        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint; use resume=auto or a path to a .ckpt")
-    return str(p)
+        info, skipped = find_resume(out_dir)
+        for why in skipped:
+            _say(f"resume=auto: skipping {why}")
+        if info is None:
+            if skipped:
+                raise ConfigError(f"resume=auto: no complete checkpoint in {out_dir} (skipped: {skipped}); remove "
+                                  "the broken files to start over, or give resume=<path>")
+            return None
+        _say(f"resume=auto: continuing from {info.path} (optimizer step {info.step})")
+        return str(info.path)
+    try:
+        return str(read_info(cfg.resume).path)
+    except CheckpointError as e:
+        raise ConfigError(f"resume={cfg.resume!r}: {e}; use resume=auto or a path to a complete checkpoint") from None
+
+
+def _say(msg: str) -> None:
+    """A one-line notice on the first process only (every rank resolves the same checkpoint)."""
+    from moxin.checkpointing import launcher_rank
+
+    if launcher_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Numeric keys of the run (trainer.*) that cannot work, named before any work starts."""
+    t = cfg.trainer
+    problems = []
+
+    def positive_int_or_null(key):
+        v = t.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
+
+    positive_int_or_null("checkpoint_every_n_steps")
+    positive_int_or_null("val_every_n_steps")
+    if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
+    lv = t.limit_val_batches
+    if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not math.isfinite(lv) or lv < 0 \
+            or (isinstance(lv, float) and lv > 1):
+        problems.append(f"trainer.limit_val_batches={lv!r} must be a fraction in [0, 1] or a whole number of batches")
+    mn = t.get("max_nonfinite_steps", 5)
+    if not isinstance(mn, int) or isinstance(mn, bool) or mn < 1:
+        problems.append(f"trainer.max_nonfinite_steps={mn!r} must be an integer >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 def check_vocab(model_cfg, tokenizer_spec) -> None:
@@ -96,11 +143,22 @@ def check_vocab(model_cfg, tokenizer_spec) -> None:
 
 def build(cfg: DictConfig):
     """Instantiate datamodule, stage, trainer from the composed config (before any training work)."""
+    check_run_config(cfg)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     hw = cfg.hardware
     world = world_size_of(hw)
+    if ckpt_path:
+        from moxin.checkpointing import read_info
+
+        saved_world = read_info(ckpt_path).world_size
+        if saved_world and saved_world != world:
+            raise ConfigError(
+                f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
+                f"hardware.num_nodes). The data and loop state belong to the process count, so resume with "
+                f"{saved_world} processes, or start a new run from its weights: init_from={ckpt_path} (the weights "
+                "reshard to any process count)")
 
     model_cfg = instantiate(cfg.model)
     check_vocab(model_cfg, cfg.tokenizer)
@@ -109,28 +167,18 @@ def build(cfg: DictConfig):
     accum = datamodule.accumulate_grad_batches
     stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel),
                         init_from=cfg.init_from, _convert_="object")
+    if hasattr(stage, "optim_cfg"):
+        stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
 
-    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.callbacks import RichProgressBar
 
-    from moxin.callbacks import AtomicCheckpointIO, SampleGenerations, Throughput
+    from moxin.callbacks import SampleGenerations, Throughput
+    from moxin.checkpointing import CheckpointPolicy, StopOnSignal
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
-
-    class SaveWhereStopped(L.Callback):
-        """trainer.max_steps ends a run mid-phase: save last.ckpt right at that step (inside the loop, where
-        the loop and data-loader state say 'mid-epoch'), so resume=auto continues exactly there."""
-
-        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-            if 0 < trainer.max_steps <= trainer.global_step and (batch_idx + 1) % trainer.accumulate_grad_batches == 0:
-                trainer.save_checkpoint(str(ckpt_dir / "last.ckpt"))
-
-    callbacks = [
-        ModelCheckpoint(dirpath=str(ckpt_dir), filename="step{step:06d}", auto_insert_metric_name=False,
-                        every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, save_last=True, save_top_k=-1
-                        if cfg.trainer.keep_all_checkpoints else 1, monitor=None),
-        throughput,
-        SaveWhereStopped(),
-    ]
+    # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
+    policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints)
+    callbacks = [policy, StopOnSignal(policy), throughput]
     if cfg.trainer.progress_bar == "rich" and sys.stdout.isatty() or cfg.trainer.progress_bar == "rich_always":
         callbacks.append(RichProgressBar(leave=True))
     if cfg.get("samples") and cfg.samples.prompts:
@@ -139,16 +187,30 @@ def build(cfg: DictConfig):
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
     trainer = L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
-        strategy=build_strategy(hw, world), plugins=[AtomicCheckpointIO()] if hw.strategy != "fsdp2" else None,
+        strategy=build_strategy(hw, world), plugins=_plugins(hw),
         max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
         accumulate_grad_batches=accum, callbacks=callbacks, logger=logger, default_root_dir=str(out_dir),
         log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,
         val_check_interval=(val_every * accum) if val_every else None, max_steps=cfg.trainer.max_steps,
         check_val_every_n_epoch=1, limit_val_batches=cfg.trainer.limit_val_batches,
-        enable_progress_bar=cfg.trainer.progress_bar != "none", enable_model_summary=False,
+        enable_progress_bar=cfg.trainer.progress_bar != "none", enable_model_summary=False, enable_checkpointing=False,
         deterministic=cfg.trainer.deterministic, use_distributed_sampler=False,
     )
     return trainer, stage, datamodule, ckpt_path, throughput
+
+
+def _plugins(hw: DictConfig) -> list | None:
+    """Atomic checkpoint files (ModelParallelStrategy writes its own folders), and under SLURM the cluster
+    environment without Lightning's requeue-in-the-signal-handler (StopOnSignal saves at a step boundary)."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    from moxin.callbacks import AtomicCheckpointIO
+
+    plugins = [AtomicCheckpointIO()] if hw.strategy != "fsdp2" else []
+
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins or None
 
 
 def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
@@ -164,6 +226,12 @@ def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
     return max(d for d in range(1, min(every, g) + 1) if g % d == 0)
 
 
+def _last_checkpoint(out_dir: Path) -> str:
+    """The step file last.ckpt points to (stable: a later resume moves last.ckpt, not this)."""
+    last = out_dir / "checkpoints" / "last.ckpt"
+    return str(last.resolve() if last.exists() else last)
+
+
 def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict:
     out_dir = Path(cfg.out_dir).resolve()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
@@ -173,7 +241,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
     info = {
         "run_name": cfg.run_name,
         "out_dir": str(out_dir),
-        "checkpoint": str(out_dir / "checkpoints" / "last.ckpt"),
+        "checkpoint": _last_checkpoint(out_dir),
         "optimizer_steps": trainer.global_step,
         "target_tokens": stage.tokens_seen,
         "seconds": round(time.time() - started, 1),
@@ -233,24 +301,74 @@ def print_summary(cfg, info: dict) -> None:
 
 
 def train(cfg: DictConfig) -> dict:
+    """Lock the run folder, clear what killed saves left, build, fit, export, report."""
+    from contextlib import nullcontext
+
+    from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
+
+    first = launcher_rank() == 0
+    with RunLock(cfg.out_dir) if first else nullcontext():
+        if first:
+            clean_temporaries(cfg.out_dir)
+        return _train_locked(cfg)
+
+
+def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
+    """The summary to return when the checkpoint to resume is already the end of the run: the whole schedule
+    done (saved at the last phase's end) or trainer.max_steps reached."""
+    from moxin.checkpointing import read_info
+
+    info = read_info(ckpt_path)
+    total = int(getattr(datamodule, "total_steps", 0) or 0)
+    limit = int(cfg.trainer.max_steps)
+    # finished: saved at the last phase's end, and the schedule asks for no more steps than that (a schedule
+    # extended since then trains on)
+    done = (info.moxin.get("finished") and (not total or info.step >= total)) or (0 < limit <= info.step)
+    if not done:
+        return None
+    prev = Path(cfg.out_dir) / "summary.json"
+    out = json.loads(prev.read_text()) if prev.exists() else {"run_name": cfg.run_name, "metrics": {}}
+    out.update(checkpoint=str(Path(ckpt_path).resolve()), optimizer_steps=info.step, nothing_to_do=True)
+    why = "the whole schedule" if info.moxin.get("finished") else f"trainer.max_steps={limit}"
+    _say(f"run '{cfg.run_name}' is complete: {info.path} is optimizer step {info.step} ({why}"
+         f"{f' of {total}' if total and not info.moxin.get('finished') else ''}); nothing left to do. "
+         "Raise trainer.max_steps to train further, or start a new stage from it with "
+         f"init_from={Path(ckpt_path).resolve()}")
+    return out
+
+
+def _train_locked(cfg: DictConfig) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     trainer, stage, datamodule, ckpt_path, throughput = build(cfg)
+    if ckpt_path:
+        done = finished_info(cfg, ckpt_path, datamodule)
+        if done is not None:
+            return done
     trainer.fit(stage, datamodule=datamodule, ckpt_path=ckpt_path, weights_only=True)
     info = summary(cfg, trainer, stage, datamodule, throughput, started)
-    if cfg.export_hf and trainer.is_global_zero and type(trainer.strategy).__name__ != "ModelParallelStrategy":
-        from moxin.model.hf import save_hf
+    stop = next((c for c in trainer.callbacks if type(c).__name__ == "StopOnSignal"), None)
+    if stop is not None and stop.stopped_at is not None:
+        info["stopped_by_signal_at"] = stop.stopped_at  # the job comes back (requeued): no export yet
+    elif cfg.export_hf:
+        from moxin.checkpointing import export_hf, weights_finite
 
         hf_dir = Path(cfg.out_dir) / "hf"
         tok_files = [str(cfg.tokenizer)] if Path(str(cfg.tokenizer)).is_file() else None
-        save_hf(stage.model, hf_dir, tokenizer_files=tok_files)
-        if cfg.tokenizer == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer looks for
-            import shutil
+        if not weights_finite(stage):
+            if trainer.is_global_zero:
+                print(f"not exporting {hf_dir}: the final weights hold NaN/Inf", file=sys.stderr)
+        else:
+            # every rank takes part (FSDP2 gathers each parameter); rank 0 writes, one shard in memory at a time
+            export_hf(stage, hf_dir, is_global_zero=trainer.is_global_zero, tokenizer_files=tok_files)
+            if trainer.is_global_zero:
+                if cfg.tokenizer == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
+                    import shutil
 
-            from moxin.tokenizer import mistral_model_path
+                    from moxin.tokenizer import mistral_model_path
 
-            shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
-        info["hf_export"] = str(hf_dir.resolve())
+                    shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
+                info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info)
     return info

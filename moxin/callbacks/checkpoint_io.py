@@ -1,6 +1,7 @@
 """Checkpoints written atomically: to a temporary file in the same folder, fsynced, then renamed over the
 final name, so a crash mid-write leaves the previous checkpoint intact and never a truncated one. Loading
-uses `torch.load(weights_only=True)`."""
+uses `torch.load(weights_only=True)`. Files get the mode an ordinary `open` would give (0644 under the usual umask),
+not mkstemp's private 0600, so the people sharing a run folder can read its checkpoints."""
 
 from __future__ import annotations
 
@@ -12,12 +13,22 @@ import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
 
+def _umask() -> int:
+    m = os.umask(0)
+    os.umask(m)
+    return m
+
+
+FILE_MODE = 0o666 & ~_umask()
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         try:
+            os.fchmod(fd, FILE_MODE)
             with os.fdopen(fd, "wb") as f:
                 torch.save(checkpoint, f)
                 f.flush()

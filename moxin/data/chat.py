@@ -48,7 +48,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import torch
 
 from moxin.data.common import RankedDataModule
-from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, resolve_files
+from moxin.data.sources import DataError, SourceConfig, is_hub_name, iter_lines, open_hub_dataset, resolve_files
 from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat, validate_conversation
 
@@ -106,18 +106,17 @@ def read_records(source: SourceConfig) -> Iterator[tuple[str, Any]]:
     describing why the line is not one). Hub sources are read with :func:`load_hub_dataset` instead."""
     for path, fmt in resolve_files(source):
         if fmt == "jsonl":
-            opener = __import__("gzip").open if path.lower().endswith(".gz") else open
-            with opener(path, "rt", encoding="utf-8", errors="replace") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        rec = f"malformed JSON ({e.msg} at column {e.colno})"
-                    if not isinstance(rec, (dict, str)):
-                        rec = f"record is a {type(rec).__name__}, not an object"
-                    yield f"{path}:{lineno}", rec
+            for lineno, line in iter_lines(path, source.max_record_bytes):
+                if not isinstance(line, str):  # invalid UTF-8 or longer than max_record_bytes
+                    yield f"{path}:{lineno}", line.reason
+                    continue
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    rec = f"malformed JSON ({e.msg} at column {e.colno})"
+                if not isinstance(rec, (dict, str)):
+                    rec = f"record is a {type(rec).__name__}, not an object"
+                yield f"{path}:{lineno}", rec
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -303,6 +302,25 @@ def conversation_problem(messages: Any, index: int | None = None) -> tuple[str, 
         return kind, problem
     if not any(m["role"] == "assistant" for m in messages):
         return "no_assistant", "no assistant turn (nothing to train on)"
+    order = role_order_problem(messages)
+    if order is not None:
+        return "role_order", order
+    return None
+
+
+def role_order_problem(messages: list) -> str | None:
+    """What is out of order in a conversation's roles, or None: an optional system message first, then user
+    and assistant turns alternating, starting with a user. Anything else (two users in a row, an assistant
+    first, a system message in the middle) renders a prompt the model never sees at inference and teaches
+    it to answer itself."""
+    roles = [m["role"] for m in messages]
+    start = 1 if roles and roles[0] == "system" else 0
+    for j, role in enumerate(roles[start:], start):
+        want = "user" if (j - start) % 2 == 0 else "assistant"
+        if role != want:
+            return (f"message {j} has role {role!r} where {want!r} is expected (roles: {roles[:8]}"
+                    f"{'...' if len(roles) > 8 else ''}); expected an optional system message, then user / "
+                    "assistant turns alternating")
     return None
 
 
@@ -329,7 +347,9 @@ def load_conversations(source: SourceConfig, messages_field: str, max_bad_record
     for loc, row, rec in recs:
         stats.records += 1
         if isinstance(rec, str):
-            stats.add_bad(loc, rec, "malformed")
+            kind = ("invalid_utf8" if rec.startswith("invalid UTF-8") else "oversized"
+                    if " longer than max_record_bytes" in rec else "malformed")
+            stats.add_bad(loc, rec, kind)
         else:
             try:
                 value = get(rec)

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from moxin.data.chat import (
-    ChatSFTDataModule, StepBatchSampler, load_conversations, source_identity,
+    ChatSFTDataModule, StepBatchSampler, load_conversations, role_order_problem, source_identity,
 )
 from moxin.data.sources import DataError, SourceConfig
 from moxin.losses import IGNORE_INDEX
@@ -83,6 +83,9 @@ def pair_problem(pair: Any, index: int | None = None) -> tuple[str, str] | None:
             return ("unknown_role" if "unknown role" in problem else "invalid"), f"{side}: {problem}"
         if msgs[-1]["role"] != "assistant":
             return "no_assistant", f"{side}: the last message must be the assistant answer being compared"
+        order = role_order_problem(msgs)
+        if order is not None:
+            return "role_order", f"{side}: {order}"
     if [(m["role"], m["content"]) for m in chosen] == [(m["role"], m["content"]) for m in rejected]:
         return "identical", "chosen and rejected are identical (no preference to learn)"
     return None

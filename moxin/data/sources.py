@@ -89,6 +89,9 @@ class SourceConfig:
         txt_unit: for text files: ``file`` (one document per file) or ``line`` (one per non-empty line).
         max_bad_records: stop once one reader met more bad records than this.
         max_bad_fraction: stop once bad / records exceeds this (checked after 100 records).
+        max_record_bytes: a record (jsonl line, text line or file, parquet / hub text) longer than this is a bad
+            record, counted and skipped unparsed: one runaway line (a dumped table, a base64 blob) would
+            otherwise be tokenized and packed into thousands of rows. None: no cap.
     """
 
     name: str
@@ -101,6 +104,19 @@ class SourceConfig:
     txt_unit: str = "file"
     max_bad_records: int = 1000
     max_bad_fraction: float = 0.01
+    max_record_bytes: int | None = 8 * 1024 * 1024
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_bad_records, int) or self.max_bad_records < 0:
+            problems.append(f"max_bad_records={self.max_bad_records!r} must be an integer >= 0")
+        if not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
+            problems.append(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1]")
+        if self.max_record_bytes is not None and (not isinstance(self.max_record_bytes, int)
+                                                  or self.max_record_bytes < 1):
+            problems.append(f"max_record_bytes={self.max_record_bytes!r} must be an integer >= 1 or null")
+        if problems:
+            raise DataError(f"data source {self.name!r}: " + "; ".join(problems))
 
     @classmethod
     def from_any(cls, obj: Any) -> "SourceConfig":
@@ -230,22 +246,64 @@ def _open_text(path: str):
     return open(path, encoding="utf-8", errors="replace")
 
 
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def iter_lines(path: str, max_bytes: int | None) -> Iterator[tuple[int, str | _Bad]]:
+    """``(line number, text)`` of every non-blank line, or a ``_Bad`` for a line that is not valid UTF-8 or is
+    longer than ``max_bytes`` (read past in chunks, never held whole). Bytes are decoded strictly: a replaced
+    character would silently change the text the model trains on."""
+    cap = max_bytes if max_bytes and max_bytes > 0 else None
+    with _open_binary(path) as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(cap + 2) if cap else fh.readline()
+            if not raw:
+                return
+            lineno += 1
+            if cap and len(raw.rstrip(b"\r\n")) > cap:
+                n = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(1 << 20)
+                    if not raw:
+                        break
+                    n += len(raw)
+                yield lineno, _Bad(f"record of {n:,} bytes is longer than max_record_bytes={cap:,}")
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, _Bad(f"invalid UTF-8 at byte {e.start} of the line ({e.reason})")
+                continue
+            if text.strip():
+                yield lineno, text
+
+
+def _too_long(text: str, source: SourceConfig) -> _Bad | None:
+    cap = source.max_record_bytes
+    if cap and len(text) > cap // 4 and len(text.encode("utf-8", "surrogatepass")) > cap:
+        return _Bad(f"record of {len(text.encode('utf-8', 'surrogatepass')):,} bytes is longer than "
+                    f"max_record_bytes={cap:,}")
+    return None
+
+
 def _local_records(source: SourceConfig, files, keep) -> Iterator[tuple[str, Any]]:
     """Yield (location, text|_Bad) for records whose global index satisfies keep(i); others are not parsed."""
     i = 0
     for path, fmt in files:
         if fmt == "jsonl":
-            with _open_text(path) as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    if keep(i):
+            for lineno, line in iter_lines(path, source.max_record_bytes):
+                if keep(i):
+                    if isinstance(line, _Bad):
+                        rec = line
+                    else:
                         try:
                             rec = json.loads(line)
                         except json.JSONDecodeError as e:
                             rec = _Bad(f"malformed JSON ({e.msg} at column {e.colno})")
-                        yield f"{path}:{lineno}", rec if isinstance(rec, _Bad) else _get_text(rec, source)
-                    i += 1
+                    yield f"{path}:{lineno}", rec if isinstance(rec, _Bad) else _get_text(rec, source)
+                i += 1
         elif fmt == "parquet":
             import pyarrow.parquet as pq
 
@@ -262,22 +320,30 @@ def _local_records(source: SourceConfig, files, keep) -> Iterator[tuple[str, Any
                     row += 1
                     if keep(i):
                         ok = isinstance(text, str)
-                        yield f"{path}:row {row}", text if ok else _Bad(f"column {source.text_field!r} is {text!r}")
+                        bad = _too_long(text, source) if ok else _Bad(f"column {source.text_field!r} is {text!r}")
+                        yield f"{path}:row {row}", bad or text
                     i += 1
         elif fmt == "txt":
             if source.txt_unit == "file":
                 if keep(i):
-                    with _open_text(path) as fh:
-                        yield path, fh.read()
+                    cap = source.max_record_bytes
+                    size = os.path.getsize(path)
+                    if cap and not path.lower().endswith(".gz") and size > cap:
+                        yield path, _Bad(f"file of {size:,} bytes is longer than max_record_bytes={cap:,}")
+                    else:
+                        with _open_binary(path) as fh:
+                            raw = fh.read()
+                        try:
+                            text = raw.decode("utf-8")
+                            yield path, _too_long(text, source) or text
+                        except UnicodeDecodeError as e:
+                            yield path, _Bad(f"invalid UTF-8 at byte {e.start} ({e.reason})")
                 i += 1
             elif source.txt_unit == "line":
-                with _open_text(path) as fh:
-                    for lineno, line in enumerate(fh, 1):
-                        if not line.strip():
-                            continue
-                        if keep(i):
-                            yield f"{path}:{lineno}", line.rstrip("\n")
-                        i += 1
+                for lineno, line in iter_lines(path, source.max_record_bytes):
+                    if keep(i):
+                        yield f"{path}:{lineno}", line if isinstance(line, _Bad) else line.rstrip("\n")
+                    i += 1
             else:
                 raise DataError(f"data source {source.name!r}: txt_unit must be 'file' or 'line', not {source.txt_unit!r}")
         else:
@@ -315,7 +381,9 @@ def _hub_dataset(source: SourceConfig, shard_index: int, num_shards: int, start:
 def _hub_records(source: SourceConfig, shard_index: int, num_shards: int, start: int):
     ds = _hub_dataset(source, shard_index, num_shards, start)
     for k, rec in enumerate(ds, start + 1):
-        yield f"{source.path}[{source.split}] shard {shard_index}/{num_shards} record {k}", _get_text(rec, source)
+        t = _get_text(rec, source)
+        yield (f"{source.path}[{source.split}] shard {shard_index}/{num_shards} record {k}",
+               t if isinstance(t, _Bad) else _too_long(t, source) or t)
 
 
 def _check_threshold(source: SourceConfig, stats: SourceStats) -> None:

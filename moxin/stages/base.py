@@ -11,6 +11,7 @@ accumulation bug fixed across the field in 2024).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
@@ -45,15 +46,47 @@ class OptimConfig:
     """Final LR as a fraction of the peak; Moxin decays to 10 %. SFT/DPO in Tulu 3 decay linearly to 0."""
     grad_clip: float | None = 1.0
     """Clip the global gradient norm (after token normalisation). None: no clipping."""
+    max_nonfinite_steps: int = 5
+    """Optimizer steps with a NaN/Inf loss or gradient norm are skipped (weights, optimizer moments untouched)
+    and counted (``train/nonfinite_steps``); this many in a row stop the run with an error."""
 
     def __post_init__(self):
-        self.betas = tuple(self.betas)
+        self.betas = tuple(float(b) for b in self.betas)
+        problems = []
+
+        def finite(name, v):
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            if not ok:
+                problems.append(f"stage.optim.{name}={v!r} must be a finite number")
+            return ok
+
+        if finite("lr", self.lr) and self.lr <= 0:
+            problems.append(f"stage.optim.lr={self.lr} must be > 0")
+        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
+            problems.append(f"stage.optim.betas={list(self.betas)} must be two numbers in [0, 1)")
+        if finite("eps", self.eps) and self.eps <= 0:
+            problems.append(f"stage.optim.eps={self.eps} must be > 0")
+        if finite("weight_decay", self.weight_decay) and self.weight_decay < 0:
+            problems.append(f"stage.optim.weight_decay={self.weight_decay} must be >= 0")
+        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
+            problems.append(f"stage.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0 or null")
+        if finite("warmup_fraction", self.warmup_fraction) and not 0 <= self.warmup_fraction < 1:
+            problems.append(f"stage.optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
         if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"optim.schedule={self.schedule!r}: choose cosine, linear or constant")
-        if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.lr <= 0:
-            raise ValueError(f"optim.lr={self.lr} must be positive")
+            problems.append(f"stage.optim.schedule={self.schedule!r}: choose cosine, linear or constant")
+        if finite("min_lr_ratio", self.min_lr_ratio) and not 0 <= self.min_lr_ratio <= 1:
+            problems.append(f"stage.optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
+        if self.grad_clip is not None and finite("grad_clip", self.grad_clip) and self.grad_clip <= 0:
+            problems.append(f"stage.optim.grad_clip={self.grad_clip} must be > 0 (or null for no clipping; 0 would "
+                            "zero every gradient, a negative value flip its sign)")
+        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
+            problems.append(f"stage.optim.max_nonfinite_steps={self.max_nonfinite_steps!r} must be an integer >= 1")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+
+class NonFiniteError(RuntimeError):
+    """Training stopped: too many optimizer steps in a row with a NaN/Inf loss or gradient norm."""
 
 
 def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
@@ -81,30 +114,25 @@ class StepLoss:
 
 
 def load_init_weights(model: Transformer, path: str) -> None:
-    """Initialise from a Hugging Face MistralForCausalLM directory, a moxin checkpoint (.ckpt) or a
-    safetensors file of moxin names. Shapes must match exactly."""
-    from safetensors.torch import load_file
+    """Initialise from a Hugging Face MistralForCausalLM directory, a moxin checkpoint (a .ckpt file or the
+    distributed-checkpoint folder an FSDP run writes), a run folder or a safetensors file of moxin names.
 
-    p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"init_from={path!r} does not exist: give a Hugging Face model directory, "
-                                "a moxin .ckpt or a .safetensors file")
-    if p.is_dir():
-        if (p / "config.json").exists():
-            from moxin.model.hf import load_hf
+    Names and shapes must match, and so must the architecture the source records (HF config.json, or the
+    model config moxin stores in its checkpoints): a window, RoPE base or norm epsilon that differs leaves
+    every shape equal but computes something else, so it is refused with the fields named."""
+    from moxin.checkpointing import config_mismatches, load_model_weights
 
-            src = load_hf(p).state_dict()
-        elif (p / "last.ckpt").exists():
-            return load_init_weights(model, str(p / "last.ckpt"))
-        else:
-            raise FileNotFoundError(f"init_from={path!r}: no config.json (Hugging Face) or last.ckpt inside")
-    elif p.suffix == ".safetensors":
-        src = load_file(str(p))
-    else:
-        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-        sd = ckpt.get("state_dict", ckpt)
-        src = {k[len("model."):]: v for k, v in sd.items() if k.startswith("model.")} or sd
+    src, src_cfg, what = load_model_weights(path)
+    if src_cfg is not None:
+        bad = config_mismatches(model.cfg, src_cfg)
+        if bad:
+            raise ValueError(f"init_from={path}: the {what} was trained with another architecture than this "
+                             f"run's model config: " + "; ".join(bad) + ". Set those model.* keys to the source's "
+                             "values (or pick a model config that matches it)")
     own = model.state_dict()
+    if model.cfg.tie_embeddings:
+        src = {k: v for k, v in src.items() if k != "output.weight"} | {"output.weight": src.get(
+            "output.weight", src.get("tok_embeddings.weight"))}
     missing = sorted(set(own) - set(src))
     unexpected = sorted(set(src) - set(own))
     if missing or unexpected:
@@ -158,6 +186,8 @@ class MoxinStage(L.LightningModule):
         self.init_checksum: float | None = None
         self.held_out: HeldOutSums | None = None
         self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
+        self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (restored on resume)
+        self._nonfinite_run: list[int] = []  # global steps of the current run of consecutive skipped steps
         self.last_step_tokens_processed = 0
 
     # ---- model ----------------------------------------------------------------------------------------------
@@ -252,17 +282,25 @@ class MoxinStage(L.LightningModule):
             grads = [p.grad for p in self.model.parameters() if p.grad is not None]
             if grads:
                 torch._foreach_mul_(grads, scale)
-        grad_norm = None
         if self.optim_cfg.grad_clip is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
+        else:  # still measured: the non-finite guard needs it
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        if not self.guard_nonfinite(loss_sum / max(n_tokens, 1.0), gn):
+            self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
+            self._acc_metrics = {}
+            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
+                     rank_zero_only=True)
+            return
         self.tokens_seen += int(n_tokens)
         self.last_step_tokens_processed = int(processed)
         denom = max(n_tokens, 1.0)
         logs = {"train/loss": loss_sum / denom, "train/lr": optimizer.param_groups[0]["lr"],
                 "train/target_tokens": float(self.tokens_seen)}
-        if grad_norm is not None:
-            gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            logs["train/grad_norm"] = float(gn)
+        logs["train/grad_norm"] = gn
+        if self.nonfinite_steps:
+            logs["train/nonfinite_steps"] = float(self.nonfinite_steps)
         for k, v in zip(keys, vals[3:]):
             logs[k] = v / denom
         self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True, sync_dist=False)
@@ -292,6 +330,38 @@ class MoxinStage(L.LightningModule):
         if metrics:
             self.log_dict(metrics, sync_dist=True)
 
+    def guard_nonfinite(self, loss: float | None, grad_norm: float | None) -> bool:
+        """Whether this optimizer step may proceed. A NaN/Inf loss or gradient norm (both global: every rank
+        decides the same) skips the step instead: the gradients are dropped, so AdamW leaves the weights and
+        its moments as they were (the LR schedule still advances one step). Skipped steps are counted; after
+        `optim.max_nonfinite_steps` in a row the run stops with NonFiniteError, and since the weights never took
+        a non-finite update, the last checkpoint stays a good one. Call it from on_before_optimizer_step (the
+        base does; stages with manual optimisation call it with their gradient norm)."""
+        bad = [f"{n}={v}" for n, v in (("loss", loss), ("grad_norm", grad_norm))
+               if v is not None and not math.isfinite(v)]
+        if not bad:
+            self._nonfinite_run = []
+            return True
+        for p in self.model.parameters():
+            p.grad = None
+        step = self.trainer.global_step if self._trainer is not None else 0
+        self.nonfinite_steps += 1
+        self._nonfinite_run.append(step)
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        limit = self.optim_cfg.max_nonfinite_steps
+        rank_zero_warn(f"optimizer step {step}: {', '.join(bad)}; step skipped (weights unchanged; "
+                       f"{len(self._nonfinite_run)} in a row, the run stops at {limit})")
+        if len(self._nonfinite_run) >= limit:
+            raise NonFiniteError(
+                f"training stopped: {len(self._nonfinite_run)} optimizer steps in a row (steps "
+                f"{self._nonfinite_run[0]}-{self._nonfinite_run[-1]}) had a non-finite loss or gradient norm "
+                f"(last: {', '.join(bad)}); {self.nonfinite_steps} skipped in all. The weights never took a non-finite "
+                f"update; the last checkpoint is the last good state. Lower stage.optim.lr (now {self.optim_cfg.lr}), "
+                f"keep stage.optim.grad_clip set (now {self.optim_cfg.grad_clip}), check the data, or raise "
+                "trainer.max_nonfinite_steps")
+        return False
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
         # clipping happens in on_before_optimizer_step, after the token normalisation
         return
@@ -299,8 +369,14 @@ class MoxinStage(L.LightningModule):
     # ---- checkpoints: everything needed to continue as if never stopped --------------------------------------
     def on_save_checkpoint(self, checkpoint):
         np_state = np.random.get_state()
-        checkpoint["moxin"] = {
+        checkpoint.setdefault("moxin", {}).update({
             "tokens_seen": self.tokens_seen,
+            "nonfinite_steps": self.nonfinite_steps,
+            # what resume and init_from check: the process count the data / loop state belongs to, and the
+            # architecture the weights were trained with
+            "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
+            "model_config": {k: v for k, v in dataclasses.asdict(self.model_cfg).items()},
+            "total_steps": int(self.total_steps()) if self._trainer is not None else None,
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "rng_python": list(random.getstate()[1]),
@@ -308,13 +384,14 @@ class MoxinStage(L.LightningModule):
             "rng_python_gauss": random.getstate()[2],
             "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
                           int(np_state[3]), float(np_state[4])],
-        }
+        })
 
     def on_load_checkpoint(self, checkpoint):
         st = checkpoint.get("moxin")
         if not st:
             return
         self.tokens_seen = int(st["tokens_seen"])
+        self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
         torch.set_rng_state(st["rng_torch"])
         if torch.cuda.is_available() and st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])

@@ -107,6 +107,9 @@ class GRPOConfig:
     verifier_timeout_s: float = 10.0
     verifier_workers: int | None = None
     """Verifier worker processes (None: min(4, cpus)); 0 runs in-process without timeouts (debug only)."""
+    max_verifier_failure_fraction: float = 0.5
+    """Stop the run when more than this fraction of a step's completions could not be scored (verifier error or
+    timeout): their reward would be a silent 0 and the update noise."""
     warmup_sft_steps: int = 0
     """Batches of SFT on the records' solutions before RL (the data module adds them in front)."""
     warmup_sft_lr: float = 1e-3
@@ -201,9 +204,10 @@ class GRPOStage(MoxinStage):
     def on_before_optimizer_step(self, optimizer):
         # the base class's token normalisation is for automatic optimisation; here the loss is already normalised
         # (see _update), so only clip
-        if self.optim_cfg.grad_clip is not None:
-            gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
-            self._last_grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
+        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
+        self._last_grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
+        self.guard_nonfinite(None, self._last_grad_norm)  # NaN/Inf: drop the gradients (skip), stop after N
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def _world(self) -> int:
@@ -484,6 +488,13 @@ class GRPOStage(MoxinStage):
                             float(ro.stats["verifier_errors"]), float(ro.stats["verifier_timeouts"]),
                             float(ro.stats["no_answer"])])
         rs, rs2, n, zs, ng, ln, tr, gt, ve, vt, na = tot
+        if (ve + vt) > self.cfg.max_verifier_failure_fraction * n:
+            raise RuntimeError(
+                f"GRPO step {rl_step}: the verifier failed on {int(ve + vt)} of {int(n)} completions ({int(ve)} errors, "
+                f"{int(vt)} timeouts), more than stage.grpo.max_verifier_failure_fraction="
+                f"{self.cfg.max_verifier_failure_fraction}; their rewards would be silent zeros. Check the verifier "
+                f"(stage.grpo.verifier={self.cfg.verifier!r}) or raise stage.grpo.verifier_timeout_s "
+                f"(now {self.cfg.verifier_timeout_s})")
         mean = rs / n
         gen_s = self._reduce([ro.stats["gen_s"]], op=dist.ReduceOp.MAX if self._world() > 1 else None)[0]
         logs.update({

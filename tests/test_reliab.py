@@ -1,0 +1,330 @@
+"""Runs you can trust (issue #9): the checkpoint policy (new name, complete, last.ckpt switched, retention),
+resume=auto picking the newest complete checkpoint, exact resume at phase ends, a finished run's continue,
+the run lock, non-finite steps, numeric config validation, init_from's architecture check, and the data
+records that used to pass silently (invalid UTF-8, runaway lines, chat roles out of order)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+
+from moxin import checkpointing as C
+from moxin import run as R
+from tests.test_run import TINY_MODEL, TINY_PRETRAIN, _compose
+
+FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
+
+
+def _rows(out: Path) -> list[tuple]:
+    """(step, train/loss, val/loss) of every metrics row of every launch, in launch order."""
+    rows = []
+    for f in sorted(out.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1])):
+        for r in csv.DictReader(open(f)):
+            rows.append((int(r["step"]), r.get("train/loss") or "", r.get("val/loss") or ""))
+    return rows
+
+
+def _fake_ckpt(path: Path, step: int, **moxin) -> Path:
+    torch.save({"state_dict": {"model.w": torch.ones(2)}, "global_step": step, "epoch": 0, "moxin": moxin}, path)
+    return path
+
+
+# ---- 1, 5, 6: the policy on a real run -------------------------------------------------------------------
+def test_phase_end_resume_and_finished_run(tmp_path):
+    """Stop at the first phase's last step (6 of 12), resume: metrics.csv (every step's train loss, validation
+    at the same steps with the same values) equals the uninterrupted run's; last.ckpt is the final state, a
+    single step file; continuing the finished run says so and trains nothing."""
+    R.train(_compose(FAST + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=6"]))
+    ck = tmp_path / "part" / "checkpoints"
+    assert os.readlink(ck / "last.ckpt") == "step000006.ckpt"
+    R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    a, b = _rows(tmp_path / "full"), _rows(tmp_path / "part")
+    assert [r[0] for r in a if r[1]] == [r[0] for r in b if r[1]] == list(range(12))
+    assert [(s, v) for s, _, v in a if v] == [(s, v) for s, _, v in b if v]  # same steps, same values
+    assert [s for s, _, v in a if v] == [2, 5, 8, 11]  # validation on the phase ends
+    for (sa, ta, _), (sb, tb, _) in zip([r for r in a if r[1]], [r for r in b if r[1]]):
+        assert float(ta) == pytest.approx(float(tb), abs=1e-5), sa
+    # one copy: last.ckpt is a link to the final step file, nothing else kept (keep_all_checkpoints=false)
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000012.ckpt"]
+    assert os.readlink(ck / "last.ckpt") == "step000012.ckpt"
+    info = C.read_info(ck / "last.ckpt")
+    assert info.step == 12 and info.moxin["finished"] is True and info.world_size == 1
+    assert stat.S_IMODE((ck / "step000012.ckpt").stat().st_mode) & 0o044, "checkpoints readable by the group"
+    # the finished run's own continue command: nothing to do, no new launch, no retraining
+    n_versions = len(list((tmp_path / "part" / "logs").iterdir()))
+    again = R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    assert again["nothing_to_do"] and again["optimizer_steps"] == 12
+    assert len(list((tmp_path / "part" / "logs").iterdir())) == n_versions
+    assert json.loads((tmp_path / "part" / "summary.json").read_text())["checkpoint"].endswith("step000012.ckpt")
+
+
+def test_finished_run_continue_command_exits_zero(tmp_path):
+    """The printed 'Continue this run' command on a completed run (here: stopped by trainer.max_steps) exits 0."""
+    import subprocess
+    import sys
+
+    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=done", "trainer.max_steps=2"]))
+    cmd = [sys.executable, "-m", "moxin.run"] + FAST + [f"out_dir={tmp_path}", "run_name=done", "trainer.max_steps=2",
+                                                      "resume=auto"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "nothing left to do" in res.stderr
+
+
+# ---- resume=auto: newest complete, skipping broken ones ---------------------------------------------------
+def test_resume_auto_skips_incomplete_and_unreadable(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _fake_ckpt(ck / "step000010.ckpt", 10)
+    good12 = _fake_ckpt(ck / "step000012.ckpt", 12)
+    os.symlink("step000010.ckpt", ck / "last.ckpt")  # a stale pointer does not matter: the newest complete wins
+    raw = _fake_ckpt(ck / "step000014.ckpt", 14).read_bytes()
+    (ck / "step000014.ckpt").write_bytes(raw[: len(raw) // 2])  # truncated
+    # a distributed checkpoint whose meta.pt never got written (killed after the shards)
+    dcp = ck / "step000016.ckpt"
+    dcp.mkdir()
+    (dcp / ".metadata").write_bytes(b"x")
+    info, skipped = C.find_resume(tmp_path)
+    assert info.path == good12 and info.step == 12
+    assert any("step000014" in s for s in skipped) and any("step000016" in s and "meta.pt" in s for s in skipped)
+    cfg = _compose(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
+    assert R.resolve_resume(cfg, ck) == str(good12)
+    # an explicit path to a broken checkpoint is refused with the reason
+    with pytest.raises(R.ConfigError, match="unreadable"):
+        R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
+    # a fresh run refuses the folder even if only broken checkpoints are left
+    with pytest.raises(R.ConfigError, match="resume=auto"):
+        R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
+
+
+def test_slurm_requeue_checkpoint_is_a_candidate(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    _fake_ckpt(tmp_path / "checkpoints" / "step000005.ckpt", 5)
+    hpc = _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 7)
+    assert C.find_resume(tmp_path)[0].path == hpc
+
+
+def test_temporaries_cleaned_and_orphans_retired(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    (ck / ".tmp-step000004.ckpt").mkdir()
+    (ck / ".tmp-step000004.ckpt" / "__0_0.distcp").write_bytes(b"half")
+    (ck / "..step000003.ckpt.abc.tmp").write_bytes(b"half")
+    (tmp_path / ".hf.tmp-123").mkdir()
+    removed = C.clean_temporaries(tmp_path)
+    assert len(removed) == 3 and sorted(p.name for p in ck.iterdir()) == []
+    for s in (3, 6, 9):
+        _fake_ckpt(ck / C.step_name(s), s)
+    _fake_ckpt(ck / "last-v1.ckpt", 2)  # what Lightning's versioning used to leave
+    C.point_last(ck, C.step_name(9))
+    C.apply_retention(ck, C.step_name(9), keep_all=False)
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt"]
+
+
+def test_legacy_real_last_ckpt_stays_a_candidate(tmp_path):
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _fake_ckpt(ck / "last.ckpt", 8)
+    _fake_ckpt(ck / "step000005.ckpt", 5)
+    assert C.find_resume(tmp_path)[0].step == 8
+    C.point_last(ck, "step000005.ckpt")  # the real file is moved aside, not overwritten
+    assert (ck / "last-legacy.ckpt").is_file() and C.find_resume(tmp_path)[0].step == 8
+
+
+def test_truncated_last_falls_back_to_newest_intact(tmp_path):
+    """A kill between the step file and the pointer switch, or a truncated file: the newest intact wins."""
+    ck = tmp_path / "checkpoints"
+    ck.mkdir()
+    _fake_ckpt(ck / "step000004.ckpt", 4)
+    C.point_last(ck, "step000004.ckpt")
+    _fake_ckpt(ck / "step000006.ckpt", 6)  # written and renamed, killed before last.ckpt moved
+    assert C.find_resume(tmp_path)[0].step == 6
+
+
+# ---- the run lock -------------------------------------------------------------------------------------------
+def test_second_run_on_the_same_folder_is_refused(tmp_path):
+    with C.RunLock(tmp_path):
+        with pytest.raises(C.RunLockError, match=f"pid {os.getpid()}"):
+            R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]))
+    with C.RunLock(tmp_path):  # released when the holder ends
+        pass
+
+
+# ---- 3, 4: numeric validation and the non-finite guard ------------------------------------------------------
+@pytest.mark.parametrize("override, match", [
+    ("stage.optim.lr=inf", "stage.optim.lr=inf must be a finite number"),
+    ("stage.optim.lr=0", r"stage.optim.lr=0(\.0)? must be > 0"),
+    ("stage.optim.grad_clip=0", r"stage.optim.grad_clip=0(\.0)? must be > 0"),
+    ("stage.optim.grad_clip=-1", r"stage.optim.grad_clip=-1(\.0)? must be > 0"),
+    ("stage.optim.betas=[0.9,1.0]", r"stage.optim.betas=\[0.9, 1.0\] must be two numbers in \[0, 1\)"),
+    ("stage.optim.eps=0", r"stage.optim.eps=0(\.0)? must be > 0"),
+    ("stage.optim.weight_decay=-0.1", "stage.optim.weight_decay"),
+    ("stage.optim.warmup_fraction=1.5", "stage.optim.warmup_fraction"),
+    ("trainer.checkpoint_every_n_steps=0", "trainer.checkpoint_every_n_steps=0"),
+    ("trainer.max_steps=0", "trainer.max_steps=0"),
+    ("trainer.max_nonfinite_steps=0", "trainer.max_nonfinite_steps=0"),
+    ("trainer.limit_val_batches=-1", "trainer.limit_val_batches"),
+])
+def test_impossible_numbers_are_refused_naming_the_key(tmp_path, override, match):
+    with pytest.raises(Exception, match=match):
+        R.build(_compose(FAST + [override, f"out_dir={tmp_path}", "run_name=x"]))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_nonfinite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    """lr=1e3 diverges: non-finite steps are skipped (weights untouched), three in a row stop the run with a
+    message, and every checkpoint written holds finite weights."""
+    from moxin.stages.base import NonFiniteError
+
+    with pytest.raises(NonFiniteError, match="non-finite loss or gradient norm"):
+        R.train(_compose(FAST + ["stage.optim.lr=1e3", "stage.optim.warmup_fraction=0", "trainer.max_nonfinite_steps=3",
+                                 "trainer.checkpoint_every_n_steps=1", f"out_dir={tmp_path}", "run_name=nan"]))
+    info, _ = C.find_resume(tmp_path)
+    assert info is not None
+    sd = torch.load(info.path, weights_only=True)["state_dict"]
+    assert all(bool(torch.isfinite(v).all()) for v in sd.values())
+    assert not (tmp_path / "hf").exists()
+
+
+def test_guard_skips_the_update(tmp_path):
+    from moxin.model import ModelConfig
+    from moxin.stages import OptimConfig, PretrainStage
+    from moxin.stages.base import NonFiniteError
+
+    st = PretrainStage(ModelConfig.preset("tiny"), OptimConfig(max_nonfinite_steps=2))
+    st.configure_model()
+    for p in st.model.parameters():
+        p.grad = torch.ones_like(p)
+    assert st.guard_nonfinite(1.0, 2.0) and all(p.grad is not None for p in st.model.parameters())
+    assert not st.guard_nonfinite(float("nan"), 2.0)
+    assert all(p.grad is None for p in st.model.parameters()) and st.nonfinite_steps == 1
+    assert st.guard_nonfinite(1.0, 1.0)  # a good step resets the run of bad ones
+    assert not st.guard_nonfinite(1.0, float("inf"))
+    with pytest.raises(NonFiniteError, match="2 optimizer steps in a row"):
+        st.guard_nonfinite(1.0, float("inf"))
+
+
+# ---- 7: init_from checks the architecture -------------------------------------------------------------------
+def test_init_from_hf_with_another_architecture_is_refused(tmp_path):
+    from moxin.model import ModelConfig, Transformer, save_hf
+    from moxin.stages.base import load_init_weights
+
+    base = ModelConfig.preset("tiny")
+    src = Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096))
+    save_hf(src, tmp_path / "hf")
+    with pytest.raises(ValueError) as e:
+        load_init_weights(Transformer(base), str(tmp_path / "hf"))
+    msg = str(e.value)
+    assert "rope_theta" in msg and "norm_eps" in msg and "sliding_window" in msg and "model." in msg
+    same = Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096))
+    load_init_weights(same, str(tmp_path / "hf"))  # the matching config loads
+    assert torch.equal(same.layers[0].attention.wq.weight, src.layers[0].attention.wq.weight)
+
+
+def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
+    import dataclasses
+
+    from moxin.model import ModelConfig, Transformer
+    from moxin.stages.base import load_init_weights
+
+    cfg = ModelConfig.preset("tiny")
+    m = Transformer(cfg.replace(rope_theta=5e5))
+    torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "global_step": 3, "epoch": 0,
+                "moxin": {"model_config": dataclasses.asdict(m.cfg)}}, tmp_path / "a.ckpt")
+    with pytest.raises(ValueError, match="rope_theta"):
+        load_init_weights(Transformer(cfg), str(tmp_path / "a.ckpt"))
+    load_init_weights(Transformer(cfg.replace(rope_theta=5e5)), str(tmp_path / "a.ckpt"))
+
+
+# ---- 8: records that used to pass silently -------------------------------------------------------------------
+def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
+    from moxin.data.sources import SourceConfig, SourceStats, iter_records
+
+    f = tmp_path / "c.jsonl"
+    good = [json.dumps({"text": f"document {i}"}).encode() for i in range(6)]
+    lines = good[:2] + [b'{"text": "caf\xe9 bad bytes"}'] + good[2:4] + [json.dumps({"text": "x" * 5000}).encode()] \
+        + good[4:]
+    f.write_bytes(b"\n".join(lines) + b"\n")
+    st = SourceStats()
+    src = SourceConfig(name="c", path=str(f), max_record_bytes=1000, max_bad_fraction=1.0)
+    texts = [t for _, t in iter_records(src, stats=st)]
+    assert texts == [f"document {i}" for i in range(6)]
+    assert st.bad == 2 and st.records == 8
+    assert any("invalid UTF-8" in b for b in st.bad_examples) and any("max_record_bytes" in b for b in st.bad_examples)
+
+
+def test_chat_roles_out_of_order_are_counted(tmp_path):
+    from moxin.data.chat import load_conversations
+    from moxin.data.sources import SourceConfig
+
+    ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    bad = [
+        [{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}],
+        [{"role": "user", "content": "q"}, {"role": "user", "content": "q2"}, {"role": "assistant", "content": "a"}],
+        [{"role": "user", "content": "q"}, {"role": "system", "content": "s"}, {"role": "assistant", "content": "a"}],
+    ]
+    f = tmp_path / "chat.jsonl"
+    f.write_text("\n".join(json.dumps({"messages": m}) for m in [ok] * 5 + bad) + "\n")
+    _, _, stats = load_conversations(SourceConfig(name="chat", path=str(f)), "messages", 10, 1.0)
+    assert stats.kept == 5 and stats.reasons == {"role_order": 3}
+    assert "role 'assistant' where 'user' is expected" in stats.bad_examples[0]
+
+
+# ---- SLURM: SIGUSR1 before the time limit -------------------------------------------------------------------
+def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
+    """What `#SBATCH --signal=SIGUSR1@120` does: the run finishes its step, saves a complete checkpoint, exits 0
+    without exporting; resume=auto then continues exactly (every step's loss as in the uninterrupted run)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full = R.train(_compose(FAST + ["trainer.val_every_n_steps=null", f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    args = FAST + ["trainer.val_every_n_steps=null", "trainer.checkpoint_every_n_steps=100", "export_hf=true",
+                   "+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}", "run_name=part"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
+    p = subprocess.Popen([sys.executable, "-m", "moxin.run"] + args, env=env, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and p.poll() is None and not any(r[1] for r in _rows(tmp_path / "part")):
+        time.sleep(0.2)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=240)
+    assert p.returncode == 0, err[-2000:]
+    info = C.read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
+    assert 0 < info.step < 12 and f"saved optimizer step {info.step}" in err
+    assert not (tmp_path / "part" / "hf").exists()
+    R.train(_compose(args[:-3] + ["+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
+                                  "run_name=part", "resume=auto"]))
+    a = {s: float(t) for s, t, _ in _rows(tmp_path / "full") if t}
+    b = {s: float(t) for s, t, _ in _rows(tmp_path / "part") if t}
+    assert sorted(a) == sorted(b) == list(range(12)) and full["optimizer_steps"] == 12
+    assert all(b[s] == pytest.approx(a[s], abs=1e-5) for s in a), (a, b)
+
+
+# ---- GRPO: a verifier that cannot score stops the run ------------------------------------------------------
+def test_grpo_stops_when_the_verifier_fails_on_most_completions(tmp_path, monkeypatch):
+    import moxin.rewards as rewards_pkg
+    from tests.test_grpo import fit, make_dm, make_stage
+
+    class Down:
+        def __call__(self, completion, reference):
+            raise TimeoutError("verifier service unreachable")
+
+    monkeypatch.setitem(rewards_pkg.VERIFIERS, "down", Down)
+    from moxin.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("mistral")
+    stage = make_stage(tok, verifier="down")
+    with pytest.raises(RuntimeError, match="max_verifier_failure_fraction"):
+        fit(stage, make_dm(tok, steps=2), tmp_path)
+    assert stage.history == []  # stopped at the first step, before any update was logged

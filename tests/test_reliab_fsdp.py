@@ -1,0 +1,115 @@
+"""The FSDP2 path (Lightning's ModelParallelStrategy with distributed checkpoints, 2 gloo processes under
+torchrun): the checkpoint policy with a checkpoint folder, the HF export at the end, init_from and
+scripts/convert_checkpoint.py reading the folder without a process group, a resume on another process count
+refused with the fix, and kill loops (single process and FSDP) against uninterrupted runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moxin import checkpointing as C
+from moxin import run as R
+from tests.helpers.kill_loop import TINY
+from tests.test_run import _compose
+
+ROOT = Path(__file__).resolve().parents[1]
+HELPER = ROOT / "tests" / "helpers" / "kill_loop.py"
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+
+
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """4 of 12 optimizer steps with 2 FSDP2 processes, HF export on (one launch shared by the tests below)."""
+    out = tmp_path_factory.mktemp("fsdp") / "run"
+    port = str(29900 + os.getpid() % 500)
+    args = [a for a in TINY if a != "export_hf=false" and not a.startswith("+logger")] + [
+        "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=4", f"out_dir={out}", "run_name=run"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port, "-m",
+           "moxin.run", "hardware=fsdp_cpu"] + args
+    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return out
+
+
+def test_fsdp_run_writes_one_complete_checkpoint_folder_and_hf(fsdp_run):
+    ck = fsdp_run / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000004.ckpt"]  # step 3 retired after 4
+    assert os.readlink(ck / "last.ckpt") == "step000004.ckpt"
+    d = ck / "step000004.ckpt"
+    assert d.is_dir() and (d / ".metadata").is_file() and (d / "meta.pt").is_file()
+    assert len(list(d.glob("*.distcp"))) == 2
+    info = C.read_info(ck / "last.ckpt")
+    assert info.step == 4 and info.world_size == 2 and not info.moxin["finished"]
+    # the HF export (gathered tensor by tensor, written by rank 0) holds the checkpoint's weights
+    from moxin.model import load_hf
+
+    hf = load_hf(fsdp_run / "hf").state_dict()
+    dcp, cfg, _ = C.load_model_weights(d)
+    assert set(hf) == set(dcp) and cfg.dim == 64
+    assert all(torch.equal(hf[k], dcp[k]) for k in hf)
+
+
+def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
+    ck = fsdp_run / "checkpoints" / "last.ckpt"
+    one = [a for a in TINY if not a.startswith("+logger")]
+    # resume on 1 process: refused, naming both counts and the way out
+    with pytest.raises(R.ConfigError, match="written by 2 processes; this run has 1.*init_from="):
+        R.build(_compose(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
+                                "resume=auto"]))
+    # init_from the distributed-checkpoint folder, one process, no process group: the same weights
+    _, stage, *_ = R.build(_compose(one + [f"init_from={ck}", f"out_dir={tmp_path / 'sft'}", "run_name=sft"]))
+    stage.configure_model()
+    dcp, _, _ = C.load_model_weights(ck)
+    assert all(torch.equal(v, dcp[k]) for k, v in stage.model.state_dict().items())
+    # ... and a mismatching architecture is refused by name
+    with pytest.raises(ValueError, match="rope_theta"):
+        _, st, *_ = R.build(_compose(one + [f"init_from={ck}", "model.rope_theta=1e6", f"out_dir={tmp_path / 'x'}",
+                                            "run_name=x"]))
+        st.configure_model()
+    # scripts/convert_checkpoint.py: the folder -> a HF folder equal to the run's own export
+    res = subprocess.run([sys.executable, str(ROOT / "scripts" / "convert_checkpoint.py"), str(ck), str(tmp_path / "hf")],
+                         cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    from moxin.model import load_hf
+
+    a, b = load_hf(tmp_path / "hf").state_dict(), load_hf(fsdp_run / "hf").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _kill_loop(tmp_path, mode, kills, seed, port):
+    res = subprocess.run([sys.executable, str(HELPER), str(tmp_path), "--mode", mode, "--kills", str(kills), "--seed",
+                          str(seed), "--port", str(port)], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                         timeout=3000)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads((tmp_path / "kill_loop.json").read_text())
+    assert r["kills"] >= 1
+    assert r["all_resumed_from_newest_complete"], r["events"]
+    assert r["steps_killed"] == r["steps_ref"] == list(range(12))
+    assert r["max_loss_diff"] <= 1e-5 and r["max_weight_diff"] <= 1e-6, r
+    assert r["final_val_ref"] == pytest.approx(r["final_val_killed"], abs=1e-5)
+    assert r["leftover_temporaries"] == [] and r["checkpoint_files"] == ["last.ckpt", "step000012.ckpt"]
+    return r
+
+
+def test_kill_once_single_process(tmp_path):
+    _kill_loop(tmp_path, "single", 1, 0, 29600 + os.getpid() % 300)
+
+
+@pytest.mark.slow
+def test_kill_loop_single_process(tmp_path):
+    _kill_loop(tmp_path, "single", 8, 2, 29600 + os.getpid() % 300)
+
+
+@pytest.mark.slow
+def test_kill_loop_fsdp(tmp_path):
+    _kill_loop(tmp_path, "fsdp", 5, 3, 29300 + os.getpid() % 300)
