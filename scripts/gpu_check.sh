@@ -6,7 +6,7 @@
 # weights (parameter checksums in summary.json).
 #
 #   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
-#   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu (the chain on a CPU)
+#   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu, fsdp_cpu (CPU stand-ins)
 #
 # Environment: GPU_CHECK_DIR (default runs/gpu_check, wiped first), PYTHON (default python3).
 set -euo pipefail
@@ -64,7 +64,9 @@ for part in $PARTS; do
         "samples.prompts=[The history of the]" samples.max_new_tokens=8 ;;
     cpu)  # the one-GPU chain's steps on the CPU: checks this script (and the chain) where no GPU is
       chain cpu $PY -- hardware=cpu ;;
-    *) echo "unknown part $part (single, fsdp, 7b, cpu)"; exit 2 ;;
+    fsdp_cpu)  # the FSDP2 chain on 2 CPU processes (gloo): the sharded hand-offs where no GPU is
+      chain fsdp_cpu $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
+    *) echo "unknown part $part (single, fsdp, 7b, cpu, fsdp_cpu)"; exit 2 ;;
   esac
 done
 echo "=== gpu_check: every stage passed"

@@ -205,3 +205,25 @@ def test_experiment_composes_and_smoke_runs(tmp_path):
     info = train(cfg)
     assert "grpo/reward_mean" in info["metrics"]
     assert (tmp_path / "run" / "summary.json").exists()
+
+
+def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):
+    """Two FSDP2 processes, one of which filters every group: off-policy updates with a sharded KL reference run
+    to the end (every collective forward matched by the other rank), and the rank with data still updates."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    helper = Path(__file__).parent / "helpers" / "grpo_fsdp.py"
+    out = tmp_path / "grpo.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = str(29600 + os.getpid() % 1000)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                        str(helper), str(out)], env=env, capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert res["ref_sharded"]
+    assert len(res["history"]) == 2
+    assert any(h["grpo/skipped_update"] == 0.0 for h in res["history"])
+    assert res["steps"] > 0

@@ -356,11 +356,23 @@ class GRPOStage(MoxinStage):
                     "grpo/ratio_max": 0.0, "grpo/loss_tokens": 0.0,
                     "grpo/skipped_update": 1.0}
         old = None
-        if not on_policy and len(kept):
+        if not on_policy:
+            # Under FSDP2 every forward is collective: a rank that kept fewer sequences than another runs forwards
+            # on a dummy row until every rank is done, or the others would wait for it forever.
+            n_local = len(kept)
+            n_fwd = n_local
+            if self._trainer is not None and is_sharded(self.trainer.strategy) and world > 1:
+                n_fwd = int(self._reduce([float(n_local)], op=dist.ReduceOp.MAX)[0])
+            parts = []
             with torch.no_grad():
-                old = torch.cat([self._logp(self.model, ids[s:s + c.micro_batch_size], pos[s:s + c.micro_batch_size],
-                                            lab[s:s + c.micro_batch_size])[0]
-                                 for s in range(0, len(kept), c.micro_batch_size)])
+                for s in range(0, n_fwd, c.micro_batch_size):
+                    if s < n_local:
+                        sl = slice(s, s + c.micro_batch_size)
+                        parts.append(self._logp(self.model, ids[sl], pos[sl], lab[sl])[0])
+                    else:
+                        self._logp(self.model, ro.input_ids[:1].to(dev), ro.positions[:1].to(dev),
+                                   ro.labels[:1].to(dev))
+            old = torch.cat(parts) if parts else None
         acc = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "ent": 0.0, "ent_n": 0.0, "tok": 0.0,
                "ratio_max": 0.0, "n_mb": 0}
         processed = 0

@@ -1,0 +1,56 @@
+"""GRPO under FSDP2 with 2 gloo processes (torchrun) where the ranks keep different numbers of sequences: rank 1's
+rewards are all equal (every group filtered), rank 0's vary. Off-policy updates (2 epochs x 2 minibatches) and a
+KL reference make every forward collective: old log-probs, policy, reference. Writes rank 0's history to JSON.
+Used by tests/test_grpo.py; before the old-log-prob forwards were kept in step this hung."""
+
+import json
+import os
+import sys
+
+import lightning as L
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+
+import moxin.rewards as rewards_pkg
+from moxin.data.prompts import PromptDataModule
+from moxin.model import ModelConfig
+from moxin.rewards import RewardResult
+from moxin.stages.base import OptimConfig
+from moxin.stages.grpo import GRPOConfig, GRPOStage
+from moxin.tokenizer import load_tokenizer
+
+
+class RankSkewVerifier:
+    """Parity of the completion's length on rank 0, a constant 0 on the other ranks."""
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        if int(os.environ.get("RANK", "0")) == 0:
+            return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
+        return RewardResult(0.0, "wrong")
+
+
+def main(out_path):
+    rewards_pkg.VERIFIERS["rankskew"] = RankSkewVerifier
+    tok = load_tokenizer("mistral")
+    torch.manual_seed(0)
+    stage = GRPOStage(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa"),
+                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
+                      grpo=GRPOConfig(group_size=4, temperature=1.0, max_new_tokens=6, verifier="rankskew",
+                                      verifier_workers=0, micro_batch_size=2, log_completions=0, mask_truncated=False,
+                                      ppo_epochs=2, num_minibatches=2, kl_coef=0.1),
+                      tokenizer=tok, seed=3)
+    dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=2, tokenizer=tok, seed=0,
+                          max_prompt_tokens=64, world_size=2)
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                                                      tensor_parallel_size=1),
+                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer.fit(stage, datamodule=dm)
+    if trainer.is_global_zero:
+        ref_sharded = all(hasattr(p, "to_local") for p in stage.ref_model.parameters())
+        with open(out_path, "w") as f:
+            json.dump({"history": stage.history, "ref_sharded": ref_sharded, "steps": trainer.global_step}, f)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
