@@ -1,0 +1,252 @@
+"""Agreement of moxin's multiple-choice scoring with lm-evaluation-harness, item by item, on the same Hugging Face
+folder and the same local jsonl task; prints both tables, items/s of each, and every disagreement.
+
+    # lm-eval lives in its own environment (never a moxin dependency); point --lm-eval-python at it
+    python scripts/eval_agreement.py --hf runs/evaltiny/hf --lm-eval-python /work/scratch-lmeval/bin/python
+    python scripts/eval_agreement.py --hf /path/to/Moxin-7B --device cuda --dtype bfloat16 --num-fewshot 5 \\
+        --lm-eval-python python   # lm-eval installed into the GPU machine's environment
+
+The task (default: the built-in sample, moxin/data/sample/eval_mc.jsonl, ``{"question", "choices", "gold"}``) is
+written as an lm-eval task yaml (dataset_path json, doc_to_text from --text, doc_to_choice/doc_to_target the
+fields, fewshot_split = test split so lm-eval drops the item from its own few-shot draw) and as a moxin
+``TaskConfig`` with the same template. Both sides prepend bos (lm-eval: add_bos_token=True; the export has no
+tokenizer_config.json, so lm-eval's tokenizer is the folder's tokenizer.model through transformers).
+
+Compared per item: the token ids of every (context, continuation) request (lm-eval's own ``_encode_pair``),
+the log-likelihood of every option (max |difference| reported), acc and acc_norm. Exit status 1 with
+``--strict`` when any item's acc or acc_norm differs.
+
+This file runs twice: as the driver (moxin side, imports moxin) and, with ``--side lmeval``, inside the lm-eval
+environment (imports only lm_eval, transformers, torch and the standard library).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = REPO / "moxin" / "data" / "sample" / "eval_mc.jsonl"
+DEFAULT_TEXT = "Question: {question}\nAnswer:"
+TASK = "moxin_agreement"
+
+
+def jinja_template(text: str) -> str:
+    """The str.format template as lm-eval's jinja: {field} -> {{field}} (fields only, no format specs)."""
+    import re
+
+    return re.sub(r"\{(\w+)\}", r"{{\1}}", text)
+
+
+def task_yaml(args) -> str:
+    data = str(Path(args.data).resolve())
+    return "\n".join([
+        f"task: {TASK}",
+        "dataset_path: json",
+        "dataset_kwargs:",
+        "  data_files:",
+        f"    test: {json.dumps(data)}",
+        "test_split: test",
+        "fewshot_split: test",
+        "output_type: multiple_choice",
+        f"doc_to_text: {json.dumps(jinja_template(args.text))}",
+        f"doc_to_choice: {args.choices_field}",
+        f"doc_to_target: {args.gold_field}",
+        'target_delimiter: " "',
+        'fewshot_delimiter: "\\n\\n"',
+        "metric_list:",
+        "  - {metric: acc, aggregation: mean, higher_is_better: true}",
+        "  - {metric: acc_norm, aggregation: mean, higher_is_better: true}",
+        "",
+    ])
+
+
+# ---- lm-eval side (runs in the lm-eval environment) ----------------------------------------------------------------
+def run_lmeval(args) -> dict:
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    with tempfile.TemporaryDirectory() as d:
+        Path(d, f"{TASK}.yaml").write_text(task_yaml(args))
+        t0 = time.perf_counter()
+        lm = HFLM(pretrained=args.hf, tokenizer=args.lmeval_tokenizer or args.hf, add_bos_token=True,
+                  dtype=args.dtype, device=args.device, batch_size=args.batch_size, trust_remote_code=False)
+        load_s = time.perf_counter() - t0
+        scoring = [0.0]
+        inner = lm.loglikelihood
+
+        def timed(requests, *a, **kw):  # tokenization + forwards, as moxin's items/s counts
+            t = time.perf_counter()
+            out = inner(requests, *a, **kw)
+            scoring[0] += time.perf_counter() - t
+            return out
+
+        lm.loglikelihood = timed
+        t0 = time.perf_counter()
+        res = lm_eval.simple_evaluate(model=lm, tasks=[TASK], task_manager=TaskManager(include_path=d),
+                                      num_fewshot=args.num_fewshot, log_samples=True, fewshot_random_seed=1234,
+                                      limit=args.limit, bootstrap_iters=0)
+        eval_s = time.perf_counter() - t0
+    items = []
+    for s in sorted(res["samples"][TASK], key=lambda s: s["doc_id"]):
+        args_ = s["arguments"]
+        pairs = [tuple(a.values()) if isinstance(a, dict) else tuple(a)
+                 for a in (args_.values() if isinstance(args_, dict) else args_)]
+        pairs = [(p[0], p[1]) for p in pairs]
+        resps = [r[0] if isinstance(r[0], (list, tuple)) else r for r in s["resps"]]
+        items.append({"index": s["doc_id"], "acc": float(s["acc"]), "acc_norm": float(s["acc_norm"]),
+                      "loglik": [float(r[0]) for r in resps], "pairs": pairs,
+                      "tokens": [list(map(list, lm._encode_pair(c, x))) for c, x in pairs]})
+    m = res["results"][TASK]
+    return {"acc": m.get("acc,none"), "acc_norm": m.get("acc_norm,none"), "n": len(items), "load_s": load_s,
+            "eval_s": eval_s, "score_s": scoring[0], "items_per_s": len(items) / scoring[0], "items": items,
+            "versions": {"lm_eval": getattr(lm_eval, "__version__", "?"),
+                         "transformers": __import__("transformers").__version__,
+                         "torch": __import__("torch").__version__}}
+
+
+# ---- moxin side ---------------------------------------------------------------------------------------------------
+def run_moxin(args) -> dict:
+    import torch
+
+    from moxin.eval.loglik import encode_pair
+    from moxin.eval.runner import EvalConfig, evaluate
+    from moxin.eval.tasks import TaskConfig, build_mc_items, load_records
+    from moxin.model.hf import load_hf
+    from moxin.tokenizer import load_tokenizer
+
+    t0 = time.perf_counter()
+    model = load_hf(args.hf).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    tok = load_tokenizer(args.moxin_tokenizer or (args.hf if any(
+        Path(args.hf, f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else "mistral"))
+    load_s = time.perf_counter() - t0
+    task = TaskConfig(name=TASK, path=str(args.data), text=args.text, choices_field=args.choices_field,
+                      gold_field=args.gold_field, num_fewshot=args.num_fewshot, fewshot_seed=1234, limit=args.limit)
+    cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0)
+    t0 = time.perf_counter()
+    res = evaluate(model, tok, cfg)["tasks"][TASK]
+    eval_s = time.perf_counter() - t0
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+    items = build_mc_items(task, load_records(task.path, name=TASK))
+    for it, r in zip(items, res["items"]):
+        r["pairs"] = list(zip(it.contexts, it.continuations))
+        r["tokens"] = [list(map(list, encode_pair(tok, c, x, bos=True))) for c, x in r["pairs"]]
+    return {"acc": res["metrics"]["acc"], "acc_norm": res["metrics"]["acc_norm"], "n": res["n"], "load_s": load_s,
+            "eval_s": eval_s, "score_s": res["seconds"], "items_per_s": res["n"] / res["seconds"], "items": res["items"],
+            "tokenizer": tok.name, "versions": {"torch": torch.__version__}}
+
+
+def compare(mx: dict, lm: dict) -> dict:
+    by = {it["index"]: it for it in lm["items"]}
+    out = {"items": len(mx["items"]), "acc_differs": [], "acc_norm_differs": [], "context_differs": [],
+           "tokens_differ": [], "max_abs_loglik_diff": 0.0, "max_rel_loglik_diff": 0.0}
+    if sorted(by) != [it["index"] for it in mx["items"]]:
+        out["index_mismatch"] = True
+    for it in mx["items"]:
+        o = by.get(it["index"])
+        if o is None:
+            continue
+        i = it["index"]
+        if it["acc"] != o["acc"]:
+            out["acc_differs"].append(i)
+        if it["acc_norm"] != o["acc_norm"]:
+            out["acc_norm_differs"].append(i)
+        if [tuple(p) for p in it["pairs"]] != [tuple(p) for p in o["pairs"]]:
+            out["context_differs"].append(i)
+        if it["tokens"] != o["tokens"]:
+            out["tokens_differ"].append(i)
+        for a, b in zip(it["loglik"], o["loglik"]):
+            out["max_abs_loglik_diff"] = max(out["max_abs_loglik_diff"], abs(a - b))
+            out["max_rel_loglik_diff"] = max(out["max_rel_loglik_diff"], abs(a - b) / max(abs(b), 1e-9))
+    return out
+
+
+def print_report(args, mx: dict, lm: dict, cmp: dict) -> None:
+    print(f"\nmodel {args.hf}  task {args.data}  num_fewshot {args.num_fewshot}  device {args.device}  dtype {args.dtype}")
+    print(f"lm-eval {lm['versions']}; moxin tokenizer {mx['tokenizer']}\n")
+    print("items/s: tokenization + forwards of the log-likelihood requests (lm-eval: HFLM.loglikelihood; moxin: "
+          "encode_pair + loglikelihoods); total s: the whole evaluate call (lm-eval: simple_evaluate, task building "
+          "and dataset loading included)")
+    print("| side | n | acc | acc_norm | scoring s | items/s | total s | model load s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, r in (("moxin", mx), ("lm-eval", lm)):
+        print(f"| {name} | {r['n']} | {r['acc']:.4f} | {r['acc_norm']:.4f} | {r['score_s']:.2f} | "
+              f"{r['items_per_s']:.1f} | {r['eval_s']:.1f} | {r['load_s']:.1f} |")
+    n = cmp["items"]
+    print(f"\nper item: acc equal on {n - len(cmp['acc_differs'])}/{n}, acc_norm equal on "
+          f"{n - len(cmp['acc_norm_differs'])}/{n}; (context, continuation) strings equal on "
+          f"{n - len(cmp['context_differs'])}/{n}; request token ids equal on {n - len(cmp['tokens_differ'])}/{n}; "
+          f"max |loglik diff| {cmp['max_abs_loglik_diff']:.3g} (relative {cmp['max_rel_loglik_diff']:.3g})")
+    for key in ("acc_differs", "acc_norm_differs", "context_differs", "tokens_differ"):
+        if cmp[key]:
+            print(f"  {key}: items {cmp[key][:20]}")
+    by = {it["index"]: it for it in lm["items"]}
+    for i in sorted(set(cmp["acc_differs"] + cmp["acc_norm_differs"]))[:5]:
+        print(f"  item {i}: moxin loglik {mx['items'][i]['loglik']} vs lm-eval {by[i]['loglik']}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--hf", required=True, help="Hugging Face MistralForCausalLM folder (e.g. runs/<run>/hf)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA), help="multiple-choice jsonl (default: the built-in sample)")
+    ap.add_argument("--text", default=DEFAULT_TEXT, help="context template over the record's fields")
+    ap.add_argument("--choices-field", default="choices")
+    ap.add_argument("--gold-field", default="gold")
+    ap.add_argument("--num-fewshot", type=int, default=0)
+    ap.add_argument("--limit", type=int, default=None)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--batch-size", default="16", help="lm-eval batch size (an int or 'auto')")
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="moxin padded tokens per forward")
+    ap.add_argument("--lm-eval-python", default=None,
+                    help="python of the environment holding lm-eval (default: this one); run as a subprocess")
+    ap.add_argument("--lmeval-tokenizer", default=None, help="tokenizer path for lm-eval (default: --hf)")
+    ap.add_argument("--moxin-tokenizer", default=None,
+                    help="moxin tokenizer spec (default: the folder's tokenizer.json/.model, else mistral)")
+    ap.add_argument("--out", default=None, help="write both sides' per-item results and the comparison here (json)")
+    ap.add_argument("--strict", action="store_true", help="exit 1 when any item's acc or acc_norm differs")
+    ap.add_argument("--side", choices=["both", "lmeval"], default="both", help=argparse.SUPPRESS)
+    ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if not Path(args.hf, "config.json").is_file():
+        ap.error(f"--hf {args.hf}: no config.json; give a Hugging Face model folder (a run's hf/ export)")
+    if not Path(args.data).is_file():
+        ap.error(f"--data {args.data}: no such file")
+    args.hf = str(Path(args.hf).resolve())
+
+    if args.side == "lmeval":
+        Path(args.json_out).write_text(json.dumps(run_lmeval(args)))
+        return 0
+
+    with tempfile.TemporaryDirectory() as d:
+        jpath = Path(d, "lmeval.json")
+        py = args.lm_eval_python or sys.executable
+        passthru = [a for a in (argv if argv is not None else sys.argv[1:])]
+        cmd = [py, str(Path(__file__).resolve()), *passthru, "--side", "lmeval", "--json-out", str(jpath)]
+        env = dict(os.environ)
+        env.pop("PYTHONPATH", None)  # the lm-eval side must not see moxin (nor need it)
+        print("lm-eval side:", " ".join(cmd), flush=True)
+        p = subprocess.run(cmd, env=env)
+        if p.returncode != 0:
+            print(f"the lm-eval side failed (exit {p.returncode}); is lm-eval installed for {py}? "
+                  "(pip install lm-eval transformers in a separate environment; see the docstring)", file=sys.stderr)
+            return 2
+        lm = json.loads(jpath.read_text())
+    mx = run_moxin(args)
+    cmp = compare(mx, lm)
+    print_report(args, mx, lm, cmp)
+    if args.out:
+        Path(args.out).write_text(json.dumps({"moxin": mx, "lm_eval": lm, "comparison": cmp}, indent=1))
+    return 1 if args.strict and (cmp["acc_differs"] or cmp["acc_norm_differs"]) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
