@@ -144,6 +144,26 @@ def run_moxin(args) -> dict:
             "tokenizer": tok.name, "versions": {"torch": torch.__version__}}
 
 
+def make_random(preset: str, path: str, seed: int) -> None:
+    """A randomly initialised moxin model of ``preset`` saved as a HF folder (bf16) with the Mistral tokenizer.model:
+    a model of the real size on a machine that cannot download one."""
+    import shutil
+
+    import torch
+
+    from moxin.model import ModelConfig, Transformer
+    from moxin.model.hf import save_hf
+    from moxin.tokenizer import mistral_model_path
+
+    torch.manual_seed(seed)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = Transformer(ModelConfig.preset(preset))
+    save_hf(model, path, dtype=torch.bfloat16)
+    shutil.copy2(mistral_model_path(), Path(path) / "tokenizer.model")
+    print(f"wrote a random {preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) to {path}")
+    del model
+
+
 def compare(mx: dict, lm: dict) -> dict:
     by = {it["index"]: it for it in lm["items"]}
     out = {"items": len(mx["items"]), "acc_differs": [], "acc_norm_differs": [], "context_differs": [],
@@ -213,9 +233,30 @@ def main(argv=None) -> int:
                     help="moxin tokenizer spec (default: the folder's tokenizer.json/.model, else mistral)")
     ap.add_argument("--out", default=None, help="write both sides' per-item results and the comparison here (json)")
     ap.add_argument("--strict", action="store_true", help="exit 1 when any item's acc or acc_norm differs")
+    ap.add_argument("--make-random", default=None, metavar="PRESET",
+                    help="when --hf does not exist: write a randomly initialised moxin model of this ModelConfig preset "
+                         "there (e.g. moxin-7b; bf16 safetensors + the Mistral tokenizer.model) first")
+    ap.add_argument("--seed", type=int, default=0, help="initialisation seed for --make-random")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="evaluate the task's records this many times over (a larger task for timing; 0-shot only)")
     ap.add_argument("--side", choices=["both", "lmeval"], default="both", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.side == "both" and args.make_random and not Path(args.hf, "config.json").is_file():
+        make_random(args.make_random, args.hf, args.seed)
+    if args.side == "both" and args.repeat > 1:
+        if args.num_fewshot:
+            ap.error("--repeat copies records, which lm-eval's few-shot draw would drop as equal to the item; use it 0-shot")
+        rep = Path(tempfile.mkdtemp(prefix="moxin-agree-")) / "task.jsonl"
+        rep.write_text((Path(args.data).read_text().rstrip("\n") + "\n") * args.repeat)
+        argv = list(argv if argv is not None else sys.argv[1:])
+        i = argv.index("--data") if "--data" in argv else None
+        if i is None:
+            argv += ["--data", str(rep)]
+        else:
+            argv[i + 1] = str(rep)
+        argv = [a for j, a in enumerate(argv) if a != "--repeat" and (j == 0 or argv[j - 1] != "--repeat")]
+        return main(argv)
     if not Path(args.hf, "config.json").is_file():
         ap.error(f"--hf {args.hf}: no config.json; give a Hugging Face model folder (a run's hf/ export)")
     if not Path(args.data).is_file():
@@ -231,8 +272,7 @@ def main(argv=None) -> int:
         py = args.lm_eval_python or sys.executable
         passthru = [a for a in (argv if argv is not None else sys.argv[1:])]
         cmd = [py, str(Path(__file__).resolve()), *passthru, "--side", "lmeval", "--json-out", str(jpath)]
-        env = dict(os.environ)
-        env.pop("PYTHONPATH", None)  # the lm-eval side must not see moxin (nor need it)
+        env = dict(os.environ)  # PYTHONPATH kept: where lm-eval was installed with --target (carried wheels)
         print("lm-eval side:", " ".join(cmd), flush=True)
         p = subprocess.run(cmd, env=env)
         if p.returncode != 0:
