@@ -281,3 +281,37 @@ def test_grpo_heldout_prompts_are_outside_the_rl_pool_and_scored_greedily(tok):
     from_file = heldout_records(PromptDataModule(source=str(sample_path("eval_math")), prompts_per_step=4,
                                                  tokenizer=tok), 4, source=str(sample_path("eval_math")))
     assert [r["answer"] for r in from_file] == [r["answer"] for r in load_records(str(sample_path("eval_math")))[:4]]
+
+
+def test_training_run_with_eval_after_stage_gets_the_callback_and_it_logs(tmp_path, model, tok):
+    """+eval=sample eval.after=stage adds EvalCallback to the trainer; at the end of fit it evaluates the stage's
+    model, logs eval/<task>/<metric> at the current step and writes every evaluation to eval.json."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+    from lightning.pytorch.loggers import CSVLogger
+
+    from moxin.callbacks.evaluation import EvalCallback
+    from moxin.run import CONF_DIR, build
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
+        cfg = compose(config_name="config", overrides=["+experiment=sft", "+eval=sample", "eval.after=stage",
+                                                       f"out_dir={tmp_path / 'run'}", "run_name=t"])
+    trainer = build(cfg)[0]
+    cbs = [c for c in trainer.callbacks if isinstance(c, EvalCallback)]
+    assert len(cbs) == 1 and cbs[0].cfg.after == "stage" and [t.name for t in cbs[0].cfg.tasks] == ["sample_mc", "sample_math"]
+
+    cb = EvalCallback({"tasks": [{**MC, "limit": 3}], "after": "stage", "verifier_workers": 0}, tok, str(tmp_path))
+    logger = CSVLogger(str(tmp_path), name="logs")
+    fake = SimpleNamespace(strategy=object(), world_size=1, is_global_zero=True, global_step=7, logger=logger,
+                           current_epoch=0)
+    cb.on_train_epoch_end(fake, SimpleNamespace(model=model))  # after=stage: not at phase ends
+    assert cb.history == []
+    cb.on_train_end(fake, SimpleNamespace(model=model))
+    logger.save()
+    saved = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
+    assert len(saved) == 1 and saved[0]["step"] == 7 and saved[0]["tasks"]["mc"]["n"] == 3
+    import csv
+
+    rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
+    assert [(r["step"], float(r["eval/mc/acc"])) for r in rows] == [("7", saved[0]["tasks"]["mc"]["metrics"]["acc"])]
