@@ -44,8 +44,46 @@ def jinja_template(text: str) -> str:
     return re.sub(r"\{(\w+)\}", r"{{\1}}", text)
 
 
+#: Winogrande-form records for --style winogrande (partial evaluation: one continuation after each filled context).
+WINOGRANDE = [
+    ("The trophy would not fit in the brown suitcase because the _ was too big.", "trophy", "suitcase", "1"),
+    ("The trophy would not fit in the brown suitcase because the _ was too small.", "trophy", "suitcase", "2"),
+    ("Sarah lent her umbrella to Maria because _ was going to walk home in the rain.", "Sarah", "Maria", "2"),
+    ("The glass fell on the stone floor and the _ shattered into pieces.", "glass", "floor", "1"),
+    ("John could not lift the box onto the shelf because the _ was too heavy.", "box", "shelf", "1"),
+    ("The dog chased the cat up the tree, and the _ barked at it for an hour.", "dog", "cat", "1"),
+    ("Anna asked Kim for help with the homework because _ understood the lesson.", "Anna", "Kim", "2"),
+    ("The ice cream melted in the car because the _ was so hot inside.", "ice cream", "car", "2"),
+    ("We moved the plant from the window to the table because the _ got too much sun.", "plant", "table", "1"),
+    ("The lawyer asked the witness a question, but the _ refused to answer it.", "lawyer", "witness", "2"),
+    ("The bottle did not fit in the bag because the _ was too narrow.", "bottle", "bag", "2"),
+    ("Tom paid Jim back the money because _ had borrowed it last week.", "Tom", "Jim", "1"),
+]
+
+WINOGRANDE_UTILS = '''
+def doc_to_text(doc):
+    return {"1": 0, "2": 1}[doc["answer"]]
+
+
+def doc_to_target(doc):
+    idx = doc["sentence"].index("_") + 1
+    return doc["sentence"][idx:].strip()
+
+
+def doc_to_choice(doc):
+    idx = doc["sentence"].index("_")
+    return [doc["sentence"][:idx] + opt for opt in [doc["option1"], doc["option2"]]]
+'''
+
+
 def task_yaml(args) -> str:
     data = str(Path(args.data).resolve())
+    if args.style == "winogrande":  # lm-eval's own winogrande functions (tasks/winogrande/preprocess_winogrande.py)
+        fields = ["doc_to_text: !function utils.doc_to_text", "doc_to_choice: !function utils.doc_to_choice",
+                  "doc_to_target: !function utils.doc_to_target"]
+    else:
+        fields = [f"doc_to_text: {json.dumps(jinja_template(args.text))}", f"doc_to_choice: {args.choices_field}",
+                  f"doc_to_target: {args.gold_field}"]
     return "\n".join([
         f"task: {TASK}",
         "dataset_path: json",
@@ -55,9 +93,7 @@ def task_yaml(args) -> str:
         "test_split: test",
         "fewshot_split: test",
         "output_type: multiple_choice",
-        f"doc_to_text: {json.dumps(jinja_template(args.text))}",
-        f"doc_to_choice: {args.choices_field}",
-        f"doc_to_target: {args.gold_field}",
+        *fields,
         'target_delimiter: " "',
         'fewshot_delimiter: "\\n\\n"',
         "metric_list:",
@@ -75,6 +111,7 @@ def run_lmeval(args) -> dict:
 
     with tempfile.TemporaryDirectory() as d:
         Path(d, f"{TASK}.yaml").write_text(task_yaml(args))
+        Path(d, "utils.py").write_text(WINOGRANDE_UTILS)
         t0 = time.perf_counter()
         lm = HFLM(pretrained=args.hf, tokenizer=args.lmeval_tokenizer or args.hf, add_bos_token=True,
                   dtype=args.dtype, device=args.device, batch_size=args.batch_size, trust_remote_code=False)
@@ -128,7 +165,8 @@ def run_moxin(args) -> dict:
         Path(args.hf, f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else "mistral"))
     load_s = time.perf_counter() - t0
     task = TaskConfig(name=TASK, path=str(args.data), text=args.text, choices_field=args.choices_field,
-                      gold_field=args.gold_field, num_fewshot=args.num_fewshot, fewshot_seed=1234, limit=args.limit)
+                      gold_field=args.gold_field, num_fewshot=args.num_fewshot, fewshot_seed=1234, limit=args.limit,
+                      preset="winogrande" if args.style == "winogrande" else None)
     cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0)
     t0 = time.perf_counter()
     res = evaluate(model, tok, cfg)["tasks"][TASK]
@@ -216,7 +254,11 @@ def print_report(args, mx: dict, lm: dict, cmp: dict) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--hf", required=True, help="Hugging Face MistralForCausalLM folder (e.g. runs/<run>/hf)")
-    ap.add_argument("--data", default=str(DEFAULT_DATA), help="multiple-choice jsonl (default: the built-in sample)")
+    ap.add_argument("--style", choices=["mc", "winogrande"], default="mc",
+                    help="mc: question + options (ARC/PIQA/HellaSwag form); winogrande: partial evaluation with "
+                         "lm-eval's winogrande functions over {sentence, option1, option2, answer} records")
+    ap.add_argument("--data", default=None, help="task jsonl (default: the built-in sample; for --style winogrande "
+                                                 "a dozen built-in Winograd-form sentences)")
     ap.add_argument("--text", default=DEFAULT_TEXT, help="context template over the record's fields")
     ap.add_argument("--choices-field", default="choices")
     ap.add_argument("--gold-field", default="gold")
@@ -242,6 +284,15 @@ def main(argv=None) -> int:
     ap.add_argument("--side", choices=["both", "lmeval"], default="both", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.data is None:
+        if args.style == "winogrande":
+            wg = Path(tempfile.mkdtemp(prefix="moxin-agree-")) / "winogrande.jsonl"
+            wg.write_text("".join(json.dumps({"sentence": s, "option1": a, "option2": b, "answer": y}) + "\n"
+                                  for s, a, b, y in WINOGRANDE))
+            args.data = str(wg)
+        else:
+            args.data = str(DEFAULT_DATA)
+        argv = list(argv if argv is not None else sys.argv[1:]) + ["--data", args.data]
     if args.side == "both" and args.make_random and not Path(args.hf, "config.json").is_file():
         make_random(args.make_random, args.hf, args.seed)
     if args.side == "both" and args.repeat > 1:

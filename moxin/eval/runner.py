@@ -132,11 +132,7 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
     items = build_mc_items(task, records, fewshot)
     mine = items[rank::world]
     t0 = time.perf_counter()
-    reqs, owner = [], []
-    for it in mine:
-        for c, x in zip(it.contexts, it.continuations):
-            reqs.append(encode_pair(tokenizer, c, x, bos=cfg.bos))
-            owner.append(it.index)
+    reqs = [encode_pair(tokenizer, c, x, bos=cfg.bos) for it in mine for c, x in zip(it.contexts, it.continuations)]
     res = loglikelihoods(model, reqs, batch_tokens=cfg.batch_tokens, max_batch=cfg.max_batch,
                          pad_id=tokenizer.pad_id, lockstep=lockstep)
     s = 0
