@@ -242,16 +242,15 @@ def print_table(results: dict, title: str = "moxin evaluation") -> None:
     from rich.table import Table
 
     t = Table(title=title)
-    for col in ("task", "kind", "n", "metric", "value", "stderr", "items/s"):
-        t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left")
+    for col in ("task", "n", "metric", "value", "stderr", "items/s"):
+        t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)
     for name, r in results["tasks"].items():
         first = True
         for k, v in r["metrics"].items():
             if k.endswith("_stderr"):
                 continue
             se = r["metrics"].get(f"{k}_stderr")
-            t.add_row(name if first else "", r["kind"] if first else "", str(r["n"]) if first else "", k,
-                      f"{v:.4f}", "" if se is None or math.isnan(se) else f"{se:.4f}",
-                      f"{r['items_per_s']:.1f}" if first else "")
+            t.add_row(name if first else "", str(r["n"]) if first else "", k, f"{v:.4f}",
+                      "" if se is None or math.isnan(se) else f"{se:.4f}", f"{r['items_per_s']:.1f}" if first else "")
             first = False
-    Console().print(t)
+    Console(width=max(100, Console().width)).print(t)
