@@ -160,7 +160,9 @@ def run_moxin(args) -> dict:
     from moxin.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    model = load_hf(args.hf).to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
+    # sdpa: with no document mask and the window beyond the longest row it is plain causal attention (flash on a
+    # GPU); flex would recompile for every new batch length
+    model = load_hf(args.hf, attn_backend="sdpa").to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     tok = load_tokenizer(args.moxin_tokenizer or (args.hf if any(
         Path(args.hf, f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else "mistral"))
     load_s = time.perf_counter() - t0
