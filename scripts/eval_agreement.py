@@ -18,6 +18,21 @@ the log-likelihood of every option (max |difference| reported), acc and acc_norm
 
 This file runs twice: as the driver (moxin side, imports moxin) and, with ``--side lmeval``, inside the lm-eval
 environment (imports only lm_eval, transformers, torch and the standard library).
+
+On a GPU machine without network (Python 3.12, torch, transformers, accelerate, pandas, pyarrow, sentencepiece,
+scikit-learn, sacrebleu already there) lm-eval travels as wheels. What lm-eval 0.4.13 imports on this path and such
+an image lacks: lm-eval, datasets, dill, multiprocess (datasets 5.2 needs pyarrow >= 24, fsspec <= 2026.9.0,
+huggingface-hub >= 1.31: check with ``pip show`` there; an older datasets fits an older pyarrow). Fetch here:
+
+    python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+        -d .whl lm-eval==0.4.13 datasets==5.2.0 dill==0.4.1 multiprocess==0.70.19
+
+and there (``--make-random`` writes a randomly initialised model of a preset when no weights are at hand):
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site
+    python3 scripts/eval_agreement.py --hf runs/moxin7b-random --make-random moxin-7b --device cuda \
+        --dtype float32 --repeat 20 --batch-size 32 --lm-eval-python python3 --out agree_fp32.json
 """
 
 from __future__ import annotations
