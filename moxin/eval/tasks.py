@@ -326,12 +326,13 @@ def _fewshot_example(task: TaskConfig, d: MCDoc) -> str:
 
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
     """Records -> scored items, with the few-shot prefix lm-eval's default sampler would put in front."""
+    same_pool = fewshot_records is None
+    pool_recs = records if same_pool else list(fewshot_records)  # lm-eval's limit cuts the evaluated docs only
     if task.limit is not None:
         records = records[:task.limit]
     docs = [to_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
-    same_pool = fewshot_records is None
-    pool_recs = records if same_pool else list(fewshot_records)
-    pool = docs if same_pool else [to_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)]
+    pool = ([to_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)]
+            if task.num_fewshot else [])
     if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
         raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
                         f"{len(pool)} records")
