@@ -183,6 +183,10 @@ def build(cfg: DictConfig):
         callbacks.append(RichProgressBar(leave=True))
     if cfg.get("samples") and cfg.samples.prompts:
         callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, cfg.tokenizer))
+    if cfg.get("eval") and cfg.eval.get("after"):  # +eval=NAME eval.after=phase|stage (moxin/eval)
+        from moxin.callbacks.evaluation import EvalCallback
+
+        callbacks.append(EvalCallback(cfg.eval, cfg.tokenizer, str(out_dir)))
     val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
     logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
     trainer = L.Trainer(
@@ -374,6 +378,15 @@ def _train_locked(cfg: DictConfig) -> dict:
     return info
 
 
+def evaluate_only(cfg: DictConfig) -> float | None:
+    """+experiment=eval: score init_from on the eval tasks (moxin/eval/stage.py); returns the monitored metric."""
+    from moxin.eval.runner import flat_metrics
+    from moxin.eval.stage import run_eval
+
+    value = flat_metrics(run_eval(cfg)).get(cfg.monitor)
+    return None if value is None or math.isnan(value) else value
+
+
 def quiet_third_party_noise() -> None:
     """Drop messages from dependencies that say nothing about this run (advertising, deprecations inside
     Lightning/torchdata that users cannot act on)."""
@@ -398,6 +411,8 @@ def main(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.run_name = f"{cfg.run_name}-{hc.job.num}"
             cfg.out_dir = hc.runtime.output_dir
+    if cfg.get("eval_only"):  # +experiment=eval: evaluate init_from, no training
+        return evaluate_only(cfg)
     info = train(cfg)
     value = info["metrics"].get(cfg.monitor)
     return None if value is None or math.isnan(value) else value

@@ -116,6 +116,12 @@ class GRPOConfig:
     log_completions: int = 1
     """Print this many (prompt, completion, reward) examples every `log_every` rollout steps (rank 0)."""
     log_every: int = 10
+    heldout_every: int = 0
+    """Rollout steps between greedy held-out reward measurements (grpo/heldout_reward; moxin/eval/heldout.py);
+    0: none. Measured before the rollout of every multiple of it (step 0: the starting policy) and after the last."""
+    heldout_prompts: int = 64
+    heldout_source: str | None = None
+    """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -485,6 +491,9 @@ class GRPOStage(MoxinStage):
             self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
             return None
         rl_step = step - self.cfg.warmup_sft_steps
+        from moxin.eval.heldout import maybe_heldout
+
+        held = maybe_heldout(self, rl_step, after_update=False)  # held-out reward (greedy) every heldout_every steps
         t0 = time.perf_counter()
         ro = self.rollout(batch, rl_step)
         t_update = time.perf_counter()
@@ -526,6 +535,7 @@ class GRPOStage(MoxinStage):
         })
         if getattr(self, "_last_grad_norm", None) is not None:
             logs["train/grad_norm"] = self._last_grad_norm
+        logs.update(held | maybe_heldout(self, rl_step, after_update=True))
         self.tokens_seen += int(ln)
         self.history.append({"step": rl_step, **logs})
         if c.log_every and rl_step % c.log_every == 0 and self.trainer_is_zero() and c.log_completions:

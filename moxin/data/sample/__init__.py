@@ -5,6 +5,8 @@ Files (one JSON object per line; see README.md in this folder for sources and li
 * ``prose.jsonl``, ``code.jsonl``, ``cjk.jsonl``: pretraining documents ``{"text": ...}``.
 * ``chat.jsonl`` / ``chat_heldout.jsonl``: Tülu-form SFT conversations ``{"messages": [...]}``.
 * ``preferences.jsonl`` / ``preferences_heldout.jsonl``: DPO pairs ``{"chosen": [...], "rejected": [...]}``.
+* ``eval_mc.jsonl``: a small multiple-choice task ``{"question", "choices", "gold"}`` (``conf/eval/sample.yaml``).
+* ``eval_math.jsonl``: small arithmetic problems ``{"problem", "answer"}`` for generation + verifier evaluation.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ SAMPLE_DIR = Path(__file__).resolve().parent
 
 #: Every data file of the sample corpus, by short name.
 SAMPLE_FILES = (
-    "prose", "code", "cjk", "chat", "chat_heldout", "preferences", "preferences_heldout",
+    "prose", "code", "cjk", "chat", "chat_heldout", "preferences", "preferences_heldout", "eval_mc", "eval_math",
 )
 
 

@@ -1,0 +1,83 @@
+"""Generation tasks scored by a verifier: pass@1 from greedy decoding, pass@k from sampled completions.
+
+Completions come from moxin's rollout engine (:func:`moxin.model.generate.generate`, the one GRPO trains with),
+so a prompt is decoded exactly as in RL. Verifiers are :mod:`moxin.rewards` (math-verify equality, exact
+``Answer: N``), run in worker processes with a per-item timeout (:func:`moxin.rewards.score_batch`).
+
+pass@k is the unbiased estimator of Chen et al. 2021 (arXiv 2107.03374): with n samples of which c are correct,
+``1 - C(n - c, k) / C(n, k)``, averaged over problems; k = 1 is the sampled accuracy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from moxin.model.generate import generate
+
+__all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations"]
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
+    if k > n:
+        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+@dataclass
+class GenRecord:
+    tokens: list[int]
+    finished: bool
+
+
+def _max_over_ranks(n: int, device) -> int:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return int(t.item())
+    return n
+
+
+@torch.no_grad()
+def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
+                 stop_tokens: tuple[int, ...], pad_id: int, batch_size: int = 64,
+                 generator: torch.Generator | None = None, lockstep: bool = False) -> list[GenRecord]:
+    """Completions of every prompt in batches of ``batch_size``, left-padded.
+
+    lockstep (FSDP2): every rank makes the same number of ``generate`` calls (a rank out of prompts decodes a
+    one-token dummy prompt) and the calls decode eagerly in lockstep, because every forward is collective."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    n_calls = -(-len(prompts) // batch_size) if prompts else 0
+    if lockstep:
+        n_calls = _max_over_ranks(n_calls, device)
+    out: list[GenRecord] = []
+    for b in range(n_calls):
+        chunk = prompts[b * batch_size:(b + 1) * batch_size]
+        res = generate(model, chunk or [[stop_tokens[0] if stop_tokens else pad_id]], max_new_tokens,
+                       temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, pad_side="left",
+                       generator=generator, pad_id=pad_id, lockstep=lockstep,
+                       decode="eager" if lockstep else "auto")
+        if chunk:
+            out += [GenRecord(t, f) for t, f in zip(res.tokens, res.finished)]
+    model.train(was_training)
+    return out
+
+
+def score_generations(tokenizer, gens: list[GenRecord], answers: list[str], verifier: str,
+                      verifier_kwargs: dict | None = None, timeout_s: float = 10.0,
+                      max_workers: int | None = None) -> tuple[list[str], list]:
+    """(decoded completions, RewardResults) of generations against their reference answers."""
+    from moxin.rewards import get_verifier, score_batch
+
+    texts = [tokenizer.decode(g.tokens) for g in gens]
+    results, _ = score_batch(get_verifier(verifier, **(verifier_kwargs or {})), texts, answers,
+                             timeout_s=timeout_s, max_workers=max_workers)
+    return texts, results

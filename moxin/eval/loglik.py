@@ -1,0 +1,126 @@
+"""Log-likelihood of a continuation given a context, computed the way lm-evaluation-harness does for a
+Hugging Face causal LM (``lm_eval/models/huggingface.py``), so multiple-choice scores agree item by item.
+
+What lm-eval does, and is mirrored here:
+
+1. ``_encode_pair``: trailing whitespace of the context moves to the front of the continuation; the context
+   and context + continuation are tokenized (with bos when ``add_bos_token``) and the continuation's tokens are
+   the whole string's tokens after the context's. Tokenizing the whole string, not the continuation alone,
+   matters for SentencePiece: " Paris" after "is" is not the encoding of " Paris" on its own.
+2. The model reads ``(context + continuation)[-(max_len + 1):][:-1]`` (left-truncated to the model's length)
+   and the log-probs of the continuation tokens are summed; ``is_greedy`` says every continuation token was the
+   argmax.
+
+Requests are sorted by length (longest first) and batched under a token budget with right padding; padding
+after a row's last token is never attended to by that row's tokens (causal attention), so it changes nothing.
+Only the continuation positions go through the output layer, in fp32 (autocast off), inside the model's
+forward (where FSDP2 has gathered the output weight).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["encode_pair", "LoglikResult", "loglikelihoods"]
+
+
+def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True) -> tuple[list[int], list[int]]:
+    """lm-eval's ``HFLM._encode_pair`` with moxin's tokenizer: (context ids, continuation ids)."""
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    if context == "":  # lm-eval: the prefix token (bos) stands for an empty context
+        return [tokenizer.bos_id], tokenizer.encode(continuation)
+    whole = tokenizer.encode(context + continuation, bos=bos)
+    ctx = tokenizer.encode(context, bos=bos)
+    return ctx, whole[len(ctx):]
+
+
+@dataclass
+class LoglikResult:
+    logprob: float
+    is_greedy: bool
+    n_tokens: int
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _batches(lengths: list[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
+    """Request indices, longest first, cut into batches whose padded size (rows x longest) fits the budget."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    out, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]
+        if cur and ((len(cur) + 1) * longest > batch_tokens or len(cur) >= max_batch):
+            out.append(cur)
+            cur = []
+        cur.append(i)
+    if cur:
+        out.append(cur)
+    return out
+
+
+@torch.no_grad()
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_len: int | None = None,
+                   batch_tokens: int = 16384, max_batch: int = 64, pad_id: int = 0,
+                   lockstep: bool = False) -> list[LoglikResult]:
+    """Summed log p(continuation | context) and is_greedy for every (context ids, continuation ids) request.
+
+    lockstep: with torch.distributed initialised, every rank runs the same number of forwards (a rank with fewer
+    batches runs one-token dummy forwards), as needed when the forward is collective (FSDP2)."""
+    device = next(model.parameters()).device
+    max_len = max_len or model.cfg.max_seq_len
+    inps, conts = [], []
+    for k, (ctx, cont) in enumerate(requests):
+        if not cont:
+            raise ValueError(f"request {k}: empty continuation (an option that tokenizes to nothing cannot be scored)")
+        full = (list(ctx) + list(cont))[-(max_len + 1):]
+        inps.append(full[:-1])
+        conts.append(full[1:][-min(len(cont), len(full) - 1):])  # all of cont unless truncation cut into it
+    batches = _batches([len(x) for x in inps], batch_tokens, max_batch)
+    n_runs = len(batches)
+    if lockstep and _world() > 1:
+        t = torch.tensor([n_runs], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        n_runs = int(t.item())
+    results: list[LoglikResult | None] = [None] * len(requests)
+    no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
+    for b in range(n_runs):
+        if b >= len(batches):  # keep collective forwards matched across ranks
+            model(torch.full((1, 1), pad_id, dtype=torch.long, device=device), head=lambda h, w: None)
+            continue
+        idx = batches[b]
+        T = max(len(inps[i]) for i in idx)
+        tokens = torch.full((len(idx), T), pad_id, dtype=torch.long)
+        rows, cols, targets = [], [], []
+        for r, i in enumerate(idx):
+            n, c = len(inps[i]), len(conts[i])
+            tokens[r, :n] = torch.tensor(inps[i])
+            rows += [r] * c
+            cols += range(n - c, n)
+            targets += conts[i]
+        rows_t = torch.tensor(rows, device=device)
+        cols_t = torch.tensor(cols, device=device)
+        tgt = torch.tensor(targets, device=device)
+
+        def head(h, w):
+            with no_autocast:
+                logits = torch.nn.functional.linear(h[rows_t, cols_t].float(), w.float())
+                logp = logits.log_softmax(-1)
+                return logp.gather(-1, tgt[:, None]).squeeze(-1), logits.argmax(-1) == tgt
+
+        lp, greedy = model(tokens.to(device), head=head)
+        lp, greedy = lp.cpu(), greedy.cpu()  # summed in fp32, as lm-eval sums
+        s = 0
+        for i in idx:
+            c = len(conts[i])
+            results[i] = LoglikResult(float(lp[s:s + c].sum()), bool(greedy[s:s + c].all()), c)
+            s += c
+    return results  # type: ignore[return-value]

@@ -1,0 +1,256 @@
+"""Run evaluation tasks on a model: items split across ranks, results gathered, a table, ``eval.json``.
+
+    results = evaluate(model, tokenizer, EvalConfig(tasks=[...]))      # any process group, or none
+    print_table(results); write_results(results, "runs/x/eval.json")
+
+Distributed: rank r scores items r, r + world, ... of every task; per-item results are gathered to every rank
+(``all_gather_object``) and the metrics computed from all of them, so every rank returns the same numbers.
+Under FSDP2 the forwards are collective: ``lockstep=True`` makes every rank run the same number of them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from moxin.eval.generation import generate_all, pass_at_k, score_generations
+from moxin.eval.loglik import encode_pair, loglikelihoods
+from moxin.eval.tasks import (EvalConfigError, TaskConfig, TaskKind, build_gen_items, build_mc_items, load_records,
+                              task_from_any)
+
+__all__ = ["EvalAfter", "EvalConfig", "evaluate", "print_table", "write_results", "flat_metrics"]
+
+
+class EvalAfter(StrEnum):
+    """When a training run evaluates (``eval.after``; moxin.callbacks.evaluation.EvalCallback)."""
+
+    phase = "phase"
+    """At the end of every phase (Lightning epoch) of a pretraining schedule, and so also at the end of the run."""
+    stage = "stage"
+    """Once, when the stage's fit ends."""
+
+
+@dataclass
+class EvalConfig:
+    """What to evaluate and how (``conf/eval/*.yaml``)."""
+
+    tasks: list = field(default_factory=list)
+    """TaskConfigs (or mappings with their keys)."""
+    after: EvalAfter | None = None
+    """With a training run: when the callback evaluates (None: never)."""
+    bos: bool = True
+    """Start every context with bos, as Mistral/Moxin were trained (lm-eval: model_args add_bos_token=True)."""
+    batch_tokens: int = 16384
+    """Padded tokens per log-likelihood forward (rows x longest row)."""
+    max_batch: int = 64
+    gen_batch_size: int = 64
+    """Prompts per generate() call."""
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int | None = None
+    """Verifier processes (None: min(4, cpus); 0: in-process, no timeouts)."""
+    log_items: bool = True
+    """Keep every item's scores (log-likelihoods, predictions, completions) in eval.json."""
+
+    def __post_init__(self):
+        self.tasks = [task_from_any(t) for t in (self.tasks or [])]
+        if self.after is not None:
+            try:
+                self.after = EvalAfter(self.after)
+            except ValueError:
+                raise EvalConfigError(f"eval.after={self.after!r}: choose null, "
+                                      f"{' or '.join(a.value for a in EvalAfter)}") from None
+        if not self.tasks:
+            raise EvalConfigError("eval.tasks is empty: list at least one task (see conf/eval/sample.yaml)")
+        names = [t.name for t in self.tasks]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise EvalConfigError(f"eval.tasks: task names {dup} appear twice; names key the results")
+        if self.batch_tokens < 1 or self.max_batch < 1 or self.gen_batch_size < 1:
+            raise EvalConfigError("eval.batch_tokens, eval.max_batch and eval.gen_batch_size must be >= 1")
+
+    @classmethod
+    def from_any(cls, obj: Any) -> "EvalConfig":
+        if isinstance(obj, EvalConfig):
+            return obj
+        from moxin.data.sources import plain
+
+        obj = dict(plain(obj))
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(obj) - known)
+        if unknown:
+            raise EvalConfigError(f"eval: unknown key(s) {unknown}; allowed: {sorted(known)}")
+        return cls(**obj)
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _gather(obj: list) -> list:
+    rank, world = _dist()
+    if world == 1:
+        return obj
+    parts: list = [None] * world
+    dist.all_gather_object(parts, obj)
+    return [x for p in parts for x in p]
+
+
+def _mean_stderr(xs: list[float]) -> tuple[float, float]:
+    """Mean and lm-eval's stderr (sample standard deviation / sqrt(n))."""
+    n = len(xs)
+    if n == 0:
+        return float("nan"), float("nan")
+    m = sum(xs) / n
+    if n < 2:
+        return m, float("nan")
+    var = sum((x - m) ** 2 for x in xs) / (n - 1)
+    return m, math.sqrt(var / n)
+
+
+def _argmax(xs: list[float]) -> int:
+    """First index of the maximum (np.argmax's tie rule, which lm-eval uses)."""
+    return max(range(len(xs)), key=lambda j: (xs[j], -j))
+
+
+def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
+    rank, world = _dist()
+    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
+    fewshot = None
+    if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
+        fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
+                               task.data_files, task.name)
+    items = build_mc_items(task, records, fewshot)
+    mine = items[rank::world]
+    t0 = time.perf_counter()
+    reqs = [encode_pair(tokenizer, c, x, bos=cfg.bos) for it in mine for c, x in zip(it.contexts, it.continuations)]
+    res = loglikelihoods(model, reqs, batch_tokens=cfg.batch_tokens, max_batch=cfg.max_batch,
+                         pad_id=tokenizer.pad_id, lockstep=lockstep)
+    s = 0
+    out = []
+    for it in mine:
+        n = len(it.contexts)
+        lls = [r.logprob for r in res[s:s + n]]
+        s += n
+        pred = _argmax(lls)
+        pred_norm = _argmax([ll / ln for ll, ln in zip(lls, it.norm_lengths)])
+        out.append({"index": it.index, "gold": it.gold, "loglik": lls, "pred": pred, "pred_norm": pred_norm,
+                    "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold),
+                    "is_greedy": [r.is_greedy for r in res[s - n:s]]})
+    out = sorted(_gather(out), key=lambda r: r["index"])
+    seconds = max(_gather([time.perf_counter() - t0]))
+    acc, acc_se = _mean_stderr([r["acc"] for r in out])
+    accn, accn_se = _mean_stderr([r["acc_norm"] for r in out])
+    return {"kind": task.kind.value, "n": len(out), "num_fewshot": task.num_fewshot, "seconds": seconds,
+            "items_per_s": len(out) / max(seconds, 1e-9),
+            "metrics": {"acc": acc, "acc_stderr": acc_se, "acc_norm": accn, "acc_norm_stderr": accn_se},
+            "items": out}
+
+
+def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
+    rank, world = _dist()
+    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
+    items = build_gen_items(task, records, tokenizer)
+    mine = items[rank::world]
+    device = next(model.parameters()).device
+    kw = dict(max_new_tokens=task.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
+              batch_size=cfg.gen_batch_size, lockstep=lockstep)
+    t0 = time.perf_counter()
+    per = [{"index": it.index, "answer": it.answer} for it in mine]
+    if task.greedy:
+        gens = generate_all(model, [it.prompt_ids for it in mine], temperature=0.0, **kw)
+        texts, scores = score_generations(tokenizer, gens, [it.answer for it in mine], task.verifier,
+                                          task.verifier_kwargs, cfg.verifier_timeout_s, cfg.verifier_workers)
+        for p, g, t, r in zip(per, gens, texts, scores):
+            p.update(greedy=t, greedy_score=r.score, greedy_reason=r.reason, greedy_finished=g.finished,
+                     greedy_tokens=len(g.tokens))
+    if task.samples:
+        gen = torch.Generator(device=device)
+        gen.manual_seed(task.seed * 1_000_003 + rank)  # reproducible for a given world size
+        prompts = [it.prompt_ids for it in mine for _ in range(task.samples)]
+        gens = generate_all(model, prompts, temperature=task.temperature, top_p=task.top_p, generator=gen, **kw)
+        answers = [it.answer for it in mine for _ in range(task.samples)]
+        texts, scores = score_generations(tokenizer, gens, answers, task.verifier, task.verifier_kwargs,
+                                          cfg.verifier_timeout_s, cfg.verifier_workers)
+        for j, p in enumerate(per):
+            sl = slice(j * task.samples, (j + 1) * task.samples)
+            p.update(samples=texts[sl], sample_scores=[r.score for r in scores[sl]])
+    per = sorted(_gather(per), key=lambda r: r["index"])
+    seconds = max(_gather([time.perf_counter() - t0]))
+    metrics = {}
+    if task.greedy:
+        metrics["pass@1"], metrics["pass@1_stderr"] = _mean_stderr([float(p["greedy_score"] >= 1.0) for p in per])
+        metrics["no_answer"] = sum(p["greedy_reason"].startswith("no_answer") for p in per) / max(len(per), 1)
+        metrics["truncated"] = sum(not p["greedy_finished"] for p in per) / max(len(per), 1)
+    if task.samples:
+        for k in task.k:
+            metrics[f"pass@{k}_sampled"] = sum(
+                pass_at_k(task.samples, sum(s >= 1.0 for s in p["sample_scores"]), k) for p in per) / max(len(per), 1)
+    return {"kind": task.kind.value, "n": len(per), "seconds": seconds, "items_per_s": len(per) / max(seconds, 1e-9),
+            "samples": task.samples, "temperature": task.temperature if task.samples else None,
+            "metrics": metrics, "items": per}
+
+
+def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
+    """Every task of ``cfg`` on ``model``; the same dict on every rank: ``{"tasks": {name: {...}}}``."""
+    cfg = EvalConfig.from_any(cfg)
+    if isinstance(tokenizer, str):
+        from moxin.tokenizer import load_tokenizer
+
+        tokenizer = load_tokenizer(tokenizer)
+    was_training = model.training
+    model.eval()
+    out: dict = {"tasks": {}, "bos": cfg.bos}
+    try:
+        for task in cfg.tasks:
+            fn = eval_multiple_choice if task.kind == TaskKind.multiple_choice else eval_generation
+            res = fn(model, tokenizer, task, cfg, lockstep)
+            if not cfg.log_items:
+                res.pop("items")
+            out["tasks"][task.name] = res
+    finally:
+        model.train(was_training)
+    return out
+
+
+def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
+    """``{"eval/<task>/<metric>": value}`` for loggers."""
+    return {f"{prefix}/{name}/{k}": float(v) for name, r in results["tasks"].items() for k, v in r["metrics"].items()
+            if not k.endswith("_stderr")}
+
+
+def write_results(results: dict, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_suffix(p.suffix + ".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=str))
+    tmp.replace(p)
+    return p
+
+
+def print_table(results: dict, title: str = "moxin evaluation") -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("task", "n", "metric", "value", "stderr", "items/s"):
+        t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)
+    for name, r in results["tasks"].items():
+        first = True
+        for k, v in r["metrics"].items():
+            if k.endswith("_stderr"):
+                continue
+            se = r["metrics"].get(f"{k}_stderr")
+            t.add_row(name if first else "", str(r["n"]) if first else "", k, f"{v:.4f}",
+                      "" if se is None or math.isnan(se) else f"{se:.4f}", f"{r['items_per_s']:.1f}" if first else "")
+            first = False
+    Console(width=max(100, Console().width)).print(t)

@@ -1,0 +1,97 @@
+"""``python -m moxin.run +experiment=eval init_from=...``: evaluation as a Lightning ``test`` run.
+
+Why through Lightning rather than a plain loop: the same hardware profiles then apply unchanged (one GPU with
+bf16 autocast, FSDP2 over N GPUs through ``ModelParallelStrategy`` with its device mesh, SLURM / torchrun
+launchers), and the model is built, loaded and parallelised by the same ``MoxinStage.configure_model`` as in
+training. The one "test batch" is a placeholder; :func:`moxin.eval.runner.evaluate` does the work, with ranks
+splitting the items.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from moxin.eval.runner import EvalConfig, evaluate, flat_metrics, print_table, write_results
+from moxin.stages.base import MoxinStage
+
+__all__ = ["EvalStage", "run_eval", "model_config_for"]
+
+
+class EvalStage(MoxinStage):
+    """Holds the model (built by the base from ``init_from``) and evaluates it in its single test step."""
+
+    def __init__(self, model, eval_cfg: EvalConfig, tokenizer="mistral", out_dir: str | None = None,
+                 parallel=None, init_from: str | None = None):
+        super().__init__(model=model, parallel=parallel, init_from=init_from)
+        self.eval_cfg = EvalConfig.from_any(eval_cfg)
+        self.tokenizer_spec = tokenizer
+        self.out_dir = out_dir
+        self.results: dict | None = None
+
+    def test_dataloader(self):
+        return torch.utils.data.DataLoader([0], batch_size=None)
+
+    def test_step(self, batch, batch_idx):
+        from moxin.tokenizer import load_tokenizer
+
+        sharded = type(self.trainer.strategy).__name__ == "ModelParallelStrategy" and self.trainer.world_size > 1
+        self.results = evaluate(self.model, load_tokenizer(self.tokenizer_spec), self.eval_cfg, lockstep=sharded)
+        self.results["init_from"] = self.init_from
+        if self.trainer.is_global_zero:
+            if self.out_dir:
+                self.results["eval_json"] = str(write_results(self.results, Path(self.out_dir) / "eval.json").resolve())
+            if self.logger is not None:
+                self.logger.log_metrics(flat_metrics(self.results), step=0)
+                self.logger.save()
+
+
+def model_config_for(cfg):
+    """The model config of an eval run: a Hugging Face folder's config.json when init_from is one (the attention
+    backend still from ``model``), else the ``model`` group (a .ckpt / .safetensors must match it)."""
+    from hydra.utils import instantiate
+
+    from moxin.model.hf import hf_to_moxin_config
+
+    model_cfg = instantiate(cfg.model)
+    init = cfg.get("init_from")
+    if not init:
+        raise ValueError("+experiment=eval needs init_from=<a Hugging Face model folder, a run's hf/ folder, a moxin "
+                         ".ckpt or a .safetensors file>; nothing was evaluated")
+    p = Path(str(init))
+    if not p.exists():
+        raise FileNotFoundError(f"init_from={init!r} does not exist: give a Hugging Face model folder, a moxin "
+                                ".ckpt or a .safetensors file")
+    if p.is_dir() and (p / "config.json").exists():
+        hf = hf_to_moxin_config(json.loads((p / "config.json").read_text()), source=str(p / "config.json"))
+        return dataclasses.replace(hf, attn_backend=model_cfg.attn_backend)
+    return model_cfg
+
+
+def run_eval(cfg) -> dict:
+    """Build the eval stage and a Lightning trainer from the composed config, run, print, return the results."""
+    import lightning as L
+    from hydra.utils import instantiate
+
+    from moxin.run import build_strategy, world_size_of
+
+    eval_cfg = EvalConfig.from_any(cfg.eval)  # config errors before any model is built
+    model_cfg = model_config_for(cfg)
+    hw = cfg.hardware
+    out_dir = Path(cfg.out_dir)
+    stage = EvalStage(model_cfg, eval_cfg, tokenizer=cfg.tokenizer, out_dir=str(out_dir),
+                      parallel=instantiate(hw.parallel), init_from=str(cfg.init_from))
+    logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
+    trainer = L.Trainer(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
+                        precision=hw.precision, strategy=build_strategy(hw, world_size_of(hw)), logger=logger,
+                        default_root_dir=str(out_dir), enable_progress_bar=False, enable_model_summary=False,
+                        use_distributed_sampler=False)
+    trainer.test(stage, verbose=False)
+    if trainer.is_global_zero:
+        print_table(stage.results, title=f"moxin evaluation of {cfg.init_from}")
+        if stage.results.get("eval_json"):
+            print(f"results: {stage.results['eval_json']}")
+    return stage.results

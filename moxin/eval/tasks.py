@@ -1,0 +1,407 @@
+"""Evaluation tasks: where the records come from and how a record becomes what is scored.
+
+Two kinds (:class:`TaskKind`):
+
+``multiple_choice``
+    Scored by log-likelihood exactly as lm-evaluation-harness scores ARC, HellaSwag, PIQA, Winogrande and MMLU:
+    each option is a (context, continuation) request, continuation = ``target_delimiter`` + option text; ``acc``
+    takes the option with the largest summed log-likelihood, ``acc_norm`` the largest log-likelihood divided
+    by the option text's length in characters (lm-eval's ``completion_len``). Winogrande-style items have one
+    continuation and several contexts (the sentence up to the blank, filled with each option).
+``generation``
+    A prompt is generated from (greedy for pass@1, sampled for pass@k) and a verifier from
+    :mod:`moxin.rewards` scores the completion against the reference answer.
+
+Records come from local jsonl / parquet files or folders, or a Hugging Face hub dataset name (the same
+readers as the training data: :mod:`moxin.data.sources`). Record fields are mapped by config
+(``text`` is a ``str.format`` template over the record, ``choices_field``, ``gold_field``), or a ``preset``
+(``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``winogrande``) applies lm-eval's own
+``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` for that dataset, so numbers are comparable with the
+published ones.
+
+Few-shot contexts follow lm-eval's default sampler: one ``random.Random(fewshot_seed)`` per task draws
+``num_fewshot`` examples per item in item order (one more when the few-shot pool is the evaluated set itself,
+dropping the item; lm-eval does so when ``fewshot_split`` equals the test split), each written
+``text + target_delimiter + gold option + fewshot_delimiter``, in front of the item's text. MMLU-style tasks
+(question with lettered options, choices ``["A", "B", "C", "D"]``) are plain field mappings; lm-eval's MMLU adds
+a per-subject description and first-n few-shot examples from each subject's dev split (``fewshot_sampler:
+first_n`` with ``fewshot_path``), which no preset reproduces here.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from dataclasses import dataclass, field, fields
+from enum import StrEnum
+from typing import Any, Callable
+
+from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, plain, resolve_files
+
+__all__ = ["TaskKind", "FewshotSampler", "TaskConfig", "MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items",
+           "PRESETS", "task_from_any"]
+
+
+class TaskKind(StrEnum):
+    multiple_choice = "multiple_choice"
+    generation = "generation"
+
+
+class FewshotSampler(StrEnum):
+    default = "default"
+    """lm-eval's default: a seeded random draw per item (``fewshot_seed``)."""
+    first_n = "first_n"
+    """The first ``num_fewshot`` records of the pool (lm-eval's first_n, used where examples have a canonical order)."""
+
+
+class EvalConfigError(ValueError):
+    """An evaluation config that cannot work; the message names the task, the key and the fix."""
+
+
+@dataclass
+class TaskConfig:
+    """One evaluation task (``conf/eval/*.yaml`` lists them under ``tasks``)."""
+
+    name: str
+    kind: TaskKind = TaskKind.multiple_choice
+    path: str | None = None
+    """Local jsonl/parquet file, folder or glob, or a hub dataset name. A preset fills it in."""
+    split: str = "test"
+    hub_config: str | None = None
+    data_files: Any = None
+    preset: str | None = None
+    """A built-in record mapping for a public benchmark (see ``PRESETS``); sets path/split/config if unset."""
+    limit: int | None = None
+    """Evaluate the first ``limit`` records only (after any preset filtering)."""
+    # ---- multiple choice (lm-eval's names)
+    text: str = "{question}"
+    """Context of a record: a str.format template over its fields (lm-eval's doc_to_text)."""
+    choices_field: str = "choices"
+    gold_field: str = "gold"
+    """Index of the right option (an int, or a letter A-Z / a label found in ``labels_field``)."""
+    labels_field: str | None = None
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    num_fewshot: int = 0
+    fewshot_split: str | None = None
+    """Split (hub) the few-shot examples come from; None: the evaluated records themselves (minus the item)."""
+    fewshot_path: str | None = None
+    """Local file of few-shot examples; None: ``path`` with ``fewshot_split``, or the evaluated records."""
+    fewshot_seed: int = 1234
+    fewshot_sampler: FewshotSampler = FewshotSampler.default
+    # ---- generation
+    problem_field: str = "problem"
+    answer_field: str = "answer"
+    verifier: str = "math"
+    """moxin.rewards.get_verifier name: math (math-verify equality), exact ("Answer: N"), format."""
+    verifier_kwargs: dict = field(default_factory=dict)
+    instruction: str | None = None
+    """Appended to the problem after a blank line; None: the verifier's default (the GRPO prompts' form)."""
+    system: str | None = None
+    chat: bool = True
+    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
+    max_new_tokens: int = 512
+    greedy: bool = True
+    """pass@1 from one greedy completion per problem."""
+    samples: int = 0
+    """Sampled completions per problem for pass@k (0: none); pass@k for every k in ``k`` with k <= samples."""
+    k: list[int] = field(default_factory=lambda: [1])
+    temperature: float = 0.6
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self):
+        try:
+            self.kind = TaskKind(self.kind)
+        except ValueError:
+            raise EvalConfigError(f"eval task {self.name!r}: kind={self.kind!r}; choose one of "
+                                  f"{[k.value for k in TaskKind]}") from None
+        try:
+            self.fewshot_sampler = FewshotSampler(self.fewshot_sampler)
+        except ValueError:
+            raise EvalConfigError(f"eval task {self.name!r}: fewshot_sampler={self.fewshot_sampler!r}; choose one of "
+                                  f"{[k.value for k in FewshotSampler]}") from None
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise EvalConfigError(f"eval task {self.name!r}: unknown preset {self.preset!r}; known: "
+                                      f"{sorted(PRESETS)} (or map fields with text/choices_field/gold_field)")
+            p = PRESETS[self.preset]
+            if self.path is None:
+                self.path, self.hub_config = p.path, p.hub_config
+                self.split = p.split
+                if self.fewshot_split is None:
+                    self.fewshot_split = p.fewshot_split
+            self.kind = TaskKind.multiple_choice
+        if not self.path:
+            raise EvalConfigError(f"eval task {self.name!r}: no path; give a local jsonl/parquet file or a hub "
+                                  "dataset name (or a preset)")
+        if self.num_fewshot < 0:
+            raise EvalConfigError(f"eval task {self.name!r}: num_fewshot={self.num_fewshot} must be >= 0")
+        self.k = sorted({int(x) for x in self.k})
+        if self.kind == TaskKind.generation:
+            if not self.greedy and self.samples <= 0:
+                raise EvalConfigError(f"eval task {self.name!r}: greedy=false and samples=0 generate nothing; "
+                                      "set greedy=true or samples >= 1")
+            if self.samples and (not self.k or self.k[0] < 1 or self.k[-1] > self.samples):
+                raise EvalConfigError(f"eval task {self.name!r}: every k in {self.k} must be in 1..samples="
+                                      f"{self.samples} (pass@k needs at least k samples per problem)")
+            if self.samples and self.temperature <= 0:
+                raise EvalConfigError(f"eval task {self.name!r}: samples={self.samples} need temperature > 0 "
+                                      "(greedy completions are all the same)")
+            if self.max_new_tokens < 1:
+                raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
+            from moxin.rewards import VERIFIERS
+
+            if self.verifier not in VERIFIERS:
+                raise EvalConfigError(f"eval task {self.name!r}: verifier={self.verifier!r}; choose one of "
+                                      f"{sorted(VERIFIERS)}")
+
+
+def task_from_any(obj: Any) -> TaskConfig:
+    """A TaskConfig from a dict / DictConfig (Hydra), naming unknown keys."""
+    if isinstance(obj, TaskConfig):
+        return obj
+    obj = plain(obj)
+    if not isinstance(obj, dict) or "name" not in obj:
+        raise EvalConfigError(f"an eval task must be a mapping with at least 'name' and 'path'; got {obj!r}")
+    known = {f.name for f in fields(TaskConfig)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise EvalConfigError(f"eval task {obj['name']!r}: unknown key(s) {unknown}; allowed: {sorted(known)}")
+    return TaskConfig(**obj)
+
+
+# ---- records ---------------------------------------------------------------------------------------------------
+def load_records(path: str, split: str = "test", hub_config: str | None = None, data_files: Any = None,
+                 name: str = "eval") -> list[dict]:
+    """All records of a local jsonl / parquet file set or a hub dataset (memory-mapped, not streamed: eval sets
+    are counted up front). A malformed line stops with its file and line number."""
+    src = SourceConfig(name=name, path=path, split=split, hub_config=hub_config, data_files=data_files)
+    if is_hub_name(src):
+        return [dict(r) for r in open_hub_dataset(src, streaming=False)]
+    out = []
+    for f, fmt in resolve_files(src):
+        if fmt == "jsonl":
+            with open(f, encoding="utf-8") as fh:
+                for lineno, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rec = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise DataError(f"eval task {name!r}: {f}:{lineno} is not JSON ({e.msg}); fix the line") from e
+                    if not isinstance(rec, dict):
+                        raise DataError(f"eval task {name!r}: {f}:{lineno} is a {type(rec).__name__}, not an object")
+                    out.append(rec)
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            out.extend(pq.read_table(f).to_pylist())
+        else:
+            raise DataError(f"eval task {name!r}: {f} is {fmt}; evaluation reads jsonl or parquet records")
+    return out
+
+
+# ---- multiple choice -------------------------------------------------------------------------------------------
+@dataclass
+class MCItem:
+    """One multiple-choice item as lm-eval scores it: request i is (contexts[i], continuations[i])."""
+
+    index: int
+    contexts: list[str]
+    continuations: list[str]
+    gold: int
+    norm_lengths: list[float]
+    """Divisors of acc_norm: lm-eval's len(choice) per option (characters of the option text)."""
+
+
+@dataclass
+class MCDoc:
+    """A record mapped to lm-eval's three functions' values."""
+
+    text: str | int
+    """doc_to_text: the context, or (winogrande) the index of the gold context among ``choices``."""
+    choices: list[str]
+    target: int | str
+    """doc_to_target: gold index, or (winogrande) the continuation text."""
+
+
+@dataclass
+class Preset:
+    path: str
+    split: str
+    to_doc: Callable[[dict], MCDoc]
+    hub_config: str | None = None
+    fewshot_split: str | None = None
+
+
+def _hellaswag_pre(text: str) -> str:
+    text = text.strip()
+    text = text.replace(" [title]", ". ")
+    text = re.sub("\\[.*?\\]", "", text)
+    return text.replace("  ", " ")
+
+
+def _hellaswag(doc: dict) -> MCDoc:
+    ctx = doc["ctx_a"] + " " + doc["ctx_b"].capitalize()
+    return MCDoc(_hellaswag_pre(doc["activity_label"] + ": " + ctx), [_hellaswag_pre(e) for e in doc["endings"]],
+                 int(doc["label"]))
+
+
+def _arc(doc: dict) -> MCDoc:
+    labels = list(doc["choices"]["label"])
+    return MCDoc(f"Question: {doc['question']}\nAnswer:", list(doc["choices"]["text"]), labels.index(doc["answerKey"]))
+
+
+def _piqa(doc: dict) -> MCDoc:
+    return MCDoc(f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"]))
+
+
+def _winogrande(doc: dict) -> MCDoc:
+    s = doc["sentence"]
+    i = s.index("_")
+    return MCDoc({"1": 0, "2": 1}[doc["answer"]], [s[:i] + doc["option1"], s[:i] + doc["option2"]],
+                 s[i + 1:].strip())
+
+
+#: lm-eval's task definitions of the benchmarks in the Moxin paper (datasets as lm-eval names them).
+PRESETS: dict[str, Preset] = {
+    "arc_easy": Preset("allenai/ai2_arc", "test", _arc, "ARC-Easy", "train"),
+    "arc_challenge": Preset("allenai/ai2_arc", "test", _arc, "ARC-Challenge", "train"),
+    "hellaswag": Preset("Rowan/hellaswag", "validation", _hellaswag, None, "train"),
+    "piqa": Preset("baber/piqa", "validation", _piqa, None, "train"),
+    "winogrande": Preset("allenai/winogrande", "validation", _winogrande, "winogrande_xl", "train"),
+}
+
+
+def _gold_index(task: TaskConfig, rec: dict, choices: list[str], where: str) -> int:
+    g = rec.get(task.gold_field)
+    if isinstance(g, bool) or g is None:
+        raise DataError(f"eval task {task.name!r}: {where} has no gold_field {task.gold_field!r} (fields: "
+                        f"{sorted(rec)[:20]}); set gold_field")
+    if isinstance(g, str) and task.labels_field:
+        labels = list(rec[task.labels_field])
+        if g not in labels:
+            raise DataError(f"eval task {task.name!r}: {where}: gold {g!r} not among {task.labels_field} {labels}")
+        g = labels.index(g)
+    elif isinstance(g, str) and g.strip().isdigit():
+        g = int(g)
+    elif isinstance(g, str) and len(g.strip()) == 1 and g.strip().isalpha():
+        g = ord(g.strip().upper()) - ord("A")
+    if not isinstance(g, int) or not 0 <= g < len(choices):
+        raise DataError(f"eval task {task.name!r}: {where}: gold {rec.get(task.gold_field)!r} is not an index into "
+                        f"its {len(choices)} choices")
+    return g
+
+
+def to_doc(task: TaskConfig, rec: dict, where: str) -> MCDoc:
+    """A record -> lm-eval's (doc_to_text, doc_to_choice, doc_to_target), by preset or by field mapping."""
+    if task.preset:
+        try:
+            return PRESETS[task.preset].to_doc(rec)
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
+                            f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+    try:
+        text = task.text.format(**rec)
+    except (KeyError, IndexError) as e:
+        raise DataError(f"eval task {task.name!r}: {where}: text template {task.text!r} needs field {e}; "
+                        f"the record has {sorted(rec)[:20]}") from e
+    choices = rec.get(task.choices_field)
+    if isinstance(choices, dict) and "text" in choices:  # ARC-style {"text": [...], "label": [...]}
+        choices = choices["text"]
+    if not isinstance(choices, (list, tuple)) or len(choices) < 2 or not all(isinstance(c, str) for c in choices):
+        raise DataError(f"eval task {task.name!r}: {where}: choices_field {task.choices_field!r} must be a list of "
+                        f">= 2 strings; got {choices!r:.120}")
+    return MCDoc(text, list(choices), _gold_index(task, rec, list(choices), where))
+
+
+def _fewshot_example(task: TaskConfig, d: MCDoc) -> str:
+    """lm-eval's few-shot example: text + target_delimiter + target text."""
+    if isinstance(d.text, int):  # winogrande: the gold context, then its continuation
+        return d.choices[d.text] + task.target_delimiter + str(d.target)
+    return d.text + task.target_delimiter + d.choices[int(d.target)]
+
+
+def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
+    """Records -> scored items, with the few-shot prefix lm-eval's default sampler would put in front."""
+    same_pool = fewshot_records is None
+    pool_recs = records if same_pool else list(fewshot_records)  # lm-eval's limit cuts the evaluated docs only
+    if task.limit is not None:
+        records = records[:task.limit]
+    docs = [to_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
+    pool = ([to_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)]
+            if task.num_fewshot else [])
+    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
+        raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
+                        f"{len(pool)} records")
+    rnd = random.Random(task.fewshot_seed)
+    items = []
+    for i, d in enumerate(docs):
+        prefix = ""
+        if task.num_fewshot:
+            n = task.num_fewshot
+            others = [j for j in range(len(pool)) if not same_pool or pool_recs[j] != records[i]]
+            if task.fewshot_sampler == FewshotSampler.first_n:
+                drawn = others[:n]
+            elif same_pool:  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
+                drawn = [j for j in rnd.sample(range(len(pool)), n + 1) if pool_recs[j] != records[i]][:n]
+                if len(drawn) < n:  # the item occurs more than once in the pool
+                    drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
+            else:
+                drawn = rnd.sample(range(len(pool)), n)
+            prefix = task.fewshot_delimiter.join(_fewshot_example(task, pool[j]) for j in drawn) + task.fewshot_delimiter
+        if isinstance(d.text, int):  # partial evaluation: one continuation after each filled-in context
+            contexts = [prefix + c for c in d.choices]
+            conts = [task.target_delimiter + str(d.target)] * len(d.choices)
+            gold = d.text
+        else:
+            contexts = [prefix + d.text] * len(d.choices)
+            conts = [task.target_delimiter + c for c in d.choices]
+            gold = int(d.target)
+        items.append(MCItem(i, contexts, conts, gold, [float(len(c)) for c in d.choices]))
+    return items
+
+
+# ---- generation ------------------------------------------------------------------------------------------------
+@dataclass
+class GenItem:
+    index: int
+    prompt_ids: list[int]
+    answer: str
+    problem: str
+
+
+def user_text(task: TaskConfig, problem: str) -> str:
+    from moxin.data.prompts import DEFAULT_INSTRUCTIONS
+
+    instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
+    return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()
+
+
+def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
+    """The prompt ids, as the GRPO data module renders them (chat template + generation prompt), or plain text
+    after bos when ``chat`` is off (base models)."""
+    text = user_text(task, problem)
+    if not task.chat:
+        return tokenizer.encode(text, bos=True)
+    from moxin.tokenizer.chat import render_chat
+
+    msgs = ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
+    return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
+
+
+def build_gen_items(task: TaskConfig, records: list[dict], tokenizer) -> list[GenItem]:
+    if task.limit is not None:
+        records = records[:task.limit]
+    items = []
+    for i, r in enumerate(records):
+        prob, ans = r.get(task.problem_field), r.get(task.answer_field)
+        if isinstance(ans, (int, float)) and not isinstance(ans, bool):
+            ans = str(ans)
+        if not isinstance(prob, str) or not prob.strip() or not isinstance(ans, str) or not ans.strip():
+            raise DataError(f"eval task {task.name!r}: record {i + 1} needs a non-empty problem_field "
+                            f"{task.problem_field!r} and answer_field {task.answer_field!r}; fields: {sorted(r)[:20]}")
+        items.append(GenItem(i, render_prompt(task, prob, tokenizer), ans.strip(), prob))
+    return items
