@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 
 from moxin.eval.runner import EvalAfter, EvalConfig, evaluate, flat_metrics, print_table, write_results
+from moxin.distributed import is_sharded
 
 __all__ = ["EvalCallback"]
 
@@ -37,7 +38,7 @@ class EvalCallback(L.Callback):
             from moxin.tokenizer import load_tokenizer
 
             self._tok = load_tokenizer(self.tokenizer_spec)
-        sharded = type(trainer.strategy).__name__ == "ModelParallelStrategy" and trainer.world_size > 1
+        sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
         plugin = getattr(trainer, "precision_plugin", None)
         ctx = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
         with ctx:  # the run's precision (bf16 autocast with hardware=gpu)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch.distributed as dist
 
 from moxin.eval.generation import generate_all, score_generations
+from moxin.distributed import is_sharded
 
 __all__ = ["heldout_records", "heldout_reward"]
 
@@ -76,7 +77,7 @@ def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     rank = dist.get_rank() if world > 1 else 0
     mine = records[rank::world]
-    sharded = stage._trainer is not None and type(stage.trainer.strategy).__name__ == "ModelParallelStrategy"
+    sharded = stage._trainer is not None and is_sharded(stage.trainer.strategy)
     gens = generate_all(stage.model, [r["prompt_ids"] for r in mine], max_new_tokens=c.max_new_tokens,
                         temperature=0.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
                         batch_size=c.gen_batch_size or 64, lockstep=sharded)

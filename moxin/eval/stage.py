@@ -17,6 +17,7 @@ import torch
 
 from moxin.eval.runner import EvalConfig, evaluate, flat_metrics, print_table, write_results
 from moxin.stages.base import MoxinStage
+from moxin.distributed import is_sharded
 
 __all__ = ["EvalStage", "run_eval", "model_config_for"]
 
@@ -38,7 +39,7 @@ class EvalStage(MoxinStage):
     def test_step(self, batch, batch_idx):
         from moxin.tokenizer import load_tokenizer
 
-        sharded = type(self.trainer.strategy).__name__ == "ModelParallelStrategy" and self.trainer.world_size > 1
+        sharded = is_sharded(self.trainer.strategy) and self.trainer.world_size > 1
         self.results = evaluate(self.model, load_tokenizer(self.tokenizer_spec), self.eval_cfg, lockstep=sharded)
         self.results["init_from"] = self.init_from
         if self.trainer.is_global_zero:
