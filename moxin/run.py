@@ -217,7 +217,9 @@ def train(cfg: DictConfig) -> dict:
         from moxin.model.hf import save_hf
 
         hf_dir = Path(cfg.out_dir) / "hf"
-        tok_files = [str(cfg.tokenizer)] if Path(str(cfg.tokenizer)).is_file() else None
+        from moxin.tokenizer.cjk import export_files  # a tokenizer file path, or moxin-cjk's tokenizer.json + config
+
+        tok_files = [str(f) for f in export_files(cfg.tokenizer)] or None
         save_hf(stage.model, hf_dir, tokenizer_files=tok_files)
         if cfg.tokenizer == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer looks for
             import shutil

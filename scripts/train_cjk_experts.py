@@ -14,7 +14,7 @@ Sources (any mix; each is turned into counts of CJK runs, see moxin.tokenizer.cj
   the space before it) and as a suffix, half of its frequency each.
 * ``jieba`` (default on, zh): the jieba package's dictionary (word, count).
 * the built-in sample corpus ``cjk.jsonl`` (default on): the training split only (records whose index is not a
-  multiple of 5; ``HELDOUT_EVERY`` keeps the rest for evaluation). Each record goes to the language its script says.
+  multiple of 5; ``moxin.tokenizer.cjk.SAMPLE_HELDOUT_EVERY`` keeps the rest for evaluation). Each record goes to the language its script says.
 * ``--text LANG:PATH``: plain text files (UTF-8), e.g. a corpus of your own.
 * ``--hub LANG:NAME:SPLIT:FIELD[:N]``: the first N records of a Hugging Face dataset (streamed; needs network).
 
@@ -42,12 +42,10 @@ if str(ROOT) not in sys.path:
 
 from moxin.tokenizer import load_tokenizer  # noqa: E402
 from moxin.tokenizer.cjk import (  # noqa: E402
-    ASSET_DIR, HANGUL, KANA, LANGS, SPIECE_UNDERLINE, add_special_tokens, compose, runs_of_text, script_runs,
-    train_expert, write_artifact,
+    ASSET_DIR, LANGS, SAMPLE_HELDOUT_EVERY, SPIECE_UNDERLINE, add_special_tokens, compose, document_language,
+    runs_of_text, script_runs, train_expert, write_artifact,
 )
 
-#: Every HELDOUT_EVERY-th record of the sample cjk.jsonl is held out from expert training (evaluation split).
-HELDOUT_EVERY = 5
 DEFAULT_VOCAB = {"zh": 32000, "ja": 16000, "ko": 10000}
 #: Single characters each expert keeps as pieces (the most frequent ones); the rest of its size goes to merges.
 DEFAULT_ALPHABET = {"zh": 7000, "ja": 5000, "ko": 2500}
@@ -55,16 +53,6 @@ DEFAULT_WEIGHTS = {"wordfreq": 1.0, "wordfreq-trad": 0.8, "jieba": 0.5, "sample"
 #: Share of a zh/ja dictionary word's frequency that enters with a leading "▁" (after a space or at the start of a
 #: text, where the base's dummy prefix sits); Korean morphemes enter half and half (see wordfreq_source).
 LEAD_SHARE = 0.1
-_HANGUL_RE, _KANA_RE = re.compile(f"[{HANGUL}]"), re.compile(f"[{KANA}]")
-
-
-def lang_of_document(text: str) -> str:
-    """zh / ja / ko of a document by script: Hangul -> ko, any kana -> ja, else zh."""
-    if _HANGUL_RE.search(text):
-        return "ko"
-    return "ja" if _KANA_RE.search(text) else "zh"
-
-
 def word_runs(word: str, lead: bool = False) -> list[str]:
     """CJK runs of one dictionary word (a word with no CJK character gives none)."""
     return script_runs((SPIECE_UNDERLINE if lead else "") + word.replace(" ", SPIECE_UNDERLINE))
@@ -138,10 +126,10 @@ def sample_source(lang: str):
     from moxin.data.sample import sample_path
 
     for i, line in enumerate(sample_path("cjk").read_text(encoding="utf-8").splitlines()):
-        if i % HELDOUT_EVERY == 0 or not line.strip():
+        if i % SAMPLE_HELDOUT_EVERY == 0 or not line.strip():
             continue
         text = json.loads(line)["text"]
-        if lang_of_document(text) == lang:
+        if document_language(text) == lang:
             for r in runs_of_text(text):
                 yield r, 1
 

@@ -72,6 +72,8 @@ RUN_PATTERN = f"{SPIECE_UNDERLINE}?[{HANGUL}]+|{SPIECE_UNDERLINE}?[{HAN}{KANA}{C
 _RUN_RE = re.compile(RUN_PATTERN)
 
 LANGS = ("zh", "ja", "ko")
+#: Every SAMPLE_HELDOUT_EVERY-th record of the sample's cjk.jsonl is held out from expert training (evaluation).
+SAMPLE_HELDOUT_EVERY = 5
 
 
 def is_claimed(s: str) -> bool:
@@ -93,6 +95,17 @@ def language_of(piece: str) -> str | None:
     if re.search(f"[{KANA}]", piece):
         return "ja"
     return "han" if is_claimed(piece) else None
+
+
+def document_language(text: str) -> str:
+    """zh / ja / ko of a whole document by script: any Hangul -> ko, else any kana -> ja, else zh."""
+    if re.search(f"[{HANGUL}]", text):
+        return "ko"
+    return "ja" if re.search(f"[{KANA}]", text) else "zh"
+
+
+#: The scripts (language_of values) whose pre-tokens each expert is trained on.
+_SCRIPTS_OF = {"zh": ("han",), "ja": ("ja", "han"), "ko": ("ko",)}
 
 
 # ---- training one expert -----------------------------------------------------------------------------------------
@@ -132,12 +145,15 @@ def train_expert(lang: str, counts: Mapping[str, float], vocab_size: int, *, min
     if lang not in LANGS:
         raise TokenizerError(f"expert language {lang!r}: expected one of {LANGS}")
     words = {w: c for w, c in counts.items() if w and c > 0}
-    if not words:
-        raise TokenizerError(f"expert {lang!r}: no training words (all sources empty?)")
     for w in words:
         if _RUN_RE.fullmatch(w) is None:
             raise TokenizerError(f"expert {lang!r}: training word {w!r} is not a single CJK run "
                                  f"(split text with runs_of_text first)")
+    # Another language's script in a word list (Hangul in the ja list, kana in the zh list) is dropped: a piece
+    # of it would sit in this expert's id range but belong to another expert's pre-tokens.
+    words = {w: c for w, c in words.items() if language_of(w) in _SCRIPTS_OF[lang]}
+    if not words:
+        raise TokenizerError(f"expert {lang!r}: no training words in its script (all sources empty?)")
     total = sum(words.values())
     scale = scale if scale is not None else 2e7 / total
     rounded = {w: max(1, round(c * scale)) for w, c in words.items()}
@@ -299,13 +315,20 @@ def piece_text(piece: str) -> str:
     return piece.replace(SPIECE_UNDERLINE, " ")
 
 
-def base_split(tokenizer, base, token_id: int) -> list[int]:
-    """Base ids of an expert token's text, as the base tokenizer splits it (as a continuation, so a leading
-    ``"▁"`` of the piece stays a space and no dummy prefix is added)."""
-    piece = tokenizer.id_to_token(token_id)
-    if piece is None:
-        raise TokenizerError(f"id {token_id} is not in tokenizer {tokenizer.name!r}")
-    return base.encode(piece_text(piece), continuation=True)
+def base_splits(tokenizer, base, token_ids: Sequence[int]) -> list[list[int]]:
+    """Base ids of each token's text, as the base tokenizer splits it: as a *continuation* (no dummy-prefix
+    space), so a piece's own leading ``"▁"`` stays the one space it stands for. Batched: every text is encoded
+    after a newline, whose ids are then dropped (the same trick as ``Tokenizer.encode(continuation=True)``)."""
+    texts = []
+    for i in token_ids:
+        piece = tokenizer.id_to_token(int(i))
+        if piece is None:
+            raise TokenizerError(f"id {i} is not in tokenizer {tokenizer.name!r} (vocab_size {tokenizer.vocab_size})")
+        texts.append(piece_text(piece))
+    if not getattr(base, "_dummy_prefix", False):
+        return base.encode_batch(texts)
+    lead = len(base.encode("\n"))
+    return [ids[lead:] for ids in base.encode_batch(["\n" + t for t in texts])]
 
 
 def extend_embeddings(state: dict, tokenizer, base, names: Iterable[str] = ("tok_embeddings.weight",
@@ -332,9 +355,8 @@ def extend_embeddings(state: dict, tokenizer, base, names: Iterable[str] = ("tok
         grown = torch.empty((n_new, w.shape[1]), dtype=w.dtype)
         grown[:n_old] = w
         src = w.float()
-        for i in range(n_old, n_new):
-            ids = base_split(tokenizer, base, i)
-            ids = [j for j in ids if j < n_old] or [base.pad_id]
+        for i, ids in zip(range(n_old, n_new), base_splits(tokenizer, base, range(n_old, n_new))):
+            ids = [j for j in ids if j < base.vocab_size] or [base.pad_id]
             grown[i] = src[ids].mean(0).to(w.dtype)
         out[name] = grown
     return out
