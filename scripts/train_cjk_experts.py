@@ -13,7 +13,8 @@ Sources (any mix; each is turned into counts of CJK runs, see moxin.tokenizer.cj
   Korean list holds morphemes, not space-separated words, so each enters both as a word start (with the "▁" of
   the space before it) and as a suffix, half of its frequency each.
 * ``jieba`` (default on, zh): the jieba package's dictionary (word, count).
-* the built-in sample corpus ``cjk.jsonl`` (default on): the training split only (records whose index is not a
+* the built-in sample corpus ``cjk.jsonl`` (default on, small weight: Chinese and Japanese records are long runs
+  without spaces, and at a larger weight BPE spends ids on whole lines of the sample's poems): the training split only (records whose index is not a
   multiple of 5; ``moxin.tokenizer.cjk.SAMPLE_HELDOUT_EVERY`` keeps the rest for evaluation). Each record goes to the language its script says.
 * ``--text LANG:PATH``: plain text files (UTF-8), e.g. a corpus of your own.
 * ``--hub LANG:NAME:SPLIT:FIELD[:N]``: the first N records of a Hugging Face dataset (streamed; needs network).
@@ -49,7 +50,7 @@ from moxin.tokenizer.cjk import (  # noqa: E402
 DEFAULT_VOCAB = {"zh": 32000, "ja": 16000, "ko": 10000}
 #: Single characters each expert keeps as pieces (the most frequent ones); the rest of its size goes to merges.
 DEFAULT_ALPHABET = {"zh": 7000, "ja": 5000, "ko": 2500}
-DEFAULT_WEIGHTS = {"wordfreq": 1.0, "wordfreq-trad": 0.8, "jieba": 0.5, "sample": 0.1, "text": 1.0, "hub": 1.0}
+DEFAULT_WEIGHTS = {"wordfreq": 1.0, "wordfreq-trad": 0.8, "jieba": 0.5, "sample": 0.01, "text": 1.0, "hub": 1.0}
 #: Share of a zh/ja dictionary word's frequency that enters with a leading "▁" (after a space or at the start of a
 #: text, where the base's dummy prefix sits); Korean morphemes enter half and half (see wordfreq_source).
 LEAD_SHARE = 0.1

@@ -4,6 +4,7 @@ plain-Python reference of the whole pipeline (normalize, route, BPE by merge ran
 import json
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 import torch
@@ -279,7 +280,7 @@ def test_compose_keeps_base_ids_and_appends_experts(tmp_path):
 
     base_json = _tiny_base()
     n = len(base_json["model"]["vocab"])
-    ex = train_expert("zh", {"中文字": 5.0, "文字": 3.0, "字": 1.0}, vocab_size=10, min_frequency=1)
+    ex = train_expert("zh", {"中文字": 5.0, "文字": 3.0, "字": 1.0}, vocab_size=10, min_frequency=1, scale=1.0)
     assert set(ex.pieces) >= {"中", "文", "字", "文字"}
     tj, meta = compose(base_json, [ex])
     assert meta["base_vocab_size"] == n and meta["experts"][0]["first_id"] == n
@@ -326,3 +327,43 @@ def test_extend_embeddings_means_of_the_base_split(tok, base):
     assert base_splits(tok, base, [base.vocab_size])[0]
     with pytest.raises(TokenizerError, match="rows"):
         extend_embeddings({"tok_embeddings.weight": torch.zeros(100, 8)}, tok, base)
+
+
+def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base):
+    """scripts/extend_vocab.py: a HF folder becomes a HF folder with the grown matrices and the expert tokenizer
+    (loadable by moxin and by transformers with the same ids); a moxin checkpoint becomes a .safetensors that
+    init_from accepts for a model of the extended size."""
+    import importlib.util
+
+    from moxin.model import ModelConfig, Transformer
+    from moxin.model.hf import load_hf, save_hf
+    from moxin.stages.base import load_init_weights
+
+    spec = importlib.util.spec_from_file_location("extend_vocab", Path(__file__).resolve().parents[1] / "scripts" /
+                                                  "extend_vocab.py")
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=base.vocab_size)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    save_hf(model, tmp_path / "hf")
+    ev.main([str(tmp_path / "hf"), str(tmp_path / "hf-cjk"), "--pad-to", "64"])
+    grown = load_hf(tmp_path / "hf-cjk")
+    rows = -(-tok.vocab_size // 64) * 64
+    assert grown.cfg.vocab_size == rows
+    new_emb = grown.tok_embeddings.weight.detach()
+    assert torch.equal(new_emb[: base.vocab_size], model.tok_embeddings.weight.detach())
+    i = tok.encode("中国")[-1]
+    assert i >= base.vocab_size
+    split = base_splits(tok, base, [i])[0]
+    assert torch.allclose(new_emb[i], model.tok_embeddings.weight.detach()[split].mean(0), atol=1e-6)
+    exported = load_tokenizer(tmp_path / "hf-cjk")
+    text = "中文、日本語のテキスト、한국어 and English."
+    assert exported.encode(text) == tok.encode(text) and exported.vocab_size == tok.vocab_size
+
+    ckpt = tmp_path / "last.ckpt"
+    torch.save({"state_dict": {f"model.{k}": v for k, v in model.state_dict().items()}}, ckpt)
+    ev.main([str(ckpt), str(tmp_path / "cjk.safetensors")])
+    target = Transformer(cfg.replace(vocab_size=tok.vocab_size))
+    load_init_weights(target, str(tmp_path / "cjk.safetensors"))
+    assert torch.equal(target.output.weight.detach()[: base.vocab_size], model.output.weight.detach())

@@ -340,8 +340,11 @@ def extend_embeddings(state: dict, tokenizer, base, names: Iterable[str] = ("tok
     already as large is left alone. Returns a new dict (tensors for the grown matrices are new)."""
     import torch
 
+    import torch.nn.functional as F
+
     out = dict(state)
     n_new = tokenizer.vocab_size
+    splits: dict[int, tuple] = {}  # first new row -> (flat base ids, offsets), shared by both matrices
     for name in names:
         if name not in state:
             continue
@@ -352,11 +355,12 @@ def extend_embeddings(state: dict, tokenizer, base, names: Iterable[str] = ("tok
         if n_old < base.vocab_size:
             raise TokenizerError(f"{name} has {n_old} rows but the base tokenizer {base.name!r} has "
                                  f"{base.vocab_size} ids; this checkpoint was not trained with that base")
-        grown = torch.empty((n_new, w.shape[1]), dtype=w.dtype)
-        grown[:n_old] = w
-        src = w.float()
-        for i, ids in zip(range(n_old, n_new), base_splits(tokenizer, base, range(n_old, n_new))):
-            ids = [j for j in ids if j < base.vocab_size] or [base.pad_id]
-            grown[i] = src[ids].mean(0).to(w.dtype)
-        out[name] = grown
+        if n_old not in splits:
+            lists = [[j for j in ids if j < base.vocab_size] or [base.pad_id]
+                     for ids in base_splits(tokenizer, base, range(n_old, n_new))]
+            offsets = torch.tensor([0] + [len(x) for x in lists[:-1]]).cumsum(0)
+            splits[n_old] = (torch.tensor([j for x in lists for j in x]), offsets)
+        flat, offsets = splits[n_old]
+        new_rows = F.embedding_bag(flat, w.float(), offsets, mode="mean")  # row i: mean of w[ids of token i]
+        out[name] = torch.cat([w, new_rows.to(w.dtype)])
     return out

@@ -142,7 +142,9 @@ def main() -> None:
         probe = "中文、日本語のテキスト、한국어 and English."
         assert export_tok.encode(probe) == tok.encode(probe), f"{spec}: exported tokenizer differs"
         row = {"tokenizer": spec, "vocab": model.cfg.vocab_size, "train tokens": summary["target_tokens"],
-               "train chars": round(chars), "tokens/s": summary["tokens_per_s"], "seconds": summary["seconds"],
+               "train chars": round(chars), "tokens/s": summary["tokens_per_s"],
+               "chars/s": summary["tokens_per_s"] * chars / max(summary["target_tokens"], 1),
+               "seconds": summary["seconds"],
                "final loss": summary["metrics"].get("train/loss")}
         for name, text in sets.items():
             row[name] = bits_per_char(model, export_tok, text)
@@ -150,7 +152,8 @@ def main() -> None:
         print(json.dumps(row), flush=True)
 
     cols = [("tokenizer", "tokenizer", ""), ("vocab", "vocab", ""), ("train tokens", "train tokens", ","),
-            ("train chars", "train chars", ","), ("tokens/s", "train tok/s", ",.0f"), ("seconds", "s", "")]
+            ("train chars", "train chars", ","), ("tokens/s", "train tok/s", ",.0f"), ("chars/s", "train chars/s", ",.0f"),
+            ("seconds", "run s", "")]
     print(table(results, cols, "training (same characters)"))
     bpc = [{"text": name, "chars": len(text), **{r["tokenizer"]: r[name] for r in results}} for name, text in
            sets.items()]
