@@ -329,7 +329,7 @@ def test_extend_embeddings_means_of_the_base_split(tok, base):
         extend_embeddings({"tok_embeddings.weight": torch.zeros(100, 8)}, tok, base)
 
 
-def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base):
+def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base, monkeypatch):
     """scripts/extend_vocab.py: a HF folder becomes a HF folder with the grown matrices and the expert tokenizer
     (loadable by moxin and by transformers with the same ids); a moxin checkpoint becomes a .safetensors that
     init_from accepts for a model of the extended size."""
@@ -343,6 +343,7 @@ def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base):
                                                   "extend_vocab.py")
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
+    monkeypatch.setattr(ev, "load_tokenizer", {"moxin-cjk": tok, "mistral": base}.__getitem__)  # loaded once
     cfg = ModelConfig.preset("tiny").replace(vocab_size=base.vocab_size)
     torch.manual_seed(0)
     model = Transformer(cfg)

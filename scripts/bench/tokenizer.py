@@ -132,17 +132,20 @@ def latin_texts() -> dict[str, list[str]]:
     return {k: [t for t in v if not is_claimed(t)] for k, v in texts.items()}
 
 
-def throughput(tok, texts: list[str], reps: int) -> float:
-    """Characters per second of encode_batch, median over reps (after one warm call)."""
+def throughput(base, tok, texts: list[str], reps: int) -> tuple[float, float]:
+    """Characters per second of encode_batch for base and tok, median over reps. The two are timed alternately,
+    rep by rep, so a change in machine load during the run hits both alike."""
     chars = sum(map(len, texts))
+    base.encode_batch(texts)
     tok.encode_batch(texts)
-    ts = []
+    ts = {0: [], 1: []}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        tok.encode_batch(texts)
-        ts.append(time.perf_counter() - t0)
-    ts.sort()
-    return chars / ts[len(ts) // 2]
+        for k, t in enumerate((base, tok)):
+            t0 = time.perf_counter()
+            t.encode_batch(texts)
+            ts[k].append(time.perf_counter() - t0)
+    med = lambda v: sorted(v)[len(v) // 2]
+    return chars / med(ts[0]), chars / med(ts[1])
 
 
 def main() -> None:
@@ -150,7 +153,7 @@ def main() -> None:
     ap.add_argument("--debs", default="/tmp/cjk-debs", help="scratch folder for the Debian .deb files")
     ap.add_argument("--tokenizer", default="moxin-cjk")
     ap.add_argument("--base", default="mistral")
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--smoke", action="store_true", help="sample corpus only, no apt")
     ap.add_argument("--out", default=default_out("tokenizer"))
     args = ap.parse_args()
@@ -183,11 +186,11 @@ def main() -> None:
     for name, texts in (("mixed (all of the above)", mixed),
                         ("CJK only", [line for by in evals.values() for t in by.values() for line in t.splitlines()]),
                         ("English + code only", [t for v in latin_texts().values() for t in v])):
-        b, e = throughput(base, texts, args.reps), throughput(tok, texts, args.reps)
+        b, e = throughput(base, tok, texts, args.reps)
         thr.append({"text": name, "chars": sum(map(len, texts)), "base": b / 1e6, "experts": e / 1e6, "ratio": e / b})
     print(table(thr, [("text", "text", ""), ("chars", "chars", ","), ("base", "base M chars/s", ".2f"),
                       ("experts", f"{args.tokenizer} M chars/s", ".2f"), ("ratio", "experts / base", ".2f")],
-                "encode_batch throughput (median of reps)"))
+                "encode_batch throughput (median of reps, base and experts timed alternately)"))
     write_json(args.out, {"compression": rows, "identity": ident, "throughput": thr})
 
 
