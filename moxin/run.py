@@ -358,7 +358,9 @@ def _train_locked(cfg: DictConfig) -> dict:
         from moxin.checkpointing import export_hf, weights_finite
 
         hf_dir = Path(cfg.out_dir) / "hf"
-        tok_files = [str(cfg.tokenizer)] if Path(str(cfg.tokenizer)).is_file() else None
+        from moxin.tokenizer.cjk import export_files  # a tokenizer file path, or moxin-cjk's tokenizer.json + config
+
+        tok_files = [str(f) for f in export_files(cfg.tokenizer)] or None
         if not weights_finite(stage):
             if trainer.is_global_zero:
                 print(f"not exporting {hf_dir}: the final weights hold NaN/Inf", file=sys.stderr)

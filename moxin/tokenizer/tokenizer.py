@@ -43,6 +43,7 @@ MISTRAL_MODEL_RESOURCE = ("mistral_common", "data/tokenizer.model.v1")
 
 _SPEC_HELP = (
     'pass "mistral" (the Mistral/Moxin 32000-piece model shipped in the mistral-common package), '
+    '"moxin-cjk" (Mistral + Chinese/Japanese/Korean experts, moxin/tokenizer/cjk.py), '
     "a path to a Hugging Face tokenizer.json, or a path to a SentencePiece .model file"
 )
 
@@ -262,6 +263,13 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     s = os.fspath(spec)
     if s.strip().lower() in ("mistral", "moxin", "mistral-7b", "moxin-7b"):
         return _load_sentencepiece(mistral_model_path(), name="mistral")
+    from moxin.tokenizer.cjk import cjk_tokenizer_dir  # the CJK expert tokenizer (moxin/tokenizer/cjk.py)
+
+    cjk_dir = cjk_tokenizer_dir(s)
+    if cjk_dir is not None:
+        tok = _load_tokenizer_json(cjk_dir / "tokenizer.json")
+        tok.name = s.strip().lower()
+        return tok
     path = Path(s).expanduser()
     if path.is_dir():
         for cand in ("tokenizer.json", "tokenizer.model"):
