@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole recipe on GPUs, as a user runs it: pretrain -> sft -> dpo -> grpo, each stage init_from the previous
 # stage's HF export, a few steps each on the built-in sample data; then the same chain under FSDP2 on 2 GPUs
-# (torchrun); then a few steps of the full Moxin-7B on 2 GPUs. After every stage scripts/check_run.py checks that
+# (torchrun; there SFT starts from pretraining's distributed-checkpoint folder, the later stages from HF exports); then a few steps of the full Moxin-7B on 2 GPUs. After every stage scripts/check_run.py checks that
 # it ran, that its metrics and final weights are finite, and that the hand-off loaded the previous stage's final
 # weights (parameter checksums in summary.json).
 #
@@ -20,13 +20,13 @@ rm -rf "$DIR"
 mkdir -p "$DIR"
 declare -a REPORT=()
 
-stage() {  # stage <tag> <name> <previous name or -> <launcher...> -- <overrides...>
-  local tag=$1 name=$2 prev=$3; shift 3
+stage() {  # stage <tag> <name> <previous name[:ckpt] or -> <launcher...> -- <overrides...>
+  local tag=$1 name=$2 prev=${3%:ckpt} from=hf; [[ $3 == *:ckpt ]] && from=checkpoints/last.ckpt; shift 3
   local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
   local out="$DIR/$tag/$name" init=()
-  [[ $prev != - ]] && init=("init_from=$DIR/$tag/$prev/hf")
+  [[ $prev != - ]] && init=("init_from=$DIR/$tag/$prev/$from")
   local t0=$SECONDS
-  echo "=== [$tag] $name $( [[ $prev != - ]] && echo "(init_from $prev)")"
+  echo "=== [$tag] $name $( [[ $prev != - ]] && echo "(init_from $prev/$from)")"
   "${launch[@]}" -m moxin.run "$@" "${init[@]}" run_name="$tag-$name" out_dir="$out" trainer.progress_bar=plain \
     > "$DIR/$tag-$name.log" 2>&1 || { tail -40 "$DIR/$tag-$name.log"; echo "FAIL [$tag] $name: exit code $?"; exit 1; }
   local after=() ; [[ $prev != - ]] && after=(--after "$DIR/$tag/$prev")
@@ -35,12 +35,13 @@ stage() {  # stage <tag> <name> <previous name or -> <launcher...> -- <overrides
   REPORT+=("$line ($((SECONDS - t0)) s wall)")
 }
 
-chain() {  # chain <tag> <launcher...> -- <hardware overrides...>
-  local tag=$1; shift
+chain() {  # chain <tag> <sft's source: hf or ckpt> <launcher...> -- <hardware overrides...>
+  local tag=$1 src=$2; shift 2
   local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
-  local hw=("$@")
+  local hw=("$@") pre=pretrain
+  [[ $src == ckpt ]] && pre=pretrain:ckpt  # SFT starts from the checkpoint itself (FSDP: a distributed checkpoint)
   stage "$tag" pretrain - "${launch[@]}" -- "${hw[@]}" trainer.max_steps=12 trainer.val_every_n_steps=4
-  stage "$tag" sft pretrain "${launch[@]}" -- +experiment=sft "${hw[@]}" trainer.max_steps=10
+  stage "$tag" sft $pre "${launch[@]}" -- +experiment=sft "${hw[@]}" trainer.max_steps=10
   stage "$tag" dpo sft "${launch[@]}" -- +experiment=dpo "${hw[@]}" trainer.max_steps=10 \
     stage.ref_cache_dir="$DIR/$tag/refcache"
   stage "$tag" grpo dpo "${launch[@]}" -- +experiment=grpo "${hw[@]}" data.steps=4 stage.grpo.warmup_sft_steps=4 \
@@ -50,10 +51,10 @@ chain() {  # chain <tag> <launcher...> -- <hardware overrides...>
 for part in $PARTS; do
   case $part in
     single)
-      chain gpu $PY -- hardware=gpu ;;
+      chain gpu hf $PY -- hardware=gpu ;;
     fsdp)
       if (( NGPU < 2 )); then echo "=== [fsdp] skipped: $NGPU GPU(s)"; continue; fi
-      chain fsdp $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp hardware.devices=2 ;;
+      chain fsdp ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp hardware.devices=2 ;;
     7b)
       if (( NGPU < 2 )); then echo "=== [7b] skipped: $NGPU GPU(s)"; continue; fi
       # the full Moxin-7B (36 blocks), FSDP2 over 2 GPUs, one 4K-token phase on the sample corpus
@@ -63,9 +64,9 @@ for part in $PARTS; do
         trainer.max_steps=3 trainer.val_every_n_steps=3 data.val_tokens=8192 export_hf=false \
         "samples.prompts=[The history of the]" samples.max_new_tokens=8 ;;
     cpu)  # the one-GPU chain's steps on the CPU: checks this script (and the chain) where no GPU is
-      chain cpu $PY -- hardware=cpu ;;
+      chain cpu hf $PY -- hardware=cpu ;;
     fsdp_cpu)  # the FSDP2 chain on 2 CPU processes (gloo): the sharded hand-offs where no GPU is
-      chain fsdp_cpu $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
+      chain fsdp_cpu ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
     *) echo "unknown part $part (single, fsdp, 7b, cpu, fsdp_cpu)"; exit 2 ;;
   esac
 done
