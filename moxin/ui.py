@@ -263,7 +263,8 @@ def handoff_lines(cfg: DictConfig, info: dict) -> list[tuple[str, str]]:
     out = []
     planned = _PLAN.get("total_steps", 1 << 62)
     stopped_early = info.get("optimizer_steps", 0) < planned
-    out.append(("Continue this run" if stopped_early else "Resume if stopped", continue_command(cfg, info)))
+    if stopped_early:  # a finished run has nothing left to continue
+        out.append(("Continue this run", continue_command(cfg, info)))
     nxt = next_stage_command(cfg, info)
     if nxt:
         out.append((f"Next stage ({NEXT_STAGE[stage_kind(cfg)].upper()})", nxt))
@@ -293,6 +294,9 @@ def interrupted_message(cfg: DictConfig, trainer: Any) -> str:
     logic's business; this names the checkpoint folder so the user can look)."""
     ckpt_dir = (Path(cfg.out_dir) / "checkpoints").resolve()
     step = getattr(trainer, "global_step", "?")
+    if not (ckpt_dir / "last.ckpt").exists():
+        return (f"\nInterrupted at optimizer step {step}; no checkpoint in {ckpt_dir} yet, so resume=auto would "
+                f"start from step 0.\nContinue: {continue_command(cfg)}")
     return (f"\nInterrupted at optimizer step {step}. Checkpoints are in {ckpt_dir} "
             f"(resume=auto continues from the newest last.ckpt there).\nContinue: {continue_command(cfg)}")
 
