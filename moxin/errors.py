@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -249,21 +248,17 @@ def debug_requested() -> bool:
     return os.environ.get("HYDRA_FULL_ERROR") == "1" or os.environ.get("MOXIN_DEBUG") == "1"
 
 
-def guarded(fn: Callable[[], Any], out_dir: Path | None, started_fresh: bool, steps_done: Callable[[], int],
+def guarded(fn: Callable[[], Any], cleanup: Callable[[], None], steps_done: Callable[[], int],
             exit_on_user_error: bool = True):
-    """Run `fn`; turn user errors into one message and exit status 2; remove `out_dir` if this launch created
-    it and the run failed before its first optimizer step (nothing half-made is left to confuse a later
-    resume=auto). In a sweep (`exit_on_user_error=False`) the message is printed and a UserError raised, so
-    Hydra records the job as failed and the other jobs still run."""
+    """Run `fn`; turn user errors into one message and exit status 2. A run that failed before its first
+    optimizer step calls `cleanup` (which removes what this launch created: nothing half-made is left to
+    confuse a later resume=auto). In a sweep (`exit_on_user_error=False`) the message is printed and a
+    UserError raised, so Hydra records the job as failed and the other jobs still run."""
     try:
         return fn()
     except BaseException as exc:
-        failed_early = steps_done() == 0 and not isinstance(exc, KeyboardInterrupt)
-        if failed_early and started_fresh and out_dir is not None and out_dir.exists():
-            from moxin.ui import run_log
-
-            run_log().close()
-            shutil.rmtree(out_dir, ignore_errors=True)
+        if steps_done() == 0 and not isinstance(exc, KeyboardInterrupt):
+            cleanup()
         msg = user_message(exc) if isinstance(exc, Exception) else None
         if msg is None or debug_requested():
             raise

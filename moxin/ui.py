@@ -315,13 +315,31 @@ def guarded_train(cfg: DictConfig, train) -> float | None:
     from moxin.errors import guarded
 
     out_dir = Path(cfg.out_dir)
-    fresh = not out_dir.exists() or not any(out_dir.iterdir())
-    _STEP["step"] = 0
     hc = _hydra()
     multirun = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
+    # Hydra has made out_dir and opened an (empty) job log file in it before this runs: the folder is this
+    # launch's own if that is all it holds
+    launch_log = out_dir / f"{hc.job.name}.log" if hc is not None else None
+
+    def launch_made(p: Path) -> bool:
+        return p == launch_log and p.is_file() and p.stat().st_size == 0
+
+    fresh = not out_dir.exists() or all(launch_made(p) for p in out_dir.iterdir())
+
+    def cleanup() -> None:
+        """After a failure before the first step: remove the folder if this launch made it, else only the
+        empty log file Hydra opened in an existing run's folder (a refused run leaves that run as it was)."""
+        run_log().close()
+        if fresh and not multirun:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        elif launch_log is not None and launch_log.is_file() and launch_log.stat().st_size == 0:
+            launch_log.unlink()
+
+    _STEP["step"] = 0
     try:
-        info = guarded(lambda: train(cfg), out_dir, fresh and not multirun, lambda: _STEP["step"],
-                       exit_on_user_error=not multirun)
+        info = guarded(lambda: train(cfg), cleanup, lambda: _STEP["step"], exit_on_user_error=not multirun)
     finally:
         run_log().close()
     value = info["metrics"].get(cfg.monitor)
