@@ -84,12 +84,17 @@ def step_fields(trainer, pl_module, clock: StepClock, eta: float | None) -> dict
 
 
 class StepProgress(L.Callback):
-    """One line every `every` optimizer steps on rank zero: to stdout (`to_console`) and/or the run log."""
+    """One line every `every` optimizer steps on rank zero: to stdout (`to_console`) and/or the run log. Its
+    loss is the mean over the steps since the previous line (torchmetrics' MeanMetric)."""
 
     def __init__(self, clock: StepClock, every: int = 10, to_console: bool = True):
+        from torchmetrics.aggregation import MeanMetric
+
         self.clock, self.every, self.to_console = clock, max(1, int(every)), to_console
         self._last = -1
         self._started = 0.0
+        # the loss printed is the mean over the steps since the previous line, not the last step's (noisy) one
+        self._loss = MeanMetric()
 
     def on_train_start(self, trainer, pl_module):
         self._started = time.perf_counter()
@@ -103,9 +108,15 @@ class StepProgress(L.Callback):
 
         note_step(step)
         eta = self.clock.tick(step)
+        loss = trainer.callback_metrics.get("train/loss")
+        if loss is not None and loss.numel() == 1:
+            self._loss.update(loss.detach().float().cpu())
         if step % self.every and step != self.clock.stop_step and step != 1:
             return
         f = step_fields(trainer, pl_module, self.clock, eta)
+        if self._loss.update_count:
+            f["loss"] = f"{float(self._loss.compute()):.4f}"
+            self._loss.reset()
         line = " | ".join([f"step {f.pop('step')}"] + [f"{k} {v}" for k, v in f.items()]
                           + [f"elapsed {_fmt_time(time.perf_counter() - self._started)}"])
         if self.to_console:
