@@ -170,7 +170,6 @@ def build(cfg: DictConfig):
     if hasattr(stage, "optim_cfg"):
         stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
 
-    from lightning.pytorch.callbacks import RichProgressBar
 
     from moxin.callbacks import SampleGenerations, Throughput
     from moxin.checkpointing import CheckpointPolicy, StopOnSignal
@@ -179,8 +178,11 @@ def build(cfg: DictConfig):
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
     policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints)
     callbacks = [policy, StopOnSignal(policy), throughput]
-    if cfg.trainer.progress_bar == "rich" and sys.stdout.isatty() or cfg.trainer.progress_bar == "rich_always":
-        callbacks.append(RichProgressBar(leave=True))
+    from moxin.callbacks.progress import progress_callbacks  # ux: phases, step/total, tokens, ETA; Ctrl-C hint
+    from moxin.ui import run_plan
+
+    console_callbacks, bar_on = progress_callbacks(cfg, run_plan(cfg, datamodule, stage), accum)
+    callbacks += console_callbacks
     if cfg.get("samples") and cfg.samples.prompts:
         callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, cfg.tokenizer))
     if cfg.get("eval") and cfg.eval.get("after"):  # +eval=NAME eval.after=phase|stage (moxin/eval)
@@ -188,7 +190,9 @@ def build(cfg: DictConfig):
 
         callbacks.append(EvalCallback(cfg.eval, cfg.tokenizer, str(out_dir)))
     val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
-    logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
+    from moxin.loggers import build_loggers  # ux: CSV always, plus W&B / TensorBoard
+
+    logger = build_loggers(cfg, out_dir)
     trainer = L.Trainer(
         accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
         strategy=build_strategy(hw, world), plugins=_plugins(hw),
@@ -197,7 +201,7 @@ def build(cfg: DictConfig):
         log_every_n_steps=1, num_sanity_val_steps=0, gradient_clip_val=None,
         val_check_interval=(val_every * accum) if val_every else None, max_steps=cfg.trainer.max_steps,
         check_val_every_n_epoch=1, limit_val_batches=cfg.trainer.limit_val_batches,
-        enable_progress_bar=cfg.trainer.progress_bar != "none", enable_model_summary=False, enable_checkpointing=False,
+        enable_progress_bar=bar_on, enable_model_summary=False, enable_checkpointing=False,
         deterministic=cfg.trainer.deterministic, use_distributed_sampler=False,
     )
     return trainer, stage, datamodule, ckpt_path, throughput
@@ -286,22 +290,9 @@ def print_summary(cfg, info: dict) -> None:
         t.add_row("metrics CSV", info["metrics_csv"])
     t.add_row("summary", str(Path(info["out_dir"]) / "summary.json"))
     c.print(t)
-    import shlex
+    from moxin.ui import print_handoffs  # ux: continue / next stage / inspect, one paste-able line each
 
-    try:  # this job's own overrides (in a sweep: its values, not the sweep's lists)
-        from hydra.core.hydra_config import HydraConfig
-
-        given = list(HydraConfig.get().overrides.task)
-    except ValueError:  # not under Hydra (called from Python)
-        given = sys.argv[1:]
-    keep = [a for a in given if not a.startswith(("run_name=", "resume=", "out_dir=", "-m", "--multirun"))]
-    where = [f"run_name={info['run_name']}"]
-    if Path(info["out_dir"]) != (Path("runs") / info["run_name"]).resolve():
-        where.append(f"out_dir={info['out_dir']}")
-    args = " ".join(shlex.quote(a) for a in keep + where + ["resume=auto"])
-    c.print(f"Continue this run:   python -m moxin.run {args}", soft_wrap=True)
-    c.print(f"Fine-tune from it:   python -m moxin.run +experiment=sft init_from={info['checkpoint']}")
-    c.print("Inspect it:          jupyter notebook notebooks/inspect_checkpoint.ipynb")
+    print_handoffs(cfg, info)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -344,7 +335,12 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
 def _train_locked(cfg: DictConfig) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    from moxin import ui
+    from moxin.errors import preflight
+
+    preflight(cfg)  # ux: user mistakes stop here, one message each
     trainer, stage, datamodule, ckpt_path, throughput = build(cfg)
+    ui.on_built(cfg, trainer, stage, datamodule, ckpt_path)  # ux: save config, log file, banner, resume message
     if ckpt_path:
         done = finished_info(cfg, ckpt_path, datamodule)
         if done is not None:
@@ -374,6 +370,9 @@ def _train_locked(cfg: DictConfig) -> dict:
                     from moxin.tokenizer import mistral_model_path
 
                     shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
+                from moxin.tokenizer.hf_export import write_hf_tokenizer_files  # ux: tokenizer/generation config
+
+                write_hf_tokenizer_files(hf_dir, cfg)
                 info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info)
@@ -413,11 +412,13 @@ def main(cfg: DictConfig) -> float | None:
         with open_dict(cfg):
             cfg.run_name = f"{cfg.run_name}-{hc.job.num}"
             cfg.out_dir = hc.runtime.output_dir
+    from moxin.ui import guarded_train  # ux: one-line user errors, no leftovers, monitor warning
+
     if cfg.get("eval_only"):  # +experiment=eval: evaluate init_from, no training
-        return evaluate_only(cfg)
-    info = train(cfg)
-    value = info["metrics"].get(cfg.monitor)
-    return None if value is None or math.isnan(value) else value
+        from moxin.errors import guarded
+
+        return guarded(lambda: evaluate_only(cfg), lambda: None, lambda: 0, exit_on_user_error=True)
+    return guarded_train(cfg, train)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """notebooks/inspect_checkpoint.ipynb runs top to bottom on a tiny checkpoint made here."""
 
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -15,8 +16,8 @@ NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_check
 
 
 def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
-    run_dir = tmp_path / "run"
-    cfg = _compose(TINY_PRETRAIN + [f"out_dir={run_dir}", "run_name=nb", "trainer.max_steps=3"])
+    run_dir = tmp_path / "runs" / "nb"
+    cfg = _compose(TINY_PRETRAIN + [f"out_dir={run_dir}", "run_name=nb", "trainer.max_steps=3", "logger=[csv,tensorboard]"])
     # the notebook reads the run's saved Hydra config, as a real run folder has it
     (run_dir / ".hydra").mkdir(parents=True)
     from omegaconf import OmegaConf
@@ -24,9 +25,15 @@ def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
     R.train(cfg)
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    monkeypatch.setenv("MOXIN_RUN", str(run_dir))
+    (tmp_path / "runs" / "older").mkdir()  # without MOXIN_RUN the newest run (by summary.json / last.ckpt) is used
+    monkeypatch.delenv("MOXIN_RUN", raising=False)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "step 3" in text and "parameters" in text
     assert "train loss: first" in text
     assert "->" in text  # generations printed
+    assert f"run folder: {run_dir.resolve()}" in text
+    if importlib.util.find_spec("matplotlib"):
+        assert "plotted 3 train" in text and (run_dir / "loss.png").exists()
+    if importlib.util.find_spec("tensorboard"):
+        assert list(run_dir.glob("tb/version_0/events.*")), "the TensorBoard logger wrote next to the CSV one"

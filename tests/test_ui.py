@@ -1,0 +1,121 @@
+"""What a user sees: mistakes stop before any work as one message naming the key / path / file:line, a refused
+run touches nothing, progress lines name the phase and the step out of the total, hand-offs fit the stage."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
+
+from moxin import errors, ui
+from tests.test_run import TINY_PRETRAIN, _compose
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _msg(overrides, tmp_path) -> str:
+    cfg = _compose(overrides + [f"out_dir={tmp_path}/run", "run_name=t"])
+    with pytest.raises(errors.UserError) as e:
+        errors.preflight(cfg)
+    return str(e.value)
+
+
+def test_preflight_names_key_and_fix(tmp_path):
+    assert "trainer.max_steps='abc'" in _msg(["trainer.max_steps=abc"], tmp_path)
+    m = _msg(["+experiment=sft", "init_from=runs/nope/checkpoints/last.ckpt"], tmp_path)
+    assert "init_from='runs/nope/checkpoints/last.ckpt'" in m and "no such file" in m
+    m = _msg(["data.sources=[{name: prose, path: /nope/x.jsonl}]"], tmp_path)
+    assert "data.sources[0] (prose).path='/nope/x.jsonl' does not exist" in m
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "hello"}\nnot json\n{"txt": 3}\n')
+    m = _msg([f"data.sources=[{{name: prose, path: {bad}}}]"], tmp_path)
+    assert f"{bad}:2: malformed JSON" in m and "2 of the first 3 records" in m
+    import torch
+
+    if not torch.cuda.is_available():
+        assert "CPU-only" in _msg(["hardware=gpu"], tmp_path) or "sees no GPU" in _msg(["hardware=gpu"], tmp_path)
+
+
+def test_unknown_key_added_with_plus_is_named():
+    cfg = _compose(["+stage.optim.foo=1"])
+    with pytest.raises(InstantiationException) as e:
+        instantiate(cfg.stage.optim)
+    m = errors.user_message(e.value)
+    assert m.startswith("stage.optim.foo:") and "has no parameter 'foo'" in m and "lr" in m
+
+
+def _run(args, cwd, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run([sys.executable, "-m", "moxin.run", *args], capture_output=True, text=True, cwd=cwd,
+                          env=env, timeout=timeout)
+
+
+def test_cli_user_error_is_one_message_and_leaves_nothing(tmp_path):
+    res = _run(["run_name=abc", "trainer.max_steps=abc"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "moxin: error: trainer.max_steps='abc'" in res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) <= 3
+    assert not (tmp_path / "runs" / "abc").exists()
+
+
+def test_refused_run_touches_nothing_of_the_existing_one(tmp_path):
+    run = tmp_path / "runs" / "taken"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("original: true\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    res = _run(["run_name=taken", "seed=99"], tmp_path)
+    assert res.returncode == 2 and "resume=auto" in res.stderr, res.stderr[-2000:]
+    assert (run / ".hydra" / "config.yaml").read_text() == "original: true\n"
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+
+
+def test_progress_lines_banner_and_log(tmp_path, capsys):
+    from moxin import run as R
+
+    cfg = _compose(TINY_PRETRAIN + [f"out_dir={tmp_path}", "run_name=p", "trainer.progress_bar=plain",
+                                    "trainer.progress_every_n_steps=2", "trainer.max_steps=8", "resume=auto"])
+    info = R.train(cfg)
+    out = capsys.readouterr().out
+    assert "moxin pretrain run 'p'" in out and "12 optimizer steps, stopping at 8" in out
+    assert "resume=auto: nothing to resume" in out and "starting a fresh run at step 0" in out
+    lines = [line for line in out.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/8", "2/8", "4/8", "6/8", "8/8"], lines
+    assert "phase a (1/2)" in lines[0] and "phase b (2/2)" in lines[-1] and "ETA" in lines[-1]
+    assert "loss" in lines[-1] and "tokens" in lines[-1]
+    # hand-offs: one line each, the continue command drops max_steps, the next stage is SFT from this run
+    hand = [line for line in out.splitlines() if line.startswith(("Continue this run:", "Next stage (SFT):"))]
+    assert len(hand) == 2 and "trainer.max_steps" not in hand[0] and hand[0].endswith("resume=auto")
+    assert f"init_from={Path(info['checkpoint']).resolve()}" in hand[1]
+    # the message the resume code can call, when there is something to resume
+    msg = ui.resume_message(cfg, info["checkpoint"], tmp_path / "checkpoints")
+    assert "resuming from" in msg and "step 8" in msg
+
+
+@pytest.mark.parametrize("exp,nxt", [("pretrain", "sft"), ("sft", "dpo"), ("dpo", "grpo"), ("grpo", None)])
+def test_next_stage_follows_the_recipe(exp, nxt, tmp_path):
+    cfg = _compose([f"+experiment={exp}", f"out_dir={tmp_path}", "run_name=x"])
+    info = {"out_dir": str(tmp_path), "run_name": "x", "checkpoint": str(tmp_path / "checkpoints" / "last.ckpt"),
+            "hf_export": str(tmp_path / "hf"), "optimizer_steps": 5}
+    cmd = ui.next_stage_command(cfg, info)
+    if nxt is None:
+        assert cmd is None
+    else:
+        assert cmd == f"python -m moxin.run +experiment={nxt} init_from={(tmp_path / 'hf').resolve()}"
+    assert all("\n" not in c for _, c in ui.handoff_lines(cfg, info))
+
+
+def test_help_lists_groups_experiments_and_commands():
+    res = subprocess.run([sys.executable, "-m", "moxin.run", "--help"], capture_output=True, text=True,
+                         cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=120)
+    assert res.returncode == 0
+    for word in ("+experiment=sft", "resume=auto", "hardware", "dpo_moxin_instruct", "logger", "-m"):
+        assert word in res.stdout, word
+    assert len(res.stdout.splitlines()) < 80
