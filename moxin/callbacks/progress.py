@@ -93,8 +93,10 @@ class StepProgress(L.Callback):
         self.clock, self.every, self.to_console = clock, max(1, int(every)), to_console
         self._last = -1
         self._started = 0.0
-        # the loss printed is the mean over the steps since the previous line, not the last step's (noisy) one
-        self._loss = MeanMetric()
+        # the loss printed is the mean over the steps since the previous line, not the last step's (noisy) one.
+        # Local to rank zero (train/loss is already reduced over ranks): a syncing compute() here would be a
+        # collective that only rank zero enters, and hang every multi-process run at its first line.
+        self._loss = MeanMetric(sync_on_compute=False)
 
     def on_train_start(self, trainer, pl_module):
         self._started = time.perf_counter()
