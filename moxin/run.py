@@ -302,6 +302,10 @@ def train(cfg: DictConfig) -> dict:
     from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
 
     first = launcher_rank() == 0
+    if cfg.resume in (None, "", False):
+        # a fresh run on a folder that holds a run is refused before the lock file is made: a refused run
+        # leaves that run's folder exactly as it was (checked again under the lock in build())
+        resolve_resume(cfg, Path(cfg.out_dir) / "checkpoints")
     with RunLock(cfg.out_dir) if first else nullcontext():
         if first:
             clean_temporaries(cfg.out_dir)

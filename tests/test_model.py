@@ -116,14 +116,11 @@ def test_flops_and_kv_figures():
 
 def test_presets_are_the_conf_model_files():
     """One source for presets: ModelConfig.preset(name) is conf/model/<name>.yaml, what `model=<name>` picks."""
-    import yaml
-
     from moxin.model import preset_names
-    from moxin.paths import conf_dir
 
     assert {"moxin-7b", "mistral-7b", "tiny", "tiny-cpu"} <= set(preset_names())
+    from moxin import run as R
+    from tests.test_run import _compose
+
     for name in preset_names():
-        fields = yaml.safe_load((conf_dir() / "model" / f"{name}.yaml").read_text())
-        fields.pop("_target_")
-        cfg = ModelConfig.preset(name)
-        assert all(getattr(cfg, k) == v for k, v in fields.items()), name
+        assert ModelConfig.preset(name) == R.instantiate(_compose([f"model={name}"]).model), name

@@ -290,7 +290,7 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
 
     full = R.train(_compose(FAST + ["trainer.val_every_n_steps=null", f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     args = FAST + ["trainer.val_every_n_steps=null", "trainer.checkpoint_every_n_steps=100", "export_hf=true",
-                   "+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}", "run_name=part"]
+                   "+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}", "run_name=part"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
     p = subprocess.Popen([sys.executable, "-m", "moxin.run"] + args, env=env, stdout=subprocess.DEVNULL,
                          stderr=subprocess.PIPE, text=True)
@@ -303,7 +303,7 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     info = C.read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
     assert 0 < info.step < 12 and f"saved optimizer step {info.step}" in err
     assert not (tmp_path / "part" / "hf").exists()
-    R.train(_compose(args[:-3] + ["+logger.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
+    R.train(_compose(args[:-3] + ["+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
                                   "run_name=part", "resume=auto"]))
     a = {s: float(t) for s, t, _ in _rows(tmp_path / "full") if t}
     b = {s: float(t) for s, t, _ in _rows(tmp_path / "part") if t}

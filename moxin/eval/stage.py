@@ -85,7 +85,9 @@ def run_eval(cfg) -> dict:
     out_dir = Path(cfg.out_dir)
     stage = EvalStage(model_cfg, eval_cfg, tokenizer=cfg.tokenizer, out_dir=str(out_dir),
                       parallel=instantiate(hw.parallel), init_from=str(cfg.init_from))
-    logger = instantiate(cfg.logger, save_dir=str(out_dir)) if cfg.logger else False
+    from moxin.loggers import build_loggers
+
+    logger = build_loggers(cfg, out_dir)
     trainer = L.Trainer(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
                         precision=hw.precision, strategy=build_strategy(hw, world_size_of(hw)), logger=logger,
                         default_root_dir=str(out_dir), enable_progress_bar=False, enable_model_summary=False,

@@ -110,9 +110,16 @@ def _load_preset(name: str) -> ModelConfig:
 
     from moxin.paths import conf_dir
 
-    path = conf_dir() / "model" / f"{name}.yaml"
-    if not path.is_file():
-        raise KeyError(f"unknown model preset {name!r}; choose one of {preset_names()} (files in {path.parent})")
-    fields = yaml.safe_load(path.read_text())
-    fields.pop("_target_", None)
-    return ModelConfig(**fields)
+    def fields_of(preset: str) -> dict:
+        path = conf_dir() / "model" / f"{preset}.yaml"
+        if not path.is_file():
+            raise KeyError(f"unknown model preset {preset!r}; choose one of {preset_names()} (files in {path.parent})")
+        own = yaml.safe_load(path.read_text()) or {}
+        out: dict = {}
+        for parent in own.pop("defaults", []):  # Hydra's `defaults: [other_preset, _self_]` in a model file
+            if parent != "_self_":
+                out.update(fields_of(parent))
+        own.pop("_target_", None)
+        return out | own
+
+    return ModelConfig(**fields_of(name))

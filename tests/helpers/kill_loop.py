@@ -32,7 +32,7 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_hea
         " {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
         "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=1", "samples.prompts=[]",
         "trainer.progress_bar=none", "data.val_tokens=1024", "export_hf=false", "hardware.num_workers=0",
-        "+logger.flush_logs_every_n_steps=1"]
+        "+logger.csv.flush_logs_every_n_steps=1"]
 
 
 LEGACY_FSDP = ["hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
