@@ -200,21 +200,31 @@ def run_moxin(args) -> dict:
 
 
 def make_random(preset: str, path: str, seed: int) -> None:
-    """A randomly initialised moxin model of ``preset`` saved as a HF folder (bf16) with the Mistral tokenizer.model:
-    a model of the real size on a machine that cannot download one."""
+    """A randomly initialised moxin model of ``preset`` saved as a HF folder (bf16) with the tokenizer files a run's
+    export has (tokenizer.model, tokenizer.json, tokenizer_config.json): a model of the real size on a machine that
+    cannot download one.
+
+    tokenizer.json matters: from a bare tokenizer.model, transformers converts the SentencePiece model itself and
+    5.17 drops the dummy-prefix space (``Question`` -> id 24994 where SentencePiece gives ``▁Question`` 22478),
+    which made every request's token ids differ from moxin's on the GPU machine."""
     import shutil
 
     import torch
+    from omegaconf import OmegaConf
 
     from moxin.model import ModelConfig, Transformer
     from moxin.model.hf import save_hf
     from moxin.tokenizer import mistral_model_path
+    from moxin.tokenizer.hf_export import write_hf_tokenizer_files
 
     torch.manual_seed(seed)
+    cfg = ModelConfig.preset(preset)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Transformer(ModelConfig.preset(preset))
+        model = Transformer(cfg)
     save_hf(model, path, dtype=torch.bfloat16)
     shutil.copy2(mistral_model_path(), Path(path) / "tokenizer.model")
+    write_hf_tokenizer_files(path, OmegaConf.create({"tokenizer": "mistral", "stage": {},
+                                                     "model": {"max_seq_len": cfg.max_seq_len}}))
     print(f"wrote a random {preset} ({sum(p.numel() for p in model.parameters()) / 1e9:.2f} B parameters) to {path}")
     del model
 
