@@ -102,9 +102,13 @@ def check_init_from(cfg: DictConfig) -> None:
         raise UserError(f"init_from={init!r}: no such file or folder (cwd {os.getcwd()}){hint}. Give a moxin "
                         f"run's checkpoints/last.ckpt, a Hugging Face MistralForCausalLM folder (its hf/ export) or "
                         f"a .safetensors file")
-    if p.is_dir() and not ((p / "config.json").exists() or (p / "last.ckpt").exists()):
-        raise UserError(f"init_from={init!r} is a folder without config.json (Hugging Face) or last.ckpt; point it "
-                        f"at runs/<name>/checkpoints/last.ckpt or runs/<name>/hf")
+    # what moxin.checkpointing.load_model_weights reads: a HF folder, a distributed checkpoint (an FSDP run's
+    # last.ckpt is such a folder), a checkpoints folder or a run folder
+    accepted = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt")
+    if p.is_dir() and not any((p / name).exists() for name in accepted):
+        raise UserError(f"init_from={init!r} is a folder without config.json (Hugging Face), .metadata (an FSDP "
+                        f"run's distributed checkpoint) or last.ckpt; point it at runs/<name>/checkpoints/last.ckpt "
+                        f"or runs/<name>/hf")
 
 
 def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float) -> None:

@@ -71,7 +71,12 @@ def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
         R.build(_compose(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
                                 "resume=auto"]))
     # init_from the distributed-checkpoint folder, one process, no process group: the same weights
-    _, stage, *_ = R.build(_compose(one + [f"init_from={ck}", f"out_dir={tmp_path / 'sft'}", "run_name=sft"]))
+    # (preflight first, as the command line runs it: it once refused this folder for lacking config.json)
+    from moxin.errors import preflight
+
+    sft_cfg = _compose(one + [f"init_from={ck}", f"out_dir={tmp_path / 'sft'}", "run_name=sft"])
+    preflight(sft_cfg)
+    _, stage, *_ = R.build(sft_cfg)
     stage.configure_model()
     dcp, _, _ = C.load_model_weights(ck)
     assert all(torch.equal(v, dcp[k]) for k, v in stage.model.state_dict().items())

@@ -41,6 +41,23 @@ def test_preflight_names_key_and_fix(tmp_path):
         assert "CPU-only" in _msg(["hardware=gpu"], tmp_path) or "sees no GPU" in _msg(["hardware=gpu"], tmp_path)
 
 
+def test_init_from_accepts_every_folder_the_loader_reads(tmp_path):
+    """An FSDP run's last.ckpt is a distributed-checkpoint folder (.metadata inside); preflight must let it
+    through, as it does a HF folder and a run folder, and name the folder that holds none of them."""
+    dcp = tmp_path / "fsdp" / "checkpoints" / "step-000004.ckpt"
+    dcp.mkdir(parents=True)
+    (dcp / ".metadata").write_bytes(b"")
+    (tmp_path / "fsdp" / "checkpoints" / "last.ckpt").symlink_to(dcp.name)
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    (hf / "config.json").write_text("{}")
+    for ok in (dcp, dcp.parent / "last.ckpt", tmp_path / "fsdp", hf):
+        errors.check_init_from(_compose(["+experiment=sft", f"init_from={ok}"]))
+    (tmp_path / "empty").mkdir()
+    m = _msg(["+experiment=sft", f"init_from={tmp_path / 'empty'}"], tmp_path)
+    assert "is a folder without config.json" in m and ".metadata" in m
+
+
 def test_unknown_key_added_with_plus_is_named():
     cfg = _compose(["+stage.optim.foo=1"])
     with pytest.raises(InstantiationException) as e:
