@@ -73,9 +73,14 @@ def weights_checksum(model: nn.Module) -> float:
     """Sum of every parameter in float64: a cheap fingerprint that says whether two models hold the same weights
     (a hand-off loaded what the previous stage wrote). Under FSDP2 the parameters are Shard(0) DTensors: each rank
     sums its own shard and the sums are all-reduced, so this is collective (every rank must call it) and never
-    gathers a full tensor. Tied parameters count once."""
+    gathers a full tensor. Tied parameters count once.
+
+    After a forward without a backward (validation, samples) FSDP2 leaves the root and the last block gathered,
+    and their parameters are then the gathered compute-dtype (bf16) copies: reshard first so the sum is over the
+    fp32 shards, the weights the checkpoint and the export hold."""
     import torch.distributed as dist
 
+    reshard(model)
     device = next(model.parameters()).device
     plain = torch.zeros((), dtype=torch.float64, device=device)
     sharded = torch.zeros((), dtype=torch.float64, device=device)

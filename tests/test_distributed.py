@@ -104,3 +104,20 @@ def test_dpo_fsdp2_two_processes_match_one(tmp_path):
     """DPO with a frozen reference under FSDP2 (2 gloo processes): same losses and weights as one process on the
     same global batch of pairs, pairs normalised across accumulation and ranks."""
     check_dpo_fsdp_matches_one(tmp_path, "cpu")
+
+
+def test_fsdp2_checksum_after_forward_counts_the_fp32_shards(tmp_path):
+    """A forward without a backward leaves FSDP2's root and last block gathered in bf16 (the summary's checksum
+    runs after the last validation); weights_checksum must still sum the fp32 shards. On 2 H200s it summed the
+    bf16 copies and the FSDP chain's hand-off check failed (17895.456 vs 17895.486)."""
+    out = tmp_path / "sum.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    port = str(29800 + os.getpid() % 1000)
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
+                          str(Path(__file__).parent / "helpers" / "fsdp_checksum.py"), str(out)],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r = json.loads(out.read_text())
+    assert r["gathered_after_forward"]  # the situation is real: some parameters are plain (gathered) tensors
+    assert r["before"] == pytest.approx(r["state_dict"], rel=1e-12)
+    assert r["after"] == pytest.approx(r["state_dict"], rel=1e-12)
