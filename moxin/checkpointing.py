@@ -543,75 +543,7 @@ def export_hf(stage, hf_dir: str | os.PathLike, *, is_global_zero: bool, max_sha
             full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective under FSDP2: all ranks
             yield name, full if is_global_zero else None
 
+    from moxin.model.hf import write_hf
+
     return write_hf(gathered(), model.cfg, hf_dir, is_global_zero=is_global_zero, max_shard_bytes=max_shard_bytes,
                     tokenizer_files=tokenizer_files)
-
-
-def write_hf(tensors, cfg, hf_dir: str | os.PathLike, *, is_global_zero: bool = True,
-             max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
-             tokenizer_files: list[str] | None = None) -> Path | None:
-    """Write (moxin name, tensor) pairs as a Hugging Face MistralForCausalLM folder, shard file by shard file
-    (at most one shard of tensors held), into a temporary folder renamed into place at the end. The iterator is
-    consumed on every rank (it may run collectives); only rank 0 writes."""
-    from safetensors.torch import save_file
-
-    from moxin.callbacks.checkpoint_io import FILE_MODE
-    from moxin.model.hf import INDEX_FILE, SINGLE_FILE, moxin_to_hf_config, moxin_to_hf_name
-
-    hf_dir = Path(hf_dir)
-    tmp = hf_dir.with_name(f".{hf_dir.name}.tmp-{os.getpid()}")
-    if is_global_zero:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    shard: dict[str, torch.Tensor] = {}
-    size, files, total, out_dtype = 0, [], 0, dtype
-
-    def flush():
-        nonlocal shard, size
-        if shard and is_global_zero:
-            fname = f"part-{len(files):05d}.safetensors"
-            save_file(shard, str(tmp / fname), metadata={"format": "pt"})
-            files.append((fname, list(shard)))
-        shard, size = {}, 0
-
-    for name, t in tensors:
-        if t is None or not is_global_zero or (cfg.tie_embeddings and name == "output.weight"):
-            continue
-        t = t.detach().to("cpu")
-        if dtype is not None:
-            t = t.to(dtype)
-        t = t.contiguous()
-        n = t.numel() * t.element_size()
-        if shard and size + n > max_shard_bytes:
-            flush()
-        shard[moxin_to_hf_name(name)] = t
-        size += n
-        total += n
-        out_dtype = out_dtype or t.dtype
-    flush()
-    if not is_global_zero:
-        return None
-    if len(files) == 1:
-        os.rename(tmp / files[0][0], tmp / SINGLE_FILE)
-    else:
-        k, weight_map = len(files), {}
-        for i, (fname, keys) in enumerate(files):
-            final = f"model-{i + 1:05d}-of-{k:05d}.safetensors"
-            os.rename(tmp / fname, tmp / final)
-            weight_map.update({key: final for key in keys})
-        (tmp / INDEX_FILE).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
-                                                 indent=2) + "\n")
-    (tmp / "config.json").write_text(json.dumps(moxin_to_hf_config(cfg, out_dtype), indent=2) + "\n")
-    for tf in tokenizer_files or []:
-        shutil.copy2(tf, tmp / Path(tf).name)
-    for f in tmp.iterdir():
-        os.chmod(f, FILE_MODE)  # safetensors writes 0600 files
-    if hf_dir.exists():
-        old = hf_dir.with_name(f".{hf_dir.name}.old-{os.getpid()}")
-        os.rename(hf_dir, old)
-        os.rename(tmp, hf_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, hf_dir)
-    return hf_dir

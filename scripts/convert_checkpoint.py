@@ -34,8 +34,8 @@ def model_config(spec: str):
 def convert(src: str, out: str, dtype: str | None = None, model: str | None = None, max_shard_gb: float = 5.0) -> Path:
     import torch
 
-    from moxin.checkpointing import config_mismatches, load_model_weights, write_hf
-    from moxin.model.hf import _natural
+    from moxin.checkpointing import config_mismatches, load_model_weights
+    from moxin.model.hf import _natural, write_hf
 
     tensors, cfg, what = load_model_weights(src)
     if model is not None:

@@ -3,7 +3,8 @@
 
     python scripts/convert_hf.py check PATH     # load a HF directory, print its moxin config and parameter count
 
-Conversion to and from moxin training checkpoints comes once that checkpoint format is defined.
+A moxin training checkpoint (a .ckpt file or an FSDP run's distributed-checkpoint folder) becomes a HF folder with
+scripts/convert_checkpoint.py; a HF folder trains on directly (init_from=PATH).
 """
 
 from __future__ import annotations

@@ -85,14 +85,20 @@ cells = [
         "    fig.savefig(RUN / 'loss.png', dpi=80)\n"
         "    print('plotted', len(train), 'train and', len(val), 'val points (also', RUN / 'loss.png', ')')\n"
         "    plt.show()"),
-    nbf.v4.new_markdown_cell("## Rebuild the model from the last checkpoint (weights only, `weights_only=True`)"),
+    nbf.v4.new_markdown_cell(
+        "## Rebuild the model from the last checkpoint\n\n"
+        "`load_model_weights` reads a one-process run's `.ckpt` file (`torch.load(weights_only=True)`) and an FSDP "
+        "run's distributed-checkpoint folder alike, and returns the model's tensors only."),
     nbf.v4.new_code_cell(
-        "ckpt = torch.load(RUN / 'checkpoints' / 'last.ckpt', map_location='cpu', weights_only=True)\n"
+        "from moxin.checkpointing import load_model_weights, read_info\n"
+        "last = RUN / 'checkpoints' / 'last.ckpt'\n"
+        "state, _, source = load_model_weights(last)\n"
+        "info = read_info(last)\n"
         "model_cfg = instantiate(cfg.model)\n"
         "model = Transformer(model_cfg)\n"
-        "model.load_state_dict({k[len('model.'):]: v for k, v in ckpt['state_dict'].items() if k.startswith('model.')})\n"
+        "model.load_state_dict(state)\n"
         "model.eval()\n"
-        "print(f\"step {ckpt['global_step']}, epoch (phase) {ckpt['epoch']}, {model_cfg.num_params():,} parameters\")\n"
+        "print(f\"{source}: epoch (phase) {info.epoch}, {model_cfg.num_params():,} parameters\")\n"
         "for name, p in list(model.named_parameters())[:6]:\n"
         "    print(f'{name:40s} {tuple(p.shape)}  std {p.std():.4f}')"),
     nbf.v4.new_markdown_cell("## What does it predict?"),

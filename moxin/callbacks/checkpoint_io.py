@@ -12,14 +12,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.plugins import TorchCheckpointIO
 
-
-def _umask() -> int:
-    m = os.umask(0)
-    os.umask(m)
-    return m
-
-
-FILE_MODE = 0o666 & ~_umask()
+from moxin.model.hf import FILE_MODE
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

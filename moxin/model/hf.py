@@ -234,54 +234,90 @@ def _natural(s: str):
 
 
 # ---- saving --------------------------------------------------------------------------------------------------
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+#: modes of written files and folders: what open()/mkdir() would give under the process umask (temporary files
+#: from mkstemp/mkdtemp and safetensors are private otherwise)
+FILE_MODE = 0o666 & ~_umask()
+DIR_MODE = 0o777 & ~_umask()
+
+
 def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int = 5 * 1024**3,
             dtype: torch.dtype | None = None, tokenizer_files: list[str | os.PathLike] | None = None) -> Path:
     """Write `model` as a HF MistralForCausalLM directory: config.json + safetensors (sharded with
     model.safetensors.index.json when the weights exceed max_shard_bytes). Written to a temporary directory
     next to `path`, then renamed into place; an existing `path` is replaced. tokenizer_files are copied in."""
+    tensors = sorted(model.state_dict().items(), key=lambda kv: _natural(moxin_to_hf_name(kv[0])))
+    return write_hf(tensors, model.cfg, path, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                    tokenizer_files=tokenizer_files)
+
+
+def write_hf(tensors, cfg: ModelConfig, path: str | os.PathLike, *, is_global_zero: bool = True,
+             max_shard_bytes: int = 5 * 1024**3, dtype: torch.dtype | None = None,
+             tokenizer_files: list[str | os.PathLike] | None = None) -> Path | None:
+    """Write (moxin name, tensor) pairs as a HF MistralForCausalLM directory, shard file by shard file: at most
+    one shard of tensors is held, so an iterator that gathers FSDP shards one parameter at a time exports a
+    model larger than host memory. Everything goes into a temporary directory next to `path` that is renamed
+    into place at the end (an existing `path` is replaced; a failure leaves `path` as it was).
+
+    The iterator is consumed on every rank (it may run collectives: ``DTensor.full_tensor()``); only the rank
+    with ``is_global_zero`` writes, the others get None."""
     from safetensors.torch import save_file
 
     path = Path(path)
-    cfg = model.cfg
-    tensors: dict[str, torch.Tensor] = {}
-    for name, p in model.state_dict().items():
-        if cfg.tie_embeddings and name == "output.weight":
-            continue
-        t = p.detach()
-        if dtype is not None:
-            t = t.to(dtype)
-        tensors[moxin_to_hf_name(name)] = t.to("cpu").contiguous()
-    sd_dtype = dtype or next(iter(tensors.values())).dtype
-
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name in sorted(tensors, key=_natural):
-        n = tensors[name].numel() * tensors[name].element_size()
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = tensors[name]
-        size += n
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    tmp = None
+    if is_global_zero:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        (tmp / "config.json").write_text(json.dumps(moxin_to_hf_config(cfg, sd_dtype), indent=2) + "\n")
-        meta = {"format": "pt"}
-        if len(shards) == 1:
-            save_file(shards[0], str(tmp / SINGLE_FILE), metadata=meta)
+        files: list[tuple[str, list[str]]] = []
+        shard: dict[str, torch.Tensor] = {}
+        size = total = 0
+        out_dtype = dtype
+
+        def flush():
+            nonlocal shard, size
+            if shard:
+                fname = f"part-{len(files):05d}.safetensors"
+                save_file(shard, str(tmp / fname), metadata={"format": "pt"})
+                files.append((fname, list(shard)))
+            shard, size = {}, 0
+
+        for name, t in tensors:  # consumed on every rank
+            if tmp is None or t is None or (cfg.tie_embeddings and name == "output.weight"):
+                continue
+            t = t.detach().to("cpu")
+            t = (t.to(dtype) if dtype is not None else t).contiguous()
+            n = t.numel() * t.element_size()
+            if shard and size + n > max_shard_bytes:
+                flush()
+            shard[moxin_to_hf_name(name)] = t
+            size += n
+            total += n
+            out_dtype = out_dtype or t.dtype
+        if tmp is None:
+            return None
+        flush()
+        if len(files) == 1:
+            os.rename(tmp / files[0][0], tmp / SINGLE_FILE)
         else:
             weight_map = {}
-            for i, shard in enumerate(shards):
-                fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, str(tmp / fname), metadata=meta)
-                weight_map.update({k: fname for k in shard})
-            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            for i, (fname, keys) in enumerate(files):
+                final = f"model-{i + 1:05d}-of-{len(files):05d}.safetensors"
+                os.rename(tmp / fname, tmp / final)
+                weight_map.update({key: final for key in keys})
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (tmp / "config.json").write_text(json.dumps(moxin_to_hf_config(cfg, out_dtype), indent=2) + "\n")
         for tf in tokenizer_files or []:
             shutil.copy2(tf, tmp / Path(tf).name)
+        for f in tmp.iterdir():
+            os.chmod(f, FILE_MODE)  # safetensors writes 0600 files
+        os.chmod(tmp, DIR_MODE)  # mkdtemp makes it private
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.rename(path, old)
@@ -290,6 +326,7 @@ def save_hf(model: Transformer, path: str | os.PathLike, *, max_shard_bytes: int
         else:
             os.rename(tmp, path)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
