@@ -130,6 +130,21 @@ def test_flex_compiled_cpu_matches_sdpa():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_flex_hands_plain_causal_to_sdpa(monkeypatch):
+    """Window covering the row and no documents: backend flex takes SDPA's dense causal kernel (no flex compile,
+    no padding); a biting window or documents still go to flex."""
+    calls = []
+    monkeypatch.setattr(attention, "flex", lambda *a: calls.append(a) or attention.sdpa_reference(*a))
+    q, k, v = rand_qkv(B=1, H=4, KVH=2, T=40, D=32)
+    ref = attention.sdpa_reference(q, k, v, None, None)
+    for window in (None, 40, 4096):
+        torch.testing.assert_close(attention.attend(q, k, v, window=window, doc_ids=None, backend="flex"), ref)
+    assert calls == []
+    attention.attend(q, k, v, window=8, doc_ids=None, backend="flex")
+    attention.attend(q, k, v, window=None, doc_ids=torch.zeros(1, 40, dtype=torch.long), backend="flex")
+    assert len(calls) == 2
+
+
 # ---- CUDA kernels against the reference (bf16) ---------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

@@ -6,7 +6,9 @@ document-masked) grouped-query attention for a training forward:
 - ``sdpa``: `F.scaled_dot_product_attention` with an explicit dense mask built from `masks.py`. The reference;
   runs anywhere, O(T^2) memory for the mask.
 - ``flex``: FlexAttention with a block mask from the same mask functions (CUDA; compiled once per shape).
-  Blocks entirely outside the window or the document are skipped, so cost grows with T*W, not T^2.
+  Blocks entirely outside the window or the document are skipped, so cost grows with T*W, not T^2. Where
+  there is nothing to skip (the window covers the row and it holds one document: DPO pairs, GRPO rollouts,
+  4K blocks without boundaries) it hands over to SDPA's dense causal kernel, which is faster there.
 - ``flash``: flash-attn's varlen kernel with ``window_size=(W-1, 0)``; documents become separate sequences
   via ``cu_seqlens``. Used only when the ``flash_attn`` package is installed and asked for.
 
@@ -126,7 +128,9 @@ def attend(q, k, v, *, window: int | None, doc_ids: torch.Tensor | None, backend
     if backend == "sdpa":
         return sdpa_reference(q, k, v, window, doc_ids)
     if backend == "flex":
-        if q.shape[-1] < FLEX_MIN_HEAD_DIM:
+        if q.shape[-1] < FLEX_MIN_HEAD_DIM or (window is None and doc_ids is None):
+            # plain causal attention (the window covers the row, one document): SDPA's dense causal kernel
+            # (flash on a GPU) is faster than a block-sparse one with nothing to skip, and needs no padding
             return sdpa_reference(q, k, v, window, doc_ids)
         return flex(q, k, v, window, doc_ids)
     if backend == "flash":
