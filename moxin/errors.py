@@ -17,7 +17,6 @@ Lightning's banner, sometimes after a few training steps. Here:
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -116,28 +115,20 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
     max_bad_fraction, or all of them) stop the run here, naming the first bad file:line."""
     if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return
+    from itertools import islice
+
+    from moxin.data.reader import Bad, SourceConfig, read_records
+
     n = bad = 0
     first = None
-    with open(path, encoding="utf-8", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            n += 1
-            problem = None
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                problem = f"malformed JSON ({e.msg} at column {e.colno})"
-            else:
-                if not isinstance(rec, dict):
-                    problem = f"a JSON {type(rec).__name__}, not an object"
-                elif field and field not in rec:
-                    problem = f"no field {field!r} (fields: {sorted(rec)[:10]})"
-            if problem:
-                bad += 1
-                first = first or f"{path}:{lineno}: {problem}"
-            if n >= limit:
-                break
+    for loc, rec in islice(read_records(SourceConfig(name=key, path=path, format="jsonl")), limit):
+        n += 1
+        problem = rec.reason if isinstance(rec, Bad) else None
+        if problem is None and field and field not in rec:
+            problem = f"no field {field!r} (fields: {sorted(rec)[:10]})"
+        if problem:
+            bad += 1
+            first = first or f"{loc}: {problem}"
     if n and (bad == n or bad > max_bad_fraction * n):
         raise UserError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
                         f"lines (or raise max_bad_fraction in the source config if they are expected)")

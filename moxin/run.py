@@ -125,24 +125,26 @@ def check_run_config(cfg: DictConfig) -> None:
         raise ConfigError("; ".join(problems))
 
 
-def check_vocab(model_cfg, tokenizer_spec) -> None:
+def check_vocab(model_cfg, tokenizer) -> None:
     """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
     the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
-    from moxin.tokenizer import load_tokenizer
+    from moxin.tokenizer import as_tokenizer
 
-    tok = load_tokenizer(tokenizer_spec)
+    tok = as_tokenizer(tokenizer)
     specials = {"bos": tok._bos_id, "eos": tok._eos_id, "pad": tok._pad_id}
     top = max([tok.vocab_size - 1] + [i for i in specials.values() if i is not None])
     if top >= model_cfg.vocab_size:
         raise ConfigError(
-            f"model.vocab_size={model_cfg.vocab_size} but tokenizer={tokenizer_spec!r} produces ids up to {top} "
+            f"model.vocab_size={model_cfg.vocab_size} but tokenizer={tok.name!r} produces ids up to {top} "
             f"({tok.vocab_size} entries; special ids {', '.join(f'{k} {v}' for k, v in specials.items() if v is not None)}). "
             f"Set model.vocab_size={top + 1} (or more), or choose a tokenizer with at most {model_cfg.vocab_size} "
             f"entries (tokenizer=path/to/tokenizer.json)")
 
 
 def build(cfg: DictConfig):
-    """Instantiate datamodule, stage, trainer from the composed config (before any training work)."""
+    """Instantiate datamodule, stage, trainer from the composed config (before any training work). The run's one
+    tokenizer is built here and handed to the data module (``connect``), the stage and the callbacks; the HF
+    export at the end takes it from the stage."""
     check_run_config(cfg)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
@@ -161,15 +163,16 @@ def build(cfg: DictConfig):
                 "reshard to any process count)")
 
     model_cfg = instantiate(cfg.model)
-    check_vocab(model_cfg, cfg.tokenizer)
-    datamodule = instantiate(cfg.data, world_size=world, seed=cfg.seed, tokenizer=cfg.tokenizer,
-                             max_seq_len=model_cfg.max_seq_len, _convert_="all")
-    accum = datamodule.accumulate_grad_batches
-    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel),
-                        init_from=cfg.init_from, _convert_="object")
-    if hasattr(stage, "optim_cfg"):
-        stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
+    from moxin.tokenizer import load_tokenizer
 
+    tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab(model_cfg, tokenizer)
+    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    datamodule.connect(tokenizer, world_size=world, max_seq_len=model_cfg.max_seq_len)
+    accum = datamodule.accumulate_grad_batches
+    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
+                        init_from=cfg.init_from, _convert_="object")
+    stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
 
     from moxin.callbacks import SampleGenerations, Throughput
     from moxin.checkpointing import CheckpointPolicy, StopOnSignal
@@ -184,11 +187,11 @@ def build(cfg: DictConfig):
     console_callbacks, bar_on = progress_callbacks(cfg, run_plan(cfg, datamodule, stage), accum)
     callbacks += console_callbacks
     if cfg.get("samples") and cfg.samples.prompts:
-        callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, cfg.tokenizer))
+        callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, tokenizer))
     if cfg.get("eval") and cfg.eval.get("after"):  # +eval=NAME eval.after=phase|stage (moxin/eval)
         from moxin.callbacks.evaluation import EvalCallback
 
-        callbacks.append(EvalCallback(cfg.eval, cfg.tokenizer, str(out_dir)))
+        callbacks.append(EvalCallback(cfg.eval, tokenizer, str(out_dir)))
     val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
     from moxin.loggers import build_loggers  # ux: CSV always, plus W&B / TensorBoard
 
@@ -262,8 +265,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
     }
     if trainer.logger is not None and getattr(trainer.logger, "log_dir", None):
         info["metrics_csv"] = str(Path(trainer.logger.log_dir).resolve() / "metrics.csv")
-    if hasattr(datamodule, "data_report"):
-        info["data"] = datamodule.data_report()
+    info["data"] = datamodule.data_report()
     if trainer.is_global_zero:
         (out_dir / "summary.json").write_text(json.dumps(info, indent=2, default=str))
     return info
@@ -318,7 +320,7 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     from moxin.checkpointing import read_info
 
     info = read_info(ckpt_path)
-    total = int(getattr(datamodule, "total_steps", 0) or 0)
+    total = int(datamodule.total_steps or 0)
     limit = int(cfg.trainer.max_steps)
     # finished: saved at the last phase's end, and the schedule asks for no more steps than that (a schedule
     # extended since then trains on)
@@ -368,7 +370,7 @@ def _train_locked(cfg: DictConfig) -> dict:
             # every rank takes part (FSDP2 gathers each parameter); rank 0 writes, one shard in memory at a time
             export_hf(stage, hf_dir, is_global_zero=trainer.is_global_zero, tokenizer_files=tok_files)
             if trainer.is_global_zero:
-                if cfg.tokenizer == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
+                if stage.tokenizer.name == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
                     import shutil
 
                     from moxin.tokenizer import mistral_model_path
@@ -376,7 +378,7 @@ def _train_locked(cfg: DictConfig) -> dict:
                     shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
                 from moxin.tokenizer.hf_export import write_hf_tokenizer_files  # ux: tokenizer/generation config
 
-                write_hf_tokenizer_files(hf_dir, cfg)
+                write_hf_tokenizer_files(hf_dir, cfg, stage.tokenizer)
                 info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info)

@@ -138,29 +138,14 @@ def _human(n: float) -> str:
     return f"{n:.0f}"
 
 
-def phase_names(datamodule) -> list[str]:
-    """One name per epoch: pretraining phases have names; post-training epochs are numbered."""
-    steps = datamodule.steps_per_epoch()
-    phases = getattr(datamodule, "phases", None)
-    if phases and len(phases) == len(steps) and all(getattr(p, "name", None) for p in phases):
-        return [str(p.name) for p in phases]
-    if len(steps) == 1:
-        return ["all"]
-    return [f"epoch {i + 1}" for i in range(len(steps))]
-
-
 def run_plan(cfg: DictConfig, datamodule, stage) -> dict:
     """Steps, phases and tokens the run will go through (what the banner and the progress display show)."""
     steps = list(datamodule.steps_per_epoch())
     total = sum(steps)
     max_steps = int(cfg.trainer.max_steps)
     stop = min(total, max_steps) if max_steps > 0 else total
-    phases = getattr(datamodule, "phases", None)
-    tokens = None
-    if phases and all(hasattr(p, "tokens") for p in phases):
-        tokens = sum(int(p.tokens) for p in phases)
-    return {"phases": phase_names(datamodule), "steps": steps, "total_steps": total, "stop_step": stop,
-            "tokens": tokens, "params": stage.model_cfg.num_params() if hasattr(stage, "model_cfg") else None}
+    return {"phases": datamodule.epoch_names(), "steps": steps, "total_steps": total, "stop_step": stop,
+            "tokens": datamodule.planned_tokens(), "params": stage.model_cfg.num_params()}
 
 
 def resume_message(cfg: DictConfig, ckpt_path: str | None, ckpt_dir: Path) -> str | None:

@@ -144,7 +144,7 @@ def text_source(path: str):
 
 
 def hub_source(name: str, split: str, fld: str, n: int):
-    from moxin.data.sources import SourceConfig, open_hub_dataset  # the project's one hub opener
+    from moxin.data.reader import SourceConfig, open_hub_dataset  # the project's one hub opener
 
     src = SourceConfig(name=f"cjk-{name}", path=name, text_field=fld, split=split, format="hub")
     for i, rec in enumerate(open_hub_dataset(src, streaming=True)):

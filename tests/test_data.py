@@ -9,7 +9,9 @@ import torch
 from moxin.data.dedup import DedupFilter, normalize_text, text_hash
 from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
-from moxin.data.sources import DataError, SourceConfig, SourceStats, iter_documents, iter_records, validate_source
+from moxin.data.bad_records import RecordStats
+from moxin.data.documents import iter_documents, iter_records, validate_source
+from moxin.data.reader import DataError, SourceConfig
 
 
 def write_jsonl(path, docs, field="text"):
@@ -180,7 +182,7 @@ def test_malformed_lines_counted_then_threshold(tmp_path):
     lines[3] = "{not json"
     lines[7] = json.dumps(["a list"])
     f.write_text("\n".join(lines) + "\n")
-    stats = SourceStats()
+    stats = RecordStats()
     out = list(iter_documents(SourceConfig("m", str(f), max_bad_records=5), stats=stats))
     assert len(out) == 18 and stats.bad == 2 and stats.records == 20
     assert stats.bad_examples[0].startswith(f"{f}:4: malformed JSON")
@@ -196,7 +198,7 @@ def test_hub_source_that_cannot_be_reached_names_the_source_and_the_fix():
     import subprocess
     import sys
 
-    code = ("from moxin.data.sources import SourceConfig, open_hub_dataset, DataError\n"
+    code = ("from moxin.data.reader import SourceConfig, open_hub_dataset, DataError\n"
             "try:\n    open_hub_dataset(SourceConfig(name='slim', path='cerebras/SlimPajama-627B'), streaming=True)\n"
             "except DataError as e:\n    print(e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")

@@ -6,8 +6,9 @@ import json
 import pytest
 import torch
 
-from moxin.data.datamodule import Phase, PretrainDataModule
-from moxin.data.sources import DataError
+from moxin.data.phases import Phase
+from moxin.data.pretrain_data import PretrainDataModule
+from moxin.data.reader import DataError
 
 
 class ByteTok:
@@ -154,6 +155,17 @@ def test_phase_mixture_errors(corpus):
     bad = [dict(PHASES[0], mixture={"prose": 0, "code": 0})]
     with pytest.raises(DataError, match=r"phase 'short': all mixture weights are zero"):
         PretrainDataModule(corpus, bad, tokenizer=ByteTok(), tokens_per_step=256, micro_batch_tokens=64, world_size=1)
+
+
+def test_connect_hands_in_the_run_objects_and_rechecks(corpus):
+    dm = make(corpus, tokenizer=None, world_size=None, max_seq_len=None)
+    with pytest.raises(DataError, match=r"no tokenizer: hand it in with connect"):
+        dm.tokenizer
+    tok = ByteTok()
+    dm.connect(tok, world_size=2, max_seq_len=128)
+    assert dm.tokenizer is tok and dm.accumulate_grad_batches == 2
+    with pytest.raises(DataError, match=r"phase 'long': seq_len 64 is beyond the model's max_seq_len 48"):
+        dm.connect(tok, max_seq_len=48)
 
 
 def test_setup_validates_sources(corpus, tmp_path):

@@ -8,8 +8,9 @@ import json
 
 import pytest
 
-from moxin.data.preference import PreferenceDataModule, collate_pairs, pair_from_record, pair_problem, render_answer
-from moxin.data.sources import DataError
+from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answer
+from moxin.data.extract import pair_from_record, pair_problem
+from moxin.data.reader import DataError
 from moxin.tokenizer import load_tokenizer
 
 TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moxin.data.sample import sample_path
-from moxin.data.sources import DataError
+from moxin.data.reader import DataError
 from moxin.eval import (EvalConfig, EvalConfigError, TaskConfig, build_mc_items, encode_pair, evaluate,
                         load_records, loglikelihoods, pass_at_k)
 from moxin.model import ModelConfig, Transformer
@@ -146,7 +146,7 @@ def test_parquet_and_jsonl_give_the_same_items(tmp_path):
 
 
 def test_hub_task_that_cannot_be_reached_names_the_dataset():
-    code = ("from moxin.eval import load_records\nfrom moxin.data.sources import DataError\n"
+    code = ("from moxin.eval import load_records\nfrom moxin.data.reader import DataError\n"
             "try:\n    load_records('allenai/ai2_arc', split='test', hub_config='ARC-Easy', name='arc_easy')\n"
             "except DataError as e:\n    print(e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
@@ -200,7 +200,7 @@ def test_generation_task_scores_completions_with_the_verifier(model, tok, monkey
     assert m["pass@1_sampled"] == pytest.approx((3 * 1.0 + 3 * 0.25) / 6) and m["pass@4_sampled"] == 1.0
     assert len(seen[0.0]) == 6 and len(seen[1.0]) == 24
     # prompts are the GRPO data module's rendering: chat template + the exact verifier's instruction
-    from moxin.data.prompts import PromptDataModule
+    from moxin.data.grpo_data import PromptDataModule
 
     dm = PromptDataModule(source="arithmetic", steps=1, tokenizer=tok)
     assert seen[0.0][0] == dm.render({"problem": recs[0]["problem"], "answer": recs[0]["answer"]})["prompt_ids"]
@@ -261,7 +261,7 @@ def test_eval_experiment_without_init_from_says_what_to_give():
 
 
 def test_grpo_heldout_prompts_are_outside_the_rl_pool_and_scored_greedily(tok):
-    from moxin.data.prompts import PromptDataModule
+    from moxin.data.grpo_data import PromptDataModule
     from moxin.eval.heldout import heldout_records, heldout_reward
     from moxin.stages.grpo import GRPOConfig, GRPOStage
 

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import moxin.rewards as rewards_pkg
-from moxin.data.prompts import PromptDataModule
+from moxin.data.grpo_data import PromptDataModule
 from moxin.model import ModelConfig
 from moxin.rewards import RewardResult
 from moxin.stages.base import OptimConfig

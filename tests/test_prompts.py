@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from moxin.data.prompts import DEFAULT_INSTRUCTIONS, PromptDataModule
-from moxin.data.sources import DataError
+from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS, PromptDataModule
+from moxin.data.reader import DataError
 from moxin.tokenizer.chat import render_chat
 
 

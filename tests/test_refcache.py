@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from moxin.data.preference import PreferenceDataModule
+from moxin.data.dpo_data import PreferenceDataModule
 from moxin.model import ModelConfig, Transformer
 from moxin.stages import refcache
 from moxin.tokenizer import load_tokenizer, mistral_model_path

@@ -247,14 +247,16 @@ def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
 
 # ---- 8: records that used to pass silently -------------------------------------------------------------------
 def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
-    from moxin.data.sources import SourceConfig, SourceStats, iter_records
+    from moxin.data.bad_records import RecordStats
+    from moxin.data.documents import iter_records
+    from moxin.data.reader import SourceConfig
 
     f = tmp_path / "c.jsonl"
     good = [json.dumps({"text": f"document {i}"}).encode() for i in range(6)]
     lines = good[:2] + [b'{"text": "caf\xe9 bad bytes"}'] + good[2:4] + [json.dumps({"text": "x" * 5000}).encode()] \
         + good[4:]
     f.write_bytes(b"\n".join(lines) + b"\n")
-    st = SourceStats()
+    st = RecordStats()
     src = SourceConfig(name="c", path=str(f), max_record_bytes=1000, max_bad_fraction=1.0)
     texts = [t for _, t in iter_records(src, stats=st)]
     assert texts == [f"document {i}" for i in range(6)]
@@ -263,8 +265,8 @@ def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
 
 
 def test_chat_roles_out_of_order_are_counted(tmp_path):
-    from moxin.data.chat import load_conversations
-    from moxin.data.sources import SourceConfig
+    from moxin.data.reader import SourceConfig
+    from moxin.data.sft_data import load_conversations
 
     ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
     bad = [
@@ -274,7 +276,7 @@ def test_chat_roles_out_of_order_are_counted(tmp_path):
     ]
     f = tmp_path / "chat.jsonl"
     f.write_text("\n".join(json.dumps({"messages": m}) for m in [ok] * 5 + bad) + "\n")
-    _, _, stats = load_conversations(SourceConfig(name="chat", path=str(f)), "messages", 10, 1.0)
+    stats = load_conversations(SourceConfig(name="chat", path=str(f)), "messages", 10, 1.0).stats
     assert stats.kept == 5 and stats.reasons == {"role_order": 3}
     assert "role 'assistant' where 'user' is expected" in stats.bad_examples[0]
 

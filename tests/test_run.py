@@ -53,6 +53,20 @@ def test_every_experiment_composes(name, tmp_path):
         assert model_cfg.n_layers == 36 and model_cfg.dim == 4096, "the published recipes use Moxin-7B"
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(R.CONF_DIR) / "data").glob("*.yaml")))
+def test_every_data_config_instantiates_and_connects(name):
+    """conf/data/*.yaml build a MoxinDataModule (no data is read: hub sets stay offline) that takes the run's
+    objects through connect()."""
+    from moxin.data.base import MoxinDataModule
+
+    cfg = _compose([f"data={name}", "model=moxin-7b"] + (["schedule=moxin_7b"] if name == "moxin_pretrain" else []))
+    dm = R.instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    assert isinstance(dm, MoxinDataModule)
+    tok = object()
+    dm.connect(tok, world_size=1, max_seq_len=cfg.model.max_seq_len)
+    assert dm.tokenizer is tok and dm.world_size == 1 and dm.accumulate_grad_batches >= 1 and dm.num_epochs >= 1
+
+
 def test_default_run_composes_to_tiny_cpu_pretraining():
     cfg = _compose([])
     assert cfg.stage._target_ == "moxin.stages.pretrain.PretrainStage"
@@ -78,6 +92,31 @@ def test_pretrain_smoke_run_learns_and_writes_everything(tmp_path):
     back = load_hf(tmp_path / "hf")
     w = ckpt["state_dict"]["model.layers.0.attention.wq.weight"]
     assert torch.equal(back.layers[0].attention.wq.weight, w)
+
+
+def test_a_run_builds_one_tokenizer_and_hands_it_everywhere(tmp_path, monkeypatch):
+    """`tokenizer: mistral` is loaded once per run (in run.build): the data module, the stage, the sample callback
+    and the HF export use that object, and the loader workers get it pickled (nothing loads it again)."""
+    from moxin.callbacks import SampleGenerations
+    from moxin.tokenizer import tokenizer as T
+
+    built = []
+    init = T.Tokenizer.__init__
+
+    def counting_init(self, *args, **kwargs):
+        built.append(kwargs.get("name"))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(T.Tokenizer, "__init__", counting_init)
+    over = TINY_PRETRAIN + ["+experiment=pretrain", "hardware.num_workers=2", "samples.prompts=[Hello]",
+                            "samples.max_new_tokens=2"]
+    trainer, stage, dm, _, _ = R.build(_compose(over + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    samples = next(c for c in trainer.callbacks if isinstance(c, SampleGenerations))
+    assert dm.tokenizer is stage.tokenizer is samples.tokenizer and built == ["mistral"]
+    built.clear()
+    info = R.train(_compose(over + [f"out_dir={tmp_path / 'b'}", "run_name=b", "export_hf=true"]))
+    assert info["optimizer_steps"] == 12 and (tmp_path / "b" / "hf" / "tokenizer.json").exists()
+    assert built == ["mistral"]  # build, fit (2 workers per phase), samples, check_vocab, export: one tokenizer
 
 
 @pytest.mark.parametrize("workers", [2])

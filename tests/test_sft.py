@@ -10,8 +10,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from moxin.data.chat import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
-from moxin.data.sources import DataError, SourceConfig
+from moxin.data.reader import DataError, SourceConfig
+from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
 from moxin.model import ModelConfig
 from moxin.tokenizer import load_tokenizer, render_chat
 
@@ -93,8 +93,9 @@ def test_bad_conversations_are_counted_with_file_line(tmp_path):
         {"text": "no messages field"},                                           # line 34
     ]
     path = _write(tmp_path / "c.jsonl", recs)
-    store, rows, stats = load_conversations(SourceConfig(name="c", path=path), "messages", 10, 0.5)
-    assert len(store) == 30 and rows is None
+    items = load_conversations(SourceConfig(name="c", path=path), "messages", 10, 0.5)
+    stats = items.stats
+    assert len(items) == 30 and items.rows is None
     assert stats.bad == 4
     assert stats.reasons == {"no_assistant": 1, "unknown_role": 1, "malformed": 1, "missing_field": 1}
     assert f"{path}:31" in stats.bad_examples[0] and "no assistant turn" in stats.bad_examples[0]

@@ -13,6 +13,7 @@ import lightning as L
 
 from moxin.eval.runner import EvalAfter, EvalConfig, evaluate, flat_metrics, print_table, write_results
 from moxin.distributed import is_sharded
+from moxin.tokenizer import as_tokenizer
 
 __all__ = ["EvalCallback"]
 
@@ -20,10 +21,9 @@ __all__ = ["EvalCallback"]
 class EvalCallback(L.Callback):
     def __init__(self, eval_cfg, tokenizer="mistral", out_dir: str | None = None):
         self.cfg = EvalConfig.from_any(eval_cfg)  # a bad task config stops the run before training
-        self.tokenizer_spec = tokenizer
+        self.tokenizer = tokenizer  # the run's tokenizer (moxin.run), or a spec loaded on first use
         self.out_dir = out_dir
         self.history: list[dict] = []
-        self._tok = None
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.cfg.after == EvalAfter.phase:
@@ -34,15 +34,12 @@ class EvalCallback(L.Callback):
             self.run(trainer, pl_module, "end of stage")
 
     def run(self, trainer, pl_module, when: str) -> dict:
-        if self._tok is None:
-            from moxin.tokenizer import load_tokenizer
-
-            self._tok = load_tokenizer(self.tokenizer_spec)
+        self.tokenizer = as_tokenizer(self.tokenizer)
         sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
         plugin = getattr(trainer, "precision_plugin", None)
         ctx = plugin.forward_context() if plugin is not None else contextlib.nullcontext()
         with ctx:  # the run's precision (bf16 autocast with hardware=gpu)
-            res = evaluate(pl_module.model, self._tok, self.cfg, lockstep=sharded)
+            res = evaluate(pl_module.model, self.tokenizer, self.cfg, lockstep=sharded)
         res.update(when=when, step=trainer.global_step)
         self.history.append(res)
         if trainer.is_global_zero:

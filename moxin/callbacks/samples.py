@@ -8,17 +8,17 @@ import torch
 
 from moxin.distributed import is_sharded
 from moxin.model.generate import generate
+from moxin.tokenizer import as_tokenizer
 
 
 class SampleGenerations(L.Callback):
-    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32, tokenizer: str = "mistral",
+    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32, tokenizer="mistral",
                  every_n_epochs: int = 1):
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
-        self.tokenizer_spec = tokenizer
+        self.tokenizer = tokenizer  # the run's tokenizer (moxin.run), or a spec loaded on first use
         self.every = every_n_epochs
         self.history: list[dict] = []
-        self._tok = None
 
     def on_train_epoch_end(self, trainer, pl_module):
         if not self.prompts or (trainer.current_epoch + 1) % self.every:
@@ -29,21 +29,18 @@ class SampleGenerations(L.Callback):
         sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
         if not (sharded or trainer.is_global_zero):
             return
-        if self._tok is None:
-            from moxin.tokenizer import load_tokenizer
-
-            self._tok = load_tokenizer(self.tokenizer_spec)
+        tok = self.tokenizer = as_tokenizer(self.tokenizer)
         model = pl_module.model
         was_training = model.training
         model.eval()
-        ids = [self._tok.encode(p, bos=True) for p in self.prompts]
+        ids = [tok.encode(p, bos=True) for p in self.prompts]
         with torch.no_grad():
-            out = generate(model, ids, self.max_new_tokens, temperature=0.0, stop_tokens=(self._tok.eos_id,),
+            out = generate(model, ids, self.max_new_tokens, temperature=0.0, stop_tokens=(tok.eos_id,),
                            lockstep=sharded, decode="eager" if sharded else "auto")
         model.train(was_training)
         if not trainer.is_global_zero:
             return
         for p, toks in zip(self.prompts, out.tokens):
-            text = self._tok.decode(toks)
+            text = tok.decode(toks)
             self.history.append({"epoch": trainer.current_epoch, "prompt": p, "completion": text})
             print(f"[sample, phase {trainer.current_epoch}] {p!r} -> {text!r}", flush=True)

@@ -12,7 +12,7 @@ import math
 import random
 from typing import Iterable, Mapping
 
-from moxin.data.sources import DataError
+from moxin.data.reader import DataError
 
 __all__ = ["validate_weights", "Mixture"]
 

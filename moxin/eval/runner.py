@@ -80,7 +80,7 @@ class EvalConfig:
     def from_any(cls, obj: Any) -> "EvalConfig":
         if isinstance(obj, EvalConfig):
             return obj
-        from moxin.data.sources import plain
+        from moxin.data.reader import plain
 
         obj = dict(plain(obj))
         known = set(cls.__dataclass_fields__)
@@ -202,11 +202,10 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
     """Every task of ``cfg`` on ``model``; the same dict on every rank: ``{"tasks": {name: {...}}}``."""
-    cfg = EvalConfig.from_any(cfg)
-    if isinstance(tokenizer, str):
-        from moxin.tokenizer import load_tokenizer
+    from moxin.tokenizer import as_tokenizer
 
-        tokenizer = load_tokenizer(tokenizer)
+    cfg = EvalConfig.from_any(cfg)
+    tokenizer = as_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
     out: dict = {"tasks": {}, "bos": cfg.bos}

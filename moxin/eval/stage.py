@@ -27,9 +27,8 @@ class EvalStage(MoxinStage):
 
     def __init__(self, model, eval_cfg: EvalConfig, tokenizer="mistral", out_dir: str | None = None,
                  parallel=None, init_from: str | None = None):
-        super().__init__(model=model, parallel=parallel, init_from=init_from)
+        super().__init__(model=model, parallel=parallel, init_from=init_from, tokenizer=tokenizer)
         self.eval_cfg = EvalConfig.from_any(eval_cfg)
-        self.tokenizer_spec = tokenizer
         self.out_dir = out_dir
         self.results: dict | None = None
 
@@ -37,10 +36,8 @@ class EvalStage(MoxinStage):
         return torch.utils.data.DataLoader([0], batch_size=None)
 
     def test_step(self, batch, batch_idx):
-        from moxin.tokenizer import load_tokenizer
-
         sharded = is_sharded(self.trainer.strategy) and self.trainer.world_size > 1
-        self.results = evaluate(self.model, load_tokenizer(self.tokenizer_spec), self.eval_cfg, lockstep=sharded)
+        self.results = evaluate(self.model, self.tokenizer, self.eval_cfg, lockstep=sharded)
         self.results["init_from"] = self.init_from
         if self.trainer.is_global_zero:
             if self.out_dir:
@@ -78,12 +75,13 @@ def run_eval(cfg) -> dict:
     from hydra.utils import instantiate
 
     from moxin.run import build_strategy, world_size_of
+    from moxin.tokenizer import load_tokenizer
 
     eval_cfg = EvalConfig.from_any(cfg.eval)  # config errors before any model is built
     model_cfg = model_config_for(cfg)
     hw = cfg.hardware
     out_dir = Path(cfg.out_dir)
-    stage = EvalStage(model_cfg, eval_cfg, tokenizer=cfg.tokenizer, out_dir=str(out_dir),
+    stage = EvalStage(model_cfg, eval_cfg, tokenizer=load_tokenizer(cfg.tokenizer), out_dir=str(out_dir),
                       parallel=instantiate(hw.parallel), init_from=str(cfg.init_from))
     from moxin.loggers import build_loggers
 

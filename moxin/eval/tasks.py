@@ -13,7 +13,7 @@ Two kinds (:class:`TaskKind`):
     :mod:`moxin.rewards` scores the completion against the reference answer.
 
 Records come from local jsonl / parquet files or folders, or a Hugging Face hub dataset name (the same
-readers as the training data: :mod:`moxin.data.sources`). Record fields are mapped by config
+reader as the training data: :mod:`moxin.data.reader`). Record fields are mapped by config
 (``text`` is a ``str.format`` template over the record, ``choices_field``, ``gold_field``), or a ``preset``
 (``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``winogrande``) applies lm-eval's own
 ``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` for that dataset, so numbers are comparable with the
@@ -30,14 +30,13 @@ first_n`` with ``fewshot_path``), which no preset reproduces here.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Any, Callable
 
-from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, plain, resolve_files
+from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, open_hub_dataset, plain, read_records
 
 __all__ = ["TaskKind", "FewshotSampler", "TaskConfig", "MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items",
            "PRESETS", "task_from_any"]
@@ -178,28 +177,12 @@ def load_records(path: str, split: str = "test", hub_config: str | None = None, 
     """All records of a local jsonl / parquet file set or a hub dataset (memory-mapped, not streamed: eval sets
     are counted up front). A malformed line stops with its file and line number."""
     src = SourceConfig(name=name, path=path, split=split, hub_config=hub_config, data_files=data_files)
-    if is_hub_name(src):
-        return [dict(r) for r in open_hub_dataset(src, streaming=False)]
+    dataset = open_hub_dataset(src, streaming=False) if is_hub_name(src) else None
     out = []
-    for f, fmt in resolve_files(src):
-        if fmt == "jsonl":
-            with open(f, encoding="utf-8") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        rec = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise DataError(f"eval task {name!r}: {f}:{lineno} is not JSON ({e.msg}); fix the line") from e
-                    if not isinstance(rec, dict):
-                        raise DataError(f"eval task {name!r}: {f}:{lineno} is a {type(rec).__name__}, not an object")
-                    out.append(rec)
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            out.extend(pq.read_table(f).to_pylist())
-        else:
-            raise DataError(f"eval task {name!r}: {f} is {fmt}; evaluation reads jsonl or parquet records")
+    for loc, rec in read_records(src, formats=("jsonl", "parquet"), dataset=dataset):
+        if isinstance(rec, Bad):
+            raise DataError(f"eval task {name!r}: {loc}: {rec.reason}; fix the line")
+        out.append(dict(rec))
     return out
 
 
@@ -374,7 +357,7 @@ class GenItem:
 
 
 def user_text(task: TaskConfig, problem: str) -> str:
-    from moxin.data.prompts import DEFAULT_INSTRUCTIONS
+    from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
 
     instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
     return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()

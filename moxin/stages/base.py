@@ -25,6 +25,7 @@ from torchmetrics import Metric
 
 from moxin.distributed import ParallelConfig, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
+from moxin.tokenizer import as_tokenizer
 
 
 @dataclass
@@ -165,12 +166,17 @@ class HeldOutSums(Metric):
 
 
 class MoxinStage(L.LightningModule):
-    """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics."""
+    """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics.
+
+    ``tokenizer``: the run's one tokenizer, handed in by ``moxin.run`` to every stage (GRPO renders prompts and
+    decodes completions with it, the evaluation stage scores with it); a spec such as ``"mistral"`` is loaded on
+    first use, for code that builds a stage directly."""
 
     def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
                  parallel: ParallelConfig | None = None, init_from: str | None = None,
-                 loss_chunk_size: int = 4096, total_steps: int | None = None):
+                 loss_chunk_size: int = 4096, total_steps: int | None = None, tokenizer=None):
         super().__init__()
+        self._tokenizer = tokenizer
         self.model_cfg = model
         self.optim_cfg = optim or OptimConfig()
         self.parallel_cfg = parallel or ParallelConfig()
@@ -189,6 +195,13 @@ class MoxinStage(L.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (restored on resume)
         self._nonfinite_run: list[int] = []  # global steps of the current run of consecutive skipped steps
         self.last_step_tokens_processed = 0
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise ValueError(f"{type(self).__name__} has no tokenizer; pass tokenizer= (moxin.run hands in the run's)")
+        self._tokenizer = as_tokenizer(self._tokenizer)
+        return self._tokenizer
 
     # ---- model ----------------------------------------------------------------------------------------------
     def configure_model(self) -> None:

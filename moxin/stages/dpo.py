@@ -1,7 +1,7 @@
 """Direct preference optimisation and its family (Moxin-Instruct: length-normalised DPO, beta 5, Tülu 3 recipe).
 
 Per pair, the policy's summed log-prob of the chosen and the rejected answer (the final assistant turn, content
-and eos; moxin/data/preference.py) is compared with the reference model's by ``moxin.losses.dpo_loss``:
+and eos; moxin/data/dpo_data.py) is compared with the reference model's by ``moxin.losses.dpo_loss``:
 
 * ``dpo``      Rafailov et al. 2023, arXiv 2305.18290 (sigmoid loss on summed log-ratios; beta ~0.1).
 * ``dpo_norm`` the same on length-averaged log-ratios (open-instruct / Tülu 3 / Moxin, beta 5). Summed

@@ -46,7 +46,6 @@ forward. The KL reference is a deep copy of the policy module; under FSDP2 that 
 from __future__ import annotations
 
 import math
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -153,32 +152,22 @@ class Rollout:
 
 
 class GRPOStage(MoxinStage):
-    """See the module docstring. Batches are lists of prompt records from :class:`moxin.data.prompts.PromptDataModule`."""
+    """See the module docstring. Batches are lists of prompt records from :class:`moxin.data.grpo_data.PromptDataModule`."""
 
     def __init__(self, model, optim: OptimConfig | None = None, grpo: GRPOConfig | None = None,
                  tokenizer="mistral", seed: int = 0, parallel=None, init_from: str | None = None,
                  loss_chunk_size: int = 1024, total_steps: int | None = None):
         super().__init__(model=model, optim=optim, parallel=parallel, init_from=init_from,
-                         loss_chunk_size=loss_chunk_size, total_steps=total_steps)
+                         loss_chunk_size=loss_chunk_size, total_steps=total_steps, tokenizer=tokenizer)
         self.automatic_optimization = False
         self.cfg = grpo or GRPOConfig()
-        self.tokenizer_spec = tokenizer
         self.seed = int(seed)
-        self._tok = None
         self.ref_model = None
         self.batches_seen = 0
         self.history: list[dict] = []  # per rollout step: the logged grpo/* metrics (also read by tests / summary)
         self._warm_opt = None
 
     # ---- setup --------------------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from moxin.tokenizer import load_tokenizer
-
-            self._tok = load_tokenizer(self.tokenizer_spec) if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec
-        return self._tok
-
     def configure_model(self) -> None:
         if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None:
             # the KL reference: the starting weights, frozen; kept out of state_dict and the optimizer (not a

@@ -9,7 +9,7 @@ Cache key = sha256 of a JSON document (written next to the values as ``meta.json
 
 * the reference checkpoint's identity (:func:`checkpoint_identity`: resolved path, size and mtime of every
   weight file; for a random init the seed), and the model config;
-* the data (:meth:`moxin.data.preference.PreferenceDataModule.reference_identity`: file sha256s or hub
+* the data (:meth:`moxin.data.dpo_data.PreferenceDataModule.reference_identity`: file sha256s or hub
   name/split, a sha256 of every token id and label mask that enters training, which also covers the tokenizer,
   the chat template, ``max_length`` and the length policy, stated explicitly too);
 * the loss knobs (loss type) and the numerics (parameter dtype, trainer precision, attention backend).

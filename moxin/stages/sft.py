@@ -1,6 +1,6 @@
 """Supervised fine-tuning: next-token loss on assistant tokens only (Moxin-Instruct via the Tülu 3 recipe).
 
-The loss is PretrainStage's: the data (moxin/data/chat.py) already masks every label outside the assistant
+The loss is PretrainStage's: the data (moxin/data/sft_data.py) already masks every label outside the assistant
 turns to -100, so ``token_cross_entropy`` sums over assistant tokens (each answer's content and its eos) and
 MoxinStage normalises by the assistant tokens of the whole optimizer step over accumulation and ranks. A
 micro-batch with few target tokens therefore weighs exactly its share, never more.

@@ -16,6 +16,7 @@ from moxin.tokenizer.chat import (
 from moxin.tokenizer.tokenizer import (
     Tokenizer,
     TokenizerError,
+    as_tokenizer,
     load_tokenizer,
     mistral_model_path,
     sentencepiece_to_tokenizers,
@@ -26,6 +27,7 @@ __all__ = [
     "ChatValidationError",
     "Tokenizer",
     "TokenizerError",
+    "as_tokenizer",
     "format_prompt",
     "load_tokenizer",
     "mistral_model_path",

@@ -70,15 +70,16 @@ def _hf_tokenizer_json(spec: str):
     return tok
 
 
-def write_hf_tokenizer_files(hf_dir: str | Path, cfg: DictConfig) -> list[Path]:
+def write_hf_tokenizer_files(hf_dir: str | Path, cfg: DictConfig, tokenizer=None) -> list[Path]:
     """Write tokenizer.json (SentencePiece tokenizers), tokenizer_config.json and generation_config.json into
-    an exported model folder. Returns the files written."""
-    from moxin.tokenizer import load_tokenizer
+    an exported model folder for the run's ``tokenizer`` (None: ``cfg.tokenizer`` is loaded). Returns the files
+    written."""
+    from moxin.tokenizer import as_tokenizer
     from moxin.ui import stage_kind
 
     hf_dir = Path(hf_dir)
-    spec = str(cfg.tokenizer)
-    tok = load_tokenizer(spec)
+    tok = as_tokenizer(cfg.tokenizer if tokenizer is None else tokenizer)
+    spec = tok.name  # "mistral" (any of its aliases), or the path of the file it was loaded from
     written = []
     is_sp = spec == "mistral" or spec.endswith(".model")
     if is_sp:

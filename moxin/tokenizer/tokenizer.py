@@ -252,6 +252,15 @@ def mistral_model_path() -> Path:
     return path
 
 
+def as_tokenizer(tokenizer) -> Tokenizer:
+    """A tokenizer object as it is (a :class:`Tokenizer`, or any picklable object with ``encode``, ``bos_id`` and
+    ``eos_id``), a spec loaded with :func:`load_tokenizer`. ``moxin.run`` builds the run's one tokenizer and hands
+    the object everywhere; a spec is for code that constructs moxin's objects directly."""
+    if isinstance(tokenizer, (str, os.PathLike)):
+        return load_tokenizer(tokenizer)
+    return tokenizer
+
+
 def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     """Load a tokenizer from ``"mistral"``, a ``tokenizer.json`` path or a SentencePiece ``.model`` path.
 

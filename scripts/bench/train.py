@@ -22,7 +22,7 @@ import torch
 
 from _common import PEAK_TFLOPS, default_out, env, free, sync, table, timed, write_json
 
-from moxin.data.datamodule import PretrainDataModule
+from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.sample import sample_path
 from moxin.distributed import ParallelConfig
 from moxin.losses import token_cross_entropy

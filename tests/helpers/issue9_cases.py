@@ -67,12 +67,14 @@ if "7" in which:
     except Exception as e:
         print("CASE7 refused:", str(e)[:300])
 if "8" in which:
-    from moxin.data.sources import SourceConfig, SourceStats, iter_records
+    from moxin.data.bad_records import RecordStats
+    from moxin.data.documents import iter_records
+    from moxin.data.reader import SourceConfig
     f = tmp / "u.jsonl"
     f.write_bytes(b'{"text": "ok one"}\n{"text": "caf\xe9 latin-1"}\n{"text": "ok two"}\n')
-    st = SourceStats(); out = [t for _, t in iter_records(SourceConfig(name="u", path=str(f), max_bad_fraction=1.0), stats=st)]
+    st = RecordStats(); out = [t for _, t in iter_records(SourceConfig(name="u", path=str(f), max_bad_fraction=1.0), stats=st)]
     print("CASE8 invalid UTF-8: texts", out, "bad counted", st.bad)
-    from moxin.data.chat import conversation_problem
+    from moxin.data.extract import conversation_problem
     print("CASE8 chat roles assistant-first:", conversation_problem([{"role": "assistant", "content": "a"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]))
     ck = tmp / "r1" / "checkpoints"
     if ck.exists():

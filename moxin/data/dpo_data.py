@@ -28,7 +28,7 @@ Batches (not packed): ``{"chosen_input_ids", "chosen_labels", "chosen_positions"
 "rejected_labels", "rejected_positions"}`` each ``(P, T)`` with both sides right-padded to one ``T`` (labels
 -100, positions continuing ``arange(T)``), plus ``"pair_index"`` ``(P,)`` for the reference cache.
 Optimizer steps consume exactly ``batch_size`` pairs over all ranks (Tülu 3: 128), as
-:class:`moxin.data.chat.ChatSFTDataModule` does for conversations.
+:class:`moxin.data.sft_data.ChatSFTDataModule` does for conversations (moxin/data/step_batches.py).
 """
 
 from __future__ import annotations
@@ -40,55 +40,16 @@ from typing import Any
 
 import torch
 
-from moxin.data.chat import (
-    ChatSFTDataModule, StepBatchSampler, load_conversations, role_order_problem, source_identity,
-)
-from moxin.data.sources import DataError, SourceConfig
+from moxin.data.extract import Extracted, extract_all, pair_from_record, pair_problem
+from moxin.data.reader import DataError, SourceConfig, source_identity
+from moxin.data.step_batches import StepDataModule
 from moxin.losses import IGNORE_INDEX
-from moxin.tokenizer.chat import ChatTokens, render_chat, validate_conversation
+from moxin.tokenizer.chat import ChatTokens, render_chat
 
-__all__ = ["pair_from_record", "pair_problem", "render_answer", "PreferenceDataset", "collate_pairs",
-           "PreferenceDataModule", "LENGTH_POLICY"]
+__all__ = ["render_answer", "PreferenceDataset", "collate_pairs", "PreferenceDataModule", "LENGTH_POLICY"]
 
 log = logging.getLogger(__name__)
 LENGTH_POLICY = "drop pairs with a side longer than max_length; final assistant turn is the target"
-
-
-@dataclass
-class pair_from_record:
-    """Picklable getter: a record -> ``(chosen_messages, rejected_messages)`` (raises KeyError if fields miss)."""
-
-    prompt_field: str = "prompt"
-    chosen_field: str = "chosen"
-    rejected_field: str = "rejected"
-
-    def __call__(self, rec: dict):
-        chosen, rejected = rec[self.chosen_field], rec[self.rejected_field]
-        if isinstance(chosen, str) or isinstance(rejected, str):
-            prompt = rec[self.prompt_field]
-            prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt or [])
-            if isinstance(chosen, str):
-                chosen = prompt + [{"role": "assistant", "content": chosen}]
-            if isinstance(rejected, str):
-                rejected = prompt + [{"role": "assistant", "content": rejected}]
-        return chosen, rejected
-
-
-def pair_problem(pair: Any, index: int | None = None) -> tuple[str, str] | None:
-    """``(kind, description)`` of what makes a pair unusable, or None."""
-    chosen, rejected = pair
-    for side, msgs in (("chosen", chosen), ("rejected", rejected)):
-        problem = validate_conversation(msgs, index)
-        if problem is not None:
-            return ("unknown_role" if "unknown role" in problem else "invalid"), f"{side}: {problem}"
-        if msgs[-1]["role"] != "assistant":
-            return "no_assistant", f"{side}: the last message must be the assistant answer being compared"
-        order = role_order_problem(msgs)
-        if order is not None:
-            return "role_order", f"{side}: {order}"
-    if [(m["role"], m["content"]) for m in chosen] == [(m["role"], m["content"]) for m in rejected]:
-        return "identical", "chosen and rejected are identical (no preference to learn)"
-    return None
 
 
 def render_answer(messages: list, tokenizer) -> ChatTokens:
@@ -105,17 +66,18 @@ def render_answer(messages: list, tokenizer) -> ChatTokens:
 
 
 class PreferenceDataset(torch.utils.data.Dataset):
-    """Map-style over the kept pairs; item ``i`` renders pair ``i`` (lazily, in loader workers)."""
+    """Map-style over the kept pairs; item ``i`` renders pair ``keep[i]`` of the checked pairs (lazily, in loader
+    workers)."""
 
-    def __init__(self, store, rows, keep: list[int], tokenizer, getter: pair_from_record):
-        self.store, self.rows, self.keep, self.tokenizer, self.getter = store, rows, keep, tokenizer, getter
+    def __init__(self, items: Extracted, keep: list[int], tokenizer):
+        self.items, self.keep, self.tokenizer = items, keep, tokenizer
 
     def __len__(self) -> int:
         return len(self.keep)
 
     def pair(self, j: int):
         """Pair ``j`` of the loaded (validated) list, before the length filter."""
-        return self.store[j] if self.rows is None else self.getter(self.store[int(self.rows[j])])
+        return self.items[j]
 
     def __getitem__(self, i: int) -> dict:
         chosen, rejected = self.pair(self.keep[i])
@@ -152,10 +114,11 @@ class collate_pairs:
         return out
 
 
-class PreferenceDataModule(ChatSFTDataModule):
-    """DPO pairs (module docstring). Arguments as :class:`ChatSFTDataModule`, counted in pairs; plus:
+class PreferenceDataModule(StepDataModule):
+    """DPO pairs (module docstring). Arguments as :class:`StepDataModule`, counted in pairs; plus:
 
     Args:
+        tokenizer: the run's tokenizer (``connect``), or ``"mistral"`` / a tokenizer.json path.
         max_length: tokens per side (Tülu 3 / Moxin DPO: 2048); longer pairs are dropped and counted.
         batch_size: pairs per optimizer step over all ranks (Tülu 3 / Moxin: 128).
         micro_batch_size: pairs per rank per micro-step (2 x this many rows go through the model).
@@ -163,27 +126,28 @@ class PreferenceDataModule(ChatSFTDataModule):
         prompt_field / chosen_field / rejected_field: record fields.
     """
 
-    def __init__(self, train: Any, val: Any = None, tokenizer: Any = "mistral", max_length: int = 2048,
+    item = "pairs"
+
+    def __init__(self, train: Any, val: Any = None, tokenizer: Any = None, max_length: int = 2048,
                  batch_size: int = 128, micro_batch_size: int = 1, num_epochs: int = 1, num_workers: int = 1,
                  prompt_field: str = "prompt", chosen_field: str = "chosen", rejected_field: str = "rejected",
                  pad_to_multiple_of: int = 64, max_bad_records: int = 1000, max_bad_fraction: float = 0.01,
                  max_seq_len: int | None = None, world_size: int | None = None, seed: int = 1234,
                  rank: int | None = None):
-        super().__init__(train=train, val=val, tokenizer=tokenizer, max_length=max_length, batch_size=batch_size,
-                         micro_batch_size=micro_batch_size, num_epochs=num_epochs, num_workers=num_workers,
-                         pad_to_multiple_of=pad_to_multiple_of, max_bad_records=max_bad_records,
-                         max_bad_fraction=max_bad_fraction, length_probe=0, max_seq_len=max_seq_len,
-                         world_size=world_size, seed=seed, rank=rank)
+        super().__init__(train, val, max_length=max_length, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                         num_epochs=num_epochs, num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of,
+                         max_bad_records=max_bad_records, max_bad_fraction=max_bad_fraction, seed=seed,
+                         tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
         self.getter = pair_from_record(prompt_field, chosen_field, rejected_field)
         self._digests: dict[str, str] = {}
 
-    def _load(self, source: SourceConfig):
-        store, rows, stats = load_conversations(source, self.getter.chosen_field, self.max_bad_records,
-                                                self.max_bad_fraction, check=pair_problem, get=self.getter)
-        ds = PreferenceDataset(store, rows, [], self.tokenizer, self.getter)
+    def load_set(self, source: SourceConfig) -> tuple[PreferenceDataset, dict]:
+        items = extract_all(source, self.getter, pair_problem, max_bad_records=self.max_bad_records,
+                            max_bad_fraction=self.max_bad_fraction)
+        ds = PreferenceDataset(items, [], self.tokenizer)
         digest = hashlib.sha256()
         too_long, examples = 0, []
-        for j in range(stats.kept):
+        for j in range(len(items)):
             chosen, rejected = ds.pair(j)
             c, r = render_answer(chosen, self.tokenizer), render_answer(rejected, self.tokenizer)
             if max(len(c), len(r)) > self.max_length:
@@ -197,27 +161,16 @@ class PreferenceDataModule(ChatSFTDataModule):
                 digest.update(bytes(t.loss_mask))
         if too_long:
             log.warning("data set %r: %d of %d pairs have a side longer than max_length=%d and are dropped (%s)",
-                        source.name, too_long, stats.kept, self.max_length, examples)
+                        source.name, too_long, len(items), self.max_length, examples)
         if not ds.keep:
-            raise DataError(f"data set {source.name!r}: all {stats.kept} valid pairs are longer than "
+            raise DataError(f"data set {source.name!r}: all {len(items)} valid pairs are longer than "
                             f"max_length={self.max_length} ({examples}); raise max_length")
         self._digests[source.name] = digest.hexdigest()
-        report = {"source": source.path, **stats.to_dict(), "too_long": too_long, "too_long_examples": examples,
+        report = {"source": source.path, **items.stats.to_dict(), "too_long": too_long, "too_long_examples": examples,
                   "used": len(ds.keep), "length_policy": LENGTH_POLICY}
         return ds, report
 
-    @property
-    def train_set(self) -> PreferenceDataset:
-        if self._train is None:
-            self._train, self._report["train"] = self._load(self.train_source)
-            n = len(self._train)
-            if n < self.batch_size:
-                raise DataError(f"data set {self.train_source.name!r}: {n} usable pairs, fewer than one optimizer "
-                                f"step (batch_size={self.batch_size}); lower batch_size or add data")
-            self._report["train"]["dropped_per_epoch"] = n % self.batch_size
-        return self._train
-
-    def _collate(self):
+    def collate(self):
         return collate_pairs(self.tokenizer.pad_id, self.pad_to_multiple_of, self.max_length)
 
     # ---- what the reference log-prob cache needs ------------------------------------------------------------
@@ -226,9 +179,7 @@ class PreferenceDataModule(ChatSFTDataModule):
 
     def reference_dataloader(self, split: str):
         """Every pair of ``split`` once, in order, split round-robin over ranks (same batch count everywhere)."""
-        ds = self.split_set(split)
-        sampler = StepBatchSampler(len(ds), self.micro_batch_size, self.world_size, self.rank, shuffle=False)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self._collate(), num_workers=0)
+        return self.ordered_loader(self.split_set(split))
 
     def reference_identity(self, split: str) -> dict:
         """Everything about the data that changes reference log-probs (part of the cache key)."""

@@ -11,10 +11,12 @@ Every record becomes ``{"prompt_ids", "user", "answer", "solution"}``:
 * ``solution`` is a worked answer (``solution_text`` for the arithmetic task, the ``solution`` field of files when
   present, else None): the GRPO stage's optional SFT warm-up trains on it.
 
-Bad records (malformed JSON, not an object, a missing or non-string problem / answer, an empty problem, a prompt
-longer than ``max_prompt_tokens``) are counted with ``file:line`` for the first few and reported by
-:meth:`PromptDataModule.data_report`; past ``max_bad_fraction`` the run stops with :class:`DataError`, and a
-source with no usable record stops it too (a run never silently trains on nothing).
+Records are read by the one reader (moxin/data/reader.py: jsonl, also ``.gz``, parquet, folders, globs, hub) and
+their fields taken by :class:`moxin.data.extract.prompt_from_record`. Bad records (malformed JSON, not an object,
+invalid UTF-8, a missing or non-string problem / answer, an empty problem) are counted with ``file:line`` for the
+first few and reported by :meth:`PromptDataModule.data_report`, as are prompts longer than ``max_prompt_tokens``
+(dropped); past ``max_bad_fraction`` of the whole set the run stops with :class:`DataError`, and a source with no
+usable record stops it too (a run never silently trains on nothing).
 
 Batches: one optimizer "step" of GRPO is one rollout batch of ``prompts_per_step`` prompts in total, split evenly
 over ranks (``prompts_per_step / world_size`` each). The order is a seeded shuffle per pass over the data, so a run is
@@ -25,19 +27,16 @@ reproducible; the built-in task draws problem ``i`` of step ``k`` as ``Arithmeti
 
 from __future__ import annotations
 
-import os
-
-import json
 import random
-from dataclasses import dataclass
 from typing import Any
 
-import lightning as L
 import torch
 
-from moxin.data.sources import DataError, SourceConfig, is_hub_name, open_hub_dataset, resolve_files
+from moxin.data.base import MoxinDataModule
+from moxin.data.extract import extract_all, prompt_from_record
+from moxin.data.reader import DataError, SourceConfig
 
-__all__ = ["PromptDataModule", "PromptStats", "load_prompt_records", "DEFAULT_INSTRUCTIONS"]
+__all__ = ["PromptDataModule", "DEFAULT_INSTRUCTIONS"]
 
 #: Instructions appended to the problem, by the verifier that will check the answer.
 DEFAULT_INSTRUCTIONS = {
@@ -46,92 +45,6 @@ DEFAULT_INSTRUCTIONS = {
     # the built-in task: ExactAnswerVerifier reads "Answer: N"
     "exact": "End with 'Answer: N'.",
 }
-_BAD_EXAMPLES = 5
-
-
-@dataclass
-class PromptStats:
-    records: int = 0
-    bad: int = 0
-    too_long: int = 0
-    kept: int = 0
-    bad_examples: list = None
-
-    def __post_init__(self):
-        self.bad_examples = list(self.bad_examples or [])
-
-    def add_bad(self, where: str, reason: str) -> None:
-        self.bad += 1
-        if len(self.bad_examples) < _BAD_EXAMPLES:
-            self.bad_examples.append(f"{where}: {reason}")
-
-    def to_dict(self) -> dict:
-        return {"records": self.records, "bad": self.bad, "too_long": self.too_long, "kept": self.kept,
-                "bad_examples": list(self.bad_examples)}
-
-
-def _pick(rec: dict, fields: tuple[str, ...]):
-    for f in fields:
-        if f in rec:
-            return f, rec[f]
-    return None, None
-
-
-def _raw_records(source: SourceConfig):
-    """Yield ``(where, record | error-string)`` for every record of a local file set or a hub dataset."""
-    if is_hub_name(source):
-        ds = open_hub_dataset(source, streaming=False)
-        for i, rec in enumerate(ds, 1):
-            yield f"{source.path}[{source.split}] record {i}", rec
-        return
-    for path, fmt in resolve_files(source):
-        if fmt == "jsonl":
-            with open(path, encoding="utf-8", errors="replace") as fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        yield f"{path}:{lineno}", json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield f"{path}:{lineno}", f"malformed JSON ({e.msg} at column {e.colno})"
-        elif fmt == "parquet":
-            import pyarrow.parquet as pq
-
-            for row, rec in enumerate(pq.read_table(path).to_pylist(), 1):
-                yield f"{path}:row {row}", rec
-        else:
-            raise DataError(f"prompt source {path!r}: format {fmt!r} has no prompt/answer fields; use jsonl or parquet")
-
-
-def load_prompt_records(source: SourceConfig, prompt_fields: tuple[str, ...], answer_field: str,
-                        solution_field: str | None, stats: PromptStats) -> list[dict]:
-    """Read ``{"problem", "answer", "solution"}`` dicts; bad records go to ``stats``."""
-    out = []
-    for where, rec in _raw_records(source):
-        stats.records += 1
-        if isinstance(rec, str):
-            stats.add_bad(where, rec)
-            continue
-        if not isinstance(rec, dict):
-            stats.add_bad(where, f"record is a {type(rec).__name__}, not an object")
-            continue
-        pf, problem = _pick(rec, prompt_fields)
-        if pf is None:
-            stats.add_bad(where, f"no prompt field (looked for {list(prompt_fields)}; fields: {sorted(rec)[:20]})")
-            continue
-        if not isinstance(problem, str) or not problem.strip():
-            stats.add_bad(where, f"field {pf!r} is {'empty' if isinstance(problem, str) else type(problem).__name__}")
-            continue
-        answer = rec.get(answer_field)
-        if isinstance(answer, (int, float)) and not isinstance(answer, bool):
-            answer = str(answer)
-        if not isinstance(answer, str) or not answer.strip():
-            stats.add_bad(where, f"field {answer_field!r} is missing or empty (a prompt without a reference answer "
-                                 "cannot be scored)")
-            continue
-        sol = rec.get(solution_field) if solution_field else None
-        out.append({"problem": problem, "answer": answer.strip(), "solution": sol if isinstance(sol, str) else None})
-    return out
 
 
 def _identity(x):
@@ -149,7 +62,7 @@ class _StepDataset(torch.utils.data.Dataset):
         return self.steps[i]
 
 
-class PromptDataModule(L.LightningDataModule):
+class PromptDataModule(MoxinDataModule):
     """Prompt batches for GRPO (see the module docstring).
 
     Args:
@@ -171,7 +84,8 @@ class PromptDataModule(L.LightningDataModule):
             ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream);
             ``solution``: ``worked`` or ``answer``, the form of the warm-up targets (see ``solution_text``). Warm-up
             problems come from a disjoint index range (with 1-digit operands many still repeat by value).
-        world_size, seed, tokenizer, max_seq_len: given by ``moxin.run``.
+        seed: given by ``moxin.run``; tokenizer, world_size, max_seq_len: handed in by ``moxin.run`` through
+            ``connect`` (or given here by direct users; ``tokenizer`` may be a spec such as ``"mistral"``).
     """
 
     def __init__(self, source: str = "arithmetic", prompts_per_step: int = 64, steps: int | None = None,
@@ -179,17 +93,14 @@ class PromptDataModule(L.LightningDataModule):
                  system: str | None = None, prompt_fields: tuple[str, ...] = ("problem", "prompt", "question"),
                  answer_field: str = "answer", solution_field: str | None = "solution", split: str = "train",
                  hub_config: str | None = None, data_files: Any = None, max_prompt_tokens: int = 1024,
-                 max_bad_fraction: float = 0.01, task: dict | None = None, world_size: int = 1, seed: int = 0,
-                 tokenizer: Any = "mistral", max_seq_len: int | None = None, num_workers: int = 0):
-        super().__init__()
-        if prompts_per_step < 1 or prompts_per_step % world_size:
-            raise DataError(f"data.prompts_per_step={prompts_per_step} must be a positive multiple of the world size "
-                            f"({world_size}): every rank takes the same number of prompts per step")
+                 max_bad_fraction: float = 0.01, task: dict | None = None, world_size: int | None = None,
+                 seed: int = 0, tokenizer: Any = None, max_seq_len: int | None = None, num_workers: int = 0,
+                 rank: int | None = None):
+        super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
         if source == "arithmetic" and not steps:
             raise DataError("data.steps is required with source=arithmetic (the task is unbounded)")
         self.source = source
         self.prompts_per_step = prompts_per_step
-        self.per_rank = prompts_per_step // world_size
         self.steps_cfg = steps
         self.num_passes = num_passes
         self.warmup_steps = int(warmup_steps or 0)
@@ -202,24 +113,22 @@ class PromptDataModule(L.LightningDataModule):
         self.max_prompt_tokens = max_prompt_tokens
         self.max_bad_fraction = max_bad_fraction
         self.task_kwargs = dict(task or {})
-        self.world_size = world_size
-        self.seed = seed
-        self.tokenizer_spec = tokenizer
-        self.max_seq_len = max_seq_len
         self.num_workers = num_workers
-        self.stats = PromptStats()
+        self.stats: dict = {}
         self._records: list[dict] | None = None
-        self._tok = None
+        self.check_config()
+
+    def check_config(self) -> None:
+        if self.prompts_per_step < 1 or self.prompts_per_step % self.world_size:
+            raise DataError(f"data.prompts_per_step={self.prompts_per_step} must be a positive multiple of the world "
+                            f"size ({self.world_size}): every rank takes the same number of prompts per step")
+
+    @property
+    def per_rank(self) -> int:
+        """Prompts per rank per step."""
+        return self.prompts_per_step // self.world_size
 
     # ---- records ---------------------------------------------------------------------------------------------
-    @property
-    def tokenizer(self):
-        if self._tok is None:
-            from moxin.tokenizer import load_tokenizer
-
-            self._tok = load_tokenizer(self.tokenizer_spec) if isinstance(self.tokenizer_spec, (str, os.PathLike)) else self.tokenizer_spec
-        return self._tok
-
     def user_text(self, problem: str) -> str:
         return f"{problem.strip()}\n\n{self.instruction}" if self.instruction else problem.strip()
 
@@ -241,25 +150,21 @@ class PromptDataModule(L.LightningDataModule):
         if self._records is None:
             src = SourceConfig(name="prompts", path=self.source, split=self.split, hub_config=self.hub_config,
                                data_files=self.data_files)
-            raw = load_prompt_records(src, self.prompt_fields, self.answer_field, self.solution_field, self.stats)
-            recs = []
-            for r in raw:
-                out = self.render(r)
-                if out is None:
-                    self.stats.too_long += 1
-                else:
-                    recs.append(out)
-            self.stats.kept = len(recs)
-            st = self.stats
-            if st.records and st.bad > self.max_bad_fraction * st.records:
-                raise DataError(
-                    f"prompt source {self.source!r}: {st.bad} bad records out of {st.records} (limit "
-                    f"data.max_bad_fraction={self.max_bad_fraction}); first ones: {st.bad_examples}. Fix the records, "
-                    f"set prompt_fields/answer_field ({list(self.prompt_fields)}/{self.answer_field!r}) or raise the limit")
+            items = extract_all(
+                src, prompt_from_record(self.prompt_fields, self.answer_field, self.solution_field),
+                max_bad_records=None, max_bad_fraction=self.max_bad_fraction, check_while_reading=False,
+                what=f"prompt source {self.source!r}",
+                fix=f"Fix the records, set prompt_fields/answer_field ({list(self.prompt_fields)}/"
+                    f"{self.answer_field!r}) or raise the limit")
+            recs = [out for out in map(self.render, (items[i] for i in range(len(items)))) if out is not None]
+            st = items.stats
+            st.kept = len(recs)
+            self.stats = {**st.to_dict(), "too_long": len(items) - len(recs)}
             if not recs:
                 raise DataError(
                     f"prompt source {self.source!r}: no usable prompt ({st.records} records, {st.bad} bad, "
-                    f"{st.too_long} longer than max_prompt_tokens={self.max_prompt_tokens}); first bad: {st.bad_examples}")
+                    f"{self.stats['too_long']} longer than max_prompt_tokens={self.max_prompt_tokens}); first bad: "
+                    f"{st.bad_examples}")
             self._records = recs
         return self._records
 
@@ -329,19 +234,19 @@ class PromptDataModule(L.LightningDataModule):
         return [self._global_batch(s)[rank * self.per_rank:(rank + 1) * self.per_rank] for s in range(steps)]
 
     def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
         if self.source != "arithmetic":
             self._file_records()
 
     def train_dataloader(self):
         from torchdata.stateful_dataloader import StatefulDataLoader
 
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        return StatefulDataLoader(_StepDataset(self.rank_batches(rank)), batch_size=None, shuffle=False,
+        return StatefulDataLoader(_StepDataset(self.rank_batches(self.rank)), batch_size=None, shuffle=False,
                                   collate_fn=_identity, num_workers=0)
 
     def data_report(self) -> dict:
         rep = {"source": self.source, "prompts_per_step": self.prompts_per_step, "rollout_steps": self.total_steps,
                "warmup_steps": self.warmup_steps}
         if self.source != "arithmetic":
-            rep.update(self.stats.to_dict())
+            rep.update(self.stats)
         return rep

@@ -1,0 +1,118 @@
+"""``MoxinDataModule``: what ``moxin.run``, the stages, the callbacks and the banner rely on, declared once.
+
+Every data module (pretraining phases, SFT conversations, DPO pairs, GRPO prompts) derives from it. Hydra
+instantiates one from ``conf/data/*.yaml`` (plus the run's ``seed``); ``moxin.run`` then hands in what a config
+cannot know through one method, :meth:`connect` (the run's one tokenizer, the data-parallel world size, the
+model's ``max_seq_len``), and builds the trainer from the plan before the trainer exists:
+
+* ``accumulate_grad_batches``: micro-batches per optimizer step on each rank;
+* ``num_epochs``: Lightning epochs of the run (the trainer's ``max_epochs``; a pretraining phase is an epoch);
+* ``steps_per_epoch()`` and ``total_steps``: optimizer steps (validation interval, LR schedule, progress);
+* ``epoch_names()`` and ``planned_tokens()``: what the banner and progress display show;
+* ``data_report()``: the counts that go into ``summary.json`` (records read, bad ones with ``file:line``, ...).
+
+Direct users (tests, notebooks, scripts) may pass ``tokenizer`` (an object or a spec such as ``"mistral"``),
+``world_size``, ``rank`` and ``max_seq_len`` to the constructor instead.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+
+from moxin.data.reader import DataError
+from moxin.tokenizer import as_tokenizer
+
+__all__ = ["MoxinDataModule"]
+
+
+class MoxinDataModule(L.LightningDataModule):
+    #: Lightning epochs of the run (the trainer's max_epochs); subclasses set it or compute it.
+    num_epochs: int = 1
+
+    def __init__(self, *, seed: int = 1234, tokenizer=None, world_size: int | None = None, rank: int | None = None,
+                 max_seq_len: int | None = None):
+        super().__init__()
+        self.seed = int(seed)
+        self._tokenizer = tokenizer
+        self._world_size = world_size
+        self._rank = rank
+        self.max_seq_len = max_seq_len
+
+    def connect(self, tokenizer, world_size: int | None = None, rank: int | None = None,
+                max_seq_len: int | None = None) -> None:
+        """Hand in the runtime objects: the run's tokenizer (one object for the whole run; it pickles to loader
+        workers), the data-parallel world size (before the trainer exists, so accumulation can be planned), this
+        process's rank (None: the trainer's, once attached) and the model's ``max_seq_len``. Re-checks the
+        config against them."""
+        self._tokenizer = tokenizer
+        if world_size is not None:
+            self._world_size = int(world_size)
+        if rank is not None:
+            self._rank = int(rank)
+        if max_seq_len is not None:
+            self.max_seq_len = int(max_seq_len)
+        self.check_config()
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            raise DataError(f"{type(self).__name__} has no tokenizer: hand it in with connect(tokenizer, ...) "
+                            "(moxin.run does) or pass tokenizer=")
+        self._tokenizer = as_tokenizer(self._tokenizer)
+        return self._tokenizer
+
+    @property
+    def world_size(self) -> int:
+        return self._given_or_trainer(self._world_size, "world_size", 1)
+
+    @property
+    def rank(self) -> int:
+        return self._given_or_trainer(self._rank, "global_rank", 0)
+
+    def _given_or_trainer(self, given: int | None, attr: str, default: int) -> int:
+        if given is not None:
+            return int(given)
+        trainer = getattr(self, "trainer", None)
+        return int(getattr(trainer, attr)) if trainer is not None else default
+
+    def check_config(self) -> None:
+        """Raise DataError for a setting that cannot work (runs at construction and again in :meth:`connect`)."""
+
+    # ---- the plan the trainer is built from ------------------------------------------------------------------
+    @property
+    def accumulate_grad_batches(self) -> int:
+        raise NotImplementedError
+
+    def steps_per_epoch(self) -> list[int]:
+        """Optimizer steps of every epoch."""
+        raise NotImplementedError
+
+    @property
+    def total_steps(self) -> int:
+        return sum(self.steps_per_epoch())
+
+    def epoch_names(self) -> list[str]:
+        """One name per epoch, for the banner and the progress display."""
+        if self.num_epochs == 1:
+            return ["all"]
+        return [f"epoch {i + 1}" for i in range(self.num_epochs)]
+
+    def planned_tokens(self) -> int | None:
+        """Training tokens of the whole run when the plan fixes them (pretraining phases), else None."""
+        return None
+
+    def data_report(self) -> dict:
+        """Counts for summary.json: records read, bad records with their first locations, what was kept."""
+        return {}
+
+    # ---- Lightning -----------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.check_trainer()
+
+    def check_trainer(self) -> None:
+        """The trainer must have been built from the plan (moxin.run does)."""
+        trainer = getattr(self, "trainer", None)
+        acc = getattr(trainer, "accumulate_grad_batches", None) if trainer is not None else None
+        if acc is not None and acc != self.accumulate_grad_batches:
+            raise DataError(f"trainer.accumulate_grad_batches={acc} but the data module needs "
+                            f"{self.accumulate_grad_batches}; pass accumulate_grad_batches=datamodule.accumulate_grad_batches")

@@ -1,0 +1,327 @@
+"""Pretraining data module: sources -> mixture -> dedup -> tokenizer -> packer, in context-length phases.
+
+Phases are Lightning epochs. Run the trainer with ``max_epochs=len(phases)``,
+``reload_dataloaders_every_n_epochs=1`` and ``accumulate_grad_batches=dm.accumulate_grad_batches``;
+``train_dataloader()`` builds the loader of phase ``trainer.current_epoch`` (a :class:`PackedDataset`). Each
+phase's loader yields exactly ``steps * accumulate_grad_batches`` micro-batches of ``micro_batch_tokens //
+seq_len`` rows on every rank, then ends (so DDP ranks never wait on each other and the epoch ends at the phase
+boundary). Tokens per optimizer step, ``micro_batch_tokens * accumulate * world_size = tokens_per_step``, are the
+same in every phase: when ``seq_len`` doubles, the rows per micro-batch halve.
+
+Exact resume: the loader is a :class:`ConsumedStateLoader` (moxin/data/resume.py) whose state Lightning saves in
+the checkpoint. Because Lightning writes the checkpoint from rank 0 only, :meth:`PretrainDataModule.state_dict`
+also gathers every rank's reader states (saved in the checkpoint's ``datamodule`` entry) and each rank
+substitutes its own on load.
+
+Validation: the val loader packs the first ``val_tokens`` tokens' worth of held-out documents (current phase
+``seq_len``, per rank) and yields the same rows every time.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from moxin.data.bad_records import RecordStats
+from moxin.data.base import MoxinDataModule
+from moxin.data.documents import validate_source
+from moxin.data.mixture import validate_weights
+from moxin.data.packed_dataset import PackedDataset, reader_states
+from moxin.data.phases import Phase
+from moxin.data.reader import DataError, SourceConfig
+from moxin.data.resume import ConsumedStateLoader
+
+__all__ = ["PretrainDataModule"]
+
+
+class PretrainDataModule(MoxinDataModule):
+    """Packed pretraining batches in context-length phases, resumable mid-phase.
+
+    Args:
+        sources: list of :class:`SourceConfig` (or dicts with its keys).
+        phases: list of :class:`Phase` (or dicts). Every phase's mixture names sources of ``sources``.
+        tokenizer: the run's tokenizer object (picklable; ``encode(text, bos, eos)``, ``bos_id``, ``eos_id``) or
+            a spec for ``moxin.tokenizer.load_tokenizer``; ``moxin.run`` hands it in through ``connect``.
+        tokens_per_step: global tokens per optimizer step (all ranks, all accumulation micro-steps).
+        micro_batch_tokens: tokens per device per micro-step; rows = micro_batch_tokens // seq_len.
+        max_seq_len: the model's ``max_seq_len`` (``connect``); a phase beyond it is an error.
+        num_workers: dataloader worker processes per rank (tokenization runs there).
+        seed: mixture seed.
+        dedup: drop exact duplicates (normalised-text hash) inside each reader.
+        val_percent: percent of documents held out for validation (by hash); 0 disables validation.
+        val_tokens: tokens per rank in the validation set (rounded down to whole micro-batches).
+        world_size: data-parallel ranks (``connect``); ``None`` takes it from the trainer (1 without one). Needed
+            before the trainer exists for :attr:`accumulate_grad_batches`.
+        rank: this process's data-parallel rank; ``None`` takes it from the trainer.
+        snapshot_every_n_steps: StatefulDataLoader snapshot interval (restore replays up to n-1 batches).
+        validate_sources: check every source (exists, has documents, has the text field) in ``setup``.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[SourceConfig | Mapping],
+        phases: Sequence[Phase | Mapping],
+        tokenizer: Any = None,
+        tokens_per_step: int = 4 * 1024 * 1024,
+        micro_batch_tokens: int = 16384,
+        max_seq_len: int | None = None,
+        num_workers: int = 2,
+        seed: int = 1234,
+        dedup: bool = True,
+        val_percent: float = 0.1,
+        val_tokens: int = 65536,
+        world_size: int | None = None,
+        snapshot_every_n_steps: int = 1,
+        validate_sources: bool = True,
+        pin_memory: bool = False,
+        rank: int | None = None,
+    ):
+        super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
+        self.sources = [SourceConfig.from_any(s) for s in sources]
+        self.phases = [Phase.from_any(p) for p in phases]
+        self.tokens_per_step = int(tokens_per_step)
+        self.micro_batch_tokens = int(micro_batch_tokens)
+        self.num_workers = int(num_workers)
+        self.dedup = bool(dedup)
+        self.val_percent = float(val_percent)
+        self.val_tokens = int(val_tokens)
+        self.snapshot_every_n_steps = int(snapshot_every_n_steps)
+        self.validate_sources = validate_sources
+        self.pin_memory = pin_memory
+        self._validated = False
+        self._train_loader = None
+        self._train_phase: int | None = None
+        self._carry: dict[int, dict] = {}  # worker -> state carried into the next loader (this rank)
+        self._restored: dict | None = None  # datamodule state from a checkpoint
+        self.check_config()
+
+    # ---- configuration ------------------------------------------------------------------------------------
+    @property
+    def accumulate_grad_batches(self) -> int:
+        """tokens_per_step // (micro_batch_tokens * world_size); the same for every phase."""
+        return self.tokens_per_step // (self.micro_batch_tokens * self.world_size)
+
+    def micro_rows(self, phase: int | Phase) -> int:
+        p = self.phases[phase] if isinstance(phase, int) else phase
+        return self.micro_batch_tokens // p.seq_len
+
+    def steps_in_phase(self, phase: int) -> int:
+        return self.phases[phase].tokens // self.tokens_per_step
+
+    def steps_per_epoch(self) -> list[int]:
+        """Optimizer steps of every epoch (phase)."""
+        return [self.steps_in_phase(i) for i in range(len(self.phases))]
+
+    @property
+    def num_epochs(self) -> int:
+        """Lightning epochs of the run: one per phase (the trainer's max_epochs)."""
+        return len(self.phases)
+
+    def epoch_names(self) -> list[str]:
+        return [p.name for p in self.phases]
+
+    def planned_tokens(self) -> int:
+        return sum(p.tokens for p in self.phases)
+
+    def phase_for_step(self, global_step: int) -> int:
+        """Index of the phase that optimizer step ``global_step`` (0-based) belongs to (last phase past the end)."""
+        acc = 0
+        for i in range(len(self.phases)):
+            acc += self.steps_in_phase(i)
+            if global_step < acc:
+                return i
+        return len(self.phases) - 1
+
+    def batches_per_rank(self, phase: int) -> int:
+        """Micro-batches each rank yields in a phase: steps * accumulate_grad_batches."""
+        return self.steps_in_phase(phase) * self.accumulate_grad_batches
+
+    def check_config(self) -> None:
+        """Raise DataError for any inconsistent setting (runs in __init__ and again once the trainer is known)."""
+        if not self.sources:
+            raise DataError("data: no sources given; list at least one source (name, path)")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise DataError(f"data: source names must be unique, got {names}")
+        if not self.phases:
+            raise DataError("data: no phases given; the schedule needs at least one phase (name, seq_len, tokens, mixture)")
+        pnames = [p.name for p in self.phases]
+        if len(set(pnames)) != len(pnames):
+            raise DataError(f"data: phase names must be unique, got {pnames}")
+        for key in ("tokens_per_step", "micro_batch_tokens") + (("max_seq_len",) if self.max_seq_len else ()):
+            if getattr(self, key) <= 0:
+                raise DataError(f"data: {key} must be > 0, got {getattr(self, key)}")
+        if self.num_workers < 0:
+            raise DataError(f"data: num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.val_percent < 100:
+            raise DataError(f"data: val_percent must be in [0, 100), got {self.val_percent}")
+        ws = self.world_size
+        per_micro = self.micro_batch_tokens * ws
+        if self.tokens_per_step % per_micro:
+            raise DataError(
+                f"data: tokens_per_step={self.tokens_per_step} is not a multiple of micro_batch_tokens * world_size "
+                f"= {self.micro_batch_tokens} * {ws} = {per_micro}; change tokens_per_step or micro_batch_tokens "
+                "so that gradient accumulation is a whole number"
+            )
+        for p in self.phases:
+            where = f"phase {p.name!r}"
+            if p.seq_len <= 0:
+                raise DataError(f"{where}: seq_len must be > 0, got {p.seq_len}")
+            if self.max_seq_len and p.seq_len > self.max_seq_len:
+                raise DataError(
+                    f"{where}: seq_len {p.seq_len} is beyond the model's max_seq_len {self.max_seq_len}; "
+                    "lower the phase's seq_len or use a model config with a larger max_seq_len"
+                )
+            if self.micro_batch_tokens % p.seq_len:
+                raise DataError(
+                    f"{where}: micro_batch_tokens={self.micro_batch_tokens} is not a multiple of seq_len={p.seq_len}; "
+                    "choose micro_batch_tokens as a multiple of every phase's seq_len"
+                )
+            if p.tokens < self.tokens_per_step:
+                raise DataError(
+                    f"{where}: token budget {p.tokens} is less than one optimizer step ({self.tokens_per_step} "
+                    "tokens_per_step); raise the phase's tokens or lower tokens_per_step"
+                )
+            validate_weights(p.mixture, names, where)
+
+    # ---- Lightning hooks ----------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        self.check_config()
+        self.check_trainer()
+        if self.validate_sources and not self._validated:
+            used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
+            for s in self.sources:
+                if s.name in used:
+                    validate_source(s)
+            self._validated = True
+
+    def check_trainer(self) -> None:
+        super().check_trainer()
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None:
+            if trainer.max_epochs is not None and trainer.max_epochs != len(self.phases):
+                raise DataError(f"trainer.max_epochs={trainer.max_epochs}; set it to the number of phases ({len(self.phases)})")
+            if not getattr(trainer, "reload_dataloaders_every_n_epochs", 1):
+                raise DataError("set trainer reload_dataloaders_every_n_epochs=1 (one loader per phase)")
+
+    def _current_phase(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        epoch = int(trainer.current_epoch) if trainer is not None else 0
+        if epoch >= len(self.phases):
+            raise DataError(f"epoch {epoch} has no phase (phases: {[p.name for p in self.phases]}); max_epochs too large")
+        return epoch
+
+    def _harvest(self) -> None:
+        """Remember the reader states of the current loader (the carry into the next phase / checkpoint)."""
+        if self._train_loader is None or getattr(self._train_loader, "_iterator", None) is None:
+            return  # never iterated: the carry is still the states it was built with
+        for st in reader_states(self._train_loader.state_dict()):
+            self._carry[int(st["worker"])] = st
+
+    def build_train_loader(self, phase: int, rank: int | None = None, world_size: int | None = None):
+        """The StatefulDataLoader of one phase (rank/world_size default to the trainer's)."""
+        rank = self.rank if rank is None else rank
+        world_size = self.world_size if world_size is None else world_size
+        self._harvest()
+        initial = dict(self._carry)
+        if self._restored is not None:
+            by_rank = self._restored.get("readers", {})
+            mine = by_rank.get(rank, by_rank.get(str(rank)))
+            if mine:
+                initial = {int(w): s for w, s in mine.items()}
+            self._restored = None
+        self._carry = dict(initial)
+        ds = PackedDataset(
+            self.sources,
+            self.phases[phase],
+            self.tokenizer,
+            micro_rows=self.micro_rows(phase),
+            num_batches=self.batches_per_rank(phase),
+            rank=rank,
+            world_size=world_size,
+            seed=self.seed,
+            dedup=self.dedup,
+            val_percent=self.val_percent,
+            initial_states=initial,
+        )
+        loader = ConsumedStateLoader(
+            ds,
+            batch_size=None,
+            num_workers=self.num_workers,
+            snapshot_every_n_steps=self.snapshot_every_n_steps,
+            pin_memory=self.pin_memory,
+            persistent_workers=False,
+        )
+        self._train_loader, self._train_phase = loader, phase
+        return loader
+
+    def train_dataloader(self):
+        return self.build_train_loader(self._current_phase())
+
+    def on_before_batch_transfer(self, batch, dataloader_idx):
+        # called by Lightning for the batch that is about to be trained on (not for prefetched ones)
+        trainer = getattr(self, "trainer", None)
+        if trainer is not None and trainer.training and self._train_loader is not None:
+            self._train_loader.consumed += 1
+        return batch
+
+    def val_dataloader(self):
+        if self.val_percent <= 0 or self.val_tokens <= 0:
+            return []
+        phase = self.phases[self._current_phase() if getattr(self, "trainer", None) is not None else 0]
+        rows = self.micro_rows(phase)
+        n = self.val_tokens // (rows * phase.seq_len)
+        if n == 0:
+            raise DataError(f"data: val_tokens={self.val_tokens} is less than one micro-batch "
+                            f"({rows * phase.seq_len} tokens in phase {phase.name!r}); raise val_tokens or set it to 0")
+        ds = PackedDataset(
+            self.sources, phase, self.tokenizer, micro_rows=rows, num_batches=n, rank=self.rank,
+            world_size=self.world_size, seed=self.seed, dedup=self.dedup, val_percent=self.val_percent, split="val",
+        )
+        return DataLoader(ds, batch_size=None, num_workers=0)
+
+    # ---- checkpoint state (Lightning saves it under checkpoint["datamodule"]... via state_dict) -------------
+    def state_dict(self) -> dict:
+        self._harvest()
+        mine = {int(w): s for w, s in self._carry.items()}
+        readers = {self.rank: mine}
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
+            gathered = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, (self.rank, mine))
+            readers = {r: s for r, s in gathered}
+        return {"readers": readers, "phase": self._train_phase}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._restored = state
+        self._carry = {}
+
+    # ---- report -------------------------------------------------------------------------------------------
+    def data_report(self) -> dict:
+        """Counts of this rank's readers so far (cumulative over phases): per source records, bad records
+        (with the first ``file:line`` examples), empty texts, dedup seen / dropped, documents held out for
+        validation, tokens read."""
+        self._harvest()
+        per_source: dict[str, dict] = {}
+        totals = {"tokens": 0, "val_held_out": 0, "batches_this_phase": 0}
+        for st in self._carry.values():
+            totals["tokens"] += int(st["tokens"])
+            totals["val_held_out"] += int(st["val_skipped"])
+            totals["batches_this_phase"] += int(st["batches"])
+            dd = (st.get("dedup") or {}).get("counts", {})
+            for n, s in st["sources"].items():
+                agg = per_source.setdefault(n, {"stats": RecordStats(), "dedup_seen": 0, "dedup_dropped": 0,
+                                                "passes": 0})
+                agg["stats"].merge(RecordStats.from_dict(s["stats"]))
+                agg["passes"] = max(agg["passes"], int(s["pass"]) + (1 if s["pos"] or s["pass"] else 0))
+                if n in dd:
+                    agg["dedup_seen"] += int(dd[n]["seen"])
+                    agg["dedup_dropped"] += int(dd[n]["dropped"])
+        phase = self._train_phase
+        return {
+            "rank": self.rank,
+            "phase": None if phase is None else self.phases[phase].name,
+            "sources": {n: {**agg.pop("stats").to_dict(), **agg} for n, agg in per_source.items()},
+            **totals,
+        }

@@ -1,0 +1,376 @@
+"""One reader for every source kind: local jsonl / json lines (also ``.gz``), parquet, text files, folders and
+globs of them, and Hugging Face hub datasets.
+
+:func:`read_records` yields ``(location, record)``: ``location`` is ``file:line``, ``file:row N``, a text file's
+path, ``name[split] row N`` (a memory-mapped hub dataset) or ``name[split] shard s/n record N`` (a streamed one);
+``record`` is a dict (a JSON object, a parquet or hub row), a str (a text file or line), or a :class:`Bad` saying
+why the record is unusable (malformed JSON, not an object, invalid UTF-8, longer than ``max_record_bytes``).
+What a stage takes from a record is an extractor's job (moxin/data/extract.py); counting the bad ones is
+:class:`moxin.data.bad_records.RecordStats`'.
+
+Bytes are decoded strictly: a replaced character would silently change the text the model trains on. A line
+longer than ``max_record_bytes`` is read past in chunks, never held whole.
+
+Sharding (pretraining readers): with ``num_shards`` readers, reader ``shard`` keeps records ``i`` with
+``i % num_shards == shard`` (the others are not parsed), and ``start`` skips the first ``start`` records of the
+shard, which is how a resumed run continues at the same position. Hub datasets are streamed through
+``datasets.distributed.split_dataset_by_node`` and ``IterableDataset.skip``.
+"""
+
+from __future__ import annotations
+
+import glob as _glob
+import gzip
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+__all__ = ["DataError", "SourceConfig", "Bad", "plain", "config_fields", "as_source", "is_hub_name", "resolve_files",
+           "open_hub_dataset", "iter_lines", "read_records", "source_identity"]
+
+_EXT_FORMAT = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".jsonl.gz": "jsonl",
+    ".json.gz": "jsonl",
+    ".parquet": "parquet",
+    ".txt": "txt",
+    ".text": "txt",
+    ".md": "txt",
+}
+_HUB_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class DataError(ValueError):
+    """A data input that cannot be used. The message names the source, the file/line/key and the fix."""
+
+
+def plain(obj: Any) -> Any:
+    """A Hydra/OmegaConf container as plain dicts and lists (anything else unchanged)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover
+        pass
+    return obj
+
+
+@dataclass
+class SourceConfig:
+    """One corpus or data set.
+
+    Args:
+        name: short key used by mixtures (``Phase.mixture``) and reports.
+        path: a local file, folder or glob (jsonl/json lines, parquet, txt; folders are searched recursively),
+            or a Hugging Face hub dataset name such as ``cerebras/SlimPajama-627B``.
+        text_field: the field / column holding the document text (pretraining; ``content`` for the-stack-dedup).
+        split: dataset split for hub sources.
+        data_files: glob (or list of globs) selecting files inside a folder, or ``data_files`` for
+            ``load_dataset`` (e.g. ``"data/python/*.parquet"`` for one language of the-stack-dedup).
+        hub_config: the dataset configuration name for ``load_dataset(path, hub_config)``.
+        format: ``jsonl`` | ``parquet`` | ``txt`` | ``hub``; ``None`` detects it from the extension / path.
+        txt_unit: for text files: ``file`` (one document per file) or ``line`` (one per non-empty line).
+        max_bad_records: stop once one reader met more bad records than this.
+        max_bad_fraction: stop once bad / records exceeds this (checked after 100 records).
+        max_record_bytes: a record (jsonl line, text line or file, parquet / hub text) longer than this is a bad
+            record, counted and skipped unparsed: one runaway line (a dumped table, a base64 blob) would
+            otherwise be tokenized and packed into thousands of rows. None: no cap.
+    """
+
+    name: str
+    path: str
+    text_field: str = "text"
+    split: str = "train"
+    data_files: str | list[str] | None = None
+    hub_config: str | None = None
+    format: str | None = None
+    txt_unit: str = "file"
+    max_bad_records: int = 1000
+    max_bad_fraction: float = 0.01
+    max_record_bytes: int | None = 8 * 1024 * 1024
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.max_bad_records, int) or self.max_bad_records < 0:
+            problems.append(f"max_bad_records={self.max_bad_records!r} must be an integer >= 0")
+        if not isinstance(self.max_bad_fraction, (int, float)) or not 0 <= self.max_bad_fraction <= 1:
+            problems.append(f"max_bad_fraction={self.max_bad_fraction!r} must be in [0, 1]")
+        if self.max_record_bytes is not None and (not isinstance(self.max_record_bytes, int)
+                                                  or self.max_record_bytes < 1):
+            problems.append(f"max_record_bytes={self.max_record_bytes!r} must be an integer >= 1 or null")
+        if problems:
+            raise DataError(f"data source {self.name!r}: " + "; ".join(problems))
+
+    @classmethod
+    def from_any(cls, obj: Any) -> "SourceConfig":
+        """Accept a SourceConfig, a dict / DictConfig (Hydra) with the same keys."""
+        if isinstance(obj, SourceConfig):
+            return obj
+        return cls(**config_fields(cls, obj, "data source", ("name", "path")))
+
+
+def config_fields(cls, obj: Any, what: str, required: tuple[str, ...]) -> dict:
+    """``obj`` (a dict or Hydra DictConfig) as keyword arguments of the dataclass ``cls``; a DataError names an
+    unknown or missing key."""
+    obj = plain(obj)
+    allowed = list(cls.__dataclass_fields__)
+    if not isinstance(obj, Mapping):
+        raise DataError(f"{what} must be a mapping with keys {', '.join(allowed)}; got {obj!r}")
+    unknown = set(obj) - set(allowed)
+    if unknown:
+        raise DataError(f"{what} {obj.get('name', '?')!r}: unknown key(s) {sorted(unknown)}; allowed: {', '.join(allowed)}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise DataError(f"{what} {obj.get('name', '?')!r}: missing key(s) {missing}")
+    return dict(obj)
+
+
+def as_source(obj: Any, default_name: str) -> SourceConfig:
+    """A path / hub name, or a mapping without ``name``, as a SourceConfig named ``default_name``."""
+    obj = plain(obj)
+    if isinstance(obj, str):
+        obj = {"name": default_name, "path": obj}
+    if isinstance(obj, Mapping) and "name" not in obj:
+        obj = {"name": default_name, **obj}
+    return SourceConfig.from_any(dict(obj) if isinstance(obj, Mapping) else obj)
+
+
+@dataclass(frozen=True)
+class Bad:
+    """An unusable record: why (``reason``, shown with its location) and a short ``kind`` for the counts."""
+
+    reason: str
+    kind: str = "malformed"
+
+
+def is_hub_name(source: SourceConfig) -> bool:
+    if source.format is not None:
+        return source.format == "hub"
+    p = source.path
+    if os.path.exists(p) or _glob.has_magic(p):
+        return False
+    return bool(_HUB_RE.match(p)) and Path(p).suffix.lower() not in _EXT_FORMAT and not p.startswith(".")
+
+
+def _ext_format(path: str) -> str | None:
+    low = path.lower()
+    for ext in sorted(_EXT_FORMAT, key=len, reverse=True):
+        if low.endswith(ext):
+            return _EXT_FORMAT[ext]
+    return None
+
+
+def resolve_files(source: SourceConfig) -> list[tuple[str, str]]:
+    """The local files of a source as sorted ``(path, format)`` pairs; raises DataError if there are none."""
+    p = source.path
+    if _glob.has_magic(p):
+        candidates = sorted(f for f in _glob.glob(p, recursive=True) if os.path.isfile(f))
+        if not candidates:
+            raise DataError(f"data source {source.name!r}: no files match {p!r}; fix the path/glob in the data config")
+    elif os.path.isdir(p):
+        pats = source.data_files or "**/*"
+        pats = [pats] if isinstance(pats, str) else list(pats)
+        candidates = sorted(
+            {f for pat in pats for f in _glob.glob(os.path.join(p, pat), recursive=True) if os.path.isfile(f)}
+        )
+    elif os.path.isfile(p):
+        candidates = [p]
+    else:
+        raise DataError(
+            f"data source {source.name!r}: path {p!r} does not exist (cwd {os.getcwd()}); "
+            "fix `path` (a local file, folder or glob) or give a Hugging Face dataset name like 'org/name'"
+        )
+    out = []
+    for f in candidates:
+        fmt = source.format or _ext_format(f)
+        if fmt is None:
+            if os.path.isfile(p):
+                raise DataError(
+                    f"data source {source.name!r}: cannot tell the format of {f!r} from its extension; "
+                    f"use one of {sorted(set(_EXT_FORMAT))} or set format: jsonl|parquet|txt"
+                )
+            continue  # files of other kinds inside a folder are ignored
+        out.append((f, fmt))
+    if not out:
+        raise DataError(
+            f"data source {source.name!r}: folder {p!r} holds no jsonl/json/parquet/txt files"
+            f"{' matching ' + repr(source.data_files) if source.data_files else ''}; the corpus is empty"
+        )
+    return out
+
+
+def source_identity(source: SourceConfig) -> dict:
+    """What identifies the data of a source: sha256 of each local file, or the hub name / config / split."""
+    if is_hub_name(source):
+        return {"hub": source.path, "config": source.hub_config, "split": source.split, "data_files": source.data_files}
+    files = []
+    for path, _ in resolve_files(source):
+        h = hashlib.sha256()
+        with open(path, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+        files.append({"path": os.path.abspath(path), "sha256": h.hexdigest()})
+    return {"files": files}
+
+
+def open_hub_dataset(source: SourceConfig, streaming: bool):
+    """``datasets.load_dataset(path, hub_config, split, data_files)``: streamed (pretraining corpora) or
+    memory-mapped Arrow (SFT / preference / prompt / eval sets that are counted up front); a DataError names the
+    source and what to do when it cannot be opened."""
+    try:
+        import datasets
+
+        return datasets.load_dataset(source.path, source.hub_config, split=source.split, streaming=streaming,
+                                     data_files=source.data_files)
+    except Exception as e:  # network, unknown name, gated dataset ...
+        raise DataError(
+            f"data source {source.name!r}: cannot open Hugging Face dataset {source.path!r} "
+            f"(config {source.hub_config!r}, split {source.split!r}): {type(e).__name__}: {e}. "
+            "Check the name, the network / HF token, or point `path` at local jsonl / parquet files."
+        ) from e
+
+
+# ---- local files -------------------------------------------------------------------------------------------------
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.lower().endswith(".gz") else open(path, "rb")
+
+
+def _too_long(n: int, cap: int | None, what: str = "record") -> Bad | None:
+    if cap and n > cap:
+        return Bad(f"{what} of {n:,} bytes is longer than max_record_bytes={cap:,}", "oversized")
+    return None
+
+
+def iter_lines(path: str, max_bytes: int | None) -> Iterator[tuple[int, str | Bad]]:
+    """``(line number, text)`` of every non-blank line, or a :class:`Bad` for a line that is not valid UTF-8 or is
+    longer than ``max_bytes`` (read past in chunks, never held whole)."""
+    cap = max_bytes if max_bytes and max_bytes > 0 else None
+    with _open_binary(path) as fh:
+        lineno = 0
+        while True:
+            raw = fh.readline(cap + 2) if cap else fh.readline()
+            if not raw:
+                return
+            lineno += 1
+            if cap and len(raw.rstrip(b"\r\n")) > cap:
+                n = len(raw)
+                while not raw.endswith(b"\n"):
+                    raw = fh.readline(1 << 20)
+                    if not raw:
+                        break
+                    n += len(raw)
+                yield lineno, _too_long(n, cap)
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield lineno, Bad(f"invalid UTF-8 at byte {e.start} of the line ({e.reason})", "invalid_utf8")
+                continue
+            if text.strip():
+                yield lineno, text
+
+
+def _json_record(line: str) -> Any:
+    try:
+        rec = json.loads(line)
+    except json.JSONDecodeError as e:
+        return Bad(f"malformed JSON ({e.msg} at column {e.colno})")
+    return rec if isinstance(rec, dict) else Bad(f"record is a {type(rec).__name__}, not an object")
+
+
+def _text_file(path: str, cap: int | None) -> str | Bad:
+    """A whole text file as one record (its size checked before reading, unless compressed)."""
+    if not path.lower().endswith(".gz"):
+        bad = _too_long(os.path.getsize(path), cap, "file")
+        if bad:
+            return bad
+    with _open_binary(path) as fh:
+        raw = fh.read()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        return Bad(f"invalid UTF-8 at byte {e.start} ({e.reason})", "invalid_utf8")
+
+
+def _local_records(source: SourceConfig, keep, columns: list[str] | None,
+                   formats: tuple[str, ...]) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` of the records whose index over all files satisfies ``keep(i)``; the others are not
+    parsed."""
+    i = 0
+    for path, fmt in resolve_files(source):
+        if fmt not in formats:
+            raise DataError(f"data source {source.name!r}: {path} is {fmt}; these records come as "
+                            f"{' or '.join(formats)}")
+        if fmt == "jsonl":
+            for lineno, line in iter_lines(path, source.max_record_bytes):
+                if keep(i):
+                    yield f"{path}:{lineno}", line if isinstance(line, Bad) else _json_record(line)
+                i += 1
+        elif fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            pf = pq.ParquetFile(path)
+            names = pf.schema_arrow.names
+            for col in columns or []:
+                if col not in names:
+                    raise DataError(f"data source {source.name!r}: parquet file {path} has no column {col!r} "
+                                    f"(columns: {names}); set text_field to one of them")
+            row = 0
+            for batch in pf.iter_batches(columns=columns, batch_size=1024):
+                for rec in batch.to_pylist():
+                    row += 1
+                    if keep(i):
+                        yield f"{path}:row {row}", rec
+                    i += 1
+        elif fmt == "txt" and source.txt_unit == "file":
+            if keep(i):
+                yield path, _text_file(path, source.max_record_bytes)
+            i += 1
+        elif fmt == "txt" and source.txt_unit == "line":
+            for lineno, line in iter_lines(path, source.max_record_bytes):
+                if keep(i):
+                    yield f"{path}:{lineno}", line if isinstance(line, Bad) else line.rstrip("\n")
+                i += 1
+        else:
+            raise DataError(f"data source {source.name!r}: txt_unit must be 'file' or 'line', not {source.txt_unit!r}")
+
+
+# ---- every kind ------------------------------------------------------------------------------------------------
+def read_records(source: SourceConfig, *, shard: int = 0, num_shards: int = 1, start: int = 0,
+                 columns: list[str] | None = None, formats: tuple[str, ...] = ("jsonl", "parquet", "txt"),
+                 dataset: Any = None) -> Iterator[tuple[str, Any]]:
+    """``(location, record)`` of every record of one shard of a source (module docstring).
+
+    Args:
+        shard, num_shards, start: this reader's shard and its first record (pretraining; see the module
+            docstring).
+        columns: parquet columns to read (the others are never decoded); a file without one is an error.
+        formats: the local formats these records may come in; a file of another is an error naming it.
+        dataset: a hub dataset the caller opened memory-mapped (``open_hub_dataset(source, streaming=False)``, kept
+            as the store of a post-training set); its rows are read in order. Without it a hub source is streamed.
+    """
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} not in [0, {num_shards})")
+    if dataset is not None:
+        for i, rec in enumerate(dataset, 1):
+            yield f"{source.path}[{source.split}] row {i}", rec
+    elif is_hub_name(source):
+        ds = open_hub_dataset(source, streaming=True)
+        if num_shards > 1:
+            from datasets.distributed import split_dataset_by_node
+
+            ds = split_dataset_by_node(ds, rank=shard, world_size=num_shards)
+        if start:
+            ds = ds.skip(start)
+        for k, rec in enumerate(ds, start + 1):
+            yield f"{source.path}[{source.split}] shard {shard}/{num_shards} record {k}", rec
+    else:
+        first = shard + start * num_shards  # index (over all files) of the first record to parse
+        yield from _local_records(source, lambda i: i >= first and i % num_shards == shard, columns, formats)

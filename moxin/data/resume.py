@@ -1,0 +1,44 @@
+"""The resume helper: a ``StatefulDataLoader`` whose state is that of the batches the model has consumed.
+
+Lightning's fit loop saves the train loader's ``state_dict()`` in the checkpoint
+(``loops.fit_loop.state_dict.combined_loader``) and loads it into the rebuilt loader on restart. Its fetcher runs
+one batch ahead of the training step (to know which batch is the last), so the plain loader state at checkpoint
+time already counts a batch that was never trained on, and a resumed run would skip it.
+"""
+
+from __future__ import annotations
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+__all__ = ["ConsumedStateLoader"]
+
+
+class ConsumedStateLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose `state_dict()` describes the batches the MODEL has consumed.
+
+    We record the loader state after every yielded batch and answer with the one matching `consumed`, which the
+    data module advances as each batch reaches the training step (`on_before_batch_transfer`)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._states: dict[int, dict] = {}
+        self._yielded = 0
+        self.consumed = 0
+
+    def __iter__(self):
+        it = super().__iter__()
+        self._yielded = self.consumed = 0
+        self._states = {0: super().state_dict()}
+        return self._track(it)
+
+    def _track(self, it):
+        for batch in it:
+            self._yielded += 1
+            self._states[self._yielded] = super().state_dict()
+            self._states.pop(self._yielded - 4, None)  # the fetcher is never more than a batch or two ahead
+            yield batch
+
+    def state_dict(self):
+        if self._yielded and self.consumed in self._states:
+            return self._states[self.consumed]
+        return super().state_dict()

@@ -1,0 +1,194 @@
+"""SFT data: Tülu-form conversations -> chat template -> packed rows with an assistant-only loss mask.
+
+Records are ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` (the form of
+``allenai/tulu-3-sft-mixture``), read from a local jsonl / parquet file, folder or glob, or a Hugging Face hub
+dataset name (``datasets.load_dataset(path, split=...)``, memory-mapped Arrow, needs the network once).
+
+Every conversation is rendered by :func:`moxin.tokenizer.render_chat`, the one Tülu template shared with DPO,
+generation and GRPO prompts. Labels are the template's loss mask, shifted: the loss falls on every assistant
+turn's content and its closing eos, nowhere else.
+
+Validation of records (before any training step): a record that is not an object, lacks the messages field,
+has an unknown role / non-string content (:func:`validate_conversation`) or has no assistant turn is *bad*: it
+is counted, the first few are reported with ``file:line``, and the run stops with :class:`DataError` past
+``max_bad_records`` or ``max_bad_fraction``. A data set without a single usable conversation is an error.
+
+Truncation policy (``max_length`` tokens per conversation, the Tülu ``max_seq_length``): a conversation longer
+than ``max_length`` keeps its leading *whole turns*: it is cut right after the last assistant eos that fits, so
+no assistant answer is cut in the middle. When not even the first assistant answer fits, the conversation is cut
+at ``max_length`` tokens (the answer's beginning is still trained, as open-instruct does); when the prompt alone
+is longer, the conversation keeps no target token (it adds nothing to the loss). Every truncation is counted in
+the batch (``num_truncated``) and logged by the SFT stage as ``sft/truncated``; ``data_report()`` gives the share
+of too-long conversations measured on a probe of the data set before training.
+
+Batching: an optimizer step consumes exactly ``batch_size`` conversations over all ranks (Tülu counts its
+effective batch of 128 in sequences, not tokens). Each rank takes ``micro_batch_size`` conversations per
+micro-step and packs them first-fit into rows of ``max_length`` tokens; positions restart at 0 at each
+conversation, which is the model's document mask, so packed conversations never see each other. Rows are
+right-padded (label -100, positions continuing) to the longest row rounded up to ``pad_to_multiple_of``
+(set it to ``max_length`` for fixed shapes). The loss is normalised by the assistant tokens of the whole
+optimizer step on all ranks (MoxinStage), so every target token weighs the same. Steps and epochs:
+moxin/data/step_batches.py.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from operator import itemgetter
+from typing import Any, Sequence
+
+import torch
+
+from moxin.data.extract import Extracted, conversation_problem, extract_all
+from moxin.data.reader import SourceConfig
+from moxin.data.step_batches import StepDataModule
+from moxin.losses import IGNORE_INDEX
+from moxin.tokenizer.chat import ChatTokens, render_chat
+
+__all__ = ["truncate_chat", "pack_rows", "ChatDataset", "collate_sft", "load_conversations", "ChatSFTDataModule"]
+
+log = logging.getLogger(__name__)
+
+
+def truncate_chat(chat: ChatTokens, max_length: int, eos_id: int) -> tuple[ChatTokens, bool]:
+    """Apply the truncation policy (module docstring); returns ``(chat, truncated)``."""
+    n = len(chat)
+    if n <= max_length:
+        return chat, False
+    ids, mask = chat.input_ids, chat.loss_mask
+    cut = max_length  # fallback: hard cut inside the first assistant answer (or inside the prompt)
+    for i in range(max_length - 1, -1, -1):
+        if mask[i] and ids[i] == eos_id:  # the eos closing an assistant turn that fits entirely
+            cut = i + 1
+            break
+    return ChatTokens(input_ids=ids[:cut], loss_mask=mask[:cut]), True
+
+
+def pack_rows(items: Sequence[dict], row_len: int, pad_id: int, pad_to_multiple_of: int = 1) -> dict[str, torch.Tensor]:
+    """First-fit pack ``{"input_ids", "labels"}`` lists (each <= ``row_len``) into rows.
+
+    Returns ``input_ids``, ``labels`` (-100 at padding) and ``positions`` (0 at each item's start, continuing
+    through the right padding), each ``(rows, T)`` with ``T`` the longest row rounded up to
+    ``pad_to_multiple_of`` (capped at ``row_len``). No items: one all-padding row (no targets).
+    """
+    rows: list[list[dict]] = []
+    fill: list[int] = []
+    for it in items:
+        n = len(it["input_ids"])
+        if n > row_len:
+            raise ValueError(f"item of {n} tokens does not fit a row of {row_len}; truncate before packing")
+        for r, used in enumerate(fill):
+            if used + n <= row_len:
+                rows[r].append(it)
+                fill[r] += n
+                break
+        else:
+            rows.append([it])
+            fill.append(n)
+    if not rows:
+        rows, fill = [[]], [0]
+    m = max(1, pad_to_multiple_of)
+    T = min(row_len, max(m, -(-max(fill) // m) * m))
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
+    pos = torch.zeros((len(rows), T), dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for it in row:
+            n = len(it["input_ids"])
+            ids[r, t:t + n] = torch.tensor(it["input_ids"], dtype=torch.long)
+            labels[r, t:t + n] = torch.tensor(it["labels"], dtype=torch.long)
+            pos[r, t:t + n] = torch.arange(n)
+            t += n
+        if t < T:  # right padding continues the last document's positions (architecture.md contract)
+            start = int(pos[r, t - 1]) + 1 if t > 0 else 0
+            pos[r, t:] = torch.arange(start, start + T - t)
+    return {"input_ids": ids, "labels": labels, "positions": pos}
+
+
+class ChatDataset(torch.utils.data.Dataset):
+    """Map-style: item ``i`` is the rendered, truncated conversation ``i`` (tokenized lazily, in the loader's
+    worker processes) of the checked conversations ``items``."""
+
+    def __init__(self, items: Extracted, tokenizer, max_length: int):
+        self.items, self.tokenizer, self.max_length = items, tokenizer, max_length
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def messages(self, i: int) -> list:
+        return self.items[i]
+
+    def __getitem__(self, i: int) -> dict:
+        chat = render_chat(self.messages(i), self.tokenizer, conversation_index=i)
+        chat, truncated = truncate_chat(chat, self.max_length, self.tokenizer.eos_id)
+        return {"input_ids": chat.input_ids, "labels": chat.shifted_labels(), "truncated": truncated}
+
+
+@dataclass
+class collate_sft:
+    """Collate function (picklable): pack the micro-batch's conversations into rows."""
+
+    row_len: int
+    pad_id: int
+    pad_to_multiple_of: int = 64
+
+    def __call__(self, items: list[dict]) -> dict:
+        batch = pack_rows(items, self.row_len, self.pad_id, self.pad_to_multiple_of)
+        batch["num_conversations"] = torch.tensor(len(items))
+        batch["num_truncated"] = torch.tensor(sum(bool(it["truncated"]) for it in items))
+        return batch
+
+
+def load_conversations(source: SourceConfig, messages_field: str, max_bad_records: int,
+                       max_bad_fraction: float) -> Extracted:
+    """Read and check every conversation of a source (bad ones counted, the run stopped past the limits)."""
+    return extract_all(source, itemgetter(messages_field), conversation_problem, max_bad_records=max_bad_records,
+                       max_bad_fraction=max_bad_fraction, hub_column=messages_field)
+
+
+class ChatSFTDataModule(StepDataModule):
+    """SFT on Tülu-form conversations (module docstring for the policies).
+
+    Args (and those of :class:`StepDataModule`, counted in conversations):
+        tokenizer: the run's tokenizer (``connect``), or ``"mistral"`` / a tokenizer.json path.
+        max_length: tokens per conversation and per packed row (Tülu 3 / Moxin: 4096). At most the model's
+            ``max_seq_len``. Longer conversations are truncated at whole turns (module docstring).
+        batch_size: conversations per optimizer step over all ranks (Tülu 3 / Moxin: 128).
+        micro_batch_size: conversations per rank per micro-step (packed into as few rows as they fit).
+        num_epochs: passes over the data (Moxin: 2).
+        messages_field: the record field holding the message list.
+        pad_to_multiple_of: right-pad rows to a multiple of this (``max_length`` gives fixed shapes).
+        length_probe: conversations tokenized before training to report the share longer than ``max_length``.
+    """
+
+    item = "conversations"
+
+    def __init__(self, train: Any, val: Any = None, tokenizer: Any = None, max_length: int = 4096,
+                 batch_size: int = 128, micro_batch_size: int = 8, num_epochs: int = 2, num_workers: int = 1,
+                 messages_field: str = "messages", pad_to_multiple_of: int = 64, max_bad_records: int = 1000,
+                 max_bad_fraction: float = 0.01, length_probe: int = 2000, max_seq_len: int | None = None,
+                 world_size: int | None = None, seed: int = 1234, rank: int | None = None):
+        self.messages_field, self.length_probe = messages_field, int(length_probe)
+        super().__init__(train, val, max_length=max_length, batch_size=batch_size, micro_batch_size=micro_batch_size,
+                         num_epochs=num_epochs, num_workers=num_workers, pad_to_multiple_of=pad_to_multiple_of,
+                         max_bad_records=max_bad_records, max_bad_fraction=max_bad_fraction, seed=seed,
+                         tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
+
+    def load_set(self, source: SourceConfig) -> tuple[ChatDataset, dict]:
+        items = load_conversations(source, self.messages_field, self.max_bad_records, self.max_bad_fraction)
+        ds = ChatDataset(items, self.tokenizer, self.max_length)
+        report = {"source": source.path, **items.stats.to_dict()}
+        probe = min(len(ds), self.length_probe)
+        if probe:
+            n_long = sum(len(render_chat(ds.messages(i), self.tokenizer)) > self.max_length for i in range(probe))
+            report["length_probe"] = {"conversations": probe, "longer_than_max_length": n_long,
+                                      "policy": "truncate at whole turns (assistant eos); hard cut if none fits"}
+            if n_long:
+                log.warning("data set %r: %d of the first %d conversations are longer than max_length=%d and will "
+                            "be truncated at whole turns", source.name, n_long, probe, self.max_length)
+        return ds, report
+
+    def collate(self):
+        return collate_sft(self.max_length, self.tokenizer.pad_id, self.pad_to_multiple_of)
