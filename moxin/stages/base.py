@@ -15,7 +15,6 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import lightning as L
 import numpy as np
