@@ -271,7 +271,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
     return info
 
 
-def print_summary(cfg, info: dict) -> None:
+def print_summary(cfg, info: dict, handoffs: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -292,13 +292,16 @@ def print_summary(cfg, info: dict) -> None:
         t.add_row("metrics CSV", info["metrics_csv"])
     t.add_row("summary", str(Path(info["out_dir"]) / "summary.json"))
     c.print(t)
-    from moxin.ui import print_handoffs  # ux: continue / next stage / inspect, one paste-able line each
+    if handoffs:
+        from moxin.ui import print_handoffs  # ux: continue / next stage / inspect, one paste-able line each
 
-    print_handoffs(cfg, info)
+        print_handoffs(cfg, info)
 
 
-def train(cfg: DictConfig) -> dict:
-    """Lock the run folder, clear what killed saves left, build, fit, export, report."""
+def train(cfg: DictConfig, handoffs: bool = True) -> dict:
+    """Lock the run folder, clear what killed saves left, run the SFT warm-up first when the config has one
+    (moxin/warmup.py: its own run in out_dir/warmup, whose final weights become init_from), build, fit, export,
+    report (`handoffs`: print the next commands at the end)."""
     from contextlib import nullcontext
 
     from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
@@ -311,7 +314,10 @@ def train(cfg: DictConfig) -> dict:
     with RunLock(cfg.out_dir) if first else nullcontext():
         if first:
             clean_temporaries(cfg.out_dir)
-        return _train_locked(cfg)
+        from moxin.warmup import run_warmup
+
+        cfg, stopped = run_warmup(cfg, train)
+        return stopped if stopped is not None else _train_locked(cfg, handoffs)
 
 
 def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
@@ -338,7 +344,7 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     return out
 
 
-def _train_locked(cfg: DictConfig) -> dict:
+def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     from moxin import ui
@@ -381,7 +387,7 @@ def _train_locked(cfg: DictConfig) -> dict:
                 write_hf_tokenizer_files(hf_dir, cfg, stage.tokenizer)
                 info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
-        print_summary(cfg, info)
+        print_summary(cfg, info, handoffs)
     return info
 
 

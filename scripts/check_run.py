@@ -6,7 +6,9 @@
 
 Reads each run's summary.json: `optimizer_steps`, `metrics`, `weights_checksum` (sum of every parameter in
 float64 when the run ended) and `init_checksum` (the same sum over the weights `init_from` loaded, before any
-step). Prints one line per run; exits 1 naming what failed. Used by scripts/gpu_check.sh.
+step). A run with an SFT warm-up (`warmup.steps`, moxin/warmup.py: its own run in `<run>/warmup`) is checked as
+the chain it is: the warm-up ran and started from `--after`'s final weights, and the run from the warm-up's.
+Prints one line per run; exits 1 naming what failed. Used by scripts/gpu_check.sh.
 """
 
 from __future__ import annotations
@@ -42,6 +44,10 @@ def check(run: Path, after: Path | None, rel_tol: float) -> list[str]:
         errors.append(f"non-finite metrics: {bad}")
     if not math.isfinite(s.get("weights_checksum", float("nan"))):
         errors.append(f"final weights are not finite (checksum {s.get('weights_checksum')})")
+    warmup = run / "warmup"
+    if (warmup / "summary.json").is_file():  # the run's SFT warm-up: after -> warm-up -> run
+        errors += [f"warm-up: {e}" for e in check(warmup, after, rel_tol)]
+        after = warmup
     if after is not None:
         prev = load_summary(after)
         want, got = prev.get("weights_checksum"), s.get("init_checksum")

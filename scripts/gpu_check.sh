@@ -3,7 +3,8 @@
 # stage's HF export, a few steps each on the built-in sample data; then the same chain under FSDP2 on 2 GPUs
 # (torchrun; there SFT starts from pretraining's distributed-checkpoint folder, the later stages from HF exports); then a few steps of the full Moxin-7B on 2 GPUs. After every stage scripts/check_run.py checks that
 # it ran, that its metrics and final weights are finite, and that the hand-off loaded the previous stage's final
-# weights (parameter checksums in summary.json).
+# weights (parameter checksums in summary.json; GRPO's SFT warm-up, a run of its own in grpo/warmup, sits between
+# DPO and GRPO: it must start from DPO's final weights and GRPO from its own).
 #
 #   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
 #   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu, fsdp_cpu (CPU stand-ins)
@@ -44,7 +45,7 @@ chain() {  # chain <tag> <sft's source: hf or ckpt> <launcher...> -- <hardware o
   stage "$tag" sft $pre "${launch[@]}" -- +experiment=sft "${hw[@]}" trainer.max_steps=10
   stage "$tag" dpo sft "${launch[@]}" -- +experiment=dpo "${hw[@]}" trainer.max_steps=10 \
     stage.ref_cache_dir="$DIR/$tag/refcache"
-  stage "$tag" grpo dpo "${launch[@]}" -- +experiment=grpo "${hw[@]}" data.steps=4 stage.grpo.warmup_sft_steps=4 \
+  stage "$tag" grpo dpo "${launch[@]}" -- +experiment=grpo "${hw[@]}" data.steps=4 warmup.steps=4 \
     stage.grpo.kl_coef=0.001 export_hf=true
 }
 

@@ -191,7 +191,7 @@ def test_dpo_and_grpo_run_on_gpu_compiled(tmp_path):
                           "trainer.val_every_n_steps=2", "export_hf=false")
     assert dpo["optimizer_steps"] == 4
     assert math.isfinite(dpo["metrics"]["train/loss"]) and math.isfinite(dpo["metrics"]["val/dpo_loss"])
-    grpo = _run_experiment(tmp_path, "grpo", "data.steps=3", "stage.grpo.warmup_sft_steps=2",
+    grpo = _run_experiment(tmp_path, "grpo", "data.steps=3", "warmup.steps=2",
                            "stage.grpo.kl_coef=0.01", "stage.grpo.max_new_tokens=12")
     # a random tiny model rarely scores, so every group may have zero reward spread and no update may run;
     # what must hold is that rollouts, scoring and the (possibly empty) update ran on the GPU with finite values

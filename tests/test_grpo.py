@@ -68,9 +68,9 @@ def make_stage(tok, **grpo) -> GRPOStage:
                      grpo=GRPOConfig(**kw), tokenizer=tok, seed=3)
 
 
-def make_dm(tok, steps=1, P=2, warmup=0) -> PromptDataModule:
-    return PromptDataModule(source="arithmetic", prompts_per_step=P, steps=steps, warmup_steps=warmup,
-                            tokenizer=tok, seed=0, max_prompt_tokens=64)
+def make_dm(tok, steps=1, P=2) -> PromptDataModule:
+    return PromptDataModule(source="arithmetic", prompts_per_step=P, steps=steps, tokenizer=tok, seed=0,
+                            max_prompt_tokens=64)
 
 
 def fit(stage, dm, tmp_path):
@@ -199,12 +199,13 @@ def test_experiment_composes_and_smoke_runs(tmp_path):
             "+experiment=grpo", f"out_dir={tmp_path}/run", "run_name=smoke", "trainer.progress_bar=none",
             "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
             "model.hidden_dim=128", "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",
-            "stage.grpo.max_new_tokens=4", "stage.grpo.warmup_sft_steps=1", "stage.grpo.verifier_workers=0",
+            "stage.grpo.max_new_tokens=4", "warmup.steps=1", "warmup.batch_size=2", "warmup.micro_batch_size=2",
+            "stage.grpo.verifier_workers=0",
             "logger=csv",
         ])
     info = train(cfg)
     assert "grpo/reward_mean" in info["metrics"]
-    assert (tmp_path / "run" / "summary.json").exists()
+    assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "warmup" / "summary.json").exists()
 
 
 def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):

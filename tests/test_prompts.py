@@ -77,11 +77,11 @@ def test_reads_parquet_and_drops_long_prompts(tok, tmp_path):
 
 
 def test_arithmetic_is_deterministic_and_ranks_are_disjoint(tok):
-    kw = dict(source="arithmetic", prompts_per_step=4, steps=3, warmup_steps=2, tokenizer=tok, seed=5)
+    kw = dict(source="arithmetic", prompts_per_step=4, steps=3, tokenizer=tok, seed=5)
     a = PromptDataModule(**kw).rank_batches(0)
     b = PromptDataModule(**kw).rank_batches(0)
     assert [[x["answer"] for x in s] for s in a] == [[x["answer"] for x in s] for s in b]
-    assert len(a) == 5 and all(len(s) == 4 for s in a) and a[0][0]["solution"]
+    assert len(a) == 3 and all(len(s) == 4 for s in a) and a[0][0]["solution"]
     r0 = PromptDataModule(**kw, world_size=2).rank_batches(0)
     r1 = PromptDataModule(**kw, world_size=2).rank_batches(1)
     assert len(r0[0]) == 2
@@ -93,10 +93,30 @@ def test_arithmetic_is_deterministic_and_ranks_are_disjoint(tok):
 
 
 def test_arithmetic_pool_cycles_and_warmup_is_disjoint(tok):
-    dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=4, warmup_steps=2, tokenizer=tok,
-                          task={"pool": 8})
+    dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=4, tokenizer=tok,
+                          task={"pool": 8, "max_digits": 2, "solution": "answer"})
     b = dm.rank_batches(0)
     text = lambda s: [x["messages"][-1]["content"] for x in s]  # noqa: E731
-    assert text(b[2]) == text(b[4]) and text(b[3]) == text(b[5])  # RL steps revisit the pool of 8
-    assert text(b[2]) != text(b[3])
-    assert all(x["solution"] for x in b[0])  # warm-up batches carry worked solutions
+    assert text(b[0]) == text(b[2]) and text(b[1]) == text(b[3])  # RL steps revisit the pool of 8
+    assert text(b[0]) != text(b[1])
+    # the SFT warm-up's conversations (moxin/warmup.py): the RL prompt form answered with the solution, from other
+    # problems than the pool's
+    convs = dm.solution_conversations(10)
+    assert len(convs) == 10 and len({c["messages"][0]["content"] for c in convs}) == 10
+    for c in convs:
+        user, asst = c["messages"]
+        assert user["role"] == "user" and user["content"].endswith(DEFAULT_INSTRUCTIONS["exact"])
+        assert asst["role"] == "assistant" and asst["content"].startswith("Answer: ")
+    assert not {c["messages"][0]["content"] for c in convs} & set(text(b[0]) + text(b[1]))
+
+
+def test_file_solution_conversations(tok, tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in [{"problem": "One?", "answer": "1", "solution": "It is 1."},
+                                                       {"problem": "Two?", "answer": "2"}]) + "\n")
+    dm = PromptDataModule(source=str(path), prompts_per_step=1, tokenizer=tok, max_bad_fraction=0.5)
+    convs = dm.solution_conversations(3)  # only the record with a solution, cycling
+    assert [c["messages"][-1]["content"] for c in convs] == ["It is 1."] * 3
+    dm = PromptDataModule(source=str(path), prompts_per_step=1, tokenizer=tok, solution_field=None)
+    with pytest.raises(DataError, match="no record has a solution"):
+        dm.solution_conversations(1)

@@ -200,19 +200,22 @@ def test_dpo_resume_continues_exactly(tmp_path):
 
 def test_grpo_resume_continues_exactly(tmp_path):
     """Rollouts are seeded by (seed, step, rank): a GRPO run stopped mid-RL and resumed regenerates the same
-    completions and takes the same updates (steps 0-39 are the SFT warm-up, 40-43 rollout steps)."""
+    completions and takes the same updates (after a 40-step SFT warm-up, its own run in out_dir/warmup that the
+    resumed command does not run again; steps 0-3 are the rollout steps)."""
     base = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
             "model.head_dim=16", "model.hidden_dim=128", "data.steps=4", "data.prompts_per_step=4",
             "data.task.pool=4", "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8",
-            "stage.grpo.warmup_sft_steps=40", "stage.grpo.verifier_workers=0", "stage.grpo.ppo_epochs=1",
-            "stage.grpo.num_minibatches=1", "stage.grpo.filter_zero_std=false", "stage.grpo.mask_truncated=false",
-            "stage.optim.lr=1e-3", "trainer.progress_bar=none"]
+            "warmup.steps=40", "warmup.batch_size=4", "warmup.micro_batch_size=4", "warmup.optim.lr=5e-3",
+            "stage.grpo.verifier_workers=0", "stage.grpo.ppo_epochs=1", "stage.grpo.num_minibatches=1",
+            "stage.grpo.filter_zero_std=false", "stage.grpo.mask_truncated=false", "stage.optim.lr=1e-3",
+            "trainer.progress_bar=none"]
     R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=42"]))
+    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=2"]))
     R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
-    assert sorted(a) == sorted(b) == [40, 41, 42, 43], (sorted(a), sorted(b))
-    assert any(abs(a[s]) > 1e-4 for s in (42, 43)), a  # real updates after the resume point (groups with signal)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3], (sorted(a), sorted(b))
+    assert any(abs(a[s]) > 1e-4 for s in (2, 3)), a  # real updates after the resume point (groups with signal)
+    assert len(list((tmp_path / "part" / "warmup").glob("logs/version_*"))) == 1  # the warm-up ran once
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
 

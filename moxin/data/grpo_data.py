@@ -9,7 +9,7 @@ Every record becomes ``{"prompt_ids", "user", "answer", "solution"}``:
   with ``add_generation_prompt=True``), so the policy is prompted exactly as SFT data and generation are;
 * ``answer`` is the reference string the verifier compares against;
 * ``solution`` is a worked answer (``solution_text`` for the arithmetic task, the ``solution`` field of files when
-  present, else None): the GRPO stage's optional SFT warm-up trains on it.
+  present, else None): the SFT warm-up before RL trains on it (:meth:`PromptDataModule.solution_conversations`).
 
 Records are read by the one reader (moxin/data/reader.py: jsonl, also ``.gz``, parquet, folders, globs, hub) and
 their fields taken by :class:`moxin.data.extract.prompt_from_record`. Bad records (malformed JSON, not an object,
@@ -21,7 +21,7 @@ usable record stops it too (a run never silently trains on nothing).
 Batches: one optimizer "step" of GRPO is one rollout batch of ``prompts_per_step`` prompts in total, split evenly
 over ranks (``prompts_per_step / world_size`` each). The order is a seeded shuffle per pass over the data, so a run is
 reproducible; the built-in task draws problem ``i`` of step ``k`` as ``ArithmeticTask.problem(k * P + i)``.
-``warmup_steps`` extra batches come first (the GRPO stage's SFT warm-up consumes them). The loader is a
+The loader is a
 ``torchdata`` ``StatefulDataLoader`` so a resumed run continues at the same batch.
 """
 
@@ -72,7 +72,6 @@ class PromptDataModule(MoxinDataModule):
             ``group_size`` completions in the stage.
         steps: rollout steps; None = ``num_passes`` passes over a file source (required for ``arithmetic``).
         num_passes: passes over the data when ``steps`` is None.
-        warmup_steps: extra batches in front for the stage's SFT warm-up (``stage.grpo.warmup_sft_steps``).
         instruction: appended to each problem (after a blank line); None picks ``DEFAULT_INSTRUCTIONS[verifier]``.
         verifier: which verifier will read the answers (chooses the default instruction).
         system: optional system message.
@@ -82,14 +81,13 @@ class PromptDataModule(MoxinDataModule):
         max_bad_fraction: stop when more than this fraction of records is bad.
         task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``), plus
             ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream);
-            ``solution``: ``worked`` or ``answer``, the form of the warm-up targets (see ``solution_text``). Warm-up
-            problems come from a disjoint index range (with 1-digit operands many still repeat by value).
+            ``solution``: ``worked`` or ``answer``, the form of the warm-up targets (see ``solution_text``).
         seed: given by ``moxin.run``; tokenizer, world_size, max_seq_len: handed in by ``moxin.run`` through
             ``connect`` (or given here by direct users; ``tokenizer`` may be a spec such as ``"mistral"``).
     """
 
     def __init__(self, source: str = "arithmetic", prompts_per_step: int = 64, steps: int | None = None,
-                 num_passes: int = 1, warmup_steps: int = 0, instruction: str | None = None, verifier: str = "exact",
+                 num_passes: int = 1, instruction: str | None = None, verifier: str = "exact",
                  system: str | None = None, prompt_fields: tuple[str, ...] = ("problem", "prompt", "question"),
                  answer_field: str = "answer", solution_field: str | None = "solution", split: str = "train",
                  hub_config: str | None = None, data_files: Any = None, max_prompt_tokens: int = 1024,
@@ -103,7 +101,6 @@ class PromptDataModule(MoxinDataModule):
         self.prompts_per_step = prompts_per_step
         self.steps_cfg = steps
         self.num_passes = num_passes
-        self.warmup_steps = int(warmup_steps or 0)
         self.instruction = DEFAULT_INSTRUCTIONS.get(verifier, "") if instruction is None else instruction
         self.system = system
         self.prompt_fields = tuple(prompt_fields)
@@ -179,17 +176,17 @@ class PromptDataModule(MoxinDataModule):
 
     @property
     def total_steps(self) -> int:
-        """Rollout (GRPO) steps, warm-up excluded."""
+        """Rollout (GRPO) steps."""
         if self.steps_cfg:
             return int(self.steps_cfg)
         return max(1, self.num_passes * len(self._file_records()) // self.prompts_per_step)
 
     def steps_per_epoch(self) -> list[int]:
-        """Batches of the one epoch (warm-up included)."""
-        return [self.warmup_steps + self.total_steps]
+        """Batches of the one epoch."""
+        return [self.total_steps]
 
     def _global_batch(self, step: int) -> list[dict]:
-        """The ``prompts_per_step`` records of global step ``step`` (warm-up batches included)."""
+        """The ``prompts_per_step`` records of global step ``step``."""
         P = self.prompts_per_step
         if self.source == "arithmetic":
             from moxin.rewards.tasks import ArithmeticTask, solution_text
@@ -198,11 +195,8 @@ class PromptDataModule(MoxinDataModule):
             pool = kw.pop("pool", None)
             style = kw.pop("solution", "worked")  # worked: "A + B = C. Answer: C"; answer: "Answer: C"
             task = ArithmeticTask(seed=self.seed, **kw)
-            if step < self.warmup_steps:  # warm-up problems: an index range disjoint from the RL ones
-                idx = [10**7 + step * P + i for i in range(P)]
-            else:
-                first = (step - self.warmup_steps) * P
-                idx = [(first + i) % pool if pool else first + i for i in range(P)]
+            first = step * P
+            idx = [(first + i) % pool if pool else first + i for i in range(P)]
             out = []
             for p in (task.problem(i) for i in idx):
                 rec = self.render({"problem": p["prompt"], "answer": p["answer"], "solution": solution_text(p, style)})
@@ -229,8 +223,32 @@ class PromptDataModule(MoxinDataModule):
             cache[pass_idx] = idx
         return cache[pass_idx]
 
+    def solution_conversations(self, n: int) -> list[dict]:
+        """``n`` conversations ``{"messages": [prompt..., {"role": "assistant", "content": solution}]}`` for an SFT
+        warm-up before RL (moxin/warmup.py writes them as a chat jsonl): the user turn is exactly the RL prompt's.
+        The arithmetic task's come from an index range disjoint from the RL ones (with 1-digit operands many still
+        repeat by value); a file's are its records with a solution, in the seeded order, cycling."""
+        if self.source == "arithmetic":
+            from moxin.rewards.tasks import ArithmeticTask, solution_text
+
+            kw = dict(self.task_kwargs)
+            kw.pop("pool", None)
+            style = kw.pop("solution", "worked")
+            task = ArithmeticTask(seed=self.seed, **kw)
+            pairs = [(self.messages(p["prompt"]), solution_text(p, style))
+                     for p in (task.problem(10**7 + i) for i in range(n))]
+        else:
+            recs = self._file_records()
+            order = [recs[k] for k in self._order(0, len(recs)) if recs[k].get("solution")]
+            if not order:
+                raise DataError(f"prompt source {self.source!r}: no record has a solution (field "
+                                f"data.solution_field={self.solution_field!r}), so there is nothing to warm up on; "
+                                "set warmup.steps=0 or point data.solution_field at the worked solutions")
+            pairs = [(order[i % len(order)]["messages"], order[i % len(order)]["solution"]) for i in range(n)]
+        return [{"messages": msgs + [{"role": "assistant", "content": sol}]} for msgs, sol in pairs]
+
     def rank_batches(self, rank: int) -> list[list[dict]]:
-        steps = self.warmup_steps + self.total_steps
+        steps = self.total_steps
         return [self._global_batch(s)[rank * self.per_rank:(rank + 1) * self.per_rank] for s in range(steps)]
 
     def setup(self, stage: str | None = None) -> None:
@@ -245,8 +263,7 @@ class PromptDataModule(MoxinDataModule):
                                   collate_fn=_identity, num_workers=0)
 
     def data_report(self) -> dict:
-        rep = {"source": self.source, "prompts_per_step": self.prompts_per_step, "rollout_steps": self.total_steps,
-               "warmup_steps": self.warmup_steps}
+        rep = {"source": self.source, "prompts_per_step": self.prompts_per_step, "rollout_steps": self.total_steps}
         if self.source != "arithmetic":
             rep.update(self.stats)
         return rep

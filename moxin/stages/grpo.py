@@ -30,10 +30,9 @@ while the policy improves. Watch ``grpo/reward_mean`` (and on held-out prompts),
 (near 1: prompts too easy or too hard, nothing is learnt), ``grpo/entropy`` (collapsing to 0: exploration died),
 ``grpo/clip_frac`` (large: updates too big for the clip range), ``grpo/kl`` and ``grpo/completion_len_mean``.
 
-Optional SFT warm-up (``warmup_sft_steps``): the first batches train plain cross-entropy on the records'
-``solution`` (chat-rendered, loss on the assistant answer) with a separate AdamW at ``warmup_sft_lr``, so a fresh
-tiny model learns the answer format before RL. Keep it short: GRPO needs headroom to show a reward rise. The
-warm-up optimizer is not checkpointed (resuming inside the warm-up restarts its moments).
+The stage knows nothing of SFT. A fresh model that must first learn the answer format gets an SFT warm-up on the
+task's solutions *before* this stage: a run of its own (``warmup.steps``; moxin/warmup.py) through the SFT data
+path and stage, whose final weights are this stage's ``init_from`` (and so the KL reference's weights).
 
 Distributed: data-parallel ranks each take ``prompts_per_step / world`` prompts; token / sequence counts are
 all-reduced so every token (or sequence) of a minibatch weighs the same on every rank, and every rank runs the
@@ -53,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, parse_option, group_advantages, kl_penalty, policy_loss,
-                          token_cross_entropy, token_entropy, token_logprobs, zero_std_groups)
+                          token_entropy, token_logprobs, zero_std_groups)
 from moxin.distributed import is_sharded, reshard
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage, OptimConfig
@@ -109,9 +108,6 @@ class GRPOConfig:
     max_verifier_failure_fraction: float = 0.5
     """Stop the run when more than this fraction of a step's completions could not be scored (verifier error or
     timeout): their reward would be a silent 0 and the update noise."""
-    warmup_sft_steps: int = 0
-    """Batches of SFT on the records' solutions before RL (the data module adds them in front)."""
-    warmup_sft_lr: float = 1e-3
     log_completions: int = 1
     """Print this many (prompt, completion, reward) examples every `log_every` rollout steps (rank 0)."""
     log_every: int = 10
@@ -165,7 +161,6 @@ class GRPOStage(MoxinStage):
         self.ref_model = None
         self.batches_seen = 0
         self.history: list[dict] = []  # per rollout step: the logged grpo/* metrics (also read by tests / summary)
-        self._warm_opt = None
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -433,53 +428,9 @@ class GRPOStage(MoxinStage):
                 "grpo/loss_tokens": acc["tok"] / n_mb, "grpo/skipped_update": 0.0}
 
     # ---- the step -----------------------------------------------------------------------------------------------
-    def warmup_step(self, batch: list[dict]) -> dict:
-        """One SFT step on the records' solutions (loss on the assistant answer and its eos)."""
-        from moxin.tokenizer.chat import render_chat
-
-        if self._warm_opt is None:
-            self._warm_opt = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.warmup_sft_lr,
-                                               betas=(0.9, 0.95), weight_decay=0.0)
-        rows = []
-        for r in batch:
-            if not r.get("solution"):
-                raise ValueError("stage.grpo.warmup_sft_steps > 0 needs records with a solution (the data's "
-                                 "solution_field); this record has none: " + repr(r["messages"][-1]["content"][:80]))
-            ct = render_chat(r["messages"] + [{"role": "assistant", "content": r["solution"]}], self.tokenizer)
-            rows.append((ct.input_ids, ct.shifted_labels()))
-        L = min(max(len(i) for i, _ in rows), self.model_cfg.max_seq_len)
-        ids = torch.zeros(len(rows), L, dtype=torch.long)
-        lab = torch.full((len(rows), L), IGNORE_INDEX, dtype=torch.long)
-        for k, (i, lb) in enumerate(rows):
-            ids[k, :len(i[:L])] = torch.tensor(i[:L])
-            lab[k, :len(lb[:L])] = torch.tensor(lb[:L])
-        ids, lab = ids.to(self.device), lab.to(self.device)
-        pos = torch.arange(L, device=self.device).expand_as(ids)
-        self.model.train()
-        self._warm_opt.zero_grad(set_to_none=True)
-        loss_sum, n = self.model(ids, pos, head=lambda h, w: token_cross_entropy(h, w, lab, self.loss_chunk_size))
-        tot = self._reduce([float(n)])[0]
-        self.manual_backward(loss_sum / max(tot, 1.0) * self._world())
-        if self.optim_cfg.grad_clip is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
-        self._warm_opt.step()
-        loss = self._reduce([float(loss_sum.detach())])[0] / max(tot, 1.0)
-        self.last_step_tokens_processed = ids.numel()
-        return {"warmup/loss": loss}
-
     def training_step(self, batch, batch_idx):
-        step = self.batches_seen
+        rl_step = self.batches_seen
         self.batches_seen += 1
-        if step < self.cfg.warmup_sft_steps:
-            logs = self.warmup_step(batch)
-            if step == self.cfg.warmup_sft_steps - 1 and self.cfg.kl_coef != 0.0:
-                # the KL reference is the policy RL starts from: copy the warmed-up weights into it (same
-                # structure and sharding as the policy, so plain tensors and DTensor shards copy alike)
-                with torch.no_grad():
-                    self.ref_model.load_state_dict(self.model.state_dict())
-            self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=True, rank_zero_only=True)
-            return None
-        rl_step = step - self.cfg.warmup_sft_steps
         from moxin.eval.heldout import maybe_heldout
 
         held = maybe_heldout(self, rl_step, after_update=False)  # held-out reward (greedy) every heldout_every steps
@@ -546,5 +497,5 @@ class GRPOStage(MoxinStage):
         super().on_load_checkpoint(checkpoint)
         st = checkpoint.get("moxin") or {}
         self.batches_seen = int(st.get("grpo_batches_seen", 0))
-        # the KL reference is rebuilt from init_from in configure_model (the policy RL started from when there is
-        # no warm-up); a run resumed after an SFT warm-up keeps the pre-warm-up weights as its reference
+        # the KL reference is rebuilt from init_from in configure_model: the policy RL started from (after an SFT
+        # warm-up, init_from is the warm-up's final checkpoint)

@@ -1,0 +1,154 @@
+"""The SFT warm-up before a run: a fresh model learns the task's answer form from worked solutions before RL.
+
+``warmup.steps > 0`` (conf/config.yaml) makes one ``python -m moxin.run`` command two ordinary runs, one after the
+other, under the command's run lock:
+
+1. **The warm-up**, an SFT run in ``<out_dir>/warmup/``. The command's data module writes its task's solutions as
+   chat records, ``warmup/solutions.jsonl`` (``{"messages": [the RL prompt, {"role": "assistant", "content":
+   solution}]}``, ``warmup.steps x warmup.batch_size`` of them: see
+   :meth:`moxin.data.prompts.PromptDataModule.solution_conversations`). The SFT data module (moxin/data/chat.py)
+   reads them and the SFT stage trains on them (conf/stage/sft.yaml, its optimizer merged with ``warmup.optim``),
+   through ``moxin.run.train`` like any run: its own checkpoints, metrics.csv, summary.json and resume.
+   Model, tokenizer, seed, hardware, logger and the trainer's checkpoint / progress settings are the command's.
+2. **The run itself** (GRPO), in ``<out_dir>/``, starting from the warm-up's final checkpoint as ``init_from``
+   (so its ``init_checksum`` is the warm-up's ``weights_checksum``, and a KL reference is the warmed-up policy).
+   A command's own ``init_from`` is where the warm-up starts.
+
+Resume: with ``resume=auto`` (or a checkpoint path) an interrupted warm-up continues where it stopped and a
+finished one is not run again; a fresh command (``resume=null``) refuses a folder that holds a warm-up, as it
+refuses one that holds checkpoints. A warm-up stopped by SIGUSR1 (SLURM) ends the command there; the requeued job
+continues it. The stage that follows knows nothing of SFT: only its starting weights come from here.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+__all__ = ["SOLUTIONS", "warmup_dir", "warmup_config", "write_solutions", "finished_checkpoint", "run_warmup"]
+
+SOLUTIONS = "solutions.jsonl"
+
+
+def warmup_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.out_dir) / "warmup"
+
+
+def warmup_config(cfg: DictConfig) -> DictConfig:
+    """The warm-up's own run config: the command's config with SFT data on the written solutions, the SFT stage,
+    ``out_dir=<out_dir>/warmup`` and no warm-up of its own."""
+    from moxin.paths import conf_dir
+
+    w = cfg.warmup
+    wdir = warmup_dir(cfg)
+    stage = OmegaConf.merge(OmegaConf.load(conf_dir() / "stage" / "sft.yaml"),
+                            {"optim": w.get("optim") or {}, "validate_at_start": False})
+    data = {"_target_": "moxin.data.chat.ChatSFTDataModule",
+            "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
+            "max_length": int(w.max_length), "batch_size": int(w.batch_size),
+            "micro_batch_size": int(w.micro_batch_size), "num_epochs": 1, "num_workers": 0,
+            "messages_field": "messages", "pad_to_multiple_of": 8, "max_bad_records": 0, "max_bad_fraction": 0.0}
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.run_name = f"{cfg.run_name}-warmup"
+        out.out_dir = str(wdir)
+        out.resume = "auto" if cfg.get("resume") not in (None, "", False) else None
+        out.stage = stage
+        out.data = data
+        out.warmup.steps = 0
+        out.export_hf = False
+        out.monitor = "train/loss"
+        out.samples.prompts = []
+        if out.get("eval") is not None:
+            out.eval = None
+        out.trainer.max_steps = -1  # trainer.max_steps is the command's run's (GRPO's) limit, not the warm-up's
+        out.trainer.val_every_n_steps = None
+    return out
+
+
+def write_solutions(cfg: DictConfig, path: Path) -> int:
+    """Write ``warmup.steps x warmup.batch_size`` solution conversations of the command's data as a chat jsonl
+    (atomically: every rank may write the same bytes). Returns how many."""
+    from hydra.utils import instantiate
+
+    from moxin.run import ConfigError, world_size_of
+
+    n = int(cfg.warmup.steps) * int(cfg.warmup.batch_size)
+    from moxin.tokenizer import load_tokenizer
+
+    dm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    dm.connect(load_tokenizer(cfg.tokenizer), world_size=world_size_of(cfg.hardware),
+               max_seq_len=OmegaConf.select(cfg, "model.max_seq_len"))
+    if not hasattr(dm, "solution_conversations"):
+        raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the data module {type(dm).__name__} has no worked "
+                          "solutions to warm up on (GRPO's prompt data has); set warmup.steps=0")
+    convs = dm.solution_conversations(n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for c in convs:
+            fh.write(json.dumps(c, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+    return len(convs)
+
+
+def finished_checkpoint(wcfg: DictConfig) -> str | None:
+    """The warm-up's final checkpoint when it has run to its end (the whole schedule, saved at its end), else None."""
+    from moxin.checkpointing import find_resume
+
+    info, _ = find_resume(wcfg.out_dir)
+    if info is None or not info.moxin.get("finished"):
+        return None
+    total = info.moxin.get("total_steps")
+    if total is not None and info.step < int(total):
+        return None
+    return str(info.path.resolve())
+
+
+def _say(msg: str) -> None:
+    from moxin.checkpointing import launcher_rank
+
+    if launcher_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run_warmup(cfg: DictConfig, train) -> tuple[DictConfig, dict | None]:
+    """Run (or resume, or skip when finished) the warm-up of ``cfg`` with ``train`` (moxin.run.train).
+
+    Returns the command's config to go on with (``init_from`` = the warm-up's final checkpoint; ``cfg`` itself when
+    ``warmup.steps`` is 0), and the warm-up's summary when it stopped early (a signal): then nothing else runs.
+    """
+    w = cfg.get("warmup")
+    if not w or not int(w.get("steps") or 0):
+        return cfg, None
+    wcfg = warmup_config(cfg)
+    ckpt = finished_checkpoint(wcfg) if wcfg.resume else None
+    if ckpt is not None:
+        _say(f"warm-up: done ({ckpt}); not run again")
+    else:
+        n = write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS)
+        _say(f"warm-up: SFT on {n} solutions ({w.steps} steps of {w.batch_size}) in {Path(wcfg.out_dir).resolve()}, "
+             f"then the run starts from its final weights")
+        from moxin.ui import run_log
+
+        try:
+            info = train(wcfg, handoffs=False)
+        finally:
+            run_log().close()  # the warm-up's log file; the run itself opens its own
+        if info.get("stopped_by_signal_at") is not None:
+            return cfg, info
+        ckpt = finished_checkpoint(wcfg)
+        if ckpt is None:
+            from moxin.run import ConfigError
+
+            raise ConfigError(f"warm-up in {wcfg.out_dir} ended without its final checkpoint; continue it with "
+                              "resume=auto")
+    out = copy.deepcopy(cfg)
+    with open_dict(out):
+        out.init_from = ckpt
+    return out, None

@@ -1,0 +1,139 @@
+"""The SFT warm-up before GRPO (moxin/warmup.py): the data's solutions are written as chat records and trained on
+by an ordinary SFT run in out_dir/warmup (its checkpoint, summary.json); GRPO starts from exactly its final
+weights; a finished warm-up is not run again, an interrupted one resumes, a fresh command refuses a folder that
+holds one. The demo's reward rise itself is the slow test at the end."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from moxin import run as R
+from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
+
+TINY = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
+        "model.head_dim=16", "model.hidden_dim=128", "data.steps=3", "data.prompts_per_step=4", "data.task.pool=4",
+        "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8", "stage.grpo.verifier_workers=0",
+        "stage.grpo.ppo_epochs=1", "stage.grpo.num_minibatches=1", "stage.grpo.filter_zero_std=false",
+        "stage.grpo.mask_truncated=false", "stage.optim.lr=1e-3", "trainer.progress_bar=none",
+        "warmup.steps=6", "warmup.batch_size=4", "warmup.micro_batch_size=2", "trainer.checkpoint_every_n_steps=2"]
+
+
+def _compose(overrides):
+    with initialize_config_dir(R.CONF_DIR, version_base=None):
+        return compose("config", overrides=overrides, return_hydra_config=False)
+
+
+def _cfg(out: Path, *extra):
+    return _compose(TINY + [f"out_dir={out}", f"run_name={out.name}", *extra])
+
+
+def _summary(d: Path) -> dict:
+    return json.loads((d / "summary.json").read_text())
+
+
+def _metric_rows(d: Path, key: str) -> list[tuple[int, int, float]]:
+    """(csv version, step, value) of every row of `key` in a run folder's metrics.csv files."""
+    out = []
+    for f in sorted(d.glob("logs/version_*/metrics.csv")):
+        v = int(f.parent.name.split("_")[1])
+        out += [(v, int(r["step"]), float(r[key])) for r in csv.DictReader(open(f)) if r.get(key)]
+    return out
+
+
+def test_warmup_is_an_sft_run_and_grpo_starts_from_its_final_weights(tmp_path):
+    out = tmp_path / "run"
+    info = R.train(_cfg(out))
+    wdir = out / "warmup"
+    # the task's solutions, as chat records in the SFT data's format: the RL prompt answered
+    convs = [json.loads(line) for line in (wdir / SOLUTIONS).read_text().splitlines()]
+    assert len(convs) == 6 * 4
+    for c in convs:
+        user, asst = c["messages"]
+        assert user["role"] == "user" and user["content"].startswith("What is ") and "Answer: N" in user["content"]
+        a, op, b = user["content"][len("What is "):].split("?")[0].split()
+        assert asst == {"role": "assistant", "content": f"Answer: {int(a) + int(b) if op == '+' else int(a) - int(b)}"}
+    # ... trained by the SFT stage through the SFT data module, a run of its own with its checkpoint and summary
+    ws = _summary(wdir)
+    assert ws["optimizer_steps"] == 6 and ws["metrics"]["sft/conversations"] == 4
+    assert [s for _, s, _ in _metric_rows(wdir, "train/loss")] == list(range(6))
+    wcfg = warmup_config(_cfg(out))
+    assert wcfg.stage._target_ == "moxin.stages.sft.SFTStage" and wcfg.out_dir == str(wdir)
+    assert wcfg.data._target_ == "moxin.data.chat.ChatSFTDataModule" and wcfg.data.train.path == str(wdir / SOLUTIONS)
+    assert wcfg.stage.optim.lr == _cfg(out).warmup.optim.lr  # warmup.optim, merged onto conf/stage/sft.yaml's
+    ckpt = Path(ws["checkpoint"])
+    assert ckpt.is_file() and ckpt.parent == wdir / "checkpoints"
+    assert torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True)["moxin"]["finished"]
+    # GRPO started from exactly those weights: its init_from is the warm-up's final checkpoint
+    s = _summary(out)
+    assert s["init_from"] == str(ckpt) and info["init_checksum"] == s["init_checksum"]
+    assert s["init_checksum"] == pytest.approx(ws["weights_checksum"], rel=1e-12)
+    losses = [v for _, _, v in _metric_rows(wdir, "train/loss")]
+    assert losses[-1] < losses[0]  # the warm-up learnt
+    # GRPO's own log holds rollout steps only; no warm-up steps in front any more
+    assert [s for _, s, _ in _metric_rows(out, "grpo/reward_mean")] == [0, 1, 2]
+    assert not _metric_rows(out, "sft/conversations")
+    assert "warmup_steps" not in s["data"]
+
+    # the command again with resume=auto: GRPO is complete, and the finished warm-up is not run again
+    before = ckpt.stat().st_mtime_ns
+    again = R.train(_cfg(out, "resume=auto"))
+    assert again.get("nothing_to_do") and ckpt.stat().st_mtime_ns == before
+    assert len(list(wdir.glob("logs/version_*"))) == 1
+
+
+def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, capfd):
+    full = tmp_path / "full"
+    R.train(_cfg(full))
+    part = tmp_path / "part"
+    cfg = _cfg(part)
+    # a warm-up stopped after 3 of its 6 steps (checkpoints every 2: the newest complete one is step 2)
+    wcfg = warmup_config(cfg)
+    wcfg.trainer.max_steps = 3
+    write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS)
+    R.train(wcfg)
+    assert _summary(part / "warmup")["optimizer_steps"] == 3
+    # a fresh command refuses the folder (it holds a warm-up), leaving it as it was
+    with pytest.raises(R.ConfigError, match="warmup/checkpoints already holds"):
+        R.train(cfg)
+    capfd.readouterr()
+    # the command with resume=auto continues the warm-up from its checkpoint, then runs GRPO
+    R.train(_cfg(part, "resume=auto"))
+    assert "resume=auto: continuing from" in capfd.readouterr().err
+    rows = _metric_rows(part / "warmup", "train/loss")
+    assert [(v, s) for v, s, _ in rows if v == 1] == [(1, 3), (1, 4), (1, 5)]
+    wf, wp = _summary(full / "warmup"), _summary(part / "warmup")
+    assert wp["optimizer_steps"] == 6
+    assert wp["weights_checksum"] == pytest.approx(wf["weights_checksum"], rel=1e-9)
+    assert _summary(part)["init_checksum"] == pytest.approx(wp["weights_checksum"], rel=1e-12)
+    a = {s: v for _, s, v in _metric_rows(full, "grpo/reward_mean")}
+    b = {s: v for _, s, v in _metric_rows(part, "grpo/reward_mean")}
+    assert a == b
+
+
+def test_warmup_needs_data_with_solutions(tmp_path):
+    cfg = _compose(["+experiment=sft", "warmup.steps=2", f"out_dir={tmp_path / 'r'}", "run_name=r",
+                    "trainer.progress_bar=none"])
+    with pytest.raises(R.ConfigError, match="no worked solutions to warm up on"):
+        R.train(cfg)
+    assert not (tmp_path / "r" / "warmup" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_grpo_demo_reward_rises(tmp_path):
+    """`python -m moxin.run +experiment=grpo` as a fresh clone runs it (about 5 minutes on 2 CPU cores): the mean
+    reward of the last six rollout steps is at least 0.6 and at least 0.2 above the first four's, and the SFT
+    warm-up alone does not already reach 0.6 on the first rollout step (the rise is GRPO's)."""
+    out = tmp_path / "demo"
+    R.train(_compose(["+experiment=grpo", f"out_dir={out}", "run_name=demo", "trainer.progress_bar=none"]))
+    rewards = [v for _, _, v in sorted(_metric_rows(out, "grpo/reward_mean"), key=lambda r: r[1])]
+    first4, last6 = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
+    print(f"grpo/reward_mean per rollout step: {[round(r, 3) for r in rewards]}; first four {first4:.3f}, "
+          f"last six {last6:.3f}")
+    assert rewards[0] < 0.6, rewards
+    assert last6 >= 0.6 and last6 >= first4 + 0.2, (first4, last6, rewards)
