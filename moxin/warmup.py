@@ -6,7 +6,7 @@ other, under the command's run lock:
 1. **The warm-up**, an SFT run in ``<out_dir>/warmup/``. The command's data module writes its task's solutions as
    chat records, ``warmup/solutions.jsonl`` (``{"messages": [the RL prompt, {"role": "assistant", "content":
    solution}]}``, ``warmup.steps x warmup.batch_size`` of them: see
-   :meth:`moxin.data.prompts.PromptDataModule.solution_conversations`). The SFT data module (moxin/data/chat.py)
+   :meth:`moxin.data.grpo_data.PromptDataModule.solution_conversations`). The SFT data module (moxin/data/sft_data.py)
    reads them and the SFT stage trains on them (conf/stage/sft.yaml, its optimizer merged with ``warmup.optim``),
    through ``moxin.run.train`` like any run: its own checkpoints, metrics.csv, summary.json and resume.
    Model, tokenizer, seed, hardware, logger and the trainer's checkpoint / progress settings are the command's.
@@ -48,7 +48,7 @@ def warmup_config(cfg: DictConfig) -> DictConfig:
     wdir = warmup_dir(cfg)
     stage = OmegaConf.merge(OmegaConf.load(conf_dir() / "stage" / "sft.yaml"),
                             {"optim": w.get("optim") or {}, "validate_at_start": False})
-    data = {"_target_": "moxin.data.chat.ChatSFTDataModule",
+    data = {"_target_": "moxin.data.sft_data.ChatSFTDataModule",
             "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
             "max_length": int(w.max_length), "batch_size": int(w.batch_size),
             "micro_batch_size": int(w.micro_batch_size), "num_epochs": 1, "num_workers": 0,

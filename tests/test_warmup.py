@@ -64,7 +64,7 @@ def test_warmup_is_an_sft_run_and_grpo_starts_from_its_final_weights(tmp_path):
     assert [s for _, s, _ in _metric_rows(wdir, "train/loss")] == list(range(6))
     wcfg = warmup_config(_cfg(out))
     assert wcfg.stage._target_ == "moxin.stages.sft.SFTStage" and wcfg.out_dir == str(wdir)
-    assert wcfg.data._target_ == "moxin.data.chat.ChatSFTDataModule" and wcfg.data.train.path == str(wdir / SOLUTIONS)
+    assert wcfg.data._target_ == "moxin.data.sft_data.ChatSFTDataModule" and wcfg.data.train.path == str(wdir / SOLUTIONS)
     assert wcfg.stage.optim.lr == _cfg(out).warmup.optim.lr  # warmup.optim, merged onto conf/stage/sft.yaml's
     ckpt = Path(ws["checkpoint"])
     assert ckpt.is_file() and ckpt.parent == wdir / "checkpoints"
