@@ -44,14 +44,19 @@ def warmup_config(cfg: DictConfig) -> DictConfig:
     ``out_dir=<out_dir>/warmup`` and no warm-up of its own."""
     from moxin.paths import conf_dir
 
+    from moxin.run import world_size_of
+
     w = cfg.warmup
     wdir = warmup_dir(cfg)
+    # null: each rank takes its whole share of the batch at once (batch_size / processes), so one setting serves one
+    # process and FSDP alike; a batch that does not split over the processes is refused by the data module
+    mbs = w.get("micro_batch_size") or max(1, int(w.batch_size) // world_size_of(cfg.hardware))
     stage = OmegaConf.merge(OmegaConf.load(conf_dir() / "stage" / "sft.yaml"),
                             {"optim": w.get("optim") or {}, "validate_at_start": False})
     data = {"_target_": "moxin.data.sft_data.ChatSFTDataModule",
             "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
             "max_length": int(w.max_length), "batch_size": int(w.batch_size),
-            "micro_batch_size": int(w.micro_batch_size), "num_epochs": 1, "num_workers": 0,
+            "micro_batch_size": int(mbs), "num_epochs": 1, "num_workers": 0,
             "messages_field": "messages", "pad_to_multiple_of": 8, "max_bad_records": 0, "max_bad_fraction": 0.0}
     out = copy.deepcopy(cfg)
     with open_dict(out):
