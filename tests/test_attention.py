@@ -125,24 +125,47 @@ def test_flex_eager_cpu_matches_sdpa(window):
 def test_flex_compiled_cpu_matches_sdpa():
     doc = masks.doc_ids_from_positions(POS)
     q, k, v = rand_qkv()
+    B, H, T, D = q.shape
     for d in (doc, None):
-        torch.testing.assert_close(attention.flex(q, k, v, 5, d), attention.sdpa_reference(q, k, v, 5, d),
+        bm = attention.flex_block_mask(5, d, B, T, "cpu")
+        torch.testing.assert_close(attention.flex(q, k, v, bm), attention.sdpa_reference(q, k, v, 5, d),
                                    atol=1e-5, rtol=1e-5)
 
 
-def test_flex_hands_plain_causal_to_sdpa(monkeypatch):
-    """Window covering the row and no documents: backend flex takes SDPA's dense causal kernel (no flex compile,
-    no padding); a biting window or documents still go to flex."""
-    calls = []
-    monkeypatch.setattr(attention, "flex", lambda *a: calls.append(a) or attention.sdpa_reference(*a))
-    q, k, v = rand_qkv(B=1, H=4, KVH=2, T=40, D=32)
-    ref = attention.sdpa_reference(q, k, v, None, None)
+def test_mask_hands_plain_causal_to_sdpa():
+    """Window covering the row and one document per row: backend flex takes SDPA's dense causal kernel (no flex
+    compile, no padding); a biting window or a second document still goes to flex (dense for small heads)."""
+    build = attention.AttentionMask.build
+    one_doc = torch.ones(2, 40, dtype=torch.long)
     for window in (None, 40, 4096):
-        torch.testing.assert_close(attention.attend(q, k, v, window=window, doc_ids=None, backend="flex"), ref)
-    assert calls == []
-    attention.attend(q, k, v, window=8, doc_ids=None, backend="flex")
-    attention.attend(q, k, v, window=None, doc_ids=torch.zeros(1, 40, dtype=torch.long), backend="flex")
-    assert len(calls) == 2
+        for doc in (None, one_doc):
+            assert build("flex", window, doc, 2, 40, 32, "cpu").kernel == "causal"
+            assert build("sdpa", window, doc, 2, 40, 32, "cpu").kernel == "causal"
+    two_docs = masks.doc_ids_from_positions(torch.cat([torch.arange(10), torch.arange(30)]).expand(2, 40))
+    assert build("sdpa", 8, None, 2, 40, 32, "cpu").kernel == "dense"
+    assert build("sdpa", None, two_docs, 2, 40, 32, "cpu").kernel == "dense"
+    assert build("flex", None, two_docs, 2, 40, 16, "cpu").kernel == "dense"  # head too small for flex
+    q, k, v = rand_qkv(B=2, H=4, KVH=2, T=40, D=32)
+    for window, doc in ((None, None), (40, one_doc), (8, None), (None, two_docs), (8, two_docs)):
+        torch.testing.assert_close(attention.attend(q, k, v, window=window, doc_ids=doc, backend="sdpa"),
+                                   attention.sdpa_reference(q, k, v, window if window != 40 else None,
+                                                            None if doc is one_doc else doc))
+
+
+def test_model_builds_one_mask_per_forward(monkeypatch):
+    """The mask is built once per forward and shared by every layer, not rebuilt per layer."""
+    from moxin.model import ModelConfig, Transformer
+
+    built = []
+    real = attention.AttentionMask.build.__func__
+    monkeypatch.setattr(attention.AttentionMask, "build",
+                        classmethod(lambda cls, *a, **kw: built.append(a) or real(cls, *a, **kw)))
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      sliding_window=6, max_seq_len=64)
+    model = Transformer(cfg)
+    pos = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0)
+    model(torch.randint(0, 64, (1, 16)), pos)
+    assert len(built) == 1
 
 
 # ---- CUDA kernels against the reference (bf16) ---------------------------------------------------------------------

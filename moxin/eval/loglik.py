@@ -11,7 +11,8 @@ What lm-eval does, and is mirrored here:
    and the log-probs of the continuation tokens are summed; ``is_greedy`` says every continuation token was the
    argmax.
 
-Requests are sorted by length (longest first) and batched under a token budget with right padding; padding
+Requests that give the model the same input share one row (repeated requests; options that differ only in a
+final single token), as lm-eval's ``Collator`` shares them. Rows are sorted by length (longest first) and batched under a token budget with right padding; padding
 after a row's last token is never attended to by that row's tokens (causal attention), so it changes nothing.
 Only the continuation positions go through the output layer, in fp32 (autocast off), inside the model's
 forward (where FSDP2 has gathered the output weight).
@@ -84,7 +85,19 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
         full = (list(ctx) + list(cont))[-(max_len + 1):]
         inps.append(full[:-1])
         conts.append(full[1:][-min(len(cont), len(full) - 1):])  # all of cont unless truncation cut into it
-    batches = _batches([len(x) for x in inps], batch_tokens, max_batch)
+    # one model row per distinct input: repeated requests, and the options of a question that differ only in
+    # their last token (single-token continuations after one context), share a forward, as lm-eval's Collator
+    # shares them; every request still reads its own continuation's positions and targets
+    row_index: dict[tuple[int, ...], int] = {}
+    rows_in: list[list[int]] = []
+    requests_of: list[list[int]] = []
+    for i, inp in enumerate(inps):
+        u = row_index.setdefault(tuple(inp), len(rows_in))
+        if u == len(rows_in):
+            rows_in.append(inp)
+            requests_of.append([])
+        requests_of[u].append(i)
+    batches = _batches([len(x) for x in rows_in], batch_tokens, max_batch)
     n_runs = len(batches)
     if lockstep and _world() > 1:
         t = torch.tensor([n_runs], device=device)
@@ -97,15 +110,18 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
             model(torch.full((1, 1), pad_id, dtype=torch.long, device=device), head=lambda h, w: None)
             continue
         idx = batches[b]
-        T = max(len(inps[i]) for i in idx)
+        T = max(len(rows_in[u]) for u in idx)
         tokens = torch.full((len(idx), T), pad_id, dtype=torch.long)
-        rows, cols, targets = [], [], []
-        for r, i in enumerate(idx):
-            n, c = len(inps[i]), len(conts[i])
-            tokens[r, :n] = torch.tensor(inps[i])
-            rows += [r] * c
-            cols += range(n - c, n)
-            targets += conts[i]
+        rows, cols, targets, order = [], [], [], []
+        for r, u in enumerate(idx):
+            n = len(rows_in[u])
+            tokens[r, :n] = torch.tensor(rows_in[u])
+            for i in requests_of[u]:
+                c = len(conts[i])
+                rows += [r] * c
+                cols += range(n - c, n)
+                targets += conts[i]
+                order.append(i)
         rows_t = torch.tensor(rows, device=device)
         cols_t = torch.tensor(cols, device=device)
         tgt = torch.tensor(targets, device=device)
@@ -119,7 +135,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
         lp, greedy = model(tokens.to(device), head=head)
         lp, greedy = lp.cpu(), greedy.cpu()  # summed in fp32, as lm-eval sums
         s = 0
-        for i in idx:
+        for i in order:
             c = len(conts[i])
             results[i] = LoglikResult(float(lp[s:s + c].sum()), bool(greedy[s:s + c].all()), c)
             s += c

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moxin.model.attention import attend, resolve_backend
+from moxin.model.attention import AttentionMask, resolve_backend
 from moxin.model.config import ModelConfig
 from moxin.model.masks import doc_ids_from_positions
 
@@ -51,13 +51,12 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.window = cfg.sliding_window
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, doc_ids, backend, cache=None, layer_idx: int = 0):
+    def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
@@ -66,7 +65,7 @@ class Attention(nn.Module):
         if cache is not None:
             out = cache.attend(layer_idx, q, k, v)
         else:
-            out = attend(q, k, v, window=self.window, doc_ids=doc_ids, backend=backend)
+            out = mask.apply(q, k, v)
         return self.wo(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
@@ -91,8 +90,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = MLP(cfg)
 
-    def forward(self, x, cos, sin, doc_ids, backend, cache=None, layer_idx: int = 0):
-        x = x + self.attention(self.attention_norm(x), cos, sin, doc_ids, backend, cache, layer_idx)
+    def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None, layer_idx: int = 0):
+        x = x + self.attention(self.attention_norm(x), cos, sin, mask, cache, layer_idx)
         return x + self.feed_forward(self.ffn_norm(x))
 
 
@@ -142,14 +141,17 @@ class Transformer(nn.Module):
             doc_ids = None if cache is not None else doc_ids_from_positions(positions)
         if T > self.cfg.max_seq_len and cache is None:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
-        backend = resolve_backend(self.cfg.attn_backend, tokens.device) if cache is None else "cache"
+        mask = None
+        if cache is None:  # one mask for all layers (and their recomputation): built here, not per layer
+            mask = AttentionMask.build(resolve_backend(self.cfg.attn_backend, tokens.device), self.cfg.sliding_window,
+                                       doc_ids, B, T, self.cfg.head_dim, tokens.device)
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = rope_cos_sin(positions.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
         if cache is not None:
             cache.begin(positions)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, doc_ids, backend, cache, i)
+            h = layer(h, cos, sin, mask, cache, i)
         if cache is not None:
             cache.end()
         h = self.norm(h)
