@@ -9,17 +9,30 @@ The model file knows nothing of this. Stages call `parallelize` from `configure_
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from moxin.losses import parse_option
+
+
+class Recompute(StrEnum):
+    """Which activations a block recomputes in the backward instead of keeping (activation checkpointing)."""
+
+    NONE = "none"  # keep everything: fastest, most memory
+    MLP = "mlp"  # recompute the SwiGLU MLP (its hidden_dim-wide activations are most of a block's memory)
+    ATTENTION = "attention"  # recompute the attention sub-layer (projections, RoPE, the kernel)
+    FULL = "full"  # recompute the whole block: ~1/3 more compute, keeps only each block's input
+
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: bool = False
-    """Recompute each block's activations in the backward: ~1/3 more compute, far less memory. Needed for 7B
-    at 4K context on 80-141 GB GPUs; off for small models where memory is not the limit."""
+    activation_checkpointing: str | bool = Recompute.NONE
+    """Recomputation per block: none | mlp | attention | full (true = full, false = none). Full is what 7B at 4K
+    context needs on 80 GB GPUs; on 141 GB H200s under FSDP2 less may fit (docs/performance.md has the figures);
+    small models keep everything."""
     compile: bool = False
     """torch.compile each block (per-block, so recompiles stay cheap and FSDP hooks sit between blocks)."""
     fsdp_param_dtype: str | None = None
@@ -28,10 +41,25 @@ class ParallelConfig:
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3). False keeps them until backward (ZeRO-2-like)."""
 
+    def __post_init__(self):
+        ac = self.activation_checkpointing
+        if isinstance(ac, bool):
+            ac = Recompute.FULL if ac else Recompute.NONE
+        self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing")
 
-def apply_activation_checkpointing(model: nn.Module) -> None:
+
+def apply_activation_checkpointing(model: nn.Module, policy: Recompute = Recompute.FULL) -> None:
+    """Wrap each block (full) or one of its sub-layers (attention, mlp) so its activations are recomputed in the
+    backward. The wrapper's state-dict hooks drop its prefix: checkpoints keep the plain parameter names."""
+    if policy == Recompute.NONE:
+        return
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        if policy == Recompute.FULL:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        elif policy == Recompute.MLP:
+            block.feed_forward = checkpoint_wrapper(block.feed_forward, preserve_rng_state=False)
+        else:
+            block.attention = checkpoint_wrapper(block.attention, preserve_rng_state=False)
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -102,8 +130,7 @@ def weights_checksum(model: nn.Module) -> float:
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding."""
-    if cfg.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -258,6 +259,9 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
         "seconds": round(time.time() - started, 1),
         "tokens_per_s": throughput.tokens_per_s,
         "mfu": throughput.mfu,
+        # this process's peak of allocated GPU memory (rank zero's under FSDP: ranks hold equal shards)
+        "peak_memory_gib": (round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                            if torch.cuda.is_available() and torch.cuda.is_initialized() else None),
         "metrics": metrics,
         "weights_checksum": checksum,
         "init_from": cfg.init_from,

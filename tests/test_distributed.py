@@ -121,3 +121,33 @@ def test_fsdp2_checksum_after_forward_counts_the_fp32_shards(tmp_path):
     assert r["gathered_after_forward"]  # the situation is real: some parameters are plain (gathered) tensors
     assert r["before"] == pytest.approx(r["state_dict"], rel=1e-12)
     assert r["after"] == pytest.approx(r["state_dict"], rel=1e-12)
+
+
+@pytest.mark.parametrize("policy", ["full", "mlp", "attention", True])
+def test_recompute_policies_give_the_same_loss_gradients_and_names(policy):
+    """Every recomputation policy gives the plain model's loss and gradients, and keeps the parameter names of
+    the state dict (checkpoints and HF exports do not depend on the policy); unknown names are refused."""
+    import torch
+
+    from moxin.distributed import ParallelConfig, Recompute, parallelize
+    from moxin.model import ModelConfig, Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      sliding_window=6, max_seq_len=32)
+    torch.manual_seed(0)
+    plain, wrapped = Transformer(cfg), Transformer(cfg)
+    wrapped.load_state_dict(plain.state_dict())
+    parallelize(wrapped, ParallelConfig(activation_checkpointing=policy))
+    assert list(wrapped.state_dict()) == list(plain.state_dict())
+    tokens = torch.randint(0, 64, (2, 12))
+    pos = torch.cat([torch.arange(5), torch.arange(7)]).expand(2, 12)
+    losses = [m(tokens, pos).float().logsumexp(-1).mean() for m in (plain, wrapped)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[0], losses[1])
+    grads = {k: p.grad for k, p in plain.named_parameters()}
+    for k, p in wrapped.named_parameters():
+        torch.testing.assert_close(p.grad, grads[k.replace("_checkpoint_wrapped_module.", "")])
+    assert ParallelConfig(activation_checkpointing=False).activation_checkpointing == Recompute.NONE
+    with pytest.raises(ValueError, match="activation_checkpointing='some'.*none, mlp, attention, full"):
+        ParallelConfig(activation_checkpointing="some")

@@ -479,8 +479,9 @@ class GRPOStage(MoxinStage):
         self.tokens_seen += int(ln)
         self.history.append({"step": rl_step, **logs})
         if c.log_every and rl_step % c.log_every == 0 and self.trainer_is_zero() and c.log_completions:
+            ent = logs.get("grpo/entropy")  # absent when every group was filtered: no token was trained on
             print(f"[grpo step {rl_step}] reward {mean:.3f} zero-std groups {zs / ng:.2f} "
-                  f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {logs.get('grpo/entropy', float('nan')):.3f} "
+                  f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {'-' if ent is None else f'{ent:.3f}'} "
                   f"clip {logs['grpo/clip_frac']:.3f} kl {logs['grpo/kl']:.4f} "
                   f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time gen {gen_s:.2f} s score "
                   f"{ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)

@@ -37,7 +37,7 @@ TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_hea
 
 LEGACY_FSDP = ["hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",
                "hardware.num_workers=0", "hardware.peak_tflops=null", "hardware.parallel.compile=false",
-               "hardware.parallel.activation_checkpointing=false", "hardware.parallel.fsdp_param_dtype=null"]
+               "hardware.parallel.activation_checkpointing=none", "hardware.parallel.fsdp_param_dtype=null"]
 
 
 def command(mode: str, out: Path, port: int, legacy: bool = False) -> list[str]:
