@@ -45,12 +45,14 @@ class ParallelConfig:
         ac = self.activation_checkpointing
         if isinstance(ac, bool):
             ac = Recompute.FULL if ac else Recompute.NONE
-        self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing")
+        # kept as the plain string (OmegaConf, which saves this config with the run, types it str | bool)
+        self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing").value
 
 
-def apply_activation_checkpointing(model: nn.Module, policy: Recompute = Recompute.FULL) -> None:
+def apply_activation_checkpointing(model: nn.Module, policy: str = Recompute.FULL) -> None:
     """Wrap each block (full) or one of its sub-layers (attention, mlp) so its activations are recomputed in the
     backward. The wrapper's state-dict hooks drop its prefix: checkpoints keep the plain parameter names."""
+    policy = Recompute(policy)
     if policy == Recompute.NONE:
         return
     for i, block in enumerate(model.layers):
