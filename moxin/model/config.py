@@ -117,7 +117,7 @@ def _load_preset(name: str) -> ModelConfig:
         own = yaml.safe_load(path.read_text()) or {}
         out: dict = {}
         for parent in own.pop("defaults", []):  # Hydra's `defaults: [other_preset, _self_]` in a model file
-            if parent != "_self_":
+            if parent != "_self_" and not parent.startswith("/schema_"):  # the schema: ModelConfig itself
                 out.update(fields_of(parent))
         own.pop("_target_", None)
         return out | own
