@@ -3,7 +3,8 @@
 `ModelConfig` describes a Mistral-style decoder: grouped-query attention, SwiGLU MLP, RMSNorm (pre-norm),
 rotary embeddings in the Hugging Face rotate-half layout, and optional sliding-window attention.
 
-Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them):
+Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them; Hydra
+checks them and their overrides against this dataclass's fields, moxin/conf_schema.py):
 - ``moxin-7b``: Moxin-7B exactly as published (Mistral-7B extended to 36 blocks).
 - ``mistral-7b``: the same shape with 32 blocks.
 - ``tiny``: a few hundred thousand parameters, for unit tests (vocab 512, window 16).
