@@ -18,6 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+import moxin.conf_schema  # noqa: F401  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
 from moxin.paths import conf_dir
 
 CONF_DIR = str(conf_dir())

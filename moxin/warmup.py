@@ -51,8 +51,9 @@ def warmup_config(cfg: DictConfig) -> DictConfig:
     # null: each rank takes its whole share of the batch at once (batch_size / processes), so one setting serves one
     # process and FSDP alike; a batch that does not split over the processes is refused by the data module
     mbs = w.get("micro_batch_size") or max(1, int(w.batch_size) // world_size_of(cfg.hardware))
-    stage = OmegaConf.merge(OmegaConf.load(conf_dir() / "stage" / "sft.yaml"),
-                            {"optim": w.get("optim") or {}, "validate_at_start": False})
+    sft = OmegaConf.load(conf_dir() / "stage" / "sft.yaml")
+    sft.pop("defaults", None)  # Hydra's defaults list (the optim schema), not a parameter of the stage
+    stage = OmegaConf.merge(sft, {"optim": w.get("optim") or {}, "validate_at_start": False})
     data = {"_target_": "moxin.data.sft_data.ChatSFTDataModule",
             "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
             "max_length": int(w.max_length), "batch_size": int(w.batch_size),

@@ -22,13 +22,14 @@ def model_config(spec: str):
     from moxin.model import ModelConfig
 
     p = Path(spec)
-    if p.suffix in (".yaml", ".yml") or (Path(__file__).parents[1] / "conf" / "model" / f"{spec}.yaml").exists():
+    if p.suffix in (".yaml", ".yml") and p.exists():  # a model YAML of one's own (its Hydra defaults list ignored)
         from hydra.utils import instantiate
         from omegaconf import OmegaConf
 
-        f = p if p.exists() else Path(__file__).parents[1] / "conf" / "model" / f"{spec}.yaml"
-        return instantiate(OmegaConf.load(f))
-    return ModelConfig.preset(spec)
+        node = OmegaConf.load(p)
+        node.pop("defaults", None)
+        return instantiate(node)
+    return ModelConfig.preset(spec)  # a name in conf/model (model=<name>)
 
 
 def convert(src: str, out: str, dtype: str | None = None, model: str | None = None, max_shard_gb: float = 5.0) -> Path:

@@ -162,6 +162,60 @@ def test_bad_input_stops_before_any_training_step(tmp_path, overrides, match):
     assert not list(out.glob("**/*.ckpt")) and not list(out.glob("logs/*/metrics.csv")), "a step ran"
 
 
+@pytest.mark.parametrize("name", sorted(p.stem for p in (Path(R.CONF_DIR) / "model").glob("*.yaml")))
+def test_every_model_preset_composes_through_the_schema(name):
+    """conf/model/<name>.yaml is typed by ModelConfig's own fields (moxin/conf_schema.py): the composed node
+    has exactly ModelConfig's fields (defaults filled in) and instantiates to ModelConfig.preset(name)."""
+    import dataclasses
+
+    from moxin.conf_schema import ModelConfigSchema
+    from moxin.model import ModelConfig
+
+    node = _compose([f"model={name}"]).model
+    assert OmegaConf.get_type(node) is ModelConfigSchema
+    assert list(node) == ["_target_"] + [f.name for f in dataclasses.fields(ModelConfig)]
+    assert node._target_ == "moxin.model.ModelConfig"
+    assert R.instantiate(node) == ModelConfig.preset(name)
+
+
+def test_schemas_are_the_dataclasses_fields():
+    """One source: each schema is its dataclass's fields (and types mapped for OmegaConf), plus _target_; every
+    stage's optim, GRPO's grpo, every hardware's parallel and every eval config are typed by them."""
+    import dataclasses
+    import pickle
+
+    from moxin import conf_schema as S
+    from moxin.distributed import ParallelConfig
+    from moxin.eval.runner import EvalConfig
+    from moxin.stages.base import OptimConfig
+    from moxin.stages.grpo import GRPOConfig
+
+    def names(c):
+        return [f.name for f in dataclasses.fields(c)]
+
+    assert names(S.OptimConfigSchema) == ["_target_"] + [n for n in names(OptimConfig) if n != "max_nonfinite_steps"]
+    assert names(S.GRPOConfigSchema) == ["_target_"] + names(GRPOConfig)
+    assert names(S.ParallelConfigSchema) == ["_target_"] + names(ParallelConfig)
+    assert names(S.EvalConfigSchema) == names(EvalConfig)
+    for stage in ("pretrain", "sft", "dpo", "grpo"):
+        cfg = _compose([f"stage={stage}"] + (["data=grpo_arithmetic"] if stage == "grpo" else []))
+        assert OmegaConf.get_type(cfg.stage.optim) is S.OptimConfigSchema, stage
+        assert isinstance(R.instantiate(cfg.stage.optim), OptimConfig)
+    grpo = _compose(["+experiment=grpo"])
+    assert OmegaConf.get_type(grpo.stage.grpo) is S.GRPOConfigSchema
+    assert grpo.stage.grpo.aggregation == "token"  # StrEnum fields stay strings in the config
+    assert R.instantiate(grpo.stage.grpo).aggregation == "token"
+    assert pickle.loads(pickle.dumps(grpo)) == grpo
+    for hw in sorted(p.stem for p in (Path(R.CONF_DIR) / "hardware").glob("*.yaml")):
+        node = _compose([f"hardware={hw}"]).hardware.parallel
+        assert OmegaConf.get_type(node) is S.ParallelConfigSchema, hw
+        assert isinstance(R.instantiate(node), ParallelConfig)
+    for ev in sorted(p.stem for p in (Path(R.CONF_DIR) / "eval").glob("*.yaml")):
+        node = _compose(["+experiment=eval", f"eval={ev}"]).eval
+        assert OmegaConf.get_type(node) is S.EvalConfigSchema, ev
+        EvalConfig.from_any(node)
+
+
 def test_unknown_key_is_refused_naming_it():
     with pytest.raises(Exception, match="no_such_knob"):
         _compose(["model.no_such_knob=3"])

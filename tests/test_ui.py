@@ -59,11 +59,43 @@ def test_init_from_accepts_every_folder_the_loader_reads(tmp_path):
 
 
 def test_unknown_key_added_with_plus_is_named():
+    """`+key=value` is Hydra's explicit "add a key": it passes a schema (force-added), so the instantiation names it."""
     cfg = _compose(["+stage.optim.foo=1"])
     with pytest.raises(InstantiationException) as e:
         instantiate(cfg.stage.optim)
     m = errors.user_message(e.value)
     assert m.startswith("stage.optim.foo:") and "has no parameter 'foo'" in m and "lr" in m
+
+
+@pytest.mark.parametrize("overrides, key, why", [
+    (["model.dimm=4"], "model.dimm", "Key 'dimm' not in 'ModelConfigSchema'"),
+    (["+experiment=grpo", "stage.grpo.group_size=abc"], "stage.grpo.group_size",
+     "Value 'abc' of type 'str' could not be converted to Integer"),
+    (["stage.optim.lr=fast"], "stage.optim.lr", "Value 'fast' of type 'str' could not be converted to Float"),
+    (["stage.optim.max_nonfinite_steps=3"], "stage.optim.max_nonfinite_steps", "not in 'OptimConfigSchema'"),
+    (["hardware=fsdp", "hardware.parallel.compile=maybe"], "hardware.parallel.compile", "not a valid bool"),
+    (["+experiment=eval", "eval.batch_tokens=many"], "eval.batch_tokens", "could not be converted to Integer"),
+    (["+experiment=sft", "model=tiny-cjk", "model.n_layers=1.5"], "model.n_layers", "could not be converted"),
+])
+def test_schemas_refuse_bad_overrides_at_compose_time(overrides, key, why):
+    """conf/model, stage.optim, stage.grpo, hardware.parallel and eval are typed by schemas made from their
+    dataclasses (moxin/conf_schema.py): Hydra refuses a key the dataclass lacks or a value of the wrong type
+    while composing, naming the key, before anything is built."""
+    from hydra.errors import ConfigCompositionException
+
+    with pytest.raises(ConfigCompositionException) as e:
+        _compose(overrides)
+    text = f"{e.value}\n{e.value.__cause__}"
+    assert f"full_key: {key}" in text and why in text, text
+
+
+def test_cli_refuses_a_mistyped_value_at_compose_time(tmp_path):
+    res = _run(["run_name=typed", "stage.optim.lr=fast"], tmp_path)
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "Error merging override stage.optim.lr=fast" in res.stderr
+    assert "Value 'fast' of type 'str' could not be converted to Float" in res.stderr
+    assert "full_key: stage.optim.lr" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
 
 
 def _run(args, cwd, timeout=300):

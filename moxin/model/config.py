@@ -3,7 +3,8 @@
 `ModelConfig` describes a Mistral-style decoder: grouped-query attention, SwiGLU MLP, RMSNorm (pre-norm),
 rotary embeddings in the Hugging Face rotate-half layout, and optional sliding-window attention.
 
-Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them):
+Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them; Hydra
+checks them and their overrides against this dataclass's fields, moxin/conf_schema.py):
 - ``moxin-7b``: Moxin-7B exactly as published (Mistral-7B extended to 36 blocks).
 - ``mistral-7b``: the same shape with 32 blocks.
 - ``tiny``: a few hundred thousand parameters, for unit tests (vocab 512, window 16).
@@ -117,7 +118,7 @@ def _load_preset(name: str) -> ModelConfig:
         own = yaml.safe_load(path.read_text()) or {}
         out: dict = {}
         for parent in own.pop("defaults", []):  # Hydra's `defaults: [other_preset, _self_]` in a model file
-            if parent != "_self_":
+            if parent != "_self_" and not parent.startswith("/schema_"):  # the schema: ModelConfig itself
                 out.update(fields_of(parent))
         own.pop("_target_", None)
         return out | own
