@@ -1,5 +1,9 @@
 """Shared fixtures for the model-core tests: small fp32 CPU models, deterministic seeds."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -11,6 +15,13 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     overrides.setdefault("attn_backend", "sdpa")
     return Transformer(ModelConfig.preset("tiny", **overrides)).eval()
+
+
+def run_hub_offline(code: str) -> str:
+    """Run a Python snippet in a fresh process with the Hugging Face hub and datasets offline; its stdout. The real
+    hub loading paths are exercised this way without any network."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
 
 
 @pytest.fixture(autouse=True)

@@ -194,13 +194,10 @@ def test_malformed_lines_counted_then_threshold(tmp_path):
 
 def test_hub_source_that_cannot_be_reached_names_the_source_and_the_fix():
     """The real loading path for hub names, exercised offline: a clear DataError, not a traceback from deep inside."""
-    import os
-    import subprocess
-    import sys
+    from tests.conftest import run_hub_offline
 
-    code = ("from moxin.data.reader import SourceConfig, open_hub_dataset, DataError\n"
-            "try:\n    open_hub_dataset(SourceConfig(name='slim', path='cerebras/SlimPajama-627B'), streaming=True)\n"
-            "except DataError as e:\n    print(e)\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    out = run_hub_offline(
+        "from moxin.data.reader import SourceConfig, open_hub_dataset, DataError\n"
+        "try:\n    open_hub_dataset(SourceConfig(name='slim', path='cerebras/SlimPajama-627B'), streaming=True)\n"
+        "except DataError as e:\n    print(e)\n")
     assert "data source 'slim'" in out and "cerebras/SlimPajama-627B" in out and "local jsonl / parquet" in out

@@ -3,9 +3,6 @@ contexts, generation + verifier metrics, config errors, local/hub loading, the e
 held-out reward."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -170,11 +167,12 @@ def test_parquet_and_jsonl_give_the_same_items(tmp_path):
 
 
 def test_hub_task_that_cannot_be_reached_names_the_dataset():
-    code = ("from moxin.eval import load_records\nfrom moxin.data.reader import DataError\n"
-            "try:\n    load_records('allenai/ai2_arc', split='test', hub_config='ARC-Easy', name='arc_easy')\n"
-            "except DataError as e:\n    print(e)\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    from tests.conftest import run_hub_offline
+
+    out = run_hub_offline(
+        "from moxin.eval import load_records\nfrom moxin.data.reader import DataError\n"
+        "try:\n    load_records('allenai/ai2_arc', split='test', hub_config='ARC-Easy', name='arc_easy')\n"
+        "except DataError as e:\n    print(e)\n")
     assert "'arc_easy'" in out and "allenai/ai2_arc" in out and "local jsonl / parquet" in out
 
 

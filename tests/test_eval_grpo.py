@@ -7,10 +7,8 @@ import torch
 
 import moxin.rewards as rewards_pkg
 from moxin.data.grpo_data import PromptDataModule
-from moxin.model import ModelConfig
 from moxin.rewards import RewardResult
-from moxin.stages.base import OptimConfig
-from moxin.stages.grpo import GRPOConfig, GRPOStage
+from tests.helpers.tiny_grpo import tiny_grpo_stage
 
 
 class OddLength:
@@ -26,16 +24,8 @@ def _verifier(monkeypatch):
 
 
 def _fit(tmp_path, heldout_every):
-    from moxin.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("mistral")
-    torch.manual_seed(0)
-    stage = GRPOStage(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa"),
-                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
-                      grpo=GRPOConfig(group_size=4, temperature=1.0, max_new_tokens=5, verifier="odd_length",
-                                      verifier_workers=0, micro_batch_size=8, log_completions=0, mask_truncated=False,
-                                      heldout_every=heldout_every, heldout_prompts=6),
-                      tokenizer=tok, seed=3)
+    stage, tok = tiny_grpo_stage("odd_length", max_new_tokens=5, micro_batch_size=8, heldout_every=heldout_every,
+                                 heldout_prompts=6)
     dm = PromptDataModule(source="arithmetic", prompts_per_step=2, steps=3, tokenizer=tok, seed=0,
                           max_prompt_tokens=64, task={"pool": 4})
     L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,

@@ -8,16 +8,12 @@ import os
 import sys
 
 import lightning as L
-import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
 
 import moxin.rewards as rewards_pkg
 from moxin.data.grpo_data import PromptDataModule
-from moxin.model import ModelConfig
 from moxin.rewards import RewardResult
-from moxin.stages.base import OptimConfig
-from moxin.stages.grpo import GRPOConfig, GRPOStage
-from moxin.tokenizer import load_tokenizer
+from tiny_grpo import tiny_grpo_stage  # this script's folder is on sys.path when torchrun runs it
 
 
 class RankSkewVerifier:
@@ -31,14 +27,8 @@ class RankSkewVerifier:
 
 def main(out_path):
     rewards_pkg.VERIFIERS["rankskew"] = RankSkewVerifier
-    tok = load_tokenizer("mistral")
-    torch.manual_seed(0)
-    stage = GRPOStage(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa"),
-                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
-                      grpo=GRPOConfig(group_size=4, temperature=1.0, max_new_tokens=6, verifier="rankskew",
-                                      verifier_workers=0, micro_batch_size=2, log_completions=0, mask_truncated=False,
-                                      ppo_epochs=2, num_minibatches=2, kl_coef=0.1),
-                      tokenizer=tok, seed=3)
+    stage, tok = tiny_grpo_stage("rankskew", max_new_tokens=6, micro_batch_size=2, ppo_epochs=2, num_minibatches=2,
+                                 kl_coef=0.1)
     dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=2, tokenizer=tok, seed=0,
                           max_prompt_tokens=64, world_size=2)
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
