@@ -61,6 +61,37 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what to do."""
 
 
+class DiskSpaceError(CheckpointError):
+    """The checkpoint folder's disk cannot hold the next checkpoint."""
+
+
+def checkpoint_bytes(module: torch.nn.Module) -> int:
+    """About how many bytes one checkpoint of `module` takes, over all ranks: every parameter and buffer (a
+    sharded parameter counts whole: a DTensor's numel is the global one) plus AdamW's two moments per trainable
+    parameter, in the parameters' own dtype."""
+    weights = sum(t.numel() * t.element_size() for t in module.parameters())
+    weights += sum(b.numel() * b.element_size() for b in module.buffers())
+    moments = sum(2 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
+    return weights + moments
+
+
+def check_disk_space(ckpt_dir: Path, need: int, step: int) -> str | None:
+    """None when `ckpt_dir`'s file system has room for a checkpoint of `need` bytes (and 2 % to spare), else the
+    message. The previous checkpoint is deleted only after the new one is complete, so the new one must fit beside
+    it."""
+    d = ckpt_dir
+    while not d.exists() and d != d.parent:
+        d = d.parent
+    free = shutil.disk_usage(d).free
+    if free >= need * 1.02 + 16 * 2**20:
+        return None
+    gb = 2**30
+    return (f"no room for the checkpoint of step {step} in {ckpt_dir}: it needs about {need / gb:.1f} GiB (weights "
+            f"and optimizer moments) and {free / gb:.1f} GiB are free there. Free space on that disk, or give the "
+            "run an out_dir on a larger one (resume=auto continues from the last complete checkpoint); with "
+            "trainer.keep_all_checkpoints=true every step checkpoint stays, so older ones can go")
+
+
 def step_name(step: int) -> str:
     return f"step{step:06d}.ckpt"
 
@@ -347,6 +378,20 @@ class CheckpointPolicy(L.Callback):
             finally:
                 self._finished = False
 
+    def _ensure_room(self, trainer, pl_module, step: int) -> None:
+        """Refuse, with the sizes, where the disk cannot hold the next checkpoint (torch's own error for a full
+        disk is ``inline_container.cc: unexpected pos``). Every rank takes the same decision (a shared folder
+        looks the same from every rank; node-local disks are reduced), so no rank waits in a collective."""
+        problem = check_disk_space(self.ckpt_dir, checkpoint_bytes(pl_module), step)
+        if trainer.strategy.reduce_boolean_decision(problem is None, all=True):
+            return
+        raise DiskSpaceError(problem or f"no room for the checkpoint of step {step} on another rank's disk "
+                             f"({self.ckpt_dir})")
+
+    def on_train_start(self, trainer, pl_module):
+        # before the first step: a run whose first checkpoint cannot be written stops now, not hours later
+        self._ensure_room(trainer, pl_module, trainer.global_step)
+
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # a finished run's last checkpoint says so: resume=auto then has nothing left to do
         checkpoint.setdefault("moxin", {})["finished"] = self._finished
@@ -359,6 +404,7 @@ class CheckpointPolicy(L.Callback):
             _warn(f"step {step}: the weights hold NaN/Inf; no checkpoint written (last.ckpt stays at the last good "
                   "one)")
             return None
+        self._ensure_room(trainer, pl_module, step)
         name = step_name(step)
         tmp = self.ckpt_dir / f"{TMP_PREFIX}{name}"
         if trainer.is_global_zero:

@@ -208,7 +208,7 @@ def user_message(exc: BaseException) -> str | None:
         return f"{where}: {inner.strip()}"
     if isinstance(exc, OmegaConfBaseException):
         return str(exc).strip()
-    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError"}:
+    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError"}:
         return str(exc)
     if isinstance(exc, FileNotFoundError) and "init_from=" in str(exc):
         return str(exc)

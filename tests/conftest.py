@@ -17,6 +17,16 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     return Transformer(ModelConfig.preset("tiny", **overrides)).eval()
 
 
+def free_port() -> int:
+    """A TCP port nobody listens on now, for a torchrun rendezvous (fixed ports collide between the tests of one
+    run and with other runs on the machine)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def run_hub_offline(code: str) -> str:
     """Run a Python snippet in a fresh process with the Hugging Face hub and datasets offline; its stdout. The real
     hub loading paths are exercised this way without any network."""

@@ -10,11 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 
 
 def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(29500 + world + os.getpid() % 1000))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
            env["MASTER_PORT"], str(HELPER), str(out), strategy]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -45,7 +47,7 @@ def test_generate_lockstep_keeps_ranks_in_step(tmp_path, lockstep):
     helper = Path(__file__).parent / "helpers" / "lockstep_generate.py"
     out = tmp_path / "gen.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(29700 + int(lockstep) + os.getpid() % 1000)
+    port = str(free_port())
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                           str(helper), str(out), lockstep], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -67,7 +69,7 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
     for world in (1, 2):
         out = tmp_path / f"w{world}"
         env = dict(os.environ, OMP_NUM_THREADS="1")
-        port = str(29800 + world + os.getpid() % 1000)
+        port = str(free_port())
         r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
                             port, str(helper), str(out)], env=env, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -82,7 +84,7 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
 def _dpo(world: int, out: Path, accelerator: str = "cpu") -> dict:
     helper = Path(__file__).parent / "helpers" / "dpo_equivalence.py"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(29900 + world + os.getpid() % 1000)
+    port = str(free_port())
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
                         port, str(helper), str(out), accelerator], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -112,7 +114,7 @@ def test_fsdp2_checksum_after_forward_counts_the_fp32_shards(tmp_path):
     bf16 copies and the FSDP chain's hand-off check failed (17895.456 vs 17895.486)."""
     out = tmp_path / "sum.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(29800 + os.getpid() % 1000)
+    port = str(free_port())
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                           str(Path(__file__).parent / "helpers" / "fsdp_checksum.py"), str(out)],
                          env=env, capture_output=True, text=True, timeout=300)

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import free_port
+
 TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
     {"name": "mc", "path": str(__import__("moxin.data.sample", fromlist=["x"]).sample_path("eval_mc")),
      "text": "Question: {question}\nAnswer:", "limit": 5, "num_fewshot": 1},
@@ -53,7 +55,7 @@ def test_two_ranks_give_the_one_process_results(tmp_path):
 
     out = tmp_path / "two.json"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    port = str(29800 + os.getpid() % 1000)
+    port = str(free_port())
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                           __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import lightning as L
 import pytest
+
+from tests.conftest import free_port
 import torch
 
 import moxin.rewards as rewards_pkg
@@ -219,7 +221,7 @@ def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):
     helper = Path(__file__).parent / "helpers" / "grpo_fsdp.py"
     out = tmp_path / "grpo.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(29600 + os.getpid() % 1000)
+    port = str(free_port())
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
                         str(helper), str(out)], env=env, capture_output=True, text=True, timeout=400)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]

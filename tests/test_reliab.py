@@ -330,3 +330,47 @@ def test_grpo_stops_when_the_verifier_fails_on_most_completions(tmp_path, monkey
     with pytest.raises(RuntimeError, match="max_verifier_failure_fraction"):
         fit(stage, make_dm(tok, steps=2), tmp_path)
     assert stage.history == []  # stopped at the first step, before any update was logged
+
+
+def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monkeypatch):
+    """Too little free space for one checkpoint: the run stops before its first step with a message naming the
+    folder, the size needed and the space free (torch's own error for a full disk, mid-run, is
+    'inline_container.cc: unexpected pos'); with room at the start and none at a later save, that save is
+    refused the same way and last.ckpt stays the previous complete checkpoint."""
+    import collections
+
+    from moxin.errors import user_message
+
+    usage = collections.namedtuple("usage", "total used free")
+    free = {"bytes": 1024}
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: usage(10**12, 0, free["bytes"]))
+    with pytest.raises(C.DiskSpaceError) as e:
+        R.train(_compose(FAST + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    msg = user_message(e.value)
+    assert f"{tmp_path / 'a' / 'checkpoints'}" in msg and "step 0" in msg and "0.0 GiB are free" in msg
+    assert "out_dir" in msg and not (tmp_path / "a" / "checkpoints").exists()
+
+    free["bytes"] = 10**12
+    calls = {"n": 0}
+
+    def shrinking(p):  # room at the start and for the step-4 checkpoint, none afterwards
+        calls["n"] += 1
+        return usage(10**12, 0, 10**12 if calls["n"] <= 2 else 1024)
+
+    monkeypatch.setattr(C.shutil, "disk_usage", shrinking)
+    with pytest.raises(C.DiskSpaceError, match="checkpoint of step 6"):
+        R.train(_compose(FAST + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.checkpoint_every_n_steps=4"]))
+    assert os.readlink(tmp_path / "b" / "checkpoints" / "last.ckpt") == "step000004.ckpt"
+
+
+def test_checkpoint_size_estimate_covers_what_is_written(tmp_path):
+    """The estimate the disk check uses is at least the size of the checkpoint file actually written."""
+    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=s", "trainer.max_steps=2"]))
+    from hydra.utils import instantiate
+
+    from moxin.model import Transformer
+
+    model = Transformer(instantiate(_compose(FAST).model))
+    written = (tmp_path / "checkpoints" / "step000002.ckpt").stat().st_size
+    assert written <= C.checkpoint_bytes(model) * 1.02 + 16 * 2**20
+    assert C.checkpoint_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters())

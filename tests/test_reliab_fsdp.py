@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import free_port
 import torch
 
 from moxin import checkpointing as C
@@ -31,7 +33,7 @@ def _env():
 def fsdp_run(tmp_path_factory):
     """4 of 12 optimizer steps with 2 FSDP2 processes, HF export on (one launch shared by the tests below)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    port = str(29900 + os.getpid() % 500)
+    port = str(free_port())
     # progress lines on: rank zero prints them, and nothing in them may be a collective only it enters
     args = [a for a in TINY if a != "export_hf=false" and not a.startswith(("+logger", "trainer.progress"))] + [
         "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=4", f"out_dir={out}", "run_name=run",
@@ -111,14 +113,14 @@ def _kill_loop(tmp_path, mode, kills, seed, port):
 
 
 def test_kill_once_single_process(tmp_path):
-    _kill_loop(tmp_path, "single", 1, 0, 29600 + os.getpid() % 300)
+    _kill_loop(tmp_path, "single", 1, 0, free_port())
 
 
 @pytest.mark.slow
 def test_kill_loop_single_process(tmp_path):
-    _kill_loop(tmp_path, "single", 8, 2, 29600 + os.getpid() % 300)
+    _kill_loop(tmp_path, "single", 8, 2, free_port())
 
 
 @pytest.mark.slow
 def test_kill_loop_fsdp(tmp_path):
-    _kill_loop(tmp_path, "fsdp", 5, 3, 29300 + os.getpid() % 300)
+    _kill_loop(tmp_path, "fsdp", 5, 3, free_port())
