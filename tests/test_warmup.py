@@ -141,11 +141,12 @@ def test_grpo_demo_reward_rises(tmp_path):
 
 def test_warmup_micro_batch_defaults_to_each_process_share():
     """warmup.micro_batch_size null: batch_size / processes, so +experiment=grpo runs under FSDP on 2 processes
-    (a fixed 8 of 8 was refused there: 8 is not a multiple of 8 x 2)."""
+    (a fixed micro-batch equal to the batch was refused there: 8 is not a multiple of 8 x 2)."""
     from moxin.warmup import warmup_config
 
     one = warmup_config(_compose(["+experiment=grpo", "warmup.steps=4", "out_dir=/tmp/x", "run_name=x"]))
     two = warmup_config(_compose(["+experiment=grpo", "warmup.steps=4", "hardware=fsdp_cpu", "hardware.devices=2",
                                   "out_dir=/tmp/x", "run_name=x"]))
-    assert (one.data.batch_size, one.data.micro_batch_size) == (8, 8)
-    assert (two.data.batch_size, two.data.micro_batch_size) == (8, 4)
+    b = _compose(["+experiment=grpo"]).warmup.batch_size  # the demo's (16 today)
+    assert (one.data.batch_size, one.data.micro_batch_size) == (b, b)
+    assert (two.data.batch_size, two.data.micro_batch_size) == (b, b // 2)
