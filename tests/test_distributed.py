@@ -3,24 +3,17 @@ as one process with the same global batch: the loss is normalised by target toke
 ranks."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 
 
 def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_PORT=str(free_port()))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-           env["MASTER_PORT"], str(HELPER), str(out), strategy]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(HELPER, out, strategy, nproc=world)
     return json.loads(out.read_text())
 
 
@@ -46,11 +39,7 @@ def test_fsdp2_two_processes_match_one(tmp_path):
 def test_generate_lockstep_keeps_ranks_in_step(tmp_path, lockstep):
     helper = Path(__file__).parent / "helpers" / "lockstep_generate.py"
     out = tmp_path / "gen.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(free_port())
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-                          str(helper), str(out), lockstep], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(helper, out, lockstep)
     r0, r1 = json.loads(out.read_text())
     assert r0["finished"] and len(r0["tokens"]) == 1  # rank 0's row still stops at its stop token
     assert not r1["finished"] and len(r1["tokens"]) == 12
@@ -68,11 +57,7 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
     res = {}
     for world in (1, 2):
         out = tmp_path / f"w{world}"
-        env = dict(os.environ, OMP_NUM_THREADS="1")
-        port = str(free_port())
-        r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-                            port, str(helper), str(out)], env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+        torchrun(helper, out, nproc=world)
         res[world] = [json.loads(Path(f"{out}.{rank}").read_text()) for rank in range(world)]
     one, (r0, r1) = res[1][0], res[2]
     assert r0["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
@@ -83,11 +68,7 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
 
 def _dpo(world: int, out: Path, accelerator: str = "cpu") -> dict:
     helper = Path(__file__).parent / "helpers" / "dpo_equivalence.py"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(free_port())
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={world}", "--master_port",
-                        port, str(helper), str(out), accelerator], env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(helper, out, accelerator, nproc=world)
     return json.loads(out.read_text())
 
 
@@ -113,12 +94,7 @@ def test_fsdp2_checksum_after_forward_counts_the_fp32_shards(tmp_path):
     runs after the last validation); weights_checksum must still sum the fp32 shards. On 2 H200s it summed the
     bf16 copies and the FSDP chain's hand-off check failed (17895.456 vs 17895.486)."""
     out = tmp_path / "sum.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(free_port())
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-                          str(Path(__file__).parent / "helpers" / "fsdp_checksum.py"), str(out)],
-                         env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(Path(__file__).parent / "helpers" / "fsdp_checksum.py", out)
     r = json.loads(out.read_text())
     assert r["gathered_after_forward"]  # the situation is real: some parameters are plain (gathered) tensors
     assert r["before"] == pytest.approx(r["state_dict"], rel=1e-12)
@@ -153,3 +129,4 @@ def test_recompute_policies_give_the_same_loss_gradients_and_names(policy):
     assert ParallelConfig(activation_checkpointing=False).activation_checkpointing == Recompute.NONE
     with pytest.raises(ValueError, match="activation_checkpointing='some'.*none, mlp, attention, full"):
         ParallelConfig(activation_checkpointing="some")
+

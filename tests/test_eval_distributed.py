@@ -3,14 +3,12 @@ process, and (lockstep, as FSDP2 needs) the same number of model forwards on bot
 more items. This file is also the torchrun script the test launches."""
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import torchrun
 
 TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
     {"name": "mc", "path": str(__import__("moxin.data.sample", fromlist=["x"]).sample_path("eval_mc")),
@@ -54,11 +52,7 @@ def test_two_ranks_give_the_one_process_results(tmp_path):
     from moxin.tokenizer import load_tokenizer
 
     out = tmp_path / "two.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(__file__).resolve().parent.parent))
-    port = str(free_port())
-    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-                          __file__, str(out)], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    torchrun(__file__, out, env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
     two = json.loads(out.read_text())
     one = evaluate(_model(), load_tokenizer("mistral"), {"tasks": TASKS(), "verifier_workers": 0, "batch_tokens": 64})
     mc1, mc2 = one["tasks"]["mc"], two["results"]["tasks"]["mc"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import torchrun
 import torch
 
 import moxin.rewards as rewards_pkg
@@ -214,17 +214,10 @@ def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):
     """Two FSDP2 processes, one of which filters every group: off-policy updates with a sharded KL reference run
     to the end (every collective forward matched by the other rank), and the rank with data still updates."""
     import json
-    import os
-    import subprocess
-    import sys
 
     helper = Path(__file__).parent / "helpers" / "grpo_fsdp.py"
     out = tmp_path / "grpo.json"
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    port = str(free_port())
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port,
-                        str(helper), str(out)], env=env, capture_output=True, text=True, timeout=400)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    torchrun(helper, out, timeout=400)
     res = json.loads(out.read_text())
     assert res["ref_sharded"]
     assert len(res["history"]) == 2

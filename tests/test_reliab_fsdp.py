@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import free_port
+from tests.conftest import free_port, torchrun
 import torch
 
 from moxin import checkpointing as C
@@ -33,15 +33,11 @@ def _env():
 def fsdp_run(tmp_path_factory):
     """4 of 12 optimizer steps with 2 FSDP2 processes, HF export on (one launch shared by the tests below)."""
     out = tmp_path_factory.mktemp("fsdp") / "run"
-    port = str(free_port())
     # progress lines on: rank zero prints them, and nothing in them may be a collective only it enters
     args = [a for a in TINY if a != "export_hf=false" and not a.startswith(("+logger", "trainer.progress"))] + [
         "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=4", f"out_dir={out}", "run_name=run",
         "trainer.progress_bar=plain", "trainer.progress_every_n_steps=1"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", port, "-m",
-           "moxin.run", "hardware=fsdp_cpu"] + args
-    res = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    res = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", *args, cwd=ROOT, env=_env(), timeout=600)
     assert [ln.split(" | ")[0] for ln in res.stdout.splitlines() if ln.startswith("step ")] == [
         f"step {i}/4" for i in range(1, 5)]
     return out
