@@ -88,6 +88,28 @@ def is_sharded(strategy) -> bool:
     return strategy is not None and type(strategy).__name__ == "ModelParallelStrategy"
 
 
+def rank_and_world() -> tuple[int, int]:
+    """This process's rank and the default process group's size; (0, 1) when no process group is set up."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
+    """A few numbers (Python numbers or 0-d tensors) reduced over all ranks in one float64 collective on `device`
+    (the stage's device: NCCL needs the GPU, gloo the CPU); op is sum, max or min. Without a process group, or
+    with one rank, the values come back as floats with no collective. Every rank must call it with the same
+    number of values."""
+    import torch.distributed as dist
+
+    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if rank_and_world()[1] > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    return t.tolist()
+
+
 def reshard(model: nn.Module) -> None:
     """Free the gathered parameters of an FSDP2 model after a forward that has no backward (a frozen reference).
     FSDP2 keeps the root module's (and our last block's) parameters gathered after the forward, expecting the

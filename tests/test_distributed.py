@@ -130,3 +130,23 @@ def test_recompute_policies_give_the_same_loss_gradients_and_names(policy):
     with pytest.raises(ValueError, match="activation_checkpointing='some'.*none, mlp, attention, full"):
         ParallelConfig(activation_checkpointing="some")
 
+
+def test_all_reduce_values_sum_max_min_over_two_ranks(tmp_path):
+    """The one helper every stage and the evaluation reduce their counters with: mixed numbers, 0-d tensors and
+    bools in one float64 collective; every rank gets the same result."""
+    out = tmp_path / "reduce.json"
+    torchrun(Path(__file__).parent / "helpers" / "reduce_values.py", out)
+    r0, r1 = json.loads(out.read_text())
+    assert (r0["rank"], r1["rank"], r0["world"]) == (0, 1, 2)
+    assert r0["sum"] == r1["sum"] == [3.0, 30.0, 0.5, 1.0]
+    assert r0["max"] == r1["max"] == [2.0, 20.0, 0.5, 1.0]
+    assert r0["min"] == r1["min"] == [1.0, 10.0, 0.0, 0.0]
+
+
+def test_all_reduce_values_without_a_process_group():
+    import torch
+
+    from moxin.distributed import all_reduce_values, rank_and_world
+
+    assert rank_and_world() == (0, 1)
+    assert all_reduce_values([1, torch.tensor(2.5), True], "cpu", "max") == [1.0, 2.5, 1.0]

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
+from moxin.distributed import all_reduce_values
 from moxin.model.generate import generate
 
 __all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations"]
@@ -36,14 +36,6 @@ class GenRecord:
     finished: bool
 
 
-def _max_over_ranks(n: int, device) -> int:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = torch.tensor([n], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return int(t.item())
-    return n
-
-
 @torch.no_grad()
 def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  stop_tokens: tuple[int, ...], pad_id: int, batch_size: int = 64,
@@ -57,7 +49,7 @@ def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temper
     model.eval()
     n_calls = -(-len(prompts) // batch_size) if prompts else 0
     if lockstep:
-        n_calls = _max_over_ranks(n_calls, device)
+        n_calls = int(all_reduce_values([n_calls], device, "max")[0])
     out: list[GenRecord] = []
     for b in range(n_calls):
         chunk = prompts[b * batch_size:(b + 1) * batch_size]

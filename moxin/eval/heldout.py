@@ -14,10 +14,8 @@ data module's prompt/answer fields.
 
 from __future__ import annotations
 
-import torch.distributed as dist
-
 from moxin.eval.generation import generate_all, score_generations
-from moxin.distributed import is_sharded
+from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
 
 __all__ = ["heldout_records", "heldout_reward"]
 
@@ -74,8 +72,7 @@ def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
     """Greedy mean reward of ``records`` under ``stage.model``; ranks split the prompts, sums are all-reduced."""
     c = stage.cfg
     tok = stage.tokenizer
-    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    rank = dist.get_rank() if world > 1 else 0
+    rank, world = rank_and_world()
     mine = records[rank::world]
     sharded = stage._trainer is not None and is_sharded(stage.trainer.strategy)
     gens = generate_all(stage.model, [r["prompt_ids"] for r in mine], max_new_tokens=c.max_new_tokens,
@@ -83,8 +80,8 @@ def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
                         batch_size=c.gen_batch_size or 64, lockstep=sharded)
     _, results = score_generations(tok, gens, [r["answer"] for r in mine], c.verifier, c.verifier_kwargs,
                                    c.verifier_timeout_s, c.verifier_workers)
-    s, na, n = stage._reduce([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),
-                              float(len(results))])
+    s, na, n = all_reduce_values([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),
+                                   float(len(results))], stage.device)
     return {"grpo/heldout_reward": s / max(n, 1.0), "grpo/heldout_no_answer_frac": na / max(n, 1.0)}
 
 

@@ -24,7 +24,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
+
+from moxin.distributed import all_reduce_values
 
 __all__ = ["encode_pair", "LoglikResult", "loglikelihoods"]
 
@@ -47,10 +48,6 @@ class LoglikResult:
     logprob: float
     is_greedy: bool
     n_tokens: int
-
-
-def _world() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def _batches(lengths: list[int], batch_tokens: int, max_batch: int) -> list[list[int]]:
@@ -99,10 +96,8 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
         requests_of[u].append(i)
     batches = _batches([len(x) for x in rows_in], batch_tokens, max_batch)
     n_runs = len(batches)
-    if lockstep and _world() > 1:
-        t = torch.tensor([n_runs], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        n_runs = int(t.item())
+    if lockstep:
+        n_runs = int(all_reduce_values([n_runs], device, "max")[0])
     results: list[LoglikResult | None] = [None] * len(requests)
     no_autocast = torch.autocast(device.type, enabled=False) if device.type in ("cuda", "cpu") else nullcontext()
     for b in range(n_runs):

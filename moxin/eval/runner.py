@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from moxin.distributed import rank_and_world
 from moxin.eval.generation import generate_all, pass_at_k, score_generations
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.tasks import (EvalConfigError, TaskConfig, TaskKind, build_gen_items, build_mc_items, load_records,
@@ -90,14 +91,8 @@ class EvalConfig:
         return cls(**obj)
 
 
-def _dist() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _gather(obj: list) -> list:
-    rank, world = _dist()
+    rank, world = rank_and_world()
     if world == 1:
         return obj
     parts: list = [None] * world
@@ -123,7 +118,7 @@ def _argmax(xs: list[float]) -> int:
 
 
 def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
-    rank, world = _dist()
+    rank, world = rank_and_world()
     records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
     if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
@@ -157,7 +152,7 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
 
 
 def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
-    rank, world = _dist()
+    rank, world = rank_and_world()
     records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     items = build_gen_items(task, records, tokenizer)
     mine = items[rank::world]

@@ -19,10 +19,9 @@ from dataclasses import dataclass, field
 import lightning as L
 import numpy as np
 import torch
-import torch.distributed as dist
 from torchmetrics import Metric
 
-from moxin.distributed import ParallelConfig, is_sharded, parallelize, weights_checksum
+from moxin.distributed import ParallelConfig, all_reduce_values, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
 from moxin.tokenizer import as_tokenizer
 
@@ -275,16 +274,10 @@ class MoxinStage(L.LightningModule):
         self._acc_processed += out.tokens_processed
         return out.loss_sum
 
-    def _all_reduce(self, values: list) -> list[float]:
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=self.device).reshape(()) for v in values])
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(t)
-        return t.tolist()
-
     def on_before_optimizer_step(self, optimizer):
         keys = sorted(self._acc_metrics)
-        vals = self._all_reduce([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
-                                + [self._acc_metrics[k] for k in keys])
+        vals = all_reduce_values([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
+                                + [self._acc_metrics[k] for k in keys], self.device)
         n_tokens, loss_sum, processed = vals[:3]
         world = self.trainer.world_size
         accum = self.trainer.accumulate_grad_batches

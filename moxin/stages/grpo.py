@@ -49,11 +49,10 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 
 from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, parse_option, group_advantages, kl_penalty, policy_loss,
                           token_entropy, token_logprobs, zero_std_groups)
-from moxin.distributed import is_sharded, reshard
+from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage, OptimConfig
 
@@ -200,21 +199,9 @@ class GRPOStage(MoxinStage):
         self.guard_nonfinite(None, self._last_grad_norm)  # NaN/Inf: drop the gradients (skip), stop after N
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def _world(self) -> int:
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    def _rank(self) -> int:
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    def _reduce(self, values: list[float], op=None) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self._world() > 1:
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        return t.tolist()
-
     def generator_for(self, step: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + self._rank() * 101 + 17) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank_and_world()[0] * 101 + 17) % (2**63 - 1))
         return g
 
     # ---- rollout ------------------------------------------------------------------------------------------------
@@ -322,7 +309,7 @@ class GRPOStage(MoxinStage):
         perm = torch.randperm(n_kept_local, generator=g) if n_kept_local else torch.zeros(0, dtype=torch.long)
         mbs = list(torch.tensor_split(perm, c.num_minibatches))
         sizes = [len(m) for m in mbs]
-        max_sizes = self._reduce([float(s) for s in sizes], op=dist.ReduceOp.MAX if self._world() > 1 else None)
+        max_sizes = all_reduce_values([float(s) for s in sizes], self.device, "max")
         out = []
         for m, mx in zip(mbs, max_sizes):
             n_micro = max(1, math.ceil(int(mx) / c.micro_batch_size))
@@ -333,13 +320,13 @@ class GRPOStage(MoxinStage):
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        world = self._world()
+        world = rank_and_world()[1]
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
         ids, lab, pos = ro.input_ids[kept].to(dev), ro.labels[kept].to(dev), ro.positions[kept].to(dev)
         mask, adv = ro.mask[kept].to(dev), ro.advantages[kept].to(dev)
         on_policy = c.ppo_epochs == 1 and c.num_minibatches == 1
-        if self._reduce([float(len(kept))])[0] == 0:
+        if all_reduce_values([float(len(kept))], self.device)[0] == 0:
             # every group on every rank was filtered (all rewards equal): nothing to learn, no optimizer step
             self.last_step_tokens_processed = 0
             return {"train/loss": 0.0, "grpo/pg_loss": 0.0, "grpo/clip_frac": 0.0, "grpo/kl": 0.0,
@@ -352,7 +339,7 @@ class GRPOStage(MoxinStage):
             n_local = len(kept)
             n_fwd = n_local
             if self._trainer is not None and is_sharded(self.trainer.strategy) and world > 1:
-                n_fwd = int(self._reduce([float(n_local)], op=dist.ReduceOp.MAX)[0])
+                n_fwd = int(all_reduce_values([float(n_local)], self.device, "max")[0])
             parts = []
             with torch.no_grad():
                 for s in range(0, n_fwd, c.micro_batch_size):
@@ -372,7 +359,7 @@ class GRPOStage(MoxinStage):
                 m_all = mask[idx_all.to(dev)] if len(idx_all) else mask[:0]
                 local_tok = float(m_all.sum())
                 local_seq = float((m_all.sum(1) > 0).sum())
-                tot_tok, tot_seq, tot_n = self._reduce([local_tok, local_seq, float(len(idx_all))])
+                tot_tok, tot_seq, tot_n = all_reduce_values([local_tok, local_seq, float(len(idx_all))], self.device)
                 opt.zero_grad(set_to_none=True)
                 mb_loss = mb_pg = mb_clip = mb_kl = 0.0
                 for micro in mb:
@@ -412,7 +399,7 @@ class GRPOStage(MoxinStage):
                     processed += ids_m.numel()
                 opt.step()
                 sched.step()
-                r = self._reduce([mb_loss, mb_pg, mb_clip, mb_kl])
+                r = all_reduce_values([mb_loss, mb_pg, mb_clip, mb_kl], self.device)
                 acc["loss"] += r[0] / world
                 acc["pg_loss"] += r[1] / world
                 acc["clip"] += r[2] / max(tot_tok, 1.0)
@@ -420,7 +407,7 @@ class GRPOStage(MoxinStage):
                 acc["tok"] += tot_tok
                 acc["n_mb"] += 1
         n_mb = max(acc["n_mb"], 1)
-        ent_sum, ent_n = self._reduce([acc["ent"], acc["ent_n"]])
+        ent_sum, ent_n = all_reduce_values([acc["ent"], acc["ent_n"]], self.device)
         self.last_step_tokens_processed = processed
         return {"train/loss": acc["loss"] / n_mb, "grpo/pg_loss": acc["pg_loss"] / n_mb,
                 "grpo/clip_frac": acc["clip"] / n_mb, "grpo/kl": acc["kl"] / n_mb,
@@ -443,11 +430,11 @@ class GRPOStage(MoxinStage):
         update_s = time.perf_counter() - t_update
         c = self.cfg
         S = len(ro.rewards)
-        tot = self._reduce([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
-                            float(ro.zero_std.sum()), float(len(ro.zero_std)), float(ro.lengths.sum()),
-                            float(ro.truncated.sum()), float(ro.stats["gen_tokens"]),
-                            float(ro.stats["verifier_errors"]), float(ro.stats["verifier_timeouts"]),
-                            float(ro.stats["no_answer"])])
+        tot = all_reduce_values([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
+                                 float(ro.zero_std.sum()), float(len(ro.zero_std)), float(ro.lengths.sum()),
+                                 float(ro.truncated.sum()), float(ro.stats["gen_tokens"]),
+                                 float(ro.stats["verifier_errors"]), float(ro.stats["verifier_timeouts"]),
+                                 float(ro.stats["no_answer"])], self.device)
         rs, rs2, n, zs, ng, ln, tr, gt, ve, vt, na = tot
         if (ve + vt) > self.cfg.max_verifier_failure_fraction * n:
             raise RuntimeError(
@@ -457,7 +444,7 @@ class GRPOStage(MoxinStage):
                 f"(stage.grpo.verifier={self.cfg.verifier!r}) or raise stage.grpo.verifier_timeout_s "
                 f"(now {self.cfg.verifier_timeout_s})")
         mean = rs / n
-        gen_s = self._reduce([ro.stats["gen_s"]], op=dist.ReduceOp.MAX if self._world() > 1 else None)[0]
+        gen_s = all_reduce_values([ro.stats["gen_s"]], self.device, "max")[0]
         logs.update({
             "grpo/reward_mean": mean,
             "grpo/reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),

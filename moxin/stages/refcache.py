@@ -32,6 +32,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from moxin.distributed import all_reduce_values, rank_and_world
 from moxin.stages.common import sequence_logps
 
 __all__ = ["checkpoint_identity", "cache_key", "cache_path", "compute_reference_logps", "load_or_build"]
@@ -108,7 +109,7 @@ def compute_reference_logps(model, loader, n_pairs: int, device, chunk_size: int
 
 
 def _is_rank_zero() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank_and_world()[0] == 0
 
 
 def _barrier() -> None:
@@ -139,10 +140,8 @@ def load_or_build(cache_dir: str | os.PathLike, parts: dict, n_pairs: int,
         except Exception:  # unreadable / partial file: rebuild
             ok = False
     # all ranks must agree on reuse vs rebuild (rebuild runs a collective forward)
-    if dist.is_available() and dist.is_initialized():
-        flag = torch.tensor([1 if ok else 0], device="cuda" if dist.get_backend() == "nccl" else "cpu")
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        ok = bool(flag.item())
+    if rank_and_world()[1] > 1:
+        ok = all_reduce_values([ok], "cuda" if dist.get_backend() == "nccl" else "cpu", "min")[0] > 0
     if ok:
         return tables, True, path
     tables = build()

@@ -19,6 +19,7 @@ With ``validate_at_start`` the held-out loss of the initial weights is measured 
 
 from __future__ import annotations
 
+from moxin.distributed import all_reduce_values
 from moxin.stages.common import validate_before_training
 from moxin.stages.pretrain import PretrainStage
 
@@ -50,7 +51,7 @@ class SFTStage(PretrainStage):
 
     def on_before_optimizer_step(self, optimizer):
         super().on_before_optimizer_step(optimizer)
-        convs, trunc, tokens = self._all_reduce(self._sft_acc)
+        convs, trunc, tokens = all_reduce_values(self._sft_acc, self.device)
         self.truncated_total += int(trunc)
         self.log_dict({"sft/conversations": convs, "sft/target_tokens": tokens,
                        "sft/truncated": float(self.truncated_total)},
