@@ -14,7 +14,8 @@ Writing (`CheckpointPolicy`, a Lightning callback that replaces ModelCheckpoint)
 A kill at any point leaves the previous complete checkpoint, at worst a temporary that the next start removes.
 Weights with a NaN/Inf are never saved (the previous good checkpoint stays ``last``).
 
-Saves happen every ``checkpoint_every_n_steps`` optimizer steps, where ``trainer.max_steps`` stops a run, and at
+With ``trainer.save_checkpoints=false`` nothing is written (benchmarks, sweeps that keep only their metrics;
+such a run cannot resume). Otherwise saves happen every ``checkpoint_every_n_steps`` optimizer steps, where ``trainer.max_steps`` stops a run, and at
 the end of every phase (Lightning epoch), which includes the final state of a finished run. A phase's last
 step is saved at ``on_train_epoch_end``, after that step's validation, so the loop state says "phase done" and
 a resumed run goes on with the next phase exactly as an uninterrupted run does; other steps are saved at the
@@ -344,7 +345,8 @@ def weights_finite(stage) -> bool:
 class CheckpointPolicy(L.Callback):
     """Writes checkpoints as described in the module docstring."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, every_n_steps: int | None, keep_all: bool):
+    def __init__(self, ckpt_dir: str | os.PathLike, every_n_steps: int | None, keep_all: bool, enabled: bool = True):
+        self.enabled = bool(enabled)  # False (trainer.save_checkpoints=false): nothing is written, nor checked
         self.ckpt_dir = Path(ckpt_dir)
         self.every = int(every_n_steps or 0)
         self.keep_all = bool(keep_all)
@@ -390,7 +392,8 @@ class CheckpointPolicy(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         # before the first step: a run whose first checkpoint cannot be written stops now, not hours later
-        self._ensure_room(trainer, pl_module, trainer.global_step)
+        if self.enabled:
+            self._ensure_room(trainer, pl_module, trainer.global_step)
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint):
         # a finished run's last checkpoint says so: resume=auto then has nothing left to do
@@ -399,6 +402,8 @@ class CheckpointPolicy(L.Callback):
     def save(self, trainer, pl_module) -> Path | None:
         step = trainer.global_step
         self.last_saved_step = step
+        if not self.enabled:
+            return None
         if not weights_finite(pl_module):
             self.refused.append(step)
             _warn(f"step {step}: the weights hold NaN/Inf; no checkpoint written (last.ckpt stays at the last good "

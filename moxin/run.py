@@ -181,7 +181,8 @@ def build(cfg: DictConfig):
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
-    policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints)
+    policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints,
+                              enabled=cfg.trainer.get("save_checkpoints", True))
     callbacks = [policy, StopOnSignal(policy), throughput]
     from moxin.callbacks.progress import progress_callbacks  # ux: phases, step/total, tokens, ETA; Ctrl-C hint
     from moxin.ui import run_plan
@@ -254,7 +255,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
     info = {
         "run_name": cfg.run_name,
         "out_dir": str(out_dir),
-        "checkpoint": _last_checkpoint(out_dir),
+        "checkpoint": _last_checkpoint(out_dir) if cfg.trainer.get("save_checkpoints", True) else None,
         "optimizer_steps": trainer.global_step,
         "target_tokens": stage.tokens_seen,
         "seconds": round(time.time() - started, 1),
@@ -290,7 +291,7 @@ def print_summary(cfg, info: dict, handoffs: bool = True) -> None:
     for k in sorted(info["metrics"]):
         if k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
             t.add_row(k, f"{info['metrics'][k]:.4f}")
-    t.add_row("checkpoint", info["checkpoint"])
+    t.add_row("checkpoint", info["checkpoint"] or "none (trainer.save_checkpoints=false)")
     if info.get("hf_export"):
         t.add_row("HF export", info["hf_export"])
     if info.get("metrics_csv"):

@@ -240,6 +240,8 @@ def next_stage_command(cfg: DictConfig, info: dict) -> str | None:
     if nxt is None:
         return None
     src = info.get("hf_export") or info.get("checkpoint")
+    if not src:  # trainer.save_checkpoints=false and no export: nothing to start from
+        return None
     return f"python -m moxin.run +experiment={nxt} init_from={shlex.quote(str(Path(src).resolve()))}"
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import stat
 from pathlib import Path
@@ -17,7 +16,7 @@ import torch
 
 from moxin import checkpointing as C
 from moxin import run as R
-from tests.test_run import TINY_MODEL, TINY_PRETRAIN, _compose
+from tests.test_run import TINY_PRETRAIN, _compose
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
 
@@ -361,6 +360,24 @@ def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monk
     with pytest.raises(C.DiskSpaceError, match="checkpoint of step 6"):
         R.train(_compose(FAST + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.checkpoint_every_n_steps=4"]))
     assert os.readlink(tmp_path / "b" / "checkpoints" / "last.ckpt") == "step000004.ckpt"
+
+
+def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypatch):
+    """trainer.save_checkpoints=false (benchmarks, metric-only sweeps): the run trains to its end on a disk with no
+    room for a checkpoint, writes no checkpoint folder, and still writes its summary; a non-boolean is refused."""
+    import collections
+
+    from moxin.errors import UserError
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
+    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=n", "trainer.max_steps=3",
+                             "trainer.checkpoint_every_n_steps=1", "trainer.save_checkpoints=false"]))
+    assert not (tmp_path / "checkpoints").exists()
+    info = json.loads((tmp_path / "summary.json").read_text())
+    assert info["optimizer_steps"] == 3 and info["checkpoint"] is None
+    with pytest.raises(UserError, match="trainer.save_checkpoints='no'.*expected bool"):
+        R.train(_compose(FAST + [f"out_dir={tmp_path / 'x'}", "trainer.save_checkpoints=no"]))
 
 
 def test_checkpoint_size_estimate_covers_what_is_written(tmp_path):
