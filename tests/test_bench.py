@@ -11,14 +11,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["attention", "generate", "train"])
+@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute"])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     data = json.loads(out.read_text())
     assert data["rows"] and all("error" not in row for row in data["rows"]), data["rows"]
     assert "|" in r.stdout
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
+    if script == "recompute":  # whole runs through moxin.run: recomputing changes the memory, never the loss
+        none, full = data["rows"]
+        assert none["steps"] == full["steps"] == 3 and none["tokens_per_s"] > 0 and none["vs_full"] > 0
+        assert none["loss"] == pytest.approx(full["loss"], rel=1e-6)
