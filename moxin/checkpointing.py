@@ -15,8 +15,9 @@ A kill at any point leaves the previous complete checkpoint, at worst a temporar
 Weights with a NaN/Inf are never saved (the previous good checkpoint stays ``last``).
 
 With ``trainer.save_checkpoints=false`` nothing is written (benchmarks, sweeps that keep only their metrics;
-such a run cannot resume). Otherwise saves happen every ``checkpoint_every_n_steps`` optimizer steps, where ``trainer.max_steps`` stops a run, and at
-the end of every phase (Lightning epoch), which includes the final state of a finished run. A phase's last
+such a run cannot resume). Otherwise saves happen every ``checkpoint_every_n_steps`` optimizer steps, where
+``trainer.max_steps`` stops a run, and at the end of every phase (Lightning epoch), which includes the final state
+of a finished run. A phase's last
 step is saved at ``on_train_epoch_end``, after that step's validation, so the loop state says "phase done" and
 a resumed run goes on with the next phase exactly as an uninterrupted run does; other steps are saved at the
 end of their optimizer step (the loop state says "mid-phase").

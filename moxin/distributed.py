@@ -104,7 +104,10 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
     number of values."""
     import torch.distributed as dist
 
-    t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    if any(isinstance(v, torch.Tensor) for v in values):
+        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
+    else:  # plain numbers: one host-to-device copy, not one per value
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t.tolist()
