@@ -111,7 +111,7 @@ def test_cache_memory_is_one_eighth_at_8x_window():
     rolling = RollingKVCache(cfg, 2)
     full = RollingKVCache(cfg.replace(sliding_window=None), 2, max_len=8 * W)
     assert full.nbytes() == 8 * rolling.nbytes()
-    assert rolling.k.shape[3] == W and full.k.shape[3] == 8 * W
+    assert len(rolling.k) == cfg.n_layers and rolling.k[0].shape[2] == W and full.k[0].shape[2] == 8 * W
 
 
 def test_moxin_7b_cache_figures():

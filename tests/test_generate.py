@@ -152,3 +152,27 @@ def test_generate_never_records_autograd_history(model, grad_mode, decode):
         hook.remove()
     assert seen and not any(seen), f"{sum(seen)} of {len(seen)} forwards ran with grad enabled"
     assert all(len(t) == 6 for t in out.tokens)
+
+
+def test_compiled_decode_equals_eager_and_compiles_once_per_cache_size():
+    """decode="compiled" (torch.compile of the single-token step; on a CPU without the CUDA graph) gives the eager
+    reference's tokens, stops and log-probs; prompt batches whose
+    prompt + new tokens round to the same cache size (CACHE_ROUND slots) reuse one compiled step."""
+    from torch._dynamo.utils import counters
+
+    from moxin.model.generate import CACHE_ROUND
+
+    model = tiny_model(sliding_window=None, n_layers=2)  # no window: the cache is sized by the rounding
+    kw = dict(temperature=1.0, top_k=50, stop_tokens=(17, 23), return_logprobs=True)
+    torch._dynamo.reset()
+    counters.clear()
+    for lens, side in (([3, 12, 7], "left"), ([5, 9, 2], "right")):  # 12 + 25 and 9 + 25 round to the same size
+        assert -(-(max(lens) + 25) // CACHE_ROUND) == 1
+        ps = prompts_of(lens, seed=5)
+        a = generate(model, ps, 25, decode="eager", pad_side=side, generator=torch.Generator().manual_seed(3), **kw)
+        b = generate(model, ps, 25, decode="compiled", sync_every=4, pad_side=side,
+                     generator=torch.Generator().manual_seed(3), **kw)
+        assert a.tokens == b.tokens and a.finished == b.finished
+        for x, y in zip(a.logprobs, b.logprobs):
+            assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1  # (the wrapping cache's compiled path: tests/test_gpu.py)

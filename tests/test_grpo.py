@@ -223,3 +223,21 @@ def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):
     assert len(res["history"]) == 2
     assert any(h["grpo/skipped_update"] == 0.0 for h in res["history"])
     assert res["steps"] > 0
+
+
+def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypatch):
+    """stage.grpo.decode names one of generate's decode paths; a bad value is refused naming the key; auto decodes
+    eagerly on a CPU (compiled on a GPU: tests/test_gpu.py runs that path)."""
+    import moxin.stages.grpo as grpo_mod
+    from moxin.model.generate import DecodePath
+
+    with pytest.raises(ValueError, match="stage.grpo.decode='fast': choose one of auto, eager, static, graph, compiled"):
+        GRPOConfig(decode="fast")
+    assert GRPOConfig(decode="compiled").decode is DecodePath.COMPILED
+    seen, real = [], grpo_mod.generate
+    monkeypatch.setattr(grpo_mod, "generate", lambda *a, **kw: (seen.append(kw["decode"]), real(*a, **kw))[1])
+    for choice, used in (("auto", DecodePath.EAGER), ("static", DecodePath.STATIC)):
+        stage = make_stage(tok, decode=choice)
+        stage.configure_model()
+        stage.rollout(make_dm(tok).rank_batches(0)[0], step=0)
+        assert seen[-1] == used

@@ -64,9 +64,11 @@ class RollingKVCache:
         self.capacity = W if max_len is None else (max_len if W is None else min(W, max_len))
         self.max_len = max_len
         self.batch_size = batch_size
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, self.capacity, cfg.head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch_size, cfg.n_kv_heads, self.capacity, cfg.head_dim)
+        # one tensor per layer, not one (n_layers, ...) tensor: a compiled decode step updates each layer's
+        # buffer in place, where a slice of a shared buffer made Inductor copy the whole cache every step
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layers)]
         self.pos = torch.full((batch_size, self.capacity), -1, dtype=torch.long, device=device)  # position per slot
         self._step = None
         self.static_decode = False
@@ -74,7 +76,7 @@ class RollingKVCache:
 
     def nbytes(self) -> int:
         """Bytes the cache actually allocates (keys, values, slot positions)."""
-        return sum(t.numel() * t.element_size() for t in (self.k, self.v, self.pos))
+        return sum(t.numel() * t.element_size() for t in (*self.k, *self.v, self.pos))
 
     def reset(self) -> None:
         self.pos.fill_(-1)
@@ -128,11 +130,13 @@ class RollingKVCache:
     def _attend_static(self, layer: int, q, k, v):
         _, valid, slot, _, mask, _, _ = self._step
         kc, vc = self.k[layer], self.v[layer]  # (B, KVH, C, hd)
-        B, KVH, _, hd = kc.shape
-        idx = slot.view(B, 1, 1, 1).expand(B, KVH, 1, hd)
-        keep = valid.view(B, 1, 1, 1)
-        kc.scatter_(2, idx, torch.where(keep, k.to(kc.dtype), kc.gather(2, idx)))  # padding rows rewrite the old value
-        vc.scatter_(2, idx, torch.where(keep, v.to(vc.dtype), vc.gather(2, idx)))
+        B = kc.shape[0]
+        # (rows, :, slot) indexes one (KVH, hd) slice per row: an index_put that Inductor compiles to a store
+        # into the cache itself (a scatter made it rebuild the layer's whole cache every step)
+        rows, col = torch.arange(B, device=kc.device), slot.view(B)
+        keep = valid.view(B, 1, 1)
+        kc[rows, :, col] = torch.where(keep, k[:, :, 0].to(kc.dtype), kc[rows, :, col])  # padding rewrites the old value
+        vc[rows, :, col] = torch.where(keep, v[:, :, 0].to(vc.dtype), vc[rows, :, col])
         return _decode_sdpa(q, kc.to(q.dtype), vc.to(q.dtype), mask)
 
     def attend(self, layer: int, q, k, v):

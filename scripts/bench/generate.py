@@ -1,7 +1,8 @@
 """Rollout throughput of the moxin-7b shape (random weights, bf16, 36 layers): batch 64, prompt 128, 256 new
 tokens, sampling, every row forced to produce all 256 tokens (no stop tokens), through `moxin.model.generate`
-(eager reference decode, static sync-free decode, CUDA-graph decode) and Hugging Face `generate` on the same
-weights (our state dict copied into `MistralForCausalLM`), measured in the same run.
+(eager reference decode, static sync-free decode, CUDA-graph decode, compiled CUDA-graph decode) and Hugging
+Face `generate` on the same weights (our state dict copied into `MistralForCausalLM`), measured in the same run.
+"first call" is the untimed first generation (it captures the graph and, for decode=compiled, compiles).
 
 Memory-bandwidth bound of decode: every step reads all weights once (plus the KV cache); "of 4.8 TB/s" is
 (weight bytes / decode step time) / 4.8e12; "of copy" divides by a device-to-device copy measured here.
@@ -13,10 +14,11 @@ Memory-bandwidth bound of decode: every step reads all weights once (plus the KV
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
-from _common import default_out, env, free, table, timed, write_json
+from _common import default_out, env, free, sync, table, timed, write_json
 
 from moxin.model import ModelConfig, Transformer, generate
 
@@ -72,7 +74,7 @@ def main(argv=None):
         dev, dtype = "cuda", torch.bfloat16
         cfg = ModelConfig.preset("moxin-7b")
         B, P, N = a.batch, a.prompt, a.new
-        paths, reps = ["eager", "static", "graph"], 2
+        paths, reps = ["eager", "static", "graph", "compiled"], 2
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -103,11 +105,16 @@ def main(argv=None):
         def run():
             gen.manual_seed(5)
             return generate(model, prompts, N, temperature=1.0, generator=gen, decode=path)
+        sync(dev)
+        t0 = time.perf_counter()
         out = run()
+        sync(dev)
+        first = time.perf_counter() - t0
         assert all(len(t) == N for t in out.tokens)
-        t = timed(run, dev, 0, reps if path == "graph" else 1)
+        t = timed(run, dev, 0, reps if path in ("graph", "compiled") else 1)
         step = (t - t_prefill) / (N - 1)
-        rows.append({"impl": f"moxin generate decode={path}", "tok_s": B * N / t, "s": t, "step_ms": step * 1e3,
+        rows.append({"impl": f"moxin generate decode={path}", "tok_s": B * N / t, "s": t, "first_s": first,
+                     "step_ms": step * 1e3,
                      "weights_tbs": weight_bytes / step / 1e12, "of_4p8": weight_bytes / step / 4.8e12,
                      "of_copy": weight_bytes / step / bw if bw else None})
         free(dev)
@@ -150,6 +157,7 @@ def main(argv=None):
              f"{N} new tokens (sampling, all forced), weights {weight_bytes / 1e9:.2f} GB, prefill {t_prefill * 1e3:.1f} ms"
              + (f", copy bandwidth {bw / 1e12:.2f} TB/s" if bw else ""))
     print(table(rows, [("impl", "implementation", ""), ("tok_s", "tokens/s", ",.0f"), ("s", "seconds", ".2f"),
+                       ("first_s", "first call s", ".1f"),
                        ("step_ms", "ms/decode step", ".2f"), ("weights_tbs", "weights TB/s", ".2f"),
                        ("of_4p8", "of 4.8 TB/s", ".0%"), ("of_copy", "of copy BW", ".0%"),
                        ("vs_hf", "x HF", ".2f")], title))
