@@ -69,6 +69,19 @@ def _seed():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _environ_restored():
+    """Each test sees the environment the session started with. Lightning's seed_everything (every in-process
+    moxin.run) leaves PL_GLOBAL_SEED behind, and a later torchrun launch inherits it: there Lightning's
+    distributed strategies reseed at setup, so 2 processes built other weights than 1 (seen as a val/loss gap in
+    test_distributed when it ran after test_grpo)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 @pytest.fixture
 def tiny():
     return tiny_model()
