@@ -176,3 +176,34 @@ def test_compiled_decode_equals_eager_and_compiles_once_per_cache_size():
         for x, y in zip(a.logprobs, b.logprobs):
             assert torch.allclose(torch.tensor(x), torch.tensor(y), atol=1e-5)
     assert counters["stats"]["unique_graphs"] == 1  # (the wrapping cache's compiled path: tests/test_gpu.py)
+
+
+@pytest.mark.parametrize("decode", ["eager", "static"])
+def test_on_finished_reports_every_row_once_as_it_stops(model, decode):
+    """on_finished gets each row exactly once with the tokens generate returns; rows that stop are reported at the
+    stop check that sees them (before generation ends), rows cut at max_new_tokens at the end."""
+    forwards = [0]
+    hook = model.register_forward_pre_hook(lambda m, a: forwards.__setitem__(0, forwards[0] + 1))
+    seen = {}
+
+    def on_finished(rows, toks):
+        for r, t in zip(rows, toks):
+            assert r not in seen
+            seen[r] = (t, forwards[0])
+
+    ps = prompts_of([3, 12, 7, 5, 9], seed=7)
+    kw = dict(temperature=1.0, top_k=50, stop_tokens=(17, 23, 99, 101, 200, 301, 411), sync_every=4)
+    try:
+        ref = generate(model, ps, 40, decode=decode, generator=torch.Generator().manual_seed(1), **kw)
+        forwards[0] = 0
+        out = generate(model, ps, 40, decode=decode, generator=torch.Generator().manual_seed(1),
+                       on_finished=on_finished, **kw)
+    finally:
+        hook.remove()
+    assert out.tokens == ref.tokens and out.finished == ref.finished  # the callback changes nothing
+    assert sorted(seen) == list(range(len(ps)))
+    assert all(seen[r][0] == out.tokens[r] for r in seen)
+    total = forwards[0]
+    early = [r for r in seen if out.finished[r] and len(out.tokens[r]) + 4 < max(len(t) for t in out.tokens)]
+    assert early, "the stop tokens were chosen so that some rows stop well before the others"
+    assert all(seen[r][1] < total for r in early)  # handed over while other rows still decoded

@@ -231,7 +231,7 @@ def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypa
     import moxin.stages.grpo as grpo_mod
     from moxin.model.generate import DecodePath
 
-    with pytest.raises(ValueError, match="stage.grpo.decode='fast': choose one of auto, eager, static, graph, compiled"):
+    with pytest.raises(ValueError, match="decode='fast': choose one of auto, eager, static, graph, compiled"):
         GRPOConfig(decode="fast")
     assert GRPOConfig(decode="compiled").decode is DecodePath.COMPILED
     seen, real = [], grpo_mod.generate
@@ -241,3 +241,27 @@ def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypa
         stage.configure_model()
         stage.rollout(make_dm(tok).rank_batches(0)[0], step=0)
         assert seen[-1] == used
+
+
+def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monkeypatch):
+    """Rows are scored in a thread as generate hands them over; completions and rewards equal decoding and scoring
+    the returned tokens afterwards, row for row, also when generation runs in several calls (gen_batch_size)."""
+    import moxin.stages.grpo as grpo_mod
+    from moxin.rewards import get_verifier, score_batch
+
+    outs, real = [], grpo_mod.generate
+    monkeypatch.setattr(grpo_mod, "generate", lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1])
+    for gen_batch_size in (None, 3):
+        outs.clear()
+        stage = make_stage(tok, gen_batch_size=gen_batch_size, max_new_tokens=10)
+        stage.configure_model()
+        batch = make_dm(tok, P=2).rank_batches(0)[0]
+        ro = stage.rollout(batch, step=1)
+        tokens = [t for o in outs for t in o.tokens]
+        assert len(outs) == (1 if gen_batch_size is None else 3)
+        texts = [tok.decode(t) for t in tokens]
+        assert ro.completions == texts
+        answers = [r["answer"] for r in batch for _ in range(stage.cfg.group_size)]
+        ref, _ = score_batch(get_verifier("parity"), texts, answers, max_workers=0)
+        assert ro.rewards.tolist() == [r.score for r in ref] and 0 < ro.rewards.sum() < len(ref)  # both outcomes
+        assert ro.stats["score_busy_s"] >= 0 and ro.stats["score_s"] >= 0

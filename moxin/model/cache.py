@@ -135,7 +135,8 @@ class RollingKVCache:
         # into the cache itself (a scatter made it rebuild the layer's whole cache every step)
         rows, col = torch.arange(B, device=kc.device), slot.view(B)
         keep = valid.view(B, 1, 1)
-        kc[rows, :, col] = torch.where(keep, k[:, :, 0].to(kc.dtype), kc[rows, :, col])  # padding rewrites the old value
+        # padding rows rewrite the value the slot already holds
+        kc[rows, :, col] = torch.where(keep, k[:, :, 0].to(kc.dtype), kc[rows, :, col])
         vc[rows, :, col] = torch.where(keep, v[:, :, 0].to(vc.dtype), vc[rows, :, col])
         return _decode_sdpa(q, kc.to(q.dtype), vc.to(q.dtype), mask)
 

@@ -25,6 +25,7 @@ Decode paths (``decode=``), all giving the same tokens:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -96,13 +97,18 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
              top_k: int | None = None, top_p: float | None = None, stop_tokens: tuple[int, ...] = (),
              pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
-             decode: str = "auto", sync_every: int = 16, lockstep: bool = False) -> GenerationOutput:
+             decode: str = "auto", sync_every: int = 16, lockstep: bool = False,
+             on_finished: Callable[[list[int], list[list[int]]], None] | None = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache.
 
     decode: auto (graph on CUDA, eager elsewhere), eager, static, graph or compiled; see the module docstring.
     sync_every: with static/graph, tokens between host checks of "every row has stopped".
     lockstep: with torch.distributed initialised, stop only when every rank's rows have stopped, so all ranks run
-        the same number of forwards (needed when the forward is collective, as under FSDP2)."""
+        the same number of forwards (needed when the forward is collective, as under FSDP2).
+    on_finished: called on the host as rows finish, ``on_finished(rows, tokens)`` with the prompt indices and
+        their new tokens (stop token included), each row exactly once: rows that stopped are reported at the
+        stop checks (every token on the eager path, every `sync_every` tokens otherwise), the rest at the end.
+        Lets a caller work on finished completions (GRPO scores them) while the others still decode."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add the bos token)")
     if pad_side not in ("left", "right"):
@@ -153,9 +159,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     logits = last_logits
     step = None
     if decode != "eager":
-        step = _DecodeStep(model, cache, B, device, graph=decode == "graph" or (decode == "compiled" and device.type == "cuda"),
-                           compile=decode == "compiled")
+        graph = decode == "graph" or (decode == "compiled" and device.type == "cuda")
+        step = _DecodeStep(model, cache, B, device, graph=graph, compile=decode == "compiled")
     check_every = 1 if step is None else max(1, sync_every)
+    reported = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, pad_id, nxt)
@@ -167,7 +174,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         is_stop = torch.isin(nxt, stops) & ~done
         stopped |= is_stop
         done |= is_stop
-        if t == max_new_tokens - 1 or ((t + 1) % check_every == 0 and _all_done(done, lockstep)):
+        check = (t + 1) % check_every == 0
+        if check and on_finished is not None:
+            _report(on_finished, done & ~reported, reported, out, n_new)
+        if t == max_new_tokens - 1 or (check and _all_done(done, lockstep)):
             break
         pos = torch.where(done, -1, lens + t).unsqueeze(1)  # finished rows feed padding
         if step is None:
@@ -175,12 +185,24 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         else:
             logits = step(nxt.unsqueeze(1), pos)
 
+    if on_finished is not None:
+        _report(on_finished, ~reported, reported, out, n_new)
     counts = n_new.tolist()
     out_l = out.tolist()
     res = GenerationOutput(tokens=[row[:n] for row, n in zip(out_l, counts)], finished=stopped.tolist())
     if lps is not None:
         res.logprobs = [row[:n] for row, n in zip(lps.tolist(), counts)]
     return res
+
+
+def _report(on_finished, rows_mask: torch.Tensor, reported: torch.Tensor, out: torch.Tensor, n_new: torch.Tensor):
+    """Hand the rows of `rows_mask` (not reported before) to `on_finished` and mark them reported."""
+    rows = rows_mask.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    reported[rows] = True
+    counts = n_new[rows].tolist()
+    on_finished(rows.tolist(), [r[:n] for r, n in zip(out[rows].tolist(), counts)])
 
 
 class _DecodeStep:

@@ -9,6 +9,8 @@ One ``training_step`` is one rollout batch (Lightning manual optimisation):
    or is *truncated* at ``max_new_tokens``.
 2. **Score** each completion against the reference answer with a verifier (:func:`moxin.rewards.score_batch`:
    worker processes, a per-item timeout; errors and timeouts are counted and logged, never silent zeros).
+   Scoring overlaps generation: ``generate`` hands over rows as they finish and a scoring thread scores them
+   while the rest decode; ``grpo/score_s`` is the scoring left after the last token, ``grpo/score_busy_s`` all.
 3. **Advantages**, group-relative (GRPO, DeepSeekMath, Shao et al. 2024, arXiv 2402.03300): reward minus the
    group's mean, divided by the group's std when ``scale_by_std`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783,
    drops the division: it over-weights prompts that are nearly always solved or nearly never).
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import math
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -222,8 +225,26 @@ class GRPOStage(MoxinStage):
         prompts = [r["prompt_ids"] for r in batch for _ in range(G)]  # the G completions of a prompt are contiguous
         answers = [r["answer"] for r in batch for _ in range(G)]
         gen = self.generator_for(step)
+        from moxin.rewards import get_verifier, score_batch
+
+        verifier = get_verifier(c.verifier, **c.verifier_kwargs)
+        completions: list[str | None] = [None] * len(prompts)
+        results: list = [None] * len(prompts)
+        busy = [0.0]
+
+        def score(rows: list[int], toks: list[list[int]]) -> dict:
+            """Decode and score finished rows (in the scoring thread, while generation goes on)."""
+            t = time.perf_counter()
+            texts = [tok.decode(x) for x in toks]
+            res, st = score_batch(verifier, texts, [answers[i] for i in rows], timeout_s=c.verifier_timeout_s,
+                                  max_workers=c.verifier_workers)
+            for i, text, r in zip(rows, texts, res):
+                completions[i], results[i] = text, r
+            busy[0] += time.perf_counter() - t
+            return st
+
         t0 = time.perf_counter()
-        tokens, finished = [], []
+        tokens, finished, jobs = [], [], []
         bs = c.gen_batch_size or len(prompts)
         # FSDP2 shards the weights: every forward is collective, so ranks decode in lockstep, eagerly (a CUDA
         # graph cannot hold the all-gathers)
@@ -233,29 +254,32 @@ class GRPOStage(MoxinStage):
             decode = DecodePath.EAGER
         elif decode == DecodePath.AUTO:
             decode = DecodePath.COMPILED if self.device.type == "cuda" else DecodePath.EAGER
-        for s in range(0, len(prompts), bs):
-            out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                           top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left", prefill_chunk=c.prefill_chunk,
-                           generator=gen, pad_id=tok.pad_id if tok.pad_id is not None else 0,
-                           lockstep=sharded, decode=decode)
-            tokens += out.tokens
-            finished += out.finished
-        gen_s = time.perf_counter() - t0
-        model.train(was_training)
+        # scoring overlaps generation: rows are scored, one batch at a time in one thread (the verifier pool is
+        # not shared between threads), as generate reports them finished
+        with ThreadPoolExecutor(1, thread_name_prefix="grpo-score") as scorer:
+            for s in range(0, len(prompts), bs):
+                def on_finished(rows, toks, s=s):
+                    jobs.append(scorer.submit(score, [s + r for r in rows], toks))
+
+                out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                               top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
+                               prefill_chunk=c.prefill_chunk, generator=gen,
+                               pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=sharded, decode=decode,
+                               on_finished=on_finished)
+                tokens += out.tokens
+                finished += out.finished
+            gen_s = time.perf_counter() - t0
+            model.train(was_training)
+            stats = [j.result() for j in jobs]  # re-raises a scoring thread's exception here
+        score_s = time.perf_counter() - t0 - gen_s
         n_gen = sum(len(t) for t in tokens)
-
-        completions = [tok.decode(t) for t in tokens]
-        from moxin.rewards import get_verifier, score_batch
-
-        verifier = get_verifier(c.verifier, **c.verifier_kwargs)
-        t1 = time.perf_counter()
-        results, vstats = score_batch(verifier, completions, answers, timeout_s=c.verifier_timeout_s,
-                                      max_workers=c.verifier_workers)
-        score_s = time.perf_counter() - t1
+        vstats = {k: sum(st[k] for st in stats) for k in ("errors", "timeouts", "no_answer")}
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         ro = self.build_rollout(prompts, tokens, finished, rewards)
         ro.completions = completions
-        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "score_s": score_s, "verifier_errors": vstats["errors"],
+        # score_s: scoring left after the last token (the rest ran during generation); score_busy_s: all of it
+        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "score_s": score_s, "score_busy_s": busy[0],
+                         "verifier_errors": vstats["errors"],
                          "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
         if c.log_completions and self.trainer_is_zero() and step % max(1, c.log_every) == 0:
             for i in range(min(c.log_completions, len(batch))):
@@ -468,6 +492,7 @@ class GRPOStage(MoxinStage):
             "grpo/step_s": time.perf_counter() - t0,
             # where the step's time goes (rank 0's clock; generation is the slowest rank's)
             "grpo/gen_s": gen_s, "grpo/score_s": ro.stats["score_s"], "grpo/update_s": update_s,
+            "grpo/score_busy_s": ro.stats["score_busy_s"],
             "train/lr": self.optimizers().param_groups[0]["lr"],
         })
         if getattr(self, "_last_grad_norm", None) is not None:
