@@ -27,17 +27,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-# What a process prints when a C++ thread is still joinable as the process ends. Seen once on the 2-core CI
-# machine (torch 2.13, gloo): rank 1 of two torchrun launches aborted with it; it did not come back here in 9 runs
-# of the eval test (4 with both cores busy), a fresh-clone CI and a run of the distributed test files.
+# What a process prints when a C++ thread is still joinable as the process ends (gloo, torch 2.13, after the
+# rank's work is done). Fresh-clone CI runs on this 2-core machine meet it in 2 or 3 of the ~10 launches.
 TEARDOWN_ABORT = "terminate called without an active exception"
 
 
-def torchrun(*args, nproc: int = 2, timeout: int = 300, cwd=None, env: dict | None = None) -> subprocess.CompletedProcess:
+def torchrun(*args, nproc: int = 2, timeout: int = 300, cwd=None, env: dict | None = None,
+             before_retry=None) -> subprocess.CompletedProcess:
     """``python -m torch.distributed.run --nproc_per_node nproc --master_port <free> *args`` with one OpenMP thread
     a process; fails the test with the end of the output unless it exits 0. A launch that failed only by a rank's
     teardown abort (TEARDOWN_ABORT, and no Python exception in any rank) runs once more, with a warning, so the
-    test still checks the results of a complete run."""
+    test still checks the results of a complete run. `before_retry()` runs first: a launch that is not
+    idempotent (a moxin.run refuses an out_dir that holds a run's checkpoints) clears what the first one wrote."""
     import warnings
 
     e = dict(os.environ, OMP_NUM_THREADS="1") | (env or {})
@@ -51,6 +52,8 @@ def torchrun(*args, nproc: int = 2, timeout: int = 300, cwd=None, env: dict | No
         worker_raised = out.count("Traceback (most recent call last)") > 1  # one is torchrun's own ChildFailedError
         if attempt == 1 and TEARDOWN_ABORT in out and not worker_raised:
             warnings.warn(f"torchrun: a rank aborted at teardown ({TEARDOWN_ABORT!r}); launched again", stacklevel=2)
+            if before_retry is not None:
+                before_retry()
             continue
         break
     raise AssertionError(r.stdout[-3000:] + r.stderr[-3000:])

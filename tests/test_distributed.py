@@ -150,3 +150,28 @@ def test_all_reduce_values_without_a_process_group():
 
     assert rank_and_world() == (0, 1)
     assert all_reduce_values([1, torch.tensor(2.5), True], "cpu", "max") == [1.0, 2.5, 1.0]
+
+
+def test_torchrun_launches_again_only_after_a_teardown_abort(tmp_path):
+    """The test launcher's retry: a launch whose only failure is a rank's teardown abort runs once more, after
+    before_retry (which clears what a non-idempotent launch wrote); a launch whose rank raised is not retried."""
+    from tests.conftest import TEARDOWN_ABORT
+
+    script = tmp_path / "flaky.py"
+    script.write_text(
+        "import os, sys\n"
+        "from pathlib import Path\n"
+        "mark = Path(sys.argv[1]) / f\"ran.{os.environ['RANK']}\"\n"
+        "first = not mark.exists()\n"
+        "mark.write_text('x')\n"
+        "if sys.argv[2] == 'raise':\n"
+        "    raise RuntimeError('a real failure')\n"
+        "if first and os.environ['RANK'] == '1':\n"
+        f"    sys.stderr.write({TEARDOWN_ABORT!r} + '\\n'); sys.stderr.flush(); os._exit(134)\n")
+    cleared = []
+    with pytest.warns(UserWarning, match="aborted at teardown"):
+        torchrun(script, tmp_path, "abort", before_retry=lambda: cleared.append(True))
+    assert cleared == [True]
+    with pytest.raises(AssertionError, match="a real failure"):
+        torchrun(script, tmp_path, "raise", before_retry=lambda: cleared.append(True))
+    assert cleared == [True]

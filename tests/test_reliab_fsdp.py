@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,8 @@ def fsdp_run(tmp_path_factory):
     args = [a for a in TINY if a != "export_hf=false" and not a.startswith(("+logger", "trainer.progress"))] + [
         "trainer.checkpoint_every_n_steps=3", "trainer.max_steps=4", f"out_dir={out}", "run_name=run",
         "trainer.progress_bar=plain", "trainer.progress_every_n_steps=1"]
-    res = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", *args, cwd=ROOT, env=_env(), timeout=600)
+    res = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", *args, cwd=ROOT, env=_env(), timeout=600,
+                   before_retry=lambda: shutil.rmtree(out, ignore_errors=True))
     assert [ln.split(" | ")[0] for ln in res.stdout.splitlines() if ln.startswith("step ")] == [
         f"step {i}/4" for i in range(1, 5)]
     return out
