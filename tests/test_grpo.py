@@ -245,7 +245,8 @@ def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypa
 
 def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monkeypatch):
     """Rows are scored in a thread as generate hands them over; completions and rewards equal decoding and scoring
-    the returned tokens afterwards, row for row, also when generation runs in several calls (gen_batch_size)."""
+    the returned tokens afterwards, row for row, also when generation runs in several calls (gen_batch_size).
+    On a CPU it is off by default (generation would share its cores with the verifier): generate gets no callback."""
     import moxin.stages.grpo as grpo_mod
     from moxin.rewards import get_verifier, score_batch
 
@@ -253,7 +254,7 @@ def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monke
     monkeypatch.setattr(grpo_mod, "generate", lambda *a, **kw: outs.append(real(*a, **kw)) or outs[-1])
     for gen_batch_size in (None, 3):
         outs.clear()
-        stage = make_stage(tok, gen_batch_size=gen_batch_size, max_new_tokens=10)
+        stage = make_stage(tok, gen_batch_size=gen_batch_size, max_new_tokens=10, score_during_generation=True)
         stage.configure_model()
         batch = make_dm(tok, P=2).rank_batches(0)[0]
         ro = stage.rollout(batch, step=1)
@@ -265,3 +266,9 @@ def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monke
         ref, _ = score_batch(get_verifier("parity"), texts, answers, max_workers=0)
         assert ro.rewards.tolist() == [r.score for r in ref] and 0 < ro.rewards.sum() < len(ref)  # both outcomes
         assert ro.stats["score_busy_s"] >= 0 and ro.stats["score_s"] >= 0
+    kws = []
+    monkeypatch.setattr(grpo_mod, "generate", lambda *a, **kw: kws.append(kw) or real(*a, **kw))
+    stage = make_stage(tok)
+    stage.configure_model()
+    stage.rollout(make_dm(tok, P=2).rank_batches(0)[0], step=1)
+    assert kws and all(kw["on_finished"] is None for kw in kws)
