@@ -83,7 +83,7 @@ class GRPOConfig:
     the verifier would take cores from generation (the CPU demo generated 20 % slower with it)."""
     decode: DecodePath = DecodePath.AUTO
     """Rollout decode path: auto = compiled on a CUDA device (the decode step compiled once per cache shape,
-    about a minute for Moxin-7B, then 1.5x the uncompiled CUDA graph), eager on a CPU; or eager, static, graph,
+    about a minute for Moxin-7B, then 1.43x the uncompiled CUDA graph), eager on a CPU; or eager, static, graph,
     compiled. Under FSDP the rollouts always decode eagerly (every forward all-gathers the weights)."""
     scale_by_std: bool = True
     """Divide advantages by the group std (GRPO) or not (Dr. GRPO)."""
