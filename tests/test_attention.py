@@ -152,6 +152,71 @@ def test_mask_hands_plain_causal_to_sdpa():
                                                             None if doc is one_doc else doc))
 
 
+
+# ---- FlashAttention dispatch and glue on the CPU (the kernels themselves: GPU tests below) ---------------------------
+def _fake_flash4(calls):
+    """FlashAttention-4's two entry points computed by the SDPA reference, with FlashAttention's layouts and
+    window convention, (B, T, H, D) batched and (N, H, D) varlen, returning (out, lse) as some releases do."""
+
+    def window_of(window_size):
+        return None if window_size[0] is None else window_size[0] + 1
+
+    def dense(q, k, v, *, causal, window_size):
+        assert causal and q.dim() == 4
+        calls.append("dense")
+        ref = attention.sdpa_reference(*(t.transpose(1, 2) for t in (q, k, v)), window_of(window_size), None)
+        return ref.transpose(1, 2), None
+
+    def varlen(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal, window_size):
+        assert causal and q.dim() == 3 and torch.equal(cu_seqlens_q, cu_seqlens_k) and max_seqlen_q == max_seqlen_k
+        calls.append("varlen")
+        cu = cu_seqlens_q.tolist()
+        assert max(b - a for a, b in zip(cu, cu[1:])) == max_seqlen_q
+        outs = [attention.sdpa_reference(*(t[a:b].transpose(0, 1).unsqueeze(0) for t in (q, k, v)),
+                                         window_of(window_size), None)[0].transpose(0, 1)
+                for a, b in zip(cu, cu[1:])]
+        return torch.cat(outs), None
+
+    return dense, varlen
+
+
+def test_flash4_glue_matches_reference(monkeypatch):
+    """The `flash` backend with FlashAttention-4 (faked by the reference): batched kernel for one document a row,
+    varlen over the documents otherwise, same numbers as the reference; `auto` picks it on such a GPU; SDPA's
+    causal kernel where nothing is masked; an fp32 forward falls back to flex / the dense reference."""
+    calls = []
+    monkeypatch.setattr(attention, "_flash4", lambda: _fake_flash4(calls))
+    monkeypatch.setattr(attention, "flash_version", lambda device: 4)
+    assert attention.resolve_backend("auto", torch.device("cuda")) == "flash"
+    assert attention.resolve_backend("auto", torch.device("cpu")) == "sdpa"
+    pos = packed_positions([[10, 7, 23], [40]])
+    two_docs = masks.doc_ids_from_positions(pos)
+    build = attention.AttentionMask.build
+    assert build("flash", None, None, 2, 40, 16, "cpu").kernel == "causal"
+    q, k, v = rand_qkv(B=2, H=4, KVH=2, T=40, D=16, dtype=torch.bfloat16)
+    for window, doc, path in ((8, None, "dense"), (None, two_docs, "varlen"), (8, two_docs, "varlen")):
+        calls.clear()
+        m = build("flash", window, doc, 2, 40, 16, "cpu")
+        assert m.kernel == "flash" and (m.cu_seqlens is None) == (doc is None)
+        out = m.apply(q, k, v)
+        assert calls == [path]
+        assert out.shape == q.shape
+        # bf16: per-document runs round differently from one batched run; a layout slip would be off by O(1)
+        torch.testing.assert_close(out, attention.sdpa_reference(q, k, v, window, doc), atol=1e-2, rtol=1e-2)
+        calls.clear()
+        q32, k32, v32 = (t.float() for t in (q, k, v))
+        torch.testing.assert_close(m.apply(q32, k32, v32), attention.sdpa_reference(q32, k32, v32, window, doc))
+        assert calls == [] and m.fallback is not None  # fp32: no FlashAttention call
+
+
+def test_flash_without_a_usable_kernel_says_so(monkeypatch):
+    monkeypatch.setattr(attention, "flash_version", lambda device: None)
+    with pytest.raises(RuntimeError, match="Hopper"):
+        attention.AttentionMask.build("flash", 8, None, 1, 40, 16, "cpu")
+    monkeypatch.setattr(attention, "HAS_FLASH", False)
+    with pytest.raises(RuntimeError, match="flash-attn-4"):
+        attention.resolve_backend("flash", torch.device("cuda"))
+
 def test_model_builds_one_mask_per_forward(monkeypatch):
     """The mask is built once per forward and shared by every layer, not rebuilt per layer."""
     from moxin.model import ModelConfig, Transformer

@@ -11,8 +11,12 @@ needs (dense mask, FlexAttention block mask, flash-attn sequence bounds); every 
   Blocks entirely outside the window or the document are skipped, so cost grows with T*W, not T^2. Where
   there is nothing to skip (the window covers the row and it holds one document: DPO pairs, GRPO rollouts,
   4K blocks without boundaries) it hands over to SDPA's dense causal kernel, which is faster there.
-- ``flash``: flash-attn's varlen kernel with ``window_size=(W-1, 0)``; documents become separate sequences
-  via ``cu_seqlens``. Used only when the ``flash_attn`` package is installed and asked for.
+- ``flash``: FlashAttention with ``window_size=(W-1, 0)``; documents become separate sequences via
+  ``cu_seqlens`` (varlen). FlashAttention-4 (``flash_attn.cute``, package ``flash-attn-4``) on Hopper and newer,
+  else flash-attn 2 (``flash_attn``). It reads only the window's key blocks with the dense kernel's efficiency:
+  at 32K tokens on an H200 it reached 97 % of the window's ideal speedup over causal attention, flex 67 %
+  (docs/performance.md). ``auto`` takes it on a GPU where FlashAttention-4 is installed. bf16 / fp16 only: an
+  fp32 forward falls back to flex (or the dense reference).
 
 Shapes: q (B, H, T, D); k, v (B, KVH, T, D); returns (B, H, T, D). All backends give the same numbers up to
 floating-point rounding; tests/test_attention.py holds them to the reference.
@@ -21,6 +25,7 @@ floating-point rounding; tests/test_attention.py holds them to the reference.
 from __future__ import annotations
 
 import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
@@ -35,20 +40,48 @@ try:  # FlexAttention ships with torch >= 2.5
 except ImportError:  # pragma: no cover
     HAS_FLEX = False
 
-try:  # optional: pip install moxin[gpu]
+try:  # optional: pip install 'moxin[gpu]' (flash-attn 2)
     from flash_attn import flash_attn_varlen_func  # type: ignore
 
-    HAS_FLASH = True
+    HAS_FLASH2 = True
 except ImportError:
-    HAS_FLASH = False
+    HAS_FLASH2 = False
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # the parent package is missing
+        return False
+
+
+# optional: pip install 'moxin[flash4]' (FlashAttention-4, CuTe DSL kernels for Hopper / Blackwell). Imported on
+# first use: the import takes seconds.
+HAS_FLASH4 = _has_module("flash_attn.cute")
+HAS_FLASH = HAS_FLASH2 or HAS_FLASH4
+
+
+def flash_version(device) -> int | None:
+    """Which FlashAttention the ``flash`` backend runs on `device`: 4 (Hopper or newer, flash-attn-4 installed),
+    2 (flash-attn 2 installed), or None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    if HAS_FLASH4 and torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] >= 9:
+        return 4
+    return 2 if HAS_FLASH2 else None
 
 
 def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
-        return "flex" if (device.type == "cuda" and HAS_FLEX) else "sdpa"
+        if device.type != "cuda":
+            return "sdpa"
+        if flash_version(device) == 4:  # measured fastest for windows and documents (docs/performance.md)
+            return "flash"
+        return "flex" if HAS_FLEX else "sdpa"
     if backend == "flash" and not HAS_FLASH:
-        raise RuntimeError("attn_backend=flash needs the flash-attn package: pip install 'moxin[gpu]', "
-                           "or use attn_backend=flex / sdpa")
+        raise RuntimeError("attn_backend=flash needs FlashAttention: pip install 'moxin[flash4]' (flash-attn-4, "
+                           "Hopper or newer) or 'moxin[gpu]' (flash-attn 2); or use attn_backend=flex / sdpa")
     if backend in ("flex", "flash") and device.type != "cuda":
         raise RuntimeError(f"attn_backend={backend} runs on CUDA only; use attn_backend=sdpa on {device.type}")
     if backend not in ("sdpa", "flex", "flash"):
@@ -117,7 +150,7 @@ def flex(q, k, v, block_mask):
 
 
 def flash_seqlens(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device) -> tuple[torch.Tensor, int]:
-    """flash-attn varlen's cu_seqlens and longest sequence: every (row, document) becomes one sequence."""
+    """FlashAttention varlen's cu_seqlens and longest sequence: every (row, document) becomes one sequence."""
     if doc_ids is None:
         doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
     flat = (doc_ids + torch.arange(batch, device=device).unsqueeze(1) * (seq_len + 1)).flatten()
@@ -128,14 +161,39 @@ def flash_seqlens(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def flash(q, k, v, window: int | None, cu: torch.Tensor, max_len: int):
+@functools.cache
+def _flash4():
+    from flash_attn.cute import flash_attn_func, flash_attn_varlen_func as varlen  # type: ignore
+
+    return flash_attn_func, varlen
+
+
+FLASH_DTYPES = (torch.bfloat16, torch.float16)
+
+
+@torch.compiler.disable  # FlashAttention-4 launches CuTe kernels from Python: compiled blocks call it eagerly
+def flash(q, k, v, window: int | None, cu: torch.Tensor | None, max_len: int, version: int = 2):
+    """FlashAttention over (B, H, T, D) q and (B, KVH, T, D) k, v (GQA native). cu None: one document per row
+    (FlashAttention-4's batched kernel); else varlen over `cu` (every row and document its own sequence)."""
     B, H, T, D = q.shape
     KVH = k.shape[1]
-    qf = q.transpose(1, 2).reshape(B * T, H, D)  # (B*T, H, D)
-    kf = k.transpose(1, 2).reshape(B * T, KVH, D)
-    vf = v.transpose(1, 2).reshape(B * T, KVH, D)
-    ws = (-1, -1) if window is None else (window - 1, 0)
-    out = flash_attn_varlen_func(qf, kf, vf, cu, cu, max_len, max_len, causal=True, window_size=ws)
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, heads, D): the projections' own layout
+    if version == 4:
+        dense, varlen = _flash4()
+        ws = (None, None) if window is None else (window - 1, 0)
+        if cu is None:
+            out = dense(qt, kt, vt, causal=True, window_size=ws)
+        else:
+            out = varlen(qt.reshape(B * T, H, D), kt.reshape(B * T, KVH, D), vt.reshape(B * T, KVH, D),
+                         cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
+                         causal=True, window_size=ws)
+        out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
+    else:
+        if cu is None:
+            cu, max_len = flash_seqlens(None, B, T, q.device)
+        ws = (-1, -1) if window is None else (window - 1, 0)
+        out = flash_attn_varlen_func(qt.reshape(B * T, H, D), kt.reshape(B * T, KVH, D), vt.reshape(B * T, KVH, D),
+                                     cu, cu, max_len, max_len, causal=True, window_size=ws)
     return out.reshape(B, T, H, D).transpose(1, 2)
 
 
@@ -146,15 +204,17 @@ class AttentionMask:
 
     kernel: ``causal`` (SDPA's dense causal kernel: the window covers the rows and each row holds one
     document), ``dense`` (SDPA with an explicit boolean mask: the reference), ``flex`` (block mask) or
-    ``flash`` (varlen sequence bounds)."""
+    ``flash`` (FlashAttention; varlen sequence bounds where rows hold several documents)."""
 
     kernel: str
     window: int | None = None
     doc_ids: torch.Tensor | None = None
     dense: torch.Tensor | None = None  # (B, 1, T, T) bool, kernel dense
     block_mask: object = None  # flex's BlockMask over the padded length, kernel flex
-    cu_seqlens: torch.Tensor | None = None  # kernel flash
+    cu_seqlens: torch.Tensor | None = None  # kernel flash: None = one document per row (FlashAttention-4)
     max_len: int = 0
+    flash_version: int = 2
+    fallback: "AttentionMask | None" = None  # kernel flash, fp32 inputs: built on first use
 
     @classmethod
     def build(cls, backend: str, window: int | None, doc_ids: torch.Tensor | None, batch: int, seq_len: int,
@@ -166,12 +226,19 @@ class AttentionMask:
             window = None  # the window never bites: plain causal
         if doc_ids is not None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
             doc_ids = None  # one document per row (one host sync per forward, not per layer)
-        if backend == "flash":
-            cu, max_len = flash_seqlens(doc_ids, batch, seq_len, device)
-            return cls("flash", window, doc_ids, cu_seqlens=cu, max_len=max_len)
         if window is None and doc_ids is None:
-            # nothing to skip: SDPA's dense causal kernel (flash on a GPU) beats a block-sparse one, no padding
+            # nothing to skip: SDPA's dense causal kernel (flash-attn 2 inside) beats a block-sparse one, no
+            # padding; at 4K on an H200 it is also faster than FlashAttention-4 (docs/performance.md)
             return cls("causal")
+        if backend == "flash":
+            version = flash_version(device)
+            if version is None:
+                raise RuntimeError("attn_backend=flash: flash-attn-4 needs a Hopper or newer GPU and flash-attn 2 is "
+                                   "not installed; use attn_backend=flex")
+            if version == 4 and doc_ids is None:  # the batched kernel, no sequence bounds
+                return cls("flash", window, None, max_len=seq_len, flash_version=4)
+            cu, max_len = flash_seqlens(doc_ids, batch, seq_len, device)
+            return cls("flash", window, doc_ids, cu_seqlens=cu, max_len=max_len, flash_version=version)
         if backend == "flex" and head_dim >= FLEX_MIN_HEAD_DIM:
             return cls("flex", window, doc_ids, block_mask=flex_block_mask(window, doc_ids, batch, seq_len, device))
         dense = masks.dense_mask(masks.training_mask(window, doc_ids), batch, seq_len, seq_len, device)
@@ -186,7 +253,13 @@ class AttentionMask:
             return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense, enable_gqa=gqa)
         if self.kernel == "flex":
             return flex(q, k, v, self.block_mask)
-        return flash(q, k, v, self.window, self.cu_seqlens, self.max_len)
+        if q.dtype in FLASH_DTYPES:
+            return flash(q, k, v, self.window, self.cu_seqlens, self.max_len, self.flash_version)
+        if self.fallback is None:  # FlashAttention computes in bf16 / fp16 only
+            B, _, T, D = q.shape
+            self.fallback = AttentionMask.build("flex" if HAS_FLEX else "sdpa", self.window, self.doc_ids, B, T, D,
+                                                q.device)
+        return self.fallback.apply(q, k, v)
 
 
 def attend(q, k, v, *, window: int | None, doc_ids: torch.Tensor | None, backend: str):

@@ -48,7 +48,8 @@ class ModelConfig:
     init_std: float = 0.02
     """Std of the normal initialisation of linear and embedding weights (output projections scaled by depth)."""
     attn_backend: str = "auto"
-    """Attention kernel: auto (flex on CUDA, sdpa elsewhere), flex, flash (flash-attn varlen), sdpa (reference)."""
+    """Attention kernel: auto (flash with FlashAttention-4 on a Hopper GPU where flash-attn-4 is installed, else
+    flex on CUDA, sdpa elsewhere), flex, flash (FlashAttention-4 or flash-attn 2), sdpa (reference)."""
 
     def __post_init__(self) -> None:
         problems = []

@@ -1,4 +1,5 @@
-"""Sliding-window attention through `moxin.model.attention.attend` (flex; flash when installed) against SDPA
+"""Sliding-window attention through `moxin.model.attention.attend` (flex; flash when installed: FlashAttention-4
+on Hopper, else flash-attn 2) against SDPA
 causal attention, forward + backward, bf16, 32/8 heads, head dim 128, W = 4096, at 4K / 16K / 32K tokens.
 
     python scripts/bench/attention.py [--out bench.json]      # on a GPU
@@ -124,7 +125,7 @@ def main(argv=None):
         doc_ids = (torch.arange(S, device=dev) // (S // 4)).unsqueeze(0)  # packed block: four documents per row
         for case, docs in (("", None), (" 4 docs", doc_ids)):
             for be in backends:
-                name = f"moxin {be} W={W}{case}"
+                name = f"moxin {f'flash{A.flash_version(dev)}' if be == 'flash' else be} W={W}{case}"
                 try:
                     build = lambda: A.AttentionMask.build(be, W, docs, 1, S, D, q.device)  # noqa: E731
                     mask = build()

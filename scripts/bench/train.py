@@ -2,9 +2,10 @@
 master weights + bf16 autocast), fused AdamW, through the real stage and data path:
 PretrainStage + PretrainDataModule (built-in sample corpus, real Mistral tokenizer, packed to 4096; the
 readers start a new pass when a source runs out, so the small sample repeats) + L.Trainer with the `gpu`
-hardware profile's settings (compiled blocks, FlexAttention). Baselines in the same run: a bare loop of our
-model on batches of the same loader (same compile/optimizer/loss), and Hugging Face MistralForCausalLM of the
-same shape measured as shared/baselines/hf_anchor.py does (eager SDPA; compiled SDPA unless --no-hf-compile).
+hardware profile's settings (compiled blocks; attention `--attn`, default auto: FlashAttention-4 where
+installed on Hopper, else FlexAttention; several values time each in the same run). Baselines in the same
+run: a bare loop of our model on batches of the same loader (same compile/optimizer/loss), and Hugging Face
+MistralForCausalLM of the same shape measured as shared/baselines/hf_anchor.py does (eager SDPA; compiled SDPA unless --no-hf-compile).
 
 tokens/s over steady-state steps (after --warm steps), MFU vs 989 TFLOP/s with ModelConfig.flops_per_token.
 
@@ -15,6 +16,7 @@ tokens/s over steady-state steps (after --warm steps), MFU vs 989 TFLOP/s with M
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 
 import lightning as L
@@ -27,6 +29,7 @@ from moxin.data.sample import sample_path
 from moxin.distributed import ParallelConfig
 from moxin.losses import token_cross_entropy
 from moxin.model import ModelConfig
+from moxin.model import attention as A
 from moxin.stages.base import OptimConfig
 from moxin.stages.pretrain import PretrainStage
 
@@ -142,6 +145,7 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--no-moxin", action="store_true", help="only the Hugging Face baselines")
+    ap.add_argument("--attn", nargs="*", default=["auto"], help="moxin attention backends to time (auto flex flash)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -151,7 +155,7 @@ def main(argv=None):
         mbs_list, warm, n = [2], 1, 2
     else:
         dev, seq, compile_, workers = "cuda", 4096, True, 4
-        cfg = ModelConfig.preset("moxin-7b", n_layers=a.layers, attn_backend="flex")
+        cfg = ModelConfig.preset("moxin-7b", n_layers=a.layers)
         mbs_list, warm, n = a.mbs, a.warm, a.steps
     torch.backends.cuda.matmul.allow_tf32 = True
     fpt = cfg.flops_per_token(seq)
@@ -168,14 +172,21 @@ def main(argv=None):
         try:
             if a.no_moxin:
                 raise StopIteration
-            res, batch, model = lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers)
-            peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-            add("moxin PretrainStage + PretrainDataModule + L.Trainer", mbs, res["s_per_step"], peak_gib=peak,
-                loss=res["loss"])
-            rows[-1]["data"] = res["passes"]
-            t = bare_loop(model, batch, warm, n, dev)
-            add("moxin bare loop (same model/compile/loss/optimizer)", mbs, t)
-            del model, batch
+            for attn in (["sdpa"] if a.smoke else a.attn):
+                be = A.resolve_backend(attn, torch.device(dev))
+                label = f"flash{A.flash_version(dev)}" if be == "flash" else be
+                run_cfg = dataclasses.replace(cfg, attn_backend=be)
+                torch._dynamo.reset()
+                res, batch, model = lightning_run(run_cfg, seq, mbs, warm, n, dev, compile_, workers)
+                peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+                add(f"moxin PretrainStage + PretrainDataModule + L.Trainer ({label})", mbs, res["s_per_step"],
+                    peak_gib=peak, loss=res["loss"])
+                rows[-1]["data"] = res["passes"]
+                t = bare_loop(model, batch, warm, n, dev)
+                add(f"moxin bare loop (same model/compile/loss/optimizer, {label})", mbs, t)
+                del model, batch
+                free(dev)
+                torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
         except StopIteration:
             pass
         except torch.OutOfMemoryError as ex:
@@ -195,8 +206,12 @@ def main(argv=None):
         base = next((b for b in rows if b["mbs"] == r["mbs"] and b["impl"].startswith("HF") and "tok_s" in b), None)
         if base and "tok_s" in r:
             r["vs_hf_eager"] = r["tok_s"] / base["tok_s"]
+        comp = next((b for b in rows if b["mbs"] == r["mbs"] and b["impl"].endswith("compiled") and "tok_s" in b), None)
+        if comp and "tok_s" in r:
+            r["vs_hf_compiled"] = r["tok_s"] / comp["tok_s"]
     print(table(rows, [("impl", "implementation", ""), ("mbs", "micro-batch", "d"), ("tok_s", "tokens/s", ",.0f"),
                        ("ms_step", "ms/step", ".1f"), ("mfu", "MFU", ".1%"), ("vs_hf_eager", "x HF eager", ".2f"),
+                       ("vs_hf_compiled", "x HF compiled", ".2f"),
                        ("peak_gib", "peak GiB", ".1f"), ("error", "error", "")],
                 f"train: moxin-7b blocks x {cfg.n_layers}, seq {seq}, bf16-mixed, fused AdamW, {dev}; "
                 f"flops/token {fpt / 1e9:.2f} G"))
