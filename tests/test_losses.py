@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from moxin.losses import (
     completion_mask,
@@ -47,6 +48,41 @@ def test_token_cross_entropy_matches_plain_cross_entropy(chunk_size):
     torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-5)
+
+
+class _MatmulDtypes(TorchDispatchMode):
+    """Records the input dtypes of every matrix product run while active (forward or backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+            self.seen.append(tuple(a.dtype for a in args if isinstance(a, torch.Tensor)))
+        return func(*args, **(kwargs or {}))
+
+
+def test_backward_products_run_in_the_autocast_dtype():
+    """Under bf16 autocast over fp32 hidden states and master weights (bf16-mixed), the backward's products run in
+    bf16 as the forward's do (autocast is off in backward; they used to run in fp32), and the gradients equal the
+    plain autocast path's: F.cross_entropy on bf16-product logits, differentiated by autograd."""
+    hidden, weight, labels = _inputs(B=3, T=64, D=32, V=96, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = token_cross_entropy(hidden, weight, labels, chunk_size=40)
+    with _MatmulDtypes() as rec:
+        gh, gw = torch.autograd.grad(loss, (hidden, weight))
+    assert len(rec.seen) >= 3 and all(d == (torch.bfloat16,) * len(d) for d in rec.seen), rec.seen
+    assert gh.dtype == gw.dtype == torch.float32
+
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h2 @ w2.T
+    ref = F.cross_entropy(logits.float().reshape(-1, w2.shape[0]), labels.reshape(-1), reduction="sum")
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(loss, ref, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-2, rtol=2e-2)
 
 
 def test_token_logprobs_with_temperature_matches_log_softmax_and_grads():
