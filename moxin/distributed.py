@@ -102,6 +102,12 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
     (the stage's device: NCCL needs the GPU, gloo the CPU); op is sum, max or min. Without a process group, or
     with one rank, the values come back as floats with no collective. Every rank must call it with the same
     number of values."""
+    return all_reduce_tensor(values, device, op).tolist()
+
+
+def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
+    """As `all_reduce_values`, but the (len(values),) float64 result stays on `device`: no host sync, so it can
+    join other device numbers before the one `.tolist()` a step needs."""
     import torch.distributed as dist
 
     if any(isinstance(v, torch.Tensor) for v in values):
@@ -110,7 +116,7 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
         t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
-    return t.tolist()
+    return t
 
 
 def reshard(model: nn.Module) -> None:

@@ -157,6 +157,36 @@ def test_sft_loss_normalisation_over_micro_batches(tok):
     assert stage._sft_acc == [0.0, 0.0, 0.0]  # counters reset for the next step
 
 
+def test_clipping_folds_the_token_normalisation_and_logs_the_norm_before_clipping(tok):
+    """The step multiplies the gradients once, by the token normaliser times the clipping factor: the result and the
+    logged train/grad_norm equal normalising first, then torch's clip_grad_norm_ (which returns the norm before)."""
+    from moxin.stages.sft import SFTStage
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    stage = SFTStage(model=cfg)
+    stage.optim_cfg.grad_clip = 0.05  # small enough to bite
+    stage.configure_model()
+    stage._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2)
+    logged = {}
+    stage.log_dict = lambda d, **k: logged.update(d)
+    stage.log = lambda *a, **k: None
+    collate = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)
+    batches = [collate([_item(CONV_A, tok)]), collate([_item(CONV_B, tok)])]
+    for i, b in enumerate(batches):
+        (stage.training_step(b, i) / 2).backward()
+    stage.on_before_optimizer_step(SimpleNamespace(param_groups=[{"lr": 0.0}]))
+    got = [p.grad.clone() for p in stage.model.parameters()]
+    stage.model.zero_grad()
+    outs = [stage.compute_loss(b) for b in batches]
+    (sum(o.loss_sum for o in outs) / sum(int(o.n_tokens) for o in outs)).backward()
+    ref_norm = torch.nn.utils.clip_grad_norm_(stage.model.parameters(), 0.05)
+    assert ref_norm > 0.05 * 2  # the clip bit
+    assert logged["train/grad_norm"] == pytest.approx(float(ref_norm), rel=1e-5)
+    for g, p in zip(got, stage.model.parameters()):
+        torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)
+
+
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 

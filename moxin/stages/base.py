@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from moxin.distributed import ParallelConfig, all_reduce_values, is_sharded, parallelize, weights_checksum
+from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
 from moxin.tokenizer import as_tokenizer
 
@@ -275,29 +275,31 @@ class MoxinStage(L.LightningModule):
         return out.loss_sum
 
     def on_before_optimizer_step(self, optimizer):
+        # One host sync a step, and two passes over the gradients (their norm, one multiply) rather than three:
+        # the token normalisation is folded into the clipping factor, since norm(scale * g) = scale * norm(g).
         keys = sorted(self._acc_metrics)
-        vals = all_reduce_values([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
-                                + [self._acc_metrics[k] for k in keys], self.device)
+        stats = all_reduce_tensor([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
+                                  + [self._acc_metrics[k] for k in keys], self.device)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        raw_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
+        if hasattr(raw_norm, "full_tensor"):  # sharded gradients: the norm is a DTensor
+            raw_norm = raw_norm.full_tensor()
+        vals = torch.cat([stats, raw_norm.to(device=stats.device, dtype=torch.float64).reshape(1)]).tolist()
         n_tokens, loss_sum, processed = vals[:3]
-        world = self.trainer.world_size
-        accum = self.trainer.accumulate_grad_batches
-        if n_tokens > 0:
-            # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
-            scale = accum * world / n_tokens
-            grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-            if grads:
-                torch._foreach_mul_(grads, scale)
-        if self.optim_cfg.grad_clip is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.optim_cfg.grad_clip)
-        else:  # still measured: the non-finite guard needs it
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-        gn = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
+        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens if n_tokens > 0 else 1.0
+        gn = vals[-1] * scale  # the norm of the token-normalised gradients, before clipping
+        vals = vals[:-1]
         if not self.guard_nonfinite(loss_sum / max(n_tokens, 1.0), gn):
             self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
             self._acc_metrics = {}
             self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
                      rank_zero_only=True)
             return
+        clip = self.optim_cfg.grad_clip
+        factor = scale * (min(1.0, clip / (gn + 1e-6)) if clip is not None else 1.0)  # clip_grad_norm_'s rule
+        if grads and factor != 1.0:
+            torch._foreach_mul_(grads, factor)
         self.tokens_seen += int(n_tokens)
         self.last_step_tokens_processed = int(processed)
         denom = max(n_tokens, 1.0)
