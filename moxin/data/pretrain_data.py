@@ -57,6 +57,8 @@ class PretrainDataModule(MoxinDataModule):
         rank: this process's data-parallel rank; ``None`` takes it from the trainer.
         snapshot_every_n_steps: StatefulDataLoader snapshot interval (restore replays up to n-1 batches).
         validate_sources: check every source (exists, has documents, has the text field) in ``setup``.
+        pin_memory: page-locked batches; ``None`` (default) pins where CUDA is available. A pageable batch's copy to
+            the GPU first waits for every kernel already queued, so the GPU idles while the next step launches.
     """
 
     def __init__(
@@ -75,7 +77,7 @@ class PretrainDataModule(MoxinDataModule):
         world_size: int | None = None,
         snapshot_every_n_steps: int = 1,
         validate_sources: bool = True,
-        pin_memory: bool = False,
+        pin_memory: bool | None = None,
         rank: int | None = None,
     ):
         super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
@@ -89,7 +91,7 @@ class PretrainDataModule(MoxinDataModule):
         self.val_tokens = int(val_tokens)
         self.snapshot_every_n_steps = int(snapshot_every_n_steps)
         self.validate_sources = validate_sources
-        self.pin_memory = pin_memory
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else bool(pin_memory)
         self._validated = False
         self._train_loader = None
         self._train_phase: int | None = None

@@ -153,7 +153,8 @@ class StepDataModule(MoxinDataModule):
         sampler = StepBatchSampler(len(self.train_set), self.micro_batch_size, self.world_size, self.rank,
                                    batch_size=self.batch_size, seed=self.seed, epoch=epoch, shuffle=True)
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate(),
-                                  num_workers=self.num_workers, persistent_workers=False)
+                                  num_workers=self.num_workers, persistent_workers=False,
+                                  pin_memory=torch.cuda.is_available())  # as PretrainDataModule's pin_memory
 
     def ordered_loader(self, ds) -> torch.utils.data.DataLoader:
         """Every item of ``ds`` once, in order, round-robin over ranks (the same batch count on every rank)."""
