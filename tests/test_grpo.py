@@ -272,3 +272,32 @@ def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monke
     stage.configure_model()
     stage.rollout(make_dm(tok, P=2).rank_batches(0)[0], step=1)
     assert kws and all(kw["on_finished"] is None for kw in kws)
+
+
+def test_rollouts_decode_from_a_16bit_copy_refreshed_every_step(tok, monkeypatch):
+    """rollout_copy: generate gets a bf16 model (autocast off) whose weights are the policy's rounded to bf16, the
+    same object every step, refreshed after the policy changed; the copy is no submodule (not in the checkpoint).
+    Without autocast (a CPU run in fp32) the default decodes with the policy itself."""
+    import moxin.stages.grpo as grpo_mod
+
+    seen, real = [], grpo_mod.generate
+    monkeypatch.setattr(grpo_mod, "generate",
+                        lambda m, *a, **kw: (seen.append((m, torch.is_autocast_enabled("cpu"))), real(m, *a, **kw))[1])
+    batch = make_dm(tok).rank_batches(0)[0]
+    stage = make_stage(tok, rollout_copy=True)
+    stage.configure_model()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        stage.rollout(batch, step=0)
+        m, amp = seen[-1]
+        assert m is not stage.model and not amp and {p.dtype for p in m.parameters()} == {torch.bfloat16}
+        for (n, p), (n2, q) in zip(m.named_parameters(), stage.model.named_parameters()):
+            assert n == n2 and torch.equal(p, q.detach().bfloat16()), n
+        with torch.no_grad():
+            stage.model.output.weight.mul_(2.0)  # an update
+        stage.rollout(batch, step=1)
+        assert seen[-1][0] is m and torch.equal(m.output.weight, stage.model.output.weight.detach().bfloat16())
+    assert not any(k.startswith("_rollout") for k in stage.state_dict())
+    plain = make_stage(tok)
+    plain.configure_model()
+    plain.rollout(batch, step=0)
+    assert seen[-1][0] is plain.model

@@ -4,7 +4,8 @@ One ``training_step`` is one rollout batch (Lightning manual optimisation):
 
 1. **Generate** ``group_size`` (G) completions for each of the batch's prompts with moxin's own batched engine
    (:func:`moxin.model.generate.generate`, rolling-buffer KV cache) from the very weights being trained: no vLLM,
-   no weight sync, no mismatch between the sampling and the training policy. Sampling is seeded by
+   no weight sync. On a GPU under bf16 autocast the rollouts decode with a bf16 copy of the policy, refreshed every
+   step (``rollout_copy``): the same rounded weights autocast's products use, without recasting them per token. Sampling is seeded by
    ``(seed, step, rank)``, so a run's rollouts are reproducible. A completion stops at the end-of-sequence token
    or is *truncated* at ``max_new_tokens``.
 2. **Score** each completion against the reference answer with a verifier (:func:`moxin.rewards.score_batch`:
@@ -50,6 +51,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -85,6 +87,11 @@ class GRPOConfig:
     """Rollout decode path: auto = compiled on a CUDA device (the decode step compiled once per cache shape,
     about a minute for Moxin-7B, then 1.43x the uncompiled CUDA graph), eager on a CPU; or eager, static, graph,
     compiled. Under FSDP the rollouts always decode eagerly (every forward all-gathers the weights)."""
+    rollout_copy: bool | None = None
+    """Decode rollouts with a copy of the policy in the autocast dtype (bf16 under bf16-mixed), refreshed from the
+    policy at every rollout step, rather than with the fp32 policy under autocast, whose decode casts every weight
+    again for every token and keeps an fp32 cache. Costs a 16-bit copy of the weights (2 bytes a parameter).
+    None: on one CUDA device under 16-bit autocast. Never under FSDP (the copy would be whole on every rank)."""
     scale_by_std: bool = True
     """Divide advantages by the group std (GRPO) or not (Dr. GRPO)."""
     filter_zero_std: bool = True
@@ -253,6 +260,7 @@ class GRPOStage(MoxinStage):
         # FSDP2 shards the weights: every forward is collective, so ranks decode in lockstep, eagerly (a CUDA
         # graph cannot hold the all-gathers)
         sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
+        gen_model, no_autocast = self.rollout_model(sharded)
         decode = c.decode
         if sharded:
             decode = DecodePath.EAGER
@@ -268,11 +276,12 @@ class GRPOStage(MoxinStage):
                 def on_finished(rows, toks, s=s):
                     jobs.append(scorer.submit(score, [s + r for r in rows], toks))
 
-                out = generate(model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
-                               top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
-                               prefill_chunk=c.prefill_chunk, generator=gen,
-                               pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=sharded, decode=decode,
-                               on_finished=on_finished if overlap else None)
+                with torch.autocast(self.device.type, enabled=False) if no_autocast else nullcontext():
+                    out = generate(gen_model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature,
+                                   top_k=c.top_k, top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
+                                   prefill_chunk=c.prefill_chunk, generator=gen,
+                                   pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=sharded,
+                                   decode=decode, on_finished=on_finished if overlap else None)
                 tokens += out.tokens
                 finished += out.finished
             gen_s = time.perf_counter() - t0
@@ -296,6 +305,35 @@ class GRPOStage(MoxinStage):
                 print(f"[grpo step {step}] {batch[i]['messages'][-1]['content']!r} -> {completions[k]!r} "
                       f"(answer {answers[k]!r}, reward {float(rewards[k]):g}, {results[k].reason})", flush=True)
         return ro
+
+    @torch.no_grad()
+    def rollout_model(self, sharded: bool) -> tuple[torch.nn.Module, bool]:
+        """(the model rollouts decode with, whether to turn autocast off for them): the policy under the run's
+        autocast, or (`rollout_copy`) its copy in the autocast dtype, refreshed from the policy now, without
+        autocast. The copy is kept between steps outside the module tree (no checkpoint, no device moves)."""
+        dev = self.device.type
+        amp = torch.is_autocast_enabled(dev)
+        dtype = torch.get_autocast_dtype(dev) if amp else None
+        use = self.cfg.rollout_copy
+        if use is None:
+            use = dev == "cuda" and dtype in (torch.bfloat16, torch.float16)
+        if not use or sharded:
+            return self.model, False
+        dtype = dtype or torch.bfloat16
+        copy = self.__dict__.get("_rollout_copy")
+        if copy is None or next(copy.parameters()).dtype != dtype:
+            from moxin.model import Transformer
+
+            with torch.device("meta"):
+                copy = Transformer(self.model_cfg)
+            copy = copy.to(dtype).to_empty(device=self.device).eval().requires_grad_(False)
+            if self.model_cfg.tie_embeddings:
+                copy.output.weight = copy.tok_embeddings.weight
+            self.__dict__["_rollout_copy"] = copy  # a plain attribute: not a submodule
+        src = dict(self.model.named_parameters())
+        for name, p in copy.named_parameters():
+            p.copy_(src[name])
+        return copy, True
 
     def trainer_is_zero(self) -> bool:
         return self._trainer is None or self.trainer.is_global_zero
