@@ -3,12 +3,15 @@ tokens, sampling, every row forced to produce all 256 tokens (no stop tokens), t
 (eager reference decode, static sync-free decode, CUDA-graph decode, compiled CUDA-graph decode) and Hugging
 Face `generate` on the same weights (our state dict copied into `MistralForCausalLM`), measured in the same run.
 "first call" is the untimed first generation (it captures the graph and, for decode=compiled, compiles).
+--autocast-fp32 adds the compiled decode of the same weights held in fp32 under bf16 autocast: what GRPO's
+rollouts ran before `stage.grpo.rollout_copy` (the policy's fp32 master weights; every token recasts them).
 
 Memory-bandwidth bound of decode: every step reads all weights once (plus the KV cache); "of 4.8 TB/s" is
 (weight bytes / decode step time) / 4.8e12; "of copy" divides by a device-to-device copy measured here.
 
     python scripts/bench/generate.py [--out bench.json]
     python scripts/bench/generate.py --smoke          # tiny model on the CPU
+    python scripts/bench/generate.py --layers 8 --paths compiled --autocast-fp32 --no-hf
 """
 
 from __future__ import annotations
@@ -63,6 +66,10 @@ def main(argv=None):
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--layers", type=int, default=None, help="blocks of the moxin-7b shape (default all 36)")
+    ap.add_argument("--paths", nargs="*", default=["eager", "static", "graph", "compiled"])
+    ap.add_argument("--autocast-fp32", action="store_true",
+                    help="also decode=compiled from fp32 weights under bf16 autocast (GRPO before rollout_copy)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -72,9 +79,9 @@ def main(argv=None):
         paths, reps = ["eager", "static"], 1
     else:
         dev, dtype = "cuda", torch.bfloat16
-        cfg = ModelConfig.preset("moxin-7b")
+        cfg = ModelConfig.preset("moxin-7b", **({"n_layers": a.layers} if a.layers else {}))
         B, P, N = a.batch, a.prompt, a.new
-        paths, reps = ["eager", "static", "graph", "compiled"], 2
+        paths, reps = a.paths, 2
     torch.manual_seed(0)
     prev = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -118,6 +125,28 @@ def main(argv=None):
                      "weights_tbs": weight_bytes / step / 1e12, "of_4p8": weight_bytes / step / 4.8e12,
                      "of_copy": weight_bytes / step / bw if bw else None})
         free(dev)
+    if a.autocast_fp32:
+        import copy
+
+        m32 = copy.deepcopy(model).float()
+        gen = torch.Generator(device=dev)
+
+        def run32():
+            gen.manual_seed(5)
+            with torch.autocast(torch.device(dev).type, dtype=dtype):
+                return generate(m32, prompts, N, temperature=1.0, generator=gen, decode="compiled")
+        sync(dev)
+        t0 = time.perf_counter()
+        run32()
+        sync(dev)
+        first = time.perf_counter() - t0
+        t = timed(run32, dev, 0, reps)
+        step = (t - t_prefill) / (N - 1)
+        rows.append({"impl": "moxin generate decode=compiled, fp32 weights under autocast", "tok_s": B * N / t, "s": t,
+                     "first_s": first, "step_ms": step * 1e3, "weights_tbs": weight_bytes / step / 1e12,
+                     "of_4p8": weight_bytes / step / 4.8e12, "of_copy": weight_bytes / step / bw if bw else None})
+        del m32
+        free(dev)
     # greedy agreement with the eager reference on these weights: fraction of equal tokens and the largest
     # log-prob difference over the common prefix (random weights give near-tied logits, so one bf16 rounding
     # difference can flip an argmax; eager-vs-eager shows the run-to-run baseline)
@@ -125,7 +154,7 @@ def main(argv=None):
         return generate(model, prompts[:8], 16, temperature=0, decode=p, return_logprobs=True)
     ref = greedy("eager")
     agree = {}
-    for p in ["eager"] + paths[1:]:
+    for p in ["eager"] + [q for q in paths if q != "eager"]:
         o = greedy(p)
         eq = [x == y for r1, r2 in zip(o.tokens, ref.tokens) for x, y in zip(r1, r2)]
         diff = 0.0
