@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute"])
+@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile"])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)],
@@ -22,6 +22,10 @@ def test_bench_smoke(script, tmp_path):
     assert "|" in r.stdout
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
+    if script == "train_profile":  # the families partition the kernel time; products dominate even here
+        for run in data["runs"].values():
+            assert sum(run["families"].values()) == pytest.approx(run["kernel_ms"])
+            assert run["families"]["matrix products"] > 0 and run["wall_ms"] >= run["kernel_ms"] * 0.5
     if script == "recompute":  # whole runs through moxin.run: recomputing changes the memory, never the loss
         none, full = data["rows"]
         assert none["steps"] == full["steps"] == 3 and none["tokens_per_s"] > 0 and none["vs_full"] > 0

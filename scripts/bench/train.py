@@ -91,24 +91,28 @@ def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
     return out, batch, model
 
 
-def bare_loop(model, batch, warm, n, dev, chunk=4096):
-    """Our model without Lightning: autocast bf16 over fp32 weights, the stage's loss, clip, fused AdamW."""
+def bare_step(model, batch, dev, chunk=4096):
+    """One optimizer step of our model without Lightning (a closure): autocast bf16 over fp32 weights, the stage's
+    loss as the model's head, clipping, fused AdamW."""
     model.to(dev)  # Lightning moves the model back to the CPU at the end of fit
     decay = [p for nme, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in nme]
     rest = [p for nme, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in nme)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), fused=dev == "cuda")
     b = {k: v.to(dev) for k, v in batch.items()}
+
     def step():
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
-            h = model(b["input_ids"], b["positions"], return_hidden=True)
-            loss, ntok = token_cross_entropy(h, model.output.weight, b["labels"], chunk)
+            loss, ntok = model(b["input_ids"], b["positions"],
+                               head=lambda h, w: token_cross_entropy(h, w, b["labels"], chunk))
         (loss / ntok).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step(); opt.zero_grad(set_to_none=True)
-    t = timed(step, dev, warm, n)
-    del opt
-    return t
+    return step
+
+
+def bare_loop(model, batch, warm, n, dev, chunk=4096):
+    return timed(bare_step(model, batch, dev, chunk), dev, warm, n)
 
 
 def hf_train(cfg, seq, mbs, dev, compile_, warm, n):

@@ -1,0 +1,161 @@
+"""Where a training step's GPU time goes, by kernel family: the bare step of scripts/bench/train.py (moxin-7b
+blocks x 8, seq 4096, compiled blocks, bf16 autocast over fp32 weights, the chunked loss head, clipping, fused
+AdamW) under torch.profiler, beside Hugging Face MistralForCausalLM of the same shape (compiled, SDPA) profiled the
+same way in the same run.
+
+Families: matrix products, attention, Inductor's fused kernels (elementwise, norms, casts), the optimizer and
+foreach kernels (AdamW, gradient norm, clipping), everything else. ms a step is kernel time summed (kernels of
+one stream do not overlap); wall is the step's time between synchronisations, so wall - kernels is idle GPU.
+
+    python scripts/bench/train_profile.py [--mbs 2] [--attn auto] [--no-hf] [--out bench.json]
+    python scripts/bench/train_profile.py --smoke     # tiny model, CPU (families of CPU ops)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from collections import defaultdict
+
+import torch
+
+from _common import default_out, env, free, sync, table, write_json
+from train import bare_step, make_dm
+
+from moxin.distributed import apply_compile
+from moxin.model import ModelConfig, Transformer
+from moxin.model import attention as A
+
+FAMILIES = (  # first match wins: attention kernels can carry "cutlass" or "gemm" in their names
+    ("attention", ("flash", "fmha", "attention", "attn")),
+    ("matrix products", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "matmul", "aten::mm", "aten::addmm",
+                         "aten::bmm")),
+    ("optimizer + foreach", ("multi_tensor_apply", "fused_adam", "foreach", "_fused_adamw")),
+    ("Inductor fused", ("triton_",)),
+)
+
+
+def family(name: str) -> str:
+    low = name.lower()
+    for fam, keys in FAMILIES:
+        if any(k in low for k in keys):
+            return fam
+    return "other"
+
+
+def profile(step, dev, warm: int, n: int) -> dict:
+    """Kernel time by family (ms a step), the top kernels, and the wall time a step, over n profiled steps."""
+    for _ in range(warm):
+        step()
+    sync(dev)
+    cuda = torch.device(dev).type == "cuda"
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            step()
+        sync(dev)
+        wall = (time.perf_counter() - t0) / n
+    fams, kernels = defaultdict(float), defaultdict(float)
+    for e in prof.key_averages():
+        if getattr(e, "is_user_annotation", False):
+            continue  # ranges such as Optimizer.step would count their kernels twice
+        if cuda:
+            if e.device_type != torch.autograd.DeviceType.CUDA:
+                continue
+            t = e.self_device_time_total
+        else:  # CPU: leaf aten ops only (their self time), the closest to kernels there
+            if not e.key.startswith("aten::"):
+                continue
+            t = e.self_cpu_time_total
+        ms = t / 1e3 / n
+        if ms > 0:
+            fams[family(e.key)] += ms
+            kernels[e.key[:90]] += ms
+    total = sum(fams.values())
+    print(f"profiled: wall {wall * 1e3:.1f} ms a step, kernels {total:.1f} ms: "
+          + ", ".join(f"{k} {v:.1f}" for k, v in sorted(fams.items(), key=lambda kv: -kv[1])), flush=True)
+    return {"wall_ms": wall * 1e3, "kernel_ms": total, "families": dict(fams),
+            "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
+
+
+def hf_step(cfg, batch, dev, compile_):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    hc = MistralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
+                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
+                       vocab_size=cfg.vocab_size, sliding_window=cfg.sliding_window,
+                       max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
+    hc._attn_implementation = "sdpa"
+    torch.manual_seed(0)
+    model = MistralForCausalLM(hc).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(dev).type == "cuda")
+    fwd = torch.compile(model) if compile_ else model
+    ids = batch["input_ids"].to(dev)
+
+    def step():
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+            out = fwd(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step(); opt.zero_grad(set_to_none=True)
+    return step
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--mbs", type=int, default=2)
+    ap.add_argument("--attn", default="auto")
+    ap.add_argument("--warm", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    if a.smoke:
+        dev, seq, compile_ = "cpu", 128, False
+        cfg = ModelConfig(vocab_size=32000, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                          hidden_dim=128, sliding_window=64, max_seq_len=1024, attn_backend="sdpa")
+        warm, n = 1, 1
+    else:
+        dev, seq, compile_ = "cuda", 4096, True
+        cfg = ModelConfig.preset("moxin-7b", n_layers=8)
+        warm, n = a.warm, a.steps
+        be = A.resolve_backend(a.attn, torch.device(dev))
+        cfg = dataclasses.replace(cfg, attn_backend=be)
+    dm = make_dm(seq, a.mbs, warm + n + 1, 0)
+    dm.setup("fit")
+    batch = next(iter(dm.build_train_loader(0)))
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    if compile_:
+        apply_compile(model)
+    label = cfg.attn_backend if cfg.attn_backend != "flash" else f"flash{A.flash_version(dev)}"
+    runs = {f"moxin ({label})": profile(bare_step(model, batch, dev), dev, warm, n)}
+    del model
+    free(dev)
+    if not a.no_hf:
+        name = "HF MistralForCausalLM sdpa" + (" compiled" if compile_ else " eager")
+        runs[name] = profile(hf_step(cfg, batch, dev, compile_), dev, warm, n)
+        free(dev)
+    fams = [f for f, _ in FAMILIES] + ["other"]
+    rows = []
+    for f in fams + ["all kernels", "wall (step)"]:
+        r = {"family": f}
+        for name, res in runs.items():
+            totals = {"all kernels": res["kernel_ms"], "wall (step)": res["wall_ms"]}
+            r[name] = totals.get(f, res["families"].get(f, 0.0))
+        rows.append(r)
+    cols = [("family", "ms a step", "")] + [(name, name, ".1f") for name in runs]
+    shape = "tiny model" if a.smoke else f"moxin-7b blocks x {cfg.n_layers}"
+    print(table(rows, cols, f"train_profile: {shape}, micro-batch {a.mbs} x {seq}, {dev}"))
+    for name, res in runs.items():
+        print(f"{name}: top kernels " + "; ".join(f"{k} {v:.2f}" for k, v in res["top"][:8]))
+    write_json(a.out or default_out("train_profile"), {"env": env(), "rows": rows, "runs": runs, "mbs": a.mbs,
+                                                       "seq": seq})
+    return runs
+
+
+if __name__ == "__main__":
+    main()
