@@ -91,9 +91,10 @@ def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
     return out, batch, model
 
 
-def bare_step(model, batch, dev, chunk=4096):
-    """One optimizer step of our model without Lightning (a closure): autocast bf16 over fp32 weights, the stage's
-    loss as the model's head, clipping, fused AdamW."""
+def bare_step(model, batch, dev, chunk=4096, autocast=True):
+    """One optimizer step of our model without Lightning (a closure): autocast bf16 over fp32 weights (unless
+    `autocast` is False: fp32, for quick CPU smoke runs), the stage's loss as the model's head, clipping, fused
+    AdamW."""
     model.to(dev)  # Lightning moves the model back to the CPU at the end of fit
     decay = [p for nme, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in nme]
     rest = [p for nme, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in nme)]
@@ -102,7 +103,7 @@ def bare_step(model, batch, dev, chunk=4096):
     b = {k: v.to(dev) for k, v in batch.items()}
 
     def step():
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
             loss, ntok = model(b["input_ids"], b["positions"],
                                head=lambda h, w: token_cross_entropy(h, w, b["labels"], chunk))
         (loss / ntok).backward()

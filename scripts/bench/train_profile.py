@@ -8,7 +8,7 @@ foreach kernels (AdamW, gradient norm, clipping), everything else. ms a step is 
 one stream do not overlap); wall is the step's time between synchronisations, so wall - kernels is idle GPU.
 
     python scripts/bench/train_profile.py [--mbs 2] [--attn auto] [--no-hf] [--out bench.json]
-    python scripts/bench/train_profile.py --smoke     # tiny model, CPU (families of CPU ops)
+    python scripts/bench/train_profile.py --smoke     # tiny model, CPU, fp32 (families of CPU ops)
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def profile(step, dev, warm: int, n: int) -> dict:
             "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
 
 
-def hf_step(cfg, batch, dev, compile_):
+def hf_step(cfg, batch, dev, compile_, autocast=True):
     from transformers import MistralConfig, MistralForCausalLM
 
     hc = MistralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
@@ -95,7 +95,7 @@ def hf_step(cfg, batch, dev, compile_):
     ids = batch["input_ids"].to(dev)
 
     def step():
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
             out = fwd(input_ids=ids, labels=ids)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -132,12 +132,12 @@ def main(argv=None):
     if compile_:
         apply_compile(model)
     label = cfg.attn_backend if cfg.attn_backend != "flash" else f"flash{A.flash_version(dev)}"
-    runs = {f"moxin ({label})": profile(bare_step(model, batch, dev), dev, warm, n)}
+    runs = {f"moxin ({label})": profile(bare_step(model, batch, dev, autocast=not a.smoke), dev, warm, n)}
     del model
     free(dev)
     if not a.no_hf:
         name = "HF MistralForCausalLM sdpa" + (" compiled" if compile_ else " eager")
-        runs[name] = profile(hf_step(cfg, batch, dev, compile_), dev, warm, n)
+        runs[name] = profile(hf_step(cfg, batch, dev, compile_, autocast=not a.smoke), dev, warm, n)
         free(dev)
     fams = [f for f, _ in FAMILIES] + ["other"]
     rows = []
