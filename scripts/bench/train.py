@@ -116,8 +116,9 @@ def bare_loop(model, batch, warm, n, dev, chunk=4096):
     return timed(bare_step(model, batch, dev, chunk), dev, warm, n)
 
 
-def hf_train(cfg, seq, mbs, dev, compile_, warm, n):
-    """As shared/baselines/hf_anchor.py hf_train: random ids, labels=ids, autocast bf16, fused AdamW."""
+def hf_step(cfg, ids, dev, compile_, autocast=True, clip=None):
+    """One optimizer step of Hugging Face MistralForCausalLM of `cfg`'s shape (a closure): labels=ids (whole rows,
+    no document boundaries), autocast bf16 (unless `autocast` is False), SDPA, fused AdamW, clipping if `clip`."""
     from transformers import MistralConfig, MistralForCausalLM
 
     hc = MistralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
@@ -127,17 +128,24 @@ def hf_train(cfg, seq, mbs, dev, compile_, warm, n):
     hc._attn_implementation = "sdpa"
     torch.manual_seed(0)
     model = MistralForCausalLM(hc).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev == "cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(dev).type == "cuda")
     fwd = torch.compile(model) if compile_ else model
-    ids = torch.randint(0, cfg.vocab_size, (mbs, seq), device=dev)
+    ids = ids.to(dev)
+
     def step():
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16):
+        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
             out = fwd(input_ids=ids, labels=ids)
         out.loss.backward()
+        if clip is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step(); opt.zero_grad(set_to_none=True)
-    t = timed(step, dev, warm, n)
-    del model, opt, fwd
-    return t
+    return step
+
+
+def hf_train(cfg, seq, mbs, dev, compile_, warm, n):
+    """As shared/baselines/hf_anchor.py hf_train: random ids, labels=ids, autocast bf16, fused AdamW."""
+    ids = torch.randint(0, cfg.vocab_size, (mbs, seq), device=dev)
+    return timed(hf_step(cfg, ids, dev, compile_), dev, warm, n)
 
 
 def main(argv=None):

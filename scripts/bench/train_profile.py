@@ -1,7 +1,7 @@
 """Where a training step's GPU time goes, by kernel family: the bare step of scripts/bench/train.py (moxin-7b
 blocks x 8, seq 4096, compiled blocks, bf16 autocast over fp32 weights, the chunked loss head, clipping, fused
 AdamW) under torch.profiler, beside Hugging Face MistralForCausalLM of the same shape (compiled, SDPA) profiled the
-same way in the same run.
+same way in the same run, on the same token rows but without their document boundaries (full causal rows).
 
 Families: matrix products, attention, Inductor's fused kernels (elementwise, norms, casts), the optimizer and
 foreach kernels (AdamW, gradient norm, clipping), everything else. ms a step is kernel time summed (kernels of
@@ -21,7 +21,7 @@ from collections import defaultdict
 import torch
 
 from _common import default_out, env, free, sync, table, write_json
-from train import bare_step, make_dm
+from train import bare_step, hf_step, make_dm
 
 from moxin.distributed import apply_compile
 from moxin.model import ModelConfig, Transformer
@@ -80,29 +80,6 @@ def profile(step, dev, warm: int, n: int) -> dict:
             "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
 
 
-def hf_step(cfg, batch, dev, compile_, autocast=True):
-    from transformers import MistralConfig, MistralForCausalLM
-
-    hc = MistralConfig(hidden_size=cfg.dim, intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-                       num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-                       vocab_size=cfg.vocab_size, sliding_window=cfg.sliding_window,
-                       max_position_embeddings=cfg.max_seq_len, rope_theta=cfg.rope_theta, tie_word_embeddings=False)
-    hc._attn_implementation = "sdpa"
-    torch.manual_seed(0)
-    model = MistralForCausalLM(hc).to(dev)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=torch.device(dev).type == "cuda")
-    fwd = torch.compile(model) if compile_ else model
-    ids = batch["input_ids"].to(dev)
-
-    def step():
-        with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
-            out = fwd(input_ids=ids, labels=ids)
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step(); opt.zero_grad(set_to_none=True)
-    return step
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -137,7 +114,8 @@ def main(argv=None):
     free(dev)
     if not a.no_hf:
         name = "HF MistralForCausalLM sdpa" + (" compiled" if compile_ else " eager")
-        runs[name] = profile(hf_step(cfg, batch, dev, compile_, autocast=not a.smoke), dev, warm, n)
+        step = hf_step(cfg, batch["input_ids"], dev, compile_, autocast=not a.smoke, clip=1.0)  # as bare_step
+        runs[name] = profile(step, dev, warm, n)
         free(dev)
     fams = [f for f, _ in FAMILIES] + ["other"]
     rows = []
