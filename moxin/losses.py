@@ -101,6 +101,73 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 
+def _label_logp_lse(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """(log p(label), logsumexp) per row of a (c, V) chunk of logits, in fp32 (the eager form)."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(1, labels[:, None]).squeeze(1) - lse, lse
+
+
+def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,
+                 temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """row_scale * (onehot(labels) - softmax(logits / temperature)) per row, computed in fp32, returned in `dtype`
+    (the eager form: in place on one fp32 block)."""
+    z = logits.float()
+    if temperature != 1.0:
+        z = z / temperature
+    g = torch.exp(z.sub_(lse[:, None]) if z is not logits else z - lse[:, None]).neg_()
+    g.scatter_add_(1, labels[:, None], torch.ones_like(g[:, :1]))
+    return g.mul_(row_scale[:, None]).to(dtype)
+
+
+def _label_logp_lse_fused(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
+    """:func:`_label_logp_lse` written for Inductor (compiled on CUDA): one read of the chunk's logits."""
+    z = logits.float() / temperature
+    lse = torch.logsumexp(z, dim=-1)
+    return z.gather(1, labels[:, None]).squeeze(1) - lse, lse
+
+
+def _logits_grad_fused(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,
+                       temperature: float, dtype: torch.dtype) -> torch.Tensor:
+    """:func:`_logits_grad` written for Inductor (compiled on CUDA): one read of the logits, one write of the
+    result, where the eager form makes six passes over an fp32 block."""
+    p = torch.exp(logits.float() / temperature - lse[:, None])
+    hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
+    return ((hit.to(p.dtype) - p) * row_scale[:, None]).to(dtype)
+
+
+COMPILE_HEAD = True
+"""Compile the loss head's per-chunk elementwise work on CUDA (the eager form elsewhere). A switch for A/B runs
+and debugging; the products are cuBLAS either way."""
+_compiled: dict = {}
+
+
+def _head_kernels(device: torch.device):
+    """The per-chunk (log p(label), logsumexp) and logits-gradient functions for `device`: compiled on CUDA
+    (Inductor fuses each into one pass over the chunk; row counts vary between chunks and batches, so the second
+    shape compiles a kernel for any number of rows), eager elsewhere (no C++ compiler needed on CPUs)."""
+    if device.type != "cuda" or not COMPILE_HEAD:
+        return _label_logp_lse, _logits_grad
+    if not _compiled:
+        _compiled["fwd"] = torch.compile(_label_logp_lse_fused)
+        _compiled["bwd"] = torch.compile(_logits_grad_fused)
+    return _compiled["fwd"], _compiled["bwd"]
+
+
+def _add_weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """grad_w + g.T @ h in fp32 (grad_w None: the first chunk). On CUDA with 16-bit g and h the product
+    accumulates into fp32 in cuBLAS's epilogue (`out_dtype`): no 16-bit rounding of each chunk's product and no
+    separate cast and add over the (V, D) block."""
+    if g.is_cuda and g.dtype in (torch.bfloat16, torch.float16):
+        if grad_w is None:
+            return torch.mm(g.T, h, out_dtype=torch.float32)
+        return torch.addmm(grad_w, g.T, h, out_dtype=torch.float32)
+    prod = (g.T @ h).float()
+    return prod if grad_w is None else grad_w.add_(prod)
+
+
 class _ChunkedLabelLogProbs(torch.autograd.Function):
     """log softmax(h @ W.T / temperature)[y] for selected rows, one chunk of rows at a time.
 
@@ -113,21 +180,18 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     Precision: the products run in the dtype the forward's logits came from (the autocast dtype, else the
     weight's), in backward too: autocast is off during backward, and without this the three backward products
     of each chunk ran in fp32 (under bf16-mixed, hidden states and master weights are fp32), several times
-    slower than the forward. Softmax, logsumexp and the weight-gradient sum stay fp32.
+    slower than the forward. Softmax, logsumexp and the weight-gradient sum stay fp32. On CUDA the elementwise
+    work of each chunk is compiled (:func:`_head_kernels`).
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float):  # hidden (R, D), labels (R,)
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty_like(out)
+        fwd, _ = _head_kernels(hidden.device)
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            logits = (hidden[start:end] @ weight.T).float()  # (c, V) fp32
-            if temperature != 1.0:
-                logits = logits / temperature
-            lse = torch.logsumexp(logits, dim=-1)  # (c,)
-            out[start:end] = logits.gather(1, labels[start:end, None]).squeeze(1) - lse
-            lse_all[start:end] = lse
+            out[start:end], lse_all[start:end] = fwd(hidden[start:end] @ weight.T, labels[start:end], temperature)
         ctx.save_for_backward(hidden, weight, labels, lse_all)
         dev = hidden.device.type
         ctx.mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
@@ -140,26 +204,21 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         hidden, weight, labels, lse_all = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_w = None
         t = ctx.temperature
+        _, logits_grad = _head_kernels(hidden.device)
         w, hid = weight.to(ctx.mm_dtype), hidden.to(ctx.mm_dtype)  # once, not per chunk (no copy if equal)
+        row_scale = grad_out.float() / t  # d logits / d (logits / t) folded into each row's weight
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hid[start:end]
-            logits = (h @ w.T).float()
-            if t != 1.0:
-                logits = logits / t
-            # g_logits = grad_out * (onehot - softmax) / temperature, in fp32
-            g = torch.exp(logits - lse_all[start:end, None]).neg_()
-            g.scatter_add_(1, labels[start:end, None], torch.ones_like(g[:, :1]))
-            g.mul_((grad_out[start:end].float() / t)[:, None])
-            g = g.to(ctx.mm_dtype)
+            g = logits_grad(h @ w.T, lse_all[start:end], labels[start:end], row_scale[start:end], t, ctx.mm_dtype)
             if need_h:
-                grad_h[start:end] = (g @ w).to(hidden.dtype)
+                grad_h[start:end] = g @ w
             if need_w:
-                grad_w += (g.T @ h).float()
+                grad_w = _add_weight_grad(grad_w, g, h)
         if need_w:
-            grad_w = grad_w.to(weight.dtype)
+            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
         return grad_h, grad_w, None, None, None
 
 

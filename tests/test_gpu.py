@@ -113,6 +113,39 @@ def test_fast_decode_logits_match_eager_step():
         torch.testing.assert_close(torch.stack(caches[1].k).float(), torch.stack(caches[0].k).float(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("t", [1.0, 0.6])
+def test_compiled_loss_head_matches_eager(t, monkeypatch):
+    """The loss head's compiled per-chunk kernels and fp32-accumulated weight gradient (CUDA) against the eager
+    head, under bf16 autocast over fp32 weights, with ragged chunks (two row counts) and ignored labels."""
+    from moxin import losses as L
+
+    torch.manual_seed(0)
+    h = torch.randn(3, 700, 256, device=DEV)
+    w = (torch.randn(32000, 256, device=DEV) / 16)
+    labels = torch.randint(0, 32000, (3, 700), device=DEV)
+    labels[0, :50] = -100
+    up = torch.randn(3, 700, device=DEV)
+    res = {}
+    for compiled in (False, True):
+        monkeypatch.setattr(L, "COMPILE_HEAD", compiled)
+        hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lp = L.token_logprobs(hh, ww, labels, chunk_size=512, temperature=t)
+        (lp * up).sum().backward()
+        res[compiled] = (lp, hh.grad, ww.grad)
+    for a, b in zip(res[True], res[False]):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()  # autograd through bf16 products
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = hh @ ww.T
+    lp_ref = torch.log_softmax(logits.float() / t, -1).gather(
+        -1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+    (lp_ref * up).sum().backward()
+    torch.testing.assert_close(res[True][0], lp_ref, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(res[True][1], hh.grad, rtol=2e-2, atol=2e-3)
+    torch.testing.assert_close(res[True][2], ww.grad, rtol=2e-2, atol=2e-3)
+
+
 def test_pretrain_stage_bf16_compile_loss_falls():
     import lightning as L
 
