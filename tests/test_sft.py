@@ -187,6 +187,58 @@ def test_clipping_folds_the_token_normalisation_and_logs_the_norm_before_clippin
         torch.testing.assert_close(g, p.grad, rtol=1e-4, atol=1e-8)
 
 
+def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok):
+    """With fused AdamW the token normaliser x clipping factor rides into the optimizer step (`grad_scale`) instead of
+    a separate multiply of every gradient: three steps give the same weights, gradients and logged norms as the
+    multiply; under fp16's GradScaler (which owns `grad_scale`) the stage multiplies itself."""
+    import copy
+
+    from moxin.stages.sft import SFTStage
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    stages, opts, logs = [], [], []
+    for _ in range(2):
+        st = SFTStage(model=cfg)
+        st.optim_cfg.grad_clip = 0.05  # bites on some steps
+        stages.append(st)
+    stages[0].configure_model()
+    stages[1].model = copy.deepcopy(stages[0].model)
+    stages[1]._fused_step_scales = lambda *a: False  # the reference: multiply the gradients, then step
+    for st in stages:
+        st._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, precision_plugin=None)
+        logs.append([])
+        st.log_dict = lambda d, _l=logs[-1], **k: _l.append(dict(d))
+        st.log = lambda *a, **k: None
+        opts.append(torch.optim.AdamW(st.model.parameters(), lr=1e-3, fused=True))  # fused runs on the CPU too
+    collate = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)
+    batches = [collate([_item(CONV_A, tok)]), collate([_item(CONV_B, tok)])]
+    for _ in range(3):
+        for st, opt in zip(stages, opts):
+            for i, b in enumerate(batches):
+                (st.training_step(b, i) / 2).backward()
+            st.on_before_optimizer_step(opt)
+            opt.step()
+        assert opts[0].grad_scale is not None and getattr(opts[1], "grad_scale", None) is None
+        for a, b in zip(stages[0].model.parameters(), stages[1].model.parameters()):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)  # fused AdamW stores them scaled
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+        for opt in opts:
+            opt.zero_grad()
+    norms = [[d["train/grad_norm"] for d in log if "train/grad_norm" in d] for log in logs]
+    assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-5)
+    assert any(n > 0.05 for n in norms[0])  # the clip bit at least once
+    # fp16 training: GradScaler sets `grad_scale` itself, so the stage multiplies the gradients in place
+    st = stages[0]
+    st._trainer.precision_plugin = SimpleNamespace(scaler=object())
+    for i, b in enumerate(batches):
+        (st.training_step(b, i) / 2).backward()
+    before = [p.grad.clone() for p in st.model.parameters()]
+    st.on_before_optimizer_step(opts[0])
+    assert opts[0].grad_scale is None  # last step's factor is cleared, none set
+    assert any(not torch.equal(g, p.grad) for g, p in zip(before, st.model.parameters()))
+
+
 def _compose(overrides):
     from hydra import compose, initialize_config_dir
 

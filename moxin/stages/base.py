@@ -290,6 +290,10 @@ class MoxinStage(L.LightningModule):
         scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens if n_tokens > 0 else 1.0
         gn = vals[-1] * scale  # the norm of the token-normalised gradients, before clipping
         vals = vals[:-1]
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        if getattr(inner, "grad_scale", None) is not None and getattr(self, "_set_grad_scale", False):
+            inner.grad_scale = None  # the factor set for the last step (below), never applied twice
+            self._set_grad_scale = False
         if not self.guard_nonfinite(loss_sum / max(n_tokens, 1.0), gn):
             self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
             self._acc_metrics = {}
@@ -299,7 +303,13 @@ class MoxinStage(L.LightningModule):
         clip = self.optim_cfg.grad_clip
         factor = scale * (min(1.0, clip / (gn + 1e-6)) if clip is not None else 1.0)  # clip_grad_norm_'s rule
         if grads and factor != 1.0:
-            torch._foreach_mul_(grads, factor)
+            if self._fused_step_scales(inner, grads):
+                # fused AdamW divides each gradient by `grad_scale` as it reads it (and stores the result back),
+                # which saves a read and a write of every gradient: the pass that _foreach_mul_ would make
+                inner.grad_scale = torch.full((), 1.0 / factor, dtype=torch.float32, device=grads[0].device)
+                self._set_grad_scale = True
+            else:
+                torch._foreach_mul_(grads, factor)
         self.tokens_seen += int(n_tokens)
         self.last_step_tokens_processed = int(processed)
         denom = max(n_tokens, 1.0)
@@ -315,6 +325,16 @@ class MoxinStage(L.LightningModule):
                  rank_zero_only=True)
         self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
         self._acc_metrics = {}
+
+    def _fused_step_scales(self, optimizer, grads) -> bool:
+        """Whether the optimizer step itself can apply the gradient factor: a fused torch optimizer (it reads
+        `grad_scale`, as GradScaler uses it), no GradScaler of fp16 training (it sets `grad_scale` itself), and
+        plain tensors (not the DTensors of FSDP, which a plain scale tensor cannot mix with)."""
+        if not (getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused")):
+            return False
+        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None:
+            return False
+        return all(type(g) is torch.Tensor for g in grads)
 
     # ---- held-out metrics: sums over the validation pass, reduced over ranks ----------------------------------
     def held_out_start(self, n: int) -> None:
