@@ -116,6 +116,15 @@ def bare_loop(model, batch, warm, n, dev, chunk=4096):
     return timed(bare_step(model, batch, dev, chunk), dev, warm, n)
 
 
+def whole_rows(batch):
+    """The same tokens without document boundaries: positions 0..T-1 in every row and every next token a label,
+    so attention is full causal over the row, as in the Hugging Face baseline."""
+    ids = batch["input_ids"]
+    labels = batch["labels"].clone()
+    labels[:, :-1] = ids[:, 1:]
+    return {**batch, "labels": labels, "positions": torch.arange(ids.shape[1]).expand_as(ids).contiguous()}
+
+
 def hf_step(cfg, ids, dev, compile_, autocast=True, clip=None):
     """One optimizer step of Hugging Face MistralForCausalLM of `cfg`'s shape (a closure): labels=ids (whole rows,
     no document boundaries), autocast bf16 (unless `autocast` is False), SDPA, fused AdamW, clipping if `clip`."""
@@ -158,6 +167,8 @@ def main(argv=None):
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--no-hf-compile", action="store_true")
     ap.add_argument("--no-moxin", action="store_true", help="only the Hugging Face baselines")
+    ap.add_argument("--whole-rows", action="store_true",
+                    help="also time moxin's bare loop on the rows without document boundaries (full causal, as HF's)")
     ap.add_argument("--attn", nargs="*", default=["auto"], help="moxin attention backends to time (auto flex flash)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -197,6 +208,9 @@ def main(argv=None):
                 rows[-1]["data"] = res["passes"]
                 t = bare_loop(model, batch, warm, n, dev)
                 add(f"moxin bare loop (same model/compile/loss/optimizer, {label})", mbs, t)
+                if a.whole_rows:
+                    t = bare_loop(model, whole_rows(batch), warm, n, dev)
+                    add(f"moxin bare loop, whole rows without document boundaries ({label})", mbs, t)
                 del model, batch
                 free(dev)
                 torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None
