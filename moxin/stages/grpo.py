@@ -5,9 +5,9 @@ One ``training_step`` is one rollout batch (Lightning manual optimisation):
 1. **Generate** ``group_size`` (G) completions for each of the batch's prompts with moxin's own batched engine
    (:func:`moxin.model.generate.generate`, rolling-buffer KV cache) from the very weights being trained: no vLLM,
    no weight sync. On a GPU under bf16 autocast the rollouts decode with a bf16 copy of the policy, refreshed every
-   step (``rollout_copy``): the same rounded weights autocast's products use, without recasting them per token. Sampling is seeded by
-   ``(seed, step, rank)``, so a run's rollouts are reproducible. A completion stops at the end-of-sequence token
-   or is *truncated* at ``max_new_tokens``.
+   step (``rollout_copy``): the same rounded weights autocast's products use, without recasting them per token.
+   Sampling is seeded by ``(seed, step, rank)``, so a run's rollouts are reproducible. A completion stops at the
+   end-of-sequence token or is *truncated* at ``max_new_tokens``.
 2. **Score** each completion against the reference answer with a verifier (:func:`moxin.rewards.score_batch`:
    worker processes, a per-item timeout; errors and timeouts are counted and logged, never silent zeros).
    On a GPU scoring overlaps generation (``score_during_generation``): ``generate`` hands over rows as they
@@ -56,9 +56,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, parse_option, group_advantages, kl_penalty, policy_loss,
-                          token_entropy, token_logprobs, zero_std_groups)
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
+from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, group_advantages, kl_penalty,
+                          parse_option, policy_loss, token_entropy, token_logprobs, zero_std_groups)
+from moxin.model import Transformer
 from moxin.model.generate import DecodePath, generate
 from moxin.stages.base import MoxinStage, OptimConfig
 
@@ -166,7 +167,8 @@ class Rollout:
 
 
 class GRPOStage(MoxinStage):
-    """See the module docstring. Batches are lists of prompt records from :class:`moxin.data.grpo_data.PromptDataModule`."""
+    """See the module docstring. Batches are lists of prompt records from
+    :class:`moxin.data.grpo_data.PromptDataModule`."""
 
     def __init__(self, model, optim: OptimConfig | None = None, grpo: GRPOConfig | None = None,
                  tokenizer="mistral", seed: int = 0, parallel=None, init_from: str | None = None,
@@ -322,8 +324,6 @@ class GRPOStage(MoxinStage):
         dtype = dtype or torch.bfloat16
         copy = self.__dict__.get("_rollout_copy")
         if copy is None or next(copy.parameters()).dtype != dtype:
-            from moxin.model import Transformer
-
             with torch.device("meta"):
                 copy = Transformer(self.model_cfg)
             copy = copy.to(dtype).to_empty(device=self.device).eval().requires_grad_(False)
@@ -519,7 +519,8 @@ class GRPOStage(MoxinStage):
         rs, rs2, n, zs, ng, ln, tr, gt, ve, vt, na = tot
         if (ve + vt) > self.cfg.max_verifier_failure_fraction * n:
             raise RuntimeError(
-                f"GRPO step {rl_step}: the verifier failed on {int(ve + vt)} of {int(n)} completions ({int(ve)} errors, "
+                f"GRPO step {rl_step}: the verifier failed on {int(ve + vt)} of {int(n)} completions "
+                f"({int(ve)} errors, "
                 f"{int(vt)} timeouts), more than stage.grpo.max_verifier_failure_fraction="
                 f"{self.cfg.max_verifier_failure_fraction}; their rewards would be silent zeros. Check the verifier "
                 f"(stage.grpo.verifier={self.cfg.verifier!r}) or raise stage.grpo.verifier_timeout_s "
