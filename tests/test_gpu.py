@@ -115,8 +115,11 @@ def test_fast_decode_logits_match_eager_step():
 
 @pytest.mark.parametrize("t", [1.0, 0.6])
 def test_compiled_loss_head_matches_eager(t, monkeypatch):
-    """The loss head's compiled per-chunk kernels and fp32-accumulated weight gradient (CUDA) against the eager
-    head, under bf16 autocast over fp32 weights, with ragged chunks (two row counts) and ignored labels."""
+    """The loss head's CUDA path (compiled per-chunk kernels, the logits gradient kept from the forward, fp32
+    accumulation of the weight gradient) against the eager head (COMPILE_HEAD off: recomputed logits), both
+    under bf16 autocast over fp32 weights, with ragged chunks (two row counts) and ignored labels: each is held
+    to fp32 autograd on the same bf16-rounded inputs, and the CUDA path's errors are no larger than the eager
+    path's (values and both gradients)."""
     from moxin import losses as L
 
     torch.manual_seed(0)
@@ -133,17 +136,22 @@ def test_compiled_loss_head_matches_eager(t, monkeypatch):
             lp = L.token_logprobs(hh, ww, labels, chunk_size=512, temperature=t)
         (lp * up).sum().backward()
         res[compiled] = (lp, hh.grad, ww.grad)
-    for a, b in zip(res[True], res[False]):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
-    hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()  # autograd through bf16 products
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = hh @ ww.T
-    lp_ref = torch.log_softmax(logits.float() / t, -1).gather(
-        -1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
-    (lp_ref * up).sum().backward()
-    torch.testing.assert_close(res[True][0], lp_ref, rtol=1e-4, atol=1e-3)
-    torch.testing.assert_close(res[True][1], hh.grad, rtol=2e-2, atol=2e-3)
-    torch.testing.assert_close(res[True][2], ww.grad, rtol=2e-2, atol=2e-3)
+    hh = h.bfloat16().float().requires_grad_()
+    ww = w.bfloat16().float().requires_grad_()
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        lp_ref = torch.log_softmax((hh @ ww.T) / t, -1).gather(
+            -1, labels.clamp(min=0)[..., None]).squeeze(-1) * (labels != -100)
+        (lp_ref * up).sum().backward()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
+    for name, fast, eager, ref in zip(("log-probs", "hidden grad", "weight grad"), res[True], res[False],
+                                      (lp_ref, hh.grad, ww.grad)):
+        torch.testing.assert_close(fast, ref, rtol=5e-2, atol=5e-2)
+        e_fast, e_eager = (fast - ref).abs(), (eager - ref).abs()
+        assert e_fast.mean() <= 1.25 * e_eager.mean() + 1e-6, (name, float(e_fast.mean()), float(e_eager.mean()))
+        assert e_fast.max() <= 2.0 * e_eager.max() + 1e-5, (name, float(e_fast.max()), float(e_eager.max()))
 
 
 def test_pretrain_stage_bf16_compile_loss_falls():

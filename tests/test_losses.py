@@ -109,6 +109,46 @@ def test_head_kernels_written_for_inductor_equal_the_eager_ones(dtype, t):
                                    atol=1e-2 if dtype != torch.float32 else 1e-6)
 
 
+@pytest.mark.parametrize("need", ["both", "hidden"])
+def test_kept_logit_gradients_equal_the_recomputed_ones(need, monkeypatch):
+    """With 16-bit products the CUDA head keeps each chunk's (onehot - softmax) from the forward and its backward
+    runs two products a chunk instead of three; driven here on the CPU under bf16 autocast: the log-probs and the
+    gradients (per-row weights, a temperature, ragged chunks, a frozen weight) equal the recomputing path's, and
+    under no_grad nothing is kept."""
+    from moxin import losses as L
+
+    hidden, weight, labels = _inputs(B=3, T=40, D=32, V=96, seed=11)
+    up = torch.randn(labels.shape, generator=torch.Generator().manual_seed(3))
+    res = {}
+    for keep in (False, True):
+        monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt, _k=keep: _k and dt == torch.bfloat16)
+        h = hidden.detach().clone().requires_grad_()
+        w = weight.detach().clone().requires_grad_(need == "both")
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = L.token_logprobs(h, w, labels, chunk_size=24, temperature=0.7)
+        with _MatmulDtypes() as rec:
+            grads = torch.autograd.grad((lp * up).sum(), (h, w) if need == "both" else (h,))
+        res[keep] = (lp, *grads, len(rec.seen))
+    n_chunks = -(-int((labels != -100).sum()) // 24)
+    assert res[False][-1] == n_chunks * (3 if need == "both" else 2)
+    assert res[True][-1] == n_chunks * (2 if need == "both" else 1)  # no recomputed logits
+    # both against fp32 autograd on the bf16-rounded inputs: the kept path is no less precise than the recomputing
+    h = hidden.detach().bfloat16().float().requires_grad_()
+    w = weight.detach().bfloat16().float().requires_grad_(need == "both")
+    valid = labels != -100
+    ref = torch.log_softmax((h @ w.T) / 0.7, -1).gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    refs = (ref, *torch.autograd.grad((ref * up).sum(), (h, w) if need == "both" else (h,)))
+    for kept, recomputed, r in zip(res[True][:-1], res[False][:-1], refs):
+        torch.testing.assert_close(kept, r, rtol=2e-2, atol=2e-2)  # bf16 products, as the autocast test's bound
+        err_kept, err_rec = (kept - r).abs().max(), (recomputed - r).abs().max()
+        assert err_kept <= 1.5 * err_rec + 1e-5, (err_kept, err_rec)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16), _MatmulDtypes():
+        calls = []
+        monkeypatch.setattr(L, "_forward_with_grad", lambda dev: calls.append(dev))
+        L.token_logprobs(hidden, weight, labels, chunk_size=24)
+    assert calls == []  # a reference model's pass keeps nothing
+
+
 def test_token_logprobs_with_temperature_matches_log_softmax_and_grads():
     hidden, weight, labels = _inputs(seed=1)
     t = 0.6
