@@ -163,7 +163,7 @@ def _head_kernels(device: torch.device):
     shape compiles a kernel for any number of rows), eager elsewhere (no C++ compiler needed on CPUs)."""
     if device.type != "cuda" or not COMPILE_HEAD:
         return _label_logp_lse, _logits_grad
-    if not _compiled:
+    if "fwd" not in _compiled:  # each key on its own: the kept-gradient forward may have been compiled first
         _compiled["fwd"] = torch.compile(_label_logp_lse_fused)
         _compiled["bwd"] = torch.compile(_logits_grad_fused)
     return _compiled["fwd"], _compiled["bwd"]

@@ -149,6 +149,20 @@ def test_kept_logit_gradients_equal_the_recomputed_ones(need, monkeypatch):
     assert calls == []  # a reference model's pass keeps nothing
 
 
+def test_cuda_head_kernels_are_built_in_any_order(monkeypatch):
+    """A training step compiles the kept-gradient forward first; a later no-grad pass (validation, a reference
+    model) must still get the plain forward and the backward kernels (a GPU run once failed here with KeyError).
+    torch.compile only wraps here: nothing runs, so no GPU is needed."""
+    from moxin import losses as L
+
+    monkeypatch.setattr(L, "_compiled", {})
+    cuda = torch.device("cuda")
+    assert callable(L._forward_with_grad(cuda))
+    fwd, bwd = L._head_kernels(cuda)
+    assert callable(fwd) and callable(bwd) and set(L._compiled) == {"fwd_grad", "fwd", "bwd"}
+    assert L._head_kernels(torch.device("cpu")) == (L._label_logp_lse, L._logits_grad)
+
+
 def test_token_logprobs_with_temperature_matches_log_softmax_and_grads():
     hidden, weight, labels = _inputs(seed=1)
     t = 0.6
