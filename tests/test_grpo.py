@@ -292,10 +292,15 @@ def test_rollouts_decode_from_a_16bit_copy_refreshed_every_step(tok, monkeypatch
         assert m is not stage.model and not amp and {p.dtype for p in m.parameters()} == {torch.bfloat16}
         for (n, p), (n2, q) in zip(m.named_parameters(), stage.model.named_parameters()):
             assert n == n2 and torch.equal(p, q.detach().bfloat16()), n
+        assert all(b.attention._views_fused() and b.feed_forward._views_fused() for b in m.layers)  # fused products
         with torch.no_grad():
             stage.model.output.weight.mul_(2.0)  # an update
+            stage.model.layers[0].attention.wk.weight.mul_(2.0)
         stage.rollout(batch, step=1)
         assert seen[-1][0] is m and torch.equal(m.output.weight, stage.model.output.weight.detach().bfloat16())
+        wq, wk = stage.model.layers[0].attention.wq.weight, stage.model.layers[0].attention.wk.weight
+        fused = m.layers[0].attention.fused_weight  # the product rollouts run reads the refreshed weights
+        assert torch.equal(fused[wq.shape[0]:wq.shape[0] + wk.shape[0]], wk.detach().bfloat16())
     assert not any(k.startswith("_rollout") for k in stage.state_dict())
     plain = make_stage(tok)
     plain.configure_model()

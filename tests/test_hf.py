@@ -78,6 +78,17 @@ def test_save_hf_loads_in_transformers(tmp_path):
             torch.testing.assert_close(ref(x).logits, ours(x), atol=1e-4, rtol=1e-4)
 
 
+def test_save_hf_of_a_fused_model(tmp_path):
+    """A model with fused projections (its q/k/v and gate/up weights are views of shared tensors, which
+    safetensors refuses) exports the same files as the unfused model."""
+    torch.manual_seed(0)
+    model = Transformer(ModelConfig.preset("tiny")).requires_grad_(False)
+    save_hf(model, tmp_path / "plain")
+    save_hf(model.fuse_projections(), tmp_path / "fused")
+    a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "fused" / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_sharded_round_trip(tmp_path, hf_dir):
     m = load_hf(hf_dir).eval()
     out = save_hf(m, tmp_path / "sharded", max_shard_bytes=40_000)

@@ -124,3 +124,64 @@ def test_presets_are_the_conf_model_files():
 
     for name in preset_names():
         assert ModelConfig.preset(name) == R.instantiate(_compose([f"model={name}"]).model), name
+
+
+def test_fused_projections_give_the_same_outputs_in_the_same_memory():
+    """fuse_projections: one q/k/v and one gate/up product a block. Same logits and generated tokens as the separate
+    products, no new memory (the separate weights become views of the fused ones), and in-place weight updates
+    (what GRPO's rollout copy gets every step) reach the fused products."""
+    from moxin.model import generate
+
+    ref = tiny_model(sliding_window=8).requires_grad_(False)
+    model = tiny_model(sliding_window=8).requires_grad_(False)
+    x = torch.randint(3, 512, (3, 20))
+    storages = lambda m: {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in m.parameters()}
+    before = sum(storages(model).values())
+    assert model.fuse_projections() is model
+    assert sum(storages(model).values()) == before  # fewer storages, same bytes
+    assert all(b.attention._views_fused() and b.feed_forward._views_fused() for b in model.layers)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-6, rtol=1e-6)
+    prompts = [[5, 9, 11], [7] * 12]
+    for decode in ("eager", "static"):
+        assert generate(model, prompts, 12, temperature=0, decode=decode).tokens == \
+            generate(ref, prompts, 12, temperature=0, decode=decode).tokens
+    new = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}
+    ref.load_state_dict(new)
+    model.load_state_dict(new)  # in place: the fused weights follow
+    assert model.layers[0].attention._views_fused()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        for m in (ref, model):
+            m.layers[1].feed_forward.w3.weight.mul_(-2.0)
+            m.layers[0].attention.wv.weight.add_(0.5)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+
+
+def test_fusion_refuses_trainable_weights_and_never_goes_stale():
+    """A fused product would give the separate weights no gradient: fusing refuses trainable weights, and a fused
+    model made trainable again takes the separate products (gradients reach wq..w3). Whatever replaces the
+    parameters (.to, deepcopy, load_state_dict(assign=True)) drops the fusion instead of computing with old
+    weights."""
+    import copy
+
+    with pytest.raises(ValueError, match="requires_grad_"):
+        tiny_model().fuse_projections()
+    ref = tiny_model(sliding_window=8).requires_grad_(False)
+    x = torch.randint(3, 512, (2, 16))
+    fused = lambda: copy.deepcopy(ref).fuse_projections()
+    m = fused()
+    assert copy.deepcopy(m).layers[0].attention.fused_weight is None
+    m64 = fused().to(torch.float64)
+    assert m64.layers[0].feed_forward.fused_weight is None
+    torch.testing.assert_close(m64(x).float(), ref(x), atol=1e-5, rtol=1e-5)
+    new = {k: torch.randn_like(v) for k, v in ref.state_dict().items()}
+    m = fused()
+    m.load_state_dict(new, assign=True)
+    assert m.layers[1].attention.fused_weight is None
+    ref2 = copy.deepcopy(ref)
+    ref2.load_state_dict(new)
+    torch.testing.assert_close(m(x), ref2(x), atol=1e-5, rtol=1e-5)
+    m = fused().requires_grad_(True)
+    m(x).float().logsumexp(-1).mean().backward()
+    for n, p in m.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, n

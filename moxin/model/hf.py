@@ -292,6 +292,8 @@ def write_hf(tensors, cfg: ModelConfig, path: str | os.PathLike, *, is_global_ze
                 continue
             t = t.detach().to("cpu")
             t = (t.to(dtype) if dtype is not None else t).contiguous()
+            if t.untyped_storage().nbytes() != t.nbytes:  # a view (fused projections): safetensors wants its own
+                t = t.clone()
             n = t.numel() * t.element_size()
             if shard and size + n > max_shard_bytes:
                 flush()

@@ -329,6 +329,7 @@ class GRPOStage(MoxinStage):
             copy = copy.to(dtype).to_empty(device=self.device).eval().requires_grad_(False)
             if self.model_cfg.tie_embeddings:
                 copy.output.weight = copy.tok_embeddings.weight
+            copy.fuse_projections()  # one q/k/v and one gate/up product a block; refreshed in place below
             self.__dict__["_rollout_copy"] = copy  # a plain attribute: not a submodule
         src = dict(self.model.named_parameters())
         for name, p in copy.named_parameters():
