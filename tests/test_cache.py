@@ -132,3 +132,42 @@ def test_cache_rejects_bad_use(model):
         model(torch.zeros(2, 1, dtype=torch.long), torch.full((2, 1), 10), cache=cache)
     with pytest.raises(ValueError, match="positions"):
         model(torch.zeros(2, 3, dtype=torch.long), cache=cache)
+
+
+def test_flex_decode_attention_equals_sdpa():
+    """The compiled decode's FlexAttention form recomputes visibility inside the kernel from the step's positions
+    and the slots' previous positions; run here in its eager form through the static single-token path, it gives
+    the SDPA path's logits step after step: left padding, a row that finishes (position -1 from then on), the
+    rolling cache wrapping (window 8), 4 query heads a key head. Where it applies: CUDA, heads of 32 or more,
+    slots a multiple of FlexAttention's block."""
+    from moxin.model import cache as C
+
+    if not C.HAS_FLEX:
+        pytest.skip("no FlexAttention in this torch")
+    model = tiny_model(head_dim=32, n_heads=8, n_kv_heads=2, sliding_window=W)
+    B, P = 3, 6
+    toks = torch.randint(3, 512, (B, P))
+    pos = torch.arange(P).expand(B, P).clone()
+    pos[1, :2] = -1  # left padding
+    pos[1, 2:] -= 2
+    caches = [RollingKVCache(model.cfg, B, 40) for _ in range(2)]
+    with torch.no_grad():
+        for c in caches:
+            model(toks, pos, cache=c)
+            c.static_decode = True
+        caches[1].decode_kernel = "flex"
+        nxt = pos.max(1).values + 1
+        for t in range(20):
+            step_pos = nxt.clone().unsqueeze(1)
+            if t >= 5:
+                step_pos[2] = -1  # row 2 finished
+            tok = torch.randint(3, 512, (B, 1))
+            ref, got = (model(tok, step_pos, cache=c)[:, -1] for c in caches)
+            torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+            nxt += 1
+    assert torch.equal(caches[0].pos, caches[1].pos)
+    cfg = ModelConfig.preset("tiny", head_dim=32, sliding_window=1024)  # 256 slots: the generation fits
+    assert C.flex_decode_applies(RollingKVCache(cfg, 2, 256), 32, "cuda")
+    assert not C.flex_decode_applies(RollingKVCache(cfg, 2, 256), 32, "cpu")
+    assert not C.flex_decode_applies(RollingKVCache(cfg, 2, 200), 32, "cuda")  # 200 slots: no whole blocks
+    assert not C.flex_decode_applies(RollingKVCache(cfg, 2, 256), 16, "cuda")

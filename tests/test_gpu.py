@@ -72,6 +72,37 @@ def test_fast_decode_equals_eager_greedy(dtype, side):
             assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=tol, rtol=0), path
 
 
+@pytest.mark.parametrize("dtype,new", [(torch.float32, 100), (torch.bfloat16, 16)])
+def test_compiled_decode_with_flex_attention_and_fused_projections_equals_eager(dtype, new, monkeypatch):
+    """On CUDA the compiled decode takes FlexAttention's decoding kernel where it applies (heads of 32, a cache of
+    whole 128-slot blocks: window 128, so the cache wraps); with and without fused projections its greedy tokens
+    and log-probs equal the eager reference's."""
+    import copy
+    import importlib
+
+    G = importlib.import_module("moxin.model.generate")  # (moxin.model.generate is also the function)
+
+    caches = []
+
+    class Spy(G.RollingKVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+
+    monkeypatch.setattr(G, "RollingKVCache", Spy)
+    model = _model(dtype, head_dim=32, sliding_window=128, max_seq_len=512).requires_grad_(False)
+    fused = copy.deepcopy(model).fuse_projections()
+    ps = _prompts([3, 40, 17, 120], seed=4)  # the longest row runs past the 128 slots
+    ref = generate(model, ps, new, temperature=0, decode="eager", return_logprobs=True)
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    for m in (model, fused):
+        got = generate(m, ps, new, temperature=0, decode="compiled", return_logprobs=True)
+        assert caches[-1].decode_kernel == "flex" and caches[-1].capacity == 128
+        assert got.tokens == ref.tokens
+        for a, b in zip(got.logprobs, ref.logprobs):
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=tol, rtol=0)
+
+
 def test_fast_decode_sampling_and_stops_match_eager():
     model = _model(torch.bfloat16)
     ps = _prompts([5, 9, 16, 2], seed=3)

@@ -28,6 +28,11 @@ row b is ``pos_b mod capacity``; a padding row (-1) writes the value the slot al
 (``k``, ``v``, ``pos``) is updated in place. All shapes stay fixed from step to step, which lets a CUDA graph
 capture the whole decode forward and replay it. The numbers are the same as the eager path's (same mask,
 same attention call); tests hold them equal.
+
+Decode attention kernel (``decode_kernel``): ``sdpa`` (`F.scaled_dot_product_attention` with the visibility mask,
+everywhere), or ``flex`` (FlexAttention's decoding kernel, the mask applied as a score modification), which
+`generate`'s compiled decode picks on CUDA where it applies (`flex_decode_applies`): on an H200 at the Moxin-7B
+shape, batch 64, it took 38 us a layer where SDPA took 53 at 384 slots (docs/performance.md).
 """
 
 from __future__ import annotations
@@ -35,7 +40,46 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moxin.model.attention import FLEX_BLOCK, FLEX_MIN_HEAD_DIM, HAS_FLEX
 from moxin.model.config import ModelConfig
+
+if HAS_FLEX:
+    from torch.nn.attention.flex_attention import flex_attention
+
+#: Module switch for A/B runs: False keeps SDPA in the compiled decode.
+FLEX_DECODE = True
+
+
+def flex_decode_applies(cache: "RollingKVCache", head_dim: int, device) -> bool:
+    """Whether the compiled decode step takes FlexAttention's decoding kernel for this cache: on CUDA, heads of at
+    least `FLEX_MIN_HEAD_DIM` (as training's flex kernels), slots a multiple of FlexAttention's key block."""
+    return (FLEX_DECODE and HAS_FLEX and torch.device(device).type == "cuda" and head_dim >= FLEX_MIN_HEAD_DIM
+            and cache.capacity % FLEX_BLOCK == 0)
+
+
+def _decode_flex(q, keys, values, q_pos, slot_pos, window: int | None):
+    """The static single-token step's attention through FlexAttention: q (B, H, 1, hd); keys, values
+    (B, KVH, C, hd) with this step's key already stored; q_pos (B, 1) the step's positions (-1: padding);
+    slot_pos (B, C) the positions the slots held before this step. Visibility is recomputed inside the kernel from
+    these two inputs, exactly as `RollingKVCache._visible` over the updated slots: slot ``q_pos mod C`` now holds
+    q_pos, a key is visible when valid, not in the future and inside the window, and a padding row sees slot 0
+    (no empty softmax). Compiled, the mask may only read the step's inputs (Inductor does not lower a
+    FlexAttention modification that reads a tensor computed in the same graph). GQA maps query head h to key
+    head h // G, as `enable_gqa` in SDPA; each cached key/value is read once. Fast only when compiled (the
+    decode step is); the eager form materialises the scores and serves as the CPU check."""
+    C = keys.shape[2]
+
+    def visible(score, b, h, q_idx, kv_idx):
+        qp = q_pos[b, 0]
+        written = (qp >= 0) & (kv_idx == qp % C)
+        kp = torch.where(written, qp, slot_pos[b, kv_idx])
+        vis = (kp >= 0) & (kp <= qp)
+        if window is not None:
+            vis = vis & (qp - kp < window)
+        vis = vis | ((qp < 0) & (kv_idx == 0))
+        return torch.where(vis, score, -float("inf"))
+
+    return flex_attention(q, keys, values, score_mod=visible, enable_gqa=keys.shape[1] != q.shape[1])
 
 
 def _decode_sdpa(q, keys, values, mask):
@@ -73,6 +117,8 @@ class RollingKVCache:
         self._step = None
         self.static_decode = False
         """Single-token forwards take the sync-free, fixed-shape path (see the module docstring)."""
+        self.decode_kernel = "sdpa"
+        """The static path's attention kernel: sdpa or flex (see the module docstring)."""
 
     def nbytes(self) -> int:
         """Bytes the cache actually allocates (keys, values, slot positions)."""
@@ -138,6 +184,9 @@ class RollingKVCache:
         # padding rows rewrite the value the slot already holds
         kc[rows, :, col] = torch.where(keep, k[:, :, 0].to(kc.dtype), kc[rows, :, col])
         vc[rows, :, col] = torch.where(keep, v[:, :, 0].to(vc.dtype), vc[rows, :, col])
+        if self.decode_kernel == "flex":
+            _, _, _, _, _, _, positions = self._step
+            return _decode_flex(q, kc.to(q.dtype), vc.to(q.dtype), positions, self.pos, self.window)
         return _decode_sdpa(q, kc.to(q.dtype), vc.to(q.dtype), mask)
 
     def attend(self, layer: int, q, k, v):

@@ -20,6 +20,10 @@ Decode paths (``decode=``), all giving the same tokens:
   layer's norms, RoPE, cache update and residual adds, which otherwise run as some fifty small kernels a layer).
   It costs one compilation per model and cache shape (the cache is sized in steps of `CACHE_ROUND` slots, so
   prompt batches of different lengths share it); a failed compilation falls back to ``graph`` with a warning.
+  On CUDA its attention is FlexAttention's decoding kernel (`moxin.model.cache.flex_decode_applies`).
+
+A model whose projections were fused (`Transformer.fuse_projections`, an inference copy: GRPO's rollout copy)
+runs one q/k/v and one gate/up product a layer instead of five, on every path.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from enum import StrEnum
 
 import torch
 
-from moxin.model.cache import RollingKVCache
+from moxin.model.cache import RollingKVCache, flex_decode_applies
 
 
 
@@ -222,6 +226,8 @@ class _DecodeStep:
     def __init__(self, model, cache: RollingKVCache, batch: int, device, graph: bool, compile: bool = False):
         self.model, self.cache = model, cache
         cache.static_decode = True
+        if compile and flex_decode_applies(cache, model.cfg.head_dim, device):
+            cache.decode_kernel = "flex"  # FlexAttention's decoding kernel, compiled with the step
         self.use_graph = graph
         self.graph = None
         self.compiled = compile
@@ -238,6 +244,7 @@ class _DecodeStep:
                 warnings.warn(f"generate: torch.compile of the decode step failed ({type(e).__name__}: {e}); "
                               "continuing uncompiled (decode='graph' on CUDA, 'static' elsewhere)")
                 self.compiled = False
+                self.cache.decode_kernel = "sdpa"  # uncompiled FlexAttention would materialise the scores
         return _step(self.model, self.cache, tok, pos)
 
     def __call__(self, tok: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
