@@ -3,6 +3,9 @@ tokens, sampling, every row forced to produce all 256 tokens (no stop tokens), t
 (eager reference decode, static sync-free decode, CUDA-graph decode, compiled CUDA-graph decode) and Hugging
 Face `generate` on the same weights (our state dict copied into `MistralForCausalLM`), measured in the same run.
 "first call" is the untimed first generation (it captures the graph and, for decode=compiled, compiles).
+A path may carry suffixes: ``+fused`` runs it after `Transformer.fuse_projections` (one q/k/v and one gate/up
+product a block; paths without it run first), ``:sdpa`` keeps SDPA as the compiled decode's attention
+(`moxin.model.cache.FLEX_DECODE` off) for the A/B against FlexAttention's decoding kernel.
 --autocast-fp32 adds the compiled decode of the same weights held in fp32 under bf16 autocast: what GRPO's
 rollouts ran before `stage.grpo.rollout_copy` (the policy's fp32 master weights; every token recasts them).
 
@@ -12,6 +15,7 @@ Memory-bandwidth bound of decode: every step reads all weights once (plus the KV
     python scripts/bench/generate.py [--out bench.json]
     python scripts/bench/generate.py --smoke          # tiny model on the CPU
     python scripts/bench/generate.py --layers 8 --paths compiled --autocast-fp32 --no-hf
+    python scripts/bench/generate.py --paths graph compiled:sdpa compiled compiled+fused
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import torch
 from _common import default_out, env, free, sync, table, timed, write_json
 
 from moxin.model import ModelConfig, Transformer, generate
+from moxin.model import cache as cache_mod
 
 
 def copy_bandwidth(dev) -> float | None:
@@ -67,7 +72,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--no-hf", action="store_true")
     ap.add_argument("--layers", type=int, default=None, help="blocks of the moxin-7b shape (default all 36)")
-    ap.add_argument("--paths", nargs="*", default=["eager", "static", "graph", "compiled"])
+    ap.add_argument("--paths", nargs="*", default=["eager", "static", "graph", "compiled", "compiled+fused"],
+                    help="decode paths, each optionally with +fused and / or :sdpa (see the module docstring)")
     ap.add_argument("--autocast-fp32", action="store_true",
                     help="also decode=compiled from fp32 weights under bf16 autocast (GRPO before rollout_copy)")
     ap.add_argument("--out", default=None)
@@ -76,7 +82,7 @@ def main(argv=None):
         dev, dtype = "cpu", torch.float32
         cfg = ModelConfig.preset("tiny", vocab_size=512)
         B, P, N = 4, 16, 8
-        paths, reps = ["eager", "static"], 1
+        paths, reps = ["eager", "static", "static+fused"], 1
     else:
         dev, dtype = "cuda", torch.bfloat16
         cfg = ModelConfig.preset("moxin-7b", **({"n_layers": a.layers} if a.layers else {}))
@@ -88,6 +94,7 @@ def main(argv=None):
     with torch.device(dev):
         model = Transformer(cfg).eval()
     torch.set_default_dtype(prev)
+    model.requires_grad_(False)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     g = torch.Generator().manual_seed(1)
     prompts = torch.randint(3, cfg.vocab_size, (B, P), generator=g).tolist()
@@ -105,8 +112,22 @@ def main(argv=None):
         return timed(f, dev, 1, 3)
 
     t_prefill = prefill_time()
+
+    # greedy agreement with the eager reference on these weights (unfused): fraction of equal tokens and the
+    # largest log-prob difference over the common prefix (random weights give near-tied logits, so one bf16
+    # rounding difference can flip an argmax; eager-vs-eager shows the run-to-run baseline)
+    def greedy(path):
+        return generate(model, prompts[:8], 16, temperature=0, decode=path, return_logprobs=True)
+    ref = greedy("eager")
+    agree = {}
+
     rows = []
-    for path in paths:
+    specs = sorted(paths, key=lambda p: "+fused" in p)  # fusing is in place: the unfused paths first
+    for spec in specs:
+        path = spec.split("+")[0].split(":")[0]
+        if "+fused" in spec and model.layers[0].attention.fused_weight is None:
+            model.fuse_projections()
+        cache_mod.FLEX_DECODE = ":sdpa" not in spec
         gen = torch.Generator(device=dev)
 
         def run():
@@ -120,11 +141,19 @@ def main(argv=None):
         assert all(len(t) == N for t in out.tokens)
         t = timed(run, dev, 0, reps if path in ("graph", "compiled") else 1)
         step = (t - t_prefill) / (N - 1)
-        rows.append({"impl": f"moxin generate decode={path}", "tok_s": B * N / t, "s": t, "first_s": first,
+        rows.append({"impl": f"moxin generate decode={spec}", "tok_s": B * N / t, "s": t, "first_s": first,
                      "step_ms": step * 1e3,
                      "weights_tbs": weight_bytes / step / 1e12, "of_4p8": weight_bytes / step / 4.8e12,
                      "of_copy": weight_bytes / step / bw if bw else None})
+        o = greedy(path)
+        eq = [x == y for r1, r2 in zip(o.tokens, ref.tokens) for x, y in zip(r1, r2)]
+        diff = 0.0
+        for r1, r2, l1, l2 in zip(o.tokens, ref.tokens, o.logprobs, ref.logprobs):
+            n = next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), len(r1))
+            diff = max([diff] + [abs(a - b) for a, b in zip(l1[:n + 1], l2[:n + 1])])
+        agree[spec] = {"equal_tokens": sum(eq) / len(eq), "max_logprob_diff": diff}
         free(dev)
+    cache_mod.FLEX_DECODE = True
     if a.autocast_fp32:
         import copy
 
@@ -147,22 +176,6 @@ def main(argv=None):
                      "of_4p8": weight_bytes / step / 4.8e12, "of_copy": weight_bytes / step / bw if bw else None})
         del m32
         free(dev)
-    # greedy agreement with the eager reference on these weights: fraction of equal tokens and the largest
-    # log-prob difference over the common prefix (random weights give near-tied logits, so one bf16 rounding
-    # difference can flip an argmax; eager-vs-eager shows the run-to-run baseline)
-    def greedy(p):
-        return generate(model, prompts[:8], 16, temperature=0, decode=p, return_logprobs=True)
-    ref = greedy("eager")
-    agree = {}
-    for p in ["eager"] + [q for q in paths if q != "eager"]:
-        o = greedy(p)
-        eq = [x == y for r1, r2 in zip(o.tokens, ref.tokens) for x, y in zip(r1, r2)]
-        diff = 0.0
-        for r1, r2, l1, l2 in zip(o.tokens, ref.tokens, o.logprobs, ref.logprobs):
-            n = next((i for i, (x, y) in enumerate(zip(r1, r2)) if x != y), len(r1))
-            diff = max([diff] + [abs(a - b) for a, b in zip(l1[:n + 1], l2[:n + 1])])
-        agree[p] = {"equal_tokens": sum(eq) / len(eq), "max_logprob_diff": diff}
-
     if not a.no_hf:
         hf = hf_from_moxin(model, dev, dtype)
         ids = torch.tensor(prompts, device=dev)
