@@ -30,7 +30,7 @@ capture the whole decode forward and replay it. The numbers are the same as the 
 same attention call); tests hold them equal.
 
 Decode attention kernel (``decode_kernel``): ``sdpa`` (`F.scaled_dot_product_attention` with the visibility mask,
-everywhere), or ``flex`` (FlexAttention's decoding kernel, the mask applied as a score modification), which
+everywhere), or ``flex`` (FlexAttention's decoding kernel, visibility recomputed inside it), which
 `generate`'s compiled decode picks on CUDA where it applies (`flex_decode_applies`): on an H200 at the Moxin-7B
 shape, batch 64, it took 38 us a layer where SDPA took 53 at 384 slots (docs/performance.md).
 """
