@@ -140,7 +140,12 @@ def test_fused_projections_give_the_same_outputs_in_the_same_memory():
     assert model.fuse_projections() is model
     assert sum(storages(model).values()) == before  # fewer storages, same bytes
     assert all(b.attention._views_fused() and b.feed_forward._views_fused() for b in model.layers)
+    separate = []  # the fused model must not run the separate q/k/v and gate/up products
+    for b in model.layers:
+        for lin in (b.attention.wq, b.attention.wk, b.attention.wv, b.feed_forward.w1, b.feed_forward.w3):
+            lin.register_forward_hook(lambda m, a, o: separate.append(m))
     torch.testing.assert_close(model(x), ref(x), atol=1e-6, rtol=1e-6)
+    assert not separate
     prompts = [[5, 9, 11], [7] * 12]
     for decode in ("eager", "static"):
         assert generate(model, prompts, 12, temperature=0, decode=decode).tokens == \
@@ -182,6 +187,9 @@ def test_fusion_refuses_trainable_weights_and_never_goes_stale():
     ref2.load_state_dict(new)
     torch.testing.assert_close(m(x), ref2(x), atol=1e-5, rtol=1e-5)
     m = fused().requires_grad_(True)
+    separate = []
+    m.layers[0].attention.wq.register_forward_hook(lambda mod, a, o: separate.append(mod))
     m(x).float().logsumexp(-1).mean().backward()
+    assert separate  # trainable again: the separate products run
     for n, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
