@@ -233,6 +233,89 @@ def test_model_builds_one_mask_per_forward(monkeypatch):
     assert len(built) == 1
 
 
+class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops that make the host wait for a tensor's values (on a GPU: a device sync)."""
+
+    READS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::item")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def _random_packed_positions(g, B, T, max_docs):
+    rows = []
+    for _ in range(B):
+        n = int(torch.randint(1, max_docs + 1, (), generator=g))
+        cuts = sorted(torch.randperm(T - 1, generator=g)[:n - 1].add(1).tolist())
+        rows.append([b - a for a, b in zip([0] + cuts, cuts + [T])])
+    return packed_positions(rows)
+
+
+def test_doc_bounds_from_the_host_equal_what_the_forward_reads_from_the_device(monkeypatch):
+    """`DocBounds.from_positions` gives the kernel choice, sequence bounds and longest document that the mask
+    build otherwise reads from the device, on random packings (one document per row, several, a mix), and the
+    build that takes them reads no tensor value at all (on a GPU: no device sync)."""
+    monkeypatch.setattr(attention, "flash_version", lambda device: 4)
+    build = attention.AttentionMask.build
+    g = torch.Generator().manual_seed(0)
+    seen = set()
+    for trial in range(40):
+        B, T = int(torch.randint(1, 4, (), generator=g)), int(torch.randint(8, 64, (), generator=g))
+        pos = _random_packed_positions(g, B, T, max_docs=[1, 2, 5][trial % 3])
+        doc_ids = masks.doc_ids_from_positions(pos)
+        bounds = attention.DocBounds.from_positions(pos)
+        single = bool((doc_ids[:, -1] == doc_ids[:, 0]).all())
+        seen.add(single)
+        assert bounds.one_doc_per_row == single and (bounds.batch, bounds.seq_len) == (B, T)
+        if not single:
+            cu, max_len = attention.flash_seqlens(doc_ids, B, T, "cpu")
+            assert torch.equal(bounds.cu_seqlens, cu) and bounds.max_len == max_len
+        for backend in ("sdpa", "flash"):
+            for window in (None, 4, 1000):
+                plain = build(backend, window, doc_ids, B, T, 16, "cpu")
+                with HostReads() as mode:
+                    fast = build(backend, window, doc_ids, B, T, 16, "cpu", bounds=bounds)
+                assert mode.reads == [], (backend, window, mode.reads)
+                assert fast.kernel == plain.kernel and fast.window == plain.window
+                assert (fast.doc_ids is None) == (plain.doc_ids is None) and fast.max_len == plain.max_len
+                if plain.cu_seqlens is not None:
+                    assert torch.equal(fast.cu_seqlens, plain.cu_seqlens)
+                if backend == "sdpa" and plain.dense is not None:
+                    assert torch.equal(fast.dense, plain.dense)
+    assert seen == {True, False}
+    with HostReads() as mode:  # the test would see the reads that bounds avoid
+        build("flash", 4, doc_ids, B, T, 16, "cpu")
+    assert mode.reads
+
+
+def test_doc_bounds_of_other_rows_are_refused_and_a_forward_with_them_is_unchanged():
+    from moxin.model import ModelConfig, RollingKVCache, Transformer
+
+    cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
+                      sliding_window=6, max_seq_len=64)
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    tokens = torch.randint(0, 64, (2, 16))
+    for pos in (packed_positions([[7, 9], [16]]), packed_positions([[16], [16]])):
+        bounds = attention.DocBounds.from_positions(pos)
+        with HostReads() as mode:
+            out = model(tokens, pos, doc_bounds=bounds, return_hidden=True)
+        assert mode.reads == []
+        assert torch.equal(out, model(tokens, pos, return_hidden=True))
+    with pytest.raises(ValueError, match=r"\(1, 16\) but the forward has \(2, 16\)"):
+        model(tokens, pos, doc_bounds=attention.DocBounds.from_positions(pos[:1]))
+    with pytest.raises(ValueError, match="not with a generation cache"):
+        model(tokens, pos, doc_bounds=bounds, cache=RollingKVCache(cfg, 2, 16))
+    with pytest.raises(ValueError, match="with those rows' positions"):
+        model(tokens, doc_bounds=bounds)
+
+
 # ---- CUDA kernels against the reference (bf16) ---------------------------------------------------------------------
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 

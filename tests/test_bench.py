@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
-                       + (["--whole-rows"] if script == "train" else []),
+                       + (["--whole-rows", "--device-bounds"] if script == "train" else []),
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -23,6 +23,7 @@ def test_bench_smoke(script, tmp_path):
     assert "|" in r.stdout
     if script == "train":  # moxin on the same tokens without document boundaries, beside the packed rows
         assert any("whole rows" in row["impl"] for row in data["rows"])
+        assert any("read from the device" in row["impl"] for row in data["rows"])
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
     if script == "train_profile":  # the families partition the kernel time; products dominate even here

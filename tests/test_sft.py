@@ -267,3 +267,35 @@ def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
         info2 = R.train(cfg2)
         # starting from the trained weights, the held-out loss before training is the first run's last one
         assert abs(info2["metrics"]["val/loss_before"] - m["val/loss"]) < 1e-3
+
+
+def test_the_stage_sends_document_bounds_from_the_host_and_the_loss_is_unchanged(tok):
+    """The batch reaches the training step with `DocBounds` of its positions, computed before it was sent; the
+    loss and its gradients are the same with and without them. DPO's are those of the chosen rows followed by the
+    rejected ones, as its forward joins them."""
+    from moxin.model.attention import DocBounds
+    from moxin.stages.dpo import DPOStage
+    from moxin.stages.sft import SFTStage
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    stage = SFTStage(model=cfg)
+    stage.configure_model()
+    batch = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)([_item(CONV_A, tok), _item(CONV_B, tok)])
+    moved = stage.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+    bounds = moved["doc_bounds"]
+    assert "doc_bounds" not in batch and not bounds.one_doc_per_row  # the two conversations share a packed row
+    ref = DocBounds.from_positions(batch["positions"])
+    assert torch.equal(bounds.cu_seqlens, ref.cu_seqlens) and bounds.max_len == ref.max_len
+    grads = []
+    for b in (batch, moved):
+        stage.model.zero_grad()
+        loss = stage.compute_loss(b).loss_sum
+        loss.backward()
+        grads.append([p.grad.clone() for p in stage.model.parameters()])
+    assert torch.equal(stage.compute_loss(batch).loss_sum, stage.compute_loss(moved).loss_sum)
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    pos = {"chosen_positions": torch.arange(6).expand(2, 6), "rejected_positions": torch.arange(6).expand(2, 6)}
+    dpo_bounds = DPOStage.doc_bounds(None, pos)
+    assert (dpo_bounds.batch, dpo_bounds.seq_len, dpo_bounds.one_doc_per_row) == (4, 6, True)

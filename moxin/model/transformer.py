@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from moxin.model.attention import AttentionMask, resolve_backend
+from moxin.model.attention import AttentionMask, DocBounds, resolve_backend
 from moxin.model.config import ModelConfig
 from moxin.model.masks import doc_ids_from_positions
 
@@ -192,7 +192,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, cache=None,
-                return_hidden: bool = False, head=None):
+                return_hidden: bool = False, head=None, doc_bounds: DocBounds | None = None):
         """tokens (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D) with return_hidden.
 
         positions (B, T): None means 0..T-1 in every row. In training, a 0 inside a row starts a new document.
@@ -200,6 +200,9 @@ class Transformer(nn.Module):
         head: a function `head(hidden (B, T, D), output_weight (V, D))` applied instead of the output layer
             and returned as is; losses use it to work on chunks of logits (never all (B*T, V) at once). It
             runs inside this forward, where FSDP2 has gathered the output weight.
+        doc_bounds: `DocBounds.from_positions` of the same positions, computed on the host before they were sent
+            (the stages attach it to every batch): the attention is then prepared without reading the device, so
+            the host queues the forward while the GPU still runs the previous step. Training forwards only.
         """
         B, T = tokens.shape
         if positions is None:
@@ -213,10 +216,13 @@ class Transformer(nn.Module):
             doc_ids = None if cache is not None else doc_ids_from_positions(positions)
         if T > self.cfg.max_seq_len and cache is None:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
+        if doc_bounds is not None and doc_ids is None:  # no positions given, or a generation cache
+            raise ValueError("doc_bounds describe the documents of training rows: pass them with those rows' "
+                             "positions, and not with a generation cache")
         mask = None
         if cache is None:  # one mask for all layers (and their recomputation): built here, not per layer
             mask = AttentionMask.build(resolve_backend(self.cfg.attn_backend, tokens.device), self.cfg.sliding_window,
-                                       doc_ids, B, T, self.cfg.head_dim, tokens.device)
+                                       doc_ids, B, T, self.cfg.head_dim, tokens.device, bounds=doc_bounds)
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = rope_cos_sin(positions.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta, h.dtype)

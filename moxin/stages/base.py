@@ -23,6 +23,7 @@ from torchmetrics import Metric
 
 from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
+from moxin.model.attention import DocBounds
 from moxin.tokenizer import as_tokenizer
 
 
@@ -232,6 +233,24 @@ class MoxinStage(L.LightningModule):
             load_init_weights(ref, self.init_from)
         ref.requires_grad_(False)
         return ref.eval()
+
+    # ---- batches --------------------------------------------------------------------------------------------
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # the document bounds of the rows the forward will run on, computed here, on the host, before the rows go
+        # to the device: the forward then prepares its attention without a device sync (see `DocBounds`)
+        if isinstance(batch, dict) and "doc_bounds" not in batch:
+            bounds = self.doc_bounds(batch)
+            if bounds is not None:
+                batch = {**batch, "doc_bounds": bounds}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def doc_bounds(self, batch: dict) -> DocBounds | None:
+        """`DocBounds` of the rows this stage's training forward runs on: the batch's ``positions``, if it has them
+        on the host. Stages that forward other rows (DPO: chosen and rejected together) override it."""
+        pos = batch.get("positions")
+        if isinstance(pos, torch.Tensor) and pos.device.type == "cpu" and pos.dim() == 2:
+            return DocBounds.from_positions(pos)
+        return None
 
     # ---- optimisation ---------------------------------------------------------------------------------------
     def total_steps(self) -> int:

@@ -46,6 +46,7 @@ from enum import StrEnum
 
 from moxin.losses import DPOLoss, dpo_loss, parse_option, sft_nll_per_token
 from moxin.model import Transformer
+from moxin.model.attention import DocBounds
 from moxin.stages import refcache
 from moxin.distributed import is_sharded, reshard
 from moxin.stages.base import MoxinStage, StepLoss
@@ -169,7 +170,8 @@ class DPOStage(MoxinStage):
         if self.reference is ReferenceMode.FROZEN:
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)
-                logps, _ = sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size)
+                logps, _ = sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size,
+                                          batch.get("doc_bounds"))
                 reshard(self.ref_model)
             P = batch["pair_index"].numel()
             return logps[:P].detach(), logps[P:].detach()
@@ -185,9 +187,16 @@ class DPOStage(MoxinStage):
                 torch.cat([batch["chosen_labels"], batch["rejected_labels"]]),
                 torch.cat([batch["chosen_positions"], batch["rejected_positions"]]))
 
+    def doc_bounds(self, batch: dict):
+        """The forward runs on the chosen rows and then the rejected ones, as `_cat` joins them."""
+        if isinstance(batch.get("chosen_positions"), torch.Tensor) and batch["chosen_positions"].device.type == "cpu":
+            return DocBounds.from_positions(torch.cat([batch["chosen_positions"], batch["rejected_positions"]]))
+        return None
+
     def _pair_terms(self, batch, split: str):
         ids, labels, pos = self._cat(batch)  # (2P, T): chosen rows first, then rejected
-        logps, lengths = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size)  # (2P,)
+        logps, lengths = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size,
+                                        batch.get("doc_bounds"))  # (2P,)
         P = batch["pair_index"].numel()
         pc, pr, lc, lr = logps[:P], logps[P:], lengths[:P], lengths[P:]
         rc, rr = self._reference_logps(batch, split)

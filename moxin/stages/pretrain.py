@@ -1,6 +1,7 @@
 """Pretraining: next-token prediction on packed rows whose positions restart at each document.
 
-Batch: {"input_ids": (B, T), "labels": (B, T) shifted targets with -100 where no loss, "positions": (B, T)}.
+Batch: {"input_ids": (B, T), "labels": (B, T) shifted targets with -100 where no loss, "positions": (B, T)}, and
+the "doc_bounds" the base stage computes from the positions before they go to the device.
 The same stage serves SFT (labels masked to assistant tokens by the data), which is why it is called
 `LanguageModelingStage` too.
 """
@@ -18,7 +19,7 @@ class PretrainStage(MoxinStage):
 
     def _loss_sum(self, batch):
         """(summed next-token loss, target tokens): the chunked cross-entropy runs as the model's head."""
-        return self.model(batch["input_ids"], batch["positions"],
+        return self.model(batch["input_ids"], batch["positions"], doc_bounds=batch.get("doc_bounds"),
                           head=lambda h, w: token_cross_entropy(h, w, batch["labels"], self.loss_chunk_size))
 
     def compute_loss(self, batch) -> StepLoss:

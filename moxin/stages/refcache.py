@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moxin.distributed import all_reduce_values, rank_and_world
+from moxin.model.attention import DocBounds
 from moxin.stages.common import sequence_logps
 
 __all__ = ["checkpoint_identity", "cache_key", "cache_path", "compute_reference_logps", "load_or_build"]
@@ -86,9 +87,11 @@ def compute_reference_logps(model, loader, n_pairs: int, device, chunk_size: int
             continue
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
         labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
-        pos = torch.cat([batch["chosen_positions"], batch["rejected_positions"]]).to(device)
+        pos = torch.cat([batch["chosen_positions"], batch["rejected_positions"]])
+        bounds = DocBounds.from_positions(pos) if pos.device.type == "cpu" else None  # on the host: no device sync
+        pos = pos.to(device)
         with ctx():
-            logps, lengths = sequence_logps(model, ids, labels, pos, chunk_size)
+            logps, lengths = sequence_logps(model, ids, labels, pos, chunk_size, bounds)
         P = idx.numel()
         out["chosen_logps"][idx] += logps[:P].double()
         out["rejected_logps"][idx] += logps[P:].double()

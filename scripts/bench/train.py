@@ -29,6 +29,7 @@ from moxin.data.sample import sample_path
 from moxin.distributed import ParallelConfig
 from moxin.losses import token_cross_entropy
 from moxin.model import ModelConfig
+from moxin.model.attention import DocBounds
 from moxin.model import attention as A
 from moxin.stages.base import OptimConfig
 from moxin.stages.pretrain import PretrainStage
@@ -91,20 +92,22 @@ def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
     return out, batch, model
 
 
-def bare_step(model, batch, dev, chunk=4096, autocast=True):
+def bare_step(model, batch, dev, chunk=4096, autocast=True, host_bounds=True):
     """One optimizer step of our model without Lightning (a closure): autocast bf16 over fp32 weights (unless
     `autocast` is False: fp32, for quick CPU smoke runs), the stage's loss as the model's head, clipping, fused
-    AdamW."""
+    AdamW. `batch` on the host; host_bounds: the rows' DocBounds computed there, as the stages do (False: the
+    forward reads them from the device, as before)."""
     model.to(dev)  # Lightning moves the model back to the CPU at the end of fit
     decay = [p for nme, p in model.named_parameters() if p.dim() >= 2 and "tok_embeddings" not in nme]
     rest = [p for nme, p in model.named_parameters() if not (p.dim() >= 2 and "tok_embeddings" not in nme)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": rest, "weight_decay": 0.0}],
                             lr=1e-4, betas=(0.9, 0.95), fused=dev == "cuda")
     b = {k: v.to(dev) for k, v in batch.items()}
+    bounds = DocBounds.from_positions(batch["positions"]).to(dev) if host_bounds else None
 
     def step():
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=autocast):
-            loss, ntok = model(b["input_ids"], b["positions"],
+            loss, ntok = model(b["input_ids"], b["positions"], doc_bounds=bounds,
                                head=lambda h, w: token_cross_entropy(h, w, b["labels"], chunk))
         (loss / ntok).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -112,8 +115,8 @@ def bare_step(model, batch, dev, chunk=4096, autocast=True):
     return step
 
 
-def bare_loop(model, batch, warm, n, dev, chunk=4096):
-    return timed(bare_step(model, batch, dev, chunk), dev, warm, n)
+def bare_loop(model, batch, warm, n, dev, chunk=4096, host_bounds=True):
+    return timed(bare_step(model, batch, dev, chunk, host_bounds=host_bounds), dev, warm, n)
 
 
 def whole_rows(batch):
@@ -169,6 +172,9 @@ def main(argv=None):
     ap.add_argument("--no-moxin", action="store_true", help="only the Hugging Face baselines")
     ap.add_argument("--whole-rows", action="store_true",
                     help="also time moxin's bare loop on the rows without document boundaries (full causal, as HF's)")
+    ap.add_argument("--device-bounds", action="store_true",
+                    help="also time the bare loop with the forward reading its document bounds from the device "
+                         "(a host sync a step, as before DocBounds)")
     ap.add_argument("--attn", nargs="*", default=["auto"], help="moxin attention backends to time (auto flex flash)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
@@ -208,6 +214,9 @@ def main(argv=None):
                 rows[-1]["data"] = res["passes"]
                 t = bare_loop(model, batch, warm, n, dev)
                 add(f"moxin bare loop (same model/compile/loss/optimizer, {label})", mbs, t)
+                if a.device_bounds:
+                    t = bare_loop(model, batch, warm, n, dev, host_bounds=False)
+                    add(f"moxin bare loop, document bounds read from the device ({label})", mbs, t)
                 if a.whole_rows:
                     t = bare_loop(model, whole_rows(batch), warm, n, dev)
                     add(f"moxin bare loop, whole rows without document boundaries ({label})", mbs, t)
