@@ -23,9 +23,10 @@ than one document, and for FlashAttention's varlen call the longest document as 
 device, each stops the host until the GPU has finished everything queued (the previous optimizer step), and the
 GPU then idles while the host launches the forward's first kernels. `DocBounds.from_positions` computes both on
 the host from the rows' positions before they are sent; the stages attach it to every batch and the forward uses
-it instead, so a training forward and backward make no device sync (on an H200, Moxin-7B blocks x 8, micro-batch
-2 x 4096: the GPU's idle time under the profiler 9.6 -> 5.5 ms a step, the step 183.6 -> 181.8 ms;
-docs/performance.md).
+it instead, so a training forward and backward make no device sync. On an H200 (Moxin-7B blocks x 8, micro-batch
+2 x 4096) the GPU's idle time under the profiler went from 9.6 to 5.5 ms a step and the step, alternated in one
+process, from 183.2-184.3 to 181.2-182.0 ms: about 1 %, below the run-to-run noise of separate runs
+(docs/performance.md).
 
 Shapes: q (B, H, T, D); k, v (B, KVH, T, D); returns (B, H, T, D). All backends give the same numbers up to
 floating-point rounding; tests/test_attention.py holds them to the reference.
