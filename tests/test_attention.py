@@ -261,7 +261,8 @@ def test_doc_bounds_from_the_host_equal_what_the_forward_reads_from_the_device(m
     """`DocBounds.from_positions` gives the kernel choice, sequence bounds and longest document that the mask
     build otherwise reads from the device, on random packings (one document per row, several, a mix), and the
     build that takes them reads no tensor value at all (on a GPU: no device sync)."""
-    monkeypatch.setattr(attention, "flash_version", lambda device: 4)
+    version = {"v": 4}
+    monkeypatch.setattr(attention, "flash_version", lambda device: version["v"])
     build = attention.AttentionMask.build
     g = torch.Generator().manual_seed(0)
     seen = set()
@@ -276,7 +277,7 @@ def test_doc_bounds_from_the_host_equal_what_the_forward_reads_from_the_device(m
         if not single:
             cu, max_len = attention.flash_seqlens(doc_ids, B, T, "cpu")
             assert torch.equal(bounds.cu_seqlens, cu) and bounds.max_len == max_len
-        for backend in ("sdpa", "flash"):
+        for backend, version["v"] in (("sdpa", 4), ("flash", 4), ("flash", 2)):  # 2: flash-attn 2, varlen always
             for window in (None, 4, 1000):
                 plain = build(backend, window, doc_ids, B, T, 16, "cpu")
                 with HostReads() as mode:
@@ -289,6 +290,8 @@ def test_doc_bounds_from_the_host_equal_what_the_forward_reads_from_the_device(m
                 if backend == "sdpa" and plain.dense is not None:
                     assert torch.equal(fast.dense, plain.dense)
     assert seen == {True, False}
+    cu, max_len = attention.flash_seqlens(None, 3, 5, "cpu")  # one document a row: no read either
+    assert cu.tolist() == [0, 5, 10, 15] and cu.dtype == torch.int32 and max_len == 5
     with HostReads() as mode:  # the test would see the reads that bounds avoid
         build("flash", 4, doc_ids, B, T, 16, "cpu")
     assert mode.reads

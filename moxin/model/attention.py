@@ -34,9 +34,9 @@ floating-point rounding; tests/test_attention.py holds them to the reference.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import importlib.util
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -204,8 +204,8 @@ class DocBounds:
 
 def flash_seqlens(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device) -> tuple[torch.Tensor, int]:
     """FlashAttention varlen's cu_seqlens and longest sequence: every (row, document) becomes one sequence."""
-    if doc_ids is None:
-        doc_ids = torch.zeros(batch, seq_len, dtype=torch.long, device=device)
+    if doc_ids is None:  # one sequence a row: known without reading the device
+        return torch.arange(0, (batch + 1) * seq_len, seq_len, dtype=torch.int32, device=device), seq_len
     flat = (doc_ids + torch.arange(batch, device=device).unsqueeze(1) * (seq_len + 1)).flatten()
     change = torch.ones_like(flat, dtype=torch.bool)
     change[1:] = flat[1:] != flat[:-1]
@@ -297,9 +297,9 @@ class AttentionMask:
                                    "not installed; use attn_backend=flex")
             if version == 4 and doc_ids is None:  # the batched kernel, no sequence bounds
                 return cls("flash", window, None, max_len=seq_len, flash_version=4)
-            if bounds is not None:
+            if bounds is not None and not bounds.one_doc_per_row:
                 cu, max_len = bounds.to(device, non_blocking=True).cu_seqlens, bounds.max_len
-            else:
+            else:  # flash-attn 2 takes one sequence a row as varlen too
                 cu, max_len = flash_seqlens(doc_ids, batch, seq_len, device)
             return cls("flash", window, doc_ids, cu_seqlens=cu, max_len=max_len, flash_version=version)
         if backend == "flex" and head_dim >= FLEX_MIN_HEAD_DIM:

@@ -174,7 +174,7 @@ def main(argv=None):
                     help="also time moxin's bare loop on the rows without document boundaries (full causal, as HF's)")
     ap.add_argument("--device-bounds", action="store_true",
                     help="also time the bare loop with the forward reading its document bounds from the device "
-                         "(a host sync a step, as before DocBounds)")
+                         "(reads at the start of every forward, as before DocBounds)")
     ap.add_argument("--attn", nargs="*", default=["auto"], help="moxin attention backends to time (auto flex flash)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
