@@ -176,6 +176,13 @@ def _keeps_logit_grads(device: torch.device, mm_dtype: torch.dtype) -> bool:
     return device.type == "cuda" and COMPILE_HEAD and mm_dtype in (torch.bfloat16, torch.float16)
 
 
+KEEP_LOGIT_GRADS_MAX_BYTES = 2**30
+"""The most memory the kept logits gradients may hold between the forward and the backward (R x V 16-bit values
+over all of a forward's rows). A forward over more rows recomputes its logits in the backward instead, so the
+head's extra memory stays one chunk's however long the rows get: 1 GiB keeps 16384 rows of a 32000 vocabulary
+(micro-batch 4 x 4096); a 32K-token row recomputes."""
+
+
 def _forward_with_grad(device: torch.device):
     if device.type != "cuda":
         return _label_logp_lse_grad_fused  # eager: tests drive the kept-gradient path on the CPU
@@ -218,7 +225,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     slower than the forward. Softmax, logsumexp and the weight-gradient sum stay fp32. On CUDA the elementwise
     work of each chunk is compiled (:func:`_head_kernels`), and with 16-bit products the forward keeps each
     chunk's logits gradient for the backward instead of the backward recomputing the logits
-    (:func:`_keeps_logit_grads`: R x V 16-bit values held between the passes).
+    (:func:`_keeps_logit_grads`: R x V 16-bit values held between the passes, up to
+    `KEEP_LOGIT_GRADS_MAX_BYTES`).
     """
 
     @staticmethod
@@ -228,7 +236,8 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         lse_all = torch.empty_like(out)
         dev = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        keep = grad_wanted and _keeps_logit_grads(hidden.device, mm_dtype)
+        keep = (grad_wanted and _keeps_logit_grads(hidden.device, mm_dtype)
+                and hidden.shape[0] * weight.shape[0] * mm_dtype.itemsize <= KEEP_LOGIT_GRADS_MAX_BYTES)
         fwd = _forward_with_grad(hidden.device) if keep else _head_kernels(hidden.device)[0]
         grads = []
         for start in range(0, hidden.shape[0], chunk_size):

@@ -149,6 +149,30 @@ def test_kept_logit_gradients_equal_the_recomputed_ones(need, monkeypatch):
     assert calls == []  # a reference model's pass keeps nothing
 
 
+def test_kept_logit_gradients_are_bounded_in_memory(monkeypatch):
+    """Past `KEEP_LOGIT_GRADS_MAX_BYTES` (R x V x 2 bytes for bf16) the head recomputes its logits in the backward,
+    as the plain path does, so its memory stays one chunk's however many rows: three products a chunk, and the
+    same values and gradients as the recomputing path; at the bound it still keeps."""
+    from moxin import losses as L
+
+    hidden, weight, labels = _inputs(B=3, T=40, D=32, V=96, seed=11)
+    R, V = int((labels != -100).sum()), weight.shape[0]
+    n_chunks = -(-R // 24)
+    res = {}
+    for name, keep, bound in (("recompute", False, 2**30), ("over", True, R * V * 2 - 1), ("at", True, R * V * 2)):
+        monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt, _k=keep: _k and dt == torch.bfloat16)
+        monkeypatch.setattr(L, "KEEP_LOGIT_GRADS_MAX_BYTES", bound)
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = L.token_logprobs(h, w, labels, chunk_size=24)
+        with _MatmulDtypes() as rec:
+            grads = torch.autograd.grad(lp.sum(), (h, w))
+        res[name] = (lp, *grads, len(rec.seen))
+    assert res["recompute"][-1] == res["over"][-1] == 3 * n_chunks and res["at"][-1] == 2 * n_chunks
+    for a, b in zip(res["over"][:-1], res["recompute"][:-1]):
+        assert torch.equal(a, b)
+
+
 def test_cuda_head_kernels_are_built_in_any_order(monkeypatch):
     """A training step compiles the kept-gradient forward first; a later no-grad pass (validation, a reference
     model) must still get the plain forward and the backward kernels (a GPU run once failed here with KeyError).
