@@ -110,10 +110,23 @@ def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
     join other device numbers before the one `.tolist()` a step needs."""
     import torch.distributed as dist
 
-    if any(isinstance(v, torch.Tensor) for v in values):
-        t = torch.stack([torch.as_tensor(v, dtype=torch.float64, device=device).reshape(()) for v in values])
-    else:  # plain numbers: one host-to-device copy, not one per value
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    device = torch.device(device)
+
+    def on_device(v):
+        return isinstance(v, torch.Tensor) and v.device.type != "cpu"
+
+    # the host's numbers in one copy that does not block (a blocking copy to a GPU waits for all queued work)
+    host = torch.tensor([float(v) for v in values if not on_device(v)], dtype=torch.float64)
+    if device.type == "cuda" and len(host):
+        host = host.pin_memory().to(device, non_blocking=True)
+    else:
+        host = host.to(device)
+    if len(host) == len(values):
+        t = host
+    else:
+        rest = iter(host.unbind(0))
+        t = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) if on_device(v) else next(rest)
+                         for v in values])
     if rank_and_world()[1] > 1:
         dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
     return t

@@ -302,12 +302,76 @@ def _check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, labe
         )
 
 
+@dataclass(frozen=True)
+class LabelRows:
+    """Where a (B, T) batch's targets are, found on the host before the batch goes to the GPU, so that the loss
+    head selects its rows without reading the device: a `nonzero` over the labels and the check that every target
+    is a vocabulary id each stop the host until the GPU has caught up, and leave it idle while the host then
+    launches the head. Build with `from_labels` from the host's labels; `to` moves it with the batch.
+
+    shape: the labels' (B, T). rows: (R,) long, flat positions ``b * T + t`` of the labels that are not -100.
+    targets: (R,) long, those labels. lo, hi: the smallest and largest target (0 and -1 when R is 0)."""
+
+    shape: tuple[int, int]
+    rows: torch.Tensor
+    targets: torch.Tensor
+    lo: int
+    hi: int
+
+    @classmethod
+    def from_labels(cls, labels: torch.Tensor) -> LabelRows:
+        """From (B, T) labels on the host (on a GPU this would read the device, which is what it exists to avoid)."""
+        if labels.dim() != 2:
+            raise ValueError(f"labels must be (batch, seq_len), got shape {tuple(labels.shape)}")
+        flat = labels.reshape(-1)
+        rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
+        targets = flat[rows]
+        lo, hi = (int(targets.min()), int(targets.max())) if rows.numel() else (0, -1)
+        return cls((int(labels.shape[0]), int(labels.shape[1])), rows, targets, lo, hi)
+
+    def to(self, device, non_blocking: bool = False) -> LabelRows:
+        """A copy on `device` (page-locked first when copied to a GPU without blocking)."""
+        if self.rows.device == torch.device(device):
+            return self
+        pin = non_blocking and self.rows.device.type == "cpu" and torch.device(device).type == "cuda"
+        rows, targets = (t.pin_memory() if pin else t for t in (self.rows, self.targets))
+        return LabelRows(self.shape, rows.to(device, non_blocking=non_blocking),
+                         targets.to(device, non_blocking=non_blocking), self.lo, self.hi)
+
+
+def _select_targets(labels: torch.Tensor, V: int, label_rows: LabelRows | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, targets) of the flattened labels that are not -100, every target checked to be in [0, V)."""
+    if label_rows is not None:
+        if label_rows.shape != tuple(labels.shape):
+            raise ValueError(f"label_rows were built for labels of shape {label_rows.shape}, these are "
+                             f"{tuple(labels.shape)}: build them from the same batch (LabelRows.from_labels)")
+        if label_rows.rows.device != labels.device:
+            raise ValueError(f"label_rows are on {label_rows.rows.device}, the labels on {labels.device}: move them "
+                             "with the batch (LabelRows.to)")
+        if label_rows.lo < 0 or label_rows.hi >= V:
+            raise ValueError(
+                f"labels contain ids outside [0, {V}) that are not -100 (smallest {label_rows.lo}, largest "
+                f"{label_rows.hi}); check the tokenizer's vocab size against the model config and the padding label")
+        return label_rows.rows, label_rows.targets
+    flat_labels = labels.reshape(-1)
+    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (R,)
+    selected = flat_labels[rows]
+    if rows.numel() and bool(((selected < 0) | (selected >= V)).any()):
+        bad = selected[(selected < 0) | (selected >= V)][:5].tolist()
+        raise ValueError(
+            f"labels contain ids outside [0, {V}) that are not -100 (first: {bad}); "
+            "check the tokenizer's vocab size against the model config and the padding label"
+        )
+    return rows, selected
+
+
 def token_logprobs(
     hidden: torch.Tensor,
     weight: torch.Tensor,
     labels: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    label_rows: LabelRows | None = None,
 ) -> torch.Tensor:
     """Per-token log p(label) under ``softmax(hidden @ weight.T / temperature)``, 0 where the label is -100.
 
@@ -320,6 +384,7 @@ def token_logprobs(
             too small (< ~128) leaves the GPU underfed by tiny matmuls.
         temperature: divides the logits. GRPO must use the SAMPLING temperature here (Moxin: 0.6), otherwise
             the importance ratio compares two different distributions and is biased from step one.
+        label_rows: `LabelRows` of ``labels``, built on the host: the head then reads nothing from the device.
 
     Returns:
         (B, T) fp32 log-probs; differentiable w.r.t. ``hidden`` and ``weight``. Only rows with a label are
@@ -332,15 +397,7 @@ def token_logprobs(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     B, T, D = hidden.shape
     V = weight.shape[0]
-    flat_labels = labels.reshape(-1)
-    rows = (flat_labels != IGNORE_INDEX).nonzero().squeeze(1)  # (R,)
-    selected = flat_labels[rows]
-    if rows.numel() and bool(((selected < 0) | (selected >= V)).any()):
-        bad = selected[(selected < 0) | (selected >= V)][:5].tolist()
-        raise ValueError(
-            f"labels contain ids outside [0, {V}) that are not -100 (first: {bad}); "
-            "check the tokenizer's vocab size against the model config and the padding label"
-        )
+    rows, selected = _select_targets(labels, V, label_rows)
     h = hidden.reshape(B * T, D).index_select(0, rows)  # (R, D)
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp_rows = _ChunkedLabelLogProbs.apply(h, weight, selected, int(chunk_size), float(temperature), grad_wanted)
@@ -354,11 +411,12 @@ def token_cross_entropy(
     weight: torch.Tensor,
     labels: torch.Tensor,
     chunk_size: int = 1024,
+    label_rows: LabelRows | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed next-token cross-entropy over target tokens, in chunks, fp32 logits per chunk.
 
     Equals ``F.cross_entropy(hidden @ weight.T, labels, reduction="sum", ignore_index=-100)`` (computed in fp32)
-    without holding the (B*T, V) logits. Shapes as in :func:`token_logprobs`.
+    without holding the (B*T, V) logits. Shapes and ``label_rows`` as in :func:`token_logprobs`.
 
     Returns:
         ``(loss_sum, n_tokens)``: a 0-dim fp32 tensor and a 0-dim long tensor. Divide by the number of target
@@ -366,7 +424,7 @@ def token_cross_entropy(
         per-micro-batch mean over-weights tokens of short batches). ``n_tokens`` may be 0 (all labels -100):
         then ``loss_sum`` is 0 with a zero gradient, never NaN.
     """
-    logp = token_logprobs(hidden, weight, labels, chunk_size=chunk_size)
+    logp = token_logprobs(hidden, weight, labels, chunk_size=chunk_size, label_rows=label_rows)
     n_tokens = (labels != IGNORE_INDEX).sum()
     return -logp.sum(), n_tokens
 

@@ -217,6 +217,72 @@ def test_pretrain_stage_bf16_compile_loss_falls():
     assert next(stage.model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
+def _lightning_fit(stage, batches, callbacks=(), accumulate=1):
+    import lightning as L
+
+    from moxin.callbacks import Throughput
+
+    loader = torch.utils.data.DataLoader(batches, batch_size=None, pin_memory=True)
+    trainer = L.Trainer(accelerator="gpu", devices=1, precision="bf16-mixed", max_steps=len(batches) // accumulate,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, callbacks=[Throughput(peak_tflops=989.0), *callbacks],
+                        num_sanity_val_steps=0, accumulate_grad_batches=accumulate)
+    trainer.fit(stage, train_dataloaders=loader)
+    return trainer
+
+
+def test_lightning_training_steps_make_no_device_sync_before_the_optimizer_step():
+    """Through the Trainer (pinned batches, document bounds and label rows from the host, compiled bf16, gradient
+    accumulation, fused AdamW with clipping, the throughput callback), training steps after the warm-up make no
+    synchronising CUDA call: the step's values reach the host by an event the host waits on once the optimizer
+    step is queued. The weights equal those of the path that reads the values before the step and multiplies the
+    gradients. Also: the stage's reduction keeps the order of mixed host and device numbers."""
+    import lightning as L
+
+    from moxin.distributed import ParallelConfig, all_reduce_tensor
+    from moxin.stages.base import OptimConfig
+    from moxin.stages.pretrain import PretrainStage
+
+    got = all_reduce_tensor([1.0, torch.tensor(2.0, device=DEV), 3, torch.tensor(4.0), True], DEV)
+    assert got.device.type == "cuda" and got.tolist() == [1.0, 2.0, 3.0, 4.0, 1.0]
+    cfg = ModelConfig(vocab_size=512, dim=128, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=32, hidden_dim=256,
+                      sliding_window=64, max_seq_len=256, attn_backend="flash" if A.HAS_FLASH else "flex")
+    g = torch.Generator().manual_seed(0)
+    T, batches = 256, []
+    for i in range(12):
+        ids = torch.randint(0, 512, (2, T + 1), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, : 10 * (i % 3)] = -100  # prompts of a few lengths
+        pos = torch.cat([torch.arange(100), torch.arange(T - 100)]).expand(2, T).clone()
+        batches.append({"input_ids": ids[:, :-1].clone(), "labels": labels, "positions": pos})
+
+    class NoSync(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step >= 2:  # after the compile and the first steps' allocations
+                torch.cuda.set_sync_debug_mode("error")
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step >= trainer.max_steps:  # not the end of fit (the model goes back to the CPU)
+                torch.cuda.set_sync_debug_mode("default")
+
+    weights = []
+    for fused_factor in (True, False):
+        torch.manual_seed(0)
+        stage = PretrainStage(model=cfg, optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant",
+                                                           grad_clip=0.5), parallel=ParallelConfig(compile=True))
+        if not fused_factor:
+            stage._fused_step_scales = lambda *a: False
+        try:
+            trainer = _lightning_fit(stage, batches, [NoSync()] if fused_factor else [], accumulate=2)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert trainer.global_step == 6 and stage.tokens_seen == sum(int((b["labels"] != -100).sum()) for b in batches)
+        assert float(trainer.callback_metrics["train/grad_norm"]) > 0.5  # the clip bit
+        weights.append([p.detach().float() for p in stage.model.parameters()])
+    for a, b in zip(*weights):
+        assert (a - b).norm() <= 1e-3 * b.norm() + 1e-6, (a - b).norm() / b.norm()
+
+
 @pytest.mark.parametrize("backend", ["flex", "flash"])
 @pytest.mark.parametrize("docs", [False, True])
 def test_training_step_with_host_document_bounds_never_syncs(backend, docs):

@@ -241,6 +241,54 @@ def test_bad_label_and_shape_errors():
         token_cross_entropy(hidden, weight, labels[:, :-1])
 
 
+class _HostReads(TorchDispatchMode):
+    """Records the ops that make the host wait for a tensor's values (on a GPU: a device sync)."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::item"):
+            self.reads.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_label_rows_from_the_host_give_the_same_loss_and_read_nothing(seed):
+    """`LabelRows` built from the host's labels select the same rows and targets as the head's own `nonzero`:
+    random masks (none ignored, some, all), bitwise the same loss and gradients; with them the head's forward and
+    backward read no tensor value (without them they do). Wrong shape, device or ids are refused by name."""
+    from moxin.losses import LabelRows
+
+    g = torch.Generator().manual_seed(seed)
+    hidden, weight, labels = _inputs(V=50)
+    keep = [1.0, 0.5, 0.1, 0.0][seed % 4]
+    labels = torch.where(torch.rand(labels.shape, generator=g) < keep, labels, torch.full_like(labels, -100))
+    rows = LabelRows.from_labels(labels)
+    assert rows.rows.numel() == int((labels != -100).sum())
+    outs = []
+    for lr in (None, rows):
+        h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+        with _HostReads() as seen:
+            loss, n = token_cross_entropy(h, w, labels, chunk_size=5, label_rows=lr)
+            loss.backward()
+        outs.append((loss, n, h.grad, w.grad, seen.reads))
+    for a, b in zip(outs[0][:4], outs[1][:4]):
+        assert torch.equal(a, b)
+    assert outs[1][4] == [] and (outs[0][4] != [] or keep == 0.0)
+    with pytest.raises(ValueError, match=r"built for labels of shape \(3, 6\)"):
+        token_cross_entropy(hidden, weight, labels, label_rows=LabelRows.from_labels(labels[:, :-1]))
+    bad = labels.clone()
+    bad[0, 0] = 50
+    with pytest.raises(ValueError, match=r"outside \[0, 50\).*largest 50"):
+        token_cross_entropy(hidden, weight, bad, label_rows=LabelRows.from_labels(bad))
+    with pytest.raises(ValueError, match="move them with the batch"):
+        token_cross_entropy(hidden, weight, labels, label_rows=rows.to("meta"))
+    with pytest.raises(ValueError, match=r"\(batch, seq_len\)"):
+        LabelRows.from_labels(labels.reshape(-1))
+
+
 def test_token_entropy():
     hidden, weight, labels = _inputs()
     mask = labels != -100

@@ -189,8 +189,9 @@ def test_clipping_folds_the_token_normalisation_and_logs_the_norm_before_clippin
 
 def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok):
     """With fused AdamW the token normaliser x clipping factor rides into the optimizer step (`grad_scale`) instead of
-    a separate multiply of every gradient: three steps give the same weights, gradients and logged norms as the
-    multiply; under fp16's GradScaler (which owns `grad_scale`) the stage multiplies itself."""
+    a separate multiply of every gradient, and nothing before the step reads the device: the step's values reach the
+    host (logs, counters) in `optimizer_step`, after the step. Three steps give the same weights, gradients and
+    logged norms as the multiply; under fp16's GradScaler (which owns `grad_scale`) the stage multiplies itself."""
     import copy
 
     from moxin.stages.sft import SFTStage
@@ -205,37 +206,61 @@ def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok
     stages[0].configure_model()
     stages[1].model = copy.deepcopy(stages[0].model)
     stages[1]._fused_step_scales = lambda *a: False  # the reference: multiply the gradients, then step
+    seen = []  # (grad_scale, found_inf) as the fused optimizer's step saw them
     for st in stages:
-        st._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, precision_plugin=None)
+        st._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, precision_plugin=None, global_step=0)
         logs.append([])
         st.log_dict = lambda d, _l=logs[-1], **k: _l.append(dict(d))
         st.log = lambda *a, **k: None
         opts.append(torch.optim.AdamW(st.model.parameters(), lr=1e-3, fused=True))  # fused runs on the CPU too
+    step0 = opts[0].step
+    opts[0].step = lambda *a, **k: (seen.append((opts[0].grad_scale, opts[0].found_inf)), step0(*a, **k))[1]
     collate = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)
     batches = [collate([_item(CONV_A, tok)]), collate([_item(CONV_B, tok)])]
     for _ in range(3):
-        for st, opt in zip(stages, opts):
+        for st, opt, log in zip(stages, opts, logs):
             for i, b in enumerate(batches):
                 (st.training_step(b, i) / 2).backward()
+            n_logs = len(log)
             st.on_before_optimizer_step(opt)
-            opt.step()
-        assert opts[0].grad_scale is not None and getattr(opts[1], "grad_scale", None) is None
+            assert (len(log) == n_logs) == (st is stages[0])  # the fused path logs only after the step
+            st.optimizer_step(0, 1, opt)
+            assert len(log) > n_logs and all(v.device.type == "cpu" for d in log for v in d.values())
+        scale, inf = seen[-1]
+        assert scale is not None and float(inf) == 0.0 and opts[0].grad_scale is None  # cleared after the step
+        assert getattr(opts[1], "grad_scale", None) is None
         for a, b in zip(stages[0].model.parameters(), stages[1].model.parameters()):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-9)  # fused AdamW stores them scaled
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
         for opt in opts:
             opt.zero_grad()
-    norms = [[d["train/grad_norm"] for d in log if "train/grad_norm" in d] for log in logs]
+    norms = [[float(d["train/grad_norm"]) for d in log if "train/grad_norm" in d] for log in logs]
     assert len(norms[0]) == 3 and norms[0] == pytest.approx(norms[1], rel=1e-5)
     assert any(n > 0.05 for n in norms[0])  # the clip bit at least once
+    assert [float(d["sft/conversations"]) for d in logs[0] if "sft/conversations" in d] == [2.0] * 3
+
+    # a non-finite step on the fused path: the step itself skips the update (found_inf), the host counts it after
+    st, opt = stages[0], opts[0]
+    weights = [p.detach().clone() for p in st.model.parameters()]
+    moments = [opt.state[p]["exp_avg"].clone() for p in st.model.parameters()]
+    steps = [opt.state[p]["step"].clone() for p in st.model.parameters()]
+    for i, b in enumerate(batches):
+        (st.training_step(b, i) / 2).backward()
+    next(st.model.parameters()).grad[0, 0] = float("nan")
+    st.on_before_optimizer_step(opt)
+    st.optimizer_step(0, 1, opt)
+    assert float(seen[-1][1]) == 1.0 and st.nonfinite_steps == 1
+    for p, w, m, k in zip(st.model.parameters(), weights, moments, steps):
+        assert torch.equal(p, w) and torch.equal(opt.state[p]["exp_avg"], m) and torch.equal(opt.state[p]["step"], k)
+    opt.zero_grad()
+
     # fp16 training: GradScaler sets `grad_scale` itself, so the stage multiplies the gradients in place
-    st = stages[0]
     st._trainer.precision_plugin = SimpleNamespace(scaler=object())
     for i, b in enumerate(batches):
         (st.training_step(b, i) / 2).backward()
     before = [p.grad.clone() for p in st.model.parameters()]
     st.on_before_optimizer_step(opts[0])
-    assert opts[0].grad_scale is None  # last step's factor is cleared, none set
+    assert opts[0].grad_scale is None  # none set
     assert any(not torch.equal(g, p.grad) for g, p in zip(before, st.model.parameters()))
 
 
@@ -270,9 +295,9 @@ def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
 
 
 def test_the_stage_sends_document_bounds_from_the_host_and_the_loss_is_unchanged(tok):
-    """The batch reaches the training step with `DocBounds` of its positions, computed before it was sent; the
-    loss and its gradients are the same with and without them. DPO's are those of the chosen rows followed by the
-    rejected ones, as its forward joins them."""
+    """The batch reaches the training step with `DocBounds` of its positions and `LabelRows` of its labels,
+    computed before it was sent; the loss and its gradients are the same with and without them. DPO's bounds are
+    those of the chosen rows followed by the rejected ones, as its forward joins them."""
     from moxin.model.attention import DocBounds
     from moxin.stages.dpo import DPOStage
     from moxin.stages.sft import SFTStage
@@ -287,6 +312,9 @@ def test_the_stage_sends_document_bounds_from_the_host_and_the_loss_is_unchanged
     assert "doc_bounds" not in batch and not bounds.one_doc_per_row  # the two conversations share a packed row
     ref = DocBounds.from_positions(batch["positions"])
     assert torch.equal(bounds.cu_seqlens, ref.cu_seqlens) and bounds.max_len == ref.max_len
+    targets = moved["label_rows"]
+    assert torch.equal(targets.rows, (batch["labels"].reshape(-1) != -100).nonzero().squeeze(1))
+    assert torch.equal(targets.targets, batch["labels"][batch["labels"] != -100])
     grads = []
     for b in (batch, moved):
         stage.model.zero_grad()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 
 
 class Throughput(L.Callback):
@@ -43,7 +44,9 @@ class Throughput(L.Callback):
             flops = pl_module.model_cfg.flops_per_token(seq_len)
             self.mfu = self.tokens_per_s * flops / (self.peak_tflops * 1e12 * trainer.world_size)
             logs["train/mfu"] = self.mfu
-        pl_module.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
+        # CPU tensors: Lightning would copy Python numbers to the GPU, a blocking copy that waits for the step
+        pl_module.log_dict({k: torch.tensor(v, dtype=torch.float64) for k, v in logs.items()}, on_step=True,
+                           on_epoch=False, rank_zero_only=True)
 
     def on_train_epoch_start(self, trainer, pl_module):
         self._times = []  # a new phase may change the sequence length: restart the window

@@ -23,6 +23,7 @@ from torchmetrics import Metric
 
 from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
+from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.tokenizer import as_tokenizer
 
@@ -164,6 +165,23 @@ class HeldOutSums(Metric):
         return self.sums.clone()
 
 
+def _host_number(v) -> torch.Tensor:
+    """A number to log, as a CPU tensor (see `MoxinStage.log_host`)."""
+    return torch.tensor(float(v), dtype=torch.float64)
+
+
+def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    """Start copying `t` to the host without waiting: (the page-locked copy, an event that completes with it).
+    On the CPU, a copy and no event."""
+    if t.device.type != "cuda":
+        return t.detach().clone(), None
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    host.copy_(t, non_blocking=True)
+    ready = torch.cuda.Event()
+    ready.record()
+    return host, ready
+
+
 class MoxinStage(L.LightningModule):
     """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics.
 
@@ -194,6 +212,8 @@ class MoxinStage(L.LightningModule):
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (restored on resume)
         self._nonfinite_run: list[int] = []  # global steps of the current run of consecutive skipped steps
         self.last_step_tokens_processed = 0
+        self._pending_step = None  # a fused optimizer step's values on their way to the host (see optimizer_step)
+        self._set_grad_scale = False
 
     @property
     def tokenizer(self):
@@ -236,13 +256,24 @@ class MoxinStage(L.LightningModule):
 
     # ---- batches --------------------------------------------------------------------------------------------
     def transfer_batch_to_device(self, batch, device, dataloader_idx):
-        # the document bounds of the rows the forward will run on, computed here, on the host, before the rows go
-        # to the device: the forward then prepares its attention without a device sync (see `DocBounds`)
-        if isinstance(batch, dict) and "doc_bounds" not in batch:
-            bounds = self.doc_bounds(batch)
-            if bounds is not None:
-                batch = {**batch, "doc_bounds": bounds}
+        # What the forward and the loss head would otherwise read from the device (each read stops the host until
+        # the GPU catches up), computed here on the host before the rows go to the device: the rows' document
+        # bounds (see `DocBounds`) and where their labels are (see `LabelRows`). Moved here without blocking:
+        # Lightning moves an object with a `.to` by a blocking copy, which waits for the GPU as a read would.
+        if isinstance(batch, dict):
+            extra = {}
+            if "doc_bounds" not in batch:
+                extra["doc_bounds"] = self.doc_bounds(batch)
+            if "label_rows" not in batch:
+                extra["label_rows"] = self.label_rows(batch)
+            extra = {k: v.to(device, non_blocking=True) for k, v in extra.items() if v is not None}
+            if extra:
+                batch = {**batch, **extra}
         return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
+    def label_rows(self, batch: dict) -> LabelRows | None:
+        """`LabelRows` of the batch's ``labels`` for the loss head, when the stage's head takes them (None here)."""
+        return None
 
     def doc_bounds(self, batch: dict) -> DocBounds | None:
         """`DocBounds` of the rows this stage's training forward runs on: the batch's ``positions``, if it has them
@@ -293,57 +324,111 @@ class MoxinStage(L.LightningModule):
         self._acc_processed += out.tokens_processed
         return out.loss_sum
 
+    def step_counters(self) -> list:
+        """Per-step sums a subclass adds to the step's one reduction over ranks (host numbers or 0-d device
+        tensors), reset here; their reduced values come back, on the host, to `log_step_counters`."""
+        return []
+
+    def log_step_counters(self, values: list[float]) -> None:
+        """The reduced `step_counters` of an optimizer step (skipped steps included), once the step's values are
+        on the host."""
+
     def on_before_optimizer_step(self, optimizer):
-        # One host sync a step, and two passes over the gradients (their norm, one multiply) rather than three:
-        # the token normalisation is folded into the clipping factor, since norm(scale * g) = scale * norm(g).
+        # The token normalisation is folded into the clipping factor, since norm(scale * g) = scale * norm(g), and
+        # the factor into the optimizer step where the optimizer can apply it: two passes over the gradients (their
+        # norm, the step) rather than four. With a fused optimizer nothing here waits for the GPU: the factor and the
+        # skip of a non-finite step are device numbers the step reads (its `grad_scale` and `found_inf`, as
+        # GradScaler uses them), and the step's values reach the host in `optimizer_step`, after the step is queued,
+        # so the host never stalls the GPU between the backward and the optimizer step.
+        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
+        self._clear_step_factor(inner)
+        self._finish_pending_step(optimizer)  # a step whose values were never read (optimizer_step overridden)
         keys = sorted(self._acc_metrics)
+        extra = self.step_counters()
         stats = all_reduce_tensor([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
-                                  + [self._acc_metrics[k] for k in keys], self.device)
+                                  + [self._acc_metrics[k] for k in keys] + extra, self.device)
+        self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
+        self._acc_metrics = {}
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         raw_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
         if hasattr(raw_norm, "full_tensor"):  # sharded gradients: the norm is a DTensor
             raw_norm = raw_norm.full_tensor()
-        vals = torch.cat([stats, raw_norm.to(device=stats.device, dtype=torch.float64).reshape(1)]).tolist()
-        n_tokens, loss_sum, processed = vals[:3]
         # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
-        scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens if n_tokens > 0 else 1.0
-        gn = vals[-1] * scale  # the norm of the token-normalised gradients, before clipping
-        vals = vals[:-1]
-        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
-        if getattr(inner, "grad_scale", None) is not None and getattr(self, "_set_grad_scale", False):
-            inner.grad_scale = None  # the factor set for the last step (below), never applied twice
+        n_tokens = stats[0]
+        scale = torch.where(n_tokens > 0, self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens,
+                            1.0)
+        gn = raw_norm.to(device=stats.device, dtype=torch.float64) * scale  # the norm before clipping
+        values = torch.cat([stats, gn.reshape(1)])
+        layout = (keys, len(extra))
+        if grads and self._fused_step_scales(inner, grads):
+            clip = self.optim_cfg.grad_clip
+            # clip_grad_norm_'s rule
+            factor = scale * (torch.clamp(clip / (gn + 1e-6), max=1.0) if clip is not None else 1.0)
+            ok = torch.isfinite(stats[1]) & torch.isfinite(gn)
+            # fused AdamW divides each gradient by `grad_scale` as it reads it (and stores the result back), and
+            # leaves weights, moments and step count as they were where `found_inf` is 1
+            inner.grad_scale = torch.where(ok, 1.0 / factor, 1.0).to(torch.float32)
+            inner.found_inf = (~ok).to(torch.float32)
+            self._set_grad_scale = True
+            self._pending_step = (_to_host(values), layout)
+            return
+        self._finish_step(values.tolist(), layout, optimizer, grads)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        self._clear_step_factor(getattr(optimizer, "optimizer", optimizer))
+        self._finish_pending_step(optimizer)
+
+    def _clear_step_factor(self, optimizer) -> None:
+        """Drop the `grad_scale` / `found_inf` this stage set for a step, so they are never applied twice."""
+        if getattr(self, "_set_grad_scale", False):
+            optimizer.grad_scale = optimizer.found_inf = None
             self._set_grad_scale = False
+
+    def _finish_pending_step(self, optimizer) -> None:
+        pending, self._pending_step = getattr(self, "_pending_step", None), None
+        if pending is not None:
+            (host, ready), layout = pending
+            if ready is not None:
+                ready.synchronize()  # the values were copied before the optimizer step, which the GPU may still run
+            self._finish_step(host.tolist(), layout, optimizer, None)
+
+    def _finish_step(self, vals: list[float], layout, optimizer, grads: list | None) -> None:
+        """The host's part of an optimizer step: the guard against non-finite steps, the gradient factor where the
+        optimizer does not apply it (`grads`: multiply them here, before the step), counters and logs."""
+        keys, n_extra = layout
+        n_tokens, loss_sum, processed = vals[:3]
+        metrics = vals[3:3 + len(keys)]
+        gn = vals[-1]
+        self.log_step_counters(vals[3 + len(keys):3 + len(keys) + n_extra])
         if not self.guard_nonfinite(loss_sum / max(n_tokens, 1.0), gn):
-            self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
-            self._acc_metrics = {}
-            self.log("train/nonfinite_steps", float(self.nonfinite_steps), on_step=True, on_epoch=False,
+            self.log("train/nonfinite_steps", _host_number(self.nonfinite_steps), on_step=True, on_epoch=False,
                      rank_zero_only=True)
             return
-        clip = self.optim_cfg.grad_clip
-        factor = scale * (min(1.0, clip / (gn + 1e-6)) if clip is not None else 1.0)  # clip_grad_norm_'s rule
-        if grads and factor != 1.0:
-            if self._fused_step_scales(inner, grads):
-                # fused AdamW divides each gradient by `grad_scale` as it reads it (and stores the result back),
-                # which saves a read and a write of every gradient: the pass that _foreach_mul_ would make
-                inner.grad_scale = torch.full((), 1.0 / factor, dtype=torch.float32, device=grads[0].device)
-                self._set_grad_scale = True
-            else:
+        if grads:
+            clip = self.optim_cfg.grad_clip
+            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens if n_tokens > 0 else 1.0
+            factor = scale * (min(1.0, clip / (gn + 1e-6)) if clip is not None else 1.0)  # clip_grad_norm_'s rule
+            if factor != 1.0:
                 torch._foreach_mul_(grads, factor)
         self.tokens_seen += int(n_tokens)
         self.last_step_tokens_processed = int(processed)
         denom = max(n_tokens, 1.0)
         logs = {"train/loss": loss_sum / denom, "train/lr": optimizer.param_groups[0]["lr"],
-                "train/target_tokens": float(self.tokens_seen)}
-        logs["train/grad_norm"] = gn
+                "train/target_tokens": float(self.tokens_seen), "train/grad_norm": gn}
         if self.nonfinite_steps:
             logs["train/nonfinite_steps"] = float(self.nonfinite_steps)
-        for k, v in zip(keys, vals[3:]):
+        for k, v in zip(keys, metrics):
             logs[k] = v / denom
-        self.log_dict(logs, on_step=True, on_epoch=False, prog_bar=False, rank_zero_only=True, sync_dist=False)
-        self.log("loss", logs["train/loss"], prog_bar=True, on_step=True, on_epoch=False, logger=False,
+        self.log_host(logs)
+        self.log("loss", _host_number(logs["train/loss"]), prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  rank_zero_only=True)
-        self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
-        self._acc_metrics = {}
+
+    def log_host(self, logs: dict[str, float]) -> None:
+        """Log a step's numbers from the host (rank zero, this step). Lightning would turn a Python number into a
+        tensor on the stage's device, a blocking copy that waits for the GPU; a CPU tensor stays where it is."""
+        self.log_dict({k: _host_number(v) for k, v in logs.items()}, on_step=True, on_epoch=False, prog_bar=False,
+                      rank_zero_only=True, sync_dist=False)
 
     def _fused_step_scales(self, optimizer, grads) -> bool:
         """Whether the optimizer step itself can apply the gradient factor: a fused torch optimizer (it reads
@@ -381,8 +466,9 @@ class MoxinStage(L.LightningModule):
         decides the same) skips the step instead: the gradients are dropped, so AdamW leaves the weights and
         its moments as they were (the LR schedule still advances one step). Skipped steps are counted; after
         `optim.max_nonfinite_steps` in a row the run stops with NonFiniteError, and since the weights never took
-        a non-finite update, the last checkpoint stays a good one. Call it from on_before_optimizer_step (the
-        base does; stages with manual optimisation call it with their gradient norm)."""
+        a non-finite update, the last checkpoint stays a good one. The base calls it once the step's values are on
+        the host: before the step, or, with a fused optimizer, after it, which then skipped the update on the
+        device (`found_inf`); stages with manual optimisation call it with their gradient norm."""
         bad = [f"{n}={v}" for n, v in (("loss", loss), ("grad_norm", grad_norm))
                if v is not None and not math.isfinite(v)]
         if not bad:

@@ -1,7 +1,8 @@
 """Pretraining: next-token prediction on packed rows whose positions restart at each document.
 
 Batch: {"input_ids": (B, T), "labels": (B, T) shifted targets with -100 where no loss, "positions": (B, T)}, and
-the "doc_bounds" the base stage computes from the positions before they go to the device.
+the "doc_bounds" and "label_rows" the base stage computes from the positions and labels before they go to the
+device.
 The same stage serves SFT (labels masked to assistant tokens by the data), which is why it is called
 `LanguageModelingStage` too.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moxin.losses import token_cross_entropy
+from moxin.losses import LabelRows, token_cross_entropy
 from moxin.stages.base import MoxinStage, StepLoss
 
 
@@ -20,7 +21,14 @@ class PretrainStage(MoxinStage):
     def _loss_sum(self, batch):
         """(summed next-token loss, target tokens): the chunked cross-entropy runs as the model's head."""
         return self.model(batch["input_ids"], batch["positions"], doc_bounds=batch.get("doc_bounds"),
-                          head=lambda h, w: token_cross_entropy(h, w, batch["labels"], self.loss_chunk_size))
+                          head=lambda h, w: token_cross_entropy(h, w, batch["labels"], self.loss_chunk_size,
+                                                                label_rows=batch.get("label_rows")))
+
+    def label_rows(self, batch: dict) -> LabelRows | None:
+        labels = batch.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.device.type == "cpu" and labels.dim() == 2:
+            return LabelRows.from_labels(labels)
+        return None
 
     def compute_loss(self, batch) -> StepLoss:
         loss_sum, n = self._loss_sum(batch)

@@ -19,7 +19,6 @@ With ``validate_at_start`` the held-out loss of the initial weights is measured 
 
 from __future__ import annotations
 
-from moxin.distributed import all_reduce_values
 from moxin.stages.common import validate_before_training
 from moxin.stages.pretrain import PretrainStage
 
@@ -44,19 +43,21 @@ class SFTStage(PretrainStage):
             validate_before_training(self)
 
     def training_step(self, batch, batch_idx):
-        self._sft_acc[0] += float(batch.get("num_conversations", 0))
-        self._sft_acc[1] += float(batch.get("num_truncated", 0))
-        self._sft_acc[2] = self._sft_acc[2] + (batch["labels"] != -100).sum()  # stays on the device
+        # device numbers summed on the device: no host sync per micro-batch (see MoxinStage.step_counters)
+        self._sft_acc[0] = self._sft_acc[0] + batch.get("num_conversations", 0)
+        self._sft_acc[1] = self._sft_acc[1] + batch.get("num_truncated", 0)
+        self._sft_acc[2] = self._sft_acc[2] + (batch["labels"] != -100).sum()
         return super().training_step(batch, batch_idx)
 
-    def on_before_optimizer_step(self, optimizer):
-        super().on_before_optimizer_step(optimizer)
-        convs, trunc, tokens = all_reduce_values(self._sft_acc, self.device)
+    def step_counters(self) -> list:
+        acc, self._sft_acc = self._sft_acc, [0.0, 0.0, 0.0]
+        return acc
+
+    def log_step_counters(self, values: list[float]) -> None:
+        convs, trunc, tokens = values
         self.truncated_total += int(trunc)
-        self.log_dict({"sft/conversations": convs, "sft/target_tokens": tokens,
-                       "sft/truncated": float(self.truncated_total)},
-                      on_step=True, on_epoch=False, rank_zero_only=True, sync_dist=False)
-        self._sft_acc = [0.0, 0.0, 0.0]
+        self.log_host({"sft/conversations": convs, "sft/target_tokens": tokens,
+                       "sft/truncated": float(self.truncated_total)})
 
     def on_save_checkpoint(self, checkpoint):
         super().on_save_checkpoint(checkpoint)
