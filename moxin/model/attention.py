@@ -225,19 +225,20 @@ FLASH_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @torch.compiler.disable  # FlashAttention-4 launches CuTe kernels from Python: compiled blocks call it eagerly
-def flash(q, k, v, window: int | None, cu: torch.Tensor | None, max_len: int, version: int = 2):
-    """FlashAttention over (B, H, T, D) q and (B, KVH, T, D) k, v (GQA native). cu None: one document per row
-    (FlashAttention-4's batched kernel); else varlen over `cu` (every row and document its own sequence)."""
-    B, H, T, D = q.shape
-    KVH = k.shape[1]
-    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))  # (B, T, heads, D): the projections' own layout
+def flash_bthd(q, k, v, window: int | None, cu: torch.Tensor | None, max_len: int, version: int = 2):
+    """FlashAttention over q (B, T, H, D) and k, v (B, T, KVH, D), its own layout (GQA native); returns (B, T, H, D).
+    cu None: one document per row (FlashAttention-4's batched kernel); else varlen over `cu` (every row and
+    document its own sequence). Contiguous inputs are read without a copy, and the gradients it returns are
+    contiguous in the same layout."""
+    B, T, H, D = q.shape
+    KVH = k.shape[2]
     if version == 4:
         dense, varlen = _flash4()
         ws = (None, None) if window is None else (window - 1, 0)
         if cu is None:
-            out = dense(qt, kt, vt, causal=True, window_size=ws)
+            out = dense(q, k, v, causal=True, window_size=ws)
         else:
-            out = varlen(qt.reshape(B * T, H, D), kt.reshape(B * T, KVH, D), vt.reshape(B * T, KVH, D),
+            out = varlen(q.reshape(B * T, H, D), k.reshape(B * T, KVH, D), v.reshape(B * T, KVH, D),
                          cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len, max_seqlen_k=max_len,
                          causal=True, window_size=ws)
         out = out[0] if isinstance(out, tuple) else out  # (out, lse) in some releases
@@ -245,9 +246,15 @@ def flash(q, k, v, window: int | None, cu: torch.Tensor | None, max_len: int, ve
         if cu is None:
             cu, max_len = flash_seqlens(None, B, T, q.device)
         ws = (-1, -1) if window is None else (window - 1, 0)
-        out = flash_attn_varlen_func(qt.reshape(B * T, H, D), kt.reshape(B * T, KVH, D), vt.reshape(B * T, KVH, D),
+        out = flash_attn_varlen_func(q.reshape(B * T, H, D), k.reshape(B * T, KVH, D), v.reshape(B * T, KVH, D),
                                      cu, cu, max_len, max_len, causal=True, window_size=ws)
-    return out.reshape(B, T, H, D).transpose(1, 2)
+    return out.reshape(B, T, H, D)
+
+
+def flash(q, k, v, window: int | None, cu: torch.Tensor | None, max_len: int, version: int = 2):
+    """`flash_bthd` over (B, H, T, D) q and (B, KVH, T, D) k, v, as the other kernels take them."""
+    out = flash_bthd(*(t.transpose(1, 2) for t in (q, k, v)), window, cu, max_len, version)
+    return out.transpose(1, 2)
 
 
 @dataclass
@@ -306,6 +313,20 @@ class AttentionMask:
             return cls("flex", window, doc_ids, block_mask=flex_block_mask(window, doc_ids, batch, seq_len, device))
         dense = masks.dense_mask(masks.training_mask(window, doc_ids), batch, seq_len, seq_len, device)
         return cls("dense", window, doc_ids, dense=dense)
+
+    def takes_bthd(self, dtype: torch.dtype) -> bool:
+        """Whether `apply_bthd` runs FlashAttention on inputs of `dtype` (it computes in 16 bits only)."""
+        return self.kernel == "flash" and dtype in FLASH_DTYPES
+
+    def apply_bthd(self, q, k, v):
+        """q (B, T, H, D); k, v (B, T, KVH, D) -> (B, T, H, D): FlashAttention in its own layout, where
+        `takes_bthd`. A compiled block hands it contiguous tensors, so neither its inputs nor the gradients it
+        returns are copied (AOT autograd makes a gradient contiguous before the block's backward when the block's
+        output was; (B, H, T, D) views of them were copied there, three a block)."""
+        if not self.takes_bthd(q.dtype):
+            raise ValueError(f"apply_bthd runs FlashAttention in 16 bits; this mask's kernel is {self.kernel!r} and "
+                             f"the inputs are {q.dtype}: use apply on (B, H, T, D) tensors")
+        return flash_bthd(q, k, v, self.window, self.cu_seqlens, self.max_len, self.flash_version)
 
     def apply(self, q, k, v):
         """q (B, H, T, D); k, v (B, KVH, T, D) -> (B, H, T, D)."""

@@ -117,9 +117,15 @@ class Attention(_Fusable):
     def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
         qkv = self._fused_outputs(x) or (self.wq(x), self.wk(x), self.wv(x))
-        q = qkv[0].view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, hd)
-        k = qkv[1].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
-        v = qkv[2].view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, KVH, T, hd)
+        q = qkv[0].view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd): the projections' layout
+        k = qkv[1].view(B, T, self.n_kv_heads, self.head_dim)
+        v = qkv[2].view(B, T, self.n_kv_heads, self.head_dim)
+        if cache is None and mask.takes_bthd(q.dtype):
+            # FlashAttention takes this layout: q, k and v reach it, and their gradients come back, without copies
+            cos_t, sin_t = cos.transpose(1, 2), sin.transpose(1, 2)  # (B, T, 1, hd)
+            out = mask.apply_bthd(apply_rope(q, cos_t, sin_t), apply_rope(k, cos_t, sin_t), v)
+            return self.wo(out.reshape(B, T, self.n_heads * self.head_dim))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is not None:
             out = cache.attend(layer_idx, q, k, v)
