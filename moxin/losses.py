@@ -19,6 +19,7 @@ N = prompts, G = group size (completions per prompt).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -310,13 +311,15 @@ class LabelRows:
     launches the head. Build with `from_labels` from the host's labels; `to` moves it with the batch.
 
     shape: the labels' (B, T). rows: (R,) long, flat positions ``b * T + t`` of the labels that are not -100.
-    targets: (R,) long, those labels. lo, hi: the smallest and largest target (0 and -1 when R is 0)."""
+    targets: (R,) long, those labels. lo, hi: the smallest and largest target (0 and -1 when R is 0).
+    counts: the number of targets of each row, on the host."""
 
     shape: tuple[int, int]
     rows: torch.Tensor
     targets: torch.Tensor
     lo: int
     hi: int
+    counts: tuple[int, ...]
 
     @classmethod
     def from_labels(cls, labels: torch.Tensor) -> LabelRows:
@@ -327,7 +330,8 @@ class LabelRows:
         rows = (flat != IGNORE_INDEX).nonzero().squeeze(1)
         targets = flat[rows]
         lo, hi = (int(targets.min()), int(targets.max())) if rows.numel() else (0, -1)
-        return cls((int(labels.shape[0]), int(labels.shape[1])), rows, targets, lo, hi)
+        counts = tuple((labels != IGNORE_INDEX).sum(1).tolist())
+        return cls((int(labels.shape[0]), int(labels.shape[1])), rows, targets, lo, hi, counts)
 
     def to(self, device, non_blocking: bool = False) -> LabelRows:
         """A copy on `device` (page-locked first when copied to a GPU without blocking)."""
@@ -335,8 +339,8 @@ class LabelRows:
             return self
         pin = non_blocking and self.rows.device.type == "cpu" and torch.device(device).type == "cuda"
         rows, targets = (t.pin_memory() if pin else t for t in (self.rows, self.targets))
-        return LabelRows(self.shape, rows.to(device, non_blocking=non_blocking),
-                         targets.to(device, non_blocking=non_blocking), self.lo, self.hi)
+        return dataclasses.replace(self, rows=rows.to(device, non_blocking=non_blocking),
+                                   targets=targets.to(device, non_blocking=non_blocking))
 
 
 def _select_targets(labels: torch.Tensor, V: int, label_rows: LabelRows | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -485,16 +489,23 @@ def _lengths(name: str, lengths: torch.Tensor | None, like: torch.Tensor, loss_t
             f"loss_type={loss_type!r} averages log-probs over tokens: pass {name} (number of target tokens of "
             "each answer, shape (P,))"
         )
-    lengths = torch.as_tensor(lengths, device=like.device)
+    host = isinstance(lengths, (list, tuple))  # counts the host knows: checked without reading a tensor
+    counts = lengths
+    lengths = torch.as_tensor(lengths)
     if lengths.shape != like.shape:
         raise ValueError(f"{name} must have shape {tuple(like.shape)} (one count per pair), got {tuple(lengths.shape)}")
-    if bool((lengths <= 0).any()):
-        bad = (lengths <= 0).nonzero().squeeze(1)[:5].tolist()
+    if [n for n in counts if n <= 0] if host else bool((lengths <= 0).any()):
+        bad = ([i for i, n in enumerate(counts) if n <= 0] if host
+               else (lengths <= 0).nonzero().squeeze(1).tolist())[:5]
         raise ValueError(
             f"{name} has zero-length answers at pair indices {bad}: a pair whose answer has no target tokens "
             "cannot be length-normalised; drop such pairs in the data pipeline (check truncation to max_length "
             "and the label mask)"
         )
+    if lengths.device != like.device:
+        if lengths.device.type == "cpu" and like.device.type == "cuda":
+            lengths = lengths.pin_memory()
+        lengths = lengths.to(like.device, non_blocking=True)
     return lengths.to(like.dtype)
 
 

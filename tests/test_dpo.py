@@ -131,3 +131,45 @@ def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):
     # a changed max length is a new cache
     R.train(_compose(base + [f"out_dir={tmp_path / 'c'}", "run_name=c", "trainer.max_steps=1", "data.max_length=200"]))
     assert len(list((tmp_path / "cache").glob("*/ref_logps.safetensors"))) == 4
+
+
+def test_the_dpo_step_reads_nothing_from_the_device_and_the_loss_is_unchanged():
+    """The DPO batch reaches the step with the `LabelRows` of its chosen rows followed by its rejected ones and its
+    pair index also on the host: the policy's and the frozen reference's heads select their rows from them, and the
+    cached reference log-probs are looked up by the host's index. The loss and its statistics are bitwise those of
+    the batch without them, for both references, and the step records no read of a tensor value."""
+    import torch
+
+    from moxin.model import ModelConfig
+    from moxin.stages.dpo import DPOStage
+    from tests.test_losses import _HostReads
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny", vocab_size=64, attn_backend="sdpa")
+    g = torch.Generator().manual_seed(1)
+    items = []
+    for i, (n_prompt, n_c, n_r) in enumerate([(3, 4, 2), (5, 1, 6), (2, 7, 3)]):
+        c = torch.randint(1, 64, (n_prompt + n_c,), generator=g).tolist()
+        r = c[:n_prompt] + torch.randint(1, 64, (n_r,), generator=g).tolist()
+        items.append({"chosen_ids": c, "chosen_labels": [-100] * (n_prompt - 1) + c[n_prompt:] + [-100],
+                      "rejected_ids": r, "rejected_labels": [-100] * (n_prompt - 1) + r[n_prompt:] + [-100],
+                      "pair_index": 2 * i + 1})
+    batch = collate_pairs(0, 16)(items)
+    for reference in ("cached", "frozen"):
+        stage = DPOStage(model=cfg, reference=reference)
+        stage.configure_model()
+        if reference == "cached":
+            stage._ref_tables = {"train": {k: torch.randn(8, dtype=torch.float64, generator=g)
+                                           for k in ("chosen_logps", "rejected_logps")}}
+        moved = stage.transfer_batch_to_device(batch, torch.device("cpu"), 0)
+        assert moved["pair_index_host"] == [1, 3, 5] and "label_rows" not in batch
+        cat = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
+        assert torch.equal(moved["label_rows"].rows, (cat.reshape(-1) != -100).nonzero().squeeze(1))
+        outs = []
+        for b in (batch, moved):
+            with _HostReads() as seen:
+                loss, P, stats, _ = stage._pair_terms(b, "train")
+            outs.append((loss, stats, seen.reads))
+        assert torch.equal(outs[0][0], outs[1][0]) and P == 3
+        assert all(torch.equal(outs[0][1][k], outs[1][1][k]) for k in outs[0][1])
+        assert outs[1][2] == [] and outs[0][2] != []

@@ -367,6 +367,10 @@ def test_dpo_errors_are_clear():
     with pytest.raises(ValueError, match="zero-length answers at pair indices \\[1\\]"):
         dpo_loss(x, x, x, x, beta=5.0, loss_type="dpo_norm", chosen_lengths=torch.tensor([3, 0]),
                  rejected_lengths=torch.tensor([3, 3]))
+    with pytest.raises(ValueError, match="zero-length answers at pair indices \\[0\\]"):  # counts from the host
+        dpo_loss(x, x, x, x, beta=5.0, loss_type="dpo_norm", chosen_lengths=(3, 3), rejected_lengths=(0, 2))
+    with pytest.raises(ValueError, match=r"must have shape \(2,\)"):
+        dpo_loss(x, x, x, x, beta=5.0, loss_type="dpo_norm", chosen_lengths=(3,), rejected_lengths=(3, 3))
     with pytest.raises(ValueError, match="chosen_lengths"):
         dpo_loss(x, x, x, x, beta=5.0, loss_type="ipo")
     with pytest.raises(ValueError, match="loss_type='kto': choose one of dpo, dpo_norm"):

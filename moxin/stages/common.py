@@ -11,14 +11,15 @@ __all__ = ["sequence_logps", "validate_before_training"]
 
 
 def sequence_logps(model, input_ids, labels, positions, chunk_size: int = 4096,
-                   doc_bounds=None) -> tuple[torch.Tensor, torch.Tensor]:
+                   doc_bounds=None, label_rows=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed log-probs of the labelled tokens of each row and their counts: ``(B,) fp32, (B,) long``.
-    doc_bounds: the rows' `DocBounds` from the host, if known (saves the forward a device sync)."""
+    doc_bounds, label_rows: the rows' `DocBounds` and `LabelRows` from the host, if known (each saves the forward
+    a device sync)."""
     from moxin.losses import IGNORE_INDEX, token_logprobs
 
     # the log-probs run as the model's head, inside its forward, where FSDP2 has gathered the output weight
     logp = model(input_ids, positions, doc_bounds=doc_bounds,
-                 head=lambda h, w: token_logprobs(h, w, labels, chunk_size))  # (B, T)
+                 head=lambda h, w: token_logprobs(h, w, labels, chunk_size, label_rows=label_rows))  # (B, T)
     return logp.sum(-1), (labels != IGNORE_INDEX).sum(-1)
 
 

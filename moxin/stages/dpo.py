@@ -44,7 +44,7 @@ import torch
 
 from enum import StrEnum
 
-from moxin.losses import DPOLoss, dpo_loss, parse_option, sft_nll_per_token
+from moxin.losses import DPOLoss, LabelRows, dpo_loss, parse_option, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.model.attention import DocBounds
 from moxin.stages import refcache
@@ -171,14 +171,19 @@ class DPOStage(MoxinStage):
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)
                 logps, _ = sequence_logps(self.ref_model, ids, labels, pos, self.loss_chunk_size,
-                                          batch.get("doc_bounds"))
+                                          batch.get("doc_bounds"), batch.get("label_rows"))
                 reshard(self.ref_model)
             P = batch["pair_index"].numel()
             return logps[:P].detach(), logps[P:].detach()
         table = self._ref_tables[split]
-        idx = batch["pair_index"].cpu()
-        return (table["chosen_logps"][idx].to(self.device, torch.float32),
-                table["rejected_logps"][idx].to(self.device, torch.float32))
+        # the pairs' rows of the host's table, by the index the batch had on the host (reading the device's copy
+        # would wait for the GPU), sent without blocking
+        idx = batch["pair_index_host"] if "pair_index_host" in batch else batch["pair_index"].cpu()
+        rows = torch.stack([table["chosen_logps"][idx], table["rejected_logps"][idx]]).to(torch.float32)
+        if self.device.type == "cuda":
+            rows = rows.pin_memory()
+        rows = rows.to(self.device, non_blocking=True)
+        return rows[0], rows[1]
 
     # ---- loss -------------------------------------------------------------------------------------------------
     @staticmethod
@@ -193,15 +198,32 @@ class DPOStage(MoxinStage):
             return DocBounds.from_positions(torch.cat([batch["chosen_positions"], batch["rejected_positions"]]))
         return None
 
+    def label_rows(self, batch: dict) -> LabelRows | None:
+        """Of the chosen rows followed by the rejected ones, as `_cat` joins them."""
+        if isinstance(batch.get("chosen_labels"), torch.Tensor) and batch["chosen_labels"].device.type == "cpu":
+            return LabelRows.from_labels(torch.cat([batch["chosen_labels"], batch["rejected_labels"]]))
+        return None
+
+    def transfer_batch_to_device(self, batch, device, dataloader_idx):
+        # the pair index also stays on the host, as a list Lightning leaves where it is: the cached reference
+        # log-probs are looked up on the host
+        if isinstance(batch, dict) and isinstance(batch.get("pair_index"), torch.Tensor) \
+                and batch["pair_index"].device.type == "cpu" and "pair_index_host" not in batch:
+            batch = {**batch, "pair_index_host": batch["pair_index"].tolist()}
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def _pair_terms(self, batch, split: str):
         ids, labels, pos = self._cat(batch)  # (2P, T): chosen rows first, then rejected
+        rows = batch.get("label_rows")
         logps, lengths = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size,
-                                        batch.get("doc_bounds"))  # (2P,)
+                                        batch.get("doc_bounds"), rows)  # (2P,)
         P = batch["pair_index"].numel()
         pc, pr, lc, lr = logps[:P], logps[P:], lengths[:P], lengths[P:]
+        # the same counts from the host, where the loss checks them without reading the device
+        cc, cr = (rows.counts[:P], rows.counts[P:]) if rows is not None else (lc, lr)
         rc, rr = self._reference_logps(batch, split)
-        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, chosen_lengths=lc,
-                       rejected_lengths=lr, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
+        out = dpo_loss(pc, pr, rc, rr, beta=self.beta, loss_type=self.loss_type, chosen_lengths=cc,
+                       rejected_lengths=cr, label_smoothing=self.label_smoothing, simpo_gamma=self.simpo_gamma)
         losses = out.losses
         if self.sft_weight > 0:
             losses = losses + self.sft_weight * sft_nll_per_token(pc, lc)

@@ -33,6 +33,7 @@ import torch
 import torch.distributed as dist
 
 from moxin.distributed import all_reduce_values, rank_and_world
+from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.stages.common import sequence_logps
 
@@ -86,12 +87,14 @@ def compute_reference_logps(model, loader, n_pairs: int, device, chunk_size: int
         if idx.numel() == 0:
             continue
         ids = torch.cat([batch["chosen_input_ids"], batch["rejected_input_ids"]]).to(device)
-        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]]).to(device)
+        labels = torch.cat([batch["chosen_labels"], batch["rejected_labels"]])
         pos = torch.cat([batch["chosen_positions"], batch["rejected_positions"]])
-        bounds = DocBounds.from_positions(pos) if pos.device.type == "cpu" else None  # on the host: no device sync
-        pos = pos.to(device)
+        # on the host: no device sync
+        bounds = DocBounds.from_positions(pos) if pos.device.type == "cpu" else None
+        targets = LabelRows.from_labels(labels).to(device) if labels.device.type == "cpu" else None
+        labels, pos = labels.to(device), pos.to(device)
         with ctx():
-            logps, lengths = sequence_logps(model, ids, labels, pos, chunk_size, bounds)
+            logps, lengths = sequence_logps(model, ids, labels, pos, chunk_size, bounds, targets)
         P = idx.numel()
         out["chosen_logps"][idx] += logps[:P].double()
         out["rejected_logps"][idx] += logps[P:].double()
