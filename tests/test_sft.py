@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+import itertools
+
 import pytest
 import torch
 
@@ -262,6 +264,73 @@ def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok
     st.on_before_optimizer_step(opts[0])
     assert opts[0].grad_scale is None  # none set
     assert any(not torch.equal(g, p.grad) for g, p in zip(before, st.model.parameters()))
+
+
+def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_trains_alike():
+    """Through `L.Trainer` (fused AdamW forced on the CPU, gradient accumulation, clipping that bites): Lightning calls
+    the stage's `optimizer_step`, which reads the step's values after the step; every step is logged once, with the
+    same loss and norm as the path that reads them before the step and multiplies the gradients; the weights and
+    `tokens_seen` agree."""
+    import lightning as L
+
+    from moxin.stages.base import OptimConfig
+    from moxin.stages.pretrain import PretrainStage
+
+    class Fused(PretrainStage):
+        def configure_optimizers(self):
+            out = super().configure_optimizers()
+            opt = out["optimizer"]  # as torch.optim.AdamW(..., fused=True) sets itself up (the stage: on CUDA only)
+            for group in opt.param_groups:
+                group["fused"] = True
+            opt.defaults["fused"] = opt._step_supports_amp_scaling = opt._need_device_dtype_check_for_fused = True
+            return out
+
+    class Rec(L.Callback):
+        def __init__(self):
+            self.rows = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if len(self.rows) < trainer.global_step:
+                m = trainer.callback_metrics
+                self.rows.append((float(m["train/loss"]), float(m["train/grad_norm"]), pl_module.tokens_seen))
+
+    cfg = ModelConfig.preset("tiny", vocab_size=128, attn_backend="sdpa")
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for i in range(8):
+        ids = torch.randint(0, 128, (2, 33), generator=g)
+        labels = ids[:, 1:].clone()
+        labels[:, : 3 * (i % 3)] = -100
+        batches.append({"input_ids": ids[:, :-1].clone(), "labels": labels,
+                        "positions": torch.cat([torch.arange(20), torch.arange(12)]).expand(2, 32).clone()})
+    runs = []
+    for fused_factor in (True, False):
+        torch.manual_seed(0)
+        stage = Fused(model=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.5))
+        seen = []
+        if fused_factor:
+            step = stage._finish_pending_step
+            stage._finish_pending_step = lambda opt: (seen.append(stage._pending_step is not None), step(opt))[1]
+        else:
+            stage._fused_step_scales = lambda *a: False
+        rec = Rec()
+        trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                            callbacks=[rec], num_sanity_val_steps=0)
+        trainer.fit(stage, train_dataloaders=torch.utils.data.DataLoader(batches, batch_size=None))
+        assert trainer.optimizers[0].defaults["fused"] and len(rec.rows) == 4
+        if fused_factor:
+            assert seen.count(True) == 4  # the values of each step were read after it, in optimizer_step
+        runs.append((rec.rows, [p.detach().clone() for p in stage.model.parameters()]))
+    (rows_a, w_a), (rows_b, w_b) = runs
+    per_step = [int((b["labels"] != -100).sum()) + int((c["labels"] != -100).sum())
+                for b, c in zip(batches[::2], batches[1::2])]
+    assert [r[2] for r in rows_a] == [r[2] for r in rows_b] == list(itertools.accumulate(per_step))
+    for a, b in zip(rows_a, rows_b):
+        assert a[:2] == pytest.approx(b[:2], rel=1e-5)
+    assert any(r[1] > 0.5 for r in rows_a)  # the clip bit
+    for a, b in zip(w_a, w_b):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def _compose(overrides):

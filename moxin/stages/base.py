@@ -336,7 +336,7 @@ class MoxinStage(L.LightningModule):
     def on_before_optimizer_step(self, optimizer):
         # The token normalisation is folded into the clipping factor, since norm(scale * g) = scale * norm(g), and
         # the factor into the optimizer step where the optimizer can apply it: two passes over the gradients (their
-        # norm, the step) rather than four. With a fused optimizer nothing here waits for the GPU: the factor and the
+        # norm, the step) rather than three. With a fused optimizer nothing here waits for the GPU: the factor and the
         # skip of a non-finite step are device numbers the step reads (its `grad_scale` and `found_inf`, as
         # GradScaler uses them), and the step's values reach the host in `optimizer_step`, after the step is queued,
         # so the host never stalls the GPU between the backward and the optimizer step.
