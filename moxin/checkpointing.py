@@ -418,7 +418,9 @@ class CheckpointPolicy(L.Callback):
             if tmp.exists():
                 _remove(tmp)
         trainer.strategy.barrier("moxin.checkpoint.pre")
-        trainer.save_checkpoint(str(tmp))  # collective under FSDP2; ends with a barrier
+        # all of it (optimizer, loops: not weights only, which Lightning otherwise logs it assumed); collective
+        # under FSDP2, ends with a barrier
+        trainer.save_checkpoint(str(tmp), weights_only=False)
         final = self.ckpt_dir / name
         if trainer.is_global_zero:
             if tmp.is_dir():
