@@ -217,20 +217,20 @@ def test_pretrain_stage_bf16_compile_loss_falls():
     assert next(stage.model.parameters()).dtype == torch.float32  # fp32 master weights
 
 
-class _Losses:
-    """Callback: the logged train/loss of every optimizer step."""
+def _loss_recorder():
+    """A callback that keeps the logged train/loss and train/grad_norm of every optimizer step."""
+    import lightning as L
 
-    def __new__(cls):
-        import lightning as L
+    class LossRecorder(L.Callback):
+        def __init__(self):
+            self.losses, self.norms = [], []
 
-        class Rec(L.Callback):
-            def __init__(self):
-                self.losses = []
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if len(self.losses) < trainer.global_step:
+                self.losses.append(float(trainer.callback_metrics["train/loss"]))
+                self.norms.append(float(trainer.callback_metrics["train/grad_norm"]))
 
-            def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-                if len(self.losses) < trainer.global_step:
-                    self.losses.append(float(trainer.callback_metrics["train/loss"]))
-        return Rec()
+    return LossRecorder()
 
 
 def _lightning_fit(stage, batches, callbacks=(), accumulate=1):
@@ -251,8 +251,9 @@ def test_lightning_training_steps_make_no_device_sync_before_the_optimizer_step(
     """Through the Trainer (pinned batches, document bounds and label rows from the host, compiled bf16, gradient
     accumulation, fused AdamW with clipping, the throughput callback), training steps after the warm-up make no
     synchronising CUDA call: the step's values reach the host by an event the host waits on once the optimizer
-    step is queued. The weights equal those of the path that reads the values before the step and multiplies the
-    gradients. Also: the stage's reduction keeps the order of mixed host and device numbers."""
+    step is queued. From one initialisation, the losses and weights equal those of the path that reads the values
+    before the step and multiplies the gradients, and of the head that finds its labels on the device. Also: the
+    stage's reduction keeps the order of mixed host and device numbers."""
     import lightning as L
 
     from moxin.distributed import ParallelConfig, all_reduce_tensor
@@ -286,18 +287,19 @@ def test_lightning_training_steps_make_no_device_sync_before_the_optimizer_step(
         torch.manual_seed(0)
         stage = PretrainStage(model=cfg, optim=OptimConfig(lr=1e-3, warmup_steps=0, schedule="constant",
                                                            grad_clip=0.5), parallel=ParallelConfig(compile=True))
+        stage.configure_model()  # the same initial weights for every variant (compiled at fit)
         if variant == "values read before the step":
             stage._fused_step_scales = lambda *a: False
         elif variant == "labels found on the device":
             stage.label_rows = lambda batch: None
-        rec = _Losses()
+        rec = _loss_recorder()
         try:
             trainer = _lightning_fit(stage, batches, [rec] + ([NoSync()] if variant == "sync-free" else []),
                                      accumulate=2)
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert trainer.global_step == 6 and stage.tokens_seen == sum(int((b["labels"] != -100).sum()) for b in batches)
-        assert float(trainer.callback_metrics["train/grad_norm"]) > 0.5  # the clip bit
+        assert len(rec.losses) == 6 and max(rec.norms) > 0.5  # the clip bit
         weights.append([p.detach().float() for p in stage.model.parameters()])
         losses.append(rec.losses)
     for other, other_losses in zip(weights[1:], losses[1:]):
