@@ -182,7 +182,7 @@ class DocBounds:
             raise ValueError(f"positions must be (batch, seq_len), got shape {tuple(positions.shape)}")
         B, T = positions.shape
         doc_ids = masks.doc_ids_from_positions(positions)
-        if bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
+        if one_doc_per_row(doc_ids):
             return cls(B, T, None, T)
         cu, max_len = flash_seqlens(doc_ids, B, T, positions.device)
         return cls(B, T, cu, max_len)
@@ -200,6 +200,11 @@ class DocBounds:
         if non_blocking and cu.device.type == "cpu" and torch.device(device).type == "cuda":
             cu = cu.pin_memory()
         return dataclasses.replace(self, cu_seqlens=cu.to(device, non_blocking=non_blocking))
+
+
+def one_doc_per_row(doc_ids: torch.Tensor) -> bool:
+    """Whether every row of (B, T) document ids holds one document (reads the values: a device sync on a GPU)."""
+    return bool((doc_ids[:, -1] == doc_ids[:, 0]).all())
 
 
 def flash_seqlens(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device) -> tuple[torch.Tensor, int]:
@@ -291,8 +296,8 @@ class AttentionMask:
         if bounds is not None:
             if bounds.one_doc_per_row:
                 doc_ids = None
-        elif doc_ids is not None and bool((doc_ids[:, -1] == doc_ids[:, 0]).all()):
-            doc_ids = None  # one document per row (one host sync per forward, not per layer)
+        elif doc_ids is not None and one_doc_per_row(doc_ids):
+            doc_ids = None  # one host sync per forward, not per layer
         if window is None and doc_ids is None:
             # nothing to skip: SDPA's dense causal kernel (flash-attn 2 inside) beats a block-sparse one, no
             # padding; at 4K on an H200 it is also faster than FlashAttention-4 (docs/performance.md)
