@@ -144,6 +144,37 @@ def test_fast_decode_logits_match_eager_step():
         torch.testing.assert_close(torch.stack(caches[1].k).float(), torch.stack(caches[0].k).float(), atol=1e-2, rtol=1e-2)
 
 
+@pytest.mark.parametrize("compiled", [False, True])
+def test_linear_under_autocast_returns_the_fp32_weight_gradient_of_the_product(compiled):
+    """moxin's Linear on CUDA under bf16 autocast: output and input gradient bit for bit nn.Linear's (the same
+    products), the weight gradient (accumulated over two passes) within fp32 rounding of the exact product of the
+    bf16 operands, where nn.Linear's is rounded to bf16; eager and in a compiled block (mm with out_dtype there)."""
+    from moxin.model.transformer import Linear
+
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(512, 384, bias=False, device=DEV)
+    ours = Linear(512, 384, bias=False, device=DEV)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(4, 256, 512, device=DEV)
+    gos = [torch.randn(4, 256, 384, device=DEV, dtype=torch.bfloat16) for _ in range(2)]
+    res = {}
+    for name, lin in (("ref", ref), ("ours", ours)):
+        fwd = torch.compile(lin) if compiled else lin
+        xi = x.clone().requires_grad_(True)
+        for go in gos:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                y = fwd(xi)
+            y.backward(go)
+        res[name] = (y, xi.grad, lin.weight.grad)
+    (y0, gx0, gw0), (y1, gx1, gw1) = res["ref"], res["ours"]
+    assert y1.dtype == torch.bfloat16 and gw1.dtype == torch.float32
+    assert torch.equal(y0, y1) and torch.equal(gx0, gx1)
+    xb = x.bfloat16().double().reshape(-1, 512)
+    exact = sum(go.double().reshape(-1, 384).t() @ xb for go in gos)
+    err = lambda g: ((g.double() - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert err(gw1) < 1e-5 < err(gw0), (err(gw1), err(gw0))
+
+
 @pytest.mark.parametrize("t", [1.0, 0.6])
 def test_compiled_loss_head_matches_eager(t, monkeypatch):
     """The loss head's CUDA path (compiled per-chunk kernels, the logits gradient kept from the forward, fp32

@@ -193,3 +193,46 @@ def test_fusion_refuses_trainable_weights_and_never_goes_stale():
     assert separate  # trainable again: the separate products run
     for n, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def _linear_pair(bias=False):
+    from moxin.model.transformer import Linear
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(48, 40, bias=bias)
+    ours = Linear(48, 40, bias=bias)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def test_linear_under_autocast_gives_autocasts_outputs_and_fp32_gradients_bitwise_on_the_cpu():
+    # the CPU keeps autocast's rounding of the weight gradient (CUDA computes it in fp32: tests/test_gpu.py); outputs,
+    # input gradients and weight gradients (accumulated over two backward passes) equal nn.Linear's bit for bit
+    ref, ours = _linear_pair()
+    x = torch.randn(3, 5, 48)
+    outs, xgrads = [], []
+    for lin in (ref, ours):
+        xi = x.clone().requires_grad_(True)
+        for _ in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = lin(xi)
+            (y.float() * torch.linspace(-1, 1, 40)).sum().backward()
+        outs.append(y)
+        xgrads.append(xi.grad)
+    assert outs[1].dtype == torch.bfloat16 and ours.weight.grad.dtype == torch.float32
+    assert torch.equal(outs[0], outs[1]) and torch.equal(xgrads[0], xgrads[1])
+    assert torch.equal(ref.weight.grad, ours.weight.grad)
+
+
+@pytest.mark.parametrize("case", ["no-autocast", "no-grad", "bias", "bf16-weights"])
+def test_linear_outside_its_case_is_nn_linear(case):
+    ref, ours = _linear_pair(bias=case == "bias")
+    if case == "bf16-weights":
+        ref, ours = ref.bfloat16(), ours.bfloat16()
+    x = torch.randn(4, 48, dtype=ref.weight.dtype)
+    ctx = torch.no_grad() if case == "no-grad" else torch.enable_grad()
+    with ctx, torch.autocast("cpu", dtype=torch.bfloat16, enabled=case != "no-autocast"):
+        a, b = ref(x), ours(x)
+    assert torch.equal(a, b)
+    if case != "no-grad":
+        a.float().sum().backward(), b.float().sum().backward()
+        assert torch.equal(ref.weight.grad, ours.weight.grad)

@@ -47,6 +47,45 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+class _AutocastLinear(torch.autograd.Function):
+    """x W^T under autocast, W's gradient returned in fp32 straight from the product: autocast's own linear rounds
+    that gradient to the low dtype and a separate kernel casts it back to fp32 for the optimizer (bandwidth-bound: a
+    read and a write of every weight a step). On CUDA the product writes fp32 itself (`mm` with `out_dtype`), which is
+    also the more exact gradient (not rounded to bf16); elsewhere the product is rounded and cast as autocast does.
+    x and the output are as under autocast (x in the low dtype, the output too), so is x's gradient."""
+
+    @staticmethod
+    def forward(ctx, x, weight, dtype):
+        w = weight.to(dtype)
+        ctx.save_for_backward(x, w)
+        return F.linear(x, w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, w = ctx.saved_tensors
+        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+        if grad.is_cuda:
+            grad_w = torch.mm(g2.t(), x2, out_dtype=torch.float32)
+        else:
+            grad_w = torch.mm(g2.t(), x2).float()
+        return (grad @ w if ctx.needs_input_grad[0] else None), grad_w, None
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters and state dict) whose fp32 weight under autocast gets its fp32 gradient from the
+    product itself (`_AutocastLinear`); every other case (no autocast, no gradient, a bias, low-precision weights
+    as under FSDP2's mixed precision) is `F.linear` as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if (self.bias is None and w.requires_grad and w.dtype == torch.float32
+                and torch.is_autocast_enabled(x.device.type)):
+            dtype = torch.get_autocast_dtype(x.device.type)
+            if dtype != torch.float32:
+                return _AutocastLinear.apply(x.to(dtype), w, dtype)
+        return F.linear(x, w, self.bias)
+
+
 class _Fusable(nn.Module):
     """A module whose input projections (`_FUSED`: Linear names, in order) can share one weight, so that one
     product replaces several (`fuse`). The Linear weights become row slices (views) of the fused tensor, so memory
@@ -109,10 +148,10 @@ class Attention(_Fusable):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.wq = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x, cos, sin, mask: AttentionMask | None, cache=None, layer_idx: int = 0):
         B, T, _ = x.shape
@@ -141,9 +180,9 @@ class MLP(_Fusable):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.w1 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
-        self.w3 = nn.Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
-        self.w2 = nn.Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
+        self.w1 = Linear(cfg.dim, cfg.hidden_dim, bias=False)  # gate
+        self.w3 = Linear(cfg.dim, cfg.hidden_dim, bias=False)  # up
+        self.w2 = Linear(cfg.hidden_dim, cfg.dim, bias=False)  # down
 
     def forward(self, x):
         gate, up = self._fused_outputs(x) or (self.w1(x), self.w3(x))
