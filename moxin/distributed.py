@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from moxin.devices import to_device
 from moxin.losses import parse_option
 
 
@@ -117,10 +118,7 @@ def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
 
     # the host's numbers in one copy that does not block (a blocking copy to a GPU waits for all queued work)
     host = torch.tensor([float(v) for v in values if not on_device(v)], dtype=torch.float64)
-    if device.type == "cuda" and len(host):
-        host = host.pin_memory().to(device, non_blocking=True)
-    else:
-        host = host.to(device)
+    host = to_device(host, device)
     if len(host) == len(values):
         t = host
     else:

@@ -26,6 +26,8 @@ from enum import StrEnum
 import torch
 import torch.nn.functional as F
 
+from moxin.devices import to_device
+
 IGNORE_INDEX = -100
 
 
@@ -337,10 +339,8 @@ class LabelRows:
         """A copy on `device` (page-locked first when copied to a GPU without blocking)."""
         if self.rows.device == torch.device(device):
             return self
-        pin = non_blocking and self.rows.device.type == "cpu" and torch.device(device).type == "cuda"
-        rows, targets = (t.pin_memory() if pin else t for t in (self.rows, self.targets))
-        return dataclasses.replace(self, rows=rows.to(device, non_blocking=non_blocking),
-                                   targets=targets.to(device, non_blocking=non_blocking))
+        move = (lambda t: to_device(t, device)) if non_blocking else (lambda t: t.to(device))
+        return dataclasses.replace(self, rows=move(self.rows), targets=move(self.targets))
 
 
 def _select_targets(labels: torch.Tensor, V: int, label_rows: LabelRows | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -440,21 +440,30 @@ def token_entropy(
     mask: torch.Tensor,
     chunk_size: int = 1024,
     temperature: float = 1.0,
+    rows: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed entropy of the next-token distribution at masked positions (a diagnostic: no gradient).
 
     Useful in GRPO: entropy collapsing towards 0 means the policy stopped exploring (DAPO's motivation for
     clip-higher). hidden (B, T, D), weight (V, D), mask (B, T) bool. Returns ``(entropy_sum, n_tokens)``.
+    rows: the mask's flat positions (``mask.reshape(-1).nonzero()``, found on the host and sent with the batch):
+    then nothing is read from the device, and ``n_tokens`` is a host (CPU) tensor.
     """
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
-    h = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).bool()]
+    if rows is not None:
+        if rows.dim() != 1 or rows.device != hidden.device:
+            raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
+                             f"{tuple(rows.shape)} on {rows.device}")
+        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
+    else:
+        h = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).bool()]
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, h.shape[0], chunk_size):
         logits = (h[start : start + chunk_size] @ weight.T).float() / temperature
         logp = torch.log_softmax(logits, dim=-1)
         total += -(logp.exp() * logp).sum()
-    return total, mask.bool().sum()
+    return total, (torch.tensor(h.shape[0]) if rows is not None else mask.bool().sum())
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -503,9 +512,7 @@ def _lengths(name: str, lengths: torch.Tensor | None, like: torch.Tensor, loss_t
             "and the label mask)"
         )
     if lengths.device != like.device:
-        if lengths.device.type == "cpu" and like.device.type == "cuda":
-            lengths = lengths.pin_memory()
-        lengths = lengths.to(like.device, non_blocking=True)
+        lengths = to_device(lengths, like.device)
     return lengths.to(like.dtype)
 
 

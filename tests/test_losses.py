@@ -297,6 +297,13 @@ def test_token_entropy():
     ref = (-(p * p.log()).sum(-1) * mask).sum()
     torch.testing.assert_close(ent, ref, atol=1e-4, rtol=1e-5)
     assert n.item() == mask.sum().item()
+    # the mask's positions found on the host: the same sum bit for bit, nothing read, the count a host tensor
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    with _HostReads() as seen:
+        ent2, n2 = token_entropy(hidden, weight, mask, chunk_size=4, rows=rows)
+    assert torch.equal(ent, ent2) and n2.device.type == "cpu" and int(n2) == int(n) and seen.reads == []
+    with pytest.raises(ValueError, match=r"flat positions \(R,\)"):
+        token_entropy(hidden, weight, mask, rows=rows[None])
 
 
 # ---------------------------------------------------------------- DPO family

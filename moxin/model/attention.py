@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from moxin.devices import to_device
 from moxin.model import masks
 
 try:  # FlexAttention ships with torch >= 2.5
@@ -197,9 +198,7 @@ class DocBounds:
         cu = self.cu_seqlens
         if cu is None or cu.device == torch.device(device):
             return self
-        if non_blocking and cu.device.type == "cpu" and torch.device(device).type == "cuda":
-            cu = cu.pin_memory()
-        return dataclasses.replace(self, cu_seqlens=cu.to(device, non_blocking=non_blocking))
+        return dataclasses.replace(self, cu_seqlens=to_device(cu, device) if non_blocking else cu.to(device))
 
 
 def one_doc_per_row(doc_ids: torch.Tensor) -> bool:

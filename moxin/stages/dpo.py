@@ -44,6 +44,7 @@ import torch
 
 from enum import StrEnum
 
+from moxin.devices import to_device
 from moxin.losses import DPOLoss, LabelRows, dpo_loss, parse_option, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.model.attention import DocBounds
@@ -180,9 +181,7 @@ class DPOStage(MoxinStage):
         # would wait for the GPU), sent without blocking
         idx = batch["pair_index_host"] if "pair_index_host" in batch else batch["pair_index"].cpu()
         rows = torch.stack([table["chosen_logps"][idx], table["rejected_logps"][idx]]).to(torch.float32)
-        if self.device.type == "cuda":
-            rows = rows.pin_memory()
-        rows = rows.to(self.device, non_blocking=True)
+        rows = to_device(rows, self.device)
         return rows[0], rows[1]
 
     # ---- loss -------------------------------------------------------------------------------------------------
