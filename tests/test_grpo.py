@@ -306,3 +306,41 @@ def test_rollouts_decode_from_a_16bit_copy_refreshed_every_step(tok, monkeypatch
     plain.configure_model()
     plain.rollout(batch, step=0)
     assert seen[-1][0] is plain.model
+
+
+def test_the_update_finds_its_rows_on_the_host_reads_nothing_in_its_passes_and_updates_alike(tok, tmp_path,
+                                                                                            monkeypatch):
+    """The update's forwards (old log-probs, policy with entropy, KL reference) take their rows' bounds, label and
+    mask positions from the rollout's host tensors: those passes and their backward read no tensor value, and the
+    weights and every logged number equal the update that finds them on the device (uneven micro-batches, two
+    epochs of two minibatches, KL on)."""
+    from moxin.stages import grpo
+    from tests.test_losses import _HostReads
+
+    runs = {}
+    for host in (True, False):
+        stage = make_stage(tok, ppo_epochs=2, num_minibatches=2, kl_coef=0.1, micro_batch_size=3)
+        reads = []
+
+        def recorded(fn):
+            def call(*a, **k):
+                with _HostReads() as seen:
+                    out = fn(*a, **k)
+                reads.extend(seen.reads)
+                return out
+            return call
+
+        stage._logp = recorded(stage._logp)
+        stage.manual_backward = recorded(stage.manual_backward)
+        if not host:
+            monkeypatch.setattr(stage, "_host_rows", lambda *a, **k: grpo._HostRows())
+        fit(stage, make_dm(tok, steps=1, P=3), tmp_path)
+        runs[host] = (stage.history, stage.model.state_dict(), reads)
+    (h_host, w_host, r_host), (h_dev, w_dev, r_dev) = runs[True], runs[False]
+    assert r_host == [] and "aten::nonzero" in r_dev
+    timing = {"grpo/step_s", "grpo/gen_s", "grpo/score_s", "grpo/update_s", "grpo/score_busy_s",
+              "grpo/gen_tokens_per_s"}
+    assert [{k: v for k, v in h.items() if k not in timing} for h in h_host] == \
+        [{k: v for k, v in h.items() if k not in timing} for h in h_dev]
+    assert h_host[0]["grpo/kl"] > 0 and h_host[0]["grpo/entropy"] > 0  # the reference and entropy passes ran
+    assert all(torch.equal(w_host[k], w_dev[k]) for k in w_host)

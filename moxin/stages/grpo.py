@@ -56,10 +56,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moxin.devices import to_device
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
-from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, completion_mask, group_advantages, kl_penalty,
-                          parse_option, policy_loss, token_entropy, token_logprobs, zero_std_groups)
+from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, LabelRows, completion_mask, group_advantages,
+                          kl_penalty, parse_option, policy_loss, token_entropy, token_logprobs, zero_std_groups)
 from moxin.model import Transformer
+from moxin.model.attention import DocBounds
 from moxin.model.generate import DecodePath, generate
 from moxin.stages.base import MoxinStage, OptimConfig
 
@@ -147,6 +149,17 @@ class GRPOConfig:
             raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
         if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise ValueError("stage.grpo.ppo_epochs, num_minibatches and micro_batch_size must be >= 1")
+
+
+@dataclass
+class _HostRows:
+    """What a forward of the update and its loss head would read from the device, found on the host: the rows'
+    document bounds, their labels' positions (`LabelRows`) and the completion mask's flat positions (the
+    entropy's). None: found on the device."""
+
+    labels: LabelRows | None = None
+    bounds: DocBounds | None = None
+    entropy: torch.Tensor | None = None
 
 
 @dataclass
@@ -373,16 +386,32 @@ class GRPOStage(MoxinStage):
                        advantages=adv, keep=keep, zero_std=zs, truncated=truncated, lengths=clen, completions=[])
 
     # ---- update -------------------------------------------------------------------------------------------------
-    def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False):
+    def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False, rows: _HostRows | None = None):
+        """Per-token log-probs (and with_entropy, the masked entropy's sum and count) of a forward. `rows`: the
+        rows' bounds and label and mask positions found on the host (`_HostRows`), so nothing is read from the
+        device; without them the forward and the head find them on the device."""
+        rows = rows or _HostRows()
+
         def head(hidden, W):  # runs inside the model's forward, where FSDP2 has gathered the output weight
-            logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature)
+            logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature,
+                                  label_rows=rows.labels)
             ent = None
             if with_entropy:
                 ent = token_entropy(hidden.detach(), W.detach(), mask.bool(), self.loss_chunk_size,
-                                    temperature=self.cfg.temperature)
+                                    temperature=self.cfg.temperature, rows=rows.entropy)
             return logp, ent
 
-        return model(ids, pos, head=head)
+        return model(ids, pos, head=head, doc_bounds=rows.bounds)
+
+    def _host_rows(self, labels: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> _HostRows:
+        """`_HostRows` of host tensors (a micro-batch's labels, positions and, for the entropy, completion mask),
+        moved to the stage's device without blocking."""
+        dev = self.device
+        ent = None
+        if mask is not None:
+            ent = to_device(mask.reshape(-1).nonzero().squeeze(1), dev)
+        return _HostRows(labels=LabelRows.from_labels(labels).to(dev, non_blocking=True),
+                         bounds=DocBounds.from_positions(positions).to(dev, non_blocking=True), entropy=ent)
 
     def _minibatches(self, n_kept_local: int, step: int, epoch: int) -> list[list[torch.Tensor]]:
         """Split the kept sequences into num_minibatches x micro-batches; every rank gets the same number of
@@ -400,14 +429,20 @@ class GRPOStage(MoxinStage):
         return out
 
     def _update(self, ro: Rollout, step: int) -> dict:
+        """The policy update on one rollout: ppo_epochs x num_minibatches optimizer steps. Nothing in a micro-batch
+        reads the device: the rows' bounds, label and mask positions and token counts come from the rollout's host
+        tensors, and each micro-batch's statistics stay on the device until its minibatch's optimizer step is
+        queued (one read a minibatch, beside the clipping's)."""
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
         world = rank_and_world()[1]
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
-        ids, lab, pos = ro.input_ids[kept].to(dev), ro.labels[kept].to(dev), ro.positions[kept].to(dev)
-        mask, adv = ro.mask[kept].to(dev), ro.advantages[kept].to(dev)
+        # the host's rows (the rollout is built on the host), and the device's, sent once without blocking
+        h_ids, h_lab, h_pos = ro.input_ids[kept], ro.labels[kept], ro.positions[kept]
+        h_mask, h_adv = ro.mask[kept], ro.advantages[kept]
+        ids, lab, pos, mask, adv = (to_device(t, dev) for t in (h_ids, h_lab, h_pos, h_mask, h_adv))
         on_policy = c.ppo_epochs == 1 and c.num_minibatches == 1
         if all_reduce_values([float(len(kept))], self.device)[0] == 0:
             # every group on every rank was filtered (all rewards equal): nothing to learn, no optimizer step
@@ -415,6 +450,15 @@ class GRPOStage(MoxinStage):
             return {"train/loss": 0.0, "grpo/pg_loss": 0.0, "grpo/clip_frac": 0.0, "grpo/kl": 0.0,
                     "grpo/ratio_max": 0.0, "grpo/loss_tokens": 0.0,
                     "grpo/skipped_update": 1.0}
+        dummy = None  # a row for a pass that must happen with nothing of this rank's to compute (see below)
+
+        def dummy_row():
+            nonlocal dummy
+            if dummy is None:
+                d_ids, d_pos, d_lab = (to_device(t[:1], dev) for t in (ro.input_ids, ro.positions, ro.labels))
+                dummy = (d_ids, d_pos, d_lab, self._host_rows(ro.labels[:1], ro.positions[:1]))
+            return dummy
+
         old = None
         if not on_policy:
             # Under FSDP2 every forward is collective: a rank that kept fewer sequences than another runs forwards
@@ -428,39 +472,45 @@ class GRPOStage(MoxinStage):
                 for s in range(0, n_fwd, c.micro_batch_size):
                     if s < n_local:
                         sl = slice(s, s + c.micro_batch_size)
-                        parts.append(self._logp(self.model, ids[sl], pos[sl], lab[sl])[0])
+                        parts.append(self._logp(self.model, ids[sl], pos[sl], lab[sl],
+                                                rows=self._host_rows(h_lab[sl], h_pos[sl]))[0])
                     else:
-                        self._logp(self.model, ro.input_ids[:1].to(dev), ro.positions[:1].to(dev),
-                                   ro.labels[:1].to(dev))
+                        d_ids, d_pos, d_lab, d_rows = dummy_row()
+                        self._logp(self.model, d_ids, d_pos, d_lab, rows=d_rows)
             old = torch.cat(parts) if parts else None
         acc = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "ent": 0.0, "ent_n": 0.0, "tok": 0.0,
                "ratio_max": 0.0, "n_mb": 0}
         processed = 0
+        zero = torch.zeros((), device=dev)
         for epoch in range(c.ppo_epochs):
             for mb in self._minibatches(len(kept), step, epoch):
                 idx_all = torch.cat(mb) if mb else torch.zeros(0, dtype=torch.long)
-                m_all = mask[idx_all.to(dev)] if len(idx_all) else mask[:0]
+                m_all = h_mask[idx_all]
                 local_tok = float(m_all.sum())
                 local_seq = float((m_all.sum(1) > 0).sum())
                 tot_tok, tot_seq, tot_n = all_reduce_values([local_tok, local_seq, float(len(idx_all))], self.device)
                 opt.zero_grad(set_to_none=True)
-                mb_loss = mb_pg = mb_clip = mb_kl = 0.0
+                pending = []  # per micro-batch: its statistics on the device, and its host numbers
                 for micro in mb:
                     empty = len(micro) == 0
-                    mi = (micro if not empty else torch.zeros(1, dtype=torch.long)).to(dev)
+                    h_mi = micro if not empty else torch.zeros(1, dtype=torch.long)
                     if empty and len(kept) == 0:  # nothing at all on this rank: a zero-weight pass on a dummy row
-                        ids_m, pos_m = ro.input_ids[:1].to(dev), ro.positions[:1].to(dev)
-                        lab_m = ro.labels[:1].to(dev)
+                        ids_m, pos_m, lab_m, rows = dummy_row()
+                        h_m = torch.zeros_like(ro.mask[:1])
                         m_m, a_m = torch.zeros_like(ro.mask[:1]).to(dev), torch.zeros(1, device=dev)
+                        rows = _HostRows(rows.labels, rows.bounds, to_device(torch.zeros(0, dtype=torch.long), dev))
                     else:
+                        mi = to_device(h_mi, dev)
                         ids_m, pos_m, lab_m, a_m = ids[mi], pos[mi], lab[mi], adv[mi]
+                        h_m = h_mask[h_mi] * (0.0 if empty else 1.0)
                         m_m = mask[mi] * (0.0 if empty else 1.0)
-                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0)
+                        rows = self._host_rows(h_lab[h_mi], h_pos[h_mi], h_m)
+                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0, rows=rows)
                     old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
                     kl = None
                     if c.kl_coef != 0.0 and self.ref_model is not None:
                         with torch.no_grad():
-                            ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m)
+                            ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m, rows=rows)
                             reshard(self.ref_model)
                         kl = kl_penalty(logp, ref_logp, c.kl_estimator)
                     # normalise by the whole minibatch on all ranks: each micro-batch returns its exact share
@@ -470,18 +520,25 @@ class GRPOStage(MoxinStage):
                                            normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     self.manual_backward(loss * world)
-                    n_tok = float(st["n_tokens"])
-                    mb_loss += float(loss.detach())
-                    mb_pg += float(st["pg_loss"])
-                    mb_clip += float(st["clip_frac_low"] + st["clip_frac_high"]) * n_tok
-                    mb_kl += float(st["kl_mean"]) * n_tok
-                    acc["ratio_max"] = max(acc["ratio_max"], float(st["ratio_max"]))
-                    if ent is not None:
-                        acc["ent"] += float(ent[0])
-                        acc["ent_n"] += float(ent[1])
+                    ent_sum, ent_n = (ent[0], float(ent[1])) if ent is not None else (zero, None)
+                    pending.append((torch.stack([loss.detach(), st["pg_loss"],
+                                                 st["clip_frac_low"] + st["clip_frac_high"], st["kl_mean"],
+                                                 st["ratio_max"], ent_sum]).float(), float(h_m.sum()), ent_n))
                     processed += ids_m.numel()
                 opt.step()
                 sched.step()
+                # the minibatch's statistics, read once its optimizer step is queued
+                vals = torch.stack([p[0] for p in pending]).tolist() if pending else []
+                mb_loss = mb_pg = mb_clip = mb_kl = 0.0
+                for (loss_v, pg_v, clip_v, kl_v, rmax_v, ent_v), (_, n_tok, ent_n) in zip(vals, pending):
+                    mb_loss += loss_v
+                    mb_pg += pg_v
+                    mb_clip += clip_v * n_tok
+                    mb_kl += kl_v * n_tok
+                    acc["ratio_max"] = max(acc["ratio_max"], rmax_v)
+                    if ent_n is not None:
+                        acc["ent"] += ent_v
+                        acc["ent_n"] += ent_n
                 r = all_reduce_values([mb_loss, mb_pg, mb_clip, mb_kl], self.device)
                 acc["loss"] += r[0] / world
                 acc["pg_loss"] += r[1] / world
