@@ -103,6 +103,8 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
     (the stage's device: NCCL needs the GPU, gloo the CPU); op is sum, max or min. Without a process group, or
     with one rank, the values come back as floats with no collective. Every rank must call it with the same
     number of values."""
+    if rank_and_world()[1] == 1 and not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+        return [float(v) for v in values]  # the host's own numbers: no round trip through the device (a read)
     return all_reduce_tensor(values, device, op).tolist()
 
 

@@ -152,6 +152,23 @@ def test_all_reduce_values_without_a_process_group():
     assert all_reduce_values([1, torch.tensor(2.5), True], "cpu", "max") == [1.0, 2.5, 1.0]
 
 
+def test_all_reduce_values_of_host_numbers_on_one_rank_never_touch_the_device(monkeypatch):
+    """One rank, host numbers (a GPU stage's counts): the floats come straight back, with no copy to the device
+    and back (on a GPU that read waits for all queued work); a device number still goes the device's way."""
+    import torch
+
+    import moxin.distributed as D
+
+    def no_device(values, device, op="sum"):
+        raise AssertionError("went through the device")
+
+    monkeypatch.setattr(D, "all_reduce_tensor", no_device)
+    assert D.all_reduce_values([3, torch.tensor(0.1, dtype=torch.float32), False], "cuda") == [
+        3.0, float(torch.tensor(0.1, dtype=torch.float32)), 0.0]
+    with pytest.raises(AssertionError, match="through the device"):
+        D.all_reduce_values([1.0, torch.zeros((), device="meta")], "cuda")
+
+
 def test_torchrun_launches_again_only_after_a_teardown_abort(tmp_path):
     """The test launcher's retry: a launch whose only failure is a rank's teardown abort runs once more, after
     before_retry (which clears what a non-idempotent launch wrote); a launch whose rank raised is not retried."""
