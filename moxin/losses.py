@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from moxin.devices import to_device
+from moxin.model.transformer import mm_f32
 
 IGNORE_INDEX = -100
 
@@ -194,13 +195,6 @@ def _forward_with_grad(device: torch.device):
     return _compiled["fwd_grad"]
 
 
-def _mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b returned in fp32; 16-bit CUDA operands accumulate straight into fp32 (cuBLAS's `out_dtype`)."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
-
-
 def _add_weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """grad_w + g.T @ h in fp32 (grad_w None: the first chunk). On CUDA with 16-bit g and h the product
     accumulates into fp32 in cuBLAS's epilogue (`out_dtype`): no 16-bit rounding of each chunk's product and no
@@ -276,7 +270,7 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 g, s = kept[i], row_scale[start:end, None]
                 kept[i] = None  # free each block once used
                 if need_h:
-                    grad_h[start:end] = _mm_f32(g, w) * s
+                    grad_h[start:end] = mm_f32(g, w) * s
                 if need_w:
                     grad_w = _add_weight_grad(grad_w, g, (h * s).to(h.dtype))
                 continue

@@ -47,6 +47,14 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b returned in fp32; 16-bit CUDA operands accumulate straight into fp32 (cuBLAS's `out_dtype`), elsewhere
+    the product is rounded to their dtype and then cast."""
+    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return (a @ b).float()
+
+
 class _AutocastLinear(torch.autograd.Function):
     """x W^T under autocast, W's gradient returned in fp32 straight from the product: autocast's own linear rounds
     that gradient to the low dtype and a separate kernel casts it back to fp32 for the optimizer (bandwidth-bound: a
@@ -63,11 +71,7 @@ class _AutocastLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, w = ctx.saved_tensors
-        g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
-        if grad.is_cuda:
-            grad_w = torch.mm(g2.t(), x2, out_dtype=torch.float32)
-        else:
-            grad_w = torch.mm(g2.t(), x2).float()
+        grad_w = mm_f32(grad.reshape(-1, grad.shape[-1]).t(), x.reshape(-1, x.shape[-1]))
         return (grad @ w if ctx.needs_input_grad[0] else None), grad_w, None
 
 

@@ -497,8 +497,8 @@ class GRPOStage(MoxinStage):
                     if empty and len(kept) == 0:  # nothing at all on this rank: a zero-weight pass on a dummy row
                         ids_m, pos_m, lab_m, rows = dummy_row()
                         h_m = torch.zeros_like(ro.mask[:1])
-                        m_m, a_m = torch.zeros_like(ro.mask[:1]).to(dev), torch.zeros(1, device=dev)
-                        rows = _HostRows(rows.labels, rows.bounds, to_device(torch.zeros(0, dtype=torch.long), dev))
+                        m_m, a_m = torch.zeros_like(ro.mask[:1], device=dev), torch.zeros(1, device=dev)
+                        rows = _HostRows(rows.labels, rows.bounds, torch.zeros(0, dtype=torch.long, device=dev))
                     else:
                         mi = to_device(h_mi, dev)
                         ids_m, pos_m, lab_m, a_m = ids[mi], pos[mi], lab[mi], adv[mi]
