@@ -358,8 +358,8 @@ def test_compiled_block_hands_flashattention_its_layout_and_takes_its_gradients_
     """The compiled block computes q, k, v in FlashAttention's (B, T, heads, hd) layout, contiguous, so neither
     they nor the contiguous gradients its backward returns are copied: AOT autograd makes an incoming gradient
     contiguous (or the strides of the output) before the block's backward, and (B, heads, T, hd) views were
-    copied there, three a block (1.4 ms of a 185 ms Moxin-7B x 8 step on an H200). Outputs and gradients equal
-    the reference kernel's (bf16, packed documents or one a row, a window)."""
+    copied there, three a block (1.4 ms of a 185 ms Moxin-7B x 8 step on an H200). Outputs and gradients are
+    as close to the fp32 result as the bf16 reference kernel's (packed documents or one a row, a window)."""
     import torch._dynamo  # noqa: F401  (runtime_wrappers imports it first)
     from torch._functorch import config as functorch_config
     from torch._functorch._aot_autograd import runtime_wrappers as rw
@@ -377,9 +377,10 @@ def test_compiled_block_hands_flashattention_its_layout_and_takes_its_gradients_
     pos = packed_positions([[6, 10], [16]]) if docs else torch.arange(16).expand(2, 16)
     tokens = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     grads = {}
-    for name, backend in (("reference", "sdpa"), ("flash", "flash")):
+    for name, backend, dtype in (("exact", "sdpa", torch.float32), ("reference", "sdpa", torch.bfloat16),
+                                 ("flash", "flash", torch.bfloat16)):
         torch.manual_seed(0)
-        model = Transformer(cfg.replace(attn_backend=backend)).to(torch.bfloat16)
+        model = Transformer(cfg.replace(attn_backend=backend)).to(torch.bfloat16).to(dtype)  # the same bf16 weights
         if backend == "flash":
             for block in model.layers:
                 block.compile(backend="aot_eager")
@@ -395,10 +396,13 @@ def test_compiled_block_hands_flashattention_its_layout_and_takes_its_gradients_
                 assert coerced == [], (guess, coerced)
     assert seen and all(all(c) for c in seen)  # q, k, v reached the kernel contiguous: no copy on the way in
     for guess in (False, True):
-        got, ref = grads["flash", guess], grads["reference", guess]
-        assert len(got) == len(ref) == len(list(model.parameters()))  # hidden states; no output weight grad
-        for a, b in zip(got, ref):  # bf16: per-document kernels round differently from the dense reference
-            assert (a.float() - b.float()).norm() <= 2e-2 * b.float().norm(), (a.float() - b.float()).norm() / b.norm()
+        got, ref, exact = grads["flash", guess], grads["reference", guess], grads["exact", guess]
+        assert len(got) == len(ref) == len(exact) == len(list(model.parameters()))  # hidden states; no output grad
+        # bf16: per-document kernels round differently from the dense reference, so each is held to the fp32 result
+        # of the same weights: the flash path's error at most twice the bf16 reference's (plus a little)
+        for a, b, x in zip(got, ref, exact):
+            err, ref_err = (a.float() - x).norm(), (b.float() - x).norm()
+            assert err <= 2 * ref_err + 1e-3 * x.norm(), (err / x.norm(), ref_err / x.norm())
 
 
 def _spy(real, coerced, x, fmt):
