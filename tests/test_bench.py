@@ -34,3 +34,35 @@ def test_bench_smoke(script, tmp_path):
         none, full = data["rows"]
         assert none["steps"] == full["steps"] == 3 and none["tokens_per_s"] > 0 and none["vs_full"] > 0
         assert none["loss"] == pytest.approx(full["loss"], rel=1e-6)
+
+
+def test_train_profile_idle_gaps_group_the_waits_between_kernels():
+    """The profile's idle analysis on a made-up device timeline: overlapping kernels of two streams count as busy,
+    gaps of 20 us or more are grouped by the kernels on either side, shorter ones only summed."""
+    from types import SimpleNamespace
+
+    import torch
+
+    sys.path.insert(0, str(ROOT / "scripts" / "bench"))
+    try:
+        from train_profile import idle_gaps
+    finally:
+        sys.path.remove(str(ROOT / "scripts" / "bench"))
+
+    def k(start, end, name, dev=torch.autograd.DeviceType.CUDA):
+        return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), name=name, device_type=dev)
+
+    events = [k(0, 100, "sm90_gemm_a"), k(50, 120, "triton_poi_1"),  # overlap: busy to 120
+              k(125, 200, "sm90_gemm_b"),                              # 5 us: a short gap
+              k(300, 400, "fused_adamw_kernel"),                       # 100 us after a product
+              k(400, 410, "cpu_op", torch.autograd.DeviceType.CPU),    # host events are not on the timeline
+              k(430, 500, "sm90_gemm_a"),                              # 30 us after the optimizer
+              k(530, 600, "sm90_gemm_a")]                              # 30 us after a product
+    g = idle_gaps(events, n=2)
+    assert g["gaps"] == 3 and g["small_ms"] == pytest.approx(5 / 1e3 / 2)
+    assert g["idle_ms"] == pytest.approx((5 + 100 + 30 + 30) / 1e3 / 2)
+    assert g["by_pair"][0][0] == "matrix products -> fused_adamw_kernel"
+    pairs = {key: (pytest.approx(ms), count) for key, (ms, count) in g["by_pair"]}
+    assert pairs == {"matrix products -> fused_adamw_kernel": (0.05, 1),
+                     "optimizer + foreach -> sm90_gemm_a": (0.015, 1), "matrix products -> sm90_gemm_a": (0.015, 1)}
+    assert idle_gaps(events[:1], n=1) is None

@@ -6,6 +6,8 @@ same way in the same run, on the same token rows but without their document boun
 Families: matrix products, attention, Inductor's fused kernels (elementwise, norms, casts), the optimizer and
 foreach kernels (AdamW, gradient norm, clipping), everything else. ms a step is kernel time summed (kernels of
 one stream do not overlap); wall is the step's time between synchronisations, so wall - kernels is idle GPU.
+On a GPU it also says where the GPU idles: the gaps between kernels on the device timeline, the largest grouped
+by the kernels on either side.
 
     python scripts/bench/train_profile.py [--mbs 2] [--attn auto] [--no-hf] [--out bench.json]
     python scripts/bench/train_profile.py --smoke     # tiny model, CPU, fp32 (families of CPU ops)
@@ -76,8 +78,41 @@ def profile(step, dev, warm: int, n: int) -> dict:
     total = sum(fams.values())
     print(f"profiled: wall {wall * 1e3:.1f} ms a step, kernels {total:.1f} ms: "
           + ", ".join(f"{k} {v:.1f}" for k, v in sorted(fams.items(), key=lambda kv: -kv[1])), flush=True)
+    gaps = idle_gaps(prof.events(), n) if cuda else None
+    if gaps:
+        print(f"GPU idle between kernels: {gaps['idle_ms']:.1f} ms a step in {gaps['gaps']} gaps of "
+              f"{gaps['min_us']} us or more, {gaps['small_ms']:.1f} ms in shorter ones; largest (kernel before -> "
+              "kernel after: ms a step, count): "
+              + "; ".join(f"{k}: {v[0]:.2f}, {v[1]}" for k, v in gaps["by_pair"][:8]), flush=True)
     return {"wall_ms": wall * 1e3, "kernel_ms": total, "families": dict(fams),
-            "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:12]}
+            "top": sorted(kernels.items(), key=lambda kv: -kv[1])[:12], "idle": gaps}
+
+
+def idle_gaps(events, n: int, min_us: float = 20.0) -> dict | None:
+    """Where the GPU waits: the time between one kernel's end and the next kernel's start on the device timeline
+    (kernels, copies and memsets of every stream merged), over the profiled steps. Gaps of `min_us` or more are
+    grouped by the kernels on either side (their families, the kernel after named), shorter ones only summed
+    (launch latency between back-to-back kernels)."""
+    spans = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                   if e.device_type == torch.autograd.DeviceType.CUDA and not getattr(e, "is_user_annotation", False))
+    if len(spans) < 2:
+        return None
+    by_pair, small, big, count = defaultdict(lambda: [0.0, 0]), 0.0, 0.0, 0
+    end, before = spans[0][1], spans[0][2]
+    for start, stop, name in spans[1:]:
+        gap = start - end
+        if gap >= min_us:
+            key = f"{family(before)} -> {name[:60]}"
+            by_pair[key][0] += gap / 1e3 / n
+            by_pair[key][1] += 1
+            big += gap
+            count += 1
+        elif gap > 0:
+            small += gap
+        if stop > end:
+            end, before = stop, name
+    return {"idle_ms": (big + small) / 1e3 / n, "small_ms": small / 1e3 / n, "gaps": count, "min_us": min_us,
+            "by_pair": sorted(((k, v) for k, v in by_pair.items()), key=lambda kv: -kv[1][0])}
 
 
 def main(argv=None):
