@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
-                       + (["--whole-rows", "--device-bounds"] if script == "train" else []),
+                       + (["--whole-rows", "--device-bounds"] if script == "train" else [])
+                       + (["--lightning"] if script == "train_profile" else []),
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     data = json.loads(out.read_text())
@@ -27,6 +28,7 @@ def test_bench_smoke(script, tmp_path):
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
     if script == "train_profile":  # the families partition the kernel time; products dominate even here
+        assert any("L.Trainer" in name for name in data["runs"]) and len(data["runs"]) == 3
         for run in data["runs"].values():
             assert sum(run["families"].values()) == pytest.approx(run["kernel_ms"])
             assert run["families"]["matrix products"] > 0 and run["wall_ms"] >= run["kernel_ms"] * 0.5

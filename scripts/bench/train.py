@@ -67,7 +67,7 @@ def make_dm(seq, mbs, steps, workers, world=1):
         max_seq_len=max(seq, 32768), num_workers=workers, val_percent=0, world_size=world)
 
 
-def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
+def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers, callbacks=()):
     steps = warm + n + 1
     dm = make_dm(seq, mbs, steps, workers)
     stage = PretrainStage(model=cfg, optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
@@ -78,7 +78,7 @@ def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers):
     trainer = L.Trainer(accelerator="gpu" if dev == "cuda" else "cpu", devices=1, precision="bf16-mixed",
                         max_epochs=dm.num_epochs, max_steps=warm + n, reload_dataloaders_every_n_epochs=1,
                         accumulate_grad_batches=dm.accumulate_grad_batches, use_distributed_sampler=False,
-                        callbacks=[timer, Throughput(peak_tflops=PEAK_TFLOPS)], logger=False,
+                        callbacks=[timer, Throughput(peak_tflops=PEAK_TFLOPS), *callbacks], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         num_sanity_val_steps=0, limit_val_batches=0, log_every_n_steps=1, gradient_clip_val=None)
     torch.cuda.reset_peak_memory_stats() if dev == "cuda" else None

@@ -9,7 +9,7 @@ one stream do not overlap); wall is the step's time between synchronisations, so
 On a GPU it also says where the GPU idles: the gaps between kernels on the device timeline, the largest grouped
 by the kernels on either side.
 
-    python scripts/bench/train_profile.py [--mbs 2] [--attn auto] [--no-hf] [--out bench.json]
+    python scripts/bench/train_profile.py [--mbs 2] [--attn auto] [--no-hf] [--lightning] [--out bench.json]
     python scripts/bench/train_profile.py --smoke     # tiny model, CPU, fp32 (families of CPU ops)
 """
 
@@ -20,10 +20,11 @@ import dataclasses
 import time
 from collections import defaultdict
 
+import lightning as L
 import torch
 
 from _common import default_out, env, free, sync, table, write_json
-from train import bare_step, hf_step, make_dm
+from train import bare_step, hf_step, lightning_run, make_dm
 
 from moxin.distributed import apply_compile
 from moxin.model import ModelConfig, Transformer
@@ -46,19 +47,51 @@ def family(name: str) -> str:
     return "other"
 
 
+def _activities(dev) -> list:
+    cuda = torch.device(dev).type == "cuda"
+    return [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+
 def profile(step, dev, warm: int, n: int) -> dict:
     """Kernel time by family (ms a step), the top kernels, and the wall time a step, over n profiled steps."""
     for _ in range(warm):
         step()
     sync(dev)
-    cuda = torch.device(dev).type == "cuda"
-    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=_activities(dev)) as prof:
         t0 = time.perf_counter()
         for _ in range(n):
             step()
         sync(dev)
         wall = (time.perf_counter() - t0) / n
+    return summarize(prof, dev, wall, n)
+
+
+class ProfileSteps(L.Callback):
+    """Profiles optimizer steps `warm + 1` .. `warm + n` of a Trainer run: the real stage's steps, with
+    Lightning's loop, hooks and logging between them (synchronised only at the window's two ends)."""
+
+    def __init__(self, warm: int, n: int):
+        self.warm, self.n = warm, n
+        self.prof = self.t0 = None
+        self.result: dict | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == self.warm and self.prof is None:
+            sync(pl_module.device)
+            self.prof = torch.profiler.profile(activities=_activities(pl_module.device))
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.warm + self.n and self.prof is not None and self.result is None:
+            sync(pl_module.device)
+            wall = (time.perf_counter() - self.t0) / self.n
+            self.prof.__exit__(None, None, None)
+            self.result = summarize(self.prof, pl_module.device, wall, self.n)
+
+
+def summarize(prof, dev, wall: float, n: int) -> dict:
+    cuda = torch.device(dev).type == "cuda"
     fams, kernels = defaultdict(float), defaultdict(float)
     for e in prof.key_averages():
         if getattr(e, "is_user_annotation", False):
@@ -123,6 +156,8 @@ def main(argv=None):
     ap.add_argument("--warm", type=int, default=4)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--lightning", action="store_true",
+                    help="also profile the stage's own steps through L.Trainer (PretrainStage + PretrainDataModule)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -139,12 +174,20 @@ def main(argv=None):
     dm = make_dm(seq, a.mbs, warm + n + 1, 0)
     dm.setup("fit")
     batch = next(iter(dm.build_train_loader(0)))
+    label = cfg.attn_backend if cfg.attn_backend != "flash" else f"flash{A.flash_version(dev)}"
+    runs = {}
+    if a.lightning:  # the stage's steps as the bench's first row runs them, data workers and all
+        prof = ProfileSteps(warm, n)
+        torch.manual_seed(0)
+        lightning_run(cfg, seq, a.mbs, warm, n, dev, compile_, 0 if a.smoke else 4, callbacks=[prof])
+        runs[f"moxin L.Trainer ({label})"] = prof.result
+        torch._dynamo.reset()
+        free(dev)
     torch.manual_seed(0)
     model = Transformer(cfg)
     if compile_:
         apply_compile(model)
-    label = cfg.attn_backend if cfg.attn_backend != "flash" else f"flash{A.flash_version(dev)}"
-    runs = {f"moxin ({label})": profile(bare_step(model, batch, dev, autocast=not a.smoke), dev, warm, n)}
+    runs[f"moxin bare ({label})"] = profile(bare_step(model, batch, dev, autocast=not a.smoke), dev, warm, n)
     del model
     free(dev)
     if not a.no_hf:
