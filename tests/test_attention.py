@@ -399,10 +399,10 @@ def test_compiled_block_hands_flashattention_its_layout_and_takes_its_gradients_
         got, ref, exact = grads["flash", guess], grads["reference", guess], grads["exact", guess]
         assert len(got) == len(ref) == len(exact) == len(list(model.parameters()))  # hidden states; no output grad
         # bf16: per-document kernels round differently from the dense reference, so each is held to the fp32 result
-        # of the same weights: the flash path's error at most twice the bf16 reference's (plus a little)
+        # of the same weights: the flash path's error at most 1.25x the bf16 reference's (plus a little; seen: 1.04x)
         for a, b, x in zip(got, ref, exact):
             err, ref_err = (a.float() - x).norm(), (b.float() - x).norm()
-            assert err <= 2 * ref_err + 1e-3 * x.norm(), (err / x.norm(), ref_err / x.norm())
+            assert err <= 1.25 * ref_err + 1e-3 * x.norm(), (err / x.norm(), ref_err / x.norm())
 
 
 def _spy(real, coerced, x, fmt):

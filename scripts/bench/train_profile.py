@@ -145,7 +145,7 @@ def idle_gaps(events, n: int, min_us: float = 20.0) -> dict | None:
         if stop > end:
             end, before = stop, name
     return {"idle_ms": (big + small) / 1e3 / n, "small_ms": small / 1e3 / n, "gaps": count, "min_us": min_us,
-            "by_pair": sorted(((k, v) for k, v in by_pair.items()), key=lambda kv: -kv[1][0])}
+            "by_pair": sorted(by_pair.items(), key=lambda kv: -kv[1][0])}
 
 
 def main(argv=None):
