@@ -170,9 +170,10 @@ def test_all_reduce_values_of_host_numbers_on_one_rank_never_touch_the_device(mo
 
 
 def test_torchrun_launches_again_only_after_a_teardown_abort(tmp_path):
-    """The test launcher's retry: a launch whose only failure is a rank's teardown abort runs once more, after
-    before_retry (which clears what a non-idempotent launch wrote); a launch whose rank raised is not retried."""
-    from tests.conftest import TEARDOWN_ABORT
+    """The test launcher's retry: a launch whose only failure is a rank's teardown abort runs again, after
+    before_retry (which clears what a non-idempotent launch wrote), at most TEARDOWN_LAUNCHES launches in all; a
+    launch whose rank raised is not retried."""
+    from tests.conftest import TEARDOWN_ABORT, TEARDOWN_LAUNCHES
 
     script = tmp_path / "flaky.py"
     script.write_text(
@@ -183,7 +184,7 @@ def test_torchrun_launches_again_only_after_a_teardown_abort(tmp_path):
         "mark.write_text('x')\n"
         "if sys.argv[2] == 'raise':\n"
         "    raise RuntimeError('a real failure')\n"
-        "if first and os.environ['RANK'] == '1':\n"
+        "if (first or sys.argv[2] == 'always') and os.environ['RANK'] == '1':\n"
         f"    sys.stderr.write({TEARDOWN_ABORT!r} + '\\n'); sys.stderr.flush(); os._exit(134)\n")
     cleared = []
     with pytest.warns(UserWarning, match="aborted at teardown"):
@@ -192,3 +193,6 @@ def test_torchrun_launches_again_only_after_a_teardown_abort(tmp_path):
     with pytest.raises(AssertionError, match="a real failure"):
         torchrun(script, tmp_path, "raise", before_retry=lambda: cleared.append(True))
     assert cleared == [True]
+    with pytest.warns(UserWarning, match="aborted at teardown"), pytest.raises(AssertionError, match="terminate"):
+        torchrun(script, tmp_path, "always", before_retry=lambda: cleared.append(True))
+    assert len(cleared) == 1 + TEARDOWN_LAUNCHES - 1  # every launch aborted: retried, then the test fails
