@@ -11,6 +11,13 @@ Writing (`CheckpointPolicy`, a Lightning callback that replaces ModelCheckpoint)
 4. only then does the retention policy delete what it no longer keeps (``keep_all_checkpoints=false``: all but
    the newest).
 
+Steps 2-4 (publishing) wait until the step is on record: a checkpoint written at the end of an optimizer step
+is published at the start of the next one (or at the phase's or the run's end), after Lightning has logged
+that step's metrics and run any validation due at it, and after the loggers have flushed. Lightning logs a
+step's metrics only after its ``on_train_batch_end`` hooks, so publishing there would let a kill leave a
+``last`` checkpoint whose step, and its validation, never reach metrics.csv: the resumed run starts after it
+and the curve keeps a hole. A kill before publishing leaves the previous checkpoint as ``last``.
+
 A kill at any point leaves the previous complete checkpoint, at worst a temporary that the next start removes.
 Weights with a NaN/Inf are never saved (the previous good checkpoint stays ``last``).
 
@@ -355,6 +362,7 @@ class CheckpointPolicy(L.Callback):
         self.last_path: Path | None = None
         self.refused: list[int] = []  # steps not saved because the weights were not finite
         self._finished = False
+        self._pending: tuple[Path, str] | None = None  # written, not yet published: (temporary, final name)
 
     @staticmethod
     def _phase_done(trainer) -> bool:
@@ -370,16 +378,34 @@ class CheckpointPolicy(L.Callback):
             return  # a phase end is saved at on_train_epoch_end, after its validation
         stopping = 0 < trainer.max_steps <= step
         if stopping or (self.every and step % self.every == 0):
-            self.save(trainer, pl_module)
+            self.save(trainer, pl_module, publish=False)  # published once the step is logged (module docstring)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.publish(trainer)  # the previous step and its validation are logged by now
 
     def on_train_epoch_end(self, trainer, pl_module):
+        self.publish(trainer)
         step = trainer.global_step
         if step and step != self.last_saved_step and self._phase_done(trainer):
-            self._finished = trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
-            try:
-                self.save(trainer, pl_module)
-            finally:
-                self._finished = False
+            self.save_phase_end(trainer, pl_module, publish=True)  # its step and validation are logged
+
+    def on_train_end(self, trainer, pl_module):
+        self.publish(trainer)
+
+    def on_exception(self, trainer, pl_module, exception):
+        # a failure between the write and the publish: the step may be unlogged, so the checkpoint is dropped
+        # and the previous one stays last (no collective here: the other ranks may not be in this hook)
+        pending, self._pending = self._pending, None
+        if pending is not None and trainer.is_global_zero and (pending[0].exists() or pending[0].is_symlink()):
+            _remove(pending[0])
+
+    def save_phase_end(self, trainer, pl_module, publish: bool) -> Path | None:
+        """Save the phase's last step; the run's final checkpoint records that the run is finished."""
+        self._finished = trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
+        try:
+            return self.save(trainer, pl_module, publish=publish)
+        finally:
+            self._finished = False
 
     def _ensure_room(self, trainer, pl_module, step: int) -> None:
         """Refuse, with the sizes, where the disk cannot hold the next checkpoint (torch's own error for a full
@@ -400,7 +426,11 @@ class CheckpointPolicy(L.Callback):
         # a finished run's last checkpoint says so: resume=auto then has nothing left to do
         checkpoint.setdefault("moxin", {})["finished"] = self._finished
 
-    def save(self, trainer, pl_module) -> Path | None:
+    def save(self, trainer, pl_module, publish: bool = True) -> Path | None:
+        """Write the checkpoint of this optimizer step under a temporary name (every rank) and, with `publish`,
+        publish it now; otherwise `publish` does it at the next hook where the step is logged. Returns the name
+        it has (or will have) once published, None where nothing is written."""
+        self.publish(trainer)  # one written earlier goes first
         step = trainer.global_step
         self.last_saved_step = step
         if not self.enabled:
@@ -421,8 +451,21 @@ class CheckpointPolicy(L.Callback):
         # all of it (optimizer, loops: not weights only, which Lightning otherwise logs it assumed); collective
         # under FSDP2, ends with a barrier
         trainer.save_checkpoint(str(tmp), weights_only=False)
+        self._pending = (tmp, name)
+        if publish:
+            self.publish(trainer)
+        return self.ckpt_dir / name
+
+    def publish(self, trainer) -> Path | None:
+        """Steps 2-4 of the module docstring for the checkpoint `save` wrote, after the loggers flush (every rank
+        calls it: it ends with a barrier). Nothing to do where no checkpoint waits."""
+        if self._pending is None:
+            return None
+        (tmp, name), self._pending = self._pending, None
         final = self.ckpt_dir / name
         if trainer.is_global_zero:
+            for logger in trainer.loggers:  # the step's rows on disk before its checkpoint becomes last
+                logger.save()
             if tmp.is_dir():
                 _fsync_dir(tmp)
                 if final.exists():  # the same step saved again (resumed at a checkpoint step): replace it
@@ -470,13 +513,6 @@ class StopOnSignal(L.Callback):
     def on_train_start(self, trainer, pl_module):
         self._install()
 
-    def on_train_end(self, trainer, pl_module):
-        import signal
-
-        if self._previous is not None:
-            signal.signal(self.signum, self._previous)
-            self._previous = None
-
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches:
             return
@@ -488,11 +524,25 @@ class StopOnSignal(L.Callback):
         step = trainer.global_step
         if self.policy.last_saved_step != step:
             if self.policy._phase_done(trainer):  # the phase's last step: save with the loop state "phase done"
-                self.policy.on_train_epoch_end(trainer, pl_module)
+                self.policy.save_phase_end(trainer, pl_module, publish=False)
             else:
-                self.policy.save(trainer, pl_module)
+                self.policy.save(trainer, pl_module, publish=False)
         self.stopped_at = step
         trainer.should_stop = True
+
+    def on_train_end(self, trainer, pl_module):
+        import signal
+
+        if self.stopped_at is not None:
+            # the step is logged now: publish its checkpoint, then requeue (scontrol requeue ends this job)
+            self.policy.publish(trainer)
+            self._report_and_requeue(trainer)
+        if self._previous is not None:
+            signal.signal(self.signum, self._previous)
+            self._previous = None
+
+    def _report_and_requeue(self, trainer) -> None:
+        step = self.stopped_at
         if trainer.is_global_zero:
             job = os.environ.get("SLURM_JOB_ID")
             if os.environ.get("SLURM_ARRAY_JOB_ID"):

@@ -280,6 +280,52 @@ def test_chat_roles_out_of_order_are_counted(tmp_path):
     assert "role 'assistant' where 'user' is expected" in stats.bad_examples[0]
 
 
+def test_a_checkpoint_becomes_last_only_once_its_step_and_validation_are_logged(tmp_path, monkeypatch):
+    """Lightning logs a step's metrics after its on_train_batch_end hooks, and validates after that: a checkpoint
+    switched to `last` there could be resumed from by a run whose log never got that step's loss or validation
+    (a kill in between: the resumed run starts after it, the curve keeps a hole; a CI kill loop hit it). At
+    every switch of last.ckpt the step's train row, and its validation where one is due, are in metrics.csv."""
+    out = tmp_path / "run"
+    seen = []
+    real = C.point_last
+
+    def spy(ckpt_dir, name):
+        step = int(name[len("step"):-len(".ckpt")])
+        rows = _rows(out)
+        seen.append((step, any(s == step - 1 and t for s, t, _ in rows), any(s == step - 1 and v for s, _, v in rows)))
+        real(ckpt_dir, name)
+
+    monkeypatch.setattr(C, "point_last", spy)
+    R.train(_compose(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
+                             f"out_dir={out}", "run_name=run"]))
+    assert [s for s, _, _ in seen] == list(range(1, 13))
+    assert all(train for _, train, _ in seen), seen
+    assert [s for s, _, val in seen if val] == [3, 6, 9, 12], seen
+    assert os.readlink(out / "checkpoints" / "last.ckpt") == "step000012.ckpt"
+    assert not list((out / "checkpoints").glob(".*"))
+
+
+def test_a_failure_before_the_step_is_logged_keeps_the_previous_checkpoint(tmp_path):
+    """A step whose validation fails: its checkpoint (written, not yet published) is dropped and the one
+    before stays last; nothing temporary is left behind."""
+    import lightning as L
+
+    class FailVal(L.Callback):
+        def on_validation_start(self, trainer, pl_module):
+            if trainer.global_step == 3:  # mid-phase: step 3's checkpoint is written, not yet published
+                raise RuntimeError("validation failed")
+
+    cfg = _compose(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
+                           f"out_dir={tmp_path}", "run_name=run"])
+    trainer, stage, dm, ckpt_path, _ = R.build(cfg)
+    trainer.callbacks.append(FailVal())
+    with pytest.raises(RuntimeError, match="validation failed"):
+        trainer.fit(stage, datamodule=dm)
+    ck = tmp_path / "checkpoints"
+    assert os.readlink(ck / "last.ckpt") == "step000002.ckpt"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000002.ckpt"]
+
+
 # ---- SLURM: SIGUSR1 before the time limit -------------------------------------------------------------------
 def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     """What `#SBATCH --signal=SIGUSR1@120` does: the run finishes its step, saves a complete checkpoint, exits 0
