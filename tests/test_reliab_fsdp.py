@@ -103,7 +103,8 @@ def _kill_loop(tmp_path, mode, kills, seed, port):
     r = json.loads((tmp_path / "kill_loop.json").read_text())
     assert r["kills"] >= 1
     assert r["all_resumed_from_newest_complete"], r["events"]
-    assert r["steps_killed"] == r["steps_ref"] == list(range(12))
+    assert r["steps_killed"] == r["steps_ref"] == list(range(12)), r["events"]  # every step's loss on record
+    assert r["val_steps_killed"] == r["val_steps_ref"] and r["max_val_diff"] <= 1e-5, r  # and every validation
     assert r["max_loss_diff"] <= 1e-5 and r["max_weight_diff"] <= 1e-6, r
     assert r["final_val_ref"] == pytest.approx(r["final_val_killed"], abs=1e-5)
     assert r["leftover_temporaries"] == [] and r["checkpoint_files"] == ["last.ckpt", "step000012.ckpt"]

@@ -206,6 +206,8 @@ def main() -> int:
         "max_loss_diff": max((abs(ta[s] - tb[s]) for s in ta if s in tb), default=None),
         "missing_steps": sorted(set(ta) - set(tb)),
         "final_val_ref": va.get(max(va)) if va else None, "final_val_killed": vb.get(max(vb)) if vb else None,
+        "val_steps_ref": sorted(va), "val_steps_killed": sorted(vb),
+        "max_val_diff": max((abs(va[s] - vb[s]) for s in va if s in vb), default=None),
         "leftover_temporaries": sorted(p.name for p in (run / "checkpoints").glob(".*")),
         "checkpoint_files": sorted(p.name for p in (run / "checkpoints").iterdir()),
     }
