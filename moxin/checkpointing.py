@@ -13,7 +13,9 @@ Writing (`CheckpointPolicy`, a Lightning callback that replaces ModelCheckpoint)
 
 Steps 2-4 (publishing) wait until the step is on record: a checkpoint written at the end of an optimizer step
 is published at the start of the next one (or at the phase's or the run's end), after Lightning has logged
-that step's metrics and run any validation due at it, and after the loggers have flushed. Lightning logs a
+that step's metrics and run any validation due at it, and after the loggers have flushed. `moxin.run` makes the
+policy the last callback, so a phase-end checkpoint is published after that phase's samples and evaluation,
+and the run's final one at ``on_train_end``, after an evaluation of the stage. Lightning logs a
 step's metrics only after its ``on_train_batch_end`` hooks, so publishing there would let a kill leave a
 ``last`` checkpoint whose step, and its validation, never reach metrics.csv: the resumed run starts after it
 and the curve keeps a hole. A kill before publishing leaves the previous checkpoint as ``last``.
@@ -387,10 +389,13 @@ class CheckpointPolicy(L.Callback):
         self.publish(trainer)
         step = trainer.global_step
         if step and step != self.last_saved_step and self._phase_done(trainer):
-            self.save_phase_end(trainer, pl_module, publish=True)  # its step and validation are logged
+            # its step, validation and (the policy being the last callback) samples and evaluation are logged;
+            # the run's final checkpoint waits for on_train_end, where an evaluation of the stage may follow
+            final = trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
+            self.save_phase_end(trainer, pl_module, publish=not final)
 
     def on_train_end(self, trainer, pl_module):
-        self.publish(trainer)
+        self.publish(trainer)  # after the other callbacks' on_train_end (moxin.run puts this callback last)
 
     def on_exception(self, trainer, pl_module, exception):
         # a failure between the write and the publish: the step may be unlogged, so the checkpoint is dropped

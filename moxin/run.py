@@ -183,7 +183,7 @@ def build(cfg: DictConfig):
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
     policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints,
                               enabled=cfg.trainer.get("save_checkpoints", True))
-    callbacks = [policy, StopOnSignal(policy), throughput]
+    callbacks = [StopOnSignal(policy), throughput]  # the policy goes last (below)
     from moxin.callbacks.progress import progress_callbacks  # ux: phases, step/total, tokens, ETA; Ctrl-C hint
     from moxin.ui import run_plan
 
@@ -195,6 +195,9 @@ def build(cfg: DictConfig):
         from moxin.callbacks.evaluation import EvalCallback
 
         callbacks.append(EvalCallback(cfg.eval, tokenizer, str(out_dir)))
+    # last, so that in every hook it sees what the others did: a phase's or the run's checkpoint is published
+    # after that phase's samples and evaluation are on record (a kill in an evaluation redoes it on resume)
+    callbacks.append(policy)
     val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
     from moxin.loggers import build_loggers  # ux: CSV always, plus W&B / TensorBoard
 

@@ -326,6 +326,31 @@ def test_a_failure_before_the_step_is_logged_keeps_the_previous_checkpoint(tmp_p
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000002.ckpt"]
 
 
+def test_a_phase_evaluation_is_on_record_before_its_checkpoint_and_a_resume_keeps_it(tmp_path, monkeypatch):
+    """+eval=sample eval.after=phase: the phase-end checkpoint becomes last only after that phase's evaluation is
+    in eval.json (a kill during the evaluation redoes it on resume), and a resumed run's eval.json keeps the
+    evaluations of the launches before it (it was rewritten with the resumed launch's alone)."""
+    out = tmp_path / "run"
+    seen = {}
+    real = C.point_last
+
+    def spy(ckpt_dir, name):
+        f = out / "eval.json"
+        seen[name] = [e["step"] for e in json.loads(f.read_text())["evaluations"]] if f.exists() else []
+        real(ckpt_dir, name)
+
+    monkeypatch.setattr(C, "point_last", spy)
+    ev = ["+eval=sample", "eval.after=phase", "eval.verifier_workers=0", "+eval.tasks.0.limit=2",
+          "+eval.tasks.1.limit=2", "eval.tasks.1.samples=1", "eval.tasks.1.k=[1]", "trainer.val_every_n_steps=null",
+          f"out_dir={out}", "run_name=run"]
+    R.train(_compose(FAST + ev + ["trainer.max_steps=8"]))  # phase a ends at step 6; the stop at 8 evaluates too
+    assert seen["step000006.ckpt"] == [6] and seen["step000008.ckpt"] == [6, 8]
+    R.train(_compose(FAST + ev + ["resume=auto"]))
+    assert seen["step000012.ckpt"] == [6, 8, 12]  # the final one after the last phase's evaluation
+    saved = json.loads((out / "eval.json").read_text())["evaluations"]
+    assert [(e["step"], e["when"]) for e in saved] == [(6, "phase 0"), (8, "phase 1"), (12, "phase 1")]
+
+
 # ---- SLURM: SIGUSR1 before the time limit -------------------------------------------------------------------
 def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     """What `#SBATCH --signal=SIGUSR1@120` does: the run finishes its step, saves a complete checkpoint, exits 0

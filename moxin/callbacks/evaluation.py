@@ -1,12 +1,14 @@
 """Benchmark evaluation inside a training run: ``+eval=sample eval.after=phase|stage`` runs the tasks of the eval
 config (moxin/eval) at the end of every phase or once at the end of the stage, with the same code and numbers as
 ``python -m moxin.run +experiment=eval``. Results go to the run's loggers (``eval/<task>/<metric>`` at the
-current optimizer step), to a printed table, and to ``out_dir/eval.json`` (every evaluation of the run, in order).
+current optimizer step), to a printed table, and to ``out_dir/eval.json`` (every evaluation of the run, in order;
+a resumed run keeps the earlier launches' evaluations up to the step it resumes from).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 from pathlib import Path
 
 import lightning as L
@@ -24,6 +26,21 @@ class EvalCallback(L.Callback):
         self.tokenizer = tokenizer  # the run's tokenizer (moxin.run), or a spec loaded on first use
         self.out_dir = out_dir
         self.history: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module):
+        # a resumed run: eval.json keeps the earlier launches' evaluations up to the step it resumes from (those
+        # after it were made by a launch whose later checkpoints never became last; this launch makes them again)
+        self.history = [e for e in self._recorded() if int(e.get("step", 0)) <= trainer.global_step]
+
+    def _recorded(self) -> list[dict]:
+        path = Path(self.out_dir) / "eval.json" if self.out_dir else None
+        if path is None or not path.is_file():
+            return []
+        try:
+            return list(json.loads(path.read_text()).get("evaluations", []))
+        except (OSError, ValueError, AttributeError) as e:
+            raise RuntimeError(f"{path}: cannot read the run's earlier evaluations ({e}); move the file away to "
+                               "start its record afresh") from e
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.cfg.after == EvalAfter.phase:
