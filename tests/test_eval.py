@@ -337,3 +337,20 @@ def test_training_run_with_eval_after_stage_gets_the_callback_and_it_logs(tmp_pa
 
     rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))
     assert [(r["step"], float(r["eval/mc/acc"])) for r in rows] == [("7", saved[0]["tasks"]["mc"]["metrics"]["acc"])]
+
+
+def test_a_resumed_run_keeps_the_recorded_evaluations_up_to_its_step_and_refuses_an_unreadable_record(tmp_path, tok):
+    from types import SimpleNamespace
+
+    from moxin.callbacks.evaluation import EvalCallback
+    from moxin.errors import UserError
+
+    cb = EvalCallback({"tasks": [{**MC, "limit": 3}], "after": "phase", "verifier_workers": 0}, tok, str(tmp_path))
+    (tmp_path / "eval.json").write_text(json.dumps({"evaluations": [{"step": 6}, {"step": 8}, {"step": 9}]}))
+    cb.on_train_start(SimpleNamespace(global_step=8), None)  # resumed at step 8: the one at 9 is made again
+    assert cb.history == [{"step": 6}, {"step": 8}]
+    cb.on_train_start(SimpleNamespace(global_step=0), None)  # a run from the start keeps none
+    assert cb.history == []
+    (tmp_path / "eval.json").write_text("{half")
+    with pytest.raises(UserError, match="eval.json: cannot read the run's earlier evaluations.*move the file away"):
+        cb.on_train_start(SimpleNamespace(global_step=8), None)

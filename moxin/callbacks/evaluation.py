@@ -15,6 +15,7 @@ import lightning as L
 
 from moxin.eval.runner import EvalAfter, EvalConfig, evaluate, flat_metrics, print_table, write_results
 from moxin.distributed import is_sharded
+from moxin.errors import UserError
 from moxin.tokenizer import as_tokenizer
 
 __all__ = ["EvalCallback"]
@@ -39,7 +40,7 @@ class EvalCallback(L.Callback):
         try:
             return list(json.loads(path.read_text()).get("evaluations", []))
         except (OSError, ValueError, AttributeError) as e:
-            raise RuntimeError(f"{path}: cannot read the run's earlier evaluations ({e}); move the file away to "
+            raise UserError(f"{path}: cannot read the run's earlier evaluations ({e}); move the file away to "
                                "start its record afresh") from e
 
     def on_train_epoch_end(self, trainer, pl_module):
