@@ -365,6 +365,8 @@ class CheckpointPolicy(L.Callback):
         self.refused: list[int] = []  # steps not saved because the weights were not finite
         self._finished = False
         self._pending: tuple[Path, str] | None = None  # written, not yet published: (temporary, final name)
+        self._pending_final = False  # ... and it is the run's final checkpoint
+        self._stepped_at_save = 0  # Lightning's count of stepped batches when it was written
 
     @staticmethod
     def _phase_done(trainer) -> bool:
@@ -398,11 +400,22 @@ class CheckpointPolicy(L.Callback):
         self.publish(trainer)  # after the other callbacks' on_train_end (moxin.run puts this callback last)
 
     def on_exception(self, trainer, pl_module, exception):
-        # a failure between the write and the publish: the step may be unlogged, so the checkpoint is dropped
-        # and the previous one stays last (no collective here: the other ranks may not be in this hook)
+        """A failure between the write and the publish (no collective here: the other ranks may not be in this
+        hook). Where Lightning had finished the checkpoint's optimizer step (logged, validated: its counter of
+        stepped batches moved on, as when SIGTERM or Ctrl-C stops it at the step's end or in the next fetch), the
+        checkpoint is published; otherwise it is dropped and the previous one stays last. A run's final
+        checkpoint is always dropped: published, it would say "finished" to a run whose stage evaluation failed
+        and whose HF export never ran."""
         pending, self._pending = self._pending, None
-        if pending is not None and trainer.is_global_zero and (pending[0].exists() or pending[0].is_symlink()):
-            _remove(pending[0])
+        if pending is None or not trainer.is_global_zero:
+            return
+        tmp, name = pending
+        stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
+        if not self._pending_final and stepped is not None and stepped > self._stepped_at_save:
+            self._publish_files(trainer, tmp, name)
+            self.last_path = self.ckpt_dir / name
+        elif tmp.exists() or tmp.is_symlink():
+            _remove(tmp)
 
     def save_phase_end(self, trainer, pl_module, publish: bool) -> Path | None:
         """Save the phase's last step; the run's final checkpoint records that the run is finished."""
@@ -457,6 +470,8 @@ class CheckpointPolicy(L.Callback):
         # under FSDP2, ends with a barrier
         trainer.save_checkpoint(str(tmp), weights_only=False)
         self._pending = (tmp, name)
+        self._pending_final = self._finished
+        self._stepped_at_save = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", 0)
         if publish:
             self.publish(trainer)
         return self.ckpt_dir / name
@@ -467,23 +482,27 @@ class CheckpointPolicy(L.Callback):
         if self._pending is None:
             return None
         (tmp, name), self._pending = self._pending, None
-        final = self.ckpt_dir / name
         if trainer.is_global_zero:
-            for logger in trainer.loggers:  # the step's rows on disk before its checkpoint becomes last
-                logger.save()
-            if tmp.is_dir():
-                _fsync_dir(tmp)
-                if final.exists():  # the same step saved again (resumed at a checkpoint step): replace it
-                    _remove(final)
-                os.rename(tmp, final)
-            else:
-                os.replace(tmp, final)
-            _fsync_dir(self.ckpt_dir)
-            point_last(self.ckpt_dir, name)
-            apply_retention(self.ckpt_dir, name, self.keep_all)
+            self._publish_files(trainer, tmp, name)
         trainer.strategy.barrier("moxin.checkpoint.post")
-        self.last_path = final
-        return final
+        self.last_path = self.ckpt_dir / name
+        return self.last_path
+
+    def _publish_files(self, trainer, tmp: Path, name: str) -> None:
+        """Rank zero's part of publishing: the loggers flush, then rename, switch last.ckpt, retire."""
+        for logger in trainer.loggers:  # the step's rows on disk before its checkpoint becomes last
+            logger.save()
+        final = self.ckpt_dir / name
+        if tmp.is_dir():
+            _fsync_dir(tmp)
+            if final.exists():  # the same step saved again (resumed at a checkpoint step): replace it
+                _remove(final)
+            os.rename(tmp, final)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(self.ckpt_dir)
+        point_last(self.ckpt_dir, name)
+        apply_retention(self.ckpt_dir, name, self.keep_all)
 
 
 class StopOnSignal(L.Callback):

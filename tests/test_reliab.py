@@ -326,6 +326,55 @@ def test_a_failure_before_the_step_is_logged_keeps_the_previous_checkpoint(tmp_p
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000002.ckpt"]
 
 
+def test_a_failure_at_the_end_of_training_keeps_the_final_checkpoint_unpublished(tmp_path):
+    """The final checkpoint is published at on_train_end, after the other callbacks' (an eval.after=stage
+    evaluation): where one of them fails, it is dropped, so resume=auto trains the last steps again and
+    exports, instead of calling a run finished that never exported."""
+    import lightning as L
+
+    class FailEnd(L.Callback):
+        def on_train_end(self, trainer, pl_module):
+            raise RuntimeError("stage evaluation failed")
+
+    args = FAST + [f"out_dir={tmp_path}", "run_name=run"]
+    trainer, stage, dm, _, _ = R.build(_compose(args))
+    trainer.callbacks.insert(0, FailEnd())
+    with pytest.raises(RuntimeError, match="stage evaluation failed"):
+        trainer.fit(stage, datamodule=dm)
+    ck = tmp_path / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt"]
+    res = R.train(_compose(args + ["resume=auto", "export_hf=true"]))
+    assert res["optimizer_steps"] == 12 and (tmp_path / "hf").is_dir()
+    assert C.read_info(ck / "last.ckpt").moxin["finished"]
+
+
+@pytest.mark.parametrize("at, last", [(4, 4), (3, 2)])
+def test_sigterm_keeps_a_written_checkpoint_only_once_its_step_is_on_record(tmp_path, at, last):
+    """Lightning turns SIGTERM into SIGTERMException at the end of the optimizer step (after its logs and
+    validation) or inside a validation. At step 4 (no validation) the step is on record: its checkpoint, written
+    but not yet published, becomes last. At step 3 the exception comes from inside step 3's validation: that
+    checkpoint is dropped and step 2 stays last."""
+    import signal
+
+    import lightning as L
+
+    class Term(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == at:
+                os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the loop raises
+
+    out = tmp_path / "run"
+    trainer, stage, dm, _, _ = R.build(_compose(FAST + ["trainer.checkpoint_every_n_steps=1",
+                                                        "trainer.val_every_n_steps=3", f"out_dir={out}",
+                                                        "run_name=run", "+logger.csv.flush_logs_every_n_steps=1"]))
+    trainer.callbacks.append(Term())
+    with pytest.raises(SystemExit):  # SIGTERMException
+        trainer.fit(stage, datamodule=dm)
+    ck = out / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", f"step{last:06d}.ckpt"]
+    assert {s for s, t, _ in _rows(out) if t} >= set(range(last))  # every step up to the checkpoint on record
+
+
 def test_a_phase_evaluation_is_on_record_before_its_checkpoint_and_a_resume_keeps_it(tmp_path, monkeypatch):
     """+eval=sample eval.after=phase: the phase-end checkpoint becomes last only after that phase's evaluation is
     in eval.json (a kill during the evaluation redoes it on resume), and a resumed run's eval.json keeps the
