@@ -11,14 +11,14 @@ Writing (`CheckpointPolicy`, a Lightning callback that replaces ModelCheckpoint)
 4. only then does the retention policy delete what it no longer keeps (``keep_all_checkpoints=false``: all but
    the newest).
 
-Steps 2-4 (publishing) wait until the step is on record: a checkpoint written at the end of an optimizer step
-is published at the start of the next one (or at the phase's or the run's end), after Lightning has logged
-that step's metrics and run any validation due at it, and after the loggers have flushed. `moxin.run` makes the
-policy the last callback, so a phase-end checkpoint is published after that phase's samples and evaluation,
-and the run's final one at ``on_train_end``, after an evaluation of the stage. Lightning logs a
-step's metrics only after its ``on_train_batch_end`` hooks, so publishing there would let a kill leave a
-``last`` checkpoint whose step, and its validation, never reach metrics.csv: the resumed run starts after it
-and the curve keeps a hole. A kill before publishing leaves the previous checkpoint as ``last``.
+Steps 2-4 (publishing) wait until the step is on record. Lightning logs a step's metrics only after its
+``on_train_batch_end`` hooks, and validates after that: publishing there would let a kill leave a ``last``
+checkpoint whose step and validation never reach metrics.csv (the resumed run starts after it; the curve keeps
+a hole). So a checkpoint written at the end of an optimizer step is published at the start of the next one (or
+at the phase's or the run's end), after the loggers have flushed. `moxin.run` makes the policy the last
+callback, so a phase-end checkpoint is published after that phase's samples and evaluation, and the run's final
+one at ``on_train_end``, after an evaluation of the stage. An exception in between publishes it only where
+Lightning had finished its step (`CheckpointPolicy.on_exception`).
 
 A kill at any point leaves the previous complete checkpoint, at worst a temporary that the next start removes.
 Weights with a NaN/Inf are never saved (the previous good checkpoint stays ``last``).
@@ -374,6 +374,10 @@ class CheckpointPolicy(L.Callback):
         last batch already); False when trainer.max_steps stopped the run mid-phase."""
         return bool(trainer.fit_loop.epoch_loop.batch_progress.is_last_batch)
 
+    @staticmethod
+    def _last_phase(trainer) -> bool:
+        return trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if pl_module.automatic_optimization and (batch_idx + 1) % trainer.accumulate_grad_batches:
             return  # mid accumulation window: no optimizer step yet
@@ -393,8 +397,7 @@ class CheckpointPolicy(L.Callback):
         if step and step != self.last_saved_step and self._phase_done(trainer):
             # its step, validation and (the policy being the last callback) samples and evaluation are logged;
             # the run's final checkpoint waits for on_train_end, where an evaluation of the stage may follow
-            final = trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
-            self.save_phase_end(trainer, pl_module, publish=not final)
+            self.save_phase_end(trainer, pl_module, publish=not self._last_phase(trainer))
 
     def on_train_end(self, trainer, pl_module):
         self.publish(trainer)  # after the other callbacks' on_train_end (moxin.run puts this callback last)
@@ -419,7 +422,7 @@ class CheckpointPolicy(L.Callback):
 
     def save_phase_end(self, trainer, pl_module, publish: bool) -> Path | None:
         """Save the phase's last step; the run's final checkpoint records that the run is finished."""
-        self._finished = trainer.current_epoch + 1 >= (trainer.max_epochs or 1)
+        self._finished = self._last_phase(trainer)
         try:
             return self.save(trainer, pl_module, publish=publish)
         finally:
@@ -507,8 +510,9 @@ class CheckpointPolicy(L.Callback):
 
 class StopOnSignal(L.Callback):
     """On SIGUSR1 (what ``#SBATCH --signal=SIGUSR1@120`` sends every task before the time limit): finish the
-    optimizer step in progress, save a checkpoint through the policy (complete, last.ckpt switched, so
-    resume=auto continues exactly there), requeue the job when running under SLURM, and stop. The handler only
+    optimizer step in progress, save a checkpoint through the policy, stop, and at ``on_train_end`` (the step
+    logged, the checkpoint published: last.ckpt switched, so resume=auto continues exactly there) requeue the job
+    when running under SLURM. The handler only
     sets a flag; the ranks agree on it at the step boundary (one tiny all-reduce per step when distributed), so
     every rank saves the same step. Lightning's own requeue (SLURMEnvironment(auto_requeue=True)) saves inside
     the signal handler, mid-step, to hpc_ckpt_N.ckpt; run.py turns it off in favour of this."""
