@@ -357,6 +357,24 @@ def test_simpo_by_hand_reference_free():
     torch.testing.assert_close(out.margins, _t(2.0))
 
 
+def test_label_smoothing_by_hand_for_every_loss_that_takes_it():
+    """cDPO's smoothing eps: -(1 - eps) logsigmoid(z) - eps logsigmoid(-z) of each loss's own logit z (summed
+    log-ratios for dpo, averaged ones for dpo_norm, SimPO's averaged log-probs minus gamma); IPO takes none."""
+    pc, pr, rc, rr = _t(-10.0, -6.0), _t(-12.0, -4.0), _t(-11.0, -5.0), _t(-9.0, -5.0)
+    lc, lr = torch.tensor([5, 2]), torch.tensor([4, 4])
+    logits = {"dpo": 0.5 * ((pc - rc) - (pr - rr)),  # pair 0: (1 - -3) = 4 -> 2 ; pair 1: (-1 - 1) = -2 -> -1
+              "dpo_norm": 0.5 * ((pc - rc) / lc - (pr - rr) / lr),  # (0.2 + 0.75) -> 0.475 ; (-0.5 - 0.25) -> -0.375
+              "simpo": 0.5 * (pc / lc - pr / lr) - 0.3}  # (-2 + 3) -> 0.2 ; (-3 + 1) -> -1.3
+    for loss_type, z in logits.items():
+        out = dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type=loss_type, chosen_lengths=lc, rejected_lengths=lr,
+                       label_smoothing=0.25, simpo_gamma=0.3)
+        want = _t(*[-0.75 * _logsig(float(x)) - 0.25 * _logsig(-float(x)) for x in z])
+        torch.testing.assert_close(out.losses, want, msg=loss_type)
+    plain, smoothed = (dpo_loss(pc, pr, rc, rr, beta=0.5, loss_type="ipo", chosen_lengths=lc, rejected_lengths=lr,
+                                label_smoothing=eps).losses for eps in (0.0, 0.25))
+    assert torch.equal(plain, smoothed)
+
+
 @pytest.mark.parametrize("loss_type", ["dpo", "dpo_norm", "ipo", "simpo"])
 def test_dpo_gradients_flow(loss_type):
     pc = torch.tensor([-10.0, -3.0], requires_grad=True)
