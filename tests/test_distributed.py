@@ -1,38 +1,55 @@
-"""Two CPU processes (gloo DDP through torchrun, Lightning's launcher path) give the same losses and weights
-as one process with the same global batch: the loss is normalised by target tokens across accumulation and
-ranks."""
+"""Two CPU processes (gloo DDP / FSDP2 through torchrun, Lightning's launcher path) give the same losses, weights
+and gradients as one process with the same global batch, for pretraining, DPO and GRPO: the loss is normalised by
+the step's target tokens (pairs) across accumulation and ranks. The one-process micro-batches straddle the ranks'
+rows with unequal counts and clipping is off, so a per-micro-batch mean or a missing world-size factor shows in
+the gradients, which are compared directly (and with the first step's gradients written out by hand)."""
 
 import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.conftest import torchrun
+from tests.helpers.wiring_reference import assert_grads_close
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 
 
 def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
     torchrun(HELPER, out, strategy, nproc=world)
-    return json.loads(out.read_text())
+    return json.loads(out.read_text()) | torch.load(f"{out}.grads.pt", weights_only=True)
 
 
-def test_two_processes_match_one(tmp_path):
-    one = _run(1, tmp_path / "one.json")
+def check_same_training(one: dict, two: dict, n_steps: int, what: str) -> None:
+    """Equal per-step gradients (and the first step's equal to the hand-written reference), losses and weights."""
+    assert len(one["steps"]) == len(two["steps"]) == n_steps
+    for run, name in ((one, "1 process"), (two, what)):
+        assert_grads_close(run["steps"][0], run["reference"], f"{name}, step 0 vs the reference")
+    for s, (g1, g2) in enumerate(zip(one["steps"], two["steps"])):
+        assert_grads_close(g2, g1, f"{what} vs 1 process, step {s}")
+    assert len(one["losses"]) == len(two["losses"]) == n_steps
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-5)
+    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory) -> dict:
+    """The single-process pretraining run both the DDP and the FSDP2 runs are held to (launched once)."""
+    return _run(1, tmp_path_factory.mktemp("one") / "one.json")
+
+
+def test_two_processes_match_one(tmp_path, one_process):
     two = _run(2, tmp_path / "two.json")
-    assert len(one["losses"]) == len(two["losses"]) == 4
-    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-5)
-    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
+    check_same_training(one_process, two, 4, "2 DDP processes")
     # the runs really trained: the weights moved away from the (seeded, identical) initialisation
-    assert abs(one["checksum"] - one["init_checksum"]) > 1e-3
+    assert abs(one_process["checksum"] - one_process["init_checksum"]) > 1e-3
 
 
-def test_fsdp2_two_processes_match_one(tmp_path):
+def test_fsdp2_two_processes_match_one(tmp_path, one_process):
     """The same check through per-block FSDP2 sharding (Lightning's ModelParallelStrategy, gloo on CPU)."""
-    one = _run(1, tmp_path / "one.json")
     two = _run(2, tmp_path / "fsdp.json", "fsdp2")
-    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5, abs=1e-5)
-    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
+    check_same_training(one_process, two, 4, "2 FSDP2 processes")
 
 
 @pytest.mark.parametrize("lockstep", ["1", "0"])

@@ -1,10 +1,14 @@
 """Run PretrainStage on fixed rows with 1 or 2 CPU processes (launched by torchrun) and write the per-step
-losses and a weight checksum to a JSON file. Used by tests/test_distributed.py.
+losses and a weight checksum to a JSON file, and the gradients of every optimizer step (with the gradients of the
+first step's loss written out by hand, tests/helpers/wiring_reference.py) to OUT.grads.pt. Used by
+tests/test_distributed.py.
 
-Every optimizer step consumes the same 8 global rows whatever the world size: one process takes them as two
-micro-batches of 4 (accumulation 2), two processes take 4 each (accumulation 1). Label masks differ per row,
-so micro-batches hold different numbers of target tokens: only an exact token normalisation across
-accumulation and ranks gives the same loss and weights in both layouts.
+Every optimizer step consumes the same 8 global rows g0..g7 whatever the world size, in two micro-batches
+(accumulation 2): two processes take g0-g3 and g4-g7, as micro-batches of 2 rows; one process takes micro-batches
+that straddle the two ranks' rows, (g0, g1, g4, g5) and (g2, g3, g6, g7). Label masks differ per row (4 to 31
+targets), so micro-batches hold different numbers of target tokens: only an exact token normalisation across
+accumulation and ranks gives the same gradients in both layouts (a per-micro-batch mean, or a normalisation
+missing the world size, does not). Gradient clipping is off, so the gradients reach the optimizer unchanged.
 """
 
 import json
@@ -15,8 +19,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moxin.model import ModelConfig
+from moxin.model import ModelConfig, Transformer
 from moxin.stages import OptimConfig, PretrainStage
+from wiring_reference import GradRecorder, lm_loss, reference_grads  # this script's folder is on sys.path
 
 GLOBAL_ROWS, T, STEPS = 8, 32, 4
 
@@ -33,13 +38,21 @@ def make_rows():
     return rows
 
 
+# the order in which one process takes a step's 8 rows: micro-batches (g0, g1, g4, g5), (g2, g3, g6, g7)
+ONE_PROCESS_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]
+
+
 class Rows(Dataset):
     def __init__(self, rows, world, rank, per_rank):
-        # step s covers global rows [s*8, (s+1)*8); rank r takes its contiguous half/whole of each step
+        # step s covers global rows [s*8, (s+1)*8); rank r of 2 takes its contiguous half of each step, one process
+        # takes them all in the straddling order
         self.items = []
         for s in range(STEPS):
             chunk = rows[s * GLOBAL_ROWS:(s + 1) * GLOBAL_ROWS]
-            self.items += chunk[rank * per_rank:(rank + 1) * per_rank]
+            if world == 1:
+                self.items += [chunk[i] for i in ONE_PROCESS_ORDER]
+            else:
+                self.items += chunk[rank * per_rank:(rank + 1) * per_rank]
 
     def __len__(self):
         return len(self.items)
@@ -58,13 +71,17 @@ def main(out_path, strategy="ddp"):
     rank = int(os.environ.get("RANK", "0"))
     torch.manual_seed(0)
     per_rank = GLOBAL_ROWS // world
-    accum = 2 if world == 1 else 1
+    accum = 2
     micro = per_rank // accum
-    stage = PretrainStage(ModelConfig.preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant"),
-                          total_steps=STEPS)
+    stage = PretrainStage(ModelConfig.preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
+                                                                  grad_clip=None), total_steps=STEPS)
     losses = []
     stage.configure_model()
     init_checksum = sum(float(p.double().sum()) for p in stage.model.parameters())
+    plain = Transformer(stage.model_cfg)
+    plain.load_state_dict(stage.model.state_dict())
+    want = reference_grads(plain, lm_loss(plain, make_rows()[:GLOBAL_ROWS]))  # the first step's, by hand
+    grads = GradRecorder()
 
     class Record(L.Callback):
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
@@ -82,13 +99,15 @@ def main(out_path, strategy="ddp"):
         strat = "ddp"
     trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strat,
                         max_steps=STEPS, accumulate_grad_batches=accum, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record()],
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[Record(), grads],
                         use_distributed_sampler=False)
     trainer.fit(stage, loader)
     checksum = _checksum(stage.model)
     if trainer.is_global_zero:
         with open(out_path, "w") as f:
             json.dump({"losses": losses, "checksum": checksum, "init_checksum": init_checksum, "world": world}, f)
+        torch.save({"steps": grads.grads, "reference": {k: v.double() for k, v in want.items()}},
+                   f"{out_path}.grads.pt")
 
 
 if __name__ == "__main__":
