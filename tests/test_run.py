@@ -13,6 +13,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moxin import run as R
+from tests.helpers.resume_state import load_checkpoint, state_diff, write_corpus_with_late_duplicates
 
 EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -119,12 +120,30 @@ def test_a_run_builds_one_tokenizer_and_hands_it_everywhere(tmp_path, monkeypatc
     assert built == ["mistral"]  # build, fit (2 workers per phase), samples, check_vocab, export: one tokenizer
 
 
+def _sources(entries: list[dict]) -> str:
+    """The `data.sources=[...]` override of `write_corpus_with_late_duplicates`'s entries."""
+    return "data.sources=[" + ", ".join(f"{{name: {e['name']}, path: '{e['path']}', text_field: {e['text_field']}}}"
+                                        for e in entries) + "]"
+
+
+def _dedup_dropped(ckpt: dict) -> int:
+    """Documents the readers of a pretraining checkpoint dropped as duplicates so far (all workers, all sources)."""
+    from moxin.data.packed_dataset import reader_states
+
+    return sum(c["dropped"] for st in reader_states(ckpt["PretrainDataModule"]) for c in st["dedup"]["counts"].values())
+
+
 @pytest.mark.parametrize("workers", [2])
 def test_resume_continues_exactly(tmp_path, workers):
-    """Stop at step 4 (checkpoint at 3), resume, and get the same losses as an uninterrupted run."""
-    common = TINY_PRETRAIN + [f"hardware.num_workers={workers}", "trainer.val_every_n_steps=null"]
+    """Stop after step 4, resume: every step's loss, and the whole final checkpoint tensor by tensor (weights,
+    optimizer moments, LR schedule, loop counters, loader and reader states with their dedup sets, tokens_seen,
+    RNG states), equal the uninterrupted run's. Every duplicate of the corpus comes after the resume point, so a
+    resume that forgot the dedup set trains on them, and one that reset tokens_seen ends with a smaller count."""
+    sources = write_corpus_with_late_duplicates(tmp_path / "corpus")
+    common = TINY_PRETRAIN + [_sources(sources), f"hardware.num_workers={workers}", "trainer.val_every_n_steps=null"]
     full = R.train(_compose(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
+    at_stop = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")
     with pytest.raises(R.ConfigError, match="resume=auto"):  # never silently overwrite a run
         R.build(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
     R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
@@ -133,6 +152,11 @@ def test_resume_continues_exactly(tmp_path, workers):
     for step in a:  # phases, LR schedule, data position and weights all continue as if never stopped
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
     assert full["optimizer_steps"] == 12
+    end, resumed = (load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))
+    assert at_stop["global_step"] == 4 and end["global_step"] == 12
+    assert _dedup_dropped(at_stop) == 0 < _dedup_dropped(end), "the fixture's duplicates come after the resume point"
+    assert 0 < at_stop["moxin"]["tokens_seen"] < end["moxin"]["tokens_seen"]
+    assert state_diff(end, resumed) == []
 
 
 ONLY_PROSE = "schedule.phases=[{name: a, seq_len: 64, tokens: 4096, mixture: {prose: 1}}]"

@@ -116,13 +116,18 @@ def test_datamodule_steps_are_exact_and_epochs_reshuffle(tmp_path, tok):
                            num_workers=0, world_size=2, rank=0)
     assert dm.accumulate_grad_batches == 2 and dm.steps_per_epoch() == [4, 4] and dm.total_steps == 8
     assert dm.data_report()["train"]["dropped_per_epoch"] == 5
-    seen = []
-    for rank in (0, 1):
-        dm._rank = rank
+    order = {}  # (epoch, rank) -> the conversations that rank trains on, in order
+    for epoch, rank in itertools.product((0, 1, 1), (0, 1)):  # epoch 1 built twice: as a resumed run rebuilds it
+        dm.trainer, dm._rank = SimpleNamespace(current_epoch=epoch), rank  # the loader reads the epoch there
         loader = dm.train_dataloader()
         assert len(list(loader)) == 8  # 4 steps x 2 micro-batches on every rank
-        seen += [i for b in loader.batch_sampler for i in b]
-    assert len(seen) == len(set(seen)) == 32  # ranks never share a conversation within an epoch
+        items = [i for b in loader.batch_sampler for i in b]
+        assert order.setdefault((epoch, rank), items) == items  # an epoch's order is fixed by the seed
+    for epoch in (0, 1):
+        both = order[epoch, 0] + order[epoch, 1]
+        assert len(both) == len(set(both)) == 32  # ranks never share a conversation within an epoch
+    for rank in (0, 1):
+        assert order[0, rank] != order[1, rank]  # each epoch is a new shuffle, on every rank
     with pytest.raises(DataError, match="multiple of micro_batch_size"):
         ChatSFTDataModule(train=path, tokenizer=tok, batch_size=6, micro_batch_size=4, world_size=1)
 

@@ -211,6 +211,7 @@ class MoxinStage(L.LightningModule):
         self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
         self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (restored on resume)
         self._nonfinite_run: list[int] = []  # global steps of the current run of consecutive skipped steps
+        self._rng_at_first_batch: dict | None = None  # a resumed run's generator states (on_load_checkpoint)
         self.last_step_tokens_processed = 0
         self._pending_step = None  # a fused optimizer step's values on their way to the host (see optimizer_step)
         self._set_grad_scale = False
@@ -524,6 +525,19 @@ class MoxinStage(L.LightningModule):
             return
         self.tokens_seen = int(st["tokens_seen"])
         self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
+        self._restore_rng(st)
+        # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,
+        # which the uninterrupted run did before the checkpoint was written
+        self._rng_at_first_batch = st
+
+    def on_train_batch_start(self, batch, batch_idx):
+        st, self._rng_at_first_batch = self._rng_at_first_batch, None
+        if st is not None:
+            self._restore_rng(st)
+
+    @staticmethod
+    def _restore_rng(st: dict) -> None:
+        """torch (CPU, CUDA), Python and NumPy generators as `on_save_checkpoint` recorded them."""
         torch.set_rng_state(st["rng_torch"])
         if torch.cuda.is_available() and st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
