@@ -315,6 +315,9 @@ def train(cfg: DictConfig, handoffs: bool = True) -> dict:
 
     from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
 
+    from moxin.errors import preflight
+
+    preflight(cfg)  # ux: user mistakes (unknown keys, paths, types) stop here, before the warm-up or any work
     first = launcher_rank() == 0
     if cfg.resume in (None, "", False):
         # a fresh run on a folder that holds a run is refused before the lock file is made: a refused run
@@ -357,9 +360,7 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     from moxin import ui
-    from moxin.errors import preflight
 
-    preflight(cfg)  # ux: user mistakes stop here, one message each
     trainer, stage, datamodule, ckpt_path, throughput = build(cfg)
     ui.on_built(cfg, trainer, stage, datamodule, ckpt_path)  # ux: save config, log file, banner, resume message
     if ckpt_path:
@@ -438,7 +439,10 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("eval_only"):  # +experiment=eval: evaluate init_from, no training
         from moxin.errors import guarded
 
-        return guarded(lambda: evaluate_only(cfg), lambda: None, lambda: 0, exit_on_user_error=True)
+        from moxin.errors import check_keys
+
+        return guarded(lambda: (check_keys(cfg), evaluate_only(cfg))[1], lambda: None, lambda: 0,
+                       exit_on_user_error=True)
     return guarded_train(cfg, train)
 
 

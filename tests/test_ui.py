@@ -168,3 +168,35 @@ def test_help_lists_groups_experiments_and_commands():
     for word in ("+experiment=sft", "resume=auto", "hardware", "dpo_moxin_instruct", "logger", "-m"):
         assert word in res.stdout, word
     assert len(res.stdout.splitlines()) < 80
+
+
+@pytest.mark.parametrize("override, key, close", [
+    ("+trainer.max_stepz=5", "trainer.max_stepz", "trainer.max_steps"),
+    ("+hardware.devicez=1", "hardware.devicez", "hardware.devices"),
+    ("+samples.prompt=[a]", "samples.prompt", "samples.prompts"),
+    ("+sead=3", "sead", "seed"),
+    ("+stage.optim.lrr=1", "stage.optim.lrr", "stage.optim.lr"),
+    ("+data.val_token=5", "data.val_token", "data.val_tokens"),
+    ("+schedule.tokens_per_stp=5", "schedule.tokens_per_stp", "schedule.tokens_per_step"),
+])
+def test_unknown_key_anywhere_is_refused_with_the_closest_valid_one(override, key, close, tmp_path):
+    """A key added with `+` passes Hydra (an explicit add); preflight refuses any key nothing reads, naming it and
+    the closest valid key, wherever it is: top level, trainer/hardware/samples/schedule, or a `_target_` node."""
+    m = _msg([override], tmp_path)
+    assert m.startswith(f"unknown key {key} (did you mean {close}?)"), m
+
+
+def test_every_experiment_passes_the_key_check():
+    for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
+        errors.check_keys(_compose([f"+experiment={exp}"]))
+    from moxin.warmup import warmup_config
+
+    errors.check_keys(warmup_config(_compose(["+experiment=grpo", "out_dir=x", "run_name=x"])))  # the warm-up's own run config
+
+
+def test_cli_refuses_a_misspelt_added_key_before_any_work(tmp_path):
+    res = _run(["run_name=typo", "+trainer.max_stepz=5"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "moxin: error: unknown key trainer.max_stepz (did you mean trainer.max_steps?)" in res.stderr
+    assert "+trainer.max_stepz=5" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "typo").exists()
