@@ -26,6 +26,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 
+#: the exit status of a run stopped by Ctrl-C (128 + SIGINT, what shells report for an interrupted command)
+INTERRUPTED = 130
+
+
 class UserError(ValueError):
     """Something the user can fix; the message says what and how. Printed without a traceback."""
 
@@ -330,7 +334,8 @@ def user_message(exc: BaseException) -> str | None:
         return f"{where}: {inner.strip()}"
     if isinstance(exc, OmegaConfBaseException):
         return str(exc).strip()
-    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError"}:
+    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError",
+                 "RunLockError"}:
         return str(exc)
     if isinstance(exc, FileNotFoundError) and "init_from=" in str(exc):
         return str(exc)
@@ -373,8 +378,12 @@ def guarded(fn: Callable[[], Any], cleanup: Callable[[], None], steps_done: Call
     UserError raised, so Hydra records the job as failed and the other jobs still run."""
     try:
         return fn()
+    except KeyboardInterrupt:  # Ctrl-C before Lightning's fit (which handles its own): one line, no traceback
+        print("moxin: interrupted (Ctrl-C) before the first optimizer step; nothing was trained", file=sys.__stderr__,
+              flush=True)
+        raise SystemExit(INTERRUPTED) from None
     except BaseException as exc:
-        if steps_done() == 0 and not isinstance(exc, KeyboardInterrupt):
+        if steps_done() == 0:
             cleanup()
         msg = user_message(exc) if isinstance(exc, Exception) else None
         if msg is None or debug_requested():

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
-import moxin.conf_schema  # noqa: F401  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
-from moxin.paths import conf_dir
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while torch and Lightning import (the first seconds): one line and status 130, no traceback."""
+    print("moxin: interrupted (Ctrl-C) before the run started", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # installed before the heavy imports below; cli() restores Python's handler
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import moxin.conf_schema  # noqa: F401,E402  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
+from moxin.paths import conf_dir  # noqa: E402
 
 CONF_DIR = str(conf_dir())
 
@@ -418,6 +430,12 @@ def quiet_third_party_noise() -> None:
 
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # the stages move their batches themselves (a data module's own hook would bypass the stage's): by design
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # Lightning's start-up and stop notices ("GPU available: ...", "`Trainer.fit` stopped: ..."): the banner and the
+    # final table say what the run is and how it ended; Lightning's warnings and errors still show
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
 
@@ -446,5 +464,18 @@ def main(cfg: DictConfig) -> float | None:
     return guarded_train(cfg, train)
 
 
+def cli() -> None:
+    """`python -m moxin.run`: Ctrl-C while Hydra composes the config (before moxin's own handling starts) ends
+    with one line and status 130 instead of a traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        from moxin.errors import INTERRUPTED
+
+        print("moxin: interrupted (Ctrl-C) before the run started", file=sys.__stderr__, flush=True)
+        raise SystemExit(INTERRUPTED) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

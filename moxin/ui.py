@@ -281,6 +281,8 @@ def interrupted_message(cfg: DictConfig, trainer: Any) -> str:
     logic's business; this names the checkpoint folder so the user can look)."""
     ckpt_dir = (Path(cfg.out_dir) / "checkpoints").resolve()
     step = getattr(trainer, "global_step", "?")
+    if step == 0:
+        return "\nInterrupted before the first optimizer step; nothing was trained."
     if not (ckpt_dir / "last.ckpt").exists():
         return (f"\nInterrupted at optimizer step {step}; no checkpoint in {ckpt_dir} yet, so resume=auto would "
                 f"start from step 0.\nContinue: {continue_command(cfg)}")
@@ -294,6 +296,11 @@ _STEP = {"step": 0}  # the newest optimizer step this launch reached (set by the
 
 def note_step(step: int) -> None:
     _STEP["step"] = max(_STEP["step"], int(step))
+
+
+def note_interrupt() -> None:
+    """Ctrl-C reached Lightning's fit (which then exits with status 1; guarded_train makes it 130)."""
+    _STEP["interrupted"] = True
 
 
 def guarded_train(cfg: DictConfig, train) -> float | None:
@@ -325,12 +332,19 @@ def guarded_train(cfg: DictConfig, train) -> float | None:
             launch_log.unlink()
 
     _STEP["step"] = 0
+    _STEP["interrupted"] = False
     try:
         info = guarded(lambda: train(cfg), cleanup, lambda: _STEP["step"], exit_on_user_error=not multirun)
+    except SystemExit as e:
+        if _STEP["interrupted"] and e.code == 1:  # Lightning ends an interrupted fit with sys.exit(1)
+            from moxin.errors import INTERRUPTED
+
+            raise SystemExit(INTERRUPTED) from None
+        raise
     finally:
         run_log().close()
     value = info["metrics"].get(cfg.monitor)
-    if value is None or value != value:
+    if (value is None or value != value) and multirun:  # outside a sweep nobody reads the returned value
         have = sorted(k for k in info["metrics"] if "/" in k)
         print(f"warning: monitor={cfg.monitor} was never produced by this run ({info['optimizer_steps']} steps, "
               f"validation every {cfg.trainer.val_every_n_steps} steps): the sweeper gets None. Lower "
