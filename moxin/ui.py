@@ -255,16 +255,40 @@ def handoff_lines(cfg: DictConfig, info: dict) -> list[tuple[str, str]]:
     nxt = next_stage_command(cfg, info)
     if nxt:
         out.append((f"Next stage ({NEXT_STAGE[stage_kind(cfg)].upper()})", nxt))
-    run = shlex.quote(str(Path(info["out_dir"]).resolve()))
-    nb = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
+    out.append(("Inspect it", notebook_command(info["out_dir"])))
+    return out
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """The requirements of one of moxin's extras, from the installed package's metadata ([] when moxin runs from a
+    checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("moxin") or []
+    except PackageNotFoundError:
+        return []
+    return [r.split(";")[0].strip() for r in reqs if re.search(rf"""extra\s*==\s*["']{extra}["']""", r)]
+
+
+def notebook_command(run_dir: str | Path) -> str:
+    """The line that opens the inspection notebook on `run_dir` (absolute, so it works from any folder), with
+    the install of Jupyter first when it is missing: the notebook extra's packages by name (right for a wheel
+    and an editable install alike), or the checkout's extra when moxin was never installed."""
+    from moxin.paths import notebook_path
+
+    nb = notebook_path()
     try:
         import notebook  # noqa: F401
 
         prefix = ""
     except ImportError:
-        prefix = 'pip install -e ".[notebook]" && '
-    out.append(("Inspect it", f"{prefix}MOXIN_RUN={run} jupyter notebook {shlex.quote(str(nb))}"))
-    return out
+        reqs = _extra_requirements("notebook")
+        if reqs:
+            prefix = f"pip install {' '.join(shlex.quote(r) for r in reqs)} && "
+        else:
+            prefix = f"pip install -e {shlex.quote(str(nb.parent.parent) + '[notebook]')} && "
+    return f"{prefix}MOXIN_RUN={shlex.quote(str(Path(run_dir).resolve()))} jupyter notebook {shlex.quote(str(nb))}"
 
 
 def print_handoffs(cfg: DictConfig, info: dict) -> None:
