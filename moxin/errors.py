@@ -26,6 +26,10 @@ from typing import Any, Callable
 from omegaconf import DictConfig
 
 
+#: the exit status of a run stopped by Ctrl-C (128 + SIGINT, what shells report for an interrupted command)
+INTERRUPTED = 130
+
+
 class UserError(ValueError):
     """Something the user can fix; the message says what and how. Printed without a traceback."""
 
@@ -175,8 +179,129 @@ def check_data(cfg: DictConfig) -> None:
         _local_jsonl_probe(key, path, field if "sources" in key else None, 1000, frac)
 
 
+# ---- unknown keys ----------------------------------------------------------------------------------------------
+#: top-level nodes whose keys are read one by one by moxin (not passed to a class): the keys a config file of
+#: theirs declares are the valid ones (the root config.yaml, the experiments, the group's own files)
+_READ_NODES = ("trainer", "samples", "warmup", "hardware", "schedule")
+#: top-level keys some experiment or group adds (`+experiment=eval`, `+eval=NAME`)
+_EXTRA_TOP = ("eval", "eval_only", "experiment")
+
+
+def _known_keys() -> dict[str, set[str]]:
+    """'' -> the valid top-level keys; node -> its valid keys, for the nodes of _READ_NODES. Taken from moxin's
+    own config files, so a key declared (and documented) there is valid and nothing else is."""
+    from omegaconf import OmegaConf
+
+    from moxin.paths import conf_dir
+
+    root = conf_dir()
+    base = OmegaConf.load(root / "config.yaml")
+    groups = {next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else str(d)
+              for d in base.get("defaults", [])}
+    known: dict[str, set[str]] = {"": {k for k in base if k not in ("defaults", "hydra")} | set(_EXTRA_TOP)}
+    known[""] |= {g for g in groups if "/" not in g and g != "_self_"}
+    for node in _READ_NODES:
+        known[node] = set(base.get(node) or {})
+    for f in sorted((root / "experiment").glob("*.yaml")):
+        exp = OmegaConf.load(f)
+        known[""] |= {k for k in exp if k not in ("defaults", "hydra")}
+        for node in _READ_NODES:
+            if OmegaConf.is_dict(exp.get(node)):
+                known[node] |= set(exp[node])
+    for node in ("hardware", "schedule"):
+        for f in sorted((root / node).glob("*.yaml")):
+            known[node] |= {k for k in OmegaConf.load(f) if k != "defaults"}
+    return known
+
+
+def _params_of(target: str) -> set[str] | None:
+    """The keyword arguments `target` takes (through **kwargs to its bases), or None when it takes any."""
+    import importlib
+    import inspect
+
+    mod, _, name = target.rpartition(".")
+    try:
+        obj = getattr(importlib.import_module(mod), name)
+    except (ImportError, AttributeError, ValueError):
+        return None  # instantiation names a target that does not exist
+    out: set[str] = set()
+    for cls in (obj.__mro__ if inspect.isclass(obj) else (obj,)):
+        fn = cls.__init__ if inspect.isclass(obj) else cls
+        if inspect.isclass(obj) and "__init__" not in vars(cls):
+            continue
+        try:
+            params = inspect.signature(fn).parameters.values()
+        except (TypeError, ValueError):
+            return None
+        out |= {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)} - {"self"}
+        if not any(p.kind is p.VAR_KEYWORD for p in params):
+            return out
+    return None
+
+
+def _override_of(key: str) -> str:
+    """The command-line override that added `key`, if one did (in a Hydra job)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        task = list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return ""
+    for o in task:
+        if o.lstrip("+~").split("=", 1)[0] == key:
+            return o
+    return ""
+
+
+def _unknown(key: str, valid: set[str], where: str) -> UserError:
+    import difflib
+
+    prefix, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, sorted(valid), n=1, cutoff=0.6)
+    name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
+    hint = f" (did you mean {name(close[0])}?)" if close else ""
+    src = _override_of(key)
+    fix = f"Fix or remove the override {src}" if src else f"Fix or remove {key} in the config file"
+    return UserError(f"unknown key {key}{hint}: nothing reads it ({where}), so it would be silently ignored. {fix}. "
+                     f"Valid keys{f' of {prefix}' if prefix else ''}: {', '.join(sorted(valid))}")
+
+
+def check_keys(cfg: DictConfig) -> None:
+    """Every key of the composed config is one moxin reads: a top-level key the root config or an experiment
+    declares, a key of trainer/samples/warmup/hardware/schedule that one of moxin's config files declares, or a
+    parameter of the class a `_target_` node instantiates. A key added with `+` passes Hydra's own checks (it is
+    an explicit "add"), so a misspelling (`+trainer.max_stepz=5`) would otherwise be ignored without a word."""
+    from omegaconf import OmegaConf
+
+    known = _known_keys()
+    for k in cfg:
+        if k not in known[""]:
+            raise _unknown(str(k), known[""], "not a key of moxin's config")
+    for node in _READ_NODES:
+        sub = cfg.get(node)
+        if OmegaConf.is_dict(sub):
+            for k in sub:
+                if k not in known[node]:
+                    raise _unknown(f"{node}.{k}", known[node], f"not one of moxin's {node}.* settings")
+
+    def walk(node, path: str) -> None:
+        if not OmegaConf.is_dict(node):
+            return
+        target = node.get("_target_") if "_target_" in node else None
+        params = _params_of(str(target)) if target else None
+        for k in node:
+            if params is not None and k != "_target_" and k not in params:
+                raise _unknown(f"{path}.{k}", params, f"{target} has no such parameter")
+            walk(node._get_node(k), f"{path}.{k}")
+
+    for top in ("model", "data", "stage", "hardware", "eval"):
+        if OmegaConf.is_dict(cfg.get(top)):
+            walk(cfg[top], top)
+
+
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
+    check_keys(cfg)
     check_types(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
@@ -209,7 +334,8 @@ def user_message(exc: BaseException) -> str | None:
         return f"{where}: {inner.strip()}"
     if isinstance(exc, OmegaConfBaseException):
         return str(exc).strip()
-    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError"}:
+    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError",
+                 "RunLockError"}:
         return str(exc)
     if isinstance(exc, FileNotFoundError) and "init_from=" in str(exc):
         return str(exc)
@@ -252,8 +378,12 @@ def guarded(fn: Callable[[], Any], cleanup: Callable[[], None], steps_done: Call
     UserError raised, so Hydra records the job as failed and the other jobs still run."""
     try:
         return fn()
+    except KeyboardInterrupt:  # Ctrl-C before Lightning's fit (which handles its own): one line, no traceback
+        print("moxin: interrupted (Ctrl-C) before the first optimizer step; nothing was trained", file=sys.__stderr__,
+              flush=True)
+        raise SystemExit(INTERRUPTED) from None
     except BaseException as exc:
-        if steps_done() == 0 and not isinstance(exc, KeyboardInterrupt):
+        if steps_done() == 0:
             cleanup()
         msg = user_message(exc) if isinstance(exc, Exception) else None
         if msg is None or debug_requested():

@@ -8,18 +8,30 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import sys
 import time
 from pathlib import Path
 
-import hydra
-import lightning as L
-import torch
-from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
 
-import moxin.conf_schema  # noqa: F401  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
-from moxin.paths import conf_dir
+def _interrupted_while_starting(signum, frame) -> None:
+    """Ctrl-C while torch and Lightning import (the first seconds): one line and status 130, no traceback."""
+    print("moxin: interrupted (Ctrl-C) before the run started", file=sys.stderr, flush=True)
+    os._exit(130)
+
+
+if __name__ == "__main__":  # installed before the heavy imports below; cli() restores Python's handler
+    signal.signal(signal.SIGINT, _interrupted_while_starting)
+
+import hydra  # noqa: E402
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+from omegaconf import DictConfig, OmegaConf  # noqa: E402
+
+import moxin.conf_schema  # noqa: F401,E402  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
+from moxin.paths import conf_dir  # noqa: E402
 
 CONF_DIR = str(conf_dir())
 
@@ -315,6 +327,9 @@ def train(cfg: DictConfig, handoffs: bool = True) -> dict:
 
     from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
 
+    from moxin.errors import preflight
+
+    preflight(cfg)  # ux: user mistakes (unknown keys, paths, types) stop here, before the warm-up or any work
     first = launcher_rank() == 0
     if cfg.resume in (None, "", False):
         # a fresh run on a folder that holds a run is refused before the lock file is made: a refused run
@@ -357,9 +372,7 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
     started = time.time()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     from moxin import ui
-    from moxin.errors import preflight
 
-    preflight(cfg)  # ux: user mistakes stop here, one message each
     trainer, stage, datamodule, ckpt_path, throughput = build(cfg)
     ui.on_built(cfg, trainer, stage, datamodule, ckpt_path)  # ux: save config, log file, banner, resume message
     if ckpt_path:
@@ -417,6 +430,12 @@ def quiet_third_party_noise() -> None:
 
     warnings.filterwarnings("ignore", message=".*set_vital.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # the stages move their batches themselves (a data module's own hook would bypass the stage's): by design
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # Lightning's start-up and stop notices ("GPU available: ...", "`Trainer.fit` stopped: ..."): the banner and the
+    # final table say what the run is and how it ended; Lightning's warnings and errors still show
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
         lambda record: "litlogger" not in record.getMessage())
 
@@ -438,9 +457,25 @@ def main(cfg: DictConfig) -> float | None:
     if cfg.get("eval_only"):  # +experiment=eval: evaluate init_from, no training
         from moxin.errors import guarded
 
-        return guarded(lambda: evaluate_only(cfg), lambda: None, lambda: 0, exit_on_user_error=True)
+        from moxin.errors import check_keys
+
+        return guarded(lambda: (check_keys(cfg), evaluate_only(cfg))[1], lambda: None, lambda: 0,
+                       exit_on_user_error=True)
     return guarded_train(cfg, train)
 
 
+def cli() -> None:
+    """`python -m moxin.run`: Ctrl-C while Hydra composes the config (before moxin's own handling starts) ends
+    with one line and status 130 instead of a traceback."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        main()
+    except KeyboardInterrupt:
+        from moxin.errors import INTERRUPTED
+
+        print("moxin: interrupted (Ctrl-C) before the run started", file=sys.__stderr__, flush=True)
+        raise SystemExit(INTERRUPTED) from None
+
+
 if __name__ == "__main__":
-    main()
+    cli()

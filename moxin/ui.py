@@ -255,16 +255,40 @@ def handoff_lines(cfg: DictConfig, info: dict) -> list[tuple[str, str]]:
     nxt = next_stage_command(cfg, info)
     if nxt:
         out.append((f"Next stage ({NEXT_STAGE[stage_kind(cfg)].upper()})", nxt))
-    run = shlex.quote(str(Path(info["out_dir"]).resolve()))
-    nb = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
+    out.append(("Inspect it", notebook_command(info["out_dir"])))
+    return out
+
+
+def _extra_requirements(extra: str) -> list[str]:
+    """The requirements of one of moxin's extras, from the installed package's metadata ([] when moxin runs from a
+    checkout that was never installed)."""
+    from importlib.metadata import PackageNotFoundError, requires
+
+    try:
+        reqs = requires("moxin") or []
+    except PackageNotFoundError:
+        return []
+    return [r.split(";")[0].strip() for r in reqs if re.search(rf"""extra\s*==\s*["']{extra}["']""", r)]
+
+
+def notebook_command(run_dir: str | Path) -> str:
+    """The line that opens the inspection notebook on `run_dir` (absolute, so it works from any folder), with
+    the install of Jupyter first when it is missing: the notebook extra's packages by name (right for a wheel
+    and an editable install alike), or the checkout's extra when moxin was never installed."""
+    from moxin.paths import notebook_path
+
+    nb = notebook_path()
     try:
         import notebook  # noqa: F401
 
         prefix = ""
     except ImportError:
-        prefix = 'pip install -e ".[notebook]" && '
-    out.append(("Inspect it", f"{prefix}MOXIN_RUN={run} jupyter notebook {shlex.quote(str(nb))}"))
-    return out
+        reqs = _extra_requirements("notebook")
+        if reqs:
+            prefix = f"pip install {' '.join(shlex.quote(r) for r in reqs)} && "
+        else:
+            prefix = f"pip install -e {shlex.quote(str(nb.parent.parent) + '[notebook]')} && "
+    return f"{prefix}MOXIN_RUN={shlex.quote(str(Path(run_dir).resolve()))} jupyter notebook {shlex.quote(str(nb))}"
 
 
 def print_handoffs(cfg: DictConfig, info: dict) -> None:
@@ -281,6 +305,8 @@ def interrupted_message(cfg: DictConfig, trainer: Any) -> str:
     logic's business; this names the checkpoint folder so the user can look)."""
     ckpt_dir = (Path(cfg.out_dir) / "checkpoints").resolve()
     step = getattr(trainer, "global_step", "?")
+    if step == 0:
+        return "\nInterrupted before the first optimizer step; nothing was trained."
     if not (ckpt_dir / "last.ckpt").exists():
         return (f"\nInterrupted at optimizer step {step}; no checkpoint in {ckpt_dir} yet, so resume=auto would "
                 f"start from step 0.\nContinue: {continue_command(cfg)}")
@@ -294,6 +320,11 @@ _STEP = {"step": 0}  # the newest optimizer step this launch reached (set by the
 
 def note_step(step: int) -> None:
     _STEP["step"] = max(_STEP["step"], int(step))
+
+
+def note_interrupt() -> None:
+    """Ctrl-C reached Lightning's fit (which then exits with status 1; guarded_train makes it 130)."""
+    _STEP["interrupted"] = True
 
 
 def guarded_train(cfg: DictConfig, train) -> float | None:
@@ -325,12 +356,19 @@ def guarded_train(cfg: DictConfig, train) -> float | None:
             launch_log.unlink()
 
     _STEP["step"] = 0
+    _STEP["interrupted"] = False
     try:
         info = guarded(lambda: train(cfg), cleanup, lambda: _STEP["step"], exit_on_user_error=not multirun)
+    except SystemExit as e:
+        if _STEP["interrupted"] and e.code == 1:  # Lightning ends an interrupted fit with sys.exit(1)
+            from moxin.errors import INTERRUPTED
+
+            raise SystemExit(INTERRUPTED) from None
+        raise
     finally:
         run_log().close()
     value = info["metrics"].get(cfg.monitor)
-    if value is None or value != value:
+    if (value is None or value != value) and multirun:  # outside a sweep nobody reads the returned value
         have = sorted(k for k in info["metrics"] if "/" in k)
         print(f"warning: monitor={cfg.monitor} was never produced by this run ({info['optimizer_steps']} steps, "
               f"validation every {cfg.trainer.val_every_n_steps} steps): the sweeper gets None. Lower "

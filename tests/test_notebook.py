@@ -15,6 +15,29 @@ from tests.test_run import TINY_PRETRAIN, _compose  # noqa: E402
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
 
 
+def _first_cell_output(tmp_path, kernel_cwd: Path) -> str:
+    """Run the notebook's first code cell (it finds the run and reads its config) with the kernel in `kernel_cwd`."""
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nb.cells = [next(c for c in nb.cells if c.cell_type == "code")]
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(kernel_cwd)}}).execute()
+    return "\n".join(o.get("text", "") for o in nb.cells[0].get("outputs", []))
+
+
+def test_relative_moxin_run_is_the_launch_folders(tmp_path, monkeypatch):
+    """`MOXIN_RUN=runs/<run> jupyter notebook .../inspect_checkpoint.ipynb`: the kernel runs in the notebook's
+    folder, and the relative path is the folder the command was run in ($PWD), not the kernel's."""
+    run_dir = tmp_path / "runs" / "rel"
+    (run_dir / ".hydra").mkdir(parents=True)
+    from omegaconf import OmegaConf
+
+    OmegaConf.save(_compose(["out_dir=x", "run_name=rel"]), run_dir / ".hydra" / "config.yaml", resolve=True)
+    kernel_cwd = tmp_path / "site-packages" / "moxin" / "notebooks"
+    kernel_cwd.mkdir(parents=True)
+    monkeypatch.setenv("PWD", str(tmp_path))
+    monkeypatch.setenv("MOXIN_RUN", "runs/rel")
+    assert f"run folder: {run_dir.resolve()}" in _first_cell_output(tmp_path, kernel_cwd)
+
+
 def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
     run_dir = tmp_path / "runs" / "nb"
     cfg = _compose(TINY_PRETRAIN + [f"out_dir={run_dir}", "run_name=nb", "trainer.max_steps=3", "logger=[csv,tensorboard]"])
@@ -27,7 +50,11 @@ def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (tmp_path / "runs" / "older").mkdir()  # without MOXIN_RUN the newest run (by summary.json / last.ckpt) is used
     monkeypatch.delenv("MOXIN_RUN", raising=False)
-    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    # Jupyter starts the kernel in the notebook's folder; the runs are under the folder the command ran in ($PWD)
+    kernel_cwd = tmp_path / "notebooks"
+    kernel_cwd.mkdir()
+    monkeypatch.setenv("PWD", str(tmp_path))
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(kernel_cwd)}}).execute()
     text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "step 3" in text and "parameters" in text
     assert "train loss: first" in text

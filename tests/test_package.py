@@ -31,3 +31,12 @@ def test_wheel_carries_conf_and_runs_from_another_folder(tmp_path):
     check = subprocess.run([sys.executable, "-c", "import moxin.paths as p; print(p.conf_dir())"], cwd=elsewhere,
                            env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=60)
     assert check.stdout.strip() == str(target / "moxin" / "conf")
+    # the notebook ships inside the package: the command a finished run prints names a file that exists, and its
+    # install hint (when Jupyter is missing) names packages, not an editable install of a checkout the user lacks
+    nb = subprocess.run([sys.executable, "-c", "from moxin.ui import notebook_command as c; print(c('runs/x'))"],
+                        cwd=elsewhere, env={"PYTHONPATH": str(target)}, capture_output=True, text=True, timeout=120)
+    assert nb.returncode == 0, nb.stderr[-2000:]
+    line = nb.stdout.strip()
+    shipped = target / "moxin" / "notebooks" / "inspect_checkpoint.ipynb"
+    assert shipped.is_file() and line.endswith(f"jupyter notebook {shipped}"), line
+    assert f"MOXIN_RUN={elsewhere / 'runs' / 'x'} " in line and "pip install -e" not in line, line

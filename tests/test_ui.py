@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -168,3 +169,75 @@ def test_help_lists_groups_experiments_and_commands():
     for word in ("+experiment=sft", "resume=auto", "hardware", "dpo_moxin_instruct", "logger", "-m"):
         assert word in res.stdout, word
     assert len(res.stdout.splitlines()) < 80
+
+
+@pytest.mark.parametrize("override, key, close", [
+    ("+trainer.max_stepz=5", "trainer.max_stepz", "trainer.max_steps"),
+    ("+hardware.devicez=1", "hardware.devicez", "hardware.devices"),
+    ("+samples.prompt=[a]", "samples.prompt", "samples.prompts"),
+    ("+sead=3", "sead", "seed"),
+    ("+stage.optim.lrr=1", "stage.optim.lrr", "stage.optim.lr"),
+    ("+data.val_token=5", "data.val_token", "data.val_tokens"),
+    ("+schedule.tokens_per_stp=5", "schedule.tokens_per_stp", "schedule.tokens_per_step"),
+])
+def test_unknown_key_anywhere_is_refused_with_the_closest_valid_one(override, key, close, tmp_path):
+    """A key added with `+` passes Hydra (an explicit add); preflight refuses any key nothing reads, naming it and
+    the closest valid key, wherever it is: top level, trainer/hardware/samples/schedule, or a `_target_` node."""
+    m = _msg([override], tmp_path)
+    assert m.startswith(f"unknown key {key} (did you mean {close}?)"), m
+
+
+def test_every_experiment_passes_the_key_check():
+    for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
+        errors.check_keys(_compose([f"+experiment={exp}"]))
+    from moxin.warmup import warmup_config
+
+    errors.check_keys(warmup_config(_compose(["+experiment=grpo", "out_dir=x", "run_name=x"])))  # the warm-up's own run config
+
+
+def test_cli_refuses_a_misspelt_added_key_before_any_work(tmp_path):
+    res = _run(["run_name=typo", "+trainer.max_stepz=5"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "moxin: error: unknown key trainer.max_stepz (did you mean trainer.max_steps?)" in res.stderr
+    assert "+trainer.max_stepz=5" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs" / "typo").exists()
+
+
+def _moxin(args, cwd):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.Popen([sys.executable, "-m", "moxin.run", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, cwd=cwd, env=env)
+
+
+@pytest.mark.parametrize("when", ["importing", "training"])
+def test_ctrl_c_early_is_one_line_and_status_130(when, tmp_path):
+    """Ctrl-C while torch imports, or once the banner is out (Lightning's fit): no traceback, status 130."""
+    import signal
+
+    p = _moxin(TINY_PRETRAIN + ["run_name=c", "trainer.progress_bar=plain"], tmp_path)
+    if when == "importing":  # torch's library is being loaded (a signal before Python itself is up kills it bare)
+        maps = Path(f"/proc/{p.pid}/maps")
+        if not maps.exists():
+            p.kill()
+            pytest.skip("needs /proc to see the import under way")
+        while p.poll() is None and "libtorch" not in maps.read_text():
+            time.sleep(0.01)
+    if when == "training":
+        for line in p.stdout:  # the banner's last line: the run is accepted and fit is starting
+            if line.lstrip().startswith("log "):
+                break
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=120)[0]
+    assert p.returncode == 130, out[-2000:]
+    assert "Traceback" not in out and "interrupted" in out.lower(), out[-2000:]
+
+
+def test_locked_run_name_is_one_message(tmp_path):
+    from moxin.checkpointing import RunLock
+
+    with RunLock(tmp_path / "runs" / "busy"):
+        res = _run(["run_name=busy", "resume=auto"], tmp_path)
+    assert res.returncode == 2, res.stderr[-2000:]
+    assert "moxin: error:" in res.stderr and "is in use by another run" in res.stderr
+    assert "Traceback" not in res.stderr

@@ -168,8 +168,9 @@ class InterruptNotice(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            from moxin.ui import interrupted_message
+            from moxin.ui import interrupted_message, note_interrupt
 
+            note_interrupt()
             print(interrupted_message(self.cfg, trainer), file=sys.__stderr__, flush=True)
 
 
