@@ -1,18 +1,16 @@
 """Prepared pretraining data (moxin.prepare + data.prepared): same stream as the raw path, exact resume, readers'
 disjoint ranges, refusals, dedup across sources and parts; hub sources read by file."""
 
-import io
 import json
 import random
 
-import numpy as np
 import pytest
-import torch
 
 from moxin.data.prepared import PreparedData, reader_range
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.reader import DataError, SourceConfig, read_positioned
 from moxin.prepare import PrepareOptions, merge, run_part
+from tests.test_datamodule import as_list, ckpt_roundtrip, same
 
 
 class ByteTok:
@@ -62,23 +60,6 @@ def make(sources, workers=0, **kw):
     return dm
 
 
-def as_list(batches):
-    return [{k: v.clone() for k, v in b.items()} for b in batches]
-
-
-def same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
-
-
-def roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def test_prepared_and_raw_give_the_same_token_stream(corpus, tmp_path):
     man = prepare_dir(corpus, tmp_path / "prep", parts=2)
     assert man["sources"]["prose"]["dup_exact"] == 21 and man["sources"]["prose"]["stats"]["bad"] == 1
@@ -102,7 +83,7 @@ def test_resume_from_prepared_data_is_exact_mid_phase_and_across_the_phase_chang
         loader = dm1.build_train_loader(phase)
         it = iter(loader)
         head += as_list(next(it) for _ in range(k - len(head)))
-        state, dm_state = roundtrip(loader.state_dict()), roundtrip(dm1.state_dict())
+        state, dm_state = ckpt_roundtrip(loader.state_dict()), ckpt_roundtrip(dm1.state_dict())
         del it, loader
         dm2 = make([], workers, prepared=str(tmp_path / "prep"))
         dm2.load_state_dict(dm_state)
