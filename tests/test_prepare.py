@@ -205,3 +205,21 @@ def test_prepare_command_composes_and_writes_data_the_run_accepts(tmp_path):
     assert len(list(dm.build_train_loader(0))) == 2
     with pytest.raises(DataError, match=r"manifest.json exists"):
         prepare(cfg, log=lambda *_: None)
+
+
+@pytest.mark.slow
+def test_data_bench_smoke(tmp_path):
+    """scripts/bench/data.py end to end on a 3 MB corpus (both paths, near dedup); no assertion on speed."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "data.json"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench" / "data.py"), "--smoke", "--corpus",
+                        str(tmp_path / "c"), "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    data = json.loads(out.read_text())
+    assert data["slice"]["rows"][0]["raw"] == 1.0  # every raw reader reads the whole corpus
+    assert data["full"]["rows"][0]["ours"] < 0.25  # a prepared reader reads about its eighth
+    assert data["near"]["exact_dropped"] >= data["near"]["exact_planted"]

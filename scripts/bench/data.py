@@ -13,11 +13,12 @@ is recorded in ``truth.json``). Measured:
 * loader tokens/s per worker (tokens of packed micro-batches per CPU-second of the one process, seq 4096);
 * time to the first batch when resuming at 90 % of a reader's data against 0 %;
 * dedup: exact copies found against planted ones; near-duplicate recall (planted pairs at or above the
-  threshold) and precision, on a ``--near-mb`` slice (MinHash costs about a millisecond a document).
+  threshold) and precision.
 
-The raw path needs hours at 2 GB on a shared 2-core machine, so it is measured on ``--raw-mb`` of the corpus (the
-first files of every source): its bytes-read fraction does not depend on size, its resume time grows linearly with
-the position (extrapolated in the table by the size ratio).
+Everything is measured first on a slice (``--slice-files`` files a source: 192 MiB by default), for both paths
+and with near dedup (MinHash costs about a millisecond a document), then on the whole corpus for the prepared
+path. The raw path would need hours at 2 GB on a shared 2-core machine; its bytes-read share does not depend on
+size, and its resume time grows linearly with the position (extrapolated by the size ratio).
 
     python scripts/bench/data.py --corpus /tmp/moxin-data-corpus --gb 2 --out bench_out/data.json
     python scripts/bench/data.py --smoke --out /tmp/data.json        # a 3 MB corpus, for tests
@@ -178,7 +179,7 @@ def prepare_corpus(sources, tok_spec, out: Path, parts: int, near: bool, thresho
     tok = load_tokenizer(tok_spec)
     c0, t0 = cpu(), time.perf_counter()
     man = merge(sources, tok, out, opts, log=lambda *_: None)
-    res = {"parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
+    res = {"near": near, "parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
            "tokens_written": sum(j["tokens"] for j in jobs), "totals": man["totals"],
            "out_bytes": sum(sh["bin_bytes"] + sh["idx_bytes"] for s in man["sources"].values() for sh in s["shards"])}
     cached.write_text(json.dumps(res))
@@ -264,14 +265,55 @@ def near_quality(out: Path, truth: dict, threshold: float) -> dict:
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
+def measure(name: str, sources, prep_dir: Path, prep: dict, tok, raw_sources, a, results: dict) -> list[dict]:
+    """The rows of one corpus size: ours on ``prep_dir`` (prepared from ``sources``), the raw path on
+    ``raw_sources`` when given."""
+    rows, res = [], results.setdefault(name, {"prepare": prep})
+    nbytes, tokens = corpus_bytes(sources), prep["totals"]["tokens"]
+    by_prep = bytes_per_reader(sources, prep_dir, a.readers)
+    res["bytes_per_reader"] = {"ours": by_prep}
+    row = {"what": f"bytes read per reader, {a.readers} readers (max share)", "ours": max(by_prep) / prep["out_bytes"],
+           "goal": f"~{1 / a.readers:.3f}"}
+    if raw_sources:
+        by_raw = bytes_per_reader(raw_sources, None, a.readers)
+        res["bytes_per_reader"]["raw"] = by_raw
+        row["raw"] = max(by_raw) / corpus_bytes(raw_sources)
+    rows.append(row)
+    rate = {"ours": loader_rate(sources, tok, prep_dir, a.readers, a.batches)}
+    if raw_sources:
+        rate["raw"] = loader_rate(raw_sources, tok, None, a.readers, max(2, a.batches // 8))
+    res["loader"] = rate
+    rows.append({"what": "loader tokens/s per worker (CPU time)", "goal": ">= 60000",
+                 **{k: v["tok_per_cpu_s"] for k, v in rate.items()}})
+    fb = {}
+    for frac in (0.0, 0.9):
+        fb[f"ours@{frac}"] = first_batch(sources, tok, prep_dir, a.readers, frac)
+        if raw_sources:
+            fb[f"raw@{frac}"] = first_batch(raw_sources, tok, None, a.readers, frac)
+    res["first_batch"] = fb
+    for frac in (0.0, 0.9):
+        rows.append({"what": f"first batch resuming at {frac:.0%} (s, wall)", "ours": fb[f"ours@{frac}"]["wall_s"],
+                     "raw": fb.get(f"raw@{frac}", {}).get("wall_s"), "goal": ""})
+    rows.append({"what": "first batch 90% / 0%", "ours": fb["ours@0.9"]["wall_s"] / fb["ours@0.0"]["wall_s"],
+                 "raw": fb["raw@0.9"]["wall_s"] / fb["raw@0.0"]["wall_s"] if raw_sources else None, "goal": "<= 2"})
+    per_core = [j["tokens"] / j["cpu_s"] for j in prep["parts"]]
+    rows.append({"what": "prepare tokens/s per core (CPU time" + (", MinHash too)" if prep.get("near") else ")"),
+                 "ours": sum(per_core) / len(per_core), "goal": ""})
+    rows.append({"what": "prepared bytes per token (.bin + .idx)", "ours": prep["out_bytes"] / tokens, "goal": ""})
+    print(table(rows, [("what", "measure", ""), ("ours", "prepared", ".4g"), ("raw", "raw path", ".4g"),
+                       ("goal", "goal", "")], f"data, {name}: {nbytes / 1e9:.3f} GB of jsonl, {tokens:,} tokens kept"),
+          flush=True)
+    res["rows"], res["corpus_bytes"], res["tokens"] = rows, nbytes, tokens
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", default="/tmp/moxin-data-corpus")
     ap.add_argument("--gb", type=float, default=2.0)
     ap.add_argument("--parts", type=int, default=2)
     ap.add_argument("--readers", type=int, default=8)
-    ap.add_argument("--raw-mb", type=float, default=192, help="raw path measured on about this much of the corpus")
-    ap.add_argument("--near-mb", type=float, default=192, help="near-dedup measured on about this much")
+    ap.add_argument("--slice-files", type=int, default=1, help="files a source in the slice (raw path, near dedup)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--batches", type=int, default=64, help="micro-batches (4 x 4096 tokens) for the loader rate")
     ap.add_argument("--tokenizer", default="mistral")
@@ -280,8 +322,7 @@ def main() -> None:
     a = ap.parse_args()
     file_bytes = FILE_BYTES
     if a.smoke:
-        a.corpus, a.gb, a.raw_mb, a.near_mb, a.batches = a.corpus + "-smoke", 0.003, 1, 1, 4
-        file_bytes = 256 << 10
+        a.corpus, a.gb, a.batches, file_bytes = a.corpus + "-smoke", 0.003, 4, 256 << 10
     root = Path(a.corpus)
     if not (root / "truth.json").is_file():
         t0 = time.perf_counter()
@@ -289,66 +330,39 @@ def main() -> None:
         print(f"made {root} in {time.perf_counter() - t0:.0f} s", flush=True)
     truth = json.loads((root / "truth.json").read_text())
     tok = load_tokenizer(a.tokenizer)
-    n_files = len(list((root / SOURCES[0]).glob("*.jsonl")))
-    full = corpus_sources(root)
-    full_bytes = corpus_bytes(full)
-    k_raw = max(1, min(n_files, round(a.raw_mb * (1 << 20) / len(SOURCES) / file_bytes)))
-    raw = corpus_sources(root, k_raw)
-    raw_bytes = corpus_bytes(raw)
+    results: dict = {"args": vars(a)}
 
-    prep_dir = root.parent / (root.name + "-prepared")
-    prep = prepare_corpus(full, a.tokenizer, prep_dir, a.parts, False, a.threshold)
-    tokens = prep["totals"]["tokens"]
-    per_core = [j["tokens"] / j["cpu_s"] for j in prep["parts"]]
-    print(f"prepared {full_bytes / 1e9:.2f} GB: {tokens:,} tokens kept", flush=True)
-
-    # a raw-sized slice, prepared too, so the loader and resume rows compare the same documents
-    slice_dir = root.parent / (root.name + f"-prepared-slice{k_raw}")
-    prepare_corpus(raw, a.tokenizer, slice_dir, a.parts, False, a.threshold)
-
-    rows = []
-    by_prep = bytes_per_reader(full, prep_dir, a.readers)
-    by_raw = bytes_per_reader(raw, None, a.readers)
-    rows.append({"what": f"bytes read per reader, {a.readers} readers (share of corpus)",
-                 "ours": max(by_prep) / prep["out_bytes"], "raw": max(by_raw) / raw_bytes, "goal": f"~{1 / a.readers:.3f}"})
-    rate_p = loader_rate(full, tok, prep_dir, a.readers, a.batches)
-    rate_r = loader_rate(raw, tok, None, a.readers, max(2, a.batches // 8))
-    rows.append({"what": "loader tokens/s per worker (CPU time)", "ours": rate_p["tok_per_cpu_s"],
-                 "raw": rate_r["tok_per_cpu_s"], "goal": ">= 60000"})
-    fb = {}
-    for frac in (0.0, 0.9):
-        fb[("ours", frac)] = first_batch(full, tok, prep_dir, a.readers, frac)
-        fb[("raw", frac)] = first_batch(raw, tok, None, a.readers, frac)
-    for frac in (0.0, 0.9):
-        rows.append({"what": f"first batch resuming at {frac:.0%} (s, wall)", "ours": fb[("ours", frac)]["wall_s"],
-                     "raw": fb[("raw", frac)]["wall_s"], "goal": ""})
-    ratio_p = fb[("ours", 0.9)]["wall_s"] / fb[("ours", 0.0)]["wall_s"]
-    ratio_r = fb[("raw", 0.9)]["wall_s"] / fb[("raw", 0.0)]["wall_s"]
-    rows.append({"what": "first batch 90% / 0%", "ours": ratio_p, "raw": ratio_r, "goal": "<= 2"})
-    raw_90_full = fb[("raw", 0.9)]["wall_s"] * full_bytes / raw_bytes
-    rows.append({"what": f"raw at 90% extrapolated to {full_bytes / 1e9:.1f} GB (s)", "ours": fb[("ours", 0.9)]["wall_s"],
-                 "raw": raw_90_full, "goal": ""})
-    rows.append({"what": "prepare tokens/s per core (CPU time)", "ours": sum(per_core) / len(per_core), "raw": None,
-                 "goal": ""})
-    rows.append({"what": "prepared bytes per token (.bin + .idx)", "ours": prep["out_bytes"] / tokens, "raw": None,
-                 "goal": ""})
-    planted_exact = len(truth["exact"])
-    rows.append({"what": "exact copies dropped / planted", "ours": prep["totals"]["dup_exact"], "raw": planted_exact,
-                 "goal": "all"})
-
-    k_near = max(1, min(n_files, round(a.near_mb * (1 << 20) / len(SOURCES) / file_bytes)))
-    near_dir = root.parent / (root.name + f"-prepared-near{k_near}")
-    near_prep = prepare_corpus(corpus_sources(root, k_near), a.tokenizer, near_dir, a.parts, True, a.threshold)
+    # 1. the slice: both paths, prepared with near dedup
+    sl = corpus_sources(root, a.slice_files)
+    near_dir = root.parent / f"{root.name}-prepared-slice{a.slice_files}-near"
+    near_prep = prepare_corpus(sl, a.tokenizer, near_dir, a.parts, True, a.threshold)
+    measure("slice", sl, near_dir, near_prep, tok, sl, a, results)
     nq = near_quality(near_dir, truth, a.threshold)
-    rows.append({"what": f"near dups (J >= {a.threshold}) recall", "ours": nq["recall"], "raw": None, "goal": ""})
-    rows.append({"what": "near dups precision", "ours": nq["precision"], "raw": None, "goal": ""})
-    print(table(rows, [("what", "measure", ""), ("ours", "prepared", ".4g"), ("raw", "raw path", ".4g"),
-                       ("goal", "goal", "")], f"data: {full_bytes / 1e9:.2f} GB corpus ({tokens:,} tokens), raw path "
-                f"on {raw_bytes / 1e6:.0f} MB, near dedup on {k_near} file(s) a source"))
-    write_json(a.out, {"rows": rows, "corpus_bytes": full_bytes, "raw_slice_bytes": raw_bytes, "tokens": tokens,
-                       "prepare": prep, "near_prepare": near_prep, "near": nq, "bytes_per_reader": {
-                           "ours": by_prep, "raw": by_raw}, "loader": {"ours": rate_p, "raw": rate_r},
-                       "first_batch": {f"{k}@{f}": v for (k, f), v in fb.items()}, "args": vars(a)})
+    written = {h for f in near_dir.rglob("*.all.idx") for h in np.fromfile(f, dtype=INDEX_DTYPE)["hash"].tolist()}
+    exact_planted = sum(1 for p in truth["exact"] if p["orig"] in written)
+    results["near"] = {**nq, "exact_planted": exact_planted, "exact_dropped": near_prep["totals"]["dup_exact"]}
+    print(table([{"what": "exact copies planted / dropped", "v": f"{exact_planted} / {near_prep['totals']['dup_exact']}"},
+                 {"what": f"near pairs planted (J >= {a.threshold}) / found", "v": f"{nq['pairs_at_or_above_threshold']}"
+                  f" / {nq['found']}"},
+                 {"what": "near recall", "v": f"{nq['recall']:.4f}"},
+                 {"what": "near precision (dropped that were planted)",
+                  "v": "-" if nq["precision"] is None else f"{nq['precision']:.4f}"},
+                 {"what": "merge seconds (CPU) with LSH", "v": f"{near_prep['merge_cpu_s']:.1f}"}],
+                [("what", "dedup on the slice", ""), ("v", "", "")], "dedup (near_dedup=true, parts split the files)"),
+          flush=True)
+    write_json(a.out, results)
+
+    # 2. the whole corpus, prepared path only (the raw path's figures above do not depend on size)
+    full = corpus_sources(root)
+    full_dir = root.parent / f"{root.name}-prepared"
+    full_prep = prepare_corpus(full, a.tokenizer, full_dir, a.parts, False, a.threshold)
+    rows = measure("full", full, full_dir, full_prep, tok, None, a, results)
+    raw90 = results["slice"]["first_batch"]["raw@0.9"]["wall_s"]
+    scale = corpus_bytes(full) / corpus_bytes(sl)
+    rows.append({"what": "raw first batch at 90%, slice x size ratio (s)", "raw": raw90 * scale, "goal": ""})
+    results["full"]["raw_first_batch_90_extrapolated_s"] = raw90 * scale
+    results["full"]["exact_planted"] = len(truth["exact"])
+    write_json(a.out, results)
 
 
 if __name__ == "__main__":
