@@ -11,37 +11,40 @@ skipped.
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterable, Iterator
 
 from moxin.data.bad_records import RecordStats
 from moxin.data.extract import text_of
-from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, read_records, resolve_files
+from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, read_positioned, read_records, resolve_files
 
-__all__ = ["iter_records", "iter_documents", "validate_source"]
-
-
-def _texts(source: SourceConfig, shard: int = 0, num_shards: int = 1, start: int = 0) -> Iterator[tuple[str, str | Bad]]:
-    records = read_records(source, shard=shard, num_shards=num_shards, start=start, columns=[source.text_field])
-    for loc, rec in records:
-        yield loc, rec if isinstance(rec, Bad) else text_of(rec, source)
+__all__ = ["iter_records", "documents_of", "iter_documents", "validate_source"]
 
 
 def iter_records(
     source: SourceConfig,
     shard_index: int = 0,
     num_shards: int = 1,
-    start: int = 0,
+    start: Any = 0,
     stats: RecordStats | None = None,
-) -> Iterator[tuple[int, str]]:
+) -> Iterator[tuple[Any, str]]:
     """Yield ``(position, text)`` for the documents of one shard.
 
-    ``position`` is the number of records of this shard consumed so far (bad ones included), i.e. the
-    ``start`` to pass to continue right after this document. Bad and empty records update ``stats``.
+    ``position`` is the ``start`` to pass to continue right after this document (records of this shard consumed
+    so far, bad ones included; ``[file, record]`` for a hub dataset read by file, see
+    :func:`moxin.data.reader.read_positioned`). Bad and empty records update ``stats``.
     """
+    records = read_positioned(source, shard=shard_index, num_shards=num_shards, start=start,
+                              columns=[source.text_field])
+    yield from documents_of(source, records, stats)
+
+
+def documents_of(source: SourceConfig, records: Iterable[tuple[Any, str, Any]],
+                 stats: RecordStats | None = None) -> Iterator[tuple[Any, str]]:
+    """``(position, text)`` of the usable documents among ``(position, location, record)``: bad records counted
+    (with their location) under the source's limits, empty texts counted and skipped."""
     stats = stats if stats is not None else RecordStats()
-    pos = start
-    for loc, text in _texts(source, shard_index, num_shards, start):
-        pos += 1
+    for pos, loc, rec in records:
+        text = rec if isinstance(rec, Bad) else text_of(rec, source)
         stats.records += 1
         if isinstance(text, Bad):
             stats.add_bad(loc, text)
@@ -57,7 +60,7 @@ def iter_records(
 
 
 def iter_documents(
-    source: SourceConfig, shard_index: int = 0, num_shards: int = 1, start: int = 0, stats: RecordStats | None = None
+    source: SourceConfig, shard_index: int = 0, num_shards: int = 1, start: Any = 0, stats: RecordStats | None = None
 ) -> Iterator[str]:
     """Yield the texts of one shard of a source (see :func:`iter_records`)."""
     for _, text in iter_records(source, shard_index, num_shards, start, stats):
@@ -76,7 +79,8 @@ def validate_source(source: SourceConfig, probe_records: int = 1000) -> dict:
     files = None if hub else resolve_files(source)
     seen = 0
     first_bad = None
-    for loc, text in _texts(source):
+    for loc, rec in read_records(source, columns=[source.text_field]):
+        text = rec if isinstance(rec, Bad) else text_of(rec, source)
         seen += 1
         if isinstance(text, Bad):
             if text.kind == "missing_field":

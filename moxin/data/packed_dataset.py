@@ -13,6 +13,12 @@ buffer, counts), with the new mixture and sequence length.
 
 Validation: documents whose hash falls under ``val_percent`` (``hash % 10000 < val_percent * 100``) are held out
 of training; ``split="val"`` packs only those.
+
+Prepared data (``prepared``, a :class:`moxin.data.prepared.PreparedData`): reader ``s`` reads its own contiguous
+range of every source's tokenized documents instead of every record of the raw files; its position is a
+document count, so resuming is a seek; the stored text hashes give the same validation split, and dedup is
+already done (across all sources) by the prepare step. With one reader and the same documents, the token stream
+is the raw path's.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from moxin.data.documents import iter_records
 from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
 from moxin.data.phases import Phase
+from moxin.data.prepared import PreparedData
 from moxin.data.reader import DataError, SourceConfig
 
 __all__ = ["PackedDataset", "reader_states"]
@@ -75,6 +82,7 @@ class PackedDataset(IterableDataset):
         val_percent: float = 0.0,
         split: str = "train",
         initial_states: Mapping[int, dict] | None = None,
+        prepared: PreparedData | None = None,
     ):
         self.sources = {s.name: s for s in sources}
         self.phase = phase
@@ -87,6 +95,8 @@ class PackedDataset(IterableDataset):
         self.val_percent = val_percent
         self.split = split
         self.initial_states = dict(initial_states or {})
+        self.prepared = prepared
+        self.origin = "raw" if prepared is None else f"prepared:{prepared.identity}"
         self.weights = validate_weights(phase.mixture, list(self.sources), f"phase {phase.name!r}")
         self._pending: dict | None = None
         self._live: dict | None = None
@@ -115,6 +125,7 @@ class PackedDataset(IterableDataset):
             "val_skipped": 0,
             "train_skipped": 0,
             "tokens": 0,
+            "origin": self.origin,
         }
 
     def state_dict(self) -> dict:
@@ -148,6 +159,12 @@ class PackedDataset(IterableDataset):
             )
         if state.get("worker") != worker:
             raise DataError(f"data state of worker {state.get('worker')} given to worker {worker}")
+        if state.get("origin", "raw") != self.origin:
+            raise DataError(
+                f"data state was saved reading {state.get('origin', 'raw')!r}, this run reads {self.origin!r} "
+                "(raw sources, or a prepared folder by its manifest hash); positions of one mean nothing in the "
+                "other. Resume with the data the run was started with (data.prepared as it was)."
+            )
         state = copy.deepcopy(state)
         if state["phase"] != self.phase.name or state.get("split") != self.split:
             # carry across a phase boundary: keep positions, dedup, packer buffer and counts; new mixture
@@ -195,7 +212,11 @@ class PackedDataset(IterableDataset):
 
         def reader(name):
             if name not in readers:
-                readers[name] = iter_records(self.sources[name], shard, nshards, srcs[name]["pos"], self._stats[name])
+                if self.prepared is not None:
+                    readers[name] = self.prepared.iter_docs(name, shard, nshards, srcs[name]["pos"])
+                else:
+                    readers[name] = ((pos, None, text) for pos, text in iter_records(
+                        self.sources[name], shard, nshards, srcs[name]["pos"], self._stats[name]))
             return readers[name]
 
         def next_doc(name):
@@ -243,16 +264,16 @@ class PackedDataset(IterableDataset):
             got = next_doc(name)
             if got is None:
                 continue
-            pos, text = got
+            pos, h, doc = got  # doc: the text (raw) or its token ids (prepared, hash h)
             srcs[name]["pos"] = pos
             if self.val_percent > 0 or self.dedup:
-                h = text_hash(text)
+                h = text_hash(doc) if h is None else h
                 if self.val_percent > 0 and self._is_val(h) != (self.split == "val"):
                     state["val_skipped" if self.split == "train" else "train_skipped"] += 1
                     continue
                 if self.dedup and not self._dedup.keep(h, name, srcs[name]["pass"]):
                     continue
             srcs[name]["kept_in_pass"] += 1
-            ids = tok.encode(text, bos=False, eos=False)
+            ids = tok.encode(doc, bos=False, eos=False) if isinstance(doc, str) else doc.tolist()
             state["tokens"] += len(ids)
             self._packer.add(ids)

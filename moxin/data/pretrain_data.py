@@ -13,6 +13,11 @@ the checkpoint. Because Lightning writes the checkpoint from rank 0 only, :meth:
 also gathers every rank's reader states (saved in the checkpoint's ``datamodule`` entry) and each rank
 substitutes its own on load.
 
+Prepared data (``prepared=DIR``, written by ``python -m moxin.prepare``): the readers read token shards instead
+of raw files, each (rank, worker) its own range of documents (moxin/data/prepared.py); the sources are the
+manifest's (``sources`` may be left empty; names given must be in it). ``setup`` refuses a manifest whose
+tokenizer is not the run's and a missing or truncated shard file, naming the fix.
+
 Validation: the val loader packs the first ``val_tokens`` tokens' worth of held-out documents (current phase
 ``seq_len``, per rank) and yields the same rows every time.
 """
@@ -30,6 +35,7 @@ from moxin.data.documents import validate_source
 from moxin.data.mixture import validate_weights
 from moxin.data.packed_dataset import PackedDataset, reader_states
 from moxin.data.phases import Phase
+from moxin.data.prepared import PreparedData
 from moxin.data.reader import DataError, SourceConfig
 from moxin.data.resume import ConsumedStateLoader
 
@@ -55,6 +61,8 @@ class PretrainDataModule(MoxinDataModule):
         world_size: data-parallel ranks (``connect``); ``None`` takes it from the trainer (1 without one). Needed
             before the trainer exists for :attr:`accumulate_grad_batches`.
         rank: this process's data-parallel rank; ``None`` takes it from the trainer.
+        prepared: a folder written by ``python -m moxin.prepare`` (token shards + manifest) to read instead of the
+            raw sources; ``None`` reads the sources themselves (small corpora, the default run).
         snapshot_every_n_steps: StatefulDataLoader snapshot interval (restore replays up to n-1 batches).
         validate_sources: check every source (exists, has documents, has the text field) in ``setup``.
         pin_memory: page-locked batches; ``None`` (default) pins where CUDA is available. A pageable batch's copy to
@@ -79,9 +87,13 @@ class PretrainDataModule(MoxinDataModule):
         validate_sources: bool = True,
         pin_memory: bool | None = None,
         rank: int | None = None,
+        prepared: str | None = None,
     ):
         super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
-        self.sources = [SourceConfig.from_any(s) for s in sources]
+        self.prepared = PreparedData(prepared) if prepared else None
+        self.sources = [SourceConfig.from_any(s) for s in sources or []]
+        if self.prepared is not None:
+            self.sources = self._prepared_sources()
         self.phases = [Phase.from_any(p) for p in phases]
         self.tokens_per_step = int(tokens_per_step)
         self.micro_batch_tokens = int(micro_batch_tokens)
@@ -98,6 +110,16 @@ class PretrainDataModule(MoxinDataModule):
         self._carry: dict[int, dict] = {}  # worker -> state carried into the next loader (this rank)
         self._restored: dict | None = None  # datamodule state from a checkpoint
         self.check_config()
+
+    def _prepared_sources(self) -> list[SourceConfig]:
+        """The manifest's sources (in the given order when ``sources`` names some)."""
+        have = self.prepared.sources
+        names = [s.name for s in self.sources] or list(have)
+        missing = [n for n in names if n not in have]
+        if missing:
+            raise DataError(f"data sources {missing} are not in data.prepared={str(self.prepared.path)!r} (it holds "
+                            f"{list(have)}); prepare them, or drop them from data.sources and the mixtures")
+        return [SourceConfig.from_any(have[n]["config"]) for n in names]
 
     # ---- configuration ------------------------------------------------------------------------------------
     @property
@@ -194,6 +216,11 @@ class PretrainDataModule(MoxinDataModule):
         self.check_trainer()
         if self.validate_sources and not self._validated:
             used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
+            if self.prepared is not None:
+                self.prepared.check_tokenizer(self.tokenizer)
+                self.prepared.check_files(sorted(used))
+                self._validated = True
+                return
             for s in self.sources:
                 if s.name in used:
                     validate_source(s)
@@ -244,9 +271,10 @@ class PretrainDataModule(MoxinDataModule):
             rank=rank,
             world_size=world_size,
             seed=self.seed,
-            dedup=self.dedup,
+            dedup=self.dedup and self.prepared is None,
             val_percent=self.val_percent,
             initial_states=initial,
+            prepared=self.prepared,
         )
         loader = ConsumedStateLoader(
             ds,
@@ -280,7 +308,8 @@ class PretrainDataModule(MoxinDataModule):
                             f"({rows * phase.seq_len} tokens in phase {phase.name!r}); raise val_tokens or set it to 0")
         ds = PackedDataset(
             self.sources, phase, self.tokenizer, micro_rows=rows, num_batches=n, rank=self.rank,
-            world_size=self.world_size, seed=self.seed, dedup=self.dedup, val_percent=self.val_percent, split="val",
+            world_size=self.world_size, seed=self.seed, dedup=self.dedup and self.prepared is None,
+            val_percent=self.val_percent, split="val", prepared=self.prepared,
         )
         return DataLoader(ds, batch_size=None, num_workers=0)
 
@@ -316,7 +345,8 @@ class PretrainDataModule(MoxinDataModule):
                 agg = per_source.setdefault(n, {"stats": RecordStats(), "dedup_seen": 0, "dedup_dropped": 0,
                                                 "passes": 0})
                 agg["stats"].merge(RecordStats.from_dict(s["stats"]))
-                agg["passes"] = max(agg["passes"], int(s["pass"]) + (1 if s["pos"] or s["pass"] else 0))
+                started = s["pos"] not in (0, [0, 0]) or s["pass"]
+                agg["passes"] = max(agg["passes"], int(s["pass"]) + (1 if started else 0))
                 if n in dd:
                     agg["dedup_seen"] += int(dd[n]["seen"])
                     agg["dedup_dropped"] += int(dd[n]["dropped"])

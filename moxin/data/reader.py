@@ -11,10 +11,15 @@ What a stage takes from a record is an extractor's job (moxin/data/extract.py); 
 Bytes are decoded strictly: a replaced character would silently change the text the model trains on. A line
 longer than ``max_record_bytes`` is read past in chunks, never held whole.
 
-Sharding (pretraining readers): with ``num_shards`` readers, reader ``shard`` keeps records ``i`` with
-``i % num_shards == shard`` (the others are not parsed), and ``start`` skips the first ``start`` records of the
-shard, which is how a resumed run continues at the same position. Hub datasets are streamed through
-``datasets.distributed.split_dataset_by_node`` and ``IterableDataset.skip``.
+Sharding (pretraining readers): with ``num_shards`` readers, reader ``shard`` of a local source keeps records
+``i`` with ``i % num_shards == shard`` (the others are not parsed), and ``start`` skips the first ``start``
+records of the shard, which is how a resumed run continues at the same position. A streamed hub dataset with at
+least as many files (``n_shards``) as readers is split by file: reader ``shard`` streams files ``f`` with
+``f % num_shards == shard`` and no others, and its position is ``[file, record]`` (the index into its own file
+list and the records consumed in that file), so resuming opens that file and skips only inside it. With fewer
+files than readers it falls back to ``datasets.distributed.split_dataset_by_node`` (every reader streams every
+example and keeps 1 of ``num_shards``) and ``IterableDataset.skip`` to an integer position.
+:func:`read_positioned` yields each record with the position to resume right after it.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 __all__ = ["DataError", "SourceConfig", "Bad", "plain", "config_fields", "as_source", "is_hub_name", "resolve_files",
-           "open_hub_dataset", "iter_lines", "read_records", "source_identity"]
+           "open_hub_dataset", "iter_lines", "read_records", "read_positioned", "hub_files_of_reader",
+           "open_hub_file", "source_identity"]
 
 _EXT_FORMAT = {
     ".jsonl": "jsonl",
@@ -343,26 +349,55 @@ def _local_records(source: SourceConfig, keep, columns: list[str] | None,
 
 
 # ---- every kind ------------------------------------------------------------------------------------------------
-def read_records(source: SourceConfig, *, shard: int = 0, num_shards: int = 1, start: int = 0,
+def read_records(source: SourceConfig, *, shard: int = 0, num_shards: int = 1, start: Any = 0,
                  columns: list[str] | None = None, formats: tuple[str, ...] = ("jsonl", "parquet", "txt"),
                  dataset: Any = None) -> Iterator[tuple[str, Any]]:
     """``(location, record)`` of every record of one shard of a source (module docstring).
 
     Args:
         shard, num_shards, start: this reader's shard and its first record (pretraining; see the module
-            docstring).
+            docstring and :func:`read_positioned`).
         columns: parquet columns to read (the others are never decoded); a file without one is an error.
         formats: the local formats these records may come in; a file of another is an error naming it.
         dataset: a hub dataset the caller opened memory-mapped (``open_hub_dataset(source, streaming=False)``, kept
             as the store of a post-training set); its rows are read in order. Without it a hub source is streamed.
     """
-    if not 0 <= shard < num_shards:
-        raise ValueError(f"shard {shard} not in [0, {num_shards})")
     if dataset is not None:
         for i, rec in enumerate(dataset, 1):
             yield f"{source.path}[{source.split}] row {i}", rec
-    elif is_hub_name(source):
+        return
+    for _, loc, rec in read_positioned(source, shard=shard, num_shards=num_shards, start=start, columns=columns,
+                                       formats=formats):
+        yield loc, rec
+
+
+def hub_files_of_reader(n_files: int, shard: int, num_shards: int) -> list[int]:
+    """The files (shards, in ``datasets``' words) of a streamed hub dataset that reader ``shard`` streams."""
+    return list(range(shard, n_files, num_shards))
+
+
+def open_hub_file(ds: Any, index: int) -> Any:
+    """File ``index`` of a streamed hub dataset as a dataset of its own (``IterableDataset.shard`` by file)."""
+    return ds.shard(num_shards=ds.n_shards, index=index, contiguous=True)
+
+
+def read_positioned(source: SourceConfig, *, shard: int = 0, num_shards: int = 1, start: Any = 0,
+                    columns: list[str] | None = None, formats: tuple[str, ...] = ("jsonl", "parquet", "txt"),
+                    ) -> Iterator[tuple[Any, str, Any]]:
+    """``(position, location, record)`` of one reader shard of a source; ``position`` is the ``start`` that
+    continues right after the record: an int (records of the shard consumed), or ``[file, record]`` for a hub
+    dataset read by file (module docstring). ``start=0`` is the beginning for every kind."""
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} not in [0, {num_shards})")
+    if is_hub_name(source):
         ds = open_hub_dataset(source, streaming=True)
+        if ds.n_shards >= num_shards:
+            yield from _hub_by_file(source, ds, shard, num_shards, start)
+            return
+        if not isinstance(start, int):
+            raise DataError(f"data source {source.name!r}: the saved position {start!r} is by file, but the dataset "
+                            f"now has {ds.n_shards} files for {num_shards} readers; resume with the data and "
+                            "devices the run was started with")
         if num_shards > 1:
             from datasets.distributed import split_dataset_by_node
 
@@ -370,7 +405,36 @@ def read_records(source: SourceConfig, *, shard: int = 0, num_shards: int = 1, s
         if start:
             ds = ds.skip(start)
         for k, rec in enumerate(ds, start + 1):
-            yield f"{source.path}[{source.split}] shard {shard}/{num_shards} record {k}", rec
-    else:
-        first = shard + start * num_shards  # index (over all files) of the first record to parse
-        yield from _local_records(source, lambda i: i >= first and i % num_shards == shard, columns, formats)
+            yield k, f"{source.path}[{source.split}] shard {shard}/{num_shards} record {k}", rec
+        return
+    if not isinstance(start, int):
+        raise DataError(f"data source {source.name!r}: the saved position {start!r} belongs to a hub dataset, not "
+                        f"the local files at {source.path!r}; resume with the data the run was started with")
+    first = shard + start * num_shards  # index (over all files) of the first record to parse
+    for k, (loc, rec) in enumerate(
+            _local_records(source, lambda i: i >= first and i % num_shards == shard, columns, formats), start + 1):
+        yield k, loc, rec
+
+
+def _hub_by_file(source: SourceConfig, ds: Any, shard: int, num_shards: int, start: Any) -> Iterator[tuple]:
+    """A streamed hub dataset's files of one reader, from position ``[file, record]`` on."""
+    if isinstance(start, int):
+        if start:
+            raise DataError(f"data source {source.name!r}: the saved position {start} counts records of a 1-of-"
+                            f"{num_shards} split, but this dataset is now read by file ({ds.n_shards} files); "
+                            "resume with the datasets version the run was started with")
+        start = [0, 0]
+    j0, skip = int(start[0]), int(start[1])
+    files = hub_files_of_reader(ds.n_shards, shard, num_shards)
+    for j in range(j0, len(files)):
+        part = open_hub_file(ds, files[j])
+        first = skip if j == j0 else 0
+        if first:
+            part = part.skip(first)
+        it = iter(enumerate(part, first + 1))
+        cur = next(it, None)
+        while cur is not None:
+            nxt = next(it, None)  # one record ahead: the last record of a file resumes at the next file
+            k, rec = cur
+            yield ([j, k] if nxt is not None else [j + 1, 0]), f"{source.path}[{source.split}] file {files[j]} record {k}", rec
+            cur = nxt
