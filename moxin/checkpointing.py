@@ -656,9 +656,16 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     cfg = ModelConfig(**{k: v for k, v in mc.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}) \
         if mc else None
     if p.is_dir():
-        return load_distributed_weights(p), cfg, f"distributed checkpoint {p} (step {info.step})"
-    ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    return _strip_model_prefix(ckpt.get("state_dict", ckpt)), cfg, f"checkpoint {p} (step {info.step})"
+        sd, what = load_distributed_weights(p), f"distributed checkpoint {p} (step {info.step})"
+    else:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+        sd, what = _strip_model_prefix(ckpt.get("state_dict", ckpt)), f"checkpoint {p} (step {info.step})"
+    saved_lora = info.moxin.get("lora")
+    if saved_lora:  # a LoRA run's checkpoint holds its adapters: merged into the base that run started from
+        base, _, base_what = load_model_weights(saved_lora["base"])
+        lora.merge_adapters(base, lora.adapters_by_weight(sd), saved_lora["alpha"] / saved_lora["rank"], str(p))
+        return base, cfg, f"{what}: LoRA adapters merged into {base_what}"
+    return sd, cfg, what
 
 
 # fields that change what the weights compute; max_seq_len, init_std and attn_backend do not

@@ -21,9 +21,10 @@ from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_mod
 
 TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
               "model.head_dim=16", "model.sliding_window=32"]
-COMMON = TINY_MODEL + ["data.batch_size=8", "data.micro_batch_size=4", "trainer.val_every_n_steps=null",
-                       "samples.prompts=[]", "trainer.progress_bar=none", "hardware.num_workers=0",
-                       "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4", "stage.lora.alpha=8"]
+RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "trainer.progress_bar=none",
+                    "hardware.num_workers=0", "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4",
+                    "stage.lora.alpha=8"]
+COMMON = RUN + ["data.batch_size=8", "data.micro_batch_size=4"]
 SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
 
 
@@ -222,3 +223,14 @@ def test_dpo_and_grpo_with_lora_run_end_to_end(tmp_path, base_dir):
     m = info["metrics"]
     assert m["val/dpo_margin_before"] == 0.0 and abs(m["val/dpo_loss_before"] - 0.6931) < 1e-3  # policy = reference
     assert not (tmp_path / "cache").exists()  # the adapter-off base is the reference: no cache
+    # GRPO: an SFT warm-up with the same adapters (its LoRA checkpoint is GRPO's init_from: merged into its base),
+    # then rollouts from the merged copy and a KL to the adapter-off base
+    grpo = R.train(_compose(["+experiment=grpo", *RUN, f"init_from={base_dir}", f"out_dir={tmp_path / 'g'}",
+                             "run_name=g", "data.steps=1", "data.prompts_per_step=2", "data.task.pool=2",
+                             "stage.grpo.group_size=2", "stage.grpo.max_new_tokens=4", "warmup.steps=2",
+                             "warmup.batch_size=4", "warmup.micro_batch_size=4", "stage.grpo.verifier_workers=0",
+                             "stage.grpo.kl_coef=0.01", "stage.grpo.filter_zero_std=false",
+                             "stage.grpo.rollout_copy=true", "export_hf=true"]))
+    assert grpo["optimizer_steps"] >= 1 and (tmp_path / "g" / "hf_adapter" / "adapter_config.json").exists()
+    warm = json.loads((tmp_path / "g" / "warmup" / "summary.json").read_text())
+    assert grpo["init_checksum"] == pytest.approx(warm["weights_checksum"], rel=1e-9)  # the hand-off merged

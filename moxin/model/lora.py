@@ -430,16 +430,36 @@ def merge_peft_adapter(weights: dict[str, torch.Tensor], path: str | os.PathLike
         if ours is None or ours not in weights:
             raise ValueError(f"{p / ADAPTER_WEIGHTS}: tensor {k!r} has no counterpart in the base model")
         pairs.setdefault(ours, {})[m.group(2)] = v
+    return merge_adapters(weights, pairs, scaling, str(p / ADAPTER_WEIGHTS))
+
+
+@torch.no_grad()
+def merge_adapters(weights: dict[str, torch.Tensor], pairs: dict[str, dict[str, torch.Tensor]], scaling: float,
+                   source: str) -> dict[str, torch.Tensor]:
+    """W += scaling * B A for every ``{weight name: {"lora_A": A, "lora_B": B}}`` (fp32, back to W's dtype), in
+    place and returned; `source` names the adapters in errors."""
     for name, ab in pairs.items():
         if set(ab) != {"lora_A", "lora_B"}:
-            raise ValueError(f"{p / ADAPTER_WEIGHTS}: {name} has {sorted(ab)} but needs lora_A and lora_B")
+            raise ValueError(f"{source}: {name} has {sorted(ab)} but needs lora_A and lora_B")
+        if name not in weights:
+            raise ValueError(f"{source}: an adapter for {name}, which the base model does not have")
         w = weights[name]
         delta = ab["lora_B"].float() @ ab["lora_A"].float()
         if delta.shape != w.shape:
-            raise ValueError(f"{p / ADAPTER_WEIGHTS}: the adapter of {name} gives {tuple(delta.shape)}, the base "
-                             f"weight is {tuple(w.shape)}: the adapter belongs to another model")
+            raise ValueError(f"{source}: the adapter of {name} gives {tuple(delta.shape)}, the base weight is "
+                             f"{tuple(w.shape)}: the adapter belongs to another model")
         weights[name] = (w.float() + scaling * delta).to(w.dtype)
     return weights
+
+
+def adapters_by_weight(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """moxin-named adapter tensors (``layers.0.attention.wq.lora_A``) grouped by their base weight's name."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        base, _, which = plain_name(k).rpartition(".")
+        if which in ("lora_A", "lora_B"):
+            out.setdefault(base + ".weight", {})[which] = v
+    return out
 
 
 def config_dict(cfg: LoRAConfig) -> dict:

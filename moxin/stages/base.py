@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -541,8 +542,9 @@ class MoxinStage(L.LightningModule):
         if self.uses_lora:  # the adapters only: the frozen base is init_from's, rebuilt on resume
             checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
                                         if k.endswith((".lora_A", ".lora_B"))}
+            base = Path(self.init_from)
             checkpoint.setdefault("moxin", {})["lora"] = dataclasses.asdict(self.lora_cfg) | {
-                "base": str(self.init_from)}
+                "base": str(base.resolve() if base.exists() else base)}  # what init_from of this checkpoint merges into
         np_state = np.random.get_state()
         checkpoint.setdefault("moxin", {}).update({
             "tokens_seen": self.tokens_seen,
