@@ -234,3 +234,19 @@ def test_dpo_and_grpo_with_lora_run_end_to_end(tmp_path, base_dir):
     assert grpo["optimizer_steps"] >= 1 and (tmp_path / "g" / "hf_adapter" / "adapter_config.json").exists()
     warm = json.loads((tmp_path / "g" / "warmup" / "summary.json").read_text())
     assert grpo["init_checksum"] == pytest.approx(warm["weights_checksum"], rel=1e-9)  # the hand-off merged
+
+
+def test_lora_bench_runs_tiny_on_the_cpu(tmp_path):
+    """scripts/bench/lora.py --tiny: the benchmark's code paths (moxin and HF + PEFT, SFT and DPO steps) run."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("peft", reason="peft is not installed (pip install 'moxin[dev]')")
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "lora.json"
+    r = subprocess.run([sys.executable, str(root / "scripts" / "bench" / "lora.py"), "--tiny", "--bases", "lora",
+                        "--out", str(out)], cwd=root, capture_output=True, text=True, timeout=240)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert len(rows) == 4 and all(row.get("tokens_per_s", 0) > 0 for row in rows), rows
+    assert "x HF+PEFT" in r.stdout
