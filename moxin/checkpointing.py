@@ -60,6 +60,8 @@ from typing import Any
 import lightning as L
 import torch
 
+from moxin.model import lora
+
 log = logging.getLogger(__name__)
 
 LAST = "last.ckpt"
@@ -80,6 +82,8 @@ def checkpoint_bytes(module: torch.nn.Module) -> int:
     """About how many bytes one checkpoint of `module` takes, over all ranks: every parameter and buffer (a
     sharded parameter counts whole: a DTensor's numel is the global one) plus AdamW's two moments per trainable
     parameter, in the parameters' own dtype."""
+    if lora.has_lora(module):  # a LoRA checkpoint: the adapters and their moments only
+        return sum(3 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
     weights = sum(t.numel() * t.element_size() for t in module.parameters())
     weights += sum(b.numel() * b.element_size() for b in module.buffers())
     moments = sum(2 * p.numel() * p.element_size() for p in module.parameters() if p.requires_grad)
@@ -342,6 +346,8 @@ def weights_finite(stage) -> bool:
     ok = True
     with torch.no_grad():
         for p in stage.parameters():
+            if not p.requires_grad:  # frozen weights (a LoRA base, DPO's reference) never change
+                continue
             t = p.to_local() if hasattr(p, "to_local") else p
             if t.numel() and not bool(torch.isfinite(t).all()):
                 ok = False
@@ -622,6 +628,14 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     if not p.exists():
         raise FileNotFoundError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
                                 "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a .safetensors file")
+    if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
+        base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
+        if not base or not Path(base).exists():
+            raise FileNotFoundError(f"init_from={str(path)!r} is a LoRA adapter whose base_model_name_or_path "
+                                    f"({base!r}, in {p / lora.ADAPTER_CONFIG}) is not a local folder: set it to the "
+                                    "base model's Hugging Face folder (or a moxin checkpoint) and retry")
+        sd, cfg, what = load_model_weights(base)
+        return lora.merge_peft_adapter(sd, p), cfg, f"LoRA adapter {p} merged into {what}"
     if p.is_dir() and not (p / ".metadata").exists():
         if (p / "config.json").exists():
             from moxin.model.hf import hf_to_moxin_config, load_hf
@@ -642,9 +656,16 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     cfg = ModelConfig(**{k: v for k, v in mc.items() if k in {f.name for f in dataclasses.fields(ModelConfig)}}) \
         if mc else None
     if p.is_dir():
-        return load_distributed_weights(p), cfg, f"distributed checkpoint {p} (step {info.step})"
-    ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
-    return _strip_model_prefix(ckpt.get("state_dict", ckpt)), cfg, f"checkpoint {p} (step {info.step})"
+        sd, what = load_distributed_weights(p), f"distributed checkpoint {p} (step {info.step})"
+    else:
+        ckpt = torch.load(str(p), map_location="cpu", weights_only=True)
+        sd, what = _strip_model_prefix(ckpt.get("state_dict", ckpt)), f"checkpoint {p} (step {info.step})"
+    saved_lora = info.moxin.get("lora")
+    if saved_lora:  # a LoRA run's checkpoint holds its adapters: merged into the base that run started from
+        base, _, base_what = load_model_weights(saved_lora["base"])
+        lora.merge_adapters(base, lora.adapters_by_weight(sd), saved_lora["alpha"] / saved_lora["rank"], str(p))
+        return base, cfg, f"{what}: LoRA adapters merged into {base_what}"
+    return sd, cfg, what
 
 
 # fields that change what the weights compute; max_seq_len, init_std and attn_backend do not
@@ -671,11 +692,21 @@ def export_hf(stage, hf_dir: str | os.PathLike, *, is_global_zero: bool, max_sha
     model = stage.model
 
     def gathered():
+        if lora.has_lora(model):  # the merged model (W + alpha / r B A, fp32), gathered tensor by tensor
+            for name, full in lora.merged_items(model):
+                yield name, full if is_global_zero else None
+            return
         for name, t in model.state_dict().items():
             full = t.full_tensor() if hasattr(t, "full_tensor") else t  # collective under FSDP2: all ranks
             yield name, full if is_global_zero else None
 
     from moxin.model.hf import write_hf
 
-    return write_hf(gathered(), model.cfg, hf_dir, is_global_zero=is_global_zero, max_shard_bytes=max_shard_bytes,
-                    tokenizer_files=tokenizer_files)
+    out = write_hf(gathered(), model.cfg, hf_dir, is_global_zero=is_global_zero, max_shard_bytes=max_shard_bytes,
+                   tokenizer_files=tokenizer_files)
+    if lora.has_lora(model):  # and the adapters alone, in PEFT's format, for the base the run started from
+        base = getattr(stage, "init_from", None)
+        base = str(Path(base).resolve()) if base and Path(base).exists() else base
+        lora.save_peft_adapter(model, Path(hf_dir).with_name(Path(hf_dir).name + "_adapter"), base,
+                               is_global_zero=is_global_zero)
+    return out

@@ -95,6 +95,7 @@ def schema_of(cls: type, *, target: bool = True, exclude: tuple[str, ...] = ()) 
 from moxin.distributed import ParallelConfig  # noqa: E402  (the dataclasses the schemas are made of)
 from moxin.eval.runner import EvalConfig  # noqa: E402
 from moxin.model.config import ModelConfig  # noqa: E402
+from moxin.model.lora import LoRAConfig  # noqa: E402
 from moxin.stages.base import OptimConfig  # noqa: E402
 from moxin.stages.grpo import GRPOConfig  # noqa: E402
 
@@ -102,12 +103,14 @@ ModelConfigSchema = schema_of(ModelConfig)  # conf/model/*.yaml
 # max_nonfinite_steps is the run's trainer.max_nonfinite_steps (moxin.run.build sets it), not a stage.optim key
 OptimConfigSchema = schema_of(OptimConfig, exclude=("max_nonfinite_steps",))  # conf/stage/*.yaml, optim
 GRPOConfigSchema = schema_of(GRPOConfig)  # conf/stage/grpo.yaml, grpo
+LoRAConfigSchema = schema_of(LoRAConfig)  # conf/stage/*.yaml, lora
 ParallelConfigSchema = schema_of(ParallelConfig)  # conf/hardware/{cpu,gpu,fsdp}.yaml, parallel
 # conf/eval/*.yaml: read by EvalConfig.from_any (no _target_); tasks stay an untyped list (their keys depend on the
 # task's kind; TaskConfig checks them)
 EvalConfigSchema = schema_of(EvalConfig, target=False)
 
 SCHEMAS = {"schema_model": ModelConfigSchema, "schema_optim": OptimConfigSchema, "schema_grpo": GRPOConfigSchema,
+           "schema_lora": LoRAConfigSchema,
            "schema_parallel": ParallelConfigSchema, "schema_eval": EvalConfigSchema}
 
 

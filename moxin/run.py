@@ -266,7 +266,10 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     from moxin.distributed import weights_checksum
 
-    checksum = weights_checksum(stage.model)  # collective under FSDP2: every rank computes it
+    from moxin.model import lora
+
+    # collective under FSDP2: every rank computes it. With LoRA: the merged weights, those the hf/ export holds
+    checksum = lora.merged_checksum(stage.model) if lora.has_lora(stage.model) else weights_checksum(stage.model)
     info = {
         "run_name": cfg.run_name,
         "out_dir": str(out_dir),
@@ -408,6 +411,8 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
 
                 write_hf_tokenizer_files(hf_dir, cfg, stage.tokenizer)
                 info["hf_export"] = str(hf_dir.resolve())
+                if (hf_dir.parent / "hf_adapter").is_dir():  # a LoRA run: its adapters in PEFT's format too
+                    info["hf_adapter"] = str((hf_dir.parent / "hf_adapter").resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info, handoffs)
     return info

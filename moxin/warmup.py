@@ -53,7 +53,9 @@ def warmup_config(cfg: DictConfig) -> DictConfig:
     mbs = w.get("micro_batch_size") or max(1, int(w.batch_size) // world_size_of(cfg.hardware))
     sft = OmegaConf.load(conf_dir() / "stage" / "sft.yaml")
     sft.pop("defaults", None)  # Hydra's defaults list (the optim schema), not a parameter of the stage
-    stage = OmegaConf.merge(sft, {"optim": w.get("optim") or {}, "validate_at_start": False})
+    # the command's LoRA settings too: a model that needs adapters to fit needs them for its warm-up as well
+    stage = OmegaConf.merge(sft, {"optim": w.get("optim") or {}, "validate_at_start": False,
+                                  "lora": cfg.stage.get("lora") or {}})
     data = {"_target_": "moxin.data.sft_data.ChatSFTDataModule",
             "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
             "max_length": int(w.max_length), "batch_size": int(w.batch_size),

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -23,6 +24,8 @@ from torchmetrics import Metric
 
 from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
+from moxin.model import lora as lora_lib
+from moxin.model.lora import LoRAConfig
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.tokenizer import as_tokenizer
@@ -191,9 +194,17 @@ class MoxinStage(L.LightningModule):
 
     def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
                  parallel: ParallelConfig | None = None, init_from: str | None = None,
-                 loss_chunk_size: int = 4096, total_steps: int | None = None, tokenizer=None):
+                 loss_chunk_size: int = 4096, total_steps: int | None = None, tokenizer=None,
+                 lora: LoRAConfig | None = None):
         super().__init__()
         self._tokenizer = tokenizer
+        self.lora_cfg = lora or LoRAConfig()
+        if self.lora_cfg.enabled and not init_from:
+            raise ValueError(f"stage.lora.rank={self.lora_cfg.rank}: LoRA trains adapters on a frozen base, and this "
+                             "run has none; set init_from=<a Hugging Face folder, a moxin checkpoint or run> (or "
+                             "stage.lora.rank=0 for full training)")
+        # a LoRA checkpoint holds the adapters only (the base is init_from's, rebuilt on resume)
+        self.strict_loading = not self.lora_cfg.enabled
         self.model_cfg = model
         self.optim_cfg = optim or OptimConfig()
         self.parallel_cfg = parallel or ParallelConfig()
@@ -234,6 +245,10 @@ class MoxinStage(L.LightningModule):
                 # what was loaded, before any sharding or step: summary.json records it so a chain can check
                 # that a hand-off really carried the previous stage's final weights (scripts/check_run.py)
                 self.init_checksum = weights_checksum(self.model)
+            if self.lora_cfg.enabled:
+                self._check_lora_combination()
+                dev = self.trainer.strategy.root_device.type if self._trainer is not None else None
+                lora_lib.apply_lora(self.model, self.lora_cfg, dev)
         if self._parallelized or self._trainer is None:
             return
         self._parallelized = True
@@ -242,6 +257,23 @@ class MoxinStage(L.LightningModule):
         ref = getattr(self, "ref_model", None)
         if ref is not None:  # a frozen reference (DPO, GRPO's KL) is sharded like the policy
             parallelize(ref, self.parallel_cfg, mesh)
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.lora_cfg.enabled
+
+    def _check_lora_combination(self) -> None:
+        """Combinations LoRA cannot run, refused before the model is built or loaded, with the fix."""
+        if self._trainer is None or not is_sharded(self.trainer.strategy):
+            return
+        if self.lora_cfg.quantize:
+            raise ValueError(f"stage.lora.quantize={self.lora_cfg.quantize} (QLoRA) runs on one GPU; under FSDP2 "
+                             "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
+        dev = self.trainer.strategy.root_device.type
+        if self.lora_cfg.base_torch_dtype(dev) not in (None, torch.float32) and not self.parallel_cfg.fsdp_param_dtype:
+            raise ValueError("LoRA under FSDP2 with a 16-bit base and float32 adapters needs FSDP2's mixed precision "
+                             "to gather them in one dtype: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
+                             "stage.lora.base_dtype=float32)")
 
     def frozen_start_copy(self) -> Transformer:
         """A frozen model with the starting weights: `init_from`, or, without it, the very random init the
@@ -324,6 +356,13 @@ class MoxinStage(L.LightningModule):
             self._acc_metrics[k] = self._acc_metrics.get(k, 0.0) + torch.as_tensor(v).detach().double()
         self._acc_processed += out.tokens_processed
         return out.loss_sum
+
+    def on_train_batch_start(self, batch, batch_idx):
+        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
+        if rng is not None:
+            torch.set_rng_state(rng[0])
+            if torch.cuda.is_available() and rng[1]:
+                torch.cuda.set_rng_state_all(rng[1])
 
     def step_counters(self) -> list:
         """Per-step sums a subclass adds to the step's one reduction over ranks (host numbers or 0-d device
@@ -501,6 +540,12 @@ class MoxinStage(L.LightningModule):
 
     # ---- checkpoints: everything needed to continue as if never stopped --------------------------------------
     def on_save_checkpoint(self, checkpoint):
+        if self.uses_lora:  # the adapters only: the frozen base is init_from's, rebuilt on resume
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
+                                        if k.endswith((".lora_A", ".lora_B"))}
+            base = Path(self.init_from)
+            checkpoint.setdefault("moxin", {})["lora"] = dataclasses.asdict(self.lora_cfg) | {
+                "base": str(base.resolve() if base.exists() else base)}  # what init_from of this checkpoint merges into
         np_state = np.random.get_state()
         checkpoint.setdefault("moxin", {}).update({
             "tokens_seen": self.tokens_seen,
@@ -519,8 +564,25 @@ class MoxinStage(L.LightningModule):
                           int(np_state[3]), float(np_state[4])],
         })
 
+    def _check_lora_checkpoint(self, checkpoint) -> None:
+        """A LoRA run resumes only from a checkpoint of the same adapters (Lightning loads it non-strictly, since
+        the base is not in it): every adapter tensor present, nothing else."""
+        saved = (checkpoint.get("moxin") or {}).get("lora")
+        want = {"model." + lora_lib.plain_name(k) for k in lora_lib.adapter_state_dict(self.model)} \
+            if self.model is not None else set()
+        have = set(checkpoint.get("state_dict") or {})
+        ours = dataclasses.asdict(self.lora_cfg)
+        same = saved is not None and all(saved.get(k) == ours[k] for k in ("rank", "alpha", "targets", "quantize"))
+        if not same or (want and have != want):
+            raise ValueError(f"resume: the checkpoint does not hold this run's LoRA adapters (stage.lora: "
+                             f"{dataclasses.asdict(self.lora_cfg)}; checkpoint: {saved or 'not a LoRA run'}). "
+                             "Resume with the stage.lora settings it was written with, or start a new run "
+                             "(another out_dir) with init_from=<its hf export>")
+
     def on_load_checkpoint(self, checkpoint):
         st = checkpoint.get("moxin")
+        if self.uses_lora:
+            self._check_lora_checkpoint(checkpoint)
         if not st:
             return
         self.tokens_seen = int(st["tokens_seen"])
@@ -541,6 +603,9 @@ class MoxinStage(L.LightningModule):
         torch.set_rng_state(st["rng_torch"])
         if torch.cuda.is_available() and st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
+        # set again at the first step: between here and there Lightning draws from the torch RNG (the data
+        # loader's base seed), which the uninterrupted run did before its first step (LoRA dropout reads it)
+        self._resume_rng = (st["rng_torch"], st["rng_cuda"])
         py = st["rng_python"]
         random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
         n = st["rng_numpy"]

@@ -22,6 +22,9 @@ Reference (``reference``):
   ``parallelize``), runs a no-grad forward every step (memory x2 in weights; no precomputation).
 * ``none``: only for ``simpo``.
 
+With LoRA (``stage.lora.rank > 0``) the starting weights are the frozen base with the adapters switched off, so
+``cached`` and ``frozen`` both run that forward (no grad) on every batch: no second model and no cache.
+
 Normalisation: DPO losses are per pair. ``compute_loss`` returns the SUM of the pair losses with ``n_tokens`` =
 the number of pairs, so MoxinStage divides by the pairs of the whole optimizer step over accumulation and ranks
 (every pair weighs the same, however pairs fall into micro-batches). Reward metrics are sums over pairs,
@@ -47,6 +50,7 @@ from enum import StrEnum
 from moxin.devices import to_device
 from moxin.losses import DPOLoss, LabelRows, dpo_loss, parse_option, sft_nll_per_token
 from moxin.model import Transformer
+from moxin.model.lora import adapters_disabled
 from moxin.model.attention import DocBounds
 from moxin.stages import refcache
 from moxin.distributed import is_sharded, reshard
@@ -118,7 +122,7 @@ class DPOStage(MoxinStage):
         return ref
 
     def configure_model(self) -> None:
-        if self.model is None and self.reference is ReferenceMode.FROZEN:
+        if self.model is None and self.reference is ReferenceMode.FROZEN and not self.uses_lora:
             # built before the policy from the same RNG state, so a random init matches too; the base shards it
             self.ref_model = self.frozen_start_copy()
         super().configure_model()
@@ -138,7 +142,7 @@ class DPOStage(MoxinStage):
         }
 
     def on_fit_start(self):
-        if self.reference is not ReferenceMode.CACHED:
+        if self.reference is not ReferenceMode.CACHED or self.uses_lora:
             return
         dm = self.trainer.datamodule
         splits = ["train"] + (["val"] if dm.val_set is not None else [])
@@ -168,6 +172,13 @@ class DPOStage(MoxinStage):
     def _reference_logps(self, batch, split: str):
         if self.reference is ReferenceMode.NONE:
             return None, None
+        if self.uses_lora:  # the starting weights are the base with the adapters off: no second model, no cache
+            with torch.no_grad(), adapters_disabled(self.model):
+                ids, labels, pos = self._cat(batch)
+                logps, _ = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size,
+                                          batch.get("doc_bounds"), batch.get("label_rows"))
+            P = batch["pair_index"].numel()
+            return logps[:P], logps[P:]
         if self.reference is ReferenceMode.FROZEN:
             with torch.no_grad():
                 ids, labels, pos = self._cat(batch)

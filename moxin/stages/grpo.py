@@ -43,7 +43,9 @@ all-reduced so every token (or sequence) of a minibatch weighs the same on every
 same number of backward passes (empty micro-batches run a zero-weight one). Under FSDP2 (sharded weights) every
 forward is collective: rollouts then decode eagerly and in lockstep (``generate(lockstep=True)``: a rank whose rows
 have all stopped keeps stepping until every rank's have), and log-probs run as the model's ``head`` inside its
-forward. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested.
+forward. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested. With LoRA
+(``stage.lora.rank > 0``) the KL reference is the policy's own base with the adapters off (no copy), and the
+rollout copy holds the merged weights (W + alpha / r B A), refreshed every step.
 """
 
 from __future__ import annotations
@@ -61,6 +63,7 @@ from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, res
 from moxin.losses import (IGNORE_INDEX, Aggregation, KLEstimator, LabelRows, completion_mask, group_advantages,
                           kl_penalty, parse_option, policy_loss, token_entropy, token_logprobs, zero_std_groups)
 from moxin.model import Transformer
+from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds
 from moxin.model.generate import DecodePath, generate
 from moxin.stages.base import MoxinStage, OptimConfig
@@ -186,9 +189,9 @@ class GRPOStage(MoxinStage):
 
     def __init__(self, model, optim: OptimConfig | None = None, grpo: GRPOConfig | None = None,
                  tokenizer="mistral", seed: int = 0, parallel=None, init_from: str | None = None,
-                 loss_chunk_size: int = 1024, total_steps: int | None = None):
+                 loss_chunk_size: int = 1024, total_steps: int | None = None, lora=None):
         super().__init__(model=model, optim=optim, parallel=parallel, init_from=init_from,
-                         loss_chunk_size=loss_chunk_size, total_steps=total_steps, tokenizer=tokenizer)
+                         loss_chunk_size=loss_chunk_size, total_steps=total_steps, tokenizer=tokenizer, lora=lora)
         self.automatic_optimization = False
         self.cfg = grpo or GRPOConfig()
         self.seed = int(seed)
@@ -198,7 +201,7 @@ class GRPOStage(MoxinStage):
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None:
+        if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None and not self.uses_lora:
             # the KL reference: the starting weights, frozen; kept out of state_dict and the optimizer (not a
             # submodule) and sharded like the policy by the base's configure_model
             object.__setattr__(self, "ref_model", self.frozen_start_copy())
@@ -345,8 +348,14 @@ class GRPOStage(MoxinStage):
                 copy.output.weight = copy.tok_embeddings.weight
             copy.fuse_projections()  # one q/k/v and one gate/up product a block; refreshed in place below
             self.__dict__["_rollout_copy"] = copy  # a plain attribute: not a submodule
+        params = dict(copy.named_parameters())
+        if self.uses_lora:  # the adapters merged into the copy's weights, one tensor at a time
+            for name, t in lora_lib.merged_items(self.model, dtype=dtype):
+                if name in params:
+                    params[name].copy_(t)
+            return copy, True
         src = dict(self.model.named_parameters())
-        for name, p in copy.named_parameters():
+        for name, p in params.items():
             p.copy_(src[name])
         return copy, True
 
@@ -508,7 +517,11 @@ class GRPOStage(MoxinStage):
                     logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0, rows=rows)
                     old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
                     kl = None
-                    if c.kl_coef != 0.0 and self.ref_model is not None:
+                    if c.kl_coef != 0.0 and self.uses_lora:  # the reference: the base, adapters off
+                        with torch.no_grad(), lora_lib.adapters_disabled(self.model):
+                            ref_logp, _ = self._logp(self.model, ids_m, pos_m, lab_m, rows=rows)
+                        kl = kl_penalty(logp, ref_logp, c.kl_estimator)
+                    elif c.kl_coef != 0.0 and self.ref_model is not None:
                         with torch.no_grad():
                             ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m, rows=rows)
                             reshard(self.ref_model)

@@ -1,0 +1,466 @@
+"""LoRA and QLoRA adapters over the model core (Hu et al. 2021, arXiv 2106.09685; Dettmers et al. 2023, 2305.14314).
+
+    y = x W^T + (alpha / r) * dropout(x) A^T B^T       W frozen (bf16, or NF4 for QLoRA), A (r, in), B (out, r)
+
+`apply_lora(model, cfg)` freezes every weight of a `Transformer` and swaps the chosen projections of every block
+(q, k, v, o, gate, up, down) for a `LoRALinear` that keeps the frozen weight under its old name (``...wq.weight``)
+and adds ``lora_A`` / ``lora_B``: a checkpoint, an export or a parity test finds the base where it always was. B
+starts at zero (PEFT's init, A Kaiming-uniform), so the adapted model starts as the base. QLoRA
+(``quantize=nf4``) stores every block projection in torchao's NF4 (what torchtune uses), dequantised to the
+compute dtype in the forward; the embeddings, norms and output layer stay 16-bit, as in the QLoRA paper.
+
+Why our own small module rather than PEFT's `get_peft_model`: our blocks are not Hugging Face modules, PEFT's
+wrapper renames every base parameter (``base_layer.weight``) that checkpoints, exports and FSDP2's per-block
+sharding rely on, and its QLoRA path needs bitsandbytes' Linear4bit. The export still speaks PEFT: `save_peft_adapter`
+writes PEFT's files and key names for ``MistralForCausalLM`` (tests load it with ``PeftModel.from_pretrained``).
+
+The adapter-off model (`adapters_disabled`) is the starting weights: DPO's and GRPO's reference, with no second
+model. `merged_items` yields the merged weights under the base names (the ``hf/`` export, GRPO's rollout copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "adapters_disabled", "has_lora", "lora_modules",
+           "adapter_state_dict", "merged_items", "merged_checksum", "save_peft_adapter", "merge_peft_adapter",
+           "is_peft_adapter", "nf4_available", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+
+#: target name -> (the block's sub-module, the projection's attribute, PEFT's module name in HF Mistral)
+TARGETS = {
+    "q": ("attention", "wq", "q_proj"), "k": ("attention", "wk", "k_proj"), "v": ("attention", "wv", "v_proj"),
+    "o": ("attention", "wo", "o_proj"), "gate": ("feed_forward", "w1", "gate_proj"),
+    "up": ("feed_forward", "w3", "up_proj"), "down": ("feed_forward", "w2", "down_proj"),
+}
+QUANTIZE = ("nf4",)
+BASE_DTYPES = ("auto", "bfloat16", "float32")
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+NF4_BLOCK = 64  # weights per absmax scale (QLoRA's and torchao's default)
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0
+    """r, the adapters' inner width; 0 = LoRA off (full fine-tuning). 8-64 is usual; larger learns more and costs
+    memory linearly (2 x r x (in + out) parameters a projection)."""
+    alpha: float = 16.0
+    """Scale alpha: the update is (alpha / r) B A, so alpha / r is the adapters' learning-rate multiplier. Keep alpha
+    fixed when sweeping r (PEFT's convention), or the step size changes with r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input only (the frozen path never drops); 0.05-0.1 helps small data sets."""
+    targets: list[str] = field(default_factory=lambda: list(TARGETS))
+    """Projections that get adapters: any of q, k, v, o, gate, up, down (all by default, as QLoRA found best)."""
+    quantize: str | None = None
+    """null: frozen base in base_dtype | nf4: QLoRA, every block projection in 4-bit NormalFloat (torchao), about
+    0.5 bytes a weight, dequantised in the forward (slower per token than a bf16 base; pick it when bf16 does not
+    fit)."""
+    base_dtype: str = "auto"
+    """Storage of the frozen base: auto = bfloat16 on a GPU, float32 (the master weights as configured) on a CPU |
+    bfloat16 | float32. The adapters and their optimizer state are always float32."""
+
+    def __post_init__(self):
+        problems = []
+        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
+            problems.append(f"stage.lora.rank={self.rank!r} must be an integer >= 0 (0: LoRA off)")
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
+            problems.append(f"stage.lora.alpha={self.alpha!r} must be a number > 0")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            problems.append(f"stage.lora.dropout={self.dropout!r} must be in [0, 1)")
+        self.targets = [str(t) for t in self.targets]
+        bad = [t for t in self.targets if t not in TARGETS]
+        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
+            problems.append(f"stage.lora.targets={self.targets}: give distinct names out of {list(TARGETS)}")
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            problems.append(f"stage.lora.quantize={self.quantize!r}: choose null or nf4")
+        if self.base_dtype not in BASE_DTYPES:
+            problems.append(f"stage.lora.base_dtype={self.base_dtype!r}: choose one of {list(BASE_DTYPES)}")
+        if self.quantize and not self.rank:
+            problems.append(f"stage.lora.quantize={self.quantize} quantizes the frozen base of LoRA: set "
+                            "stage.lora.rank (e.g. 16) too")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def base_torch_dtype(self, device_type: str) -> torch.dtype | None:
+        """The frozen base's storage dtype on `device_type` (None: leave it as built)."""
+        if self.base_dtype == "auto":
+            return torch.bfloat16 if device_type == "cuda" else None
+        return getattr(torch, self.base_dtype)
+
+
+# ---- NF4 (torchao) --------------------------------------------------------------------------------------------
+def _nf4_module():
+    """torchao's NF4 module (its path moved between releases), or None when torchao is not installed."""
+    import importlib
+
+    for name in ("torchao.dtypes.nf4tensor", "torchao.quantization.quantize_.workflows.nf4.nf4_tensor"):
+        try:
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def nf4_available() -> bool:
+    return _nf4_module() is not None
+
+
+def _require_nf4():
+    mod = _nf4_module()
+    if mod is None:
+        raise ImportError("stage.lora.quantize=nf4 needs torchao's NF4 tensor: pip install 'moxin[lora]' "
+                          "(or pip install torchao)")
+    return mod
+
+
+def _is_nf4(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "NF4Tensor"
+
+
+def to_nf4(w: torch.Tensor) -> torch.Tensor:
+    """`w` in NF4: blocks of 64 weights share an absmax scale, the scales are quantised again in blocks (double
+    quantisation). torchao wants the number of scales divisible by the scale block: the largest power of two up to
+    its default 256 that divides it (256 for every Moxin-7B projection)."""
+    mod = _require_nf4()
+    n = w.numel()
+    if n % NF4_BLOCK:
+        raise ValueError(f"NF4 needs a weight count divisible by {NF4_BLOCK}; this projection has {tuple(w.shape)}")
+    scales = n // NF4_BLOCK
+    sb = 256
+    while scales % sb:
+        sb //= 2
+    return mod.to_nf4(w.to(torch.bfloat16), NF4_BLOCK, sb)
+
+
+def dequantize(w: torch.Tensor) -> torch.Tensor:
+    """A frozen base weight as a plain tensor (an NF4 weight dequantised to bf16)."""
+    return w.get_original_weight() if _is_nf4(w) else w
+
+
+# ---- the adapted projection -----------------------------------------------------------------------------------
+class LoRALinear(nn.Module):
+    """A frozen projection ``weight`` (out, in) with adapters ``lora_A`` (r, in) and ``lora_B`` (out, r), or none
+    (r = 0: a frozen, possibly NF4, projection that is not a target). Same parameter name for the base as the
+    `Linear` it replaces."""
+
+    def __init__(self, weight: torch.Tensor, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.rank = rank
+        self.scaling = alpha / rank if rank else 0.0
+        self.enabled = True
+        if rank:
+            dev = weight.device
+            self.lora_A = nn.Parameter(torch.empty(rank, self.in_features, device=dev, dtype=torch.float32))
+            self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=dev, dtype=torch.float32))
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # PEFT's init: B = 0, so the start is the base
+        else:
+            self.lora_A = self.lora_B = None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if _is_nf4(self.weight) else str(self.weight.dtype).removeprefix("torch.")
+        return f"in={self.in_features}, out={self.out_features}, base={kind}, rank={self.rank}, scaling={self.scaling}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        dev = x.device.type
+        if torch.is_autocast_enabled(dev):  # the product's dtype: dequantise / cast the base once, to it
+            x = x.to(torch.get_autocast_dtype(dev))
+        if _is_nf4(w):
+            out = _require_nf4().linear_nf4(x, w)
+        else:
+            out = F.linear(x, w if w.dtype == x.dtype or torch.is_autocast_enabled(dev) else w.to(x.dtype))
+        if self.lora_A is None or not self.enabled:
+            return out
+        a, b = self.lora_A, self.lora_B
+        if not torch.is_autocast_enabled(dev) and a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        return out + F.linear(F.linear(self.dropout(x), a), b) * self.scaling
+
+    @torch.no_grad()
+    def delta(self) -> torch.Tensor | None:
+        """(alpha / r) B A in fp32 (full tensors: gathered under FSDP2, a collective), or None without adapters."""
+        if self.lora_A is None:
+            return None
+        a, b = (t.full_tensor() if hasattr(t, "full_tensor") else t for t in (self.lora_A, self.lora_B))
+        return (b.float() @ a.float()) * self.scaling
+
+
+def lora_modules(model: nn.Module):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+def has_lora(model: nn.Module | None) -> bool:
+    return model is not None and any(m.lora_A is not None for m in lora_modules(model))
+
+
+@torch.no_grad()
+def apply_lora(model: nn.Module, cfg: LoRAConfig, device_type: str | None = None) -> nn.Module:
+    """Freeze `model` (a `Transformer`, before any parallelism) and give the target projections of every block
+    adapters, in place; returns the model. The base goes to ``cfg.base_torch_dtype(device_type)`` (QLoRA: every
+    block projection to NF4), one projection at a time, so the peak is the model as built plus one projection."""
+    if not cfg.enabled:
+        return model
+    device_type = device_type or next(model.parameters()).device.type
+    if cfg.quantize:
+        _require_nf4()
+    model.requires_grad_(False)
+    dtype = cfg.base_torch_dtype(device_type)
+    for block in model.layers:
+        for target, (sub, attr, _) in TARGETS.items():
+            parent = getattr(block, sub)
+            lin = getattr(parent, attr)
+            if isinstance(lin, LoRALinear):
+                raise ValueError("apply_lora: the model already has adapters")
+            rank = cfg.rank if target in cfg.targets else 0
+            if not rank and not cfg.quantize:
+                continue  # not a target, not quantised: the plain frozen Linear stays
+            w = lin.weight.detach()
+            w = to_nf4(w) if cfg.quantize else (w.to(dtype) if dtype is not None else w)
+            setattr(parent, attr, LoRALinear(w, rank, cfg.alpha, cfg.dropout))
+            del lin
+        if hasattr(block.attention, "fused_weight"):
+            block.attention.fused_weight = block.feed_forward.fused_weight = None
+    if dtype is not None:  # the other frozen weights (embeddings, norms, output layer) in the base dtype too
+        for mod in (model.tok_embeddings, model.norm, model.output, *[m for b in model.layers
+                                                                     for m in (b.attention_norm, b.ffn_norm)]):
+            for p in mod.parameters(recurse=False):
+                p.data = p.data.to(dtype)
+        for m in lora_modules(model):
+            if not _is_nf4(m.weight) and m.weight.dtype != dtype:
+                m.weight.data = m.weight.data.to(dtype)
+        for name, p in model.named_parameters():
+            if "lora_" not in name and not _is_nf4(p) and p.dtype != dtype and p.is_floating_point():
+                p.data = p.data.to(dtype)  # a projection left plain (not a target)
+    model.lora_config = cfg  # read by the export (adapter_config.json) and the checkpoint
+    return model
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module):
+    """The base alone (the starting weights) inside the block: DPO's reference, GRPO's KL reference."""
+    mods = lora_modules(model)
+    before = [m.enabled for m in mods]
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, e in zip(mods, before):
+            m.enabled = e
+
+
+def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The adapters' tensors under their moxin names (``layers.0.attention.wq.lora_A``), as stored."""
+    return {prefix + n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+
+
+def plain_name(name: str) -> str:
+    """A parameter name without activation checkpointing's or compile's wrapper prefixes."""
+    for junk in ("_checkpoint_wrapped_module.", "_orig_mod."):
+        name = name.replace(junk, "")
+    return name
+
+
+@torch.no_grad()
+def merged_items(model: nn.Module, dtype: torch.dtype | None = torch.float32):
+    """(moxin name, full tensor) of every base weight with the adapters merged in: W + (alpha / r) B A computed in
+    fp32 from the stored base (an NF4 base dequantised), in `dtype` (None: the stored base's dtype). Under FSDP2
+    every rank must consume it (each tensor is gathered: a collective). Adapter tensors themselves are not yielded."""
+    owners = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            owners[plain_name(mname) + ".weight"] = m
+    for name, t in model.state_dict().items():
+        name = plain_name(name)
+        if name.endswith((".lora_A", ".lora_B")):
+            continue
+        m = owners.get(name)
+        if m is not None:
+            w = m.weight
+            w = w.full_tensor() if hasattr(w, "full_tensor") else w
+            w = dequantize(w)
+            d = m.delta()
+            out = w.float() + d if d is not None else w
+            yield name, out.to(dtype or w.dtype)
+        else:
+            full = t.full_tensor() if hasattr(t, "full_tensor") else t
+            yield name, full.to(dtype) if dtype is not None and full.is_floating_point() else full
+
+
+@torch.no_grad()
+def merged_checksum(model: nn.Module) -> float:
+    """`moxin.distributed.weights_checksum` of the merged model: the sum the ``hf/`` export's weights give when
+    the next stage loads them (collective under FSDP2). Tied parameters count once, as there."""
+    total = 0.0
+    seen = set()
+    tied = getattr(getattr(model, "cfg", None), "tie_embeddings", False)
+    for name, t in merged_items(model):
+        if tied and name == "output.weight":
+            continue
+        if name in seen:
+            continue
+        seen.add(name)
+        total += float(t.double().sum())
+    return total
+
+
+# ---- PEFT's format --------------------------------------------------------------------------------------------
+def _peft_key(moxin_name: str) -> str:
+    """``layers.3.attention.wq.lora_A`` -> ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``."""
+    from moxin.model.hf import moxin_to_hf_name
+
+    base, _, which = moxin_name.rpartition(".")
+    hf = moxin_to_hf_name(base + ".weight").removesuffix(".weight")
+    return f"base_model.model.{hf}.{which}.weight"
+
+
+def peft_config(cfg: LoRAConfig, base_model: str | None) -> dict:
+    """adapter_config.json of PEFT's LoRA for these adapters (PEFT fills every key it needs from its defaults)."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": cfg.rank, "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "bias": "none",
+        "target_modules": sorted(TARGETS[t][2] for t in cfg.targets), "fan_in_fan_out": False,
+        "inference_mode": True, "init_lora_weights": True, "use_rslora": False, "use_dora": False,
+        "modules_to_save": None, "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {},
+        "revision": None,
+    }
+
+
+@torch.no_grad()
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model: str | None = None, *,
+                      is_global_zero: bool = True) -> Path | None:
+    """Write the adapters as a PEFT LoRA folder (``adapter_config.json``, ``adapter_model.safetensors``) that
+    ``PeftModel.from_pretrained(MistralForCausalLM, path)`` and vLLM's LoRA serving load. `base_model`: the folder
+    the adapters go on (recorded as ``base_model_name_or_path``). Collective under FSDP2 (gathers the adapters);
+    rank zero writes, into a temporary folder renamed into place."""
+    import shutil
+    import tempfile
+
+    from safetensors.torch import save_file
+
+    from moxin.model.hf import DIR_MODE, FILE_MODE
+
+    cfg: LoRAConfig = model.lora_config
+    tensors = {}
+    for name, p in adapter_state_dict(model).items():
+        full = p.full_tensor() if hasattr(p, "full_tensor") else p
+        tensors[_peft_key(plain_name(name))] = full.detach().float().cpu().contiguous()
+    if not is_global_zero:
+        return None
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(cfg, base_model), indent=2) + "\n")
+        for f in tmp.iterdir():
+            os.chmod(f, FILE_MODE)
+        os.chmod(tmp, DIR_MODE)
+        if path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def is_peft_adapter(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
+
+
+_PEFT_RE = None
+
+
+@torch.no_grad()
+def merge_peft_adapter(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Merge the PEFT LoRA adapter in folder `path` into `weights` (moxin names, the base's tensors), in place and
+    returned: W += (lora_alpha / r) B A for every adapted projection (in fp32, back to W's dtype). Refuses what
+    it cannot merge exactly (DoRA, rsLoRA, per-module ranks, biases, modules_to_save) with the key named."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from moxin.model.hf import hf_to_moxin_name
+
+    p = Path(path)
+    cfg_file = p / ADAPTER_CONFIG
+    conf = json.loads(cfg_file.read_text())
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_file}: peft_type={conf.get('peft_type')!r}; moxin merges LoRA adapters only")
+    for key, ok in (("use_dora", False), ("use_rslora", False), ("fan_in_fan_out", False)):
+        if bool(conf.get(key, False)) != ok:
+            raise ValueError(f"{cfg_file}: {key}={conf.get(key)!r} is not supported (plain LoRA only)")
+    if conf.get("rank_pattern") or conf.get("alpha_pattern") or conf.get("modules_to_save"):
+        raise ValueError(f"{cfg_file}: rank_pattern / alpha_pattern / modules_to_save are not supported")
+    if conf.get("bias", "none") != "none":
+        raise ValueError(f"{cfg_file}: bias={conf.get('bias')!r}; moxin's projections have no bias")
+    scaling = float(conf["lora_alpha"]) / int(conf["r"])
+    files = [p / ADAPTER_WEIGHTS]
+    if not files[0].is_file():
+        raise FileNotFoundError(f"init_from={p}: {ADAPTER_WEIGHTS} not found next to {ADAPTER_CONFIG} (moxin reads "
+                                "safetensors only)")
+    tensors = load_file(str(files[0]))
+    rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight$")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in tensors.items():
+        m = rx.match(k)
+        ours = hf_to_moxin_name(m.group(1) + ".weight") if m else None
+        if ours is None or ours not in weights:
+            raise ValueError(f"{p / ADAPTER_WEIGHTS}: tensor {k!r} has no counterpart in the base model")
+        pairs.setdefault(ours, {})[m.group(2)] = v
+    return merge_adapters(weights, pairs, scaling, str(p / ADAPTER_WEIGHTS))
+
+
+@torch.no_grad()
+def merge_adapters(weights: dict[str, torch.Tensor], pairs: dict[str, dict[str, torch.Tensor]], scaling: float,
+                   source: str) -> dict[str, torch.Tensor]:
+    """W += scaling * B A for every ``{weight name: {"lora_A": A, "lora_B": B}}`` (fp32, back to W's dtype), in
+    place and returned; `source` names the adapters in errors."""
+    for name, ab in pairs.items():
+        if set(ab) != {"lora_A", "lora_B"}:
+            raise ValueError(f"{source}: {name} has {sorted(ab)} but needs lora_A and lora_B")
+        if name not in weights:
+            raise ValueError(f"{source}: an adapter for {name}, which the base model does not have")
+        w = weights[name]
+        delta = ab["lora_B"].float() @ ab["lora_A"].float()
+        if delta.shape != w.shape:
+            raise ValueError(f"{source}: the adapter of {name} gives {tuple(delta.shape)}, the base weight is "
+                             f"{tuple(w.shape)}: the adapter belongs to another model")
+        weights[name] = (w.float() + scaling * delta).to(w.dtype)
+    return weights
+
+
+def adapters_by_weight(state: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """moxin-named adapter tensors (``layers.0.attention.wq.lora_A``) grouped by their base weight's name."""
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for k, v in state.items():
+        base, _, which = plain_name(k).rpartition(".")
+        if which in ("lora_A", "lora_B"):
+            out.setdefault(base + ".weight", {})[which] = v
+    return out
+
+
+def config_dict(cfg: LoRAConfig) -> dict:
+    return asdict(cfg)
