@@ -76,20 +76,24 @@ def lm_rows(n: int = 6) -> list[dict]:
 @pytest.mark.parametrize("stage_cls", [PretrainStage, SFTStage])
 def test_lm_step_gradients_are_the_whole_steps_token_mean_in_any_micro_batching(stage_cls):
     """Pretraining and SFT: one micro-batch of 6 rows, or micro-batches of 1, 3 and 2 rows (1 to 15 targets a
-    row), give the gradient of (sum of every target token's cross-entropy) / (targets of the step), and log it."""
+    row), give the gradient of (sum of every target token's cross-entropy) / (targets of the step), and log it and
+    its norm; with clipping at half that norm, the gradient is the reference's halved."""
     rows = lm_rows()
     kw = {"validate_at_start": False} if stage_cls is SFTStage else {}
-    grads = {}
-    for name, layout in (("one", [[0, 1, 2, 3, 4, 5]]), ("many", [[0], [1, 2, 3], [4, 5]])):
-        torch.manual_seed(0)
-        stage = stage_cls(CFG, optim(), total_steps=1, **kw)
-        model = start_copy(stage)
-        grads[name] = fit(stage, layout, rows)[0]
+    torch.manual_seed(0)
+    model = start_copy(stage_cls(CFG, optim(), total_steps=1, **kw))
     loss = ref.lm_loss(model, rows)
     want = ref.reference_grads(model, loss)
-    ref.assert_grads_close(grads["one"], want, "one micro-batch")
-    ref.assert_grads_close(grads["many"], want, "three micro-batches")
-    assert logged_loss(stage) == pytest.approx(float(loss), rel=1e-5)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want.values()])))
+    for name, layout, clip in (("one micro-batch", [[0, 1, 2, 3, 4, 5]], None),
+                               ("three micro-batches", [[0], [1, 2, 3], [4, 5]], None),
+                               ("three micro-batches, clipped", [[0], [1, 2, 3], [4, 5]], norm / 2)):
+        torch.manual_seed(0)
+        stage = stage_cls(CFG, optim(grad_clip=clip), total_steps=1, **kw)
+        got = fit(stage, layout, rows)[0]
+        ref.assert_grads_close(got, {k: v / 2 for k, v in want.items()} if clip else want, name)
+        assert logged_loss(stage) == pytest.approx(float(loss), rel=1e-5), name
+        assert float(stage.trainer.callback_metrics["train/grad_norm"]) == pytest.approx(norm, rel=1e-4), name
 
 
 # ---------------------------------------------------------------- DPO family
