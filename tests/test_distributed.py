@@ -22,13 +22,14 @@ def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
 
 
 def check_same_training(one: dict, two: dict, n_steps: int, what: str, loss_rel: float = 1e-5) -> None:
-    """Equal per-step gradients (and the first step's equal to the hand-written reference), losses and weights."""
+    """Equal gradients at each of the `n_steps` optimizer steps (the first step's equal to the hand-written
+    reference's), equal logged losses and weights."""
     assert len(one["steps"]) == len(two["steps"]) == n_steps
     for run, name in ((one, "1 process"), (two, what)):
         assert_grads_close(run["steps"][0], run["reference"], f"{name}, step 0 vs the reference")
     for s, (g1, g2) in enumerate(zip(one["steps"], two["steps"])):
         assert_grads_close(g2, g1, f"{what} vs 1 process, step {s}")
-    assert len(one["losses"]) == len(two["losses"]) == n_steps
+    assert len(one["losses"]) == len(two["losses"]) > 0
     assert one["losses"] == pytest.approx(two["losses"], rel=loss_rel, abs=1e-5)
     assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
 
@@ -103,6 +104,23 @@ def test_dpo_fsdp2_two_processes_match_one(tmp_path):
     process on the same global batch of pairs in micro-batches of other sizes (pairs normalised across
     accumulation and ranks), and the first step's gradients those of the loss written out by hand."""
     check_dpo_fsdp_matches_one(tmp_path, "cpu")
+
+
+def test_grpo_two_processes_match_one(tmp_path):
+    """GRPO's update on one fixed rollout, 2 DDP processes (one of which keeps fewer sequences) vs one: the same
+    gradients in both PPO epochs, the first the on-policy loss's written out by hand, and the same weights and
+    logged loss (which was logged divided by the world size), with micro-batches of 3 drawn from each rank's kept
+    sequences."""
+    helper = Path(__file__).parent / "helpers" / "grpo_equivalence.py"
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"grpo{world}.json"
+        torchrun(helper, out, nproc=world)
+        runs[world] = json.loads(out.read_text()) | torch.load(f"{out}.grads.pt", weights_only=True)
+    one, two = runs[1], runs[2]
+    assert (one["kept"], two["kept"]) == (12, 4)  # rank 0 of 2 keeps one group of its two
+    check_same_training(one, two, 2, "2 DDP processes")
+    assert one["loss_tokens"] == two["loss_tokens"] > 0
 
 
 def test_fsdp2_checksum_after_forward_counts_the_fp32_shards(tmp_path):

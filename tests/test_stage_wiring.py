@@ -43,6 +43,11 @@ def fit(stage, micro_batches: list[list[int]], items: list, max_steps: int = 1) 
     return rec.grads
 
 
+def logged_loss(stage) -> float:
+    """The train/loss the stage logged for its (last) step."""
+    return float(stage.trainer.callback_metrics["train/loss"])
+
+
 def start_copy(stage) -> Transformer:
     """A plain model holding the stage's starting weights (the stage builds its own first)."""
     stage.configure_model()
@@ -71,18 +76,24 @@ def lm_rows(n: int = 6) -> list[dict]:
 @pytest.mark.parametrize("stage_cls", [PretrainStage, SFTStage])
 def test_lm_step_gradients_are_the_whole_steps_token_mean_in_any_micro_batching(stage_cls):
     """Pretraining and SFT: one micro-batch of 6 rows, or micro-batches of 1, 3 and 2 rows (1 to 15 targets a
-    row), give the gradient of (sum of every target token's cross-entropy) / (targets of the step)."""
+    row), give the gradient of (sum of every target token's cross-entropy) / (targets of the step), and log it and
+    its norm; with clipping at half that norm, the gradient is the reference's halved."""
     rows = lm_rows()
     kw = {"validate_at_start": False} if stage_cls is SFTStage else {}
-    grads = {}
-    for name, layout in (("one", [[0, 1, 2, 3, 4, 5]]), ("many", [[0], [1, 2, 3], [4, 5]])):
+    torch.manual_seed(0)
+    model = start_copy(stage_cls(CFG, optim(), total_steps=1, **kw))
+    loss = ref.lm_loss(model, rows)
+    want = ref.reference_grads(model, loss)
+    norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in want.values()])))
+    for name, layout, clip in (("one micro-batch", [[0, 1, 2, 3, 4, 5]], None),
+                               ("three micro-batches", [[0], [1, 2, 3], [4, 5]], None),
+                               ("three micro-batches, clipped", [[0], [1, 2, 3], [4, 5]], norm / 2)):
         torch.manual_seed(0)
-        stage = stage_cls(CFG, optim(), total_steps=1, **kw)
-        model = start_copy(stage)
-        grads[name] = fit(stage, layout, rows)[0]
-    want = ref.reference_grads(model, ref.lm_loss(model, rows))
-    ref.assert_grads_close(grads["one"], want, "one micro-batch")
-    ref.assert_grads_close(grads["many"], want, "three micro-batches")
+        stage = stage_cls(CFG, optim(grad_clip=clip), total_steps=1, **kw)
+        got = fit(stage, layout, rows)[0]
+        ref.assert_grads_close(got, {k: v / 2 for k, v in want.items()} if clip else want, name)
+        assert logged_loss(stage) == pytest.approx(float(loss), rel=1e-5), name
+        assert float(stage.trainer.callback_metrics["train/grad_norm"]) == pytest.approx(norm, rel=1e-4), name
 
 
 # ---------------------------------------------------------------- DPO family
@@ -125,7 +136,7 @@ def dpo_stage(loss_type: str, **kw) -> DPOStage:
 def test_dpo_step_gradients_are_the_whole_steps_pair_mean_in_any_micro_batching(loss_type, extra):
     """DPO, dpo_norm (+ the SFT term), IPO and SimPO with cDPO label smoothing 0.2 (IPO takes none): one
     micro-batch of 5 pairs, or micro-batches of 1, 3 and 1 pairs, give the gradient of the mean over the step's
-    pairs of the loss written out from the papers, with chosen as chosen."""
+    pairs of the loss written out from the papers, with chosen as chosen, and log that loss."""
     pairs = dpo_pairs()
     grads = {}
     for name, layout in (("one", [[0, 1, 2, 3, 4]]), ("many", [[0], [1, 2, 3], [4]])):
@@ -133,9 +144,11 @@ def test_dpo_step_gradients_are_the_whole_steps_pair_mean_in_any_micro_batching(
         policy, reference = start_copy(stage), stage.ref_model
         grads[name] = fit(stage, layout, pairs)[0]
     kw = {k: getattr(stage, k) for k in ("beta", "label_smoothing", "simpo_gamma", "sft_weight")}
-    want = ref.reference_grads(policy, ref.dpo_loss(policy, reference, pairs, loss_type, **kw))
+    loss = ref.dpo_loss(policy, reference, pairs, loss_type, **kw)
+    want = ref.reference_grads(policy, loss)
     ref.assert_grads_close(grads["one"], want, f"{loss_type}: one micro-batch")
     ref.assert_grads_close(grads["many"], want, f"{loss_type}: three micro-batches")
+    assert logged_loss(stage) == pytest.approx(float(loss), rel=1e-5)
 
 
 # ---------------------------------------------------------------- GRPO
@@ -176,7 +189,7 @@ def test_grpo_update_gradients_are_the_whole_minibatchs_loss_in_any_micro_batchi
     """GRPO's on-policy update: the kept sequences in one micro-batch or in micro-batches of 3 (1 to 8 completion
     tokens each, a truncated one masked, a zero-std group filtered) give the gradient of the minibatch's loss
     written out by hand: -advantage x logp (+ KL) summed over masked tokens, divided by the minibatch's masked
-    tokens, sequences or the constant max_new_tokens x sequences."""
+    tokens, sequences or the constant max_new_tokens x sequences; and log that loss."""
     grads = {}
     for micro in (12, 3):
         stage = grpo_stage(aggregation=aggregation, micro_batch_size=micro, **extra)
@@ -192,6 +205,7 @@ def test_grpo_update_gradients_are_the_whole_minibatchs_loss_in_any_micro_batchi
     want = ref.reference_grads(policy, loss)
     ref.assert_grads_close(grads[12], want, f"{aggregation}: one micro-batch")
     ref.assert_grads_close(grads[3], want, f"{aggregation}: micro-batches of 3")
+    assert logged_loss(stage) == pytest.approx(float(loss), rel=1e-5)
 
 
 def test_grpo_off_policy_epochs_give_the_same_gradients_in_any_micro_batching():

@@ -552,9 +552,11 @@ class GRPOStage(MoxinStage):
                     if ent_n is not None:
                         acc["ent"] += ent_v
                         acc["ent_n"] += ent_n
+                # each micro-batch's loss is its share of the minibatch's (normalised by the counts of all ranks):
+                # their sum over ranks is the minibatch's loss
                 r = all_reduce_values([mb_loss, mb_pg, mb_clip, mb_kl], self.device)
-                acc["loss"] += r[0] / world
-                acc["pg_loss"] += r[1] / world
+                acc["loss"] += r[0]
+                acc["pg_loss"] += r[1]
                 acc["clip"] += r[2] / max(tot_tok, 1.0)
                 acc["kl"] += r[3] / max(tot_tok, 1.0)
                 acc["tok"] += tot_tok
