@@ -66,16 +66,22 @@ def same(a, b):
 
 def _documents(batches) -> list[str]:
     """The whole documents of one reader's micro-batches, in order: its rows' inputs laid end to end are the
-    packer's token stream (a row's last label is the next row's first input), bos + bytes + eos per document."""
+    packer's token stream (a row's last label is the next row's first input), bos + bytes + eos per document. A
+    document cut short (a bos before its eos) or a token outside any document is listed as a marker string, so
+    it matches no text of the corpus; the stream's last document, still in the packer, is left out."""
     stream = torch.cat([b["input_ids"].flatten() for b in batches]).tolist()
     out, cur = [], None
     for t in stream:
         if t == ByteTok.bos_id:
+            if cur is not None:
+                out.append(f"<cut short: {bytes(cur).decode(errors='replace')!r}>")
             cur = []
-        elif cur is not None and t == ByteTok.eos_id:
+        elif cur is None:
+            out.append(f"<token {t} outside a document>")
+        elif t == ByteTok.eos_id:
             out.append(bytes(cur).decode())
             cur = None
-        elif cur is not None:
+        else:
             cur.append(t - 3)
     return out
 

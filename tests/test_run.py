@@ -13,7 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moxin import run as R
-from tests.helpers.resume_state import load_checkpoint, state_diff, write_corpus_with_late_duplicates
+from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
+                                        write_corpus_with_late_duplicates)
 
 EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -120,12 +121,6 @@ def test_a_run_builds_one_tokenizer_and_hands_it_everywhere(tmp_path, monkeypatc
     assert built == ["mistral"]  # build, fit (2 workers per phase), samples, check_vocab, export: one tokenizer
 
 
-def _sources(entries: list[dict]) -> str:
-    """The `data.sources=[...]` override of `write_corpus_with_late_duplicates`'s entries."""
-    return "data.sources=[" + ", ".join(f"{{name: {e['name']}, path: '{e['path']}', text_field: {e['text_field']}}}"
-                                        for e in entries) + "]"
-
-
 def _dedup_dropped(ckpt: dict) -> int:
     """Documents the readers of a pretraining checkpoint dropped as duplicates so far (all workers, all sources)."""
     from moxin.data.packed_dataset import reader_states
@@ -140,7 +135,8 @@ def test_resume_continues_exactly(tmp_path, workers):
     RNG states), equal the uninterrupted run's. Every duplicate of the corpus comes after the resume point, so a
     resume that forgot the dedup set trains on them, and one that reset tokens_seen ends with a smaller count."""
     sources = write_corpus_with_late_duplicates(tmp_path / "corpus")
-    common = TINY_PRETRAIN + [_sources(sources), f"hardware.num_workers={workers}", "trainer.val_every_n_steps=null"]
+    common = TINY_PRETRAIN + [sources_override(sources), f"hardware.num_workers={workers}",
+                              "trainer.val_every_n_steps=null"]
     full = R.train(_compose(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
     at_stop = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")

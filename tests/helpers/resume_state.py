@@ -12,17 +12,28 @@ from __future__ import annotations
 
 import json
 import random
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["state_diff", "load_checkpoint", "write_corpus_with_late_duplicates"]
+__all__ = ["state_diff", "load_checkpoint", "write_corpus_with_late_duplicates", "sources_override"]
 
 
 def load_checkpoint(path: Path) -> dict:
-    """A Lightning checkpoint file as a dict (moxin writes only tensors and plain Python values in it)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """A checkpoint as one dict: a Lightning checkpoint file as saved (moxin writes only tensors and plain Python
+    values in it); a distributed-checkpoint folder (FSDP2) as its tensors gathered into one state
+    (`dcp_to_torch_save`, no process group needed) under "dcp", and its meta.pt under "meta"."""
+    path = Path(path)
+    if not path.is_dir():
+        return torch.load(path, map_location="cpu", weights_only=True)
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(path, Path(tmp) / "state.pt")
+        state = torch.load(Path(tmp) / "state.pt", map_location="cpu", weights_only=True)
+    return {"dcp": state, "meta": torch.load(path / "meta.pt", map_location="cpu", weights_only=True)}
 
 
 def state_diff(a: Any, b: Any, path: str = "", atol: float = 0.0) -> list[str]:
@@ -77,3 +88,9 @@ def write_corpus_with_late_duplicates(folder: Path, names=("prose", "code", "cjk
         path.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs + copies))
         sources.append({"name": name, "path": str(path), "text_field": "text"})
     return sources
+
+
+def sources_override(entries: list[dict]) -> str:
+    """The `data.sources=[...]` command-line override of `write_corpus_with_late_duplicates`'s entries."""
+    return "data.sources=[" + ", ".join(f"{{name: {e['name']}, path: '{e['path']}', text_field: {e['text_field']}}}"
+                                        for e in entries) + "]"
