@@ -96,9 +96,12 @@ def sources_hash(root: Path) -> str:
     return h.hexdigest()
 
 
-def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict) -> bool:
+def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, debug: bool = False) -> bool:
     """Lay out the group's scratch folder; True when a previous run with the same sources can be resumed."""
-    digest = sources_hash(root)
+    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": list(group["tests"])}
+    if debug:
+        cfg["debug"] = True
+    digest = sources_hash(root) + " " + hashlib.sha256(json.dumps([cfg, pytest_ini]).encode()).hexdigest()
     stamp = work / "sources.sha256"
     if stamp.is_file() and stamp.read_text() == digest and (work / "mutants").is_dir():
         return True
@@ -107,7 +110,6 @@ def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict) -
     work.mkdir(parents=True)
     for top in COPIED:
         shutil.copytree(root / top, work / top, ignore=shutil.ignore_patterns("__pycache__"))
-    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": list(group["tests"])}
     lines = ["[tool.mutmut]"] + [f"{k} = {toml_value(v)}" for k, v in cfg.items()]
     lines += ["", "[tool.pytest.ini_options]"] + [f"{k} = {toml_value(v)}" for k, v in pytest_ini.items()]
     (work / "pyproject.toml").write_text("\n".join(lines) + "\n")
@@ -115,23 +117,45 @@ def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict) -
     return False
 
 
-def run_group(work: Path, globs: list[str], max_children: int) -> int:
+def mutmut_env(work: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "MUTANT_UNDER_TEST")}
-    # subprocesses a test starts (python -m moxin.run, torchrun) import the mutated copy too
-    env |= {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "mutants")}
+    # subprocesses a test starts (python -m moxin.run, torchrun) import the mutated copy too. The folder must exist
+    # before mutmut starts: Python caches "no finder" for a path entry that is missing at start-up, and pytest
+    # would then not find the `tests` package there.
+    (work / "mutants").mkdir(exist_ok=True)
+    return env | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(work / "mutants")}
+
+
+def generate(work: Path) -> None:
+    """Write the mutants (mutmut's own first step of `run`, alone), so that they can be listed and sampled."""
+    code = ("from mutmut.__main__ import copy_src_dir, copy_also_copy_files, create_mutants\n"
+            "copy_src_dir(); copy_also_copy_files(); create_mutants(1)\n")
     with open(work / "run.log", "ab") as log:
-        return subprocess.run([str(MUTMUT), "run", "--max-children", str(max_children), *globs], cwd=work, env=env,
-                              stdout=log, stderr=subprocess.STDOUT).returncode
+        subprocess.run([sys.executable, "-c", code], cwd=work, env=mutmut_env(work), stdout=log,
+                       stderr=subprocess.STDOUT, check=True)
 
 
-def results(work: Path, group: dict, regexes: list[str]) -> dict[str, dict[str, str]]:
-    """{file: {mutant name: status}} for the group's selected functions, from mutmut's per-file .meta records."""
+def in_sample(name: str, sample: int) -> bool:
+    """One mutant in `sample`, chosen by a hash of its name: the same mutants in every run and on every checkout
+    where the function is unchanged."""
+    return sample <= 1 or int(hashlib.sha1(name.encode()).hexdigest(), 16) % sample == 0
+
+
+def run_group(work: Path, names: list[str], max_children: int) -> int:
+    with open(work / "run.log", "ab") as log:
+        return subprocess.run([str(MUTMUT), "run", "--max-children", str(max_children), *names], cwd=work,
+                              env=mutmut_env(work), stdout=log, stderr=subprocess.STDOUT).returncode
+
+
+def results(work: Path, group: dict, regexes: list[str], sample: int) -> dict[str, dict[str, str]]:
+    """{file: {mutant name: status}} for the group's selected (and sampled) mutants, from mutmut's .meta records."""
     out = {}
     pats = [re.compile(r) for r in regexes]
     for path in group["files"]:
         meta = work / "mutants" / f"{path}.meta"
         codes = json.loads(meta.read_text())["exit_code_by_key"] if meta.is_file() else {}
-        out[path] = {k: STATUS.get(v, "suspicious") for k, v in sorted(codes.items()) if any(p.match(k) for p in pats)}
+        out[path] = {k: STATUS.get(v, "suspicious") for k, v in sorted(codes.items())
+                     if any(p.match(k) for p in pats) and in_sample(k, sample)}
     return out
 
 
@@ -150,6 +174,8 @@ def main() -> int:
     ap.add_argument("--root", type=Path, default=ROOT, help="checkout to test (default: this one)")
     ap.add_argument("--work", type=Path, default=None, help="scratch folder (default: ROOT/build/mutation)")
     ap.add_argument("--max-children", type=int, default=1, help="parallel mutants (default 1)")
+    ap.add_argument("--debug", action="store_true", help="mutmut's debug output (the pytest commands) in run.log")
+    ap.add_argument("--sample", type=int, default=0, help="run 1 mutant in N (default: each group's `sample`)")
     ap.add_argument("--report", action="store_true", help="only print the results of the last run")
     ap.add_argument("--json", type=Path, help="also write the per-module counts here")
     a = ap.parse_args()
@@ -163,16 +189,20 @@ def main() -> int:
     for name in a.groups or list(groups):
         g, work = groups[name], work_root / name
         pairs = mutant_globs(g)
+        sample = a.sample or int(g.get("sample", 1))
         if not a.report:
-            resumed = prepare(root, work, base, pytest_ini, g)
-            print(f"[{name}] {'resuming' if resumed else 'fresh'} run in {work} (log: {work / 'run.log'})",
-                  flush=True)
-            rc = run_group(work, [p for p, _ in pairs], a.max_children)
+            resumed = prepare(root, work, base, pytest_ini, g, a.debug)
+            generate(work)
+            todo = [k for r in results(work, g, [r for _, r in pairs], sample).values() for k, s in r.items()
+                    if s == "not run"]
+            print(f"[{name}] {'resuming' if resumed else 'fresh'} run in {work}: {len(todo)} mutants to run, "
+                  f"1 in {sample} sampled (log: {work / 'run.log'})", flush=True)
+            rc = run_group(work, todo, a.max_children) if todo else 0
             if rc != 0:
                 failed.append(name)
                 print(f"[{name}] mutmut exited {rc}: see {work / 'run.log'} (a test failing on the unmutated code "
                       "stops the stats pass)", flush=True)
-        res = results(work, g, [r for _, r in pairs])
+        res = results(work, g, [r for _, r in pairs], sample)
         survivors = [k for r in res.values() for k, s in r.items() if s in ("survived", "no tests")]
         if res and any(res.values()) and not a.report:
             write_survivors(work, survivors)
