@@ -272,6 +272,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
         "out_dir": str(out_dir),
         "checkpoint": _last_checkpoint(out_dir) if cfg.trainer.get("save_checkpoints", True) else None,
         "optimizer_steps": trainer.global_step,
+        **({"rollout_steps": stage.batches_seen} if hasattr(stage, "optimizer_steps_per_rollout") else {}),
         "target_tokens": stage.tokens_seen,
         "seconds": round(time.time() - started, 1),
         "tokens_per_s": throughput.tokens_per_s,
@@ -296,15 +297,25 @@ def print_summary(cfg, info: dict, handoffs: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    # piped output (a log file, `| tee`): as wide as the rows, so no path is cut; on a terminal long values fold
+    c = Console() if sys.stdout.isatty() else Console(width=1000)
     t = Table(title=f"moxin run '{info['run_name']}' finished", show_header=False)
-    t.add_row("steps", str(info["optimizer_steps"]))
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
+    from moxin.ui import current_plan, steps_text
+
+    t.add_row("steps", steps_text(info.get("rollout_steps", info["optimizer_steps"]), current_plan(),
+                                  info["optimizer_steps"] if "rollout_steps" in info else None))
     t.add_row("target tokens", f"{info['target_tokens']:,}")
     t.add_row("time", f"{info['seconds']} s")
     if info.get("tokens_per_s"):
         t.add_row("throughput", f"{info['tokens_per_s']:,.0f} tokens/s")
+    line_loss = current_plan().get("train_loss_line")  # what the last progress line showed as its loss
     for k in sorted(info["metrics"]):
-        if k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
+        if k == "train/loss" and line_loss and line_loss[2] == info.get("rollout_steps", info["optimizer_steps"]):
+            value, first, last = line_loss
+            t.add_row(f"train/loss (mean {first}-{last})" if first != last else k, f"{value:.4f}")
+        elif k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
             t.add_row(k, f"{info['metrics'][k]:.4f}")
     t.add_row("checkpoint", info["checkpoint"] or "none (trainer.save_checkpoints=false)")
     if info.get("hf_export"):
@@ -432,6 +443,8 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # the stages move their batches themselves (a data module's own hook would bypass the stage's): by design
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # a run without a validation set (GRPO, its warm-up) hands Lightning an empty list of val batches
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     # Lightning's start-up and stop notices ("GPU available: ...", "`Trainer.fit` stopped: ..."): the banner and the
     # final table say what the run is and how it ended; Lightning's warnings and errors still show
     for name in ("lightning.pytorch", "lightning.fabric"):
