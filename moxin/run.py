@@ -368,14 +368,23 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     done = (info.moxin.get("finished") and (not total or info.step >= total)) or (0 < limit <= info.step)
     if not done:
         return None
+    from moxin.ui import continue_command
+
     prev = Path(cfg.out_dir) / "summary.json"
     out = json.loads(prev.read_text()) if prev.exists() else {"run_name": cfg.run_name, "metrics": {}}
     out.update(checkpoint=str(Path(ckpt_path).resolve()), optimizer_steps=info.step, nothing_to_do=True)
-    why = "the whole schedule" if info.moxin.get("finished") else f"trainer.max_steps={limit}"
-    _say(f"run '{cfg.run_name}' is complete: {info.path} is optimizer step {info.step} ({why}"
-         f"{f' of {total}' if total and not info.moxin.get('finished') else ''}); nothing left to do. "
-         "Raise trainer.max_steps to train further, or start a new stage from it with "
-         f"init_from={Path(ckpt_path).resolve()}")
+    src = Path(ckpt_path).resolve()
+    if info.moxin.get("finished"):
+        # the data and LR schedules end here: trainer.max_steps only stops a run earlier, it cannot extend one
+        asked = f" trainer.max_steps={limit} cannot take it further:" if limit > 0 else ""
+        _say(f"run '{cfg.run_name}' is complete: {info.path} ends its whole schedule (optimizer step {info.step})."
+             f"{asked} the data and learning-rate schedules end there. To train more, start a new run from its "
+             f"weights with a longer schedule: python -m moxin.run init_from={src} run_name=<new name> "
+             "(with schedule.phases / data.steps / data.num_epochs set for the new run)")
+    else:
+        _say(f"run '{cfg.run_name}' stopped at trainer.max_steps={limit}: {info.path} is optimizer step {info.step} of "
+             f"{total or '?'} of the schedule; nothing left to do at this limit. Continue with a higher "
+             f"trainer.max_steps, or without it for the whole schedule: {continue_command(cfg)}")
     return out
 
 
