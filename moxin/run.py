@@ -275,6 +275,7 @@ def summary(cfg, trainer, stage, datamodule, throughput, started: float) -> dict
         "out_dir": str(out_dir),
         "checkpoint": _last_checkpoint(out_dir) if cfg.trainer.get("save_checkpoints", True) else None,
         "optimizer_steps": trainer.global_step,
+        **({"rollout_steps": stage.batches_seen} if hasattr(stage, "optimizer_steps_per_rollout") else {}),
         "target_tokens": stage.tokens_seen,
         "seconds": round(time.time() - started, 1),
         "tokens_per_s": throughput.tokens_per_s,
@@ -299,15 +300,25 @@ def print_summary(cfg, info: dict, handoffs: bool = True) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    c = Console()
+    # piped output (a log file, `| tee`): as wide as the rows, so no path is cut; on a terminal long values fold
+    c = Console() if sys.stdout.isatty() else Console(width=1000)
     t = Table(title=f"moxin run '{info['run_name']}' finished", show_header=False)
-    t.add_row("steps", str(info["optimizer_steps"]))
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
+    from moxin.ui import current_plan, steps_text
+
+    t.add_row("steps", steps_text(info.get("rollout_steps", info["optimizer_steps"]), current_plan(),
+                                  info["optimizer_steps"] if "rollout_steps" in info else None))
     t.add_row("target tokens", f"{info['target_tokens']:,}")
     t.add_row("time", f"{info['seconds']} s")
     if info.get("tokens_per_s"):
         t.add_row("throughput", f"{info['tokens_per_s']:,.0f} tokens/s")
+    line_loss = current_plan().get("train_loss_line")  # what the last progress line showed as its loss
     for k in sorted(info["metrics"]):
-        if k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
+        if k == "train/loss" and line_loss and line_loss[2] == info.get("rollout_steps", info["optimizer_steps"]):
+            value, first, last = line_loss
+            t.add_row(f"train/loss (mean {first}-{last})" if first != last else k, f"{value:.4f}")
+        elif k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
             t.add_row(k, f"{info['metrics'][k]:.4f}")
     t.add_row("checkpoint", info["checkpoint"] or "none (trainer.save_checkpoints=false)")
     if info.get("hf_export"):
@@ -360,14 +371,23 @@ def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     done = (info.moxin.get("finished") and (not total or info.step >= total)) or (0 < limit <= info.step)
     if not done:
         return None
+    from moxin.ui import continue_command
+
     prev = Path(cfg.out_dir) / "summary.json"
     out = json.loads(prev.read_text()) if prev.exists() else {"run_name": cfg.run_name, "metrics": {}}
     out.update(checkpoint=str(Path(ckpt_path).resolve()), optimizer_steps=info.step, nothing_to_do=True)
-    why = "the whole schedule" if info.moxin.get("finished") else f"trainer.max_steps={limit}"
-    _say(f"run '{cfg.run_name}' is complete: {info.path} is optimizer step {info.step} ({why}"
-         f"{f' of {total}' if total and not info.moxin.get('finished') else ''}); nothing left to do. "
-         "Raise trainer.max_steps to train further, or start a new stage from it with "
-         f"init_from={Path(ckpt_path).resolve()}")
+    src = Path(ckpt_path).resolve()
+    if info.moxin.get("finished"):
+        # the data and LR schedules end here: trainer.max_steps only stops a run earlier, it cannot extend one
+        asked = f" trainer.max_steps={limit} cannot take it further:" if limit > 0 else ""
+        _say(f"run '{cfg.run_name}' is complete: {info.path} ends its whole schedule (optimizer step {info.step})."
+             f"{asked} the data and learning-rate schedules end there. To train more, start a new run from its "
+             f"weights with a longer schedule: python -m moxin.run init_from={src} run_name=<new name> "
+             "(with schedule.phases / data.steps / data.num_epochs set for the new run)")
+    else:
+        _say(f"run '{cfg.run_name}' stopped at trainer.max_steps={limit}: {info.path} is optimizer step {info.step} of "
+             f"{total or '?'} of the schedule; nothing left to do at this limit. Continue with a higher "
+             f"trainer.max_steps, or without it for the whole schedule: {continue_command(cfg)}")
     return out
 
 
@@ -437,6 +457,8 @@ def quiet_third_party_noise() -> None:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     # the stages move their batches themselves (a data module's own hook would bypass the stage's): by design
     warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # a run without a validation set (GRPO, its warm-up) hands Lightning an empty list of val batches
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
     # Lightning's start-up and stop notices ("GPU available: ...", "`Trainer.fit` stopped: ..."): the banner and the
     # final table say what the run is and how it ended; Lightning's warnings and errors still show
     for name in ("lightning.pytorch", "lightning.fabric"):

@@ -107,6 +107,11 @@ def run_log() -> RunLog:
     return _RUN_LOG
 
 
+def current_plan() -> dict:
+    """The plan of the run in progress (empty before one is built)."""
+    return _PLAN
+
+
 def _hydra():
     try:
         from hydra.core.hydra_config import HydraConfig
@@ -139,13 +144,31 @@ def _human(n: float) -> str:
 
 
 def run_plan(cfg: DictConfig, datamodule, stage) -> dict:
-    """Steps, phases and tokens the run will go through (what the banner and the progress display show)."""
+    """Steps, phases and tokens the run will go through (what the banner and the progress display show).
+
+    Steps are the data module's: optimizer steps, except for GRPO, whose steps are rollout steps of
+    ``per_step`` optimizer steps each (``stage.optimizer_steps_per_rollout()``); Lightning's ``global_step`` and
+    ``trainer.max_steps`` count optimizer steps, so the plan says both."""
     steps = list(datamodule.steps_per_epoch())
     total = sum(steps)
+    per_step = int(stage.optimizer_steps_per_rollout()) if hasattr(stage, "optimizer_steps_per_rollout") else 1
     max_steps = int(cfg.trainer.max_steps)
-    stop = min(total, max_steps) if max_steps > 0 else total
+    stop = min(total, -(-max_steps // per_step)) if max_steps > 0 else total
     return {"phases": datamodule.epoch_names(), "steps": steps, "total_steps": total, "stop_step": stop,
-            "tokens": datamodule.planned_tokens(), "params": stage.model_cfg.num_params()}
+            "per_step": per_step, "unit": "rollout step" if hasattr(stage, "optimizer_steps_per_rollout") else
+            "optimizer step", "tokens": datamodule.planned_tokens(), "params": stage.model_cfg.num_params()}
+
+
+def steps_text(n: int, plan: dict, optimizer_steps: int | None = None) -> str:
+    """`n` of the plan's steps in words: "12 optimizer steps"; for GRPO "30 rollout steps (up to 4 optimizer
+    steps each)" before the run, "30 rollout steps, 118 optimizer steps" after it (`optimizer_steps`: a rollout
+    whose groups all had one reward takes no optimizer step)."""
+    unit = plan.get("unit", "optimizer step")
+    if unit == "optimizer step":
+        return f"{n} optimizer step{'s' * (n != 1)}"
+    if optimizer_steps is not None:
+        return f"{n} {unit}{'s' * (n != 1)}, {optimizer_steps} optimizer steps"
+    return f"{n} {unit}{'s' * (n != 1)} (up to {plan.get('per_step', 1)} optimizer steps each)"
 
 
 def resume_message(cfg: DictConfig, ckpt_path: str | None, ckpt_dir: Path) -> str | None:
@@ -177,9 +200,9 @@ def banner(cfg: DictConfig, plan: dict, trainer, resume_line: str | None) -> str
     phase_txt = ", ".join(f"{n} ({s} steps)" for n, s in zip(plan["phases"], plan["steps"]))
     lines.append(f"  phases     {phase_txt}")
     stop = plan["stop_step"]
-    total_txt = f"{plan['total_steps']} optimizer steps"
+    total_txt = steps_text(plan["total_steps"], plan)
     if stop != plan["total_steps"]:
-        total_txt += f", stopping at {stop} (trainer.max_steps)"
+        total_txt += f", stopping at {stop} (trainer.max_steps={cfg.trainer.max_steps})"
     if plan.get("tokens"):
         total_txt += f", {_human(plan['tokens'])} tokens"
     lines.append(f"  total      {total_txt}")
@@ -249,7 +272,7 @@ def handoff_lines(cfg: DictConfig, info: dict) -> list[tuple[str, str]]:
     """(label, command) pairs printed after the summary table; each command is a single paste-able line."""
     out = []
     planned = _PLAN.get("total_steps", 1 << 62)
-    stopped_early = info.get("optimizer_steps", 0) < planned
+    stopped_early = info.get("rollout_steps", info.get("optimizer_steps", 0)) < planned
     if stopped_early:  # a finished run has nothing left to continue
         out.append(("Continue this run", continue_command(cfg, info)))
     nxt = next_stage_command(cfg, info)
@@ -320,6 +343,11 @@ _STEP = {"step": 0}  # the newest optimizer step this launch reached (set by the
 
 def note_step(step: int) -> None:
     _STEP["step"] = max(_STEP["step"], int(step))
+
+
+def note_train_loss(value: float, first: int, last: int) -> None:
+    """The train loss of the last progress line: the mean over steps first..last (the final table shows it)."""
+    _PLAN["train_loss_line"] = (value, first, last)
 
 
 def note_interrupt() -> None:

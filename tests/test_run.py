@@ -299,3 +299,16 @@ def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):
     with pytest.raises(R.ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
         R.build(cfg)
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_finished_run_says_why_max_steps_cannot_extend_it(tmp_path, capsys):
+    """A run that ended its whole schedule, continued with a larger trainer.max_steps, trains nothing and says
+    why (the schedules end there) and how to train more, instead of advising to raise trainer.max_steps."""
+    base = TINY_PRETRAIN + [f"out_dir={tmp_path}", "run_name=done"]
+    R.train(_compose(base))
+    capsys.readouterr()
+    again = R.train(_compose(base + ["resume=auto", "trainer.max_steps=44"]))
+    err = capsys.readouterr().err
+    assert again["nothing_to_do"] and again["optimizer_steps"] == 12
+    assert "trainer.max_steps=44 cannot take it further" in err and "init_from=" in err, err
+    assert "Raise trainer.max_steps" not in err

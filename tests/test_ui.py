@@ -241,3 +241,69 @@ def test_locked_run_name_is_one_message(tmp_path):
     assert res.returncode == 2, res.stderr[-2000:]
     assert "moxin: error:" in res.stderr and "is in use by another run" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+@pytest.mark.slow  # a whole tiny run in a subprocess on a pseudo-terminal
+def test_rich_bar_is_one_line_in_80_columns_and_ends_as_the_table(tmp_path):
+    """On an 80-column terminal the bar is one line (a redraw never moves the cursor up), counts optimizer steps
+    with one ETA, and its last frame shows the final table's train loss and val loss."""
+    import fcntl
+    import pty
+    import re
+    import struct
+    import termios
+
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 80, 0, 0))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", COLUMNS="80", TERM="xterm")
+    env.pop("HYDRA_FULL_ERROR", None)
+    p = subprocess.Popen([sys.executable, "-m", "moxin.run", *TINY_PRETRAIN, "run_name=bar",
+                          "trainer.progress_bar=rich"], stdin=child, stdout=child, stderr=child, cwd=tmp_path, env=env)
+    os.close(child)
+    chunks = []
+    while True:
+        try:
+            data = os.read(main, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not data:
+            break
+        chunks.append(data)
+    p.wait(timeout=300)
+    os.close(main)
+    out = b"".join(chunks).decode("utf-8", "replace")
+    assert p.returncode == 0, out[-3000:]
+    live = out[out.index("\x1b[?25l"):out.rindex("\x1b[?25h")]  # the bar's frames (cursor hidden meanwhile)
+    assert "\x1b[1A" not in live, "a frame spans several lines"
+    plain = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out)
+    last = plain[:plain.index("finished")].replace("\r\n", "\n").split("\r")[-1].split("\n")
+    bar = next(line for line in reversed(last) if "12/12" in line)
+    assert len(bar) <= 80 and "ETA: 0:00" in bar and "it/s" not in bar, bar
+    table = dict(re.findall(r"│ (train/loss[^│]*?|val/loss)\s*│ ([0-9.]+)", plain))
+    assert f"val: {table['val/loss']}" in bar, (bar, table)
+    assert any(f"loss: {v}" in bar for k, v in table.items() if k.startswith("train/loss")), (bar, table)
+
+
+GRPO_TINY = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
+             "model.head_dim=16", "model.hidden_dim=128", "data.steps=4", "data.prompts_per_step=4", "data.task.pool=4",
+             "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8", "stage.grpo.ppo_epochs=2",
+             "stage.grpo.num_minibatches=1", "stage.grpo.verifier_workers=0", "stage.grpo.log_every=0",
+             "warmup.steps=4", "warmup.batch_size=4", "warmup.micro_batch_size=4", "trainer.progress_bar=plain",
+             "trainer.progress_every_n_steps=2"]
+
+
+def test_grpo_progress_and_table_count_rollout_steps(tmp_path, capsys):
+    """GRPO's steps are rollout steps (data.steps), each up to ppo_epochs x num_minibatches optimizer steps: the
+    banner, the progress lines and the final table count rollouts (never 'step 8/4') with the optimizer steps
+    beside them, and the demo ends with an hf/ export like every other stage."""
+    from moxin import run as R
+
+    info = R.train(_compose(GRPO_TINY + [f"out_dir={tmp_path}", "run_name=g"]))
+    out = capsys.readouterr().out
+    grpo_part = out[out.index("moxin grpo run 'g'"):]
+    assert "total      4 rollout steps (up to 2 optimizer steps each)" in grpo_part
+    lines = [line for line in grpo_part.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["1/4", "2/4", "4/4"], lines
+    assert f"optimizer steps {info['optimizer_steps']}" in lines[-1]
+    assert info["rollout_steps"] == 4 and f"4 rollout steps, {info['optimizer_steps']} optimizer steps" in grpo_part
+    assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()

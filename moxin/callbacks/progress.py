@@ -1,14 +1,15 @@
-"""Progress in moxin's terms: optimizer steps out of the run's total, the phase by name, target tokens, loss,
-tokens/s and ETA.
+"""Progress in moxin's terms: steps out of the run's total (optimizer steps; GRPO: rollout steps, with the
+optimizer steps beside them), the phase by name, target tokens, loss, tokens/s and one ETA for the whole run.
 
 Lightning's bars count micro-batches of an epoch ("32/--" for our iterable loaders, no total, no ETA), call
 every phase "Epoch i/n" and show "v_num". Two displays replace them:
 
-* :class:`StepProgress` prints one plain line every ``every`` optimizer steps (and at the last step), for
-  output that is not a terminal (nohup, SLURM logs, CI) where a redrawn bar shows nothing until the end; on a
-  terminal with the rich bar it writes the same lines into the run's log file only;
-* :class:`PhaseRichBar`, Lightning's rich bar with the phase name as description, the phase's micro-batch total
-  (so it has an end and an ETA) and the step/tokens/tok/s/ETA fields instead of v_num.
+* :class:`StepProgress` prints one plain line every ``every`` steps (and after the last step, once the final
+  validation is in, so it shows what the final table shows), for output that is not a terminal (nohup, SLURM
+  logs, CI) where a redrawn bar shows nothing until the end; on a terminal with the rich bar it writes the same
+  lines into the run's log file only;
+* :class:`PhaseRichBar`, Lightning's rich bar counting the run's steps (not a phase's micro-batches) with the
+  phase name as description, and loss/val/tok/s/ETA as its only other fields: one line within 80 columns.
 """
 
 from __future__ import annotations
@@ -37,13 +38,18 @@ def _fmt_num(n: float) -> str:
 
 
 class StepClock:
-    """Optimizer steps done, phase, and an ETA from the steps this launch has timed (a resumed run does not
-    count the steps it skipped as fast ones)."""
+    """Steps done, phase, and an ETA from the steps this launch has timed (a resumed run does not count the steps
+    it skipped as fast ones). A step is an optimizer step (Lightning's ``global_step``), or for GRPO
+    (``rollouts``) a rollout step: the stage's ``batches_seen``, since a rollout takes up to
+    ppo_epochs x num_minibatches optimizer steps (none when every group had the same reward)."""
 
-    def __init__(self, phases: list[str], steps: list[int], stop_step: int):
-        self.phases, self.steps, self.stop_step = phases, steps, stop_step
+    def __init__(self, phases: list[str], steps: list[int], stop_step: int, rollouts: bool = False):
+        self.phases, self.steps, self.stop_step, self.rollouts = phases, steps, stop_step, rollouts
         self._t0: float | None = None
         self._s0 = 0
+
+    def step_of(self, trainer, pl_module) -> int:
+        return int(pl_module.batches_seen) if self.rollouts else int(trainer.global_step)
 
     def phase_of(self, step: int) -> tuple[int, str]:
         acc = 0
@@ -67,8 +73,11 @@ class StepClock:
 
 def step_fields(trainer, pl_module, clock: StepClock, eta: float | None) -> dict[str, str]:
     m = trainer.callback_metrics
-    out = {"step": f"{trainer.global_step}/{clock.stop_step}"}
-    idx, name = clock.phase_of(max(trainer.global_step - 1, 0))
+    step = clock.step_of(trainer, pl_module)
+    out = {"step": f"{step}/{clock.stop_step}"}
+    if clock.rollouts:
+        out["optimizer steps"] = str(trainer.global_step)
+    idx, name = clock.phase_of(max(step - 1, 0))
     out["phase"] = f"{name} ({idx + 1}/{len(clock.phases)})"
     tokens = getattr(pl_module, "tokens_seen", None)
     if tokens:
@@ -100,25 +109,45 @@ class StepProgress(L.Callback):
 
     def on_train_start(self, trainer, pl_module):
         self._started = time.perf_counter()
+        self._printed = -1
+        self._first = None  # the first step of the loss window not printed yet
+        self._eta = None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        step = trainer.global_step
+        step = self.clock.step_of(trainer, pl_module)
         if step == self._last or step == 0 or not trainer.is_global_zero:
             return  # still accumulating
         self._last = step
         from moxin.ui import note_step
 
         note_step(step)
-        eta = self.clock.tick(step)
+        self._eta = self.clock.tick(step)
         loss = trainer.callback_metrics.get("train/loss")
         if loss is not None and loss.numel() == 1:
             self._loss.update(loss.detach().float().cpu())
-        if step % self.every and step != self.clock.stop_step and step != 1:
+            self._first = step if self._first is None else self._first
+        if step >= self.clock.stop_step:
+            return  # the last line waits for the final validation (on_train_end), as the final table does
+        if step % self.every and step != 1:
             return
-        f = step_fields(trainer, pl_module, self.clock, eta)
+        self._emit(trainer, pl_module, step)
+
+    def on_train_end(self, trainer, pl_module):
+        step = self.clock.step_of(trainer, pl_module)
+        if trainer.is_global_zero and step > 0 and step != self._printed:
+            self._emit(trainer, pl_module, step)
+
+    def _emit(self, trainer, pl_module, step: int) -> None:
+        f = step_fields(trainer, pl_module, self.clock, self._eta if step < self.clock.stop_step else 0.0)
         if self._loss.update_count:
             f["loss"] = f"{float(self._loss.compute()):.4f}"
+            from moxin.ui import note_train_loss
+
+            # the final table shows the same number (the mean over these steps), not the last step's alone
+            note_train_loss(float(self._loss.compute()), self._first or step, step)
             self._loss.reset()
+            self._first = None
+        self._printed = step
         line = " | ".join([f"step {f.pop('step')}"] + [f"{k} {v}" for k, v in f.items()]
                           + [f"elapsed {_fmt_time(time.perf_counter() - self._started)}"])
         if self.to_console:
@@ -130,7 +159,12 @@ class StepProgress(L.Callback):
 
 
 class PhaseRichBar(RichProgressBar):
-    """Lightning's rich bar, in moxin's terms (see the module docstring)."""
+    """Lightning's rich bar, in moxin's terms (see the module docstring): it counts the run's steps (each phase's
+    bar starts where the previous one ended), the description is the phase, and the only time shown is the run's
+    ETA (no per-phase elapsed / remaining, no it/s), so that one bar line fits 80 columns."""
+
+    BAR_WIDTH = 12
+    NAME_WIDTH = 12
 
     def __init__(self, clock: StepClock, accumulate: int, **kw):
         super().__init__(**kw)
@@ -140,23 +174,60 @@ class PhaseRichBar(RichProgressBar):
 
     @property
     def total_train_batches(self):
-        idx = min(self.trainer.current_epoch, len(self.clock.steps) - 1)
-        return self.clock.steps[idx] * self.accumulate
+        return self.clock.stop_step
 
     def _get_train_description(self, current_epoch: int) -> str:
         idx = min(current_epoch, len(self.clock.phases) - 1)
-        return f"phase {self.clock.phases[idx]} ({idx + 1}/{len(self.clock.phases)})"
+        name = self.clock.phases[idx]
+        name = name if len(name) <= self.NAME_WIDTH else name[:self.NAME_WIDTH - 1] + "~"
+        return f"{name} {idx + 1}/{len(self.clock.phases)}" if len(self.clock.phases) > 1 else name
+
+    def configure_columns(self, trainer) -> list:
+        from rich.progress import BarColumn, TextColumn
+
+        return [TextColumn("[progress.description]{task.description}"),
+                BarColumn(bar_width=self.BAR_WIDTH, complete_style=self.theme.progress_bar,
+                          finished_style=self.theme.progress_bar_finished, pulse_style=self.theme.progress_bar_pulse),
+                TextColumn("{task.completed}/{task.total}", style=self.theme.batch_progress)]
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        pass  # no validation bar: our loaders have no length ("1/inf"); val shows in the fields once done
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        pass
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        super().on_train_epoch_start(trainer, pl_module)
+        self._update(self.train_progress_bar_id, self.clock.step_of(trainer, pl_module))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step != self._last:
-            self._last = trainer.global_step
-            self._eta = self.clock.tick(trainer.global_step)
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if not self.is_disabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # a resumed run, mid-phase
+        step = self.clock.step_of(trainer, pl_module)
+        if step != self._last:
+            self._last = step
+            self._eta = self.clock.tick(step)
+        self._update(self.train_progress_bar_id, step)
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
+
+    def on_train_end(self, trainer, pl_module):
+        self._eta = 0.0
+        self._update_metrics(trainer, pl_module)
+        self.refresh()
 
     def get_metrics(self, trainer, pl_module):
         f = step_fields(trainer, pl_module, self.clock, self._eta)
-        f.pop("phase")
-        return f
+        from moxin.ui import current_plan
+
+        line = current_plan().get("train_loss_line")  # after the last step: the final table's number
+        if line and line[2] == self.clock.step_of(trainer, pl_module) and "loss" in f:
+            f["loss"] = f"{line[0]:.4f}"
+        for key in ("phase", "step", "tokens"):  # the description and the count show them; tokens: the log lines
+            f.pop(key, None)
+        if "optimizer steps" in f:
+            f["opt"] = f.pop("optimizer steps")
+        return {k: f[k] for k in ("opt", "loss", "val", "reward", "tok/s", "ETA") if k in f}
 
 
 class InterruptNotice(L.Callback):
@@ -179,12 +250,13 @@ def progress_callbacks(cfg, plan: dict, accumulate: int) -> tuple[list[L.Callbac
     enabled (it must exactly when a ProgressBar callback is given)."""
     mode = cfg.trainer.progress_bar
     every = int(cfg.trainer.get("progress_every_n_steps", 10))
-    clock = StepClock(plan["phases"], plan["steps"], plan["stop_step"])
+    clock = StepClock(plan["phases"], plan["steps"], plan["stop_step"], plan.get("unit") == "rollout step")
     rich = mode == "rich_always" or (mode == "rich" and sys.stdout.isatty())
     notice = InterruptNotice(cfg)
     if mode == "none":
         return [StepProgress(clock, every, to_console=False), notice], False
     if rich:
-        return [PhaseRichBar(clock, accumulate, leave=True), StepProgress(clock, every, to_console=False),
+        # StepProgress first: its last line (after the final validation) is what the bar's final frame shows
+        return [StepProgress(clock, every, to_console=False), PhaseRichBar(clock, accumulate, leave=True),
                 notice], True
     return [StepProgress(clock, every, to_console=True), notice], False
