@@ -328,6 +328,8 @@ def main() -> None:
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--batches", type=int, default=64, help="micro-batches (4 x 4096 tokens) for the loader rate")
     ap.add_argument("--tokenizer", default="mistral")
+    ap.add_argument("--stage", choices=("slice", "full", "all"), default="all",
+                    help="run only the slice or the whole-corpus part (results accumulate in --out)")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=default_out("data"))
     a = ap.parse_args()
@@ -341,10 +343,17 @@ def main() -> None:
         print(f"made {root} in {time.perf_counter() - t0:.0f} s", flush=True)
     truth = json.loads((root / "truth.json").read_text())
     tok = load_tokenizer(a.tokenizer)
-    results: dict = {"args": vars(a)}
-
-    # 1. the slice: both paths, prepared with near dedup
+    results: dict = json.loads(Path(a.out).read_text()) if a.stage != "all" and Path(a.out).is_file() else {}
+    results["args"] = vars(a)
     sl = corpus_sources(root, a.slice_files)
+    if a.stage in ("slice", "all"):
+        measure_slice(root, sl, truth, tok, a, results)
+    if a.stage in ("full", "all"):
+        measure_full(root, sl, truth, tok, a, results)
+
+
+def measure_slice(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
+    """Both paths on the slice, prepared with near dedup; the dedup counts."""
     near_dir = root.parent / f"{root.name}-prepared-slice{a.slice_files}-near"
     near_prep = prepare_corpus(sl, a.tokenizer, near_dir, a.parts, True, a.threshold)
     measure("slice", sl, near_dir, near_prep, tok, sl, a, results)
@@ -362,7 +371,9 @@ def main() -> None:
           flush=True)
     write_json(a.out, results)
 
-    # 2. the whole corpus, prepared path only (the raw path's figures above do not depend on size)
+
+def measure_full(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
+    """The prepared path on the whole corpus (the raw path's figures on the slice do not depend on size)."""
     full = corpus_sources(root)
     full_dir = root.parent / f"{root.name}-prepared"
     full_prep = prepare_corpus(full, a.tokenizer, full_dir, a.parts, False, a.threshold)
