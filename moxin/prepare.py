@@ -350,7 +350,7 @@ def prepare(cfg: DictConfig, log=print) -> dict | None:
     """Run what ``cfg.prepare`` asks: one part, the merge, or everything (module docstring)."""
     from moxin.tokenizer import load_tokenizer
 
-    if cfg.get("out") in (None, "", "???"):
+    if not cfg.get("out"):
         raise DataError("prepare: give the output folder, out=DIR")
     opts = PrepareOptions(**plain(cfg.prepare))
     raw = plain(cfg.data.sources) or []

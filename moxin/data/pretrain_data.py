@@ -214,16 +214,21 @@ class PretrainDataModule(MoxinDataModule):
     def setup(self, stage: str | None = None) -> None:
         self.check_config()
         self.check_trainer()
+        used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
+        self._check_prepared()
         if self.validate_sources and not self._validated:
-            used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
-            if self.prepared is not None:
-                self.prepared.check_tokenizer(self.tokenizer)
-                self.prepared.check_files(sorted(used))
-                self._validated = True
-                return
             for s in self.sources:
                 if s.name in used:
                     validate_source(s)
+            self._validated = True
+
+    def _check_prepared(self) -> None:
+        """Prepared data: the run's tokenizer and every shard of the used sources (always, whatever
+        validate_sources says: it is cheap, and ids of another tokenizer would train silently)."""
+        if self.prepared is not None and not self._validated:
+            used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
+            self.prepared.check_tokenizer(self.tokenizer)
+            self.prepared.check_files(sorted(used))
             self._validated = True
 
     def check_trainer(self) -> None:
@@ -253,6 +258,7 @@ class PretrainDataModule(MoxinDataModule):
         """The StatefulDataLoader of one phase (rank/world_size default to the trainer's)."""
         rank = self.rank if rank is None else rank
         world_size = self.world_size if world_size is None else world_size
+        self._check_prepared()
         self._harvest()
         initial = dict(self._carry)
         if self._restored is not None:

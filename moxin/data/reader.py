@@ -391,7 +391,7 @@ def read_positioned(source: SourceConfig, *, shard: int = 0, num_shards: int = 1
         raise ValueError(f"shard {shard} not in [0, {num_shards})")
     if is_hub_name(source):
         ds = open_hub_dataset(source, streaming=True)
-        if ds.n_shards >= num_shards:
+        if hasattr(ds, "shard") and ds.n_shards >= num_shards:  # older datasets have no IterableDataset.shard
             yield from _hub_by_file(source, ds, shard, num_shards, start)
             return
         if not isinstance(start, int):
