@@ -250,3 +250,29 @@ def test_lora_bench_runs_tiny_on_the_cpu(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 4 and all(row.get("tokens_per_s", 0) > 0 for row in rows), rows
     assert "x HF+PEFT" in r.stdout
+
+
+@pytest.mark.slow  # two torchrun launches: about 45 s of CPU
+def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
+    """2 gloo processes under FSDP2 (adapters sharded with their blocks): the checkpoint (a distributed one) holds
+    the adapters only, a run stopped at step 2 and resumed takes the one-process run's steps."""
+    import shutil
+
+    from tests.conftest import torchrun
+
+    over = SFT + COMMON + [f"init_from={base_dir}", "export_hf=false", "trainer.max_steps=4"]
+    R.train(_compose(over + [f"out_dir={tmp_path / 'one'}", "run_name=one"]))
+    part = tmp_path / "part"
+    args = ["-m", "moxin.run", "hardware=fsdp_cpu", *over, f"out_dir={part}", "run_name=part"]
+    root = Path(__file__).resolve().parents[1]
+    torchrun(*args, "trainer.max_steps=2", cwd=root, before_retry=lambda: shutil.rmtree(part, ignore_errors=True))
+    from torch.distributed.checkpoint import FileSystemReader
+
+    md = FileSystemReader(str(part / "checkpoints" / "step000002.ckpt")).read_metadata()
+    keys = [k for k in md.state_dict_metadata if k.startswith("state_dict.")]
+    assert len(keys) == 28 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
+    torchrun(*args, "resume=auto", cwd=root)
+    a, b = _losses(tmp_path / "one"), _losses(part)
+    assert sorted(a) == sorted(b) == [0, 1, 2, 3]
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])

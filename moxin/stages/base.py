@@ -540,9 +540,7 @@ class MoxinStage(L.LightningModule):
 
     # ---- checkpoints: everything needed to continue as if never stopped --------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        if self.uses_lora:  # the adapters only: the frozen base is init_from's, rebuilt on resume
-            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items()
-                                        if k.endswith((".lora_A", ".lora_B"))}
+        if self.uses_lora:  # `state_dict` kept the adapters only: the frozen base is init_from's
             base = Path(self.init_from)
             checkpoint.setdefault("moxin", {})["lora"] = dataclasses.asdict(self.lora_cfg) | {
                 "base": str(base.resolve() if base.exists() else base)}  # what init_from of this checkpoint merges into
@@ -564,13 +562,23 @@ class MoxinStage(L.LightningModule):
                           int(np_state[3]), float(np_state[4])],
         })
 
+    def state_dict(self, *args, **kwargs):
+        """With LoRA, the adapters only: the checkpoint's model part, saved and loaded (also by FSDP2's distributed
+        checkpoint, which reads exactly the keys this names) without the frozen base, which init_from rebuilds."""
+        sd = super().state_dict(*args, **kwargs)
+        if getattr(self, "lora_cfg", None) is not None and self.uses_lora:
+            for k in [k for k in sd if not k.endswith((".lora_A", ".lora_B"))]:
+                del sd[k]
+        return sd
+
     def _check_lora_checkpoint(self, checkpoint) -> None:
         """A LoRA run resumes only from a checkpoint of the same adapters (Lightning loads it non-strictly, since
         the base is not in it): every adapter tensor present, nothing else."""
         saved = (checkpoint.get("moxin") or {}).get("lora")
         want = {"model." + lora_lib.plain_name(k) for k in lora_lib.adapter_state_dict(self.model)} \
             if self.model is not None else set()
-        have = set(checkpoint.get("state_dict") or {})
+        # (FSDP2's distributed checkpoint has loaded the tensors in place: only the settings are left to compare)
+        have = set(checkpoint["state_dict"]) if isinstance(checkpoint.get("state_dict"), dict) else want
         ours = dataclasses.asdict(self.lora_cfg)
         same = saved is not None and all(saved.get(k) == ours[k] for k in ("rank", "alpha", "targets", "quantize"))
         if not same or (want and have != want):
