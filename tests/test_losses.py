@@ -509,7 +509,7 @@ def test_policy_loss_with_kl_term():
     assert stats["pg_loss"].item() == 0.0
 
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("aggregation", ["token", "sequence", "constant"])
 def test_policy_loss_shares_add_up_with_the_whole_minibatch_normaliser(aggregation):
     """A minibatch split into micro-batches (or ranks): each call, given the count of the WHOLE minibatch,
     returns its exact share, and the shares add up to the loss of the minibatch in one call."""
@@ -519,8 +519,9 @@ def test_policy_loss_shares_add_up_with_the_whole_minibatch_normaliser(aggregati
     adv = torch.randn(5, generator=g)
     mask = (torch.rand(5, 7, generator=g) > 0.3).float()
     mask[2] = 0  # a fully masked sequence does not count in the sequence normaliser
-    whole, _ = policy_loss(logp, old, adv, mask, aggregation=aggregation)
-    norm = float(mask.sum()) if aggregation == "token" else float((mask.sum(1) > 0).sum())
+    norm = {"token": float(mask.sum()), "sequence": float((mask.sum(1) > 0).sum()), "constant": 7.0 * 5}[aggregation]
+    whole, _ = policy_loss(logp, old, adv, mask, aggregation=aggregation,
+                           normaliser=norm if aggregation == "constant" else None)
     parts = [policy_loss(logp[s], old[s], adv[s], mask[s], aggregation=aggregation, normaliser=norm)[0]
              for s in (slice(0, 2), slice(2, 5))]
     assert float(sum(parts)) == pytest.approx(float(whole), rel=1e-6)
