@@ -106,6 +106,7 @@ def _kill_loop(tmp_path, mode, kills, seed, port):
     assert r["steps_killed"] == r["steps_ref"] == list(range(12)), r["events"]  # every step's loss on record
     assert r["val_steps_killed"] == r["val_steps_ref"] and r["max_val_diff"] <= 1e-5, r  # and every validation
     assert r["max_loss_diff"] <= 1e-5 and r["max_weight_diff"] <= 1e-6, r
+    assert r["state_diff"] == [], r["state_diff"]  # the final checkpoints equal leaf by leaf, dedup sets included
     assert r["final_val_ref"] == pytest.approx(r["final_val_killed"], abs=1e-5)
     assert r["leftover_temporaries"] == [] and r["checkpoint_files"] == ["last.ckpt", "step000012.ckpt"]
     return r

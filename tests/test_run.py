@@ -248,7 +248,8 @@ def test_val_interval_falls_on_phase_ends():
 
 
 def _resume_matches(tmp_path, base, stop=3, total=6):
-    """Run `total` steps straight; run `stop` steps, resume to `total`; every step's loss must match."""
+    """Run `total` steps straight; run `stop` steps, resume to `total`; every step's loss and the whole final
+    checkpoint (weights, optimizer, loop and loader state, counters, RNG states) must match."""
     R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", f"trainer.max_steps={total}"]))
     R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={stop}"]))
     R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={total}",
@@ -257,6 +258,7 @@ def _resume_matches(tmp_path, base, stop=3, total=6):
     assert sorted(a) == sorted(b) == list(range(total)), (sorted(a), sorted(b))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+    assert state_diff(*(load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))) == []
 
 
 SFT_DPO_TINY = TINY_MODEL + ["data.batch_size=8", "data.micro_batch_size=4", "trainer.val_every_n_steps=null",
@@ -292,6 +294,7 @@ def test_grpo_resume_continues_exactly(tmp_path):
     assert len(list((tmp_path / "part" / "warmup").glob("logs/version_*"))) == 1  # the warm-up ran once
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
+    assert state_diff(*(load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))) == []
 
 
 def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):

@@ -3,10 +3,15 @@ resume it with resume=auto until it finishes, and compare it with an uninterrupt
 
     python tests/helpers/kill_loop.py OUT --mode single|fsdp --kills 6 --seed 0
 
+Both runs train on a corpus written to OUT/corpus whose exact duplicates come late (after the first kills),
+so a resume that lost its dedup set trains on them.
+
 Writes OUT/kill_loop.json: kills, resumes, for every resume the newest complete checkpoint at the kill and the
 step resume=auto chose (they must be equal: no progress lost beyond the last checkpoint), steps retrained,
 the largest train-loss difference over every logged step, the largest weight difference of the final
-checkpoint, and the final val/loss of both runs. Used by tests/test_reliab_killloop.py.
+checkpoint, `state_diff`: every leaf of the final checkpoints that differs (weights, optimizer state, loop and
+loader state, reader states with their dedup sets, tokens_seen, RNG states; [] when equal), and the final
+val/loss of both runs. Used by tests/test_reliab_fsdp.py.
 """
 
 from __future__ import annotations
@@ -40,8 +45,8 @@ LEGACY_FSDP = ["hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2"
                "hardware.parallel.activation_checkpointing=none", "hardware.parallel.fsdp_param_dtype=null"]
 
 
-def command(mode: str, out: Path, port: int, legacy: bool = False) -> list[str]:
-    args = TINY + [f"out_dir={out}", f"run_name={out.name}", "resume=auto"]
+def command(mode: str, out: Path, port: int, legacy: bool = False, data: tuple[str, ...] = ()) -> list[str]:
+    args = TINY + list(data) + [f"out_dir={out}", f"run_name={out.name}", "resume=auto"]
     if mode == "fsdp":
         hw = LEGACY_FSDP if legacy else ["hardware=fsdp_cpu"]
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port", str(port),
@@ -49,9 +54,10 @@ def command(mode: str, out: Path, port: int, legacy: bool = False) -> list[str]:
     return [sys.executable, "-m", "moxin.run"] + args
 
 
-def launch(mode: str, out: Path, port: int, log: Path, code: Path = ROOT, legacy: bool = False):
+def launch(mode: str, out: Path, port: int, log: Path, code: Path = ROOT, legacy: bool = False,
+           data: tuple[str, ...] = ()):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(code))
-    return subprocess.Popen(command(mode, out, port, legacy), cwd=code, env=env, stdout=open(log, "w"),
+    return subprocess.Popen(command(mode, out, port, legacy, data), cwd=code, env=env, stdout=open(log, "w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -142,9 +148,14 @@ def main() -> int:
     root, code = Path(a.out), Path(a.code)
     root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(a.seed)
+    sys.path.insert(0, str(ROOT))
+    from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
+                                            write_corpus_with_late_duplicates)
+
+    data = (sources_override(write_corpus_with_late_duplicates(root / "corpus")),)
 
     ref = root / "ref"
-    p = launch(a.mode, ref, a.port, root / "ref.log", code, a.legacy)
+    p = launch(a.mode, ref, a.port, root / "ref.log", code, a.legacy, data)
     if p.wait() != 0:
         print((root / "ref.log").read_text()[-3000:])
         return 1
@@ -157,7 +168,7 @@ def main() -> int:
         before = versions(run)
         if events:
             events[-1]["_versions_before"] = before
-        p = launch(a.mode, run, a.port + 1 + launches, log, code, a.legacy)
+        p = launch(a.mode, run, a.port + 1 + launches, log, code, a.legacy, data)
         launches += 1
         if kills < a.kills:
             # a random moment once this launch trains: after 1-3 more checkpoints (one per step), then 0-2.5 s
@@ -216,6 +227,11 @@ def main() -> int:
         res["max_weight_diff"] = max(float((wa[k] - wb[k]).abs().max()) for k in wa)
     except Exception as e:  # noqa: BLE001 - a before-run may leave no usable final checkpoint
         res["max_weight_diff"] = f"unreadable: {type(e).__name__}: {e}"[:300]
+    try:
+        diff = state_diff(*(load_checkpoint(r / "checkpoints" / "last.ckpt") for r in (ref, run)))
+        res["state_diff"] = diff[:20] + ([f"... {len(diff) - 20} more"] if len(diff) > 20 else [])
+    except Exception as e:  # noqa: BLE001 - as above
+        res["state_diff"] = [f"unreadable: {type(e).__name__}: {e}"[:300]]
     (root / "kill_loop.json").write_text(json.dumps(res, indent=2))
     print(json.dumps(res, indent=2))
     return 0 if failure is None else 3
