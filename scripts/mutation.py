@@ -204,7 +204,7 @@ def main() -> int:
                       "stops the stats pass)", flush=True)
         res = results(work, g, [r for _, r in pairs], sample)
         survivors = [k for r in res.values() for k, s in r.items() if s in ("survived", "no tests")]
-        if res and any(res.values()) and not a.report:
+        if any(res.values()):
             write_survivors(work, survivors)
         for path, r in res.items():
             table[f"{name}:{path}"] = Counter(r.values())
