@@ -96,9 +96,16 @@ def sources_hash(root: Path) -> str:
     return h.hexdigest()
 
 
+def present_tests(root: Path, group: dict) -> list[str]:
+    """The group's tests that exist in this checkout: one mapping serves a checkout from before a test file was
+    added (its BEFORE score) and one from after."""
+    return [t for t in group["tests"] if (root / t.split("::")[0]).is_file()]
+
+
 def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, debug: bool = False) -> bool:
     """Lay out the group's scratch folder; True when a previous run with the same sources can be resumed."""
-    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": list(group["tests"])}
+    tests = present_tests(root, group)
+    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": tests}
     if debug:
         cfg["debug"] = True
     digest = sources_hash(root) + " " + hashlib.sha256(json.dumps([cfg, pytest_ini]).encode()).hexdigest()
@@ -195,6 +202,9 @@ def main() -> int:
             generate(work)
             todo = [k for r in results(work, g, [r for _, r in pairs], sample).values() for k, s in r.items()
                     if s == "not run"]
+            missing = sorted(set(g["tests"]) - set(present_tests(root, g)))
+            if missing:
+                print(f"[{name}] not in this checkout, left out: {', '.join(missing)}", flush=True)
             print(f"[{name}] {'resuming' if resumed else 'fresh'} run in {work}: {len(todo)} mutants to run, "
                   f"1 in {sample} sampled (log: {work / 'run.log'})", flush=True)
             rc = run_group(work, todo, a.max_children) if todo else 0
@@ -204,7 +214,7 @@ def main() -> int:
                       "stops the stats pass)", flush=True)
         res = results(work, g, [r for _, r in pairs], sample)
         survivors = [k for r in res.values() for k, s in r.items() if s in ("survived", "no tests")]
-        if res and any(res.values()) and not a.report:
+        if any(res.values()):
             write_survivors(work, survivors)
         for path, r in res.items():
             table[f"{name}:{path}"] = Counter(r.values())
