@@ -299,10 +299,31 @@ def check_keys(cfg: DictConfig) -> None:
             walk(cfg[top], top)
 
 
+def check_mixtures(cfg: DictConfig) -> None:
+    """Every phase's mixture names sources of data.sources. The default phases (conf/schedule) mix the sample
+    corpus's prose/code/cjk, so replacing data.sources alone leaves them naming sources that are gone: say to
+    rewrite the phases too (README: "Pretraining on your own files")."""
+    data = cfg.get("data")
+    if not data or "sources" not in data or "phases" not in data:
+        return
+    names = [str(s.get("name")) for s in (data.sources or [])]
+    for i, ph in enumerate(data.phases or []):
+        for src in (ph.get("mixture") or {}):
+            if src not in names:
+                example = f"{{name: main, seq_len: {ph.get('seq_len', 256)}, tokens: {ph.get('tokens', 65536)}, " \
+                          f"mixture: {{{names[0] if names else 'mine'}: 1}}}}"
+                raise UserError(
+                    f"schedule.phases[{i}] ({ph.get('name')}).mixture names source {src!r}, which data.sources does not "
+                    f"have (its sources: {', '.join(names) or 'none'}). The phases say how much of each source to mix, "
+                    f"so with your own data.sources give them mixtures of your sources too, e.g. "
+                    f"'schedule.phases=[{example}]' (README: Pretraining on your own files)")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     check_types(cfg)
+    check_mixtures(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
     check_data(cfg)
