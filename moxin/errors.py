@@ -115,9 +115,10 @@ def check_init_from(cfg: DictConfig) -> None:
                         f"or runs/<name>/hf")
 
 
-def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float) -> None:
+def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float,
+                       max_bad_records: int | None = None) -> None:
     """Read the first `limit` records of a local jsonl file; too many malformed ones (more than the source's
-    max_bad_fraction, or all of them) stop the run here, naming the first bad file:line."""
+    max_bad_fraction or max_bad_records, or all of them) stop the run here, naming the first bad file:line."""
     if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return
     from itertools import islice
@@ -134,9 +135,11 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
         if problem:
             bad += 1
             first = first or f"{loc}: {problem}"
-    if n and (bad == n or bad > max_bad_fraction * n):
+    if n and (bad == n or bad > max_bad_fraction * n or (max_bad_records is not None and bad > max_bad_records)):
+        limits = f"max_bad_fraction={max_bad_fraction}" + (f", max_bad_records={max_bad_records}"
+                                                          if max_bad_records is not None else "")
         raise UserError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
-                        f"lines (or raise max_bad_fraction in the source config if they are expected)")
+                        f"lines (or raise the limits, {limits}, in the data config if they are expected)")
 
 
 def _is_local(path: str) -> bool:
@@ -176,7 +179,8 @@ def check_data(cfg: DictConfig) -> None:
                             f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
         field = s.get("text_field", "text") if "sources" in key else s.get("messages_field", None)
         frac = float(s.get("max_bad_fraction", 0.01)) if "sources" in key else float(data.get("max_bad_fraction", 0.05))
-        _local_jsonl_probe(key, path, field if "sources" in key else None, 1000, frac)
+        most = None if "sources" in key or data.get("max_bad_records") is None else int(data.max_bad_records)
+        _local_jsonl_probe(key, path, field if "sources" in key else None, 1000, frac, most)
 
 
 # ---- unknown keys ----------------------------------------------------------------------------------------------
