@@ -418,15 +418,9 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
             # every rank takes part (FSDP2 gathers each parameter); rank 0 writes, one shard in memory at a time
             export_hf(stage, hf_dir, is_global_zero=trainer.is_global_zero, tokenizer_files=tok_files)
             if trainer.is_global_zero:
-                if stage.tokenizer.name == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
-                    import shutil
+                from moxin.tokenizer.hf_export import write_export_tokenizer  # tokenizer.model/json, configs
 
-                    from moxin.tokenizer import mistral_model_path
-
-                    shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
-                from moxin.tokenizer.hf_export import write_hf_tokenizer_files  # ux: tokenizer/generation config
-
-                write_hf_tokenizer_files(hf_dir, cfg, stage.tokenizer)
+                write_export_tokenizer(hf_dir, cfg, stage.tokenizer)
                 info["hf_export"] = str(hf_dir.resolve())
     if trainer.is_global_zero:
         print_summary(cfg, info, handoffs)
