@@ -39,6 +39,7 @@ class UserError(ValueError):
 TRAINER_TYPES: dict[str, tuple] = {
     "checkpoint_every_n_steps": (int,),
     "keep_all_checkpoints": (bool,),
+    "keep_checkpoints": (int,),
     "save_checkpoints": (bool,),
     "val_every_n_steps": (int, type(None)),
     "max_steps": (int,),
@@ -75,7 +76,7 @@ def check_types(cfg: DictConfig) -> None:
 def _example(key: str) -> str:
     return {"max_steps": "100", "val_every_n_steps": "25 (or null)", "checkpoint_every_n_steps": "25",
             "limit_val_batches": "1.0", "progress_bar": "plain", "progress_every_n_steps": "10",
-            "keep_all_checkpoints": "true", "save_checkpoints": "false", "deterministic": "true"}.get(key, "...")
+            "keep_all_checkpoints": "true", "keep_checkpoints": "3", "save_checkpoints": "false", "deterministic": "true"}.get(key, "...")
 
 
 def check_hardware(cfg: DictConfig) -> None:

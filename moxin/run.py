@@ -125,6 +125,7 @@ def check_run_config(cfg: DictConfig) -> None:
             problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
 
     positive_int_or_null("checkpoint_every_n_steps")
+    positive_int_or_null("keep_checkpoints")
     positive_int_or_null("val_every_n_steps")
     if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
@@ -194,7 +195,8 @@ def build(cfg: DictConfig):
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
     policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints,
-                              enabled=cfg.trainer.get("save_checkpoints", True))
+                              enabled=cfg.trainer.get("save_checkpoints", True),
+                              keep=int(cfg.trainer.get("keep_checkpoints", 1)))
     callbacks = [StopOnSignal(policy), throughput]  # the policy goes last (below)
     from moxin.callbacks.progress import progress_callbacks  # ux: phases, step/total, tokens, ETA; Ctrl-C hint
     from moxin.ui import run_plan
