@@ -8,8 +8,8 @@ Writing (`CheckpointPolicy`, a Lightning callback that replaces ModelCheckpoint)
    denotes a partial checkpoint);
 3. ``last.ckpt`` is then switched to it atomically: a relative symlink replaced with ``os.replace`` (never a
    second copy of the bytes);
-4. only then does the retention policy delete what it no longer keeps (``keep_all_checkpoints=false``: all but
-   the newest).
+4. only then does the retention policy delete what it no longer keeps (the newest ``keep_checkpoints`` step
+   checkpoints stay, 1 by default; ``keep_all_checkpoints=true``: all of them).
 
 Steps 2-4 (publishing) wait until the step is on record. Lightning logs a step's metrics only after its
 ``on_train_batch_end`` hooks, and validates after that: publishing there would let a kill leave a ``last``
@@ -104,7 +104,8 @@ def check_disk_space(ckpt_dir: Path, need: int, step: int) -> str | None:
     return (f"no room for the checkpoint of step {step} in {ckpt_dir}: it needs about {need / gb:.1f} GiB (weights "
             f"and optimizer moments) and {free / gb:.1f} GiB are free there. Free space on that disk, or give the "
             "run an out_dir on a larger one (resume=auto continues from the last complete checkpoint); with "
-            "trainer.keep_all_checkpoints=true every step checkpoint stays, so older ones can go")
+            "trainer.keep_all_checkpoints=true or trainer.keep_checkpoints > 1 older step checkpoints stay, so "
+            "some can go")
 
 
 def step_name(step: int) -> str:
@@ -327,13 +328,17 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def apply_retention(ckpt_dir: Path, keep_name: str, keep_all: bool) -> list[str]:
-    """Delete step files (and pre-policy last-*.ckpt files) other than `keep_name`, unless keep_all."""
+def apply_retention(ckpt_dir: Path, keep_name: str, keep_all: bool, keep: int = 1) -> list[str]:
+    """Delete step files (and pre-policy last-*.ckpt files) other than `keep_name` (what last.ckpt points to) and
+    the newest `keep` step files, unless keep_all."""
     if keep_all:
         return []
+    steps = sorted((p for p in ckpt_dir.iterdir() if _STEP_RE.match(p.name)),
+                   key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    kept = {keep_name} | {p.name for p in steps[len(steps) - max(1, int(keep)):]}
     removed = []
     for p in ckpt_dir.iterdir():
-        if p.name == keep_name or p.name == LAST or p.name.startswith("."):
+        if p.name in kept or p.name == LAST or p.name.startswith("."):
             continue
         if _STEP_RE.match(p.name) or (p.name.startswith("last") and p.name.endswith(".ckpt")):
             _remove(p)
@@ -361,11 +366,13 @@ def weights_finite(stage) -> bool:
 class CheckpointPolicy(L.Callback):
     """Writes checkpoints as described in the module docstring."""
 
-    def __init__(self, ckpt_dir: str | os.PathLike, every_n_steps: int | None, keep_all: bool, enabled: bool = True):
+    def __init__(self, ckpt_dir: str | os.PathLike, every_n_steps: int | None, keep_all: bool, enabled: bool = True,
+                 keep: int = 1):
         self.enabled = bool(enabled)  # False (trainer.save_checkpoints=false): nothing is written, nor checked
         self.ckpt_dir = Path(ckpt_dir)
         self.every = int(every_n_steps or 0)
         self.keep_all = bool(keep_all)
+        self.keep = max(1, int(keep))  # trainer.keep_checkpoints: the newest step checkpoints kept
         self.last_saved_step: int | None = None
         self.last_path: Path | None = None
         self.refused: list[int] = []  # steps not saved because the weights were not finite
@@ -511,7 +518,7 @@ class CheckpointPolicy(L.Callback):
             os.replace(tmp, final)
         _fsync_dir(self.ckpt_dir)
         point_last(self.ckpt_dir, name)
-        apply_retention(self.ckpt_dir, name, self.keep_all)
+        apply_retention(self.ckpt_dir, name, self.keep_all, self.keep)
 
 
 class StopOnSignal(L.Callback):

@@ -39,6 +39,7 @@ class UserError(ValueError):
 TRAINER_TYPES: dict[str, tuple] = {
     "checkpoint_every_n_steps": (int,),
     "keep_all_checkpoints": (bool,),
+    "keep_checkpoints": (int,),
     "save_checkpoints": (bool,),
     "val_every_n_steps": (int, type(None)),
     "max_steps": (int,),
@@ -75,7 +76,7 @@ def check_types(cfg: DictConfig) -> None:
 def _example(key: str) -> str:
     return {"max_steps": "100", "val_every_n_steps": "25 (or null)", "checkpoint_every_n_steps": "25",
             "limit_val_batches": "1.0", "progress_bar": "plain", "progress_every_n_steps": "10",
-            "keep_all_checkpoints": "true", "save_checkpoints": "false", "deterministic": "true"}.get(key, "...")
+            "keep_all_checkpoints": "true", "keep_checkpoints": "3", "save_checkpoints": "false", "deterministic": "true"}.get(key, "...")
 
 
 def check_hardware(cfg: DictConfig) -> None:
@@ -115,9 +116,10 @@ def check_init_from(cfg: DictConfig) -> None:
                         f"or runs/<name>/hf")
 
 
-def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float) -> None:
+def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float,
+                       max_bad_records: int | None = None) -> None:
     """Read the first `limit` records of a local jsonl file; too many malformed ones (more than the source's
-    max_bad_fraction, or all of them) stop the run here, naming the first bad file:line."""
+    max_bad_fraction or max_bad_records, or all of them) stop the run here, naming the first bad file:line."""
     if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return
     from itertools import islice
@@ -134,9 +136,11 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
         if problem:
             bad += 1
             first = first or f"{loc}: {problem}"
-    if n and (bad == n or bad > max_bad_fraction * n):
+    if n and (bad == n or bad > max_bad_fraction * n or (max_bad_records is not None and bad > max_bad_records)):
+        limits = f"max_bad_fraction={max_bad_fraction}" + (f", max_bad_records={max_bad_records}"
+                                                          if max_bad_records is not None else "")
         raise UserError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
-                        f"lines (or raise max_bad_fraction in the source config if they are expected)")
+                        f"lines (or raise the limits, {limits}, in the data config if they are expected)")
 
 
 def _is_local(path: str) -> bool:
@@ -176,7 +180,8 @@ def check_data(cfg: DictConfig) -> None:
                             f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
         field = s.get("text_field", "text") if "sources" in key else s.get("messages_field", None)
         frac = float(s.get("max_bad_fraction", 0.01)) if "sources" in key else float(data.get("max_bad_fraction", 0.05))
-        _local_jsonl_probe(key, path, field if "sources" in key else None, 1000, frac)
+        most = None if "sources" in key or data.get("max_bad_records") is None else int(data.max_bad_records)
+        _local_jsonl_probe(key, path, field if "sources" in key else None, 1000, frac, most)
 
 
 # ---- unknown keys ----------------------------------------------------------------------------------------------
@@ -299,10 +304,31 @@ def check_keys(cfg: DictConfig) -> None:
             walk(cfg[top], top)
 
 
+def check_mixtures(cfg: DictConfig) -> None:
+    """Every phase's mixture names sources of data.sources. The default phases (conf/schedule) mix the sample
+    corpus's prose/code/cjk, so replacing data.sources alone leaves them naming sources that are gone: say to
+    rewrite the phases too (README: "Pretraining on your own files")."""
+    data = cfg.get("data")
+    if not data or "sources" not in data or "phases" not in data:
+        return
+    names = [str(s.get("name")) for s in (data.sources or [])]
+    for i, ph in enumerate(data.phases or []):
+        for src in (ph.get("mixture") or {}):
+            if src not in names:
+                example = f"{{name: main, seq_len: {ph.get('seq_len', 256)}, tokens: {ph.get('tokens', 65536)}, " \
+                          f"mixture: {{{names[0] if names else 'mine'}: 1}}}}"
+                raise UserError(
+                    f"schedule.phases[{i}] ({ph.get('name')}).mixture names source {src!r}, which data.sources does not "
+                    f"have (its sources: {', '.join(names) or 'none'}). The phases say how much of each source to mix, "
+                    f"so with your own data.sources give them mixtures of your sources too, e.g. "
+                    f"'schedule.phases=[{example}]' (README: Pretraining on your own files)")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     check_types(cfg)
+    check_mixtures(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
     check_data(cfg)

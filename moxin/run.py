@@ -125,6 +125,7 @@ def check_run_config(cfg: DictConfig) -> None:
             problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
 
     positive_int_or_null("checkpoint_every_n_steps")
+    positive_int_or_null("keep_checkpoints")
     positive_int_or_null("val_every_n_steps")
     if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
         problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
@@ -194,7 +195,8 @@ def build(cfg: DictConfig):
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
     policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints,
-                              enabled=cfg.trainer.get("save_checkpoints", True))
+                              enabled=cfg.trainer.get("save_checkpoints", True),
+                              keep=int(cfg.trainer.get("keep_checkpoints", 1)))
     callbacks = [StopOnSignal(policy), throughput]  # the policy goes last (below)
     from moxin.callbacks.progress import progress_callbacks  # ux: phases, step/total, tokens, ETA; Ctrl-C hint
     from moxin.ui import run_plan
@@ -421,15 +423,9 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
             # every rank takes part (FSDP2 gathers each parameter); rank 0 writes, one shard in memory at a time
             export_hf(stage, hf_dir, is_global_zero=trainer.is_global_zero, tokenizer_files=tok_files)
             if trainer.is_global_zero:
-                if stage.tokenizer.name == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
-                    import shutil
+                from moxin.tokenizer.hf_export import write_export_tokenizer  # tokenizer.model/json, configs
 
-                    from moxin.tokenizer import mistral_model_path
-
-                    shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
-                from moxin.tokenizer.hf_export import write_hf_tokenizer_files  # ux: tokenizer/generation config
-
-                write_hf_tokenizer_files(hf_dir, cfg, stage.tokenizer)
+                write_export_tokenizer(hf_dir, cfg, stage.tokenizer)
                 info["hf_export"] = str(hf_dir.resolve())
                 if (hf_dir.parent / "hf_adapter").is_dir():  # a LoRA run: its adapters in PEFT's format too
                     info["hf_adapter"] = str((hf_dir.parent / "hf_adapter").resolve())

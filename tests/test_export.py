@@ -48,3 +48,36 @@ def test_pretrain_export_has_no_chat_template(tmp_path):
     d, hf = _export(tmp_path, "pretrain")
     assert "chat_template" not in json.loads((d / "tokenizer_config.json").read_text())
     assert hf("Hello world")["input_ids"][0] == 1  # <s> added, as moxin's encode(bos=True)
+
+
+def test_convert_checkpoint_writes_the_tokenizer_like_a_run_export(tmp_path):
+    """scripts/convert_checkpoint.py on a run's weights writes the tokenizer files a run's hf/ has (found from the
+    run's saved config: an SFT run's export gets the chat template), so AutoTokenizer loads the folder."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from moxin.model import ModelConfig, Transformer
+
+    root = Path(__file__).resolve().parent.parent
+    run = tmp_path / "runs" / "s"
+    (run / ".hydra").mkdir(parents=True)
+    OmegaConf.save(_compose(["+experiment=sft", f"out_dir={run}", "run_name=s"]), run / ".hydra" / "config.yaml")
+    torch.manual_seed(0)
+    save_file(Transformer(ModelConfig.preset("tiny")).state_dict(), str(run / "weights.safetensors"))
+    out = tmp_path / "hf"
+    res = subprocess.run([sys.executable, str(root / "scripts" / "convert_checkpoint.py"), str(run / "weights.safetensors"),
+                          str(out), "--model", "tiny"], cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    for name in ("config.json", "tokenizer.json", "tokenizer.model", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    tok = load_tokenizer("mistral")
+    ids = hf.apply_chat_template(CONVS[0], tokenize=True)
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    assert list(ids) == render_chat(CONVS[0], tok).input_ids

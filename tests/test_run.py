@@ -315,3 +315,50 @@ def test_finished_run_says_why_max_steps_cannot_extend_it(tmp_path, capsys):
     assert again["nothing_to_do"] and again["optimizer_steps"] == 12
     assert "trainer.max_steps=44 cannot take it further" in err and "init_from=" in err, err
     assert "Raise trainer.max_steps" not in err
+
+
+def test_readme_own_jsonl_command_runs(tmp_path):
+    """README "Pretraining on your own files": its command, with a jsonl file of ours and a tiny model, composes
+    and trains a few steps; data.sources alone stops before any work, naming the phase and the fix."""
+    import re
+    import shlex
+
+    from moxin.errors import UserError, preflight
+
+    readme = (Path(R.__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme[readme.index("## Pretraining on your own files"):]
+    block = re.search(r"```bash\n(.*?)```", section, re.S).group(1)
+    args = shlex.split(block.replace("\\\n", " "))
+    assert args[:3] == ["python", "-m", "moxin.run"], args
+    corpus = tmp_path / "my.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"Document {i}: " + "the river runs to the sea. " * (20 + i % 7)})
+                              + "\n" for i in range(200)))
+    overrides = [a.replace("/path/to/my.jsonl", str(corpus)) for a in args[3:]]
+    small = TINY_MODEL + ["trainer.max_steps=2", "export_hf=false", "samples.prompts=[]", "trainer.progress_bar=none",
+                          "data.val_tokens=2048", f"out_dir={tmp_path / 'run'}"]
+    info = R.train(_compose(overrides + small))
+    assert info["optimizer_steps"] == 2 and info["data"], info
+    sources_only = [a for a in overrides if a.startswith("data.sources=")]
+    with pytest.raises(UserError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
+                                         r"'schedule.phases=\[\{name: main"):
+        preflight(_compose(sources_only + [f"out_dir={tmp_path / 'x'}", "run_name=x"]))
+
+
+def test_keep_checkpoints_keeps_the_newest_n_and_weights_only_export(tmp_path):
+    """trainer.keep_checkpoints=N: the newest N step checkpoints stay (last.ckpt -> the newest); with
+    trainer.save_checkpoints=false a run leaves only its weights-only hf/ export (the README's Disk section)."""
+    from moxin import checkpointing as C
+
+    d = tmp_path / "unit"
+    d.mkdir()
+    for step in (3, 6, 9, 12, 1000000):
+        (d / C.step_name(step)).write_bytes(b"x")
+    C.apply_retention(d, C.step_name(1000000), keep_all=False, keep=3)
+    assert sorted(p.name for p in d.iterdir()) == sorted(C.step_name(s) for s in (9, 12, 1000000))
+    R.train(_compose(TINY_PRETRAIN + [f"out_dir={tmp_path / 'k'}", "run_name=k", "trainer.keep_checkpoints=2"]))
+    ck = tmp_path / "k" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt", "step000012.ckpt"]
+    assert (ck / "last.ckpt").resolve().name == "step000012.ckpt"
+    R.train(_compose(TINY_PRETRAIN + [f"out_dir={tmp_path / 'w'}", "run_name=w", "trainer.max_steps=2",
+                                      "trainer.save_checkpoints=false", "export_hf=true"]))
+    assert not (tmp_path / "w" / "checkpoints").exists() and (tmp_path / "w" / "hf" / "model.safetensors").is_file()

@@ -307,3 +307,28 @@ def test_grpo_progress_and_table_count_rollout_steps(tmp_path, capsys):
     assert f"optimizer steps {info['optimizer_steps']}" in lines[-1]
     assert info["rollout_steps"] == 4 and f"4 rollout steps, {info['optimizer_steps']} optimizer steps" in grpo_part
     assert (tmp_path / "hf" / "config.json").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()
+
+
+def test_sft_malformed_line_is_counted_and_reported_or_stops_at_the_limit(tmp_path, caplog):
+    """What the README promises for malformed jsonl in SFT data: one bad line under the limits is skipped with a
+    warning (count, file:line, the limits) and counted in summary.json; data.max_bad_records=0 stops before any
+    work naming file:line."""
+    import logging
+
+    from moxin import run as R
+    from moxin.data.sample import sample_path
+
+    lines = sample_path("chat.jsonl").read_text().splitlines(keepends=True)
+    bad = tmp_path / "chat.jsonl"
+    bad.write_text("".join(lines[:50]) + '{"messages": [\n' + "".join(lines[50:]))
+    base = ["+experiment=sft", f"data.train.path={bad}", "trainer.max_steps=1", "samples.prompts=[]",
+            "export_hf=false", "trainer.progress_bar=none", "model.dim=64", "model.n_layers=1", "model.hidden_dim=128",
+            "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16"]
+    with caplog.at_level(logging.WARNING):
+        info = R.train(_compose(base + [f"out_dir={tmp_path}/ok", "run_name=ok"]))
+    text = caplog.text
+    assert f"{bad}:51: malformed JSON" in text and "1 bad records skipped" in text, text
+    assert "data.max_bad_records=0" in text
+    assert info["data"]["train"]["bad"] == 1, info["data"]
+    m = _msg(base + ["data.max_bad_records=0"], tmp_path)
+    assert f"{bad}:51: malformed JSON" in m and "max_bad_records=0" in m, m

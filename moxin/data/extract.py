@@ -209,6 +209,7 @@ def extract_all(source: SourceConfig, get: Callable[[Any], Any], check: Callable
         raise DataError(f"{what} ({source.path}): none of its {stats.records} records is usable "
                         f"({stats.reasons}; first: {stats.bad_examples}); the run would train on nothing")
     if stats.bad:
-        log.warning("%s: %d bad records skipped out of %d (%s); first: %s", what, stats.bad, stats.records,
-                    stats.reasons, stats.bad_examples)
+        log.warning("%s: %d bad records skipped out of %d (%s); first: %s. Counted in summary.json; more than "
+                    "max_bad_records=%s or max_bad_fraction=%s stop the run (data.max_bad_records=0: stop on any)",
+                    what, stats.bad, stats.records, stats.reasons, stats.bad_examples, max_bad_records, max_bad_fraction)
     return Extracted(dataset if rows is not None else kept, rows, get, stats)

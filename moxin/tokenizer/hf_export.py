@@ -108,3 +108,26 @@ def write_hf_tokenizer_files(hf_dir: str | Path, cfg: DictConfig, tokenizer=None
     (hf_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     written.append(hf_dir / "generation_config.json")
     return written
+
+
+def write_export_tokenizer(hf_dir: str | Path, cfg: DictConfig, tokenizer=None) -> list[Path]:
+    """Everything tokenizer-side a Hugging Face export carries, as a run's `hf/` has it: the tokenizer's own files
+    (moxin-cjk's tokenizer.json and experts' metadata, or a tokenizer file given by path), the SentencePiece model
+    as tokenizer.model for the Mistral tokenizer, then :func:`write_hf_tokenizer_files`. Used by the run's export
+    and by scripts/convert_checkpoint.py."""
+    import shutil
+
+    from moxin.tokenizer import as_tokenizer, mistral_model_path
+    from moxin.tokenizer.cjk import export_files
+
+    hf_dir = Path(hf_dir)
+    written = []
+    for f in export_files(cfg.tokenizer):
+        if not (hf_dir / f.name).exists():
+            shutil.copy2(f, hf_dir / f.name)
+        written.append(hf_dir / f.name)
+    tok = as_tokenizer(cfg.tokenizer if tokenizer is None else tokenizer)
+    if tok.name == "mistral":  # the SentencePiece model, under the name HF's LlamaTokenizer expects
+        shutil.copy2(mistral_model_path(), hf_dir / "tokenizer.model")
+        written.append(hf_dir / "tokenizer.model")
+    return written + write_hf_tokenizer_files(hf_dir, cfg, tok)
