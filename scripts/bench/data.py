@@ -15,10 +15,13 @@ is recorded in ``truth.json``). Measured:
 * dedup: exact copies found against planted ones; near-duplicate recall (planted pairs at or above the
   threshold) and precision.
 
-Everything is measured first on a slice (``--slice-files`` files a source: 192 MiB by default), for both paths
-and with near dedup (MinHash costs about a millisecond a document), then on the whole corpus for the prepared
-path. The raw path would need hours at 2 GB on a shared 2-core machine; its bytes-read share does not depend on
-size, and its resume time grows linearly with the position (extrapolated by the size ratio).
+Everything is measured first on a slice (``--slice-files`` files a source: 192 MiB by default), for both paths,
+prepared with the run's tokenizer (``--tokenizer``) and near dedup, then on the whole corpus for the prepared path.
+The whole corpus is prepared with ``--full-tokenizer`` (default ``bytes``: one id per UTF-8 byte, so that 2 GB
+prepare in minutes on a shared 2-core machine; the Mistral tokenizer's prepare throughput is the slice's, and the
+reading side does not care where the ids came from). The raw path would need hours at 2 GB there; its bytes-read
+share does not depend on size, and its resume time grows linearly with the position (extrapolated by the size
+ratio).
 
     python scripts/bench/data.py --corpus /tmp/moxin-data-corpus --gb 2 --out bench_out/data.json
     python scripts/bench/data.py --smoke --out /tmp/data.json        # a 3 MB corpus, for tests
@@ -158,9 +161,26 @@ def cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
+class ByteTokenizer:
+    """Each UTF-8 byte one id (byte + 3; bos 1, eos 2): the whole-corpus run's stand-in for the run's tokenizer, so
+    that 2 GB prepare in minutes on a shared 2-core machine (the Mistral tokenizer's throughput is the slice's)."""
+
+    name, bos_id, eos_id, vocab_size = "bytes", 1, 2, 259
+
+    def encode(self, text, bos=False, eos=False):
+        return [1] * bos + (np.frombuffer(text.encode(), np.uint8).astype(np.uint16) + 3).tolist() + [2] * eos
+
+    def encode_batch(self, texts):
+        return [np.frombuffer(t.encode(), np.uint8).astype(np.uint16) + 3 for t in texts]
+
+
+def get_tokenizer(spec: str):
+    return ByteTokenizer() if spec == "bytes" else load_tokenizer(spec)
+
+
 def _part_job(args) -> dict:
     sources, tok_spec, out, part, opts = args
-    tok = load_tokenizer(tok_spec)
+    tok = get_tokenizer(tok_spec)
     c0, t0 = cpu(), time.perf_counter()
     rec = run_part(sources, tok, out, part, opts, log=lambda *_: None)
     tokens = sum(v["tokens"] for v in rec["sources"].values())
@@ -176,7 +196,7 @@ def prepare_corpus(sources, tok_spec, out: Path, parts: int, near: bool, thresho
     opts = PrepareOptions(parts=parts, near_dedup=near, threshold=threshold)
     with ProcessPoolExecutor(parts) as pool:
         jobs = list(pool.map(_part_job, [(sources, tok_spec, out, i, opts) for i in range(parts)]))
-    tok = load_tokenizer(tok_spec)
+    tok = get_tokenizer(tok_spec)
     c0, t0 = cpu(), time.perf_counter()
     man = merge(sources, tok, out, opts, log=lambda *_: None)
     res = {"near": near, "parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
@@ -327,7 +347,8 @@ def main() -> None:
     ap.add_argument("--slice-files", type=int, default=1, help="files a source in the slice (raw path, near dedup)")
     ap.add_argument("--threshold", type=float, default=0.8)
     ap.add_argument("--batches", type=int, default=64, help="micro-batches (4 x 4096 tokens) for the loader rate")
-    ap.add_argument("--tokenizer", default="mistral")
+    ap.add_argument("--tokenizer", default="mistral", help="the slice's (and the smoke's) tokenizer")
+    ap.add_argument("--full-tokenizer", default="bytes", help="the whole corpus's: bytes (ByteTokenizer) or a spec")
     ap.add_argument("--stage", choices=("slice", "full", "all"), default="all",
                     help="run only the slice or the whole-corpus part (results accumulate in --out)")
     ap.add_argument("--smoke", action="store_true")
@@ -375,17 +396,20 @@ def measure_slice(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
 def measure_full(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
     """The prepared path on the whole corpus (the raw path's figures on the slice do not depend on size)."""
     full = corpus_sources(root)
-    full_dir = root.parent / f"{root.name}-prepared"
-    full_prep = prepare_corpus(full, a.tokenizer, full_dir, a.parts, False, a.threshold)
-    rows = measure("full", full, full_dir, full_prep, tok, None, a, results)
-    raw90 = results["slice"]["first_batch"]["raw@0.9"]["wall_s"]
-    scale = corpus_bytes(full) / corpus_bytes(sl)
-    rows.append({"what": "raw first batch at 90%, slice x size ratio (s)", "raw": raw90 * scale, "goal": ""})
-    results["full"]["raw_first_batch_90_extrapolated_s"] = raw90 * scale
+    full_dir = root.parent / f"{root.name}-prepared-{a.full_tokenizer.replace('/', '_')}"
+    full_prep = prepare_corpus(full, a.full_tokenizer, full_dir, a.parts, False, a.threshold)
+    measure("full", full, full_dir, full_prep, get_tokenizer(a.full_tokenizer), None, a, results)
+    if Path(a.out).is_file():  # the slice's results, when a --stage slice run wrote them meanwhile
+        results = {**json.loads(Path(a.out).read_text()), **results}
     results["full"]["exact_planted"] = len(truth["exact"])  # every original is in the whole corpus
     results["full"]["exact_dropped"] = full_prep["totals"]["dup_exact"]
-    print(f"whole corpus: exact copies planted {len(truth['exact'])}, dropped {full_prep['totals']['dup_exact']}; "
-          f"raw first batch at 90 % extrapolated to it: {raw90 * scale:.1f} s", flush=True)
+    print(f"whole corpus: exact copies planted {len(truth['exact'])}, dropped {full_prep['totals']['dup_exact']}",
+          flush=True)
+    if "slice" in results:
+        raw90 = results["slice"]["first_batch"]["raw@0.9"]["wall_s"]
+        scale = corpus_bytes(full) / corpus_bytes(sl)
+        results["full"]["raw_first_batch_90_extrapolated_s"] = raw90 * scale
+        print(f"raw path's first batch at 90 %, the slice's x {scale:.1f} (size ratio): {raw90 * scale:.1f} s", flush=True)
     write_json(a.out, results)
 
 
