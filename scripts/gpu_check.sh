@@ -4,7 +4,9 @@
 # (torchrun; there SFT starts from pretraining's distributed-checkpoint folder, the later stages from HF exports); then a few steps of the full Moxin-7B on 2 GPUs. After every stage scripts/check_run.py checks that
 # it ran, that its metrics and final weights are finite, and that the hand-off loaded the previous stage's final
 # weights (parameter checksums in summary.json; GRPO's SFT warm-up, a run of its own in grpo/warmup, sits between
-# DPO and GRPO: it must start from DPO's final weights and GRPO from its own).
+# DPO and GRPO: it must start from DPO's final weights and GRPO from its own). The one-GPU part ends with an adapter
+# pass: SFT with LoRA from the pretraining export, DPO with LoRA (QLoRA where torchao is installed) from the SFT's
+# merged export (its hf_adapter/ PEFT folder checked to exist).
 #
 #   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
 #   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu, fsdp_cpu (CPU stand-ins)
@@ -49,10 +51,23 @@ chain() {  # chain <tag> <sft's source: hf or ckpt> <launcher...> -- <hardware o
     stage.grpo.kl_coef=0.001 export_hf=true
 }
 
+adapters() {  # adapters <tag> <launcher...> -- <hardware overrides...>: after chain <tag>, SFT with LoRA from its
+  # pretraining export, then DPO with LoRA (QLoRA where torchao is installed) from that SFT's merged export
+  local tag=$1; shift
+  local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
+  local hw=("$@") q=() lora=(stage.lora.rank=16 stage.lora.alpha=32)
+  $PY -c "import torchao" >/dev/null 2>&1 && q=(stage.lora.quantize=nf4)
+  stage "$tag" sft_lora pretrain "${launch[@]}" -- +experiment=sft "${hw[@]}" "${lora[@]}" trainer.max_steps=10
+  [[ -f $DIR/$tag/sft_lora/hf_adapter/adapter_config.json ]] || { echo "FAIL [$tag] sft_lora: no hf_adapter/"; exit 1; }
+  stage "$tag" dpo_lora sft_lora "${launch[@]}" -- +experiment=dpo "${hw[@]}" "${lora[@]}" "${q[@]}" \
+    trainer.max_steps=10
+}
+
 for part in $PARTS; do
   case $part in
     single)
-      chain gpu hf $PY -- hardware=gpu ;;
+      chain gpu hf $PY -- hardware=gpu
+      adapters gpu $PY -- hardware=gpu ;;
     fsdp)
       if (( NGPU < 2 )); then echo "=== [fsdp] skipped: $NGPU GPU(s)"; continue; fi
       chain fsdp ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp hardware.devices=2 ;;
@@ -65,7 +80,8 @@ for part in $PARTS; do
         trainer.max_steps=3 trainer.val_every_n_steps=3 data.val_tokens=8192 export_hf=false \
         "samples.prompts=[The history of the]" samples.max_new_tokens=8 ;;
     cpu)  # the one-GPU chain's steps on the CPU: checks this script (and the chain) where no GPU is
-      chain cpu hf $PY -- hardware=cpu ;;
+      chain cpu hf $PY -- hardware=cpu
+      adapters cpu $PY -- hardware=cpu ;;
     fsdp_cpu)  # the FSDP2 chain on 2 CPU processes (gloo): the sharded hand-offs where no GPU is
       chain fsdp_cpu ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
     *) echo "unknown part $part (single, fsdp, 7b, cpu, fsdp_cpu)"; exit 2 ;;

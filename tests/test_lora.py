@@ -80,6 +80,30 @@ def test_lora_forward_equals_dense_forward_with_merged_weights(tiny, targets, qu
         torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("recompute", ["full", "mlp"])
+def test_activation_checkpointing_keeps_names_and_gradients(recompute):
+    """Recomputed blocks give the adapters the same gradients, and checkpoints, exports and the PEFT keys see the
+    plain parameter names (no wrapper prefixes)."""
+    from moxin.distributed import ParallelConfig, parallelize
+    from tests.conftest import tiny_model
+
+    def build():
+        m = apply_lora(tiny_model(), LoRAConfig(rank=4, dropout=0.0)).train()
+        _randomise_adapters(m)
+        return m
+
+    ref, ac = build(), parallelize(build(), ParallelConfig(activation_checkpointing=recompute))
+    x = torch.randint(0, 512, (2, 24))
+    for m in (ref, ac):
+        m(x).float().pow(2).mean().backward()
+    grads = {lora.plain_name(n): p.grad for n, p in ac.named_parameters() if p.requires_grad}
+    for n, p in ref.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-5, atol=1e-7)
+    assert [n for n, _ in merged_items(ac)] == [n for n, _ in merged_items(ref)]
+    assert set(lora.adapter_state_dict(ac)) == set(lora.adapter_state_dict(ref))
+
+
 def _base_state(model) -> dict:
     return {n: t for n, t in model.state_dict().items() if not n.endswith((".lora_A", ".lora_B"))}
 

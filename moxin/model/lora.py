@@ -271,7 +271,7 @@ def adapters_disabled(model: nn.Module):
 
 def adapter_state_dict(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     """The adapters' tensors under their moxin names (``layers.0.attention.wq.lora_A``), as stored."""
-    return {prefix + n: p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+    return {prefix + plain_name(n): p for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
 
 
 def plain_name(name: str) -> str:
