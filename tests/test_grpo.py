@@ -193,7 +193,7 @@ def test_broken_verifier_errors_are_logged(tok, tmp_path, monkeypatch):
                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
     trainer.fit(stage, datamodule=make_dm(tok, steps=2))
-    rows = list(csv.DictReader(open(Path(trainer.logger.log_dir) / "metrics.csv")))
+    rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()))
     logged = [float(r["grpo/verifier_errors"]) for r in rows if r.get("grpo/verifier_errors")]
     raised = [sum(1 for c in ro.completions if len(c) % 3 == 0) for ro in rollouts]  # where BrokenVerifier raises
     assert len(raised) == 2 and sum(raised) >= 1 and logged == raised, (logged, raised)

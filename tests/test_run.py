@@ -247,9 +247,10 @@ def test_val_interval_falls_on_phase_ends():
     assert R.val_interval_steps(None, [12]) is None
 
 
-def _resume_matches(tmp_path, base, stop=3, total=6):
+def _resume_matches(tmp_path, base, stop=3, total=6, unequal=()):
     """Run `total` steps straight; run `stop` steps, resume to `total`; every step's loss and the whole final
-    checkpoint (weights, optimizer, loop and loader state, counters, RNG states) must match."""
+    checkpoint (weights, optimizer, loop and loader state, counters, RNG states) must match, but for the leaves
+    named in `unequal`."""
     R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", f"trainer.max_steps={total}"]))
     R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={stop}"]))
     R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={total}",
@@ -258,7 +259,8 @@ def _resume_matches(tmp_path, base, stop=3, total=6):
     assert sorted(a) == sorted(b) == list(range(total)), (sorted(a), sorted(b))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
-    assert state_diff(*(load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))) == []
+    diff = state_diff(*(load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part")))
+    assert [d for d in diff if d.split(":")[0] not in unequal] == []
 
 
 SFT_DPO_TINY = TINY_MODEL + ["data.batch_size=8", "data.micro_batch_size=4", "trainer.val_every_n_steps=null",
@@ -271,7 +273,10 @@ def test_sft_resume_continues_exactly(tmp_path):
 
 
 def test_dpo_resume_continues_exactly(tmp_path):
-    _resume_matches(tmp_path, ["+experiment=dpo", f"stage.ref_cache_dir={tmp_path / 'cache'}"] + SFT_DPO_TINY)
+    # the first run computes the reference log-probs (their loader draws a seed from torch's generator) and the
+    # second reuses them from the cache, so the torch generator differs from the start, resume or not
+    _resume_matches(tmp_path, ["+experiment=dpo", f"stage.ref_cache_dir={tmp_path / 'cache'}"] + SFT_DPO_TINY,
+                    unequal=("/moxin/rng_torch",))
 
 
 def test_grpo_resume_continues_exactly(tmp_path):
