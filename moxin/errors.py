@@ -328,10 +328,10 @@ def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     check_types(cfg)
-    check_mixtures(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
     check_data(cfg)
+    check_mixtures(cfg)  # after the paths: a missing file is the first thing to fix
 
 
 _KW_RE = re.compile(r"got an unexpected keyword argument '([^']+)'")
