@@ -189,7 +189,7 @@ def check_data(cfg: DictConfig) -> None:
 #: theirs declares are the valid ones (the root config.yaml, the experiments, the group's own files)
 _READ_NODES = ("trainer", "samples", "warmup", "hardware", "schedule")
 #: top-level keys some experiment or group adds (`+experiment=eval`, `+eval=NAME`)
-_EXTRA_TOP = ("eval", "eval_only", "experiment")
+_EXTRA_TOP = ("eval", "eval_only")
 
 
 def _known_keys() -> dict[str, set[str]]:
@@ -279,6 +279,9 @@ def check_keys(cfg: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     known = _known_keys()
+    if "experiment" in cfg:  # an experiment file without its package line lands under `experiment:`, unread
+        raise UserError("the settings of +experiment=... ended up under a key 'experiment' that nothing reads: an "
+                        "experiment file must start with the line '# @package _global_' (see conf/experiment/*.yaml)")
     for k in cfg:
         if k not in known[""]:
             raise _unknown(str(k), known[""], "not a key of moxin's config")
@@ -328,10 +331,10 @@ def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     check_types(cfg)
-    check_mixtures(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
     check_data(cfg)
+    check_mixtures(cfg)  # after the paths: a missing file is the first thing to fix
 
 
 _KW_RE = re.compile(r"got an unexpected keyword argument '([^']+)'")

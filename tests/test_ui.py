@@ -332,3 +332,15 @@ def test_sft_malformed_line_is_counted_and_reported_or_stops_at_the_limit(tmp_pa
     assert info["data"]["train"]["bad"] == 1, info["data"]
     m = _msg(base + ["data.max_bad_records=0"], tmp_path)
     assert f"{bad}:51: malformed JSON" in m and "max_bad_records=0" in m, m
+
+
+def test_experiment_file_without_its_package_line_is_named():
+    """An experiment of one's own without '# @package _global_' composes under `experiment:`, where nothing reads
+    it: refused with the line to add."""
+    from omegaconf import open_dict
+
+    cfg = _compose([])
+    with open_dict(cfg):
+        cfg.experiment = {"trainer": {"max_steps": 3}}
+    with pytest.raises(errors.UserError, match="# @package _global_"):
+        errors.check_keys(cfg)
