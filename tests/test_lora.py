@@ -4,13 +4,11 @@ and GRPO's reference), and the exported PEFT adapter loaded by PEFT on the base 
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 
 from moxin import run as R
@@ -18,6 +16,7 @@ from moxin.model import Transformer
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merged_items
+from tests.test_run import _compose, _losses
 
 TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
               "model.head_dim=16", "model.sliding_window=32"]
@@ -26,20 +25,6 @@ RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "tra
                     "stage.lora.alpha=8"]
 COMMON = RUN + ["data.batch_size=8", "data.micro_batch_size=4"]
 SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
-
-
-def _compose(overrides):
-    with initialize_config_dir(R.CONF_DIR, version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=False)
-
-
-def _losses(out_dir: Path) -> dict[int, float]:
-    out = {}
-    for f in sorted(out_dir.glob("logs/version_*/metrics.csv")):
-        for r in csv.DictReader(open(f)):
-            if r.get("train/loss"):
-                out[int(r["step"])] = float(r["train/loss"])
-    return out
 
 
 @pytest.fixture(scope="module")

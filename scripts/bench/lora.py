@@ -58,6 +58,14 @@ def batch(cfg: ModelConfig, rows: int, seq: int, dev: str, seed: int = 0):
     return ids.to(dev), labels.to(dev)
 
 
+def update(loss, params, opt) -> None:
+    """The optimizer step both sides take: backward, clip at 1, fused AdamW."""
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
 # ---- moxin ------------------------------------------------------------------------------------------------------
 def moxin_model(cfg: ModelConfig, args, quantize: str | None, dev: str):
     with torch.device(dev), default_dtype(torch.bfloat16 if dev == "cuda" else torch.float32):
@@ -85,10 +93,7 @@ def moxin_step(model, kind: str, ids, labels, dev: str):
                 with torch.no_grad(), L.adapters_disabled(model):
                     ref, _ = sequence_logps(model, ids, labels, pos, 4096)
                 loss = dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], beta=0.1, loss_type="dpo").losses.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(loss, params, opt)
     return step
 
 
@@ -153,10 +158,7 @@ def hf_step(model, kind: str, ids, labels, dev: str):
                 with torch.no_grad(), model.disable_adapter():
                     ref = _hf_logps(model, ids, labels)
                 loss = dpo_loss(logp[:P], logp[P:], ref[:P], ref[P:], beta=0.1, loss_type="dpo").losses.mean()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        update(loss, params, opt)
     return step
 
 
