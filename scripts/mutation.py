@@ -110,7 +110,10 @@ def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, d
         cfg["debug"] = True
     digest = sources_hash(root) + " " + hashlib.sha256(json.dumps([cfg, pytest_ini]).encode()).hexdigest()
     stamp = work / "sources.sha256"
-    if stamp.is_file() and stamp.read_text() == digest and (work / "mutants").is_dir():
+    # a generation cut off half-way leaves an empty or unrecorded mutated file, which mutmut would take as done
+    complete = all((work / "mutants" / f).is_file() and (work / "mutants" / f).stat().st_size > 0
+                   and (work / "mutants" / f"{f}.meta").is_file() for f in group["files"])
+    if stamp.is_file() and stamp.read_text() == digest and complete:
         return True
     if work.exists():
         shutil.rmtree(work)
