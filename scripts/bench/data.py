@@ -199,7 +199,7 @@ def prepare_corpus(sources, tok_spec, out: Path, parts: int, near: bool, thresho
     tok = get_tokenizer(tok_spec)
     c0, t0 = cpu(), time.perf_counter()
     man = merge(sources, tok, out, opts, log=lambda *_: None)
-    res = {"near": near, "parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
+    res = {"tokenizer": tok_spec, "near": near, "parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
            "tokens_written": sum(j["tokens"] for j in jobs), "totals": man["totals"],
            "out_bytes": sum(sh["bin_bytes"] + sh["idx_bytes"] for s in man["sources"].values() for sh in s["shards"])}
     cached.write_text(json.dumps(res))
@@ -332,7 +332,8 @@ def measure(name: str, sources, prep_dir: Path, prep: dict, tok, raw_sources, a,
         rows.append({"what": f"first batch 90% / 0% ({t[:-2]})", "ours": fb["ours@0.9"][t] / fb["ours@0.0"][t],
                      "raw": fb["raw@0.9"][t] / fb["raw@0.0"][t] if raw_sources else None, "goal": "<= 2"})
     per_core = [j["tokens"] / j["cpu_s"] for j in prep["parts"]]
-    rows.append({"what": "prepare tokens/s per core (CPU time" + (", MinHash too)" if prep.get("near") else ")"),
+    rows.append({"what": f"prepare tokens/s per core (CPU time, {prep.get('tokenizer', '?')}"
+                         + (", MinHash too)" if prep.get("near") else ")"),
                  "ours": sum(per_core) / len(per_core), "goal": ""})
     rows.append({"what": "prepared bytes per token (.bin + .idx)", "ours": prep["out_bytes"] / tokens, "goal": ""})
     print(table(rows, [("what", "measure", ""), ("ours", "prepared", ".4g"), ("raw", "raw path", ".4g"),
