@@ -292,10 +292,14 @@ def near_quality(out: Path, truth: dict, threshold: float) -> dict:
     above = [p for p in pairs if p["jaccard"] >= threshold]
     found = [p for p in above if p["hash"] in dropped or p["orig"] in dropped]
     below_found = [p for p in pairs if p["jaccard"] < threshold and (p["hash"] in dropped or p["orig"] in dropped)]
+    bands = {}
+    for lo, hi in ((0.0, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)):
+        b = [p for p in pairs if lo <= p["jaccard"] < hi]
+        bands[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = [len(b), sum(1 for p in b if p["hash"] in dropped or p["orig"] in dropped)]
     tp = len(dropped & planted)
     return {"planted_pairs": len(pairs), "pairs_at_or_above_threshold": len(above), "found": len(found),
             "recall": len(found) / max(1, len(above)), "dropped": len(dropped),
-            "precision": tp / len(dropped) if dropped else None, "found_below_threshold": len(below_found)}
+            "precision": tp / len(dropped) if dropped else None, "pairs_found_by_jaccard": bands, "found_below_threshold": len(below_found)}
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
