@@ -299,7 +299,8 @@ def near_quality(out: Path, truth: dict, threshold: float) -> dict:
     tp = len(dropped & planted)
     return {"planted_pairs": len(pairs), "pairs_at_or_above_threshold": len(above), "found": len(found),
             "recall": len(found) / max(1, len(above)), "dropped": len(dropped),
-            "precision": tp / len(dropped) if dropped else None, "pairs_found_by_jaccard": bands, "found_below_threshold": len(below_found)}
+            "precision": tp / len(dropped) if dropped else None, "pairs_found_by_jaccard": bands,
+            "found_below_threshold": len(below_found)}
 
 
 # ---- main ------------------------------------------------------------------------------------------------------
