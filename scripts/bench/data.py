@@ -199,7 +199,8 @@ def prepare_corpus(sources, tok_spec, out: Path, parts: int, near: bool, thresho
     tok = get_tokenizer(tok_spec)
     c0, t0 = cpu(), time.perf_counter()
     man = merge(sources, tok, out, opts, log=lambda *_: None)
-    res = {"tokenizer": tok_spec, "near": near, "parts": jobs, "merge_cpu_s": cpu() - c0, "merge_wall_s": time.perf_counter() - t0,
+    res = {"tokenizer": tok_spec, "near": near, "parts": jobs, "merge_cpu_s": cpu() - c0,
+           "merge_wall_s": time.perf_counter() - t0,
            "tokens_written": sum(j["tokens"] for j in jobs), "totals": man["totals"],
            "out_bytes": sum(sh["bin_bytes"] + sh["idx_bytes"] for s in man["sources"].values() for sh in s["shards"])}
     cached.write_text(json.dumps(res))
@@ -295,7 +296,8 @@ def near_quality(out: Path, truth: dict, threshold: float) -> dict:
     bands = {}
     for lo, hi in ((0.0, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01)):
         b = [p for p in pairs if lo <= p["jaccard"] < hi]
-        bands[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = [len(b), sum(1 for p in b if p["hash"] in dropped or p["orig"] in dropped)]
+        hit = sum(1 for p in b if p["hash"] in dropped or p["orig"] in dropped)
+        bands[f"{lo:.2f}-{min(hi, 1.0):.2f}"] = [len(b), hit]
     tp = len(dropped & planted)
     return {"planted_pairs": len(pairs), "pairs_at_or_above_threshold": len(above), "found": len(found),
             "recall": len(found) / max(1, len(above)), "dropped": len(dropped),
@@ -391,9 +393,10 @@ def measure_slice(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
     nq = near_quality(near_dir, truth, a.threshold)
     exact_planted = exact_copies(sl)
     results["near"] = {**nq, "exact_planted": exact_planted, "exact_dropped": near_prep["totals"]["dup_exact"]}
-    print(table([{"what": "exact copies planted / dropped", "v": f"{exact_planted} / {near_prep['totals']['dup_exact']}"},
-                 {"what": f"near pairs planted (J >= {a.threshold}) / found", "v": f"{nq['pairs_at_or_above_threshold']}"
-                  f" / {nq['found']}"},
+    print(table([{"what": "exact copies planted / dropped",
+                  "v": f"{exact_planted} / {near_prep['totals']['dup_exact']}"},
+                 {"what": f"near pairs planted (J >= {a.threshold}) / found",
+                  "v": f"{nq['pairs_at_or_above_threshold']} / {nq['found']}"},
                  {"what": "near recall", "v": f"{nq['recall']:.4f}"},
                  {"what": "near precision (dropped that were planted)",
                   "v": "-" if nq["precision"] is None else f"{nq['precision']:.4f}"},
@@ -421,7 +424,8 @@ def measure_full(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
         raw90 = results["slice"]["first_batch"]["raw@0.9"]["wall_s"]
         scale = corpus_bytes(full) / corpus_bytes(sl)
         results["full"]["raw_first_batch_90_extrapolated_s"] = raw90 * scale
-        print(f"raw path's first batch at 90 %, the slice's x {scale:.1f} (size ratio): {raw90 * scale:.1f} s", flush=True)
+        print(f"raw path's first batch at 90 %, the slice's x {scale:.1f} (size ratio): {raw90 * scale:.1f} s",
+              flush=True)
     write_json(a.out, results)
 
 
