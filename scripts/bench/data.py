@@ -338,10 +338,11 @@ def measure(name: str, sources, prep_dir: Path, prep: dict, tok, raw_sources, a,
     for t in ("cpu_s", "wall_s"):
         rows.append({"what": f"first batch 90% / 0% ({t[:-2]})", "ours": fb["ours@0.9"][t] / fb["ours@0.0"][t],
                      "raw": fb["raw@0.9"][t] / fb["raw@0.0"][t] if raw_sources else None, "goal": "<= 2"})
-    per_core = [j["tokens"] / j["cpu_s"] for j in prep["parts"]]
+    busy = [j for j in prep["parts"] if j["tokens"]]  # a part without files of its own has nothing to time
+    per_core = sum(j["tokens"] for j in busy) / sum(j["cpu_s"] for j in busy)
     rows.append({"what": f"prepare tokens/s per core (CPU time, {prep.get('tokenizer', '?')}"
                          + (", MinHash too)" if prep.get("near") else ")"),
-                 "ours": sum(per_core) / len(per_core), "goal": ""})
+                 "ours": per_core, "goal": ""})
     rows.append({"what": "prepared bytes per token (.bin + .idx)", "ours": prep["out_bytes"] / tokens, "goal": ""})
     print(table(rows, [("what", "measure", ""), ("ours", "prepared", ".4g"), ("raw", "raw path", ".4g"),
                        ("goal", "goal", "")], f"data, {name}: {nbytes / 1e9:.3f} GB of jsonl, {tokens:,} tokens kept"),
