@@ -271,7 +271,8 @@ def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: P
     parts = _load_parts(out, sources, opts, fp)
     t0 = time.perf_counter()
     # every written document in canonical order: sources in config order, then parts, then shards
-    entries = [(s.name, p["sources"][s.name], sh) for s in sources for p in parts for sh in p["sources"][s.name]["shards"]]
+    entries = [(s.name, p["sources"][s.name], sh)
+               for s in sources for p in parts for sh in p["sources"][s.name]["shards"]]
     rows = [np.fromfile(out / sh["all_idx"], dtype=INDEX_DTYPE) for _, _, sh in entries]
     hashes = np.concatenate([r["hash"] for r in rows]) if rows else np.zeros(0, np.int64)
     keep = np.zeros(len(hashes), dtype=bool)
@@ -322,7 +323,8 @@ def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: P
     return manifest
 
 
-def _near_duplicates(out: Path, entries: list, bounds: np.ndarray, keep: np.ndarray, opts: PrepareOptions) -> np.ndarray:
+def _near_duplicates(out: Path, entries: list, bounds: np.ndarray, keep: np.ndarray,
+                     opts: PrepareOptions) -> np.ndarray:
     """Documents (among ``keep``) whose MinHash signature estimates a Jaccard similarity >= threshold with an
     earlier kept document: LSH candidates from datasketch, each confirmed on the signatures."""
     from datasketch import LeanMinHash, MinHashLSH

@@ -131,7 +131,8 @@ class PreparedData:
                 "prepare the corpus again with this run's tokenizer (`python -m moxin.prepare tokenizer=...`)")
         vocab = have.get("vocab_size")
         if vocab is not None and vocab > np.iinfo(self.dtype).max + 1:
-            raise DataError(f"{self.path / MANIFEST}: tokens stored as {self.dtype} cannot hold a vocabulary of {vocab}")
+            raise DataError(f"{self.path / MANIFEST}: tokens stored as {self.dtype} cannot hold a vocabulary of "
+                            f"{vocab}; prepare the corpus again with this tokenizer")
 
     def check_files(self, names: list[str] | None = None) -> None:
         """Every shard and index file of the named sources is there with the size the manifest gives."""
@@ -167,7 +168,8 @@ class PreparedData:
         self.bytes_read += nbytes
         return out
 
-    def iter_docs(self, name: str, shard: int, num_shards: int, start: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
+    def iter_docs(self, name: str, shard: int, num_shards: int,
+                  start: int = 0) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(position, hash, token ids)`` of reader ``shard``'s documents of a source from position ``start`` on;
         the position continues right after the document."""
         lo, hi = reader_range(self.num_docs(name), shard, num_shards)
@@ -182,8 +184,8 @@ class PreparedData:
                                  dtype=INDEX_DTYPE)
             for row in rows:
                 ln = int(row["len"])
-                ids = np.frombuffer(self._pread(sh["bin"], ln * self.dtype.itemsize, int(row["start"]) * self.dtype.itemsize),
-                                    dtype=self.dtype)
+                size = self.dtype.itemsize
+                ids = np.frombuffer(self._pread(sh["bin"], ln * size, int(row["start"]) * size), dtype=self.dtype)
                 d += 1
                 yield d - lo, int(row["hash"]), ids
 

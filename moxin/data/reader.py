@@ -436,5 +436,6 @@ def _hub_by_file(source: SourceConfig, ds: Any, shard: int, num_shards: int, sta
         while cur is not None:
             nxt = next(it, None)  # one record ahead: the last record of a file resumes at the next file
             k, rec = cur
-            yield ([j, k] if nxt is not None else [j + 1, 0]), f"{source.path}[{source.split}] file {files[j]} record {k}", rec
+            pos = [j, k] if nxt is not None else [j + 1, 0]
+            yield pos, f"{source.path}[{source.split}] file {files[j]} record {k}", rec
             cur = nxt
