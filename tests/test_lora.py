@@ -285,3 +285,18 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+
+
+def test_bad_combinations_are_refused_before_any_work(base_dir):
+    from moxin.errors import UserError, check_lora, preflight
+
+    fsdp = ["hardware=fsdp", f"init_from={base_dir}", "stage.lora.rank=4"]
+    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+        check_lora(_compose(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
+    with pytest.raises(UserError, match="fsdp_param_dtype=bfloat16"):
+        check_lora(_compose(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
+    check_lora(_compose(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
+    # preflight runs it (hardware=fsdp_cpu: no GPU needed here)
+    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+        preflight(_compose(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
+                            "stage.lora.quantize=nf4"]))
