@@ -143,8 +143,12 @@ def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged
 
     via_adapter, _, what = load_model_weights(adapter)
     assert "LoRA adapter" in what
+    # and the run folder (its last.ckpt: adapters only, merged into the base it records), as the notebook reads it
+    via_run, _, what_run = load_model_weights(tmp_path / "a")
+    assert "LoRA adapters merged" in what_run
     for name, w in merged.items():
         torch.testing.assert_close(via_adapter[name], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(via_run[name], w, rtol=0, atol=1e-6)
 
 
 def test_peft_loads_the_exported_adapter_on_the_base_and_matches_the_merged_export(tmp_path, base_dir):
