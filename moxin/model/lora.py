@@ -24,7 +24,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -390,9 +390,6 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
-_PEFT_RE = None
-
-
 @torch.no_grad()
 def merge_peft_adapter(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Merge the PEFT LoRA adapter in folder `path` into `weights` (moxin names, the base's tensors), in place and
@@ -460,7 +457,3 @@ def adapters_by_weight(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
         if which in ("lora_A", "lora_B"):
             out.setdefault(base + ".weight", {})[which] = v
     return out
-
-
-def config_dict(cfg: LoRAConfig) -> dict:
-    return asdict(cfg)
