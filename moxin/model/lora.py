@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "adapters_disabled", "has_lora", "lora_modules",
            "adapter_state_dict", "merged_items", "merged_checksum", "save_peft_adapter", "merge_peft_adapter",
-           "is_peft_adapter", "nf4_available", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "is_peft_adapter", "merge_adapters", "adapters_by_weight", "plain_name", "dequantize", "nf4_available",
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 #: target name -> (the block's sub-module, the projection's attribute, PEFT's module name in HF Mistral)
 TARGETS = {
