@@ -109,7 +109,7 @@ def check_init_from(cfg: DictConfig) -> None:
                         f"a .safetensors file")
     # what moxin.checkpointing.load_model_weights reads: a HF folder, a distributed checkpoint (an FSDP run's
     # last.ckpt is such a folder), a checkpoints folder or a run folder
-    accepted = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt")
+    accepted = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt", "adapter_config.json")
     if p.is_dir() and not any((p / name).exists() for name in accepted):
         raise UserError(f"init_from={init!r} is a folder without config.json (Hugging Face), .metadata (an FSDP "
                         f"run's distributed checkpoint) or last.ckpt; point it at runs/<name>/checkpoints/last.ckpt "
@@ -327,12 +327,32 @@ def check_mixtures(cfg: DictConfig) -> None:
                     f"'schedule.phases=[{example}]' (README: Pretraining on your own files)")
 
 
+def check_lora(cfg: DictConfig) -> None:
+    """LoRA settings that cannot run with the hardware profile (moxin/model/lora.py), named with the fix: QLoRA
+    under FSDP2, and a 16-bit base with fp32 adapters under FSDP2 without its mixed precision (FSDP2 gathers a
+    block's parameters in one dtype)."""
+    lo = (cfg.get("stage") or {}).get("lora") or {}
+    hw = cfg.get("hardware") or {}
+    if not lo.get("rank") or hw.get("strategy") != "fsdp2":
+        return
+    if lo.get("quantize"):
+        raise UserError(f"stage.lora.quantize={lo.get('quantize')} (QLoRA) runs on one GPU; under FSDP2 "
+                        "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
+    gpu = hw.get("accelerator") in ("gpu", "cuda")
+    base16 = lo.get("base_dtype", "auto") == "bfloat16" or (lo.get("base_dtype", "auto") == "auto" and gpu)
+    if base16 and not (hw.get("parallel") or {}).get("fsdp_param_dtype"):
+        raise UserError("stage.lora with a bfloat16 base under FSDP2 needs FSDP2's mixed precision to gather the "
+                        "fp32 adapters with it: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
+                        "stage.lora.base_dtype=float32)")
+
+
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     check_types(cfg)
     check_hardware(cfg)
     check_init_from(cfg)
+    check_lora(cfg)
     check_data(cfg)
     check_mixtures(cfg)  # after the paths: a missing file is the first thing to fix
 

@@ -143,8 +143,12 @@ def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged
 
     via_adapter, _, what = load_model_weights(adapter)
     assert "LoRA adapter" in what
+    # and the run folder (its last.ckpt: adapters only, merged into the base it records), as the notebook reads it
+    via_run, _, what_run = load_model_weights(tmp_path / "a")
+    assert "LoRA adapters merged" in what_run
     for name, w in merged.items():
         torch.testing.assert_close(via_adapter[name], w, rtol=0, atol=1e-6)
+        torch.testing.assert_close(via_run[name], w, rtol=0, atol=1e-6)
 
 
 def test_peft_loads_the_exported_adapter_on_the_base_and_matches_the_merged_export(tmp_path, base_dir):
@@ -285,3 +289,18 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
+
+
+def test_bad_combinations_are_refused_before_any_work(base_dir):
+    from moxin.errors import UserError, check_lora, preflight
+
+    fsdp = ["hardware=fsdp", f"init_from={base_dir}", "stage.lora.rank=4"]
+    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+        check_lora(_compose(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
+    with pytest.raises(UserError, match="fsdp_param_dtype=bfloat16"):
+        check_lora(_compose(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
+    check_lora(_compose(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
+    # preflight runs it (hardware=fsdp_cpu: no GPU needed here)
+    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+        preflight(_compose(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
+                            "stage.lora.quantize=nf4"]))

@@ -24,7 +24,7 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,7 +33,8 @@ import torch.nn.functional as F
 
 __all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "adapters_disabled", "has_lora", "lora_modules",
            "adapter_state_dict", "merged_items", "merged_checksum", "save_peft_adapter", "merge_peft_adapter",
-           "is_peft_adapter", "nf4_available", "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
+           "is_peft_adapter", "merge_adapters", "adapters_by_weight", "plain_name", "dequantize", "nf4_available",
+           "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
 #: target name -> (the block's sub-module, the projection's attribute, PEFT's module name in HF Mistral)
 TARGETS = {
@@ -390,9 +391,6 @@ def is_peft_adapter(path: str | os.PathLike) -> bool:
     return p.is_dir() and (p / ADAPTER_CONFIG).is_file()
 
 
-_PEFT_RE = None
-
-
 @torch.no_grad()
 def merge_peft_adapter(weights: dict[str, torch.Tensor], path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Merge the PEFT LoRA adapter in folder `path` into `weights` (moxin names, the base's tensors), in place and
@@ -460,7 +458,3 @@ def adapters_by_weight(state: dict[str, torch.Tensor]) -> dict[str, dict[str, to
         if which in ("lora_A", "lora_B"):
             out.setdefault(base + ".weight", {})[which] = v
     return out
-
-
-def config_dict(cfg: LoRAConfig) -> dict:
-    return asdict(cfg)
