@@ -362,8 +362,9 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=64, help="micro-batches (4 x 4096 tokens) for the loader rate")
     ap.add_argument("--tokenizer", default="mistral", help="the slice's (and the smoke's) tokenizer")
     ap.add_argument("--full-tokenizer", default="bytes", help="the whole corpus's: bytes (ByteTokenizer) or a spec")
-    ap.add_argument("--stage", choices=("slice", "full", "all"), default="all",
-                    help="run only the slice or the whole-corpus part (results accumulate in --out)")
+    ap.add_argument("--stage", choices=("slice", "full", "rate", "all"), default="all",
+                    help="run only the slice, the whole-corpus part, or the rate (prepare of one file with --tokenizer,"
+                         " no near dedup); results accumulate in --out")
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--out", default=default_out("data"))
     a = ap.parse_args()
@@ -384,6 +385,21 @@ def main() -> None:
         measure_slice(root, sl, truth, tok, a, results)
     if a.stage in ("full", "all"):
         measure_full(root, sl, truth, tok, a, results)
+    if a.stage in ("rate", "all"):
+        measure_rate(root, a, results)
+
+
+def measure_rate(root: Path, a, results: dict) -> None:
+    """Prepare throughput of the run's tokenizer without near dedup: one part over one file, one core."""
+    src = [SourceConfig(SOURCES[0], str(sorted((root / SOURCES[0]).glob("*.jsonl"))[0]))]
+    out = root.parent / f"{root.name}-prepared-rate"
+    shutil.rmtree(out, ignore_errors=True)
+    job = _part_job((src, a.tokenizer, out, 0, PrepareOptions()))
+    results["rate"] = {**job, "file": src[0].path, "tokenizer": a.tokenizer,
+                       "tok_per_cpu_s": job["tokens"] / job["cpu_s"]}
+    print(f"prepare, {a.tokenizer}, no near dedup: {job['tokens']:,} tokens in {job['cpu_s']:.1f} CPU s = "
+          f"{job['tokens'] / job['cpu_s']:,.0f} tokens per CPU-second", flush=True)
+    write_json(a.out, results)
 
 
 def measure_slice(root: Path, sl, truth: dict, tok, a, results: dict) -> None:
