@@ -28,7 +28,7 @@ from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COPIED = ("moxin", "tests", "conf")
+COPIED = ("moxin", "tests", "conf", "notebooks")  # what the tests read from a checkout (those present are copied)
 MUTMUT = Path(sys.executable).with_name("mutmut")
 
 # mutmut's exit-code classes (mutmut.stats.status_by_exit_code), folded into the columns printed here
@@ -90,7 +90,7 @@ def toml_value(v) -> str:
 def sources_hash(root: Path) -> str:
     h = hashlib.sha256()
     for top in COPIED:
-        for p in sorted((root / top).rglob("*")):
+        for p in sorted((root / top).rglob("*")) if (root / top).is_dir() else []:
             if p.is_file() and "__pycache__" not in p.parts:
                 h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
@@ -105,7 +105,9 @@ def present_tests(root: Path, group: dict) -> list[str]:
 def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, debug: bool = False) -> bool:
     """Lay out the group's scratch folder; True when a previous run with the same sources can be resumed."""
     tests = present_tests(root, group)
-    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": tests}
+    also = list(base.get("also_copy", [])) + [d for d in COPIED[2:] if (root / d).is_dir()]
+    cfg = dict(base) | {"only_mutate": list(group["files"]), "pytest_add_cli_args_test_selection": tests,
+                        "also_copy": sorted(set(also))}
     if debug:
         cfg["debug"] = True
     digest = sources_hash(root) + " " + hashlib.sha256(json.dumps([cfg, pytest_ini]).encode()).hexdigest()
@@ -119,7 +121,8 @@ def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, d
         shutil.rmtree(work)
     work.mkdir(parents=True)
     for top in COPIED:
-        shutil.copytree(root / top, work / top, ignore=shutil.ignore_patterns("__pycache__"))
+        if (root / top).is_dir():
+            shutil.copytree(root / top, work / top, ignore=shutil.ignore_patterns("__pycache__"))
     lines = ["[tool.mutmut]"] + [f"{k} = {toml_value(v)}" for k, v in cfg.items()]
     lines += ["", "[tool.pytest.ini_options]"] + [f"{k} = {toml_value(v)}" for k, v in pytest_ini.items()]
     (work / "pyproject.toml").write_text("\n".join(lines) + "\n")
