@@ -35,7 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 from moxin.data.bad_records import RecordStats
 from moxin.data.dedup import normalize_text, text_hash
 from moxin.data.documents import documents_of
-from moxin.data.prepared import (FORMAT_VERSION, INDEX_DTYPE, MANIFEST, file_sha256, token_dtype,
+from moxin.data.prepared import (FORMAT_VERSION, INDEX_DTYPE, MANIFEST, PreparedData, file_sha256, token_dtype,
                                  tokenizer_fingerprint)
 from moxin.data.reader import (DataError, SourceConfig, is_hub_name, open_hub_dataset, open_hub_file, plain,
                                read_positioned, resolve_files)
@@ -64,6 +64,7 @@ class PrepareOptions:
     threshold: float = 0.8
     num_perm: int = 128
     shingle: int = 5
+    verify: bool = False
 
     def __post_init__(self):
         problems = []
@@ -359,8 +360,12 @@ def prepare(cfg: DictConfig, log=print) -> dict | None:
     sources = [SourceConfig.from_any(s) for s in raw]
     if not sources:
         raise DataError("prepare: the data config lists no sources")
-    tok = load_tokenizer(cfg.tokenizer)
     out = Path(cfg.out)
+    if opts.verify:
+        n = PreparedData(out).verify_checksums()
+        log(f"{out}: the sha256 of all {n} shard and index files match {MANIFEST}")
+        return None
+    tok = load_tokenizer(cfg.tokenizer)
     if (out / MANIFEST).exists() and not opts.merge:
         raise DataError(f"prepare: {out / MANIFEST} exists, the corpus there is prepared; choose another out=, or "
                         "delete the folder to prepare it again")

@@ -235,8 +235,10 @@ class PackedDataset(IterableDataset):
                     if self.split != "val" and s["kept_in_pass"] == 0:
                         raise DataError(
                             f"data source {name!r}: a full pass over reader shard {shard}/{nshards} "
-                            f"(rank {self.rank}, worker {worker}) gave no training document (records read: "
-                            f"{self._stats[name].records}; all empty, bad, duplicates or held out for validation, "
+                            f"(rank {self.rank}, worker {worker}) gave no training document ("
+                            + (f"records read: {self._stats[name].records}" if self.prepared is None else
+                               f"data.prepared holds {self.prepared.num_docs(name)} documents of it")
+                            + "; all empty, bad, duplicates or held out for validation, "
                             f"or the source has fewer documents than world_size*num_workers={nshards}). "
                             "Add data, lower num_workers, or drop the source from the mixture."
                         ) from None

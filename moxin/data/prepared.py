@@ -152,6 +152,22 @@ class PreparedData:
                                         f"{sh[f'{key}_bytes']}; it is truncated or from another preparation: copy it "
                                         "again or prepare the corpus again")
 
+    def verify_checksums(self) -> int:
+        """Recompute the sha256 of every shard and index file (reads them all); a DataError names those that
+        differ from the manifest. Returns the number of files checked."""
+        self.check_files()
+        bad, n = [], 0
+        for name, src in self.sources.items():
+            for sh in src["shards"]:
+                for key in ("bin", "idx"):
+                    n += 1
+                    if file_sha256(self.path / sh[key]) != sh[f"{key}_sha256"]:
+                        bad.append(str(self.path / sh[key]))
+        if bad:
+            raise DataError(f"data.prepared: {len(bad)} file(s) differ from {self.path / MANIFEST}: {bad[:5]}; copy "
+                            "them again or prepare the corpus again")
+        return n
+
     # ---- reading ------------------------------------------------------------------------------------------
     def _pread(self, rel: str, nbytes: int, offset: int) -> bytes:
         fd = self._fds.get(rel)

@@ -338,7 +338,8 @@ class PretrainDataModule(MoxinDataModule):
     def data_report(self) -> dict:
         """Counts of this rank's readers so far (cumulative over phases): per source records, bad records
         (with the first ``file:line`` examples), empty texts, dedup seen / dropped, documents held out for
-        validation, tokens read."""
+        validation, tokens read; with prepared data, the manifest's totals (its per-source counts are in
+        ``manifest.json``)."""
         self._harvest()
         per_source: dict[str, dict] = {}
         totals = {"tokens": 0, "val_held_out": 0, "batches_this_phase": 0}
@@ -357,6 +358,8 @@ class PretrainDataModule(MoxinDataModule):
                     agg["dedup_seen"] += int(dd[n]["seen"])
                     agg["dedup_dropped"] += int(dd[n]["dropped"])
         phase = self._train_phase
+        if self.prepared is not None:  # records, bad ones and duplicates were counted once, by the prepare step
+            totals["prepared"] = {"path": str(self.prepared.path), **self.prepared.manifest.get("totals", {})}
         return {
             "rank": self.rank,
             "phase": None if phase is None else self.phases[phase].name,
