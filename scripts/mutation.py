@@ -99,7 +99,7 @@ def sources_hash(root: Path) -> str:
 def present_tests(root: Path, group: dict) -> list[str]:
     """The group's tests that exist in this checkout: one mapping serves a checkout from before a test file was
     added (its BEFORE score) and one from after."""
-    return [t for t in group["tests"] if (root / t.split("::")[0]).is_file()]
+    return [t for t in group["tests"] if t.startswith("-") or (root / t.split("::")[0]).is_file()]
 
 
 def prepare(root: Path, work: Path, base: dict, pytest_ini: dict, group: dict, debug: bool = False) -> bool:
