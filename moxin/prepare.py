@@ -41,6 +41,7 @@ from moxin.data.reader import (DataError, SourceConfig, is_hub_name, open_hub_da
                                read_positioned, resolve_files)
 from moxin.data.sample import sample_path
 from moxin.paths import conf_dir
+from moxin.tokenizer import TokenizerError
 
 __all__ = ["PrepareOptions", "run_part", "merge", "prepare", "minhash_signature"]
 
@@ -383,7 +384,7 @@ def prepare(cfg: DictConfig, log=print) -> dict | None:
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:  # bad input: one line naming it and the fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
