@@ -41,6 +41,7 @@ from moxin.data.reader import (DataError, SourceConfig, is_hub_name, open_hub_da
                                read_positioned, resolve_files)
 from moxin.data.sample import sample_path
 from moxin.paths import conf_dir
+from moxin.tokenizer import TokenizerError, load_tokenizer
 
 __all__ = ["PrepareOptions", "run_part", "merge", "prepare", "minhash_signature"]
 
@@ -86,12 +87,21 @@ class PrepareOptions:
 
 
 # ---- near duplicates ------------------------------------------------------------------------------------------
+def _datasketch():
+    """The optional datasketch package (MinHash LSH), or a DataError saying how to install it."""
+    try:
+        import datasketch
+    except ImportError:
+        raise DataError('prepare.near_dedup=true needs datasketch: pip install "moxin[prepare]" (or datasketch>=2.0), '
+                        "or leave near_dedup off") from None
+    return datasketch
+
+
 class _Signer:
     """MinHash signatures of word n-gram shingles of the normalised text (datasketch, one permutation set)."""
 
     def __init__(self, num_perm: int, shingle: int):
-        from datasketch import MinHash
-
+        MinHash = _datasketch().MinHash
         self._MinHash = MinHash
         self.num_perm, self.shingle = num_perm, shingle
         self._perms = MinHash(num_perm=num_perm, seed=1, scheme="affine32").permutations
@@ -328,8 +338,8 @@ def _near_duplicates(out: Path, entries: list, bounds: np.ndarray, keep: np.ndar
                      opts: PrepareOptions) -> np.ndarray:
     """Documents (among ``keep``) whose MinHash signature estimates a Jaccard similarity >= threshold with an
     earlier kept document: LSH candidates from datasketch, each confirmed on the signatures."""
-    from datasketch import LeanMinHash, MinHashLSH
-
+    ds = _datasketch()
+    LeanMinHash, MinHashLSH = ds.LeanMinHash, ds.MinHashLSH
     lsh = MinHashLSH(threshold=opts.threshold, num_perm=opts.num_perm)
     near = np.zeros(len(keep), dtype=bool)
     kept_sigs: dict[int, np.ndarray] = {}
@@ -351,8 +361,6 @@ def _near_duplicates(out: Path, entries: list, bounds: np.ndarray, keep: np.ndar
 # ---- entry point ------------------------------------------------------------------------------------------------
 def prepare(cfg: DictConfig, log=print) -> dict | None:
     """Run what ``cfg.prepare`` asks: one part, the merge, or everything (module docstring)."""
-    from moxin.tokenizer import load_tokenizer
-
     if not cfg.get("out"):
         raise DataError("prepare: give the output folder, out=DIR")
     opts = PrepareOptions(**plain(cfg.prepare))
@@ -383,7 +391,7 @@ def prepare(cfg: DictConfig, log=print) -> dict | None:
 def main(cfg: DictConfig) -> None:
     try:
         prepare(cfg)
-    except DataError as e:
+    except (DataError, TokenizerError) as e:  # bad input: one line naming it and the fix, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 

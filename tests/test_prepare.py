@@ -236,3 +236,33 @@ def test_data_bench_smoke(tmp_path):
     assert data["full"]["rows"][0]["ours"] < 0.25  # a prepared reader reads about its eighth
     assert data["near"]["exact_dropped"] == data["near"]["exact_planted"]
     assert data["full"]["exact_dropped"] == data["full"]["exact_planted"]
+
+
+def test_resume_of_a_hub_source_read_by_file_is_exact(tmp_path, monkeypatch):
+    """The [file, record] position travels through the loader and checkpoint state like a record count."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "hub").mkdir()
+    for f in range(3):
+        pq.write_table(pa.table({"text": [f"hub file {f} document {i} " + "x" * (i % 7) for i in range(30)]}),
+                       tmp_path / "hub" / f"train-{f:05d}.parquet")
+    src = [{"name": "h", "path": str(tmp_path / "hub"), "format": "hub"}]
+    phases = [{"name": "p", "seq_len": 32, "tokens": 8 * 256, "mixture": {"h": 1}}]
+    kw = dict(tokenizer=ByteTok(), tokens_per_step=256, micro_batch_tokens=64, max_seq_len=64, num_workers=0,
+              seed=7, val_percent=0, world_size=1)
+    full = as_list(PretrainDataModule(src, phases, **kw).build_train_loader(0))
+    dm1 = PretrainDataModule(src, phases, **kw)
+    loader = dm1.build_train_loader(0)
+    it = iter(loader)
+    head = as_list(next(it) for _ in range(20))
+    state, dm_state = ckpt_roundtrip(loader.state_dict()), ckpt_roundtrip(dm1.state_dict())
+    assert dm_state["readers"][0][0]["sources"]["h"]["pos"][0] >= 1  # inside the second file or later
+    del it, loader
+    dm2 = PretrainDataModule(src, phases, **kw)
+    dm2.load_state_dict(dm_state)
+    loader2 = dm2.build_train_loader(0)
+    loader2.load_state_dict(state)
+    same(head + as_list(loader2), full)
