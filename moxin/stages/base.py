@@ -239,6 +239,8 @@ class MoxinStage(L.LightningModule):
         """Build the model (once) and apply parallelism (once, when a trainer is attached: FSDP2 needs the
         mesh of Lightning's ModelParallelStrategy). Safe to call early, e.g. from a notebook or a test."""
         if self.model is None:
+            if self.lora_cfg.enabled:
+                self._check_lora_combination()
             self.model = Transformer(self.model_cfg)
             if self.init_from:
                 load_init_weights(self.model, self.init_from)
@@ -246,7 +248,6 @@ class MoxinStage(L.LightningModule):
                 # that a hand-off really carried the previous stage's final weights (scripts/check_run.py)
                 self.init_checksum = weights_checksum(self.model)
             if self.lora_cfg.enabled:
-                self._check_lora_combination()
                 dev = self.trainer.strategy.root_device.type if self._trainer is not None else None
                 lora_lib.apply_lora(self.model, self.lora_cfg, dev)
         if self._parallelized or self._trainer is None:
@@ -358,6 +359,7 @@ class MoxinStage(L.LightningModule):
         return out.loss_sum
 
     def on_train_batch_start(self, batch, batch_idx):
+        """The first step after a resume starts from the checkpoint's torch RNG (see `on_load_checkpoint`)."""
         rng, self._resume_rng = getattr(self, "_resume_rng", None), None
         if rng is not None:
             torch.set_rng_state(rng[0])
@@ -575,8 +577,7 @@ class MoxinStage(L.LightningModule):
         """A LoRA run resumes only from a checkpoint of the same adapters (Lightning loads it non-strictly, since
         the base is not in it): every adapter tensor present, nothing else."""
         saved = (checkpoint.get("moxin") or {}).get("lora")
-        want = {"model." + lora_lib.plain_name(k) for k in lora_lib.adapter_state_dict(self.model)} \
-            if self.model is not None else set()
+        want = {"model." + k for k in lora_lib.adapter_state_dict(self.model)} if self.model is not None else set()
         # (FSDP2's distributed checkpoint has loaded the tensors in place: only the settings are left to compare)
         have = set(checkpoint["state_dict"]) if isinstance(checkpoint.get("state_dict"), dict) else want
         ours = dataclasses.asdict(self.lora_cfg)
