@@ -358,14 +358,6 @@ class MoxinStage(L.LightningModule):
         self._acc_processed += out.tokens_processed
         return out.loss_sum
 
-    def on_train_batch_start(self, batch, batch_idx):
-        """The first step after a resume starts from the checkpoint's torch RNG (see `on_load_checkpoint`)."""
-        rng, self._resume_rng = getattr(self, "_resume_rng", None), None
-        if rng is not None:
-            torch.set_rng_state(rng[0])
-            if torch.cuda.is_available() and rng[1]:
-                torch.cuda.set_rng_state_all(rng[1])
-
     def step_counters(self) -> list:
         """Per-step sums a subclass adds to the step's one reduction over ranks (host numbers or 0-d device
         tensors), reset here; their reduced values come back, on the host, to `log_step_counters`."""
@@ -598,10 +590,11 @@ class MoxinStage(L.LightningModule):
         self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
         self._restore_rng(st)
         # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,
-        # which the uninterrupted run did before the checkpoint was written
+        # which the uninterrupted run did before the checkpoint was written (LoRA dropout reads it at that step)
         self._rng_at_first_batch = st
 
     def on_train_batch_start(self, batch, batch_idx):
+        """A resumed run's first step starts from the checkpoint's generator states (see `on_load_checkpoint`)."""
         st, self._rng_at_first_batch = self._rng_at_first_batch, None
         if st is not None:
             self._restore_rng(st)
@@ -612,9 +605,6 @@ class MoxinStage(L.LightningModule):
         torch.set_rng_state(st["rng_torch"])
         if torch.cuda.is_available() and st["rng_cuda"]:
             torch.cuda.set_rng_state_all(st["rng_cuda"])
-        # set again at the first step: between here and there Lightning draws from the torch RNG (the data
-        # loader's base seed), which the uninterrupted run did before its first step (LoRA dropout reads it)
-        self._resume_rng = (st["rng_torch"], st["rng_cuda"])
         py = st["rng_python"]
         random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
         n = st["rng_numpy"]
