@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Mutation testing of losses, the stages' step and wiring, masks, cache, resume state and checkpoint selection
-# (docs/mutation.md). One mutant at a time, niced: a full run takes about an hour on 2 cores; `slow`, so never part
+# (docs/mutation.md). One mutant at a time, niced: a sampled run aims at an hour on 2 idle cores; `slow`, so never part
 # of the default suite or CI. Usage: scripts/mutation.sh [GROUP ...] [--report] [--root CHECKOUT]
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
