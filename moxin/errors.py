@@ -107,7 +107,7 @@ def check_init_from(cfg: DictConfig) -> None:
         raise UserError(f"init_from={init!r}: no such file or folder (cwd {os.getcwd()}){hint}. Give a moxin "
                         f"run's checkpoints/last.ckpt, a Hugging Face MistralForCausalLM folder (its hf/ export) or "
                         f"a .safetensors file")
-    # what moxin.checkpointing.load_model_weights reads: a HF folder, a distributed checkpoint (an FSDP run's
+    # what moxin.checkpoint.weights.load_model_weights reads: a HF folder, a distributed checkpoint (an FSDP run's
     # last.ckpt is such a folder), a checkpoints folder or a run folder
     accepted = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt", "adapter_config.json")
     if p.is_dir() and not any((p / name).exists() for name in accepted):

@@ -81,7 +81,8 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
     """The checkpoint to continue from: none for a fresh run (refused where checkpoints exist), the newest
     complete one for resume=auto (newer incomplete or unreadable ones are named in a warning and skipped),
     or the given path (checked)."""
-    from moxin.checkpointing import CheckpointError, candidates, find_resume, read_info
+    from moxin.checkpoint.files import CheckpointError, read_info
+    from moxin.checkpoint.resume import candidates, find_resume
 
     out_dir = ckpt_dir.parent
     if cfg.resume in (None, "", False):
@@ -108,7 +109,7 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
 
 def _say(msg: str) -> None:
     """A one-line notice on the first process only (every rank resolves the same checkpoint)."""
-    from moxin.checkpointing import launcher_rank
+    from moxin.checkpoint.lock import launcher_rank
 
     if launcher_rank() == 0:
         print(msg, file=sys.stderr, flush=True)
@@ -167,7 +168,7 @@ def build(cfg: DictConfig):
     hw = cfg.hardware
     world = world_size_of(hw)
     if ckpt_path:
-        from moxin.checkpointing import read_info
+        from moxin.checkpoint.files import read_info
 
         saved_world = read_info(ckpt_path).world_size
         if saved_world and saved_world != world:
@@ -190,7 +191,8 @@ def build(cfg: DictConfig):
     stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
 
     from moxin.callbacks import SampleGenerations, Throughput
-    from moxin.checkpointing import CheckpointPolicy, StopOnSignal
+    from moxin.checkpoint.policy import CheckpointPolicy
+    from moxin.checkpoint.signals import StopOnSignal
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
@@ -235,7 +237,7 @@ def _plugins(hw: DictConfig) -> list | None:
     environment without Lightning's requeue-in-the-signal-handler (StopOnSignal saves at a step boundary)."""
     from lightning.fabric.plugins.environments import SLURMEnvironment
 
-    from moxin.callbacks import AtomicCheckpointIO
+    from moxin.checkpoint.files import AtomicCheckpointIO
 
     plugins = [AtomicCheckpointIO()] if hw.strategy != "fsdp2" else []
 
@@ -341,7 +343,8 @@ def train(cfg: DictConfig, handoffs: bool = True) -> dict:
     report (`handoffs`: print the next commands at the end)."""
     from contextlib import nullcontext
 
-    from moxin.checkpointing import RunLock, clean_temporaries, launcher_rank
+    from moxin.checkpoint.lock import RunLock, launcher_rank
+    from moxin.checkpoint.resume import clean_temporaries
 
     from moxin.errors import preflight
 
@@ -363,7 +366,7 @@ def train(cfg: DictConfig, handoffs: bool = True) -> dict:
 def finished_info(cfg: DictConfig, ckpt_path: str, datamodule) -> dict | None:
     """The summary to return when the checkpoint to resume is already the end of the run: the whole schedule
     done (saved at the last phase's end) or trainer.max_steps reached."""
-    from moxin.checkpointing import read_info
+    from moxin.checkpoint.files import read_info
 
     info = read_info(ckpt_path)
     total = int(datamodule.total_steps or 0)
@@ -410,7 +413,8 @@ def _train_locked(cfg: DictConfig, handoffs: bool = True) -> dict:
     if stop is not None and stop.stopped_at is not None:
         info["stopped_by_signal_at"] = stop.stopped_at  # the job comes back (requeued): no export yet
     elif cfg.export_hf:
-        from moxin.checkpointing import export_hf, weights_finite
+        from moxin.checkpoint.export import export_hf
+        from moxin.checkpoint.policy import weights_finite
 
         hf_dir = Path(cfg.out_dir) / "hf"
         from moxin.tokenizer.cjk import export_files  # a tokenizer file path, or moxin-cjk's tokenizer.json + config

@@ -7,7 +7,6 @@ saved or exported (that is `moxin.run`'s checkpoint logic). Every function is a 
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import sys
@@ -16,13 +15,11 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from moxin.checkpoint.lock import launcher_rank
+
 #: The stage that usually follows each stage (the Moxin recipe: pretrain -> SFT -> DPO -> GRPO).
 NEXT_STAGE = {"pretrain": "sft", "sft": "dpo", "dpo": "grpo", "grpo": None}
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
-
-
-def is_rank_zero() -> bool:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", os.environ.get("SLURM_PROCID", 0)))) == 0
 
 
 def stage_kind(cfg: DictConfig) -> str:
@@ -65,7 +62,7 @@ class RunLog:
         self._orig = None
 
     def open(self, path: Path) -> None:
-        if self._fh is not None or not is_rank_zero():
+        if self._fh is not None or launcher_rank() != 0:
             return
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path.resolve()
@@ -126,7 +123,7 @@ def save_run_config(cfg: DictConfig) -> None:
     hydra.output_subdir: null, so Hydra no longer writes them at launch; a run refused because its name exists
     left the existing run's config overwritten)."""
     hc = _hydra()
-    if hc is None or not is_rank_zero():
+    if hc is None or launcher_rank() != 0:
         return
     d = Path(cfg.out_dir) / ".hydra"
     d.mkdir(parents=True, exist_ok=True)
@@ -223,7 +220,7 @@ def on_built(cfg: DictConfig, trainer, stage, datamodule, ckpt_path: str | None)
     plan = run_plan(cfg, datamodule, stage)
     _PLAN.clear()
     _PLAN.update(plan)
-    if not is_rank_zero() or not trainer.is_global_zero:
+    if launcher_rank() != 0 or not trainer.is_global_zero:
         return plan
     save_run_config(cfg)
     hc = _hydra()

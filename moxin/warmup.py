@@ -107,7 +107,7 @@ def write_solutions(cfg: DictConfig, path: Path) -> int:
 
 def finished_checkpoint(wcfg: DictConfig) -> str | None:
     """The warm-up's final checkpoint when it has run to its end (the whole schedule, saved at its end), else None."""
-    from moxin.checkpointing import find_resume
+    from moxin.checkpoint.resume import find_resume
 
     info, _ = find_resume(wcfg.out_dir)
     if info is None or not info.moxin.get("finished"):
@@ -119,7 +119,7 @@ def finished_checkpoint(wcfg: DictConfig) -> str | None:
 
 
 def _say(msg: str) -> None:
-    from moxin.checkpointing import launcher_rank
+    from moxin.checkpoint.lock import launcher_rank
 
     if launcher_rank() == 0:
         print(msg, file=sys.stderr, flush=True)

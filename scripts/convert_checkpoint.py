@@ -70,7 +70,8 @@ def convert(src: str, out: str, dtype: str | None = None, model: str | None = No
             tokenizer: str | None = None, stage: str | None = None, with_tokenizer: bool = True) -> Path:
     import torch
 
-    from moxin.checkpointing import config_mismatches, load_model_weights
+    from moxin.checkpoint.resume import config_mismatches
+    from moxin.checkpoint.weights import load_model_weights
     from moxin.model.hf import _natural, write_hf
 
     tensors, cfg, what = load_model_weights(src)

@@ -104,7 +104,8 @@ cells = [
         "`load_model_weights` reads a one-process run's `.ckpt` file (`torch.load(weights_only=True)`) and an FSDP "
         "run's distributed-checkpoint folder alike, and returns the model's tensors only."),
     nbf.v4.new_code_cell(
-        "from moxin.checkpointing import load_model_weights, read_info\n"
+        "from moxin.checkpoint.files import read_info\n"
+        "from moxin.checkpoint.weights import load_model_weights\n"
         "last = RUN / 'checkpoints' / 'last.ckpt'\n"
         "state, _, source = load_model_weights(last)\n"
         "info = read_info(last)\n"

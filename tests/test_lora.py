@@ -139,7 +139,7 @@ def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged
     conf = json.loads((adapter / "adapter_config.json").read_text())
     assert conf["r"] == 4 and conf["lora_alpha"] == 8 and Path(conf["base_model_name_or_path"]) == base_dir.resolve()
     # init_from accepts the adapter folder: its base with the adapter merged, the same weights as hf/
-    from moxin.checkpointing import load_model_weights
+    from moxin.checkpoint.weights import load_model_weights
 
     via_adapter, _, what = load_model_weights(adapter)
     assert "LoRA adapter" in what

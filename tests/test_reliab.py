@@ -8,14 +8,19 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import stat
 from pathlib import Path
 
 import pytest
 import torch
 
-from moxin import checkpointing as C
 from moxin import run as R
+from moxin.checkpoint import policy
+from moxin.checkpoint.files import read_info, step_name
+from moxin.checkpoint.lock import RunLock, RunLockError
+from moxin.checkpoint.policy import DiskSpaceError, apply_retention, checkpoint_bytes, point_last
+from moxin.checkpoint.resume import clean_temporaries, find_resume
 from tests.test_run import TINY_PRETRAIN, _compose
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
@@ -54,7 +59,7 @@ def test_phase_end_resume_and_finished_run(tmp_path):
     # one copy: last.ckpt is a link to the final step file, nothing else kept (keep_all_checkpoints=false)
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000012.ckpt"]
     assert os.readlink(ck / "last.ckpt") == "step000012.ckpt"
-    info = C.read_info(ck / "last.ckpt")
+    info = read_info(ck / "last.ckpt")
     assert info.step == 12 and info.moxin["finished"] is True and info.world_size == 1
     assert stat.S_IMODE((ck / "step000012.ckpt").stat().st_mode) & 0o044, "checkpoints readable by the group"
     # the finished run's own continue command: nothing to do, no new launch, no retraining
@@ -92,7 +97,7 @@ def test_resume_auto_skips_incomplete_and_unreadable(tmp_path):
     dcp = ck / "step000016.ckpt"
     dcp.mkdir()
     (dcp / ".metadata").write_bytes(b"x")
-    info, skipped = C.find_resume(tmp_path)
+    info, skipped = find_resume(tmp_path)
     assert info.path == good12 and info.step == 12
     assert any("step000014" in s for s in skipped) and any("step000016" in s and "meta.pt" in s for s in skipped)
     cfg = _compose(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
@@ -109,7 +114,7 @@ def test_slurm_requeue_checkpoint_is_a_candidate(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     _fake_ckpt(tmp_path / "checkpoints" / "step000005.ckpt", 5)
     hpc = _fake_ckpt(tmp_path / "hpc_ckpt_1.ckpt", 7)
-    assert C.find_resume(tmp_path)[0].path == hpc
+    assert find_resume(tmp_path)[0].path == hpc
 
 
 def test_temporaries_cleaned_and_orphans_retired(tmp_path):
@@ -119,13 +124,13 @@ def test_temporaries_cleaned_and_orphans_retired(tmp_path):
     (ck / ".tmp-step000004.ckpt" / "__0_0.distcp").write_bytes(b"half")
     (ck / "..step000003.ckpt.abc.tmp").write_bytes(b"half")
     (tmp_path / ".hf.tmp-123").mkdir()
-    removed = C.clean_temporaries(tmp_path)
+    removed = clean_temporaries(tmp_path)
     assert len(removed) == 3 and sorted(p.name for p in ck.iterdir()) == []
     for s in (3, 6, 9):
-        _fake_ckpt(ck / C.step_name(s), s)
+        _fake_ckpt(ck / step_name(s), s)
     _fake_ckpt(ck / "last-v1.ckpt", 2)  # what Lightning's versioning used to leave
-    C.point_last(ck, C.step_name(9))
-    C.apply_retention(ck, C.step_name(9), keep_all=False)
+    point_last(ck, step_name(9))
+    apply_retention(ck, step_name(9), keep_all=False)
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt"]
 
 
@@ -134,9 +139,9 @@ def test_legacy_real_last_ckpt_stays_a_candidate(tmp_path):
     ck.mkdir()
     _fake_ckpt(ck / "last.ckpt", 8)
     _fake_ckpt(ck / "step000005.ckpt", 5)
-    assert C.find_resume(tmp_path)[0].step == 8
-    C.point_last(ck, "step000005.ckpt")  # the real file is moved aside, not overwritten
-    assert (ck / "last-legacy.ckpt").is_file() and C.find_resume(tmp_path)[0].step == 8
+    assert find_resume(tmp_path)[0].step == 8
+    point_last(ck, "step000005.ckpt")  # the real file is moved aside, not overwritten
+    assert (ck / "last-legacy.ckpt").is_file() and find_resume(tmp_path)[0].step == 8
 
 
 def test_truncated_last_falls_back_to_newest_intact(tmp_path):
@@ -144,17 +149,17 @@ def test_truncated_last_falls_back_to_newest_intact(tmp_path):
     ck = tmp_path / "checkpoints"
     ck.mkdir()
     _fake_ckpt(ck / "step000004.ckpt", 4)
-    C.point_last(ck, "step000004.ckpt")
+    point_last(ck, "step000004.ckpt")
     _fake_ckpt(ck / "step000006.ckpt", 6)  # written and renamed, killed before last.ckpt moved
-    assert C.find_resume(tmp_path)[0].step == 6
+    assert find_resume(tmp_path)[0].step == 6
 
 
 # ---- the run lock -------------------------------------------------------------------------------------------
 def test_second_run_on_the_same_folder_is_refused(tmp_path):
-    with C.RunLock(tmp_path):
-        with pytest.raises(C.RunLockError, match=f"pid {os.getpid()}"):
+    with RunLock(tmp_path):
+        with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
             R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]))
-    with C.RunLock(tmp_path):  # released when the holder ends
+    with RunLock(tmp_path):  # released when the holder ends
         pass
 
 
@@ -187,7 +192,7 @@ def test_nonfinite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     with pytest.raises(NonFiniteError, match="non-finite loss or gradient norm"):
         R.train(_compose(FAST + ["stage.optim.lr=1e3", "stage.optim.warmup_fraction=0", "trainer.max_nonfinite_steps=3",
                                  "trainer.checkpoint_every_n_steps=1", f"out_dir={tmp_path}", "run_name=nan"]))
-    info, _ = C.find_resume(tmp_path)
+    info, _ = find_resume(tmp_path)
     assert info is not None
     sd = torch.load(info.path, weights_only=True)["state_dict"]
     assert all(bool(torch.isfinite(v).all()) for v in sd.values())
@@ -287,7 +292,7 @@ def test_a_checkpoint_becomes_last_only_once_its_step_and_validation_are_logged(
     every switch of last.ckpt the step's train row, and its validation where one is due, are in metrics.csv."""
     out = tmp_path / "run"
     seen = []
-    real = C.point_last
+    real = point_last
 
     def spy(ckpt_dir, name):
         step = int(name[len("step"):-len(".ckpt")])
@@ -295,7 +300,7 @@ def test_a_checkpoint_becomes_last_only_once_its_step_and_validation_are_logged(
         seen.append((step, any(s == step - 1 and t for s, t, _ in rows), any(s == step - 1 and v for s, _, v in rows)))
         real(ckpt_dir, name)
 
-    monkeypatch.setattr(C, "point_last", spy)
+    monkeypatch.setattr(policy, "point_last", spy)
     R.train(_compose(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
                              f"out_dir={out}", "run_name=run"]))
     assert [s for s, _, _ in seen] == list(range(1, 13))
@@ -345,7 +350,7 @@ def test_a_failure_at_the_end_of_training_keeps_the_final_checkpoint_unpublished
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt"]
     res = R.train(_compose(args + ["resume=auto", "export_hf=true"]))
     assert res["optimizer_steps"] == 12 and (tmp_path / "hf").is_dir()
-    assert C.read_info(ck / "last.ckpt").moxin["finished"]
+    assert read_info(ck / "last.ckpt").moxin["finished"]
 
 
 @pytest.mark.parametrize("at, last", [(4, 4), (3, 2)])
@@ -381,14 +386,14 @@ def test_a_phase_evaluation_is_on_record_before_its_checkpoint_and_a_resume_keep
     evaluations of the launches before it (it was rewritten with the resumed launch's alone)."""
     out = tmp_path / "run"
     seen = {}
-    real = C.point_last
+    real = point_last
 
     def spy(ckpt_dir, name):
         f = out / "eval.json"
         seen[name] = [e["step"] for e in json.loads(f.read_text())["evaluations"]] if f.exists() else []
         real(ckpt_dir, name)
 
-    monkeypatch.setattr(C, "point_last", spy)
+    monkeypatch.setattr(policy, "point_last", spy)
     ev = ["+eval=sample", "eval.after=phase", "eval.verifier_workers=0", "+eval.tasks.0.limit=2",
           "+eval.tasks.1.limit=2", "eval.tasks.1.samples=1", "eval.tasks.1.k=[1]", "trainer.val_every_n_steps=null",
           f"out_dir={out}", "run_name=run"]
@@ -421,7 +426,7 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     p.send_signal(signal.SIGUSR1)
     _, err = p.communicate(timeout=240)
     assert p.returncode == 0, err[-2000:]
-    info = C.read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
+    info = read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
     assert 0 < info.step < 12 and f"saved optimizer step {info.step}" in err
     assert not (tmp_path / "part" / "hf").exists()
     R.train(_compose(args[:-3] + ["+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
@@ -462,8 +467,8 @@ def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monk
 
     usage = collections.namedtuple("usage", "total used free")
     free = {"bytes": 1024}
-    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: usage(10**12, 0, free["bytes"]))
-    with pytest.raises(C.DiskSpaceError) as e:
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, free["bytes"]))
+    with pytest.raises(DiskSpaceError) as e:
         R.train(_compose(FAST + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
     msg = user_message(e.value)
     assert f"{tmp_path / 'a' / 'checkpoints'}" in msg and "step 0" in msg and "0.0 GiB are free" in msg
@@ -476,8 +481,8 @@ def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monk
         calls["n"] += 1
         return usage(10**12, 0, 10**12 if calls["n"] <= 2 else 1024)
 
-    monkeypatch.setattr(C.shutil, "disk_usage", shrinking)
-    with pytest.raises(C.DiskSpaceError, match="checkpoint of step 6"):
+    monkeypatch.setattr(shutil, "disk_usage", shrinking)
+    with pytest.raises(DiskSpaceError, match="checkpoint of step 6"):
         R.train(_compose(FAST + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.checkpoint_every_n_steps=4"]))
     assert os.readlink(tmp_path / "b" / "checkpoints" / "last.ckpt") == "step000004.ckpt"
 
@@ -490,7 +495,7 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
     from moxin.errors import UserError
 
     usage = collections.namedtuple("usage", "total used free")
-    monkeypatch.setattr(C.shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
     R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=n", "trainer.max_steps=3",
                              "trainer.checkpoint_every_n_steps=1", "trainer.save_checkpoints=false"]))
     assert not (tmp_path / "checkpoints").exists()
@@ -509,5 +514,5 @@ def test_checkpoint_size_estimate_covers_what_is_written(tmp_path):
 
     model = Transformer(instantiate(_compose(FAST).model))
     written = (tmp_path / "checkpoints" / "step000002.ckpt").stat().st_size
-    assert written <= C.checkpoint_bytes(model) * 1.02 + 16 * 2**20
-    assert C.checkpoint_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters())
+    assert written <= checkpoint_bytes(model) * 1.02 + 16 * 2**20
+    assert checkpoint_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters())

@@ -17,8 +17,9 @@ import pytest
 from tests.conftest import free_port, torchrun
 import torch
 
-from moxin import checkpointing as C
 from moxin import run as R
+from moxin.checkpoint.files import read_info
+from moxin.checkpoint.weights import load_model_weights
 from tests.helpers.kill_loop import TINY
 from tests.test_run import _compose
 
@@ -52,13 +53,13 @@ def test_fsdp_run_writes_one_complete_checkpoint_folder_and_hf(fsdp_run):
     d = ck / "step000004.ckpt"
     assert d.is_dir() and (d / ".metadata").is_file() and (d / "meta.pt").is_file()
     assert len(list(d.glob("*.distcp"))) == 2
-    info = C.read_info(ck / "last.ckpt")
+    info = read_info(ck / "last.ckpt")
     assert info.step == 4 and info.world_size == 2 and not info.moxin["finished"]
     # the HF export (gathered tensor by tensor, written by rank 0) holds the checkpoint's weights
     from moxin.model import load_hf
 
     hf = load_hf(fsdp_run / "hf").state_dict()
-    dcp, cfg, _ = C.load_model_weights(d)
+    dcp, cfg, _ = load_model_weights(d)
     assert set(hf) == set(dcp) and cfg.dim == 64
     assert all(torch.equal(hf[k], dcp[k]) for k in hf)
 
@@ -78,7 +79,7 @@ def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
     preflight(sft_cfg)
     _, stage, *_ = R.build(sft_cfg)
     stage.configure_model()
-    dcp, _, _ = C.load_model_weights(ck)
+    dcp, _, _ = load_model_weights(ck)
     assert all(torch.equal(v, dcp[k]) for k, v in stage.model.state_dict().items())
     # ... and a mismatching architecture is refused by name
     with pytest.raises(ValueError, match="rope_theta"):

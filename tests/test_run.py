@@ -352,14 +352,15 @@ def test_readme_own_jsonl_command_runs(tmp_path):
 def test_keep_checkpoints_keeps_the_newest_n_and_weights_only_export(tmp_path):
     """trainer.keep_checkpoints=N: the newest N step checkpoints stay (last.ckpt -> the newest); with
     trainer.save_checkpoints=false a run leaves only its weights-only hf/ export (the README's Disk section)."""
-    from moxin import checkpointing as C
+    from moxin.checkpoint.files import step_name
+    from moxin.checkpoint.policy import apply_retention
 
     d = tmp_path / "unit"
     d.mkdir()
     for step in (3, 6, 9, 12, 1000000):
-        (d / C.step_name(step)).write_bytes(b"x")
-    C.apply_retention(d, C.step_name(1000000), keep_all=False, keep=3)
-    assert sorted(p.name for p in d.iterdir()) == sorted(C.step_name(s) for s in (9, 12, 1000000))
+        (d / step_name(step)).write_bytes(b"x")
+    apply_retention(d, step_name(1000000), keep_all=False, keep=3)
+    assert sorted(p.name for p in d.iterdir()) == sorted(step_name(s) for s in (9, 12, 1000000))
     R.train(_compose(TINY_PRETRAIN + [f"out_dir={tmp_path / 'k'}", "run_name=k", "trainer.keep_checkpoints=2"]))
     ck = tmp_path / "k" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt", "step000012.ckpt"]

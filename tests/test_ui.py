@@ -234,7 +234,7 @@ def test_ctrl_c_early_is_one_line_and_status_130(when, tmp_path):
 
 
 def test_locked_run_name_is_one_message(tmp_path):
-    from moxin.checkpointing import RunLock
+    from moxin.checkpoint.lock import RunLock
 
     with RunLock(tmp_path / "runs" / "busy"):
         res = _run(["run_name=busy", "resume=auto"], tmp_path)

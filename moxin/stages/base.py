@@ -124,7 +124,8 @@ def load_init_weights(model: Transformer, path: str) -> None:
     Names and shapes must match, and so must the architecture the source records (HF config.json, or the
     model config moxin stores in its checkpoints): a window, RoPE base or norm epsilon that differs leaves
     every shape equal but computes something else, so it is refused with the fields named."""
-    from moxin.checkpointing import config_mismatches, load_model_weights
+    from moxin.checkpoint.resume import config_mismatches
+    from moxin.checkpoint.weights import load_model_weights
 
     src, src_cfg, what = load_model_weights(path)
     if src_cfg is not None:

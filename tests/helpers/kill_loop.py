@@ -121,7 +121,7 @@ def saved_step(out: Path) -> int:
 
 def newest_complete(out: Path) -> int | None:
     sys.path.insert(0, str(ROOT))
-    from moxin.checkpointing import find_resume
+    from moxin.checkpoint.resume import find_resume
 
     info, _ = find_resume(out)
     return None if info is None else info.step
@@ -129,7 +129,7 @@ def newest_complete(out: Path) -> int | None:
 
 def final_weights(out: Path):
     sys.path.insert(0, str(ROOT))
-    from moxin.checkpointing import load_model_weights
+    from moxin.checkpoint.weights import load_model_weights
 
     return load_model_weights(out / "checkpoints" / "last.ckpt")[0]
 

@@ -1,0 +1,83 @@
+"""Which checkpoint a run folder resumes from, and whether a checkpoint's model is the one configured.
+
+`find_resume` lists every candidate (step files, a legacy real ``last.ckpt``, Lightning's SLURM
+``hpc_ckpt_N.ckpt``), checks each with `read_info` (a torch zip whose central directory reads; a distributed
+checkpoint whose ``.metadata``, ``meta.pt`` and every shard byte range it names are present) and returns the newest
+complete one, with the reasons every newer one was skipped. `clean_temporaries` removes what killed saves left.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+from pathlib import Path
+
+from moxin.checkpoint.files import STEP_RE, TMP_PREFIX, CheckpointError, CkptInfo, read_info
+
+log = logging.getLogger(__name__)
+
+# fields that change what the weights compute; max_seq_len, init_std and attn_backend do not
+ARCH_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidden_dim", "norm_eps",
+               "rope_theta", "sliding_window", "tie_embeddings")
+
+
+def candidates(out_dir: Path) -> list[Path]:
+    """Every checkpoint a run folder may hold: step files (the policy), a real (pre-policy) last.ckpt or
+    last-vN.ckpt, and Lightning's SLURM requeue checkpoints hpc_ckpt_N.ckpt."""
+    ckpt_dir = out_dir / "checkpoints"
+    found: list[Path] = []
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if p.name.startswith("."):
+                continue
+            if STEP_RE.match(p.name) or (p.name.startswith("last") and p.name.endswith(".ckpt") and not p.is_symlink()):
+                found.append(p)
+    if out_dir.is_dir():
+        found += [p for p in out_dir.glob("hpc_ckpt_*.ckpt")]
+    return found
+
+
+def find_resume(out_dir: str | os.PathLike) -> tuple[CkptInfo | None, list[str]]:
+    """The newest complete checkpoint of a run folder (by step, then modification time) and the reasons the
+    newer ones were skipped."""
+    infos, skipped = [], []
+    for p in candidates(Path(out_dir)):
+        try:
+            infos.append(read_info(p))
+        except CheckpointError as e:
+            skipped.append((p.stat().st_mtime if p.exists() else 0.0, str(e)))
+    if not infos:
+        return None, [s for _, s in skipped]
+    best = max(infos, key=lambda i: (i.step, i.path.stat().st_mtime))
+    newer = [s for m, s in skipped if m >= best.path.stat().st_mtime]
+    return best, newer
+
+
+def clean_temporaries(out_dir: str | os.PathLike) -> list[str]:
+    """Remove what killed saves left behind (temporary checkpoint files and folders, half-written HF
+    exports). Only call while holding the run lock: a live save of another process would be deleted."""
+    out = Path(out_dir)
+    removed = []
+    for d, pats in ((out / "checkpoints", (TMP_PREFIX + "*", ".*.tmp", ".trash-*")), (out, (".hf.tmp-*", ".hf.old-*"))):
+        if not d.is_dir():
+            continue
+        for pat in pats:
+            for p in d.glob(pat):
+                shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink(missing_ok=True)
+                removed.append(str(p))
+    if removed:
+        log.warning("removed %d leftover temporary file(s) of interrupted saves: %s", len(removed), removed[:5])
+    return removed
+
+
+def config_mismatches(ours, theirs) -> list[str]:
+    """The architecture fields (`ARCH_FIELDS`) in which two ModelConfigs differ, one line each."""
+    out = []
+    for f in ARCH_FIELDS:
+        a, b = getattr(ours, f), getattr(theirs, f)
+        same = math.isclose(a, b, rel_tol=1e-9) if isinstance(a, float) and isinstance(b, float) else a == b
+        if not same:
+            out.append(f"{f}: model.{f}={a!r} here, {b!r} in the source")
+    return out
