@@ -154,7 +154,7 @@ def test_val_split_is_held_out_and_report_counts(corpus, tmp_path):
         (dict(world_size=3), r"not a multiple"),
     ],
 )
-def test_config_errors(corpus, kw, match):
+def test_inconsistent_batch_and_phase_settings_are_refused(corpus, kw, match):
     with pytest.raises(DataError, match=match):
         make(corpus, **kw)
 

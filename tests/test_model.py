@@ -73,7 +73,7 @@ def test_right_padding_does_not_disturb_real_tokens():
         torch.testing.assert_close(model(xp, pos)[:, :14], model(x[:, :14]), atol=1e-5, rtol=1e-5)
 
 
-def test_window_bites():
+def test_sliding_window_hides_tokens_further_back_than_the_window():
     """Changing a token more than W positions back changes nothing; inside the window it does (1 layer)."""
     model = tiny_model(n_layers=1, sliding_window=4)
     x = torch.randint(0, 512, (1, 12))
@@ -85,7 +85,7 @@ def test_window_bites():
     assert (a[0, 3:7] - b[0, 3:7]).abs().amax(-1).min() > 1e-4
 
 
-def test_gradients_flow(tiny):
+def test_every_parameter_gets_a_finite_nonzero_gradient(tiny):
     x = torch.randint(0, 512, (2, 24))
     tiny.train()
     tiny(x).float().logsumexp(-1).mean().backward()

@@ -11,7 +11,7 @@ step resume=auto chose (they must be equal: no progress lost beyond the last che
 the largest train-loss difference over every logged step, the largest weight difference of the final
 checkpoint, `state_diff`: every leaf of the final checkpoints that differs (weights, optimizer state, loop and
 loader state, reader states with their dedup sets, tokens_seen, RNG states; [] when equal), and the final
-val/loss of both runs. Used by tests/test_reliab_fsdp.py.
+val/loss of both runs. Used by tests/test_fsdp_checkpoints_and_kill_loops.py.
 """
 
 from __future__ import annotations

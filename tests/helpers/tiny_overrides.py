@@ -1,6 +1,6 @@
 """Hydra overrides that shrink an experiment to seconds on a CPU (the model keeps the real 32000-entry vocabulary
 and tokenizer). Plain lists without imports, so the helper scripts that run against another moxin tree
-(checkpoint_cases.py, kill_loop.py) use them as well as the tests."""
+(checkpoint_failure_cases.py, kill_loop.py) use them as well as the tests."""
 
 
 def tiny_model(n_layers: int = 2, sliding_window: int | None = 32) -> list[str]:

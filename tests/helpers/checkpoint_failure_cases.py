@@ -1,8 +1,8 @@
 """Issue #9's numbered cases as a before/after reproducer: run them against a moxin tree.
 
     git -C . archive 6e773b2 | tar -x -C /tmp/before        # the code before the fix
-    python tests/helpers/issue9_cases.py /tmp/before 1 6 3 4 7 8
-    python tests/helpers/issue9_cases.py "$PWD" 1 6 3 4 7 8
+    python tests/helpers/checkpoint_failure_cases.py /tmp/before 1 6 3 4 7 8
+    python tests/helpers/checkpoint_failure_cases.py "$PWD" 1 6 3 4 7 8
 
 Prints one CASE line per measurement (tiny model, real tokenizer, CPU). The kill loops are
 tests/helpers/kill_loop.py (--code for another tree).
