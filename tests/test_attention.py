@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moxin.model import attention, masks
+from tests.helpers.host_reads import HostReads
 
 
 def brute_mask(positions: torch.Tensor, window: int | None) -> torch.Tensor:
@@ -236,21 +237,6 @@ def test_model_builds_one_mask_per_forward(monkeypatch):
     pos = torch.cat([torch.arange(7), torch.arange(9)]).unsqueeze(0)
     model(torch.randint(0, 64, (1, 16)), pos)
     assert len(built) == 1
-
-
-class HostReads(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records the ops that make the host wait for a tensor's values (on a GPU: a device sync)."""
-
-    READS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::item")
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in self.READS:
-            self.reads.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
 
 
 def _random_packed_positions(g, B, T, max_docs):

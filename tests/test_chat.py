@@ -101,7 +101,7 @@ def test_shifted_labels(tok):
         (["just text"], "message 0: expected a dict"),
     ],
 )
-def test_validation(tok, messages, fragment):
+def test_malformed_conversations_are_refused_naming_message_and_conversation(tok, messages, fragment):
     problem = validate_conversation(messages, conversation_index=7)
     assert problem is not None and fragment in problem and "conversation 7" in problem
     with pytest.raises(ChatValidationError, match="conversation 12"):

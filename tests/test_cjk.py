@@ -240,7 +240,7 @@ def test_transformers_loads_the_same_ids(tok):
     assert hf.convert_tokens_to_ids(hf.eos_token) == tok.eos_id
 
 
-def test_export_files(tmp_path):
+def test_export_files_name_what_each_tokenizer_spec_copies(tmp_path):
     names = sorted(p.name for p in export_files("moxin-cjk"))
     assert names == sorted(["tokenizer.json", "tokenizer_config.json", META_FILE])
     f = tmp_path / "tokenizer.json"
@@ -250,7 +250,7 @@ def test_export_files(tmp_path):
 
 
 # ---- building blocks -----------------------------------------------------------------------------------------
-def test_runs_of_text():
+def test_runs_of_text_splits_out_the_cjk_runs_with_their_word_marker():
     assert list(runs_of_text("Hello 世界, 안녕 하세요 and 日本語です。")) == [
         "▁世界", "▁안녕", "▁하세요", "▁日本語です。"]
     assert list(runs_of_text("中文")) == ["▁中文"]

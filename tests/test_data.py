@@ -149,7 +149,7 @@ def test_missing_path_names_source(tmp_path):
         validate_source(src)
 
 
-def test_empty_corpus(tmp_path):
+def test_a_source_without_documents_is_refused_by_name(tmp_path):
     (tmp_path / "e.jsonl").write_text("\n\n")
     with pytest.raises(DataError, match=r"'empty'.*no document"):
         validate_source(SourceConfig("empty", str(tmp_path / "e.jsonl")))

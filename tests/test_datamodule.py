@@ -1,6 +1,5 @@
 """PretrainDataModule: exact resume of the stateful loader, phases, validation split, config errors."""
 
-import io
 import json
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 from moxin.data.phases import Phase
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.reader import DataError
+from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip
 
 
 class ByteTok:
@@ -45,23 +45,6 @@ def make(corpus, workers=0, **kw):
                 num_workers=workers, seed=7, val_percent=10, val_tokens=128, world_size=1)
     args.update(kw)
     return PretrainDataModule(corpus, PHASES, **args)
-
-
-def ckpt_roundtrip(state):
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
-def as_list(batches):
-    return [{k: v.clone() for k, v in b.items()} for b in batches]
-
-
-def same(a, b):
-    assert len(a) == len(b)
-    for x, y in zip(a, b):
-        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
 def _documents(batches) -> list[str]:
@@ -105,7 +88,7 @@ def test_resume_mid_phase_is_exact(corpus, workers):
     loader2 = dm2.build_train_loader(0)
     loader2.load_state_dict(state)
     tail = as_list(loader2)
-    same(head + tail, full)
+    assert_same_batches(head + tail, full)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -171,7 +154,7 @@ def test_val_split_is_held_out_and_report_counts(corpus, tmp_path):
         (dict(world_size=3), r"not a multiple"),
     ],
 )
-def test_config_errors(corpus, kw, match):
+def test_inconsistent_batch_and_phase_settings_are_refused(corpus, kw, match):
     with pytest.raises(DataError, match=match):
         make(corpus, **kw)
 

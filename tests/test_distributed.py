@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import torchrun
-from tests.helpers.wiring_reference import assert_grads_close
+from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one, check_same_training
 
 HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 
@@ -19,19 +19,6 @@ HELPER = Path(__file__).parent / "helpers" / "ddp_equivalence.py"
 def _run(world: int, out: Path, strategy: str = "ddp") -> dict:
     torchrun(HELPER, out, strategy, nproc=world)
     return json.loads(out.read_text()) | torch.load(f"{out}.grads.pt", weights_only=True)
-
-
-def check_same_training(one: dict, two: dict, n_steps: int, what: str, loss_rel: float = 1e-5) -> None:
-    """Equal gradients at each of the `n_steps` optimizer steps (the first step's equal to the hand-written
-    reference's), equal logged losses and weights."""
-    assert len(one["steps"]) == len(two["steps"]) == n_steps
-    for run, name in ((one, "1 process"), (two, what)):
-        assert_grads_close(run["steps"][0], run["reference"], f"{name}, step 0 vs the reference")
-    for s, (g1, g2) in enumerate(zip(one["steps"], two["steps"])):
-        assert_grads_close(g2, g1, f"{what} vs 1 process, step {s}")
-    assert len(one["losses"]) == len(two["losses"]) > 0
-    assert one["losses"] == pytest.approx(two["losses"], rel=loss_rel, abs=1e-5)
-    assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -82,21 +69,6 @@ def test_fsdp2_validation_metrics_reduced_and_samples_generated(tmp_path):
     assert r1["val_loss"] == pytest.approx(one["val_loss"], rel=1e-6)
     assert len(one["samples"]) == 2 and r0["samples"] == one["samples"]
     assert r1["samples"] == []  # rank 1 takes part in the decode but does not print
-
-
-def _dpo(world: int, out: Path, accelerator: str = "cpu") -> dict:
-    helper = Path(__file__).parent / "helpers" / "dpo_equivalence.py"
-    torchrun(helper, out, accelerator, nproc=world)
-    return json.loads(out.read_text()) | torch.load(f"{out}.grads.pt", weights_only=True)
-
-
-def check_dpo_fsdp_matches_one(tmp_path, accelerator):
-    one = _dpo(1, tmp_path / "one.json", accelerator)
-    two = _dpo(2, tmp_path / "two.json", accelerator)
-    assert two["ref_sharded"] and not one["ref_sharded"]  # the frozen reference is sharded like the policy
-    check_same_training(one, two, 3, "2 FSDP2 processes", loss_rel=1e-4)
-    assert one["ref_checksum"] == pytest.approx(two["ref_checksum"], rel=1e-9)  # the reference never moves
-    assert abs(one["losses"][-1] - one["losses"][0]) > 1e-3  # it trained
 
 
 def test_dpo_fsdp2_two_processes_match_one(tmp_path):

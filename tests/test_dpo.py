@@ -12,9 +12,9 @@ from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answ
 from moxin.data.extract import pair_from_record, pair_problem
 from moxin.data.reader import DataError
 from moxin.tokenizer import load_tokenizer
+from tests.helpers.compose import compose_config
+from tests.helpers.tiny_overrides import TINY_MODEL
 
-TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.head_dim=16", "model.sliding_window=32"]
 U = {"role": "user", "content": "Capital of Norway?"}
 
 
@@ -88,14 +88,6 @@ def test_stage_config_errors():
         DPOStage(model=cfg, loss_type="orpo")
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from moxin import run as R
-
-    with initialize_config_dir(R.CONF_DIR, version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=False)
-
 
 def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):
     from moxin import run as R
@@ -110,7 +102,7 @@ def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):
             f"data.val.path={small['preferences_heldout']}", "data.batch_size=8", "data.micro_batch_size=4", "data.num_epochs=1",
             "trainer.max_steps=2", "trainer.val_every_n_steps=2", "samples.prompts=[]", "trainer.progress_bar=none",
             "hardware.num_workers=0", "export_hf=false", f"stage.ref_cache_dir={tmp_path / 'cache'}"]
-    info = R.train(_compose(base + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    info = R.train(compose_config(base + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
     m = info["metrics"]
     assert info["optimizer_steps"] == 2
     for k in ("dpo/loss", "dpo/margin", "dpo/accuracy", "dpo/chosen_reward", "dpo/rejected_reward",
@@ -121,15 +113,15 @@ def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):
     assert len(caches) == 2  # train and held-out pairs
     # same inputs: the cache is reused (not rewritten); frozen reference gives the same starting metrics
     mtimes = [c.stat().st_mtime_ns for c in caches]
-    info_b = R.train(_compose(base + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.max_steps=1"]))
+    info_b = R.train(compose_config(base + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.max_steps=1"]))
     assert [c.stat().st_mtime_ns for c in caches] == mtimes
     assert len(list((tmp_path / "cache").glob("*/ref_logps.safetensors"))) == 2
-    info_f = R.train(_compose(base + [f"out_dir={tmp_path / 'f'}", "run_name=f", "trainer.max_steps=1",
+    info_f = R.train(compose_config(base + [f"out_dir={tmp_path / 'f'}", "run_name=f", "trainer.max_steps=1",
                                       "stage.reference=frozen"]))
     for k in ("val/dpo_loss_before", "val/logp_accuracy_before", "val/chosen_logp_before"):
         assert abs(info_f["metrics"][k] - info_b["metrics"][k]) < 1e-4, k
     # a changed max length is a new cache
-    R.train(_compose(base + [f"out_dir={tmp_path / 'c'}", "run_name=c", "trainer.max_steps=1", "data.max_length=200"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'c'}", "run_name=c", "trainer.max_steps=1", "data.max_length=200"]))
     assert len(list((tmp_path / "cache").glob("*/ref_logps.safetensors"))) == 4
 
 
@@ -142,7 +134,7 @@ def test_the_dpo_step_reads_nothing_from_the_device_and_the_loss_is_unchanged():
 
     from moxin.model import ModelConfig
     from moxin.stages.dpo import DPOStage
-    from tests.test_losses import _HostReads
+    from tests.helpers.host_reads import HostReads
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny", vocab_size=64, attn_backend="sdpa")
@@ -167,7 +159,7 @@ def test_the_dpo_step_reads_nothing_from_the_device_and_the_loss_is_unchanged():
         assert torch.equal(moved["label_rows"].rows, (cat.reshape(-1) != -100).nonzero().squeeze(1))
         outs = []
         for b in (batch, moved):
-            with _HostReads() as seen:
+            with HostReads() as seen:
                 loss, P, stats, _ = stage._pair_terms(b, "train")
             outs.append((loss, stats, seen.reads))
         assert torch.equal(outs[0][0], outs[1][0]) and P == 3
@@ -187,7 +179,7 @@ def test_dpo_training_raises_the_margin_and_accuracy_of_its_pairs():
     from moxin.model import Transformer
     from moxin.stages.dpo import DPOStage
     from tests.helpers.wiring_reference import dpo_margins
-    from tests.test_stage_wiring import CFG, dpo_pairs, optim
+    from tests.helpers.wiring_inputs import CFG, dpo_pairs, optim
 
     pairs = dpo_pairs(8)
     torch.manual_seed(0)

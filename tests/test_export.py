@@ -9,7 +9,7 @@ import pytest
 
 from moxin.tokenizer import load_tokenizer, render_chat
 from moxin.tokenizer.hf_export import write_hf_tokenizer_files
-from tests.test_run import _compose
+from tests.helpers.compose import compose_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -23,7 +23,7 @@ CONVS = [
 
 
 def _export(tmp_path, experiment):
-    cfg = _compose([f"+experiment={experiment}", f"out_dir={tmp_path}", "run_name=x"])
+    cfg = compose_config([f"+experiment={experiment}", f"out_dir={tmp_path}", "run_name=x"])
     d = tmp_path / "hf"
     d.mkdir()
     write_hf_tokenizer_files(d, cfg)
@@ -66,7 +66,7 @@ def test_convert_checkpoint_writes_the_tokenizer_like_a_run_export(tmp_path):
     root = Path(__file__).resolve().parent.parent
     run = tmp_path / "runs" / "s"
     (run / ".hydra").mkdir(parents=True)
-    OmegaConf.save(_compose(["+experiment=sft", f"out_dir={run}", "run_name=s"]), run / ".hydra" / "config.yaml")
+    OmegaConf.save(compose_config(["+experiment=sft", f"out_dir={run}", "run_name=s"]), run / ".hydra" / "config.yaml")
     torch.manual_seed(0)
     save_file(Transformer(ModelConfig.preset("tiny")).state_dict(), str(run / "weights.safetensors"))
     out = tmp_path / "hf"

@@ -116,7 +116,7 @@ def test_logprobs_match_recomputation(model, temperature):
         torch.testing.assert_close(torch.tensor(lps), ref, atol=1e-4, rtol=1e-4)
 
 
-def test_bad_arguments(model):
+def test_generate_refuses_empty_prompts_and_an_unknown_pad_side(model):
     with pytest.raises(ValueError, match="at least one token"):
         generate(model, [[1], []], 3)
     with pytest.raises(ValueError, match="pad_side"):

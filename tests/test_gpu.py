@@ -410,10 +410,11 @@ def test_flex_ragged_lengths_match_reference(T, docs, D):
 
 
 def _run_experiment(tmp_path, name, *extra):
-    from tests.test_run import TINY_MODEL, _compose
+    from tests.helpers.compose import compose_config
+    from tests.helpers.tiny_overrides import TINY_MODEL
     from moxin import run as R
 
-    cfg = _compose([f"+experiment={name}", "hardware=gpu", "hardware.num_workers=0", f"out_dir={tmp_path / name}",
+    cfg = compose_config([f"+experiment={name}", "hardware=gpu", "hardware.num_workers=0", f"out_dir={tmp_path / name}",
                     f"run_name={name}", "trainer.progress_bar=none", *TINY_MODEL, *extra])
     return R.train(cfg)
 
@@ -438,6 +439,6 @@ def test_dpo_and_grpo_run_on_gpu_compiled(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
 def test_dpo_fsdp2_two_gpus_match_one(tmp_path):
     """DPO with a sharded frozen reference on 2 GPUs (NCCL) = one GPU on the same global batch."""
-    from tests.test_distributed import check_dpo_fsdp_matches_one
+    from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one
 
     check_dpo_fsdp_matches_one(tmp_path, "gpu")

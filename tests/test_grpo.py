@@ -18,13 +18,14 @@ from tests.conftest import torchrun
 import torch
 
 import moxin.rewards as rewards_pkg
-from moxin.data.grpo_data import PromptDataModule
 from moxin.model import ModelConfig
 from moxin.rewards import RewardResult
 from moxin.stages.base import OptimConfig
 from moxin.stages.grpo import GRPOConfig, GRPOStage
 
 from moxin.paths import conf_dir
+from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch
+from tests.helpers.tiny_overrides import tiny_model
 
 CONF = str(conf_dir())
 
@@ -70,19 +71,6 @@ def make_stage(tok, **grpo) -> GRPOStage:
                      grpo=GRPOConfig(**kw), tokenizer=tok, seed=3)
 
 
-def make_dm(tok, steps=1, P=2) -> PromptDataModule:
-    return PromptDataModule(source="arithmetic", prompts_per_step=P, steps=steps, tokenizer=tok, seed=0,
-                            max_prompt_tokens=64)
-
-
-def fit(stage, dm, tmp_path):
-    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path),
-                        num_sanity_val_steps=0)
-    trainer.fit(stage, datamodule=dm)
-    return trainer
-
-
 METRICS = ["grpo/reward_mean", "grpo/reward_std", "grpo/frac_zero_std", "grpo/completion_len_mean",
            "grpo/truncated_frac", "grpo/clip_frac", "grpo/kl", "grpo/entropy", "grpo/gen_tokens_per_s",
            "grpo/verifier_errors", "grpo/verifier_timeouts", "train/loss", "train/lr"]
@@ -90,10 +78,10 @@ METRICS = ["grpo/reward_mean", "grpo/reward_std", "grpo/frac_zero_std", "grpo/co
 
 def test_step_changes_weights_and_logs_metrics(tok, tmp_path):
     stage = make_stage(tok, ppo_epochs=2, num_minibatches=2)
-    dm = make_dm(tok, steps=1)
+    dm = arithmetic_prompts(tok, steps=1)
     stage.configure_model()
     before = {k: v.clone() for k, v in stage.model.state_dict().items()}
-    trainer = fit(stage, dm, tmp_path)
+    trainer = fit_one_epoch(stage, dm, tmp_path)
     h = stage.history[0]
     for k in METRICS:
         assert k in h and math.isfinite(h[k]), k
@@ -107,17 +95,17 @@ def test_step_changes_weights_and_logs_metrics(tok, tmp_path):
 def test_kl_is_exactly_zero_when_reference_equals_policy(tok, tmp_path):
     for est in ("k1", "k2", "low_var_kl"):
         stage = make_stage(tok, kl_coef=0.5, kl_estimator=est)
-        fit(stage, make_dm(tok, steps=1), tmp_path)
+        fit_one_epoch(stage, arithmetic_prompts(tok, steps=1), tmp_path)
         assert stage.ref_model is not None
         assert stage.history[0]["grpo/kl"] == 0.0, est
         # after the update the policy moved away from the reference: the next step sees KL > 0
     stage = make_stage(tok, kl_coef=0.5, kl_estimator="low_var_kl")
-    fit(stage, make_dm(tok, steps=2), tmp_path)
+    fit_one_epoch(stage, arithmetic_prompts(tok, steps=2), tmp_path)
     assert stage.history[0]["grpo/kl"] == 0.0 and stage.history[1]["grpo/kl"] > 0.0
 
 
 def test_generation_is_reproducible_with_a_seed(tok):
-    dm = make_dm(tok, steps=2)
+    dm = arithmetic_prompts(tok, steps=2)
     batch = dm.rank_batches(0)[0]
     a, b = make_stage(tok), make_stage(tok)
     for s in (a, b):
@@ -161,7 +149,7 @@ def test_verifier_errors_and_timeouts_are_counted(tok, tmp_path, monkeypatch):
     scoring timed out on every 4th completion records those timeouts."""
     stage = make_stage(tok, verifier="broken")
     stage.configure_model()
-    ro = stage.rollout(make_dm(tok).rank_batches(0)[0], step=0)
+    ro = stage.rollout(arithmetic_prompts(tok).rank_batches(0)[0], step=0)
     n_err = sum(1 for c in ro.completions if len(c) % 3 == 0)  # where BrokenVerifier raises
     assert n_err >= 1 and ro.stats["verifier_errors"] == n_err and ro.stats["verifier_timeouts"] == 0
 
@@ -175,7 +163,7 @@ def test_verifier_errors_and_timeouts_are_counted(tok, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rewards_pkg, "score_batch", slow)
     stage = make_stage(tok, verifier="parity")
-    fit(stage, make_dm(tok, steps=1), tmp_path)
+    fit_one_epoch(stage, arithmetic_prompts(tok, steps=1), tmp_path)
     assert stage.history[0]["grpo/verifier_timeouts"] == 2  # 8 completions, every 4th timed out
 
 
@@ -192,7 +180,7 @@ def test_broken_verifier_errors_are_logged(tok, tmp_path, monkeypatch):
     trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=CSVLogger(tmp_path, name="csv"),
                         log_every_n_steps=1, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=str(tmp_path), num_sanity_val_steps=0)
-    trainer.fit(stage, datamodule=make_dm(tok, steps=2))
+    trainer.fit(stage, datamodule=arithmetic_prompts(tok, steps=2))
     rows = list(csv.DictReader((Path(trainer.logger.log_dir) / "metrics.csv").read_text().splitlines()))
     logged = [float(r["grpo/verifier_errors"]) for r in rows if r.get("grpo/verifier_errors")]
     raised = [sum(1 for c in ro.completions if len(c) % 3 == 0) for ro in rollouts]  # where BrokenVerifier raises
@@ -212,8 +200,7 @@ def test_experiment_composes_and_smoke_runs(tmp_path):
         assert big.stage.optim.lr == 1e-6 and big.stage.grpo.verifier == "math"
         cfg = compose(config_name="config", overrides=[
             "+experiment=grpo", f"out_dir={tmp_path}/run", "run_name=smoke", "trainer.progress_bar=none",
-            "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16",
-            "model.hidden_dim=128", "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",
+            *tiny_model(n_layers=1, sliding_window=None), "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",
             "stage.grpo.max_new_tokens=4", "warmup.steps=1", "warmup.batch_size=2", "warmup.micro_batch_size=2",
             "stage.grpo.verifier_workers=0",
             "logger=csv",
@@ -252,7 +239,7 @@ def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypa
     for choice, used in (("auto", DecodePath.EAGER), ("static", DecodePath.STATIC)):
         stage = make_stage(tok, decode=choice)
         stage.configure_model()
-        stage.rollout(make_dm(tok).rank_batches(0)[0], step=0)
+        stage.rollout(arithmetic_prompts(tok).rank_batches(0)[0], step=0)
         assert seen[-1] == used
 
 
@@ -269,7 +256,7 @@ def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monke
         outs.clear()
         stage = make_stage(tok, gen_batch_size=gen_batch_size, max_new_tokens=10, score_during_generation=True)
         stage.configure_model()
-        batch = make_dm(tok, P=2).rank_batches(0)[0]
+        batch = arithmetic_prompts(tok, prompts_per_step=2).rank_batches(0)[0]
         ro = stage.rollout(batch, step=1)
         tokens = [t for o in outs for t in o.tokens]
         assert len(outs) == (1 if gen_batch_size is None else 3)
@@ -283,7 +270,7 @@ def test_scoring_during_generation_gives_the_rewards_of_scoring_after(tok, monke
     monkeypatch.setattr(grpo_mod, "generate", lambda *a, **kw: kws.append(kw) or real(*a, **kw))
     stage = make_stage(tok)
     stage.configure_model()
-    stage.rollout(make_dm(tok, P=2).rank_batches(0)[0], step=1)
+    stage.rollout(arithmetic_prompts(tok, prompts_per_step=2).rank_batches(0)[0], step=1)
     assert kws and all(kw["on_finished"] is None for kw in kws)
 
 
@@ -296,7 +283,7 @@ def test_rollouts_decode_from_a_16bit_copy_refreshed_every_step(tok, monkeypatch
     seen, real = [], grpo_mod.generate
     monkeypatch.setattr(grpo_mod, "generate",
                         lambda m, *a, **kw: (seen.append((m, torch.is_autocast_enabled("cpu"))), real(m, *a, **kw))[1])
-    batch = make_dm(tok).rank_batches(0)[0]
+    batch = arithmetic_prompts(tok).rank_batches(0)[0]
     stage = make_stage(tok, rollout_copy=True)
     stage.configure_model()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -328,7 +315,7 @@ def test_the_update_finds_its_rows_on_the_host_reads_nothing_in_its_passes_and_u
     weights and every logged number equal the update that finds them on the device (uneven micro-batches, two
     epochs of two minibatches, KL on)."""
     from moxin.stages import grpo
-    from tests.test_losses import _HostReads
+    from tests.helpers.host_reads import HostReads
 
     runs = {}
     for host in (True, False):
@@ -337,7 +324,7 @@ def test_the_update_finds_its_rows_on_the_host_reads_nothing_in_its_passes_and_u
 
         def recorded(fn):
             def call(*a, **k):
-                with _HostReads() as seen:
+                with HostReads() as seen:
                     out = fn(*a, **k)
                 reads.extend(seen.reads)
                 return out
@@ -347,7 +334,7 @@ def test_the_update_finds_its_rows_on_the_host_reads_nothing_in_its_passes_and_u
         stage.manual_backward = recorded(stage.manual_backward)
         if not host:
             monkeypatch.setattr(stage, "_host_rows", lambda *a, **k: grpo._HostRows())
-        fit(stage, make_dm(tok, steps=1, P=3), tmp_path)
+        fit_one_epoch(stage, arithmetic_prompts(tok, steps=1, prompts_per_step=3), tmp_path)
         runs[host] = (stage.history, stage.model.state_dict(), reads)
     (h_host, w_host, r_host), (h_dev, w_dev, r_dev) = runs[True], runs[False]
     assert r_host == [] and "aten::nonzero" in r_dev

@@ -16,10 +16,9 @@ from moxin.model import Transformer
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merged_items
-from tests.test_run import _compose, _losses
+from tests.helpers.compose import compose_config, logged_train_losses
+from tests.helpers.tiny_overrides import TINY_MODEL
 
-TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.head_dim=16", "model.sliding_window=32"]
 RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "trainer.progress_bar=none",
                     "hardware.num_workers=0", "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4",
                     "stage.lora.alpha=8"]
@@ -30,7 +29,7 @@ SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
 @pytest.fixture(scope="module")
 def base_dir(tmp_path_factory) -> Path:
     """A random tiny base model as a Hugging Face folder (what LoRA runs start from)."""
-    cfg = instantiate(_compose(TINY_MODEL).model)
+    cfg = instantiate(compose_config(TINY_MODEL).model)
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("base") / "hf"
     save_hf(Transformer(cfg), path)
@@ -110,7 +109,7 @@ def test_bad_lora_configs_are_refused_with_the_key():
 
 
 def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged_and_peft(tmp_path, base_dir):
-    info = R.train(_compose(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / 'a'}", "run_name=a",
+    info = R.train(compose_config(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / 'a'}", "run_name=a",
                                             "trainer.max_steps=2", "export_hf=true"]))
     assert info["optimizer_steps"] == 2
     ckpt = torch.load(info["checkpoint"], map_location="cpu", weights_only=True)
@@ -154,7 +153,7 @@ def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged
 def test_peft_loads_the_exported_adapter_on_the_base_and_matches_the_merged_export(tmp_path, base_dir):
     peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'moxin[dev]')")
     transformers = pytest.importorskip("transformers")
-    R.train(_compose(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / 'a'}", "run_name=a",
+    R.train(compose_config(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / 'a'}", "run_name=a",
                                      "trainer.max_steps=1", "export_hf=true", "stage.optim.lr=5e-2"]))
     M = transformers.MistralForCausalLM
     base = M.from_pretrained(str(base_dir), torch_dtype=torch.float32)
@@ -173,10 +172,10 @@ def test_sft_lora_resume_is_exact(tmp_path, base_dir):
     """Stop at step 2 (adapters + optimizer in the checkpoint, the base rebuilt from init_from), resume to 4: the
     same losses as an uninterrupted run, and the same final adapters."""
     base = SFT + COMMON + [f"init_from={base_dir}", "export_hf=false", "stage.lora.dropout=0.1"]
-    R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", "trainer.max_steps=4"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=2"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4", "resume=auto"]))
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", "trainer.max_steps=4"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=2"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4", "resume=auto"]))
+    a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-6), (step, a[step], b[step])
@@ -188,7 +187,7 @@ def test_sft_lora_resume_is_exact(tmp_path, base_dir):
         torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=0, atol=1e-9)
     # resuming with other adapters is refused, naming the settings
     with pytest.raises(ValueError, match="LoRA adapters"):
-        R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=5",
+        R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=5",
                                  "resume=auto", "stage.lora.rank=8"]))
 
 
@@ -197,7 +196,7 @@ def test_dpo_adapter_off_reference_equals_a_frozen_copy_of_the_base(tmp_path, ba
     from moxin.stages.common import sequence_logps
     from moxin.stages.dpo import DPOStage
 
-    cfg = instantiate(_compose(TINY_MODEL).model)
+    cfg = instantiate(compose_config(TINY_MODEL).model)
     assert isinstance(cfg, ModelConfig)
     stage = DPOStage(model=cfg, init_from=str(base_dir), lora=LoRAConfig(rank=4), reference="frozen")
     stage.configure_model()
@@ -229,7 +228,7 @@ def test_dpo_and_grpo_with_lora_run_end_to_end(tmp_path, base_dir):
     for name, n in (("preferences", 8), ("preferences_heldout", 4)):
         small[name] = tmp_path / f"{name}.jsonl"
         small[name].write_text("".join(open(sample_path(name)).readlines()[:n]))
-    info = R.train(_compose(["+experiment=dpo", *COMMON, f"init_from={base_dir}", f"out_dir={tmp_path / 'd'}",
+    info = R.train(compose_config(["+experiment=dpo", *COMMON, f"init_from={base_dir}", f"out_dir={tmp_path / 'd'}",
                              "run_name=d", f"data.train.path={small['preferences']}",
                              f"data.val.path={small['preferences_heldout']}", "trainer.max_steps=1",
                              "export_hf=false", f"stage.ref_cache_dir={tmp_path / 'cache'}"]))
@@ -238,7 +237,7 @@ def test_dpo_and_grpo_with_lora_run_end_to_end(tmp_path, base_dir):
     assert not (tmp_path / "cache").exists()  # the adapter-off base is the reference: no cache
     # GRPO: an SFT warm-up with the same adapters (its LoRA checkpoint is GRPO's init_from: merged into its base),
     # then rollouts from the merged copy and a KL to the adapter-off base
-    grpo = R.train(_compose(["+experiment=grpo", *RUN, f"init_from={base_dir}", f"out_dir={tmp_path / 'g'}",
+    grpo = R.train(compose_config(["+experiment=grpo", *RUN, f"init_from={base_dir}", f"out_dir={tmp_path / 'g'}",
                              "run_name=g", "data.steps=1", "data.prompts_per_step=2", "data.task.pool=2",
                              "stage.grpo.group_size=2", "stage.grpo.max_new_tokens=4", "warmup.steps=2",
                              "warmup.batch_size=4", "warmup.micro_batch_size=4", "stage.grpo.verifier_workers=0",
@@ -275,7 +274,7 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
     from tests.conftest import torchrun
 
     over = SFT + COMMON + [f"init_from={base_dir}", "export_hf=false", "trainer.max_steps=4"]
-    R.train(_compose(over + [f"out_dir={tmp_path / 'one'}", "run_name=one"]))
+    R.train(compose_config(over + [f"out_dir={tmp_path / 'one'}", "run_name=one"]))
     part = tmp_path / "part"
     args = ["-m", "moxin.run", "hardware=fsdp_cpu", *over, f"out_dir={part}", "run_name=part"]
     root = Path(__file__).resolve().parents[1]
@@ -286,7 +285,7 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
     keys = [k for k in md.state_dict_metadata if k.startswith("state_dict.")]
     assert len(keys) == 28 and all(k.endswith((".lora_A", ".lora_B")) for k in keys)
     torchrun(*args, "resume=auto", cwd=root)
-    a, b = _losses(tmp_path / "one"), _losses(part)
+    a, b = logged_train_losses(tmp_path / "one"), logged_train_losses(part)
     assert sorted(a) == sorted(b) == [0, 1, 2, 3]
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
@@ -297,11 +296,11 @@ def test_bad_combinations_are_refused_before_any_work(base_dir):
 
     fsdp = ["hardware=fsdp", f"init_from={base_dir}", "stage.lora.rank=4"]
     with pytest.raises(UserError, match="stage.lora.quantize=null"):
-        check_lora(_compose(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
+        check_lora(compose_config(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
     with pytest.raises(UserError, match="fsdp_param_dtype=bfloat16"):
-        check_lora(_compose(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
-    check_lora(_compose(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
+        check_lora(compose_config(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
+    check_lora(compose_config(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
     # preflight runs it (hardware=fsdp_cpu: no GPU needed here)
     with pytest.raises(UserError, match="stage.lora.quantize=null"):
-        preflight(_compose(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
+        preflight(compose_config(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
                             "stage.lora.quantize=nf4"]))

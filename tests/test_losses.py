@@ -19,6 +19,7 @@ from moxin.losses import (
     token_logprobs,
     zero_std_groups,
 )
+from tests.helpers.host_reads import HostReads
 
 
 def _inputs(B=3, T=7, D=16, V=50, seed=0):
@@ -241,19 +242,6 @@ def test_bad_label_and_shape_errors():
         token_cross_entropy(hidden, weight, labels[:, :-1])
 
 
-class _HostReads(TorchDispatchMode):
-    """Records the ops that make the host wait for a tensor's values (on a GPU: a device sync)."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func._schema.name in ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::item"):
-            self.reads.append(func._schema.name)
-        return func(*args, **(kwargs or {}))
-
-
 @pytest.mark.parametrize("seed", range(6))
 def test_label_rows_from_the_host_give_the_same_loss_and_read_nothing(seed):
     """`LabelRows` built from the host's labels select the same rows and targets as the head's own `nonzero`:
@@ -270,7 +258,7 @@ def test_label_rows_from_the_host_give_the_same_loss_and_read_nothing(seed):
     outs = []
     for lr in (None, rows):
         h, w = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-        with _HostReads() as seen:
+        with HostReads() as seen:
             loss, n = token_cross_entropy(h, w, labels, chunk_size=5, label_rows=lr)
             loss.backward()
         outs.append((loss, n, h.grad, w.grad, seen.reads))
@@ -299,7 +287,7 @@ def test_token_entropy():
     assert n.item() == mask.sum().item()
     # the mask's positions found on the host: the same sum bit for bit, nothing read, the count a host tensor
     rows = mask.reshape(-1).nonzero().squeeze(1)
-    with _HostReads() as seen:
+    with HostReads() as seen:
         ent2, n2 = token_entropy(hidden, weight, mask, chunk_size=4, rows=rows)
     assert torch.equal(ent, ent2) and n2.device.type == "cpu" and int(n2) == int(n) and seen.reads == []
     with pytest.raises(ValueError, match=r"flat positions \(R,\)"):

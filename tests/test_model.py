@@ -73,7 +73,7 @@ def test_right_padding_does_not_disturb_real_tokens():
         torch.testing.assert_close(model(xp, pos)[:, :14], model(x[:, :14]), atol=1e-5, rtol=1e-5)
 
 
-def test_window_bites():
+def test_sliding_window_hides_tokens_further_back_than_the_window():
     """Changing a token more than W positions back changes nothing; inside the window it does (1 layer)."""
     model = tiny_model(n_layers=1, sliding_window=4)
     x = torch.randint(0, 512, (1, 12))
@@ -85,7 +85,7 @@ def test_window_bites():
     assert (a[0, 3:7] - b[0, 3:7]).abs().amax(-1).min() > 1e-4
 
 
-def test_gradients_flow(tiny):
+def test_every_parameter_gets_a_finite_nonzero_gradient(tiny):
     x = torch.randint(0, 512, (2, 24))
     tiny.train()
     tiny(x).float().logsumexp(-1).mean().backward()
@@ -120,10 +120,10 @@ def test_presets_are_the_conf_model_files():
 
     assert {"moxin-7b", "mistral-7b", "tiny", "tiny-cpu"} <= set(preset_names())
     from moxin import run as R
-    from tests.test_run import _compose
+    from tests.helpers.compose import compose_config
 
     for name in preset_names():
-        assert ModelConfig.preset(name) == R.instantiate(_compose([f"model={name}"]).model), name
+        assert ModelConfig.preset(name) == R.instantiate(compose_config([f"model={name}"]).model), name
 
 
 def test_fused_projections_give_the_same_outputs_in_the_same_memory():

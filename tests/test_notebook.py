@@ -10,7 +10,8 @@ nbformat = pytest.importorskip("nbformat")
 NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
 from moxin import run as R  # noqa: E402
-from tests.test_run import TINY_PRETRAIN, _compose  # noqa: E402
+from tests.helpers.compose import compose_config  # noqa: E402
+from tests.helpers.tiny_overrides import TINY_PRETRAIN  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
 
@@ -30,7 +31,7 @@ def test_relative_moxin_run_is_the_launch_folders(tmp_path, monkeypatch):
     (run_dir / ".hydra").mkdir(parents=True)
     from omegaconf import OmegaConf
 
-    OmegaConf.save(_compose(["out_dir=x", "run_name=rel"]), run_dir / ".hydra" / "config.yaml", resolve=True)
+    OmegaConf.save(compose_config(["out_dir=x", "run_name=rel"]), run_dir / ".hydra" / "config.yaml", resolve=True)
     kernel_cwd = tmp_path / "site-packages" / "moxin" / "notebooks"
     kernel_cwd.mkdir(parents=True)
     monkeypatch.setenv("PWD", str(tmp_path))
@@ -40,7 +41,7 @@ def test_relative_moxin_run_is_the_launch_folders(tmp_path, monkeypatch):
 
 def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
     run_dir = tmp_path / "runs" / "nb"
-    cfg = _compose(TINY_PRETRAIN + [f"out_dir={run_dir}", "run_name=nb", "trainer.max_steps=3", "logger=[csv,tensorboard]"])
+    cfg = compose_config(TINY_PRETRAIN + [f"out_dir={run_dir}", "run_name=nb", "trainer.max_steps=3", "logger=[csv,tensorboard]"])
     # the notebook reads the run's saved Hydra config, as a real run folder has it
     (run_dir / ".hydra").mkdir(parents=True)
     from omegaconf import OmegaConf

@@ -10,7 +10,7 @@ from moxin.data.prepared import PreparedData, reader_range
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.reader import DataError, SourceConfig, read_positioned
 from moxin.prepare import PrepareOptions, merge, run_part
-from tests.test_datamodule import as_list, ckpt_roundtrip, same
+from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip
 
 
 class ByteTok:
@@ -66,8 +66,8 @@ def test_prepared_and_raw_give_the_same_token_stream(corpus, tmp_path):
     assert man["sources"]["prose"]["documents"] == 300 and man["sources"]["code"]["documents"] == 200
     raw, prep = make(corpus), make([], prepared=str(tmp_path / "prep"))
     for phase in (0, 1):
-        same(as_list(prep.build_train_loader(phase)), as_list(raw.build_train_loader(phase)))
-    same(as_list(prep.val_dataloader()), as_list(raw.val_dataloader()))
+        assert_same_batches(as_list(prep.build_train_loader(phase)), as_list(raw.build_train_loader(phase)))
+    assert_same_batches(as_list(prep.val_dataloader()), as_list(raw.val_dataloader()))
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -90,7 +90,7 @@ def test_resume_from_prepared_data_is_exact_mid_phase_and_across_the_phase_chang
         loader2 = dm2.build_train_loader(phase)
         loader2.load_state_dict(state)
         tail = as_list(loader2) + ([] if phase else as_list(dm2.build_train_loader(1)))
-        same(head + tail, full)
+        assert_same_batches(head + tail, full)
 
 
 def test_two_ranks_by_two_workers_read_disjoint_ranges_covering_every_document_once(corpus, tmp_path):
@@ -265,4 +265,4 @@ def test_resume_of_a_hub_source_read_by_file_is_exact(tmp_path, monkeypatch):
     dm2.load_state_dict(dm_state)
     loader2 = dm2.build_train_loader(0)
     loader2.load_state_dict(state)
-    same(head + as_list(loader2), full)
+    assert_same_batches(head + as_list(loader2), full)

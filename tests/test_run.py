@@ -3,50 +3,25 @@ configs stop before any training step with an error that names the problem."""
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moxin import run as R
+from tests.helpers.compose import compose_config, logged_train_losses
 from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
                                         write_corpus_with_late_duplicates)
+from tests.helpers.tiny_overrides import TINY_MODEL, TINY_PRETRAIN, tiny_model
 
 EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.yaml"))
-
-# shrink any experiment to seconds on a CPU (the model keeps the real 32000-entry vocabulary and tokenizer)
-TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.head_dim=16", "model.sliding_window=32"]
-TINY_PRETRAIN = TINY_MODEL + [
-    "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
-    "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}},"
-    " {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
-    "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=3", "samples.prompts=[]",
-    "trainer.progress_bar=none", "export_hf=false", "data.val_tokens=1024",
-]
-
-
-def _compose(overrides):
-    with initialize_config_dir(R.CONF_DIR, version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=False)
-
-
-def _losses(out_dir: Path) -> dict[int, float]:
-    out = {}
-    for f in sorted(out_dir.glob("logs/version_*/metrics.csv")):
-        for r in csv.DictReader(open(f)):
-            if r.get("train/loss"):
-                out[int(r["step"])] = float(r["train/loss"])
-    return out
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_every_experiment_composes(name, tmp_path):
-    cfg = _compose([f"+experiment={name}", f"out_dir={tmp_path}", "run_name=t"])
+    cfg = compose_config([f"+experiment={name}", f"out_dir={tmp_path}", "run_name=t"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
     model_cfg = R.instantiate(cfg.model)
     assert model_cfg.num_params() > 0
@@ -61,7 +36,7 @@ def test_every_data_config_instantiates_and_connects(name):
     objects through connect()."""
     from moxin.data.base import MoxinDataModule
 
-    cfg = _compose([f"data={name}", "model=moxin-7b"] + (["schedule=moxin_7b"] if name == "moxin_pretrain" else []))
+    cfg = compose_config([f"data={name}", "model=moxin-7b"] + (["schedule=moxin_7b"] if name == "moxin_pretrain" else []))
     dm = R.instantiate(cfg.data, seed=cfg.seed, _convert_="all")
     assert isinstance(dm, MoxinDataModule)
     tok = object()
@@ -70,7 +45,7 @@ def test_every_data_config_instantiates_and_connects(name):
 
 
 def test_default_run_composes_to_tiny_cpu_pretraining():
-    cfg = _compose([])
+    cfg = compose_config([])
     assert cfg.stage._target_ == "moxin.stages.pretrain.PretrainStage"
     assert cfg.hardware.accelerator == "cpu"
     assert [p.name for p in cfg.schedule.phases] == ["ctx128", "ctx256", "enhance"]
@@ -78,9 +53,9 @@ def test_default_run_composes_to_tiny_cpu_pretraining():
 
 
 def test_pretrain_smoke_run_learns_and_writes_everything(tmp_path):
-    cfg = _compose(["+experiment=pretrain", f"out_dir={tmp_path}", "run_name=smoke"] + TINY_PRETRAIN + ["export_hf=true"])
+    cfg = compose_config(["+experiment=pretrain", f"out_dir={tmp_path}", "run_name=smoke"] + TINY_PRETRAIN + ["export_hf=true"])
     info = R.train(cfg)
-    losses = _losses(tmp_path)
+    losses = logged_train_losses(tmp_path)
     assert info["optimizer_steps"] == 12 and sorted(losses) == list(range(12))
     assert losses[11] < losses[0] - 0.5, losses  # it learns
     assert (tmp_path / "checkpoints" / "last.ckpt").exists()
@@ -112,11 +87,11 @@ def test_a_run_builds_one_tokenizer_and_hands_it_everywhere(tmp_path, monkeypatc
     monkeypatch.setattr(T.Tokenizer, "__init__", counting_init)
     over = TINY_PRETRAIN + ["+experiment=pretrain", "hardware.num_workers=2", "samples.prompts=[Hello]",
                             "samples.max_new_tokens=2"]
-    trainer, stage, dm, _, _ = R.build(_compose(over + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    trainer, stage, dm, _, _ = R.build(compose_config(over + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
     samples = next(c for c in trainer.callbacks if isinstance(c, SampleGenerations))
     assert dm.tokenizer is stage.tokenizer is samples.tokenizer and built == ["mistral"]
     built.clear()
-    info = R.train(_compose(over + [f"out_dir={tmp_path / 'b'}", "run_name=b", "export_hf=true"]))
+    info = R.train(compose_config(over + [f"out_dir={tmp_path / 'b'}", "run_name=b", "export_hf=true"]))
     assert info["optimizer_steps"] == 12 and (tmp_path / "b" / "hf" / "tokenizer.json").exists()
     assert built == ["mistral"]  # build, fit (2 workers per phase), samples, check_vocab, export: one tokenizer
 
@@ -137,13 +112,13 @@ def test_resume_continues_exactly(tmp_path, workers):
     sources = write_corpus_with_late_duplicates(tmp_path / "corpus")
     common = TINY_PRETRAIN + [sources_override(sources), f"hardware.num_workers={workers}",
                               "trainer.val_every_n_steps=null"]
-    full = R.train(_compose(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
-    R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
+    full = R.train(compose_config(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    R.train(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
     at_stop = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")
     with pytest.raises(R.ConfigError, match="resume=auto"):  # never silently overwrite a run
-        R.build(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
-    R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+        R.build(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
+    R.train(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(12)), (sorted(a), sorted(b))
     for step in a:  # phases, LR schedule, data position and weights all continue as if never stopped
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
@@ -178,7 +153,7 @@ def test_bad_input_stops_before_any_training_step(tmp_path, overrides, match):
         overrides = [o.replace(k, str(v)) for o in overrides]
     out = tmp_path / "run"
     with pytest.raises(Exception, match=match):
-        R.train(_compose(TINY_PRETRAIN + overrides + [f"out_dir={out}", "run_name=bad"]))
+        R.train(compose_config(TINY_PRETRAIN + overrides + [f"out_dir={out}", "run_name=bad"]))
     assert not list(out.glob("**/*.ckpt")) and not list(out.glob("logs/*/metrics.csv")), "a step ran"
 
 
@@ -191,7 +166,7 @@ def test_every_model_preset_composes_through_the_schema(name):
     from moxin.conf_schema import ModelConfigSchema
     from moxin.model import ModelConfig
 
-    node = _compose([f"model={name}"]).model
+    node = compose_config([f"model={name}"]).model
     assert OmegaConf.get_type(node) is ModelConfigSchema
     assert list(node) == ["_target_"] + [f.name for f in dataclasses.fields(ModelConfig)]
     assert node._target_ == "moxin.model.ModelConfig"
@@ -218,27 +193,27 @@ def test_schemas_are_the_dataclasses_fields():
     assert names(S.ParallelConfigSchema) == ["_target_"] + names(ParallelConfig)
     assert names(S.EvalConfigSchema) == names(EvalConfig)
     for stage in ("pretrain", "sft", "dpo", "grpo"):
-        cfg = _compose([f"stage={stage}"] + (["data=grpo_arithmetic"] if stage == "grpo" else []))
+        cfg = compose_config([f"stage={stage}"] + (["data=grpo_arithmetic"] if stage == "grpo" else []))
         assert OmegaConf.get_type(cfg.stage.optim) is S.OptimConfigSchema, stage
         assert isinstance(R.instantiate(cfg.stage.optim), OptimConfig)
-    grpo = _compose(["+experiment=grpo"])
+    grpo = compose_config(["+experiment=grpo"])
     assert OmegaConf.get_type(grpo.stage.grpo) is S.GRPOConfigSchema
     assert grpo.stage.grpo.aggregation == "token"  # StrEnum fields stay strings in the config
     assert R.instantiate(grpo.stage.grpo).aggregation == "token"
     assert pickle.loads(pickle.dumps(grpo)) == grpo
     for hw in sorted(p.stem for p in (Path(R.CONF_DIR) / "hardware").glob("*.yaml")):
-        node = _compose([f"hardware={hw}"]).hardware.parallel
+        node = compose_config([f"hardware={hw}"]).hardware.parallel
         assert OmegaConf.get_type(node) is S.ParallelConfigSchema, hw
         assert isinstance(R.instantiate(node), ParallelConfig)
     for ev in sorted(p.stem for p in (Path(R.CONF_DIR) / "eval").glob("*.yaml")):
-        node = _compose(["+experiment=eval", f"eval={ev}"]).eval
+        node = compose_config(["+experiment=eval", f"eval={ev}"]).eval
         assert OmegaConf.get_type(node) is S.EvalConfigSchema, ev
         EvalConfig.from_any(node)
 
 
 def test_unknown_key_is_refused_naming_it():
     with pytest.raises(Exception, match="no_such_knob"):
-        _compose(["model.no_such_knob=3"])
+        compose_config(["model.no_such_knob=3"])
 
 
 def test_val_interval_falls_on_phase_ends():
@@ -251,11 +226,11 @@ def _resume_matches(tmp_path, base, stop=3, total=6, unequal=()):
     """Run `total` steps straight; run `stop` steps, resume to `total`; every step's loss and the whole final
     checkpoint (weights, optimizer, loop and loader state, counters, RNG states) must match, but for the leaves
     named in `unequal`."""
-    R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", f"trainer.max_steps={total}"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={stop}"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={total}",
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'full'}", "run_name=full", f"trainer.max_steps={total}"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={stop}"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", f"trainer.max_steps={total}",
                              "resume=auto"]))
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(total)), (sorted(a), sorted(b))
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5), (step, a[step], b[step])
@@ -283,17 +258,16 @@ def test_grpo_resume_continues_exactly(tmp_path):
     """Rollouts are seeded by (seed, step, rank): a GRPO run stopped mid-RL and resumed regenerates the same
     completions and takes the same updates (after a 40-step SFT warm-up, its own run in out_dir/warmup that the
     resumed command does not run again; steps 0-3 are the rollout steps)."""
-    base = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.head_dim=16", "model.hidden_dim=128", "data.steps=4", "data.prompts_per_step=4",
-            "data.task.pool=4", "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8",
+    base = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.steps=4",
+            "data.prompts_per_step=4", "data.task.pool=4", "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8",
             "warmup.steps=40", "warmup.batch_size=4", "warmup.micro_batch_size=4", "warmup.optim.lr=5e-3",
             "stage.grpo.verifier_workers=0", "stage.grpo.ppo_epochs=1", "stage.grpo.num_minibatches=1",
             "stage.grpo.filter_zero_std=false", "stage.grpo.mask_truncated=false", "stage.optim.lr=1e-3",
             "trainer.progress_bar=none"]
-    R.train(_compose(base + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=2"]))
-    R.train(_compose(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
-    a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=2"]))
+    R.train(compose_config(base + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == [0, 1, 2, 3], (sorted(a), sorted(b))
     assert any(abs(a[s]) > 1e-4 for s in (2, 3)), a  # real updates after the resume point (groups with signal)
     assert len(list((tmp_path / "part" / "warmup").glob("logs/version_*"))) == 1  # the warm-up ran once
@@ -303,7 +277,7 @@ def test_grpo_resume_continues_exactly(tmp_path):
 
 
 def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):
-    cfg = _compose(["model=tiny", f"out_dir={tmp_path}", "run_name=t"])
+    cfg = compose_config(["model=tiny", f"out_dir={tmp_path}", "run_name=t"])
     with pytest.raises(R.ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
         R.build(cfg)
     assert not (tmp_path / "checkpoints").exists()
@@ -313,9 +287,9 @@ def test_finished_run_says_why_max_steps_cannot_extend_it(tmp_path, capsys):
     """A run that ended its whole schedule, continued with a larger trainer.max_steps, trains nothing and says
     why (the schedules end there) and how to train more, instead of advising to raise trainer.max_steps."""
     base = TINY_PRETRAIN + [f"out_dir={tmp_path}", "run_name=done"]
-    R.train(_compose(base))
+    R.train(compose_config(base))
     capsys.readouterr()
-    again = R.train(_compose(base + ["resume=auto", "trainer.max_steps=44"]))
+    again = R.train(compose_config(base + ["resume=auto", "trainer.max_steps=44"]))
     err = capsys.readouterr().err
     assert again["nothing_to_do"] and again["optimizer_steps"] == 12
     assert "trainer.max_steps=44 cannot take it further" in err and "init_from=" in err, err
@@ -341,12 +315,12 @@ def test_readme_own_jsonl_command_runs(tmp_path):
     overrides = [a.replace("/path/to/my.jsonl", str(corpus)) for a in args[3:]]
     small = TINY_MODEL + ["trainer.max_steps=2", "export_hf=false", "samples.prompts=[]", "trainer.progress_bar=none",
                           "data.val_tokens=2048", f"out_dir={tmp_path / 'run'}"]
-    info = R.train(_compose(overrides + small))
+    info = R.train(compose_config(overrides + small))
     assert info["optimizer_steps"] == 2 and info["data"], info
     sources_only = [a for a in overrides if a.startswith("data.sources=")]
     with pytest.raises(UserError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
                                          r"'schedule.phases=\[\{name: main"):
-        preflight(_compose(sources_only + [f"out_dir={tmp_path / 'x'}", "run_name=x"]))
+        preflight(compose_config(sources_only + [f"out_dir={tmp_path / 'x'}", "run_name=x"]))
 
 
 def test_keep_checkpoints_keeps_the_newest_n_and_weights_only_export(tmp_path):
@@ -361,10 +335,10 @@ def test_keep_checkpoints_keeps_the_newest_n_and_weights_only_export(tmp_path):
         (d / step_name(step)).write_bytes(b"x")
     apply_retention(d, step_name(1000000), keep_all=False, keep=3)
     assert sorted(p.name for p in d.iterdir()) == sorted(step_name(s) for s in (9, 12, 1000000))
-    R.train(_compose(TINY_PRETRAIN + [f"out_dir={tmp_path / 'k'}", "run_name=k", "trainer.keep_checkpoints=2"]))
+    R.train(compose_config(TINY_PRETRAIN + [f"out_dir={tmp_path / 'k'}", "run_name=k", "trainer.keep_checkpoints=2"]))
     ck = tmp_path / "k" / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt", "step000012.ckpt"]
     assert (ck / "last.ckpt").resolve().name == "step000012.ckpt"
-    R.train(_compose(TINY_PRETRAIN + [f"out_dir={tmp_path / 'w'}", "run_name=w", "trainer.max_steps=2",
+    R.train(compose_config(TINY_PRETRAIN + [f"out_dir={tmp_path / 'w'}", "run_name=w", "trainer.max_steps=2",
                                       "trainer.save_checkpoints=false", "export_hf=true"]))
     assert not (tmp_path / "w" / "checkpoints").exists() and (tmp_path / "w" / "hf" / "model.safetensors").is_file()

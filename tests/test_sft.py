@@ -16,6 +16,8 @@ from moxin.data.reader import DataError, SourceConfig
 from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
 from moxin.model import ModelConfig
 from moxin.tokenizer import load_tokenizer, render_chat
+from tests.helpers.compose import compose_config
+from tests.helpers.tiny_overrides import TINY_MODEL
 
 CONV_A = [
     {"role": "system", "content": "Be brief."},
@@ -25,9 +27,6 @@ CONV_A = [
     {"role": "assistant", "content": "Rome is the capital of Italy."},
 ]
 CONV_B = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
-
-TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-              "model.head_dim=16", "model.sliding_window=32"]
 
 
 @pytest.fixture(scope="module")
@@ -338,14 +337,6 @@ def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-
-    from moxin import run as R
-
-    with initialize_config_dir(R.CONF_DIR, version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=False)
-
 
 def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
     from moxin import run as R
@@ -353,7 +344,7 @@ def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
     base = ["+experiment=sft", *TINY_MODEL, "data.batch_size=8", "data.micro_batch_size=4", "data.num_epochs=1",
             "trainer.max_steps=2", "trainer.val_every_n_steps=2", "samples.prompts=[]", "trainer.progress_bar=none",
             "data.max_length=128", "hardware.num_workers=0"]
-    cfg = _compose(base + [f"out_dir={tmp_path / 'a'}", "run_name=a", "export_hf=true"])
+    cfg = compose_config(base + [f"out_dir={tmp_path / 'a'}", "run_name=a", "export_hf=true"])
     info = R.train(cfg)
     assert info["optimizer_steps"] == 2
     m = info["metrics"]
@@ -361,7 +352,7 @@ def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):
     assert m["sft/conversations"] == 8 and info["data"]["train"]["kept"] == 160
     # a second SFT run starts from the first one's checkpoint, and from its Hugging Face export
     for init in (info["checkpoint"], info["hf_export"]):
-        cfg2 = _compose(base + [f"out_dir={tmp_path / 'b'}_{len(init)}", "run_name=b", "export_hf=false",
+        cfg2 = compose_config(base + [f"out_dir={tmp_path / 'b'}_{len(init)}", "run_name=b", "export_hf=false",
                                 "trainer.max_steps=1", f"init_from={init}"])
         info2 = R.train(cfg2)
         # starting from the trained weights, the held-out loss before training is the first run's last one

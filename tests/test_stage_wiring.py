@@ -15,20 +15,13 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from moxin.model import ModelConfig, Transformer
-from moxin.stages import OptimConfig, PretrainStage
+from moxin.model import Transformer
+from moxin.stages import PretrainStage
 from moxin.stages.dpo import DPOStage
 from moxin.stages.grpo import GRPOConfig, GRPOStage
 from moxin.stages.sft import SFTStage
 from tests.helpers import wiring_reference as ref
-
-CFG = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
-                  sliding_window=8, max_seq_len=64, attn_backend="sdpa")
-T = 16
-
-
-def optim(**kw) -> OptimConfig:
-    return OptimConfig(**({"lr": 1e-2, "warmup_steps": 0, "schedule": "constant", "grad_clip": None} | kw))
+from tests.helpers.wiring_inputs import CFG, T, dpo_pairs, optim
 
 
 def fit(stage, micro_batches: list[list[int]], items: list, max_steps: int = 1) -> list[dict]:
@@ -97,22 +90,6 @@ def test_lm_step_gradients_are_the_whole_steps_token_mean_in_any_micro_batching(
 
 
 # ---------------------------------------------------------------- DPO family
-
-
-def dpo_pairs(n: int = 5) -> list[dict]:
-    """Pairs sharing a prompt, with chosen and rejected answers of different lengths (2 to 9 tokens)."""
-    g = torch.Generator().manual_seed(1)
-    out = []
-    for i in range(n):
-        prompt = torch.randint(3, CFG.vocab_size, (4,), generator=g)
-        item = {"pair_index": torch.tensor(i)}
-        for side, k in (("chosen", 2 + (i * 3) % 8), ("rejected", 9 - i)):
-            ids = torch.cat([prompt, torch.randint(3, CFG.vocab_size, (T - 4,), generator=g)])
-            labels = torch.full((T,), -100)
-            labels[3:3 + k] = ids[4:4 + k]
-            item |= {f"{side}_input_ids": ids, f"{side}_labels": labels, f"{side}_positions": torch.arange(T)}
-        out.append(item)
-    return out
 
 
 def dpo_stage(loss_type: str, **kw) -> DPOStage:

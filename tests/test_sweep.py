@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 
 from moxin.sweep import format_table
+from tests.helpers.tiny_overrides import tiny_model
 
 
 def test_multirun_jobs_get_their_own_folders_and_a_summary(tmp_path):
-    args = ["model.dim=64", "model.n_layers=1", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-            "model.head_dim=16", "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
+    args = [*tiny_model(n_layers=1, sliding_window=None), "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
             "schedule.phases=[{name: a, seq_len: 64, tokens: 2048, mixture: {prose: 1, code: 1, cjk: 1}}]",
             "samples.prompts=[]", "trainer.progress_bar=none", "trainer.val_every_n_steps=4", "export_hf=false",
             "hardware.num_workers=0", f"hydra.sweep.dir={tmp_path}/sweep"]

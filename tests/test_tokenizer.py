@@ -65,7 +65,7 @@ def test_stdlib_source_and_concatenation_parity(tok, sp):
 
 
 @pytest.mark.parametrize("text", [t for t in MIXED_TEXTS if "<" not in t])
-def test_round_trip(tok, text):
+def test_decoding_the_encoded_text_gives_it_back(tok, text):
     assert tok.decode(tok.encode(text, bos=True, eos=True)) == text
 
 

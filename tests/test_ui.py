@@ -14,13 +14,14 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from moxin import errors, ui
-from tests.test_run import TINY_PRETRAIN, _compose
+from tests.helpers.compose import compose_config
+from tests.helpers.tiny_overrides import TINY_PRETRAIN, tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _msg(overrides, tmp_path) -> str:
-    cfg = _compose(overrides + [f"out_dir={tmp_path}/run", "run_name=t"])
+    cfg = compose_config(overrides + [f"out_dir={tmp_path}/run", "run_name=t"])
     with pytest.raises(errors.UserError) as e:
         errors.preflight(cfg)
     return str(e.value)
@@ -53,7 +54,7 @@ def test_init_from_accepts_every_folder_the_loader_reads(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     for ok in (dcp, dcp.parent / "last.ckpt", tmp_path / "fsdp", hf):
-        errors.check_init_from(_compose(["+experiment=sft", f"init_from={ok}"]))
+        errors.check_init_from(compose_config(["+experiment=sft", f"init_from={ok}"]))
     (tmp_path / "empty").mkdir()
     m = _msg(["+experiment=sft", f"init_from={tmp_path / 'empty'}"], tmp_path)
     assert "is a folder without config.json" in m and ".metadata" in m
@@ -61,7 +62,7 @@ def test_init_from_accepts_every_folder_the_loader_reads(tmp_path):
 
 def test_unknown_key_added_with_plus_is_named():
     """`+key=value` is Hydra's explicit "add a key": it passes a schema (force-added), so the instantiation names it."""
-    cfg = _compose(["+stage.optim.foo=1"])
+    cfg = compose_config(["+stage.optim.foo=1"])
     with pytest.raises(InstantiationException) as e:
         instantiate(cfg.stage.optim)
     m = errors.user_message(e.value)
@@ -85,7 +86,7 @@ def test_schemas_refuse_bad_overrides_at_compose_time(overrides, key, why):
     from hydra.errors import ConfigCompositionException
 
     with pytest.raises(ConfigCompositionException) as e:
-        _compose(overrides)
+        compose_config(overrides)
     text = f"{e.value}\n{e.value.__cause__}"
     assert f"full_key: {key}" in text and why in text, text
 
@@ -130,7 +131,7 @@ def test_refused_run_touches_nothing_of_the_existing_one(tmp_path):
 def test_progress_lines_banner_and_log(tmp_path, capsys):
     from moxin import run as R
 
-    cfg = _compose(TINY_PRETRAIN + [f"out_dir={tmp_path}", "run_name=p", "trainer.progress_bar=plain",
+    cfg = compose_config(TINY_PRETRAIN + [f"out_dir={tmp_path}", "run_name=p", "trainer.progress_bar=plain",
                                     "trainer.progress_every_n_steps=2", "trainer.max_steps=8", "resume=auto"])
     info = R.train(cfg)
     out = capsys.readouterr().out
@@ -151,7 +152,7 @@ def test_progress_lines_banner_and_log(tmp_path, capsys):
 
 @pytest.mark.parametrize("exp,nxt", [("pretrain", "sft"), ("sft", "dpo"), ("dpo", "grpo"), ("grpo", None)])
 def test_next_stage_follows_the_recipe(exp, nxt, tmp_path):
-    cfg = _compose([f"+experiment={exp}", f"out_dir={tmp_path}", "run_name=x"])
+    cfg = compose_config([f"+experiment={exp}", f"out_dir={tmp_path}", "run_name=x"])
     info = {"out_dir": str(tmp_path), "run_name": "x", "checkpoint": str(tmp_path / "checkpoints" / "last.ckpt"),
             "hf_export": str(tmp_path / "hf"), "optimizer_steps": 5}
     cmd = ui.next_stage_command(cfg, info)
@@ -189,10 +190,10 @@ def test_unknown_key_anywhere_is_refused_with_the_closest_valid_one(override, ke
 
 def test_every_experiment_passes_the_key_check():
     for exp in sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("*.yaml")):
-        errors.check_keys(_compose([f"+experiment={exp}"]))
+        errors.check_keys(compose_config([f"+experiment={exp}"]))
     from moxin.warmup import warmup_config
 
-    errors.check_keys(warmup_config(_compose(["+experiment=grpo", "out_dir=x", "run_name=x"])))  # the warm-up's own run config
+    errors.check_keys(warmup_config(compose_config(["+experiment=grpo", "out_dir=x", "run_name=x"])))  # the warm-up's own run config
 
 
 def test_cli_refuses_a_misspelt_added_key_before_any_work(tmp_path):
@@ -284,8 +285,7 @@ def test_rich_bar_is_one_line_in_80_columns_and_ends_as_the_table(tmp_path):
     assert any(f"loss: {v}" in bar for k, v in table.items() if k.startswith("train/loss")), (bar, table)
 
 
-GRPO_TINY = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
-             "model.head_dim=16", "model.hidden_dim=128", "data.steps=4", "data.prompts_per_step=4", "data.task.pool=4",
+GRPO_TINY = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.steps=4", "data.prompts_per_step=4", "data.task.pool=4",
              "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8", "stage.grpo.ppo_epochs=2",
              "stage.grpo.num_minibatches=1", "stage.grpo.verifier_workers=0", "stage.grpo.log_every=0",
              "warmup.steps=4", "warmup.batch_size=4", "warmup.micro_batch_size=4", "trainer.progress_bar=plain",
@@ -298,7 +298,7 @@ def test_grpo_progress_and_table_count_rollout_steps(tmp_path, capsys):
     beside them, and the demo ends with an hf/ export like every other stage."""
     from moxin import run as R
 
-    info = R.train(_compose(GRPO_TINY + [f"out_dir={tmp_path}", "run_name=g"]))
+    info = R.train(compose_config(GRPO_TINY + [f"out_dir={tmp_path}", "run_name=g"]))
     out = capsys.readouterr().out
     grpo_part = out[out.index("moxin grpo run 'g'"):]
     assert "total      4 rollout steps (up to 2 optimizer steps each)" in grpo_part
@@ -322,10 +322,9 @@ def test_sft_malformed_line_is_counted_and_reported_or_stops_at_the_limit(tmp_pa
     bad = tmp_path / "chat.jsonl"
     bad.write_text("".join(lines[:50]) + '{"messages": [\n' + "".join(lines[50:]))
     base = ["+experiment=sft", f"data.train.path={bad}", "trainer.max_steps=1", "samples.prompts=[]",
-            "export_hf=false", "trainer.progress_bar=none", "model.dim=64", "model.n_layers=1", "model.hidden_dim=128",
-            "model.n_heads=4", "model.n_kv_heads=2", "model.head_dim=16"]
+            "export_hf=false", "trainer.progress_bar=none", *tiny_model(n_layers=1, sliding_window=None)]
     with caplog.at_level(logging.WARNING):
-        info = R.train(_compose(base + [f"out_dir={tmp_path}/ok", "run_name=ok"]))
+        info = R.train(compose_config(base + [f"out_dir={tmp_path}/ok", "run_name=ok"]))
     text = caplog.text
     assert f"{bad}:51: malformed JSON" in text and "1 bad records skipped" in text, text
     assert "data.max_bad_records=0" in text
@@ -339,7 +338,7 @@ def test_experiment_file_without_its_package_line_is_named():
     it: refused with the line to add."""
     from omegaconf import open_dict
 
-    cfg = _compose([])
+    cfg = compose_config([])
     with open_dict(cfg):
         cfg.experiment = {"trainer": {"max_steps": 3}}
     with pytest.raises(errors.UserError, match="# @package _global_"):

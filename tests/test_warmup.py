@@ -11,26 +11,22 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
 from moxin import run as R
 from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
+from tests.helpers.compose import compose_config
+from tests.helpers.tiny_overrides import tiny_model
 
-TINY = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.head_dim=16", "model.hidden_dim=128", "data.steps=3", "data.prompts_per_step=4", "data.task.pool=4",
+TINY = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.steps=3", "data.prompts_per_step=4", "data.task.pool=4",
         "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8", "stage.grpo.verifier_workers=0",
         "stage.grpo.ppo_epochs=1", "stage.grpo.num_minibatches=1", "stage.grpo.filter_zero_std=false",
         "stage.grpo.mask_truncated=false", "stage.optim.lr=1e-3", "trainer.progress_bar=none",
         "warmup.steps=6", "warmup.batch_size=4", "warmup.micro_batch_size=2", "trainer.checkpoint_every_n_steps=2"]
 
 
-def _compose(overrides):
-    with initialize_config_dir(R.CONF_DIR, version_base=None):
-        return compose("config", overrides=overrides, return_hydra_config=False)
-
 
 def _cfg(out: Path, *extra):
-    return _compose(TINY + [f"out_dir={out}", f"run_name={out.name}", *extra])
+    return compose_config(TINY + [f"out_dir={out}", f"run_name={out.name}", *extra])
 
 
 def _summary(d: Path) -> dict:
@@ -117,7 +113,7 @@ def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp
 
 
 def test_warmup_needs_data_with_solutions(tmp_path):
-    cfg = _compose(["+experiment=sft", "warmup.steps=2", f"out_dir={tmp_path / 'r'}", "run_name=r",
+    cfg = compose_config(["+experiment=sft", "warmup.steps=2", f"out_dir={tmp_path / 'r'}", "run_name=r",
                     "trainer.progress_bar=none"])
     with pytest.raises(R.ConfigError, match="no worked solutions to warm up on"):
         R.train(cfg)
@@ -130,7 +126,7 @@ def test_grpo_demo_reward_rises(tmp_path):
     reward of the last six rollout steps is at least 0.6 and at least 0.2 above the first four's, and the SFT
     warm-up alone does not already reach 0.6 on the first rollout step (the rise is GRPO's)."""
     out = tmp_path / "demo"
-    R.train(_compose(["+experiment=grpo", f"out_dir={out}", "run_name=demo", "trainer.progress_bar=none"]))
+    R.train(compose_config(["+experiment=grpo", f"out_dir={out}", "run_name=demo", "trainer.progress_bar=none"]))
     rewards = [v for _, _, v in sorted(_metric_rows(out, "grpo/reward_mean"), key=lambda r: r[1])]
     first4, last6 = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
     print(f"grpo/reward_mean per rollout step: {[round(r, 3) for r in rewards]}; first four {first4:.3f}, "
@@ -144,9 +140,9 @@ def test_warmup_micro_batch_defaults_to_each_process_share():
     (a fixed micro-batch equal to the batch was refused there: 8 is not a multiple of 8 x 2)."""
     from moxin.warmup import warmup_config
 
-    one = warmup_config(_compose(["+experiment=grpo", "warmup.steps=4", "out_dir=/tmp/x", "run_name=x"]))
-    two = warmup_config(_compose(["+experiment=grpo", "warmup.steps=4", "hardware=fsdp_cpu", "hardware.devices=2",
+    one = warmup_config(compose_config(["+experiment=grpo", "warmup.steps=4", "out_dir=/tmp/x", "run_name=x"]))
+    two = warmup_config(compose_config(["+experiment=grpo", "warmup.steps=4", "hardware=fsdp_cpu", "hardware.devices=2",
                                   "out_dir=/tmp/x", "run_name=x"]))
-    b = _compose(["+experiment=grpo"]).warmup.batch_size  # the demo's (16 today)
+    b = compose_config(["+experiment=grpo"]).warmup.batch_size  # the demo's (16 today)
     assert (one.data.batch_size, one.data.micro_batch_size) == (b, b)
     assert (two.data.batch_size, two.data.micro_batch_size) == (b, b // 2)

@@ -11,7 +11,7 @@ step resume=auto chose (they must be equal: no progress lost beyond the last che
 the largest train-loss difference over every logged step, the largest weight difference of the final
 checkpoint, `state_diff`: every leaf of the final checkpoints that differs (weights, optimizer state, loop and
 loader state, reader states with their dedup sets, tokens_seen, RNG states; [] when equal), and the final
-val/loss of both runs. Used by tests/test_reliab_fsdp.py.
+val/loss of both runs. Used by tests/test_fsdp_checkpoints_and_kill_loops.py.
 """
 
 from __future__ import annotations
@@ -30,14 +30,13 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 
-TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.head_dim=16", "model.sliding_window=32", "schedule.tokens_per_step=512",
-        "schedule.micro_batch_tokens=256",
-        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}},"
-        " {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
-        "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=1", "samples.prompts=[]",
-        "trainer.progress_bar=none", "data.val_tokens=1024", "export_hf=false", "hardware.num_workers=0",
-        "+logger.csv.flush_logs_every_n_steps=1"]
+if str(ROOT) not in sys.path:  # run as a script: the repository root, for tests.helpers
+    sys.path.insert(0, str(ROOT))
+from tests.helpers.tiny_overrides import TINY_PRETRAIN, replaced  # noqa: E402
+
+#: the tiny pretraining run with a checkpoint and a flushed metrics row at every step
+TINY = replaced(TINY_PRETRAIN, "trainer.checkpoint_every_n_steps=1", "hardware.num_workers=0",
+                "+logger.csv.flush_logs_every_n_steps=1")
 
 
 LEGACY_FSDP = ["hardware=fsdp", "hardware.accelerator=cpu", "hardware.devices=2", "hardware.precision=32-true",

@@ -1,9 +1,11 @@
-"""The tiny GRPO stage the GRPO tests train: the `tiny` preset on the real 32000-entry vocabulary, a constant
+"""The tiny GRPO stage the GRPO tests train, its arithmetic prompts and a one-epoch fit: the `tiny` preset on the real 32000-entry vocabulary, a constant
 high learning rate so a few steps move the policy, groups of 4 sampled at temperature 1, verifiers in-process.
-Imported by tests/test_eval_grpo.py and by tests/helpers/grpo_fsdp.py (run as a script under torchrun)."""
+Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_and_failures.py and by tests/helpers/grpo_fsdp.py (run as a script under torchrun)."""
 
+import lightning as L
 import torch
 
+from moxin.data.grpo_data import PromptDataModule
 from moxin.model import ModelConfig
 from moxin.stages.base import OptimConfig
 from moxin.stages.grpo import GRPOConfig, GRPOStage
@@ -20,3 +22,18 @@ def tiny_grpo_stage(verifier: str, **grpo) -> tuple[GRPOStage, object]:
                       optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
                       grpo=GRPOConfig(**cfg), tokenizer=tok, seed=3)
     return stage, tok
+
+
+def arithmetic_prompts(tok, steps: int = 1, prompts_per_step: int = 2) -> PromptDataModule:
+    """`steps` rollout steps of `prompts_per_step` arithmetic prompts of up to 64 tokens, seed 0."""
+    return PromptDataModule(source="arithmetic", prompts_per_step=prompts_per_step, steps=steps, tokenizer=tok,
+                            seed=0, max_prompt_tokens=64)
+
+
+def fit_one_epoch(stage, dm, root) -> L.Trainer:
+    """Train `stage` on `dm` for one epoch on the CPU, without logger, checkpoints or sanity validation."""
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(root),
+                        num_sanity_val_steps=0)
+    trainer.fit(stage, datamodule=dm)
+    return trainer

@@ -21,7 +21,8 @@ from moxin.checkpoint.files import read_info, step_name
 from moxin.checkpoint.lock import RunLock, RunLockError
 from moxin.checkpoint.policy import DiskSpaceError, apply_retention, checkpoint_bytes, point_last
 from moxin.checkpoint.resume import clean_temporaries, find_resume
-from tests.test_run import TINY_PRETRAIN, _compose
+from tests.helpers.compose import compose_config
+from tests.helpers.tiny_overrides import TINY_PRETRAIN
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
 
@@ -45,11 +46,11 @@ def test_phase_end_resume_and_finished_run(tmp_path):
     """Stop at the first phase's last step (6 of 12), resume: metrics.csv (every step's train loss, validation
     at the same steps with the same values) equals the uninterrupted run's; last.ckpt is the final state, a
     single step file; continuing the finished run says so and trains nothing."""
-    R.train(_compose(FAST + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
-    R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=6"]))
+    R.train(compose_config(FAST + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    R.train(compose_config(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=6"]))
     ck = tmp_path / "part" / "checkpoints"
     assert os.readlink(ck / "last.ckpt") == "step000006.ckpt"
-    R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    R.train(compose_config(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
     a, b = _rows(tmp_path / "full"), _rows(tmp_path / "part")
     assert [r[0] for r in a if r[1]] == [r[0] for r in b if r[1]] == list(range(12))
     assert [(s, v) for s, _, v in a if v] == [(s, v) for s, _, v in b if v]  # same steps, same values
@@ -64,7 +65,7 @@ def test_phase_end_resume_and_finished_run(tmp_path):
     assert stat.S_IMODE((ck / "step000012.ckpt").stat().st_mode) & 0o044, "checkpoints readable by the group"
     # the finished run's own continue command: nothing to do, no new launch, no retraining
     n_versions = len(list((tmp_path / "part" / "logs").iterdir()))
-    again = R.train(_compose(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
+    again = R.train(compose_config(FAST + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
     assert again["nothing_to_do"] and again["optimizer_steps"] == 12
     assert len(list((tmp_path / "part" / "logs").iterdir())) == n_versions
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["checkpoint"].endswith("step000012.ckpt")
@@ -75,7 +76,7 @@ def test_finished_run_continue_command_exits_zero(tmp_path):
     import subprocess
     import sys
 
-    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=done", "trainer.max_steps=2"]))
+    R.train(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=done", "trainer.max_steps=2"]))
     cmd = [sys.executable, "-m", "moxin.run"] + FAST + [f"out_dir={tmp_path}", "run_name=done", "trainer.max_steps=2",
                                                       "resume=auto"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
@@ -100,14 +101,14 @@ def test_resume_auto_skips_incomplete_and_unreadable(tmp_path):
     info, skipped = find_resume(tmp_path)
     assert info.path == good12 and info.step == 12
     assert any("step000014" in s for s in skipped) and any("step000016" in s and "meta.pt" in s for s in skipped)
-    cfg = _compose(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
+    cfg = compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
     assert R.resolve_resume(cfg, ck) == str(good12)
     # an explicit path to a broken checkpoint is refused with the reason
     with pytest.raises(R.ConfigError, match="unreadable"):
-        R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
+        R.resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
     # a fresh run refuses the folder even if only broken checkpoints are left
     with pytest.raises(R.ConfigError, match="resume=auto"):
-        R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
+        R.resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
 
 
 def test_slurm_requeue_checkpoint_is_a_candidate(tmp_path):
@@ -158,7 +159,7 @@ def test_truncated_last_falls_back_to_newest_intact(tmp_path):
 def test_second_run_on_the_same_folder_is_refused(tmp_path):
     with RunLock(tmp_path):
         with pytest.raises(RunLockError, match=f"pid {os.getpid()}"):
-            R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]))
+            R.train(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x"]))
     with RunLock(tmp_path):  # released when the holder ends
         pass
 
@@ -180,7 +181,7 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
 ])
 def test_impossible_numbers_are_refused_naming_the_key(tmp_path, override, match):
     with pytest.raises(Exception, match=match):
-        R.build(_compose(FAST + [override, f"out_dir={tmp_path}", "run_name=x"]))
+        R.build(compose_config(FAST + [override, f"out_dir={tmp_path}", "run_name=x"]))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -190,7 +191,7 @@ def test_nonfinite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     from moxin.stages.base import NonFiniteError
 
     with pytest.raises(NonFiniteError, match="non-finite loss or gradient norm"):
-        R.train(_compose(FAST + ["stage.optim.lr=1e3", "stage.optim.warmup_fraction=0", "trainer.max_nonfinite_steps=3",
+        R.train(compose_config(FAST + ["stage.optim.lr=1e3", "stage.optim.warmup_fraction=0", "trainer.max_nonfinite_steps=3",
                                  "trainer.checkpoint_every_n_steps=1", f"out_dir={tmp_path}", "run_name=nan"]))
     info, _ = find_resume(tmp_path)
     assert info is not None
@@ -301,7 +302,7 @@ def test_a_checkpoint_becomes_last_only_once_its_step_and_validation_are_logged(
         real(ckpt_dir, name)
 
     monkeypatch.setattr(policy, "point_last", spy)
-    R.train(_compose(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
+    R.train(compose_config(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
                              f"out_dir={out}", "run_name=run"]))
     assert [s for s, _, _ in seen] == list(range(1, 13))
     assert all(train for _, train, _ in seen), seen
@@ -320,7 +321,7 @@ def test_a_failure_before_the_step_is_logged_keeps_the_previous_checkpoint(tmp_p
             if trainer.global_step == 3:  # mid-phase: step 3's checkpoint is written, not yet published
                 raise RuntimeError("validation failed")
 
-    cfg = _compose(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
+    cfg = compose_config(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
                            f"out_dir={tmp_path}", "run_name=run"])
     trainer, stage, dm, ckpt_path, _ = R.build(cfg)
     trainer.callbacks.append(FailVal())
@@ -342,13 +343,13 @@ def test_a_failure_at_the_end_of_training_keeps_the_final_checkpoint_unpublished
             raise RuntimeError("stage evaluation failed")
 
     args = FAST + [f"out_dir={tmp_path}", "run_name=run"]
-    trainer, stage, dm, _, _ = R.build(_compose(args))
+    trainer, stage, dm, _, _ = R.build(compose_config(args))
     trainer.callbacks.insert(0, FailEnd())
     with pytest.raises(RuntimeError, match="stage evaluation failed"):
         trainer.fit(stage, datamodule=dm)
     ck = tmp_path / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["last.ckpt", "step000009.ckpt"]
-    res = R.train(_compose(args + ["resume=auto", "export_hf=true"]))
+    res = R.train(compose_config(args + ["resume=auto", "export_hf=true"]))
     assert res["optimizer_steps"] == 12 and (tmp_path / "hf").is_dir()
     assert read_info(ck / "last.ckpt").moxin["finished"]
 
@@ -369,7 +370,7 @@ def test_sigterm_keeps_a_written_checkpoint_only_once_its_step_is_on_record(tmp_
                 os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the loop raises
 
     out = tmp_path / "run"
-    trainer, stage, dm, _, _ = R.build(_compose(FAST + ["trainer.checkpoint_every_n_steps=1",
+    trainer, stage, dm, _, _ = R.build(compose_config(FAST + ["trainer.checkpoint_every_n_steps=1",
                                                         "trainer.val_every_n_steps=3", f"out_dir={out}",
                                                         "run_name=run", "+logger.csv.flush_logs_every_n_steps=1"]))
     trainer.callbacks.append(Term())
@@ -397,9 +398,9 @@ def test_a_phase_evaluation_is_on_record_before_its_checkpoint_and_a_resume_keep
     ev = ["+eval=sample", "eval.after=phase", "eval.verifier_workers=0", "+eval.tasks.0.limit=2",
           "+eval.tasks.1.limit=2", "eval.tasks.1.samples=1", "eval.tasks.1.k=[1]", "trainer.val_every_n_steps=null",
           f"out_dir={out}", "run_name=run"]
-    R.train(_compose(FAST + ev + ["trainer.max_steps=8"]))  # phase a ends at step 6; the stop at 8 evaluates too
+    R.train(compose_config(FAST + ev + ["trainer.max_steps=8"]))  # phase a ends at step 6; the stop at 8 evaluates too
     assert seen["step000006.ckpt"] == [6] and seen["step000008.ckpt"] == [6, 8]
-    R.train(_compose(FAST + ev + ["resume=auto"]))
+    R.train(compose_config(FAST + ev + ["resume=auto"]))
     assert seen["step000012.ckpt"] == [6, 8, 12]  # the final one after the last phase's evaluation
     saved = json.loads((out / "eval.json").read_text())["evaluations"]
     assert [(e["step"], e["when"]) for e in saved] == [(6, "phase 0"), (8, "phase 1"), (12, "phase 1")]
@@ -414,7 +415,7 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     import sys
     import time
 
-    full = R.train(_compose(FAST + ["trainer.val_every_n_steps=null", f"out_dir={tmp_path / 'full'}", "run_name=full"]))
+    full = R.train(compose_config(FAST + ["trainer.val_every_n_steps=null", f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     args = FAST + ["trainer.val_every_n_steps=null", "trainer.checkpoint_every_n_steps=100", "export_hf=true",
                    "+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}", "run_name=part"]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(R.__file__).parents[1]))
@@ -429,7 +430,7 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
     info = read_info(tmp_path / "part" / "checkpoints" / "last.ckpt")
     assert 0 < info.step < 12 and f"saved optimizer step {info.step}" in err
     assert not (tmp_path / "part" / "hf").exists()
-    R.train(_compose(args[:-3] + ["+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
+    R.train(compose_config(args[:-3] + ["+logger.csv.flush_logs_every_n_steps=1", f"out_dir={tmp_path / 'part'}",
                                   "run_name=part", "resume=auto"]))
     a = {s: float(t) for s, t, _ in _rows(tmp_path / "full") if t}
     b = {s: float(t) for s, t, _ in _rows(tmp_path / "part") if t}
@@ -440,19 +441,16 @@ def test_sigusr1_saves_at_a_step_boundary_and_resume_is_exact(tmp_path):
 # ---- GRPO: a verifier that cannot score stops the run ------------------------------------------------------
 def test_grpo_stops_when_the_verifier_fails_on_most_completions(tmp_path, monkeypatch):
     import moxin.rewards as rewards_pkg
-    from tests.test_grpo import fit, make_dm, make_stage
+    from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch, tiny_grpo_stage
 
     class Down:
         def __call__(self, completion, reference):
             raise TimeoutError("verifier service unreachable")
 
     monkeypatch.setitem(rewards_pkg.VERIFIERS, "down", Down)
-    from moxin.tokenizer import load_tokenizer
-
-    tok = load_tokenizer("mistral")
-    stage = make_stage(tok, verifier="down")
+    stage, tok = tiny_grpo_stage("down", max_new_tokens=6, micro_batch_size=4)
     with pytest.raises(RuntimeError, match="max_verifier_failure_fraction"):
-        fit(stage, make_dm(tok, steps=2), tmp_path)
+        fit_one_epoch(stage, arithmetic_prompts(tok, steps=2), tmp_path)
     assert stage.history == []  # stopped at the first step, before any update was logged
 
 
@@ -469,7 +467,7 @@ def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monk
     free = {"bytes": 1024}
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, free["bytes"]))
     with pytest.raises(DiskSpaceError) as e:
-        R.train(_compose(FAST + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+        R.train(compose_config(FAST + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
     msg = user_message(e.value)
     assert f"{tmp_path / 'a' / 'checkpoints'}" in msg and "step 0" in msg and "0.0 GiB are free" in msg
     assert "out_dir" in msg and not (tmp_path / "a" / "checkpoints").exists()
@@ -483,7 +481,7 @@ def test_a_full_disk_stops_the_run_with_the_sizes_before_any_step(tmp_path, monk
 
     monkeypatch.setattr(shutil, "disk_usage", shrinking)
     with pytest.raises(DiskSpaceError, match="checkpoint of step 6"):
-        R.train(_compose(FAST + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.checkpoint_every_n_steps=4"]))
+        R.train(compose_config(FAST + [f"out_dir={tmp_path / 'b'}", "run_name=b", "trainer.checkpoint_every_n_steps=4"]))
     assert os.readlink(tmp_path / "b" / "checkpoints" / "last.ckpt") == "step000004.ckpt"
 
 
@@ -496,23 +494,23 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
-    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=n", "trainer.max_steps=3",
+    R.train(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=n", "trainer.max_steps=3",
                              "trainer.checkpoint_every_n_steps=1", "trainer.save_checkpoints=false"]))
     assert not (tmp_path / "checkpoints").exists()
     info = json.loads((tmp_path / "summary.json").read_text())
     assert info["optimizer_steps"] == 3 and info["checkpoint"] is None
     with pytest.raises(UserError, match="trainer.save_checkpoints='no'.*expected bool"):
-        R.train(_compose(FAST + [f"out_dir={tmp_path / 'x'}", "trainer.save_checkpoints=no"]))
+        R.train(compose_config(FAST + [f"out_dir={tmp_path / 'x'}", "trainer.save_checkpoints=no"]))
 
 
 def test_checkpoint_size_estimate_covers_what_is_written(tmp_path):
     """The estimate the disk check uses is at least the size of the checkpoint file actually written."""
-    R.train(_compose(FAST + [f"out_dir={tmp_path}", "run_name=s", "trainer.max_steps=2"]))
+    R.train(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=s", "trainer.max_steps=2"]))
     from hydra.utils import instantiate
 
     from moxin.model import Transformer
 
-    model = Transformer(instantiate(_compose(FAST).model))
+    model = Transformer(instantiate(compose_config(FAST).model))
     written = (tmp_path / "checkpoints" / "step000002.ckpt").stat().st_size
     assert written <= checkpoint_bytes(model) * 1.02 + 16 * 2**20
     assert checkpoint_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters())

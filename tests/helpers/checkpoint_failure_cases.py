@@ -1,23 +1,21 @@
 """Issue #9's numbered cases as a before/after reproducer: run them against a moxin tree.
 
     git -C . archive 6e773b2 | tar -x -C /tmp/before        # the code before the fix
-    python tests/helpers/issue9_cases.py /tmp/before 1 6 3 4 7 8
-    python tests/helpers/issue9_cases.py "$PWD" 1 6 3 4 7 8
+    python tests/helpers/checkpoint_failure_cases.py /tmp/before 1 6 3 4 7 8
+    python tests/helpers/checkpoint_failure_cases.py "$PWD" 1 6 3 4 7 8
 
 Prints one CASE line per measurement (tiny model, real tokenizer, CPU). The kill loops are
 tests/helpers/kill_loop.py (--code for another tree).
 """
 import json, os, subprocess, sys, tempfile
 from pathlib import Path
+from tiny_overrides import TINY_PRETRAIN, replaced  # this script's folder is on sys.path
 root = sys.argv[1]; which = sys.argv[2:] or ["1", "3", "4", "6", "7", "8"]
 sys.path.insert(0, root)
 os.chdir(root)
 import torch
-TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
-        "model.head_dim=16", "model.sliding_window=32", "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
-        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}, {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
-        "trainer.val_every_n_steps=3", "trainer.checkpoint_every_n_steps=5", "samples.prompts=[]", "trainer.progress_bar=none",
-        "data.val_tokens=1024", "hardware.num_workers=0"]
+TINY = replaced([o for o in TINY_PRETRAIN if o != "export_hf=false"], "trainer.checkpoint_every_n_steps=5",
+                "hardware.num_workers=0")
 env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
 def run(args):
     r = subprocess.run([sys.executable, "-m", "moxin.run"] + args, env=env, capture_output=True, text=True, timeout=900)
