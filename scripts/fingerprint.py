@@ -30,7 +30,8 @@ def last_metrics(run: Path) -> dict[str, str]:
         with path.open() as f:
             for row in csv.DictReader(f):
                 for key, value in row.items():
-                    if value not in ("", None) and not any(t in key for t in TIMING):
+                    timing = key.endswith("_s") or any(t in key for t in TIMING)
+                    if value not in ("", None) and not timing:
                         values[prefix + key] = value
     return dict(sorted(values.items()))
 
