@@ -337,7 +337,7 @@ def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base, monke
 
     from moxin.model import ModelConfig, Transformer
     from moxin.model.hf import load_hf, save_hf
-    from moxin.stages.base import load_init_weights
+    from moxin.checkpoint.weights import load_init_weights
 
     spec = importlib.util.spec_from_file_location("extend_vocab", Path(__file__).resolve().parents[1] / "scripts" /
                                                   "extend_vocab.py")

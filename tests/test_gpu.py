@@ -320,7 +320,7 @@ def test_lightning_training_steps_make_no_device_sync_before_the_optimizer_step(
                                                            grad_clip=0.5), parallel=ParallelConfig(compile=True))
         stage.configure_model()  # the same initial weights for every variant (compiled at fit)
         if variant == "values read before the step":
-            stage._fused_step_scales = lambda *a: False
+            stage.optim_step.allow_fused = False
         elif variant == "labels found on the device":
             stage.label_rows = lambda batch: None
         rec = _loss_recorder()

@@ -211,7 +211,7 @@ def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok
         stages.append(st)
     stages[0].configure_model()
     stages[1].model = copy.deepcopy(stages[0].model)
-    stages[1]._fused_step_scales = lambda *a: False  # the reference: multiply the gradients, then step
+    stages[1].optim_step.allow_fused = False  # the reference: multiply the gradients, then step
     seen = []  # (grad_scale, found_inf) as the fused optimizer's step saw them
     for st in stages:
         st._trainer = SimpleNamespace(world_size=1, accumulate_grad_batches=2, precision_plugin=None, global_step=0)
@@ -255,7 +255,7 @@ def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok
     next(st.model.parameters()).grad[0, 0] = float("nan")
     st.on_before_optimizer_step(opt)
     st.optimizer_step(0, 1, opt)
-    assert float(seen[-1][1]) == 1.0 and st.nonfinite_steps == 1
+    assert float(seen[-1][1]) == 1.0 and st.optim_step.nonfinite_steps == 1
     for p, w, m, k in zip(st.model.parameters(), weights, moments, steps):
         assert torch.equal(p, w) and torch.equal(opt.state[p]["exp_avg"], m) and torch.equal(opt.state[p]["step"], k)
     opt.zero_grad()
@@ -313,10 +313,10 @@ def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_
         stage = Fused(model=cfg, optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", grad_clip=0.5))
         seen = []
         if fused_factor:
-            step = stage._finish_pending_step
-            stage._finish_pending_step = lambda opt: (seen.append(stage._pending_step is not None), step(opt))[1]
+            finish = stage.optim_step.finish  # returns the step's values where they were read after the step
+            stage.optim_step.finish = lambda *a: (lambda v: (seen.append(v is not None), v)[1])(finish(*a))
         else:
-            stage._fused_step_scales = lambda *a: False
+            stage.optim_step.allow_fused = False
         rec = Rec()
         trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=4, accumulate_grad_batches=2, logger=False,
                             enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

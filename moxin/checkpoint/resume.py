@@ -4,6 +4,8 @@
 ``hpc_ckpt_N.ckpt``), checks each with `read_info` (a torch zip whose central directory reads; a distributed
 checkpoint whose ``.metadata``, ``meta.pt`` and every shard byte range it names are present) and returns the newest
 complete one, with the reasons every newer one was skipped. `clean_temporaries` removes what killed saves left.
+`rng_state` / `restore_rng`: the generator states a checkpoint carries, so a resumed run draws what the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from __future__ import annotations
 import logging
 import math
 import os
+import random
 import shutil
 from pathlib import Path
+
+import numpy as np
+import torch
 
 from moxin.checkpoint.files import STEP_RE, TMP_PREFIX, CheckpointError, CkptInfo, read_info
 
@@ -81,3 +87,29 @@ def config_mismatches(ours, theirs) -> list[str]:
         if not same:
             out.append(f"{f}: model.{f}={a!r} here, {b!r} in the source")
     return out
+
+
+def rng_state() -> dict:
+    """torch (CPU, CUDA), Python and NumPy generator states, as plain tensors and numbers (they load with
+    ``weights_only=True``)."""
+    np_state = np.random.get_state()
+    return {
+        "rng_torch": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "rng_python": list(random.getstate()[1]),
+        "rng_python_version": random.getstate()[0],
+        "rng_python_gauss": random.getstate()[2],
+        "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
+                      int(np_state[3]), float(np_state[4])],
+    }
+
+
+def restore_rng(st: dict) -> None:
+    """The generators as `rng_state` recorded them."""
+    torch.set_rng_state(st["rng_torch"])
+    if torch.cuda.is_available() and st["rng_cuda"]:
+        torch.cuda.set_rng_state_all(st["rng_cuda"])
+    py = st["rng_python"]
+    random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
+    n = st["rng_numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))

@@ -18,8 +18,9 @@ class StopOnSignal(L.Callback):
     optimizer step in progress, save a checkpoint through the policy, stop, and at ``on_train_end`` (the step
     logged, the checkpoint published: last.ckpt switched, so resume=auto continues exactly there) requeue the job
     when running under SLURM. The handler only sets a flag; the ranks agree on it at the step boundary (one tiny
-    all-reduce per step when distributed), so every rank saves the same step. Lightning's own requeue (SLURMEnvironment(auto_requeue=True)) saves inside
-    the signal handler, mid-step, to hpc_ckpt_N.ckpt; run.py turns it off in favour of this."""
+    all-reduce per step when distributed), so every rank saves the same step. Lightning's own requeue
+    (SLURMEnvironment(auto_requeue=True)) saves inside the signal handler, mid-step, to hpc_ckpt_N.ckpt; run.py
+    turns it off in favour of this."""
 
     def __init__(self, policy: CheckpointPolicy, signum: int | None = None):
         self.policy = policy

@@ -2,7 +2,8 @@
 
 `load_model_weights` reads a moxin ``.ckpt`` file, a distributed-checkpoint folder (without a process group), a run
 folder or its checkpoints folder, a Hugging Face folder, a safetensors file or a PEFT LoRA adapter (merged into its
-base), with the model config that produced them where the source records it.
+base), with the model config that produced them where the source records it; `load_init_weights` loads them
+into a model after checking that names, shapes and the recorded architecture fit.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict_loader import load
 
 from moxin.checkpoint.files import LAST, CheckpointError, check_distributed, read_info
-from moxin.model import ModelConfig, lora
+from moxin.checkpoint.resume import config_mismatches
+from moxin.model import ModelConfig, Transformer, lora
 from moxin.model.hf import hf_to_moxin_config, load_hf
 
 
@@ -52,7 +54,8 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
-                                "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a .safetensors file")
+                                "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a "
+                                ".safetensors file")
     if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
         base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists():
@@ -87,3 +90,33 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         lora.merge_adapters(base, lora.adapters_by_weight(sd), saved_lora["alpha"] / saved_lora["rank"], str(p))
         return base, cfg, f"{what}: LoRA adapters merged into {base_what}"
     return sd, cfg, what
+
+
+def load_init_weights(model: Transformer, path: str) -> None:
+    """Initialise from a Hugging Face MistralForCausalLM directory, a moxin checkpoint (a .ckpt file or the
+    distributed-checkpoint folder an FSDP run writes), a run folder or a safetensors file of moxin names.
+
+    Names and shapes must match, and so must the architecture the source records (HF config.json, or the
+    model config moxin stores in its checkpoints): a window, RoPE base or norm epsilon that differs leaves
+    every shape equal but computes something else, so it is refused with the fields named."""
+    src, src_cfg, what = load_model_weights(path)
+    if src_cfg is not None:
+        bad = config_mismatches(model.cfg, src_cfg)
+        if bad:
+            raise ValueError(f"init_from={path}: the {what} was trained with another architecture than this "
+                             f"run's model config: " + "; ".join(bad) + ". Set those model.* keys to the source's "
+                             "values (or pick a model config that matches it)")
+    own = model.state_dict()
+    if model.cfg.tie_embeddings:
+        src = {k: v for k, v in src.items() if k != "output.weight"} | {"output.weight": src.get(
+            "output.weight", src.get("tok_embeddings.weight"))}
+    missing = sorted(set(own) - set(src))
+    unexpected = sorted(set(src) - set(own))
+    if missing or unexpected:
+        raise KeyError(f"init_from={path}: checkpoint does not fit the model config; missing {missing[:5]}"
+                       f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
+    for k, v in src.items():
+        if v.shape != own[k].shape:
+            raise ValueError(f"init_from={path}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but "
+                             f"{tuple(own[k].shape)} in the model; the model config does not match the checkpoint")
+    model.load_state_dict(src)

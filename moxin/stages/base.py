@@ -1,33 +1,34 @@
-"""What every stage shares: building the model core, AdamW with warmup + decay, exact token normalisation of
-the loss across gradient accumulation and ranks, gradient clipping, RNG state in checkpoints.
+"""What every stage shares: the model core built (and parallelised, LoRA applied) once, the batch hooks, the
+optimizer step wired into Lightning's hooks, held-out sums, and what a checkpoint carries besides the weights.
 
 A stage subclass implements `compute_loss(batch) -> StepLoss` (a summed loss, the number of target tokens it
-was summed over, metrics). The base returns the sum to Lightning and, once the whole accumulation window has
-run, rescales the gradients by (accumulate * world) / (target tokens of the step on all ranks), so every target
-token of the optimizer step weighs the same however the tokens fall into micro-batches and ranks. Plain
-per-micro-batch means weigh a token of a short micro-batch more than one of a long one (the gradient
-accumulation bug fixed across the field in 2024).
+was summed over, metrics). The base returns the sum to Lightning and hands the counts to
+`moxin.optim.OptimizerStep`, which normalises by the target tokens of the whole step on all ranks (plain
+per-micro-batch means weigh a token of a short micro-batch more than one of a long one: the gradient accumulation
+bug fixed across the field in 2024), clips and guards the step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
-import numpy as np
 import torch
 from torchmetrics import Metric
 
-from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
+from moxin.checkpoint.resume import restore_rng, rng_state
+from moxin.checkpoint.weights import load_init_weights
+from moxin.distributed import ParallelConfig, is_sharded, parallelize, weights_checksum
 from moxin.model import ModelConfig, Transformer
 from moxin.model import lora as lora_lib
 from moxin.model.lora import LoRAConfig
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
+from moxin.optim import OptimizerStep, StepValues, adamw_with_schedule
 from moxin.tokenizer import as_tokenizer
 
 
@@ -89,22 +90,6 @@ class OptimConfig:
             raise ValueError("; ".join(problems))
 
 
-class NonFiniteError(RuntimeError):
-    """Training stopped: too many optimizer steps in a row with a NaN/Inf loss or gradient norm."""
-
-
-def lr_lambda(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:
-    """Multiplier of the peak LR at optimizer step `step` (0-based)."""
-    if warmup > 0 and step < warmup:
-        return (step + 1) / warmup
-    if schedule == "constant" or total <= warmup:
-        return 1.0
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    if schedule == "linear":
-        return 1.0 - (1.0 - min_ratio) * progress
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
 @dataclass
 class StepLoss:
     loss_sum: torch.Tensor
@@ -115,39 +100,6 @@ class StepLoss:
     """Extra per-micro-batch sums to log, normalised by the same count (e.g. DPO accuracy)."""
     tokens_processed: int = 0
     """Tokens through the model (for throughput), padding included."""
-
-
-def load_init_weights(model: Transformer, path: str) -> None:
-    """Initialise from a Hugging Face MistralForCausalLM directory, a moxin checkpoint (a .ckpt file or the
-    distributed-checkpoint folder an FSDP run writes), a run folder or a safetensors file of moxin names.
-
-    Names and shapes must match, and so must the architecture the source records (HF config.json, or the
-    model config moxin stores in its checkpoints): a window, RoPE base or norm epsilon that differs leaves
-    every shape equal but computes something else, so it is refused with the fields named."""
-    from moxin.checkpoint.resume import config_mismatches
-    from moxin.checkpoint.weights import load_model_weights
-
-    src, src_cfg, what = load_model_weights(path)
-    if src_cfg is not None:
-        bad = config_mismatches(model.cfg, src_cfg)
-        if bad:
-            raise ValueError(f"init_from={path}: the {what} was trained with another architecture than this "
-                             f"run's model config: " + "; ".join(bad) + ". Set those model.* keys to the source's "
-                             "values (or pick a model config that matches it)")
-    own = model.state_dict()
-    if model.cfg.tie_embeddings:
-        src = {k: v for k, v in src.items() if k != "output.weight"} | {"output.weight": src.get(
-            "output.weight", src.get("tok_embeddings.weight"))}
-    missing = sorted(set(own) - set(src))
-    unexpected = sorted(set(src) - set(own))
-    if missing or unexpected:
-        raise KeyError(f"init_from={path}: checkpoint does not fit the model config; missing {missing[:5]}"
-                       f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}")
-    for k, v in src.items():
-        if v.shape != own[k].shape:
-            raise ValueError(f"init_from={path}: tensor {k} has shape {tuple(v.shape)} in the checkpoint but "
-                             f"{tuple(own[k].shape)} in the model; the model config does not match the checkpoint")
-    model.load_state_dict(src)
 
 
 class HeldOutSums(Metric):
@@ -174,20 +126,8 @@ def _host_number(v) -> torch.Tensor:
     return torch.tensor(float(v), dtype=torch.float64)
 
 
-def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-    """Start copying `t` to the host without waiting: (the page-locked copy, an event that completes with it).
-    On the CPU, a copy and no event."""
-    if t.device.type != "cuda":
-        return t.detach().clone(), None
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    host.copy_(t, non_blocking=True)
-    ready = torch.cuda.Event()
-    ready.record()
-    return host, ready
-
-
 class MoxinStage(L.LightningModule):
-    """Base LightningModule: owns `self.model` (a `Transformer`) and the optimisation mechanics.
+    """Base LightningModule: owns `self.model` (a `Transformer`) and `self.optim_step` (its `OptimizerStep`).
 
     ``tokenizer``: the run's one tokenizer, handed in by ``moxin.run`` to every stage (GRPO renders prompts and
     decodes completions with it, the evaluation stage scores with it); a spec such as ``"mistral"`` is loaded on
@@ -214,19 +154,12 @@ class MoxinStage(L.LightningModule):
         self.total_steps_override = total_steps
         self.model: Transformer | None = None
         self._parallelized = False
-        self._acc_tokens = 0.0
-        self._acc_loss = 0.0
-        self._acc_metrics: dict[str, float] = {}
-        self._acc_processed = 0
+        self.optim_step = OptimizerStep(self.optim_cfg)  # normalise, clip, guard: see moxin.optim
         self.init_checksum: float | None = None
         self.held_out: HeldOutSums | None = None
         self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
-        self.nonfinite_steps = 0  # optimizer steps skipped for a NaN/Inf loss or gradient norm (restored on resume)
-        self._nonfinite_run: list[int] = []  # global steps of the current run of consecutive skipped steps
         self._rng_at_first_batch: dict | None = None  # a resumed run's generator states (on_load_checkpoint)
         self.last_step_tokens_processed = 0
-        self._pending_step = None  # a fused optimizer step's values on their way to the host (see optimizer_step)
-        self._set_grad_scale = False
 
     @property
     def tokenizer(self):
@@ -259,10 +192,6 @@ class MoxinStage(L.LightningModule):
         ref = getattr(self, "ref_model", None)
         if ref is not None:  # a frozen reference (DPO, GRPO's KL) is sharded like the policy
             parallelize(ref, self.parallel_cfg, mesh)
-
-    @property
-    def uses_lora(self) -> bool:
-        return self.lora_cfg.enabled
 
     def _check_lora_combination(self) -> None:
         """Combinations LoRA cannot run, refused before the model is built or loaded, with the fix."""
@@ -330,20 +259,8 @@ class MoxinStage(L.LightningModule):
         return int(self.trainer.estimated_stepping_batches)
 
     def configure_optimizers(self):
-        oc = self.optim_cfg
-        decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.dim() < 2 or "tok_embeddings" in name else decay).append(p)
         fused = self.device.type == "cuda"
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": oc.weight_decay},
-                                 {"params": no_decay, "weight_decay": 0.0}],
-                                lr=oc.lr, betas=oc.betas, eps=oc.eps, fused=fused)
-        total = self.total_steps()
-        warmup = oc.warmup_steps if oc.warmup_steps is not None else int(round(oc.warmup_fraction * total))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, total, warmup, oc.schedule, oc.min_lr_ratio))
+        opt, sched = adamw_with_schedule(self.model, self.optim_cfg, self.total_steps(), fused=fused)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def compute_loss(self, batch) -> StepLoss:  # pragma: no cover - abstract
@@ -351,12 +268,7 @@ class MoxinStage(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         out = self.compute_loss(batch)
-        # accumulate on the device: no host sync per micro-batch, one per optimizer step
-        self._acc_tokens = self._acc_tokens + torch.as_tensor(out.n_tokens, device=self.device).detach().double()
-        self._acc_loss = self._acc_loss + out.loss_sum.detach().double()
-        for k, v in out.metrics.items():
-            self._acc_metrics[k] = self._acc_metrics.get(k, 0.0) + torch.as_tensor(v).detach().double()
-        self._acc_processed += out.tokens_processed
+        self.optim_step.add(out.loss_sum, out.n_tokens, out.metrics, out.tokens_processed, self.device)
         return out.loss_sum
 
     def step_counters(self) -> list:
@@ -368,93 +280,48 @@ class MoxinStage(L.LightningModule):
         """The reduced `step_counters` of an optimizer step (skipped steps included), once the step's values are
         on the host."""
 
+    def _global_step(self) -> int:
+        """The optimizer step the guard's messages name (0 before a trainer is attached)."""
+        return getattr(self._trainer, "global_step", 0)
+
     def on_before_optimizer_step(self, optimizer):
-        # The token normalisation is folded into the clipping factor, since norm(scale * g) = scale * norm(g), and
-        # the factor into the optimizer step where the optimizer can apply it: two passes over the gradients (their
-        # norm, the step) rather than three. With a fused optimizer nothing here waits for the GPU: the factor and the
-        # skip of a non-finite step are device numbers the step reads (its `grad_scale` and `found_inf`, as
-        # GradScaler uses them), and the step's values reach the host in `optimizer_step`, after the step is queued,
-        # so the host never stalls the GPU between the backward and the optimizer step.
-        inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
-        self._clear_step_factor(inner)
-        self._finish_pending_step(optimizer)  # a step whose values were never read (optimizer_step overridden)
-        keys = sorted(self._acc_metrics)
-        extra = self.step_counters()
-        stats = all_reduce_tensor([self._acc_tokens, self._acc_loss, float(self._acc_processed)]
-                                  + [self._acc_metrics[k] for k in keys] + extra, self.device)
-        self._acc_tokens, self._acc_loss, self._acc_processed = 0.0, 0.0, 0
-        self._acc_metrics = {}
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        raw_norm = torch.nn.utils.get_total_norm(grads) if grads else torch.zeros((), device=self.device)
-        if hasattr(raw_norm, "full_tensor"):  # sharded gradients: the norm is a DTensor
-            raw_norm = raw_norm.full_tensor()
-        # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
-        n_tokens = stats[0]
-        scale = torch.where(n_tokens > 0, self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens,
-                            1.0)
-        gn = raw_norm.to(device=stats.device, dtype=torch.float64) * scale  # the norm before clipping
-        values = torch.cat([stats, gn.reshape(1)])
-        layout = (keys, len(extra))
-        if grads and self._fused_step_scales(inner, grads):
-            clip = self.optim_cfg.grad_clip
-            # clip_grad_norm_'s rule
-            factor = scale * (torch.clamp(clip / (gn + 1e-6), max=1.0) if clip is not None else 1.0)
-            ok = torch.isfinite(stats[1]) & torch.isfinite(gn)
-            # fused AdamW divides each gradient by `grad_scale` as it reads it (and stores the result back), and
-            # leaves weights, moments and step count as they were where `found_inf` is 1
-            inner.grad_scale = torch.where(ok, 1.0 / factor, 1.0).to(torch.float32)
-            inner.found_inf = (~ok).to(torch.float32)
-            self._set_grad_scale = True
-            self._pending_step = (_to_host(values), layout)
+        # automatic optimisation: the step's sums normalise and clip the gradients (moxin.optim); with a fused
+        # optimizer the values are read in `optimizer_step`, after the step is queued. Manual optimisation (GRPO)
+        # calls its OptimizerStep itself.
+        if not self.automatic_optimization:
             return
-        self._finish_step(values.tolist(), layout, optimizer, grads)
+        # a step whose values were never read (optimizer_step overridden)
+        self._log_step(self.optim_step.finish(optimizer, self.model.parameters(), self._global_step()), optimizer)
+        # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
+        scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
+        values = self.optim_step.prepare(
+            optimizer, self.model.parameters(), device=self.device, step=self._global_step(),
+            divided_by=self.trainer.accumulate_grad_batches * self.trainer.world_size,
+            counters=self.step_counters(), grad_scaler=scaler)
+        self._log_step(values, optimizer)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
-        self._clear_step_factor(getattr(optimizer, "optimizer", optimizer))
-        self._finish_pending_step(optimizer)
+        self._log_step(self.optim_step.finish(optimizer, self.model.parameters(), self._global_step()), optimizer)
 
-    def _clear_step_factor(self, optimizer) -> None:
-        """Drop the `grad_scale` / `found_inf` this stage set for a step, so they are never applied twice."""
-        if getattr(self, "_set_grad_scale", False):
-            optimizer.grad_scale = optimizer.found_inf = None
-            self._set_grad_scale = False
-
-    def _finish_pending_step(self, optimizer) -> None:
-        pending, self._pending_step = getattr(self, "_pending_step", None), None
-        if pending is not None:
-            (host, ready), layout = pending
-            if ready is not None:
-                ready.synchronize()  # the values were copied before the optimizer step, which the GPU may still run
-            self._finish_step(host.tolist(), layout, optimizer, None)
-
-    def _finish_step(self, vals: list[float], layout, optimizer, grads: list | None) -> None:
-        """The host's part of an optimizer step: the guard against non-finite steps, the gradient factor where the
-        optimizer does not apply it (`grads`: multiply them here, before the step), counters and logs."""
-        keys, n_extra = layout
-        n_tokens, loss_sum, processed = vals[:3]
-        metrics = vals[3:3 + len(keys)]
-        gn = vals[-1]
-        self.log_step_counters(vals[3 + len(keys):3 + len(keys) + n_extra])
-        if not self.guard_nonfinite(loss_sum / max(n_tokens, 1.0), gn):
-            self.log("train/nonfinite_steps", _host_number(self.nonfinite_steps), on_step=True, on_epoch=False,
-                     rank_zero_only=True)
+    def _log_step(self, v: StepValues | None, optimizer) -> None:
+        """An optimizer step's counters and logs, once its values are on the host (None: nothing to log)."""
+        if v is None:
             return
-        if grads:
-            clip = self.optim_cfg.grad_clip
-            scale = self.trainer.accumulate_grad_batches * self.trainer.world_size / n_tokens if n_tokens > 0 else 1.0
-            factor = scale * (min(1.0, clip / (gn + 1e-6)) if clip is not None else 1.0)  # clip_grad_norm_'s rule
-            if factor != 1.0:
-                torch._foreach_mul_(grads, factor)
-        self.tokens_seen += int(n_tokens)
-        self.last_step_tokens_processed = int(processed)
-        denom = max(n_tokens, 1.0)
-        logs = {"train/loss": loss_sum / denom, "train/lr": optimizer.param_groups[0]["lr"],
-                "train/target_tokens": float(self.tokens_seen), "train/grad_norm": gn}
-        if self.nonfinite_steps:
-            logs["train/nonfinite_steps"] = float(self.nonfinite_steps)
-        for k, v in zip(keys, metrics):
-            logs[k] = v / denom
+        self.log_step_counters(v.counters)
+        if not v.ok:
+            self.log("train/nonfinite_steps", _host_number(self.optim_step.nonfinite_steps), on_step=True,
+                     on_epoch=False, rank_zero_only=True)
+            return
+        self.tokens_seen += int(v.n_tokens)
+        self.last_step_tokens_processed = int(v.processed)
+        denom = max(v.n_tokens, 1.0)
+        logs = {"train/loss": v.loss_sum / denom, "train/lr": optimizer.param_groups[0]["lr"],
+                "train/target_tokens": float(self.tokens_seen), "train/grad_norm": v.grad_norm}
+        if self.optim_step.nonfinite_steps:
+            logs["train/nonfinite_steps"] = float(self.optim_step.nonfinite_steps)
+        for k, m in v.metrics.items():
+            logs[k] = m / denom
         self.log_host(logs)
         self.log("loss", _host_number(logs["train/loss"]), prog_bar=True, on_step=True, on_epoch=False, logger=False,
                  rank_zero_only=True)
@@ -465,16 +332,6 @@ class MoxinStage(L.LightningModule):
         self.log_dict({k: _host_number(v) for k, v in logs.items()}, on_step=True, on_epoch=False, prog_bar=False,
                       rank_zero_only=True, sync_dist=False)
 
-    def _fused_step_scales(self, optimizer, grads) -> bool:
-        """Whether the optimizer step itself can apply the gradient factor: a fused torch optimizer (it reads
-        `grad_scale`, as GradScaler uses it), no GradScaler of fp16 training (it sets `grad_scale` itself), and
-        plain tensors (not the DTensors of FSDP, which a plain scale tensor cannot mix with)."""
-        if not (getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused")):
-            return False
-        if getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None:
-            return False
-        return all(type(g) is torch.Tensor for g in grads)
-
     # ---- held-out metrics: sums over the validation pass, reduced over ranks ----------------------------------
     def held_out_start(self, n: int) -> None:
         """Start a validation pass that accumulates `n` sums (see `HeldOutSums`)."""
@@ -484,8 +341,6 @@ class MoxinStage(L.LightningModule):
 
     def held_out_totals(self) -> torch.Tensor:
         """The pass's sums over all ranks (collective)."""
-        import warnings
-
         with warnings.catch_warnings():  # a rank with no held-out batch still takes part in the reduction
             warnings.filterwarnings("ignore", message=".*compute.*before.*update.*")
             return self.held_out.compute()
@@ -496,72 +351,32 @@ class MoxinStage(L.LightningModule):
         if metrics:
             self.log_dict(metrics, sync_dist=True)
 
-    def guard_nonfinite(self, loss: float | None, grad_norm: float | None) -> bool:
-        """Whether this optimizer step may proceed. A NaN/Inf loss or gradient norm (both global: every rank
-        decides the same) skips the step instead: the gradients are dropped, so AdamW leaves the weights and
-        its moments as they were (the LR schedule still advances one step). Skipped steps are counted; after
-        `optim.max_nonfinite_steps` in a row the run stops with NonFiniteError, and since the weights never took
-        a non-finite update, the last checkpoint stays a good one. The base calls it once the step's values are on
-        the host: before the step, or, with a fused optimizer, after it, which then skipped the update on the
-        device (`found_inf`); stages with manual optimisation call it with their gradient norm."""
-        bad = [f"{n}={v}" for n, v in (("loss", loss), ("grad_norm", grad_norm))
-               if v is not None and not math.isfinite(v)]
-        if not bad:
-            self._nonfinite_run = []
-            return True
-        for p in self.model.parameters():
-            p.grad = None
-        step = self.trainer.global_step if self._trainer is not None else 0
-        self.nonfinite_steps += 1
-        self._nonfinite_run.append(step)
-        from lightning.pytorch.utilities import rank_zero_warn
-
-        limit = self.optim_cfg.max_nonfinite_steps
-        rank_zero_warn(f"optimizer step {step}: {', '.join(bad)}; step skipped (weights unchanged; "
-                       f"{len(self._nonfinite_run)} in a row, the run stops at {limit})")
-        if len(self._nonfinite_run) >= limit:
-            raise NonFiniteError(
-                f"training stopped: {len(self._nonfinite_run)} optimizer steps in a row (steps "
-                f"{self._nonfinite_run[0]}-{self._nonfinite_run[-1]}) had a non-finite loss or gradient norm "
-                f"(last: {', '.join(bad)}); {self.nonfinite_steps} skipped in all. The weights never took a non-finite "
-                f"update; the last checkpoint is the last good state. Lower stage.optim.lr (now {self.optim_cfg.lr}), "
-                f"keep stage.optim.grad_clip set (now {self.optim_cfg.grad_clip}), check the data, or raise "
-                "trainer.max_nonfinite_steps")
-        return False
-
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        # clipping happens in on_before_optimizer_step, after the token normalisation
+        # clipping happens in the OptimizerStep, after the token normalisation
         return
 
     # ---- checkpoints: everything needed to continue as if never stopped --------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        if self.uses_lora:  # `state_dict` kept the adapters only: the frozen base is init_from's
+        moxin = checkpoint.setdefault("moxin", {})
+        if self.lora_cfg.enabled:  # `state_dict` kept the adapters only: the frozen base is init_from's
             base = Path(self.init_from)
-            checkpoint.setdefault("moxin", {})["lora"] = dataclasses.asdict(self.lora_cfg) | {
+            moxin["lora"] = dataclasses.asdict(self.lora_cfg) | {
                 "base": str(base.resolve() if base.exists() else base)}  # what init_from of this checkpoint merges into
-        np_state = np.random.get_state()
-        checkpoint.setdefault("moxin", {}).update({
+        moxin.update({
             "tokens_seen": self.tokens_seen,
-            "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_steps": self.optim_step.nonfinite_steps,
             # what resume and init_from check: the process count the data / loop state belongs to, and the
             # architecture the weights were trained with
             "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
             "model_config": {k: v for k, v in dataclasses.asdict(self.model_cfg).items()},
             "total_steps": int(self.total_steps()) if self._trainer is not None else None,
-            "rng_torch": torch.get_rng_state(),
-            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "rng_python": list(random.getstate()[1]),
-            "rng_python_version": random.getstate()[0],
-            "rng_python_gauss": random.getstate()[2],
-            "rng_numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]),
-                          int(np_state[3]), float(np_state[4])],
-        })
+        } | rng_state())
 
     def state_dict(self, *args, **kwargs):
         """With LoRA, the adapters only: the checkpoint's model part, saved and loaded (also by FSDP2's distributed
         checkpoint, which reads exactly the keys this names) without the frozen base, which init_from rebuilds."""
         sd = super().state_dict(*args, **kwargs)
-        if getattr(self, "lora_cfg", None) is not None and self.uses_lora:
+        if getattr(self, "lora_cfg", None) is not None and self.lora_cfg.enabled:
             for k in [k for k in sd if not k.endswith((".lora_A", ".lora_B"))]:
                 del sd[k]
         return sd
@@ -583,13 +398,13 @@ class MoxinStage(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint):
         st = checkpoint.get("moxin")
-        if self.uses_lora:
+        if self.lora_cfg.enabled:
             self._check_lora_checkpoint(checkpoint)
         if not st:
             return
         self.tokens_seen = int(st["tokens_seen"])
-        self.nonfinite_steps = int(st.get("nonfinite_steps", 0))
-        self._restore_rng(st)
+        self.optim_step.nonfinite_steps = int(st.get("nonfinite_steps", 0))
+        restore_rng(st)
         # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,
         # which the uninterrupted run did before the checkpoint was written (LoRA dropout reads it at that step)
         self._rng_at_first_batch = st
@@ -598,15 +413,4 @@ class MoxinStage(L.LightningModule):
         """A resumed run's first step starts from the checkpoint's generator states (see `on_load_checkpoint`)."""
         st, self._rng_at_first_batch = self._rng_at_first_batch, None
         if st is not None:
-            self._restore_rng(st)
-
-    @staticmethod
-    def _restore_rng(st: dict) -> None:
-        """torch (CPU, CUDA), Python and NumPy generators as `on_save_checkpoint` recorded them."""
-        torch.set_rng_state(st["rng_torch"])
-        if torch.cuda.is_available() and st["rng_cuda"]:
-            torch.cuda.set_rng_state_all(st["rng_cuda"])
-        py = st["rng_python"]
-        random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
-        n = st["rng_numpy"]
-        np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+            restore_rng(st)

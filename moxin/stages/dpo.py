@@ -122,7 +122,7 @@ class DPOStage(MoxinStage):
         return ref
 
     def configure_model(self) -> None:
-        if self.model is None and self.reference is ReferenceMode.FROZEN and not self.uses_lora:
+        if self.model is None and self.reference is ReferenceMode.FROZEN and not self.lora_cfg.enabled:
             # built before the policy from the same RNG state, so a random init matches too; the base shards it
             self.ref_model = self.frozen_start_copy()
         super().configure_model()
@@ -142,7 +142,7 @@ class DPOStage(MoxinStage):
         }
 
     def on_fit_start(self):
-        if self.reference is not ReferenceMode.CACHED or self.uses_lora:
+        if self.reference is not ReferenceMode.CACHED or self.lora_cfg.enabled:
             return
         dm = self.trainer.datamodule
         splits = ["train"] + (["val"] if dm.val_set is not None else [])
@@ -172,7 +172,7 @@ class DPOStage(MoxinStage):
     def _reference_logps(self, batch, split: str):
         if self.reference is ReferenceMode.NONE:
             return None, None
-        if self.uses_lora:  # the starting weights are the base with the adapters off: no second model, no cache
+        if self.lora_cfg.enabled:  # the starting weights are the base with the adapters off: no second model, no cache
             with torch.no_grad(), adapters_disabled(self.model):
                 ids, labels, pos = self._cat(batch)
                 logps, _ = sequence_logps(self.model, ids, labels, pos, self.loss_chunk_size,

@@ -201,7 +201,7 @@ class GRPOStage(MoxinStage):
 
     # ---- setup --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
-        if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None and not self.uses_lora:
+        if self.model is None and self.cfg.kl_coef != 0.0 and self.ref_model is None and not self.lora_cfg.enabled:
             # the KL reference: the starting weights, frozen; kept out of state_dict and the optimizer (not a
             # submodule) and sharded like the policy by the base's configure_model
             object.__setattr__(self, "ref_model", self.frozen_start_copy())
@@ -227,14 +227,6 @@ class GRPOStage(MoxinStage):
         dm = getattr(self.trainer, "datamodule", None)
         rollouts = int(dm.total_steps) if dm is not None and getattr(dm, "total_steps", None) else 1
         return rollouts * self.optimizer_steps_per_rollout()
-
-    def on_before_optimizer_step(self, optimizer):
-        # the base class's token normalisation is for automatic optimisation; here the loss is already normalised
-        # (see _update), so only clip
-        clip = self.optim_cfg.grad_clip if self.optim_cfg.grad_clip is not None else float("inf")
-        gn = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        self._last_grad_norm = float(gn.full_tensor() if hasattr(gn, "full_tensor") else gn)
-        self.guard_nonfinite(None, self._last_grad_norm)  # NaN/Inf: drop the gradients (skip), stop after N
 
     # ---- helpers ------------------------------------------------------------------------------------------------
     def generator_for(self, step: int) -> torch.Generator:
@@ -349,7 +341,7 @@ class GRPOStage(MoxinStage):
             copy.fuse_projections()  # one q/k/v and one gate/up product a block; refreshed in place below
             self.__dict__["_rollout_copy"] = copy  # a plain attribute: not a submodule
         params = dict(copy.named_parameters())
-        if self.uses_lora:  # the adapters merged into the copy's weights, one tensor at a time
+        if self.lora_cfg.enabled:  # the adapters merged into the copy's weights, one tensor at a time
             for name, t in lora_lib.merged_items(self.model, dtype=dtype):
                 if name in params:
                     params[name].copy_(t)
@@ -517,7 +509,7 @@ class GRPOStage(MoxinStage):
                     logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0, rows=rows)
                     old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
                     kl = None
-                    if c.kl_coef != 0.0 and self.uses_lora:  # the reference: the base, adapters off
+                    if c.kl_coef != 0.0 and self.lora_cfg.enabled:  # the reference: the base, adapters off
                         with torch.no_grad(), lora_lib.adapters_disabled(self.model):
                             ref_logp, _ = self._logp(self.model, ids_m, pos_m, lab_m, rows=rows)
                         kl = kl_penalty(logp, ref_logp, c.kl_estimator)
@@ -538,6 +530,8 @@ class GRPOStage(MoxinStage):
                                                  st["clip_frac_low"] + st["clip_frac_high"], st["kl_mean"],
                                                  st["ratio_max"], ent_sum]).float(), float(h_m.sum()), ent_n))
                     processed += ids_m.numel()
+                # the loss is already normalised (above): clip, and skip a NaN/Inf step (stop after N)
+                self._last_grad_norm = self.optim_step.clip(self.model.parameters(), self._global_step())
                 opt.step()
                 sched.step()
                 # the minibatch's statistics, read once its optimizer step is queued

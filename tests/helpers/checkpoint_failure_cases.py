@@ -57,7 +57,7 @@ if "4" in which:
         print(f"CASE4 grad_clip={g}: rc", rc, "|", msg)
 if "7" in which:
     from moxin.model import ModelConfig, Transformer, save_hf
-    from moxin.stages.base import load_init_weights
+    from moxin.checkpoint.weights import load_init_weights
     base = ModelConfig.preset("tiny")
     save_hf(Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096)), tmp / "hf7")
     try:
