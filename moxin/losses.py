@@ -176,7 +176,7 @@ def _head_kernels(device: torch.device):
 def _keeps_logit_grads(device: torch.device, mm_dtype: torch.dtype) -> bool:
     """Whether the forward keeps each chunk's 16-bit logits gradient for the backward (R x V x 2 bytes between the
     two: 0.5 GiB for 8192 rows of a 32000 vocabulary) instead of the backward recomputing the chunk's logits (one
-    (R, D) x (D, V) product, about 3 ms for 8192 rows at Moxin-7B's width on an H200)."""
+    more (R, D) x (D, V) product; docs/performance.md, "The loss head compiled")."""
     return device.type == "cuda" and COMPILE_HEAD and mm_dtype in (torch.bfloat16, torch.float16)
 
 

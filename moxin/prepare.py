@@ -2,19 +2,8 @@
 across all sources and parts, tokenize it with the run's tokenizer and write token shards with a document index
 and a manifest (layout: moxin/data/prepared.py). Train on it with ``data.prepared=DIR``.
 
-Parallel (SLURM-array friendly): ``prepare.part=i prepare.parts=n`` processes the i-th contiguous slice of every
-source's files (hub datasets: of their files) and writes its shards and ``parts/part-i-of-n.json``; a final
-``prepare.merge=true`` (same ``data``, ``out``, ``prepare.parts``) reads the parts' document hashes and keeps the
-first copy of each text over all sources and parts (sources in config order, then parts, then files), drops near
-duplicates (``prepare.near_dedup=true``: MinHash LSH with ``datasketch``, over signatures the parts computed),
-writes each shard's index of kept documents and the manifest. Without ``prepare.part`` one process runs every
-part and then the merge.
-
-Dedup happens in two places: a part drops exact copies of a text it has already written (before tokenizing,
-so they cost nothing), the merge drops copies that different parts wrote (their tokens stay in the .bin files as
-dead bytes, counted in the manifest, and are never read). Filtering is the reader's own: bad records (malformed,
-invalid UTF-8, oversized, missing text field) are counted with their location under the source's limits, empty
-texts are skipped; ``prepare.min_chars`` drops shorter texts.
+``prepare.part=i prepare.parts=n`` writes one slice (a SLURM array), ``prepare.merge=true`` joins the parts;
+without ``prepare.part`` one process does both. Parts, merge and dedup: docs/modules.md, "prepare.py".
 """
 
 from __future__ import annotations

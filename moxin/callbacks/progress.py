@@ -1,15 +1,8 @@
-"""Progress in moxin's terms: steps out of the run's total (optimizer steps; GRPO: rollout steps, with the
-optimizer steps beside them), the phase by name, target tokens, loss, tokens/s and one ETA for the whole run.
+"""Progress in moxin's terms: steps out of the run's total (optimizer steps; GRPO: rollout steps), the phase by
+name, target tokens, loss, tokens/s and one ETA for the whole run, in place of Lightning's per-epoch bars.
 
-Lightning's bars count micro-batches of an epoch ("32/--" for our iterable loaders, no total, no ETA), call
-every phase "Epoch i/n" and show "v_num". Two displays replace them:
-
-* :class:`StepProgress` prints one plain line every ``every`` steps (and after the last step, once the final
-  validation is in, so it shows what the final table shows), for output that is not a terminal (nohup, SLURM
-  logs, CI) where a redrawn bar shows nothing until the end; on a terminal with the rich bar it writes the same
-  lines into the run's log file only;
-* :class:`PhaseRichBar`, Lightning's rich bar counting the run's steps (not a phase's micro-batches) with the
-  phase name as description, and loss/val/tok/s/ETA as its only other fields: one line within 80 columns.
+:class:`StepProgress` prints one plain line every ``every`` steps (for logs that are not a terminal);
+:class:`PhaseRichBar` is Lightning's rich bar counting the run's steps, on one line within 80 columns.
 """
 
 from __future__ import annotations
@@ -19,6 +12,10 @@ import time
 
 import lightning as L
 from lightning.pytorch.callbacks import RichProgressBar
+from rich.progress import BarColumn, TextColumn
+from torchmetrics.aggregation import MeanMetric
+
+from moxin.ui import current_plan, interrupted_message, note_interrupt, note_step, note_train_loss, run_log
 
 
 def _fmt_time(s: float | None) -> str:
@@ -97,8 +94,6 @@ class StepProgress(L.Callback):
     loss is the mean over the steps since the previous line (torchmetrics' MeanMetric)."""
 
     def __init__(self, clock: StepClock, every: int = 10, to_console: bool = True):
-        from torchmetrics.aggregation import MeanMetric
-
         self.clock, self.every, self.to_console = clock, max(1, int(every)), to_console
         self._last = -1
         self._started = 0.0
@@ -118,8 +113,6 @@ class StepProgress(L.Callback):
         if step == self._last or step == 0 or not trainer.is_global_zero:
             return  # still accumulating
         self._last = step
-        from moxin.ui import note_step
-
         note_step(step)
         self._eta = self.clock.tick(step)
         loss = trainer.callback_metrics.get("train/loss")
@@ -141,8 +134,6 @@ class StepProgress(L.Callback):
         f = step_fields(trainer, pl_module, self.clock, self._eta if step < self.clock.stop_step else 0.0)
         if self._loss.update_count:
             f["loss"] = f"{float(self._loss.compute()):.4f}"
-            from moxin.ui import note_train_loss
-
             # the final table shows the same number (the mean over these steps), not the last step's alone
             note_train_loss(float(self._loss.compute()), self._first or step, step)
             self._loss.reset()
@@ -153,8 +144,6 @@ class StepProgress(L.Callback):
         if self.to_console:
             print(line, flush=True)
         else:
-            from moxin.ui import run_log
-
             run_log().write_line(line)
 
 
@@ -183,8 +172,6 @@ class PhaseRichBar(RichProgressBar):
         return f"{name} {idx + 1}/{len(self.clock.phases)}" if len(self.clock.phases) > 1 else name
 
     def configure_columns(self, trainer) -> list:
-        from rich.progress import BarColumn, TextColumn
-
         return [TextColumn("[progress.description]{task.description}"),
                 BarColumn(bar_width=self.BAR_WIDTH, complete_style=self.theme.progress_bar,
                           finished_style=self.theme.progress_bar_finished, pulse_style=self.theme.progress_bar_pulse),
@@ -218,8 +205,6 @@ class PhaseRichBar(RichProgressBar):
 
     def get_metrics(self, trainer, pl_module):
         f = step_fields(trainer, pl_module, self.clock, self._eta)
-        from moxin.ui import current_plan
-
         line = current_plan().get("train_loss_line")  # after the last step: the final table's number
         if line and line[2] == self.clock.step_of(trainer, pl_module) and "loss" in f:
             f["loss"] = f"{line[0]:.4f}"
@@ -239,8 +224,6 @@ class InterruptNotice(L.Callback):
 
     def on_exception(self, trainer, pl_module, exception):
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            from moxin.ui import interrupted_message, note_interrupt
-
             note_interrupt()
             print(interrupted_message(self.cfg, trainer), file=sys.__stderr__, flush=True)
 

@@ -1,18 +1,9 @@
 """``MoxinDataModule``: what ``moxin.run``, the stages, the callbacks and the banner rely on, declared once.
 
-Every data module (pretraining phases, SFT conversations, DPO pairs, GRPO prompts) derives from it. Hydra
-instantiates one from ``conf/data/*.yaml`` (plus the run's ``seed``); ``moxin.run`` then hands in what a config
-cannot know through one method, :meth:`connect` (the run's one tokenizer, the data-parallel world size, the
-model's ``max_seq_len``), and builds the trainer from the plan before the trainer exists:
-
-* ``accumulate_grad_batches``: micro-batches per optimizer step on each rank;
-* ``num_epochs``: Lightning epochs of the run (the trainer's ``max_epochs``; a pretraining phase is an epoch);
-* ``steps_per_epoch()`` and ``total_steps``: optimizer steps (validation interval, LR schedule, progress);
-* ``epoch_names()`` and ``planned_tokens()``: what the banner and progress display show;
-* ``data_report()``: the counts that go into ``summary.json`` (records read, bad ones with ``file:line``, ...).
-
-Direct users (tests, notebooks, scripts) may pass ``tokenizer`` (an object or a spec such as ``"mistral"``),
-``world_size``, ``rank`` and ``max_seq_len`` to the constructor instead.
+Every data module derives from it. Hydra instantiates one from ``conf/data/*.yaml``; ``moxin.run`` hands in what
+a config cannot know through :meth:`connect` (the tokenizer, world size, ``max_seq_len``) and reads the plan
+from it: ``accumulate_grad_batches``, ``num_epochs``, ``total_steps``, the banner's names and tokens and the
+``summary.json`` counts. Details: docs/modules.md, "data/base.py".
 """
 
 from __future__ import annotations

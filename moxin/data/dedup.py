@@ -1,16 +1,9 @@
-"""Exact-duplicate filter on a hash of normalised text.
+"""Exact-duplicate filter on a hash of normalised text (NFKC, whitespace collapsed, lowercased; 63 bits of
+BLAKE2b, so the state is a plain ``LongTensor``).
 
-Normalisation: Unicode NFKC, whitespace runs collapsed to one space and stripped, lowercased. The hash is the
-first 63 bits of BLAKE2b (fits a signed int64, so the state is a plain ``LongTensor``).
-
-Repeated passes: when a small source is read more than once (its budget exceeds its size), the second pass is
-intentional repetition, not duplication. So each kept hash remembers the (source, pass) that kept it: a document
-is dropped when its hash was kept by *another source* (cross-source duplicate) or earlier in the *same pass* of
-the same source; seeing it again in a later pass of the source that kept it is allowed.
-
-Scope: one filter lives in each reader (rank x dataloader worker) and sees only that reader's shard, so two
-copies that land in different shards both survive. Memory is about 100 bytes per kept document (a Python dict);
-for corpora of billions of documents run dedup offline instead.
+A document is dropped when another source kept its hash, or the same pass of its own source did: a small source
+read again on purpose is repetition, not duplication. One filter per reader, so copies in different shards both
+survive (``moxin.prepare`` dedups across everything). Details: docs/modules.md, "data/dedup.py".
 """
 
 from __future__ import annotations

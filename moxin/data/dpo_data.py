@@ -1,34 +1,9 @@
-"""DPO data: preference pairs -> two rendered conversations (chosen, rejected) with the answer as the target.
+"""DPO data: preference pairs -> two rendered conversations (chosen, rejected) with the final answer as target.
 
-Accepted record forms (one pair per record):
-
-* Tülu 3 preference form (``allenai/llama-3.1-tulu-3-8b-preference-mixture``: ``id, prompt, chosen, rejected,
-  source``): ``chosen`` and ``rejected`` are full message lists sharing the prompt turns and ending with the
-  assistant answer being compared; ``prompt`` (a string copy of the first user turn) is then ignored.
-* Text form: ``{"prompt": str, "chosen": str, "rejected": str}``, rendered as one user turn and one assistant
-  answer (``prompt`` may also be a message list, then the answer is appended as the assistant turn).
-
-Both sides are rendered by the shared Tülu template (:func:`moxin.tokenizer.render_chat`). The target (label
-mask) is the *final* assistant turn, content and eos: the answer the preference is about. Earlier assistant turns
-are context, as in open-instruct's DPO.
-
-Bad pairs are counted by kind and reported with ``file:line`` (the run stops past ``max_bad_records`` /
-``max_bad_fraction``): malformed records, unknown roles or non-string content, a side that does not end with an
-assistant turn (``no_assistant``), identical chosen and rejected (``identical``: the pair carries no preference
-and its DPO gradient is exactly 0).
-
-Length policy: a pair whose chosen or rejected side renders longer than ``max_length`` tokens is *dropped and
-counted* (``too_long``, reported in ``data_report()`` and as a warning), never truncated: a truncated answer
-would be compared on a prefix the labeller never judged. All pairs are rendered once before training, which
-gives the exact count (so ``total_steps`` is exact) and a digest of every token id that enters training: the
-reference log-prob cache key (moxin/stages/refcache.py) includes it, so a change of data, tokenizer, template or
-``max_length`` never reuses stale reference values.
-
-Batches (not packed): ``{"chosen_input_ids", "chosen_labels", "chosen_positions", "rejected_input_ids",
-"rejected_labels", "rejected_positions"}`` each ``(P, T)`` with both sides right-padded to one ``T`` (labels
--100, positions continuing ``arange(T)``), plus ``"pair_index"`` ``(P,)`` for the reference cache.
-Optimizer steps consume exactly ``batch_size`` pairs over all ranks (Tülu 3: 128), as
-:class:`moxin.data.sft_data.ChatSFTDataModule` does for conversations (moxin/data/step_batches.py).
+Takes the Tülu 3 preference form (message lists) and a text form (``prompt, chosen, rejected``). Bad pairs are
+counted by kind, and a pair longer than ``max_length`` is dropped, never truncated (a truncated answer would be
+compared on a prefix nobody judged). All pairs are rendered once before training, for an exact step count and
+the digest the reference log-prob cache is keyed by. Details: docs/modules.md, "data/dpo_data.py".
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """Prompts with reference answers for GRPO: the built-in arithmetic task, local jsonl/parquet files, or a Hugging
 Face hub dataset (DeepScaleR form: ``problem``, ``answer``, ``solution``).
 
-Every record becomes ``{"prompt_ids", "user", "answer", "solution"}``:
-
-* ``user`` is the problem text followed by the ``instruction`` (e.g. "put the final answer in \\boxed{}"), the user
-  turn of a one-message conversation;
-* ``prompt_ids`` is that conversation rendered through THE chat template (:func:`moxin.tokenizer.chat.render_chat`
-  with ``add_generation_prompt=True``), so the policy is prompted exactly as SFT data and generation are;
-* ``answer`` is the reference string the verifier compares against;
-* ``solution`` is a worked answer (``solution_text`` for the arithmetic task, the ``solution`` field of files when
-  present, else None): the SFT warm-up before RL trains on it (:meth:`PromptDataModule.solution_conversations`).
-
-Records are read by the one reader (moxin/data/reader.py: jsonl, also ``.gz``, parquet, folders, globs, hub) and
-their fields taken by :class:`moxin.data.extract.prompt_from_record`. Bad records (malformed JSON, not an object,
-invalid UTF-8, a missing or non-string problem / answer, an empty problem) are counted with ``file:line`` for the
-first few and reported by :meth:`PromptDataModule.data_report`, as are prompts longer than ``max_prompt_tokens``
-(dropped); past ``max_bad_fraction`` of the whole set the run stops with :class:`DataError`, and a source with no
-usable record stops it too (a run never silently trains on nothing).
-
-Batches: one optimizer "step" of GRPO is one rollout batch of ``prompts_per_step`` prompts in total, split evenly
-over ranks (``prompts_per_step / world_size`` each). The order is a seeded shuffle per pass over the data, so a run is
-reproducible; the built-in task draws problem ``i`` of step ``k`` as ``ArithmeticTask.problem(k * P + i)``.
-The loader is a
-``torchdata`` ``StatefulDataLoader`` so a resumed run continues at the same batch.
+Every record becomes ``{"prompt_ids", "user", "answer", "solution"}``, the prompt rendered through the one chat
+template, so the policy is prompted as SFT data and generation are. Bad records are counted and stop the run
+past the limits. A rollout step is ``prompts_per_step`` prompts split over ranks, in a seeded order, resumable.
+Details: docs/modules.md, "data/grpo_data.py".
 """
 
 from __future__ import annotations
@@ -31,10 +13,13 @@ import random
 from typing import Any
 
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moxin.data.base import MoxinDataModule
 from moxin.data.extract import extract_all, prompt_from_record
 from moxin.data.reader import DataError, SourceConfig
+from moxin.rewards.tasks import ArithmeticTask, solution_text
+from moxin.tokenizer.chat import render_chat
 
 __all__ = ["PromptDataModule", "DEFAULT_INSTRUCTIONS"]
 
@@ -135,8 +120,6 @@ class PromptDataModule(MoxinDataModule):
 
     def render(self, rec: dict) -> dict | None:
         """A raw ``{"problem", "answer", "solution"}`` record -> the batch record, or None when too long."""
-        from moxin.tokenizer.chat import render_chat
-
         msgs = self.messages(rec["problem"])
         ids = render_chat(msgs, self.tokenizer, add_generation_prompt=True).input_ids
         if self.max_prompt_tokens and len(ids) > self.max_prompt_tokens:
@@ -189,8 +172,6 @@ class PromptDataModule(MoxinDataModule):
         """The ``prompts_per_step`` records of global step ``step``."""
         P = self.prompts_per_step
         if self.source == "arithmetic":
-            from moxin.rewards.tasks import ArithmeticTask, solution_text
-
             kw = dict(self.task_kwargs)
             pool = kw.pop("pool", None)
             style = kw.pop("solution", "worked")  # worked: "A + B = C. Answer: C"; answer: "Answer: C"
@@ -229,8 +210,6 @@ class PromptDataModule(MoxinDataModule):
         The arithmetic task's come from an index range disjoint from the RL ones (with 1-digit operands many still
         repeat by value); a file's are its records with a solution, in the seeded order, cycling."""
         if self.source == "arithmetic":
-            from moxin.rewards.tasks import ArithmeticTask, solution_text
-
             kw = dict(self.task_kwargs)
             kw.pop("pool", None)
             style = kw.pop("solution", "worked")
@@ -257,8 +236,6 @@ class PromptDataModule(MoxinDataModule):
             self._file_records()
 
     def train_dataloader(self):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         return StatefulDataLoader(_StepDataset(self.rank_batches(self.rank)), batch_size=None, shuffle=False,
                                   collate_fn=_identity, num_workers=0)
 

@@ -1,24 +1,9 @@
 """The packed micro-batches of one pretraining phase on one rank: sources -> mixture -> dedup / held-out split
 -> tokenizer -> packer.
 
-Readers: every (rank, dataloader worker) pair is one shard of every source (record index mod
-``world_size * num_workers``). Each reader tokenizes in its worker process (the run's tokenizer object travels
-there pickled) and yields ready micro-batches of ``micro_rows`` rows.
-
-State: the dataset's own state (mixture RNG, dedup hashes, packer buffer, per-source positions and passes,
-counts, micro-batches yielded) restores each worker exactly; it is what a ``StatefulDataLoader`` saves per
-worker, marked ``moxin_packed`` (:func:`reader_states` finds them in a loader state). At a phase boundary the new
-phase's readers continue from the previous phase's final reader states (source positions, dedup set, packer
-buffer, counts), with the new mixture and sequence length.
-
-Validation: documents whose hash falls under ``val_percent`` (``hash % 10000 < val_percent * 100``) are held out
-of training; ``split="val"`` packs only those.
-
-Prepared data (``prepared``, a :class:`moxin.data.prepared.PreparedData`): reader ``s`` reads its own contiguous
-range of every source's tokenized documents instead of every record of the raw files; its position is a
-document count, so resuming is a seek; the stored text hashes give the same validation split, and dedup is
-already done (across all sources) by the prepare step. With one reader and the same documents, the token stream
-is the raw path's.
+Every (rank, dataloader worker) pair is one reader, a shard of every source, tokenizing in its worker. Its state
+(mixture RNG, dedup hashes, packer buffer, source positions, counts) restores it exactly, and the next phase
+continues from it. Held-out documents are chosen by text hash. Details: docs/modules.md, "data/packed_dataset.py".
 """
 
 from __future__ import annotations

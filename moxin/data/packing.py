@@ -1,26 +1,10 @@
 """Pack documents into fixed-length rows whose positions restart at every document.
 
-Each document enters the stream as ``bos + tokens + eos``. A row takes ``seq_len + 1`` tokens from the stream:
-``input_ids = row[:-1]``, ``labels = row[1:]``; the next row starts at the row's *last* token, so consecutive
-rows overlap by one token and every token of the stream is predicted exactly once.
-
-Positions: 0 at every document start, counting up inside a document. A document split across rows continues
-in the next row with positions restarting at 0 (it becomes a fresh context there, without a bos): positions
-stay below ``seq_len`` and the model's document mask (a new document wherever the position is 0) stays valid.
-
-Labels at document boundaries: the target of the last token of a document (its eos) would be the next
-document's first token (its bos), a prediction across documents; that label is masked to -100. So eos is
-learned as a target (predicting the end), never used to predict the following document. A document
-continued from the previous row is *not* a document start, so its first token keeps its label.
-
-Worked example (seq_len 4, docs A = [a1 a2], B = [b1 b2 b3], bos s, eos e)::
-
-    stream     s  a1 a2 e  s  b1 b2 b3 e
-    starts     1  0  0  0  1  0  0  0  0
-    row 0      s  a1 a2 e  s      -> input [s a1 a2 e], labels [a1 a2 e -100], positions [0 1 2 3]
-    row 1      s  b1 b2 b3 e      -> input [s b1 b2 b3], labels [b1 b2 b3 e],  positions [0 1 2 3]
-
-The carry-over buffer (tokens not yet emitted, with their document-start flags) is the packer's state.
+Each document enters the stream as ``bos + tokens + eos``; a row takes ``seq_len + 1`` tokens (inputs
+``row[:-1]``, labels ``row[1:]``) and the next row starts at its last token, so every token is predicted once.
+A document split across rows restarts its positions at 0 in the next row; the label that would predict the next
+document's bos from an eos is masked. The carry-over buffer is the packer's state. Worked example:
+docs/modules.md, "data/packing.py".
 """
 
 from __future__ import annotations

@@ -1,24 +1,9 @@
 """Prepared pretraining data: token shards with a document index and a manifest (written by ``moxin.prepare``),
 and the reader that gives each (rank, loader worker) its own contiguous range of documents.
 
-Layout of a prepared folder ``DIR``::
-
-    DIR/manifest.json                    written last by the merge; its presence means the data are complete
-    DIR/<source>/<part>-<seq>.bin        token ids of the documents, back to back, little-endian uint16
-                                         (uint32 when the vocabulary has more than 65,536 entries), no bos/eos
-    DIR/<source>/<part>-<seq>.idx        the kept documents of that .bin: int64 rows (start, length, hash);
-                                         start and length in tokens, hash = moxin.data.dedup.text_hash of the text
-    DIR/<source>/<part>-<seq>.all.idx    every document the part wrote (the merge filters it into .idx)
-    DIR/<source>/<part>-<seq>.minhash    uint32 MinHash signatures of those documents (prepare.near_dedup only)
-    DIR/parts/part-<i>-of-<n>.json       what part i wrote and counted (the merge reads them)
-
-A source's documents, in order, are the rows of its shards' ``.idx`` files in manifest order (parts in order,
-files in order inside a part), so document ``d`` of a source is found by a bisection over the shards' document
-counts and read with one ``pread`` of its tokens: a reader touches only the bytes of its own documents.
-
-Readers: with ``S = world_size * num_workers`` readers, reader ``s`` owns documents ``[s*D//S, (s+1)*D//S)`` of
-every source (``D`` documents), and its position is the number of its documents consumed, so resuming is a seek.
-The stored hash lets the data module hold out the same validation documents as the raw path (by hash).
+A document is found by a bisection over the shards' document counts and read with one ``pread``; a reader's
+position is the number of its documents consumed, so resuming is a seek; the stored text hashes give the raw
+path's validation split. The folder layout: docs/modules.md, "data/prepared.py".
 """
 
 from __future__ import annotations

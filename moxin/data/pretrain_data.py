@@ -1,25 +1,9 @@
 """Pretraining data module: sources -> mixture -> dedup -> tokenizer -> packer, in context-length phases.
 
-Phases are Lightning epochs. Run the trainer with ``max_epochs=len(phases)``,
-``reload_dataloaders_every_n_epochs=1`` and ``accumulate_grad_batches=dm.accumulate_grad_batches``;
-``train_dataloader()`` builds the loader of phase ``trainer.current_epoch`` (a :class:`PackedDataset`). Each
-phase's loader yields exactly ``steps * accumulate_grad_batches`` micro-batches of ``micro_batch_tokens //
-seq_len`` rows on every rank, then ends (so DDP ranks never wait on each other and the epoch ends at the phase
-boundary). Tokens per optimizer step, ``micro_batch_tokens * accumulate * world_size = tokens_per_step``, are the
-same in every phase: when ``seq_len`` doubles, the rows per micro-batch halve.
-
-Exact resume: the loader is a :class:`ConsumedStateLoader` (moxin/data/resume.py) whose state Lightning saves in
-the checkpoint. Because Lightning writes the checkpoint from rank 0 only, :meth:`PretrainDataModule.state_dict`
-also gathers every rank's reader states (saved in the checkpoint's ``datamodule`` entry) and each rank
-substitutes its own on load.
-
-Prepared data (``prepared=DIR``, written by ``python -m moxin.prepare``): the readers read token shards instead
-of raw files, each (rank, worker) its own range of documents (moxin/data/prepared.py); the sources are the
-manifest's (``sources`` may be left empty; names given must be in it). ``setup`` refuses a manifest whose
-tokenizer is not the run's and a missing or truncated shard file, naming the fix.
-
-Validation: the val loader packs the first ``val_tokens`` tokens' worth of held-out documents (current phase
-``seq_len``, per rank) and yields the same rows every time.
+Phases are Lightning epochs; each yields exactly ``steps * accumulate_grad_batches`` micro-batches on every
+rank, and tokens per optimizer step stay the same in every phase (when ``seq_len`` doubles, the rows per
+micro-batch halve). Every rank's reader state is saved in the checkpoint, for an exact resume. Raw files or
+prepared shards (``prepared=DIR``). Details: docs/modules.md, "data/pretrain_data.py".
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
-"""One reader for every source kind: local jsonl / json lines (also ``.gz``), parquet, text files, folders and
-globs of them, and Hugging Face hub datasets.
+"""One reader for every source kind: local jsonl (also ``.gz``), parquet, text files, folders and globs of them,
+and Hugging Face hub datasets.
 
-:func:`read_records` yields ``(location, record)``: ``location`` is ``file:line``, ``file:row N``, a text file's
-path, ``name[split] row N`` (a memory-mapped hub dataset) or ``name[split] shard s/n record N`` (a streamed one);
-``record`` is a dict (a JSON object, a parquet or hub row), a str (a text file or line), or a :class:`Bad` saying
-why the record is unusable (malformed JSON, not an object, invalid UTF-8, longer than ``max_record_bytes``).
-What a stage takes from a record is an extractor's job (moxin/data/extract.py); counting the bad ones is
-:class:`moxin.data.bad_records.RecordStats`'.
-
-Bytes are decoded strictly: a replaced character would silently change the text the model trains on. A line
-longer than ``max_record_bytes`` is read past in chunks, never held whole.
-
-Sharding (pretraining readers): with ``num_shards`` readers, reader ``shard`` of a local source keeps records
-``i`` with ``i % num_shards == shard`` (the others are not parsed), and ``start`` skips the first ``start``
-records of the shard, which is how a resumed run continues at the same position. A streamed hub dataset with at
-least as many files (``n_shards``) as readers is split by file: reader ``shard`` streams files ``f`` with
-``f % num_shards == shard`` and no others, and its position is ``[file, record]`` (the index into its own file
-list and the records consumed in that file), so resuming opens that file and skips only inside it. With fewer
-files than readers it falls back to ``datasets.distributed.split_dataset_by_node`` (every reader streams every
-example and keeps 1 of ``num_shards``) and ``IterableDataset.skip`` to an integer position.
-:func:`read_positioned` yields each record with the position to resume right after it.
+:func:`read_records` yields ``(location, record)``: ``file:line`` (or a hub row) and a dict, a str, or a
+:class:`Bad` saying why the record is unusable. Bytes are decoded strictly (a replaced character would change
+the training text). Readers shard by record index, or by file for a streamed hub dataset, and resume at a
+position: docs/modules.md, "data/reader.py".
 """
 
 from __future__ import annotations
@@ -33,6 +18,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 __all__ = ["DataError", "SourceConfig", "Bad", "plain", "config_fields", "as_source", "is_hub_name", "resolve_files",
            "open_hub_dataset", "iter_lines", "read_records", "read_positioned", "hub_files_of_reader",
@@ -59,8 +46,6 @@ class DataError(ValueError):
 def plain(obj: Any) -> Any:
     """A Hydra/OmegaConf container as plain dicts and lists (anything else unchanged)."""
     try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
         if isinstance(obj, (DictConfig, ListConfig)):
             return OmegaConf.to_container(obj, resolve=True)
     except ImportError:  # pragma: no cover
@@ -231,7 +216,7 @@ def open_hub_dataset(source: SourceConfig, streaming: bool):
     memory-mapped Arrow (SFT / preference / prompt / eval sets that are counted up front); a DataError names the
     source and what to do when it cannot be opened."""
     try:
-        import datasets
+        import datasets  # on first use: slow to import, and only hub sources need it
 
         return datasets.load_dataset(source.path, source.hub_config, split=source.split, streaming=streaming,
                                      data_files=source.data_files)
@@ -320,7 +305,7 @@ def _local_records(source: SourceConfig, keep, columns: list[str] | None,
                     yield f"{path}:{lineno}", line if isinstance(line, Bad) else _json_record(line)
                 i += 1
         elif fmt == "parquet":
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq  # on first use: only parquet sources need it
 
             pf = pq.ParquetFile(path)
             names = pf.schema_arrow.names
@@ -399,7 +384,7 @@ def read_positioned(source: SourceConfig, *, shard: int = 0, num_shards: int = 1
                             f"now has {ds.n_shards} files for {num_shards} readers; resume with the data and "
                             "devices the run was started with")
         if num_shards > 1:
-            from datasets.distributed import split_dataset_by_node
+            from datasets.distributed import split_dataset_by_node  # hub sources only (see open_hub_dataset)
 
             ds = split_dataset_by_node(ds, rank=shard, world_size=num_shards)
         if start:

@@ -1,34 +1,9 @@
 """SFT data: Tülu-form conversations -> chat template -> packed rows with an assistant-only loss mask.
 
-Records are ``{"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}`` (the form of
-``allenai/tulu-3-sft-mixture``), read from a local jsonl / parquet file, folder or glob, or a Hugging Face hub
-dataset name (``datasets.load_dataset(path, split=...)``, memory-mapped Arrow, needs the network once).
-
-Every conversation is rendered by :func:`moxin.tokenizer.render_chat`, the one Tülu template shared with DPO,
-generation and GRPO prompts. Labels are the template's loss mask, shifted: the loss falls on every assistant
-turn's content and its closing eos, nowhere else.
-
-Validation of records (before any training step): a record that is not an object, lacks the messages field,
-has an unknown role / non-string content (:func:`validate_conversation`) or has no assistant turn is *bad*: it
-is counted, the first few are reported with ``file:line``, and the run stops with :class:`DataError` past
-``max_bad_records`` or ``max_bad_fraction``. A data set without a single usable conversation is an error.
-
-Truncation policy (``max_length`` tokens per conversation, the Tülu ``max_seq_length``): a conversation longer
-than ``max_length`` keeps its leading *whole turns*: it is cut right after the last assistant eos that fits, so
-no assistant answer is cut in the middle. When not even the first assistant answer fits, the conversation is cut
-at ``max_length`` tokens (the answer's beginning is still trained, as open-instruct does); when the prompt alone
-is longer, the conversation keeps no target token (it adds nothing to the loss). Every truncation is counted in
-the batch (``num_truncated``) and logged by the SFT stage as ``sft/truncated``; ``data_report()`` gives the share
-of too-long conversations measured on a probe of the data set before training.
-
-Batching: an optimizer step consumes exactly ``batch_size`` conversations over all ranks (Tülu counts its
-effective batch of 128 in sequences, not tokens). Each rank takes ``micro_batch_size`` conversations per
-micro-step and packs them first-fit into rows of ``max_length`` tokens; positions restart at 0 at each
-conversation, which is the model's document mask, so packed conversations never see each other. Rows are
-right-padded (label -100, positions continuing) to the longest row rounded up to ``pad_to_multiple_of``
-(set it to ``max_length`` for fixed shapes). The loss is normalised by the assistant tokens of the whole
-optimizer step on all ranks (MoxinStage), so every target token weighs the same. Steps and epochs:
-moxin/data/step_batches.py.
+Records are ``{"messages": [...]}`` (``allenai/tulu-3-sft-mixture``) from local files or the hub, rendered by
+the one chat template (:func:`moxin.tokenizer.render_chat`). Bad records are counted and reported, and stop
+the run past the limits; an over-long conversation keeps its leading whole turns; an optimizer step takes
+exactly ``batch_size`` conversations over all ranks. The rules in full: docs/modules.md, "data/sft_data.py".
 """
 
 from __future__ import annotations

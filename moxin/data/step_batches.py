@@ -1,12 +1,9 @@
 """Exact optimizer steps over a map-style post-training set (SFT conversations, DPO pairs): the batch sampler,
 and :class:`StepDataModule`, the data module both stages share.
 
-An optimizer step consumes exactly ``batch_size`` items over all ranks (Tülu counts its effective batch in
-sequences, not tokens). Epochs are Lightning epochs (the trainer's ``max_epochs = num_epochs``); each epoch is a
-new seeded permutation (``seed + epoch``), the same on every rank, cut into global steps and split by rank. Items
-past the last full step of an epoch are not trained in that epoch (at most ``batch_size - 1``; counted as
-``dropped_per_epoch``). ``total_steps = num_epochs * (N // batch_size)`` exactly. The train loader is a
-``torchdata`` ``StatefulDataLoader`` over the map-style set, so a resumed run continues at the same batch.
+A step consumes exactly ``batch_size`` items over all ranks (Tülu counts its batch in sequences); each epoch is
+a seeded permutation cut into global steps, the items past the last full step left for that epoch, so
+``total_steps = num_epochs * (N // batch_size)`` exactly; a resumed run continues at the same batch.
 """
 
 from __future__ import annotations
@@ -14,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moxin.data.base import MoxinDataModule
 from moxin.data.reader import DataError, SourceConfig, as_source
@@ -146,8 +144,6 @@ class StepDataModule(MoxinDataModule):
         self.check_trainer()
 
     def train_dataloader(self):
-        from torchdata.stateful_dataloader import StatefulDataLoader
-
         trainer = getattr(self, "trainer", None)
         epoch = int(trainer.current_epoch) if trainer is not None else 0
         sampler = StepBatchSampler(len(self.train_set), self.micro_batch_size, self.world_size, self.rank,

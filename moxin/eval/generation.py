@@ -17,6 +17,7 @@ import torch
 
 from moxin.distributed import all_reduce_values
 from moxin.model.generate import generate
+from moxin.rewards import get_verifier, score_batch
 
 __all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations"]
 
@@ -67,8 +68,6 @@ def score_generations(tokenizer, gens: list[GenRecord], answers: list[str], veri
                       verifier_kwargs: dict | None = None, timeout_s: float = 10.0,
                       max_workers: int | None = None) -> tuple[list[str], list]:
     """(decoded completions, RewardResults) of generations against their reference answers."""
-    from moxin.rewards import get_verifier, score_batch
-
     texts = [tokenizer.decode(g.tokens) for g in gens]
     results, _ = score_batch(get_verifier(verifier, **(verifier_kwargs or {})), texts, answers,
                              timeout_s=timeout_s, max_workers=max_workers)

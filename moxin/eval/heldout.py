@@ -1,20 +1,16 @@
 """Held-out reward for GRPO: greedy completions of a fixed prompt set that RL never trains on, scored by the
 stage's verifier, every ``stage.grpo.heldout_every`` rollout steps.
 
-Why: ``grpo/reward_mean`` is measured on the prompts being trained on, with sampling; it rises when the policy
-memorises a small pool as much as when it learns the task. A fixed held-out set decoded greedily is a curve of
-generalisation (and is pass@1 as ``moxin.eval`` reports it for a generation task).
-
-The prompts are rendered by the data module itself (same chat template, instruction and system message as the
-training prompts). With ``data.source=arithmetic`` they are problems of the same task from an index range RL
-and the SFT warm-up never draw from, distinct, minus any problem whose text is in the RL pool (with 1-digit
-operands many repeat by value; the warm-up's problems are not excluded: it trains the answer form on the whole task); with a file source, ``heldout_source`` names a local jsonl/parquet file or hub dataset with the
-data module's prompt/answer fields.
+Why: ``grpo/reward_mean`` comes from the prompts being trained on, with sampling, and rises when the policy
+memorises a small pool as much as when it learns the task; a fixed held-out set decoded greedily is a curve of
+generalisation. Where the prompts come from: docs/modules.md, "eval/heldout.py".
 """
 
 from __future__ import annotations
 
 from moxin.eval.generation import generate_all, score_generations
+from moxin.eval.tasks import load_records
+from moxin.rewards.tasks import ArithmeticTask
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
 
 __all__ = ["heldout_records", "heldout_reward"]
@@ -29,8 +25,6 @@ def heldout_records(dm, n: int, source: str | None = None) -> list[dict]:
         raise ValueError(f"stage.grpo.heldout_prompts={n} must be >= 1")
     out = []
     if source:
-        from moxin.eval.tasks import load_records
-
         for i, r in enumerate(load_records(source, split=getattr(dm, "split", "test"), name="grpo held-out")):
             prob = next((r[f] for f in dm.prompt_fields if f in r), None)
             ans = r.get(dm.answer_field)
@@ -47,8 +41,6 @@ def heldout_records(dm, n: int, source: str | None = None) -> list[dict]:
         raise ValueError(f"stage.grpo.heldout_every is set but data.source={dm.source!r} has no built-in held-out "
                          "split: set stage.grpo.heldout_source to a jsonl/parquet file (or hub dataset) of held-out "
                          "problems with the same fields")
-    from moxin.rewards.tasks import ArithmeticTask
-
     kw = dict(dm.task_kwargs)
     pool = kw.pop("pool", None)
     kw.pop("solution", None)

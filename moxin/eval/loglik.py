@@ -1,21 +1,9 @@
 """Log-likelihood of a continuation given a context, computed the way lm-evaluation-harness does for a
 Hugging Face causal LM (``lm_eval/models/huggingface.py``), so multiple-choice scores agree item by item.
 
-What lm-eval does, and is mirrored here:
-
-1. ``_encode_pair``: trailing whitespace of the context moves to the front of the continuation; the context
-   and context + continuation are tokenized (with bos when ``add_bos_token``) and the continuation's tokens are
-   the whole string's tokens after the context's. Tokenizing the whole string, not the continuation alone,
-   matters for SentencePiece: " Paris" after "is" is not the encoding of " Paris" on its own.
-2. The model reads ``(context + continuation)[-(max_len + 1):][:-1]`` (left-truncated to the model's length)
-   and the log-probs of the continuation tokens are summed; ``is_greedy`` says every continuation token was the
-   argmax.
-
-Requests that give the model the same input share one row (repeated requests; options that differ only in a
-final single token), as lm-eval's ``Collator`` shares them. Rows are sorted by length (longest first) and batched under a token budget with right padding; padding
-after a row's last token is never attended to by that row's tokens (causal attention), so it changes nothing.
-Only the continuation positions go through the output layer, in fp32 (autocast off), inside the model's
-forward (where FSDP2 has gathered the output weight).
+The context's trailing whitespace moves to the continuation, the whole string is tokenized (not the continuation
+alone), the input is left-truncated to the model's length, and the continuation's log-probs are summed.
+Requests with the same input share a row. What is mirrored, step by step: docs/modules.md, "eval/loglik.py".
 """
 
 from __future__ import annotations

@@ -1,31 +1,10 @@
 """Evaluation tasks: where the records come from and how a record becomes what is scored.
 
-Two kinds (:class:`TaskKind`):
-
-``multiple_choice``
-    Scored by log-likelihood exactly as lm-evaluation-harness scores ARC, HellaSwag, PIQA, Winogrande and MMLU:
-    each option is a (context, continuation) request, continuation = ``target_delimiter`` + option text; ``acc``
-    takes the option with the largest summed log-likelihood, ``acc_norm`` the largest log-likelihood divided
-    by the option text's length in characters (lm-eval's ``completion_len``). Winogrande-style items have one
-    continuation and several contexts (the sentence up to the blank, filled with each option).
-``generation``
-    A prompt is generated from (greedy for pass@1, sampled for pass@k) and a verifier from
-    :mod:`moxin.rewards` scores the completion against the reference answer.
-
-Records come from local jsonl / parquet files or folders, or a Hugging Face hub dataset name (the same
-reader as the training data: :mod:`moxin.data.reader`). Record fields are mapped by config
-(``text`` is a ``str.format`` template over the record, ``choices_field``, ``gold_field``), or a ``preset``
-(``arc_easy``, ``arc_challenge``, ``hellaswag``, ``piqa``, ``winogrande``) applies lm-eval's own
-``doc_to_text`` / ``doc_to_choice`` / ``doc_to_target`` for that dataset, so numbers are comparable with the
-published ones.
-
-Few-shot contexts follow lm-eval's default sampler: one ``random.Random(fewshot_seed)`` per task draws
-``num_fewshot`` examples per item in item order (one more when the few-shot pool is the evaluated set itself,
-dropping the item; lm-eval does so when ``fewshot_split`` equals the test split), each written
-``text + target_delimiter + gold option + fewshot_delimiter``, in front of the item's text. MMLU-style tasks
-(question with lettered options, choices ``["A", "B", "C", "D"]``) are plain field mappings; lm-eval's MMLU adds
-a per-subject description and first-n few-shot examples from each subject's dev split (``fewshot_sampler:
-first_n`` with ``fewshot_path``), which no preset reproduces here.
+Two kinds (:class:`TaskKind`): ``multiple_choice``, scored by log-likelihood as lm-evaluation-harness scores
+ARC, HellaSwag, PIQA, Winogrande and MMLU (``acc``, ``acc_norm``), and ``generation``, a completion scored by a
+:mod:`moxin.rewards` verifier (pass@1, pass@k). Records come from the training data's reader; a ``preset``
+applies lm-eval's own field mapping, and few-shot contexts follow lm-eval's sampler, so numbers compare with
+the published ones. Details: docs/modules.md, "eval/tasks.py".
 """
 
 from __future__ import annotations

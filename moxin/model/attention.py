@@ -1,35 +1,12 @@
 """One attention call, several kernels.
 
-`AttentionMask.build(backend, window, doc_ids, ...)` decides, once per training forward, how causal (optionally
-sliding-window, optionally document-masked) grouped-query attention is computed, and prepares what that kernel
-needs (dense mask, FlexAttention block mask, flash-attn sequence bounds); every layer then calls
-`mask.apply(q, k, v)`. `attend(q, k, v, window, doc_ids, backend)` does both for one call. Backends:
+`AttentionMask.build(backend, window, doc_ids, ...)` decides once per forward how causal, optionally
+sliding-window and document-masked grouped-query attention is computed (``sdpa`` with a dense mask, the
+reference; ``flex``, FlexAttention's block mask; ``flash``, FlashAttention's varlen bounds) and every layer calls
+`mask.apply(q, k, v)`. All backends give the reference's numbers (tests/test_attention.py). Which backend ``auto``
+takes and why, and the host-side document bounds that spare a device sync: docs/modules.md, "model/attention.py".
 
-- ``sdpa``: `F.scaled_dot_product_attention` with an explicit dense mask built from `masks.py`. The reference;
-  runs anywhere, O(T^2) memory for the mask.
-- ``flex``: FlexAttention with a block mask from the same mask functions (CUDA; compiled once per shape).
-  Blocks entirely outside the window or the document are skipped, so cost grows with T*W, not T^2. Where
-  there is nothing to skip (the window covers the row and it holds one document: DPO pairs, GRPO rollouts,
-  4K blocks without boundaries) it hands over to SDPA's dense causal kernel, which is faster there.
-- ``flash``: FlashAttention with ``window_size=(W-1, 0)``; documents become separate sequences via
-  ``cu_seqlens`` (varlen). FlashAttention-4 (``flash_attn.cute``, package ``flash-attn-4``) on Hopper and newer,
-  else flash-attn 2 (``flash_attn``). It reads only the window's key blocks with the dense kernel's efficiency:
-  at 32K tokens on an H200 it reached 97 % of the window's ideal speedup over causal attention, flex 67 %
-  (docs/performance.md). ``auto`` takes it on a GPU where FlashAttention-4 is installed. bf16 / fp16 only: an
-  fp32 forward falls back to flex (or the dense reference).
-
-Deciding needs two facts about the rows that live on the device once the batch is there: whether any row holds more
-than one document, and for FlashAttention's varlen call the longest document as a host integer. Read from the
-device, each stops the host until the GPU has finished everything queued (the previous optimizer step), and the
-GPU then idles while the host launches the forward's first kernels. `DocBounds.from_positions` computes both on
-the host from the rows' positions before they are sent; the stages attach it to every batch and the forward uses
-it instead, so a training forward and backward make no device sync. On an H200 (Moxin-7B blocks x 8, micro-batch
-2 x 4096) the GPU's idle time under the profiler went from 9.6 to 5.5 ms a step and the step, alternated in one
-process, from 183.2-184.3 to 181.2-182.0 ms: about 1 %, below the run-to-run noise of separate runs
-(docs/performance.md).
-
-Shapes: q (B, H, T, D); k, v (B, KVH, T, D); returns (B, H, T, D). All backends give the same numbers up to
-floating-point rounding; tests/test_attention.py holds them to the reference.
+Shapes: q (B, H, T, D); k, v (B, KVH, T, D); returns (B, H, T, D).
 """
 
 from __future__ import annotations
@@ -88,7 +65,7 @@ def resolve_backend(backend: str, device: torch.device) -> str:
     if backend == "auto":
         if device.type != "cuda":
             return "sdpa"
-        if flash_version(device) == 4:  # measured fastest for windows and documents (docs/performance.md)
+        if flash_version(device) == 4:  # the fastest for windows and documents (docs/performance.md)
             return "flash"
         return "flex" if HAS_FLEX else "sdpa"
     if backend == "flash" and not HAS_FLASH:
@@ -220,6 +197,7 @@ def flash_seqlens(doc_ids: torch.Tensor | None, batch: int, seq_len: int, device
 
 @functools.cache
 def _flash4():
+    # optional (pip install "moxin[flash4]"), imported on the first FlashAttention-4 call
     from flash_attn.cute import flash_attn_func, flash_attn_varlen_func as varlen  # type: ignore
 
     return flash_attn_func, varlen
@@ -299,7 +277,7 @@ class AttentionMask:
             doc_ids = None  # one host sync per forward, not per layer
         if window is None and doc_ids is None:
             # nothing to skip: SDPA's dense causal kernel (flash-attn 2 inside) beats a block-sparse one, no
-            # padding; at 4K on an H200 it is also faster than FlashAttention-4 (docs/performance.md)
+            # padding; FlashAttention-4 is no faster here (docs/performance.md, "FlashAttention-4 for the window")
             return cls("causal")
         if backend == "flash":
             version = flash_version(device)

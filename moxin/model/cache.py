@@ -1,38 +1,16 @@
-"""Rolling-buffer KV cache (Mistral 7B, section 2).
+"""Rolling-buffer KV cache (Mistral 7B, section 2): W slots per layer, the keys and values of position i in slot
+``i mod W``, so memory stays at W tokens however long the sequence grows.
 
-With sliding-window attention a query at position p only sees keys at positions p-W+1 .. p, so the cache
-keeps W slots per layer and the keys/values of position i live in slot ``i mod W``. Memory is fixed at W
-tokens however long the sequence grows: for Moxin-7B at 32K tokens, 4096 slots instead of 32768, 8x less.
+Worked example, W = 4, a 6-token prompt (positions 0..5) then decoding:
 
-Worked example, W = 4 slots, one sequence of 6 prompt tokens (positions 0..5) then decoding:
+    prefill 0..5  the chunk attends to [cache, its own 6 keys], then writes its last W tokens:
+                  slot 0: pos 4, slot 1: pos 5, slot 2: pos 2, slot 3: pos 3
+    decode 6      writes slot 2 (pos 2 is now outside the window), attends to positions {3, 4, 5, 6}
+    decode 7      writes slot 3, attends to {4, 5, 6, 7}
 
-    prefill positions 0..5 (one chunk of 6 > W):
-        the chunk attends to [cache (empty), its own 6 keys] under causal + window masks, then only the
-        last W tokens are written: slot = pos % 4  ->  slot 0: pos 4, slot 1: pos 5, slot 2: pos 2, slot 3: pos 3
-    decode position 6: its key goes to slot 6 % 4 = 2, overwriting pos 2, which position 6 no longer sees
-        (6 - 2 = 4 = W); it attends to slots holding positions {3, 4, 5, 6}: exactly its window.
-    decode position 7: slot 3 (pos 3 -> pos 7); window {4, 5, 6, 7}.
-
-A chunk of several tokens must attend before it writes: its first query may still need keys that its own
-later tokens would overwrite. A single decode token can write first (it only evicts the position just
-outside its window), which lets decode attend over the W slots alone.
-
-Every slot remembers the position it holds (``pos``, -1 when empty), and masks are built from positions, not
-slot order, so left padding, right padding and per-row lengths all work: a token with position -1 (padding)
-is never written and never attended to. When the whole generation is shorter than W, the cache allocates only
-``max_len`` slots (nothing wraps then).
-
-Static decode (``static_decode = True``, used by `generate`'s fast path on CUDA): a single-token step writes
-exactly one slot per row, so it needs neither ``nonzero()`` nor any other host synchronisation: the slot of
-row b is ``pos_b mod capacity``; a padding row (-1) writes the value the slot already holds, and every buffer
-(``k``, ``v``, ``pos``) is updated in place. All shapes stay fixed from step to step, which lets a CUDA graph
-capture the whole decode forward and replay it. The numbers are the same as the eager path's (same mask,
-same attention call); tests hold them equal.
-
-Decode attention kernel (``decode_kernel``): ``sdpa`` (`F.scaled_dot_product_attention` with the visibility mask,
-everywhere), or ``flex`` (FlexAttention's decoding kernel, visibility recomputed inside it), which
-`generate`'s compiled decode picks on CUDA where it applies (`flex_decode_applies`): on an H200 at the Moxin-7B
-shape, batch 64, it took 38 us a layer where SDPA took 53 at 384 slots (docs/performance.md).
+Every slot remembers its position (-1: empty; a padding token is never written nor attended to) and masks are
+built from positions, not slot order. Write order, the static decode path and the decode kernels:
+docs/modules.md, "model/cache.py".
 """
 
 from __future__ import annotations

@@ -1,29 +1,9 @@
 """Batched generation on the rolling-buffer cache: prefill (optionally in chunks), then decode.
 
-Prompts of different lengths are padded on the left or on the right; padding carries position -1, so it is
-never written to the cache nor attended to, and each row decodes from its own next position. Sampling:
-temperature, top-k, top-p (nucleus); temperature 0 is greedy. A row stops at any of `stop_tokens` or after
-`max_new_tokens`. Randomness comes only from `generator`, so a seed reproduces the rollouts.
-
-Decode paths (``decode=``), all giving the same tokens:
-
-- ``eager``: the reference. One model forward per token through the cache's general path; the loop checks
-  ``done.all()`` on the host after every token. Launch-bound on a GPU (36 layers x a dozen small kernels per
-  token, plus a host sync per token).
-- ``static``: the cache's fixed-shape, sync-free single-token path (one slot per row, no ``nonzero()``), and
-  the stop condition read on the host only every ``sync_every`` tokens (rows that finished meanwhile decode
-  padding, which is trimmed, so the output is unchanged).
-- ``graph`` (the default on CUDA): ``static`` with the whole single-token forward (all layers, cache update,
-  output head) captured once in a CUDA graph on static input buffers and replayed per token; sampling stays
-  outside the graph. If capture fails the call falls back to ``static`` with a warning.
-- ``compiled``: ``graph`` whose captured forward is first compiled by `torch.compile` (Inductor fuses each
-  layer's norms, RoPE, cache update and residual adds, which otherwise run as some fifty small kernels a layer).
-  It costs one compilation per model and cache shape (the cache is sized in steps of `CACHE_ROUND` slots, so
-  prompt batches of different lengths share it); a failed compilation falls back to ``graph`` with a warning.
-  On CUDA its attention is FlexAttention's decoding kernel (`moxin.model.cache.flex_decode_applies`).
-
-A model whose projections were fused (`Transformer.fuse_projections`, an inference copy: GRPO's rollout copy)
-runs one q/k/v and one gate/up product a layer instead of five, on every path.
+Prompts are padded left or right (position -1: never cached nor attended to); sampling is temperature, top-k
+and top-p (temperature 0: greedy); a row stops at any of `stop_tokens` or after `max_new_tokens`; randomness
+comes only from `generator`, so a seed reproduces the rollouts. The decode paths (``eager``, the reference;
+``static``; ``graph``; ``compiled``) give the same tokens: docs/modules.md, "model/generate.py".
 """
 
 from __future__ import annotations

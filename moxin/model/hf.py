@@ -28,6 +28,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from moxin.model.config import ModelConfig
 from moxin.model.transformer import Transformer
@@ -169,8 +171,6 @@ def load_hf(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device
     dtype: parameter dtype (None: float32, whatever the stored dtype; tensors are cast on copy).
     device: where the parameters live. strict: fail on missing or unexpected tensors (non-strict leaves missing
     ones at their fresh initial values). config_overrides: ModelConfig fields to change (e.g. attn_backend)."""
-    from safetensors import safe_open
-
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -266,8 +266,6 @@ def write_hf(tensors, cfg: ModelConfig, path: str | os.PathLike, *, is_global_ze
 
     The iterator is consumed on every rank (it may run collectives: ``DTensor.full_tensor()``); only the rank
     with ``is_global_zero`` writes, the others get None."""
-    from safetensors.torch import save_file
-
     path = Path(path)
     tmp = None
     if is_global_zero:

@@ -220,9 +220,9 @@ class Transformer(nn.Module):
 
     def fuse_projections(self) -> "Transformer":
         """Fuse every block's q/k/v projections into one product and gate/up into another, for an inference copy
-        (weights without gradients): decode reads the same bytes in four products a block instead of seven, which
-        on an H200 took Moxin-7B's compiled decode from 7.4K to 8.0K tok/s (docs/performance.md). Same memory: the
-        separate weights become views of the fused ones (see `_Fusable`). Returns the model."""
+        (weights without gradients): decode reads the same bytes in four products a block instead of seven
+        (figures: docs/performance.md, "Decode: FlexAttention's decoding kernel and fused projections"). Same
+        memory: the separate weights become views of the fused ones (see `_Fusable`). Returns the model."""
         for layer in self.layers:
             layer.attention.fuse()
             layer.feed_forward.fuse()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+from moxin.rewards.base import NO_ANSWER, RewardResult
+
 __all__ = ["MalformedAnswer", "last_boxed", "answer_phrase", "last_number", "extract_answer"]
 
 
@@ -74,8 +76,6 @@ def extract_answer(text: str, number_fallback: bool = True) -> str | None:
 def extract_or_no_answer(completion: str, number_fallback: bool):
     """``(answer, None)``, or ``(None, RewardResult(0, "no_answer..."))`` when the completion has no answer or a
     malformed one: the common first step of every answer-checking verifier."""
-    from moxin.rewards.base import NO_ANSWER, RewardResult
-
     try:
         extracted = extract_answer(completion, number_fallback=number_fallback)
     except MalformedAnswer as exc:

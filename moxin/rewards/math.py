@@ -22,7 +22,7 @@ __all__ = ["MathVerifier"]
 
 def _math_verify():
     try:
-        import math_verify
+        import math_verify  # on first use: it pulls in SymPy (see moxin.rewards._math)
         from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     except ImportError as exc:  # pragma: no cover - exercised only without the package
         raise ImportError(

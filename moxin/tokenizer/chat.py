@@ -1,24 +1,10 @@
 """The Tülu 3 chat template: one piece of code for SFT data, DPO data, generation prompts and GRPO prompts.
 
-The template (allenai/open-instruct, ``CHAT_TEMPLATES["tulu"]``), in text form::
+    <|system|>\\n{system}\\n<|user|>\\n{user}\\n<|assistant|>\\n{assistant}</s>\\n ... <|assistant|>\\n
 
-    <|system|>\\n{system content}\\n
-    <|user|>\\n{user content}\\n
-    <|assistant|>\\n{assistant content}</s>\\n      <- "\\n" only when more messages follow
-    <|user|>\\n...\\n
-    <|assistant|>\\n                              <- add_generation_prompt=True
-
-``<|system|>`` etc. are plain text in the Mistral vocabulary (not special tokens); ``</s>`` is the
-end-of-sequence *id*, never the text ``"</s>"``. With ``bos=True`` the sequence starts with the bos id, as
-the Llama/Mistral tokenizer adds it.
-
-Tokenization is done segment by segment so the loss mask is exact: every text segment is encoded as the
-continuation of what precedes it (no SentencePiece dummy-prefix space after a segment boundary), and all
-boundaries fall at a newline or at the eos id, where BPE pieces never merge across. The result equals
-``encode`` of the whole text with the eos ids spliced in (``tests/test_chat.py`` checks this).
-
-Loss mask: True exactly on the tokens of each assistant turn's content and on its eos id; False on
-``<|assistant|>\\n`` headers, system and user turns, the ``\\n`` after an eos, bos and the generation prompt.
+The role headers are plain text; ``</s>`` is the eos id, never the text. Segments are encoded one by one, so
+the loss mask is exact: True on each assistant turn's content and its eos, False elsewhere. The template in full
+and why segment-wise encoding equals whole-text encoding: docs/modules.md, "tokenizer/chat.py".
 """
 
 from __future__ import annotations

@@ -1,28 +1,24 @@
 """Tokenizer files for a Hugging Face export, so that `AutoTokenizer` + `apply_chat_template` give moxin's ids.
 
-`save_hf` writes the weights and config.json; `train()` copies the SentencePiece model. That alone let
-`AutoTokenizer` load a tokenizer that did not add ``<s>`` (ids differ from moxin's) and, for post-trained
-models, had no chat template (`apply_chat_template` raised). :func:`write_hf_tokenizer_files` adds:
-
-* ``tokenizer.json``: moxin's exact SentencePiece-BPE port (:func:`sentencepiece_to_tokenizers`) with ``<s>``
-  added in front by the post-processor, as moxin's ``encode(text, bos=True)`` does; the dummy-prefix space is
-  added only at the start of the text (Metaspace ``prepend_scheme="first"``), so text after a special token
-  (``</s>\\n<|user|>``) encodes as moxin's ``continuation=True`` segments do;
-* ``tokenizer_config.json``: bos/eos/unk, ``model_max_length``, and for SFT/DPO/GRPO models the Tülu chat
-  template (:data:`TULU_CHAT_TEMPLATE`, the Jinja form of ``moxin/tokenizer/chat.py``);
-* ``generation_config.json``: bos/eos/pad ids, greedy by default (what moxin's samples use).
-
-Known difference: text that *starts* with a space gets one ``▁`` fewer from the HF tokenizer than from
-SentencePiece (HF's Metaspace does not prepend to text that already starts with one); text that contains the
-literal string ``</s>`` is the eos id for HF and plain text for moxin (HF's usual special-token matching).
+:func:`write_hf_tokenizer_files` writes ``tokenizer.json`` (moxin's SentencePiece-BPE port with ``<s>`` added
+as moxin adds it), ``tokenizer_config.json`` (with the Tülu chat template for post-trained models) and
+``generation_config.json``. Why each file, and the known differences from moxin's tokenizer:
+docs/modules.md, "tokenizer/hf_export.py".
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from omegaconf import DictConfig
+from sentencepiece import sentencepiece_model_pb2 as pb
+from tokenizers import AddedToken, normalizers, pre_tokenizers, processors
+
+from moxin.tokenizer import as_tokenizer, mistral_model_path, sentencepiece_to_tokenizers
+from moxin.tokenizer.cjk import export_files
+from moxin.ui import stage_kind
 
 #: The Tülu 3 template of moxin/tokenizer/chat.py in Jinja. It begins with ``bos_token + ' '``: the space stands
 #: for SentencePiece's dummy prefix on the first text segment (moxin's ``render_chat`` encodes that segment with
@@ -45,11 +41,6 @@ CHAT_STAGES = ("sft", "dpo", "grpo")
 
 def _hf_tokenizer_json(spec: str):
     """moxin's tokenizer as a `tokenizers.Tokenizer` with HF's conventions (bos added, specials split out)."""
-    from sentencepiece import sentencepiece_model_pb2 as pb
-    from tokenizers import AddedToken, normalizers, pre_tokenizers, processors
-
-    from moxin.tokenizer import mistral_model_path, sentencepiece_to_tokenizers
-
     path = mistral_model_path() if spec == "mistral" else Path(spec)
     proto = pb.ModelProto()
     proto.ParseFromString(path.read_bytes())
@@ -74,9 +65,6 @@ def write_hf_tokenizer_files(hf_dir: str | Path, cfg: DictConfig, tokenizer=None
     """Write tokenizer.json (SentencePiece tokenizers), tokenizer_config.json and generation_config.json into
     an exported model folder for the run's ``tokenizer`` (None: ``cfg.tokenizer`` is loaded). Returns the files
     written."""
-    from moxin.tokenizer import as_tokenizer
-    from moxin.ui import stage_kind
-
     hf_dir = Path(hf_dir)
     tok = as_tokenizer(cfg.tokenizer if tokenizer is None else tokenizer)
     spec = tok.name  # "mistral" (any of its aliases), or the path of the file it was loaded from
@@ -115,11 +103,6 @@ def write_export_tokenizer(hf_dir: str | Path, cfg: DictConfig, tokenizer=None) 
     (moxin-cjk's tokenizer.json and experts' metadata, or a tokenizer file given by path), the SentencePiece model
     as tokenizer.model for the Mistral tokenizer, then :func:`write_hf_tokenizer_files`. Used by the run's export
     and by scripts/convert_checkpoint.py."""
-    import shutil
-
-    from moxin.tokenizer import as_tokenizer, mistral_model_path
-    from moxin.tokenizer.cjk import export_files
-
     hf_dir = Path(hf_dir)
     written = []
     for f in export_files(cfg.tokenizer):
