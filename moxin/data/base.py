@@ -1,7 +1,7 @@
 """``MoxinDataModule``: what ``moxin.run``, the stages, the callbacks and the banner rely on, declared once.
 
 Every data module (pretraining phases, SFT conversations, DPO pairs, GRPO prompts) derives from it. Hydra
-instantiates one from ``conf/data/*.yaml`` (plus the run's ``seed``); ``moxin.run`` then hands in what a config
+instantiates one from ``conf/data/*.yaml`` (plus the run's ``seed``); moxin/assemble.py then hands in what a config
 cannot know through one method, :meth:`connect` (the run's one tokenizer, the data-parallel world size, the
 model's ``max_seq_len``), and builds the trainer from the plan before the trainer exists:
 
@@ -20,7 +20,6 @@ from __future__ import annotations
 import lightning as L
 
 from moxin.data.reader import DataError
-from moxin.tokenizer import as_tokenizer
 
 __all__ = ["MoxinDataModule"]
 
@@ -57,8 +56,7 @@ class MoxinDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             raise DataError(f"{type(self).__name__} has no tokenizer: hand it in with connect(tokenizer, ...) "
-                            "(moxin.run does) or pass tokenizer=")
-        self._tokenizer = as_tokenizer(self._tokenizer)
+                            "(moxin/assemble.py does) or pass tokenizer=")
         return self._tokenizer
 
     @property
