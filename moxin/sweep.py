@@ -18,15 +18,16 @@ import json
 from pathlib import Path
 from typing import Any
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.utils import JobStatus
 from hydra.experimental.callback import Callback
+from hydra.types import RunMode
 from omegaconf import DictConfig
 
 RESULT = "job_result.json"
 
 
 def _status(job_return) -> tuple[str, Any, str | None]:
-    from hydra.core.utils import JobStatus
-
     if job_return.status == JobStatus.COMPLETED:
         return "completed", job_return._return_value, None
     err = job_return._return_value
@@ -35,9 +36,6 @@ def _status(job_return) -> tuple[str, Any, str | None]:
 
 class SweepSummary(Callback):
     def on_job_end(self, config: DictConfig, job_return, **kwargs) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
-
         hc = HydraConfig.get()
         if hc.mode != RunMode.MULTIRUN:
             return

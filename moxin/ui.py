@@ -1,5 +1,5 @@
 """What a user sees around the training itself: the start-up banner, the run's own log file, the resume message,
-and the hand-off lines printed at the end (continue, the next stage, inspect).
+the final table and the hand-off lines printed at the end (continue, the next stage, inspect).
 
 Functions here only print and write the run folder's log / saved config; they never decide what is resumed,
 saved or exported (that is `moxin.run`'s checkpoint logic). Every function is a no-op off rank zero.
@@ -7,13 +7,25 @@ saved or exported (that is `moxin.run`'s checkpoint logic). Every function is a 
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 import shlex
+import shutil
 import sys
+import warnings
+from importlib.metadata import PackageNotFoundError, requires
 from pathlib import Path
 from typing import Any
 
+import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.table import Table
+
+from moxin.errors import INTERRUPTED, guarded
+from moxin.paths import notebook_path
 
 from moxin.checkpoint.lock import launcher_rank
 
@@ -111,8 +123,6 @@ def current_plan() -> dict:
 
 def _hydra():
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         return HydraConfig.get()
     except ValueError:  # not under Hydra (called from Python)
         return None
@@ -178,8 +188,6 @@ def resume_message(cfg: DictConfig, ckpt_path: str | None, ckpt_dir: Path) -> st
                 f"run at step 0")
     step = None
     try:
-        import torch
-
         ck = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
         step = ck.get("global_step")
     except Exception:  # a sharded (FSDP2) checkpoint folder or an unreadable file: the step stays unknown
@@ -282,8 +290,6 @@ def handoff_lines(cfg: DictConfig, info: dict) -> list[tuple[str, str]]:
 def _extra_requirements(extra: str) -> list[str]:
     """The requirements of one of moxin's extras, from the installed package's metadata ([] when moxin runs from a
     checkout that was never installed)."""
-    from importlib.metadata import PackageNotFoundError, requires
-
     try:
         reqs = requires("moxin") or []
     except PackageNotFoundError:
@@ -295,11 +301,9 @@ def notebook_command(run_dir: str | Path) -> str:
     """The line that opens the inspection notebook on `run_dir` (absolute, so it works from any folder), with
     the install of Jupyter first when it is missing: the notebook extra's packages by name (right for a wheel
     and an editable install alike), or the checkout's extra when moxin was never installed."""
-    from moxin.paths import notebook_path
-
     nb = notebook_path()
     try:
-        import notebook  # noqa: F401
+        import notebook  # noqa: F401  (an optional dependency: is it installed?)
 
         prefix = ""
     except ImportError:
@@ -318,6 +322,38 @@ def print_handoffs(cfg: DictConfig, info: dict) -> None:
     width = max(len(label) for label, _ in lines) + 1
     for label, cmd in lines:
         print(f"{(label + ':').ljust(width)}  {cmd}", flush=True)
+
+
+def print_summary(cfg: DictConfig, info: dict, handoffs: bool = True) -> None:
+    """The final table of a run (steps, tokens, time, losses and metrics, where its files are), then the
+    hand-off lines (`handoffs`)."""
+    # piped output (a log file, `| tee`): as wide as the rows, so no path is cut; on a terminal long values fold
+    c = Console() if sys.stdout.isatty() else Console(width=1000)
+    t = Table(title=f"moxin run '{info['run_name']}' finished", show_header=False)
+    t.add_column(no_wrap=True)
+    t.add_column(overflow="fold")
+    t.add_row("steps", steps_text(info.get("rollout_steps", info["optimizer_steps"]), current_plan(),
+                                  info["optimizer_steps"] if "rollout_steps" in info else None))
+    t.add_row("target tokens", f"{info['target_tokens']:,}")
+    t.add_row("time", f"{info['seconds']} s")
+    if info.get("tokens_per_s"):
+        t.add_row("throughput", f"{info['tokens_per_s']:,.0f} tokens/s")
+    line_loss = current_plan().get("train_loss_line")  # what the last progress line showed as its loss
+    for k in sorted(info["metrics"]):
+        if k == "train/loss" and line_loss and line_loss[2] == info.get("rollout_steps", info["optimizer_steps"]):
+            value, first, last = line_loss
+            t.add_row(f"train/loss (mean {first}-{last})" if first != last else k, f"{value:.4f}")
+        elif k.startswith(("train/loss", "val/", "dpo/", "grpo/", "sft/")):
+            t.add_row(k, f"{info['metrics'][k]:.4f}")
+    t.add_row("checkpoint", info["checkpoint"] or "none (trainer.save_checkpoints=false)")
+    if info.get("hf_export"):
+        t.add_row("HF export", info["hf_export"])
+    if info.get("metrics_csv"):
+        t.add_row("metrics CSV", info["metrics_csv"])
+    t.add_row("summary", str(Path(info["out_dir"]) / "summary.json"))
+    c.print(t)
+    if handoffs:  # continue / next stage / inspect, one paste-able line each
+        print_handoffs(cfg, info)
 
 
 def interrupted_message(cfg: DictConfig, trainer: Any) -> str:
@@ -352,11 +388,26 @@ def note_interrupt() -> None:
     _STEP["interrupted"] = True
 
 
+def quiet_third_party_noise() -> None:
+    """Drop messages from dependencies that say nothing about this run (advertising, deprecations inside
+    Lightning/torchdata that users cannot act on)."""
+    warnings.filterwarnings("ignore", message=".*set_vital.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # the stages move their batches themselves (a data module's own hook would bypass the stage's): by design
+    warnings.filterwarnings("ignore", message=".*overridden `transfer_batch_to_device`.*")
+    # a run without a validation set (GRPO, its warm-up) hands Lightning an empty list of val batches
+    warnings.filterwarnings("ignore", message=".*Total length of `list` across ranks is zero.*")
+    # Lightning's start-up and stop notices ("GPU available: ...", "`Trainer.fit` stopped: ..."): the banner and the
+    # final table say what the run is and how it ended; Lightning's warnings and errors still show
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
+        lambda record: "litlogger" not in record.getMessage())
+
+
 def guarded_train(cfg: DictConfig, train) -> float | None:
     """`train(cfg)` for `python -m moxin.run`: user errors as one message (moxin.errors.guarded), and the
     monitored metric for sweepers, with a warning when the run never produced it (the sweeper would get None)."""
-    from moxin.errors import guarded
-
     out_dir = Path(cfg.out_dir)
     hc = _hydra()
     multirun = hc is not None and str(hc.mode) == "RunMode.MULTIRUN"
@@ -374,8 +425,6 @@ def guarded_train(cfg: DictConfig, train) -> float | None:
         empty log file Hydra opened in an existing run's folder (a refused run leaves that run as it was)."""
         run_log().close()
         if fresh and not multirun:
-            import shutil
-
             shutil.rmtree(out_dir, ignore_errors=True)
         elif launch_log is not None and launch_log.is_file() and launch_log.stat().st_size == 0:
             launch_log.unlink()
@@ -386,8 +435,6 @@ def guarded_train(cfg: DictConfig, train) -> float | None:
         info = guarded(lambda: train(cfg), cleanup, lambda: _STEP["step"], exit_on_user_error=not multirun)
     except SystemExit as e:
         if _STEP["interrupted"] and e.code == 1:  # Lightning ends an interrupted fit with sys.exit(1)
-            from moxin.errors import INTERRUPTED
-
             raise SystemExit(INTERRUPTED) from None
         raise
     finally:

@@ -8,8 +8,10 @@ other, under the command's run lock:
    solution}]}``, ``warmup.steps x warmup.batch_size`` of them: see
    :meth:`moxin.data.grpo_data.PromptDataModule.solution_conversations`). The SFT data module (moxin/data/sft_data.py)
    reads them and the SFT stage trains on them (conf/stage/sft.yaml, its optimizer merged with ``warmup.optim``),
-   through ``moxin.run.train`` like any run: its own checkpoints, metrics.csv, summary.json and resume.
-   Model, tokenizer, seed, hardware, logger and the trainer's checkpoint / progress settings are the command's.
+   through ``moxin.run.train`` like any run: its own checkpoints, metrics.csv, summary.json and resume. Its
+   config is composed from the same config tree (``stage=sft``, ``data=sft_sample`` with the warm-up's overrides);
+   model, tokenizer (the command's one object), seed, hardware, logger and the trainer's checkpoint / progress
+   settings are the command's.
 2. **The run itself** (GRPO), in ``<out_dir>/``, starting from the warm-up's final checkpoint as ``init_from``
    (so its ``init_checksum`` is the warm-up's ``weights_checksum``, and a KL reference is the warmed-up policy).
    A command's own ``init_from`` is where the warm-up starts.
@@ -25,10 +27,19 @@ from __future__ import annotations
 import copy
 import json
 import os
-import sys
 from pathlib import Path
+from typing import Callable
 
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
+
+import moxin.conf_schema  # noqa: F401  the stage's schemas (optim, lora), which compose() needs in the ConfigStore
+from moxin.assemble import ConfigError, connected_datamodule, say, world_size_of
+from moxin.checkpoint.resume import find_resume
+from moxin.paths import conf_dir
+from moxin.tokenizer import Tokenizer
+from moxin.ui import run_log
 
 __all__ = ["SOLUTIONS", "warmup_dir", "warmup_config", "write_solutions", "finished_checkpoint", "run_warmup"]
 
@@ -39,35 +50,41 @@ def warmup_dir(cfg: DictConfig) -> Path:
     return Path(cfg.out_dir) / "warmup"
 
 
+def compose_config(overrides: list[str]) -> DictConfig:
+    """conf/config.yaml composed with ``overrides``: through the running app's Hydra under ``python -m moxin.run``
+    (its config tree), else through one started on moxin's conf/ for the call (a run started from Python)."""
+    if GlobalHydra.instance().is_initialized():
+        return compose("config", overrides=overrides)
+    with initialize_config_dir(str(conf_dir()), version_base=None):
+        return compose("config", overrides=overrides)
+
+
 def warmup_config(cfg: DictConfig) -> DictConfig:
-    """The warm-up's own run config: the command's config with SFT data on the written solutions, the SFT stage,
-    ``out_dir=<out_dir>/warmup`` and no warm-up of its own."""
-    from moxin.paths import conf_dir
-
-    from moxin.run import world_size_of
-
+    """The warm-up's own run config: the command's config with the SFT stage (its optimizer merged with
+    ``warmup.optim``, the command's LoRA settings) and SFT data on the written solutions, composed by Hydra from
+    ``stage=sft data=sft_sample``; ``out_dir=<out_dir>/warmup`` and no warm-up of its own."""
     w = cfg.warmup
     wdir = warmup_dir(cfg)
     # null: each rank takes its whole share of the batch at once (batch_size / processes), so one setting serves one
     # process and FSDP alike; a batch that does not split over the processes is refused by the data module
     mbs = w.get("micro_batch_size") or max(1, int(w.batch_size) // world_size_of(cfg.hardware))
-    sft = OmegaConf.load(conf_dir() / "stage" / "sft.yaml")
-    sft.pop("defaults", None)  # Hydra's defaults list (the optim schema), not a parameter of the stage
-    # the command's LoRA settings too: a model that needs adapters to fit needs them for its warm-up as well
-    stage = OmegaConf.merge(sft, {"optim": w.get("optim") or {}, "validate_at_start": False,
-                                  "lora": cfg.stage.get("lora") or {}})
-    data = {"_target_": "moxin.data.sft_data.ChatSFTDataModule",
-            "train": {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}, "val": None,
-            "max_length": int(w.max_length), "batch_size": int(w.batch_size),
-            "micro_batch_size": int(mbs), "num_epochs": 1, "num_workers": 0,
-            "messages_field": "messages", "pad_to_multiple_of": 8, "max_bad_records": 0, "max_bad_fraction": 0.0}
+    sft = compose_config([
+        "stage=sft", "stage.validate_at_start=false",
+        "data=sft_sample", "data.val=null", f"data.max_length={int(w.max_length)}",
+        f"data.batch_size={int(w.batch_size)}", f"data.micro_batch_size={int(mbs)}", "data.num_epochs=1",
+        "data.num_workers=0", "data.pad_to_multiple_of=8", "data.max_bad_records=0", "data.max_bad_fraction=0.0",
+    ])
+    # the path as a value, not an override (any character may be in it); the command's LoRA settings too: a model
+    # that needs adapters to fit needs them for its warm-up as well
+    sft.data.train = {"name": "warmup_solutions", "path": str(wdir / SOLUTIONS)}
+    stage = OmegaConf.merge(sft.stage, {"optim": w.get("optim") or {}, "lora": cfg.stage.get("lora") or {}})
     out = copy.deepcopy(cfg)
     with open_dict(out):
         out.run_name = f"{cfg.run_name}-warmup"
         out.out_dir = str(wdir)
         out.resume = "auto" if cfg.get("resume") not in (None, "", False) else None
         out.stage = stage
-        out.data = data
+        out.data = sft.data
         out.warmup.steps = 0
         out.export_hf = False
         out.monitor = "train/loss"
@@ -79,19 +96,11 @@ def warmup_config(cfg: DictConfig) -> DictConfig:
     return out
 
 
-def write_solutions(cfg: DictConfig, path: Path) -> int:
+def write_solutions(cfg: DictConfig, path: Path, tokenizer: Tokenizer) -> int:
     """Write ``warmup.steps x warmup.batch_size`` solution conversations of the command's data as a chat jsonl
     (atomically: every rank may write the same bytes). Returns how many."""
-    from hydra.utils import instantiate
-
-    from moxin.run import ConfigError, world_size_of
-
     n = int(cfg.warmup.steps) * int(cfg.warmup.batch_size)
-    from moxin.tokenizer import load_tokenizer
-
-    dm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
-    dm.connect(load_tokenizer(cfg.tokenizer), world_size=world_size_of(cfg.hardware),
-               max_seq_len=OmegaConf.select(cfg, "model.max_seq_len"))
+    dm = connected_datamodule(cfg, tokenizer, max_seq_len=OmegaConf.select(cfg, "model.max_seq_len"))
     if not hasattr(dm, "solution_conversations"):
         raise ConfigError(f"warmup.steps={cfg.warmup.steps}: the data module {type(dm).__name__} has no worked "
                           "solutions to warm up on (GRPO's prompt data has); set warmup.steps=0")
@@ -107,8 +116,6 @@ def write_solutions(cfg: DictConfig, path: Path) -> int:
 
 def finished_checkpoint(wcfg: DictConfig) -> str | None:
     """The warm-up's final checkpoint when it has run to its end (the whole schedule, saved at its end), else None."""
-    from moxin.checkpoint.resume import find_resume
-
     info, _ = find_resume(wcfg.out_dir)
     if info is None or not info.moxin.get("finished"):
         return None
@@ -118,15 +125,10 @@ def finished_checkpoint(wcfg: DictConfig) -> str | None:
     return str(info.path.resolve())
 
 
-def _say(msg: str) -> None:
-    from moxin.checkpoint.lock import launcher_rank
-
-    if launcher_rank() == 0:
-        print(msg, file=sys.stderr, flush=True)
-
-
-def run_warmup(cfg: DictConfig, train) -> tuple[DictConfig, dict | None]:
-    """Run (or resume, or skip when finished) the warm-up of ``cfg`` with ``train`` (moxin.run.train).
+def run_warmup(cfg: DictConfig, tokenizer: Tokenizer, train: Callable[[DictConfig], dict]
+               ) -> tuple[DictConfig, dict | None]:
+    """Run (or resume, or skip when finished) the warm-up of ``cfg``: its solutions are written with the command's
+    ``tokenizer``, and ``train(warm-up config)`` runs it (moxin.run's train, handed that same tokenizer).
 
     Returns the command's config to go on with (``init_from`` = the warm-up's final checkpoint; ``cfg`` itself when
     ``warmup.steps`` is 0), and the warm-up's summary when it stopped early (a signal): then nothing else runs.
@@ -137,23 +139,19 @@ def run_warmup(cfg: DictConfig, train) -> tuple[DictConfig, dict | None]:
     wcfg = warmup_config(cfg)
     ckpt = finished_checkpoint(wcfg) if wcfg.resume else None
     if ckpt is not None:
-        _say(f"warm-up: done ({ckpt}); not run again")
+        say(f"warm-up: done ({ckpt}); not run again")
     else:
-        n = write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS)
-        _say(f"warm-up: SFT on {n} solutions ({w.steps} steps of {w.batch_size}) in {Path(wcfg.out_dir).resolve()}, "
-             f"then the run starts from its final weights")
-        from moxin.ui import run_log
-
+        n = write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS, tokenizer)
+        say(f"warm-up: SFT on {n} solutions ({w.steps} steps of {w.batch_size}) in {Path(wcfg.out_dir).resolve()}, "
+            f"then the run starts from its final weights")
         try:
-            info = train(wcfg, handoffs=False)
+            info = train(wcfg)
         finally:
             run_log().close()  # the warm-up's log file; the run itself opens its own
         if info.get("stopped_by_signal_at") is not None:
             return cfg, info
         ckpt = finished_checkpoint(wcfg)
         if ckpt is None:
-            from moxin.run import ConfigError
-
             raise ConfigError(f"warm-up in {wcfg.out_dir} ended without its final checkpoint; continue it with "
                               "resume=auto")
     out = copy.deepcopy(cfg)

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from moxin import run as R
+from moxin.assemble import ConfigError, assemble, resolve_resume
 from moxin.checkpoint import policy
 from moxin.checkpoint.files import read_info, step_name
 from moxin.checkpoint.lock import RunLock, RunLockError
@@ -102,13 +103,13 @@ def test_resume_auto_skips_incomplete_and_unreadable(tmp_path):
     assert info.path == good12 and info.step == 12
     assert any("step000014" in s for s in skipped) and any("step000016" in s and "meta.pt" in s for s in skipped)
     cfg = compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
-    assert R.resolve_resume(cfg, ck) == str(good12)
+    assert resolve_resume(cfg, ck) == str(good12)
     # an explicit path to a broken checkpoint is refused with the reason
-    with pytest.raises(R.ConfigError, match="unreadable"):
-        R.resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
+    with pytest.raises(ConfigError, match="unreadable"):
+        resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
     # a fresh run refuses the folder even if only broken checkpoints are left
-    with pytest.raises(R.ConfigError, match="resume=auto"):
-        R.resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
+    with pytest.raises(ConfigError, match="resume=auto"):
+        resolve_resume(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
 
 
 def test_slurm_requeue_checkpoint_is_a_candidate(tmp_path):
@@ -181,7 +182,7 @@ def test_second_run_on_the_same_folder_is_refused(tmp_path):
 ])
 def test_impossible_numbers_are_refused_naming_the_key(tmp_path, override, match):
     with pytest.raises(Exception, match=match):
-        R.build(compose_config(FAST + [override, f"out_dir={tmp_path}", "run_name=x"]))
+        assemble(compose_config(FAST + [override, f"out_dir={tmp_path}", "run_name=x"]))
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -305,7 +306,7 @@ def test_a_failure_before_the_step_is_logged_keeps_the_previous_checkpoint(tmp_p
 
     cfg = compose_config(FAST + ["trainer.checkpoint_every_n_steps=1", "trainer.val_every_n_steps=3",
                            f"out_dir={tmp_path}", "run_name=run"])
-    trainer, stage, dm, ckpt_path, _ = R.build(cfg)
+    trainer, stage, dm, ckpt_path, _ = assemble(cfg)
     trainer.callbacks.append(FailVal())
     with pytest.raises(RuntimeError, match="validation failed"):
         trainer.fit(stage, datamodule=dm)
@@ -325,7 +326,7 @@ def test_a_failure_at_the_end_of_training_keeps_the_final_checkpoint_unpublished
             raise RuntimeError("stage evaluation failed")
 
     args = FAST + [f"out_dir={tmp_path}", "run_name=run"]
-    trainer, stage, dm, _, _ = R.build(compose_config(args))
+    trainer, stage, dm, _, _ = assemble(compose_config(args))
     trainer.callbacks.insert(0, FailEnd())
     with pytest.raises(RuntimeError, match="stage evaluation failed"):
         trainer.fit(stage, datamodule=dm)
@@ -352,7 +353,7 @@ def test_sigterm_keeps_a_written_checkpoint_only_once_its_step_is_on_record(tmp_
                 os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler notes it; the loop raises
 
     out = tmp_path / "run"
-    trainer, stage, dm, _, _ = R.build(compose_config(FAST + ["trainer.checkpoint_every_n_steps=1",
+    trainer, stage, dm, _, _ = assemble(compose_config(FAST + ["trainer.checkpoint_every_n_steps=1",
                                                         "trainer.val_every_n_steps=3", f"out_dir={out}",
                                                         "run_name=run", "+logger.csv.flush_logs_every_n_steps=1"]))
     trainer.callbacks.append(Term())

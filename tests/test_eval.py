@@ -314,12 +314,13 @@ def test_training_run_with_eval_after_stage_gets_the_callback_and_it_logs(tmp_pa
     from lightning.pytorch.loggers import CSVLogger
 
     from moxin.callbacks.evaluation import EvalCallback
-    from moxin.run import CONF_DIR, build
+    from moxin.assemble import assemble
+    from moxin.run import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose(config_name="config", overrides=["+experiment=sft", "+eval=sample", "eval.after=stage",
                                                        f"out_dir={tmp_path / 'run'}", "run_name=t"])
-    trainer = build(cfg)[0]
+    trainer = assemble(cfg).trainer
     cbs = [c for c in trainer.callbacks if isinstance(c, EvalCallback)]
     assert len(cbs) == 1 and cbs[0].cfg.after == "stage" and [t.name for t in cbs[0].cfg.tasks] == ["sample_mc", "sample_math"]
 

@@ -17,7 +17,7 @@ import pytest
 from tests.conftest import free_port, torchrun
 import torch
 
-from moxin import run as R
+from moxin.assemble import ConfigError, assemble
 from moxin.checkpoint.files import read_info
 from moxin.checkpoint.weights import load_model_weights
 from tests.helpers.kill_loop import TINY
@@ -68,8 +68,8 @@ def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
     ck = fsdp_run / "checkpoints" / "last.ckpt"
     one = [a for a in TINY if not a.startswith("+logger")]
     # resume on 1 process: refused, naming both counts and the way out
-    with pytest.raises(R.ConfigError, match="written by 2 processes; this run has 1.*init_from="):
-        R.build(compose_config(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
+    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*init_from="):
+        assemble(compose_config(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
                                 "resume=auto"]))
     # init_from the distributed-checkpoint folder, one process, no process group: the same weights
     # (preflight first, as the command line runs it: it once refused this folder for lacking config.json)
@@ -77,13 +77,13 @@ def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
 
     sft_cfg = compose_config(one + [f"init_from={ck}", f"out_dir={tmp_path / 'sft'}", "run_name=sft"])
     preflight(sft_cfg)
-    _, stage, *_ = R.build(sft_cfg)
+    _, stage, *_ = assemble(sft_cfg)
     stage.configure_model()
     dcp, _, _ = load_model_weights(ck)
     assert all(torch.equal(v, dcp[k]) for k, v in stage.model.state_dict().items())
     # ... and a mismatching architecture is refused by name
     with pytest.raises(ValueError, match="rope_theta"):
-        _, st, *_ = R.build(compose_config(one + [f"init_from={ck}", "model.rope_theta=1e6", f"out_dir={tmp_path / 'x'}",
+        _, st, *_ = assemble(compose_config(one + [f"init_from={ck}", "model.rope_theta=1e6", f"out_dir={tmp_path / 'x'}",
                                             "run_name=x"]))
         st.configure_model()
     # scripts/convert_checkpoint.py: the folder -> a HF folder equal to the run's own export

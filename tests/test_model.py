@@ -119,11 +119,12 @@ def test_presets_are_the_conf_model_files():
     from moxin.model import preset_names
 
     assert {"moxin-7b", "mistral-7b", "tiny", "tiny-cpu"} <= set(preset_names())
-    from moxin import run as R
+    from hydra.utils import instantiate
+
     from tests.helpers.compose import compose_config
 
     for name in preset_names():
-        assert ModelConfig.preset(name) == R.instantiate(compose_config([f"model={name}"]).model), name
+        assert ModelConfig.preset(name) == instantiate(compose_config([f"model={name}"]).model), name
 
 
 def test_fused_projections_give_the_same_outputs_in_the_same_memory():

@@ -10,6 +10,7 @@ from moxin.data.prepared import PreparedData, reader_range
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.reader import DataError, SourceConfig, read_positioned
 from moxin.prepare import PrepareOptions, merge, run_part
+from moxin.tokenizer import load_tokenizer
 from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip
 
 
@@ -206,7 +207,8 @@ def test_prepare_command_composes_and_writes_data_the_run_accepts(tmp_path):
         cfg = compose("prepare", overrides=[f"out={tmp_path / 'prep'}", f"data.sources={src}", "prepare.parts=2"])
     man = prepare(cfg, log=lambda *_: None)
     assert man["sources"]["c"]["documents"] == 40 and man["tokenizer"]["name"] == "mistral"
-    dm = PretrainDataModule([], [{"name": "p", "seq_len": 16, "tokens": 64, "mixture": {"c": 1}}], tokenizer="mistral",
+    dm = PretrainDataModule([], [{"name": "p", "seq_len": 16, "tokens": 64, "mixture": {"c": 1}}],
+                            tokenizer=load_tokenizer("mistral"),
                             tokens_per_step=64, micro_batch_tokens=32, num_workers=0, val_percent=0, world_size=1,
                             prepared=str(tmp_path / "prep"))
     dm.setup("fit")  # a separately loaded "mistral" has the manifest's fingerprint

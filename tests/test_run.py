@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moxin import run as R
-from tests.helpers.compose import compose_config, logged_train_losses
+from moxin.assemble import ConfigError, assemble, val_interval_steps
 from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
                                         write_corpus_with_late_duplicates)
+from tests.helpers.compose import compose_config, logged_train_losses
 from tests.helpers.tiny_overrides import TINY_MODEL, TINY_PRETRAIN, tiny_model
+from tests.helpers.tokenizer_count import count_tokenizers
 
 EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.yaml"))
 
@@ -23,7 +26,7 @@ EXPERIMENTS = sorted(p.stem for p in (Path(R.CONF_DIR) / "experiment").glob("*.y
 def test_every_experiment_composes(name, tmp_path):
     cfg = compose_config([f"+experiment={name}", f"out_dir={tmp_path}", "run_name=t"])
     OmegaConf.resolve(cfg)  # every interpolation resolves
-    model_cfg = R.instantiate(cfg.model)
+    model_cfg = instantiate(cfg.model)
     assert model_cfg.num_params() > 0
     assert cfg.stage._target_.startswith("moxin.stages.")
     if name.endswith(("moxin_7b", "moxin_instruct", "moxin_reasoning")):
@@ -37,7 +40,7 @@ def test_every_data_config_instantiates_and_connects(name):
     from moxin.data.base import MoxinDataModule
 
     cfg = compose_config([f"data={name}", "model=moxin-7b"] + (["schedule=moxin_7b"] if name == "moxin_pretrain" else []))
-    dm = R.instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    dm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
     assert isinstance(dm, MoxinDataModule)
     tok = object()
     dm.connect(tok, world_size=1, max_seq_len=cfg.model.max_seq_len)
@@ -72,28 +75,20 @@ def test_pretrain_smoke_run_learns_and_writes_everything(tmp_path):
 
 
 def test_a_run_builds_one_tokenizer_and_hands_it_everywhere(tmp_path, monkeypatch):
-    """`tokenizer: mistral` is loaded once per run (in run.build): the data module, the stage, the sample callback
+    """`tokenizer: mistral` is loaded once per run (moxin.assemble): the data module, the stage, the sample callback
     and the HF export use that object, and the loader workers get it pickled (nothing loads it again)."""
     from moxin.callbacks import SampleGenerations
-    from moxin.tokenizer import tokenizer as T
 
-    built = []
-    init = T.Tokenizer.__init__
-
-    def counting_init(self, *args, **kwargs):
-        built.append(kwargs.get("name"))
-        init(self, *args, **kwargs)
-
-    monkeypatch.setattr(T.Tokenizer, "__init__", counting_init)
+    built = count_tokenizers(monkeypatch)
     over = TINY_PRETRAIN + ["+experiment=pretrain", "hardware.num_workers=2", "samples.prompts=[Hello]",
                             "samples.max_new_tokens=2"]
-    trainer, stage, dm, _, _ = R.build(compose_config(over + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
+    trainer, stage, dm, _, _ = assemble(compose_config(over + [f"out_dir={tmp_path / 'a'}", "run_name=a"]))
     samples = next(c for c in trainer.callbacks if isinstance(c, SampleGenerations))
     assert dm.tokenizer is stage.tokenizer is samples.tokenizer and built == ["mistral"]
     built.clear()
     info = R.train(compose_config(over + [f"out_dir={tmp_path / 'b'}", "run_name=b", "export_hf=true"]))
     assert info["optimizer_steps"] == 12 and (tmp_path / "b" / "hf" / "tokenizer.json").exists()
-    assert built == ["mistral"]  # build, fit (2 workers per phase), samples, check_vocab, export: one tokenizer
+    assert built == ["mistral"]  # assemble, fit (2 workers per phase), samples, check_vocab, export: one
 
 
 def _dedup_dropped(ckpt: dict) -> int:
@@ -115,8 +110,8 @@ def test_resume_continues_exactly(tmp_path, workers):
     full = R.train(compose_config(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     R.train(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
     at_stop = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")
-    with pytest.raises(R.ConfigError, match="resume=auto"):  # never silently overwrite a run
-        R.build(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
+    with pytest.raises(ConfigError, match="resume=auto"):  # never silently overwrite a run
+        assemble(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
     R.train(compose_config(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
     a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
     assert sorted(a) == sorted(b) == list(range(12)), (sorted(a), sorted(b))
@@ -170,7 +165,7 @@ def test_every_model_preset_composes_through_the_schema(name):
     assert OmegaConf.get_type(node) is ModelConfigSchema
     assert list(node) == ["_target_"] + [f.name for f in dataclasses.fields(ModelConfig)]
     assert node._target_ == "moxin.model.ModelConfig"
-    assert R.instantiate(node) == ModelConfig.preset(name)
+    assert instantiate(node) == ModelConfig.preset(name)
 
 
 def test_schemas_are_the_dataclasses_fields():
@@ -195,16 +190,16 @@ def test_schemas_are_the_dataclasses_fields():
     for stage in ("pretrain", "sft", "dpo", "grpo"):
         cfg = compose_config([f"stage={stage}"] + (["data=grpo_arithmetic"] if stage == "grpo" else []))
         assert OmegaConf.get_type(cfg.stage.optim) is S.OptimConfigSchema, stage
-        assert isinstance(R.instantiate(cfg.stage.optim), OptimConfig)
+        assert isinstance(instantiate(cfg.stage.optim), OptimConfig)
     grpo = compose_config(["+experiment=grpo"])
     assert OmegaConf.get_type(grpo.stage.grpo) is S.GRPOConfigSchema
     assert grpo.stage.grpo.aggregation == "token"  # StrEnum fields stay strings in the config
-    assert R.instantiate(grpo.stage.grpo).aggregation == "token"
+    assert instantiate(grpo.stage.grpo).aggregation == "token"
     assert pickle.loads(pickle.dumps(grpo)) == grpo
     for hw in sorted(p.stem for p in (Path(R.CONF_DIR) / "hardware").glob("*.yaml")):
         node = compose_config([f"hardware={hw}"]).hardware.parallel
         assert OmegaConf.get_type(node) is S.ParallelConfigSchema, hw
-        assert isinstance(R.instantiate(node), ParallelConfig)
+        assert isinstance(instantiate(node), ParallelConfig)
     for ev in sorted(p.stem for p in (Path(R.CONF_DIR) / "eval").glob("*.yaml")):
         node = compose_config(["+experiment=eval", f"eval={ev}"]).eval
         assert OmegaConf.get_type(node) is S.EvalConfigSchema, ev
@@ -217,9 +212,9 @@ def test_unknown_key_is_refused_naming_it():
 
 
 def test_val_interval_falls_on_phase_ends():
-    assert R.val_interval_steps(25, [16, 16, 8]) == 8
-    assert R.val_interval_steps(5, [12, 12]) == 4
-    assert R.val_interval_steps(None, [12]) is None
+    assert val_interval_steps(25, [16, 16, 8]) == 8
+    assert val_interval_steps(5, [12, 12]) == 4
+    assert val_interval_steps(None, [12]) is None
 
 
 def _resume_matches(tmp_path, base, stop=3, total=6, unequal=()):
@@ -278,8 +273,8 @@ def test_grpo_resume_continues_exactly(tmp_path):
 
 def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):
     cfg = compose_config(["model=tiny", f"out_dir={tmp_path}", "run_name=t"])
-    with pytest.raises(R.ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
-        R.build(cfg)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
+        assemble(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
 

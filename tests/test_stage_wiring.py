@@ -20,6 +20,7 @@ from moxin.stages import PretrainStage
 from moxin.stages.dpo import DPOStage
 from moxin.stages.grpo import GRPOConfig, GRPOStage
 from moxin.stages.sft import SFTStage
+from moxin.tokenizer import load_tokenizer
 from tests.helpers import wiring_reference as ref
 from tests.helpers.wiring_inputs import CFG, T, dpo_pairs, optim
 
@@ -153,7 +154,8 @@ def grpo_stage(**grpo) -> GRPOStage:
     torch.manual_seed(0)
     cfg = {"group_size": 4, "temperature": 0.7, "max_new_tokens": 8, "mask_truncated": True, "verifier": "exact",
            "verifier_workers": 0, "log_completions": 0} | grpo
-    stage = GRPOStage(CFG, optim=optim(weight_decay=0.0), grpo=GRPOConfig(**cfg), tokenizer="mistral", seed=5,
+    stage = GRPOStage(CFG, optim=optim(weight_decay=0.0), grpo=GRPOConfig(**cfg),
+                      tokenizer=load_tokenizer("mistral"), seed=5,
                       total_steps=cfg.get("ppo_epochs", 1))
     ro = grpo_rollout(stage)
     stage.rollout = lambda batch, step: ro  # the update alone: the rollout is given

@@ -13,9 +13,12 @@ import pytest
 import torch
 
 from moxin import run as R
+from moxin.assemble import ConfigError
+from moxin.tokenizer import load_tokenizer
 from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import tiny_model
+from tests.helpers.tokenizer_count import count_tokenizers
 
 TINY = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.steps=3", "data.prompts_per_step=4", "data.task.pool=4",
         "stage.grpo.group_size=4", "stage.grpo.max_new_tokens=8", "stage.grpo.verifier_workers=0",
@@ -83,6 +86,16 @@ def test_warmup_is_an_sft_run_and_grpo_starts_from_its_final_weights(tmp_path):
     assert len(list(wdir.glob("logs/version_*"))) == 1
 
 
+def test_a_grpo_run_and_its_warmup_share_one_tokenizer(tmp_path, monkeypatch):
+    """moxin.assemble's contract: the command loads `tokenizer: mistral` once, and that object writes the solutions,
+    trains the warm-up and then GRPO (loader workers get it pickled, which builds none)."""
+    built = count_tokenizers(monkeypatch)
+    out = tmp_path / "run"
+    info = R.train(_cfg(out, "warmup.steps=1", "data.steps=1", "export_hf=false"))
+    assert _summary(out / "warmup")["optimizer_steps"] == 1 and info["rollout_steps"] == 1
+    assert built == ["mistral"]
+
+
 def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp_path, capfd):
     full = tmp_path / "full"
     R.train(_cfg(full))
@@ -91,11 +104,11 @@ def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp
     # a warm-up stopped after 3 of its 6 steps (checkpoints every 2: the newest complete one is step 2)
     wcfg = warmup_config(cfg)
     wcfg.trainer.max_steps = 3
-    write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS)
+    write_solutions(cfg, Path(wcfg.out_dir) / SOLUTIONS, load_tokenizer(cfg.tokenizer))
     R.train(wcfg)
     assert _summary(part / "warmup")["optimizer_steps"] == 3
     # a fresh command refuses the folder (it holds a warm-up), leaving it as it was
-    with pytest.raises(R.ConfigError, match="warmup/checkpoints already holds"):
+    with pytest.raises(ConfigError, match="warmup/checkpoints already holds"):
         R.train(cfg)
     capfd.readouterr()
     # the command with resume=auto continues the warm-up from its checkpoint, then runs GRPO
@@ -115,7 +128,7 @@ def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp
 def test_warmup_needs_data_with_solutions(tmp_path):
     cfg = compose_config(["+experiment=sft", "warmup.steps=2", f"out_dir={tmp_path / 'r'}", "run_name=r",
                     "trainer.progress_bar=none"])
-    with pytest.raises(R.ConfigError, match="no worked solutions to warm up on"):
+    with pytest.raises(ConfigError, match="no worked solutions to warm up on"):
         R.train(cfg)
     assert not (tmp_path / "r" / "warmup" / "checkpoints").exists()
 

@@ -16,15 +16,15 @@ import lightning as L
 from moxin.eval.runner import EvalAfter, EvalConfig, evaluate, flat_metrics, print_table, write_results
 from moxin.distributed import is_sharded
 from moxin.errors import UserError
-from moxin.tokenizer import as_tokenizer
+from moxin.tokenizer import Tokenizer
 
 __all__ = ["EvalCallback"]
 
 
 class EvalCallback(L.Callback):
-    def __init__(self, eval_cfg, tokenizer="mistral", out_dir: str | None = None):
+    def __init__(self, eval_cfg, tokenizer: Tokenizer, out_dir: str | None = None):
         self.cfg = EvalConfig.from_any(eval_cfg)  # a bad task config stops the run before training
-        self.tokenizer = tokenizer  # the run's tokenizer (moxin.run), or a spec loaded on first use
+        self.tokenizer = tokenizer  # the run's tokenizer (moxin/assemble.py)
         self.out_dir = out_dir
         self.history: list[dict] = []
 
@@ -52,7 +52,6 @@ class EvalCallback(L.Callback):
             self.run(trainer, pl_module, "end of stage")
 
     def run(self, trainer, pl_module, when: str) -> dict:
-        self.tokenizer = as_tokenizer(self.tokenizer)
         sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
         plugin = getattr(trainer, "precision_plugin", None)
         ctx = plugin.forward_context() if plugin is not None else contextlib.nullcontext()

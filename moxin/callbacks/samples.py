@@ -8,15 +8,15 @@ import torch
 
 from moxin.distributed import is_sharded
 from moxin.model.generate import generate
-from moxin.tokenizer import as_tokenizer
+from moxin.tokenizer import Tokenizer
 
 
 class SampleGenerations(L.Callback):
-    def __init__(self, prompts: list[str] | None = None, max_new_tokens: int = 32, tokenizer="mistral",
+    def __init__(self, prompts: list[str] | None, max_new_tokens: int, tokenizer: Tokenizer,
                  every_n_epochs: int = 1):
         self.prompts = prompts or []
         self.max_new_tokens = max_new_tokens
-        self.tokenizer = tokenizer  # the run's tokenizer (moxin.run), or a spec loaded on first use
+        self.tokenizer = tokenizer  # the run's tokenizer (moxin/assemble.py)
         self.every = every_n_epochs
         self.history: list[dict] = []
 
@@ -29,7 +29,7 @@ class SampleGenerations(L.Callback):
         sharded = is_sharded(trainer.strategy) and trainer.world_size > 1
         if not (sharded or trainer.is_global_zero):
             return
-        tok = self.tokenizer = as_tokenizer(self.tokenizer)
+        tok = self.tokenizer
         model = pl_module.model
         was_training = model.training
         model.eval()

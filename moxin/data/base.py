@@ -1,6 +1,6 @@
 """``MoxinDataModule``: what ``moxin.run``, the stages, the callbacks and the banner rely on, declared once.
 
-Every data module derives from it. Hydra instantiates one from ``conf/data/*.yaml``; ``moxin.run`` hands in what
+Every data module derives from it. Hydra instantiates one from ``conf/data/*.yaml``; moxin/assemble.py hands in what
 a config cannot know through :meth:`connect` (the tokenizer, world size, ``max_seq_len``) and reads the plan
 from it: ``accumulate_grad_batches``, ``num_epochs``, ``total_steps``, the banner's names and tokens and the
 ``summary.json`` counts. Details: docs/modules.md, "data/base.py".
@@ -11,7 +11,6 @@ from __future__ import annotations
 import lightning as L
 
 from moxin.data.reader import DataError
-from moxin.tokenizer import as_tokenizer
 
 __all__ = ["MoxinDataModule"]
 
@@ -48,8 +47,7 @@ class MoxinDataModule(L.LightningDataModule):
     def tokenizer(self):
         if self._tokenizer is None:
             raise DataError(f"{type(self).__name__} has no tokenizer: hand it in with connect(tokenizer, ...) "
-                            "(moxin.run does) or pass tokenizer=")
-        self._tokenizer = as_tokenizer(self._tokenizer)
+                            "(moxin/assemble.py does) or pass tokenizer=")
         return self._tokenizer
 
     @property

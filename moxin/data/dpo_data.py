@@ -93,7 +93,7 @@ class PreferenceDataModule(StepDataModule):
     """DPO pairs (module docstring). Arguments as :class:`StepDataModule`, counted in pairs; plus:
 
     Args:
-        tokenizer: the run's tokenizer (``connect``), or ``"mistral"`` / a tokenizer.json path.
+        tokenizer: the run's tokenizer object (``connect``).
         max_length: tokens per side (Tülu 3 / Moxin DPO: 2048); longer pairs are dropped and counted.
         batch_size: pairs per optimizer step over all ranks (Tülu 3 / Moxin: 128).
         micro_batch_size: pairs per rank per micro-step (2 x this many rows go through the model).

@@ -67,8 +67,8 @@ class PromptDataModule(MoxinDataModule):
         task: kwargs of :class:`ArithmeticTask` (``min_digits``, ``max_digits``, ``ops``; its seed is ``seed``), plus
             ``pool``: RL prompts cycle through the first ``pool`` problems (None: an endless stream);
             ``solution``: ``worked`` or ``answer``, the form of the warm-up targets (see ``solution_text``).
-        seed: given by ``moxin.run``; tokenizer, world_size, max_seq_len: handed in by ``moxin.run`` through
-            ``connect`` (or given here by direct users; ``tokenizer`` may be a spec such as ``"mistral"``).
+        seed: given by moxin/assemble.py; tokenizer (the object), world_size, max_seq_len: handed in by it
+            through ``connect`` (or given here by direct users).
     """
 
     def __init__(self, source: str = "arithmetic", prompts_per_step: int = 64, steps: int | None = None,

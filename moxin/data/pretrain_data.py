@@ -32,8 +32,8 @@ class PretrainDataModule(MoxinDataModule):
     Args:
         sources: list of :class:`SourceConfig` (or dicts with its keys).
         phases: list of :class:`Phase` (or dicts). Every phase's mixture names sources of ``sources``.
-        tokenizer: the run's tokenizer object (picklable; ``encode(text, bos, eos)``, ``bos_id``, ``eos_id``) or
-            a spec for ``moxin.tokenizer.load_tokenizer``; ``moxin.run`` hands it in through ``connect``.
+        tokenizer: the run's tokenizer object (picklable; ``encode(text, bos, eos)``, ``bos_id``, ``eos_id``);
+            moxin/assemble.py hands it in through ``connect``.
         tokens_per_step: global tokens per optimizer step (all ranks, all accumulation micro-steps).
         micro_batch_tokens: tokens per device per micro-step; rows = micro_batch_tokens // seq_len.
         max_seq_len: the model's ``max_seq_len`` (``connect``); a phase beyond it is an error.

@@ -127,7 +127,7 @@ class ChatSFTDataModule(StepDataModule):
     """SFT on Tülu-form conversations (module docstring for the policies).
 
     Args (and those of :class:`StepDataModule`, counted in conversations):
-        tokenizer: the run's tokenizer (``connect``), or ``"mistral"`` / a tokenizer.json path.
+        tokenizer: the run's tokenizer object (``connect``).
         max_length: tokens per conversation and per packed row (Tülu 3 / Moxin: 4096). At most the model's
             ``max_seq_len``. Longer conversations are truncated at whole turns (module docstring).
         batch_size: conversations per optimizer step over all ranks (Tülu 3 / Moxin: 128).

@@ -197,10 +197,7 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
     """Every task of ``cfg`` on ``model``; the same dict on every rank: ``{"tasks": {name: {...}}}``."""
-    from moxin.tokenizer import as_tokenizer
-
     cfg = EvalConfig.from_any(cfg)
-    tokenizer = as_tokenizer(tokenizer)
     was_training = model.training
     model.eval()
     out: dict = {"tasks": {}, "bos": cfg.bos}

@@ -14,10 +14,14 @@ import json
 from pathlib import Path
 
 import torch
+from hydra.utils import instantiate
 
-from moxin.eval.runner import EvalConfig, evaluate, flat_metrics, print_table, write_results
-from moxin.stages.base import MoxinStage
+from moxin.assemble import hardware_trainer
 from moxin.distributed import is_sharded
+from moxin.eval.runner import EvalConfig, evaluate, flat_metrics, print_table, write_results
+from moxin.model.hf import hf_to_moxin_config
+from moxin.stages.base import MoxinStage
+from moxin.tokenizer import Tokenizer, load_tokenizer
 
 __all__ = ["EvalStage", "run_eval", "model_config_for"]
 
@@ -25,7 +29,7 @@ __all__ = ["EvalStage", "run_eval", "model_config_for"]
 class EvalStage(MoxinStage):
     """Holds the model (built by the base from ``init_from``) and evaluates it in its single test step."""
 
-    def __init__(self, model, eval_cfg: EvalConfig, tokenizer="mistral", out_dir: str | None = None,
+    def __init__(self, model, eval_cfg: EvalConfig, tokenizer: Tokenizer, out_dir: str | None = None,
                  parallel=None, init_from: str | None = None):
         super().__init__(model=model, parallel=parallel, init_from=init_from, tokenizer=tokenizer)
         self.eval_cfg = EvalConfig.from_any(eval_cfg)
@@ -50,10 +54,6 @@ class EvalStage(MoxinStage):
 def model_config_for(cfg):
     """The model config of an eval run: a Hugging Face folder's config.json when init_from is one (the attention
     backend still from ``model``), else the ``model`` group (a .ckpt / .safetensors must match it)."""
-    from hydra.utils import instantiate
-
-    from moxin.model.hf import hf_to_moxin_config
-
     model_cfg = instantiate(cfg.model)
     init = cfg.get("init_from")
     if not init:
@@ -69,27 +69,16 @@ def model_config_for(cfg):
     return model_cfg
 
 
-def run_eval(cfg) -> dict:
-    """Build the eval stage and a Lightning trainer from the composed config, run, print, return the results."""
-    import lightning as L
-    from hydra.utils import instantiate
-
-    from moxin.run import build_strategy, world_size_of
-    from moxin.tokenizer import load_tokenizer
-
+def run_eval(cfg, tokenizer: Tokenizer | None = None) -> dict:
+    """Build the eval stage (``tokenizer``, or loaded from ``cfg.tokenizer``) and a trainer on the config's hardware
+    (moxin/assemble.py), run, print, return the results."""
     eval_cfg = EvalConfig.from_any(cfg.eval)  # config errors before any model is built
     model_cfg = model_config_for(cfg)
-    hw = cfg.hardware
-    out_dir = Path(cfg.out_dir)
-    stage = EvalStage(model_cfg, eval_cfg, tokenizer=load_tokenizer(cfg.tokenizer), out_dir=str(out_dir),
-                      parallel=instantiate(hw.parallel), init_from=str(cfg.init_from))
-    from moxin.loggers import build_loggers
-
-    logger = build_loggers(cfg, out_dir)
-    trainer = L.Trainer(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes,
-                        precision=hw.precision, strategy=build_strategy(hw, world_size_of(hw)), logger=logger,
-                        default_root_dir=str(out_dir), enable_progress_bar=False, enable_model_summary=False,
-                        use_distributed_sampler=False)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    stage = EvalStage(model_cfg, eval_cfg, tokenizer=tokenizer, out_dir=str(Path(cfg.out_dir)),
+                      parallel=instantiate(cfg.hardware.parallel), init_from=str(cfg.init_from))
+    trainer = hardware_trainer(cfg, enable_progress_bar=False)
     trainer.test(stage, verbose=False)
     if trainer.is_global_zero:
         print_table(stage.results, title=f"moxin evaluation of {cfg.init_from}")

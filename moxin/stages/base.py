@@ -29,7 +29,6 @@ from moxin.model.lora import LoRAConfig
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.optim import OptimizerStep, StepValues, adamw_with_schedule
-from moxin.tokenizer import as_tokenizer
 
 
 @dataclass
@@ -129,9 +128,9 @@ def _host_number(v) -> torch.Tensor:
 class MoxinStage(L.LightningModule):
     """Base LightningModule: owns `self.model` (a `Transformer`) and `self.optim_step` (its `OptimizerStep`).
 
-    ``tokenizer``: the run's one tokenizer, handed in by ``moxin.run`` to every stage (GRPO renders prompts and
-    decodes completions with it, the evaluation stage scores with it); a spec such as ``"mistral"`` is loaded on
-    first use, for code that builds a stage directly."""
+    ``tokenizer``: the run's one tokenizer object, handed in by moxin/assemble.py to every stage (GRPO renders
+    prompts and decodes completions with it, the evaluation stage scores with it); code that builds a stage
+    directly passes ``moxin.tokenizer.load_tokenizer(spec)``."""
 
     def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
                  parallel: ParallelConfig | None = None, init_from: str | None = None,
@@ -164,8 +163,8 @@ class MoxinStage(L.LightningModule):
     @property
     def tokenizer(self):
         if self._tokenizer is None:
-            raise ValueError(f"{type(self).__name__} has no tokenizer; pass tokenizer= (moxin.run hands in the run's)")
-        self._tokenizer = as_tokenizer(self._tokenizer)
+            raise ValueError(f"{type(self).__name__} has no tokenizer; pass tokenizer= (moxin/assemble.py hands in "
+                             "the run's)")
         return self._tokenizer
 
     # ---- model ----------------------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ class GRPOStage(MoxinStage):
     :class:`moxin.data.grpo_data.PromptDataModule`."""
 
     def __init__(self, model, optim: OptimConfig | None = None, grpo: GRPOConfig | None = None,
-                 tokenizer="mistral", seed: int = 0, parallel=None, init_from: str | None = None,
+                 tokenizer=None, seed: int = 0, parallel=None, init_from: str | None = None,
                  loss_chunk_size: int = 1024, total_steps: int | None = None, lora=None):
         super().__init__(model=model, optim=optim, parallel=parallel, init_from=init_from,
                          loss_chunk_size=loss_chunk_size, total_steps=total_steps, tokenizer=tokenizer, lora=lora)

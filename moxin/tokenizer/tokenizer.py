@@ -254,8 +254,9 @@ def mistral_model_path() -> Path:
 
 def as_tokenizer(tokenizer) -> Tokenizer:
     """A tokenizer object as it is (a :class:`Tokenizer`, or any picklable object with ``encode``, ``bos_id`` and
-    ``eos_id``), a spec loaded with :func:`load_tokenizer`. ``moxin.run`` builds the run's one tokenizer and hands
-    the object everywhere; a spec is for code that constructs moxin's objects directly."""
+    ``eos_id``), a spec loaded with :func:`load_tokenizer`. Only for APIs that take a config's spec: the export
+    helpers of :mod:`moxin.tokenizer.hf_export` (scripts/convert_checkpoint.py). A run builds its one tokenizer in
+    moxin/assemble.py and hands the object everywhere; stages, data modules, callbacks and evaluation take only it."""
     if isinstance(tokenizer, (str, os.PathLike)):
         return load_tokenizer(tokenizer)
     return tokenizer

@@ -33,6 +33,7 @@ from moxin.model.attention import DocBounds
 from moxin.model import attention as A
 from moxin.stages.base import OptimConfig
 from moxin.stages.pretrain import PretrainStage
+from moxin.tokenizer import load_tokenizer
 
 
 class StepTimer(L.Callback):
@@ -61,7 +62,7 @@ class StepTimer(L.Callback):
 def make_dm(seq, mbs, steps, workers, world=1):
     srcs = [{"name": n, "path": str(sample_path(f"{n}.jsonl")), "text_field": "text"} for n in ("prose", "code", "cjk")]
     return PretrainDataModule(
-        sources=srcs, tokenizer="mistral", tokens_per_step=mbs * seq, micro_batch_tokens=mbs * seq,
+        sources=srcs, tokenizer=load_tokenizer("mistral"), tokens_per_step=mbs * seq, micro_batch_tokens=mbs * seq,
         phases=[{"name": "bench", "seq_len": seq, "tokens": steps * mbs * seq,
                  "mixture": {"prose": 0.45, "code": 0.35, "cjk": 0.2}}],
         max_seq_len=max(seq, 32768), num_workers=workers, val_percent=0, world_size=world)

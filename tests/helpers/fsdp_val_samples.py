@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader
 from moxin.callbacks import SampleGenerations
 from moxin.model import ModelConfig
 from moxin.stages import OptimConfig, PretrainStage
+from moxin.tokenizer import load_tokenizer
 
 T, TRAIN_ROWS, VAL_ROWS, STEPS = 32, 4, 6, 2
 
@@ -42,7 +43,8 @@ def main(out_path):
     per = TRAIN_ROWS // world
     mine = [r for s in range(STEPS) for r in train[s * TRAIN_ROWS:(s + 1) * TRAIN_ROWS][rank * per:(rank + 1) * per]]
     val = rows(VAL_ROWS, 2)[rank::world]  # the held-out rows are split across ranks
-    samples = SampleGenerations(["The history of the", "def main():"], max_new_tokens=6, tokenizer="mistral")
+    samples = SampleGenerations(["The history of the", "def main():"], max_new_tokens=6,
+                                tokenizer=load_tokenizer("mistral"))
     if world == 1:
         strat = "auto"
     else:

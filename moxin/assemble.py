@@ -1,0 +1,255 @@
+"""Turn a composed config into the objects of a run: tokenizer, data module (connected), stage, strategy,
+callbacks, loggers and the Lightning trainer, in one readable place (torchtitan's ``Trainer.__init__``).
+
+``moxin.run`` (training), ``moxin.warmup`` (the SFT run before GRPO and the solutions it trains on) and
+``moxin.eval.stage`` (evaluation) build through this module; it imports none of them. The run's one tokenizer
+is made here from ``cfg.tokenizer`` unless the caller hands one in (a warm-up and its run share one), and every
+object that needs it gets that object.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.fabric.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from omegaconf import DictConfig, OmegaConf
+
+from moxin.callbacks import SampleGenerations, Throughput
+from moxin.callbacks.evaluation import EvalCallback
+from moxin.callbacks.progress import progress_callbacks
+from moxin.checkpoint.files import AtomicCheckpointIO, CheckpointError, read_info
+from moxin.checkpoint.lock import launcher_rank
+from moxin.checkpoint.policy import CheckpointPolicy
+from moxin.checkpoint.resume import candidates, find_resume
+from moxin.checkpoint.signals import StopOnSignal
+from moxin.data.sample import sample_path
+from moxin.loggers import build_loggers
+from moxin.tokenizer import Tokenizer, load_tokenizer
+from moxin.ui import run_plan
+
+__all__ = ["ConfigError", "Run", "assemble", "check_run_config", "check_vocab", "connected_datamodule",
+           "build_strategy", "hardware_trainer", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
+
+if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
+    OmegaConf.register_new_resolver("moxin_sample", lambda name: str(sample_path(name)))
+
+
+# ConfigError and check_run_config, moved here unchanged from moxin/run.py so that nothing imports the entry point;
+# h-config's moxin/config package is their next home
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key and what to do."""
+
+
+def check_run_config(cfg: DictConfig) -> None:
+    """Numeric keys of the run (trainer.*) that cannot work, named before any work starts."""
+    t = cfg.trainer
+    problems = []
+
+    def positive_int_or_null(key):
+        v = t.get(key)
+        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
+
+    positive_int_or_null("checkpoint_every_n_steps")
+    positive_int_or_null("keep_checkpoints")
+    positive_int_or_null("val_every_n_steps")
+    if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
+        problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
+    lv = t.limit_val_batches
+    if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not math.isfinite(lv) or lv < 0 \
+            or (isinstance(lv, float) and lv > 1):
+        problems.append(f"trainer.limit_val_batches={lv!r} must be a fraction in [0, 1] or a whole number of batches")
+    mn = t.get("max_nonfinite_steps", 5)
+    if not isinstance(mn, int) or isinstance(mn, bool) or mn < 1:
+        problems.append(f"trainer.max_nonfinite_steps={mn!r} must be an integer >= 1")
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+class Run(NamedTuple):
+    """What :func:`assemble` builds: fit ``stage`` on ``datamodule`` with ``trainer`` from ``ckpt_path`` (None: a
+    fresh start); ``throughput`` holds the run's tokens/s and MFU for the summary."""
+
+    trainer: L.Trainer
+    stage: Any
+    datamodule: Any
+    ckpt_path: str | None
+    throughput: Throughput
+
+
+def say(msg: str) -> None:
+    """A one-line notice on the first process only (every rank takes the same decisions)."""
+    if launcher_rank() == 0:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# ---- hardware ----------------------------------------------------------------------------------------------------
+def world_size_of(hw: DictConfig) -> int:
+    """Processes of the run (hardware.devices x hardware.num_nodes), known before the trainer exists."""
+    devices = hw.devices
+    if devices in (-1, "auto"):
+        devices = torch.cuda.device_count() if hw.accelerator in ("gpu", "cuda") else 1
+    elif isinstance(devices, (list, tuple)) or OmegaConf.is_list(devices):
+        devices = len(devices)
+    return int(devices) * int(hw.num_nodes)
+
+
+def build_strategy(hw: DictConfig, world: int):
+    """Lightning's strategy for ``hardware.strategy``: fsdp2 (every rank a data-parallel FSDP rank, no tensor
+    parallelism), ddp_cpu (DDP over gloo), or Lightning's own name."""
+    name = hw.strategy
+    if name == "fsdp2":
+        dp = hw.get("data_parallel_size", "auto")
+        return ModelParallelStrategy(data_parallel_size=world if dp == "auto" else int(dp), tensor_parallel_size=1,
+                                     save_distributed_checkpoint=True)
+    if name == "ddp_cpu":
+        return DDPStrategy(process_group_backend="gloo")
+    return name
+
+
+def plugins_for(hw: DictConfig) -> list | None:
+    """Atomic checkpoint files (ModelParallelStrategy writes its own folders), and under SLURM the cluster
+    environment without Lightning's requeue-in-the-signal-handler (StopOnSignal saves at a step boundary)."""
+    plugins = [AtomicCheckpointIO()] if hw.strategy != "fsdp2" else []
+    if SLURMEnvironment.detect():
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins or None
+
+
+def hardware_trainer(cfg: DictConfig, **settings) -> L.Trainer:
+    """A Lightning trainer on the config's hardware (accelerator, devices, nodes, precision, strategy) logging to
+    the run's loggers in ``out_dir``; ``settings`` are the job's own (training's loop, evaluation's quiet test)."""
+    hw = cfg.hardware
+    out_dir = Path(cfg.out_dir)
+    return L.Trainer(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
+                     strategy=build_strategy(hw, world_size_of(hw)), logger=build_loggers(cfg, out_dir),
+                     default_root_dir=str(out_dir), enable_model_summary=False, use_distributed_sampler=False,
+                     **settings)
+
+
+# ---- checks ------------------------------------------------------------------------------------------------------
+def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
+    """The checkpoint to continue from: none for a fresh run (refused where checkpoints exist), the newest
+    complete one for resume=auto (newer incomplete or unreadable ones are named in a warning and skipped),
+    or the given path (checked)."""
+    out_dir = ckpt_dir.parent
+    if cfg.resume in (None, "", False):
+        if candidates(out_dir) or (ckpt_dir / "last.ckpt").exists():
+            raise ConfigError(f"{ckpt_dir} already holds a run's checkpoints. Continue it with resume=auto, or start "
+                              f"a new run with another run_name=... (nothing is overwritten silently)")
+        return None
+    if cfg.resume == "auto":
+        info, skipped = find_resume(out_dir)
+        for why in skipped:
+            say(f"resume=auto: skipping {why}")
+        if info is None:
+            if skipped:
+                raise ConfigError(f"resume=auto: no complete checkpoint in {out_dir} (skipped: {skipped}); remove "
+                                  "the broken files to start over, or give resume=<path>")
+            return None
+        say(f"resume=auto: continuing from {info.path} (optimizer step {info.step})")
+        return str(info.path)
+    try:
+        return str(read_info(cfg.resume).path)
+    except CheckpointError as e:
+        raise ConfigError(f"resume={cfg.resume!r}: {e}; use resume=auto or a path to a complete checkpoint") from None
+
+
+def check_resume_world(ckpt_path: str, world: int) -> None:
+    """A checkpoint's data and loop state belong to the process count that wrote it."""
+    saved_world = read_info(ckpt_path).world_size
+    if saved_world and saved_world != world:
+        raise ConfigError(
+            f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
+            f"hardware.num_nodes). The data and loop state belong to the process count, so resume with "
+            f"{saved_world} processes, or start a new run from its weights: init_from={ckpt_path} (the weights "
+            "reshard to any process count)")
+
+
+def check_vocab(model_cfg, tok: Tokenizer) -> None:
+    """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
+    the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
+    specials = {"bos": tok._bos_id, "eos": tok._eos_id, "pad": tok._pad_id}
+    top = max([tok.vocab_size - 1] + [i for i in specials.values() if i is not None])
+    if top >= model_cfg.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size={model_cfg.vocab_size} but tokenizer={tok.name!r} produces ids up to {top} "
+            f"({tok.vocab_size} entries; special ids {', '.join(f'{k} {v}' for k, v in specials.items() if v is not None)}). "
+            f"Set model.vocab_size={top + 1} (or more), or choose a tokenizer with at most {model_cfg.vocab_size} "
+            f"entries (tokenizer=path/to/tokenizer.json)")
+
+
+def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
+    """Optimizer steps between validations: the largest divisor of every phase's step count that is at most
+    `every`, so that validation also falls on each phase's last step (Lightning counts the interval inside
+    an epoch, and our phases are epochs)."""
+    if not every:
+        return None
+    g = 0
+    for n in phase_steps:
+        g = math.gcd(g, n)
+    g = max(g, 1)
+    return max(d for d in range(1, min(every, g) + 1) if g % d == 0)
+
+
+# ---- the run -----------------------------------------------------------------------------------------------------
+def connected_datamodule(cfg: DictConfig, tokenizer: Tokenizer, max_seq_len: int | None = None):
+    """``cfg.data`` instantiated with the run's seed and connected to the run's tokenizer and process count."""
+    datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    datamodule.connect(tokenizer, world_size=world_size_of(cfg.hardware), max_seq_len=max_seq_len)
+    return datamodule
+
+
+def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
+    """Build a training run from the composed config (before any training work): checks, resume point,
+    tokenizer (``tokenizer``, or loaded from ``cfg.tokenizer``), data module, stage, callbacks, trainer."""
+    check_run_config(cfg)
+    out_dir = Path(cfg.out_dir)
+    ckpt_dir = out_dir / "checkpoints"
+    ckpt_path = resolve_resume(cfg, ckpt_dir)
+    hw = cfg.hardware
+    if ckpt_path:
+        check_resume_world(ckpt_path, world_size_of(hw))
+
+    model_cfg = instantiate(cfg.model)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(cfg.tokenizer)
+    check_vocab(model_cfg, tokenizer)
+    datamodule = connected_datamodule(cfg, tokenizer, max_seq_len=model_cfg.max_seq_len)
+    accum = datamodule.accumulate_grad_batches
+    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
+                        init_from=cfg.init_from, _convert_="object")
+    stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
+
+    throughput = Throughput(peak_tflops=hw.peak_tflops)
+    # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention
+    policy = CheckpointPolicy(ckpt_dir, cfg.trainer.checkpoint_every_n_steps, cfg.trainer.keep_all_checkpoints,
+                              enabled=cfg.trainer.get("save_checkpoints", True),
+                              keep=int(cfg.trainer.get("keep_checkpoints", 1)))
+    callbacks = [StopOnSignal(policy), throughput]  # the policy goes last (below)
+    # phases, step/total, tokens, ETA; the Ctrl-C hint
+    console_callbacks, bar_on = progress_callbacks(cfg, run_plan(cfg, datamodule, stage), accum)
+    callbacks += console_callbacks
+    if cfg.get("samples") and cfg.samples.prompts:
+        callbacks.append(SampleGenerations(list(cfg.samples.prompts), cfg.samples.max_new_tokens, tokenizer))
+    if cfg.get("eval") and cfg.eval.get("after"):  # +eval=NAME eval.after=phase|stage (moxin/eval)
+        callbacks.append(EvalCallback(cfg.eval, tokenizer, str(out_dir)))
+    # last, so that in every hook it sees what the others did: a phase's or the run's checkpoint is published
+    # after that phase's samples and evaluation are on record (a kill in an evaluation redoes it on resume)
+    callbacks.append(policy)
+    val_every = val_interval_steps(cfg.trainer.val_every_n_steps, datamodule.steps_per_epoch())
+    trainer = hardware_trainer(
+        cfg, plugins=plugins_for(hw), max_epochs=datamodule.num_epochs, reload_dataloaders_every_n_epochs=1,
+        accumulate_grad_batches=accum, callbacks=callbacks, log_every_n_steps=1, num_sanity_val_steps=0,
+        gradient_clip_val=None, val_check_interval=(val_every * accum) if val_every else None,
+        max_steps=cfg.trainer.max_steps, check_val_every_n_epoch=1, limit_val_batches=cfg.trainer.limit_val_batches,
+        enable_progress_bar=bar_on, enable_checkpointing=False, deterministic=cfg.trainer.deterministic,
+    )
+    return Run(trainer, stage, datamodule, ckpt_path, throughput)
