@@ -119,6 +119,56 @@ def test_qlora_base_holds_nf4_only_and_the_backward_keeps_no_dequantised_weight(
             torch.testing.assert_close(model(x), rows, rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_on_the_gpu_never_holds_the_16_bit_base_and_a_compiled_step_keeps_no_dequantised_weight():
+    """On a GPU: a model built on the host reaches the GPU through `apply_lora(..., device=)` without the GPU ever
+    holding its 16-bit base (the peak stays under half of it), and a compiled QLoRA step without recompute saves
+    no dequantised projection (Inductor's partitioner kept them all before; docs/performance.md, LoRA section)."""
+    if not lora.nf4_available():
+        pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
+    from moxin.distributed import ParallelConfig, parallelize
+    from moxin.model import ModelConfig
+
+    cfg = ModelConfig.preset("tiny", vocab_size=4096, dim=1024, hidden_dim=3584, n_layers=16, n_heads=8,
+                             n_kv_heads=2, head_dim=128, attn_backend="sdpa", max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)  # on the host
+    bf16 = sum(p.numel() * 2 for p in model.parameters())
+    largest = max(p.numel() * 2 for p in model.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    apply_lora(model, LoRAConfig(rank=16, quantize="nf4"), device="cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    held = torch.cuda.memory_allocated() - start
+    assert held < 0.4 * bf16, (held, bf16)  # NF4 projections, bf16 embedding and head, fp32 adapters
+    # the way there: what is held, one projection in bf16 and torchao's quantisation buffers (chunks of 2^20
+    # weights against the 16 levels), far under the 16-bit base
+    bound = held + 4 * largest + 128 * 2**20
+    assert bound < bf16
+    assert torch.cuda.max_memory_allocated() - start < bound, (torch.cuda.max_memory_allocated() - start, bound)
+    parallelize(model.train(), ParallelConfig(compile=True))
+    shapes = {tuple(m.weight.shape) for m in lora_modules(model)}
+    shapes |= {s[::-1] for s in shapes}
+    owned = {t.untyped_storage().data_ptr() for p in model.parameters()
+             for t in (lora._nf4_parts(p) if lora._is_nf4(p) else (p,))}
+    saved = []
+
+    def pack(t):
+        if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in owned:
+            saved.append(tuple(t.shape))
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    for _ in range(2):  # the second call runs the compiled code
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", torch.bfloat16):
+            out = model(x)
+        assert not saved, saved
+        out.float().square().mean().backward()
+
+
 def test_qlora_nf4_product_is_torchaos_dequantisation_bit_for_bit():
     if not lora.nf4_available():
         pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
