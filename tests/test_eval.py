@@ -12,12 +12,6 @@ from moxin.data.reader import DataError
 from moxin.eval import (EvalConfig, EvalConfigError, TaskConfig, build_mc_items, encode_pair, evaluate,
                         load_records, loglikelihoods, pass_at_k)
 from moxin.model import ModelConfig, Transformer
-from moxin.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
 
 
 @pytest.fixture(scope="module")

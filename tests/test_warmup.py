@@ -29,7 +29,6 @@ TINY = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.
         "warmup.steps=6", "warmup.batch_size=4", "warmup.micro_batch_size=2", "trainer.checkpoint_every_n_steps=2"]
 
 
-
 def _cfg(out: Path, *extra):
     return compose_config(TINY + [f"out_dir={out}", f"run_name={out.name}", *extra])
 
