@@ -18,13 +18,9 @@ from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merged_items
 from tests.helpers.compose import compose_config, logged_train_losses
-from tests.helpers.tiny_overrides import TINY_MODEL
+from tests.helpers.tiny_overrides import LORA_COMMON, LORA_RUN, LORA_SFT, TINY_MODEL
 
-RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "trainer.progress_bar=none",
-                    "hardware.num_workers=0", "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4",
-                    "stage.lora.alpha=8"]
-COMMON = RUN + ["data.batch_size=8", "data.micro_batch_size=4"]
-SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
+RUN, COMMON, SFT = LORA_RUN, LORA_COMMON, LORA_SFT
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
 from moxin import run as R  # noqa: E402
 from tests.helpers.compose import compose_config  # noqa: E402
-from tests.helpers.tiny_overrides import TINY_PRETRAIN  # noqa: E402
+from tests.helpers.tiny_overrides import LORA_COMMON, LORA_SFT, TINY_MODEL, TINY_PRETRAIN  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
 
@@ -76,14 +76,13 @@ def test_notebook_shows_a_lora_run(tmp_path, monkeypatch):
 
     from moxin.model import Transformer
     from moxin.model.hf import save_hf
-    from tests.test_lora import COMMON, SFT, TINY_MODEL
 
     torch.manual_seed(0)
     base = tmp_path / "base"
-    save_hf(Transformer(instantiate(_compose(TINY_MODEL).model)), base)
+    save_hf(Transformer(instantiate(compose_config(TINY_MODEL).model)), base)
     run_dir = tmp_path / "runs" / "lora"
-    cfg = _compose(SFT + COMMON + [f"init_from={base}", f"out_dir={run_dir}", "run_name=lora", "trainer.max_steps=2",
-                                   "export_hf=false"])
+    cfg = compose_config(LORA_SFT + LORA_COMMON + [f"init_from={base}", f"out_dir={run_dir}", "run_name=lora",
+                                                   "trainer.max_steps=2", "export_hf=false"])
     (run_dir / ".hydra").mkdir(parents=True)
     OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
     R.train(cfg)
