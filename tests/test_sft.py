@@ -103,6 +103,45 @@ def test_bad_conversations_are_counted_with_file_line(tmp_path):
         load_conversations(SourceConfig(name="b", path=only_bad), "messages", 10, 1.0)
 
 
+def test_sharegpt_records_are_converted_at_read_time(tmp_path, tok):
+    system = "Your role as an assistant involves thoroughly exploring questions before answering."
+    thought = "<|begin_of_thought|>\n\n2 + 2 = 4<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4<|end_of_solution|>"
+    recs = [
+        # OpenThoughts-114k: a record-level system prompt, user / assistant turns
+        {"system": system, "conversations": [{"from": "user", "value": "2 + 2?"}, {"from": "assistant", "value": thought}]},
+        # ShareGPT's own names, a system turn of its own (kept once), an empty record-level system (ignored)
+        {"system": "", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                         {"from": "gpt", "value": "Hello."}]},
+        # OpenR1-Math-220k: role/content messages next to its other columns
+        {"problem": "1 + 1?", "answer": "2", "generations": ["<think>1+1</think> \\boxed{2}"],
+         "messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "<think>1+1</think> 2"}]},
+        {"conversations": [{"from": "bot", "value": "x"}]},                                # line 4: unknown from
+        {"conversations": [{"from": "user"}]},                                             # line 5: no value
+        {"conversations": "user: hi"},                                                     # line 6: not a list
+        {"system": 3, "conversations": [{"from": "user", "value": "q"}]},                  # line 7: system not text
+        {"conversations": [{"from": "user", "value": "a"}, {"from": "human", "value": "b"},
+                           {"from": "gpt", "value": "c"}]},                               # line 8: two user turns
+        {"id": 9},                                                                         # line 9: neither field
+    ]
+    path = _write(tmp_path / "sharegpt.jsonl", recs)
+    items = load_conversations(SourceConfig(name="s", path=path), "messages", 10, 1.0)
+    assert len(items) == 3
+    assert items[0] == [{"role": "system", "content": system}, {"role": "user", "content": "2 + 2?"},
+                        {"role": "assistant", "content": thought}]
+    assert [m["role"] for m in items[1]] == ["system", "user", "assistant"] and items[1][0]["content"] == "Be brief."
+    assert items[2] == recs[2]["messages"]
+    st = items.stats
+    assert st.bad == 6 and st.reasons == {"unknown_role": 1, "invalid": 3, "role_order": 1, "missing_field": 1}
+    lines = [b.split(": ", 1)[0] for b in st.bad_examples]
+    assert lines == [f"{path}:{n}" for n in (4, 5, 6, 7, 8)]
+    assert "unknown 'from' 'bot'" in st.bad_examples[0] and "'from' and 'value'" in st.bad_examples[1]
+    # the converted conversation renders with its system prompt and trains on the assistant turn only
+    chat = render_chat(items[0], tok)
+    assert system in tok.decode(chat.input_ids) and chat.num_target_tokens > 0
+    with pytest.raises(DataError, match=rf"{path}:4: conversations\[0\]: unknown 'from' 'bot'"):
+        load_conversations(SourceConfig(name="s", path=path), "messages", 0, 1.0)
+
+
 def test_datamodule_steps_are_exact_and_epochs_reshuffle(tmp_path, tok):
     path = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
                                                        {"role": "assistant", "content": f"a{i}"}]} for i in range(37)])
