@@ -142,6 +142,33 @@ def test_sharegpt_records_are_converted_at_read_time(tmp_path, tok):
         load_conversations(SourceConfig(name="s", path=path), "messages", 0, 1.0)
 
 
+def test_sft_mixes_several_sources_and_the_reasoning_recipe_lists_its_two(tmp_path, tok):
+    from hydra.utils import instantiate
+
+    from moxin.data.dpo_data import PreferenceDataModule
+
+    qa = lambda i: [{"from": "user", "value": f"q{i}"}, {"from": "assistant", "value": f"a{i}"}]  # noqa: E731
+    shared = _write(tmp_path / "ot.jsonl", [{"system": "Think.", "conversations": qa(i)} for i in range(5)])
+    plain_msgs = _write(tmp_path / "r1.jsonl", [{"messages": CONV_B}] * 7)
+    dm = ChatSFTDataModule(train=[{"name": "ot", "path": shared}, {"name": "r1", "path": plain_msgs}], tokenizer=tok,
+                           max_length=64, batch_size=4, micro_batch_size=2, num_epochs=1, num_workers=0,
+                           world_size=1, rank=0)
+    assert len(dm.train_set) == 12 and dm.steps_per_epoch() == [3]
+    report = dm.data_report()["train"]
+    assert {k: v["items"] for k, v in report["sources"].items()} == {"ot": 5, "r1": 7}
+    assert report["dropped_per_epoch"] == 0
+    assert sum(b["num_conversations"].item() for b in dm.train_dataloader()) == 12
+    with pytest.raises(DataError, match="source names must differ"):
+        ChatSFTDataModule(train=[{"name": "a", "path": shared}, {"name": "a", "path": plain_msgs}], tokenizer=tok, world_size=1, rank=0, batch_size=8, micro_batch_size=8)
+    with pytest.raises(DataError, match="a list of sources is not supported by PreferenceDataModule"):
+        PreferenceDataModule(train=[shared, plain_msgs], tokenizer=tok, world_size=1, rank=0)
+    # the recipe's data config: both hub sets, as published, with their hub configuration
+    cfg = compose_config(["+experiment=sft_moxin_reasoning", "init_from=x"])
+    rdm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    assert [(s.path, s.hub_config, s.split) for s in rdm.train_sources] == [
+        ("open-thoughts/OpenThoughts-114k", "default", "train"), ("open-r1/OpenR1-Math-220k", "default", "train")]
+
+
 def test_datamodule_steps_are_exact_and_epochs_reshuffle(tmp_path, tok):
     path = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
                                                        {"role": "assistant", "content": f"a{i}"}]} for i in range(37)])

@@ -128,7 +128,7 @@ def load_conversations(source: SourceConfig, messages_field: str, max_bad_record
 class ChatSFTDataModule(StepDataModule):
     """SFT on Tülu-form conversations (module docstring for the policies).
 
-    Args (and those of :class:`StepDataModule`, counted in conversations):
+    Args (and those of :class:`StepDataModule`, counted in conversations; ``train`` may list several sources):
         tokenizer: the run's tokenizer object (``connect``).
         max_length: tokens per conversation and per packed row (Tülu 3 / Moxin: 4096). At most the model's
             ``max_seq_len``. Longer conversations are truncated at whole turns (module docstring).
@@ -141,6 +141,7 @@ class ChatSFTDataModule(StepDataModule):
     """
 
     item = "conversations"
+    multi_source = True
 
     def __init__(self, train: Any, val: Any = None, tokenizer: Any = None, max_length: int = 4096,
                  batch_size: int = 128, micro_batch_size: int = 8, num_epochs: int = 2, num_workers: int = 1,
