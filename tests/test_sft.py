@@ -142,6 +142,25 @@ def test_sharegpt_records_are_converted_at_read_time(tmp_path, tok):
         load_conversations(SourceConfig(name="s", path=path), "messages", 0, 1.0)
 
 
+def test_sharegpt_hub_set_is_memory_mapped_and_converted_on_access(monkeypatch):
+    """A hub set with a ``conversations`` column (OpenThoughts-114k's form) passes the column check and its rows
+    are converted each time they are read; one with neither column stops with the columns it has."""
+    datasets = pytest.importorskip("datasets")
+    import moxin.data.extract as extract
+
+    rows = [{"system": "Think.", "conversations": [{"from": "user", "value": f"q{i}"},
+                                                    {"from": "assistant", "value": f"a{i}"}]} for i in range(3)]
+    monkeypatch.setattr(extract, "open_hub_dataset", lambda source, streaming: datasets.Dataset.from_list(rows))
+    items = load_conversations(SourceConfig(name="ot", path="open-thoughts/OpenThoughts-114k"), "messages", 10, 0.5)
+    assert items.rows == [0, 1, 2] and items[2] == [{"role": "system", "content": "Think."},
+                                                    {"role": "user", "content": "q2"},
+                                                    {"role": "assistant", "content": "a2"}]
+    monkeypatch.setattr(extract, "open_hub_dataset",
+                        lambda source, streaming: datasets.Dataset.from_list([{"text": "x"}]))
+    with pytest.raises(DataError, match=r"no column 'messages' or 'conversations' \(columns: \['text'\]\)"):
+        load_conversations(SourceConfig(name="t", path="org/plain-text"), "messages", 10, 0.5)
+
+
 def test_sft_mixes_several_sources_and_the_reasoning_recipe_lists_its_two(tmp_path, tok):
     from hydra.utils import instantiate
 
