@@ -4,7 +4,9 @@ names), graded with math-verify as :class:`moxin.rewards.math.MathVerifier` grad
 The published rule (sources and line numbers: docs/recipe.md, "GRPO: Moxin-Reasoning"):
 
 * the answer region is the text after the model's first ``</think>`` and before a second one, if any; a completion
-  without ``</think>`` gets the format-error reward (a ``\\boxed{}`` inside the reasoning never counts);
+  without ``</think>`` gets the format-error reward (a ``\\boxed{}`` inside the reasoning never counts).
+  DeepScaleR scores prompt + response and also asks for a ``<think>`` in them; the verifier sees the completion
+  only, whose ``<think>`` may sit in the prompt's template, so only ``</think>`` is required;
 * in that region the LAST ``\\boxed`` decides: it must read ``\\boxed{...}`` with balanced braces, else the
   format-error reward (no "answer is X" phrase, no last-number fallback, an earlier well-formed box does not
   rescue a broken last one);
