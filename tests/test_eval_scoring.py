@@ -7,8 +7,10 @@ References: lm-evaluation-harness ``lm_eval/tasks/gsm8k/gsm8k.yaml`` (version 3.
 import pytest
 
 from moxin.eval.sandbox import FAILED, PASSED, SandboxLimits
-from moxin.eval.scoring import (HUMANEVAL_UNTIL, GSM8KVerifier, MathAnswerVerifier, gsm8k_extract, gsm8k_scores,
-                                mean_pass_at_k, minerva_math_verify, qwen_math_extract, score_humaneval, truncate_at)
+from moxin.eval.scoring import (HUMANEVAL_UNTIL, GSM8KVerifier, HumanEvalVerifier, MathAnswerVerifier, gsm8k_extract,
+                                gsm8k_scores, humaneval_reference, mean_pass_at_k, minerva_math_verify,
+                                qwen_math_extract, score_humaneval, truncate_at)
+from moxin.rewards import score_batch
 
 GSM8K_REF = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
              "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
@@ -107,3 +109,17 @@ def test_score_humaneval_pass_at_k():
                             until=HUMANEVAL_UNTIL, max_workers=2)
     assert [[r.status for r in rs] for rs in score.results] == [[PASSED, FAILED], [PASSED, PASSED]]
     assert score.pass_at == {1: pytest.approx(0.75), 2: pytest.approx(1.0)}
+
+
+def test_humaneval_verifier_through_score_batch():
+    # the code task on the common verifier path: worker processes (score_batch) each start a sandbox child
+    ref = humaneval_reference({"prompt": "def add(a, b):\n", "test": "def check(f):\n    assert f(2, 3) == 5\n",
+                               "entry_point": "add", "task_id": "HumanEval/0"})
+    results, _ = score_batch(HumanEvalVerifier(timeout_s=5, memory_mb=512),
+                             ["    return a + b\n\nprint(add(1, 1))", "    return a - b\n"], [ref, ref],
+                             timeout_s=30, max_workers=1)
+    assert [r.score for r in results] == [1.0, 0.0]
+    assert results[0].extracted == "    return a + b\n"  # cut at lm-eval's "\nprint" stop string
+    assert results[1].reason.startswith("wrong; failed: AssertionError")
+    with pytest.raises(KeyError, match="entry_point"):
+        humaneval_reference({"prompt": "", "test": ""})

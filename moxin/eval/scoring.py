@@ -21,20 +21,21 @@ Verifiers here follow :class:`moxin.rewards.Verifier` (``(completion, reference)
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from moxin.eval.generation import pass_at_k
-from moxin.eval.sandbox import ExecResult, SandboxLimits, humaneval_program, run_programs
+from moxin.eval.sandbox import ExecResult, SandboxLimits, humaneval_program, run_program, run_programs
 from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
 from moxin.rewards.extract import MalformedAnswer, last_boxed
 from moxin.rewards.math import _math_verify, grade_answer
 
 __all__ = ["truncate_at", "GSM8K_UNTIL", "GSM8K_FILTERS", "gsm8k_extract", "gsm8k_normalise", "gsm8k_scores",
            "GSM8KVerifier", "qwen_math_extract", "MathAnswerVerifier", "minerva_math_verify", "HUMANEVAL_UNTIL",
-           "mean_pass_at_k", "HumanEvalScore", "score_humaneval"]
+           "mean_pass_at_k", "HumanEvalScore", "score_humaneval", "humaneval_reference", "HumanEvalVerifier"]
 
 
 def truncate_at(text: str, until: tuple[str, ...] | list[str]) -> str:
@@ -231,3 +232,31 @@ def score_humaneval(problems: list[dict], completions: list[list[str]], ks: tupl
     n = [len(r) for r in results]
     c = [sum(x.passed for x in r) for r in results]
     return HumanEvalScore({k: mean_pass_at_k(c, n, k) for k in ks}, results)
+
+
+def humaneval_reference(record: dict) -> str:
+    """A HumanEval(+) record as the one reference string a :class:`HumanEvalVerifier` reads (JSON of its
+    ``prompt``, ``test`` and ``entry_point``), so code tasks go through the same verifier path as math."""
+    try:
+        return json.dumps({k: record[k] for k in ("prompt", "test", "entry_point")})
+    except KeyError as exc:
+        raise KeyError(f"HumanEval record needs keys prompt, test, entry_point; missing {exc}") from None
+
+
+@dataclass
+class HumanEvalVerifier:
+    """1.0 if the completion passes the problem's tests in the sandbox, else 0.0 (reason: the sandbox status).
+    The reference is :func:`humaneval_reference`'s JSON; the completion is cut at ``until`` first."""
+
+    timeout_s: float = SandboxLimits.timeout_s
+    memory_mb: int = SandboxLimits.memory_mb
+    until: tuple[str, ...] = HUMANEVAL_UNTIL
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        prob = json.loads(reference)
+        code = truncate_at(completion, self.until)
+        res = run_program(humaneval_program(prob["prompt"], code, prob["test"], prob["entry_point"]),
+                          SandboxLimits(timeout_s=self.timeout_s, memory_mb=self.memory_mb))
+        if res.passed:
+            return RewardResult(1.0, CORRECT, code)
+        return RewardResult(0.0, f"{WRONG}; {res.status}: {res.reason}"[:300], code)
