@@ -60,6 +60,7 @@ from typing import Any
 import lightning as L
 import torch
 
+from moxin.config import InitFromError, ModelConfig, MoxinUserError
 from moxin.model import lora
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the path and what to do."""
 
 
-class DiskSpaceError(CheckpointError):
+class DiskSpaceError(CheckpointError, MoxinUserError):
     """The checkpoint folder's disk cannot hold the next checkpoint."""
 
 
@@ -230,8 +231,8 @@ def clean_temporaries(out_dir: str | os.PathLike) -> list[str]:
 
 
 # ---- the run lock --------------------------------------------------------------------------------------------
-class RunLockError(RuntimeError):
-    pass
+class RunLockError(MoxinUserError, RuntimeError):
+    """Another launch holds the run folder; the message names it and what to do."""
 
 
 class RunLock:
@@ -629,18 +630,16 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     """(moxin-named tensors, the ModelConfig that produced them or None when the source does not record one,
     a description of the source) from a moxin .ckpt, a distributed-checkpoint folder, a run's checkpoints
     folder or run folder, a Hugging Face folder or a safetensors file."""
-    from moxin.model import ModelConfig
-
     p = Path(path)
     if not p.exists():
-        raise FileNotFoundError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
-                                "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a .safetensors file")
+        raise InitFromError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
+                            "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a .safetensors file")
     if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
         base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists():
-            raise FileNotFoundError(f"init_from={str(path)!r} is a LoRA adapter whose base_model_name_or_path "
-                                    f"({base!r}, in {p / lora.ADAPTER_CONFIG}) is not a local folder: set it to the "
-                                    "base model's Hugging Face folder (or a moxin checkpoint) and retry")
+            raise InitFromError(f"init_from={str(path)!r} is a LoRA adapter whose base_model_name_or_path "
+                                f"({base!r}, in {p / lora.ADAPTER_CONFIG}) is not a local folder: set it to the "
+                                "base model's Hugging Face folder (or a moxin checkpoint) and retry")
         sd, cfg, what = load_model_weights(base)
         return lora.merge_peft_adapter(sd, p), cfg, f"LoRA adapter {p} merged into {what}"
     if p.is_dir() and not (p / ".metadata").exists():
@@ -652,8 +651,8 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         for sub in (p / LAST, p / "checkpoints" / LAST):
             if sub.exists():
                 return load_model_weights(sub)
-        raise FileNotFoundError(f"init_from={str(path)!r}: no config.json (Hugging Face), .metadata (distributed "
-                                "checkpoint) or last.ckpt inside")
+        raise InitFromError(f"init_from={str(path)!r}: no config.json (Hugging Face), .metadata (distributed "
+                            "checkpoint) or last.ckpt inside")
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -30,8 +30,8 @@ import torch  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
 from omegaconf import DictConfig, OmegaConf  # noqa: E402
 
-import moxin.conf_schema  # noqa: F401,E402  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
-from moxin.paths import conf_dir  # noqa: E402
+from moxin.config import ConfigError, RunConfig  # noqa: E402
+from moxin.paths import conf_dir  # noqa: E402  (importing it registers the configs' schemas before @hydra.main)
 
 CONF_DIR = str(conf_dir())
 
@@ -44,10 +44,6 @@ def _sample_path(name: str) -> str:
 
 if not OmegaConf.has_resolver("moxin_sample"):
     OmegaConf.register_new_resolver("moxin_sample", _sample_path)
-
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to do."""
 
 
 def world_size_of(hw: DictConfig) -> int:
@@ -114,32 +110,6 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def check_run_config(cfg: DictConfig) -> None:
-    """Numeric keys of the run (trainer.*) that cannot work, named before any work starts."""
-    t = cfg.trainer
-    problems = []
-
-    def positive_int_or_null(key):
-        v = t.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
-
-    positive_int_or_null("checkpoint_every_n_steps")
-    positive_int_or_null("keep_checkpoints")
-    positive_int_or_null("val_every_n_steps")
-    if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
-        problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
-    lv = t.limit_val_batches
-    if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not math.isfinite(lv) or lv < 0 \
-            or (isinstance(lv, float) and lv > 1):
-        problems.append(f"trainer.limit_val_batches={lv!r} must be a fraction in [0, 1] or a whole number of batches")
-    mn = t.get("max_nonfinite_steps", 5)
-    if not isinstance(mn, int) or isinstance(mn, bool) or mn < 1:
-        problems.append(f"trainer.max_nonfinite_steps={mn!r} must be an integer >= 1")
-    if problems:
-        raise ConfigError("; ".join(problems))
-
-
 def check_vocab(model_cfg, tokenizer) -> None:
     """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
     the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
@@ -160,7 +130,7 @@ def build(cfg: DictConfig):
     """Instantiate datamodule, stage, trainer from the composed config (before any training work). The run's one
     tokenizer is built here and handed to the data module (``connect``), the stage and the callbacks; the HF
     export at the end takes it from the stage."""
-    check_run_config(cfg)
+    run_cfg = RunConfig.from_cfg(cfg)
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = resolve_resume(cfg, ckpt_dir)
@@ -186,8 +156,8 @@ def build(cfg: DictConfig):
     datamodule.connect(tokenizer, world_size=world, max_seq_len=model_cfg.max_seq_len)
     accum = datamodule.accumulate_grad_batches
     stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
-                        init_from=cfg.init_from, _convert_="object")
-    stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
+                        init_from=cfg.init_from, max_nonfinite_steps=run_cfg.trainer.max_nonfinite_steps,
+                        _convert_="object")
 
     from moxin.callbacks import SampleGenerations, Throughput
     from moxin.checkpointing import CheckpointPolicy, StopOnSignal

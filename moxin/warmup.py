@@ -84,7 +84,8 @@ def write_solutions(cfg: DictConfig, path: Path) -> int:
     (atomically: every rank may write the same bytes). Returns how many."""
     from hydra.utils import instantiate
 
-    from moxin.run import ConfigError, world_size_of
+    from moxin.config import ConfigError
+    from moxin.run import world_size_of
 
     n = int(cfg.warmup.steps) * int(cfg.warmup.batch_size)
     from moxin.tokenizer import load_tokenizer
@@ -152,7 +153,7 @@ def run_warmup(cfg: DictConfig, train) -> tuple[DictConfig, dict | None]:
             return cfg, info
         ckpt = finished_checkpoint(wcfg)
         if ckpt is None:
-            from moxin.run import ConfigError
+            from moxin.config import ConfigError
 
             raise ConfigError(f"warm-up in {wcfg.out_dir} ended without its final checkpoint; continue it with "
                               "resume=auto")

@@ -6,12 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.dedup import DedupFilter, normalize_text, text_hash
 from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
 from moxin.data.bad_records import RecordStats
 from moxin.data.documents import iter_documents, iter_records, validate_source
-from moxin.data.reader import DataError, SourceConfig
 
 
 def write_jsonl(path, docs, field="text"):

@@ -16,6 +16,8 @@ import torch
 
 from moxin import checkpointing as C
 from moxin import run as R
+from moxin.config import ConfigError
+from moxin.model import load_preset
 from tests.test_run import TINY_PRETRAIN, _compose
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
@@ -98,10 +100,10 @@ def test_resume_auto_skips_incomplete_and_unreadable(tmp_path):
     cfg = _compose(FAST + [f"out_dir={tmp_path}", "run_name=x", "resume=auto"])
     assert R.resolve_resume(cfg, ck) == str(good12)
     # an explicit path to a broken checkpoint is refused with the reason
-    with pytest.raises(R.ConfigError, match="unreadable"):
+    with pytest.raises(ConfigError, match="unreadable"):
         R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x", f"resume={ck / 'step000014.ckpt'}"]), ck)
     # a fresh run refuses the folder even if only broken checkpoints are left
-    with pytest.raises(R.ConfigError, match="resume=auto"):
+    with pytest.raises(ConfigError, match="resume=auto"):
         R.resolve_resume(_compose(FAST + [f"out_dir={tmp_path}", "run_name=x"]), ck)
 
 
@@ -195,11 +197,11 @@ def test_nonfinite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 
 def test_guard_skips_the_update(tmp_path):
-    from moxin.model import ModelConfig
-    from moxin.stages import OptimConfig, PretrainStage
+    from moxin.config import OptimConfig
+    from moxin.stages import PretrainStage
     from moxin.stages.base import NonFiniteError
 
-    st = PretrainStage(ModelConfig.preset("tiny"), OptimConfig(max_nonfinite_steps=2))
+    st = PretrainStage(load_preset("tiny"), OptimConfig(), max_nonfinite_steps=2)
     st.configure_model()
     for p in st.model.parameters():
         p.grad = torch.ones_like(p)
@@ -214,10 +216,10 @@ def test_guard_skips_the_update(tmp_path):
 
 # ---- 7: init_from checks the architecture -------------------------------------------------------------------
 def test_init_from_hf_with_another_architecture_is_refused(tmp_path):
-    from moxin.model import ModelConfig, Transformer, save_hf
+    from moxin.model import Transformer, save_hf
     from moxin.stages.base import load_init_weights
 
-    base = ModelConfig.preset("tiny")
+    base = load_preset("tiny")
     src = Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096))
     save_hf(src, tmp_path / "hf")
     with pytest.raises(ValueError) as e:
@@ -232,10 +234,10 @@ def test_init_from_hf_with_another_architecture_is_refused(tmp_path):
 def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
     import dataclasses
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
     from moxin.stages.base import load_init_weights
 
-    cfg = ModelConfig.preset("tiny")
+    cfg = load_preset("tiny")
     m = Transformer(cfg.replace(rope_theta=5e5))
     torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "global_step": 3, "epoch": 0,
                 "moxin": {"model_config": dataclasses.asdict(m.cfg)}}, tmp_path / "a.ckpt")
@@ -246,9 +248,9 @@ def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
 
 # ---- 8: records that used to pass silently -------------------------------------------------------------------
 def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
+    from moxin.config import SourceConfig
     from moxin.data.bad_records import RecordStats
     from moxin.data.documents import iter_records
-    from moxin.data.reader import SourceConfig
 
     f = tmp_path / "c.jsonl"
     good = [json.dumps({"text": f"document {i}"}).encode() for i in range(6)]
@@ -264,7 +266,7 @@ def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
 
 
 def test_chat_roles_out_of_order_are_counted(tmp_path):
-    from moxin.data.reader import SourceConfig
+    from moxin.config import SourceConfig
     from moxin.data.sft_data import load_conversations
 
     ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -487,7 +489,7 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
     room for a checkpoint, writes no checkpoint folder, and still writes its summary; a non-boolean is refused."""
     import collections
 
-    from moxin.errors import UserError
+    from moxin.config import ConfigError
 
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(C.shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
@@ -496,7 +498,7 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
     assert not (tmp_path / "checkpoints").exists()
     info = json.loads((tmp_path / "summary.json").read_text())
     assert info["optimizer_steps"] == 3 and info["checkpoint"] is None
-    with pytest.raises(UserError, match="trainer.save_checkpoints='no'.*expected bool"):
+    with pytest.raises(ConfigError, match="trainer.save_checkpoints='no'.*expected bool"):
         R.train(_compose(FAST + [f"out_dir={tmp_path / 'x'}", "trainer.save_checkpoints=no"]))
 
 

@@ -19,6 +19,7 @@ import torch
 
 from moxin import checkpointing as C
 from moxin import run as R
+from moxin.config import ConfigError
 from tests.helpers.kill_loop import TINY
 from tests.test_run import _compose
 
@@ -67,7 +68,7 @@ def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
     ck = fsdp_run / "checkpoints" / "last.ckpt"
     one = [a for a in TINY if not a.startswith("+logger")]
     # resume on 1 process: refused, naming both counts and the way out
-    with pytest.raises(R.ConfigError, match="written by 2 processes; this run has 1.*init_from="):
+    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*init_from="):
         R.build(_compose(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
                                 "resume=auto"]))
     # init_from the distributed-checkpoint folder, one process, no process group: the same weights

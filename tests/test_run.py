@@ -13,6 +13,8 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from moxin import run as R
+from moxin.config import ConfigError
+from moxin.model import load_preset
 from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
                                         write_corpus_with_late_duplicates)
 
@@ -140,7 +142,7 @@ def test_resume_continues_exactly(tmp_path, workers):
     full = R.train(_compose(common + [f"out_dir={tmp_path / 'full'}", "run_name=full"]))
     R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "trainer.max_steps=4"]))
     at_stop = load_checkpoint(tmp_path / "part" / "checkpoints" / "last.ckpt")
-    with pytest.raises(R.ConfigError, match="resume=auto"):  # never silently overwrite a run
+    with pytest.raises(ConfigError, match="resume=auto"):  # never silently overwrite a run
         R.build(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part"]))
     R.train(_compose(common + [f"out_dir={tmp_path / 'part'}", "run_name=part", "resume=auto"]))
     a, b = _losses(tmp_path / "full"), _losses(tmp_path / "part")
@@ -184,18 +186,18 @@ def test_bad_input_stops_before_any_training_step(tmp_path, overrides, match):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(R.CONF_DIR) / "model").glob("*.yaml")))
 def test_every_model_preset_composes_through_the_schema(name):
-    """conf/model/<name>.yaml is typed by ModelConfig's own fields (moxin/conf_schema.py): the composed node
-    has exactly ModelConfig's fields (defaults filled in) and instantiates to ModelConfig.preset(name)."""
+    """conf/model/<name>.yaml is typed by ModelConfig's own fields (moxin/config/schema.py): the composed node
+    has exactly ModelConfig's fields (defaults filled in) and instantiates to load_preset(name)."""
     import dataclasses
 
-    from moxin.conf_schema import ModelConfigSchema
-    from moxin.model import ModelConfig
+    from moxin.config import ModelConfig
+    from moxin.config.schema import ModelConfigSchema
 
     node = _compose([f"model={name}"]).model
     assert OmegaConf.get_type(node) is ModelConfigSchema
     assert list(node) == ["_target_"] + [f.name for f in dataclasses.fields(ModelConfig)]
-    assert node._target_ == "moxin.model.ModelConfig"
-    assert R.instantiate(node) == ModelConfig.preset(name)
+    assert node._target_ == "moxin.config.ModelConfig"
+    assert R.instantiate(node) == load_preset(name)
 
 
 def test_schemas_are_the_dataclasses_fields():
@@ -204,16 +206,13 @@ def test_schemas_are_the_dataclasses_fields():
     import dataclasses
     import pickle
 
-    from moxin import conf_schema as S
-    from moxin.distributed import ParallelConfig
-    from moxin.eval.runner import EvalConfig
-    from moxin.stages.base import OptimConfig
-    from moxin.stages.grpo import GRPOConfig
+    from moxin.config import schema as S
+    from moxin.config import EvalConfig, GRPOConfig, OptimConfig, ParallelConfig
 
     def names(c):
         return [f.name for f in dataclasses.fields(c)]
 
-    assert names(S.OptimConfigSchema) == ["_target_"] + [n for n in names(OptimConfig) if n != "max_nonfinite_steps"]
+    assert names(S.OptimConfigSchema) == ["_target_"] + names(OptimConfig)
     assert names(S.GRPOConfigSchema) == ["_target_"] + names(GRPOConfig)
     assert names(S.ParallelConfigSchema) == ["_target_"] + names(ParallelConfig)
     assert names(S.EvalConfigSchema) == names(EvalConfig)
@@ -304,7 +303,7 @@ def test_grpo_resume_continues_exactly(tmp_path):
 
 def test_vocab_smaller_than_tokenizer_is_refused_before_any_step(tmp_path):
     cfg = _compose(["model=tiny", f"out_dir={tmp_path}", "run_name=t"])
-    with pytest.raises(R.ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
+    with pytest.raises(ConfigError, match=r"model.vocab_size=512 .* ids up to 31999 .*model.vocab_size=32000"):
         R.build(cfg)
     assert not (tmp_path / "checkpoints").exists()
 
@@ -328,7 +327,8 @@ def test_readme_own_jsonl_command_runs(tmp_path):
     import re
     import shlex
 
-    from moxin.errors import UserError, preflight
+    from moxin.config import ConfigError
+    from moxin.errors import preflight
 
     readme = (Path(R.__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## Pretraining on your own files"):]
@@ -344,7 +344,7 @@ def test_readme_own_jsonl_command_runs(tmp_path):
     info = R.train(_compose(overrides + small))
     assert info["optimizer_steps"] == 2 and info["data"], info
     sources_only = [a for a in overrides if a.startswith("data.sources=")]
-    with pytest.raises(UserError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
+    with pytest.raises(ConfigError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
                                          r"'schedule.phases=\[\{name: main"):
         preflight(_compose(sources_only + [f"out_dir={tmp_path / 'x'}", "run_name=x"]))
 

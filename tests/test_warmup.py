@@ -14,6 +14,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from moxin import run as R
+from moxin.config import ConfigError
 from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
 
 TINY = ["+experiment=grpo", "model.dim=64", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2",
@@ -99,7 +100,7 @@ def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp
     R.train(wcfg)
     assert _summary(part / "warmup")["optimizer_steps"] == 3
     # a fresh command refuses the folder (it holds a warm-up), leaving it as it was
-    with pytest.raises(R.ConfigError, match="warmup/checkpoints already holds"):
+    with pytest.raises(ConfigError, match="warmup/checkpoints already holds"):
         R.train(cfg)
     capfd.readouterr()
     # the command with resume=auto continues the warm-up from its checkpoint, then runs GRPO
@@ -119,7 +120,7 @@ def test_interrupted_warmup_resumes_and_ends_where_an_uninterrupted_one_does(tmp
 def test_warmup_needs_data_with_solutions(tmp_path):
     cfg = _compose(["+experiment=sft", "warmup.steps=2", f"out_dir={tmp_path / 'r'}", "run_name=r",
                     "trainer.progress_bar=none"])
-    with pytest.raises(R.ConfigError, match="no worked solutions to warm up on"):
+    with pytest.raises(ConfigError, match="no worked solutions to warm up on"):
         R.train(cfg)
     assert not (tmp_path / "r" / "warmup" / "checkpoints").exists()
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from moxin.data.reader import DataError
+from moxin.config import DataError
 from moxin.tokenizer import as_tokenizer
 
 __all__ = ["MoxinDataModule"]

@@ -32,9 +32,9 @@ from typing import Any
 
 import torch
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.base import MoxinDataModule
 from moxin.data.extract import extract_all, prompt_from_record
-from moxin.data.reader import DataError, SourceConfig
 
 __all__ = ["PromptDataModule", "DEFAULT_INSTRUCTIONS"]
 

@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.base import MoxinDataModule
-from moxin.data.reader import DataError, SourceConfig, as_source
+from moxin.data.reader import as_source
 
 __all__ = ["StepBatchSampler", "StepDataModule"]
 

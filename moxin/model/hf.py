@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from moxin.model.config import ModelConfig
+from moxin.config import ModelConfig
 from moxin.model.transformer import Transformer
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM",)

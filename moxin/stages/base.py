@@ -22,71 +22,13 @@ import numpy as np
 import torch
 from torchmetrics import Metric
 
-from moxin.distributed import ParallelConfig, all_reduce_tensor, is_sharded, parallelize, weights_checksum
-from moxin.model import ModelConfig, Transformer
+from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
+from moxin.distributed import all_reduce_tensor, is_sharded, parallelize, weights_checksum
+from moxin.model import Transformer
 from moxin.model import lora as lora_lib
-from moxin.model.lora import LoRAConfig
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.tokenizer import as_tokenizer
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    """Peak learning rate after warmup."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas; Moxin pretraining used (0.9, 0.95). beta2=0.999 is slow to react to loss spikes at scale."""
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices only (embeddings, norms and biases are not decayed)."""
-    warmup_steps: int | None = None
-    """Linear warmup steps. Mutually exclusive with warmup_fraction."""
-    warmup_fraction: float = 0.01
-    """Warmup as a fraction of the total steps (SFT: 0.03, DPO: 0.1 in the Tulu 3 recipe)."""
-    schedule: str = "cosine"
-    """After warmup: cosine (to min_lr_ratio * lr), linear (to min_lr_ratio * lr) or constant."""
-    min_lr_ratio: float = 0.1
-    """Final LR as a fraction of the peak; Moxin decays to 10 %. SFT/DPO in Tulu 3 decay linearly to 0."""
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm (after token normalisation). None: no clipping."""
-    max_nonfinite_steps: int = 5
-    """Optimizer steps with a NaN/Inf loss or gradient norm are skipped (weights, optimizer moments untouched)
-    and counted (``train/nonfinite_steps``); this many in a row stop the run with an error."""
-
-    def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        problems = []
-
-        def finite(name, v):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok:
-                problems.append(f"stage.optim.{name}={v!r} must be a finite number")
-            return ok
-
-        if finite("lr", self.lr) and self.lr <= 0:
-            problems.append(f"stage.optim.lr={self.lr} must be > 0")
-        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
-            problems.append(f"stage.optim.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if finite("eps", self.eps) and self.eps <= 0:
-            problems.append(f"stage.optim.eps={self.eps} must be > 0")
-        if finite("weight_decay", self.weight_decay) and self.weight_decay < 0:
-            problems.append(f"stage.optim.weight_decay={self.weight_decay} must be >= 0")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            problems.append(f"stage.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0 or null")
-        if finite("warmup_fraction", self.warmup_fraction) and not 0 <= self.warmup_fraction < 1:
-            problems.append(f"stage.optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            problems.append(f"stage.optim.schedule={self.schedule!r}: choose cosine, linear or constant")
-        if finite("min_lr_ratio", self.min_lr_ratio) and not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"stage.optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.grad_clip is not None and finite("grad_clip", self.grad_clip) and self.grad_clip <= 0:
-            problems.append(f"stage.optim.grad_clip={self.grad_clip} must be > 0 (or null for no clipping; 0 would "
-                            "zero every gradient, a negative value flip its sign)")
-        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
-            problems.append(f"stage.optim.max_nonfinite_steps={self.max_nonfinite_steps!r} must be an integer >= 1")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 class NonFiniteError(RuntimeError):
@@ -195,7 +137,7 @@ class MoxinStage(L.LightningModule):
     def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
                  parallel: ParallelConfig | None = None, init_from: str | None = None,
                  loss_chunk_size: int = 4096, total_steps: int | None = None, tokenizer=None,
-                 lora: LoRAConfig | None = None):
+                 lora: LoRAConfig | None = None, max_nonfinite_steps: int = TrainerConfig.max_nonfinite_steps):
         super().__init__()
         self._tokenizer = tokenizer
         self.lora_cfg = lora or LoRAConfig()
@@ -211,6 +153,7 @@ class MoxinStage(L.LightningModule):
         self.init_from = init_from
         self.loss_chunk_size = loss_chunk_size
         self.total_steps_override = total_steps
+        self.max_nonfinite_steps = max_nonfinite_steps  # the run's trainer.max_nonfinite_steps (guard_nonfinite)
         self.model: Transformer | None = None
         self._parallelized = False
         self._acc_tokens = 0.0
@@ -499,7 +442,7 @@ class MoxinStage(L.LightningModule):
         """Whether this optimizer step may proceed. A NaN/Inf loss or gradient norm (both global: every rank
         decides the same) skips the step instead: the gradients are dropped, so AdamW leaves the weights and
         its moments as they were (the LR schedule still advances one step). Skipped steps are counted; after
-        `optim.max_nonfinite_steps` in a row the run stops with NonFiniteError, and since the weights never took
+        `trainer.max_nonfinite_steps` in a row the run stops with NonFiniteError, and since the weights never took
         a non-finite update, the last checkpoint stays a good one. The base calls it once the step's values are on
         the host: before the step, or, with a fused optimizer, after it, which then skipped the update on the
         device (`found_inf`); stages with manual optimisation call it with their gradient norm."""
@@ -515,7 +458,7 @@ class MoxinStage(L.LightningModule):
         self._nonfinite_run.append(step)
         from lightning.pytorch.utilities import rank_zero_warn
 
-        limit = self.optim_cfg.max_nonfinite_steps
+        limit = self.max_nonfinite_steps
         rank_zero_warn(f"optimizer step {step}: {', '.join(bad)}; step skipped (weights unchanged; "
                        f"{len(self._nonfinite_run)} in a row, the run stops at {limit})")
         if len(self._nonfinite_run) >= limit:

@@ -12,9 +12,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from moxin.config import ModelConfig, OptimConfig
 from moxin.callbacks import SampleGenerations
-from moxin.model import ModelConfig
-from moxin.stages import OptimConfig, PretrainStage
+from moxin.stages import PretrainStage
 
 T, TRAIN_ROWS, VAL_ROWS, STEPS = 32, 4, 6, 2
 
