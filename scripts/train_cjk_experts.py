@@ -143,7 +143,8 @@ def text_source(path: str):
 
 
 def hub_source(name: str, split: str, fld: str, n: int):
-    from moxin.data.reader import SourceConfig, open_hub_dataset  # the project's one hub opener
+    from moxin.config import SourceConfig
+    from moxin.data.reader import open_hub_dataset  # the project's one hub opener
 
     src = SourceConfig(name=f"cjk-{name}", path=name, text_field=fld, split=split, format="hub")
     for i, rec in enumerate(open_hub_dataset(src, streaming=True)):

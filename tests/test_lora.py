@@ -12,10 +12,11 @@ import torch
 from hydra.utils import instantiate
 
 from moxin import run as R
-from moxin.model import Transformer
+from moxin.config import LoRAConfig
+from moxin.model import Transformer, load_preset
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
-from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merged_items
+from moxin.model.lora import adapters_disabled, apply_lora, lora_modules, merged_items
 from tests.helpers.compose import compose_config, logged_train_losses
 from tests.helpers.tiny_overrides import TINY_MODEL
 
@@ -68,7 +69,8 @@ def test_lora_forward_equals_dense_forward_with_merged_weights(tiny, targets, qu
 def test_activation_checkpointing_keeps_names_and_gradients(recompute):
     """Recomputed blocks give the adapters the same gradients, and checkpoints, exports and the PEFT keys see the
     plain parameter names (no wrapper prefixes)."""
-    from moxin.distributed import ParallelConfig, parallelize
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
     from tests.conftest import tiny_model
 
     def build():
@@ -101,11 +103,10 @@ def test_bad_lora_configs_are_refused_with_the_key():
         LoRAConfig(quantize="nf4")
     with pytest.raises(ValueError, match="choose null or nf4"):
         LoRAConfig(rank=4, quantize="int4")
-    from moxin.model import ModelConfig
     from moxin.stages.sft import SFTStage
 
     with pytest.raises(ValueError, match="set init_from"):
-        SFTStage(model=ModelConfig.preset("tiny"), lora=LoRAConfig(rank=4))
+        SFTStage(model=load_preset("tiny"), lora=LoRAConfig(rank=4))
 
 
 def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged_and_peft(tmp_path, base_dir):
@@ -192,7 +193,7 @@ def test_sft_lora_resume_is_exact(tmp_path, base_dir):
 
 
 def test_dpo_adapter_off_reference_equals_a_frozen_copy_of_the_base(tmp_path, base_dir):
-    from moxin.model import ModelConfig
+    from moxin.config import ModelConfig
     from moxin.stages.common import sequence_logps
     from moxin.stages.dpo import DPOStage
 
@@ -292,15 +293,16 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
 
 
 def test_bad_combinations_are_refused_before_any_work(base_dir):
-    from moxin.errors import UserError, check_lora, preflight
+    from moxin.config import ConfigError
+    from moxin.errors import check_lora, preflight
 
     fsdp = ["hardware=fsdp", f"init_from={base_dir}", "stage.lora.rank=4"]
-    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+    with pytest.raises(ConfigError, match="stage.lora.quantize=null"):
         check_lora(compose_config(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
-    with pytest.raises(UserError, match="fsdp_param_dtype=bfloat16"):
+    with pytest.raises(ConfigError, match="fsdp_param_dtype=bfloat16"):
         check_lora(compose_config(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
     check_lora(compose_config(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
     # preflight runs it (hardware=fsdp_cpu: no GPU needed here)
-    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+    with pytest.raises(ConfigError, match="stage.lora.quantize=null"):
         preflight(compose_config(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
                             "stage.lora.quantize=nf4"]))

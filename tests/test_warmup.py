@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from moxin import run as R
-from moxin.assemble import ConfigError
+from moxin.config import ConfigError
 from moxin.tokenizer import load_tokenizer
 from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
 from tests.helpers.compose import compose_config

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.base import MoxinDataModule
 from moxin.data.extract import extract_all, prompt_from_record
-from moxin.data.reader import DataError, SourceConfig
 from moxin.rewards.tasks import ArithmeticTask, solution_text
 from moxin.tokenizer.chat import render_chat
 

@@ -15,8 +15,8 @@ from typing import Any, Sequence
 
 import torch
 
+from moxin.config import SourceConfig
 from moxin.data.extract import Extracted, conversation_problem, extract_all
-from moxin.data.reader import SourceConfig
 from moxin.data.step_batches import StepDataModule
 from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat

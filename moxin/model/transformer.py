@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moxin.config import ModelConfig
 from moxin.model.attention import AttentionMask, DocBounds, resolve_backend
-from moxin.model.config import ModelConfig
 from moxin.model.masks import doc_ids_from_positions
 
 

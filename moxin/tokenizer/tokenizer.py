@@ -35,6 +35,8 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers
 
+from moxin.config import MoxinUserError
+
 #: The SentencePiece word-boundary marker ("lower one eighth block"), standing for a space.
 SPIECE_UNDERLINE = "\u2581"
 
@@ -48,7 +50,7 @@ _SPEC_HELP = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoxinUserError, ValueError):
     """A tokenizer spec or file that cannot be used; the message names the input and the fix."""
 
 
