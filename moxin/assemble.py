@@ -35,8 +35,8 @@ from moxin.loggers import build_loggers
 from moxin.tokenizer import Tokenizer, load_tokenizer
 from moxin.ui import run_plan
 
-__all__ = ["Run", "assemble", "check_vocab", "connected_datamodule",
-           "build_strategy", "hardware_trainer", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
+__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_vocab", "connected_datamodule",
+           "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
 
 if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
     OmegaConf.register_new_resolver("moxin_sample", lambda name: str(sample_path(name)))

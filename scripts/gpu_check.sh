@@ -6,10 +6,13 @@
 # weights (parameter checksums in summary.json; GRPO's SFT warm-up, a run of its own in grpo/warmup, sits between
 # DPO and GRPO: it must start from DPO's final weights and GRPO from its own). The one-GPU part ends with an adapter
 # pass: SFT with LoRA from the pretraining export, DPO with LoRA (QLoRA where torchao is installed) from the SFT's
-# merged export (its hf_adapter/ PEFT folder checked to exist).
+# merged export, GRPO with LoRA (and its LoRA warm-up) from the DPO's; each LoRA run's hf_adapter/ PEFT folder is
+# checked to exist, and check_run.py checks every hand-off as in the chain.
 #
 #   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
-#   bash scripts/gpu_check.sh single     # only the one-GPU chain; also: fsdp, 7b, cpu, fsdp_cpu (CPU stand-ins)
+#   bash scripts/gpu_check.sh single     # only the one-GPU chain and its adapter pass
+#   bash scripts/gpu_check.sh adapter    # only the adapter pass (after a pretraining run of its own), on one GPU
+#   also: fsdp, 7b; cpu, adapter_cpu, fsdp_cpu (the same on the CPU, where no GPU is)
 #
 # Environment: GPU_CHECK_DIR (default runs/gpu_check, wiped first), PYTHON (default python3).
 set -euo pipefail
@@ -38,12 +41,17 @@ stage() {  # stage <tag> <name> <previous name[:ckpt] or -> <launcher...> -- <ov
   REPORT+=("$line ($((SECONDS - t0)) s wall)")
 }
 
+pretrain() {  # pretrain <tag> <launcher...> -- <hardware overrides...>: the chain's first run, 12 steps
+  local tag=$1; shift
+  stage "$tag" pretrain - "$@" trainer.max_steps=12 trainer.val_every_n_steps=4
+}
+
 chain() {  # chain <tag> <sft's source: hf or ckpt> <launcher...> -- <hardware overrides...>
   local tag=$1 src=$2; shift 2
   local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
   local hw=("$@") pre=pretrain
   [[ $src == ckpt ]] && pre=pretrain:ckpt  # SFT starts from the checkpoint itself (FSDP: a distributed checkpoint)
-  stage "$tag" pretrain - "${launch[@]}" -- "${hw[@]}" trainer.max_steps=12 trainer.val_every_n_steps=4
+  pretrain "$tag" "${launch[@]}" -- "${hw[@]}"
   stage "$tag" sft $pre "${launch[@]}" -- +experiment=sft "${hw[@]}" trainer.max_steps=10
   stage "$tag" dpo sft "${launch[@]}" -- +experiment=dpo "${hw[@]}" trainer.max_steps=10 \
     stage.ref_cache_dir="$DIR/$tag/refcache"
@@ -51,16 +59,21 @@ chain() {  # chain <tag> <sft's source: hf or ckpt> <launcher...> -- <hardware o
     stage.grpo.kl_coef=0.001 export_hf=true
 }
 
-adapters() {  # adapters <tag> <launcher...> -- <hardware overrides...>: after chain <tag>, SFT with LoRA from its
-  # pretraining export, then DPO with LoRA (QLoRA where torchao is installed) from that SFT's merged export
+adapters() {  # adapters <tag> <launcher...> -- <hardware overrides...>: after pretrain <tag>, SFT with LoRA from
+  # its export, DPO with LoRA (QLoRA where torchao is installed) from that SFT's merged export, GRPO with LoRA from
+  # the DPO's (its SFT warm-up with the same adapters in between)
   local tag=$1; shift
   local launch=() ; while [[ $1 != -- ]]; do launch+=("$1"); shift; done; shift
   local hw=("$@") q=() lora=(stage.lora.rank=16 stage.lora.alpha=32)
   $PY -c "import torchao" >/dev/null 2>&1 && q=(stage.lora.quantize=nf4)
   stage "$tag" sft_lora pretrain "${launch[@]}" -- +experiment=sft "${hw[@]}" "${lora[@]}" trainer.max_steps=10
-  [[ -f $DIR/$tag/sft_lora/hf_adapter/adapter_config.json ]] || { echo "FAIL [$tag] sft_lora: no hf_adapter/"; exit 1; }
   stage "$tag" dpo_lora sft_lora "${launch[@]}" -- +experiment=dpo "${hw[@]}" "${lora[@]}" "${q[@]}" \
     trainer.max_steps=10
+  stage "$tag" grpo_lora dpo_lora "${launch[@]}" -- +experiment=grpo "${hw[@]}" "${lora[@]}" data.steps=4 \
+    warmup.steps=4 stage.grpo.kl_coef=0.001 export_hf=true
+  for run in sft_lora dpo_lora grpo_lora; do
+    [[ -f $DIR/$tag/$run/hf_adapter/adapter_config.json ]] || { echo "FAIL [$tag] $run: no hf_adapter/"; exit 1; }
+  done
 }
 
 for part in $PARTS; do
@@ -68,6 +81,9 @@ for part in $PARTS; do
     single)
       chain gpu hf $PY -- hardware=gpu
       adapters gpu $PY -- hardware=gpu ;;
+    adapter)
+      pretrain adapter $PY -- hardware=gpu
+      adapters adapter $PY -- hardware=gpu ;;
     fsdp)
       if (( NGPU < 2 )); then echo "=== [fsdp] skipped: $NGPU GPU(s)"; continue; fi
       chain fsdp ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp hardware.devices=2 ;;
@@ -82,9 +98,12 @@ for part in $PARTS; do
     cpu)  # the one-GPU chain's steps on the CPU: checks this script (and the chain) where no GPU is
       chain cpu hf $PY -- hardware=cpu
       adapters cpu $PY -- hardware=cpu ;;
+    adapter_cpu)  # the adapter pass on the CPU
+      pretrain adapter_cpu $PY -- hardware=cpu
+      adapters adapter_cpu $PY -- hardware=cpu ;;
     fsdp_cpu)  # the FSDP2 chain on 2 CPU processes (gloo): the sharded hand-offs where no GPU is
       chain fsdp_cpu ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
-    *) echo "unknown part $part (single, fsdp, 7b, cpu, fsdp_cpu)"; exit 2 ;;
+    *) echo "unknown part $part (single, adapter, fsdp, 7b, cpu, adapter_cpu, fsdp_cpu)"; exit 2 ;;
   esac
 done
 echo "=== gpu_check: every stage passed"

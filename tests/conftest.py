@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from moxin.model import Transformer, load_preset
+from moxin.tokenizer import load_tokenizer
 
 
 def tiny_model(seed: int = 0, **overrides) -> Transformer:
@@ -15,6 +16,12 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     torch.manual_seed(seed)
     overrides.setdefault("attn_backend", "sdpa")
     return Transformer(load_preset("tiny", **overrides)).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """The Mistral tokenizer, loaded once per test module (a module that needs another defines its own `tok`)."""
+    return load_tokenizer("mistral")
 
 
 def free_port() -> int:

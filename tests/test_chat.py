@@ -5,7 +5,6 @@ import pytest
 from moxin.tokenizer import (
     ChatValidationError,
     format_prompt,
-    load_tokenizer,
     render_chat,
     validate_conversation,
 )
@@ -17,11 +16,6 @@ CONVO = [
     {"role": "user", "content": "And of Japan? 日本"},
     {"role": "assistant", "content": "Tokyo (東京).\n  Indented line."},
 ]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
 
 
 def test_text_matches_tulu_template():

@@ -11,7 +11,6 @@ import pytest
 from moxin.config import DataError
 from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answer
 from moxin.data.extract import pair_from_record, pair_problem
-from moxin.tokenizer import load_tokenizer
 from moxin.model import load_preset
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL
@@ -21,11 +20,6 @@ U = {"role": "user", "content": "Capital of Norway?"}
 
 def A(text):
     return {"role": "assistant", "content": text}
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
 
 
 def _write(path, records):
@@ -86,7 +80,6 @@ def test_stage_config_errors():
         DPOStage(model=cfg, loss_type="dpo", reference="none")
     with pytest.raises(ValueError, match="choose one of"):
         DPOStage(model=cfg, loss_type="orpo")
-
 
 
 def test_dpo_end_to_end_cache_reuse_and_frozen_reference(tmp_path):

@@ -11,12 +11,6 @@ from moxin.config import DataError, EvalConfig, EvalConfigError, TaskConfig
 from moxin.data.sample import sample_path
 from moxin.eval import build_mc_items, encode_pair, eval_config, evaluate, load_records, loglikelihoods, pass_at_k
 from moxin.model import Transformer, load_preset
-from moxin.tokenizer import load_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
 
 
 @pytest.fixture(scope="module")

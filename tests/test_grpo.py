@@ -43,13 +43,6 @@ class BrokenVerifier:
         return RewardResult(float(len(completion) % 2), "wrong")
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from moxin.tokenizer import load_tokenizer
-
-    return load_tokenizer("mistral")
-
-
 @pytest.fixture(autouse=True)
 def _verifiers(monkeypatch):
     monkeypatch.setitem(rewards_pkg.VERIFIERS, "parity", ParityVerifier)

@@ -4,6 +4,7 @@ and GRPO's reference), and the exported PEFT adapter loaded by PEFT on the base 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -18,13 +19,9 @@ from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import adapters_disabled, apply_lora, lora_modules, merged_items
 from tests.helpers.compose import compose_config, logged_train_losses
-from tests.helpers.tiny_overrides import TINY_MODEL
+from tests.helpers.tiny_overrides import LORA_COMMON, LORA_RUN, LORA_SFT, TINY_MODEL
 
-RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "trainer.progress_bar=none",
-                    "hardware.num_workers=0", "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4",
-                    "stage.lora.alpha=8"]
-COMMON = RUN + ["data.batch_size=8", "data.micro_batch_size=4"]
-SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
+RUN, COMMON, SFT = LORA_RUN, LORA_COMMON, LORA_SFT
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +60,128 @@ def test_lora_forward_equals_dense_forward_with_merged_weights(tiny, targets, qu
                           for n, t in _base_state(model).items()})
     with adapters_disabled(model):
         torch.testing.assert_close(model(x), base(x), rtol=1e-5, atol=1e-5)
+
+
+def _held_bytes(t: torch.Tensor) -> int:
+    """Bytes a weight holds: an NF4 weight's parts (codes, scales, their factors, mean, table), else its storage."""
+    return sum(p.untyped_storage().nbytes() for p in (lora._nf4_parts(t) if lora._is_nf4(t) else (t,)))
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])  # compile: ~2 min of CPU
+def test_qlora_base_holds_nf4_only_and_the_backward_keeps_no_dequantised_weight(compiled):
+    """The NF4 base holds about a quarter of the bf16 base's bytes (the rest of the model as with bf16), and a
+    forward keeps no dequantised projection for the backward, with or without recompute (torch.compile's
+    partitioner kept them all before the NF4 product became an opaque operator), so a QLoRA step's peak is the NF4
+    base plus activations. Rows of a batch stay independent (micro-batches of several rows)."""
+    if not lora.nf4_available():
+        pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
+    from tests.conftest import tiny_model
+
+    def build(quantize, recompute="none"):
+        m = apply_lora(tiny_model(dim=128, hidden_dim=384, head_dim=32).to(torch.bfloat16),
+                       LoRAConfig(rank=4, quantize=quantize, base_dtype="bfloat16")).train()
+        _randomise_adapters(m)
+        return parallelize(m, ParallelConfig(activation_checkpointing=recompute, compile=compiled))
+
+    dense, nf4 = build(None), build("nf4")
+    frozen = {n: sum(_held_bytes(m.weight) for m in lora_modules(model)) for n, model in (("bf16", dense),
+                                                                                          ("nf4", nf4))}
+    assert frozen["nf4"] <= 0.3 * frozen["bf16"], frozen
+    rest = {n: sum(_held_bytes(p) for name, p in model.named_parameters() if "layers." not in name)
+            for n, model in (("bf16", dense), ("nf4", nf4))}
+    assert rest["nf4"] == rest["bf16"]  # embeddings, final norm, output layer: 16-bit in both
+    shapes = {tuple(m.weight.shape) for m in lora_modules(nf4)}
+    shapes |= {s[::-1] for s in shapes}
+    x = torch.randint(0, nf4.cfg.vocab_size, (3, 24))
+    for recompute in ("none", "full"):
+        model = build("nf4", recompute)
+        owned = {t.untyped_storage().data_ptr() for p in model.parameters()
+                 for t in (lora._nf4_parts(p) if lora._is_nf4(p) else (p,))}
+        saved = []
+
+        def pack(t):
+            if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in owned:
+                saved.append(tuple(t.shape))  # a weight-sized tensor that no parameter owns: a dequantised copy
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = model(x)
+        assert not saved, (recompute, saved)
+        out.float().square().mean().backward()
+        assert all(m.lora_B.grad is not None for m in lora_modules(model) if m.lora_B is not None)
+        with torch.no_grad():  # three rows at once give what each row gives alone
+            rows = torch.cat([model(x[i:i + 1]) for i in range(3)])
+            torch.testing.assert_close(model(x), rows, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_on_the_gpu_never_holds_the_16_bit_base_and_a_compiled_step_keeps_no_dequantised_weight():
+    """On a GPU: a model built on the host reaches the GPU through `apply_lora(..., device=)` without the GPU ever
+    holding its 16-bit base (the peak stays under half of it), and a compiled QLoRA step without recompute saves
+    no dequantised projection (Inductor's partitioner kept them all before; docs/performance.md, LoRA section)."""
+    if not lora.nf4_available():
+        pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
+
+    cfg = load_preset("tiny", vocab_size=4096, dim=1024, hidden_dim=3584, n_layers=16, n_heads=8,
+                      n_kv_heads=2, head_dim=128, attn_backend="sdpa", max_seq_len=512)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(torch.bfloat16)  # on the host
+    bf16 = sum(p.numel() * 2 for p in model.parameters())
+    largest = max(p.numel() * 2 for p in model.parameters())
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    apply_lora(model, LoRAConfig(rank=16, quantize="nf4"), device="cuda")
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    held = torch.cuda.memory_allocated() - start
+    assert held < 0.4 * bf16, (held, bf16)  # NF4 projections, bf16 embedding and head, fp32 adapters
+    # the way there: what is held, one projection in bf16 and torchao's quantisation buffers (chunks of 2^20
+    # weights against the 16 levels), far under the 16-bit base
+    bound = held + 4 * largest + 128 * 2**20
+    assert bound < bf16
+    assert torch.cuda.max_memory_allocated() - start < bound, (torch.cuda.max_memory_allocated() - start, bound)
+    parallelize(model.train(), ParallelConfig(compile=True))
+    shapes = {tuple(m.weight.shape) for m in lora_modules(model)}
+    shapes |= {s[::-1] for s in shapes}
+    owned = {t.untyped_storage().data_ptr() for p in model.parameters()
+             for t in (lora._nf4_parts(p) if lora._is_nf4(p) else (p,))}
+    saved = []
+
+    def pack(t):
+        if tuple(t.shape) in shapes and t.untyped_storage().data_ptr() not in owned:
+            saved.append(tuple(t.shape))
+        return t
+
+    x = torch.randint(0, cfg.vocab_size, (2, 256), device="cuda")
+    for _ in range(2):  # the second call runs the compiled code
+        saved.clear()
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cuda", torch.bfloat16):
+            out = model(x)
+        assert not saved, saved
+        out.float().square().mean().backward()
+        del out
+    # after compiled steps: the model, the adapters' gradients and nothing else (no weight copy in a compile cache)
+    grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    assert torch.cuda.memory_allocated() - start < held + grads + 64 * 2**20
+
+
+def test_qlora_nf4_product_is_torchaos_dequantisation_bit_for_bit():
+    if not lora.nf4_available():
+        pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
+    torch.manual_seed(0)
+    w = lora.to_nf4(torch.randn(96, 256) * 0.02)
+    ref = w.get_original_weight()
+    assert torch.equal(lora._nf4_weight(*lora._nf4_parts(w), 96, torch.bfloat16), ref)
+    x = torch.randn(5, 256, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    lora.linear_nf4(x, w).square().sum().backward()
+    torch.nn.functional.linear(x2, ref.float()).square().sum().backward()
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("recompute", ["full", "mlp"])
@@ -192,6 +311,27 @@ def test_sft_lora_resume_is_exact(tmp_path, base_dir):
                                  "resume=auto", "stage.lora.rank=8"]))
 
 
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_lora_sft_with_several_rows_a_micro_batch_matches_one_row_a_micro_batch(tmp_path, base_dir, quantize):
+    """Micro-batches of 3-4 packed rows (4 conversations cut at 64 tokens) and of one row, over the same 8
+    conversations a step: the same losses and adapters (the loss is normalised by the step's target tokens)."""
+    if quantize and not lora.nf4_available():
+        pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
+    runs = {}
+    for mb in (4, 1):
+        R.train(compose_config(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / str(mb)}", f"run_name=m{mb}",
+                                               "trainer.max_steps=2", "export_hf=false", f"data.micro_batch_size={mb}",
+                                               "data.max_length=64", f"stage.lora.quantize={quantize or 'null'}"]))
+        runs[mb] = (logged_train_losses(tmp_path / str(mb)),
+                    torch.load(tmp_path / str(mb) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
+    (la, sa), (lb, sb) = runs[4], runs[1]
+    assert sorted(la) == sorted(lb) == [0, 1]
+    for step in la:
+        assert lb[step] == pytest.approx(la[step], abs=1e-5), (step, la[step], lb[step])
+    for k, v in sa.items():
+        torch.testing.assert_close(sb[k], v, rtol=1e-4, atol=1e-5)
+
+
 def test_dpo_adapter_off_reference_equals_a_frozen_copy_of_the_base(tmp_path, base_dir):
     from moxin.config import ModelConfig
     from moxin.stages.common import sequence_logps
@@ -250,8 +390,9 @@ def test_dpo_and_grpo_with_lora_run_end_to_end(tmp_path, base_dir):
 
 
 def test_lora_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
-    """scripts/bench/lora.py --tiny: the benchmark's code paths (moxin and HF + PEFT, SFT and DPO steps) run (in this
-    process: the imports are already paid for)."""
+    """scripts/bench/lora.py --tiny: the benchmark's code paths (moxin and HF + PEFT, LoRA and QLoRA, SFT, DPO and
+    GRPO steps, two rows a step) run (in this process: the imports are already paid for); the HF + PEFT QLoRA
+    baseline is skipped with a line saying why where bitsandbytes is not installed."""
     import runpy
     import sys
 
@@ -259,11 +400,21 @@ def test_lora_bench_runs_tiny_on_the_cpu(tmp_path, monkeypatch, capsys):
     bench = Path(__file__).resolve().parents[1] / "scripts" / "bench"
     out = tmp_path / "lora.json"
     monkeypatch.syspath_prepend(str(bench))
-    monkeypatch.setattr(sys, "argv", ["lora.py", "--tiny", "--bases", "lora", "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["lora.py", "--tiny", "--rows", "2", "--out", str(out)])
     runpy.run_path(str(bench / "lora.py"), run_name="__main__")
     rows = json.loads(out.read_text())["rows"]
-    assert len(rows) == 4 and all(row.get("tokens_per_s", 0) > 0 for row in rows), rows
-    assert "x HF+PEFT" in capsys.readouterr().out
+    assert {(r["step"], r["base"], r["impl"]) for r in rows} == {
+        (step, base, impl) for step in ("sft", "dpo", "grpo") for base in ("lora", "qlora")
+        for impl in ("moxin", "hf+peft")}
+    no_bnb = importlib.util.find_spec("bitsandbytes") is None
+    for r in rows:
+        if r["impl"] == "hf+peft" and r["base"] == "qlora" and no_bnb:
+            assert "bitsandbytes is not installed" in r["error"], r  # skipped, and says why
+        else:
+            assert r.get("tokens_per_s", 0) > 0, r
+    printed = capsys.readouterr().out
+    assert "x HF+PEFT" in printed
+    assert not no_bnb or "skipped: bitsandbytes is not installed" in printed
 
 
 @pytest.mark.slow  # two torchrun launches: about 45 s of CPU

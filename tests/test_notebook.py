@@ -11,7 +11,7 @@ NotebookClient = pytest.importorskip("nbclient").NotebookClient
 
 from moxin import run as R  # noqa: E402
 from tests.helpers.compose import compose_config  # noqa: E402
-from tests.helpers.tiny_overrides import TINY_PRETRAIN  # noqa: E402
+from tests.helpers.tiny_overrides import LORA_COMMON, LORA_SFT, TINY_MODEL, TINY_PRETRAIN  # noqa: E402
 
 NOTEBOOK = Path(__file__).resolve().parent.parent / "notebooks" / "inspect_checkpoint.ipynb"
 
@@ -65,3 +65,31 @@ def test_inspect_checkpoint_notebook_executes(tmp_path, monkeypatch):
         assert "plotted 3 train" in text and (run_dir / "loss.png").exists()
     if importlib.util.find_spec("tensorboard"):
         assert list(run_dir.glob("tb/version_0/events.*")), "the TensorBoard logger wrote next to the CSV one"
+
+
+def test_notebook_shows_a_lora_run(tmp_path, monkeypatch):
+    """A LoRA run (its last.ckpt holds the adapters only) reads like any other: the notebook merges the adapters
+    into the base the run records, and shows the summary, the loss curve, predictions and generations."""
+    import torch
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from moxin.model import Transformer
+    from moxin.model.hf import save_hf
+
+    torch.manual_seed(0)
+    base = tmp_path / "base"
+    save_hf(Transformer(instantiate(compose_config(TINY_MODEL).model)), base)
+    run_dir = tmp_path / "runs" / "lora"
+    cfg = compose_config(LORA_SFT + LORA_COMMON + [f"init_from={base}", f"out_dir={run_dir}", "run_name=lora",
+                                                   "trainer.max_steps=2", "export_hf=false"])
+    (run_dir / ".hydra").mkdir(parents=True)
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml", resolve=True)
+    R.train(cfg)
+    monkeypatch.setenv("MOXIN_RUN", str(run_dir))
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert f"run folder: {run_dir.resolve()}" in text
+    assert "LoRA adapters merged" in text  # the checkpoint's adapters on the base the run started from
+    assert "train loss: first" in text and "parameters" in text and "->" in text

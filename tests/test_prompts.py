@@ -12,13 +12,6 @@ from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS, PromptDataModule
 from moxin.tokenizer.chat import render_chat
 
 
-@pytest.fixture(scope="module")
-def tok():
-    from moxin.tokenizer import load_tokenizer
-
-    return load_tokenizer("mistral")
-
-
 def write_jsonl(path, lines):
     path.write_text("\n".join(lines) + "\n")
     return str(path)

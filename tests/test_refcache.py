@@ -15,11 +15,6 @@ from moxin.stages import refcache
 from moxin.tokenizer import load_tokenizer, mistral_model_path
 
 
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
-
-
 def _pairs(path, n=6, word="Oslo"):
     with open(path, "w") as fh:
         for i in range(n):

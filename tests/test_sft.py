@@ -14,8 +14,8 @@ import torch
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
-from moxin.tokenizer import load_tokenizer, render_chat
 from moxin.model import load_preset
+from moxin.tokenizer import render_chat
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL
 
@@ -27,11 +27,6 @@ CONV_A = [
     {"role": "assistant", "content": "Rome is the capital of Italy."},
 ]
 CONV_B = [{"role": "user", "content": "2 + 2?"}, {"role": "assistant", "content": "4"}]
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return load_tokenizer("mistral")
 
 
 def _item(messages, tok, max_length=10_000):
@@ -335,7 +330,6 @@ def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_
     assert any(r[1] > 0.5 for r in rows_a)  # the clip bit
     for a, b in zip(w_a, w_b):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-
 
 
 def test_sft_end_to_end_and_init_from_sft_checkpoint_and_hf_dir(tmp_path):

@@ -7,7 +7,7 @@ import pytest
 
 sentencepiece = pytest.importorskip("sentencepiece")
 
-from moxin.tokenizer import Tokenizer, TokenizerError, load_tokenizer, mistral_model_path  # noqa: E402
+from moxin.tokenizer import TokenizerError, load_tokenizer, mistral_model_path  # noqa: E402
 
 MIXED_TEXTS = [
     "It was the best of times, it was the worst of times.",
@@ -28,11 +28,6 @@ MIXED_TEXTS = [
     " ",
     "\n",
 ]
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return load_tokenizer("mistral")
 
 
 @pytest.fixture(scope="module")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hydra import initialize_config_dir
+from omegaconf import OmegaConf
 
 from moxin import run as R
 from moxin.config import ConfigError
@@ -25,7 +27,6 @@ TINY = ["+experiment=grpo", *tiny_model(n_layers=1, sliding_window=None), "data.
         "stage.grpo.ppo_epochs=1", "stage.grpo.num_minibatches=1", "stage.grpo.filter_zero_std=false",
         "stage.grpo.mask_truncated=false", "stage.optim.lr=1e-3", "trainer.progress_bar=none",
         "warmup.steps=6", "warmup.batch_size=4", "warmup.micro_batch_size=2", "trainer.checkpoint_every_n_steps=2"]
-
 
 
 def _cfg(out: Path, *extra):
@@ -159,3 +160,17 @@ def test_warmup_micro_batch_defaults_to_each_process_share():
     b = compose_config(["+experiment=grpo"]).warmup.batch_size  # the demo's (16 today)
     assert (one.data.batch_size, one.data.micro_batch_size) == (b, b)
     assert (two.data.batch_size, two.data.micro_batch_size) == (b, b // 2)
+
+
+def test_warmup_config_is_composed_from_the_config_tree_under_hydra_and_without(tmp_path):
+    """Under `python -m moxin.run` the warm-up composes `stage=sft data=sft_sample` through the app's Hydra; called
+    from Python it starts one on conf/: the same config either way, typed by the stage's schemas."""
+    cfg = _cfg(tmp_path / "run")
+    outside = warmup_config(cfg)
+    with initialize_config_dir(R.CONF_DIR, version_base=None):
+        inside = warmup_config(cfg)
+    assert OmegaConf.to_container(inside) == OmegaConf.to_container(outside)
+    assert outside.stage._target_ == "moxin.stages.sft.SFTStage" and not outside.stage.validate_at_start
+    assert OmegaConf.get_type(outside.stage.optim).__name__ == "OptimConfigSchema"
+    assert outside.data.max_length == cfg.warmup.max_length and outside.data.val is None
+

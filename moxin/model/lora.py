@@ -92,6 +92,65 @@ def dequantize(w: torch.Tensor) -> torch.Tensor:
     return w.get_original_weight() if _is_nf4(w) else w
 
 
+def _nf4_parts(w: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The plain tensors an NF4 weight is made of: packed codes, quantised scales, their factors and mean, table."""
+    return w.quantized_data, w.quantized_scalers, w.quantization_factor, w.scaler_mean, w.nf4
+
+
+def _nf4_weight(data, scalers, factor, mean, table, out_features: int, dtype: torch.dtype) -> torch.Tensor:
+    """torchao's `NF4Tensor.get_original_weight` (bit for bit) from the plain parts, in `dtype`: each byte holds two
+    4-bit codes looked up in the 16-value table; each block of 64 weights shares one scale, itself stored as int8
+    over a per-256-scales factor plus the mean."""
+    scales = (scalers.view(factor.numel(), -1) / factor.unsqueeze(-1)).flatten().to(table.dtype) + mean
+    pairs = torch.stack([table.repeat_interleave(16), table.repeat(16)], -1)  # byte b -> (table[b>>4], table[b&15])
+    w = F.embedding(data.int(), pairs).view(scales.numel(), -1) * scales.unsqueeze(-1)
+    return w.view(out_features, -1).to(dtype)
+
+
+# The NF4 product as an operator the compiler cannot see into: it saves the NF4 parts (not the dequantised weight)
+# for the backward and dequantises again there. torchao's `linear_nf4` does the same in eager mode, but traced by
+# torch.compile the partitioner keeps each block's dequantised bf16 weights alive from the forward to the backward
+# (without recompute: the whole base in bf16 again; docs/performance.md, LoRA section).
+@torch.library.custom_op("moxin::nf4_linear", mutates_args=())
+def _nf4_linear(x: torch.Tensor, data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor,
+                mean: torch.Tensor, table: torch.Tensor, out_features: int) -> torch.Tensor:
+    return F.linear(x, _nf4_weight(data, scalers, factor, mean, table, out_features, x.dtype))
+
+
+@torch.library.custom_op("moxin::nf4_linear_grad", mutates_args=())
+def _nf4_linear_grad(grad: torch.Tensor, data: torch.Tensor, scalers: torch.Tensor, factor: torch.Tensor,
+                     mean: torch.Tensor, table: torch.Tensor, out_features: int) -> torch.Tensor:
+    return grad @ _nf4_weight(data, scalers, factor, mean, table, out_features, grad.dtype)
+
+
+@_nf4_linear.register_fake
+def _(x, data, scalers, factor, mean, table, out_features):
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+@_nf4_linear_grad.register_fake
+def _(grad, data, scalers, factor, mean, table, out_features):
+    return grad.new_empty((*grad.shape[:-1], 2 * data.numel() // out_features))
+
+
+def _nf4_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[1:6])
+    ctx.out_features = inputs[6]
+
+
+def _nf4_backward(ctx, grad):
+    return _nf4_linear_grad(grad, *ctx.saved_tensors, ctx.out_features), None, None, None, None, None, None
+
+
+_nf4_linear.register_autograd(_nf4_backward, setup_context=_nf4_setup)
+
+
+def linear_nf4(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x W^T for an NF4 weight `w`, W dequantised to x's dtype inside the product and freed after it (also in the
+    backward, and under torch.compile)."""
+    return _nf4_linear(x, *_nf4_parts(w), w.shape[0])
+
+
 # ---- the adapted projection -----------------------------------------------------------------------------------
 class LoRALinear(nn.Module):
     """A frozen projection ``weight`` (out, in) with adapters ``lora_A`` (r, in) and ``lora_B`` (out, r), or none
@@ -124,7 +183,7 @@ class LoRALinear(nn.Module):
         if torch.is_autocast_enabled(dev):  # the product's dtype: dequantise / cast the base once, to it
             x = x.to(torch.get_autocast_dtype(dev))
         if _is_nf4(w):
-            out = _require_nf4().linear_nf4(x, w)
+            out = linear_nf4(x, w)
         else:
             out = F.linear(x, w if w.dtype == x.dtype or torch.is_autocast_enabled(dev) else w.to(x.dtype))
         if self.lora_A is None or not self.enabled:
@@ -152,12 +211,19 @@ def has_lora(model: nn.Module | None) -> bool:
 
 
 @torch.no_grad()
-def apply_lora(model: nn.Module, cfg: LoRAConfig, device_type: str | None = None) -> nn.Module:
+def apply_lora(model: nn.Module, cfg: LoRAConfig, device_type: str | None = None,
+               device: str | torch.device | None = None) -> nn.Module:
     """Freeze `model` (a `Transformer`, before any parallelism) and give the target projections of every block
     adapters, in place; returns the model. The base goes to ``cfg.base_torch_dtype(device_type)`` (QLoRA: every
-    block projection to NF4), one projection at a time, so the peak is the model as built plus one projection."""
+    block projection to NF4), one projection at a time, so the peak is the model as built plus one projection.
+    `device`: where the adapted model goes (None: where it is). Each projection is moved there before it is cast
+    or quantised, so a model built on the host reaches the GPU without the GPU ever holding its full base in the
+    master dtype (QLoRA: only NF4 and one projection in bf16 at a time)."""
     if not cfg.enabled:
         return model
+    if device is not None:
+        device = torch.device(device)
+        device_type = device.type
     device_type = device_type or next(model.parameters()).device.type
     if cfg.quantize:
         _require_nf4()
@@ -173,7 +239,8 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, device_type: str | None = None
             if not rank and not cfg.quantize:
                 continue  # not a target, not quantised: the plain frozen Linear stays
             w = lin.weight.detach()
-            w = to_nf4(w) if cfg.quantize else (w.to(dtype) if dtype is not None else w)
+            w = w.to(device=device or w.device, dtype=torch.bfloat16 if cfg.quantize else dtype or w.dtype)
+            w = to_nf4(w) if cfg.quantize else w
             setattr(parent, attr, LoRALinear(w, rank, cfg.alpha, cfg.dropout))
             del lin
         if hasattr(block.attention, "fused_weight"):
@@ -189,6 +256,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, device_type: str | None = None
         for name, p in model.named_parameters():
             if "lora_" not in name and not _is_nf4(p) and p.dtype != dtype and p.is_floating_point():
                 p.data = p.data.to(dtype)  # a projection left plain (not a target)
+    if device is not None:  # the rest (embeddings, norms, output layer, plain projections); adapters are there
+        for mod in model.modules():
+            if not isinstance(mod, LoRALinear):
+                mod._apply(lambda t: t.to(device), recurse=False)
     model.lora_config = cfg  # read by the export (adapter_config.json) and the checkpoint
     return model
 

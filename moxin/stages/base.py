@@ -116,15 +116,22 @@ class MoxinStage(L.LightningModule):
         if self.model is None:
             if self.lora_cfg.enabled:
                 self._check_lora_combination()
-            self.model = Transformer(self.model_cfg)
+                # LoRA always loads init_from: built without storage, filled on the host, and moved to the device
+                # one projection at a time by apply_lora (QLoRA: quantised there), so the device never holds the
+                # whole base in the master dtype (the 7B's 30 GiB in fp32 where its NF4 base is 4 GiB)
+                with torch.device("meta"):
+                    self.model = Transformer(self.model_cfg)
+                self.model.to_empty(device="cpu")
+            else:
+                self.model = Transformer(self.model_cfg)
             if self.init_from:
                 load_init_weights(self.model, self.init_from)
                 # what was loaded, before any sharding or step: summary.json records it so a chain can check
                 # that a hand-off really carried the previous stage's final weights (scripts/check_run.py)
                 self.init_checksum = weights_checksum(self.model)
             if self.lora_cfg.enabled:
-                dev = self.trainer.strategy.root_device.type if self._trainer is not None else None
-                lora_lib.apply_lora(self.model, self.lora_cfg, dev)
+                dev = self.trainer.strategy.root_device if self._trainer is not None else None
+                lora_lib.apply_lora(self.model, self.lora_cfg, device=dev)
         if self._parallelized or self._trainer is None:
             return
         self._parallelized = True

@@ -7,13 +7,23 @@ Steps, each an optimizer step of the adapters (fused AdamW):
 * ``dpo``: --rows pairs (chosen and rejected rows of --seq tokens); the policy forward and backward, and the
   reference as the adapter-off base (no grad): moxin's `adapters_disabled`, PEFT's `disable_adapter()`; the
   sigmoid DPO loss on summed log-probs.
-Bases: ``lora`` (frozen bf16) and ``qlora`` (frozen NF4: torchao for moxin; bitsandbytes' Linear4bit for PEFT,
-when bitsandbytes is importable, as TRL's QLoRA recipe uses it). The baseline computes what TRL's SFT and DPO
-trainers compute per step (HF forward with full logits, upcast to fp32 for the log-softmax), in a bare loop, so
-neither side pays for data loading or logging; with --recompute full both recompute every block (HF: gradient
+* ``grpo``: GRPO's policy update on --rows sampled sequences of --seq tokens (the first quarter prompt): per-token
+  log-probs, the adapter-off reference's (no grad) for the k3 KL (coefficient 0.001), the clipped surrogate with
+  one advantage a sequence, on-policy (one optimizer step a rollout, as Moxin's recipe). Rollout generation is not
+  timed (scripts/bench/generate.py measures decoding).
+Bases: ``lora`` (frozen bf16) and ``qlora`` (frozen NF4: torchao's format for moxin; for PEFT, bitsandbytes'
+Linear4bit as `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+bnb_4bit_compute_dtype=bfloat16)` gives it, then PEFT's `prepare_model_for_kbit_training`, as TRL's QLoRA recipe;
+skipped with a line saying so when bitsandbytes is not installed). The baseline computes what TRL's SFT, DPO and
+GRPO trainers compute per step (HF forward with full logits, upcast to fp32 for the log-softmax), in a bare loop,
+so neither side pays for data loading or logging; with --recompute full both recompute every block (HF: gradient
 checkpointing, use_reentrant=False).
 
-Prints peak GPU memory (weights included) and tokens/s of each case, and moxin / HF ratios; writes JSON.
+Prints tokens/s and peak GPU memory of each case and moxin / HF ratios; writes JSON. ``peak GiB``: the most
+allocated from the end of the model's build through the timed steps (weights, adapters' optimizer state,
+activations); ``build GiB``: the most allocated while building. Both sides build the random model in bf16 on the
+GPU and then cast or quantise it, so the build peak is the 16-bit model's (the stages build a LoRA base on the host
+and move it a projection at a time: `apply_lora(..., device=)`).
 
     python scripts/bench/lora.py [--rank 16] [--rows 1] [--seq 4096] [--out lora.json]
     python scripts/bench/lora.py --tiny       # a tiny model on the CPU: checks the script, measures nothing
@@ -23,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +42,7 @@ from _common import default_out, env, free, table, timed, write_json
 
 from moxin.config import ModelConfig, ParallelConfig
 from moxin.distributed import parallelize
-from moxin.losses import dpo_loss, token_cross_entropy
+from moxin.losses import dpo_loss, kl_penalty, policy_loss, token_cross_entropy, token_logprobs
 from moxin.model import Transformer, load_preset
 from moxin.model import lora as L
 from moxin.model.hf import moxin_to_hf_config
@@ -57,6 +68,16 @@ def batch(cfg: ModelConfig, rows: int, seq: int, dev: str, seed: int = 0):
     labels[:, -1] = -100
     labels[:, : seq // 4] = -100  # a prompt part without loss, as in SFT and DPO data
     return ids.to(dev), labels.to(dev)
+
+
+def grpo_loss(logp, ref, labels):
+    """GRPO's clipped surrogate of on-policy log-probs (B, T) with the k3 KL to the reference (Moxin: 0.001); the
+    rows' advantages spread over [-1, 1] (a group's normalised rewards)."""
+    mask = (labels != -100).float()
+    adv = torch.linspace(-1.0, 1.0, logp.shape[0], device=logp.device) if logp.shape[0] > 1 else \
+        torch.ones(1, device=logp.device)
+    loss, _ = policy_loss(logp, logp.detach(), adv, mask, kl=kl_penalty(logp, ref), kl_coef=0.001)
+    return loss
 
 
 def update(loss, params, opt) -> None:
@@ -88,6 +109,12 @@ def moxin_step(model, kind: str, ids, labels, dev: str):
             if kind == "sft":
                 loss, n = model(ids, pos, head=lambda h, w: token_cross_entropy(h, w, labels, 4096))
                 loss = loss / n
+            elif kind == "grpo":
+                head = lambda h, w: token_logprobs(h, w, labels, 4096)  # noqa: E731
+                logp = model(ids, pos, head=head)
+                with torch.no_grad(), L.adapters_disabled(model):
+                    ref = model(ids, pos, head=head)
+                loss = grpo_loss(logp, ref, labels)
             else:
                 P = ids.shape[0] // 2
                 logp, _ = sequence_logps(model, ids, labels, pos, 4096)
@@ -137,11 +164,15 @@ def _to_bnb_nf4(model) -> None:
     model.is_loaded_in_4bit = True
 
 
-def _hf_logps(model, ids, labels):
+def _hf_token_logps(model, ids, labels):
     logits = model(input_ids=ids).logits.float()  # (B, T, V), as TRL upcasts before the log-softmax
     mask = labels != -100
     lp = torch.gather(F.log_softmax(logits, -1), 2, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (lp * mask).sum(-1)
+    return lp * mask
+
+
+def _hf_logps(model, ids, labels):
+    return _hf_token_logps(model, ids, labels).sum(-1)
 
 
 def hf_step(model, kind: str, ids, labels, dev: str):
@@ -153,6 +184,11 @@ def hf_step(model, kind: str, ids, labels, dev: str):
         with torch.autocast(torch.device(dev).type, dtype=torch.bfloat16, enabled=dev == "cuda"):
             if kind == "sft":
                 loss = model(input_ids=ids, labels=labels).loss  # HF shifts labels itself: pass the inputs
+            elif kind == "grpo":
+                logp = _hf_token_logps(model, ids, labels)
+                with torch.no_grad(), model.disable_adapter():
+                    ref = _hf_token_logps(model, ids, labels)
+                loss = grpo_loss(logp, ref, labels)
             else:
                 P = ids.shape[0] // 2
                 logp = _hf_logps(model, ids, labels)
@@ -171,6 +207,8 @@ def measure(impl: str, kind: str, base: str, cfg: ModelConfig, args, dev: str) -
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     try:
+        if impl == "hf+peft" and quantize and importlib.util.find_spec("bitsandbytes") is None:
+            raise ImportError("bitsandbytes is not installed (pip install bitsandbytes): no HF + PEFT QLoRA baseline")
         rows = args.rows * (2 if kind == "dpo" else 1)
         ids, labels = batch(cfg, rows, args.seq, dev)
         if impl == "moxin":
@@ -181,6 +219,9 @@ def measure(impl: str, kind: str, base: str, cfg: ModelConfig, args, dev: str) -
             # HF's loss shifts the labels itself: the inputs, with -100 where our (shifted) labels have none
             hf_labels = ids.masked_fill(labels.roll(1, 1) == -100, -100) if kind == "sft" else labels
             step = hf_step(model, kind, ids, hf_labels, dev)
+        if dev == "cuda":
+            row["build_gib"] = torch.cuda.max_memory_allocated() / 2**30
+            torch.cuda.reset_peak_memory_stats()
         s = timed(step, dev, args.warm, args.reps)
         row.update(seconds=s, tokens_per_s=rows * args.seq / s,
                    trainable=sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -189,6 +230,7 @@ def measure(impl: str, kind: str, base: str, cfg: ModelConfig, args, dev: str) -
         del model, step
     except ImportError as e:
         row["error"] = f"skipped: {e}"
+        print(f"{impl} {kind} {base}: skipped: {e}", flush=True)
     except torch.OutOfMemoryError:
         row["error"] = "out of memory"
     free(dev)
@@ -198,11 +240,11 @@ def measure(impl: str, kind: str, base: str, cfg: ModelConfig, args, dev: str) -
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--rows", type=int, default=1, help="SFT rows / DPO pairs a step")
+    ap.add_argument("--rows", type=int, default=1, help="SFT rows / DPO pairs / GRPO sequences a step")
     ap.add_argument("--seq", type=int, default=4096)
     ap.add_argument("--recompute", default="full", choices=["none", "full"])
     ap.add_argument("--no-compile", dest="compile", action="store_false")
-    ap.add_argument("--steps", nargs="+", default=["sft", "dpo"], choices=["sft", "dpo"])
+    ap.add_argument("--steps", nargs="+", default=["sft", "dpo", "grpo"], choices=["sft", "dpo", "grpo"])
     ap.add_argument("--bases", nargs="+", default=["lora", "qlora"], choices=["lora", "qlora"])
     ap.add_argument("--impls", nargs="+", default=["moxin", "hf+peft"], choices=["moxin", "hf+peft"])
     ap.add_argument("--warm", type=int, default=3)
@@ -231,7 +273,7 @@ def main():
             if r.get("peak_gib") and other.get("peak_gib"):
                 r["memory_ratio"] = r["peak_gib"] / other["peak_gib"]
     print(table(rows, [("step", "step", ""), ("base", "base", ""), ("impl", "impl", ""),
-                       ("tokens_per_s", "tok/s", ",.0f"), ("peak_gib", "peak GiB", ".1f"),
+                       ("tokens_per_s", "tok/s", ",.0f"), ("peak_gib", "peak GiB", ".1f"), ("build_gib", "build GiB", ".1f"),
                        ("speedup", "x HF+PEFT", ".2f"), ("memory_ratio", "mem / HF", ".2f"), ("error", "note", "")],
                 f"LoRA update steps: {'tiny (CPU)' if args.tiny else 'Moxin-7B'}, rank {args.rank}, "
                 f"{args.rows} x {args.seq} tokens (DPO: pairs), recompute {args.recompute}"))

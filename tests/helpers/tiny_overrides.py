@@ -23,6 +23,13 @@ TINY_PRETRAIN = TINY_MODEL + [
     "trainer.progress_bar=none", "export_hf=false", "data.val_tokens=1024",
 ]
 
+# a tiny LoRA SFT run (rank 4) on the CPU, no validation or samples: tests/test_lora.py, the notebook's LoRA run
+LORA_RUN = TINY_MODEL + ["trainer.val_every_n_steps=null", "samples.prompts=[]", "trainer.progress_bar=none",
+                         "hardware.num_workers=0", "trainer.checkpoint_every_n_steps=100", "stage.lora.rank=4",
+                         "stage.lora.alpha=8"]
+LORA_COMMON = LORA_RUN + ["data.batch_size=8", "data.micro_batch_size=4"]
+LORA_SFT = ["+experiment=sft", "data.max_length=128", "stage.optim.lr=1e-2"]
+
 
 def replaced(overrides: list[str], *changes: str) -> list[str]:
     """`overrides` with each `key=value` of `changes` in place of the entry for the same key (appended when the key
