@@ -11,8 +11,8 @@ import pytest
 from moxin.config import DataError
 from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answer
 from moxin.data.extract import pair_from_record, pair_problem
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer
-from moxin.model import load_preset
 
 TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
               "model.head_dim=16", "model.sliding_window=32"]

@@ -24,7 +24,7 @@ from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
 
 from moxin.paths import conf_dir
-from moxin.model import load_preset
+from moxin.presets import load_preset
 
 CONF = str(conf_dir())
 

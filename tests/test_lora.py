@@ -13,10 +13,11 @@ from hydra.utils import instantiate
 
 from moxin import run as R
 from moxin.config import LoRAConfig
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import adapters_disabled, apply_lora, lora_modules, merged_items
+from moxin.presets import load_preset
 from tests.test_run import _compose, _losses
 
 TINY_MODEL = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",

@@ -17,7 +17,7 @@ import torch
 from moxin import checkpointing as C
 from moxin import run as R
 from moxin.config import ConfigError
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from tests.test_run import TINY_PRETRAIN, _compose
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]

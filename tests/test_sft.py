@@ -14,8 +14,8 @@ import torch
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer, render_chat
-from moxin.model import load_preset
 
 CONV_A = [
     {"role": "system", "content": "Be brief."},

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 
 from moxin.config import DataError, SourceConfig
+from moxin.data.arithmetic import ArithmeticTask, solution_text
 from moxin.data.base import MoxinDataModule
 from moxin.data.extract import extract_all, prompt_from_record
 
@@ -66,7 +67,7 @@ class PromptDataModule(MoxinDataModule):
     """Prompt batches for GRPO (see the module docstring).
 
     Args:
-        source: ``"arithmetic"`` (the built-in :class:`moxin.rewards.ArithmeticTask`), a local jsonl/parquet file,
+        source: ``"arithmetic"`` (the built-in :class:`moxin.data.arithmetic.ArithmeticTask`), a local jsonl/parquet file,
             folder or glob, or a hub dataset name (``agentica-org/DeepScaleR-Preview-Dataset``).
         prompts_per_step: prompts per rollout batch over all ranks (Moxin-Reasoning: 64). Each gets
             ``group_size`` completions in the stage.
@@ -189,8 +190,6 @@ class PromptDataModule(MoxinDataModule):
         """The ``prompts_per_step`` records of global step ``step``."""
         P = self.prompts_per_step
         if self.source == "arithmetic":
-            from moxin.rewards.tasks import ArithmeticTask, solution_text
-
             kw = dict(self.task_kwargs)
             pool = kw.pop("pool", None)
             style = kw.pop("solution", "worked")  # worked: "A + B = C. Answer: C"; answer: "Answer: C"
@@ -229,8 +228,6 @@ class PromptDataModule(MoxinDataModule):
         The arithmetic task's come from an index range disjoint from the RL ones (with 1-digit operands many still
         repeat by value); a file's are its records with a solution, in the seeded order, cycling."""
         if self.source == "arithmetic":
-            from moxin.rewards.tasks import ArithmeticTask, solution_text
-
             kw = dict(self.task_kwargs)
             kw.pop("pool", None)
             style = kw.pop("solution", "worked")

@@ -14,8 +14,9 @@ data module's prompt/answer fields.
 
 from __future__ import annotations
 
-from moxin.eval.generation import generate_all, score_generations
+from moxin.data.arithmetic import ArithmeticTask
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
+from moxin.eval.generation import generate_all, score_generations
 
 __all__ = ["heldout_records", "heldout_reward"]
 
@@ -47,8 +48,6 @@ def heldout_records(dm, n: int, source: str | None = None) -> list[dict]:
         raise ValueError(f"stage.grpo.heldout_every is set but data.source={dm.source!r} has no built-in held-out "
                          "split: set stage.grpo.heldout_source to a jsonl/parquet file (or hub dataset) of held-out "
                          "problems with the same fields")
-    from moxin.rewards.tasks import ArithmeticTask
-
     kw = dict(dm.task_kwargs)
     pool = kw.pop("pool", None)
     kw.pop("solution", None)

@@ -13,7 +13,7 @@ root = sys.argv[1]; which = sys.argv[2:] or ["1", "3", "4", "6", "7", "8"]
 sys.path.insert(0, root)
 os.chdir(root)
 import torch
-from moxin.model import load_preset
+from moxin.presets import load_preset
 TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
         "model.head_dim=16", "model.sliding_window=32", "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
         "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}, {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",

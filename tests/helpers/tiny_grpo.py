@@ -5,9 +5,9 @@ Imported by tests/test_eval_grpo.py and by tests/helpers/grpo_fsdp.py (run as a 
 import torch
 
 from moxin.config import GRPOConfig, OptimConfig
+from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
-from moxin.model import load_preset
 
 
 def tiny_grpo_stage(verifier: str, **grpo) -> tuple[GRPOStage, object]:
