@@ -60,7 +60,7 @@ from typing import Any
 import lightning as L
 import torch
 
-from moxin.config import InitFromError, ModelConfig, MoxinUserError
+from moxin.config import InitFromError, ModelConfig, MoxinUserError, check_init_from
 from moxin.model import lora
 
 log = logging.getLogger(__name__)
@@ -630,10 +630,8 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     """(moxin-named tensors, the ModelConfig that produced them or None when the source does not record one,
     a description of the source) from a moxin .ckpt, a distributed-checkpoint folder, a run's checkpoints
     folder or run folder, a Hugging Face folder or a safetensors file."""
+    check_init_from(path)
     p = Path(path)
-    if not p.exists():
-        raise InitFromError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
-                            "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a .safetensors file")
     if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
         base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists():

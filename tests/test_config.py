@@ -41,8 +41,11 @@ def test_trainer_config_names_the_key_type_and_range():
 def test_run_config_checks_resume_and_init_from(tmp_path):
     with pytest.raises(ConfigError, match=r"resume=3: use null, auto or a path to a .ckpt"):
         RunConfig(resume=3)
-    with pytest.raises(ConfigError, match="no such file or folder"):
+    with pytest.raises(InitFromError, match="no such file or folder"):
         RunConfig(init_from=str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InitFromError, match="is a folder without config.json"):
+        RunConfig(init_from=str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match=r"\+experiment=eval needs init_from="):
         RunConfig(eval_only=True)
     cfg = RunConfig.from_cfg({"seed": 3, "trainer": {"max_steps": 4}, "model": {"dim": 8}})
