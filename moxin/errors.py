@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 from omegaconf import DictConfig
 
-from moxin.config import ConfigError, MoxinUserError, RunConfig
+from moxin.config import ConfigError, LoRAConfig, MoxinUserError, RunConfig, plain
 
 
 #: the exit status of a run stopped by Ctrl-C (128 + SIGINT, what shells report for an interrupted command)
@@ -262,22 +262,17 @@ def check_mixtures(cfg: DictConfig) -> None:
 
 
 def check_lora(cfg: DictConfig) -> None:
-    """LoRA settings that cannot run with the hardware profile (moxin/model/lora.py), named with the fix: QLoRA
-    under FSDP2, and a 16-bit base with fp32 adapters under FSDP2 without its mixed precision (FSDP2 gathers a
-    block's parameters in one dtype)."""
+    """LoRA settings that cannot run with the hardware profile (``LoRAConfig.check_parallel``)."""
     lo = (cfg.get("stage") or {}).get("lora") or {}
     hw = cfg.get("hardware") or {}
     if not lo.get("rank") or hw.get("strategy") != "fsdp2":
         return
-    if lo.get("quantize"):
-        raise ConfigError(f"stage.lora.quantize={lo.get('quantize')} (QLoRA) runs on one GPU; under FSDP2 "
-                        "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
-    gpu = hw.get("accelerator") in ("gpu", "cuda")
-    base16 = lo.get("base_dtype", "auto") == "bfloat16" or (lo.get("base_dtype", "auto") == "auto" and gpu)
-    if base16 and not (hw.get("parallel") or {}).get("fsdp_param_dtype"):
-        raise ConfigError("stage.lora with a bfloat16 base under FSDP2 needs FSDP2's mixed precision to gather the "
-                        "fp32 adapters with it: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
-                        "stage.lora.base_dtype=float32)")
+    try:
+        lora = LoRAConfig(**{k: v for k, v in plain(lo).items() if k != "_target_"})
+    except ValueError:  # a value LoRAConfig refuses: instantiating stage.lora names it, with its key
+        return
+    lora.check_parallel(hw.get("strategy"), hw.get("accelerator") in ("gpu", "cuda"),
+                        (hw.get("parallel") or {}).get("fsdp_param_dtype"))
 
 
 def preflight(cfg: DictConfig) -> None:

@@ -26,14 +26,12 @@ import torch
 import torch.nn.functional as F
 
 from moxin.config import Aggregation, DPOLoss, KLEstimator, parse_option
+from moxin.constants import IGNORE_INDEX
 from moxin.devices import to_device
-from moxin.model.transformer import mm_f32
-
-IGNORE_INDEX = -100
+from moxin.numerics import mm_f32
 
 
 __all__ = [
-    "IGNORE_INDEX",
     "token_logprobs",
     "token_cross_entropy",
     "token_entropy",

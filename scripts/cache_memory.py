@@ -11,7 +11,8 @@ import json
 
 import torch
 
-from moxin.model import RollingKVCache, load_preset
+from moxin.model import RollingKVCache
+from moxin.presets import load_preset
 
 
 def main():

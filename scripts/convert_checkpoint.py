@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from moxin.model import load_preset
+from moxin.presets import load_preset
 
 
 def model_config(spec: str):

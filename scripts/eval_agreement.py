@@ -45,7 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from moxin.model import load_preset
+from moxin.presets import load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "moxin" / "data" / "sample" / "eval_mc.jsonl"

@@ -44,9 +44,10 @@ if str(ROOT) not in sys.path:
 
 from moxin.tokenizer import load_tokenizer  # noqa: E402
 from moxin.tokenizer.cjk import (  # noqa: E402
-    ASSET_DIR, LANGS, SAMPLE_HELDOUT_EVERY, SPIECE_UNDERLINE, add_special_tokens, compose, document_language,
-    runs_of_text, script_runs, train_expert, write_artifact,
+    LANGS, SAMPLE_HELDOUT_EVERY, add_special_tokens, compose, document_language, runs_of_text, script_runs,
+    train_expert, write_artifact,
 )
+from moxin.tokenizer.tokenizer import ASSET_DIR, SPIECE_UNDERLINE  # noqa: E402
 
 DEFAULT_VOCAB = {"zh": 32000, "ja": 16000, "ko": 10000}
 #: Single characters each expert keeps as pieces (the most frequent ones); the rest of its size goes to merges.

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer
 
 

@@ -4,7 +4,8 @@ padding; memory is W slots per layer."""
 import pytest
 import torch
 
-from moxin.model import RollingKVCache, load_preset
+from moxin.model import RollingKVCache
+from moxin.presets import load_preset
 from tests.conftest import tiny_model
 
 W = 8

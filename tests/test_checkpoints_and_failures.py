@@ -23,7 +23,7 @@ from moxin.checkpoint.lock import RunLock, RunLockError
 from moxin.checkpoint.policy import DiskSpaceError, apply_retention, checkpoint_bytes, point_last
 from moxin.checkpoint.resume import clean_temporaries, find_resume
 from moxin.config import ConfigError
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_PRETRAIN
 

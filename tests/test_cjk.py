@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from moxin.data.sample import sample_path
+from moxin.presets import load_preset
 from moxin.tokenizer import format_prompt, load_tokenizer, render_chat
 from moxin.tokenizer.cjk import (
-    ASSET_DIR, META_FILE, RUN_PATTERN, SAMPLE_HELDOUT_EVERY, TokenizerError, base_splits, compose,
-    document_language, export_files, extend_embeddings, is_claimed, language_of, runs_of_text, script_runs,
-    train_expert,
+    META_FILE, RUN_PATTERN, SAMPLE_HELDOUT_EVERY, base_splits, compose, document_language, export_files,
+    extend_embeddings, is_claimed, language_of, runs_of_text, script_runs, train_expert,
 )
-from moxin.model import load_preset
+from moxin.tokenizer.tokenizer import ASSET_DIR, TokenizerError
 
 SPACE = "\u2581"
 

@@ -11,7 +11,7 @@ import pytest
 from moxin.config import DataError
 from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answer
 from moxin.data.extract import pair_from_record, pair_problem
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL
 

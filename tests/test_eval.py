@@ -10,7 +10,8 @@ import torch
 from moxin.config import DataError, EvalConfig, EvalConfigError, TaskConfig
 from moxin.data.sample import sample_path
 from moxin.eval import build_mc_items, encode_pair, eval_config, evaluate, load_records, loglikelihoods, pass_at_k
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 
 
 @pytest.fixture(scope="module")

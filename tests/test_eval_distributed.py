@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import torchrun
-from moxin.model import load_preset
+from moxin.presets import load_preset
 
 TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
     {"name": "mc", "path": str(__import__("moxin.data.sample", fromlist=["x"]).sample_path("eval_mc")),

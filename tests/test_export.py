@@ -7,9 +7,9 @@ import json
 
 import pytest
 
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer, render_chat
 from moxin.tokenizer.hf_export import write_hf_tokenizer_files
-from moxin.model import load_preset
 from tests.helpers.compose import compose_config
 
 transformers = pytest.importorskip("transformers")

@@ -14,8 +14,9 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 from moxin.config import ModelConfig  # noqa: E402
-from moxin.model import Transformer, generate, load_preset  # noqa: E402
+from moxin.model import Transformer, generate  # noqa: E402
 from moxin.model import attention as A  # noqa: E402
+from moxin.presets import load_preset  # noqa: E402
 
 DEV = "cuda"
 

@@ -19,8 +19,8 @@ import torch
 
 import moxin.rewards as rewards_pkg
 from moxin.config import GRPOConfig, OptimConfig
-from moxin.model import load_preset
 from moxin.paths import conf_dir
+from moxin.presets import load_preset
 from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
 from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch

@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 
-from moxin.model import Transformer, load_preset  # noqa: E402
+from moxin.model import Transformer  # noqa: E402
 from moxin.model.hf import hf_to_moxin_config, load_hf, moxin_to_hf_config, save_hf  # noqa: E402
+from moxin.presets import load_preset  # noqa: E402
 
 T = 32
 

@@ -14,10 +14,11 @@ from hydra.utils import instantiate
 
 from moxin import run as R
 from moxin.config import LoRAConfig
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
 from moxin.model.lora import adapters_disabled, apply_lora, lora_modules, merged_items
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config, logged_train_losses
 from tests.helpers.tiny_overrides import LORA_COMMON, LORA_RUN, LORA_SFT, TINY_MODEL
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from tests.conftest import tiny_model
 
 
@@ -116,7 +117,7 @@ def test_flops_and_kv_figures():
 
 def test_presets_are_the_conf_model_files():
     """One source for presets: load_preset(name) is conf/model/<name>.yaml, what `model=<name>` picks."""
-    from moxin.model import preset_names
+    from moxin.presets import preset_names
 
     assert {"moxin-7b", "mistral-7b", "tiny", "tiny-cpu"} <= set(preset_names())
     from hydra.utils import instantiate

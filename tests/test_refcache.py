@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moxin.data.dpo_data import PreferenceDataModule
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.stages import refcache
 from moxin.tokenizer import load_tokenizer, mistral_model_path
 

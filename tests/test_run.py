@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from moxin import run as R
 from moxin.assemble import assemble, val_interval_steps
 from moxin.config import ConfigError
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
                                         write_corpus_with_late_duplicates)
 from tests.helpers.compose import compose_config, logged_train_losses

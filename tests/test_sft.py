@@ -14,7 +14,7 @@ import torch
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from moxin.tokenizer import render_chat
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL

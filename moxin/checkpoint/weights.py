@@ -22,7 +22,7 @@ from torch.distributed.checkpoint.state_dict_loader import load
 
 from moxin.checkpoint.files import LAST, CheckpointError, check_distributed, read_info
 from moxin.checkpoint.resume import config_mismatches
-from moxin.config import InitFromError, ModelConfig
+from moxin.config import InitFromError, ModelConfig, check_init_from
 from moxin.model import Transformer, lora
 from moxin.model.hf import hf_to_moxin_config, load_hf
 
@@ -52,11 +52,8 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     """(moxin-named tensors, the ModelConfig that produced them or None when the source does not record one,
     a description of the source) from a moxin .ckpt, a distributed-checkpoint folder, a run's checkpoints
     folder or run folder, a Hugging Face folder, a safetensors file or a PEFT adapter."""
+    check_init_from(path)
     p = Path(path)
-    if not p.exists():
-        raise InitFromError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
-                            "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a "
-                            ".safetensors file")
     if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
         base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists():

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from moxin.config.errors import ConfigError
+
 __all__ = ["LoRAConfig", "TARGETS", "QUANTIZE", "BASE_DTYPES"]
 
 #: target name -> (the block's sub-module, the projection's attribute, PEFT's module name in HF Mistral)
@@ -67,6 +69,21 @@ class LoRAConfig:
     @property
     def scaling(self) -> float:
         return self.alpha / self.rank
+
+    def check_parallel(self, strategy: str | None, gpu: bool, fsdp_param_dtype: str | None) -> None:
+        """Combinations this LoRA cannot run with the hardware profile, named with the fix: QLoRA under FSDP2, and a
+        16-bit base with fp32 adapters under FSDP2 without its mixed precision (FSDP2 gathers a block's parameters
+        in one dtype). moxin.errors.preflight calls it before any work; the stage again, with its strategy."""
+        if not self.enabled or strategy != "fsdp2":
+            return
+        if self.quantize:
+            raise ConfigError(f"stage.lora.quantize={self.quantize} (QLoRA) runs on one GPU; under FSDP2 "
+                              "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
+        base16 = self.base_dtype == "bfloat16" or (self.base_dtype == "auto" and gpu)
+        if base16 and not fsdp_param_dtype:
+            raise ConfigError("stage.lora with a bfloat16 base under FSDP2 needs FSDP2's mixed precision to gather the "
+                              "fp32 adapters with it: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
+                              "stage.lora.base_dtype=float32)")
 
     def base_torch_dtype(self, device_type: str) -> torch.dtype | None:
         """The frozen base's storage dtype on `device_type` (None: leave it as built)."""

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from moxin.config.data import plain
-from moxin.config.errors import ConfigError
+from moxin.config.errors import ConfigError, InitFromError
 
-__all__ = ["TrainerConfig", "RunConfig", "PROGRESS_BARS", "INIT_FROM_MARKERS"]
+__all__ = ["TrainerConfig", "RunConfig", "check_init_from", "PROGRESS_BARS", "INIT_FROM_MARKERS"]
 
 PROGRESS_BARS = ("rich", "rich_always", "plain", "none")
 
@@ -90,19 +90,21 @@ class TrainerConfig:
             raise ConfigError("; ".join(problems))
 
 
-def _check_init_from(init: str) -> None:
+def check_init_from(init: str | os.PathLike) -> None:
+    """``init_from`` names weights that exist: a file, or a folder holding one of INIT_FROM_MARKERS (the one place
+    this is checked: RunConfig for a run, moxin.checkpoint.weights.load_model_weights for any other caller)."""
     p = Path(str(init))
     if not p.exists():
         hint = ""
         if p.name == "last.ckpt" and p.parent.parent.exists():
             hint = f" ({p.parent.parent} exists but has no checkpoints/last.ckpt: did that run finish a step?)"
-        raise ConfigError(f"init_from={init!r}: no such file or folder (cwd {os.getcwd()}){hint}. Give a moxin "
-                          f"run's checkpoints/last.ckpt, a Hugging Face MistralForCausalLM folder (its hf/ export) or "
-                          f"a .safetensors file")
+        raise InitFromError(f"init_from={str(init)!r}: no such file or folder (cwd {os.getcwd()}){hint}. Give a "
+                            f"moxin run's checkpoints/last.ckpt, a Hugging Face MistralForCausalLM folder (its hf/ "
+                            f"export) or a .safetensors file")
     if p.is_dir() and not any((p / name).exists() for name in INIT_FROM_MARKERS):
-        raise ConfigError(f"init_from={init!r} is a folder without config.json (Hugging Face), .metadata (an FSDP "
-                          f"run's distributed checkpoint) or last.ckpt; point it at runs/<name>/checkpoints/last.ckpt "
-                          f"or runs/<name>/hf")
+        raise InitFromError(f"init_from={str(init)!r} is a folder without config.json (Hugging Face), .metadata (an "
+                            f"FSDP run's distributed checkpoint) or last.ckpt; point it at "
+                            f"runs/<name>/checkpoints/last.ckpt or runs/<name>/hf")
 
 
 @dataclass
@@ -131,7 +133,7 @@ class RunConfig:
             raise ConfigError("+experiment=eval needs init_from=<a Hugging Face model folder, a run's hf/ folder, a "
                               "moxin .ckpt or a .safetensors file>; nothing was evaluated")
         if self.init_from:
-            _check_init_from(self.init_from)
+            check_init_from(self.init_from)
 
     @classmethod
     def from_cfg(cls, cfg: Any) -> "RunConfig":

@@ -2,10 +2,9 @@
 
 from moxin.model.cache import RollingKVCache
 from moxin.model.generate import GenerationOutput, generate, sample_next
-from moxin.model.presets import load_preset, preset_names
 from moxin.model.transformer import Transformer
 
-__all__ = ["load_preset", "preset_names", "Transformer", "RollingKVCache", "generate", "sample_next",
+__all__ = ["Transformer", "RollingKVCache", "generate", "sample_next",
            "GenerationOutput", "load_hf", "save_hf"]
 
 

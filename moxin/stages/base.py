@@ -145,14 +145,8 @@ class MoxinStage(L.LightningModule):
         """Combinations LoRA cannot run, refused before the model is built or loaded, with the fix."""
         if self._trainer is None or not is_sharded(self.trainer.strategy):
             return
-        if self.lora_cfg.quantize:
-            raise ValueError(f"stage.lora.quantize={self.lora_cfg.quantize} (QLoRA) runs on one GPU; under FSDP2 "
-                             "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
-        dev = self.trainer.strategy.root_device.type
-        if self.lora_cfg.base_torch_dtype(dev) not in (None, torch.float32) and not self.parallel_cfg.fsdp_param_dtype:
-            raise ValueError("LoRA under FSDP2 with a 16-bit base and float32 adapters needs FSDP2's mixed precision "
-                             "to gather them in one dtype: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
-                             "stage.lora.base_dtype=float32)")
+        self.lora_cfg.check_parallel("fsdp2", self.trainer.strategy.root_device.type == "cuda",
+                                     self.parallel_cfg.fsdp_param_dtype)
 
     def frozen_start_copy(self) -> Transformer:
         """A frozen model with the starting weights: `init_from`, or, without it, the very random init the

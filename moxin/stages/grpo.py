@@ -59,10 +59,11 @@ from dataclasses import dataclass, field
 import torch
 
 from moxin.config import Aggregation, DecodePath, GRPOConfig, OptimConfig, TrainerConfig
+from moxin.constants import IGNORE_INDEX
 from moxin.devices import to_device
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
-from moxin.losses import (IGNORE_INDEX, LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss,
-                          token_entropy, token_logprobs, zero_std_groups)
+from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_entropy,
+                          token_logprobs, zero_std_groups)
 from moxin.model import Transformer
 from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds

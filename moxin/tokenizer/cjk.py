@@ -43,12 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from moxin.tokenizer.tokenizer import SPIECE_UNDERLINE, TokenizerError
-
-#: The shipped expert tokenizer: base Mistral v1 + zh/ja/ko experts.
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "moxin-cjk"
-#: Names ``load_tokenizer`` accepts for the shipped artifact.
-CJK_SPECS = ("moxin-cjk", "mistral-cjk")
+from moxin.tokenizer.tokenizer import SPIECE_UNDERLINE, TokenizerError, cjk_tokenizer_dir
 #: File beside tokenizer.json describing the experts (id ranges, training sources).
 META_FILE = "moxin_cjk.json"
 
@@ -287,16 +282,6 @@ def write_artifact(out_dir: str | Path, tok_json: dict, meta: dict, specials: Ma
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
-def cjk_tokenizer_dir(spec: str) -> Path | None:
-    """The artifact directory for a ``moxin-cjk`` spec, or None when ``spec`` is not one."""
-    if str(spec).strip().lower() not in CJK_SPECS:
-        return None
-    if not (ASSET_DIR / "tokenizer.json").is_file():
-        raise TokenizerError(f"the moxin-cjk tokenizer files are missing from {ASSET_DIR} (broken install?); "
-                             "rebuild them with python scripts/train_cjk_experts.py")
-    return ASSET_DIR
-
-
 def export_files(spec) -> list[Path]:
     """Files a Hugging Face export must carry so that ``transformers`` loads the same tokenizer: for
     ``moxin-cjk`` (or a directory holding a composed tokenizer) the tokenizer.json, tokenizer_config.json and

@@ -27,8 +27,9 @@ import torch
 
 from _common import default_out, env, free, sync, table, timed, write_json
 
-from moxin.model import Transformer, generate, load_preset
+from moxin.model import Transformer, generate
 from moxin.model import cache as cache_mod
+from moxin.presets import load_preset
 
 
 def copy_bandwidth(dev) -> float | None:

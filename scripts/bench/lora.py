@@ -43,9 +43,10 @@ from _common import default_out, env, free, table, timed, write_json
 from moxin.config import ModelConfig, ParallelConfig
 from moxin.distributed import parallelize
 from moxin.losses import dpo_loss, kl_penalty, policy_loss, token_cross_entropy, token_logprobs
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
 from moxin.model import lora as L
 from moxin.model.hf import moxin_to_hf_config
+from moxin.presets import load_preset
 from moxin.stages.common import sequence_logps
 
 TARGETS = list(L.TARGETS)

@@ -28,8 +28,9 @@ from train import bare_step, hf_step, lightning_run, make_dm
 
 from moxin.config import ModelConfig
 from moxin.distributed import apply_compile
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
 from moxin.model import attention as A
+from moxin.presets import load_preset
 
 FAMILIES = (  # first match wins: attention kernels can carry "cutlass" or "gemm" in their names
     ("attention", ("flash", "fmha", "attention", "attn")),

@@ -14,7 +14,7 @@ root = sys.argv[1]; which = sys.argv[2:] or ["1", "3", "4", "6", "7", "8"]
 sys.path.insert(0, root)
 os.chdir(root)
 import torch
-from moxin.model import load_preset
+from moxin.presets import load_preset
 TINY = replaced([o for o in TINY_PRETRAIN if o != "export_hf=false"], "trainer.checkpoint_every_n_steps=5",
                 "hardware.num_workers=0")
 env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)

@@ -20,7 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from moxin.config import OptimConfig
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.stages import PretrainStage
 from wiring_reference import GradRecorder, lm_loss, reference_grads  # this script's folder is on sys.path
 

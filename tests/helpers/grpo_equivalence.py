@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from moxin.config import GRPOConfig, OptimConfig
 from moxin.distributed import weights_checksum
-from moxin.model import Transformer, load_preset
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
 from wiring_reference import GradRecorder, grpo_loss, reference_grads  # this script's folder is on sys.path

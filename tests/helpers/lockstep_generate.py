@@ -7,7 +7,8 @@ import sys
 import torch
 import torch.distributed as dist
 
-from moxin.model import Transformer, generate, load_preset
+from moxin.model import Transformer, generate
+from moxin.presets import load_preset
 
 
 def main(out_path, lockstep):

@@ -7,7 +7,7 @@ import torch
 
 from moxin.config import GRPOConfig, OptimConfig
 from moxin.data.grpo_data import PromptDataModule
-from moxin.model import load_preset
+from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
 

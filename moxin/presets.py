@@ -6,8 +6,8 @@ line picks the same file; Hydra checks them against ModelConfig's fields, moxin/
 - ``tiny``: a few hundred thousand parameters, for unit tests (vocab 512, window 16).
 - ``tiny-cpu``: the default run's model: the real 32000-entry vocabulary, 4 small blocks, window 256.
 
-Kept out of ``moxin.config`` (a leaf that reads no files): code outside a Hydra run (tests, scripts, notebooks)
-reads a preset here.
+Kept out of ``moxin.config`` (a leaf that reads no files) and out of the model core (which does not read conf/):
+code outside a Hydra run (tests, scripts, notebooks) reads a preset here.
 """
 
 from __future__ import annotations
