@@ -11,6 +11,7 @@
 #
 #   bash scripts/gpu_check.sh            # all parts the machine can run (fsdp and 7b need 2 GPUs)
 #   bash scripts/gpu_check.sh single     # only the one-GPU chain and its adapter pass
+#   bash scripts/gpu_check.sh chain      # only the one-GPU chain, without its adapter pass
 #   bash scripts/gpu_check.sh adapter    # only the adapter pass (after a pretraining run of its own), on one GPU
 #   also: fsdp, 7b; cpu, adapter_cpu, fsdp_cpu (the same on the CPU, where no GPU is)
 #
@@ -81,6 +82,8 @@ for part in $PARTS; do
     single)
       chain gpu hf $PY -- hardware=gpu
       adapters gpu $PY -- hardware=gpu ;;
+    chain)  # the one-GPU chain without its adapter pass (single = chain + the pass on the chain's export)
+      chain gpu hf $PY -- hardware=gpu ;;
     adapter)
       pretrain adapter $PY -- hardware=gpu
       adapters adapter $PY -- hardware=gpu ;;
@@ -103,7 +106,7 @@ for part in $PARTS; do
       adapters adapter_cpu $PY -- hardware=cpu ;;
     fsdp_cpu)  # the FSDP2 chain on 2 CPU processes (gloo): the sharded hand-offs where no GPU is
       chain fsdp_cpu ckpt $PY -m torch.distributed.run --standalone --nproc_per_node 2 -- hardware=fsdp_cpu ;;
-    *) echo "unknown part $part (single, adapter, fsdp, 7b, cpu, adapter_cpu, fsdp_cpu)"; exit 2 ;;
+    *) echo "unknown part $part (single, chain, adapter, fsdp, 7b, cpu, adapter_cpu, fsdp_cpu)"; exit 2 ;;
   esac
 done
 echo "=== gpu_check: every stage passed"

@@ -15,7 +15,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path.cwd() if (Path.cwd() / "moxin").is_dir() else Path(__file__).resolve().parents[1]  # the tree run in
 PACKAGE = "moxin"
 
 # (importer prefix, imported prefix, why): an importer module starting with the first may not import the second.

@@ -10,6 +10,7 @@ from moxin.rewards import CombinedVerifier, ExactAnswerVerifier, FormatVerifier,
 from moxin.rewards.extract import MalformedAnswer, extract_answer, last_boxed
 
 math_verify = pytest.importorskip("math_verify")
+from moxin.rewards.deepscaler import DeepScaleRVerifier, published_boxed  # noqa: E402
 from moxin.rewards.math import MathVerifier  # noqa: E402
 
 
@@ -82,6 +83,62 @@ def test_math_in_worker_processes_with_a_timeout():
     results, stats = score_batch(SlowMathVerifier(), [r"\boxed{1}"], ["1"], timeout_s=1.0, max_workers=2)
     assert time.monotonic() - t0 < 15
     assert results[0].reason == "timeout" and results[0].score == 0.0 and stats["timeouts"] == 1
+
+
+# ---------------------------------------------------------------- DeepScaleR's reward
+
+
+def test_deepscaler_boxed_after_think_counts_inside_think_does_not():
+    v = DeepScaleRVerifier()
+    r = v("<think>3 + 4 = 7</think> So the sum is \\boxed{7}.", "7")
+    assert (r.score, r.outcome, r.extracted) == (1.0, "correct", "7")
+    assert (v("<think>3+4 \\boxed{7}</think> The sum is 7.", "7").score,
+            v("<think>3+4 \\boxed{7}</think> The sum is 7.", "7").outcome) == (0.0, "no_answer")
+    # no </think>: a format error, even with a correct box (the published rule); require_think=False reads it whole
+    assert v("3 + 4 gives \\boxed{7}", "7").outcome == "no_answer"
+    assert DeepScaleRVerifier(require_think=False)("3 + 4 gives \\boxed{7}", "7").score == 1.0
+    # a second </think> closes the answer region: a box after it does not count
+    assert v("<think>a</think> b </think> \\boxed{7}", "7").outcome == "no_answer"
+    assert v("<think>a</think> \\boxed{8}", "7").reason == "wrong"
+
+
+def test_deepscaler_no_fallbacks_and_malformed_boxes():
+    v = DeepScaleRVerifier()
+    for text in ["<think>x</think> The answer is 7.", "<think>x</think> Answer: 7", "<think>x</think> 7",
+                 "<think>x</think> \\boxed 7", "<think>x</think> \\fbox{7}", "<think>x</think> \\boxed{7",
+                 "<think>x</think> \\boxed{}"]:
+        r = v(text, "7")
+        assert (r.score, r.outcome) == (0.0, "no_answer"), (text, r)
+    # the published reward values are configurable (DeepScaleR's training run: 1 / 0 / 0)
+    strict = DeepScaleRVerifier(incorrect_reward=-1.0, format_error_reward=-1.0)
+    assert [strict(t, "7").score for t in ["</think>\\boxed{7}", "</think>\\boxed{6}", "</think>7"]] == [1, -1, -1]
+
+
+def test_deepscaler_nested_braces_equivalence_and_last_box():
+    v = DeepScaleRVerifier()
+    assert published_boxed("\\boxed{\\frac{1}{\\sqrt{2}}} end") == "\\frac{1}{\\sqrt{2}}"
+    assert published_boxed("\\boxed{\\{1, 2\\}}") == "\\{1, 2\\}"
+    r = v("<think>halves</think> $\\boxed{\\frac{1}{2}}$", "0.5")
+    assert (r.score, r.extracted) == (1.0, "\\frac{1}{2}")
+    assert v("<think>t</think> \\boxed{0.5}", "\\frac{1}{2}").score == 1.0
+    assert v("<think>t</think> \\boxed{\\frac{2}{\\sqrt{8}}}", "\\frac{1}{\\sqrt{2}}").score == 1.0
+    # several boxes: the last one counts (first right, last wrong -> 0; first wrong, last right -> 1)
+    assert v("<think>t</think> \\boxed{7} or maybe \\boxed{8}", "7").score == 0.0
+    assert v("<think>t</think> \\boxed{8}, no: \\boxed{7}", "7").score == 1.0
+    # a broken last box is not rescued by an earlier good one
+    assert v("<think>t</think> \\boxed{7} then \\boxed{7", "7").outcome == "no_answer"
+    # a boxed reference is reduced to its content
+    assert v("<think>t</think> \\boxed{7}", "The answer is \\boxed{7}").score == 1.0
+
+
+def test_deepscaler_in_worker_processes_and_registry():
+    assert isinstance(get_verifier("deepscaler", require_think=True), DeepScaleRVerifier)
+    comps = ["<think>t</think> \\boxed{\\frac{1}{2}}", "<think>t \\boxed{3}</think>", "no idea"]
+    results, stats = score_batch(get_verifier("deepscaler"), comps, ["0.5", "3", "1"], timeout_s=30, max_workers=2)
+    assert [r.score for r in results] == [1.0, 0.0, 0.0]
+    assert stats["correct"] == 1 and stats["no_answer"] == 2
+    with pytest.raises(ValueError, match="think_end"):
+        DeepScaleRVerifier(think_end="")
 
 
 # ---------------------------------------------------------------- batch scoring

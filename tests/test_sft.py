@@ -103,6 +103,91 @@ def test_bad_conversations_are_counted_with_file_line(tmp_path):
         load_conversations(SourceConfig(name="b", path=only_bad), "messages", 10, 1.0)
 
 
+def test_sharegpt_records_are_converted_at_read_time(tmp_path, tok):
+    system = "Your role as an assistant involves thoroughly exploring questions before answering."
+    thought = "<|begin_of_thought|>\n\n2 + 2 = 4<|end_of_thought|>\n\n<|begin_of_solution|>\n\n4<|end_of_solution|>"
+    recs = [
+        # OpenThoughts-114k: a record-level system prompt, user / assistant turns
+        {"system": system, "conversations": [{"from": "user", "value": "2 + 2?"}, {"from": "assistant", "value": thought}]},
+        # ShareGPT's own names, a system turn of its own (kept once), an empty record-level system (ignored)
+        {"system": "", "conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"},
+                                         {"from": "gpt", "value": "Hello."}]},
+        # OpenR1-Math-220k: role/content messages next to its other columns
+        {"problem": "1 + 1?", "answer": "2", "generations": ["<think>1+1</think> \\boxed{2}"],
+         "messages": [{"role": "user", "content": "1 + 1?"}, {"role": "assistant", "content": "<think>1+1</think> 2"}]},
+        {"conversations": [{"from": "bot", "value": "x"}]},                                # line 4: unknown from
+        {"conversations": [{"from": "user"}]},                                             # line 5: no value
+        {"conversations": "user: hi"},                                                     # line 6: not a list
+        {"system": 3, "conversations": [{"from": "user", "value": "q"}]},                  # line 7: system not text
+        {"conversations": [{"from": "user", "value": "a"}, {"from": "human", "value": "b"},
+                           {"from": "gpt", "value": "c"}]},                               # line 8: two user turns
+        {"id": 9},                                                                         # line 9: neither field
+    ]
+    path = _write(tmp_path / "sharegpt.jsonl", recs)
+    items = load_conversations(SourceConfig(name="s", path=path), "messages", 10, 1.0)
+    assert len(items) == 3
+    assert items[0] == [{"role": "system", "content": system}, {"role": "user", "content": "2 + 2?"},
+                        {"role": "assistant", "content": thought}]
+    assert [m["role"] for m in items[1]] == ["system", "user", "assistant"] and items[1][0]["content"] == "Be brief."
+    assert items[2] == recs[2]["messages"]
+    st = items.stats
+    assert st.bad == 6 and st.reasons == {"unknown_role": 1, "invalid": 3, "role_order": 1, "missing_field": 1}
+    lines = [b.split(": ", 1)[0] for b in st.bad_examples]
+    assert lines == [f"{path}:{n}" for n in (4, 5, 6, 7, 8)]
+    assert "unknown 'from' 'bot'" in st.bad_examples[0] and "'from' and 'value'" in st.bad_examples[1]
+    # the converted conversation renders with its system prompt and trains on the assistant turn only
+    chat = render_chat(items[0], tok)
+    assert system in tok.decode(chat.input_ids) and chat.num_target_tokens > 0
+    with pytest.raises(DataError, match=rf"{path}:4: conversations\[0\]: unknown 'from' 'bot'"):
+        load_conversations(SourceConfig(name="s", path=path), "messages", 0, 1.0)
+
+
+def test_sharegpt_hub_set_is_memory_mapped_and_converted_on_access(monkeypatch):
+    """A hub set with a ``conversations`` column (OpenThoughts-114k's form) passes the column check and its rows
+    are converted each time they are read; one with neither column stops with the columns it has."""
+    datasets = pytest.importorskip("datasets")
+    import moxin.data.extract as extract
+
+    rows = [{"system": "Think.", "conversations": [{"from": "user", "value": f"q{i}"},
+                                                    {"from": "assistant", "value": f"a{i}"}]} for i in range(3)]
+    monkeypatch.setattr(extract, "open_hub_dataset", lambda source, streaming: datasets.Dataset.from_list(rows))
+    items = load_conversations(SourceConfig(name="ot", path="open-thoughts/OpenThoughts-114k"), "messages", 10, 0.5)
+    assert items.rows == [0, 1, 2] and items[2] == [{"role": "system", "content": "Think."},
+                                                    {"role": "user", "content": "q2"},
+                                                    {"role": "assistant", "content": "a2"}]
+    monkeypatch.setattr(extract, "open_hub_dataset",
+                        lambda source, streaming: datasets.Dataset.from_list([{"text": "x"}]))
+    with pytest.raises(DataError, match=r"no column 'messages' or 'conversations' \(columns: \['text'\]\)"):
+        load_conversations(SourceConfig(name="t", path="org/plain-text"), "messages", 10, 0.5)
+
+
+def test_sft_mixes_several_sources_and_the_reasoning_recipe_lists_its_two(tmp_path, tok):
+    from hydra.utils import instantiate
+
+    from moxin.data.dpo_data import PreferenceDataModule
+
+    qa = lambda i: [{"from": "user", "value": f"q{i}"}, {"from": "assistant", "value": f"a{i}"}]  # noqa: E731
+    shared = _write(tmp_path / "ot.jsonl", [{"system": "Think.", "conversations": qa(i)} for i in range(5)])
+    plain_msgs = _write(tmp_path / "r1.jsonl", [{"messages": CONV_B}] * 7)
+    dm = ChatSFTDataModule(train=[{"name": "ot", "path": shared}, {"name": "r1", "path": plain_msgs}], tokenizer=tok,
+                           max_length=64, batch_size=4, micro_batch_size=2, num_epochs=1, num_workers=0,
+                           world_size=1, rank=0)
+    assert len(dm.train_set) == 12 and dm.steps_per_epoch() == [3]
+    report = dm.data_report()["train"]
+    assert {k: v["items"] for k, v in report["sources"].items()} == {"ot": 5, "r1": 7}
+    assert report["dropped_per_epoch"] == 0
+    assert sum(b["num_conversations"].item() for b in dm.train_dataloader()) == 12
+    with pytest.raises(DataError, match="source names must differ"):
+        ChatSFTDataModule(train=[{"name": "a", "path": shared}, {"name": "a", "path": plain_msgs}], tokenizer=tok, world_size=1, rank=0, batch_size=8, micro_batch_size=8)
+    with pytest.raises(DataError, match="a list of sources is not supported by PreferenceDataModule"):
+        PreferenceDataModule(train=[shared, plain_msgs], tokenizer=tok, world_size=1, rank=0)
+    # the recipe's data config: both hub sets, as published, with their hub configuration
+    cfg = compose_config(["+experiment=sft_moxin_reasoning", "init_from=x"])
+    rdm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
+    assert [(s.path, s.hub_config, s.split) for s in rdm.train_sources] == [
+        ("open-thoughts/OpenThoughts-114k", "default", "train"), ("open-r1/OpenR1-Math-220k", "default", "train")]
+
+
 def test_datamodule_steps_are_exact_and_epochs_reshuffle(tmp_path, tok):
     path = _write(tmp_path / "c.jsonl", [{"messages": [{"role": "user", "content": f"q{i}"},
                                                        {"role": "assistant", "content": f"a{i}"}]} for i in range(37)])

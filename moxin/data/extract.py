@@ -5,7 +5,8 @@ Extractors return the value a stage trains on, or a :class:`Bad` naming what is 
 missing field); checks take a value and return ``(kind, description)`` of what makes it unusable, or None.
 
 * pretraining: :func:`text_of` (the document text; its size capped by ``max_record_bytes``);
-* SFT: ``record[messages_field]`` checked by :func:`conversation_problem`;
+* SFT: :class:`messages_from_record` (the ``messages`` list, or a ShareGPT record converted) checked by
+  :func:`conversation_problem`;
 * DPO: :class:`pair_from_record` checked by :func:`pair_problem`;
 * GRPO: :class:`prompt_from_record` (problem, reference answer, optional worked solution).
 """
@@ -21,7 +22,7 @@ from moxin.data.bad_records import RecordStats
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
 from moxin.tokenizer.chat import validate_conversation
 
-__all__ = ["text_of", "conversation_problem", "role_order_problem", "pair_from_record", "pair_problem",
+__all__ = ["text_of", "SHAREGPT_ROLES", "sharegpt_messages", "messages_from_record", "conversation_problem", "role_order_problem", "pair_from_record", "pair_problem",
            "prompt_from_record", "Extracted", "extract_all"]
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,60 @@ def text_of(record: Any, source: SourceConfig) -> str | Bad:
 
 
 # ---- SFT -------------------------------------------------------------------------------------------------------
+#: ShareGPT ``from`` values and the chat role each becomes (OpenThoughts-114k: user / assistant; the ShareGPT
+#: originals: human / gpt; a system turn where a set has one).
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def sharegpt_messages(turns: Any, system: Any = None) -> list[dict] | Bad:
+    """ShareGPT turns (``[{"from": ..., "value": ...}]``) and an optional record-level system prompt -> chat
+    messages (``[{"role", "content"}]``, the system prompt first unless the turns open with one); a :class:`Bad`
+    naming the first turn that cannot be read."""
+    if not isinstance(turns, (list, tuple)):
+        return Bad(f"conversations must be a list of {{'from', 'value'}} turns, got {type(turns).__name__}", "invalid")
+    if system is not None and not isinstance(system, str):
+        return Bad(f"system must be a string, got {type(system).__name__}", "invalid")
+    messages = []
+    for j, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            got = sorted(turn) if isinstance(turn, dict) else type(turn).__name__
+            return Bad(f"conversations[{j}] must be a dict with 'from' and 'value', got {got}", "invalid")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            return Bad(f"conversations[{j}]: unknown 'from' {turn['from']!r}; expected one of "
+                       f"{sorted(SHAREGPT_ROLES)}", "unknown_role")
+        if not isinstance(turn["value"], str):
+            return Bad(f"conversations[{j}]: 'value' must be a string, got {type(turn['value']).__name__}", "invalid")
+        messages.append({"role": role, "content": turn["value"]})
+    if system and system.strip() and not (messages and messages[0]["role"] == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
+@dataclass
+class messages_from_record:
+    """Picklable getter: a record -> its chat messages. ``record[messages_field]`` when the record has it (Tülu 3,
+    OpenR1-Math-220k), else a ShareGPT record (OpenThoughts-114k: ``conversations`` of ``from``/``value`` turns
+    and a ``system`` prompt) converted at read time by :func:`sharegpt_messages`."""
+
+    messages_field: str = "messages"
+    conversations_field: str = "conversations"
+    system_field: str = "system"
+
+    @property
+    def columns(self) -> tuple[str, str]:
+        """The columns a hub set must have one of."""
+        return self.messages_field, self.conversations_field
+
+    def __call__(self, rec: dict) -> Any:
+        if self.messages_field in rec and rec[self.messages_field] is not None:
+            return rec[self.messages_field]
+        if self.conversations_field in rec:
+            return sharegpt_messages(rec[self.conversations_field], rec.get(self.system_field))
+        return Bad(f"no field {self.messages_field!r} (chat messages) or {self.conversations_field!r} (ShareGPT "
+                   f"turns) (fields: {sorted(rec)[:20]})", "missing_field")
+
+
 def conversation_problem(messages: Any, index: int | None = None) -> tuple[str, str] | None:
     """``(kind, description)`` of what makes a conversation unusable for SFT, or None."""
     problem = validate_conversation(messages, index)
@@ -176,11 +231,12 @@ def _extract(record: Any, get: Callable, check: Callable | None, index: int) -> 
 def extract_all(source: SourceConfig, get: Callable[[Any], Any], check: Callable[[Any, int], Any] | None = None, *,
                 max_bad_records: int | None, max_bad_fraction: float, what: str | None = None,
                 fix: str = "Fix or remove those records, or raise the limits in the data config.",
-                check_while_reading: bool = True, hub_column: str | None = None) -> Extracted:
+                check_while_reading: bool = True, hub_column: str | tuple[str, ...] | None = None) -> Extracted:
     """Read every record of ``source`` (jsonl / parquet / hub), extract and check it; bad ones are counted.
 
     Stops with DataError past the limits (while reading, and over the whole set at the end; only at the end with
-    ``check_while_reading=False``), or when no record is usable. ``hub_column``: a column a hub dataset must have.
+    ``check_while_reading=False``), or when no record is usable. ``hub_column``: a column a hub dataset must have
+    (a tuple: one of them).
     """
     what = what or f"data set {source.name!r}"
     stats = RecordStats()
@@ -189,8 +245,9 @@ def extract_all(source: SourceConfig, get: Callable[[Any], Any], check: Callable
     dataset = None
     if is_hub_name(source):
         dataset = open_hub_dataset(source, streaming=False)
-        if hub_column and hub_column not in dataset.column_names:
-            raise DataError(f"{what}: no column {hub_column!r} (columns: {dataset.column_names})")
+        wanted = (hub_column,) if isinstance(hub_column, str) else tuple(hub_column or ())
+        if wanted and not any(c in dataset.column_names for c in wanted):
+            raise DataError(f"{what}: no column {' or '.join(map(repr, wanted))} (columns: {dataset.column_names})")
         rows = []
     for row, (loc, rec) in enumerate(read_records(source, formats=("jsonl", "parquet"), dataset=dataset)):
         stats.records += 1

@@ -27,6 +27,8 @@ __all__ = ["PromptDataModule", "DEFAULT_INSTRUCTIONS"]
 DEFAULT_INSTRUCTIONS = {
     # DeepScaleR / verl's math prompt: the MathVerifier reads the last \boxed{}
     "math": "Let's think step by step and output the final answer within \\boxed{}.",
+    # DeepScaleR's own prompt (its data preparation appends this instruction); DeepScaleRVerifier reads the box
+    "deepscaler": "Let's think step by step and output the final answer within \\boxed{}.",
     # the built-in task: ExactAnswerVerifier reads "Answer: N"
     "exact": "End with 'Answer: N'.",
 }

@@ -1,8 +1,9 @@
 """SFT data: Tülu-form conversations -> chat template -> packed rows with an assistant-only loss mask.
 
-Records are ``{"messages": [...]}`` (``allenai/tulu-3-sft-mixture``) from local files or the hub, rendered by
-the one chat template (:func:`moxin.tokenizer.render_chat`). Bad records are counted and reported, and stop
-the run past the limits; an over-long conversation keeps its leading whole turns; an optimizer step takes
+Records are ``{"messages": [...]}`` (``allenai/tulu-3-sft-mixture``, ``open-r1/OpenR1-Math-220k``) or ShareGPT
+``{"system": ..., "conversations": [{"from", "value"}]}`` (``open-thoughts/OpenThoughts-114k``, converted at read
+time) from local files or the hub, rendered by the one chat template (:func:`moxin.tokenizer.render_chat`). Bad
+records are counted and reported, and stop the run past the limits; an over-long conversation keeps its leading whole turns; an optimizer step takes
 exactly ``batch_size`` conversations over all ranks. The rules in full: docs/modules.md, "data/sft_data.py".
 """
 
@@ -10,14 +11,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from operator import itemgetter
 from typing import Any, Sequence
 
 import torch
 
 from moxin.config import SourceConfig
 from moxin.constants import IGNORE_INDEX
-from moxin.data.extract import Extracted, conversation_problem, extract_all
+from moxin.data.extract import Extracted, conversation_problem, extract_all, messages_from_record
 from moxin.data.step_batches import StepDataModule
 from moxin.tokenizer.chat import ChatTokens, render_chat
 
@@ -118,15 +118,17 @@ class collate_sft:
 
 def load_conversations(source: SourceConfig, messages_field: str, max_bad_records: int,
                        max_bad_fraction: float) -> Extracted:
-    """Read and check every conversation of a source (bad ones counted, the run stopped past the limits)."""
-    return extract_all(source, itemgetter(messages_field), conversation_problem, max_bad_records=max_bad_records,
-                       max_bad_fraction=max_bad_fraction, hub_column=messages_field)
+    """Read and check every conversation of a source (bad ones counted, the run stopped past the limits): the
+    ``messages_field`` list, or ShareGPT ``conversations`` converted (:class:`messages_from_record`)."""
+    get = messages_from_record(messages_field)
+    return extract_all(source, get, conversation_problem, max_bad_records=max_bad_records,
+                       max_bad_fraction=max_bad_fraction, hub_column=get.columns)
 
 
 class ChatSFTDataModule(StepDataModule):
     """SFT on Tülu-form conversations (module docstring for the policies).
 
-    Args (and those of :class:`StepDataModule`, counted in conversations):
+    Args (and those of :class:`StepDataModule`, counted in conversations; ``train`` may list several sources):
         tokenizer: the run's tokenizer object (``connect``).
         max_length: tokens per conversation and per packed row (Tülu 3 / Moxin: 4096). At most the model's
             ``max_seq_len``. Longer conversations are truncated at whole turns (module docstring).
@@ -139,6 +141,7 @@ class ChatSFTDataModule(StepDataModule):
     """
 
     item = "conversations"
+    multi_source = True
 
     def __init__(self, train: Any, val: Any = None, tokenizer: Any = None, max_length: int = 4096,
                  batch_size: int = 128, micro_batch_size: int = 8, num_epochs: int = 2, num_workers: int = 1,

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from moxin.config import DataError, SourceConfig
+from moxin.config import DataError, SourceConfig, plain
 from moxin.data.base import MoxinDataModule
 from moxin.data.reader import as_source
 
@@ -65,7 +65,9 @@ class StepDataModule(MoxinDataModule):
 
     Args:
         train: the training source: a path / hub name, or a mapping with ``path`` (and ``split``, ``hub_config``,
-            ``data_files``, ``format`` as in :class:`SourceConfig`).
+            ``data_files``, ``format`` as in :class:`SourceConfig`); where the stage allows it
+            (``multi_source``), a list of them, every item of each used (open-instruct's ``dataset_mixer_list``
+            with weight 1.0 each), shuffled together.
         val: held-out items (same form); None: no validation.
         max_length: tokens per item (at most the model's ``max_seq_len``).
         batch_size: items per optimizer step over all ranks; a multiple of ``micro_batch_size * world_size``.
@@ -76,13 +78,25 @@ class StepDataModule(MoxinDataModule):
     """
 
     item = "items"
+    multi_source = False  # whether ``train`` may list several sources
 
     def __init__(self, train: Any, val: Any, *, max_length: int, batch_size: int, micro_batch_size: int,
                  num_epochs: int, num_workers: int, pad_to_multiple_of: int, max_bad_records: int,
                  max_bad_fraction: float, seed: int, tokenizer: Any, world_size: int | None, rank: int | None,
                  max_seq_len: int | None):
         super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
-        self.train_source = as_source(train, "train")
+        listed = plain(train)
+        if isinstance(listed, list):
+            if not self.multi_source or not listed:
+                raise DataError(f"data.train: {'an empty list' if not listed else 'a list of sources'} is not "
+                                f"supported by {type(self).__name__}; give one source (a path, hub name or mapping)")
+            self.train_sources = [as_source(src, f"train{i}") for i, src in enumerate(listed)]
+            names = [src.name for src in self.train_sources]
+            if len(set(names)) != len(names):
+                raise DataError(f"data.train: source names must differ, got {names}; give each a distinct name:")
+        else:
+            self.train_sources = [as_source(train, "train")]
+        self.train_source = self.train_sources[0]
         self.val_source = as_source(val, "val") if val else None
         self.max_length, self.batch_size, self.micro_batch_size = int(max_length), int(batch_size), int(micro_batch_size)
         self.num_epochs, self.num_workers = int(num_epochs), int(num_workers)
@@ -126,10 +140,17 @@ class StepDataModule(MoxinDataModule):
     @property
     def train_set(self):
         if self._train is None:
-            self._train, self._report["train"] = self.load_set(self.train_source)
+            if len(self.train_sources) == 1:
+                self._train, self._report["train"] = self.load_set(self.train_source)
+            else:
+                loaded = [self.load_set(src) for src in self.train_sources]
+                self._train = torch.utils.data.ConcatDataset([ds for ds, _ in loaded])
+                self._report["train"] = {"sources": {src.name: {**rep, "items": len(ds)}
+                                                     for src, (ds, rep) in zip(self.train_sources, loaded)}}
             n = len(self._train)
             if n < self.batch_size:
-                raise DataError(f"data set {self.train_source.name!r}: {n} usable {self.item}, fewer than one "
+                names = ", ".join(repr(src.name) for src in self.train_sources)
+                raise DataError(f"data set {names}: {n} usable {self.item}, fewer than one "
                                 f"optimizer step (batch_size={self.batch_size}); lower batch_size or add data")
             self._report["train"]["dropped_per_epoch"] = n % self.batch_size
         return self._train

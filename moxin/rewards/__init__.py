@@ -3,8 +3,10 @@
     from moxin.rewards import get_verifier, score_batch
     results, stats = score_batch(get_verifier("math"), completions, answers, timeout_s=10)
 
-Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify equality, Moxin's GRPO reward),
-``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form reward).
+Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify equality, with answer-phrase and last-number fallbacks),
+``"deepscaler"`` (DeepScaleR's reward: the last ``\\boxed{}`` after ``</think>``, math-verify equality, no fallback;
+Moxin-Reasoning's), ``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form
+reward).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ __all__ = [
     "score_batch",
     "shutdown_pools",
     "MathVerifier",
+    "DeepScaleRVerifier",
     "ExactAnswerVerifier",
     "FormatVerifier",
     "CombinedVerifier",
@@ -35,15 +38,23 @@ def _math(**kwargs: Any) -> Verifier:
     return MathVerifier(**kwargs)
 
 
+def _deepscaler(**kwargs: Any) -> Verifier:
+    from moxin.rewards.deepscaler import DeepScaleRVerifier  # math-verify (and SymPy) only when asked for
+
+    return DeepScaleRVerifier(**kwargs)
+
+
 VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "math": _math,
+    "deepscaler": _deepscaler,
     "exact": ExactAnswerVerifier,
     "format": FormatVerifier,
 }
 
 
 def get_verifier(name: str, **kwargs: Any) -> Verifier:
-    """Build a verifier by name (``"math"``, ``"exact"``, ``"format"``); kwargs go to its constructor."""
+    """Build a verifier by name (``"math"``, ``"deepscaler"``, ``"exact"``, ``"format"``); kwargs go to its
+    constructor."""
     try:
         factory = VERIFIERS[name]
     except KeyError:
@@ -51,9 +62,13 @@ def get_verifier(name: str, **kwargs: Any) -> Verifier:
     return factory(**kwargs)
 
 
-def __getattr__(name: str) -> Any:  # lazy MathVerifier, so `import moxin.rewards` does not pull in SymPy
+def __getattr__(name: str) -> Any:  # lazy math verifiers, so `import moxin.rewards` does not pull in SymPy
     if name == "MathVerifier":
         from moxin.rewards.math import MathVerifier
 
         return MathVerifier
+    if name == "DeepScaleRVerifier":
+        from moxin.rewards.deepscaler import DeepScaleRVerifier
+
+        return DeepScaleRVerifier
     raise AttributeError(f"module 'moxin.rewards' has no attribute {name!r}")

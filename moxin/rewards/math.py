@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
 from moxin.rewards.extract import extract_or_no_answer
 
-__all__ = ["MathVerifier"]
+__all__ = ["MathVerifier", "grade_answer"]
 
 
 def _math_verify():
@@ -68,15 +68,22 @@ class MathVerifier:
         _math_verify()  # fail at construction, on the trainer, if the package is missing
 
     def __call__(self, completion: str, reference: str) -> RewardResult:
-        parse, verify, config = _math_verify()
         extracted, no_answer = extract_or_no_answer(completion, self.number_fallback)
         if no_answer is not None:
             return no_answer
-        gold = parse(_as_latex(reference), config, parsing_timeout=None)
-        if not gold:
-            return RewardResult(0.0, "error", extracted, error=f"could not parse the reference answer {reference!r}")
-        pred = parse(_as_latex(extracted), config, parsing_timeout=None)
-        if not pred:
-            return RewardResult(0.0, f"{NO_ANSWER}; unparseable answer", extracted)
-        ok = verify(gold, pred, float_rounding=self.float_rounding, timeout_seconds=None)
-        return RewardResult(1.0, CORRECT, extracted) if ok else RewardResult(0.0, WRONG, extracted)
+        return grade_answer(extracted, reference, self.float_rounding)
+
+
+def grade_answer(extracted: str, reference: str, float_rounding: int = 6, correct: float = 1.0,
+                 wrong: float = 0.0) -> RewardResult:
+    """math-verify's verdict on an extracted answer against the reference: ``correct`` if equal, else ``wrong``
+    (an unparseable answer is ``no_answer`` with score ``wrong``; an unparseable reference an ``error``)."""
+    parse, verify, config = _math_verify()
+    gold = parse(_as_latex(reference), config, parsing_timeout=None)
+    if not gold:
+        return RewardResult(wrong, "error", extracted, error=f"could not parse the reference answer {reference!r}")
+    pred = parse(_as_latex(extracted), config, parsing_timeout=None)
+    if not pred:
+        return RewardResult(wrong, f"{NO_ANSWER}; unparseable answer", extracted)
+    ok = verify(gold, pred, float_rounding=float_rounding, timeout_seconds=None)
+    return RewardResult(correct, CORRECT, extracted) if ok else RewardResult(wrong, WRONG, extracted)
