@@ -17,12 +17,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
 
 from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
 from moxin.eval.generation import generate_all, pass_at_k, score_generations
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.tasks import build_gen_items, build_mc_items, eval_config, load_records
+from moxin.tokenizer import as_tokenizer
 
 __all__ = ["evaluate", "print_table", "write_results", "flat_metrics"]
 
@@ -133,8 +136,6 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
     """Every task of ``cfg`` on ``model``; the same dict on every rank: ``{"tasks": {name: {...}}}``."""
-    from moxin.tokenizer import as_tokenizer
-
     cfg = eval_config(cfg)
     tokenizer = as_tokenizer(tokenizer)
     was_training = model.training
@@ -168,9 +169,6 @@ def write_results(results: dict, path: str | Path) -> Path:
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=title)
     for col in ("task", "n", "metric", "value", "stderr", "items/s"):
         t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)
