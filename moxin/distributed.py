@@ -9,6 +9,7 @@ The model file knows nothing of this. Stages call `parallelize` from `configure_
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
@@ -37,7 +38,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_forward: bool) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # optional: torch builds without distributed
 
     mp = None
     if param_dtype is not None:
@@ -57,8 +58,6 @@ def is_sharded(strategy) -> bool:
 
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the default process group's size; (0, 1) when no process group is set up."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -77,8 +76,6 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
 def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
     """As `all_reduce_values`, but the (len(values),) float64 result stays on `device`: no host sync, so it can
     join other device numbers before the one `.tolist()` a step needs."""
-    import torch.distributed as dist
-
     device = torch.device(device)
 
     def on_device(v):
@@ -118,8 +115,6 @@ def weights_checksum(model: nn.Module) -> float:
     After a forward without a backward (validation, samples) FSDP2 leaves the root and the last block gathered,
     and their parameters are then the gathered compute-dtype (bf16) copies: reshard first so the sum is over the
     fp32 shards, the weights the checkpoint and the export hold."""
-    import torch.distributed as dist
-
     reshard(model)
     device = next(model.parameters()).device
     plain = torch.zeros((), dtype=torch.float64, device=device)

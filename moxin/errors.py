@@ -18,15 +18,27 @@ Lightning's banner, sometimes after a few training steps. Here:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import glob
+import importlib
+import inspect
 import os
 import re
 import sys
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from moxin.config import ConfigError, LoRAConfig, MoxinUserError, RunConfig, plain
+from moxin.config import ConfigError, LoRAConfig, MoxinUserError, RunConfig, SourceConfig, plain
+from moxin.data.reader import Bad, read_records
+from moxin.paths import conf_dir
 
 
 #: the exit status of a run stopped by Ctrl-C (128 + SIGINT, what shells report for an interrupted command)
@@ -39,14 +51,12 @@ def check_hardware(cfg: DictConfig) -> None:
     hw = cfg.get("hardware") or {}
     if hw.get("accelerator") not in ("gpu", "cuda"):
         return
-    import torch
-
     if torch.cuda.is_available():
         return
     why = ("this torch is a CPU-only build" if torch.version.cuda is None
            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
     raise ConfigError(f"hardware.accelerator={hw.get('accelerator')!r} (hardware profile asks for a GPU) but {why}. "
-                    f"Use hardware=cpu here, or install the torch build for your CUDA on a GPU machine")
+                      f"Use hardware=cpu here, or install the torch build for your CUDA on a GPU machine")
 
 
 def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float,
@@ -55,11 +65,6 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
     max_bad_fraction or max_bad_records, or all of them) stop the run here, naming the first bad file:line."""
     if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return
-    from itertools import islice
-
-    from moxin.config import SourceConfig
-    from moxin.data.reader import Bad, read_records
-
     n = bad = 0
     first = None
     for loc, rec in islice(read_records(SourceConfig(name=key, path=path, format="jsonl")), limit):
@@ -74,7 +79,7 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
         limits = f"max_bad_fraction={max_bad_fraction}" + (f", max_bad_records={max_bad_records}"
                                                           if max_bad_records is not None else "")
         raise ConfigError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
-                        f"lines (or raise the limits, {limits}, in the data config if they are expected)")
+                          f"lines (or raise the limits, {limits}, in the data config if they are expected)")
 
 
 def _is_local(path: str) -> bool:
@@ -103,15 +108,13 @@ def check_data(cfg: DictConfig) -> None:
         path = os.path.expanduser(path)
         if not _is_local(path):
             continue
-        import glob
-
         if glob.has_magic(path):
             if not glob.glob(path, recursive=True):
                 raise ConfigError(f"{key}.path={path!r}: no files match (cwd {os.getcwd()}); fix the glob")
             continue
         if not os.path.exists(path):
             raise ConfigError(f"{key}.path={path!r} does not exist (cwd {os.getcwd()}); fix the path (a local "
-                            f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
+                              f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
         field = s.get("text_field", "text") if "sources" in key else s.get("messages_field", None)
         frac = float(s.get("max_bad_fraction", 0.01)) if "sources" in key else float(data.get("max_bad_fraction", 0.05))
         most = None if "sources" in key or data.get("max_bad_records") is None else int(data.max_bad_records)
@@ -129,10 +132,6 @@ _EXTRA_TOP = ("eval", "eval_only")
 def _known_keys() -> dict[str, set[str]]:
     """'' -> the valid top-level keys; node -> its valid keys, for the nodes of _READ_NODES. Taken from moxin's
     own config files, so a key declared (and documented) there is valid and nothing else is."""
-    from omegaconf import OmegaConf
-
-    from moxin.paths import conf_dir
-
     root = conf_dir()
     base = OmegaConf.load(root / "config.yaml")
     groups = {next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else str(d)
@@ -155,9 +154,6 @@ def _known_keys() -> dict[str, set[str]]:
 
 def _params_of(target: str) -> set[str] | None:
     """The keyword arguments `target` takes (through **kwargs to its bases), or None when it takes any."""
-    import importlib
-    import inspect
-
     mod, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(mod), name)
@@ -181,8 +177,6 @@ def _params_of(target: str) -> set[str] | None:
 def _override_of(key: str) -> str:
     """The command-line override that added `key`, if one did (in a Hydra job)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         task = list(HydraConfig.get().overrides.task)
     except ValueError:
         return ""
@@ -193,8 +187,6 @@ def _override_of(key: str) -> str:
 
 
 def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
-    import difflib
-
     prefix, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, sorted(valid), n=1, cutoff=0.6)
     name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
@@ -202,7 +194,7 @@ def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
     src = _override_of(key)
     fix = f"Fix or remove the override {src}" if src else f"Fix or remove {key} in the config file"
     return ConfigError(f"unknown key {key}{hint}: nothing reads it ({where}), so it would be silently ignored. {fix}. "
-                     f"Valid keys{f' of {prefix}' if prefix else ''}: {', '.join(sorted(valid))}")
+                       f"Valid keys{f' of {prefix}' if prefix else ''}: {', '.join(sorted(valid))}")
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -210,12 +202,10 @@ def check_keys(cfg: DictConfig) -> None:
     declares, a key of trainer/samples/warmup/hardware/schedule that one of moxin's config files declares, or a
     parameter of the class a `_target_` node instantiates. A key added with `+` passes Hydra's own checks (it is
     an explicit "add"), so a misspelling (`+trainer.max_stepz=5`) would otherwise be ignored without a word."""
-    from omegaconf import OmegaConf
-
     known = _known_keys()
     if "experiment" in cfg:  # an experiment file without its package line lands under `experiment:`, unread
         raise ConfigError("the settings of +experiment=... ended up under a key 'experiment' that nothing reads: an "
-                        "experiment file must start with the line '# @package _global_' (see conf/experiment/*.yaml)")
+                          "experiment file must start with the line '# @package _global_' (see conf/experiment/*.yaml)")
     for k in cfg:
         if k not in known[""]:
             raise _unknown(str(k), known[""], "not a key of moxin's config")
@@ -290,9 +280,6 @@ _KW_RE = re.compile(r"got an unexpected keyword argument '([^']+)'")
 
 def user_message(exc: BaseException) -> str | None:
     """The one-paragraph message for an error the user caused, or None for anything else."""
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import OmegaConfBaseException
-
     if isinstance(exc, MoxinUserError):
         return str(exc)
     if isinstance(exc, InstantiationException):
@@ -325,15 +312,10 @@ def _chain(exc: BaseException):
 
 def _fields_of(target: str) -> list[str]:
     try:
-        import dataclasses
-        import importlib
-
         mod, _, name = target.rpartition(".")
         obj = getattr(importlib.import_module(mod), name)
         if dataclasses.is_dataclass(obj):
             return [f.name for f in dataclasses.fields(obj)]
-        import inspect
-
         return [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
     except Exception:  # only used to enrich a message
         return []

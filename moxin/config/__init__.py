@@ -19,7 +19,7 @@ from moxin.config.parallel import ParallelConfig
 from moxin.config.run import RunConfig, TrainerConfig, check_init_from
 
 __all__ = ["ModelConfig", "OptimConfig", "GRPOConfig", "LoRAConfig", "ParallelConfig", "EvalConfig", "TaskConfig",
-           "TaskPreset", "TASK_PRESETS", "task_from_any", "SourceConfig", "TrainerConfig", "RunConfig", "check_init_from",
-           "parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute", "DecodePath",
-           "EvalAfter", "TaskKind", "FewshotSampler", "MoxinUserError", "ConfigError", "DataError", "EvalConfigError",
-           "InitFromError", "plain", "config_fields"]
+           "TaskPreset", "TASK_PRESETS", "task_from_any", "SourceConfig", "TrainerConfig", "RunConfig",
+           "check_init_from", "parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute",
+           "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "MoxinUserError", "ConfigError", "DataError",
+           "EvalConfigError", "InitFromError", "plain", "config_fields"]

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
 
 from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
@@ -165,9 +167,6 @@ def write_results(results: dict, path: str | Path) -> Path:
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=title)
     for col in ("task", "n", "metric", "value", "stderr", "items/s"):
         t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)

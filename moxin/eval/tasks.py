@@ -14,9 +14,12 @@ import re
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from moxin.config import DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig, TaskKind
+from moxin.config import (DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig,
+                          TaskKind)
+from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
 from moxin.rewards import VERIFIERS
+from moxin.tokenizer.chat import render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "eval_config"]
 
@@ -210,8 +213,6 @@ class GenItem:
 
 
 def user_text(task: TaskConfig, problem: str) -> str:
-    from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
-
     instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
     return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()
 
@@ -222,8 +223,6 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
     text = user_text(task, problem)
     if not task.chat:
         return tokenizer.encode(text, bos=True)
-    from moxin.tokenizer.chat import render_chat
-
     msgs = ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 
