@@ -29,48 +29,17 @@ from moxin.checkpoint.lock import launcher_rank
 from moxin.checkpoint.policy import CheckpointPolicy
 from moxin.checkpoint.resume import candidates, find_resume
 from moxin.checkpoint.signals import StopOnSignal
+from moxin.config import ConfigError, RunConfig
 from moxin.data.sample import sample_path
 from moxin.loggers import build_loggers
 from moxin.tokenizer import Tokenizer, load_tokenizer
 from moxin.ui import run_plan
 
-__all__ = ["ConfigError", "Run", "assemble", "build_strategy", "check_resume_world", "check_run_config", "check_vocab",
-           "connected_datamodule", "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps",
-           "world_size_of"]
+__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_vocab", "connected_datamodule",
+           "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
 
 if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
     OmegaConf.register_new_resolver("moxin_sample", lambda name: str(sample_path(name)))
-
-
-# ConfigError and check_run_config: moved here unchanged from moxin/run.py, so that nothing imports the entry point
-class ConfigError(ValueError):
-    """A config value that cannot work; the message names the key and what to do."""
-
-
-def check_run_config(cfg: DictConfig) -> None:
-    """Numeric keys of the run (trainer.*) that cannot work, named before any work starts."""
-    t = cfg.trainer
-    problems = []
-
-    def positive_int_or_null(key):
-        v = t.get(key)
-        if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
-            problems.append(f"trainer.{key}={v!r} must be an integer >= 1 or null")
-
-    positive_int_or_null("checkpoint_every_n_steps")
-    positive_int_or_null("keep_checkpoints")
-    positive_int_or_null("val_every_n_steps")
-    if not isinstance(t.max_steps, int) or t.max_steps == 0 or t.max_steps < -1:
-        problems.append(f"trainer.max_steps={t.max_steps!r} must be -1 (the whole schedule) or an integer >= 1")
-    lv = t.limit_val_batches
-    if isinstance(lv, bool) or not isinstance(lv, (int, float)) or not math.isfinite(lv) or lv < 0 \
-            or (isinstance(lv, float) and lv > 1):
-        problems.append(f"trainer.limit_val_batches={lv!r} must be a fraction in [0, 1] or a whole number of batches")
-    mn = t.get("max_nonfinite_steps", 5)
-    if not isinstance(mn, int) or isinstance(mn, bool) or mn < 1:
-        problems.append(f"trainer.max_nonfinite_steps={mn!r} must be an integer >= 1")
-    if problems:
-        raise ConfigError("; ".join(problems))
 
 
 class Run(NamedTuple):
@@ -210,7 +179,7 @@ def connected_datamodule(cfg: DictConfig, tokenizer: Tokenizer, max_seq_len: int
 def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     """Build a training run from the composed config (before any training work): checks, resume point,
     tokenizer (``tokenizer``, or loaded from ``cfg.tokenizer``), data module, stage, callbacks, trainer."""
-    check_run_config(cfg)
+    run_cfg = RunConfig.from_cfg(cfg)  # trainer.* types and ranges, resume, init_from
     out_dir = Path(cfg.out_dir)
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = resolve_resume(cfg, ckpt_dir)
@@ -225,8 +194,8 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     datamodule = connected_datamodule(cfg, tokenizer, max_seq_len=model_cfg.max_seq_len)
     accum = datamodule.accumulate_grad_batches
     stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
-                        init_from=cfg.init_from, _convert_="object")
-    stage.optim_cfg.max_nonfinite_steps = int(cfg.trainer.get("max_nonfinite_steps", 5))
+                        init_from=cfg.init_from, max_nonfinite_steps=run_cfg.trainer.max_nonfinite_steps,
+                        _convert_="object")
 
     throughput = Throughput(peak_tflops=hw.peak_tflops)
     # one policy for every strategy: new name, complete, then last.ckpt switched to it, then retention

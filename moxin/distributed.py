@@ -8,46 +8,13 @@ The model file knows nothing of this. Stages call `parallelize` from `configure_
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from enum import StrEnum
-
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
+from moxin.config import ParallelConfig, Recompute
 from moxin.devices import to_device
-from moxin.losses import parse_option
-
-
-class Recompute(StrEnum):
-    """Which activations a block recomputes in the backward instead of keeping (activation checkpointing)."""
-
-    NONE = "none"  # keep everything: fastest, most memory
-    MLP = "mlp"  # recompute the SwiGLU MLP (its hidden_dim-wide activations are most of a block's memory)
-    ATTENTION = "attention"  # recompute the attention sub-layer (projections, RoPE, the kernel)
-    FULL = "full"  # recompute the whole block: ~1/3 more compute, keeps only each block's input
-
-
-@dataclass
-class ParallelConfig:
-    activation_checkpointing: str | bool = Recompute.NONE
-    """Recomputation per block: none | mlp | attention | full (true = full, false = none). Full is what 7B at 4K
-    context needs on 80 GB GPUs; on 141 GB H200s under FSDP2 less may fit (docs/performance.md has the figures);
-    small models keep everything."""
-    compile: bool = False
-    """torch.compile each block (per-block, so recompiles stay cheap and FSDP hooks sit between blocks)."""
-    fsdp_param_dtype: str | None = None
-    """FSDP2 mixed precision: parameters gathered in this dtype for compute (e.g. bf16), gradients reduced in
-    fp32, master weights stay fp32. None: no FSDP mixed-precision policy (use Lightning's autocast instead)."""
-    reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (ZeRO-3). False keeps them until backward (ZeRO-2-like)."""
-
-    def __post_init__(self):
-        ac = self.activation_checkpointing
-        if isinstance(ac, bool):
-            ac = Recompute.FULL if ac else Recompute.NONE
-        # kept as the plain string (OmegaConf, which saves this config with the run, types it str | bool)
-        self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing").value
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str = Recompute.FULL) -> None:
@@ -71,7 +38,7 @@ def apply_compile(model: nn.Module) -> None:
 
 
 def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_forward: bool) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # optional: torch builds without distributed
 
     mp = None
     if param_dtype is not None:
@@ -91,8 +58,6 @@ def is_sharded(strategy) -> bool:
 
 def rank_and_world() -> tuple[int, int]:
     """This process's rank and the default process group's size; (0, 1) when no process group is set up."""
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -111,8 +76,6 @@ def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
 def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
     """As `all_reduce_values`, but the (len(values),) float64 result stays on `device`: no host sync, so it can
     join other device numbers before the one `.tolist()` a step needs."""
-    import torch.distributed as dist
-
     device = torch.device(device)
 
     def on_device(v):
@@ -152,8 +115,6 @@ def weights_checksum(model: nn.Module) -> float:
     After a forward without a backward (validation, samples) FSDP2 leaves the root and the last block gathered,
     and their parameters are then the gathered compute-dtype (bf16) copies: reshard first so the sum is over the
     fp32 shards, the weights the checkpoint and the export hold."""
-    import torch.distributed as dist
-
     reshard(model)
     device = next(model.parameters()).device
     plain = torch.zeros((), dtype=torch.float64, device=device)

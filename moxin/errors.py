@@ -6,10 +6,11 @@ target class does not take, malformed jsonl) used to surface as the last line of
 Lightning's banner, sometimes after a few training steps. Here:
 
 * :func:`preflight` checks those things from the composed config, before the data module, the model or the
-  Lightning trainer exist, and raises :class:`UserError` naming the key / file:line / path and the fix;
-* :func:`user_message` turns the errors other layers raise for user mistakes (moxin's ``ConfigError`` and
-  ``DataError``, Hydra's instantiation errors, OmegaConf validation errors) into that same one-paragraph form,
-  and returns None for anything else (a real bug keeps its traceback);
+  Lightning trainer exist, and raises a ``ConfigError`` naming the key / file:line / path and the fix (the run's
+  own keys are checked by ``moxin.config.RunConfig``);
+* :func:`user_message` turns the errors other layers raise for user mistakes (every ``MoxinUserError``, Hydra's
+  instantiation errors, OmegaConf validation errors) into that same one-paragraph form, and returns None for
+  anything else (a real bug keeps its traceback);
 * :func:`guarded` runs the job: a user error prints ``moxin: error: ...`` and exits with status 2; with
   ``HYDRA_FULL_ERROR=1`` or ``MOXIN_DEBUG=1`` the full traceback is raised instead. A run that failed before its
   first optimizer step leaves no folder behind when this launch created it.
@@ -17,66 +18,31 @@ Lightning's banner, sometimes after a few training steps. Here:
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import glob
+import importlib
+import inspect
 import os
 import re
 import sys
+from itertools import islice
 from pathlib import Path
 from typing import Any, Callable
 
-from omegaconf import DictConfig
+import torch
+from hydra.core.hydra_config import HydraConfig
+from hydra.errors import InstantiationException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from moxin.config import ConfigError, LoRAConfig, MoxinUserError, RunConfig, SourceConfig, plain
+from moxin.data.reader import Bad, read_records
+from moxin.paths import conf_dir
 
 
 #: the exit status of a run stopped by Ctrl-C (128 + SIGINT, what shells report for an interrupted command)
 INTERRUPTED = 130
-
-
-class UserError(ValueError):
-    """Something the user can fix; the message says what and how. Printed without a traceback."""
-
-
-#: `trainer.*` keys and the types they accept (None: the key may be null). Values from the command line arrive
-#: as strings when they do not parse as numbers, so `trainer.max_steps=abc` is caught here, not deep in Lightning.
-TRAINER_TYPES: dict[str, tuple] = {
-    "checkpoint_every_n_steps": (int,),
-    "keep_all_checkpoints": (bool,),
-    "keep_checkpoints": (int,),
-    "save_checkpoints": (bool,),
-    "val_every_n_steps": (int, type(None)),
-    "max_steps": (int,),
-    "limit_val_batches": (int, float),
-    "progress_bar": (str,),
-    "progress_every_n_steps": (int,),
-    "deterministic": (bool,),
-}
-PROGRESS_BARS = ("rich", "rich_always", "plain", "none")
-
-
-def _type_names(types: tuple) -> str:
-    return " or ".join("null" if t is type(None) else t.__name__ for t in types)
-
-
-def check_types(cfg: DictConfig) -> None:
-    tr = cfg.get("trainer") or {}
-    for key, types in TRAINER_TYPES.items():
-        if key not in tr:
-            continue
-        v = tr[key]
-        ok = isinstance(v, types) and not (isinstance(v, bool) and bool not in types)
-        if not ok:
-            raise UserError(f"trainer.{key}={v!r}: expected {_type_names(types)}, got {type(v).__name__}. "
-                            f"Fix the override, e.g. trainer.{key}={_example(key)}")
-    if tr.get("progress_bar") not in PROGRESS_BARS:
-        raise UserError(f"trainer.progress_bar={tr.get('progress_bar')!r}: use one of {', '.join(PROGRESS_BARS)}")
-    if int(tr.get("progress_every_n_steps", 1)) < 1:
-        raise UserError(f"trainer.progress_every_n_steps={tr.progress_every_n_steps}: must be at least 1")
-    if cfg.get("resume") not in (None, "", False, "auto") and not isinstance(cfg.resume, str):
-        raise UserError(f"resume={cfg.resume!r}: use null, auto or a path to a .ckpt")
-
-
-def _example(key: str) -> str:
-    return {"max_steps": "100", "val_every_n_steps": "25 (or null)", "checkpoint_every_n_steps": "25",
-            "limit_val_batches": "1.0", "progress_bar": "plain", "progress_every_n_steps": "10",
-            "keep_all_checkpoints": "true", "keep_checkpoints": "3", "save_checkpoints": "false", "deterministic": "true"}.get(key, "...")
 
 
 def check_hardware(cfg: DictConfig) -> None:
@@ -85,35 +51,12 @@ def check_hardware(cfg: DictConfig) -> None:
     hw = cfg.get("hardware") or {}
     if hw.get("accelerator") not in ("gpu", "cuda"):
         return
-    import torch
-
     if torch.cuda.is_available():
         return
     why = ("this torch is a CPU-only build" if torch.version.cuda is None
            else f"torch {torch.__version__} (CUDA {torch.version.cuda}) sees no GPU (driver? CUDA_VISIBLE_DEVICES?)")
-    raise UserError(f"hardware.accelerator={hw.get('accelerator')!r} (hardware profile asks for a GPU) but {why}. "
-                    f"Use hardware=cpu here, or install the torch build for your CUDA on a GPU machine")
-
-
-def check_init_from(cfg: DictConfig) -> None:
-    init = cfg.get("init_from")
-    if not init:
-        return
-    p = Path(str(init))
-    if not p.exists():
-        hint = ""
-        if p.name == "last.ckpt" and p.parent.parent.exists():
-            hint = f" ({p.parent.parent} exists but has no checkpoints/last.ckpt: did that run finish a step?)"
-        raise UserError(f"init_from={init!r}: no such file or folder (cwd {os.getcwd()}){hint}. Give a moxin "
-                        f"run's checkpoints/last.ckpt, a Hugging Face MistralForCausalLM folder (its hf/ export) or "
-                        f"a .safetensors file")
-    # what moxin.checkpoint.weights.load_model_weights reads: a HF folder, a distributed checkpoint (an FSDP run's
-    # last.ckpt is such a folder), a checkpoints folder or a run folder
-    accepted = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt", "adapter_config.json")
-    if p.is_dir() and not any((p / name).exists() for name in accepted):
-        raise UserError(f"init_from={init!r} is a folder without config.json (Hugging Face), .metadata (an FSDP "
-                        f"run's distributed checkpoint) or last.ckpt; point it at runs/<name>/checkpoints/last.ckpt "
-                        f"or runs/<name>/hf")
+    raise ConfigError(f"hardware.accelerator={hw.get('accelerator')!r} (hardware profile asks for a GPU) but {why}. "
+                      f"Use hardware=cpu here, or install the torch build for your CUDA on a GPU machine")
 
 
 def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_bad_fraction: float,
@@ -122,10 +65,6 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
     max_bad_fraction or max_bad_records, or all of them) stop the run here, naming the first bad file:line."""
     if not path.lower().endswith((".jsonl", ".json")) or not os.path.isfile(path):
         return
-    from itertools import islice
-
-    from moxin.data.reader import Bad, SourceConfig, read_records
-
     n = bad = 0
     first = None
     for loc, rec in islice(read_records(SourceConfig(name=key, path=path, format="jsonl")), limit):
@@ -139,8 +78,8 @@ def _local_jsonl_probe(key: str, path: str, field: str | None, limit: int, max_b
     if n and (bad == n or bad > max_bad_fraction * n or (max_bad_records is not None and bad > max_bad_records)):
         limits = f"max_bad_fraction={max_bad_fraction}" + (f", max_bad_records={max_bad_records}"
                                                           if max_bad_records is not None else "")
-        raise UserError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
-                        f"lines (or raise the limits, {limits}, in the data config if they are expected)")
+        raise ConfigError(f"{key}: {bad} of the first {n} records are unusable; first: {first}. Fix or remove those "
+                          f"lines (or raise the limits, {limits}, in the data config if they are expected)")
 
 
 def _is_local(path: str) -> bool:
@@ -169,15 +108,13 @@ def check_data(cfg: DictConfig) -> None:
         path = os.path.expanduser(path)
         if not _is_local(path):
             continue
-        import glob
-
         if glob.has_magic(path):
             if not glob.glob(path, recursive=True):
-                raise UserError(f"{key}.path={path!r}: no files match (cwd {os.getcwd()}); fix the glob")
+                raise ConfigError(f"{key}.path={path!r}: no files match (cwd {os.getcwd()}); fix the glob")
             continue
         if not os.path.exists(path):
-            raise UserError(f"{key}.path={path!r} does not exist (cwd {os.getcwd()}); fix the path (a local "
-                            f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
+            raise ConfigError(f"{key}.path={path!r} does not exist (cwd {os.getcwd()}); fix the path (a local "
+                              f"jsonl/parquet/txt file, a folder or a glob) or give a Hugging Face dataset 'org/name'")
         field = s.get("text_field", "text") if "sources" in key else s.get("messages_field", None)
         frac = float(s.get("max_bad_fraction", 0.01)) if "sources" in key else float(data.get("max_bad_fraction", 0.05))
         most = None if "sources" in key or data.get("max_bad_records") is None else int(data.max_bad_records)
@@ -195,10 +132,6 @@ _EXTRA_TOP = ("eval", "eval_only")
 def _known_keys() -> dict[str, set[str]]:
     """'' -> the valid top-level keys; node -> its valid keys, for the nodes of _READ_NODES. Taken from moxin's
     own config files, so a key declared (and documented) there is valid and nothing else is."""
-    from omegaconf import OmegaConf
-
-    from moxin.paths import conf_dir
-
     root = conf_dir()
     base = OmegaConf.load(root / "config.yaml")
     groups = {next(iter(d)) if isinstance(d, dict) or OmegaConf.is_dict(d) else str(d)
@@ -221,9 +154,6 @@ def _known_keys() -> dict[str, set[str]]:
 
 def _params_of(target: str) -> set[str] | None:
     """The keyword arguments `target` takes (through **kwargs to its bases), or None when it takes any."""
-    import importlib
-    import inspect
-
     mod, _, name = target.rpartition(".")
     try:
         obj = getattr(importlib.import_module(mod), name)
@@ -247,8 +177,6 @@ def _params_of(target: str) -> set[str] | None:
 def _override_of(key: str) -> str:
     """The command-line override that added `key`, if one did (in a Hydra job)."""
     try:
-        from hydra.core.hydra_config import HydraConfig
-
         task = list(HydraConfig.get().overrides.task)
     except ValueError:
         return ""
@@ -258,17 +186,15 @@ def _override_of(key: str) -> str:
     return ""
 
 
-def _unknown(key: str, valid: set[str], where: str) -> UserError:
-    import difflib
-
+def _unknown(key: str, valid: set[str], where: str) -> ConfigError:
     prefix, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, sorted(valid), n=1, cutoff=0.6)
     name = lambda k: f"{prefix}.{k}" if prefix else k  # noqa: E731
     hint = f" (did you mean {name(close[0])}?)" if close else ""
     src = _override_of(key)
     fix = f"Fix or remove the override {src}" if src else f"Fix or remove {key} in the config file"
-    return UserError(f"unknown key {key}{hint}: nothing reads it ({where}), so it would be silently ignored. {fix}. "
-                     f"Valid keys{f' of {prefix}' if prefix else ''}: {', '.join(sorted(valid))}")
+    return ConfigError(f"unknown key {key}{hint}: nothing reads it ({where}), so it would be silently ignored. {fix}. "
+                       f"Valid keys{f' of {prefix}' if prefix else ''}: {', '.join(sorted(valid))}")
 
 
 def check_keys(cfg: DictConfig) -> None:
@@ -276,12 +202,10 @@ def check_keys(cfg: DictConfig) -> None:
     declares, a key of trainer/samples/warmup/hardware/schedule that one of moxin's config files declares, or a
     parameter of the class a `_target_` node instantiates. A key added with `+` passes Hydra's own checks (it is
     an explicit "add"), so a misspelling (`+trainer.max_stepz=5`) would otherwise be ignored without a word."""
-    from omegaconf import OmegaConf
-
     known = _known_keys()
     if "experiment" in cfg:  # an experiment file without its package line lands under `experiment:`, unread
-        raise UserError("the settings of +experiment=... ended up under a key 'experiment' that nothing reads: an "
-                        "experiment file must start with the line '# @package _global_' (see conf/experiment/*.yaml)")
+        raise ConfigError("the settings of +experiment=... ended up under a key 'experiment' that nothing reads: an "
+                          "experiment file must start with the line '# @package _global_' (see conf/experiment/*.yaml)")
     for k in cfg:
         if k not in known[""]:
             raise _unknown(str(k), known[""], "not a key of moxin's config")
@@ -320,7 +244,7 @@ def check_mixtures(cfg: DictConfig) -> None:
             if src not in names:
                 example = f"{{name: main, seq_len: {ph.get('seq_len', 256)}, tokens: {ph.get('tokens', 65536)}, " \
                           f"mixture: {{{names[0] if names else 'mine'}: 1}}}}"
-                raise UserError(
+                raise ConfigError(
                     f"schedule.phases[{i}] ({ph.get('name')}).mixture names source {src!r}, which data.sources does not "
                     f"have (its sources: {', '.join(names) or 'none'}). The phases say how much of each source to mix, "
                     f"so with your own data.sources give them mixtures of your sources too, e.g. "
@@ -328,30 +252,24 @@ def check_mixtures(cfg: DictConfig) -> None:
 
 
 def check_lora(cfg: DictConfig) -> None:
-    """LoRA settings that cannot run with the hardware profile (moxin/model/lora.py), named with the fix: QLoRA
-    under FSDP2, and a 16-bit base with fp32 adapters under FSDP2 without its mixed precision (FSDP2 gathers a
-    block's parameters in one dtype)."""
+    """LoRA settings that cannot run with the hardware profile (``LoRAConfig.check_parallel``)."""
     lo = (cfg.get("stage") or {}).get("lora") or {}
     hw = cfg.get("hardware") or {}
     if not lo.get("rank") or hw.get("strategy") != "fsdp2":
         return
-    if lo.get("quantize"):
-        raise UserError(f"stage.lora.quantize={lo.get('quantize')} (QLoRA) runs on one GPU; under FSDP2 "
-                        "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
-    gpu = hw.get("accelerator") in ("gpu", "cuda")
-    base16 = lo.get("base_dtype", "auto") == "bfloat16" or (lo.get("base_dtype", "auto") == "auto" and gpu)
-    if base16 and not (hw.get("parallel") or {}).get("fsdp_param_dtype"):
-        raise UserError("stage.lora with a bfloat16 base under FSDP2 needs FSDP2's mixed precision to gather the "
-                        "fp32 adapters with it: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
-                        "stage.lora.base_dtype=float32)")
+    try:
+        lora = LoRAConfig(**{k: v for k, v in plain(lo).items() if k != "_target_"})
+    except ValueError:  # a value LoRAConfig refuses: instantiating stage.lora names it, with its key
+        return
+    lora.check_parallel(hw.get("strategy"), hw.get("accelerator") in ("gpu", "cuda"),
+                        (hw.get("parallel") or {}).get("fsdp_param_dtype"))
 
 
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
-    check_types(cfg)
+    RunConfig.from_cfg(cfg)  # trainer.* types and ranges, resume, init_from
     check_hardware(cfg)
-    check_init_from(cfg)
     check_lora(cfg)
     check_data(cfg)
     check_mixtures(cfg)  # after the paths: a missing file is the first thing to fix
@@ -362,12 +280,8 @@ _KW_RE = re.compile(r"got an unexpected keyword argument '([^']+)'")
 
 def user_message(exc: BaseException) -> str | None:
     """The one-paragraph message for an error the user caused, or None for anything else."""
-    from hydra.errors import InstantiationException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if isinstance(exc, UserError):
+    if isinstance(exc, MoxinUserError):
         return str(exc)
-    names = {type(e).__name__ for e in _chain(exc)}
     if isinstance(exc, InstantiationException):
         text = str(exc)
         full_key = re.search(r"full_key: (\S+)", text)
@@ -383,10 +297,7 @@ def user_message(exc: BaseException) -> str | None:
         return f"{where}: {inner.strip()}"
     if isinstance(exc, OmegaConfBaseException):
         return str(exc).strip()
-    if names & {"ConfigError", "DataError", "ChatValidationError", "TokenizerError", "DiskSpaceError",
-                 "RunLockError"}:
-        return str(exc)
-    if isinstance(exc, FileNotFoundError) and "init_from=" in str(exc):
+    if any(isinstance(e, MoxinUserError) for e in _chain(exc)):  # e.g. raised while another error was handled
         return str(exc)
     return None
 
@@ -401,15 +312,10 @@ def _chain(exc: BaseException):
 
 def _fields_of(target: str) -> list[str]:
     try:
-        import dataclasses
-        import importlib
-
         mod, _, name = target.rpartition(".")
         obj = getattr(importlib.import_module(mod), name)
         if dataclasses.is_dataclass(obj):
             return [f.name for f in dataclasses.fields(obj)]
-        import inspect
-
         return [p for p in inspect.signature(obj).parameters if p not in ("self", "args", "kwargs")]
     except Exception:  # only used to enrich a message
         return []
@@ -424,7 +330,7 @@ def guarded(fn: Callable[[], Any], cleanup: Callable[[], None], steps_done: Call
     """Run `fn`; turn user errors into one message and exit status 2. A run that failed before its first
     optimizer step calls `cleanup` (which removes what this launch created: nothing half-made is left to
     confuse a later resume=auto). In a sweep (`exit_on_user_error=False`) the message is printed and a
-    UserError raised, so Hydra records the job as failed and the other jobs still run."""
+    MoxinUserError raised, so Hydra records the job as failed and the other jobs still run."""
     try:
         return fn()
     except KeyboardInterrupt:  # Ctrl-C before Lightning's fit (which handles its own): one line, no traceback
@@ -439,7 +345,7 @@ def guarded(fn: Callable[[], Any], cleanup: Callable[[], None], steps_done: Call
             raise
         print(f"moxin: error: {msg}", file=sys.__stderr__, flush=True)
         if not exit_on_user_error:
-            raise UserError(msg) from None
+            raise MoxinUserError(msg) from None
         print("(full traceback: rerun with HYDRA_FULL_ERROR=1)", file=sys.__stderr__, flush=True)
         raise SystemExit(2) from None
 

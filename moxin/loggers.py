@@ -14,7 +14,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from moxin.errors import UserError
+from moxin.config import ConfigError
 
 #: the module each logger needs, and how to get it
 REQUIRES = {"wandb": ("wandb", "pip install wandb"),
@@ -26,7 +26,7 @@ def check_loggers(cfg: DictConfig) -> None:
     for name in (cfg.get("logger") or {}):
         mod, fix = REQUIRES.get(name, (None, None))
         if mod and importlib.util.find_spec(mod) is None:
-            raise UserError(f"logger={name}: the {mod!r} package is not installed; {fix}, or drop it from logger=[...]")
+            raise ConfigError(f"logger={name}: the {mod!r} package is not installed; {fix}, or drop it from logger=[...]")
 
 
 def build_loggers(cfg: DictConfig, out_dir: Path) -> list:

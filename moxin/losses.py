@@ -21,69 +21,17 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 import torch.nn.functional as F
 
+from moxin.config import Aggregation, DPOLoss, KLEstimator, parse_option
+from moxin.constants import IGNORE_INDEX
 from moxin.devices import to_device
-from moxin.model.transformer import mm_f32
+from moxin.numerics import mm_f32
 
-IGNORE_INDEX = -100
-
-
-def parse_option(enum_cls, value, key: str):
-    """``enum_cls(value)``, or a ValueError that names the config key and the choices."""
-    try:
-        return enum_cls(value)
-    except ValueError:
-        raise ValueError(f"{key}={value!r}: choose one of {', '.join(m.value for m in enum_cls)}") from None
-
-
-class DPOLoss(StrEnum):
-    """The preference losses of :func:`dpo_loss` (papers there). The rules that depend on the choice live here."""
-
-    DPO = "dpo"
-    DPO_NORM = "dpo_norm"
-    IPO = "ipo"
-    SIMPO = "simpo"
-
-    @property
-    def needs_reference(self) -> bool:
-        """SimPO is reference-free; the others compare with a reference model's log-probs."""
-        return self is not DPOLoss.SIMPO
-
-    @property
-    def averages_over_tokens(self) -> bool:
-        """Whether the loss works on length-averaged log-probs (needs the answers' token counts)."""
-        return self is not DPOLoss.DPO
-
-
-class KLEstimator(StrEnum):
-    """Per-token KL estimators of :func:`kl_penalty` (Schulman 2020); ``low_var_kl`` is verl's name for k3."""
-
-    K1 = "k1"
-    K2 = "k2"
-    K3 = "k3"
-    LOW_VAR_KL = "low_var_kl"
-
-
-class Aggregation(StrEnum):
-    """How :func:`policy_loss` turns token losses into one number, and what its ``normaliser`` counts."""
-
-    TOKEN = "token"
-    """sum over masked tokens / masked tokens (DAPO): every token weighs the same."""
-    SEQUENCE = "sequence"
-    """mean over each sequence's tokens, summed / sequences (original GRPO)."""
-    CONSTANT = "constant"
-    """sum over masked tokens / a constant (Dr. GRPO: max_new_tokens x sequences)."""
 
 __all__ = [
-    "IGNORE_INDEX",
-    "parse_option",
-    "DPOLoss",
-    "KLEstimator",
-    "Aggregation",
     "token_logprobs",
     "token_cross_entropy",
     "token_entropy",

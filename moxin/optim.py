@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from moxin.config import TrainerConfig
 from moxin.distributed import all_reduce_tensor
 
 
@@ -96,10 +97,12 @@ def _to_host(t: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
 
 class OptimizerStep:
     """Token normalisation, clipping, the fused path and the non-finite guard of one optimizer step (module
-    docstring). `cfg` is the stage's `OptimConfig`, read when used (``grad_clip``, ``max_nonfinite_steps``, ``lr``)."""
+    docstring). `cfg` is the stage's `OptimConfig`, read when used (``grad_clip``, ``lr``); `max_nonfinite_steps`
+    is the run's ``trainer.max_nonfinite_steps``."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, max_nonfinite_steps: int = TrainerConfig.max_nonfinite_steps):
         self.cfg = cfg
+        self.max_nonfinite_steps = max_nonfinite_steps
         self.allow_fused = True  # False: always read the values before the step and multiply (a reference path)
         self.nonfinite_steps = 0  # steps skipped for a NaN/Inf loss or gradient norm (checkpointed by the stage)
         self.nonfinite_run: list[int] = []  # the steps of the current run of consecutive skipped steps
@@ -225,7 +228,7 @@ class OptimizerStep:
             p.grad = None
         self.nonfinite_steps += 1
         self.nonfinite_run.append(step)
-        limit = self.cfg.max_nonfinite_steps
+        limit = self.max_nonfinite_steps
         rank_zero_warn(f"optimizer step {step}: {', '.join(bad)}; step skipped (weights unchanged; "
                        f"{len(self.nonfinite_run)} in a row, the run stops at {limit})")
         if len(self.nonfinite_run) >= limit:

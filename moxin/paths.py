@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import moxin.config.schema  # noqa: F401  the YAML files name these schemas: registered before any compose
+
 _PKG = Path(__file__).resolve().parent
 
 
 def conf_dir() -> Path:
     """The folder holding `config.yaml` and the config groups (model/, data/, stage/, hardware/, ...). Its YAML
-    files name schemas in Hydra's ConfigStore (moxin/conf_schema.py), registered here too, so that composing from
-    this folder works without importing moxin.run first."""
-    import moxin.conf_schema  # noqa: F401
+    files name schemas in Hydra's ConfigStore (moxin/config/schema.py, registered on importing this module), so
+    composing from this folder works without importing moxin.run first."""
     for candidate in (_PKG / "conf", _PKG.parent / "conf"):
         if (candidate / "config.yaml").is_file():
             return candidate

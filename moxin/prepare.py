@@ -21,13 +21,13 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from moxin.config import DataError, SourceConfig, plain
 from moxin.data.bad_records import RecordStats
 from moxin.data.dedup import normalize_text, text_hash
 from moxin.data.documents import documents_of
 from moxin.data.prepared import (FORMAT_VERSION, INDEX_DTYPE, MANIFEST, PreparedData, file_sha256, token_dtype,
                                  tokenizer_fingerprint)
-from moxin.data.reader import (DataError, SourceConfig, is_hub_name, open_hub_dataset, open_hub_file, plain,
-                               read_positioned, resolve_files)
+from moxin.data.reader import is_hub_name, open_hub_dataset, open_hub_file, read_positioned, resolve_files
 from moxin.data.sample import sample_path
 from moxin.paths import conf_dir
 from moxin.tokenizer import TokenizerError, load_tokenizer

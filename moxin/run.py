@@ -33,7 +33,6 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from hydra.types import RunMode  # noqa: E402
 from omegaconf import DictConfig, open_dict  # noqa: E402
 
-import moxin.conf_schema  # noqa: F401,E402  registers the configs' schemas in Hydra's ConfigStore before @hydra.main
 from moxin import ui  # noqa: E402
 from moxin.assemble import Run, assemble, resolve_resume, say  # noqa: E402
 from moxin.checkpoint.export import export_hf  # noqa: E402
@@ -47,7 +46,7 @@ from moxin.errors import INTERRUPTED, check_keys, guarded, preflight  # noqa: E4
 from moxin.eval.runner import flat_metrics  # noqa: E402
 from moxin.eval.stage import run_eval  # noqa: E402
 from moxin.model import lora  # noqa: E402
-from moxin.paths import conf_dir  # noqa: E402
+from moxin.paths import conf_dir  # noqa: E402  (importing it registers the configs' schemas before @hydra.main)
 from moxin.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
 from moxin.tokenizer.cjk import export_files  # noqa: E402
 from moxin.tokenizer.hf_export import write_export_tokenizer  # noqa: E402

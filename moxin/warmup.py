@@ -34,10 +34,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-import moxin.conf_schema  # noqa: F401  the stage's schemas (optim, lora), which compose() needs in the ConfigStore
-from moxin.assemble import ConfigError, connected_datamodule, say, world_size_of
+from moxin.assemble import connected_datamodule, say, world_size_of
 from moxin.checkpoint.resume import find_resume
-from moxin.paths import conf_dir
+from moxin.config import ConfigError
+from moxin.paths import conf_dir  # importing it registers the stage's schemas (optim, lora) that compose() needs
 from moxin.tokenizer import Tokenizer
 from moxin.ui import run_log
 

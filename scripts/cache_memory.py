@@ -11,7 +11,8 @@ import json
 
 import torch
 
-from moxin.model import ModelConfig, RollingKVCache
+from moxin.model import RollingKVCache
+from moxin.presets import load_preset
 
 
 def main():
@@ -20,7 +21,7 @@ def main():
     ap.add_argument("--tokens", type=int, default=32768)
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
-    cfg = ModelConfig.preset(a.preset)
+    cfg = load_preset(a.preset)
     rolling = RollingKVCache(cfg, 1, a.tokens, device=a.device, dtype=torch.bfloat16)
     r = rolling.nbytes()
     del rolling

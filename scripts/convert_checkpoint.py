@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from moxin.presets import load_preset
 
 
 def model_config(spec: str):
-    from moxin.model import ModelConfig
 
     p = Path(spec)
     if p.suffix in (".yaml", ".yml") and p.exists():  # a model YAML of one's own (its Hydra defaults list ignored)
@@ -33,7 +33,7 @@ def model_config(spec: str):
         node = OmegaConf.load(p)
         node.pop("defaults", None)
         return instantiate(node)
-    return ModelConfig.preset(spec)  # a name in conf/model (model=<name>)
+    return load_preset(spec)  # a name in conf/model (model=<name>)
 
 
 STAGE_TARGETS = {"pretrain": "moxin.stages.pretrain.PretrainStage", "sft": "moxin.stages.sft.SFTStage",

@@ -45,6 +45,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from moxin.presets import load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "moxin" / "data" / "sample" / "eval_mc.jsonl"
@@ -168,9 +169,10 @@ def run_lmeval(args) -> dict:
 def run_moxin(args) -> dict:
     import torch
 
+    from moxin.config import EvalConfig, TaskConfig
     from moxin.eval.loglik import encode_pair
-    from moxin.eval.runner import EvalConfig, evaluate
-    from moxin.eval.tasks import TaskConfig, build_mc_items, load_records
+    from moxin.eval.runner import evaluate
+    from moxin.eval.tasks import build_mc_items, load_records
     from moxin.model.hf import load_hf
     from moxin.tokenizer import load_tokenizer
 
@@ -214,13 +216,13 @@ def make_random(preset: str, path: str, seed: int) -> None:
     import torch
     from omegaconf import OmegaConf
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
     from moxin.model.hf import save_hf
     from moxin.tokenizer import mistral_model_path
     from moxin.tokenizer.hf_export import write_hf_tokenizer_files
 
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset(preset)
+    cfg = load_preset(preset)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Transformer(cfg)
     save_hf(model, path, dtype=torch.bfloat16)

@@ -44,9 +44,10 @@ if str(ROOT) not in sys.path:
 
 from moxin.tokenizer import load_tokenizer  # noqa: E402
 from moxin.tokenizer.cjk import (  # noqa: E402
-    ASSET_DIR, LANGS, SAMPLE_HELDOUT_EVERY, SPIECE_UNDERLINE, add_special_tokens, compose, document_language,
-    runs_of_text, script_runs, train_expert, write_artifact,
+    LANGS, SAMPLE_HELDOUT_EVERY, add_special_tokens, compose, document_language, runs_of_text, script_runs,
+    train_expert, write_artifact,
 )
+from moxin.tokenizer.tokenizer import ASSET_DIR, SPIECE_UNDERLINE  # noqa: E402
 
 DEFAULT_VOCAB = {"zh": 32000, "ja": 16000, "ko": 10000}
 #: Single characters each expert keeps as pieces (the most frequent ones); the rest of its size goes to merges.
@@ -143,7 +144,8 @@ def text_source(path: str):
 
 
 def hub_source(name: str, split: str, fld: str, n: int):
-    from moxin.data.reader import SourceConfig, open_hub_dataset  # the project's one hub opener
+    from moxin.config import SourceConfig
+    from moxin.data.reader import open_hub_dataset  # the project's one hub opener
 
     src = SourceConfig(name=f"cjk-{name}", path=name, text_field=fld, split=split, format="hub")
     for i, rec in enumerate(open_hub_dataset(src, streaming=True)):

@@ -7,7 +7,8 @@ import sys
 import pytest
 import torch
 
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer
 
 
@@ -15,7 +16,7 @@ def tiny_model(seed: int = 0, **overrides) -> Transformer:
     """A `tiny` preset model (vocab 512, dim 64, 2 layers, 4/2 heads, window 16) in eval mode, fp32 CPU."""
     torch.manual_seed(seed)
     overrides.setdefault("attn_backend", "sdpa")
-    return Transformer(ModelConfig.preset("tiny", **overrides)).eval()
+    return Transformer(load_preset("tiny", **overrides)).eval()
 
 
 @pytest.fixture(scope="module")

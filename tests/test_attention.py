@@ -225,7 +225,8 @@ def test_flash_without_a_usable_kernel_says_so(monkeypatch):
 
 def test_model_builds_one_mask_per_forward(monkeypatch):
     """The mask is built once per forward and shared by every layer, not rebuilt per layer."""
-    from moxin.model import ModelConfig, Transformer
+    from moxin.config import ModelConfig
+    from moxin.model import Transformer
 
     built = []
     real = attention.AttentionMask.build.__func__
@@ -289,7 +290,8 @@ def test_doc_bounds_from_the_host_equal_what_the_forward_reads_from_the_device(m
 
 
 def test_doc_bounds_of_other_rows_are_refused_and_a_forward_with_them_is_unchanged():
-    from moxin.model import ModelConfig, RollingKVCache, Transformer
+    from moxin.config import ModelConfig
+    from moxin.model import RollingKVCache, Transformer
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
                       sliding_window=6, max_seq_len=64)
@@ -354,7 +356,8 @@ def test_compiled_block_hands_flashattention_its_layout_and_takes_its_gradients_
     from torch._functorch import config as functorch_config
     from torch._functorch._aot_autograd import runtime_wrappers as rw
 
-    from moxin.model import ModelConfig, Transformer, transformer
+    from moxin.config import ModelConfig
+    from moxin.model import Transformer, transformer
 
     seen, coerced = [], []
     monkeypatch.setattr(attention, "_flash4", lambda: _kernel_like_flash4(seen))

@@ -4,7 +4,8 @@ padding; memory is W slots per layer."""
 import pytest
 import torch
 
-from moxin.model import ModelConfig, RollingKVCache
+from moxin.model import RollingKVCache
+from moxin.presets import load_preset
 from tests.conftest import tiny_model
 
 W = 8
@@ -107,7 +108,7 @@ def test_padded_batch_equals_single_rows(model, side):
 
 
 def test_cache_memory_is_one_eighth_at_8x_window():
-    cfg = ModelConfig.preset("tiny", sliding_window=W)
+    cfg = load_preset("tiny", sliding_window=W)
     rolling = RollingKVCache(cfg, 2)
     full = RollingKVCache(cfg.replace(sliding_window=None), 2, max_len=8 * W)
     assert full.nbytes() == 8 * rolling.nbytes()
@@ -116,7 +117,7 @@ def test_cache_memory_is_one_eighth_at_8x_window():
 
 def test_moxin_7b_cache_figures():
     """Computed, not allocated: bf16 K+V for one 32K sequence, full vs rolling (W=4096)."""
-    cfg = ModelConfig.preset("moxin-7b")
+    cfg = load_preset("moxin-7b")
     per_token = 2 * cfg.n_layers * cfg.n_kv_heads * cfg.head_dim * 2  # K and V, bf16
     assert per_token == cfg.kv_cache_bytes_per_token() == 144 * 1024
     full = per_token * cfg.max_seq_len
@@ -166,7 +167,7 @@ def test_flex_decode_attention_equals_sdpa():
             torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
             nxt += 1
     assert torch.equal(caches[0].pos, caches[1].pos)
-    cfg = ModelConfig.preset("tiny", head_dim=32, sliding_window=1024)  # 256 slots: the generation fits
+    cfg = load_preset("tiny", head_dim=32, sliding_window=1024)  # 256 slots: the generation fits
     assert C.flex_decode_applies(RollingKVCache(cfg, 2, 256), 32, "cuda")
     assert not C.flex_decode_applies(RollingKVCache(cfg, 2, 256), 32, "cpu")
     assert not C.flex_decode_applies(RollingKVCache(cfg, 2, 200), 32, "cuda")  # 200 slots: no whole blocks

@@ -16,12 +16,14 @@ import pytest
 import torch
 
 from moxin import run as R
-from moxin.assemble import ConfigError, assemble, resolve_resume
+from moxin.assemble import assemble, resolve_resume
 from moxin.checkpoint import policy
 from moxin.checkpoint.files import read_info, step_name
 from moxin.checkpoint.lock import RunLock, RunLockError
 from moxin.checkpoint.policy import DiskSpaceError, apply_retention, checkpoint_bytes, point_last
 from moxin.checkpoint.resume import clean_temporaries, find_resume
+from moxin.config import ConfigError
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_PRETRAIN
 
@@ -203,10 +205,10 @@ def test_nonfinite_training_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 
 # ---- 7: init_from checks the architecture -------------------------------------------------------------------
 def test_init_from_hf_with_another_architecture_is_refused(tmp_path):
-    from moxin.model import ModelConfig, Transformer, save_hf
+    from moxin.model import Transformer, save_hf
     from moxin.checkpoint.weights import load_init_weights
 
-    base = ModelConfig.preset("tiny")
+    base = load_preset("tiny")
     src = Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096))
     save_hf(src, tmp_path / "hf")
     with pytest.raises(ValueError) as e:
@@ -221,10 +223,10 @@ def test_init_from_hf_with_another_architecture_is_refused(tmp_path):
 def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
     import dataclasses
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
     from moxin.checkpoint.weights import load_init_weights
 
-    cfg = ModelConfig.preset("tiny")
+    cfg = load_preset("tiny")
     m = Transformer(cfg.replace(rope_theta=5e5))
     torch.save({"state_dict": {f"model.{k}": v for k, v in m.state_dict().items()}, "global_step": 3, "epoch": 0,
                 "moxin": {"model_config": dataclasses.asdict(m.cfg)}}, tmp_path / "a.ckpt")
@@ -235,9 +237,9 @@ def test_init_from_ckpt_checks_the_recorded_config(tmp_path):
 
 # ---- 8: records that used to pass silently -------------------------------------------------------------------
 def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
+    from moxin.config import SourceConfig
     from moxin.data.bad_records import RecordStats
     from moxin.data.documents import iter_records
-    from moxin.data.reader import SourceConfig
 
     f = tmp_path / "c.jsonl"
     good = [json.dumps({"text": f"document {i}"}).encode() for i in range(6)]
@@ -253,7 +255,7 @@ def test_invalid_utf8_and_oversized_records_are_counted(tmp_path):
 
 
 def test_chat_roles_out_of_order_are_counted(tmp_path):
-    from moxin.data.reader import SourceConfig
+    from moxin.config import SourceConfig
     from moxin.data.sft_data import load_conversations
 
     ok = [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
@@ -473,8 +475,6 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
     room for a checkpoint, writes no checkpoint folder, and still writes its summary; a non-boolean is refused."""
     import collections
 
-    from moxin.errors import UserError
-
     usage = collections.namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 1024))
     R.train(compose_config(FAST + [f"out_dir={tmp_path}", "run_name=n", "trainer.max_steps=3",
@@ -482,7 +482,7 @@ def test_save_checkpoints_false_writes_none_and_needs_no_room(tmp_path, monkeypa
     assert not (tmp_path / "checkpoints").exists()
     info = json.loads((tmp_path / "summary.json").read_text())
     assert info["optimizer_steps"] == 3 and info["checkpoint"] is None
-    with pytest.raises(UserError, match="trainer.save_checkpoints='no'.*expected bool"):
+    with pytest.raises(ConfigError, match="trainer.save_checkpoints='no'.*expected bool"):
         R.train(compose_config(FAST + [f"out_dir={tmp_path / 'x'}", "trainer.save_checkpoints=no"]))
 
 

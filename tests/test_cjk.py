@@ -10,12 +10,13 @@ import pytest
 import torch
 
 from moxin.data.sample import sample_path
+from moxin.presets import load_preset
 from moxin.tokenizer import format_prompt, load_tokenizer, render_chat
 from moxin.tokenizer.cjk import (
-    ASSET_DIR, META_FILE, RUN_PATTERN, SAMPLE_HELDOUT_EVERY, TokenizerError, base_splits, compose,
-    document_language, export_files, extend_embeddings, is_claimed, language_of, runs_of_text, script_runs,
-    train_expert,
+    META_FILE, RUN_PATTERN, SAMPLE_HELDOUT_EVERY, base_splits, compose, document_language, export_files,
+    extend_embeddings, is_claimed, language_of, runs_of_text, script_runs, train_expert,
 )
+from moxin.tokenizer.tokenizer import ASSET_DIR, TokenizerError
 
 SPACE = "\u2581"
 
@@ -335,7 +336,7 @@ def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base, monke
     init_from accepts for a model of the extended size."""
     import importlib.util
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
     from moxin.model.hf import load_hf, save_hf
     from moxin.checkpoint.weights import load_init_weights
 
@@ -344,7 +345,7 @@ def test_extend_vocab_script_hf_folder_and_checkpoint(tmp_path, tok, base, monke
     ev = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ev)
     monkeypatch.setattr(ev, "load_tokenizer", {"moxin-cjk": tok, "mistral": base}.__getitem__)  # loaded once
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=base.vocab_size)
+    cfg = load_preset("tiny").replace(vocab_size=base.vocab_size)
     torch.manual_seed(0)
     model = Transformer(cfg)
     save_hf(model, tmp_path / "hf")

@@ -6,12 +6,12 @@ from collections import Counter
 import pytest
 import torch
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.dedup import DedupFilter, normalize_text, text_hash
 from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
 from moxin.data.bad_records import RecordStats
 from moxin.data.documents import iter_documents, iter_records, validate_source
-from moxin.data.reader import DataError, SourceConfig
 
 
 def write_jsonl(path, docs, field="text"):
@@ -197,7 +197,7 @@ def test_hub_source_that_cannot_be_reached_names_the_source_and_the_fix():
     from tests.conftest import run_hub_offline
 
     out = run_hub_offline(
-        "from moxin.data.reader import SourceConfig, open_hub_dataset, DataError\n"
+        "from moxin.config import DataError, SourceConfig\nfrom moxin.data.reader import open_hub_dataset\n"
         "try:\n    open_hub_dataset(SourceConfig(name='slim', path='cerebras/SlimPajama-627B'), streaming=True)\n"
         "except DataError as e:\n    print(e)\n")
     assert "data source 'slim'" in out and "cerebras/SlimPajama-627B" in out and "local jsonl / parquet" in out

@@ -5,9 +5,9 @@ import json
 import pytest
 import torch
 
+from moxin.config import DataError
 from moxin.data.phases import Phase
 from moxin.data.pretrain_data import PretrainDataModule
-from moxin.data.reader import DataError
 from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip
 
 

@@ -113,8 +113,9 @@ def test_recompute_policies_give_the_same_loss_gradients_and_names(policy):
     the state dict (checkpoints and HF exports do not depend on the policy); unknown names are refused."""
     import torch
 
-    from moxin.distributed import ParallelConfig, Recompute, parallelize
-    from moxin.model import ModelConfig, Transformer
+    from moxin.config import ModelConfig, ParallelConfig, Recompute
+    from moxin.distributed import parallelize
+    from moxin.model import Transformer
 
     cfg = ModelConfig(vocab_size=64, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
                       sliding_window=6, max_seq_len=32)

@@ -8,9 +8,10 @@ import json
 
 import pytest
 
+from moxin.config import DataError
 from moxin.data.dpo_data import PreferenceDataModule, collate_pairs, render_answer
 from moxin.data.extract import pair_from_record, pair_problem
-from moxin.data.reader import DataError
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL
 
@@ -70,10 +71,9 @@ def test_bad_pairs_are_counted_and_too_long_dropped(tmp_path, tok):
 
 
 def test_stage_config_errors():
-    from moxin.model import ModelConfig
     from moxin.stages.dpo import DPOStage
 
-    cfg = ModelConfig.preset("tiny")
+    cfg = load_preset("tiny")
     with pytest.raises(ValueError, match="reference-free"):
         DPOStage(model=cfg, loss_type="simpo", reference="cached")
     with pytest.raises(ValueError, match="needs a reference"):
@@ -125,12 +125,11 @@ def test_the_dpo_step_reads_nothing_from_the_device_and_the_loss_is_unchanged():
     the batch without them, for both references, and the step records no read of a tensor value."""
     import torch
 
-    from moxin.model import ModelConfig
     from moxin.stages.dpo import DPOStage
     from tests.helpers.host_reads import HostReads
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=64, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=64, attn_backend="sdpa")
     g = torch.Generator().manual_seed(1)
     items = []
     for i, (n_prompt, n_c, n_r) in enumerate([(3, 4, 2), (5, 1, 6), (2, 7, 3)]):

@@ -7,18 +7,18 @@ import json
 import pytest
 import torch
 
+from moxin.config import DataError, EvalConfig, EvalConfigError, TaskConfig
 from moxin.data.sample import sample_path
-from moxin.data.reader import DataError
-from moxin.eval import (EvalConfig, EvalConfigError, TaskConfig, build_mc_items, encode_pair, evaluate,
-                        load_records, loglikelihoods, pass_at_k)
-from moxin.model import ModelConfig, Transformer
+from moxin.eval import build_mc_items, encode_pair, eval_config, evaluate, load_records, loglikelihoods, pass_at_k
+from moxin.model import Transformer
+from moxin.presets import load_preset
 
 
 @pytest.fixture(scope="module")
 def model():
     """A small model over the real 32000-entry vocabulary (the sample tasks are tokenized with it)."""
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512, sliding_window=None)
+    cfg = load_preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512, sliding_window=None)
     return Transformer(cfg).eval()
 
 
@@ -164,7 +164,7 @@ def test_hub_task_that_cannot_be_reached_names_the_dataset():
     from tests.conftest import run_hub_offline
 
     out = run_hub_offline(
-        "from moxin.eval import load_records\nfrom moxin.data.reader import DataError\n"
+        "from moxin.config import DataError\nfrom moxin.eval import load_records\n"
         "try:\n    load_records('allenai/ai2_arc', split='test', hub_config='ARC-Easy', name='arc_easy')\n"
         "except DataError as e:\n    print(e)\n")
     assert "'arc_easy'" in out and "allenai/ai2_arc" in out and "local jsonl / parquet" in out
@@ -182,7 +182,7 @@ def test_config_errors_name_the_task_and_the_fix():
     with pytest.raises(EvalConfigError, match="eval.after='epoch'"):
         EvalConfig(tasks=[MC], after="epoch")
     with pytest.raises(EvalConfigError, match="verifier='maths'"):
-        TaskConfig(name="t", path="x", kind="generation", verifier="maths")
+        eval_config({"tasks": [{"name": "t", "path": "x", "kind": "generation", "verifier": "maths"}]})
     with pytest.raises(DataError, match="text template .* needs field 'prompt'"):
         build_mc_items(TaskConfig(name="t", path="x", text="{prompt}"), load_records(MC["path"]))
 
@@ -277,9 +277,10 @@ def test_eval_experiment_without_init_from_says_what_to_give():
 
 
 def test_grpo_heldout_prompts_are_outside_the_rl_pool_and_scored_greedily(tok):
+    from moxin.config import GRPOConfig
     from moxin.data.grpo_data import PromptDataModule
     from moxin.eval.heldout import heldout_records, heldout_reward
-    from moxin.stages.grpo import GRPOConfig, GRPOStage
+    from moxin.stages.grpo import GRPOStage
 
     dm = PromptDataModule(source="arithmetic", steps=4, prompts_per_step=4, tokenizer=tok, seed=3,
                           task={"ops": ["+"], "pool": 16, "solution": "answer"})
@@ -287,7 +288,7 @@ def test_grpo_heldout_prompts_are_outside_the_rl_pool_and_scored_greedily(tok):
     pool = {tuple(r["prompt_ids"]) for s in range(4) for r in dm._global_batch(s)}
     assert len(recs) == 20 and not pool & {tuple(r["prompt_ids"]) for r in recs}
     assert heldout_records(dm, 20) == recs  # fixed
-    stage = GRPOStage(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa"), tokenizer=tok,
+    stage = GRPOStage(load_preset("tiny", vocab_size=32000, attn_backend="sdpa"), tokenizer=tok,
                       grpo=GRPOConfig(max_new_tokens=4, verifier_workers=0, heldout_every=2))
     stage.configure_model()
     m = heldout_reward(stage, recs[:4])
@@ -338,7 +339,7 @@ def test_a_resumed_run_keeps_the_recorded_evaluations_up_to_its_step_and_refuses
     from types import SimpleNamespace
 
     from moxin.callbacks.evaluation import EvalCallback
-    from moxin.errors import UserError
+    from moxin.config import MoxinUserError
 
     cb = EvalCallback({"tasks": [{**MC, "limit": 3}], "after": "phase", "verifier_workers": 0}, tok, str(tmp_path))
     (tmp_path / "eval.json").write_text(json.dumps({"evaluations": [{"step": 6}, {"step": 8}, {"step": 9}]}))
@@ -347,5 +348,5 @@ def test_a_resumed_run_keeps_the_recorded_evaluations_up_to_its_step_and_refuses
     cb.on_train_start(SimpleNamespace(global_step=0), None)  # a run from the start keeps none
     assert cb.history == []
     (tmp_path / "eval.json").write_text("{half")
-    with pytest.raises(UserError, match="eval.json: cannot read the run's earlier evaluations.*move the file away"):
+    with pytest.raises(MoxinUserError, match="eval.json: cannot read the run's earlier evaluations.*move the file away"):
         cb.on_train_start(SimpleNamespace(global_step=8), None)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import torchrun
+from moxin.presets import load_preset
 
 TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
     {"name": "mc", "path": str(__import__("moxin.data.sample", fromlist=["x"]).sample_path("eval_mc")),
@@ -21,10 +22,10 @@ TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
 def _model():
     import torch
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
 
     torch.manual_seed(0)
-    return Transformer(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512,
+    return Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512,
                                           sliding_window=None)).eval()
 
 

@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from moxin.presets import load_preset
 from moxin.tokenizer import load_tokenizer, render_chat
 from moxin.tokenizer.hf_export import write_hf_tokenizer_files
 from tests.helpers.compose import compose_config
@@ -61,14 +62,14 @@ def test_convert_checkpoint_writes_the_tokenizer_like_a_run_export(tmp_path):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from moxin.model import ModelConfig, Transformer
+    from moxin.model import Transformer
 
     root = Path(__file__).resolve().parent.parent
     run = tmp_path / "runs" / "s"
     (run / ".hydra").mkdir(parents=True)
     OmegaConf.save(compose_config(["+experiment=sft", f"out_dir={run}", "run_name=s"]), run / ".hydra" / "config.yaml")
     torch.manual_seed(0)
-    save_file(Transformer(ModelConfig.preset("tiny")).state_dict(), str(run / "weights.safetensors"))
+    save_file(Transformer(load_preset("tiny")).state_dict(), str(run / "weights.safetensors"))
     out = tmp_path / "hf"
     res = subprocess.run([sys.executable, str(root / "scripts" / "convert_checkpoint.py"), str(run / "weights.safetensors"),
                           str(out), "--model", "tiny"], cwd=tmp_path, env={"PYTHONPATH": str(root), "PATH": "/usr/bin:/bin"},

@@ -17,9 +17,10 @@ import pytest
 from tests.conftest import free_port, torchrun
 import torch
 
-from moxin.assemble import ConfigError, assemble
+from moxin.assemble import assemble
 from moxin.checkpoint.files import read_info
 from moxin.checkpoint.weights import load_model_weights
+from moxin.config import ConfigError
 from tests.helpers.kill_loop import TINY
 from tests.helpers.compose import compose_config
 

@@ -13,8 +13,10 @@ import torch
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-from moxin.model import ModelConfig, Transformer, generate  # noqa: E402
+from moxin.config import ModelConfig  # noqa: E402
+from moxin.model import Transformer, generate  # noqa: E402
 from moxin.model import attention as A  # noqa: E402
+from moxin.presets import load_preset  # noqa: E402
 
 DEV = "cuda"
 
@@ -49,7 +51,7 @@ def test_kernels_match_reference(backend, docs):
 
 def _model(dtype, seed=0, **kw):
     torch.manual_seed(seed)
-    cfg = ModelConfig.preset("tiny", **kw)
+    cfg = load_preset("tiny", **kw)
     return Transformer(cfg).to(DEV, dtype).eval()
 
 
@@ -219,8 +221,7 @@ def test_compiled_loss_head_matches_eager(t, monkeypatch):
 def test_pretrain_stage_bf16_compile_loss_falls():
     import lightning as L
 
-    from moxin.distributed import ParallelConfig
-    from moxin.stages.base import OptimConfig
+    from moxin.config import OptimConfig, ParallelConfig
     from moxin.stages.pretrain import PretrainStage
 
     torch.manual_seed(0)
@@ -287,8 +288,8 @@ def test_lightning_training_steps_make_no_device_sync_before_the_optimizer_step(
     stage's reduction keeps the order of mixed host and device numbers."""
     import lightning as L
 
-    from moxin.distributed import ParallelConfig, all_reduce_tensor
-    from moxin.stages.base import OptimConfig
+    from moxin.config import OptimConfig, ParallelConfig
+    from moxin.distributed import all_reduce_tensor
     from moxin.stages.pretrain import PretrainStage
 
     got = all_reduce_tensor([1.0, torch.tensor(2.0, device=DEV), 3, torch.tensor(4.0), True], DEV)

@@ -18,12 +18,11 @@ from tests.conftest import torchrun
 import torch
 
 import moxin.rewards as rewards_pkg
-from moxin.model import ModelConfig
-from moxin.rewards import RewardResult
-from moxin.stages.base import OptimConfig
-from moxin.stages.grpo import GRPOConfig, GRPOStage
-
+from moxin.config import GRPOConfig, OptimConfig
 from moxin.paths import conf_dir
+from moxin.presets import load_preset
+from moxin.rewards import RewardResult
+from moxin.stages.grpo import GRPOStage
 from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch
 from tests.helpers.tiny_overrides import tiny_model
 
@@ -52,7 +51,7 @@ def _verifiers(monkeypatch):
 
 def model_cfg():
     # the tiny shape with the real 32000-entry vocabulary (prompts are rendered with the Mistral tokenizer)
-    return ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    return load_preset("tiny", vocab_size=32000, attn_backend="sdpa")
 
 
 def make_stage(tok, **grpo) -> GRPOStage:
@@ -221,8 +220,8 @@ def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(tmp_path):
 def test_rollout_decode_option_is_checked_and_auto_is_eager_on_cpu(tok, monkeypatch):
     """stage.grpo.decode names one of generate's decode paths; a bad value is refused naming the key; auto decodes
     eagerly on a CPU (compiled on a GPU: tests/test_gpu.py runs that path)."""
+    from moxin.config import DecodePath
     import moxin.stages.grpo as grpo_mod
-    from moxin.model.generate import DecodePath
 
     with pytest.raises(ValueError, match="decode='fast': choose one of auto, eager, static, graph, compiled"):
         GRPOConfig(decode="fast")

@@ -13,8 +13,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 from transformers import MistralConfig, MistralForCausalLM  # noqa: E402
 
-from moxin.model import ModelConfig, Transformer  # noqa: E402
+from moxin.model import Transformer  # noqa: E402
 from moxin.model.hf import hf_to_moxin_config, load_hf, moxin_to_hf_config, save_hf  # noqa: E402
+from moxin.presets import load_preset  # noqa: E402
 
 T = 32
 
@@ -64,7 +65,7 @@ def test_load_hf_matches_hf_logits(tmp_path, attn):
 
 def test_save_hf_loads_in_transformers(tmp_path):
     torch.manual_seed(0)
-    ours = Transformer(ModelConfig.preset("tiny", vocab_size=256, sliding_window=8, attn_backend="sdpa")).eval()
+    ours = Transformer(load_preset("tiny", vocab_size=256, sliding_window=8, attn_backend="sdpa")).eval()
     with torch.no_grad():
         ours.norm.weight.uniform_(0.5, 1.5)
     save_hf(ours, tmp_path / "out")
@@ -82,7 +83,7 @@ def test_save_hf_of_a_fused_model(tmp_path):
     """A model with fused projections (its q/k/v and gate/up weights are views of shared tensors, which
     safetensors refuses) exports the same files as the unfused model."""
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("tiny")).requires_grad_(False)
+    model = Transformer(load_preset("tiny")).requires_grad_(False)
     save_hf(model, tmp_path / "plain")
     save_hf(model.fuse_projections(), tmp_path / "fused")
     a, b = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "fused" / "model.safetensors")
@@ -119,7 +120,7 @@ def test_save_is_atomic_and_replaces(tmp_path, hf_dir):
 
 
 def test_config_round_trip():
-    cfg = ModelConfig.preset("moxin-7b")
+    cfg = load_preset("moxin-7b")
     hf = moxin_to_hf_config(cfg)
     back = hf_to_moxin_config(hf)
     assert back == cfg
@@ -135,7 +136,7 @@ def test_config_round_trip():
 
 
 def test_refuses_other_architectures(tmp_path, hf_dir):
-    hf = moxin_to_hf_config(ModelConfig.preset("tiny"))
+    hf = moxin_to_hf_config(load_preset("tiny"))
     with pytest.raises(ValueError, match="LlamaForCausalLM"):
         hf_to_moxin_config(dict(hf, architectures=["LlamaForCausalLM"], model_type="llama"))
     with pytest.raises(ValueError, match="mixtral"):

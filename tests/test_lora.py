@@ -13,10 +13,12 @@ import torch
 from hydra.utils import instantiate
 
 from moxin import run as R
+from moxin.config import LoRAConfig
 from moxin.model import Transformer
 from moxin.model import lora
 from moxin.model.hf import load_hf, save_hf
-from moxin.model.lora import LoRAConfig, adapters_disabled, apply_lora, lora_modules, merged_items
+from moxin.model.lora import adapters_disabled, apply_lora, lora_modules, merged_items
+from moxin.presets import load_preset
 from tests.helpers.compose import compose_config, logged_train_losses
 from tests.helpers.tiny_overrides import LORA_COMMON, LORA_RUN, LORA_SFT, TINY_MODEL
 
@@ -74,7 +76,8 @@ def test_qlora_base_holds_nf4_only_and_the_backward_keeps_no_dequantised_weight(
     base plus activations. Rows of a batch stay independent (micro-batches of several rows)."""
     if not lora.nf4_available():
         pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
-    from moxin.distributed import ParallelConfig, parallelize
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
     from tests.conftest import tiny_model
 
     def build(quantize, recompute="none"):
@@ -122,11 +125,11 @@ def test_qlora_on_the_gpu_never_holds_the_16_bit_base_and_a_compiled_step_keeps_
     no dequantised projection (Inductor's partitioner kept them all before; docs/performance.md, LoRA section)."""
     if not lora.nf4_available():
         pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
-    from moxin.distributed import ParallelConfig, parallelize
-    from moxin.model import ModelConfig
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
 
-    cfg = ModelConfig.preset("tiny", vocab_size=4096, dim=1024, hidden_dim=3584, n_layers=16, n_heads=8,
-                             n_kv_heads=2, head_dim=128, attn_backend="sdpa", max_seq_len=512)
+    cfg = load_preset("tiny", vocab_size=4096, dim=1024, hidden_dim=3584, n_layers=16, n_heads=8,
+                      n_kv_heads=2, head_dim=128, attn_backend="sdpa", max_seq_len=512)
     torch.manual_seed(0)
     model = Transformer(cfg).to(torch.bfloat16)  # on the host
     bf16 = sum(p.numel() * 2 for p in model.parameters())
@@ -186,7 +189,8 @@ def test_qlora_nf4_product_is_torchaos_dequantisation_bit_for_bit():
 def test_activation_checkpointing_keeps_names_and_gradients(recompute):
     """Recomputed blocks give the adapters the same gradients, and checkpoints, exports and the PEFT keys see the
     plain parameter names (no wrapper prefixes)."""
-    from moxin.distributed import ParallelConfig, parallelize
+    from moxin.config import ParallelConfig
+    from moxin.distributed import parallelize
     from tests.conftest import tiny_model
 
     def build():
@@ -219,11 +223,10 @@ def test_bad_lora_configs_are_refused_with_the_key():
         LoRAConfig(quantize="nf4")
     with pytest.raises(ValueError, match="choose null or nf4"):
         LoRAConfig(rank=4, quantize="int4")
-    from moxin.model import ModelConfig
     from moxin.stages.sft import SFTStage
 
     with pytest.raises(ValueError, match="set init_from"):
-        SFTStage(model=ModelConfig.preset("tiny"), lora=LoRAConfig(rank=4))
+        SFTStage(model=load_preset("tiny"), lora=LoRAConfig(rank=4))
 
 
 def test_sft_lora_trains_only_adapters_checkpoints_them_alone_and_exports_merged_and_peft(tmp_path, base_dir):
@@ -317,10 +320,10 @@ def test_lora_sft_with_several_rows_a_micro_batch_matches_one_row_a_micro_batch(
         pytest.skip("torchao is not installed (pip install 'moxin[lora]'): no NF4")
     runs = {}
     for mb in (4, 1):
-        R.train(_compose(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / str(mb)}", f"run_name=m{mb}",
-                                         "trainer.max_steps=2", "export_hf=false", f"data.micro_batch_size={mb}",
-                                         "data.max_length=64", f"stage.lora.quantize={quantize or 'null'}"]))
-        runs[mb] = (_losses(tmp_path / str(mb)),
+        R.train(compose_config(SFT + COMMON + [f"init_from={base_dir}", f"out_dir={tmp_path / str(mb)}", f"run_name=m{mb}",
+                                               "trainer.max_steps=2", "export_hf=false", f"data.micro_batch_size={mb}",
+                                               "data.max_length=64", f"stage.lora.quantize={quantize or 'null'}"]))
+        runs[mb] = (logged_train_losses(tmp_path / str(mb)),
                     torch.load(tmp_path / str(mb) / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"])
     (la, sa), (lb, sb) = runs[4], runs[1]
     assert sorted(la) == sorted(lb) == [0, 1]
@@ -331,7 +334,7 @@ def test_lora_sft_with_several_rows_a_micro_batch_matches_one_row_a_micro_batch(
 
 
 def test_dpo_adapter_off_reference_equals_a_frozen_copy_of_the_base(tmp_path, base_dir):
-    from moxin.model import ModelConfig
+    from moxin.config import ModelConfig
     from moxin.stages.common import sequence_logps
     from moxin.stages.dpo import DPOStage
 
@@ -442,15 +445,16 @@ def test_fsdp2_lora_resumes_exactly_and_matches_one_process(tmp_path, base_dir):
 
 
 def test_bad_combinations_are_refused_before_any_work(base_dir):
-    from moxin.errors import UserError, check_lora, preflight
+    from moxin.config import ConfigError
+    from moxin.errors import check_lora, preflight
 
     fsdp = ["hardware=fsdp", f"init_from={base_dir}", "stage.lora.rank=4"]
-    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+    with pytest.raises(ConfigError, match="stage.lora.quantize=null"):
         check_lora(compose_config(["+experiment=sft", *fsdp, "stage.lora.quantize=nf4"]))
-    with pytest.raises(UserError, match="fsdp_param_dtype=bfloat16"):
+    with pytest.raises(ConfigError, match="fsdp_param_dtype=bfloat16"):
         check_lora(compose_config(["+experiment=sft", *fsdp, "hardware.parallel.fsdp_param_dtype=null"]))
     check_lora(compose_config(["+experiment=sft", *fsdp]))  # the fsdp profile gathers in bf16: fine
     # preflight runs it (hardware=fsdp_cpu: no GPU needed here)
-    with pytest.raises(UserError, match="stage.lora.quantize=null"):
+    with pytest.raises(ConfigError, match="stage.lora.quantize=null"):
         preflight(compose_config(["+experiment=sft", "hardware=fsdp_cpu", f"init_from={base_dir}", "stage.lora.rank=4",
                             "stage.lora.quantize=nf4"]))

@@ -516,7 +516,7 @@ def test_policy_loss_shares_add_up_with_the_whole_minibatch_normaliser(aggregati
 
 
 def test_string_options_name_the_key_and_the_choices():
-    from moxin.losses import DPOLoss, parse_option
+    from moxin.config import DPOLoss, parse_option
 
     assert parse_option(DPOLoss, "dpo_norm", "stage.loss_type") is DPOLoss.DPO_NORM
     assert DPOLoss.SIMPO.needs_reference is False and DPOLoss.IPO.averages_over_tokens

@@ -3,19 +3,20 @@
 import pytest
 import torch
 
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from tests.conftest import tiny_model
 
 
 def test_moxin_7b_preset_exact():
-    c = ModelConfig.preset("moxin-7b")
+    c = load_preset("moxin-7b")
     assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim, c.vocab_size) == \
         (36, 4096, 32, 8, 128, 14336, 32000)
     assert c.rope_theta == 1e4 and c.sliding_window == 4096 and c.max_seq_len == 32768
     assert c.norm_eps == 1e-5 and c.tie_embeddings is False
-    assert ModelConfig.preset("mistral-7b").n_layers == 32
+    assert load_preset("mistral-7b").n_layers == 32
     with pytest.raises(KeyError, match="unknown model preset"):
-        ModelConfig.preset("moxin-70b")
+        load_preset("moxin-70b")
 
 
 @pytest.mark.parametrize("tie", [False, True])
@@ -27,7 +28,7 @@ def test_num_params_matches_real_model(tie):
 
 
 def test_moxin_7b_param_count_on_meta():
-    cfg = ModelConfig.preset("moxin-7b")
+    cfg = load_preset("moxin-7b")
     with torch.device("meta"):
         m = Transformer(cfg)
     n = sum(p.numel() for p in m.parameters())
@@ -98,7 +99,7 @@ def test_every_parameter_gets_a_finite_nonzero_gradient(tiny):
                                  dict(n_kv_heads=0)])
 def test_invalid_configs_raise(bad):
     with pytest.raises(ValueError, match="invalid ModelConfig"):
-        ModelConfig.preset("tiny", **bad)
+        load_preset("tiny", **bad)
 
 
 def test_too_long_sequence_raises(tiny):
@@ -109,14 +110,14 @@ def test_too_long_sequence_raises(tiny):
 
 
 def test_flops_and_kv_figures():
-    c = ModelConfig.preset("moxin-7b")
+    c = load_preset("moxin-7b")
     assert c.kv_cache_bytes_per_token() == 144 * 1024
     assert c.flops_per_token(2048) > 6 * c.num_params(include_embeddings=False)
 
 
 def test_presets_are_the_conf_model_files():
-    """One source for presets: ModelConfig.preset(name) is conf/model/<name>.yaml, what `model=<name>` picks."""
-    from moxin.model import preset_names
+    """One source for presets: load_preset(name) is conf/model/<name>.yaml, what `model=<name>` picks."""
+    from moxin.presets import preset_names
 
     assert {"moxin-7b", "mistral-7b", "tiny", "tiny-cpu"} <= set(preset_names())
     from hydra.utils import instantiate
@@ -124,7 +125,7 @@ def test_presets_are_the_conf_model_files():
     from tests.helpers.compose import compose_config
 
     for name in preset_names():
-        assert ModelConfig.preset(name) == instantiate(compose_config([f"model={name}"]).model), name
+        assert load_preset(name) == instantiate(compose_config([f"model={name}"]).model), name
 
 
 def test_fused_projections_give_the_same_outputs_in_the_same_memory():

@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
+from moxin.config import OptimConfig
 from moxin.optim import NonFiniteError, OptimizerStep
-from moxin.stages.base import OptimConfig
 
 ACCUM = 3
 
@@ -75,7 +75,7 @@ def test_gradients_are_the_token_mean_of_the_step_then_clipped(clip):
 
 def test_nonfinite_steps_are_skipped_and_the_run_stops_after_n_in_a_row():
     model = _model()
-    step = OptimizerStep(OptimConfig(max_nonfinite_steps=2))
+    step = OptimizerStep(OptimConfig(), max_nonfinite_steps=2)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
 
     def one(bad_loss: bool, at: int):

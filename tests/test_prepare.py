@@ -6,9 +6,10 @@ import random
 
 import pytest
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.prepared import PreparedData, reader_range
 from moxin.data.pretrain_data import PretrainDataModule
-from moxin.data.reader import DataError, SourceConfig, read_positioned
+from moxin.data.reader import read_positioned
 from moxin.prepare import PrepareOptions, merge, run_part
 from moxin.tokenizer import load_tokenizer
 from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
+from moxin.config import DataError
 from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS, PromptDataModule
-from moxin.data.reader import DataError
 from moxin.tokenizer.chat import render_chat
 
 

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from moxin.data.dpo_data import PreferenceDataModule
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
+from moxin.presets import load_preset
 from moxin.stages import refcache
 from moxin.tokenizer import load_tokenizer, mistral_model_path
 
@@ -68,7 +69,7 @@ def test_key_changes_with_every_input(tmp_path, tok):
 def test_values_match_direct_computation_and_cache_is_reused_or_rebuilt(tmp_path, tok):
     dm = _dm(_pairs(tmp_path / "p.jsonl", n=5), tok)
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")).eval()
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa")).eval()
     tables = refcache.compute_reference_logps(model, dm.reference_dataloader("train"), len(dm.train_set), "cpu")
     from moxin.losses import token_logprobs
 

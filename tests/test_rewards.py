@@ -5,16 +5,8 @@ import time
 
 import pytest
 
-from moxin.rewards import (
-    ArithmeticTask,
-    CombinedVerifier,
-    ExactAnswerVerifier,
-    FormatVerifier,
-    RewardResult,
-    get_verifier,
-    score_batch,
-    solution_text,
-)
+from moxin.data.arithmetic import ArithmeticTask, solution_text
+from moxin.rewards import CombinedVerifier, ExactAnswerVerifier, FormatVerifier, RewardResult, get_verifier, score_batch
 from moxin.rewards.extract import MalformedAnswer, extract_answer, last_boxed
 
 math_verify = pytest.importorskip("math_verify")
@@ -225,8 +217,6 @@ def test_format_combined_and_registry():
 
 
 def test_solution_text_styles_end_in_the_verified_answer():
-    from moxin.rewards.tasks import ArithmeticTask, ExactAnswerVerifier, solution_text
-
     p = ArithmeticTask(seed=3).problem(5)
     worked, short = solution_text(p), solution_text(p, "answer")
     assert short == f"Answer: {p['answer']}" and worked.endswith(short)

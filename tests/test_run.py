@@ -12,7 +12,9 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from moxin import run as R
-from moxin.assemble import ConfigError, assemble, val_interval_steps
+from moxin.assemble import assemble, val_interval_steps
+from moxin.config import ConfigError
+from moxin.presets import load_preset
 from tests.helpers.resume_state import (load_checkpoint, sources_override, state_diff,
                                         write_corpus_with_late_duplicates)
 from tests.helpers.compose import compose_config, logged_train_losses
@@ -154,18 +156,18 @@ def test_bad_input_stops_before_any_training_step(tmp_path, overrides, match):
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (Path(R.CONF_DIR) / "model").glob("*.yaml")))
 def test_every_model_preset_composes_through_the_schema(name):
-    """conf/model/<name>.yaml is typed by ModelConfig's own fields (moxin/conf_schema.py): the composed node
-    has exactly ModelConfig's fields (defaults filled in) and instantiates to ModelConfig.preset(name)."""
+    """conf/model/<name>.yaml is typed by ModelConfig's own fields (moxin/config/schema.py): the composed node
+    has exactly ModelConfig's fields (defaults filled in) and instantiates to load_preset(name)."""
     import dataclasses
 
-    from moxin.conf_schema import ModelConfigSchema
-    from moxin.model import ModelConfig
+    from moxin.config import ModelConfig
+    from moxin.config.schema import ModelConfigSchema
 
     node = compose_config([f"model={name}"]).model
     assert OmegaConf.get_type(node) is ModelConfigSchema
     assert list(node) == ["_target_"] + [f.name for f in dataclasses.fields(ModelConfig)]
-    assert node._target_ == "moxin.model.ModelConfig"
-    assert instantiate(node) == ModelConfig.preset(name)
+    assert node._target_ == "moxin.config.ModelConfig"
+    assert instantiate(node) == load_preset(name)
 
 
 def test_schemas_are_the_dataclasses_fields():
@@ -174,16 +176,13 @@ def test_schemas_are_the_dataclasses_fields():
     import dataclasses
     import pickle
 
-    from moxin import conf_schema as S
-    from moxin.distributed import ParallelConfig
-    from moxin.eval.runner import EvalConfig
-    from moxin.stages.base import OptimConfig
-    from moxin.stages.grpo import GRPOConfig
+    from moxin.config import schema as S
+    from moxin.config import EvalConfig, GRPOConfig, OptimConfig, ParallelConfig
 
     def names(c):
         return [f.name for f in dataclasses.fields(c)]
 
-    assert names(S.OptimConfigSchema) == ["_target_"] + [n for n in names(OptimConfig) if n != "max_nonfinite_steps"]
+    assert names(S.OptimConfigSchema) == ["_target_"] + names(OptimConfig)
     assert names(S.GRPOConfigSchema) == ["_target_"] + names(GRPOConfig)
     assert names(S.ParallelConfigSchema) == ["_target_"] + names(ParallelConfig)
     assert names(S.EvalConfigSchema) == names(EvalConfig)
@@ -297,7 +296,7 @@ def test_readme_own_jsonl_command_runs(tmp_path):
     import re
     import shlex
 
-    from moxin.errors import UserError, preflight
+    from moxin.errors import preflight
 
     readme = (Path(R.__file__).resolve().parent.parent / "README.md").read_text()
     section = readme[readme.index("## Pretraining on your own files"):]
@@ -313,7 +312,7 @@ def test_readme_own_jsonl_command_runs(tmp_path):
     info = R.train(compose_config(overrides + small))
     assert info["optimizer_steps"] == 2 and info["data"], info
     sources_only = [a for a in overrides if a.startswith("data.sources=")]
-    with pytest.raises(UserError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
+    with pytest.raises(ConfigError, match=r"schedule.phases\[0\] \(ctx128\).mixture names source 'prose'.*"
                                          r"'schedule.phases=\[\{name: main"):
         preflight(compose_config(sources_only + [f"out_dir={tmp_path / 'x'}", "run_name=x"]))
 

@@ -12,9 +12,9 @@ import itertools
 import pytest
 import torch
 
-from moxin.data.reader import DataError, SourceConfig
+from moxin.config import DataError, SourceConfig
 from moxin.data.sft_data import ChatSFTDataModule, collate_sft, load_conversations, truncate_chat
-from moxin.model import ModelConfig
+from moxin.presets import load_preset
 from moxin.tokenizer import render_chat
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_MODEL
@@ -217,7 +217,7 @@ def test_sft_loss_normalisation_over_micro_batches(tok):
     from moxin.stages.sft import SFTStage
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=32000, attn_backend="sdpa")
     stage = SFTStage(model=cfg)
     stage.optim_cfg.grad_clip = None
     stage.configure_model()
@@ -249,7 +249,7 @@ def test_clipping_folds_the_token_normalisation_and_logs_the_norm_before_clippin
     from moxin.stages.sft import SFTStage
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=32000, attn_backend="sdpa")
     stage = SFTStage(model=cfg)
     stage.optim_cfg.grad_clip = 0.05  # small enough to bite
     stage.configure_model()
@@ -283,7 +283,7 @@ def test_a_fused_optimizer_applies_the_step_factor_as_it_reads_the_gradients(tok
     from moxin.stages.sft import SFTStage
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=32000, attn_backend="sdpa")
     stages, opts, logs = [], [], []
     for _ in range(2):
         st = SFTStage(model=cfg)
@@ -357,7 +357,7 @@ def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_
     `tokens_seen` agree."""
     import lightning as L
 
-    from moxin.stages.base import OptimConfig
+    from moxin.config import OptimConfig
     from moxin.stages.pretrain import PretrainStage
 
     class Fused(PretrainStage):
@@ -378,7 +378,7 @@ def test_through_the_trainer_the_fused_step_reads_its_values_after_the_step_and_
                 m = trainer.callback_metrics
                 self.rows.append((float(m["train/loss"]), float(m["train/grad_norm"]), pl_module.tokens_seen))
 
-    cfg = ModelConfig.preset("tiny", vocab_size=128, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=128, attn_backend="sdpa")
     g = torch.Generator().manual_seed(0)
     batches = []
     for i in range(8):
@@ -447,7 +447,7 @@ def test_the_stage_sends_document_bounds_from_the_host_and_the_loss_is_unchanged
     from moxin.stages.sft import SFTStage
 
     torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa")
+    cfg = load_preset("tiny", vocab_size=32000, attn_backend="sdpa")
     stage = SFTStage(model=cfg)
     stage.configure_model()
     batch = collate_sft(row_len=128, pad_id=tok.pad_id, pad_to_multiple_of=8)([_item(CONV_A, tok), _item(CONV_B, tok)])

@@ -15,10 +15,11 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from moxin.config import GRPOConfig
 from moxin.model import Transformer
 from moxin.stages import PretrainStage
 from moxin.stages.dpo import DPOStage
-from moxin.stages.grpo import GRPOConfig, GRPOStage
+from moxin.stages.grpo import GRPOStage
 from moxin.stages.sft import SFTStage
 from moxin.tokenizer import load_tokenizer
 from tests.helpers import wiring_reference as ref

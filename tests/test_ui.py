@@ -14,6 +14,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from moxin import errors, ui
+from moxin.config import MoxinUserError, RunConfig
 from tests.helpers.compose import compose_config
 from tests.helpers.tiny_overrides import TINY_PRETRAIN, tiny_model
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _msg(overrides, tmp_path) -> str:
     cfg = compose_config(overrides + [f"out_dir={tmp_path}/run", "run_name=t"])
-    with pytest.raises(errors.UserError) as e:
+    with pytest.raises(MoxinUserError) as e:
         errors.preflight(cfg)
     return str(e.value)
 
@@ -54,7 +55,7 @@ def test_init_from_accepts_every_folder_the_loader_reads(tmp_path):
     hf.mkdir()
     (hf / "config.json").write_text("{}")
     for ok in (dcp, dcp.parent / "last.ckpt", tmp_path / "fsdp", hf):
-        errors.check_init_from(compose_config(["+experiment=sft", f"init_from={ok}"]))
+        RunConfig.from_cfg(compose_config(["+experiment=sft", f"init_from={ok}"]))
     (tmp_path / "empty").mkdir()
     m = _msg(["+experiment=sft", f"init_from={tmp_path / 'empty'}"], tmp_path)
     assert "is a folder without config.json" in m and ".metadata" in m
@@ -81,7 +82,7 @@ def test_unknown_key_added_with_plus_is_named():
 ])
 def test_schemas_refuse_bad_overrides_at_compose_time(overrides, key, why):
     """conf/model, stage.optim, stage.grpo, hardware.parallel and eval are typed by schemas made from their
-    dataclasses (moxin/conf_schema.py): Hydra refuses a key the dataclass lacks or a value of the wrong type
+    dataclasses (moxin/config/schema.py): Hydra refuses a key the dataclass lacks or a value of the wrong type
     while composing, naming the key, before anything is built."""
     from hydra.errors import ConfigCompositionException
 
@@ -341,5 +342,5 @@ def test_experiment_file_without_its_package_line_is_named():
     cfg = compose_config([])
     with open_dict(cfg):
         cfg.experiment = {"trainer": {"max_steps": 3}}
-    with pytest.raises(errors.UserError, match="# @package _global_"):
+    with pytest.raises(MoxinUserError, match="# @package _global_"):
         errors.check_keys(cfg)

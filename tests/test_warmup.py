@@ -15,7 +15,7 @@ from hydra import initialize_config_dir
 from omegaconf import OmegaConf
 
 from moxin import run as R
-from moxin.assemble import ConfigError
+from moxin.config import ConfigError
 from moxin.tokenizer import load_tokenizer
 from moxin.warmup import SOLUTIONS, warmup_config, write_solutions
 from tests.helpers.compose import compose_config

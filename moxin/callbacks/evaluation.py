@@ -13,9 +13,10 @@ from pathlib import Path
 
 import lightning as L
 
-from moxin.eval.runner import EvalAfter, EvalConfig, evaluate, flat_metrics, print_table, write_results
+from moxin.config import EvalAfter, MoxinUserError
 from moxin.distributed import is_sharded
-from moxin.errors import UserError
+from moxin.eval.runner import evaluate, flat_metrics, print_table, write_results
+from moxin.eval.tasks import eval_config
 from moxin.tokenizer import Tokenizer
 
 __all__ = ["EvalCallback"]
@@ -23,7 +24,7 @@ __all__ = ["EvalCallback"]
 
 class EvalCallback(L.Callback):
     def __init__(self, eval_cfg, tokenizer: Tokenizer, out_dir: str | None = None):
-        self.cfg = EvalConfig.from_any(eval_cfg)  # a bad task config stops the run before training
+        self.cfg = eval_config(eval_cfg)  # a bad task config stops the run before training
         self.tokenizer = tokenizer  # the run's tokenizer (moxin/assemble.py)
         self.out_dir = out_dir
         self.history: list[dict] = []
@@ -40,8 +41,8 @@ class EvalCallback(L.Callback):
         try:
             return list(json.loads(path.read_text()).get("evaluations", []))
         except (OSError, ValueError, AttributeError) as e:
-            raise UserError(f"{path}: cannot read the run's earlier evaluations ({e}); move the file away to "
-                               "start its record afresh") from e
+            raise MoxinUserError(f"{path}: cannot read the run's earlier evaluations ({e}); move the file away to "
+                                 "start its record afresh") from e
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.cfg.after == EvalAfter.phase:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_warn
 
+from moxin.config import MoxinUserError
+
 
 def launcher_rank() -> int | None:
     """This process's global rank as its launcher set it, before any process group exists; 0 is the first process.
@@ -33,8 +35,8 @@ def launcher_rank() -> int | None:
     return None if later_node else 0
 
 
-class RunLockError(RuntimeError):
-    """Another live run holds this out_dir."""
+class RunLockError(MoxinUserError, RuntimeError):
+    """Another live run holds this out_dir; the message names it and what to do."""
 
 
 class RunLock:

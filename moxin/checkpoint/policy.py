@@ -33,10 +33,11 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from moxin.checkpoint.files import (LAST, STEP_RE, TMP_PREFIX, CheckpointError, fsync_dir, remove_checkpoint,
                                     step_name)
+from moxin.config import MoxinUserError
 from moxin.model import lora
 
 
-class DiskSpaceError(CheckpointError):
+class DiskSpaceError(CheckpointError, MoxinUserError):
     """The checkpoint folder's disk cannot hold the next checkpoint."""
 
 

@@ -22,7 +22,8 @@ from torch.distributed.checkpoint.state_dict_loader import load
 
 from moxin.checkpoint.files import LAST, CheckpointError, check_distributed, read_info
 from moxin.checkpoint.resume import config_mismatches
-from moxin.model import ModelConfig, Transformer, lora
+from moxin.config import InitFromError, ModelConfig, check_init_from
+from moxin.model import Transformer, lora
 from moxin.model.hf import hf_to_moxin_config, load_hf
 
 
@@ -51,17 +52,14 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
     """(moxin-named tensors, the ModelConfig that produced them or None when the source does not record one,
     a description of the source) from a moxin .ckpt, a distributed-checkpoint folder, a run's checkpoints
     folder or run folder, a Hugging Face folder, a safetensors file or a PEFT adapter."""
+    check_init_from(path)
     p = Path(path)
-    if not p.exists():
-        raise FileNotFoundError(f"init_from={str(path)!r} does not exist: give a Hugging Face model directory, "
-                                "a moxin .ckpt (file or distributed-checkpoint folder), a run folder or a "
-                                ".safetensors file")
     if lora.is_peft_adapter(p):  # a PEFT LoRA adapter: its base (adapter_config.json) with the adapter merged in
         base = json.loads((p / lora.ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
         if not base or not Path(base).exists():
-            raise FileNotFoundError(f"init_from={str(path)!r} is a LoRA adapter whose base_model_name_or_path "
-                                    f"({base!r}, in {p / lora.ADAPTER_CONFIG}) is not a local folder: set it to the "
-                                    "base model's Hugging Face folder (or a moxin checkpoint) and retry")
+            raise InitFromError(f"init_from={str(path)!r} is a LoRA adapter whose base_model_name_or_path "
+                                f"({base!r}, in {p / lora.ADAPTER_CONFIG}) is not a local folder: set it to the "
+                                "base model's Hugging Face folder (or a moxin checkpoint) and retry")
         sd, cfg, what = load_model_weights(base)
         return lora.merge_peft_adapter(sd, p), cfg, f"LoRA adapter {p} merged into {what}"
     if p.is_dir() and not (p / ".metadata").exists():
@@ -71,8 +69,8 @@ def load_model_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor]
         for sub in (p / LAST, p / "checkpoints" / LAST):
             if sub.exists():
                 return load_model_weights(sub)
-        raise FileNotFoundError(f"init_from={str(path)!r}: no config.json (Hugging Face), .metadata (distributed "
-                                "checkpoint) or last.ckpt inside")
+        raise InitFromError(f"init_from={str(path)!r}: no config.json (Hugging Face), .metadata (distributed "
+                            "checkpoint) or last.ckpt inside")
     if p.suffix == ".safetensors":
         return load_file(str(p)), None, f"safetensors file {p}"
     info = read_info(p)

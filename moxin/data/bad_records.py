@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from moxin.data.reader import Bad, DataError
+from moxin.config import DataError
+from moxin.data.reader import Bad
 
 __all__ = ["RecordStats"]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from moxin.data.reader import DataError
+from moxin.config import DataError
 
 __all__ = ["MoxinDataModule"]
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from typing import Any, Iterable, Iterator
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
 from moxin.data.extract import text_of
-from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, read_positioned, read_records, resolve_files
+from moxin.data.reader import Bad, is_hub_name, read_positioned, read_records, resolve_files
 
 __all__ = ["iter_records", "documents_of", "iter_documents", "validate_source"]
 

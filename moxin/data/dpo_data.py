@@ -15,10 +15,11 @@ from typing import Any
 
 import torch
 
+from moxin.config import DataError, SourceConfig
+from moxin.constants import IGNORE_INDEX
 from moxin.data.extract import Extracted, extract_all, pair_from_record, pair_problem
-from moxin.data.reader import DataError, SourceConfig, source_identity
+from moxin.data.reader import source_identity
 from moxin.data.step_batches import StepDataModule
-from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat
 
 __all__ = ["render_answer", "PreferenceDataset", "collate_pairs", "PreferenceDataModule", "LENGTH_POLICY"]

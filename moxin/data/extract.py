@@ -17,8 +17,9 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
-from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, open_hub_dataset, read_records
+from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
 from moxin.tokenizer.chat import validate_conversation
 
 __all__ = ["text_of", "SHAREGPT_ROLES", "sharegpt_messages", "messages_from_record", "conversation_problem", "role_order_problem", "pair_from_record", "pair_problem",

@@ -15,10 +15,10 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from moxin.config import DataError, SourceConfig
+from moxin.data.arithmetic import ArithmeticTask, solution_text
 from moxin.data.base import MoxinDataModule
 from moxin.data.extract import extract_all, prompt_from_record
-from moxin.data.reader import DataError, SourceConfig
-from moxin.rewards.tasks import ArithmeticTask, solution_text
 from moxin.tokenizer.chat import render_chat
 
 __all__ = ["PromptDataModule", "DEFAULT_INSTRUCTIONS"]
@@ -53,7 +53,7 @@ class PromptDataModule(MoxinDataModule):
     """Prompt batches for GRPO (see the module docstring).
 
     Args:
-        source: ``"arithmetic"`` (the built-in :class:`moxin.rewards.ArithmeticTask`), a local jsonl/parquet file,
+        source: ``"arithmetic"`` (the built-in :class:`moxin.data.arithmetic.ArithmeticTask`), a local jsonl/parquet file,
             folder or glob, or a hub dataset name (``agentica-org/DeepScaleR-Preview-Dataset``).
         prompts_per_step: prompts per rollout batch over all ranks (Moxin-Reasoning: 64). Each gets
             ``group_size`` completions in the stage.

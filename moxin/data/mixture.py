@@ -12,7 +12,7 @@ import math
 import random
 from typing import Iterable, Mapping
 
-from moxin.data.reader import DataError
+from moxin.config import DataError
 
 __all__ = ["validate_weights", "Mixture"]
 

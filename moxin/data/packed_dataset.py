@@ -15,6 +15,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
 from moxin.data.dedup import DedupFilter, text_hash
 from moxin.data.documents import iter_records
@@ -22,7 +23,6 @@ from moxin.data.mixture import Mixture, validate_weights
 from moxin.data.packing import Packer
 from moxin.data.phases import Phase
 from moxin.data.prepared import PreparedData
-from moxin.data.reader import DataError, SourceConfig
 
 __all__ = ["PackedDataset", "reader_states"]
 

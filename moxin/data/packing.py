@@ -13,9 +13,9 @@ from typing import Sequence
 
 import torch
 
-__all__ = ["Packer", "row_positions"]
+from moxin.constants import IGNORE_INDEX
 
-IGNORE_INDEX = -100
+__all__ = ["Packer", "row_positions"]
 
 
 def row_positions(starts: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from moxin.data.reader import config_fields
+from moxin.config import config_fields
 
 __all__ = ["Phase"]
 

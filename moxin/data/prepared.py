@@ -18,7 +18,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from moxin.data.reader import DataError
+from moxin.config import DataError
 
 __all__ = ["MANIFEST", "FORMAT_VERSION", "INDEX_DTYPE", "token_dtype", "tokenizer_fingerprint", "file_sha256",
            "reader_range", "PreparedData"]

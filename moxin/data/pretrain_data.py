@@ -13,6 +13,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader
 
+from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
 from moxin.data.base import MoxinDataModule
 from moxin.data.documents import validate_source
@@ -20,7 +21,6 @@ from moxin.data.mixture import validate_weights
 from moxin.data.packed_dataset import PackedDataset, reader_states
 from moxin.data.phases import Phase
 from moxin.data.prepared import PreparedData
-from moxin.data.reader import DataError, SourceConfig
 from moxin.data.resume import ConsumedStateLoader
 
 __all__ = ["PretrainDataModule"]

@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import torch
 
+from moxin.config import SourceConfig
+from moxin.constants import IGNORE_INDEX
 from moxin.data.extract import Extracted, conversation_problem, extract_all, messages_from_record
-from moxin.data.reader import SourceConfig
 from moxin.data.step_batches import StepDataModule
-from moxin.losses import IGNORE_INDEX
 from moxin.tokenizer.chat import ChatTokens, render_chat
 
 __all__ = ["truncate_chat", "pack_rows", "ChatDataset", "collate_sft", "load_conversations", "ChatSFTDataModule"]

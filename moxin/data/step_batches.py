@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from moxin.config import DataError, SourceConfig, plain
 from moxin.data.base import MoxinDataModule
-from moxin.data.reader import DataError, SourceConfig, as_source, plain
+from moxin.data.reader import as_source
 
 __all__ = ["StepBatchSampler", "StepDataModule"]
 

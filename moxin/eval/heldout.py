@@ -8,10 +8,10 @@ generalisation. Where the prompts come from: docs/modules.md, "eval/heldout.py".
 
 from __future__ import annotations
 
+from moxin.data.arithmetic import ArithmeticTask
+from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
 from moxin.eval.generation import generate_all, score_generations
 from moxin.eval.tasks import load_records
-from moxin.rewards.tasks import ArithmeticTask
-from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
 
 __all__ = ["heldout_records", "heldout_reward"]
 

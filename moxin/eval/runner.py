@@ -13,82 +13,20 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist
+from rich.console import Console
+from rich.table import Table
 
+from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
 from moxin.eval.generation import generate_all, pass_at_k, score_generations
 from moxin.eval.loglik import encode_pair, loglikelihoods
-from moxin.eval.tasks import (EvalConfigError, TaskConfig, TaskKind, build_gen_items, build_mc_items, load_records,
-                              task_from_any)
+from moxin.eval.tasks import build_gen_items, build_mc_items, eval_config, load_records
 
-__all__ = ["EvalAfter", "EvalConfig", "evaluate", "print_table", "write_results", "flat_metrics"]
-
-
-class EvalAfter(StrEnum):
-    """When a training run evaluates (``eval.after``; moxin.callbacks.evaluation.EvalCallback)."""
-
-    phase = "phase"
-    """At the end of every phase (Lightning epoch) of a pretraining schedule, and so also at the end of the run."""
-    stage = "stage"
-    """Once, when the stage's fit ends."""
-
-
-@dataclass
-class EvalConfig:
-    """What to evaluate and how (``conf/eval/*.yaml``)."""
-
-    tasks: list = field(default_factory=list)
-    """TaskConfigs (or mappings with their keys)."""
-    after: EvalAfter | None = None
-    """With a training run: when the callback evaluates (None: never)."""
-    bos: bool = True
-    """Start every context with bos, as Mistral/Moxin were trained (lm-eval: model_args add_bos_token=True)."""
-    batch_tokens: int = 16384
-    """Padded tokens per log-likelihood forward (rows x longest row)."""
-    max_batch: int = 64
-    gen_batch_size: int = 64
-    """Prompts per generate() call."""
-    verifier_timeout_s: float = 10.0
-    verifier_workers: int | None = None
-    """Verifier processes (None: min(4, cpus); 0: in-process, no timeouts)."""
-    log_items: bool = True
-    """Keep every item's scores (log-likelihoods, predictions, completions) in eval.json."""
-
-    def __post_init__(self):
-        self.tasks = [task_from_any(t) for t in (self.tasks or [])]
-        if self.after is not None:
-            try:
-                self.after = EvalAfter(self.after)
-            except ValueError:
-                raise EvalConfigError(f"eval.after={self.after!r}: choose null, "
-                                      f"{' or '.join(a.value for a in EvalAfter)}") from None
-        if not self.tasks:
-            raise EvalConfigError("eval.tasks is empty: list at least one task (see conf/eval/sample.yaml)")
-        names = [t.name for t in self.tasks]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise EvalConfigError(f"eval.tasks: task names {dup} appear twice; names key the results")
-        if self.batch_tokens < 1 or self.max_batch < 1 or self.gen_batch_size < 1:
-            raise EvalConfigError("eval.batch_tokens, eval.max_batch and eval.gen_batch_size must be >= 1")
-
-    @classmethod
-    def from_any(cls, obj: Any) -> "EvalConfig":
-        if isinstance(obj, EvalConfig):
-            return obj
-        from moxin.data.reader import plain
-
-        obj = dict(plain(obj))
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(obj) - known)
-        if unknown:
-            raise EvalConfigError(f"eval: unknown key(s) {unknown}; allowed: {sorted(known)}")
-        return cls(**obj)
+__all__ = ["evaluate", "print_table", "write_results", "flat_metrics"]
 
 
 def _gather(obj: list) -> list:
@@ -197,7 +135,7 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
     """Every task of ``cfg`` on ``model``; the same dict on every rank: ``{"tasks": {name: {...}}}``."""
-    cfg = EvalConfig.from_any(cfg)
+    cfg = eval_config(cfg)
     was_training = model.training
     model.eval()
     out: dict = {"tasks": {}, "bos": cfg.bos}
@@ -229,9 +167,6 @@ def write_results(results: dict, path: str | Path) -> Path:
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     t = Table(title=title)
     for col in ("task", "n", "metric", "value", "stderr", "items/s"):
         t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)

@@ -17,8 +17,10 @@ import torch
 from hydra.utils import instantiate
 
 from moxin.assemble import hardware_trainer
+from moxin.config import EvalConfig, RunConfig
 from moxin.distributed import is_sharded
-from moxin.eval.runner import EvalConfig, evaluate, flat_metrics, print_table, write_results
+from moxin.eval.runner import evaluate, flat_metrics, print_table, write_results
+from moxin.eval.tasks import eval_config
 from moxin.model.hf import hf_to_moxin_config
 from moxin.stages.base import MoxinStage
 from moxin.tokenizer import Tokenizer, load_tokenizer
@@ -32,7 +34,7 @@ class EvalStage(MoxinStage):
     def __init__(self, model, eval_cfg: EvalConfig, tokenizer: Tokenizer, out_dir: str | None = None,
                  parallel=None, init_from: str | None = None):
         super().__init__(model=model, parallel=parallel, init_from=init_from, tokenizer=tokenizer)
-        self.eval_cfg = EvalConfig.from_any(eval_cfg)
+        self.eval_cfg = eval_config(eval_cfg)
         self.out_dir = out_dir
         self.results: dict | None = None
 
@@ -54,15 +56,9 @@ class EvalStage(MoxinStage):
 def model_config_for(cfg):
     """The model config of an eval run: a Hugging Face folder's config.json when init_from is one (the attention
     backend still from ``model``), else the ``model`` group (a .ckpt / .safetensors must match it)."""
+    init = RunConfig.from_cfg(cfg).init_from  # eval_only: init_from given and readable (RunConfig checks it)
     model_cfg = instantiate(cfg.model)
-    init = cfg.get("init_from")
-    if not init:
-        raise ValueError("+experiment=eval needs init_from=<a Hugging Face model folder, a run's hf/ folder, a moxin "
-                         ".ckpt or a .safetensors file>; nothing was evaluated")
     p = Path(str(init))
-    if not p.exists():
-        raise FileNotFoundError(f"init_from={init!r} does not exist: give a Hugging Face model folder, a moxin "
-                                ".ckpt or a .safetensors file")
     if p.is_dir() and (p / "config.json").exists():
         hf = hf_to_moxin_config(json.loads((p / "config.json").read_text()), source=str(p / "config.json"))
         return dataclasses.replace(hf, attn_backend=model_cfg.attn_backend)
@@ -72,7 +68,7 @@ def model_config_for(cfg):
 def run_eval(cfg, tokenizer: Tokenizer | None = None) -> dict:
     """Build the eval stage (``tokenizer``, or loaded from ``cfg.tokenizer``) and a trainer on the config's hardware
     (moxin/assemble.py), run, print, return the results."""
-    eval_cfg = EvalConfig.from_any(cfg.eval)  # config errors before any model is built
+    eval_cfg = eval_config(cfg.eval)  # config errors before any model is built
     model_cfg = model_config_for(cfg)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)

@@ -11,143 +11,28 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass, field, fields
-from enum import StrEnum
+from dataclasses import dataclass
 from typing import Any, Callable
 
-from moxin.data.reader import Bad, DataError, SourceConfig, is_hub_name, open_hub_dataset, plain, read_records
+from moxin.config import (DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig,
+                          TaskKind)
+from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
+from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
+from moxin.rewards import VERIFIERS
+from moxin.tokenizer.chat import render_chat
 
-__all__ = ["TaskKind", "FewshotSampler", "TaskConfig", "MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items",
-           "PRESETS", "task_from_any"]
-
-
-class TaskKind(StrEnum):
-    multiple_choice = "multiple_choice"
-    generation = "generation"
-
-
-class FewshotSampler(StrEnum):
-    default = "default"
-    """lm-eval's default: a seeded random draw per item (``fewshot_seed``)."""
-    first_n = "first_n"
-    """The first ``num_fewshot`` records of the pool (lm-eval's first_n, used where examples have a canonical order)."""
+__all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "eval_config"]
 
 
-class EvalConfigError(ValueError):
-    """An evaluation config that cannot work; the message names the task, the key and the fix."""
-
-
-@dataclass
-class TaskConfig:
-    """One evaluation task (``conf/eval/*.yaml`` lists them under ``tasks``)."""
-
-    name: str
-    kind: TaskKind = TaskKind.multiple_choice
-    path: str | None = None
-    """Local jsonl/parquet file, folder or glob, or a hub dataset name. A preset fills it in."""
-    split: str = "test"
-    hub_config: str | None = None
-    data_files: Any = None
-    preset: str | None = None
-    """A built-in record mapping for a public benchmark (see ``PRESETS``); sets path/split/config if unset."""
-    limit: int | None = None
-    """Evaluate the first ``limit`` records only (after any preset filtering)."""
-    # ---- multiple choice (lm-eval's names)
-    text: str = "{question}"
-    """Context of a record: a str.format template over its fields (lm-eval's doc_to_text)."""
-    choices_field: str = "choices"
-    gold_field: str = "gold"
-    """Index of the right option (an int, or a letter A-Z / a label found in ``labels_field``)."""
-    labels_field: str | None = None
-    target_delimiter: str = " "
-    fewshot_delimiter: str = "\n\n"
-    num_fewshot: int = 0
-    fewshot_split: str | None = None
-    """Split (hub) the few-shot examples come from; None: the evaluated records themselves (minus the item)."""
-    fewshot_path: str | None = None
-    """Local file of few-shot examples; None: ``path`` with ``fewshot_split``, or the evaluated records."""
-    fewshot_seed: int = 1234
-    fewshot_sampler: FewshotSampler = FewshotSampler.default
-    # ---- generation
-    problem_field: str = "problem"
-    answer_field: str = "answer"
-    verifier: str = "math"
-    """moxin.rewards.get_verifier name: math (math-verify equality), exact ("Answer: N"), format."""
-    verifier_kwargs: dict = field(default_factory=dict)
-    instruction: str | None = None
-    """Appended to the problem after a blank line; None: the verifier's default (the GRPO prompts' form)."""
-    system: str | None = None
-    chat: bool = True
-    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
-    max_new_tokens: int = 512
-    greedy: bool = True
-    """pass@1 from one greedy completion per problem."""
-    samples: int = 0
-    """Sampled completions per problem for pass@k (0: none); pass@k for every k in ``k`` with k <= samples."""
-    k: list[int] = field(default_factory=lambda: [1])
-    temperature: float = 0.6
-    top_p: float = 1.0
-    seed: int = 0
-
-    def __post_init__(self):
-        try:
-            self.kind = TaskKind(self.kind)
-        except ValueError:
-            raise EvalConfigError(f"eval task {self.name!r}: kind={self.kind!r}; choose one of "
-                                  f"{[k.value for k in TaskKind]}") from None
-        try:
-            self.fewshot_sampler = FewshotSampler(self.fewshot_sampler)
-        except ValueError:
-            raise EvalConfigError(f"eval task {self.name!r}: fewshot_sampler={self.fewshot_sampler!r}; choose one of "
-                                  f"{[k.value for k in FewshotSampler]}") from None
-        if self.preset is not None:
-            if self.preset not in PRESETS:
-                raise EvalConfigError(f"eval task {self.name!r}: unknown preset {self.preset!r}; known: "
-                                      f"{sorted(PRESETS)} (or map fields with text/choices_field/gold_field)")
-            p = PRESETS[self.preset]
-            if self.path is None:
-                self.path, self.hub_config = p.path, p.hub_config
-                self.split = p.split
-                if self.fewshot_split is None:
-                    self.fewshot_split = p.fewshot_split
-            self.kind = TaskKind.multiple_choice
-        if not self.path:
-            raise EvalConfigError(f"eval task {self.name!r}: no path; give a local jsonl/parquet file or a hub "
-                                  "dataset name (or a preset)")
-        if self.num_fewshot < 0:
-            raise EvalConfigError(f"eval task {self.name!r}: num_fewshot={self.num_fewshot} must be >= 0")
-        self.k = sorted({int(x) for x in self.k})
-        if self.kind == TaskKind.generation:
-            if not self.greedy and self.samples <= 0:
-                raise EvalConfigError(f"eval task {self.name!r}: greedy=false and samples=0 generate nothing; "
-                                      "set greedy=true or samples >= 1")
-            if self.samples and (not self.k or self.k[0] < 1 or self.k[-1] > self.samples):
-                raise EvalConfigError(f"eval task {self.name!r}: every k in {self.k} must be in 1..samples="
-                                      f"{self.samples} (pass@k needs at least k samples per problem)")
-            if self.samples and self.temperature <= 0:
-                raise EvalConfigError(f"eval task {self.name!r}: samples={self.samples} need temperature > 0 "
-                                      "(greedy completions are all the same)")
-            if self.max_new_tokens < 1:
-                raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
-            from moxin.rewards import VERIFIERS
-
-            if self.verifier not in VERIFIERS:
-                raise EvalConfigError(f"eval task {self.name!r}: verifier={self.verifier!r}; choose one of "
-                                      f"{sorted(VERIFIERS)}")
-
-
-def task_from_any(obj: Any) -> TaskConfig:
-    """A TaskConfig from a dict / DictConfig (Hydra), naming unknown keys."""
-    if isinstance(obj, TaskConfig):
-        return obj
-    obj = plain(obj)
-    if not isinstance(obj, dict) or "name" not in obj:
-        raise EvalConfigError(f"an eval task must be a mapping with at least 'name' and 'path'; got {obj!r}")
-    known = {f.name for f in fields(TaskConfig)}
-    unknown = sorted(set(obj) - known)
-    if unknown:
-        raise EvalConfigError(f"eval task {obj['name']!r}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return TaskConfig(**obj)
+def eval_config(obj: Any) -> EvalConfig:
+    """``EvalConfig.from_any(obj)`` whose generation tasks name a registered verifier (moxin.rewards.VERIFIERS: code,
+    which the config package does not import)."""
+    cfg = EvalConfig.from_any(obj)
+    for task in cfg.tasks:
+        if task.kind == TaskKind.generation and task.verifier not in VERIFIERS:
+            raise EvalConfigError(f"eval task {task.name!r}: verifier={task.verifier!r}; choose one of "
+                                  f"{sorted(VERIFIERS)}")
+    return cfg
 
 
 # ---- records ---------------------------------------------------------------------------------------------------
@@ -189,15 +74,6 @@ class MCDoc:
     """doc_to_target: gold index, or (winogrande) the continuation text."""
 
 
-@dataclass
-class Preset:
-    path: str
-    split: str
-    to_doc: Callable[[dict], MCDoc]
-    hub_config: str | None = None
-    fewshot_split: str | None = None
-
-
 def _hellaswag_pre(text: str) -> str:
     text = text.strip()
     text = text.replace(" [title]", ". ")
@@ -227,13 +103,14 @@ def _winogrande(doc: dict) -> MCDoc:
                  s[i + 1:].strip())
 
 
-#: lm-eval's task definitions of the benchmarks in the Moxin paper (datasets as lm-eval names them).
-PRESETS: dict[str, Preset] = {
-    "arc_easy": Preset("allenai/ai2_arc", "test", _arc, "ARC-Easy", "train"),
-    "arc_challenge": Preset("allenai/ai2_arc", "test", _arc, "ARC-Challenge", "train"),
-    "hellaswag": Preset("Rowan/hellaswag", "validation", _hellaswag, None, "train"),
-    "piqa": Preset("baber/piqa", "validation", _piqa, None, "train"),
-    "winogrande": Preset("allenai/winogrande", "validation", _winogrande, "winogrande_xl", "train"),
+#: lm-eval's doc_to_text / doc_to_choice / doc_to_target of the benchmarks in the Moxin paper, by preset name (where
+#: their records are: moxin.config.TASK_PRESETS)
+PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
+    "arc_easy": _arc,
+    "arc_challenge": _arc,
+    "hellaswag": _hellaswag,
+    "piqa": _piqa,
+    "winogrande": _winogrande,
 }
 
 
@@ -261,7 +138,7 @@ def to_doc(task: TaskConfig, rec: dict, where: str) -> MCDoc:
     """A record -> lm-eval's (doc_to_text, doc_to_choice, doc_to_target), by preset or by field mapping."""
     if task.preset:
         try:
-            return PRESETS[task.preset].to_doc(rec)
+            return PRESET_DOCS[task.preset](rec)
         except (KeyError, ValueError, TypeError) as e:
             raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
                             f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
@@ -336,8 +213,6 @@ class GenItem:
 
 
 def user_text(task: TaskConfig, problem: str) -> str:
-    from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
-
     instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
     return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()
 
@@ -348,8 +223,6 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
     text = user_text(task, problem)
     if not task.chat:
         return tokenizer.encode(text, bos=True)
-    from moxin.tokenizer.chat import render_chat
-
     msgs = ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 

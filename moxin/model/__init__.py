@@ -1,11 +1,10 @@
 """The common model core: plain PyTorch, no Lightning, no parallelism, no data code."""
 
 from moxin.model.cache import RollingKVCache
-from moxin.model.config import ModelConfig, preset_names
 from moxin.model.generate import GenerationOutput, generate, sample_next
 from moxin.model.transformer import Transformer
 
-__all__ = ["ModelConfig", "preset_names", "Transformer", "RollingKVCache", "generate", "sample_next",
+__all__ = ["Transformer", "RollingKVCache", "generate", "sample_next",
            "GenerationOutput", "load_hf", "save_hf"]
 
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from moxin.config import ModelConfig
 from moxin.model.attention import FLEX_BLOCK, FLEX_MIN_HEAD_DIM, HAS_FLEX
-from moxin.model.config import ModelConfig
 
 if HAS_FLEX:
     from torch.nn.attention.flex_attention import flex_attention

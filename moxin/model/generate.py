@@ -11,25 +11,11 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import StrEnum
 
 import torch
 
+from moxin.config import DecodePath
 from moxin.model.cache import RollingKVCache, flex_decode_applies
-
-
-
-class DecodePath(StrEnum):
-    """How `generate` runs its single-token steps (see the module docstring); every path gives the same tokens."""
-
-    AUTO = "auto"
-    """graph on CUDA, eager elsewhere (no compilation: one-off generations start at once)."""
-    EAGER = "eager"
-    STATIC = "static"
-    GRAPH = "graph"
-    COMPILED = "compiled"
-    """The fastest on a GPU once compiled (about a minute for Moxin-7B, once per cache shape)."""
-
 
 DECODE_PATHS = tuple(p.value for p in DecodePath)
 

@@ -31,7 +31,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moxin.model.config import ModelConfig
+from moxin.config import ModelConfig
 from moxin.model.transformer import Transformer
 
 SUPPORTED_ARCHITECTURES = ("MistralForCausalLM",)

@@ -24,86 +24,23 @@ import contextlib
 import json
 import math
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["LoRAConfig", "LoRALinear", "apply_lora", "adapters_disabled", "has_lora", "lora_modules",
+from moxin.config import InitFromError, LoRAConfig
+from moxin.config.lora import TARGETS
+
+__all__ = ["LoRALinear", "apply_lora", "adapters_disabled", "has_lora", "lora_modules",
            "adapter_state_dict", "merged_items", "merged_checksum", "save_peft_adapter", "merge_peft_adapter",
            "is_peft_adapter", "merge_adapters", "adapters_by_weight", "plain_name", "dequantize", "nf4_available",
            "ADAPTER_CONFIG", "ADAPTER_WEIGHTS"]
 
-#: target name -> (the block's sub-module, the projection's attribute, PEFT's module name in HF Mistral)
-TARGETS = {
-    "q": ("attention", "wq", "q_proj"), "k": ("attention", "wk", "k_proj"), "v": ("attention", "wv", "v_proj"),
-    "o": ("attention", "wo", "o_proj"), "gate": ("feed_forward", "w1", "gate_proj"),
-    "up": ("feed_forward", "w3", "up_proj"), "down": ("feed_forward", "w2", "down_proj"),
-}
-QUANTIZE = ("nf4",)
-BASE_DTYPES = ("auto", "bfloat16", "float32")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 NF4_BLOCK = 64  # weights per absmax scale (QLoRA's and torchao's default)
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 0
-    """r, the adapters' inner width; 0 = LoRA off (full fine-tuning). 8-64 is usual; larger learns more and costs
-    memory linearly (2 x r x (in + out) parameters a projection)."""
-    alpha: float = 16.0
-    """Scale alpha: the update is (alpha / r) B A, so alpha / r is the adapters' learning-rate multiplier. Keep alpha
-    fixed when sweeping r (PEFT's convention), or the step size changes with r."""
-    dropout: float = 0.0
-    """Dropout on the adapters' input only (the frozen path never drops); 0.05-0.1 helps small data sets."""
-    targets: list[str] = field(default_factory=lambda: list(TARGETS))
-    """Projections that get adapters: any of q, k, v, o, gate, up, down (all by default, as QLoRA found best)."""
-    quantize: str | None = None
-    """null: frozen base in base_dtype | nf4: QLoRA, every block projection in 4-bit NormalFloat (torchao), about
-    0.5 bytes a weight, dequantised in the forward (slower per token than a bf16 base; pick it when bf16 does not
-    fit)."""
-    base_dtype: str = "auto"
-    """Storage of the frozen base: auto = bfloat16 on a GPU, float32 (the master weights as configured) on a CPU |
-    bfloat16 | float32. The adapters and their optimizer state are always float32."""
-
-    def __post_init__(self):
-        problems = []
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 0:
-            problems.append(f"stage.lora.rank={self.rank!r} must be an integer >= 0 (0: LoRA off)")
-        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha) or self.alpha <= 0:
-            problems.append(f"stage.lora.alpha={self.alpha!r} must be a number > 0")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            problems.append(f"stage.lora.dropout={self.dropout!r} must be in [0, 1)")
-        self.targets = [str(t) for t in self.targets]
-        bad = [t for t in self.targets if t not in TARGETS]
-        if bad or not self.targets or len(set(self.targets)) != len(self.targets):
-            problems.append(f"stage.lora.targets={self.targets}: give distinct names out of {list(TARGETS)}")
-        if self.quantize is not None and self.quantize not in QUANTIZE:
-            problems.append(f"stage.lora.quantize={self.quantize!r}: choose null or nf4")
-        if self.base_dtype not in BASE_DTYPES:
-            problems.append(f"stage.lora.base_dtype={self.base_dtype!r}: choose one of {list(BASE_DTYPES)}")
-        if self.quantize and not self.rank:
-            problems.append(f"stage.lora.quantize={self.quantize} quantizes the frozen base of LoRA: set "
-                            "stage.lora.rank (e.g. 16) too")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def enabled(self) -> bool:
-        return self.rank > 0
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    def base_torch_dtype(self, device_type: str) -> torch.dtype | None:
-        """The frozen base's storage dtype on `device_type` (None: leave it as built)."""
-        if self.base_dtype == "auto":
-            return torch.bfloat16 if device_type == "cuda" else None
-        return getattr(torch, self.base_dtype)
 
 
 # ---- NF4 (torchao) --------------------------------------------------------------------------------------------
@@ -488,8 +425,8 @@ def merge_peft_adapter(weights: dict[str, torch.Tensor], path: str | os.PathLike
     scaling = float(conf["lora_alpha"]) / int(conf["r"])
     files = [p / ADAPTER_WEIGHTS]
     if not files[0].is_file():
-        raise FileNotFoundError(f"init_from={p}: {ADAPTER_WEIGHTS} not found next to {ADAPTER_CONFIG} (moxin reads "
-                                "safetensors only)")
+        raise InitFromError(f"init_from={p}: {ADAPTER_WEIGHTS} not found next to {ADAPTER_CONFIG} (moxin reads "
+                            "safetensors only)")
     tensors = load_file(str(files[0]))
     rx = re.compile(r"^(?:base_model\.model\.)?(.+)\.(lora_[AB])(?:\.default)?\.weight$")
     pairs: dict[str, dict[str, torch.Tensor]] = {}

@@ -15,9 +15,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from moxin.config import ModelConfig
 from moxin.model.attention import AttentionMask, DocBounds, resolve_backend
-from moxin.model.config import ModelConfig
 from moxin.model.masks import doc_ids_from_positions
+from moxin.numerics import mm_f32
 
 
 class RMSNorm(nn.Module):
@@ -45,14 +46,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)  # under autocast q/k are bf16 while h (and cos/sin) is fp32
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b returned in fp32; 16-bit CUDA operands accumulate straight into fp32 (cuBLAS's `out_dtype`), elsewhere
-    the product is rounded to their dtype and then cast."""
-    if a.is_cuda and a.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return (a @ b).float()
 
 
 class _AutocastLinear(torch.autograd.Function):

@@ -14,8 +14,8 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from moxin.rewards.base import RewardResult, Verifier, score_batch, shutdown_pools
+from moxin.rewards.exact import ExactAnswerVerifier
 from moxin.rewards.format import CombinedVerifier, FormatVerifier
-from moxin.rewards.tasks import ArithmeticTask, ExactAnswerVerifier, solution_text
 
 __all__ = [
     "RewardResult",
@@ -27,8 +27,6 @@ __all__ = [
     "ExactAnswerVerifier",
     "FormatVerifier",
     "CombinedVerifier",
-    "ArithmeticTask",
-    "solution_text",
     "VERIFIERS",
     "get_verifier",
 ]

@@ -11,7 +11,6 @@ bug fixed across the field in 2024), clips and guards the step.
 from __future__ import annotations
 
 import dataclasses
-import math
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,71 +21,13 @@ from torchmetrics import Metric
 
 from moxin.checkpoint.resume import restore_rng, rng_state
 from moxin.checkpoint.weights import load_init_weights
-from moxin.distributed import ParallelConfig, is_sharded, parallelize, weights_checksum
-from moxin.model import ModelConfig, Transformer
+from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
+from moxin.distributed import is_sharded, parallelize, weights_checksum
+from moxin.model import Transformer
 from moxin.model import lora as lora_lib
-from moxin.model.lora import LoRAConfig
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.optim import OptimizerStep, StepValues, adamw_with_schedule
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    """Peak learning rate after warmup."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas; Moxin pretraining used (0.9, 0.95). beta2=0.999 is slow to react to loss spikes at scale."""
-    eps: float = 1e-8
-    weight_decay: float = 0.1
-    """Decoupled weight decay on matrices only (embeddings, norms and biases are not decayed)."""
-    warmup_steps: int | None = None
-    """Linear warmup steps. Mutually exclusive with warmup_fraction."""
-    warmup_fraction: float = 0.01
-    """Warmup as a fraction of the total steps (SFT: 0.03, DPO: 0.1 in the Tulu 3 recipe)."""
-    schedule: str = "cosine"
-    """After warmup: cosine (to min_lr_ratio * lr), linear (to min_lr_ratio * lr) or constant."""
-    min_lr_ratio: float = 0.1
-    """Final LR as a fraction of the peak; Moxin decays to 10 %. SFT/DPO in Tulu 3 decay linearly to 0."""
-    grad_clip: float | None = 1.0
-    """Clip the global gradient norm (after token normalisation). None: no clipping."""
-    max_nonfinite_steps: int = 5
-    """Optimizer steps with a NaN/Inf loss or gradient norm are skipped (weights, optimizer moments untouched)
-    and counted (``train/nonfinite_steps``); this many in a row stop the run with an error."""
-
-    def __post_init__(self):
-        self.betas = tuple(float(b) for b in self.betas)
-        problems = []
-
-        def finite(name, v):
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            if not ok:
-                problems.append(f"stage.optim.{name}={v!r} must be a finite number")
-            return ok
-
-        if finite("lr", self.lr) and self.lr <= 0:
-            problems.append(f"stage.optim.lr={self.lr} must be > 0")
-        if len(self.betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in self.betas):
-            problems.append(f"stage.optim.betas={list(self.betas)} must be two numbers in [0, 1)")
-        if finite("eps", self.eps) and self.eps <= 0:
-            problems.append(f"stage.optim.eps={self.eps} must be > 0")
-        if finite("weight_decay", self.weight_decay) and self.weight_decay < 0:
-            problems.append(f"stage.optim.weight_decay={self.weight_decay} must be >= 0")
-        if self.warmup_steps is not None and (not isinstance(self.warmup_steps, int) or self.warmup_steps < 0):
-            problems.append(f"stage.optim.warmup_steps={self.warmup_steps!r} must be an integer >= 0 or null")
-        if finite("warmup_fraction", self.warmup_fraction) and not 0 <= self.warmup_fraction < 1:
-            problems.append(f"stage.optim.warmup_fraction={self.warmup_fraction} must be in [0, 1)")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            problems.append(f"stage.optim.schedule={self.schedule!r}: choose cosine, linear or constant")
-        if finite("min_lr_ratio", self.min_lr_ratio) and not 0 <= self.min_lr_ratio <= 1:
-            problems.append(f"stage.optim.min_lr_ratio={self.min_lr_ratio} must be in [0, 1]")
-        if self.grad_clip is not None and finite("grad_clip", self.grad_clip) and self.grad_clip <= 0:
-            problems.append(f"stage.optim.grad_clip={self.grad_clip} must be > 0 (or null for no clipping; 0 would "
-                            "zero every gradient, a negative value flip its sign)")
-        if not isinstance(self.max_nonfinite_steps, int) or self.max_nonfinite_steps < 1:
-            problems.append(f"stage.optim.max_nonfinite_steps={self.max_nonfinite_steps!r} must be an integer >= 1")
-        if problems:
-            raise ValueError("; ".join(problems))
 
 
 @dataclass
@@ -135,7 +76,7 @@ class MoxinStage(L.LightningModule):
     def __init__(self, model: ModelConfig, optim: OptimConfig | None = None,
                  parallel: ParallelConfig | None = None, init_from: str | None = None,
                  loss_chunk_size: int = 4096, total_steps: int | None = None, tokenizer=None,
-                 lora: LoRAConfig | None = None):
+                 lora: LoRAConfig | None = None, max_nonfinite_steps: int = TrainerConfig.max_nonfinite_steps):
         super().__init__()
         self._tokenizer = tokenizer
         self.lora_cfg = lora or LoRAConfig()
@@ -153,7 +94,8 @@ class MoxinStage(L.LightningModule):
         self.total_steps_override = total_steps
         self.model: Transformer | None = None
         self._parallelized = False
-        self.optim_step = OptimizerStep(self.optim_cfg)  # normalise, clip, guard: see moxin.optim
+        # normalise, clip, guard (trainer.max_nonfinite_steps): see moxin.optim
+        self.optim_step = OptimizerStep(self.optim_cfg, max_nonfinite_steps)
         self.init_checksum: float | None = None
         self.held_out: HeldOutSums | None = None
         self.tokens_seen = 0  # target tokens over the whole run (all ranks), restored on resume
@@ -203,14 +145,8 @@ class MoxinStage(L.LightningModule):
         """Combinations LoRA cannot run, refused before the model is built or loaded, with the fix."""
         if self._trainer is None or not is_sharded(self.trainer.strategy):
             return
-        if self.lora_cfg.quantize:
-            raise ValueError(f"stage.lora.quantize={self.lora_cfg.quantize} (QLoRA) runs on one GPU; under FSDP2 "
-                             "(hardware.strategy=fsdp2) use a 16-bit base: stage.lora.quantize=null")
-        dev = self.trainer.strategy.root_device.type
-        if self.lora_cfg.base_torch_dtype(dev) not in (None, torch.float32) and not self.parallel_cfg.fsdp_param_dtype:
-            raise ValueError("LoRA under FSDP2 with a 16-bit base and float32 adapters needs FSDP2's mixed precision "
-                             "to gather them in one dtype: set hardware.parallel.fsdp_param_dtype=bfloat16 (or "
-                             "stage.lora.base_dtype=float32)")
+        self.lora_cfg.check_parallel("fsdp2", self.trainer.strategy.root_device.type == "cuda",
+                                     self.parallel_cfg.fsdp_param_dtype)
 
     def frozen_start_copy(self) -> Transformer:
         """A frozen model with the starting weights: `init_from`, or, without it, the very random init the

@@ -15,7 +15,8 @@ def sequence_logps(model, input_ids, labels, positions, chunk_size: int = 4096,
     """Summed log-probs of the labelled tokens of each row and their counts: ``(B,) fp32, (B,) long``.
     doc_bounds, label_rows: the rows' `DocBounds` and `LabelRows` from the host, if known (each saves the forward
     a device sync)."""
-    from moxin.losses import IGNORE_INDEX, token_logprobs
+    from moxin.constants import IGNORE_INDEX
+    from moxin.losses import token_logprobs
 
     # the log-probs run as the model's head, inside its forward, where FSDP2 has gathered the output weight
     logp = model(input_ids, positions, doc_bounds=doc_bounds,

@@ -45,10 +45,10 @@ from dataclasses import asdict
 
 import torch
 
-from enum import StrEnum
 
+from moxin.config import DPOLoss, ReferenceMode, parse_option
 from moxin.devices import to_device
-from moxin.losses import DPOLoss, LabelRows, dpo_loss, parse_option, sft_nll_per_token
+from moxin.losses import LabelRows, dpo_loss, sft_nll_per_token
 from moxin.model import Transformer
 from moxin.model.lora import adapters_disabled
 from moxin.model.attention import DocBounds
@@ -57,20 +57,9 @@ from moxin.distributed import is_sharded, reshard
 from moxin.stages.base import MoxinStage, StepLoss
 from moxin.stages.common import sequence_logps, validate_before_training
 
-__all__ = ["DPOStage", "ReferenceMode", "REFERENCE_MODES"]
+__all__ = ["DPOStage", "REFERENCE_MODES"]
 
 log = logging.getLogger(__name__)
-class ReferenceMode(StrEnum):
-    """Where the reference log-probs come from (module docstring)."""
-
-    CACHED = "cached"
-    """computed once before training, stored on disk under a hash of everything they depend on"""
-    FROZEN = "frozen"
-    """a second, frozen model sharded like the policy, run on every batch"""
-    NONE = "none"
-    """no reference (SimPO)"""
-
-
 REFERENCE_MODES = tuple(m.value for m in ReferenceMode)
 _METRICS = ("loss", "chosen_reward", "rejected_reward", "margin", "accuracy", "logp_accuracy", "chosen_logp")
 

@@ -12,13 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
 
+from moxin.config import MoxinUserError
+
 #: Roles the template knows, and the header text of each.
 ROLE_HEADERS = {"system": "<|system|>\n", "user": "<|user|>\n", "assistant": "<|assistant|>\n"}
 #: Text appended by ``add_generation_prompt=True``: the model continues from here.
 GENERATION_PROMPT = ROLE_HEADERS["assistant"]
 
 
-class ChatValidationError(ValueError):
+class ChatValidationError(MoxinUserError, ValueError):
     """A conversation that does not fit the template; the message names the conversation / message index."""
 
 

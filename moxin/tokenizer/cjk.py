@@ -43,12 +43,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
-from moxin.tokenizer.tokenizer import SPIECE_UNDERLINE, TokenizerError
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import models, pre_tokenizers, trainers
 
-#: The shipped expert tokenizer: base Mistral v1 + zh/ja/ko experts.
-ASSET_DIR = Path(__file__).resolve().parent / "assets" / "moxin-cjk"
-#: Names ``load_tokenizer`` accepts for the shipped artifact.
-CJK_SPECS = ("moxin-cjk", "mistral-cjk")
+from moxin.tokenizer.tokenizer import SPIECE_UNDERLINE, TokenizerError, cjk_tokenizer_dir
 #: File beside tokenizer.json describing the experts (id ranges, training sources).
 META_FILE = "moxin_cjk.json"
 
@@ -140,9 +140,6 @@ def train_expert(lang: str, counts: Mapping[str, float], vocab_size: int, *, min
     ``limit_alphabet`` keeps only that many most frequent characters as single pieces (rarer ones keep the base's
     id or byte fallback), leaving the rest of ``vocab_size`` to multi-character pieces.
     """
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import models, pre_tokenizers, trainers
-
     if lang not in LANGS:
         raise TokenizerError(f"expert language {lang!r}: expected one of {LANGS}")
     words = {w: c for w, c in counts.items() if w and c > 0}
@@ -287,16 +284,6 @@ def write_artifact(out_dir: str | Path, tok_json: dict, meta: dict, specials: Ma
 
 
 # ---- loading -------------------------------------------------------------------------------------------------------
-def cjk_tokenizer_dir(spec: str) -> Path | None:
-    """The artifact directory for a ``moxin-cjk`` spec, or None when ``spec`` is not one."""
-    if str(spec).strip().lower() not in CJK_SPECS:
-        return None
-    if not (ASSET_DIR / "tokenizer.json").is_file():
-        raise TokenizerError(f"the moxin-cjk tokenizer files are missing from {ASSET_DIR} (broken install?); "
-                             "rebuild them with python scripts/train_cjk_experts.py")
-    return ASSET_DIR
-
-
 def export_files(spec) -> list[Path]:
     """Files a Hugging Face export must carry so that ``transformers`` loads the same tokenizer: for
     ``moxin-cjk`` (or a directory holding a composed tokenizer) the tokenizer.json, tokenizer_config.json and
@@ -339,10 +326,6 @@ def extend_embeddings(state: dict, tokenizer, base, names: Iterable[str] = ("tok
     tokenizer splits it, so a pretrained model starts out reading (and, through the output rows, scoring) an
     expert token like the base tokens it replaces. Rows already there are copied unchanged; a matrix that is
     already as large is left alone. Returns a new dict (tensors for the grown matrices are new)."""
-    import torch
-
-    import torch.nn.functional as F
-
     out = dict(state)
     n_new = tokenizer.vocab_size
     splits: dict[int, tuple] = {}  # first new row -> (flat base ids, offsets), shared by both matrices

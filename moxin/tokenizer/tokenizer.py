@@ -35,8 +35,15 @@ from typing import Iterable, Sequence
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, normalizers
 
+from moxin.config import MoxinUserError
+
 #: The SentencePiece word-boundary marker ("lower one eighth block"), standing for a space.
 SPIECE_UNDERLINE = "\u2581"
+
+#: The shipped expert tokenizer (moxin/tokenizer/cjk.py builds it): base Mistral v1 + zh/ja/ko experts.
+ASSET_DIR = Path(__file__).resolve().parent / "assets" / "moxin-cjk"
+#: Names ``load_tokenizer`` accepts for the shipped artifact.
+CJK_SPECS = ("moxin-cjk", "mistral-cjk")
 
 #: File name of the Mistral 7B v1 SentencePiece model inside the ``mistral_common`` package.
 MISTRAL_MODEL_RESOURCE = ("mistral_common", "data/tokenizer.model.v1")
@@ -48,7 +55,7 @@ _SPEC_HELP = (
 )
 
 
-class TokenizerError(ValueError):
+class TokenizerError(MoxinUserError, ValueError):
     """A tokenizer spec or file that cannot be used; the message names the input and the fix."""
 
 
@@ -252,6 +259,16 @@ def mistral_model_path() -> Path:
     return path
 
 
+def cjk_tokenizer_dir(spec: str) -> Path | None:
+    """The artifact directory for a ``moxin-cjk`` spec, or None when ``spec`` is not one."""
+    if str(spec).strip().lower() not in CJK_SPECS:
+        return None
+    if not (ASSET_DIR / "tokenizer.json").is_file():
+        raise TokenizerError(f"the moxin-cjk tokenizer files are missing from {ASSET_DIR} (broken install?); "
+                             "rebuild them with python scripts/train_cjk_experts.py")
+    return ASSET_DIR
+
+
 def as_tokenizer(tokenizer) -> Tokenizer:
     """A tokenizer object as it is (a :class:`Tokenizer`, or any picklable object with ``encode``, ``bos_id`` and
     ``eos_id``), a spec loaded with :func:`load_tokenizer`. Only for APIs that take a config's spec: the export
@@ -273,9 +290,7 @@ def load_tokenizer(spec: str | os.PathLike) -> Tokenizer:
     s = os.fspath(spec)
     if s.strip().lower() in ("mistral", "moxin", "mistral-7b", "moxin-7b"):
         return _load_sentencepiece(mistral_model_path(), name="mistral")
-    from moxin.tokenizer.cjk import cjk_tokenizer_dir  # the CJK expert tokenizer (moxin/tokenizer/cjk.py)
-
-    cjk_dir = cjk_tokenizer_dir(s)
+    cjk_dir = cjk_tokenizer_dir(s)  # the CJK expert tokenizer (moxin/tokenizer/cjk.py)
     if cjk_dir is not None:
         tok = _load_tokenizer_json(cjk_dir / "tokenizer.json")
         tok.name = s.strip().lower()

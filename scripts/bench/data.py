@@ -45,12 +45,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 from _common import default_out, table, write_json  # noqa: E402
 
+from moxin.config import SourceConfig  # noqa: E402
 from moxin.data.dedup import normalize_text, text_hash  # noqa: E402
 from moxin.data.documents import iter_records  # noqa: E402
 from moxin.data.packed_dataset import PackedDataset  # noqa: E402
 from moxin.data.phases import Phase  # noqa: E402
 from moxin.data.prepared import INDEX_DTYPE, PreparedData, reader_range  # noqa: E402
-from moxin.data.reader import SourceConfig  # noqa: E402
 from moxin.prepare import PrepareOptions, merge, run_part  # noqa: E402
 from moxin.tokenizer import load_tokenizer  # noqa: E402
 

@@ -27,8 +27,9 @@ import torch
 
 from _common import default_out, env, free, sync, table, timed, write_json
 
-from moxin.model import ModelConfig, Transformer, generate
+from moxin.model import Transformer, generate
 from moxin.model import cache as cache_mod
+from moxin.presets import load_preset
 
 
 def copy_bandwidth(dev) -> float | None:
@@ -80,12 +81,12 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.smoke:
         dev, dtype = "cpu", torch.float32
-        cfg = ModelConfig.preset("tiny", vocab_size=512)
+        cfg = load_preset("tiny", vocab_size=512)
         B, P, N = 4, 16, 8
         paths, reps = ["eager", "static", "static+fused"], 1
     else:
         dev, dtype = "cuda", torch.bfloat16
-        cfg = ModelConfig.preset("moxin-7b", **({"n_layers": a.layers} if a.layers else {}))
+        cfg = load_preset("moxin-7b", **({"n_layers": a.layers} if a.layers else {}))
         B, P, N = a.batch, a.prompt, a.new
         paths, reps = a.paths, 2
     torch.manual_seed(0)

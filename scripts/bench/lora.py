@@ -40,11 +40,13 @@ import torch.nn.functional as F
 
 from _common import default_out, env, free, table, timed, write_json
 
-from moxin.distributed import ParallelConfig, parallelize
+from moxin.config import ModelConfig, ParallelConfig
+from moxin.distributed import parallelize
 from moxin.losses import dpo_loss, kl_penalty, policy_loss, token_cross_entropy, token_logprobs
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
 from moxin.model import lora as L
 from moxin.model.hf import moxin_to_hf_config
+from moxin.presets import load_preset
 from moxin.stages.common import sequence_logps
 
 TARGETS = list(L.TARGETS)
@@ -253,10 +255,10 @@ def main():
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() and not args.tiny else "cpu"
     if args.tiny:
-        cfg = ModelConfig.preset("tiny", vocab_size=512, attn_backend="sdpa", max_seq_len=256)
+        cfg = load_preset("tiny", vocab_size=512, attn_backend="sdpa", max_seq_len=256)
         args.seq, args.rank, args.warm, args.reps = min(args.seq, 64), min(args.rank, 4), 1, 2
     else:
-        cfg = ModelConfig.preset("moxin-7b")
+        cfg = load_preset("moxin-7b")
     rows = []
     for kind in args.steps:
         for base in args.bases:

@@ -24,14 +24,13 @@ import torch
 
 from _common import PEAK_TFLOPS, default_out, env, free, sync, table, timed, write_json
 
+from moxin.config import ModelConfig, OptimConfig, ParallelConfig
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.sample import sample_path
-from moxin.distributed import ParallelConfig
 from moxin.losses import token_cross_entropy
-from moxin.model import ModelConfig
+from moxin.model import attention
 from moxin.model.attention import DocBounds
-from moxin.model import attention as A
-from moxin.stages.base import OptimConfig
+from moxin.presets import load_preset
 from moxin.stages.pretrain import PretrainStage
 from moxin.tokenizer import load_tokenizer
 
@@ -186,7 +185,7 @@ def main(argv=None):
         mbs_list, warm, n = [2], 1, 2
     else:
         dev, seq, compile_, workers = "cuda", 4096, True, 4
-        cfg = ModelConfig.preset("moxin-7b", n_layers=a.layers)
+        cfg = load_preset("moxin-7b", n_layers=a.layers)
         mbs_list, warm, n = a.mbs, a.warm, a.steps
     torch.backends.cuda.matmul.allow_tf32 = True
     fpt = cfg.flops_per_token(seq)

@@ -26,9 +26,11 @@ import torch
 from _common import default_out, env, free, sync, table, write_json
 from train import bare_step, hf_step, lightning_run, make_dm
 
+from moxin.config import ModelConfig
 from moxin.distributed import apply_compile
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
 from moxin.model import attention as A
+from moxin.presets import load_preset
 
 FAMILIES = (  # first match wins: attention kernels can carry "cutlass" or "gemm" in their names
     ("attention", ("flash", "fmha", "attention", "attn")),
@@ -167,7 +169,7 @@ def main(argv=None):
         warm, n = 1, 1
     else:
         dev, seq, compile_ = "cuda", 4096, True
-        cfg = ModelConfig.preset("moxin-7b", n_layers=8)
+        cfg = load_preset("moxin-7b", n_layers=8)
         warm, n = a.warm, a.steps
         be = A.resolve_backend(a.attn, torch.device(dev))
         cfg = dataclasses.replace(cfg, attn_backend=be)

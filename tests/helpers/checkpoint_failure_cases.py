@@ -14,6 +14,7 @@ root = sys.argv[1]; which = sys.argv[2:] or ["1", "3", "4", "6", "7", "8"]
 sys.path.insert(0, root)
 os.chdir(root)
 import torch
+from moxin.presets import load_preset
 TINY = replaced([o for o in TINY_PRETRAIN if o != "export_hf=false"], "trainer.checkpoint_every_n_steps=5",
                 "hardware.num_workers=0")
 env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=root)
@@ -56,18 +57,18 @@ if "4" in which:
         rc, msg = run(TINY + [f"out_dir={tmp/('r4'+g)}", f"run_name=r4{g}", f"stage.optim.grad_clip={g}", "trainer.max_steps=1"])
         print(f"CASE4 grad_clip={g}: rc", rc, "|", msg)
 if "7" in which:
-    from moxin.model import ModelConfig, Transformer, save_hf
+    from moxin.model import Transformer, save_hf
     from moxin.checkpoint.weights import load_init_weights
-    base = ModelConfig.preset("tiny")
+    base = load_preset("tiny")
     save_hf(Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096)), tmp / "hf7")
     try:
         load_init_weights(Transformer(base), str(tmp / "hf7")); print("CASE7 init_from HF with rope 1e6/eps 1e-6/window 4096 into 1e4/1e-5/", base.sliding_window, ": loaded silently")
     except Exception as e:
         print("CASE7 refused:", str(e)[:300])
 if "8" in which:
+    from moxin.config import SourceConfig
     from moxin.data.bad_records import RecordStats
     from moxin.data.documents import iter_records
-    from moxin.data.reader import SourceConfig
     f = tmp / "u.jsonl"
     f.write_bytes(b'{"text": "ok one"}\n{"text": "caf\xe9 latin-1"}\n{"text": "ok two"}\n')
     st = RecordStats(); out = [t for _, t in iter_records(SourceConfig(name="u", path=str(f), max_bad_fraction=1.0), stats=st)]

@@ -19,8 +19,10 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moxin.model import ModelConfig, Transformer
-from moxin.stages import OptimConfig, PretrainStage
+from moxin.config import OptimConfig
+from moxin.model import Transformer
+from moxin.presets import load_preset
+from moxin.stages import PretrainStage
 from wiring_reference import GradRecorder, lm_loss, reference_grads  # this script's folder is on sys.path
 
 GLOBAL_ROWS, T, STEPS = 8, 32, 4
@@ -73,7 +75,7 @@ def main(out_path, strategy="ddp"):
     per_rank = GLOBAL_ROWS // world
     accum = 2
     micro = per_rank // accum
-    stage = PretrainStage(ModelConfig.preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
+    stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
                                                                   grad_clip=None), total_steps=STEPS)
     losses = []
     stage.configure_model()

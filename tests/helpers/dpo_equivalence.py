@@ -22,9 +22,9 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from moxin.config import ModelConfig, OptimConfig
 from moxin.distributed import weights_checksum
-from moxin.model import ModelConfig, Transformer
-from moxin.stages import OptimConfig
+from moxin.model import Transformer
 from moxin.stages.dpo import DPOStage
 from wiring_reference import GradRecorder, dpo_loss, reference_grads  # this script's folder is on sys.path
 

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from moxin.config import ModelConfig
 from moxin.distributed import apply_fsdp, weights_checksum
-from moxin.model import ModelConfig, Transformer
+from moxin.model import Transformer
 
 
 def main(out_path):

@@ -13,8 +13,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from moxin.callbacks import SampleGenerations
-from moxin.model import ModelConfig
-from moxin.stages import OptimConfig, PretrainStage
+from moxin.config import ModelConfig, OptimConfig
+from moxin.stages import PretrainStage
 from moxin.tokenizer import load_tokenizer
 
 T, TRAIN_ROWS, VAL_ROWS, STEPS = 32, 4, 6, 2

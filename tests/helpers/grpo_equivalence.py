@@ -19,10 +19,11 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from moxin.config import GRPOConfig, OptimConfig
 from moxin.distributed import weights_checksum
-from moxin.model import ModelConfig, Transformer
-from moxin.stages.base import OptimConfig
-from moxin.stages.grpo import GRPOConfig, GRPOStage
+from moxin.model import Transformer
+from moxin.presets import load_preset
+from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
 from wiring_reference import GradRecorder, grpo_loss, reference_grads  # this script's folder is on sys.path
 
@@ -58,7 +59,7 @@ def main(out_path):
     torch.manual_seed(0)
     cfg = GRPOConfig(group_size=G, temperature=0.7, max_new_tokens=8, mask_truncated=True, verifier="exact",
                      verifier_workers=0, log_completions=0, micro_batch_size=3, ppo_epochs=2)
-    stage = GRPOStage(ModelConfig.preset("tiny", attn_backend="sdpa"), grpo=cfg,
+    stage = GRPOStage(load_preset("tiny", attn_backend="sdpa"), grpo=cfg,
                       tokenizer=load_tokenizer("mistral"), seed=5,
                       optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0,
                                         grad_clip=None), total_steps=2)

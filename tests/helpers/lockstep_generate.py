@@ -7,14 +7,15 @@ import sys
 import torch
 import torch.distributed as dist
 
-from moxin.model import ModelConfig, Transformer, generate
+from moxin.model import Transformer, generate
+from moxin.presets import load_preset
 
 
 def main(out_path, lockstep):
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)
-    model = Transformer(ModelConfig.preset("tiny")).eval()
+    model = Transformer(load_preset("tiny")).eval()
     calls = [0]
     model.register_forward_hook(lambda *a: calls.__setitem__(0, calls[0] + 1))
     prompts = [[1, 5, 9, 13], [1, 7, 2]]

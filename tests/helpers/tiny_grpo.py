@@ -5,10 +5,10 @@ Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_
 import lightning as L
 import torch
 
+from moxin.config import GRPOConfig, OptimConfig
 from moxin.data.grpo_data import PromptDataModule
-from moxin.model import ModelConfig
-from moxin.stages.base import OptimConfig
-from moxin.stages.grpo import GRPOConfig, GRPOStage
+from moxin.presets import load_preset
+from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
 
 
@@ -18,7 +18,7 @@ def tiny_grpo_stage(verifier: str, **grpo) -> tuple[GRPOStage, object]:
     torch.manual_seed(0)
     cfg = dict(group_size=4, temperature=1.0, verifier=verifier, verifier_workers=0, log_completions=0,
                mask_truncated=False) | grpo
-    stage = GRPOStage(ModelConfig.preset("tiny", vocab_size=32000, attn_backend="sdpa"),
+    stage = GRPOStage(load_preset("tiny", vocab_size=32000, attn_backend="sdpa"),
                       optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0),
                       grpo=GRPOConfig(**cfg), tokenizer=tok, seed=3)
     return stage, tok

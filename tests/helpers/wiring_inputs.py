@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from moxin.model import ModelConfig
-from moxin.stages import OptimConfig
+from moxin.config import ModelConfig, OptimConfig
 
 CFG = ModelConfig(vocab_size=128, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=8, hidden_dim=64,
                   sliding_window=8, max_seq_len=64, attn_backend="sdpa")

@@ -14,9 +14,8 @@ the dataclass does not have (``model.dimm=4``) and a value of the wrong type (``
 anything runs; the dataclass's ``__post_init__`` still checks ranges and combinations.
 
 The schemas are stored under top-level names (``schema_<node>``), not in a config group, so that ``--help`` lists
-only the groups people choose from. Importing this module registers them; ``moxin.run`` imports it before
-``@hydra.main`` and ``moxin.paths.conf_dir()`` imports it too, so any compose from moxin's config folder (tests,
-notebooks) finds them.
+only the groups people choose from. Importing this module registers them; ``moxin.paths`` imports it, so any
+compose from moxin's config folder (``conf_dir()``: the run, tests, notebooks) finds them.
 """
 
 from __future__ import annotations
@@ -28,6 +27,13 @@ import typing
 from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
+
+from moxin.config.eval import EvalConfig
+from moxin.config.grpo import GRPOConfig
+from moxin.config.lora import LoRAConfig
+from moxin.config.model import ModelConfig
+from moxin.config.optim import OptimConfig
+from moxin.config.parallel import ParallelConfig
 
 # Types OmegaConf 2.3 validates as they are; anything else is mapped by _omegaconf_type.
 _PRIMITIVES = (int, float, bool, str)
@@ -83,7 +89,7 @@ def schema_of(cls: type, *, target: bool = True, exclude: tuple[str, ...] = ()) 
     hints = typing.get_type_hints(cls)
     fields: list = []
     if target:
-        fields.append(("_target_", str, dataclasses.field(default=f"{cls.__module__}.{cls.__qualname__}")))
+        fields.append(("_target_", str, dataclasses.field(default=f"moxin.config.{cls.__qualname__}")))
     for f in dataclasses.fields(cls):
         if f.init and f.name not in exclude:
             fields.append((f.name, _omegaconf_type(hints[f.name]), _default(f)))
@@ -92,16 +98,8 @@ def schema_of(cls: type, *, target: bool = True, exclude: tuple[str, ...] = ()) 
     return schema
 
 
-from moxin.distributed import ParallelConfig  # noqa: E402  (the dataclasses the schemas are made of)
-from moxin.eval.runner import EvalConfig  # noqa: E402
-from moxin.model.config import ModelConfig  # noqa: E402
-from moxin.model.lora import LoRAConfig  # noqa: E402
-from moxin.stages.base import OptimConfig  # noqa: E402
-from moxin.stages.grpo import GRPOConfig  # noqa: E402
-
 ModelConfigSchema = schema_of(ModelConfig)  # conf/model/*.yaml
-# max_nonfinite_steps is the run's trainer.max_nonfinite_steps (moxin.run.build sets it), not a stage.optim key
-OptimConfigSchema = schema_of(OptimConfig, exclude=("max_nonfinite_steps",))  # conf/stage/*.yaml, optim
+OptimConfigSchema = schema_of(OptimConfig)  # conf/stage/*.yaml, optim
 GRPOConfigSchema = schema_of(GRPOConfig)  # conf/stage/grpo.yaml, grpo
 LoRAConfigSchema = schema_of(LoRAConfig)  # conf/stage/*.yaml, lora
 ParallelConfigSchema = schema_of(ParallelConfig)  # conf/hardware/{cpu,gpu,fsdp}.yaml, parallel

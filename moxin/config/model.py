@@ -1,21 +1,16 @@
-"""Model configuration and presets.
+"""ModelConfig: a Mistral-style decoder (grouped-query attention, SwiGLU MLP, RMSNorm pre-norm, rotary embeddings
+in the Hugging Face rotate-half layout, optional sliding-window attention).
 
-`ModelConfig` describes a Mistral-style decoder: grouped-query attention, SwiGLU MLP, RMSNorm (pre-norm),
-rotary embeddings in the Hugging Face rotate-half layout, and optional sliding-window attention.
-
-Presets are the files `conf/model/*.yaml` (`ModelConfig.preset(name)` reads them; `model=<name>` picks them; Hydra
-checks them and their overrides against this dataclass's fields, moxin/conf_schema.py):
-- ``moxin-7b``: Moxin-7B exactly as published (Mistral-7B extended to 36 blocks).
-- ``mistral-7b``: the same shape with 32 blocks.
-- ``tiny``: a few hundred thousand parameters, for unit tests (vocab 512, window 16).
-- ``tiny-cpu``: the default run's model: the real 32000-entry vocabulary, 4 small blocks, window 256;
-  trains at a few thousand tokens per second on a 2-core CPU.
+The presets are the files ``conf/model/*.yaml`` (``model=<name>``); code reads them with
+``moxin.model.config.load_preset(name)``, which lives above this leaf package.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+
+__all__ = ["ModelConfig"]
 
 
 @dataclass
@@ -93,35 +88,3 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> "ModelConfig":
-        """The model of `conf/model/<name>.yaml` (the one place presets are stated; `model=<name>` on the command
-        line picks the same file), with `overrides` replaced."""
-        return dataclasses.replace(_load_preset(name), **overrides)
-
-
-def preset_names() -> list[str]:
-    from moxin.paths import conf_dir
-
-    return sorted(p.stem for p in (conf_dir() / "model").glob("*.yaml"))
-
-
-def _load_preset(name: str) -> ModelConfig:
-    import yaml
-
-    from moxin.paths import conf_dir
-
-    def fields_of(preset: str) -> dict:
-        path = conf_dir() / "model" / f"{preset}.yaml"
-        if not path.is_file():
-            raise KeyError(f"unknown model preset {preset!r}; choose one of {preset_names()} (files in {path.parent})")
-        own = yaml.safe_load(path.read_text()) or {}
-        out: dict = {}
-        for parent in own.pop("defaults", []):  # Hydra's `defaults: [other_preset, _self_]` in a model file
-            if parent != "_self_" and not parent.startswith("/schema_"):  # the schema: ModelConfig itself
-                out.update(fields_of(parent))
-        own.pop("_target_", None)
-        return out | own
-
-    return ModelConfig(**fields_of(name))

@@ -1,7 +1,8 @@
 """A built-in procedural task with exact answers: small arithmetic, learnable by a tiny model on a CPU.
 
-Used by the CPU GRPO demo and the tests: a short SFT on :func:`solution_text` teaches the answer format, then GRPO
-with :class:`ExactAnswerVerifier` should raise the mean reward within minutes.
+The CPU GRPO demo and the tests draw their prompts from it (moxin/data/grpo_data.py): a short SFT on
+:func:`solution_text` teaches the answer format, then GRPO with ``moxin.rewards.ExactAnswerVerifier`` should raise
+the mean reward within minutes.
 
     >>> task = ArithmeticTask(seed=0)
     >>> p = task.sample(1)[0]            # {"prompt": "What is 37 + 48?", "answer": "85"}
@@ -14,10 +15,7 @@ import random
 import re
 from dataclasses import dataclass
 
-from moxin.rewards.base import CORRECT, WRONG, RewardResult
-from moxin.rewards.extract import extract_or_no_answer
-
-__all__ = ["ArithmeticTask", "ExactAnswerVerifier", "solution_text"]
+__all__ = ["ArithmeticTask", "solution_text"]
 
 _OPS = ("+", "-")
 _PROMPT = re.compile(r"What is (\d+) ([+\-]) (\d+)\?")
@@ -73,7 +71,7 @@ def solution_text(problem: dict[str, str], style: str = "worked") -> str:
     ``style="worked"``: ``"37 + 48 = 85. Answer: 85"``; ``style="answer"``: ``"Answer: 85"`` (the answer alone:
     a tiny model learns the form in a few dozen steps without having to learn to copy the operands).
     The SFT warm-up trains on these, so GRPO starts from a model that already answers in the form
-    :class:`ExactAnswerVerifier` and :class:`moxin.rewards.format.FormatVerifier` expect.
+    ``moxin.rewards.ExactAnswerVerifier`` and :class:`moxin.rewards.format.FormatVerifier` expect.
     """
     if style not in ("worked", "answer"):
         raise ValueError(f"solution style must be 'worked' or 'answer', got {style!r}")
@@ -84,32 +82,3 @@ def solution_text(problem: dict[str, str], style: str = "worked") -> str:
         raise ValueError(f"not an ArithmeticTask prompt: {problem['prompt']!r} (expected 'What is A + B?')")
     a, op, b = m.groups()
     return f"{a} {op} {b} = {problem['answer']}. Answer: {problem['answer']}"
-
-
-def _normalise(s: str) -> str:
-    s = s.strip().strip("$").strip().rstrip(".").replace(",", "").replace(" ", "")
-    try:
-        return str(int(s))  # "085" -> "85", "+85" -> "85", "-0" -> "0"
-    except ValueError:
-        return s
-
-
-@dataclass
-class ExactAnswerVerifier:
-    """Reward 1.0 if the extracted final answer equals the reference exactly (after trimming; integers compared
-    as integers), else 0.0.
-
-    Extraction: last ``\\boxed{...}``, else the last "Answer: X" / "answer is X", else (``number_fallback``)
-    the last integer in the completion. With the fallback, "37 + 48 = 85" earns the reward even without the
-    "Answer:" suffix; turn it off to demand the format.
-    """
-
-    number_fallback: bool = True
-
-    def __call__(self, completion: str, reference: str) -> RewardResult:
-        extracted, no_answer = extract_or_no_answer(completion, self.number_fallback)
-        if no_answer is not None:
-            return no_answer
-        if _normalise(extracted) == _normalise(reference):
-            return RewardResult(1.0, CORRECT, extracted)
-        return RewardResult(0.0, WRONG, extracted)

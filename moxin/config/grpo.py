@@ -1,0 +1,92 @@
+"""GRPOConfig: the knobs of GRPO (``stage.grpo``); what each does, and the papers, in moxin/stages/grpo.py."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from moxin.config.options import Aggregation, DecodePath, KLEstimator, parse_option
+
+__all__ = ["GRPOConfig"]
+
+
+@dataclass
+class GRPOConfig:
+    group_size: int = 8
+    """G completions per prompt (Moxin: 8). Too small (2-4) gives noisy advantages and many zero-std groups."""
+    temperature: float = 0.6
+    """Sampling temperature (Moxin: 0.6). The training log-probs use the same temperature, so the ratio compares
+    like with like. Too low: groups agree, frac_zero_std -> 1; too high: gibberish."""
+    top_p: float = 1.0
+    """Nucleus sampling. <1 samples from a truncated distribution the loss does not model (a biased ratio)."""
+    top_k: int | None = None
+    max_new_tokens: int = 16384
+    """Completion budget (Moxin-Reasoning: 16K). Completions hitting it count as truncated."""
+    gen_batch_size: int | None = None
+    """Sequences per generate() call (None: all of the rank's G x P at once). Lower it when the cache OOMs."""
+    prefill_chunk: int | None = None
+    score_during_generation: bool | None = None
+    """Score rows while the others still decode (a scoring thread; verifier workers). None: on a GPU only; on a CPU
+    the verifier would take cores from generation (the CPU demo generated 20 % slower with it)."""
+    decode: DecodePath = DecodePath.AUTO
+    """Rollout decode path: auto = compiled on a CUDA device (the decode step compiled once per cache shape,
+    about a minute for Moxin-7B, then 1.5x the uncompiled CUDA graph, 1.6x with the rollout copy's fused
+    projections), eager on a CPU; or eager, static, graph, compiled. Under FSDP the rollouts always decode
+    eagerly (every forward all-gathers the weights)."""
+    rollout_copy: bool | None = None
+    """Decode rollouts with a copy of the policy in the autocast dtype (bf16 under bf16-mixed), refreshed from the
+    policy at every rollout step, rather than with the fp32 policy under autocast, whose decode casts every weight
+    again for every token and keeps an fp32 cache. Costs a 16-bit copy of the weights (2 bytes a parameter).
+    None: on one CUDA device under 16-bit autocast. Never under FSDP (the copy would be whole on every rank)."""
+    scale_by_std: bool = True
+    """Divide advantages by the group std (GRPO) or not (Dr. GRPO)."""
+    filter_zero_std: bool = True
+    """Leave groups with identical rewards out of the update (DAPO); they contribute zero gradient anyway, but
+    with token/sequence aggregation they would dilute the normaliser."""
+    mask_truncated: bool = True
+    """No loss on completions cut at max_new_tokens (DAPO overlong filtering)."""
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    """Ratio clip range [1 - clip_low, 1 + clip_high]; clip_high > clip_low is DAPO's clip-higher."""
+    aggregation: Aggregation = Aggregation.TOKEN
+    """token (DAPO) | sequence (GRPO) | constant (Dr. GRPO: sum / (max_new_tokens x sequences))."""
+    constant_norm: float | None = None
+    """For aggregation=constant: the divisor per minibatch; None = max_new_tokens x sequences in the minibatch."""
+    kl_coef: float = 0.0
+    """Weight of KL(policy || frozen initial policy) in the loss (Moxin: 0.001). 0: no reference model is kept."""
+    kl_estimator: KLEstimator = KLEstimator.LOW_VAR_KL
+    """k1 | k2 | k3 | low_var_kl (k3 clamped as verl; Moxin's choice)."""
+    ppo_epochs: int = 1
+    """Passes of policy updates over each rollout batch. >1 reuses samples but drifts off-policy (watch clip_frac)."""
+    num_minibatches: int = 1
+    """Optimizer steps per epoch; the kept completions are split into this many minibatches."""
+    micro_batch_size: int = 8
+    """Sequences per forward/backward (gradient accumulation inside a minibatch; memory only, not the math)."""
+    verifier: str = "exact"
+    """Registry name (moxin.rewards.get_verifier): math (Moxin), exact (built-in task), format."""
+    verifier_kwargs: dict = field(default_factory=dict)
+    verifier_timeout_s: float = 10.0
+    verifier_workers: int | None = None
+    """Verifier worker processes (None: min(4, cpus)); 0 runs in-process without timeouts (debug only)."""
+    max_verifier_failure_fraction: float = 0.5
+    """Stop the run when more than this fraction of a step's completions could not be scored (verifier error or
+    timeout): their reward would be a silent 0 and the update noise."""
+    log_completions: int = 1
+    """Print this many (prompt, completion, reward) examples every `log_every` rollout steps (rank 0)."""
+    log_every: int = 10
+    heldout_every: int = 0
+    """Rollout steps between greedy held-out reward measurements (grpo/heldout_reward; moxin/eval/heldout.py);
+    0: none. Measured before the rollout of every multiple of it (step 0: the starting policy) and after the last."""
+    heldout_prompts: int = 64
+    heldout_source: str | None = None
+    """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
+
+    def __post_init__(self):
+        if self.group_size < 2:
+            raise ValueError(f"stage.grpo.group_size={self.group_size}: GRPO needs >= 2 completions per prompt")
+        self.aggregation = parse_option(Aggregation, self.aggregation, "stage.grpo.aggregation")
+        self.kl_estimator = parse_option(KLEstimator, self.kl_estimator, "stage.grpo.kl_estimator")
+        self.decode = parse_option(DecodePath, self.decode, "stage.grpo.decode")
+        if self.temperature <= 0:
+            raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
+        if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
+            raise ValueError("stage.grpo.ppo_epochs, num_minibatches and micro_batch_size must be >= 1")
