@@ -5,15 +5,7 @@ missing `init_from`, `hardware=gpu` on a CPU-only torch, `trainer.max_steps=abc`
 target class does not take, malformed jsonl) used to surface as the last line of a long traceback after
 Lightning's banner, sometimes after a few training steps. Here:
 
-* :func:`preflight` checks those things from the composed config, before the data module, the model or the
-  Lightning trainer exist, and raises a ``ConfigError`` naming the key / file:line / path and the fix (the run's
-  own keys are checked by ``moxin.config.RunConfig``);
-* :func:`user_message` turns the errors other layers raise for user mistakes (every ``MoxinUserError``, Hydra's
-  instantiation errors, OmegaConf validation errors) into that same one-paragraph form, and returns None for
-  anything else (a real bug keeps its traceback);
-* :func:`guarded` runs the job: a user error prints ``moxin: error: ...`` and exits with status 2; with
-  ``HYDRA_FULL_ERROR=1`` or ``MOXIN_DEBUG=1`` the full traceback is raised instead. A run that failed before its
-  first optimizer step leaves no folder behind when this launch created it.
+Details: docs/modules.md, "errors.py".
 """
 
 from __future__ import annotations

@@ -2,19 +2,7 @@
 
 Three families live here:
 
-* **Token cross-entropy / log-probs** (pretraining, SFT, and the log-probs DPO and GRPO need), computed from the
-  final-normed hidden states and the ``lm_head`` weight in row chunks, so the full ``(B*T, V)`` fp32 logits never
-  exist at once (for Moxin, V = 32000: a 4096-token row would be 0.5 GiB of fp32 logits per sequence).
-* **DPO family** over per-sequence summed log-probs: ``dpo``, ``dpo_norm``, ``ipo``, ``simpo``.
-* **GRPO family**: group-relative advantages, KL estimators, the clipped policy loss with three aggregations.
-
-Normalisation contract (docs/architecture.md): functions return SUMS plus COUNTS (or take an explicit normaliser),
-never a mean over whatever happens to be in the micro-batch. The stage divides by the number of target tokens (or
-pairs, or sequences) across gradient accumulation and data-parallel ranks; a per-micro-batch mean silently
-re-weights short and long batches (the gradient-accumulation bug every open trainer fixed in 2024-25).
-
-Shapes use B = batch, T = sequence length, D = model dim, V = vocabulary, S = number of sequences (completions),
-N = prompts, G = group size (completions per prompt).
+Details: docs/modules.md, "losses.py".
 """
 
 from __future__ import annotations

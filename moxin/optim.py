@@ -1,19 +1,6 @@
 """The optimizer and one optimizer step, in plain PyTorch: normalise, clip, step, guard.
 
-`OptimizerStep` is the step every stage takes. A stage hands it each micro-batch's summed loss and target count
-(`add`); the backward has summed the gradients of those sums (divided by the caller's `divided_by`: Lightning's
-accumulation x the data-parallel average). Before ``optimizer.step()``, `prepare` sums the counts over the window
-and the ranks and scales the gradients by ``divided_by / tokens``, so every target token of the step weighs the
-same however tokens fall into micro-batches and ranks. The scale is folded into clip_grad_norm_'s factor (the norm
-of scaled gradients is the scaled norm): two passes over the gradients (norm, step), not three.
-
-With a fused optimizer the factor and the skip of a non-finite step ride into the step as device numbers (its
-``grad_scale`` and ``found_inf``, as GradScaler uses them) and the step's values reach the host in `finish`, after
-the step is queued, so the host never stalls the GPU. Otherwise the values are read in `prepare` and the gradients
-multiplied there. Either way `guard` skips a step whose loss or norm is NaN/Inf (gradients dropped: AdamW leaves
-weights and moments as they were) and raises `NonFiniteError` after ``max_nonfinite_steps`` in a row.
-
-GRPO's update normalises its loss itself and takes `clip` (clip_grad_norm_, then the guard).
+Details: docs/modules.md, "optim.py".
 """
 
 from __future__ import annotations

@@ -3,23 +3,7 @@
 ``warmup.steps > 0`` (conf/config.yaml) makes one ``python -m moxin.run`` command two ordinary runs, one after the
 other, under the command's run lock:
 
-1. **The warm-up**, an SFT run in ``<out_dir>/warmup/``. The command's data module writes its task's solutions as
-   chat records, ``warmup/solutions.jsonl`` (``{"messages": [the RL prompt, {"role": "assistant", "content":
-   solution}]}``, ``warmup.steps x warmup.batch_size`` of them: see
-   :meth:`moxin.data.grpo_data.PromptDataModule.solution_conversations`). The SFT data module (moxin/data/sft_data.py)
-   reads them and the SFT stage trains on them (conf/stage/sft.yaml, its optimizer merged with ``warmup.optim``),
-   through ``moxin.run.train`` like any run: its own checkpoints, metrics.csv, summary.json and resume. Its
-   config is composed from the same config tree (``stage=sft``, ``data=sft_sample`` with the warm-up's overrides);
-   model, tokenizer (the command's one object), seed, hardware, logger and the trainer's checkpoint / progress
-   settings are the command's.
-2. **The run itself** (GRPO), in ``<out_dir>/``, starting from the warm-up's final checkpoint as ``init_from``
-   (so its ``init_checksum`` is the warm-up's ``weights_checksum``, and a KL reference is the warmed-up policy).
-   A command's own ``init_from`` is where the warm-up starts.
-
-Resume: with ``resume=auto`` (or a checkpoint path) an interrupted warm-up continues where it stopped and a
-finished one is not run again; a fresh command (``resume=null``) refuses a folder that holds a warm-up, as it
-refuses one that holds checkpoints. A warm-up stopped by SIGUSR1 (SLURM) ends the command there; the requeued job
-continues it. The stage that follows knows nothing of SFT: only its starting weights come from here.
+Details: docs/modules.md, "warmup.py".
 """
 
 from __future__ import annotations

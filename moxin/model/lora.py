@@ -2,20 +2,7 @@
 
     y = x W^T + (alpha / r) * dropout(x) A^T B^T       W frozen (bf16, or NF4 for QLoRA), A (r, in), B (out, r)
 
-`apply_lora(model, cfg)` freezes every weight of a `Transformer` and swaps the chosen projections of every block
-(q, k, v, o, gate, up, down) for a `LoRALinear` that keeps the frozen weight under its old name (``...wq.weight``)
-and adds ``lora_A`` / ``lora_B``: a checkpoint, an export or a parity test finds the base where it always was. B
-starts at zero (PEFT's init, A Kaiming-uniform), so the adapted model starts as the base. QLoRA
-(``quantize=nf4``) stores every block projection in torchao's NF4 (what torchtune uses), dequantised to the
-compute dtype in the forward; the embeddings, norms and output layer stay 16-bit, as in the QLoRA paper.
-
-Why our own small module rather than PEFT's `get_peft_model`: our blocks are not Hugging Face modules, PEFT's
-wrapper renames every base parameter (``base_layer.weight``) that checkpoints, exports and FSDP2's per-block
-sharding rely on, and its QLoRA path needs bitsandbytes' Linear4bit. The export still speaks PEFT: `save_peft_adapter`
-writes PEFT's files and key names for ``MistralForCausalLM`` (tests load it with ``PeftModel.from_pretrained``).
-
-The adapter-off model (`adapters_disabled`) is the starting weights: DPO's and GRPO's reference, with no second
-model. `merged_items` yields the merged weights under the base names (the ``hf/`` export, GRPO's rollout copy).
+Details: docs/modules.md, "model/lora.py".
 """
 
 from __future__ import annotations

@@ -3,19 +3,7 @@ names), graded with math-verify as :class:`moxin.rewards.math.MathVerifier` grad
 
 The published rule (sources and line numbers: docs/recipe.md, "GRPO: Moxin-Reasoning"):
 
-* the answer region is the text after the model's first ``</think>`` and before a second one, if any; a completion
-  without ``</think>`` gets the format-error reward (a ``\\boxed{}`` inside the reasoning never counts).
-  DeepScaleR scores prompt + response and also asks for a ``<think>`` in them; the verifier sees the completion
-  only, whose ``<think>`` may sit in the prompt's template, so only ``</think>`` is required;
-* in that region the LAST ``\\boxed`` decides: it must read ``\\boxed{...}`` with balanced braces, else the
-  format-error reward (no "answer is X" phrase, no last-number fallback, an earlier well-formed box does not
-  rescue a broken last one);
-* a reference that contains ``\\boxed{...}`` is reduced to its content first;
-* rewards: correct 1, incorrect 0, format error 0 (DeepScaleR's reward function returns ``is_correct``, which
-  verl turns into 1.0 / 0.0 on the last response token).
-
-Unlike DeepScaleR (its own ``mathd`` + SymPy string normaliser), equality is math-verify's, so ``\\frac{1}{2}``,
-``1/2`` and ``0.5`` are equal as in every other Moxin reward.
+Details: docs/modules.md, "rewards/deepscaler.py".
 """
 
 from __future__ import annotations

@@ -1,41 +1,10 @@
 """Direct preference optimisation and its family (Moxin-Instruct: length-normalised DPO, beta 5, Tülu 3 recipe).
 
-Per pair, the policy's summed log-prob of the chosen and the rejected answer (the final assistant turn, content
-and eos; moxin/data/dpo_data.py) is compared with the reference model's by ``moxin.losses.dpo_loss``:
-
-* ``dpo``      Rafailov et al. 2023, arXiv 2305.18290 (sigmoid loss on summed log-ratios; beta ~0.1).
-* ``dpo_norm`` the same on length-averaged log-ratios (open-instruct / Tülu 3 / Moxin, beta 5). Summed
-  log-ratios grow with answer length, so plain DPO favours long answers; averaging removes that, and beta must
-  be ~length-times larger (beta 0.1 here trains almost nothing).
-* ``ipo``      Azar et al. 2023, arXiv 2310.12036 (squared loss towards a margin 1/(2 beta); does not push the
-  margin to infinity on deterministic preferences).
-* ``simpo``    Meng et al. 2024, arXiv 2405.14734 (reference-free: average log-prob margin minus gamma).
-* ``sft_weight`` (alpha) adds alpha x the chosen answer's NLL per token (RPO, Pang et al. 2024,
-  arXiv 2404.19733), which keeps the chosen answer's likelihood from falling while the margin grows.
-
-Reference (``reference``):
-* ``cached`` (default): the reference log-probs of every train and held-out pair are computed once in
-  ``on_fit_start`` with the starting weights and stored on disk (moxin/stages/refcache.py), keyed by a hash of
-  the checkpoint, data tokens, tokenizer, lengths, loss type and numerics; later runs with the same inputs reuse
-  it, any change rebuilds it. No second model in memory.
-* ``frozen``: a second copy of the starting weights, frozen and sharded exactly like the policy (same
-  ``parallelize``), runs a no-grad forward every step (memory x2 in weights; no precomputation).
-* ``none``: only for ``simpo``.
-
-With LoRA (``stage.lora.rank > 0``) the starting weights are the frozen base with the adapters switched off, so
-``cached`` and ``frozen`` both run that forward (no grad) on every batch: no second model and no cache.
-
-Normalisation: DPO losses are per pair. ``compute_loss`` returns the SUM of the pair losses with ``n_tokens`` =
-the number of pairs, so MoxinStage divides by the pairs of the whole optimizer step over accumulation and ranks
-(every pair weighs the same, however pairs fall into micro-batches). Reward metrics are sums over pairs,
-normalised the same way.
-
-Logged: ``train/loss`` (per pair, incl. the SFT term), ``dpo/loss``, ``dpo/chosen_reward``,
-``dpo/rejected_reward``, ``dpo/margin``, ``dpo/accuracy``, ``dpo/chosen_logp`` (policy, per token),
-``train/tokens_per_s`` (callback); on held-out pairs ``val/loss`` (= ``val/dpo_loss``), ``val/dpo_accuracy``,
-``val/dpo_margin``, ``val/chosen_reward``, ``val/rejected_reward`` and ``val/logp_accuracy`` (how often the
-policy alone gives the chosen answer the higher per-token log-prob; meaningful before training too, when the
-policy equals the reference and every margin is exactly 0).
+The policy's summed log-probs of the chosen and rejected answers against the reference's, through
+``moxin.losses.dpo_loss`` (dpo, dpo_norm, ipo, simpo; optional SFT term); the reference is cached once, a frozen
+copy, or (with LoRA) the base with the adapters off. ``compute_loss`` returns sums over pairs, so every pair
+weighs the same however pairs fall into micro-batches. Details and the logged metrics: docs/modules.md,
+"stages/dpo.py".
 """
 
 from __future__ import annotations

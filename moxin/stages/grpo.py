@@ -1,51 +1,10 @@
 """GRPO: reinforcement learning from verifiable rewards (the Moxin-Reasoning recipe).
 
-One ``training_step`` is one rollout batch (Lightning manual optimisation):
-
-1. **Generate** ``group_size`` (G) completions for each of the batch's prompts with moxin's own batched engine
-   (:func:`moxin.model.generate.generate`, rolling-buffer KV cache) from the very weights being trained: no vLLM,
-   no weight sync. On a GPU under bf16 autocast the rollouts decode with a bf16 copy of the policy, refreshed every
-   step (``rollout_copy``): the same rounded weights autocast's products use, without recasting them per token.
-   Sampling is seeded by ``(seed, step, rank)``, so a run's rollouts are reproducible. A completion stops at the
-   end-of-sequence token or is *truncated* at ``max_new_tokens``.
-2. **Score** each completion against the reference answer with a verifier (:func:`moxin.rewards.score_batch`:
-   worker processes, a per-item timeout; errors and timeouts are counted and logged, never silent zeros).
-   On a GPU scoring overlaps generation (``score_during_generation``): ``generate`` hands over rows as they
-   finish and a scoring thread scores them while the rest decode; ``grpo/score_s`` is the scoring left after the
-   last token, ``grpo/score_busy_s`` all of it.
-3. **Advantages**, group-relative (GRPO, DeepSeekMath, Shao et al. 2024, arXiv 2402.03300): reward minus the
-   group's mean, divided by the group's std when ``scale_by_std`` (Dr. GRPO, Liu et al. 2025, arXiv 2503.20783,
-   drops the division: it over-weights prompts that are nearly always solved or nearly never).
-4. **Filter / mask**: groups whose G rewards are all equal have zero advantage and teach nothing; with
-   ``filter_zero_std`` they are left out of the update (DAPO's dynamic-sampling filter, Yu et al. 2025,
-   arXiv 2503.14476, without the re-sampling). With ``mask_truncated``, completions cut at ``max_new_tokens`` get
-   no loss (DAPO's overlong filtering: they score 0 for being cut, not for being wrong).
-5. **Update**: ``ppo_epochs`` passes over the kept completions in ``num_minibatches`` minibatches, one optimizer
-   step each, with the PPO-style clipped ratio of :func:`moxin.losses.policy_loss` (separate ``clip_low`` /
-   ``clip_high``: DAPO's clip-higher), aggregated per token (DAPO), per sequence (GRPO) or by a constant
-   (Dr. GRPO), plus optionally ``kl_coef`` x KL to a frozen copy of the initial policy (k1 / k2 / k3 =
-   ``low_var_kl``, Moxin: 0.001 with low_var_kl). The "old" log-probs come from one no-grad forward of the current
-   policy (not from the generator's numbers), so the ratio starts at exactly 1; with one epoch and one minibatch the
-   update is exactly on-policy and that forward is skipped (``old = logp.detach()``).
-
-**The loss is not a progress signal.** With a ratio near 1 the policy loss is roughly minus the mean advantage,
-which is ~0 by construction (advantages are centred per group), whatever the policy's quality; it can even rise
-while the policy improves. Watch ``grpo/reward_mean`` (and on held-out prompts), with ``grpo/frac_zero_std``
-(near 1: prompts too easy or too hard, nothing is learnt), ``grpo/entropy`` (collapsing to 0: exploration died),
-``grpo/clip_frac`` (large: updates too big for the clip range), ``grpo/kl`` and ``grpo/completion_len_mean``.
-
-The stage knows nothing of SFT. A fresh model that must first learn the answer format gets an SFT warm-up on the
-task's solutions *before* this stage: a run of its own (``warmup.steps``; moxin/warmup.py) through the SFT data
-path and stage, whose final weights are this stage's ``init_from`` (and so the KL reference's weights).
-
-Distributed: data-parallel ranks each take ``prompts_per_step / world`` prompts; token / sequence counts are
-all-reduced so every token (or sequence) of a minibatch weighs the same on every rank, and every rank runs the
-same number of backward passes (empty micro-batches run a zero-weight one). Under FSDP2 (sharded weights) every
-forward is collective: rollouts then decode eagerly and in lockstep (``generate(lockstep=True)``: a rank whose rows
-have all stopped keeps stepping until every rank's have), and log-probs run as the model's ``head`` inside its
-forward. The KL reference is a deep copy of the policy module; under FSDP2 that copy is untested. With LoRA
-(``stage.lora.rank > 0``) the KL reference is the policy's own base with the adapters off (no copy), and the
-rollout copy holds the merged weights (W + alpha / r B A), refreshed every step.
+One ``training_step`` is one rollout batch (manual optimisation): generate ``group_size`` completions per prompt
+with moxin's own engine from the weights being trained, score them with a verifier in worker processes, take
+group-relative advantages, then ``ppo_epochs`` x ``num_minibatches`` clipped policy-gradient steps. The loss is not
+a progress signal: watch ``grpo/reward_mean``. Details (each step's choices and sources, FSDP and LoRA):
+docs/modules.md, "stages/grpo.py".
 """
 
 from __future__ import annotations

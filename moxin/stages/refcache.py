@@ -5,20 +5,7 @@ never changes, so its summed answer log-probs (and answer lengths) for every pai
 training and reused by every step, epoch, resume and later run with the same inputs; no second model sits in
 memory during training (open-instruct does the same).
 
-Cache key = sha256 of a JSON document (written next to the values as ``meta.json`` for humans) holding:
-
-* the reference checkpoint's identity (:func:`checkpoint_identity`: resolved path, size and mtime of every
-  weight file; for a random init the seed), and the model config;
-* the data (:meth:`moxin.data.dpo_data.PreferenceDataModule.reference_identity`: file sha256s or hub
-  name/split, a sha256 of every token id and label mask that enters training, which also covers the tokenizer,
-  the chat template, ``max_length`` and the length policy, stated explicitly too);
-* the loss knobs (loss type) and the numerics (parameter dtype, trainer precision, attention backend).
-
-A changed input gives a new key and a new cache folder, so stale values are never read. Values are stored as
-safetensors (``chosen_logps``, ``rejected_logps`` fp64 sums over the answer tokens, ``chosen_lengths``,
-``rejected_lengths``), written to a temporary name and renamed. With several ranks every rank computes its share
-of the pairs (the loader splits them round-robin), the shares are summed with an all-reduce, a coverage count
-checks that every pair was computed exactly once, and rank 0 writes the file.
+Details: docs/modules.md, "stages/refcache.py".
 """
 
 from __future__ import annotations

@@ -5,16 +5,7 @@ turns to -100, so ``token_cross_entropy`` sums over assistant tokens (each answe
 MoxinStage normalises by the assistant tokens of the whole optimizer step over accumulation and ranks. A
 micro-batch with few target tokens therefore weighs exactly its share, never more.
 
-Tülu 3 / Moxin "loss summed over tokens" vs our token mean over the step: both give every target token the same
-weight; they differ by one positive scalar per step (1 / target tokens of the step), which AdamW's update is
-invariant to (up to eps and gradient clipping). We keep the normalised form so ``train/loss`` is readable and the
-clipping threshold means the same thing in every step.
-
-Logged (rank zero, per optimizer step): ``train/loss`` (per assistant token), ``train/lr``, ``train/grad_norm``,
-``train/tokens_per_s`` (callback), ``sft/conversations`` and ``sft/target_tokens`` of the step,
-``sft/truncated`` (conversations truncated so far); ``val/loss`` and ``val/ppl`` on held-out conversations.
-With ``validate_at_start`` the held-out loss of the initial weights is measured before the first step (logged as
-``val/loss`` at step 0 and kept as ``val/loss_before`` in the run summary), so every run shows how far it moved.
+Details: docs/modules.md, "stages/sft.py".
 """
 
 from __future__ import annotations

@@ -1,38 +1,9 @@
 """Tokenizer-level mixture of experts for Chinese, Japanese and Korean (``load_tokenizer("moxin-cjk")``).
 
-The Mistral/Moxin tokenizer spends about one token per Chinese or Japanese character and one or more per Hangul
-syllable (rarer characters fall back to three UTF-8 byte tokens). Here a *base* tokenizer (any SentencePiece-style
-BPE tokenizer.json, by default the 32000-entry Mistral v1 model) is joined with one BPE *expert* per language,
-trained separately with ``tokenizers`` on that language alone, and their new pieces are appended after the base
-vocabulary. English, code and everything no expert claims keep exactly the base ids, so existing Moxin and
-Mistral weights keep working; only embedding rows for the appended ids are new (:func:`extend_embeddings`).
-
-How it works, and why it is one ``tokenizers`` pipeline
--------------------------------------------------------
-1. **Normalize** as the base does (``" "`` -> ``"▁"``, one ``"▁"`` in front of the text).
-2. **Route** (a ``Split`` pre-tokenizer, :data:`RUN_PATTERN`): maximal runs of Hangul (optionally with the one
-   ``"▁"`` that precedes them, since Korean separates words by spaces) and maximal runs of Han / kana / CJK
-   punctuation (likewise) become pre-tokens of their own; all the rest stays in the pre-tokens between them.
-   Text with no CJK character is one pre-token, exactly as in the base, so it is encoded exactly as before.
-3. **Encode** each pre-token with one BPE model whose merge list is the base's merges that touch no CJK
-   character (in their original order) followed by the experts' merges. A BPE merge can only fire on two symbols
-   inside one pre-token, and a pre-token holds either no CJK characters (only base merges can fire) or only CJK
-   characters and at most a leading ``"▁"`` (only expert merges can fire), so the experts are disjoint by script:
-   the Korean expert owns every Hangul pre-token; Chinese and Japanese share Han characters, and a Han/kana
-   pre-token is merged with the zh and ja merge lists interleaved by relative rank. Japanese runs contain kana,
-   so ja's kana-bearing merges (okurigana, particles) only ever fire there.
-4. **Byte fallback** of the base covers any character that neither the base nor an expert knows, so the result is
-   lossless: ``decode(encode(x)) == x`` for every string without the base's own ``"▁"`` (U+2581) in it (the
-   Mistral tokenizer decodes that character as a space, and so does this one; it is not a CJK character).
-
-The design in the issue routed Han to the Japanese expert when its sentence has kana. That rule needs sentence
-context, which no ``tokenizers`` component can express, so the tokenizer could not ship as a ``tokenizer.json``
-that ``transformers`` loads and that gives the same ids. Step 3 keeps the property that matters (each language
-has its own, separately trained vocabulary budget) and makes the whole tokenizer one Rust pipeline: the export
-carries a ``tokenizer.json`` and every ``transformers``/``tokenizers`` user gets our ids, and encoding runs at the
-base tokenizer's speed.
-
-The shipped artifact (``moxin/tokenizer/assets/moxin-cjk/``) is produced by ``scripts/train_cjk_experts.py``.
+A base BPE tokenizer (Mistral v1 by default) joined with one separately trained BPE expert per language whose
+pieces are appended after the base vocabulary; a ``Split`` pre-tokenizer routes CJK runs so expert merges fire
+only there, and everything else keeps exactly the base ids. One ``tokenizers`` pipeline, so the export is a
+``tokenizer.json`` that transformers loads with the same ids. How and why: docs/modules.md, "tokenizer/cjk.py".
 """
 
 from __future__ import annotations

@@ -2,27 +2,7 @@
 
 Three kinds of input are accepted by :func:`load_tokenizer`:
 
-``"mistral"``
-    The Mistral 7B / Moxin SentencePiece BPE model (32000 pieces, ``<unk>`` 0, ``<s>`` 1, ``</s>`` 2) that ships
-    inside the PyPI package ``mistral-common`` as ``mistral_common/data/tokenizer.model.v1``. Found offline with
-    :mod:`importlib.resources`.
-``path/to/tokenizer.model``
-    Any SentencePiece **BPE** model. It is converted in memory to a ``tokenizers.Tokenizer`` (see
-    :func:`sentencepiece_to_tokenizers`); the conversion reproduces SentencePiece's own encoding exactly
-    (pinned by ``tests/test_tokenizer.py`` on mixed English, code, whitespace runs, CJK, emoji and byte-fallback
-    text). Unigram SentencePiece models are served by the ``sentencepiece`` library itself (slower, exact).
-``path/to/tokenizer.json``
-    A Hugging Face ``tokenizers`` file. Special ids are read from the file's ``added_tokens`` (and from a
-    ``tokenizer_config.json`` beside it when there is one).
-
-Conventions shared by every backend:
-
-* ``encode`` never adds special tokens unless asked (``bos=True`` / ``eos=True``), and text is always text:
-  the string ``"</s>"`` inside a document encodes as ordinary characters, never as the end-of-sequence id, so
-  user data cannot inject control tokens. Special ids enter a sequence only through ``bos``/``eos`` or code
-  such as :func:`moxin.tokenizer.chat.render_chat`.
-* ``decode(ids, skip_special=True)`` drops control tokens (bos, eos, pad, unk) and undoes byte fallback.
-* The object pickles (DataLoader workers receive it) by carrying the backend's serialized form.
+Details: docs/modules.md, "tokenizer/tokenizer.py".
 """
 
 from __future__ import annotations
