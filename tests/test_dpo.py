@@ -197,3 +197,47 @@ def test_dpo_training_raises_the_margin_and_accuracy_of_its_pairs():
     policy.load_state_dict(stage.model.state_dict())
     margins = dpo_margins(policy, stage.ref_model, pairs, beta=0.5)
     assert float(margins.mean()) > 1.0 and bool((margins > 0).all()), margins
+
+
+def test_too_long_truncate_cuts_each_side_as_open_instruct_and_drops_pairs_left_without_target(tmp_path, tok):
+    """data.too_long=truncate: each side keeps its first max_length tokens (open-instruct's DPO tokenisation),
+    and only a pair with a side left without target tokens is dropped; both are counted in the data report."""
+    from moxin.data.dpo_data import LENGTH_POLICIES, truncate_chat
+
+    short = [{"chosen": [U, A(f"Oslo {i}.")], "rejected": [U, A("No.")]} for i in range(4)]
+    long_answer = {"chosen": [U, A("word " * 200)], "rejected": [U, A("No.")]}            # cut inside the answer
+    long_prompt = {"chosen": [{"role": "user", "content": "why " * 200}, A("Yes.")],      # the prompt fills it all
+                   "rejected": [{"role": "user", "content": "why " * 200}, A("No.")]}
+    path = _write(tmp_path / "t.jsonl", short + [long_answer, long_prompt])
+    kw = dict(train=path, tokenizer=tok, max_length=64, batch_size=1, micro_batch_size=1, num_workers=0,
+              world_size=1)
+    dm = PreferenceDataModule(too_long="truncate", **kw)
+    assert len(dm.train_set) == 5
+    rep = dm.data_report()["train"]
+    assert (rep["too_long"], rep["truncated"], rep["dropped_too_long"], rep["used"]) == (2, 1, 1, 5)
+    assert rep["length_policy"] == LENGTH_POLICIES["truncate"] and "no target left" in rep["too_long_examples"][1]
+    item = dm.train_set[4]                                                             # the truncated pair
+    full = render_answer(long_answer["chosen"], tok)
+    assert len(item["chosen_ids"]) == 64 and item["chosen_ids"] == full.input_ids[:64]
+    assert item["chosen_labels"] == truncate_chat(full, 64).shifted_labels()
+    assert tok.eos_id not in item["chosen_ids"][-1:]                                   # the cut answer has no eos
+    assert item["rejected_ids"] == render_answer(long_answer["rejected"], tok).input_ids  # the short side is whole
+    assert sum(t != -100 for t in item["chosen_labels"]) > 0
+
+    drop = PreferenceDataModule(**kw)                                                  # the default: drop
+    assert len(drop.train_set) == 4
+    rep_drop = drop.data_report()["train"]
+    assert (rep_drop["too_long"], rep_drop["truncated"], rep_drop["dropped_too_long"], rep_drop["used"]) == (2, 0, 2, 4)
+    assert [drop.train_set[i]["chosen_ids"] for i in range(4)] == [dm.train_set[i]["chosen_ids"] for i in range(4)]
+    assert drop.reference_identity("train")["tokens_sha256"] != dm.reference_identity("train")["tokens_sha256"]
+    assert drop.reference_identity("train")["length_policy"] != dm.reference_identity("train")["length_policy"]
+    with pytest.raises(DataError, match="no target token within max_length"):
+        PreferenceDataModule(**{**kw, "train": _write(tmp_path / "p.jsonl", [long_prompt])}, too_long="truncate").train_set
+    with pytest.raises(ValueError, match="data.too_long='cut'"):
+        PreferenceDataModule(too_long="cut", **kw)
+
+
+def test_published_dpo_data_truncates_and_the_demo_drops():
+    """tulu3_preference (the published experiment's data) truncates as open-instruct; the demo's data keeps dropping."""
+    assert compose_config(["+experiment=dpo_moxin_instruct", "init_from=x"]).data.too_long == "truncate"
+    assert compose_config(["+experiment=dpo"]).data.too_long == "drop"
