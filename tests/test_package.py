@@ -40,3 +40,13 @@ def test_wheel_carries_conf_and_runs_from_another_folder(tmp_path):
     shipped = target / "moxin" / "notebooks" / "inspect_checkpoint.ipynb"
     assert shipped.is_file() and line.endswith(f"jupyter notebook {shipped}"), line
     assert f"MOXIN_RUN={elsewhere / 'runs' / 'x'} " in line and "pip install -e" not in line, line
+
+
+def test_the_import_graph_has_no_circle_and_keeps_the_layering_rules():
+    """scripts/import_graph.py (ast only, imports inside functions count) finds no circle among moxin's modules and
+    none of docs/architecture.md's forbidden dependencies (the data layer on losses or verifiers, the model on
+    conf/, losses on the model, anything on moxin.run, moxin.config on the rest of moxin)."""
+    graph = subprocess.run([sys.executable, str(ROOT / "scripts" / "import_graph.py")], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120)
+    assert graph.returncode == 0, graph.stdout[-3000:] + graph.stderr[-2000:]
+    assert "circles: 0" in graph.stdout and "forbidden dependencies: 0" in graph.stdout
