@@ -13,7 +13,6 @@ root = sys.argv[1]; which = sys.argv[2:] or ["1", "3", "4", "6", "7", "8"]
 sys.path.insert(0, root)
 os.chdir(root)
 import torch
-from moxin.presets import load_preset
 TINY = ["model.dim=64", "model.n_layers=2", "model.hidden_dim=128", "model.n_heads=4", "model.n_kv_heads=2",
         "model.head_dim=16", "model.sliding_window=32", "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256",
         "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}, {name: b, seq_len: 128, tokens: 3072, mixture: {prose: 2, code: 1, cjk: 1}}]",
@@ -60,6 +59,7 @@ if "4" in which:
         print(f"CASE4 grad_clip={g}: rc", rc, "|", msg)
 if "7" in which:
     from moxin.model import Transformer, save_hf
+    from moxin.presets import load_preset
     from moxin.stages.base import load_init_weights
     base = load_preset("tiny")
     save_hf(Transformer(base.replace(rope_theta=1e6, norm_eps=1e-6, sliding_window=4096)), tmp / "hf7")
