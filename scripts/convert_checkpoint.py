@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from moxin.presets import load_preset
 
 
 def model_config(spec: str):
+    from moxin.presets import load_preset
 
     p = Path(spec)
     if p.suffix in (".yaml", ".yml") and p.exists():  # a model YAML of one's own (its Hydra defaults list ignored)

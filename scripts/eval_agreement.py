@@ -45,7 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from moxin.presets import load_preset
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO / "moxin" / "data" / "sample" / "eval_mc.jsonl"
@@ -217,6 +216,7 @@ def make_random(preset: str, path: str, seed: int) -> None:
     from omegaconf import OmegaConf
 
     from moxin.model import Transformer
+    from moxin.presets import load_preset
     from moxin.model.hf import save_hf
     from moxin.tokenizer import mistral_model_path
     from moxin.tokenizer.hf_export import write_hf_tokenizer_files

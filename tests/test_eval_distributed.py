@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import torchrun
 from moxin.presets import load_preset
+from tests.conftest import torchrun
 
 TASKS = lambda: [  # noqa: E731 - built where the sample path resolves
     {"name": "mc", "path": str(__import__("moxin.data.sample", fromlist=["x"]).sample_path("eval_mc")),

@@ -26,11 +26,10 @@ PROGRESS_BARS = ("rich", "rich_always", "plain", "none")
 #: run's last.ckpt is such a folder), a checkpoints folder, a run folder or a PEFT adapter
 INIT_FROM_MARKERS = ("config.json", ".metadata", "last.ckpt", "checkpoints/last.ckpt", "adapter_config.json")
 
-# an override that fixes each key, for the type error's message
-_EXAMPLES = {"max_steps": "100", "val_every_n_steps": "25 (or null)", "checkpoint_every_n_steps": "25",
-             "limit_val_batches": "1.0", "progress_bar": "plain", "progress_every_n_steps": "10",
-             "keep_all_checkpoints": "true", "keep_checkpoints": "3", "save_checkpoints": "false",
-             "deterministic": "true", "max_nonfinite_steps": "5"}
+
+def _example(value: str):
+    """A field's metadata: an override that fixes it, for the message naming a value of the wrong type."""
+    return {"example": value}
 
 
 def _accepted(tp: Any) -> tuple:
@@ -48,19 +47,19 @@ class TrainerConfig:
     """How the run trains, checkpoints, validates and reports (``trainer.*``; conf/config.yaml says what each
     does)."""
 
-    checkpoint_every_n_steps: int = 25
-    keep_checkpoints: int = 1
-    keep_all_checkpoints: bool = False
-    save_checkpoints: bool = True
-    max_nonfinite_steps: int = 5
+    checkpoint_every_n_steps: int = field(default=25, metadata=_example("25"))
+    keep_checkpoints: int = field(default=1, metadata=_example("3"))
+    keep_all_checkpoints: bool = field(default=False, metadata=_example("true"))
+    save_checkpoints: bool = field(default=True, metadata=_example("false"))
+    max_nonfinite_steps: int = field(default=5, metadata=_example("5"))
     """Optimizer steps with a NaN/Inf loss or gradient norm are skipped (weights, optimizer moments untouched)
     and counted (``train/nonfinite_steps``); this many in a row stop the run with an error."""
-    val_every_n_steps: int | None = 25
-    max_steps: int = -1
-    limit_val_batches: int | float = 1.0
-    progress_bar: str = "rich"
-    progress_every_n_steps: int = 10
-    deterministic: bool = False
+    val_every_n_steps: int | None = field(default=25, metadata=_example("25 (or null)"))
+    max_steps: int = field(default=-1, metadata=_example("100"))
+    limit_val_batches: int | float = field(default=1.0, metadata=_example("1.0"))
+    progress_bar: str = field(default="rich", metadata=_example("plain"))
+    progress_every_n_steps: int = field(default=10, metadata=_example("10"))
+    deterministic: bool = field(default=False, metadata=_example("true"))
 
     def __post_init__(self):
         hints = typing.get_type_hints(type(self))
@@ -68,7 +67,7 @@ class TrainerConfig:
             v, types = getattr(self, f.name), _accepted(hints[f.name])
             if not isinstance(v, types) or (isinstance(v, bool) and bool not in types):
                 raise ConfigError(f"trainer.{f.name}={v!r}: expected {_type_names(types)}, got {type(v).__name__}. "
-                                  f"Fix the override, e.g. trainer.{f.name}={_EXAMPLES.get(f.name, '...')}")
+                                  f"Fix the override, e.g. trainer.{f.name}={f.metadata['example']}")
         if self.progress_bar not in PROGRESS_BARS:
             raise ConfigError(f"trainer.progress_bar={self.progress_bar!r}: use one of {', '.join(PROGRESS_BARS)}")
         if self.progress_every_n_steps < 1:

@@ -28,7 +28,7 @@ from moxin.config import ModelConfig, OptimConfig, ParallelConfig
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.sample import sample_path
 from moxin.losses import token_cross_entropy
-from moxin.model import attention
+from moxin.model import attention as A
 from moxin.model.attention import DocBounds
 from moxin.presets import load_preset
 from moxin.stages.pretrain import PretrainStage
