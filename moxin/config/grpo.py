@@ -79,6 +79,10 @@ class GRPOConfig:
     heldout_prompts: int = 64
     heldout_source: str | None = None
     """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts this x the completion tokens' entropy (with its gradient), aggregated as
+    the policy loss (verl's ``entropy_coeff``; DeepScaleR's runs keep verl's default 0.001). 0: no bonus, and no
+    extra head pass. Costs one more logits product per chunk in forward and backward."""
 
     def __post_init__(self):
         if self.group_size < 2:
