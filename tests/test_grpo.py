@@ -191,6 +191,8 @@ def test_experiment_composes_and_smoke_runs(tmp_path):
         assert big.stage.grpo.temperature == 0.6 and big.stage.grpo.max_new_tokens == 16384
         assert big.stage.optim.lr == 1e-6 and big.stage.grpo.verifier == "deepscaler"
         assert big.stage.grpo.entropy_coef == 0.001 and big.data.num_passes == 30
+        assert big.stage.grpo.val_source == "HuggingFaceH4/aime_2024" and big.stage.grpo.val_every_n_steps == 20
+        assert big.stage.grpo.n_val == 8 and big.stage.grpo.val_temperature == 0.6 and big.stage.grpo.val_before_train
         cfg = compose(config_name="config", overrides=[
             "+experiment=grpo", f"out_dir={tmp_path}/run", "run_name=smoke", "trainer.progress_bar=none",
             *tiny_model(n_layers=1, sliding_window=None), "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",

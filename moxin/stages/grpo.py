@@ -457,9 +457,10 @@ class GRPOStage(MoxinStage):
     def training_step(self, batch, batch_idx):
         rl_step = self.batches_seen
         self.batches_seen += 1
-        from moxin.eval.heldout import maybe_heldout
+        from moxin.eval.heldout import maybe_heldout, maybe_validate
 
-        held = maybe_heldout(self, rl_step, after_update=False)  # held-out reward (greedy) every heldout_every steps
+        # held-out reward (greedy) every heldout_every steps; validation (stage.grpo.val_*) as the recipe's
+        held = maybe_heldout(self, rl_step, after_update=False) | maybe_validate(self, rl_step, after_update=False)
         t0 = time.perf_counter()
         ro = self.rollout(batch, rl_step)
         t_update = time.perf_counter()
@@ -503,7 +504,8 @@ class GRPOStage(MoxinStage):
         })
         if getattr(self, "_last_grad_norm", None) is not None:
             logs["train/grad_norm"] = self._last_grad_norm
-        logs.update(held | maybe_heldout(self, rl_step, after_update=True))
+        logs.update(held | maybe_heldout(self, rl_step, after_update=True)
+                    | maybe_validate(self, rl_step, after_update=True))
         self.tokens_seen += int(ln)
         self.history.append({"step": rl_step, **logs})
         if c.log_every and rl_step % c.log_every == 0 and self.trainer_is_zero() and c.log_completions:
