@@ -413,10 +413,11 @@ class _ChunkedEntropy(torch.autograd.Function):
         dev = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         for start in range(0, hidden.shape[0], chunk_size):
-            z = (hidden[start:start + chunk_size] @ weight.T).float() / temperature
-            lse = torch.logsumexp(z, dim=-1)
-            logp = z - lse[:, None]
-            ent[start:start + chunk_size] = -(logp.exp() * logp).sum(-1)
+            # two fp32 (chunk, V) blocks at most: the log-probs, in place on the scaled logits, and p log p
+            logp = (hidden[start:start + chunk_size] @ weight.T).float().div_(temperature)
+            lse = torch.logsumexp(logp, dim=-1)
+            logp.sub_(lse[:, None])
+            ent[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
             lse_all[start:start + chunk_size] = lse
         ctx.save_for_backward(hidden, weight, lse_all, ent)
         ctx.mm_dtype, ctx.chunk_size, ctx.temperature = mm_dtype, chunk_size, temperature
@@ -432,10 +433,13 @@ class _ChunkedEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk_size):
             end = start + ctx.chunk_size
             h = hid[start:end]
-            logp = (h @ w.T).float() / ctx.temperature - lse_all[start:end, None]
-            # d H / d logits = -p (log p + H) / temperature, times each row's incoming gradient
-            scale = (grad_out[start:end].float() / ctx.temperature)[:, None]
-            g = (logp.exp() * (logp + ent[start:end, None])).mul_(-scale).to(ctx.mm_dtype)
+            logp = (h @ w.T).float().div_(ctx.temperature).sub_(lse_all[start:end, None])
+            # d H / d logits = -p (log p + H) / temperature, times each row's incoming gradient (in place: two
+            # fp32 (chunk, V) blocks)
+            scale = (grad_out[start:end].float() / -ctx.temperature)[:, None]
+            p = logp.exp()
+            g = logp.add_(ent[start:end, None]).mul_(p).mul_(scale).to(ctx.mm_dtype)
+            del p
             if need_h:
                 grad_h[start:end] = g @ w
             if need_w:

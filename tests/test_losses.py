@@ -317,6 +317,27 @@ def test_token_entropies_and_their_gradients_equal_the_full_logits(chunk_size, t
     assert torch.equal(token_entropies(hidden, weight, mask, chunk_size, temperature, rows=rows), ent)
 
 
+def test_token_entropies_under_autocast_run_backward_products_in_its_dtype():
+    """bf16-mixed: the backward's products run in bf16 as the forward's, and the gradients equal autograd through
+    the plain autocast path (bf16-product logits, entropy in fp32)."""
+    hidden, weight, labels = _inputs(B=3, T=64, D=32, V=96, seed=5)
+    mask = labels != -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ent = token_entropies(hidden, weight, mask, chunk_size=40, temperature=0.6)
+    with _MatmulDtypes() as rec:
+        gh, gw = torch.autograd.grad(ent.sum(), (hidden, weight))
+    assert len(rec.seen) >= 3 and all(d == (torch.bfloat16,) * len(d) for d in rec.seen), rec.seen
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h2 @ w2.T
+    logp = (logits.float() / 0.6).log_softmax(-1)
+    ref = (-(logp.exp() * logp).sum(-1) * mask).sum()
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(ent.sum(), ref, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-2, rtol=2e-2)
+
+
 def test_policy_loss_entropy_bonus_aggregates_like_the_policy_loss_and_coef_zero_changes_nothing():
     """loss = pg - coef x agg(entropy) (verl); entropy_coef 0 gives the loss and gradient of no bonus bit for bit."""
     g = torch.Generator().manual_seed(2)
