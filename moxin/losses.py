@@ -23,6 +23,7 @@ __all__ = [
     "token_logprobs",
     "token_cross_entropy",
     "token_entropy",
+    "token_entropies",
     "DPOOutput",
     "DPO_LOSS_TYPES",
     "dpo_loss",
@@ -396,6 +397,89 @@ def token_entropy(
     return total, (torch.tensor(h.shape[0]) if rows is not None else mask.bool().sum())
 
 
+class _ChunkedEntropy(torch.autograd.Function):
+    """Entropy of softmax(h @ W.T / temperature) per row, one chunk of rows at a time, differentiable.
+
+    Forward keeps the (R,) entropies and logsumexps; backward recomputes each chunk's logits, so the extra memory
+    is one ``(chunk_size, V)`` fp32 block in either pass, as in :class:`_ChunkedLabelLogProbs`. With
+    z = logits / temperature, p = softmax(z) and H = -sum p log p: dH/dz = -p (log p + H). The products run in
+    the forward's dtype (the autocast dtype, else the weight's) in backward too; softmax and sums stay fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, chunk_size: int, temperature: float):
+        ent = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse_all = torch.empty_like(ent)
+        dev = hidden.device.type
+        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
+        for start in range(0, hidden.shape[0], chunk_size):
+            # two fp32 (chunk, V) blocks at most: the log-probs, in place on the scaled logits, and p log p
+            logp = (hidden[start:start + chunk_size] @ weight.T).float().div_(temperature)
+            lse = torch.logsumexp(logp, dim=-1)
+            logp.sub_(lse[:, None])
+            ent[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
+            lse_all[start:start + chunk_size] = lse
+        ctx.save_for_backward(hidden, weight, lse_all, ent)
+        ctx.mm_dtype, ctx.chunk_size, ctx.temperature = mm_dtype, chunk_size, temperature
+        return ent
+
+    @staticmethod
+    def backward(ctx, grad_out):  # grad_out (R,)
+        hidden, weight, lse_all, ent = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = None
+        w, hid = weight.to(ctx.mm_dtype), hidden.to(ctx.mm_dtype)
+        for start in range(0, hidden.shape[0], ctx.chunk_size):
+            end = start + ctx.chunk_size
+            h = hid[start:end]
+            logp = (h @ w.T).float().div_(ctx.temperature).sub_(lse_all[start:end, None])
+            # d H / d logits = -p (log p + H) / temperature, times each row's incoming gradient (in place: two
+            # fp32 (chunk, V) blocks)
+            scale = (grad_out[start:end].float() / -ctx.temperature)[:, None]
+            p = logp.exp()
+            g = logp.add_(ent[start:end, None]).mul_(p).mul_(scale).to(ctx.mm_dtype)
+            del p
+            if need_h:
+                grad_h[start:end] = g @ w
+            if need_w:
+                grad_w = _add_weight_grad(grad_w, g, h)
+        if need_w:
+            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None
+
+
+def token_entropies(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    mask: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-token entropy of ``softmax(hidden @ weight.T / temperature)`` at masked positions, 0 elsewhere, with
+    its gradient: GRPO's entropy bonus (``stage.grpo.entropy_coef``; verl's ``entropy_coeff``), which the loss
+    aggregates like the policy loss. Chunked as :func:`token_logprobs`: no (B, T, V) fp32 logits are held.
+
+    hidden (B, T, D), weight (V, D), mask (B, T); rows: the mask's flat positions found on the host (as
+    :func:`token_entropy`). Returns (B, T) fp32, differentiable w.r.t. ``hidden`` and ``weight``.
+    """
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+    if chunk_size < 1 or not temperature > 0:
+        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size} and {temperature}")
+    B, T, D = hidden.shape
+    if rows is None:
+        rows = mask.reshape(-1).bool().nonzero().squeeze(1)
+    elif rows.dim() != 1 or rows.device != hidden.device:
+        raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
+                         f"{tuple(rows.shape)} on {rows.device}")
+    h = hidden.reshape(B * T, D).index_select(0, rows)
+    ent_rows = _ChunkedEntropy.apply(h, weight, int(chunk_size), float(temperature))
+    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put((rows,), ent_rows)
+    return out.view(B, T)
+
+
 # --------------------------------------------------------------------------------------------------------------
 # DPO family
 # --------------------------------------------------------------------------------------------------------------
@@ -685,6 +769,8 @@ def policy_loss(
     normaliser: float | None = None,
     kl: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    entropy: torch.Tensor | None = None,
+    entropy_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO-style clipped surrogate for GRPO, with separate lower and upper clip ranges.
 
@@ -710,11 +796,16 @@ def policy_loss(
             the shares add up to the minibatch's loss. None: this call's own count (token, sequence).
         kl: optional (S, T) per-token KL from :func:`kl_penalty` (GRPO's KL-in-loss). kl_coef: its weight (Moxin
             0.001); too large pins the policy to the reference, 0 with no clipping lets it drift.
+        entropy: optional (S, T) per-token entropy with its gradient (:func:`token_entropies`); entropy_coef: the
+            bonus's weight (verl's ``entropy_coeff``, 0.001 in DeepScaleR). The loss subtracts entropy_coef x the
+            entropy aggregated like the policy loss (verl: ``pg_loss - entropy_coeff * agg_loss(entropy)``); the
+            aggregation is linear, so it is taken per token. 0 or None: the loss is exactly the one without it.
 
     Returns:
         ``(loss, stats)``: scalar loss, and detached scalars ``clip_frac_low`` (ratio < 1 - clip_low with A < 0,
         gradient stopped), ``clip_frac_high`` (ratio > 1 + clip_high with A > 0), ``approx_kl`` (k3 estimate of
-        KL(old || new), masked mean), ``ratio_mean``, ``ratio_max``, ``n_tokens``, ``pg_loss`` and ``kl_mean``.
+        KL(old || new), masked mean), ``ratio_mean``, ``ratio_max``, ``n_tokens``, ``pg_loss``, ``kl_mean`` and,
+        with an entropy bonus, ``entropy_loss`` (the aggregated entropy, before its coefficient).
     """
     if logp.dim() != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
         raise ValueError(
@@ -747,6 +838,10 @@ def policy_loss(
         if kl.shape != logp.shape:
             raise ValueError(f"kl must be (S, T) = {tuple(logp.shape)}, got {tuple(kl.shape)}")
         per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef != 0.0:
+        if entropy.shape != logp.shape:
+            raise ValueError(f"entropy must be (S, T) = {tuple(logp.shape)}, got {tuple(entropy.shape)}")
+        per_token = per_token - entropy_coef * entropy
 
     n_tokens = mask.sum()
     safe_n = n_tokens.clamp(min=1.0)
@@ -778,4 +873,6 @@ def policy_loss(
             "n_tokens": n_tokens.detach(),
             "kl_mean": masked_mean(kl) if kl is not None else ratio.new_zeros(()),
         }
+        if entropy is not None and entropy_coef != 0.0:
+            stats["entropy_loss"] = aggregate(entropy).detach()
     return loss, stats

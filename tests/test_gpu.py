@@ -429,12 +429,17 @@ def test_dpo_and_grpo_run_on_gpu_compiled(tmp_path):
                           "trainer.val_every_n_steps=2", "export_hf=false")
     assert dpo["optimizer_steps"] == 4
     assert math.isfinite(dpo["metrics"]["train/loss"]) and math.isfinite(dpo["metrics"]["val/dpo_loss"])
+    from moxin.data.sample import sample_path
+
     grpo = _run_experiment(tmp_path, "grpo", "data.steps=3", "warmup.steps=2",
-                           "stage.grpo.kl_coef=0.01", "stage.grpo.max_new_tokens=12")
+                           "stage.grpo.kl_coef=0.01", "stage.grpo.max_new_tokens=12",
+                           "stage.grpo.entropy_coef=0.001", f"stage.grpo.val_source={sample_path('eval_math')}",
+                           "stage.grpo.val_prompts=4", "stage.grpo.n_val=2", "stage.grpo.val_every_n_steps=2")
     # a random tiny model rarely scores, so every group may have zero reward spread and no update may run;
     # what must hold is that rollouts, scoring and the (possibly empty) update ran on the GPU with finite values
     assert math.isfinite(grpo["metrics"]["grpo/reward_mean"]) and math.isfinite(grpo["metrics"]["grpo/kl"])
     assert grpo["metrics"]["grpo/completion_len_mean"] > 0
+    assert 0.0 <= grpo["metrics"]["val/reward_mean"] <= 1.0  # the recipe's validation: sampled on the GPU
 
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")

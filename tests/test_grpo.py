@@ -19,6 +19,7 @@ import torch
 
 import moxin.rewards as rewards_pkg
 from moxin.config import GRPOConfig, OptimConfig
+from moxin.data.sample import sample_path
 from moxin.paths import conf_dir
 from moxin.presets import load_preset
 from moxin.rewards import RewardResult
@@ -190,15 +191,22 @@ def test_experiment_composes_and_smoke_runs(tmp_path):
         assert big.stage.grpo.kl_coef == 0.001 and big.stage.grpo.kl_estimator == "low_var_kl"
         assert big.stage.grpo.temperature == 0.6 and big.stage.grpo.max_new_tokens == 16384
         assert big.stage.optim.lr == 1e-6 and big.stage.grpo.verifier == "deepscaler"
+        assert big.stage.grpo.entropy_coef == 0.001 and big.data.num_passes == 30
+        assert big.stage.grpo.val_source == "HuggingFaceH4/aime_2024" and big.stage.grpo.val_every_n_steps == 20
+        assert big.stage.grpo.n_val == 8 and big.stage.grpo.val_temperature == 0.6 and big.stage.grpo.val_before_train
         cfg = compose(config_name="config", overrides=[
             "+experiment=grpo", f"out_dir={tmp_path}/run", "run_name=smoke", "trainer.progress_bar=none",
             *tiny_model(n_layers=1, sliding_window=None), "data.steps=2", "data.prompts_per_step=2", "stage.grpo.group_size=2",
             "stage.grpo.max_new_tokens=4", "warmup.steps=1", "warmup.batch_size=2", "warmup.micro_batch_size=2",
             "stage.grpo.verifier_workers=0",
             "logger=csv",
+            # the recipe's entropy bonus and validation, through the config: n samples of a file's problems
+            "stage.grpo.entropy_coef=0.001", f"stage.grpo.val_source={sample_path('eval_math')}",
+            "stage.grpo.val_prompts=2", "stage.grpo.n_val=2", "stage.grpo.val_every_n_steps=1",
         ])
     info = train(cfg)
     assert "grpo/reward_mean" in info["metrics"]
+    assert "val/reward_mean" in info["metrics"] and "val/reward_mean_final" in info["metrics"]
     assert (tmp_path / "run" / "summary.json").exists() and (tmp_path / "run" / "warmup" / "summary.json").exists()
 
 

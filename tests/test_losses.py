@@ -15,6 +15,7 @@ from moxin.losses import (
     policy_loss,
     sft_nll_per_token,
     token_cross_entropy,
+    token_entropies,
     token_entropy,
     token_logprobs,
     zero_std_groups,
@@ -292,6 +293,68 @@ def test_token_entropy():
     assert torch.equal(ent, ent2) and n2.device.type == "cpu" and int(n2) == int(n) and seen.reads == []
     with pytest.raises(ValueError, match=r"flat positions \(R,\)"):
         token_entropy(hidden, weight, mask, rows=rows[None])
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
+def test_token_entropies_and_their_gradients_equal_the_full_logits(chunk_size, temperature):
+    """The entropy bonus's per-token entropies, in chunks: values and gradients (hidden and weight, under a random
+    upstream gradient) of -sum p log p over softmax(full logits / temperature), 0 off the mask; the host's rows
+    give the same values bit for bit."""
+    hidden, weight, labels = _inputs()
+    mask = labels != -100
+    ent = token_entropies(hidden, weight, mask, chunk_size=chunk_size, temperature=temperature)
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp = ((h2 @ w2.T) / temperature).log_softmax(-1)
+    ref = -(logp.exp() * logp).sum(-1) * mask
+    torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ent[~mask], torch.zeros_like(ent[~mask]))
+    up = torch.randn(ent.shape, generator=torch.Generator().manual_seed(1))
+    gh, gw = torch.autograd.grad((ent * up).sum(), (hidden, weight))
+    rh, rw = torch.autograd.grad((ref * up).sum(), (h2, w2))
+    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)
+    rows = mask.reshape(-1).nonzero().squeeze(1)
+    assert torch.equal(token_entropies(hidden, weight, mask, chunk_size, temperature, rows=rows), ent)
+
+
+def test_token_entropies_under_autocast_run_backward_products_in_its_dtype():
+    """bf16-mixed: the backward's products run in bf16 as the forward's, and the gradients equal autograd through
+    the plain autocast path (bf16-product logits, entropy in fp32)."""
+    hidden, weight, labels = _inputs(B=3, T=64, D=32, V=96, seed=5)
+    mask = labels != -100
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ent = token_entropies(hidden, weight, mask, chunk_size=40, temperature=0.6)
+    with _MatmulDtypes() as rec:
+        gh, gw = torch.autograd.grad(ent.sum(), (hidden, weight))
+    assert len(rec.seen) >= 3 and all(d == (torch.bfloat16,) * len(d) for d in rec.seen), rec.seen
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h2 @ w2.T
+    logp = (logits.float() / 0.6).log_softmax(-1)
+    ref = (-(logp.exp() * logp).sum(-1) * mask).sum()
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(ent.sum(), ref, atol=1e-3, rtol=1e-5)
+    torch.testing.assert_close(gh, rh, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(gw, rw, atol=2e-2, rtol=2e-2)
+
+
+def test_policy_loss_entropy_bonus_aggregates_like_the_policy_loss_and_coef_zero_changes_nothing():
+    """loss = pg - coef x agg(entropy) (verl); entropy_coef 0 gives the loss and gradient of no bonus bit for bit."""
+    g = torch.Generator().manual_seed(2)
+    logp = torch.randn(3, 5, generator=g).requires_grad_()
+    ent = torch.rand(3, 5, generator=g).requires_grad_()
+    adv = torch.randn(3, generator=g)
+    mask = (torch.rand(3, 5, generator=g) > 0.3).float()
+    for agg in ("token", "sequence"):
+        base, _ = policy_loss(logp, logp.detach(), adv, mask, aggregation=agg)
+        with_ent, st = policy_loss(logp, logp.detach(), adv, mask, aggregation=agg, entropy=ent, entropy_coef=0.1)
+        e = ent * mask
+        want_ent = e.sum() / mask.sum() if agg == "token" else (e.sum(1) / mask.sum(1).clamp(min=1)).sum() / 3
+        torch.testing.assert_close(with_ent, base - 0.1 * want_ent)
+        torch.testing.assert_close(st["entropy_loss"], want_ent.detach())
+        zero, st0 = policy_loss(logp, logp.detach(), adv, mask, aggregation=agg, entropy=ent, entropy_coef=0.0)
+        assert torch.equal(zero, base) and "entropy_loss" not in st0
+        assert torch.equal(torch.autograd.grad(zero, logp)[0], torch.autograd.grad(base, logp)[0])
 
 
 # ---------------------------------------------------------------- DPO family

@@ -164,12 +164,16 @@ def grpo_stage(**grpo) -> GRPOStage:
 
 
 @pytest.mark.parametrize("aggregation,extra", [("token", {}), ("sequence", {}), ("constant", {}),
-                                               ("token", {"kl_coef": 0.3, "kl_estimator": "k1"})])
+                                               ("token", {"kl_coef": 0.3, "kl_estimator": "k1"}),
+                                               ("token", {"entropy_coef": 0.05}),
+                                               ("sequence", {"entropy_coef": 0.05, "kl_coef": 0.3,
+                                                             "kl_estimator": "k1"})])
 def test_grpo_update_gradients_are_the_whole_minibatchs_loss_in_any_micro_batching(aggregation, extra):
     """GRPO's on-policy update: the kept sequences in one micro-batch or in micro-batches of 3 (1 to 8 completion
     tokens each, a truncated one masked, a zero-std group filtered) give the gradient of the minibatch's loss
     written out by hand: -advantage x logp (+ KL) summed over masked tokens, divided by the minibatch's masked
-    tokens, sequences or the constant max_new_tokens x sequences; and log that loss."""
+    tokens, sequences or the constant max_new_tokens x sequences (minus the entropy bonus, aggregated alike);
+    and log that loss."""
     grads = {}
     for micro in (12, 3):
         stage = grpo_stage(aggregation=aggregation, micro_batch_size=micro, **extra)
@@ -181,7 +185,8 @@ def test_grpo_update_gradients_are_the_whole_minibatchs_loss_in_any_micro_batchi
     reference = copy.deepcopy(policy).requires_grad_(False)
     loss = ref.grpo_loss(policy, reference, ro.input_ids[k], ro.positions[k], ro.labels[k], ro.mask[k],
                          ro.advantages[k], aggregation, stage.cfg.temperature,
-                         constant=stage.cfg.max_new_tokens * int(k.sum()), kl_coef=stage.cfg.kl_coef)
+                         constant=stage.cfg.max_new_tokens * int(k.sum()), kl_coef=stage.cfg.kl_coef,
+                         entropy_coef=stage.cfg.entropy_coef)
     want = ref.reference_grads(policy, loss)
     ref.assert_grads_close(grads[12], want, f"{aggregation}: one micro-batch")
     ref.assert_grads_close(grads[3], want, f"{aggregation}: micro-batches of 3")

@@ -79,6 +79,25 @@ class GRPOConfig:
     heldout_prompts: int = 64
     heldout_source: str | None = None
     """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
+    entropy_coef: float = 0.0
+    """Entropy bonus: the loss subtracts this x the completion tokens' entropy (with its gradient), aggregated as
+    the policy loss (verl's ``entropy_coeff``; DeepScaleR's runs keep verl's default 0.001). 0: no bonus, and no
+    extra head pass. Costs one more logits product per chunk in forward and backward."""
+    val_source: str | None = None
+    """Validation problems (jsonl/parquet/hub, the data's prompt/answer fields; Moxin-Reasoning: AIME), scored by
+    the verifier with `n_val` samples a problem: `val/reward_mean` (moxin/eval/heldout.py). None: no validation."""
+    val_split: str = "train"
+    val_prompts: int | None = None
+    """Problems of val_source to validate on (the first ones); None: all."""
+    val_every_n_steps: int = 0
+    """Rollout steps between validations (verl's trainer.test_freq; the recipe: 20), and one after the last
+    step; 0: none during training."""
+    val_before_train: bool = True
+    """Validate the starting policy before the first rollout (verl's trainer.val_before_train)."""
+    n_val: int = 1
+    """Samples a validation problem (the recipe: 8); the logged reward is their mean (pass@1 averaged over n)."""
+    val_temperature: float = 0.6
+    """Sampling temperature of validation (the recipe: 0.6, verl's val_temperature); 0: greedy."""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -90,3 +109,6 @@ class GRPOConfig:
             raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
         if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise ValueError("stage.grpo.ppo_epochs, num_minibatches and micro_batch_size must be >= 1")
+        if self.n_val < 1 or self.val_every_n_steps < 0 or self.val_temperature < 0:
+            raise ValueError(f"stage.grpo.n_val={self.n_val} must be >= 1, val_every_n_steps="
+                             f"{self.val_every_n_steps} and val_temperature={self.val_temperature} >= 0")

@@ -1,31 +1,39 @@
-"""Held-out reward for GRPO: greedy completions of a fixed prompt set that RL never trains on, scored by the
-stage's verifier, every ``stage.grpo.heldout_every`` rollout steps.
+"""Held-out reward for GRPO: completions of a fixed prompt set that RL never trains on, scored by the stage's
+verifier: greedy every ``stage.grpo.heldout_every`` rollout steps (``grpo/heldout_reward``), and the published
+recipe's validation (``stage.grpo.val_*``: AIME, ``n_val`` samples a problem, ``val/reward_mean``).
 
 Why: ``grpo/reward_mean`` comes from the prompts being trained on, with sampling, and rises when the policy
-memorises a small pool as much as when it learns the task; a fixed held-out set decoded greedily is a curve of
-generalisation. Where the prompts come from: docs/modules.md, "eval/heldout.py".
+memorises a small pool as much as when it learns the task; a fixed held-out set is a curve of generalisation.
+Where the prompts come from: docs/modules.md, "eval/heldout.py".
 """
 
 from __future__ import annotations
+
+import torch
 
 from moxin.data.arithmetic import ArithmeticTask
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
 from moxin.eval.generation import generate_all, score_generations
 from moxin.eval.tasks import load_records
 
-__all__ = ["heldout_records", "heldout_reward"]
+__all__ = ["heldout_records", "heldout_reward", "maybe_heldout", "maybe_validate", "sampled_reward"]
 
 #: First ArithmeticTask index of the held-out problems (RL uses 0.., the SFT warm-up 10**7..).
 HELDOUT_START = 2 * 10**7
 
 
-def heldout_records(dm, n: int, source: str | None = None) -> list[dict]:
-    """``n`` prompt records ``{"prompt_ids", "answer", ...}`` rendered by the prompt data module ``dm``."""
-    if n < 1:
-        raise ValueError(f"stage.grpo.heldout_prompts={n} must be >= 1")
+def heldout_records(dm, n: int | None, source: str | None = None, split: str | None = None,
+                    what: str = "stage.grpo.heldout_prompts") -> list[dict]:
+    """``n`` prompt records ``{"prompt_ids", "answer", ...}`` rendered by the prompt data module ``dm`` (from
+    ``source``, split ``split`` or the data's, when given; n None: all of the source's)."""
+    if n is None and not source:
+        raise ValueError(f"{what}=null (all records) needs a source file or hub dataset")
+    if n is not None and n < 1:
+        raise ValueError(f"{what}={n} must be >= 1")
     out = []
     if source:
-        for i, r in enumerate(load_records(source, split=getattr(dm, "split", "test"), name="grpo held-out")):
+        split = split or getattr(dm, "split", "test")
+        for i, r in enumerate(load_records(source, split=split, name="grpo held-out")):
             prob = next((r[f] for f in dm.prompt_fields if f in r), None)
             ans = r.get(dm.answer_field)
             if not isinstance(prob, str) or ans is None:
@@ -60,21 +68,40 @@ def heldout_records(dm, n: int, source: str | None = None) -> list[dict]:
     return out
 
 
-def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
-    """Greedy mean reward of ``records`` under ``stage.model``; ranks split the prompts, sums are all-reduced."""
+def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: float = 0.0,
+                   generator: torch.Generator | None = None) -> tuple[float, float]:
+    """(mean reward, fraction with no answer) over ``samples`` completions of each of ``records`` under
+    ``stage.model``: pass@1 averaged over the samples, as DeepScaleR's validation averages the rewards of its
+    ``n_val`` samples. Greedy at temperature 0; ranks split the prompts, sums are all-reduced."""
     c = stage.cfg
     tok = stage.tokenizer
     rank, world = rank_and_world()
     mine = records[rank::world]
     sharded = stage._trainer is not None and is_sharded(stage.trainer.strategy)
-    gens = generate_all(stage.model, [r["prompt_ids"] for r in mine], max_new_tokens=c.max_new_tokens,
-                        temperature=0.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
-                        batch_size=c.gen_batch_size or 64, lockstep=sharded)
-    _, results = score_generations(tok, gens, [r["answer"] for r in mine], c.verifier, c.verifier_kwargs,
-                                   c.verifier_timeout_s, c.verifier_workers)
+    gens = generate_all(stage.model, [r["prompt_ids"] for r in mine for _ in range(samples)],
+                        max_new_tokens=c.max_new_tokens, temperature=temperature,
+                        top_p=c.top_p if temperature > 0 else 1.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
+                        batch_size=c.gen_batch_size or 64, generator=generator, lockstep=sharded)
+    _, results = score_generations(tok, gens, [r["answer"] for r in mine for _ in range(samples)], c.verifier,
+                                   c.verifier_kwargs, c.verifier_timeout_s, c.verifier_workers)
     s, na, n = all_reduce_values([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),
                                    float(len(results))], stage.device)
-    return {"grpo/heldout_reward": s / max(n, 1.0), "grpo/heldout_no_answer_frac": na / max(n, 1.0)}
+    return s / max(n, 1.0), na / max(n, 1.0)
+
+
+def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
+    """Greedy mean reward of ``records`` under ``stage.model`` (:func:`sampled_reward`, one greedy sample)."""
+    r, na = sampled_reward(stage, records)
+    return {"grpo/heldout_reward": r, "grpo/heldout_no_answer_frac": na}
+
+
+def _record(stage, attr: str, updates: int, m: dict[str, float]) -> None:
+    """Append ``m`` to the stage's history list ``attr`` (created on first use; not a module attribute)."""
+    hist = getattr(stage, attr, None)
+    if hist is None:
+        hist = []
+        object.__setattr__(stage, attr, hist)
+    hist.append({"rl_updates": updates, **m})
 
 
 def maybe_heldout(stage, rl_step: int, after_update: bool) -> dict[str, float]:
@@ -98,12 +125,47 @@ def maybe_heldout(stage, rl_step: int, after_update: bool) -> dict[str, float]:
         recs = heldout_records(dm, c.heldout_prompts, c.heldout_source)
         object.__setattr__(stage, "_heldout_records", recs)
     m = heldout_reward(stage, recs)
-    hist = getattr(stage, "heldout_history", None)
-    if hist is None:
-        hist = []
-        object.__setattr__(stage, "heldout_history", hist)
-    hist.append({"rl_updates": updates, **m})
+    _record(stage, "heldout_history", updates, m)
     if stage.trainer_is_zero():
         print(f"[grpo held-out] after {updates} rollout steps: reward {m['grpo/heldout_reward']:.3f} "
               f"(greedy, {len(recs)} prompts)", flush=True)
+    return {f"{k}_final": v for k, v in m.items()} if after_update else m
+
+
+def maybe_validate(stage, rl_step: int, after_update: bool) -> dict[str, float]:
+    """The published recipe's validation (verl's ``_validate``), the GRPO stage's hook: ``n_val`` samples at
+    ``val_temperature`` of every problem of ``stage.grpo.val_source``, logged as ``val/reward_mean`` (the mean
+    reward over all samples: pass@1 averaged over n) and ``val/no_answer_frac``. When: before rollout step 0 with
+    ``val_before_train``; before rollout step ``rl_step`` when it is a positive multiple of ``val_every_n_steps``
+    (after that many updates, as verl's ``test_freq``); and after the last step's update when
+    ``val_every_n_steps`` > 0 (``*_final`` keys). Sampling uses its own generator, seeded from the stage's seed
+    and the step, so validating leaves the training rollouts unchanged."""
+    c = stage.cfg
+    if not c.val_source or stage._trainer is None:
+        return {}
+    every = c.val_every_n_steps
+    dm = stage.trainer.datamodule
+    if after_update:
+        if not every or rl_step != int(dm.total_steps) - 1:
+            return {}
+        updates = rl_step + 1
+    elif (rl_step == 0 and c.val_before_train) or (rl_step > 0 and every and rl_step % every == 0):
+        updates = rl_step
+    else:
+        return {}
+    recs = getattr(stage, "_val_records", None)
+    if recs is None:
+        recs = heldout_records(dm, c.val_prompts, c.val_source, c.val_split, what="stage.grpo.val_prompts")
+        if not recs:
+            raise ValueError(f"stage.grpo.val_source={c.val_source!r} (split {c.val_split!r}): no problem fits "
+                             f"data.max_prompt_tokens={dm.max_prompt_tokens}; raise it or pick another set")
+        object.__setattr__(stage, "_val_records", recs)
+    gen = torch.Generator(device=stage.device)
+    gen.manual_seed((stage.seed * 1_000_003 + updates * 7_919 + rank_and_world()[0] * 101 + 23) % (2**63 - 1))
+    r, na = sampled_reward(stage, recs, samples=c.n_val, temperature=c.val_temperature, generator=gen)
+    m = {"val/reward_mean": r, "val/no_answer_frac": na}
+    _record(stage, "val_history", updates, m)
+    if stage.trainer_is_zero():
+        print(f"[grpo validation] after {updates} rollout steps: reward {r:.3f} ({len(recs)} problems x "
+              f"{c.n_val} samples at temperature {c.val_temperature:g})", flush=True)
     return {f"{k}_final": v for k, v in m.items()} if after_update else m

@@ -21,8 +21,8 @@ from moxin.config import Aggregation, DecodePath, GRPOConfig, OptimConfig, Train
 from moxin.constants import IGNORE_INDEX
 from moxin.devices import to_device
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
-from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_entropy,
-                          token_logprobs, zero_std_groups)
+from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_entropies,
+                          token_entropy, token_logprobs, zero_std_groups)
 from moxin.model import Transformer
 from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds
@@ -268,7 +268,8 @@ class GRPOStage(MoxinStage):
 
     # ---- update -------------------------------------------------------------------------------------------------
     def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False, rows: _HostRows | None = None):
-        """Per-token log-probs (and with_entropy, the masked entropy's sum and count) of a forward. `rows`: the
+        """Per-token log-probs (and with_entropy, the masked entropy's sum and count, plus, with an entropy bonus in
+        grad mode, its (B, T) per-token values with their gradient) of a forward. `rows`: the
         rows' bounds and label and mask positions found on the host (`_HostRows`), so nothing is read from the
         device; without them the forward and the head find them on the device."""
         rows = rows or _HostRows()
@@ -277,7 +278,12 @@ class GRPOStage(MoxinStage):
             logp = token_logprobs(hidden, W, labels, self.loss_chunk_size, temperature=self.cfg.temperature,
                                   label_rows=rows.labels)
             ent = None
-            if with_entropy:
+            if with_entropy and self.cfg.entropy_coef != 0.0 and torch.is_grad_enabled():
+                tok = token_entropies(hidden, W, mask, self.loss_chunk_size, temperature=self.cfg.temperature,
+                                      rows=rows.entropy)
+                n = rows.entropy.numel() if rows.entropy is not None else mask.bool().sum()
+                ent = (tok.detach().sum(), n, tok)
+            elif with_entropy:
                 ent = token_entropy(hidden.detach(), W.detach(), mask.bool(), self.loss_chunk_size,
                                     temperature=self.cfg.temperature, rows=rows.entropy)
             return logp, ent
@@ -386,7 +392,9 @@ class GRPOStage(MoxinStage):
                         h_m = h_mask[h_mi] * (0.0 if empty else 1.0)
                         m_m = mask[mi] * (0.0 if empty else 1.0)
                         rows = self._host_rows(h_lab[h_mi], h_pos[h_mi], h_m)
-                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, with_entropy=epoch == 0, rows=rows)
+                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, rows=rows,
+                                           with_entropy=epoch == 0 or c.entropy_coef != 0.0)
+                    ent_tok = ent[2] if ent is not None and len(ent) > 2 else None  # the entropy bonus's
                     old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
                     kl = None
                     if c.kl_coef != 0.0 and self.lora_cfg.enabled:  # the reference: the base, adapters off
@@ -402,10 +410,12 @@ class GRPOStage(MoxinStage):
                     norm = {Aggregation.TOKEN: tot_tok, Aggregation.SEQUENCE: tot_seq,
                             Aggregation.CONSTANT: c.constant_norm or c.max_new_tokens * tot_n}[c.aggregation]
                     loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, c.aggregation,
-                                           normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef)
+                                           normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef,
+                                           entropy=ent_tok, entropy_coef=c.entropy_coef)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     self.manual_backward(loss * world)
-                    ent_sum, ent_n = (ent[0], float(ent[1])) if ent is not None else (zero, None)
+                    # grpo/entropy: the first epoch's (the policy that sampled), as without a bonus
+                    ent_sum, ent_n = (ent[0], float(ent[1])) if ent is not None and epoch == 0 else (zero, None)
                     pending.append((torch.stack([loss.detach(), st["pg_loss"],
                                                  st["clip_frac_low"] + st["clip_frac_high"], st["kl_mean"],
                                                  st["ratio_max"], ent_sum]).float(), float(h_m.sum()), ent_n))
@@ -447,9 +457,10 @@ class GRPOStage(MoxinStage):
     def training_step(self, batch, batch_idx):
         rl_step = self.batches_seen
         self.batches_seen += 1
-        from moxin.eval.heldout import maybe_heldout
+        from moxin.eval.heldout import maybe_heldout, maybe_validate
 
-        held = maybe_heldout(self, rl_step, after_update=False)  # held-out reward (greedy) every heldout_every steps
+        # held-out reward (greedy) every heldout_every steps; validation (stage.grpo.val_*) as the recipe's
+        held = maybe_heldout(self, rl_step, after_update=False) | maybe_validate(self, rl_step, after_update=False)
         t0 = time.perf_counter()
         ro = self.rollout(batch, rl_step)
         t_update = time.perf_counter()
@@ -493,7 +504,8 @@ class GRPOStage(MoxinStage):
         })
         if getattr(self, "_last_grad_norm", None) is not None:
             logs["train/grad_norm"] = self._last_grad_norm
-        logs.update(held | maybe_heldout(self, rl_step, after_update=True))
+        logs.update(held | maybe_heldout(self, rl_step, after_update=True)
+                    | maybe_validate(self, rl_step, after_update=True))
         self.tokens_seen += int(ln)
         self.history.append({"step": rl_step, **logs})
         if c.log_every and rl_step % c.log_every == 0 and self.trainer_is_zero() and c.log_completions:

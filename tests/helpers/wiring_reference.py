@@ -24,6 +24,12 @@ def token_logps(model, ids, positions, labels, temperature: float = 1.0) -> torc
     return logp * (labels != IGNORE)
 
 
+def token_entropy(model, ids, positions, temperature: float = 1.0) -> torch.Tensor:
+    """(B, T) entropy -sum p log p of the next-token distribution from the model's whole logits / `temperature`."""
+    logp = (model(ids, positions).float() / temperature).log_softmax(-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
 def lm_loss(model, rows: list[dict]) -> torch.Tensor:
     """Next-token cross-entropy summed over every target token of the step's rows, divided by their number."""
     ids = torch.stack([r["input_ids"] for r in rows])
@@ -81,11 +87,12 @@ def dpo_margins(policy, reference, pairs: list[dict], beta: float) -> torch.Tens
 
 
 def grpo_loss(policy, reference, ids, positions, labels, mask, advantages, aggregation: str, temperature: float,
-              constant: float | None = None, kl_coef: float = 0.0) -> torch.Tensor:
+              constant: float | None = None, kl_coef: float = 0.0, entropy_coef: float = 0.0) -> torch.Tensor:
     """The on-policy GRPO loss of one minibatch (every kept sequence of every rank): the ratio is exactly 1, so
     the surrogate is -A x logp per token with logp's gradient, plus kl_coef x the k1 KL (logp - ref_logp), then
     token (sum / masked tokens), sequence (each sequence's token mean, summed / sequences with a masked token) or
-    constant (sum / `constant`) aggregation."""
+    constant (sum / `constant`) aggregation, minus entropy_coef x the entropy aggregated the same way (verl's
+    `pg_loss - entropy_coeff * agg_loss(entropy)`)."""
     logp = token_logps(policy, ids, positions, labels, temperature)
     ratio = torch.exp(logp - logp.detach())  # 1, with the gradient of logp
     per_token = -advantages[:, None] * ratio
@@ -93,6 +100,8 @@ def grpo_loss(policy, reference, ids, positions, labels, mask, advantages, aggre
         with torch.no_grad():
             ref = token_logps(reference, ids, positions, labels, temperature)
         per_token = per_token + kl_coef * (logp - ref)
+    if entropy_coef:
+        per_token = per_token - entropy_coef * token_entropy(policy, ids, positions, temperature)
     per_token = per_token * mask
     if aggregation == "token":
         return per_token.sum() / mask.sum()
