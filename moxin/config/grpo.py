@@ -79,6 +79,16 @@ class GRPOConfig:
     heldout_prompts: int = 64
     heldout_source: str | None = None
     """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
+    pack: bool = True
+    """Pack the update's sequences (prompt + completion) whole into rows with document boundaries (positions restart
+    per sequence, attention masked by document, as pretraining's rows; verl's and OpenRLHF's sequence packing),
+    first-fit longest first, instead of one right-padded row per sequence: a 300-token sequence beside a 16K one
+    then costs its 300 tokens. The loss, gradients and statistics equal the padded update's (the log-probs are
+    gathered back to the sequences' layout before the loss; tests/test_grpo_packing.py). A micro-batch holds at
+    most micro_batch_size x the longest sequence's tokens, the padded micro-batch's budget."""
+    pack_tokens: int | None = None
+    """Width of a packed row (pack: true); None: model.max_seq_len. Capped by the micro-batch's token budget and
+    never below the rollout's longest sequence (a sequence is never split)."""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -90,3 +100,6 @@ class GRPOConfig:
             raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
         if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:
             raise ValueError("stage.grpo.ppo_epochs, num_minibatches and micro_batch_size must be >= 1")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError(f"stage.grpo.pack_tokens={self.pack_tokens}: a packed row needs >= 1 token (null: "
+                             "model.max_seq_len)")
