@@ -55,7 +55,7 @@ def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Opt
                       grpo=GRPOConfig(group_size=a.group, max_new_tokens=a.max_new, micro_batch_size=a.mbs,
                                       pack=pack, pack_tokens=a.pack_tokens, temperature=0.6), seed=0)
     stage.configure_model()
-    stage.model.to(dev)
+    stage.to(dev)  # the LightningModule, so that stage.device (where the update sends its rows) follows
     if dev == "cuda":
         parallelize(stage.model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
     opt = torch.optim.AdamW(stage.model.parameters(), lr=1e-6, fused=dev == "cuda")
