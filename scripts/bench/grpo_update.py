@@ -7,7 +7,9 @@ random 0/1 rewards, so some groups are filtered) goes through `GRPOStage._update
 moxin-7b's blocks (--layers of them), bf16 autocast over fp32 weights, compiled blocks, fused AdamW, the
 stage's clipping. Each mode updates once on a warm-up rollout (compilation), then --reps times on timed ones.
 tokens/s counts the sequences' real tokens (prompt + response); "through the model" the tokens the forwards
-read, padding included. The ratio packed / padded is printed and written to the JSON.
+read, padding included. The ratio packed / padded is printed and written to the JSON. Beside them (unless
+--no-pretrain), the pretraining bench's bare loop (scripts/bench/train.py: same blocks, compile, autocast and
+optimizer, next-token loss) on random rows of --pretrain-seq tokens: the update's goal is 0.8x its tokens/s.
 
     python scripts/bench/grpo_update.py [--prompts 16 --group 8 --mbs 2 --layers 8] [--out grpo_update.json]
     python scripts/bench/grpo_update.py --tiny    # tiny model, short sequences, CPU, fp32, no compile
@@ -22,10 +24,12 @@ from types import SimpleNamespace
 
 import torch
 
-from _common import default_out, env, free, sync, table, write_json
+from _common import default_out, env, free, sync, table, timed, write_json
+from train import bare_step
 
 from moxin.config import GRPOConfig, OptimConfig, ParallelConfig
 from moxin.distributed import parallelize
+from moxin.model import Transformer
 from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 
@@ -91,6 +95,27 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
             "peak_gib": peak}
 
 
+def pretrain_row(cfg, a, dev: str) -> dict:
+    """The pretraining bench's bare loop on `--pretrain-rows` random rows of `--pretrain-seq` tokens (one document a
+    row), the same blocks compiled the same way."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev)
+    if dev == "cuda":
+        parallelize(model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (a.pretrain_rows, a.pretrain_seq + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "positions": torch.arange(a.pretrain_seq).expand(a.pretrain_rows, -1).contiguous()}
+    t = timed(bare_step(model, batch, dev, autocast=dev == "cuda"), dev, warm=2 if a.tiny else 3,
+              reps=2 if a.tiny else 5)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    del model
+    free(dev)
+    n = a.pretrain_rows * a.pretrain_seq
+    return {"impl": f"pretraining bare loop ({a.pretrain_rows} x {a.pretrain_seq})", "update_s": t,
+            "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny model on the CPU")
@@ -105,12 +130,16 @@ def main():
     ap.add_argument("--ac", default="none", help="activation checkpointing: none | mlp | attention | full")
     ap.add_argument("--no-compile", action="store_true")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-pretrain", action="store_true", help="leave out the pretraining bare-loop row")
+    ap.add_argument("--pretrain-seq", type=int, default=4096)
+    ap.add_argument("--pretrain-rows", type=int, default=2)
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.tiny:
         dev = "cpu"
         cfg = load_preset("tiny", vocab_size=512, attn_backend="sdpa")
         a.prompts, a.group, a.prompt_len, a.min_new, a.max_new, a.reps = 4, 4, 16, 4, 32, 1
+        a.pretrain_seq, a.pretrain_rows = 64, 2
     else:
         dev = "cuda"
         cfg = load_preset("moxin-7b", n_layers=a.layers)
@@ -118,15 +147,22 @@ def main():
     pad, packed = rows
     packed["vs_padded"] = packed["tok_s"] / pad["tok_s"]
     pad["vs_padded"] = 1.0
+    ratios = {"packed_vs_padded": packed["vs_padded"]}
+    if not a.no_pretrain:
+        pre = pretrain_row(cfg, a, dev)
+        rows.append(pre)
+        for r in rows:
+            r["vs_pretrain"] = r["tok_s"] / pre["tok_s"]
+        ratios |= {"packed_vs_pretrain": packed["vs_pretrain"], "padded_vs_pretrain": pad["vs_pretrain"]}
     print(table(rows, [("impl", "update", ""), ("update_s", "s/update", ".3f"), ("tok_s", "tokens/s", ",.0f"),
                        ("tokens", "tokens", ","), ("through_model", "through the model", ","),
                        ("fill", "real/through", ".2f"), ("peak_gib", "peak GiB", ".1f"),
-                       ("vs_padded", "x padded", ".2f")],
+                       ("vs_padded", "x padded", ".2f"), ("vs_pretrain", "x pretraining", ".2f")],
                 f"GRPO update, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
                 f"{a.min_new}-{a.max_new}, micro_batch_size {a.mbs} ({dev})"))
-    print(f"packed / padded tokens/s: {packed['vs_padded']:.2f}x", flush=True)
+    print(" ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
     write_json(a.out or default_out("grpo_update"), {"env": env(), "args": vars(a), "rows": rows,
-                                                      "ratio": packed["vs_padded"]})
+                                                      "ratio": packed["vs_padded"], "ratios": ratios})
 
 
 if __name__ == "__main__":
