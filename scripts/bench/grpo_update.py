@@ -13,6 +13,7 @@ optimizer, next-token loss) on random rows of --pretrain-seq tokens: the update'
 
     python scripts/bench/grpo_update.py [--prompts 16 --group 8 --mbs 2 --layers 8] [--out grpo_update.json]
     python scripts/bench/grpo_update.py --tiny    # tiny model, short sequences, CPU, fp32, no compile
+    python scripts/bench/grpo_update.py --count --prompts 64 --mbs 1   # only the tokens each way reads (host)
 """
 
 from __future__ import annotations
@@ -116,6 +117,25 @@ def pretrain_row(cfg, a, dev: str) -> dict:
             "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak}
 
 
+def count_tokens(cfg, a) -> list[dict]:
+    """The tokens the update's forwards read over one rollout, packed and padded, from the stage's own plan of
+    micro-batches (`_plan`, no model: exact counts on the host, no timing)."""
+    rows = []
+    for pack in (False, True):
+        stage = GRPOStage(cfg, grpo=GRPOConfig(group_size=a.group, max_new_tokens=a.max_new, pack=pack,
+                                               micro_batch_size=a.mbs, pack_tokens=a.pack_tokens), seed=0)
+        ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=1)
+        kept = ro.keep.nonzero().squeeze(1)
+        host = {"ids": ro.input_ids[kept], "lab": ro.labels[kept], "pos": ro.positions[kept],
+                "mask": ro.mask[kept], "len": ro.seq_lengths[kept]}
+        plan = stage._plan(torch.arange(len(kept)), host, {k: host[k] for k in ("ids", "lab", "pos", "mask")})
+        real = int(host["len"].sum())
+        through = sum(mc.ids.numel() for mc in plan)
+        rows.append({"impl": "packed rows" if pack else "padded rows", "tokens": real, "through_model": through,
+                     "fill": real / through, "micro_batches": len(plan)})
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny model on the CPU")
@@ -133,6 +153,7 @@ def main():
     ap.add_argument("--no-pretrain", action="store_true", help="leave out the pretraining bare-loop row")
     ap.add_argument("--pretrain-seq", type=int, default=4096)
     ap.add_argument("--pretrain-rows", type=int, default=2)
+    ap.add_argument("--count", action="store_true", help="only count the tokens each way reads (no model, host)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.tiny:
@@ -143,6 +164,16 @@ def main():
     else:
         dev = "cuda"
         cfg = load_preset("moxin-7b", n_layers=a.layers)
+    if a.count:
+        rows = count_tokens(cfg, a)
+        rows[1]["vs_padded"] = rows[0]["through_model"] / rows[1]["through_model"]
+        print(table(rows, [("impl", "update", ""), ("tokens", "tokens", ","), ("through_model", "through the model", ","),
+                           ("fill", "real/through", ".2f"), ("micro_batches", "micro-batches", ""),
+                           ("vs_padded", "x fewer than padded", ".2f")],
+                    f"GRPO update's tokens, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
+                    f"{a.min_new}-{a.max_new}, micro_batch_size {a.mbs}"))
+        write_json(a.out or default_out("grpo_update_count"), {"args": vars(a), "rows": rows})
+        return
     rows = [run_mode(cfg, pack, a, dev) for pack in (False, True)]
     pad, packed = rows
     packed["vs_padded"] = packed["tok_s"] / pad["tok_s"]
