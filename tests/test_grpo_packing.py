@@ -58,6 +58,9 @@ def test_packed_rows_hold_whole_sequences_restart_positions_and_pad_at_the_end()
         assert not p.rows["ids"][r, col:].any()
         last = int(lengths[b[-1]])
         assert torch.equal(p.rows["positions"][r, col:], torch.arange(last, last + T - col))
+    wide = pack_sequences({"ids": ids}, lengths, bins, pad={"ids": 0}, width=T + 7)  # padded further, at the end
+    assert wide.rows["ids"].shape == (R, T + 7) and torch.equal(unpack(wide.rows["ids"], wide.index), back.long())
+    assert not wide.rows["ids"][:, T:].any()
     with pytest.raises(ValueError, match="exactly once"):
         pack_sequences({"ids": ids}, lengths, bins[1:], pad={"ids": 0})
 

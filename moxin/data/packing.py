@@ -125,9 +125,10 @@ class PackedRows:
 
 
 def pack_sequences(seqs: dict[str, torch.Tensor], lengths: torch.Tensor, bins: list[list[int]],
-                   pad: dict[str, float | int]) -> PackedRows:
+                   pad: dict[str, float | int], width: int | None = None) -> PackedRows:
     """Pack n right-padded sequences (each tensor of `seqs` (n, L); sequence i's tokens are ``[:lengths[i]]``)
-    into one row per bin (`first_fit`'s), every row as long as the fullest. `pad`: each tensor's padding value.
+    into one row per bin (`first_fit`'s), every row `width` long (None: as long as the fullest; never shorter).
+    `pad`: each tensor's padding value.
     ``positions`` are made here: 0.. within each sequence, and a row's padding continues its last sequence's
     positions (it comes after that sequence's tokens, which a causal mask never lets attend to it)."""
     lengths = torch.as_tensor(lengths, dtype=torch.long)
@@ -135,8 +136,7 @@ def pack_sequences(seqs: dict[str, torch.Tensor], lengths: torch.Tensor, bins: l
     if sorted(i for b in bins for i in b) != list(range(n)):
         raise ValueError(f"bins must hold each of the {n} sequences exactly once, got {bins}")
     used = [int(sum(int(lengths[i]) for i in b)) for b in bins]
-    R, T = len(bins), max(used, default=0)
-    T = max(T, 1)
+    R, T = len(bins), max(max(used, default=0), width or 0, 1)
     W = max(1, int(lengths.max()) if n else 1)
     rows = {k: torch.full((R, T), pad[k], dtype=v.dtype) for k, v in seqs.items()}
     positions = torch.empty(R, T, dtype=torch.long)

@@ -342,17 +342,23 @@ class GRPOStage(MoxinStage):
         budget = c.micro_batch_size * L
         cap = max(min(c.pack_tokens or self.model_cfg.max_seq_len, budget), int(lengths.max()))
         per = max(1, budget // cap)  # rows a micro-batch
+        # rows are padded up to a multiple of an eighth of their capacity: at most 9 row lengths a rollout, so a
+        # kernel compiled for static shapes (FlexAttention) compiles a few times, not once a micro-batch
+        step = -(-cap // (8 * 128)) * 128
         bins = first_fit(lengths.tolist(), cap)
+        used = [int(lengths[b].sum()) for b in bins]
         out = []
         for g in range(0, len(bins), per):
             group = bins[g:g + per]
+            width = min(cap, -(-max(used[g:g + per]) // step) * step)
             sub = seqs[[i for b in group for i in b]]
             local, k = [], 0
             for b in group:
                 local.append(list(range(k, k + len(b))))
                 k += len(b)
             p = pack_sequences({"ids": host["ids"][sub], "lab": host["lab"][sub], "mask": host["mask"][sub]},
-                               host["len"][sub], local, pad={"ids": 0, "lab": IGNORE_INDEX, "mask": 0.0})
+                               host["len"][sub], local, pad={"ids": 0, "lab": IGNORE_INDEX, "mask": 0.0},
+                               width=width)
             r = p.rows
             d = self.device
             out.append(_Micro(seqs=to_device(sub, d), ids=to_device(r["ids"], d), pos=to_device(r["positions"], d),
