@@ -133,3 +133,22 @@ def test_packed_update_equals_padded_update(aggregation, kl_coef, epochs_minibat
         assert tok_pack < tok_pad
         if kl_coef:
             assert logs_pack["grpo/kl"] > 0 or ppo_epochs == 1
+
+
+@pytest.mark.skipif(not hasattr(GRPOConfig(), "entropy_coef"), reason="the entropy bonus (stage.grpo.entropy_coef) "
+                    "is not in this tree")
+@pytest.mark.parametrize("aggregation,kl_coef,epochs_minibatches",
+                         [(Aggregation.TOKEN, 0.0, (1, 1)), (Aggregation.SEQUENCE, 0.1, (2, 2))])
+def test_packed_update_with_the_entropy_bonus_equals_padded(aggregation, kl_coef, epochs_minibatches):
+    """With the entropy bonus in the loss, its per-token entropies are gathered back like the log-probs: same logs
+    and gradients as the padded update."""
+    ppo_epochs, num_minibatches = epochs_minibatches
+    kw = dict(aggregation=aggregation, kl_coef=kl_coef, ppo_epochs=ppo_epochs, num_minibatches=num_minibatches,
+              pack_tokens=40, entropy_coef=0.01)
+    logs_pad, grads_pad, _ = run_update(False, 0, **kw)
+    logs_pack, grads_pack, _ = run_update(True, 0, **kw)
+    for k, v in logs_pad.items():
+        assert logs_pack[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+    for gs_pack, gs_pad in zip(grads_pack, grads_pad, strict=True):
+        for a, b in zip(gs_pack, gs_pad):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
