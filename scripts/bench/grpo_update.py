@@ -71,7 +71,7 @@ def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Opt
 
 
 def run_mode(cfg, pack: bool, a, dev: str) -> dict:
-    stage, _ = make_stage(cfg, pack, a, dev)
+    stage, opt = make_stage(cfg, pack, a, dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
     secs, real, through = 0.0, 0, 0
     for rep in range(a.reps + 1):  # rollout 0 warms up (compiles); the others are timed
@@ -87,7 +87,7 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
             real += int(ro.seq_lengths[kept].sum())
             through += stage.last_step_tokens_processed
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
-    del stage
+    del stage, opt  # the weights and AdamW's state, before the next mode's
     free(dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
