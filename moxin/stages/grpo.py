@@ -328,10 +328,11 @@ class GRPOStage(MoxinStage):
         perm = torch.randperm(n_kept_local, generator=g) if n_kept_local else torch.zeros(0, dtype=torch.long)
         return list(torch.tensor_split(perm, c.num_minibatches))
 
-    def _plan(self, seqs: torch.Tensor, host: dict, dev: dict) -> list[_Micro]:
+    def _plan(self, seqs: torch.Tensor, host: dict, dev: dict, bucket: bool | None = None) -> list[_Micro]:
         """The micro-batches of the kept sequences `seqs` (host indices): micro_batch_size right-padded rows each,
         or with `pack`, the sequences whole in rows of at most `pack_tokens` (first-fit, longest first), as many
-        rows a micro-batch as fit micro_batch_size x the longest sequence's tokens (the padded budget)."""
+        rows a micro-batch as fit micro_batch_size x the longest sequence's tokens (the padded budget). `bucket`:
+        pad rows to a few lengths (below); None: on a GPU."""
         c = self.cfg
         if not c.pack:
             return [self._padded_micro(m, host, dev) for m in seqs.split(c.micro_batch_size)]
@@ -342,9 +343,11 @@ class GRPOStage(MoxinStage):
         budget = c.micro_batch_size * L
         cap = max(min(c.pack_tokens or self.model_cfg.max_seq_len, budget), int(lengths.max()))
         per = max(1, budget // cap)  # rows a micro-batch
-        # rows are padded up to a multiple of an eighth of their capacity: at most 9 row lengths a rollout, so a
-        # kernel compiled for static shapes (FlexAttention) compiles a few times, not once a micro-batch
-        step = -(-cap // (8 * 128)) * 128
+        # on a GPU, rows are padded up to a multiple of an eighth of their capacity: at most 9 row lengths a
+        # rollout, so a kernel compiled for static shapes (FlexAttention) compiles a few times, not once a micro-batch
+        if bucket is None:
+            bucket = self.device.type == "cuda"
+        step = -(-cap // (8 * 128)) * 128 if bucket else 1
         bins = first_fit(lengths.tolist(), cap)
         used = [int(lengths[b].sum()) for b in bins]
         out = []
@@ -411,7 +414,8 @@ class GRPOStage(MoxinStage):
                 d_ids, d_pos, d_lab = (to_device(t[:1], dev) for t in (ro.input_ids, ro.positions, ro.labels))
                 rows = self._host_rows(ro.labels[:1], ro.positions[:1])
                 rows = _HostRows(rows.labels, rows.bounds, torch.zeros(0, dtype=torch.long, device=dev))
-                dummy = _Micro(seqs=None, ids=d_ids, pos=d_pos, lab=d_lab, mask=torch.zeros_like(d_ids, dtype=mask.dtype),
+                dummy = _Micro(seqs=None, ids=d_ids, pos=d_pos, lab=d_lab,
+                               mask=torch.zeros_like(d_ids, dtype=mask.dtype),
                                rows=rows, width=int(ro.input_ids.shape[1]), weight=0.0)
             return dummy
 

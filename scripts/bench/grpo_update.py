@@ -119,7 +119,7 @@ def pretrain_row(cfg, a, dev: str) -> dict:
 
 def count_tokens(cfg, a) -> list[dict]:
     """The tokens the update's forwards read over one rollout, packed and padded, from the stage's own plan of
-    micro-batches (`_plan`, no model: exact counts on the host, no timing)."""
+    micro-batches (`_plan`, no model: exact counts on the host, no timing), packed rows padded as on a GPU."""
     rows = []
     for pack in (False, True):
         stage = GRPOStage(cfg, grpo=GRPOConfig(group_size=a.group, max_new_tokens=a.max_new, pack=pack,
@@ -128,7 +128,8 @@ def count_tokens(cfg, a) -> list[dict]:
         kept = ro.keep.nonzero().squeeze(1)
         host = {"ids": ro.input_ids[kept], "lab": ro.labels[kept], "pos": ro.positions[kept],
                 "mask": ro.mask[kept], "len": ro.seq_lengths[kept]}
-        plan = stage._plan(torch.arange(len(kept)), host, {k: host[k] for k in ("ids", "lab", "pos", "mask")})
+        plan = stage._plan(torch.arange(len(kept)), host, {k: host[k] for k in ("ids", "lab", "pos", "mask")},
+                           bucket=True)
         real = int(host["len"].sum())
         through = sum(mc.ids.numel() for mc in plan)
         rows.append({"impl": "packed rows" if pack else "padded rows", "tokens": real, "through_model": through,
@@ -167,7 +168,8 @@ def main():
     if a.count:
         rows = count_tokens(cfg, a)
         rows[1]["vs_padded"] = rows[0]["through_model"] / rows[1]["through_model"]
-        print(table(rows, [("impl", "update", ""), ("tokens", "tokens", ","), ("through_model", "through the model", ","),
+        print(table(rows, [("impl", "update", ""), ("tokens", "tokens", ","),
+                           ("through_model", "through the model", ","),
                            ("fill", "real/through", ".2f"), ("micro_batches", "micro-batches", ""),
                            ("vs_padded", "x fewer than padded", ".2f")],
                     f"GRPO update's tokens, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
