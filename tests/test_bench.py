@@ -11,7 +11,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile"])
+@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile",
+                                    "grpo_update"])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
@@ -25,6 +26,10 @@ def test_bench_smoke(script, tmp_path):
     if script == "train":  # moxin on the same tokens without document boundaries, beside the packed rows
         assert any("whole rows" in row["impl"] for row in data["rows"])
         assert any("read from the device" in row["impl"] for row in data["rows"])
+    if script == "grpo_update":  # the same rollouts both ways: packing leaves the padding out of the forwards
+        pad, packed = data["rows"][:2]
+        assert pad["tokens"] == packed["tokens"] and packed["through_model"] < pad["through_model"]
+        assert data["ratio"] > 0
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
     if script == "train_profile":  # the families partition the kernel time; products dominate even here

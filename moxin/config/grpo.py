@@ -98,6 +98,16 @@ class GRPOConfig:
     """Samples a validation problem (the recipe: 8); the logged reward is their mean (pass@1 averaged over n)."""
     val_temperature: float = 0.6
     """Sampling temperature of validation (the recipe: 0.6, verl's val_temperature); 0: greedy."""
+    pack: bool = True
+    """Pack the update's sequences (prompt + completion) whole into rows with document boundaries (positions restart
+    per sequence, attention masked by document, as pretraining's rows; verl's and OpenRLHF's sequence packing),
+    first-fit longest first, instead of one right-padded row per sequence: a 300-token sequence beside a 16K one
+    then costs its 300 tokens. The loss, gradients and statistics equal the padded update's (the log-probs are
+    gathered back to the sequences' layout before the loss; tests/test_grpo_packing.py). A micro-batch holds at
+    most micro_batch_size x the longest sequence's tokens, the padded micro-batch's budget."""
+    pack_tokens: int | None = None
+    """Width of a packed row (pack: true); None: model.max_seq_len. Capped by the micro-batch's token budget and
+    never below the rollout's longest sequence (a sequence is never split)."""
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -112,3 +122,6 @@ class GRPOConfig:
         if self.n_val < 1 or self.val_every_n_steps < 0 or self.val_temperature < 0:
             raise ValueError(f"stage.grpo.n_val={self.n_val} must be >= 1, val_every_n_steps="
                              f"{self.val_every_n_steps} and val_temperature={self.val_temperature} >= 0")
+        if self.pack_tokens is not None and self.pack_tokens < 1:
+            raise ValueError(f"stage.grpo.pack_tokens={self.pack_tokens}: a packed row needs >= 1 token (null: "
+                             "model.max_seq_len)")

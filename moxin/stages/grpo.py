@@ -19,6 +19,7 @@ import torch
 
 from moxin.config import Aggregation, DecodePath, GRPOConfig, OptimConfig, TrainerConfig
 from moxin.constants import IGNORE_INDEX
+from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
 from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_entropies,
@@ -44,6 +45,30 @@ class _HostRows:
 
 
 @dataclass
+class _Micro:
+    """One forward (and backward) of the update: the kept sequences `seqs` (device indices; None: a zero-weight
+    pass on a row of no kept sequence) as the rows the model reads (ids, pos, lab and the loss mask in those rows,
+    on the device; `rows` found on the host), and where each sequence's tokens lie in them: `index` (`unpack`;
+    None when every row is one sequence, right-padded). `width`: columns of the sequences' layout the loss reads;
+    `weight`: 0.0 for a pass that only keeps the ranks' collectives in step; `n_tokens`: masked tokens (host)."""
+
+    seqs: torch.Tensor | None
+    ids: torch.Tensor
+    pos: torch.Tensor
+    lab: torch.Tensor
+    mask: torch.Tensor
+    rows: _HostRows
+    width: int
+    index: torch.Tensor | None = None
+    weight: float = 1.0
+    n_tokens: float = 0.0
+
+    def to_seqs(self, values: torch.Tensor) -> torch.Tensor:
+        """Per-token values of the rows (B, T) in the sequences' layout (n, width)."""
+        return values if self.index is None else unpack(values, self.index)
+
+
+@dataclass
 class Rollout:
     """One rollout batch as tensors of the training layout (S = prompts x G sequences, rows right-padded)."""
 
@@ -59,6 +84,7 @@ class Rollout:
     lengths: torch.Tensor  # (S,) completion tokens
     completions: list[str]
     stats: dict = field(default_factory=dict)
+    seq_lengths: torch.Tensor | None = None  # (S,) prompt + completion tokens (None: every row is all tokens)
 
 
 class GRPOStage(MoxinStage):
@@ -264,7 +290,8 @@ class GRPOStage(MoxinStage):
         keep = ~zero_std_groups(rewards, G, expand=True) if c.filter_zero_std else torch.ones(S, dtype=torch.bool)
         mask = mask * keep[:, None].float()
         return Rollout(input_ids=input_ids, labels=labels, positions=positions, mask=mask, rewards=rewards,
-                       advantages=adv, keep=keep, zero_std=zs, truncated=truncated, lengths=clen, completions=[])
+                       advantages=adv, keep=keep, zero_std=zs, truncated=truncated, lengths=clen, completions=[],
+                       seq_lengths=plen + clen)
 
     # ---- update -------------------------------------------------------------------------------------------------
     def _logp(self, model, ids, pos, labels, mask=None, with_entropy=False, rows: _HostRows | None = None):
@@ -300,26 +327,70 @@ class GRPOStage(MoxinStage):
         return _HostRows(labels=LabelRows.from_labels(labels).to(dev, non_blocking=True),
                          bounds=DocBounds.from_positions(positions).to(dev, non_blocking=True), entropy=ent)
 
-    def _minibatches(self, n_kept_local: int, step: int, epoch: int) -> list[list[torch.Tensor]]:
-        """Split the kept sequences into num_minibatches x micro-batches; every rank gets the same number of
-        micro-batches per minibatch (some possibly empty) so DDP backward calls line up."""
+    def _minibatches(self, n_kept_local: int, step: int, epoch: int) -> list[torch.Tensor]:
+        """The kept sequences (indices) of each of num_minibatches minibatches, in a seeded random order."""
         c = self.cfg
         g = torch.Generator().manual_seed(self.seed * 7919 + step * 31 + epoch)
         perm = torch.randperm(n_kept_local, generator=g) if n_kept_local else torch.zeros(0, dtype=torch.long)
-        mbs = list(torch.tensor_split(perm, c.num_minibatches))
-        sizes = [len(m) for m in mbs]
-        max_sizes = all_reduce_values([float(s) for s in sizes], self.device, "max")
+        return list(torch.tensor_split(perm, c.num_minibatches))
+
+    def _plan(self, seqs: torch.Tensor, host: dict, dev: dict, bucket: bool | None = None) -> list[_Micro]:
+        """The micro-batches of the kept sequences `seqs` (host indices): micro_batch_size right-padded rows each,
+        or with `pack`, the sequences whole in rows of at most `pack_tokens` (first-fit, longest first), as many
+        rows a micro-batch as fit micro_batch_size x the longest sequence's tokens (the padded budget). `bucket`:
+        pad rows to a few lengths (below); None: on a GPU."""
+        c = self.cfg
+        if not c.pack:
+            return [self._padded_micro(m, host, dev) for m in seqs.split(c.micro_batch_size)]
+        if len(seqs) == 0:
+            return []
+        lengths = host["len"][seqs]
+        L = int(host["ids"].shape[1])
+        budget = c.micro_batch_size * L
+        cap = max(min(c.pack_tokens or self.model_cfg.max_seq_len, budget), int(lengths.max()))
+        per = max(1, budget // cap)  # rows a micro-batch
+        # on a GPU, rows are padded up to a multiple of an eighth of their capacity: at most 9 row lengths a
+        # rollout, so a kernel compiled for static shapes (FlexAttention) compiles a few times, not once a micro-batch
+        if bucket is None:
+            bucket = self.device.type == "cuda"
+        step = -(-cap // (8 * 128)) * 128 if bucket else 1
+        bins = first_fit(lengths.tolist(), cap)
+        used = [int(lengths[b].sum()) for b in bins]
         out = []
-        for m, mx in zip(mbs, max_sizes):
-            n_micro = max(1, math.ceil(int(mx) / c.micro_batch_size))
-            out.append([m[i * c.micro_batch_size:(i + 1) * c.micro_batch_size] for i in range(n_micro)])
+        for g in range(0, len(bins), per):
+            group = bins[g:g + per]
+            width = min(cap, -(-max(used[g:g + per]) // step) * step)
+            sub = seqs[[i for b in group for i in b]]
+            local, k = [], 0
+            for b in group:
+                local.append(list(range(k, k + len(b))))
+                k += len(b)
+            p = pack_sequences({"ids": host["ids"][sub], "lab": host["lab"][sub], "mask": host["mask"][sub]},
+                               host["len"][sub], local, pad={"ids": 0, "lab": IGNORE_INDEX, "mask": 0.0},
+                               width=width)
+            r = p.rows
+            d = self.device
+            out.append(_Micro(seqs=to_device(sub, d), ids=to_device(r["ids"], d), pos=to_device(r["positions"], d),
+                              lab=to_device(r["lab"], d), mask=to_device(r["mask"], d),
+                              rows=self._host_rows(r["lab"], r["positions"], r["mask"]),
+                              width=int(p.index.shape[1]), index=to_device(p.index, d),
+                              n_tokens=float(r["mask"].sum())))
         return out
+
+    def _padded_micro(self, h_mi: torch.Tensor, host: dict, dev: dict, weight: float = 1.0) -> _Micro:
+        """A micro-batch of one right-padded row per sequence (`weight` 0.0: a pass whose loss counts nothing)."""
+        mi = to_device(h_mi, self.device)
+        h_m = host["mask"][h_mi] * weight
+        return _Micro(seqs=mi, ids=dev["ids"][mi], pos=dev["pos"][mi], lab=dev["lab"][mi],
+                      mask=dev["mask"][mi] * weight, rows=self._host_rows(host["lab"][h_mi], host["pos"][h_mi], h_m),
+                      width=int(host["ids"].shape[1]), weight=weight, n_tokens=float(h_m.sum()))
 
     def _update(self, ro: Rollout, step: int) -> dict:
         """The policy update on one rollout: ppo_epochs x num_minibatches optimizer steps. Nothing in a micro-batch
         reads the device: the rows' bounds, label and mask positions and token counts come from the rollout's host
         tensors, and each micro-batch's statistics stay on the device until its minibatch's optimizer step is
-        queued (one read a minibatch, beside the clipping's)."""
+        queued (one read a minibatch, beside the clipping's). With `pack`, the forwards read packed rows and
+        their log-probs are gathered back to the sequences' layout, so the loss is the padded update's."""
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
@@ -327,9 +398,11 @@ class GRPOStage(MoxinStage):
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
         # the host's rows (the rollout is built on the host), and the device's, sent once without blocking
-        h_ids, h_lab, h_pos = ro.input_ids[kept], ro.labels[kept], ro.positions[kept]
-        h_mask, h_adv = ro.mask[kept], ro.advantages[kept]
-        ids, lab, pos, mask, adv = (to_device(t, dev) for t in (h_ids, h_lab, h_pos, h_mask, h_adv))
+        seq_len = ro.seq_lengths if ro.seq_lengths is not None else torch.full_like(ro.lengths, ro.input_ids.shape[1])
+        host = {"ids": ro.input_ids[kept], "lab": ro.labels[kept], "pos": ro.positions[kept], "mask": ro.mask[kept],
+                "adv": ro.advantages[kept], "len": seq_len[kept]}
+        d = {k: to_device(host[k], dev) for k in ("ids", "lab", "pos", "mask", "adv")}
+        mask, adv = d["mask"], d["adv"]
         on_policy = c.ppo_epochs == 1 and c.num_minibatches == 1
         if all_reduce_values([float(len(kept))], self.device)[0] == 0:
             # every group on every rank was filtered (all rewards equal): nothing to learn, no optimizer step
@@ -337,75 +410,74 @@ class GRPOStage(MoxinStage):
             return {"train/loss": 0.0, "grpo/pg_loss": 0.0, "grpo/clip_frac": 0.0, "grpo/kl": 0.0,
                     "grpo/ratio_max": 0.0, "grpo/loss_tokens": 0.0,
                     "grpo/skipped_update": 1.0}
-        dummy = None  # a row for a pass that must happen with nothing of this rank's to compute (see below)
+        dummy = None  # a pass that must happen with nothing of this rank's to compute (see below)
 
-        def dummy_row():
+        def empty_micro() -> _Micro:
             nonlocal dummy
-            if dummy is None:
+            if len(kept):  # the first kept sequence, weighted 0
+                return self._padded_micro(torch.zeros(1, dtype=torch.long), host, d, weight=0.0)
+            if dummy is None:  # nothing at all on this rank: a row of the rollout, weighted 0
                 d_ids, d_pos, d_lab = (to_device(t[:1], dev) for t in (ro.input_ids, ro.positions, ro.labels))
-                dummy = (d_ids, d_pos, d_lab, self._host_rows(ro.labels[:1], ro.positions[:1]))
+                rows = self._host_rows(ro.labels[:1], ro.positions[:1])
+                rows = _HostRows(rows.labels, rows.bounds, torch.zeros(0, dtype=torch.long, device=dev))
+                dummy = _Micro(seqs=None, ids=d_ids, pos=d_pos, lab=d_lab,
+                               mask=torch.zeros_like(d_ids, dtype=mask.dtype),
+                               rows=rows, width=int(ro.input_ids.shape[1]), weight=0.0)
             return dummy
 
         old = None
         if not on_policy:
-            # Under FSDP2 every forward is collective: a rank that kept fewer sequences than another runs forwards
+            # Under FSDP2 every forward is collective: a rank with fewer micro-batches than another runs forwards
             # on a dummy row until every rank is done, or the others would wait for it forever.
-            n_local = len(kept)
-            n_fwd = n_local
+            micros = self._plan(torch.arange(len(kept)), host, d)
+            n_fwd = len(micros)
             if self._trainer is not None and is_sharded(self.trainer.strategy) and world > 1:
-                n_fwd = int(all_reduce_values([float(n_local)], self.device, "max")[0])
-            parts = []
+                n_fwd = int(all_reduce_values([float(n_fwd)], self.device, "max")[0])
+            old = torch.zeros(mask.shape, device=dev)
             with torch.no_grad():
-                for s in range(0, n_fwd, c.micro_batch_size):
-                    if s < n_local:
-                        sl = slice(s, s + c.micro_batch_size)
-                        parts.append(self._logp(self.model, ids[sl], pos[sl], lab[sl],
-                                                rows=self._host_rows(h_lab[sl], h_pos[sl]))[0])
-                    else:
-                        d_ids, d_pos, d_lab, d_rows = dummy_row()
-                        self._logp(self.model, d_ids, d_pos, d_lab, rows=d_rows)
-            old = torch.cat(parts) if parts else None
+                for i in range(n_fwd):
+                    mc = micros[i] if i < len(micros) else empty_micro()
+                    lp = self._logp(self.model, mc.ids, mc.pos, mc.lab, rows=mc.rows)[0]
+                    if i < len(micros):
+                        old[mc.seqs, :mc.width] = mc.to_seqs(lp)
         acc = {"loss": 0.0, "pg_loss": 0.0, "clip": 0.0, "kl": 0.0, "ent": 0.0, "ent_n": 0.0, "tok": 0.0,
                "ratio_max": 0.0, "n_mb": 0}
         processed = 0
         zero = torch.zeros((), device=dev)
         for epoch in range(c.ppo_epochs):
-            for mb in self._minibatches(len(kept), step, epoch):
-                idx_all = torch.cat(mb) if mb else torch.zeros(0, dtype=torch.long)
-                m_all = h_mask[idx_all]
+            mbs = self._minibatches(len(kept), step, epoch)
+            plans = [self._plan(mb, host, d) for mb in mbs]
+            # every rank runs as many micro-batches a minibatch (some empty) so DDP's backward calls line up
+            n_micro = all_reduce_values([float(len(p)) for p in plans], self.device, "max")
+            for mb, plan, n in zip(mbs, plans, n_micro):
+                plan = plan + [empty_micro() for _ in range(max(1, int(n)) - len(plan))]
+                m_all = host["mask"][mb]
                 local_tok = float(m_all.sum())
                 local_seq = float((m_all.sum(1) > 0).sum())
-                tot_tok, tot_seq, tot_n = all_reduce_values([local_tok, local_seq, float(len(idx_all))], self.device)
+                tot_tok, tot_seq, tot_n = all_reduce_values([local_tok, local_seq, float(len(mb))], self.device)
                 opt.zero_grad(set_to_none=True)
                 pending = []  # per micro-batch: its statistics on the device, and its host numbers
-                for micro in mb:
-                    empty = len(micro) == 0
-                    h_mi = micro if not empty else torch.zeros(1, dtype=torch.long)
-                    if empty and len(kept) == 0:  # nothing at all on this rank: a zero-weight pass on a dummy row
-                        ids_m, pos_m, lab_m, rows = dummy_row()
-                        h_m = torch.zeros_like(ro.mask[:1])
-                        m_m, a_m = torch.zeros_like(ro.mask[:1], device=dev), torch.zeros(1, device=dev)
-                        rows = _HostRows(rows.labels, rows.bounds, torch.zeros(0, dtype=torch.long, device=dev))
-                    else:
-                        mi = to_device(h_mi, dev)
-                        ids_m, pos_m, lab_m, a_m = ids[mi], pos[mi], lab[mi], adv[mi]
-                        h_m = h_mask[h_mi] * (0.0 if empty else 1.0)
-                        m_m = mask[mi] * (0.0 if empty else 1.0)
-                        rows = self._host_rows(h_lab[h_mi], h_pos[h_mi], h_m)
-                    logp, ent = self._logp(self.model, ids_m, pos_m, lab_m, m_m, rows=rows,
+                for mc in plan:
+                    logp, ent = self._logp(self.model, mc.ids, mc.pos, mc.lab, mc.mask, rows=mc.rows,
                                            with_entropy=epoch == 0 or c.entropy_coef != 0.0)
-                    ent_tok = ent[2] if ent is not None and len(ent) > 2 else None  # the entropy bonus's
-                    old_m = logp.detach() if on_policy or old is None else old[mi] if not empty else logp.detach()
+                    logp = mc.to_seqs(logp)
+                    if mc.seqs is None:
+                        m_m, a_m = torch.zeros_like(logp), torch.zeros(1, device=dev)
+                    else:
+                        m_m, a_m = mask[mc.seqs, :mc.width] * mc.weight, adv[mc.seqs]
+                    ent_tok = mc.to_seqs(ent[2]) if ent is not None and len(ent) > 2 else None  # the bonus's
+                    old_m = logp.detach() if on_policy or old is None or mc.weight == 0.0 else \
+                        old[mc.seqs, :mc.width]
                     kl = None
                     if c.kl_coef != 0.0 and self.lora_cfg.enabled:  # the reference: the base, adapters off
                         with torch.no_grad(), lora_lib.adapters_disabled(self.model):
-                            ref_logp, _ = self._logp(self.model, ids_m, pos_m, lab_m, rows=rows)
-                        kl = kl_penalty(logp, ref_logp, c.kl_estimator)
+                            ref_logp, _ = self._logp(self.model, mc.ids, mc.pos, mc.lab, rows=mc.rows)
+                        kl = kl_penalty(logp, mc.to_seqs(ref_logp), c.kl_estimator)
                     elif c.kl_coef != 0.0 and self.ref_model is not None:
                         with torch.no_grad():
-                            ref_logp, _ = self._logp(self.ref_model, ids_m, pos_m, lab_m, rows=rows)
+                            ref_logp, _ = self._logp(self.ref_model, mc.ids, mc.pos, mc.lab, rows=mc.rows)
                             reshard(self.ref_model)
-                        kl = kl_penalty(logp, ref_logp, c.kl_estimator)
+                        kl = kl_penalty(logp, mc.to_seqs(ref_logp), c.kl_estimator)
                     # normalise by the whole minibatch on all ranks: each micro-batch returns its exact share
                     norm = {Aggregation.TOKEN: tot_tok, Aggregation.SEQUENCE: tot_seq,
                             Aggregation.CONSTANT: c.constant_norm or c.max_new_tokens * tot_n}[c.aggregation]
@@ -418,8 +490,8 @@ class GRPOStage(MoxinStage):
                     ent_sum, ent_n = (ent[0], float(ent[1])) if ent is not None and epoch == 0 else (zero, None)
                     pending.append((torch.stack([loss.detach(), st["pg_loss"],
                                                  st["clip_frac_low"] + st["clip_frac_high"], st["kl_mean"],
-                                                 st["ratio_max"], ent_sum]).float(), float(h_m.sum()), ent_n))
-                    processed += ids_m.numel()
+                                                 st["ratio_max"], ent_sum]).float(), mc.n_tokens, ent_n))
+                    processed += mc.ids.numel()
                 # the loss is already normalised (above): clip, and skip a NaN/Inf step (stop after N)
                 self._last_grad_norm = self.optim_step.clip(self.model.parameters(), self._global_step())
                 opt.step()

@@ -1,0 +1,202 @@
+"""GRPO update throughput: packed rows (stage.grpo.pack, sequences whole with document boundaries) against one
+right-padded row per sequence, on the same rollouts in the same run.
+
+A synthetic rollout of the recipe's length shape (prompts of about --prompt-len tokens, responses uniform in
+[--min-new, --max-new]; those at --max-new count as truncated and are masked, as DAPO's overlong filter does;
+random 0/1 rewards, so some groups are filtered) goes through `GRPOStage._update` as a training step runs it:
+moxin-7b's blocks (--layers of them), bf16 autocast over fp32 weights, compiled blocks, fused AdamW, the
+stage's clipping. Each mode updates once on a warm-up rollout (compilation), then --reps times on timed ones.
+tokens/s counts the sequences' real tokens (prompt + response); "through the model" the tokens the forwards
+read, padding included. The ratio packed / padded is printed and written to the JSON. Beside them (unless
+--no-pretrain), the pretraining bench's bare loop (scripts/bench/train.py: same blocks, compile, autocast and
+optimizer, next-token loss) on random rows of --pretrain-seq tokens: the update's goal is 0.8x its tokens/s.
+
+    python scripts/bench/grpo_update.py [--prompts 16 --group 8 --mbs 2 --layers 8] [--out grpo_update.json]
+    python scripts/bench/grpo_update.py --tiny    # tiny model, short sequences, CPU, fp32, no compile
+    python scripts/bench/grpo_update.py --count --prompts 64 --mbs 1   # only the tokens each way reads (host)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import nullcontext
+from types import SimpleNamespace
+
+import torch
+
+from _common import default_out, env, free, sync, table, timed, write_json
+from train import bare_step
+
+from moxin.config import GRPOConfig, OptimConfig, ParallelConfig
+from moxin.distributed import parallelize
+from moxin.model import Transformer
+from moxin.presets import load_preset
+from moxin.stages.grpo import GRPOStage
+
+
+def synthetic_rollout(stage: GRPOStage, prompts: int, prompt_len: int, min_new: int, max_new: int, seed: int):
+    """`prompts` x group_size sequences of the recipe's shape, built by the stage's own `build_rollout`."""
+    c = stage.cfg
+    g = torch.Generator().manual_seed(seed)
+    V = stage.model_cfg.vocab_size
+    ps, toks, fin = [], [], []
+    for _ in range(prompts):
+        n_p = int(torch.randint(max(1, prompt_len * 3 // 4), prompt_len + 1, (1,), generator=g))
+        p = torch.randint(3, V, (n_p,), generator=g).tolist()
+        for _ in range(c.group_size):
+            n = int(torch.randint(min_new, max_new + 1, (1,), generator=g))
+            ps.append(p)
+            toks.append(torch.randint(3, V, (n,), generator=g).tolist())
+            fin.append(n < max_new)
+    rewards = (torch.rand(len(ps), generator=g) < 0.5).float()
+    return stage.build_rollout(ps, toks, fin, rewards)
+
+
+def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Optimizer]:
+    """The stage outside a trainer: its model on `dev` (compiled on a GPU), fused AdamW, no scheduler."""
+    torch.manual_seed(0)
+    stage = GRPOStage(cfg, optim=OptimConfig(lr=1e-6, warmup_steps=0, weight_decay=0.0),
+                      grpo=GRPOConfig(group_size=a.group, max_new_tokens=a.max_new, micro_batch_size=a.mbs,
+                                      pack=pack, pack_tokens=a.pack_tokens, temperature=0.6), seed=0)
+    stage.configure_model()
+    stage.to(dev)  # the LightningModule, so that stage.device (where the update sends its rows) follows
+    if dev == "cuda":
+        parallelize(stage.model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    opt = torch.optim.AdamW(stage.model.parameters(), lr=1e-6, fused=dev == "cuda")
+    stage.optimizers = lambda: opt
+    stage.lr_schedulers = lambda: SimpleNamespace(step=lambda: None)
+    stage.manual_backward = lambda loss: loss.backward()
+    return stage, opt
+
+
+def run_mode(cfg, pack: bool, a, dev: str) -> dict:
+    stage, opt = make_stage(cfg, pack, a, dev)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
+    secs, real, through = 0.0, 0, 0
+    for rep in range(a.reps + 1):  # rollout 0 warms up (compiles); the others are timed
+        ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=rep)
+        kept = ro.keep.nonzero().squeeze(1)
+        sync(dev)
+        t0 = time.perf_counter()
+        with amp:
+            stage._update(ro, step=rep)
+        sync(dev)
+        if rep:
+            secs += time.perf_counter() - t0
+            real += int(ro.seq_lengths[kept].sum())
+            through += stage.last_step_tokens_processed
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    del stage, opt  # the weights and AdamW's state, before the next mode's
+    free(dev)
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    return {"impl": "packed rows" if pack else "padded rows", "update_s": secs / a.reps, "tok_s": real / secs,
+            "tokens": real // a.reps, "through_model": through // a.reps, "fill": real / max(through, 1),
+            "peak_gib": peak}
+
+
+def pretrain_row(cfg, a, dev: str) -> dict:
+    """The pretraining bench's bare loop on `--pretrain-rows` random rows of `--pretrain-seq` tokens (one document a
+    row), the same blocks compiled the same way."""
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev)
+    if dev == "cuda":
+        parallelize(model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, cfg.vocab_size, (a.pretrain_rows, a.pretrain_seq + 1), generator=g)
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
+             "positions": torch.arange(a.pretrain_seq).expand(a.pretrain_rows, -1).contiguous()}
+    t = timed(bare_step(model, batch, dev, autocast=dev == "cuda"), dev, warm=2 if a.tiny else 3,
+              reps=2 if a.tiny else 5)
+    peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
+    del model
+    free(dev)
+    n = a.pretrain_rows * a.pretrain_seq
+    return {"impl": f"pretraining bare loop ({a.pretrain_rows} x {a.pretrain_seq})", "update_s": t,
+            "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak}
+
+
+def count_tokens(cfg, a) -> list[dict]:
+    """The tokens the update's forwards read over one rollout, packed and padded, from the stage's own plan of
+    micro-batches (`_plan`, no model: exact counts on the host, no timing), packed rows padded as on a GPU."""
+    rows = []
+    for pack in (False, True):
+        stage = GRPOStage(cfg, grpo=GRPOConfig(group_size=a.group, max_new_tokens=a.max_new, pack=pack,
+                                               micro_batch_size=a.mbs, pack_tokens=a.pack_tokens), seed=0)
+        ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=1)
+        kept = ro.keep.nonzero().squeeze(1)
+        host = {"ids": ro.input_ids[kept], "lab": ro.labels[kept], "pos": ro.positions[kept],
+                "mask": ro.mask[kept], "len": ro.seq_lengths[kept]}
+        plan = stage._plan(torch.arange(len(kept)), host, {k: host[k] for k in ("ids", "lab", "pos", "mask")},
+                           bucket=True)
+        real = int(host["len"].sum())
+        through = sum(mc.ids.numel() for mc in plan)
+        rows.append({"impl": "packed rows" if pack else "padded rows", "tokens": real, "through_model": through,
+                     "fill": real / through, "micro_batches": len(plan)})
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tiny", "--smoke", dest="tiny", action="store_true", help="tiny model on the CPU")
+    ap.add_argument("--layers", type=int, default=8, help="moxin-7b blocks")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--group", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=1024)
+    ap.add_argument("--min-new", type=int, default=300)
+    ap.add_argument("--max-new", type=int, default=2048)
+    ap.add_argument("--mbs", type=int, default=2, help="stage.grpo.micro_batch_size")
+    ap.add_argument("--pack-tokens", type=int, default=None, help="stage.grpo.pack_tokens (None: max_seq_len)")
+    ap.add_argument("--ac", default="none", help="activation checkpointing: none | mlp | attention | full")
+    ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--no-pretrain", action="store_true", help="leave out the pretraining bare-loop row")
+    ap.add_argument("--pretrain-seq", type=int, default=4096)
+    ap.add_argument("--pretrain-rows", type=int, default=2)
+    ap.add_argument("--count", action="store_true", help="only count the tokens each way reads (no model, host)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    if a.tiny:
+        dev = "cpu"
+        cfg = load_preset("tiny", vocab_size=512, attn_backend="sdpa")
+        a.prompts, a.group, a.prompt_len, a.min_new, a.max_new, a.reps = 4, 4, 16, 4, 32, 1
+        a.pretrain_seq, a.pretrain_rows = 64, 2
+    else:
+        dev = "cuda"
+        cfg = load_preset("moxin-7b", n_layers=a.layers)
+    if a.count:
+        rows = count_tokens(cfg, a)
+        rows[1]["vs_padded"] = rows[0]["through_model"] / rows[1]["through_model"]
+        print(table(rows, [("impl", "update", ""), ("tokens", "tokens", ","),
+                           ("through_model", "through the model", ","),
+                           ("fill", "real/through", ".2f"), ("micro_batches", "micro-batches", ""),
+                           ("vs_padded", "x fewer than padded", ".2f")],
+                    f"GRPO update's tokens, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
+                    f"{a.min_new}-{a.max_new}, micro_batch_size {a.mbs}"))
+        write_json(a.out or default_out("grpo_update_count"), {"args": vars(a), "rows": rows})
+        return
+    rows = [run_mode(cfg, pack, a, dev) for pack in (False, True)]
+    pad, packed = rows
+    packed["vs_padded"] = packed["tok_s"] / pad["tok_s"]
+    pad["vs_padded"] = 1.0
+    ratios = {"packed_vs_padded": packed["vs_padded"]}
+    if not a.no_pretrain:
+        pre = pretrain_row(cfg, a, dev)
+        rows.append(pre)
+        for r in rows:
+            r["vs_pretrain"] = r["tok_s"] / pre["tok_s"]
+        ratios |= {"packed_vs_pretrain": packed["vs_pretrain"], "padded_vs_pretrain": pad["vs_pretrain"]}
+    print(table(rows, [("impl", "update", ""), ("update_s", "s/update", ".3f"), ("tok_s", "tokens/s", ",.0f"),
+                       ("tokens", "tokens", ","), ("through_model", "through the model", ","),
+                       ("fill", "real/through", ".2f"), ("peak_gib", "peak GiB", ".1f"),
+                       ("vs_padded", "x padded", ".2f"), ("vs_pretrain", "x pretraining", ".2f")],
+                f"GRPO update, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
+                f"{a.min_new}-{a.max_new}, micro_batch_size {a.mbs} ({dev})"))
+    print(" ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
+    write_json(a.out or default_out("grpo_update"), {"env": env(), "args": vars(a), "rows": rows,
+                                                      "ratio": packed["vs_padded"], "ratios": ratios})
+
+
+if __name__ == "__main__":
+    main()
