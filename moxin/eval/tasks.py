@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from moxin.config import (DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig,
                           TaskKind)
 from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
+from moxin.eval.scoring import humaneval_reference
 from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
-__all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "eval_config"]
+__all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
+           "eval_config"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -61,6 +63,7 @@ class MCItem:
     gold: int
     norm_lengths: list[float]
     """Divisors of acc_norm: lm-eval's len(choice) per option (characters of the option text)."""
+    subject: str | None = None
 
 
 @dataclass
@@ -103,6 +106,12 @@ def _winogrande(doc: dict) -> MCDoc:
                  s[i + 1:].strip())
 
 
+def _mmlu(doc: dict) -> MCDoc:
+    """lm-eval mmlu ``_default_template_yaml``: the question, ``A. ..`` to ``D. ..``, ``Answer:``; choices A-D."""
+    opts = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", doc["choices"], strict=True))
+    return MCDoc(f"{doc['question'].strip()}{opts}\nAnswer:", ["A", "B", "C", "D"], int(doc["answer"]))
+
+
 #: lm-eval's doc_to_text / doc_to_choice / doc_to_target of the benchmarks in the Moxin paper, by preset name (where
 #: their records are: moxin.config.TASK_PRESETS)
 PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
@@ -111,6 +120,7 @@ PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
     "hellaswag": _hellaswag,
     "piqa": _piqa,
     "winogrande": _winogrande,
+    "mmlu": _mmlu,
 }
 
 
@@ -163,8 +173,54 @@ def _fewshot_example(task: TaskConfig, d: MCDoc) -> str:
     return d.text + task.target_delimiter + d.choices[int(d.target)]
 
 
+def _fewshot_draw(task: TaskConfig, rnd: random.Random, pool_recs: list[dict], rec: dict, same_pool: bool) -> list[int]:
+    """Indices into the few-shot pool of one item's examples, as lm-eval's sampler draws them."""
+    n = task.num_fewshot
+    others = [j for j in range(len(pool_recs)) if not same_pool or pool_recs[j] != rec]
+    if task.fewshot_sampler == FewshotSampler.first_n:
+        return others[:n]
+    if same_pool:  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
+        drawn = [j for j in rnd.sample(range(len(pool_recs)), n + 1) if pool_recs[j] != rec][:n]
+        if len(drawn) < n:  # the item occurs more than once in the pool
+            drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
+        return drawn
+    return rnd.sample(range(len(pool_recs)), n)
+
+
+def _subject(task: TaskConfig, rec: dict, where: str) -> str:
+    subj = rec.get(task.subject_field)
+    if not isinstance(subj, str) or not subj:
+        raise DataError(f"eval task {task.name!r}: {where} has no subject_field {task.subject_field!r} (fields: "
+                        f"{sorted(rec)[:20]}); set subject_field or add the field")
+    return subj
+
+
+def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None, build: Callable) -> list:
+    """Items of a task whose records carry a subject (MMLU): each subject built as its own lm-eval task (its own
+    few-shot pool and seeded sampler, its description line), indices kept as in ``records``."""
+    if task.limit is not None:
+        records = records[:task.limit]
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(_subject(task, r, f"record {i + 1}"), []).append(i)
+    pools: dict[str, list[dict]] = {}
+    for i, r in enumerate(fewshot_records or []):
+        pools.setdefault(_subject(task, r, f"few-shot record {i + 1}"), []).append(r)
+    items = []
+    for subj, idx in groups.items():
+        sub = replace(task, subject_field=None, limit=None, name=f"{task.name}/{subj}",
+                      description=task.description.format(subject=subj.replace("_", " ")))
+        for it in build(sub, [records[i] for i in idx], None if fewshot_records is None else pools.get(subj, [])):
+            it.index, it.subject = idx[it.index], subj
+            items.append(it)
+    return sorted(items, key=lambda it: it.index)
+
+
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
-    """Records -> scored items, with the few-shot prefix lm-eval's default sampler would put in front."""
+    """Records -> scored items, with lm-eval's description and the few-shot prefix its sampler would put in front
+    (per subject when ``subject_field`` is set)."""
+    if task.subject_field:
+        return _by_subject(task, records, fewshot_records, build_mc_items)
     same_pool = fewshot_records is None
     pool_recs = records if same_pool else list(fewshot_records)  # lm-eval's limit cuts the evaluated docs only
     if task.limit is not None:
@@ -178,19 +234,11 @@ def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[
     rnd = random.Random(task.fewshot_seed)
     items = []
     for i, d in enumerate(docs):
-        prefix = ""
+        prefix = task.description
         if task.num_fewshot:
-            n = task.num_fewshot
-            others = [j for j in range(len(pool)) if not same_pool or pool_recs[j] != records[i]]
-            if task.fewshot_sampler == FewshotSampler.first_n:
-                drawn = others[:n]
-            elif same_pool:  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
-                drawn = [j for j in rnd.sample(range(len(pool)), n + 1) if pool_recs[j] != records[i]][:n]
-                if len(drawn) < n:  # the item occurs more than once in the pool
-                    drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
-            else:
-                drawn = rnd.sample(range(len(pool)), n)
-            prefix = task.fewshot_delimiter.join(_fewshot_example(task, pool[j]) for j in drawn) + task.fewshot_delimiter
+            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
+            prefix += (task.fewshot_delimiter.join(_fewshot_example(task, pool[j]) for j in drawn)
+                       + task.fewshot_delimiter)
         if isinstance(d.text, int):  # partial evaluation: one continuation after each filled-in context
             contexts = [prefix + c for c in d.choices]
             conts = [task.target_delimiter + str(d.target)] * len(d.choices)
@@ -212,9 +260,60 @@ class GenItem:
     problem: str
 
 
+@dataclass
+class GenDoc:
+    """A record as a generation task reads it: the prompt text, the target a few-shot example shows after it, and the
+    reference answer the verifier gets."""
+
+    text: str
+    target: str
+    answer: str
+
+
+def _first(doc: dict, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if doc.get(k) not in (None, "", []):
+            return doc[k]
+    raise KeyError(f"none of {list(keys)}")
+
+
+def _gsm8k(doc: dict) -> GenDoc:
+    """lm-eval gsm8k: ``Question: {question}\nAnswer:``; target and reference: the worked solution (``#### N``)."""
+    return GenDoc(f"Question: {doc['question']}\nAnswer:", doc["answer"], doc["answer"])
+
+
+def _qwen_math(doc: dict) -> GenDoc:
+    """Qwen2.5-Math's evaluation data: the problem (``problem`` or ``question``) and the answer (``answer``,
+    OlympiadBench's ``final_answer`` list, or the last ``\\boxed{}`` of ``solution``)."""
+    answer = _first(doc, ("answer", "final_answer", "solution"))
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0]
+    return GenDoc(str(_first(doc, ("problem", "question"))), str(doc.get("solution") or answer), str(answer))
+
+
+def _humaneval(doc: dict) -> GenDoc:
+    """human-eval / evalplus: the prompt as plain text; the reference carries the tests (humaneval_reference)."""
+    return GenDoc(doc["prompt"], doc.get("canonical_solution", ""), humaneval_reference(doc))
+
+
+#: Generation presets' record mapping (where their records are and their settings: moxin.config.TASK_PRESETS)
+GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
+    "gsm8k": _gsm8k,
+    "math500": _qwen_math,
+    "minerva_math": _qwen_math,
+    "amc23": _qwen_math,
+    "olympiadbench": _qwen_math,
+    "humaneval": _humaneval,
+    "humaneval_plus": _humaneval,
+}
+
+
 def user_text(task: TaskConfig, problem: str) -> str:
+    """The user turn / plain prompt: the problem, then the instruction after a blank line. A preset's text is kept
+    as the reference builds it (HumanEval's prompt ends in a newline the model continues from)."""
     instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
-    return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()
+    text = problem if task.preset else problem.strip()
+    return f"{text.rstrip()}\n\n{instr}" if instr else text
 
 
 def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
@@ -227,16 +326,44 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 
 
-def build_gen_items(task: TaskConfig, records: list[dict], tokenizer) -> list[GenItem]:
+def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
+    if task.preset:
+        try:
+            return GEN_PRESET_DOCS[task.preset](rec)
+        except (KeyError, ValueError, TypeError) as e:
+            raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
+                            f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+    prob, ans = rec.get(task.problem_field), rec.get(task.answer_field)
+    if isinstance(ans, (int, float)) and not isinstance(ans, bool):
+        ans = str(ans)
+    if not isinstance(prob, str) or not prob.strip() or not isinstance(ans, str) or not ans.strip():
+        raise DataError(f"eval task {task.name!r}: {where} needs a non-empty problem_field "
+                        f"{task.problem_field!r} and answer_field {task.answer_field!r}; fields: {sorted(rec)[:20]}")
+    return GenDoc(prob, ans.strip(), ans.strip())
+
+
+def build_gen_items(task: TaskConfig, records: list[dict], tokenizer,
+                    fewshot_records: list[dict] | None = None) -> list[GenItem]:
+    """Records -> prompts and reference answers; with ``num_fewshot``, lm-eval's few-shot prefix (examples as
+    text + target_delimiter + target, drawn as for multiple choice) before the prompt text."""
+    if task.subject_field:
+        return _by_subject(task, records, fewshot_records, lambda t, r, f: build_gen_items(t, r, tokenizer, f))
+    same_pool = fewshot_records is None
+    pool_recs = records if same_pool else list(fewshot_records)
     if task.limit is not None:
         records = records[:task.limit]
+    docs = [_gen_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
+    pool = [_gen_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)] if task.num_fewshot else []
+    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
+        raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
+                        f"{len(pool)} records")
+    rnd = random.Random(task.fewshot_seed)
     items = []
-    for i, r in enumerate(records):
-        prob, ans = r.get(task.problem_field), r.get(task.answer_field)
-        if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-            ans = str(ans)
-        if not isinstance(prob, str) or not prob.strip() or not isinstance(ans, str) or not ans.strip():
-            raise DataError(f"eval task {task.name!r}: record {i + 1} needs a non-empty problem_field "
-                            f"{task.problem_field!r} and answer_field {task.answer_field!r}; fields: {sorted(r)[:20]}")
-        items.append(GenItem(i, render_prompt(task, prob, tokenizer), ans.strip(), prob))
+    for i, d in enumerate(docs):
+        prefix = task.description
+        if task.num_fewshot:
+            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
+            prefix += task.fewshot_delimiter.join(pool[j].text + task.target_delimiter + pool[j].target
+                                                  for j in drawn) + task.fewshot_delimiter
+        items.append(GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text))
     return items
