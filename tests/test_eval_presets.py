@@ -69,9 +69,12 @@ def test_mmlu_preset_few_shot_by_subject_runs_and_scores_like_lm_eval(tmp_path, 
     assert r["metrics"]["acc"] == pytest.approx(sum(x["acc"] for x in r["items"]) / 5)
     anat = [x["acc"] for x in r["items"] if x["subject"] == "anatomy"]
     assert r["subjects"]["anatomy"]["metrics"]["acc"] == pytest.approx(sum(anat) / 2)
-    assert set(res["results"]) == {"mmlu", "mmlu_anatomy", "mmlu_high_school_physics"}
+    assert set(res["results"]) == {"mmlu", "mmlu_anatomy", "mmlu_high_school_physics", "mmlu_stem"}
+    assert r["groups"]["stem"]["metrics"]["acc"] == r["metrics"]["acc"]  # both subjects are STEM
     assert res["results"]["mmlu"]["acc,none"] == r["metrics"]["acc"] and res["n-shot"]["mmlu_anatomy"] == 2
     assert "acc_stderr,none" in res["results"]["mmlu"]
+    md = runner.markdown_table(res)
+    assert "| mmlu | mmlu | 2 | acc |" in md and "| mmlu | mmlu_stem | 2 | acc |" in md
 
 
 GSM_TRAIN = [{"question": f"Tom has {i} apples and buys {i + 1}. How many?",
@@ -153,6 +156,16 @@ def test_humaneval_preset_runs_the_program_in_the_sandbox(tmp_path, model, tok, 
     r = evaluate(model, tok, cfg)["tasks"]["humaneval"]
     assert seen["prompts"][0] == tok.encode(rec["prompt"], bos=True)
     assert [x["greedy_score"] for x in r["items"]] == [1.0, 0.0] and r["metrics"]["pass@1"] == 0.5
+
+
+def test_mmlu_has_lm_evals_57_subjects_and_refuses_others(tmp_path):
+    from moxin.eval.tasks import MMLU_SUBJECTS, build_mc_items
+
+    assert len(MMLU_SUBJECTS) == 57 and sorted(set(MMLU_SUBJECTS.values())) == [
+        "humanities", "other", "social_sciences", "stem"]
+    task = eval_config({"tasks": [{"name": "mmlu", "preset": "mmlu", "path": "x.jsonl"}]}).tasks[0]
+    with pytest.raises(Exception, match="subject 'astrology' is not one of preset 'mmlu'"):
+        build_mc_items(task, _mmlu_rows("astrology", 2, "x"))
 
 
 def test_preset_settings_match_the_scorers_and_a_task_overrides_them():

@@ -26,7 +26,7 @@ from moxin.distributed import rank_and_world
 from moxin.eval.generation import generate_all, pass_at_k, score_texts
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.scoring import truncate_at
-from moxin.eval.tasks import build_gen_items, build_mc_items, eval_config, load_records
+from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, load_records
 
 __all__ = ["evaluate", "print_table", "write_results", "flat_metrics", "lm_eval_results", "markdown_table"]
 
@@ -94,6 +94,12 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
         subjects = sorted({r["subject"] for r in out})
         res["subjects"] = {s_: {"n": sum(r["subject"] == s_ for r in out),
                                 "metrics": _mc_metrics([r for r in out if r["subject"] == s_])} for s_ in subjects}
+        group_of = PRESET_SUBJECTS.get(task.preset or "")
+        if group_of:  # lm-eval's subgroups (mmlu_stem ...): size-weighted means of their subjects
+            groups = sorted({group_of[r["subject"]] for r in out})
+            res["groups"] = {g: {"n": sum(group_of[r["subject"]] == g for r in out),
+                                 "metrics": _mc_metrics([r for r in out if group_of[r["subject"]] == g])}
+                             for g in groups}
     return res
 
 
@@ -199,12 +205,12 @@ def _lm_metric(k: str) -> str:
 def lm_eval_results(results: dict) -> dict:
     """``{"results": {task: {"alias", "metric,filter": value, "metric_stderr,filter": se}}, "n-shot": {...}}`` in
     lm-eval's output shape, keyed by task name (its ``alias`` the lm-eval task); MMLU's subjects as lm-eval's
-    ``mmlu_<subject>`` subtasks after the group."""
+    ``mmlu_<group>`` subgroups and ``mmlu_<subject>`` subtasks after the group."""
     out: dict = {"results": {}, "n-shot": {}}
     for name, r in results["tasks"].items():
         entries = [(name, r.get("task", name), r["metrics"])]
         entries += [(f"{name}_{s}", f"{r.get('task', name)}_{s}", sub["metrics"])
-                    for s, sub in r.get("subjects", {}).items()]
+                    for part in ("groups", "subjects") for s, sub in r.get(part, {}).items()]
         for key, alias, metrics in entries:
             row = {"alias": alias}
             for k, v in metrics.items():
@@ -221,12 +227,14 @@ def markdown_table(results: dict) -> str:
     """The results as a markdown table: task, lm-eval task, n-shot, metric, value, stderr, n."""
     lines = ["| task | lm-eval task | n-shot | metric | value | stderr | n |", "|---|---|---:|---|---:|---:|---:|"]
     for name, r in results["tasks"].items():
-        for k, v in r["metrics"].items():
-            if k.endswith("_stderr"):
-                continue
-            se = r["metrics"].get(f"{k}_stderr")
-            lines.append(f"| {name} | {r.get('task', name)} | {r.get('num_fewshot', 0)} | {k} | {v:.4f} | "
-                         f"{'' if se is None or math.isnan(se) else f'{se:.4f}'} | {r['n']} |")
+        parts = [(r.get("task", name), r)] + [(f"{r.get('task', name)}_{g}", sub) for g, sub in r.get("groups", {}).items()]
+        for lm_name, part in parts:  # MMLU: the group, then lm-eval's subgroups (mmlu_stem ...)
+            for k, v in part["metrics"].items():
+                if k.endswith("_stderr"):
+                    continue
+                se = part["metrics"].get(f"{k}_stderr")
+                lines.append(f"| {name} | {lm_name} | {r.get('num_fewshot', 0)} | {k} | {v:.4f} | "
+                             f"{'' if se is None or math.isnan(se) else f'{se:.4f}'} | {part['n']} |")
     return "\n".join(lines) + "\n"
 
 

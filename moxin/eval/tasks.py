@@ -23,7 +23,7 @@ from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
-           "eval_config"]
+           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -112,6 +112,26 @@ def _mmlu(doc: dict) -> MCDoc:
     return MCDoc(f"{doc['question'].strip()}{opts}\nAnswer:", ["A", "B", "C", "D"], int(doc["answer"]))
 
 
+_MMLU_GROUPS = {
+    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
+    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+#: lm-eval's ``mmlu`` group: its 57 subjects, each in one of the groups mmlu_stem, mmlu_humanities,
+#: mmlu_social_sciences, mmlu_other (lm_eval/tasks/mmlu/default/_mmlu_*.yaml)
+MMLU_SUBJECTS: dict[str, str] = {subj: group for group, names in _MMLU_GROUPS.items() for subj in names.split()}
+#: The subjects a preset's records may carry, subject -> lm-eval group
+PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
+
 #: lm-eval's doc_to_text / doc_to_choice / doc_to_target of the benchmarks in the Moxin paper, by preset name (where
 #: their records are: moxin.config.TASK_PRESETS)
 PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
@@ -192,6 +212,10 @@ def _subject(task: TaskConfig, rec: dict, where: str) -> str:
     if not isinstance(subj, str) or not subj:
         raise DataError(f"eval task {task.name!r}: {where} has no subject_field {task.subject_field!r} (fields: "
                         f"{sorted(rec)[:20]}); set subject_field or add the field")
+    known = PRESET_SUBJECTS.get(task.preset or "")
+    if known is not None and subj not in known:
+        raise DataError(f"eval task {task.name!r}: {where}: subject {subj!r} is not one of preset {task.preset!r}'s "
+                        f"{len(known)} subjects; fix the record or drop the preset and map the fields")
     return subj
 
 
