@@ -227,7 +227,8 @@ def markdown_table(results: dict) -> str:
     """The results as a markdown table: task, lm-eval task, n-shot, metric, value, stderr, n."""
     lines = ["| task | lm-eval task | n-shot | metric | value | stderr | n |", "|---|---|---:|---|---:|---:|---:|"]
     for name, r in results["tasks"].items():
-        parts = [(r.get("task", name), r)] + [(f"{r.get('task', name)}_{g}", sub) for g, sub in r.get("groups", {}).items()]
+        lm = r.get("task", name)
+        parts = [(lm, r)] + [(f"{lm}_{g}", sub) for g, sub in r.get("groups", {}).items()]
         for lm_name, part in parts:  # MMLU: the group, then lm-eval's subgroups (mmlu_stem ...)
             for k, v in part["metrics"].items():
                 if k.endswith("_stderr"):
