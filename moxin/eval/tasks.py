@@ -240,29 +240,38 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
     return sorted(items, key=lambda it: it.index)
 
 
+def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
+    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
+    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each). The pool is ``fewshot_records`` or,
+    when None, the evaluated records minus the item; ``limit`` cuts the evaluated records only, as lm-eval's."""
+    same_pool = fewshot_records is None
+    pool_recs = records if same_pool else list(fewshot_records)
+    if task.limit is not None:
+        records = records[:task.limit]
+    docs = [to_doc_fn(task, r, f"record {i + 1}") for i, r in enumerate(records)]
+    pool = [to_doc_fn(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)] if task.num_fewshot else []
+    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
+        raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
+                        f"{len(pool)} records")
+    rnd = random.Random(task.fewshot_seed)
+    out = []
+    for i, d in enumerate(docs):
+        prefix = task.description
+        if task.num_fewshot:
+            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
+            prefix += "".join(example_fn(task, pool[j]) + task.fewshot_delimiter for j in drawn)
+        out.append((d, prefix))
+    return out
+
+
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
     """Records -> scored items, with lm-eval's description and the few-shot prefix its sampler would put in front
     (per subject when ``subject_field`` is set)."""
     if task.subject_field:
         return _by_subject(task, records, fewshot_records, build_mc_items)
-    same_pool = fewshot_records is None
-    pool_recs = records if same_pool else list(fewshot_records)  # lm-eval's limit cuts the evaluated docs only
-    if task.limit is not None:
-        records = records[:task.limit]
-    docs = [to_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
-    pool = ([to_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)]
-            if task.num_fewshot else [])
-    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
-        raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
-                        f"{len(pool)} records")
-    rnd = random.Random(task.fewshot_seed)
     items = []
-    for i, d in enumerate(docs):
-        prefix = task.description
-        if task.num_fewshot:
-            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
-            prefix += (task.fewshot_delimiter.join(_fewshot_example(task, pool[j]) for j in drawn)
-                       + task.fewshot_delimiter)
+    for i, (d, prefix) in enumerate(_docs_with_prefix(task, records, fewshot_records, to_doc, _fewshot_example)):
         if isinstance(d.text, int):  # partial evaluation: one continuation after each filled-in context
             contexts = [prefix + c for c in d.choices]
             conts = [task.target_delimiter + str(d.target)] * len(d.choices)
@@ -372,22 +381,7 @@ def build_gen_items(task: TaskConfig, records: list[dict], tokenizer,
     text + target_delimiter + target, drawn as for multiple choice) before the prompt text."""
     if task.subject_field:
         return _by_subject(task, records, fewshot_records, lambda t, r, f: build_gen_items(t, r, tokenizer, f))
-    same_pool = fewshot_records is None
-    pool_recs = records if same_pool else list(fewshot_records)
-    if task.limit is not None:
-        records = records[:task.limit]
-    docs = [_gen_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
-    pool = [_gen_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)] if task.num_fewshot else []
-    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
-        raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
-                        f"{len(pool)} records")
-    rnd = random.Random(task.fewshot_seed)
-    items = []
-    for i, d in enumerate(docs):
-        prefix = task.description
-        if task.num_fewshot:
-            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
-            prefix += task.fewshot_delimiter.join(pool[j].text + task.target_delimiter + pool[j].target
-                                                  for j in drawn) + task.fewshot_delimiter
-        items.append(GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text))
-    return items
+    pairs = _docs_with_prefix(task, records, fewshot_records, _gen_doc,
+                              lambda t, d: d.text + t.target_delimiter + d.target)
+    return [GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text)
+            for i, (d, prefix) in enumerate(pairs)]
