@@ -164,14 +164,19 @@ def _gold_index(task: TaskConfig, rec: dict, choices: list[str], where: str) -> 
     return g
 
 
+def _preset_doc(task: TaskConfig, docs: dict[str, Callable], rec: dict, where: str):
+    """The preset's mapping of one record; a record that does not fit names its fields."""
+    try:
+        return docs[task.preset](rec)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
+                        f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+
+
 def to_doc(task: TaskConfig, rec: dict, where: str) -> MCDoc:
     """A record -> lm-eval's (doc_to_text, doc_to_choice, doc_to_target), by preset or by field mapping."""
     if task.preset:
-        try:
-            return PRESET_DOCS[task.preset](rec)
-        except (KeyError, ValueError, TypeError) as e:
-            raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
-                            f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+        return _preset_doc(task, PRESET_DOCS, rec, where)
     try:
         text = task.text.format(**rec)
     except (KeyError, IndexError) as e:
@@ -361,11 +366,7 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
 
 def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
     if task.preset:
-        try:
-            return GEN_PRESET_DOCS[task.preset](rec)
-        except (KeyError, ValueError, TypeError) as e:
-            raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
-                            f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+        return _preset_doc(task, GEN_PRESET_DOCS, rec, where)
     prob, ans = rec.get(task.problem_field), rec.get(task.answer_field)
     if isinstance(ans, (int, float)) and not isinstance(ans, bool):
         ans = str(ans)
