@@ -63,7 +63,7 @@ def _task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
     fewshot = None
     if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
         fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
-                               None if task.fewshot_path else task.data_files, task.name)
+                               task.data_files, task.name)
     return records, fewshot
 
 
