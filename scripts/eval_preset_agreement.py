@@ -1,0 +1,127 @@
+"""Agreement of moxin's gsm8k and mmlu presets with lm-evaluation-harness's own task configs, on local jsonl copies:
+the prompt of every item (few-shot examples, description, delimiters) and, for gsm8k, lm-eval's filters and
+exact_match on the same completions.
+
+    # an environment with moxin and lm-eval (e.g. python -m venv --system-site-packages on moxin's venv,
+    # pip install lm-eval): no model, no network
+    python scripts/eval_preset_agreement.py
+
+lm-eval's ``gsm8k.yaml`` and ``mmlu/default/_default_template_yaml`` + a subject yaml are read from the installed
+package, their dataset switched to the jsonl files written here (``dataset_path: json``), and built as lm-eval's
+``ConfigurableTask``; its requests' contexts are compared with the text moxin puts after bos, its filter ensembles
+and ``process_results`` applied to completions built to exercise both filters. Exit status 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+import yaml
+
+from moxin.config import EvalConfig
+from moxin.eval.scoring import gsm8k_scores
+from moxin.eval.tasks import _docs_with_prefix, _gen_doc, build_mc_items, load_records
+
+
+def _jsonl(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def _lm_task(cfg: dict):
+    from lm_eval.api.task import ConfigurableTask
+
+    return ConfigurableTask(config=cfg)
+
+
+def _yaml(path: Path) -> dict:
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_multi_constructor("!function", lambda loader, suffix, node: None)  # not needed for these tasks
+    return yaml.load(path.read_text(), Loader=Loader)
+
+
+def check_gsm8k(tmp: Path, tasks_dir: Path) -> int:
+    train = [{"question": f"Sam has {i} pens and finds {i + 2}. How many now?",
+              "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(12)]
+    test = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+            {"question": "What is 10 * 100?", "answer": "10 * 100 = 1000\n#### 1,000"},
+            {"question": "A shop sells 3 pens for $4.50. Price of one?", "answer": "4.50 / 3 = 1.5\n#### 1.5"},
+            {"question": "What is 7 - 10?", "answer": "7 - 10 = -3\n#### -3"}]
+    files = {"train": _jsonl(tmp / "gsm8k_train.jsonl", train), "test": _jsonl(tmp / "gsm8k_test.jsonl", test)}
+    cfg = _yaml(tasks_dir / "gsm8k" / "gsm8k.yaml")
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+    task = _lm_task(cfg)
+    task.set_fewshot_seed(1234)  # what simple_evaluate does (fewshot_random_seed=1234)
+    task.build_all_requests(rank=0, world_size=1)
+    insts = sorted(task.instances, key=lambda x: x.doc_id)
+    ours = EvalConfig(tasks=[{"name": "gsm8k", "preset": "gsm8k", "path": files["test"],
+                              "fewshot_path": files["train"]}]).tasks[0]
+    pairs = _docs_with_prefix(ours, load_records(files["test"]), load_records(files["train"]), _gen_doc,
+                              lambda t, d: d.text + t.target_delimiter + d.target)
+    bad = 0
+    for inst, (doc, prefix) in zip(insts, pairs):
+        if inst.args[0] != prefix + doc.text:
+            bad += 1
+            print(f"gsm8k doc {inst.doc_id}: contexts differ\n--- lm-eval\n{inst.args[0]!r}\n--- moxin\n{prefix + doc.text!r}")
+    completions = [" 2 + 3 = 5\n#### 5", " so 10 * 100 is 1,000 apples.", " one pen costs $1.50.\n#### 1.50",
+                   " 7 - 10 = -3\n#### -3\n\nQuestion: 9\n#### 9"]
+    for inst, comp in zip(insts, completions):
+        inst.resps = [comp.split("Question:")[0]]  # lm-eval's model cuts at `until` before the filters
+    for f in task._filters:
+        f.apply(task.instances)
+    for inst, comp in zip(insts, completions):
+        ref = {f"exact_match,{name}": task.process_results(inst.doc, [inst.filtered_resps[name]])["exact_match"]
+               for name in ("strict-match", "flexible-extract")}
+        mine = gsm8k_scores(comp, inst.doc["answer"])
+        status = "ok" if ref == mine else "DIFF"
+        bad += ref != mine
+        print(f"gsm8k doc {inst.doc_id}: lm-eval {ref} moxin {mine} {status}")
+    print(f"gsm8k: {len(insts)} contexts compared (5-shot), filters on {len(completions)} completions")
+    return bad
+
+
+def check_mmlu(tmp: Path, tasks_dir: Path) -> int:
+    subj = "high_school_physics"
+    rows = [{"question": f" Q{i} about {subj}? ", "subject": subj, "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"],
+             "answer": i % 4} for i in range(8)]
+    files = {"dev": _jsonl(tmp / "mmlu_dev.jsonl", rows[:5]), "test": _jsonl(tmp / "mmlu_test.jsonl", rows[5:])}
+    base = _yaml(tasks_dir / "mmlu" / "default" / "_default_template_yaml")
+    sub = _yaml(tasks_dir / "mmlu" / "default" / f"mmlu_{subj}.yaml")
+    cfg = {**base, **{k: v for k, v in sub.items() if k not in ("include", "tag")}}
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+    cfg.pop("tag", None)
+    task = _lm_task(cfg)
+    task.set_config(key="num_fewshot", value=5)
+    task.build_all_requests(rank=0, world_size=1)
+    ours = EvalConfig(tasks=[{"name": "mmlu", "preset": "mmlu", "path": files["test"], "fewshot_path": files["dev"],
+                              "num_fewshot": 5}]).tasks[0]
+    items = build_mc_items(ours, load_records(files["test"]), load_records(files["dev"]))
+    bad = 0
+    for inst in task.instances:
+        it = items[inst.doc_id]
+        mine = (it.contexts[inst.idx], it.continuations[inst.idx])
+        if tuple(inst.args) != mine:
+            bad += 1
+            print(f"mmlu doc {inst.doc_id} option {inst.idx}: differ\n--- lm-eval\n{inst.args!r}\n--- moxin\n{mine!r}")
+    print(f"mmlu_{subj}: {len(task.instances)} requests compared (5-shot)")
+    return bad
+
+
+def main() -> int:
+    import lm_eval
+
+    tasks_dir = Path(lm_eval.__file__).parent / "tasks"
+    print(f"lm-eval {getattr(lm_eval, '__version__', '?')} at {tasks_dir}")
+    with tempfile.TemporaryDirectory() as d:
+        bad = check_gsm8k(Path(d), tasks_dir) + check_mmlu(Path(d), tasks_dir)
+    print("agreement: all equal" if not bad else f"agreement: {bad} differences")
+    return int(bad > 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
