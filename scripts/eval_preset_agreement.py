@@ -67,7 +67,8 @@ def check_gsm8k(tmp: Path, tasks_dir: Path) -> int:
     for inst, (doc, prefix) in zip(insts, pairs):
         if inst.args[0] != prefix + doc.text:
             bad += 1
-            print(f"gsm8k doc {inst.doc_id}: contexts differ\n--- lm-eval\n{inst.args[0]!r}\n--- moxin\n{prefix + doc.text!r}")
+            print(f"gsm8k doc {inst.doc_id}: contexts differ\n--- lm-eval\n{inst.args[0]!r}\n"
+                  f"--- moxin\n{prefix + doc.text!r}")
     completions = [" 2 + 3 = 5\n#### 5", " so 10 * 100 is 1,000 apples.", " one pen costs $1.50.\n#### 1.50",
                    " 7 - 10 = -3\n#### -3\n\nQuestion: 9\n#### 9"]
     for inst, comp in zip(insts, completions):
