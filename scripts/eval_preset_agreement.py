@@ -19,8 +19,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import yaml
-
 from moxin.config import EvalConfig
 from moxin.eval.scoring import gsm8k_scores
 from moxin.eval.tasks import _docs_with_prefix, _gen_doc, build_mc_items, load_records
@@ -38,11 +36,60 @@ def _lm_task(cfg: dict):
 
 
 def _yaml(path: Path) -> dict:
-    class Loader(yaml.SafeLoader):
-        pass
+    """lm-eval's own loader: ``include`` merged, ``!function`` resolved."""
+    from lm_eval.utils import load_yaml_config
 
-    Loader.add_multi_constructor("!function", lambda loader, suffix, node: None)  # not needed for these tasks
-    return yaml.load(path.read_text(), Loader=Loader)
+    return load_yaml_config(str(path), mode="full")
+
+
+def _requests_agree(name: str, cfg: dict, files: dict, num_fewshot: int, ours_task: dict, eval_split: str) -> int:
+    """lm-eval's (context, continuation) requests of ``cfg`` over ``files`` against moxin's items of ``ours_task``."""
+    cfg = {k: v for k, v in cfg.items() if k not in ("tag", "group", "include")}
+    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
+    task = _lm_task(cfg)
+    task.set_config(key="num_fewshot", value=num_fewshot)
+    task.set_fewshot_seed(1234)
+    task.build_all_requests(rank=0, world_size=1)
+    ours = EvalConfig(tasks=[{**ours_task, "path": files[eval_split], "fewshot_path": files["train"],
+                              "num_fewshot": num_fewshot}]).tasks[0]
+    items = build_mc_items(ours, load_records(files[eval_split]), load_records(files["train"]))
+    bad = 0
+    for inst in task.instances:
+        it = items[inst.doc_id]
+        mine = (it.contexts[inst.idx], it.continuations[inst.idx])
+        if tuple(inst.args) != mine:
+            bad += 1
+            print(f"{name} doc {inst.doc_id} option {inst.idx}: differ\n--- lm-eval\n{inst.args!r}\n"
+                  f"--- moxin\n{mine!r}")
+    print(f"{name}: {len(task.instances)} requests compared ({num_fewshot}-shot)")
+    return bad
+
+
+def check_base_table(tmp: Path, tasks_dir: Path) -> int:
+    """ARC-C 25-shot, HellaSwag 10-shot, Winogrande 5-shot (the paper's few-shot columns), PIQA few-shot."""
+    arc = [{"id": f"q{i}", "question": f"Which item {i} conducts heat?",
+            "choices": {"text": [f"wood {i}", f"iron {i}", f"glass {i}", f"cloth {i}"][: 3 + i % 2],
+                        "label": ["A", "B", "C", "D"][: 3 + i % 2] if i % 3 else ["1", "2", "3", "4"][: 3 + i % 2]},
+            "answerKey": "B" if i % 3 else "2"} for i in range(30)]
+    hs = [{"ind": i, "activity_label": f"Sport {i}", "ctx_a": f"A man walks to the field {i}.",
+           "ctx_b": "he picks up a ball", "ctx": "", "source_id": "x", "split": "train", "split_type": "indomain",
+           "endings": [f"and throws it [title] far {i}.", "and sits.", "then  runs.", "and waits."],
+           "label": str(i % 4)} for i in range(14)]
+    wg = [{"sentence": f"The trophy {i} did not fit in the case because _ was too big.", "option1": "the trophy",
+           "option2": "the case", "answer": str(1 + i % 2)} for i in range(9)]
+    piqa = [{"goal": f"Keep bread {i} fresh", "sol1": f"Seal it in a bag {i}.", "sol2": "Leave it open.",
+             "label": i % 2} for i in range(12)]
+    bad = 0
+    cases = (("piqa", piqa, 5, "piqa/piqa.yaml", "validation"),
+             ("arc_challenge", arc, 25, "arc/arc_challenge.yaml", "test"),
+             ("hellaswag", hs, 10, "hellaswag/hellaswag.yaml", "validation"),
+             ("winogrande", wg, 5, "winogrande/default.yaml", "validation"))
+    for name, rows, shots, path, split in cases:
+        n_eval = 3
+        files = {"train": _jsonl(tmp / f"{name}_train.jsonl", rows[n_eval:]),
+                 split: _jsonl(tmp / f"{name}_{split}.jsonl", rows[:n_eval])}
+        bad += _requests_agree(name, _yaml(tasks_dir / path), files, shots, {"name": name, "preset": name}, split)
+    return bad
 
 
 def check_gsm8k(tmp: Path, tasks_dir: Path) -> int:
@@ -91,9 +138,7 @@ def check_mmlu(tmp: Path, tasks_dir: Path) -> int:
     rows = [{"question": f" Q{i} about {subj}? ", "subject": subj, "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"],
              "answer": i % 4} for i in range(8)]
     files = {"dev": _jsonl(tmp / "mmlu_dev.jsonl", rows[:5]), "test": _jsonl(tmp / "mmlu_test.jsonl", rows[5:])}
-    base = _yaml(tasks_dir / "mmlu" / "default" / "_default_template_yaml")
-    sub = _yaml(tasks_dir / "mmlu" / "default" / f"mmlu_{subj}.yaml")
-    cfg = {**base, **{k: v for k, v in sub.items() if k not in ("include", "tag")}}
+    cfg = {k: v for k, v in _yaml(tasks_dir / "mmlu" / "default" / f"mmlu_{subj}.yaml").items() if k != "tag"}
     cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
     cfg.pop("tag", None)
     task = _lm_task(cfg)
@@ -119,7 +164,7 @@ def main() -> int:
     tasks_dir = Path(lm_eval.__file__).parent / "tasks"
     print(f"lm-eval {getattr(lm_eval, '__version__', '?')} at {tasks_dir}")
     with tempfile.TemporaryDirectory() as d:
-        bad = check_gsm8k(Path(d), tasks_dir) + check_mmlu(Path(d), tasks_dir)
+        bad = check_gsm8k(Path(d), tasks_dir) + check_mmlu(Path(d), tasks_dir) + check_base_table(Path(d), tasks_dir)
     print("agreement: all equal" if not bad else f"agreement: {bad} differences")
     return int(bad > 0)
 

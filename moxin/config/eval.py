@@ -48,9 +48,11 @@ _CODE = dict(verifier="humaneval", chat=False, instruction="", until=_HUMANEVAL_
 TASK_PRESETS: dict[str, TaskPreset] = {
     "arc_easy": TaskPreset("allenai/ai2_arc", "test", "ARC-Easy", "train"),
     "arc_challenge": TaskPreset("allenai/ai2_arc", "test", "ARC-Challenge", "train"),
-    "hellaswag": TaskPreset("Rowan/hellaswag", "validation", None, "train"),
-    "piqa": TaskPreset("baber/piqa", "validation", None, "train"),
-    "winogrande": TaskPreset("allenai/winogrande", "validation", "winogrande_xl", "train"),
+    # no fewshot_split and no test_split in lm-eval's yaml: its sampler draws one example more (fewshot_extra_draw)
+    "hellaswag": TaskPreset("Rowan/hellaswag", "validation", None, "train", defaults=dict(fewshot_extra_draw=True)),
+    "piqa": TaskPreset("baber/piqa", "validation", None, "train", defaults=dict(fewshot_extra_draw=True)),
+    "winogrande": TaskPreset("allenai/winogrande", "validation", "winogrande_xl", "train",
+                             defaults=dict(fewshot_extra_draw=True)),
     # lm-eval's `mmlu` group: 57 subject tasks over cais/mmlu (lm-eval reads hails/mmlu_no_train, the same records
     # without auxiliary_train); the "all" config holds every subject with its `subject` field; few-shot: the
     # subject's dev split, first n (fewshot_config sampler: first_n); each subject's description line
@@ -108,6 +110,11 @@ class TaskConfig:
     """Local file of few-shot examples; None: ``path`` with ``fewshot_split``, or the evaluated records."""
     fewshot_seed: int = 1234
     fewshot_sampler: FewshotSampler = FewshotSampler.default
+    fewshot_extra_draw: bool | None = None
+    """Draw ``num_fewshot + 1`` examples per item and drop the item, keeping the first ``num_fewshot``. lm-eval does
+    so whenever its task's fewshot_split equals its test_split, which includes tasks with neither (hellaswag, piqa,
+    winogrande: validation evaluated, shots from train), so the draws of later items depend on it. None: only
+    when the few-shot pool is the evaluated records."""
     subject_field: str | None = None
     """Records are grouped by this field (MMLU's ``subject``): few-shot examples come from the same subject, each
     subject's sampler is seeded alone (lm-eval runs one task per subject), and per-subject scores are reported."""

@@ -204,12 +204,16 @@ def _fewshot_draw(task: TaskConfig, rnd: random.Random, pool_recs: list[dict], r
     others = [j for j in range(len(pool_recs)) if not same_pool or pool_recs[j] != rec]
     if task.fewshot_sampler == FewshotSampler.first_n:
         return others[:n]
-    if same_pool:  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
+    if _extra_draw(task, same_pool):  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
         drawn = [j for j in rnd.sample(range(len(pool_recs)), n + 1) if pool_recs[j] != rec][:n]
         if len(drawn) < n:  # the item occurs more than once in the pool
             drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
         return drawn
     return rnd.sample(range(len(pool_recs)), n)
+
+
+def _extra_draw(task: TaskConfig, same_pool: bool) -> bool:
+    return same_pool if task.fewshot_extra_draw is None else task.fewshot_extra_draw
 
 
 def _subject(task: TaskConfig, rec: dict, where: str) -> str:
@@ -256,7 +260,7 @@ def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: li
         records = records[:task.limit]
     docs = [to_doc_fn(task, r, f"record {i + 1}") for i, r in enumerate(records)]
     pool = [to_doc_fn(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)] if task.num_fewshot else []
-    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
+    if task.num_fewshot and len(pool) < task.num_fewshot + _extra_draw(task, same_pool):
         raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
                         f"{len(pool)} records")
     rnd = random.Random(task.fewshot_seed)
