@@ -190,3 +190,23 @@ def test_every_eval_config_composes_and_its_tasks_resolve(name):
             assert "${" not in t.path, (name, t.name)
         if t.kind == TaskKind.generation:
             assert t.verifier in VERIFIERS
+
+
+def test_hellaswag_style_presets_draw_one_few_shot_example_more_like_lm_eval():
+    """lm-eval draws num_fewshot + 1 from the train pool when its task has neither fewshot_split nor test_split
+    (scripts/eval_preset_agreement.py compares with lm-eval itself): the n kept are the first n of each n + 1 draw."""
+    import random
+
+    from moxin.eval.tasks import build_mc_items
+
+    rows = [{"sentence": f"Box {i} is heavier than _ so.", "option1": "the cup", "option2": "the pen",
+             "answer": str(1 + i % 2)} for i in range(12)]
+    task = eval_config({"tasks": [{"name": "w", "preset": "winogrande", "path": "x.jsonl", "num_fewshot": 3}]}).tasks[0]
+    assert task.fewshot_extra_draw is True
+    items = build_mc_items(task, rows[:4], rows[4:])
+    rnd = random.Random(1234)
+    for it in items:
+        drawn = rnd.sample(range(8), 4)[:3]
+        shots = "".join(rows[4 + j]["sentence"].replace("_", rows[4 + j]["option" + rows[4 + j]["answer"]]) + "\n\n"
+                        for j in drawn)
+        assert it.contexts[0].startswith(shots)
