@@ -158,6 +158,33 @@ def check_mmlu(tmp: Path, tasks_dir: Path) -> int:
     return bad
 
 
+def check_truthfulqa(tmp: Path, tasks_dir: Path) -> int:
+    """truthfulqa_mc1 / mc2 requests, and mc2's score on the same log-likelihoods."""
+    import random
+
+    from lm_eval.tasks.truthfulqa.utils import process_results_mc2
+
+    from moxin.eval.runner import _mc2
+
+    rows = [{"question": f"Do bats {i} see?", "mc1_targets": {"choices": [f"Yes {i}.", "No.", "Never."],
+                                                              "labels": [1, 0, 0]},
+             "mc2_targets": {"choices": [f"Yes {i}.", "They do.", "No.", "Never."], "labels": [1, 1, 0, 0]}}
+            for i in range(3)]
+    files = {"validation": _jsonl(tmp / "tqa.jsonl", rows), "train": _jsonl(tmp / "tqa_train.jsonl", rows)}
+    bad = 0
+    for name in ("truthfulqa_mc1", "truthfulqa_mc2"):
+        bad += _requests_agree(name, _yaml(tasks_dir / "truthfulqa" / f"{name}.yaml"), files, 0,
+                               {"name": name, "preset": name}, "validation")
+    rnd = random.Random(0)
+    for doc in rows:
+        lls = [rnd.uniform(-30, -1) for _ in range(4)]
+        ref = float(process_results_mc2(doc, [(x, False) for x in lls])["acc"])
+        mine = _mc2(lls, doc["mc2_targets"]["labels"])
+        bad += abs(ref - mine) > 1e-12
+        print(f"truthfulqa_mc2 score: lm-eval {ref:.12f} moxin {mine:.12f}")
+    return bad
+
+
 def main() -> int:
     import lm_eval
 
@@ -165,6 +192,7 @@ def main() -> int:
     print(f"lm-eval {getattr(lm_eval, '__version__', '?')} at {tasks_dir}")
     with tempfile.TemporaryDirectory() as d:
         bad = check_gsm8k(Path(d), tasks_dir) + check_mmlu(Path(d), tasks_dir) + check_base_table(Path(d), tasks_dir)
+        bad += check_truthfulqa(Path(d), tasks_dir)
     print("agreement: all equal" if not bad else f"agreement: {bad} differences")
     return int(bad > 0)
 

@@ -210,3 +210,24 @@ def test_hellaswag_style_presets_draw_one_few_shot_example_more_like_lm_eval():
         shots = "".join(rows[4 + j]["sentence"].replace("_", rows[4 + j]["option" + rows[4 + j]["answer"]]) + "\n\n"
                         for j in drawn)
         assert it.contexts[0].startswith(shots)
+
+
+def test_truthfulqa_mc2_scores_the_true_options_probability_share(tmp_path, model, tok):
+    """lm-eval truthfulqa_mc2: the fixed six-QA prompt, then the question; acc is the normalised probability of the
+    options labelled 1, from the recorded log-likelihoods (scripts/eval_preset_agreement.py checks lm-eval's)."""
+    import math
+
+    rows = [{"question": f"Do bats {i} see?", "mc1_targets": {"choices": ["Yes.", "No."], "labels": [1, 0]},
+             "mc2_targets": {"choices": [f"Yes {i}.", "They do.", "No."], "labels": [1, 1, 0]}} for i in range(2)]
+    _jsonl(tmp_path / "truthfulqa_mc2" / "validation.jsonl", rows)
+    res = evaluate(model, tok, {"tasks": [{"name": "tqa", "preset": "truthfulqa_mc2"}], "local_dir": str(tmp_path)})
+    r = res["tasks"]["tqa"]
+    assert set(r["metrics"]) == {"acc", "acc_stderr"}
+    for x in r["items"]:
+        p = [math.exp(v) for v in x["loglik"]]
+        assert x["acc"] == pytest.approx((p[0] + p[1]) / sum(p), rel=1e-9)
+    from moxin.eval.tasks import build_mc_items, load_records
+
+    task = eval_config({"tasks": [{"name": "tqa", "preset": "truthfulqa_mc2", "path": "x"}]}).tasks[0]
+    ctx = build_mc_items(task, load_records(str(tmp_path / "truthfulqa_mc2" / "validation.jsonl")))[0].contexts[0]
+    assert ctx.startswith("Q: What is human life expectancy") and ctx.endswith("\n\nQ: Do bats 0 see?\nA:")

@@ -53,6 +53,9 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     "piqa": TaskPreset("baber/piqa", "validation", None, "train", defaults=dict(fewshot_extra_draw=True)),
     "winogrande": TaskPreset("allenai/winogrande", "validation", "winogrande_xl", "train",
                              defaults=dict(fewshot_extra_draw=True)),
+    # lm-eval truthfulqa_mc1 / truthfulqa_mc2 (0-shot; the fixed six-QA prompt is part of each item's text)
+    "truthfulqa_mc1": TaskPreset("truthfulqa/truthful_qa", "validation", "multiple_choice"),
+    "truthfulqa_mc2": TaskPreset("truthfulqa/truthful_qa", "validation", "multiple_choice"),
     # lm-eval's `mmlu` group: 57 subject tasks over cais/mmlu (lm-eval reads hails/mmlu_no_train, the same records
     # without auxiliary_train); the "all" config holds every subject with its `subject` field; few-shot: the
     # subject's dev split, first n (fewshot_config sampler: first_n); each subject's description line

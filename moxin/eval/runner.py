@@ -83,13 +83,17 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
         s += n
         pred = _argmax(lls)
         pred_norm = _argmax([ll / ln for ll, ln in zip(lls, it.norm_lengths)])
+        acc = float(pred == it.gold) if it.labels is None else _mc2(lls, it.labels)
         out.append({"index": it.index, "gold": it.gold, "loglik": lls, "pred": pred, "pred_norm": pred_norm,
-                    "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold),
+                    "acc": acc, "acc_norm": float(pred_norm == it.gold),
                     "is_greedy": [r.is_greedy for r in res[s - n:s]]} | ({"subject": it.subject} if it.subject else {}))
     out = sorted(_gather(out), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
+    metrics = _mc_metrics(out)
+    if items and items[0].labels is not None:  # TruthfulQA MC2 reports its probability mass as acc only
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("acc_norm")}
     res = {"kind": task.kind.value, "n": len(out), "num_fewshot": task.num_fewshot, "seconds": seconds,
-           "items_per_s": len(out) / max(seconds, 1e-9), "metrics": _mc_metrics(out), "items": out}
+           "items_per_s": len(out) / max(seconds, 1e-9), "metrics": metrics, "items": out}
     if task.subject_field:  # lm-eval's group score is the size-weighted mean of its subjects: the mean over items
         subjects = sorted({r["subject"] for r in out})
         res["subjects"] = {s_: {"n": sum(r["subject"] == s_ for r in out),
@@ -101,6 +105,13 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
                                  "metrics": _mc_metrics([r for r in out if group_of[r["subject"]] == g])}
                              for g in groups}
     return res
+
+
+def _mc2(lls: list[float], labels: list[int]) -> float:
+    """lm-eval truthfulqa_mc2: the true options' share of the options' probabilities (normalised stably)."""
+    top = max(lls)
+    probs = [math.exp(x - top) for x in lls]
+    return sum(p for p, lab in zip(probs, labels) if lab == 1) / sum(probs)
 
 
 def _mc_metrics(out: list[dict]) -> dict:
