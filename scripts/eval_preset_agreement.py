@@ -1,15 +1,17 @@
-"""Agreement of moxin's gsm8k and mmlu presets with lm-evaluation-harness's own task configs, on local jsonl copies:
-the prompt of every item (few-shot examples, description, delimiters) and, for gsm8k, lm-eval's filters and
-exact_match on the same completions.
+"""Agreement of moxin's presets with lm-evaluation-harness's own task configs, on local jsonl copies: every request
+(few-shot examples, description, delimiters, continuations) of gsm8k, mmlu (one subject), piqa, arc_challenge,
+hellaswag, winogrande, truthfulqa_mc1 and truthfulqa_mc2 at the paper's few-shot counts; gsm8k's filters and
+exact_match on the same completions; truthfulqa_mc2's score on the same log-likelihoods.
 
-    # an environment with moxin and lm-eval (e.g. python -m venv --system-site-packages on moxin's venv,
-    # pip install lm-eval): no model, no network
-    python scripts/eval_preset_agreement.py
+    # an environment with moxin and lm-eval (no model, no network), e.g.
+    #   python -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install lm-eval==0.4.9.1
+    PYTHONPATH=$PWD:/path/to/moxin/.venv/lib/python3.11/site-packages /tmp/lmeval-venv/bin/python \
+        scripts/eval_preset_agreement.py
 
-lm-eval's ``gsm8k.yaml`` and ``mmlu/default/_default_template_yaml`` + a subject yaml are read from the installed
-package, their dataset switched to the jsonl files written here (``dataset_path: json``), and built as lm-eval's
-``ConfigurableTask``; its requests' contexts are compared with the text moxin puts after bos, its filter ensembles
-and ``process_results`` applied to completions built to exercise both filters. Exit status 1 on any difference.
+lm-eval's task yamls are read from the installed package with its own loader (``include`` and ``!function``
+resolved), their dataset switched to jsonl files written here (``dataset_path: json``), built as lm-eval's
+``ConfigurableTask`` with the few-shot seed ``simple_evaluate`` sets (1234), and compared with moxin's items.
+Exit status 1 on any difference.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ def _yaml(path: Path) -> dict:
     return load_yaml_config(str(path), mode="full")
 
 
-def _requests_agree(name: str, cfg: dict, files: dict, num_fewshot: int, ours_task: dict, eval_split: str) -> int:
+def _requests_agree(name: str, cfg: dict, files: dict, num_fewshot: int, ours_task: dict, eval_split: str,
+                    shots_split: str = "train") -> int:
     """lm-eval's (context, continuation) requests of ``cfg`` over ``files`` against moxin's items of ``ours_task``."""
     cfg = {k: v for k, v in cfg.items() if k not in ("tag", "group", "include")}
     cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
@@ -50,9 +53,9 @@ def _requests_agree(name: str, cfg: dict, files: dict, num_fewshot: int, ours_ta
     task.set_config(key="num_fewshot", value=num_fewshot)
     task.set_fewshot_seed(1234)
     task.build_all_requests(rank=0, world_size=1)
-    ours = EvalConfig(tasks=[{**ours_task, "path": files[eval_split], "fewshot_path": files["train"],
+    ours = EvalConfig(tasks=[{**ours_task, "path": files[eval_split], "fewshot_path": files[shots_split],
                               "num_fewshot": num_fewshot}]).tasks[0]
-    items = build_mc_items(ours, load_records(files[eval_split]), load_records(files["train"]))
+    items = build_mc_items(ours, load_records(files[eval_split]), load_records(files[shots_split]))
     bad = 0
     for inst in task.instances:
         it = items[inst.doc_id]
@@ -138,24 +141,8 @@ def check_mmlu(tmp: Path, tasks_dir: Path) -> int:
     rows = [{"question": f" Q{i} about {subj}? ", "subject": subj, "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"],
              "answer": i % 4} for i in range(8)]
     files = {"dev": _jsonl(tmp / "mmlu_dev.jsonl", rows[:5]), "test": _jsonl(tmp / "mmlu_test.jsonl", rows[5:])}
-    cfg = {k: v for k, v in _yaml(tasks_dir / "mmlu" / "default" / f"mmlu_{subj}.yaml").items() if k != "tag"}
-    cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
-    cfg.pop("tag", None)
-    task = _lm_task(cfg)
-    task.set_config(key="num_fewshot", value=5)
-    task.build_all_requests(rank=0, world_size=1)
-    ours = EvalConfig(tasks=[{"name": "mmlu", "preset": "mmlu", "path": files["test"], "fewshot_path": files["dev"],
-                              "num_fewshot": 5}]).tasks[0]
-    items = build_mc_items(ours, load_records(files["test"]), load_records(files["dev"]))
-    bad = 0
-    for inst in task.instances:
-        it = items[inst.doc_id]
-        mine = (it.contexts[inst.idx], it.continuations[inst.idx])
-        if tuple(inst.args) != mine:
-            bad += 1
-            print(f"mmlu doc {inst.doc_id} option {inst.idx}: differ\n--- lm-eval\n{inst.args!r}\n--- moxin\n{mine!r}")
-    print(f"mmlu_{subj}: {len(task.instances)} requests compared (5-shot)")
-    return bad
+    return _requests_agree(f"mmlu_{subj}", _yaml(tasks_dir / "mmlu" / "default" / f"mmlu_{subj}.yaml"), files, 5,
+                           {"name": "mmlu", "preset": "mmlu"}, "test", shots_split="dev")
 
 
 def check_truthfulqa(tmp: Path, tasks_dir: Path) -> int:
