@@ -18,9 +18,10 @@ def test_config_imports_nothing_of_moxin_outside_itself():
 
 
 def test_every_task_preset_has_its_record_mapping():
-    from moxin.eval.tasks import PRESET_DOCS
+    from moxin.eval.tasks import GEN_PRESET_DOCS, PRESET_DOCS
 
-    assert set(TASK_PRESETS) == set(PRESET_DOCS)
+    assert set(TASK_PRESETS) == set(PRESET_DOCS) | set(GEN_PRESET_DOCS)
+    assert not set(PRESET_DOCS) & set(GEN_PRESET_DOCS)
 
 
 def test_trainer_config_names_the_key_type_and_range():

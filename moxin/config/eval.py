@@ -6,6 +6,7 @@ The verifier a generation task names is checked against the verifier registry by
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -18,21 +19,62 @@ __all__ = ["EvalConfig", "TaskConfig", "TaskPreset", "TASK_PRESETS", "task_from_
 
 @dataclass(frozen=True)
 class TaskPreset:
-    """Where a public benchmark's records are, as lm-eval names them (moxin/eval/tasks.py maps the records)."""
+    """Where a public benchmark's records are (hub name, as its reference evaluation reads them, and the file name of
+    a local copy under a task's ``local_dir``) and the reference's task settings (``defaults``: TaskConfig fields a
+    task that names the preset gets unless it sets them). moxin/eval/tasks.py maps the records."""
 
     path: str
     split: str
     hub_config: str | None = None
     fewshot_split: str | None = None
+    kind: TaskKind = TaskKind.multiple_choice
+    local: str = ""
+    """Local copy, relative to ``local_dir``: ``<preset>/<split>.jsonl`` unless given."""
+    defaults: dict = field(default_factory=dict)
 
 
-#: lm-eval's datasets of the benchmarks in the Moxin paper
+# lm-eval's generate_until stop strings (kept equal to moxin.eval.scoring's GSM8K_UNTIL / HUMANEVAL_UNTIL by a test)
+_GSM8K_UNTIL = ["Question:", "</s>", "<|im_end|>"]
+_HUMANEVAL_UNTIL = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
+# Qwen2.5-Math evaluation's "qwen25-math-cot" prompt: this system message, the problem as the user turn
+_QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
+_QWEN_MATH = dict(verifier="qwen_math", chat=True, system=_QWEN_MATH_SYSTEM, instruction="", max_new_tokens=4096)
+_CODE = dict(verifier="humaneval", chat=False, instruction="", until=_HUMANEVAL_UNTIL, max_new_tokens=1024,
+             verifier_timeout_s=20.0)  # above the sandbox's 4 s wall limit plus a child's start-up
+
+#: The benchmarks of the Moxin paper's tables, as their reference evaluations read them: lm-evaluation-harness's
+#: task (dataset, splits, few-shot split and sampler, description) for the base and instruct suites, Qwen2.5-Math's
+#: evaluation data (the copies on the hub under math-ai/) for the reasoning suite. Sources: docs/recipe.md.
 TASK_PRESETS: dict[str, TaskPreset] = {
     "arc_easy": TaskPreset("allenai/ai2_arc", "test", "ARC-Easy", "train"),
     "arc_challenge": TaskPreset("allenai/ai2_arc", "test", "ARC-Challenge", "train"),
-    "hellaswag": TaskPreset("Rowan/hellaswag", "validation", None, "train"),
-    "piqa": TaskPreset("baber/piqa", "validation", None, "train"),
-    "winogrande": TaskPreset("allenai/winogrande", "validation", "winogrande_xl", "train"),
+    # no fewshot_split and no test_split in lm-eval's yaml: its sampler draws one example more (fewshot_extra_draw)
+    "hellaswag": TaskPreset("Rowan/hellaswag", "validation", None, "train", defaults=dict(fewshot_extra_draw=True)),
+    "piqa": TaskPreset("baber/piqa", "validation", None, "train", defaults=dict(fewshot_extra_draw=True)),
+    "winogrande": TaskPreset("allenai/winogrande", "validation", "winogrande_xl", "train",
+                             defaults=dict(fewshot_extra_draw=True)),
+    # lm-eval truthfulqa_mc1 / truthfulqa_mc2 (0-shot; the fixed six-QA prompt is part of each item's text)
+    "truthfulqa_mc1": TaskPreset("truthfulqa/truthful_qa", "validation", "multiple_choice"),
+    "truthfulqa_mc2": TaskPreset("truthfulqa/truthful_qa", "validation", "multiple_choice"),
+    # lm-eval's `mmlu` group: 57 subject tasks over cais/mmlu (lm-eval reads hails/mmlu_no_train, the same records
+    # without auxiliary_train); the "all" config holds every subject with its `subject` field; few-shot: the
+    # subject's dev split, first n (fewshot_config sampler: first_n); each subject's description line
+    "mmlu": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
+        subject_field="subject", fewshot_sampler="first_n",
+        description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
+    # lm-eval gsm8k.yaml 3.0: 5-shot "Question: ...\nAnswer:" from train (seeded sampler), greedy, until, 256 tokens,
+    # exact_match under the strict-match and flexible-extract filters
+    "gsm8k": TaskPreset("openai/gsm8k", "test", "main", "train", TaskKind.generation, defaults=dict(
+        verifier="gsm8k", chat=False, instruction="", num_fewshot=5, until=_GSM8K_UNTIL, max_new_tokens=256,
+        metric="exact_match", verifier_variants={"strict-match": {"filter_name": "strict-match"},
+                                                 "flexible-extract": {"filter_name": "flexible-extract"}})),
+    "math500": TaskPreset("HuggingFaceH4/MATH-500", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    "minerva_math": TaskPreset("math-ai/minervamath", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    "amc23": TaskPreset("math-ai/amc23", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    "olympiadbench": TaskPreset("math-ai/olympiadbench", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    # lm-eval humaneval.yaml (0-shot, greedy, the prompt as plain text); HumanEval+ is evalplus's release
+    "humaneval": TaskPreset("openai/openai_humaneval", "test", kind=TaskKind.generation, defaults=_CODE),
+    "humaneval_plus": TaskPreset("evalplus/humanevalplus", "test", kind=TaskKind.generation, defaults=_CODE),
 }
 
 
@@ -48,7 +90,11 @@ class TaskConfig:
     hub_config: str | None = None
     data_files: Any = None
     preset: str | None = None
-    """A built-in record mapping for a public benchmark (see ``TASK_PRESETS``); sets path/split/config if unset."""
+    """A public benchmark (see ``TASK_PRESETS``): its record mapping, path/split/config if unset, and its reference
+    settings (few-shot count, verifier, stop strings ...) for the keys the task does not set (``task_from_any``)."""
+    local_dir: str | None = None
+    """With a preset: read ``<local_dir>/<preset>/<split>.jsonl`` (and the few-shot split's file) instead of the hub,
+    for offline machines (write the copies with ``datasets``' ``to_json``)."""
     limit: int | None = None
     """Evaluate the first ``limit`` records only (after any preset filtering)."""
     # ---- multiple choice (lm-eval's names)
@@ -67,12 +113,31 @@ class TaskConfig:
     """Local file of few-shot examples; None: ``path`` with ``fewshot_split``, or the evaluated records."""
     fewshot_seed: int = 1234
     fewshot_sampler: FewshotSampler = FewshotSampler.default
+    fewshot_extra_draw: bool | None = None
+    """Draw ``num_fewshot + 1`` examples per item and drop the item, keeping the first ``num_fewshot``. lm-eval does
+    so whenever its task's fewshot_split equals its test_split, which includes tasks with neither (hellaswag, piqa,
+    winogrande: validation evaluated, shots from train), so the draws of later items depend on it. None: only
+    when the few-shot pool is the evaluated records."""
+    subject_field: str | None = None
+    """Records are grouped by this field (MMLU's ``subject``): few-shot examples come from the same subject, each
+    subject's sampler is seeded alone (lm-eval runs one task per subject), and per-subject scores are reported."""
+    description: str = ""
+    """lm-eval's description, put before the few-shot examples; ``{subject}`` is the subject, ``_`` as spaces."""
     # ---- generation
     problem_field: str = "problem"
     answer_field: str = "answer"
     verifier: str = "math"
     """moxin.rewards.get_verifier name: math (math-verify equality), exact ("Answer: N"), format."""
     verifier_kwargs: dict = field(default_factory=dict)
+    verifier_variants: dict = field(default_factory=dict)
+    """Name -> verifier kwargs: the same completions scored once per variant, reported as ``<metric>,<name>``
+    (lm-eval's filters: gsm8k's ``exact_match,strict-match`` and ``exact_match,flexible-extract``)."""
+    metric: str = "pass@1"
+    """Name of the greedy score (lm-eval's metric name for its tasks: ``exact_match`` for gsm8k)."""
+    until: list[str] = field(default_factory=list)
+    """Stop strings: a completion is cut before the first one (lm-eval's generate_until ``until``)."""
+    verifier_timeout_s: float | None = None
+    """Per-item verifier deadline for this task (None: ``eval.verifier_timeout_s``); code runs need more."""
     instruction: str | None = None
     """Appended to the problem after a blank line; None: the verifier's default (the GRPO prompts' form)."""
     system: str | None = None
@@ -104,18 +169,23 @@ class TaskConfig:
                 raise EvalConfigError(f"eval task {self.name!r}: unknown preset {self.preset!r}; known: "
                                       f"{sorted(TASK_PRESETS)} (or map fields with text/choices_field/gold_field)")
             p = TASK_PRESETS[self.preset]
-            if self.path is None:
+            if self.path is None and self.local_dir:
+                self.path = f"{self.local_dir}/{p.local or f'{self.preset}/{p.split}.jsonl'}"
+                if self.fewshot_path is None and p.fewshot_split:
+                    self.fewshot_path = f"{self.local_dir}/{self.preset}/{p.fewshot_split}.jsonl"
+            elif self.path is None:
                 self.path, self.hub_config = p.path, p.hub_config
                 self.split = p.split
                 if self.fewshot_split is None:
                     self.fewshot_split = p.fewshot_split
-            self.kind = TaskKind.multiple_choice
+            self.kind = p.kind
         if not self.path:
             raise EvalConfigError(f"eval task {self.name!r}: no path; give a local jsonl/parquet file or a hub "
                                   "dataset name (or a preset)")
         if self.num_fewshot < 0:
             raise EvalConfigError(f"eval task {self.name!r}: num_fewshot={self.num_fewshot} must be >= 0")
         self.k = sorted({int(x) for x in self.k})
+        self.until = [str(u) for u in self.until]
         if self.kind == TaskKind.generation:
             if not self.greedy and self.samples <= 0:
                 raise EvalConfigError(f"eval task {self.name!r}: greedy=false and samples=0 generate nothing; "
@@ -130,8 +200,9 @@ class TaskConfig:
                 raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
 
 
-def task_from_any(obj: Any) -> TaskConfig:
-    """A TaskConfig from a dict / DictConfig (Hydra), naming unknown keys."""
+def task_from_any(obj: Any, local_dir: str | None = None) -> TaskConfig:
+    """A TaskConfig from a dict / DictConfig (Hydra), naming unknown keys; a preset's reference settings fill the
+    keys it does not give, and ``local_dir`` (``eval.local_dir``) those of a preset task that gives none."""
     if isinstance(obj, TaskConfig):
         return obj
     obj = plain(obj)
@@ -141,7 +212,10 @@ def task_from_any(obj: Any) -> TaskConfig:
     unknown = sorted(set(obj) - known)
     if unknown:
         raise EvalConfigError(f"eval task {obj['name']!r}: unknown key(s) {unknown}; allowed: {sorted(known)}")
-    return TaskConfig(**obj)
+    preset = TASK_PRESETS.get(obj.get("preset") or "")
+    if preset and local_dir and obj.get("local_dir") is None:
+        obj = {**obj, "local_dir": local_dir}
+    return TaskConfig(**{**copy.deepcopy(preset.defaults if preset else {}), **obj})
 
 
 @dataclass
@@ -150,6 +224,9 @@ class EvalConfig:
 
     tasks: list = field(default_factory=list)
     """TaskConfigs (or mappings with their keys)."""
+    local_dir: str | None = None
+    """Folder of local copies of the preset tasks' data (``<preset>/<split>.jsonl``), for offline machines; None:
+    the hub. A task's own ``local_dir`` or ``path`` wins."""
     after: EvalAfter | None = None
     """With a training run: when the callback evaluates (None: never)."""
     bos: bool = True
@@ -166,7 +243,7 @@ class EvalConfig:
     """Keep every item's scores (log-likelihoods, predictions, completions) in eval.json."""
 
     def __post_init__(self):
-        self.tasks = [task_from_any(t) for t in (self.tasks or [])]
+        self.tasks = [task_from_any(t, self.local_dir) for t in (self.tasks or [])]
         if self.after is not None:
             try:
                 self.after = EvalAfter(self.after)

@@ -19,7 +19,7 @@ from moxin.distributed import all_reduce_values
 from moxin.model.generate import generate
 from moxin.rewards import get_verifier, score_batch
 
-__all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations"]
+__all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations", "score_texts"]
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -69,6 +69,12 @@ def score_generations(tokenizer, gens: list[GenRecord], answers: list[str], veri
                       max_workers: int | None = None) -> tuple[list[str], list]:
     """(decoded completions, RewardResults) of generations against their reference answers."""
     texts = [tokenizer.decode(g.tokens) for g in gens]
+    return texts, score_texts(texts, answers, verifier, verifier_kwargs, timeout_s, max_workers)
+
+
+def score_texts(texts: list[str], answers: list[str], verifier: str, verifier_kwargs: dict | None = None,
+                timeout_s: float = 10.0, max_workers: int | None = None) -> list:
+    """RewardResults of completion texts against their reference answers (worker processes, a deadline each)."""
     results, _ = score_batch(get_verifier(verifier, **(verifier_kwargs or {})), texts, answers,
                              timeout_s=timeout_s, max_workers=max_workers)
-    return texts, results
+    return results

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -22,11 +23,12 @@ from rich.table import Table
 
 from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
-from moxin.eval.generation import generate_all, pass_at_k, score_generations
+from moxin.eval.generation import generate_all, pass_at_k, score_texts
 from moxin.eval.loglik import encode_pair, loglikelihoods
-from moxin.eval.tasks import build_gen_items, build_mc_items, eval_config, load_records
+from moxin.eval.scoring import truncate_at
+from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, load_records
 
-__all__ = ["evaluate", "print_table", "write_results", "flat_metrics"]
+__all__ = ["evaluate", "print_table", "write_results", "flat_metrics", "lm_eval_results", "markdown_table"]
 
 
 def _gather(obj: list) -> list:
@@ -55,14 +57,19 @@ def _argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda j: (xs[j], -j))
 
 
-def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
-    rank, world = rank_and_world()
+def _task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves)."""
     records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
     if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
         fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
                                task.data_files, task.name)
-    items = build_mc_items(task, records, fewshot)
+    return records, fewshot
+
+
+def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
+    rank, world = rank_and_world()
+    items = build_mc_items(task, *_task_records(task))
     mine = items[rank::world]
     t0 = time.perf_counter()
     reqs = [encode_pair(tokenizer, c, x, bos=cfg.bos) for it in mine for c, x in zip(it.contexts, it.continuations)]
@@ -76,61 +83,104 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
         s += n
         pred = _argmax(lls)
         pred_norm = _argmax([ll / ln for ll, ln in zip(lls, it.norm_lengths)])
+        acc = float(pred == it.gold) if it.labels is None else _mc2(lls, it.labels)
         out.append({"index": it.index, "gold": it.gold, "loglik": lls, "pred": pred, "pred_norm": pred_norm,
-                    "acc": float(pred == it.gold), "acc_norm": float(pred_norm == it.gold),
-                    "is_greedy": [r.is_greedy for r in res[s - n:s]]})
+                    "acc": acc, "acc_norm": float(pred_norm == it.gold),
+                    "is_greedy": [r.is_greedy for r in res[s - n:s]]} | ({"subject": it.subject} if it.subject else {}))
     out = sorted(_gather(out), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
+    metrics = _mc_metrics(out)
+    if items and items[0].labels is not None:  # TruthfulQA MC2 reports its probability mass as acc only
+        metrics = {k: v for k, v in metrics.items() if not k.startswith("acc_norm")}
+    res = {"kind": task.kind.value, "n": len(out), "num_fewshot": task.num_fewshot, "seconds": seconds,
+           "items_per_s": len(out) / max(seconds, 1e-9), "metrics": metrics, "items": out}
+    if task.subject_field:  # lm-eval's group score is the size-weighted mean of its subjects: the mean over items
+        subjects = sorted({r["subject"] for r in out})
+        res["subjects"] = {s_: {"n": sum(r["subject"] == s_ for r in out),
+                                "metrics": _mc_metrics([r for r in out if r["subject"] == s_])} for s_ in subjects}
+        group_of = PRESET_SUBJECTS.get(task.preset or "")
+        if group_of:  # lm-eval's subgroups (mmlu_stem ...): size-weighted means of their subjects
+            groups = sorted({group_of[r["subject"]] for r in out})
+            res["groups"] = {g: {"n": sum(group_of[r["subject"]] == g for r in out),
+                                 "metrics": _mc_metrics([r for r in out if group_of[r["subject"]] == g])}
+                             for g in groups}
+    return res
+
+
+def _mc2(lls: list[float], labels: list[int]) -> float:
+    """lm-eval truthfulqa_mc2: the true options' share of the options' probabilities (normalised stably)."""
+    top = max(lls)
+    probs = [math.exp(x - top) for x in lls]
+    return sum(p for p, lab in zip(probs, labels) if lab == 1) / sum(probs)
+
+
+def _mc_metrics(out: list[dict]) -> dict:
     acc, acc_se = _mean_stderr([r["acc"] for r in out])
     accn, accn_se = _mean_stderr([r["acc_norm"] for r in out])
-    return {"kind": task.kind.value, "n": len(out), "num_fewshot": task.num_fewshot, "seconds": seconds,
-            "items_per_s": len(out) / max(seconds, 1e-9),
-            "metrics": {"acc": acc, "acc_stderr": acc_se, "acc_norm": accn, "acc_norm_stderr": accn_se},
-            "items": out}
+    return {"acc": acc, "acc_stderr": acc_se, "acc_norm": accn, "acc_norm_stderr": accn_se}
+
+
+def _decode_and_score(tokenizer, task: TaskConfig, cfg: EvalConfig, gens, answers: list[str]):
+    """Completions cut at the task's stop strings, and their scores under each verifier variant (name -> results;
+    name "" when the task has none)."""
+    texts = [truncate_at(tokenizer.decode(g.tokens), task.until) for g in gens]
+    stopped = [g.finished or len(t) < len(tokenizer.decode(g.tokens)) for g, t in zip(gens, texts)]
+    timeout = task.verifier_timeout_s or cfg.verifier_timeout_s
+    variants = task.verifier_variants or {"": {}}
+    scores = {v: score_texts(texts, answers, task.verifier, {**task.verifier_kwargs, **(kw or {})}, timeout,
+                             cfg.verifier_workers) for v, kw in variants.items()}
+    return texts, stopped, scores
 
 
 def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
     rank, world = rank_and_world()
-    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
-    items = build_gen_items(task, records, tokenizer)
+    records, fewshot = _task_records(task)
+    items = build_gen_items(task, records, tokenizer, fewshot)
     mine = items[rank::world]
     device = next(model.parameters()).device
     kw = dict(max_new_tokens=task.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
               batch_size=cfg.gen_batch_size, lockstep=lockstep)
     t0 = time.perf_counter()
     per = [{"index": it.index, "answer": it.answer} for it in mine]
+    names = {v: task.metric + (f",{v}" if v else "") for v in (task.verifier_variants or {"": {}})}
+    first = next(iter(names))
     if task.greedy:
         gens = generate_all(model, [it.prompt_ids for it in mine], temperature=0.0, **kw)
-        texts, scores = score_generations(tokenizer, gens, [it.answer for it in mine], task.verifier,
-                                          task.verifier_kwargs, cfg.verifier_timeout_s, cfg.verifier_workers)
-        for p, g, t, r in zip(per, gens, texts, scores):
-            p.update(greedy=t, greedy_score=r.score, greedy_reason=r.reason, greedy_finished=g.finished,
+        texts, stopped, scores = _decode_and_score(tokenizer, task, cfg, gens, [it.answer for it in mine])
+        for j, (p, g, t, st) in enumerate(zip(per, gens, texts, stopped)):
+            r = scores[first][j]
+            p.update(greedy=t, greedy_score=r.score, greedy_reason=r.reason, greedy_finished=st,
                      greedy_tokens=len(g.tokens))
+            if task.verifier_variants:
+                p["greedy_scores"] = {names[v]: scores[v][j].score for v in names}
     if task.samples:
         gen = torch.Generator(device=device)
         gen.manual_seed(task.seed * 1_000_003 + rank)  # reproducible for a given world size
         prompts = [it.prompt_ids for it in mine for _ in range(task.samples)]
         gens = generate_all(model, prompts, temperature=task.temperature, top_p=task.top_p, generator=gen, **kw)
         answers = [it.answer for it in mine for _ in range(task.samples)]
-        texts, scores = score_generations(tokenizer, gens, answers, task.verifier, task.verifier_kwargs,
-                                          cfg.verifier_timeout_s, cfg.verifier_workers)
+        one = {first: task.verifier_variants[first]} if task.verifier_variants else {}  # pass@k: the first variant
+        texts, _, scores = _decode_and_score(tokenizer, replace(task, verifier_variants=one), cfg, gens, answers)
+        sampled = scores[first]
         for j, p in enumerate(per):
             sl = slice(j * task.samples, (j + 1) * task.samples)
-            p.update(samples=texts[sl], sample_scores=[r.score for r in scores[sl]])
+            p.update(samples=texts[sl], sample_scores=[r.score for r in sampled[sl]])
     per = sorted(_gather(per), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
     metrics = {}
     if task.greedy:
-        metrics["pass@1"], metrics["pass@1_stderr"] = _mean_stderr([float(p["greedy_score"] >= 1.0) for p in per])
+        for v, name in names.items():
+            key = (lambda p: p["greedy_scores"][name]) if task.verifier_variants else (lambda p: p["greedy_score"])
+            metrics[name], metrics[f"{name}_stderr"] = _mean_stderr([float(key(p) >= 1.0) for p in per])
         metrics["no_answer"] = sum(p["greedy_reason"].startswith("no_answer") for p in per) / max(len(per), 1)
         metrics["truncated"] = sum(not p["greedy_finished"] for p in per) / max(len(per), 1)
     if task.samples:
         for k in task.k:
             metrics[f"pass@{k}_sampled"] = sum(
                 pass_at_k(task.samples, sum(s >= 1.0 for s in p["sample_scores"]), k) for p in per) / max(len(per), 1)
-    return {"kind": task.kind.value, "n": len(per), "seconds": seconds, "items_per_s": len(per) / max(seconds, 1e-9),
-            "samples": task.samples, "temperature": task.temperature if task.samples else None,
-            "metrics": metrics, "items": per}
+    return {"kind": task.kind.value, "n": len(per), "num_fewshot": task.num_fewshot, "seconds": seconds,
+            "items_per_s": len(per) / max(seconds, 1e-9), "samples": task.samples,
+            "temperature": task.temperature if task.samples else None, "metrics": metrics, "items": per}
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
@@ -145,9 +195,11 @@ def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False
             res = fn(model, tokenizer, task, cfg, lockstep)
             if not cfg.log_items:
                 res.pop("items")
+            res["task"] = task.preset or task.name  # lm-eval's task name where the task is a preset
             out["tasks"][task.name] = res
     finally:
         model.train(was_training)
+    out.update(lm_eval_results(out))
     return out
 
 
@@ -157,26 +209,73 @@ def flat_metrics(results: dict, prefix: str = "eval") -> dict[str, float]:
             if not k.endswith("_stderr")}
 
 
+def _lm_metric(k: str) -> str:
+    return k if "," in k else f"{k},none"  # lm-eval's "metric,filter" keys
+
+
+def lm_eval_results(results: dict) -> dict:
+    """``{"results": {task: {"alias", "metric,filter": value, "metric_stderr,filter": se}}, "n-shot": {...}}`` in
+    lm-eval's output shape, keyed by task name (its ``alias`` the lm-eval task); MMLU's subjects as lm-eval's
+    ``mmlu_<group>`` subgroups and ``mmlu_<subject>`` subtasks after the group."""
+    out: dict = {"results": {}, "n-shot": {}}
+    for name, r in results["tasks"].items():
+        entries = [(name, r.get("task", name), r["metrics"])]
+        entries += [(f"{name}_{s}", f"{r.get('task', name)}_{s}", sub["metrics"])
+                    for part in ("groups", "subjects") for s, sub in r.get(part, {}).items()]
+        for key, alias, metrics in entries:
+            row = {"alias": alias}
+            for k, v in metrics.items():
+                if k.endswith("_stderr"):
+                    row[_lm_metric(k[:-len("_stderr")]).replace(",", "_stderr,", 1)] = v
+                else:
+                    row[_lm_metric(k)] = v
+            out["results"][key] = row
+            out["n-shot"][key] = r.get("num_fewshot", 0)
+    return out
+
+
+def markdown_table(results: dict) -> str:
+    """The results as a markdown table: task, lm-eval task, n-shot, metric, value, stderr, n."""
+    lines = ["| task | lm-eval task | n-shot | metric | value | stderr | n |", "|---|---|---:|---|---:|---:|---:|"]
+    for name, r in results["tasks"].items():
+        lm = r.get("task", name)
+        parts = [(lm, r)] + [(f"{lm}_{g}", sub) for g, sub in r.get("groups", {}).items()]
+        for lm_name, part in parts:  # MMLU: the group, then lm-eval's subgroups (mmlu_stem ...)
+            for k, v in part["metrics"].items():
+                if k.endswith("_stderr"):
+                    continue
+                se = part["metrics"].get(f"{k}_stderr")
+                lines.append(f"| {name} | {lm_name} | {r.get('num_fewshot', 0)} | {k} | {v:.4f} | "
+                             f"{'' if se is None or math.isnan(se) else f'{se:.4f}'} | {part['n']} |")
+    return "\n".join(lines) + "\n"
+
+
 def write_results(results: dict, path: str | Path) -> Path:
+    """``results`` as JSON at ``path`` (written whole, then renamed); one evaluation's table also as markdown
+    beside it (``eval.md``)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=str))
     tmp.replace(p)
+    if "tasks" in results:
+        p.with_suffix(".md").write_text(markdown_table(results))
     return p
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
     t = Table(title=title)
-    for col in ("task", "n", "metric", "value", "stderr", "items/s"):
-        t.add_column(col, justify="right" if col in ("n", "value", "stderr", "items/s") else "left", no_wrap=True)
+    for col in ("task", "shots", "n", "metric", "value", "stderr", "items/s"):
+        t.add_column(col, justify="right" if col in ("shots", "n", "value", "stderr", "items/s") else "left",
+                     no_wrap=True)
     for name, r in results["tasks"].items():
         first = True
         for k, v in r["metrics"].items():
             if k.endswith("_stderr"):
                 continue
             se = r["metrics"].get(f"{k}_stderr")
-            t.add_row(name if first else "", str(r["n"]) if first else "", k, f"{v:.4f}",
+            t.add_row(name if first else "", str(r.get("num_fewshot", 0)) if first else "",
+                      str(r["n"]) if first else "", k, f"{v:.4f}",
                       "" if se is None or math.isnan(se) else f"{se:.4f}", f"{r['items_per_s']:.1f}" if first else "")
             first = False
     Console(width=max(100, Console().width)).print(t)

