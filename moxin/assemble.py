@@ -184,6 +184,8 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     hw = cfg.hardware
+    parallel = instantiate(hw.parallel)
+    parallel.check_world(world_size_of(hw), hw.strategy)  # HSDP's replica groups, before any work
     if ckpt_path:
         check_resume_world(ckpt_path, world_size_of(hw))
 
@@ -193,7 +195,7 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     check_vocab(model_cfg, tokenizer)
     datamodule = connected_datamodule(cfg, tokenizer, max_seq_len=model_cfg.max_seq_len)
     accum = datamodule.accumulate_grad_batches
-    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
+    stage = instantiate(cfg.stage, model=model_cfg, parallel=parallel, tokenizer=tokenizer,
                         init_from=cfg.init_from, max_nonfinite_steps=run_cfg.trainer.max_nonfinite_steps,
                         _convert_="object")
 
