@@ -35,7 +35,7 @@ from moxin.loggers import build_loggers
 from moxin.tokenizer import Tokenizer, load_tokenizer
 from moxin.ui import run_plan
 
-__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_vocab", "connected_datamodule",
+__all__ = ["Run", "assemble", "build_strategy", "check_vocab", "connected_datamodule",
            "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
 
 if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
@@ -131,17 +131,6 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         raise ConfigError(f"resume={cfg.resume!r}: {e}; use resume=auto or a path to a complete checkpoint") from None
 
 
-def check_resume_world(ckpt_path: str, world: int) -> None:
-    """A checkpoint's data and loop state belong to the process count that wrote it."""
-    saved_world = read_info(ckpt_path).world_size
-    if saved_world and saved_world != world:
-        raise ConfigError(
-            f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
-            f"hardware.num_nodes). The data and loop state belong to the process count, so resume with "
-            f"{saved_world} processes, or start a new run from its weights: init_from={ckpt_path} (the weights "
-            "reshard to any process count)")
-
-
 def check_vocab(model_cfg, tok: Tokenizer) -> None:
     """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
     the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
@@ -186,8 +175,6 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     hw = cfg.hardware
     parallel = instantiate(hw.parallel)
     parallel.check_world(world_size_of(hw), hw.strategy)  # HSDP's replica groups, before any work
-    if ckpt_path:
-        check_resume_world(ckpt_path, world_size_of(hw))
 
     model_cfg = instantiate(cfg.model)
     if tokenizer is None:
