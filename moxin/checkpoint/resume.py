@@ -127,8 +127,11 @@ def rescale_loop_batches(checkpoint: dict, saved_accumulate: int, accumulate: in
         return
     for part in ("total", "current"):
         counts = progress.get(part, {})
+        ready = counts.get("ready", 0)
+        if ready % saved_accumulate:
+            raise CheckpointError(f"the checkpoint's fit loop stands at micro-batch {ready}, inside an optimizer step "
+                                  f"of {saved_accumulate}: it cannot be resumed with another process count")
+        # the later counters trail `ready` by the hooks still to run (a checkpoint saved in on_train_batch_end
+        # has not counted that batch completed): kept as they were
         for k, v in counts.items():
-            if v % saved_accumulate:
-                raise CheckpointError(f"the checkpoint's {part}.{k}={v} micro-batches are not whole optimizer steps "
-                                      f"of {saved_accumulate}: it cannot be resumed with another process count")
-            counts[k] = v // saved_accumulate * accumulate
+            counts[k] = ready // saved_accumulate * accumulate - (ready - v)
