@@ -35,7 +35,7 @@ from moxin.loggers import build_loggers
 from moxin.tokenizer import Tokenizer, load_tokenizer
 from moxin.ui import run_plan
 
-__all__ = ["Run", "assemble", "build_strategy", "check_vocab", "connected_datamodule",
+__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_vocab", "connected_datamodule",
            "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
 
 if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
@@ -131,6 +131,18 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         raise ConfigError(f"resume={cfg.resume!r}: {e}; use resume=auto or a path to a complete checkpoint") from None
 
 
+def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
+    """A checkpoint written by another process count resumes where the data module can redistribute its loader
+    state (pretraining); other stages' step samplers count their position in their own layout's batches."""
+    saved_world = read_info(ckpt_path).world_size
+    if saved_world and saved_world != world and not datamodule.resumes_on_another_world:
+        raise ConfigError(
+            f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
+            f"hardware.num_nodes). {type(datamodule).__name__} keeps its data position as batches of the process "
+            f"count that wrote it (pretraining's data resumes on any count), so resume with {saved_world} processes, "
+            f"or start a new run from its weights: init_from={ckpt_path} (the weights reshard to any process count)")
+
+
 def check_vocab(model_cfg, tok: Tokenizer) -> None:
     """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
     the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
@@ -181,6 +193,8 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
         tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(model_cfg, tokenizer)
     datamodule = connected_datamodule(cfg, tokenizer, max_seq_len=model_cfg.max_seq_len)
+    if ckpt_path:
+        check_resume_world(ckpt_path, world_size_of(hw), datamodule)
     accum = datamodule.accumulate_grad_batches
     stage = instantiate(cfg.stage, model=model_cfg, parallel=parallel, tokenizer=tokenizer,
                         init_from=cfg.init_from, max_nonfinite_steps=run_cfg.trainer.max_nonfinite_steps,

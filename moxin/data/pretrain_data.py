@@ -54,6 +54,8 @@ class PretrainDataModule(MoxinDataModule):
             the GPU first waits for every kernel already queued, so the GPU idles while the next step launches.
     """
 
+    resumes_on_another_world = True  # the first layout's readers, redistributed (moxin/data/reshard.py)
+
     def __init__(
         self,
         sources: Sequence[SourceConfig | Mapping],
@@ -285,7 +287,7 @@ class PretrainDataModule(MoxinDataModule):
             snapshot_every_n_steps=self.snapshot_every_n_steps,
             pin_memory=self.pin_memory,
             persistent_workers=False,
-            ignore_restored_state=self._resharded,
+            ignore_restored_state=self._resharded or resharded_state,  # a redistributed loader's state is no use
         )
         self._train_loader, self._train_phase = loader, phase
         return loader
