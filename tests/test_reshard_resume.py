@@ -17,7 +17,7 @@ from moxin.data.reshard import streams_of
 from tests.conftest import torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
-STEPS, RESUME_AT = 8, 3  # phase a is steps 1-6, phase b 7-12: the resumed part crosses into phase b
+STEPS, RESUME_AT = 12, 3  # phase a is steps 1-6, phase b 7-12: the resumed part runs to the end of phase b
 
 
 def _launch(world: int, out: Path, resume: str | None = None, workers: int = 0) -> dict:

@@ -72,7 +72,8 @@ class ReshardedDataset(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         nw = self.workers0
-        counts = {r: sum(int(self.readers[r, w].reader_state(w, nw)["batches"]) for w in range(nw))
+        # from where the readers start, not where an earlier iterator left them (Lightning may iterate twice)
+        counts = {r: sum(int(self.readers[r, w].start_state(w, nw)["batches"]) for w in range(nw))
                   for r in self.streams}
         iters = {(r, w): ds.iter_reader(w, nw) for (r, w), ds in self.readers.items()}
         if len(set(counts.values())) > 1 or next(iter(counts.values())) % self.a0:

@@ -7,6 +7,7 @@ usage: reshard_resume.py OUT_JSON OUT_DIR MAX_STEPS [RESUME_PATH] [NUM_WORKERS]"
 
 import hashlib
 import json
+import os
 import sys
 
 import lightning as L
@@ -42,9 +43,10 @@ class RecordRows(L.Callback):
 
 
 def main(out_json, out_dir, max_steps, resume=None, num_workers="0"):
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
     overrides = replaced(TINY_PRETRAIN, "trainer.checkpoint_every_n_steps=3", f"hardware.num_workers={num_workers}",
-                         "trainer.val_every_n_steps=null", "data.val_tokens=0")
+                         "trainer.val_every_n_steps=null", "data.val_tokens=0",
+                         "schedule.micro_batch_tokens=128")  # 4 micro-batches a step: 1, 2 or 4 processes
     overrides += ["hardware=fsdp_cpu", f"hardware.devices={world}", f"trainer.max_steps={max_steps}",
                   "trainer.keep_all_checkpoints=true", f"out_dir={out_dir}", "run_name=run"]
     if resume:
