@@ -8,6 +8,7 @@ process count (moxin/data/reshard.py redistributes the run's first reader layout
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -252,8 +253,8 @@ class PretrainDataModule(MoxinDataModule):
         self._check_prepared()
         self._harvest()
         here = (world_size, max(self.num_workers, 1))  # a loader without workers is one reader (worker 0 of 1)
-        resharded_state = False
-        if self._restored is not None:
+        resharded_state, restoring = False, self._restored is not None
+        if restoring:
             readers = {int(r): {int(w): st for w, st in by_w.items()}
                        for r, by_w in self._restored.get("readers", {}).items()}
             if any(self._restored.get("pending_in_step", {}).values()):
@@ -266,16 +267,17 @@ class PretrainDataModule(MoxinDataModule):
         self._layout = self._layout or here
         # mid-phase from a redistributed state, the phase goes on redistributed (its position is per stream)
         self._resharded = self._layout != here or (resharded_state and phase == self._train_phase_restored)
-        make = self._reader_factory(phase, world_size)
+        make = self._reader_factory(phase)
         if self._resharded:
             n0 = self._layout[0]
             ds = ReshardedDataset(make, layout=self._layout, rank=rank, world_size=world_size,
                                   batches_per_step=self.accumulate_grad_batches * world_size,
                                   steps=self.steps_in_phase(phase), initial=self._carry)
             self._carry = {r: v for r, v in self._carry.items() if r in ds.streams}
-            if rank == 0 and n0 != world_size:
-                print(f"data: resuming {n0} processes' readers on {world_size}: rank r reads the streams its share "
-                      "of each step touches, in its own process (no dataloader workers)", flush=True)
+            if restoring and rank == 0 and self._layout != here:
+                print(f"data: resuming the readers of {n0} processes x {self._layout[1]} workers on {world_size} "
+                      "processes: each reads the streams its share of a step touches, without dataloader workers "
+                      "(moxin/data/reshard.py)", file=sys.stderr, flush=True)
         else:
             mine = self._carry.get(rank, {})
             self._carry = {rank: dict(mine)}
@@ -292,7 +294,7 @@ class PretrainDataModule(MoxinDataModule):
         self._train_loader, self._train_phase = loader, phase
         return loader
 
-    def _reader_factory(self, phase: int, world_size: int):
+    def _reader_factory(self, phase: int):
         """make(rank, worker, initial) -> the PackedDataset of the readers of original rank ``rank`` in ``phase``
         (one reader when ``worker`` is given: moxin/data/reshard.py runs each in its own dataset)."""
         world0 = self._layout[0]
