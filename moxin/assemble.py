@@ -131,15 +131,16 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
         raise ConfigError(f"resume={cfg.resume!r}: {e}; use resume=auto or a path to a complete checkpoint") from None
 
 
-def check_resume_world(ckpt_path: str, world: int) -> None:
-    """A checkpoint's data and loop state belong to the process count that wrote it."""
+def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
+    """A checkpoint written by another process count resumes where the data module can redistribute its loader
+    state (pretraining); other stages' step samplers count their position in their own layout's batches."""
     saved_world = read_info(ckpt_path).world_size
-    if saved_world and saved_world != world:
+    if saved_world and saved_world != world and not datamodule.resumes_on_another_world:
         raise ConfigError(
             f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
-            f"hardware.num_nodes). The data and loop state belong to the process count, so resume with "
-            f"{saved_world} processes, or start a new run from its weights: init_from={ckpt_path} (the weights "
-            "reshard to any process count)")
+            f"hardware.num_nodes). {type(datamodule).__name__} keeps its data position as batches of the process "
+            f"count that wrote it (pretraining's data resumes on any count), so resume with {saved_world} processes, "
+            f"or start a new run from its weights: init_from={ckpt_path} (the weights reshard to any process count)")
 
 
 def check_vocab(model_cfg, tok: Tokenizer) -> None:
@@ -184,16 +185,18 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     ckpt_dir = out_dir / "checkpoints"
     ckpt_path = resolve_resume(cfg, ckpt_dir)
     hw = cfg.hardware
-    if ckpt_path:
-        check_resume_world(ckpt_path, world_size_of(hw))
+    parallel = instantiate(hw.parallel)
+    parallel.check_world(world_size_of(hw), hw.strategy)  # HSDP's replica groups, before any work
 
     model_cfg = instantiate(cfg.model)
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(model_cfg, tokenizer)
     datamodule = connected_datamodule(cfg, tokenizer, max_seq_len=model_cfg.max_seq_len)
+    if ckpt_path:
+        check_resume_world(ckpt_path, world_size_of(hw), datamodule)
     accum = datamodule.accumulate_grad_batches
-    stage = instantiate(cfg.stage, model=model_cfg, parallel=instantiate(hw.parallel), tokenizer=tokenizer,
+    stage = instantiate(cfg.stage, model=model_cfg, parallel=parallel, tokenizer=tokenizer,
                         init_from=cfg.init_from, max_nonfinite_steps=run_cfg.trainer.max_nonfinite_steps,
                         _convert_="object")
 

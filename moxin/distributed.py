@@ -3,10 +3,14 @@
     activation checkpointing -> torch.compile -> FSDP2 sharding
 
 The model file knows nothing of this. Stages call `parallelize` from `configure_model`, where Lightning's
-`ModelParallelStrategy` has set up the device mesh (one data-parallel dimension for FSDP2).
+`ModelParallelStrategy` has set up the device mesh (one data-parallel dimension for FSDP2). With
+`hardware.parallel.replicate=R > 1` that dimension is laid out as a (replicate R, shard world/R) mesh, rank =
+replica * (world/R) + shard as torchtitan's ParallelDims orders it, and `fully_shard` over the 2-D mesh is HSDP.
 """
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import torch
 import torch.distributed as dist
@@ -48,6 +52,28 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_fo
         # the last block's parameters are needed right away by the backward: no point resharding them
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(model.layers) - 1, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+@lru_cache(maxsize=4)
+def hsdp_mesh(device_type: str, world: int, replicate: int):
+    """The (replicate, shard) device mesh of HSDP over every rank: consecutive ranks (one node's GPUs, when R is
+    the node count) form a shard group, and rank i of each group is replicated across the R groups. Made once a
+    layout (creating a mesh creates process groups, collectively), so the policy and a frozen reference share it."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+
+
+def data_parallel_mesh(mesh, cfg: ParallelConfig):
+    """The mesh FSDP2 shards over: the strategy mesh's data-parallel dimension, or HSDP's 2-D mesh over it."""
+    dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
+    if cfg.replicate == 1:
+        return dp_mesh
+    cfg.check_world(dp_mesh.size())
+    if dp_mesh.size() != dist.get_world_size():
+        raise ValueError("hardware.parallel.replicate > 1 (HSDP) needs every rank data-parallel (no tensor "
+                         f"parallelism): the data-parallel mesh has {dp_mesh.size()} of {dist.get_world_size()} ranks")
+    return hsdp_mesh(dp_mesh.device_type, dp_mesh.size(), cfg.replicate)
 
 
 def is_sharded(strategy) -> bool:
@@ -122,11 +148,14 @@ def weights_checksum(model: nn.Module) -> float:
     group = None
     for p in model.parameters():
         if hasattr(p, "to_local"):  # DTensor
-            if any(not pl.is_shard() for pl in p.placements):
-                p = p.full_tensor()  # a replicated placement would be counted once per rank otherwise
+            shard_dims = [i for i, pl in enumerate(p.placements) if pl.is_shard()]
+            if len(shard_dims) != 1 or any(not (pl.is_shard() or pl.is_replicate()) for pl in p.placements):
+                p = p.full_tensor()  # a placement other than FSDP2's / HSDP's: the whole tensor, counted once
                 plain += p.double().sum()
                 continue
-            group = p.device_mesh.get_group()
+            # FSDP2: Shard(0) over the one dimension; HSDP: (Replicate, Shard(0)), summed within a shard group
+            # (every replica group then holds the same total)
+            group = p.device_mesh.get_group(shard_dims[0])
             sharded += p.to_local().double().sum()
         else:
             plain += p.double().sum()
@@ -136,11 +165,11 @@ def weights_checksum(model: nn.Module) -> float:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
-    """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding."""
+    """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with
+    cfg.replicate > 1)."""
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:
-        dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
-        apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward)
+        apply_fsdp(model, data_parallel_mesh(mesh, cfg), cfg.fsdp_param_dtype, cfg.reshard_after_forward)
     return model

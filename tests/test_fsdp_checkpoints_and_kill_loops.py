@@ -1,7 +1,7 @@
 """The FSDP2 path (Lightning's ModelParallelStrategy with distributed checkpoints, 2 gloo processes under
 torchrun): the checkpoint policy with a checkpoint folder, the HF export at the end, init_from and
 scripts/convert_checkpoint.py reading the folder without a process group, a resume on another process count
-refused with the fix, and kill loops (single process and FSDP) against uninterrupted runs."""
+refused with the fix where the data module cannot redistribute its position, and kill loops (single process and FSDP) against uninterrupted runs."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ import pytest
 from tests.conftest import free_port, torchrun
 import torch
 
-from moxin.assemble import assemble
+from moxin.assemble import assemble, check_resume_world
 from moxin.checkpoint.files import read_info
 from moxin.checkpoint.weights import load_model_weights
 from moxin.config import ConfigError
+from moxin.data.pretrain_data import PretrainDataModule
+from moxin.data.sft_data import ChatSFTDataModule
 from tests.helpers.kill_loop import TINY
 from tests.helpers.compose import compose_config
 
@@ -68,10 +70,11 @@ def test_fsdp_run_writes_one_complete_checkpoint_folder_and_hf(fsdp_run):
 def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
     ck = fsdp_run / "checkpoints" / "last.ckpt"
     one = [a for a in TINY if not a.startswith("+logger")]
-    # resume on 1 process: refused, naming both counts and the way out
-    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*init_from="):
-        assemble(compose_config(one + ["hardware=fsdp_cpu", "hardware.devices=1", f"out_dir={fsdp_run}", "run_name=run",
-                                "resume=auto"]))
+    # a data module that counts its position in its own layout's batches (SFT, DPO, GRPO) cannot resume on 1
+    # process: refused, naming both counts and the way out; pretraining's redistributes (test_reshard_resume.py)
+    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*ChatSFTDataModule.*init_from="):
+        check_resume_world(str(ck), 1, ChatSFTDataModule.__new__(ChatSFTDataModule))
+    check_resume_world(str(ck), 1, PretrainDataModule.__new__(PretrainDataModule))
     # init_from the distributed-checkpoint folder, one process, no process group: the same weights
     # (preflight first, as the command line runs it: it once refused this folder for lacking config.json)
     from moxin.errors import preflight

@@ -113,3 +113,25 @@ def restore_rng(st: dict) -> None:
     random.setstate((st["rng_python_version"], tuple(int(x) for x in py), st["rng_python_gauss"]))
     n = st["rng_numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+def rescale_loop_batches(checkpoint: dict, saved_accumulate: int, accumulate: int) -> None:
+    """A checkpoint resumed with another gradient accumulation (another process count, same tokens a step): the
+    fit loop's micro-batch counters rescaled to the new accumulation, in place, so that its step boundaries and
+    validation interval fall where the optimizer steps do. Checkpoints are written at step boundaries, so every
+    counter is a whole number of steps."""
+    if saved_accumulate == accumulate:
+        return
+    progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.batch_progress")
+    if not progress:
+        return
+    for part in ("total", "current"):
+        counts = progress.get(part, {})
+        ready = counts.get("ready", 0)
+        if ready % saved_accumulate:
+            raise CheckpointError(f"the checkpoint's fit loop stands at micro-batch {ready}, inside an optimizer step "
+                                  f"of {saved_accumulate}: it cannot be resumed with another process count")
+        # the later counters trail `ready` by the hooks still to run (a checkpoint saved in on_train_batch_end
+        # has not counted that batch completed): kept as they were
+        for k, v in counts.items():
+            counts[k] = ready // saved_accumulate * accumulate - (ready - v)

@@ -1,10 +1,11 @@
-"""ParallelConfig: activation checkpointing, compile and FSDP2 settings (``hardware.parallel``), which
+"""ParallelConfig: activation checkpointing, compile, FSDP2 and HSDP settings (``hardware.parallel``), which
 moxin/distributed.py applies to the model from outside."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from moxin.config.errors import ConfigError
 from moxin.config.options import Recompute, parse_option
 
 __all__ = ["ParallelConfig"]
@@ -23,6 +24,11 @@ class ParallelConfig:
     fp32, master weights stay fp32. None: no FSDP mixed-precision policy (use Lightning's autocast instead)."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3). False keeps them until backward (ZeRO-2-like)."""
+    replicate: int = 1
+    """HSDP: R groups of world/R ranks; each block is sharded within a group and replicated across the groups
+    (FSDP2 over a (replicate, shard) mesh). Set R to the node count so the per-block all-gathers and
+    reduce-scatters stay inside a node and only one gradient all-reduce per step crosses nodes; 1 shards over the
+    whole world (plain FSDP2). Needs hardware.strategy=fsdp2 and a world size R divides."""
 
     def __post_init__(self):
         ac = self.activation_checkpointing
@@ -30,3 +36,20 @@ class ParallelConfig:
             ac = Recompute.FULL if ac else Recompute.NONE
         # kept as the plain string (OmegaConf, which saves this config with the run, types it str | bool)
         self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing").value
+        if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 1:
+            raise ConfigError(f"hardware.parallel.replicate={self.replicate!r}: the number of HSDP replica groups, "
+                              "an integer >= 1 (1: plain FSDP2 over every rank)")
+
+    def check_world(self, world: int, strategy: str = "fsdp2") -> None:
+        """Refuse, before any work, a replicate count the run's process layout cannot hold."""
+        if self.replicate == 1:
+            return
+        if strategy != "fsdp2":
+            raise ConfigError(f"hardware.parallel.replicate={self.replicate} (HSDP) shards with FSDP2, and this run's "
+                              f"hardware.strategy is {strategy!r}; use hardware=fsdp (strategy fsdp2), or "
+                              "hardware.parallel.replicate=1")
+        if world % self.replicate:
+            fits = [r for r in range(1, world + 1) if world % r == 0]
+            raise ConfigError(f"hardware.parallel.replicate={self.replicate} does not divide the world size {world} "
+                              f"(hardware.devices x hardware.num_nodes): each replica group must hold the same "
+                              f"number of ranks. Use one of {fits} (the node count, typically)")

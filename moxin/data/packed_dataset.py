@@ -171,8 +171,20 @@ class PackedDataset(IterableDataset):
     def _is_val(self, h: int) -> bool:
         return (h % 10000) < self.val_percent * 100
 
+    def reader_state(self, worker: int, num_workers: int) -> dict:
+        """The state of reader (rank, ``worker`` of ``num_workers``) now: live while iterating, else where it
+        starts (for a caller that runs the reader in its own process: moxin/data/reshard.py)."""
+        return self._snapshot() if self._live is not None else self.start_state(worker, num_workers)
+
+    def start_state(self, worker: int, num_workers: int) -> dict:
+        """Where a new iteration of reader (rank, ``worker``) starts, whatever an earlier iterator read."""
+        return self._start_state(worker, num_workers)
+
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        worker, num_workers = self._worker()
+        return self.iter_reader(*self._worker())
+
+    def iter_reader(self, worker: int, num_workers: int) -> Iterator[dict[str, torch.Tensor]]:
+        """The micro-batches of reader (this rank, ``worker`` of ``num_workers``) in this phase."""
         state = self._start_state(worker, num_workers)
         self._pending = None
         tok = self.tokenizer

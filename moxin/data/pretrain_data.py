@@ -2,12 +2,13 @@
 
 Phases are Lightning epochs; each yields exactly ``steps * accumulate_grad_batches`` micro-batches on every
 rank, and tokens per optimizer step stay the same in every phase (when ``seq_len`` doubles, the rows per
-micro-batch halve). Every rank's reader state is saved in the checkpoint, for an exact resume. Raw files or
-prepared shards (``prepared=DIR``). Details: docs/modules.md, "data/pretrain_data.py".
+micro-batch halve). Every reader's state is saved in the checkpoint, for an exact resume, on the same or another
+process count (moxin/data/reshard.py redistributes the run's first reader layout). Raw files or prepared shards (``prepared=DIR``). Details: docs/modules.md, "data/pretrain_data.py".
 """
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Mapping, Sequence
 
 import torch
@@ -21,6 +22,7 @@ from moxin.data.mixture import validate_weights
 from moxin.data.packed_dataset import PackedDataset, reader_states
 from moxin.data.phases import Phase
 from moxin.data.prepared import PreparedData
+from moxin.data.reshard import ReshardedDataset, layout_of
 from moxin.data.resume import ConsumedStateLoader
 
 __all__ = ["PretrainDataModule"]
@@ -52,6 +54,8 @@ class PretrainDataModule(MoxinDataModule):
         pin_memory: page-locked batches; ``None`` (default) pins where CUDA is available. A pageable batch's copy to
             the GPU first waits for every kernel already queued, so the GPU idles while the next step launches.
     """
+
+    resumes_on_another_world = True  # the first layout's readers, redistributed (moxin/data/reshard.py)
 
     def __init__(
         self,
@@ -91,8 +95,12 @@ class PretrainDataModule(MoxinDataModule):
         self._validated = False
         self._train_loader = None
         self._train_phase: int | None = None
-        self._carry: dict[int, dict] = {}  # worker -> state carried into the next loader (this rank)
+        # original rank -> worker -> reader state carried into the next loader (the streams this rank reads)
+        self._carry: dict[int, dict[int, dict]] = {}
+        self._layout: tuple[int, int] | None = None  # (world_size, num_workers) the run's readers started with
+        self._resharded = False  # the current loader redistributes another layout's streams
         self._restored: dict | None = None  # datamodule state from a checkpoint
+        self._train_phase_restored: int | None = None  # its phase
         self.check_config()
 
     def _prepared_sources(self) -> list[SourceConfig]:
@@ -236,7 +244,7 @@ class PretrainDataModule(MoxinDataModule):
         if self._train_loader is None or getattr(self._train_loader, "_iterator", None) is None:
             return  # never iterated: the carry is still the states it was built with
         for st in reader_states(self._train_loader.state_dict()):
-            self._carry[int(st["worker"])] = st
+            self._carry.setdefault(int(st["rank"]), {})[int(st["worker"])] = st
 
     def build_train_loader(self, phase: int, rank: int | None = None, world_size: int | None = None):
         """The StatefulDataLoader of one phase (rank/world_size default to the trainer's)."""
@@ -244,38 +252,71 @@ class PretrainDataModule(MoxinDataModule):
         world_size = self.world_size if world_size is None else world_size
         self._check_prepared()
         self._harvest()
-        initial = dict(self._carry)
-        if self._restored is not None:
-            by_rank = self._restored.get("readers", {})
-            mine = by_rank.get(rank, by_rank.get(str(rank)))
-            if mine:
-                initial = {int(w): s for w, s in mine.items()}
+        here = (world_size, max(self.num_workers, 1))  # a loader without workers is one reader (worker 0 of 1)
+        resharded_state, restoring = False, self._restored is not None
+        if restoring:
+            readers = {int(r): {int(w): st for w, st in by_w.items()}
+                       for r, by_w in self._restored.get("readers", {}).items()}
+            if any(self._restored.get("pending_in_step", {}).values()):
+                raise DataError("the checkpoint's data state was taken inside an optimizer step; resume from one "
+                                "written at a step boundary (every moxin checkpoint is)")
+            self._layout = layout_of(readers) or here
+            resharded_state = bool(self._restored.get("resharded"))
+            self._carry = readers
             self._restored = None
-        self._carry = dict(initial)
-        ds = PackedDataset(
-            self.sources,
-            self.phases[phase],
-            self.tokenizer,
-            micro_rows=self.micro_rows(phase),
-            num_batches=self.batches_per_rank(phase),
-            rank=rank,
-            world_size=world_size,
-            seed=self.seed,
-            dedup=self.dedup and self.prepared is None,
-            val_percent=self.val_percent,
-            initial_states=initial,
-            prepared=self.prepared,
-        )
+        self._layout = self._layout or here
+        # mid-phase from a redistributed state, the phase goes on redistributed (its position is per stream)
+        self._resharded = self._layout != here or (resharded_state and phase == self._train_phase_restored)
+        make = self._reader_factory(phase)
+        if self._resharded:
+            n0 = self._layout[0]
+            ds = ReshardedDataset(make, layout=self._layout, rank=rank, world_size=world_size,
+                                  batches_per_step=self.accumulate_grad_batches * world_size,
+                                  steps=self.steps_in_phase(phase), initial=self._carry)
+            self._carry = {r: v for r, v in self._carry.items() if r in ds.streams}
+            if restoring and rank == 0 and self._layout != here:
+                print(f"data: resuming the readers of {n0} processes x {self._layout[1]} workers on {world_size} "
+                      "processes: each reads the streams its share of a step touches, without dataloader workers "
+                      "(moxin/data/reshard.py)", file=sys.stderr, flush=True)
+        else:
+            mine = self._carry.get(rank, {})
+            self._carry = {rank: dict(mine)}
+            ds = make(rank, None, mine)
         loader = ConsumedStateLoader(
             ds,
             batch_size=None,
-            num_workers=self.num_workers,
+            num_workers=0 if self._resharded else self.num_workers,
             snapshot_every_n_steps=self.snapshot_every_n_steps,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            ignore_restored_state=self._resharded or resharded_state,  # a redistributed loader's state is no use
         )
         self._train_loader, self._train_phase = loader, phase
         return loader
+
+    def _reader_factory(self, phase: int):
+        """make(rank, worker, initial) -> the PackedDataset of the readers of original rank ``rank`` in ``phase``
+        (one reader when ``worker`` is given: moxin/data/reshard.py runs each in its own dataset)."""
+        world0 = self._layout[0]
+        per_stream = self.steps_in_phase(phase) * (self.tokens_per_step // (self.micro_batch_tokens * world0))
+
+        def make(rank: int, worker: int | None, initial: Mapping[int, dict]) -> PackedDataset:
+            states = dict(initial) if worker is None else {w: st for w, st in initial.items() if w == worker}
+            return PackedDataset(
+                self.sources,
+                self.phases[phase],
+                self.tokenizer,
+                micro_rows=self.micro_rows(phase),
+                num_batches=per_stream,
+                rank=rank,
+                world_size=world0,
+                seed=self.seed,
+                dedup=self.dedup and self.prepared is None,
+                val_percent=self.val_percent,
+                initial_states=states,
+                prepared=self.prepared,
+            )
+        return make
 
     def train_dataloader(self):
         return self.build_train_loader(self._current_phase())
@@ -306,16 +347,24 @@ class PretrainDataModule(MoxinDataModule):
     # ---- checkpoint state (Lightning saves it under checkpoint["datamodule"]... via state_dict) -------------
     def state_dict(self) -> dict:
         self._harvest()
-        mine = {int(w): s for w, s in self._carry.items()}
-        readers = {self.rank: mine}
+        mine = {int(r): {int(w): st for w, st in by_w.items()} for r, by_w in self._carry.items()}
+        # a redistributed loader's readers are a whole step ahead of a step's first batches (reshard.py)
+        pending = int(self._resharded and self._train_loader is not None
+                      and self._train_loader.consumed % self.accumulate_grad_batches != 0)
+        gathered = [(self.rank, mine, pending)]
         if torch.distributed.is_available() and torch.distributed.is_initialized() and self.world_size > 1:
             gathered = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, (self.rank, mine))
-            readers = {r: s for r, s in gathered}
-        return {"readers": readers, "phase": self._train_phase}
+            torch.distributed.all_gather_object(gathered, (self.rank, mine, pending))
+        readers: dict[int, dict] = {}
+        for _, by_rank, _ in gathered:  # a stream read by several ranks (more ranks than it had) is the same on each
+            for r, by_w in by_rank.items():
+                readers.setdefault(r, by_w)
+        return {"readers": readers, "phase": self._train_phase, "resharded": self._resharded,
+                "pending_in_step": {r: p for r, _, p in gathered}}
 
     def load_state_dict(self, state: dict) -> None:
         self._restored = state
+        self._train_phase_restored = state.get("phase")
         self._carry = {}
 
     # ---- report -------------------------------------------------------------------------------------------
@@ -327,7 +376,7 @@ class PretrainDataModule(MoxinDataModule):
         self._harvest()
         per_source: dict[str, dict] = {}
         totals = {"tokens": 0, "val_held_out": 0, "batches_this_phase": 0}
-        for st in self._carry.values():
+        for st in (st for by_w in self._carry.values() for st in by_w.values()):
             totals["tokens"] += int(st["tokens"])
             totals["val_held_out"] += int(st["val_skipped"])
             totals["batches_this_phase"] += int(st["batches"])

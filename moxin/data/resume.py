@@ -19,8 +19,9 @@ class ConsumedStateLoader(StatefulDataLoader):
     We record the loader state after every yielded batch and answer with the one matching `consumed`, which the
     data module advances as each batch reaches the training step (`on_before_batch_transfer`)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, ignore_restored_state: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
+        self.ignore_restored_state = ignore_restored_state
         self._states: dict[int, dict] = {}
         self._yielded = 0
         self.consumed = 0
@@ -37,6 +38,12 @@ class ConsumedStateLoader(StatefulDataLoader):
             self._states[self._yielded] = super().state_dict()
             self._states.pop(self._yielded - 4, None)  # the fetcher is never more than a batch or two ahead
             yield batch
+
+    def load_state_dict(self, state_dict):
+        """Lightning's restore of the loader's state, skipped for a loader whose dataset takes its position from
+        the data module (a redistributed layout: the saved loader is another one's, moxin/data/reshard.py)."""
+        if not self.ignore_restored_state:
+            super().load_state_dict(state_dict)
 
     def state_dict(self):
         if self._yielded and self.consumed in self._states:

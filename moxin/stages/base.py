@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torchmetrics import Metric
 
-from moxin.checkpoint.resume import restore_rng, rng_state
+from moxin.checkpoint.resume import rescale_loop_batches, restore_rng, rng_state
 from moxin.checkpoint.weights import load_init_weights
 from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
 from moxin.distributed import is_sharded, parallelize, weights_checksum
@@ -310,6 +310,7 @@ class MoxinStage(L.LightningModule):
             # what resume and init_from check: the process count the data / loop state belongs to, and the
             # architecture the weights were trained with
             "world_size": int(self.trainer.world_size) if self._trainer is not None else 1,
+            "accumulate_grad_batches": int(self.trainer.accumulate_grad_batches) if self._trainer is not None else 1,
             "model_config": {k: v for k, v in dataclasses.asdict(self.model_cfg).items()},
             "total_steps": int(self.total_steps()) if self._trainer is not None else None,
         } | rng_state())
@@ -345,6 +346,8 @@ class MoxinStage(L.LightningModule):
         if not st:
             return
         self.tokens_seen = int(st["tokens_seen"])
+        if self._trainer is not None and "accumulate_grad_batches" in st:  # resumed on another process count
+            rescale_loop_batches(checkpoint, int(st["accumulate_grad_batches"]), self.trainer.accumulate_grad_batches)
         self.optim_step.nonfinite_steps = int(st.get("nonfinite_steps", 0))
         restore_rng(st)
         # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,

@@ -1,10 +1,11 @@
-"""Run PretrainStage on fixed rows with 1 or 2 CPU processes (launched by torchrun) and write the per-step
+"""Run PretrainStage on fixed rows with 1, 2 or 4 CPU processes (launched by torchrun; DDP, FSDP2 or HSDP) and write the per-step
 losses and a weight checksum to a JSON file, and the gradients of every optimizer step (with the gradients of the
 first step's loss written out by hand, tests/helpers/wiring_reference.py) to OUT.grads.pt. Used by
 tests/test_distributed.py.
 
 Every optimizer step consumes the same 8 global rows g0..g7 whatever the world size, in two micro-batches
-(accumulation 2): two processes take g0-g3 and g4-g7, as micro-batches of 2 rows; one process takes micro-batches
+(accumulation 2): two processes take g0-g3 and g4-g7, as micro-batches of 2 rows (four take two rows each, one
+row a micro-batch); one process takes micro-batches
 that straddle the two ranks' rows, (g0, g1, g4, g5) and (g2, g3, g6, g7). Label masks differ per row (4 to 31
 targets), so micro-batches hold different numbers of target tokens: only an exact token normalisation across
 accumulation and ranks gives the same gradients in both layouts (a per-micro-batch mean, or a normalisation
@@ -19,7 +20,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from moxin.config import OptimConfig
+from moxin.config import OptimConfig, ParallelConfig
 from moxin.model import Transformer
 from moxin.presets import load_preset
 from moxin.stages import PretrainStage
@@ -46,7 +47,7 @@ ONE_PROCESS_ORDER = [0, 1, 4, 5, 2, 3, 6, 7]
 
 class Rows(Dataset):
     def __init__(self, rows, world, rank, per_rank):
-        # step s covers global rows [s*8, (s+1)*8); rank r of 2 takes its contiguous half of each step, one process
+        # step s covers global rows [s*8, (s+1)*8); rank r of N takes its contiguous 8/N of each step, one process
         # takes them all in the straddling order
         self.items = []
         for s in range(STEPS):
@@ -75,8 +76,11 @@ def main(out_path, strategy="ddp"):
     per_rank = GLOBAL_ROWS // world
     accum = 2
     micro = per_rank // accum
+    # hsdp: FSDP2 over a (replicate 2, shard world/2) mesh
+    parallel = ParallelConfig(replicate=2 if strategy == "hsdp" and world > 1 else 1)
     stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
-                                                                  grad_clip=None), total_steps=STEPS)
+                                                                  grad_clip=None), parallel=parallel,
+                          total_steps=STEPS)
     losses = []
     stage.configure_model()
     init_checksum = sum(float(p.double().sum()) for p in stage.model.parameters())
@@ -93,7 +97,7 @@ def main(out_path, strategy="ddp"):
     loader = DataLoader(Rows(make_rows(), world, rank, per_rank), batch_size=micro, shuffle=False)
     if world == 1:
         strat = "auto"
-    elif strategy == "fsdp2":  # the path of hardware=fsdp: per-block FSDP2 through ModelParallelStrategy
+    elif strategy in ("fsdp2", "hsdp"):  # the path of hardware=fsdp: per-block FSDP2 through ModelParallelStrategy
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
@@ -105,9 +109,14 @@ def main(out_path, strategy="ddp"):
                         use_distributed_sampler=False)
     trainer.fit(stage, loader)
     checksum = _checksum(stage.model)
+    placements = [str(p.placements) for p in stage.model.parameters() if hasattr(p, "placements")][:1]
+    weights = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().double().clone()
+               for n, p in stage.model.named_parameters()}
     if trainer.is_global_zero:
         with open(out_path, "w") as f:
-            json.dump({"losses": losses, "checksum": checksum, "init_checksum": init_checksum, "world": world}, f)
+            json.dump({"losses": losses, "checksum": checksum, "init_checksum": init_checksum, "world": world,
+                       "placements": placements}, f)
+        torch.save(weights, f"{out_path}.weights.pt")
         torch.save({"steps": grads.grads, "reference": {k: v.double() for k, v in want.items()}},
                    f"{out_path}.grads.pt")
 

@@ -1,0 +1,81 @@
+"""A pretraining run resumed on another process count continues the straight run's data stream: every step trains
+on the very rows the uninterrupted run trained on (token contents of every rank's rows, compared step by step: no
+document lost or repeated), with its losses within 1e-4, across a phase boundary (phases of 64- and 128-token
+rows). FSDP2 over gloo processes (torchrun); the distributed checkpoint reshards model and optimizer, the data
+module redistributes the readers (moxin/data/reshard.py), the stage rescales the loop's micro-batch counters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from moxin.checkpoint.files import CheckpointError
+from moxin.checkpoint.resume import rescale_loop_batches
+from moxin.data.reshard import streams_of
+from tests.conftest import torchrun
+
+HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
+STEPS, RESUME_AT = 12, 3  # phase a is steps 1-6, phase b 7-12: the resumed part runs to the end of phase b
+
+
+def _launch(world: int, out: Path, resume: str | None = None, workers: int = 0) -> dict:
+    args = [out / "rows.json", out / "run", STEPS, resume or "", workers]
+    torchrun(HELPER, *args, nproc=world)
+    return json.loads((out / "rows.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """Uninterrupted runs by (process count, dataloader workers), launched once each and shared."""
+    runs: dict[tuple[int, int], tuple[dict, Path]] = {}
+
+    def get(world: int, workers: int = 0):
+        if (world, workers) not in runs:
+            out = tmp_path_factory.mktemp(f"straight{world}w{workers}")
+            runs[world, workers] = _launch(world, out, workers=workers), out / "run" / "checkpoints"
+        return runs[world, workers]
+    return get
+
+
+def _check_continues(straight_run: dict, resumed: dict) -> None:
+    steps = {s["step"]: s for s in straight_run["steps"]}
+    assert [s["step"] for s in resumed["steps"]] == list(range(RESUME_AT + 1, STEPS + 1))
+    assert resumed["accumulate"] != straight_run["accumulate"]  # really another layout
+    for s in resumed["steps"]:
+        want = steps[s["step"]]
+        assert s["rows"] == want["rows"], f"step {s['step']}: other rows than the straight run's"
+        assert s["loss"] == pytest.approx(want["loss"], abs=1e-4), f"step {s['step']}"
+
+
+@pytest.mark.parametrize("saved, resumed, workers", [
+    (2, 1, 0),
+    pytest.param(1, 2, 0, marks=pytest.mark.slow),
+    pytest.param(2, 1, 2, marks=pytest.mark.slow),  # two dataloader workers a rank: 4 readers on one process
+    pytest.param(4, 2, 0, marks=pytest.mark.slow),
+    pytest.param(2, 4, 0, marks=pytest.mark.slow),
+])
+def test_resume_on_another_process_count_continues_the_straight_run(straight, tmp_path, saved, resumed, workers):
+    run, ckpts = straight(saved, workers)
+    again = _launch(resumed, tmp_path, str(ckpts / f"step{RESUME_AT:06d}.ckpt"), workers)
+    _check_continues(run, again)
+
+
+def test_streams_a_rank_reads_cover_its_share_of_each_step():
+    # 4 micro-batches a step; saved by 2 ranks (2 each): one rank reads both streams, 4 ranks one half-stream each
+    assert streams_of(0, 1, 4, 2) == [0, 1]
+    assert [streams_of(r, 4, 4, 2) for r in range(4)] == [[0], [0], [1], [1]]
+    assert [streams_of(r, 2, 6, 2) for r in range(2)] == [[0, 1], [1, 2]]  # 3 streams over 2 ranks: one shared
+
+
+def test_loop_counters_rescaled_to_the_new_accumulation():
+    ck = {"loops": {"fit_loop": {"epoch_loop.batch_progress": {
+        "total": {"ready": 6, "started": 6, "processed": 6, "completed": 5},
+        "current": {"ready": 2, "started": 2, "processed": 2, "completed": 1}}}}}
+    rescale_loop_batches(ck, 2, 1)
+    bp = ck["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    assert bp["total"] == {"ready": 3, "started": 3, "processed": 3, "completed": 2}
+    assert bp["current"] == {"ready": 1, "started": 1, "processed": 1, "completed": 0}
+    with pytest.raises(CheckpointError, match="micro-batch 3, inside an optimizer step of 2"):
+        rescale_loop_batches(ck, 2, 4)  # 3 micro-batches are not whole steps of 2
