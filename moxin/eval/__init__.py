@@ -17,7 +17,7 @@
 Entry points in training: ``moxin.callbacks.evaluation.EvalCallback`` (``+eval=sample eval.after=stage``).
 """
 
-from moxin.eval.generation import pass_at_k
+from moxin.eval.metrics import pass_at_k
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.runner import evaluate, flat_metrics, lm_eval_results, markdown_table, print_table, write_results
 from moxin.eval.tasks import GEN_PRESET_DOCS, PRESET_DOCS, build_gen_items, build_mc_items, eval_config, load_records

@@ -12,23 +12,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from moxin.distributed import all_reduce_values
 from moxin.model.generate import generate
 from moxin.rewards import get_verifier, score_batch
 
-__all__ = ["pass_at_k", "GenRecord", "generate_all", "score_generations", "score_texts"]
-
-
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples, got {n}")
-    if n - c < k:
-        return 1.0
-    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+__all__ = ["GenRecord", "generate_all", "score_generations", "score_texts"]
 
 
 @dataclass

@@ -23,7 +23,8 @@ from rich.table import Table
 
 from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
-from moxin.eval.generation import generate_all, pass_at_k, score_texts
+from moxin.eval.generation import generate_all, score_texts
+from moxin.eval.metrics import pass_at_k
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.scoring import truncate_at
 from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, load_records

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from moxin.eval.generation import pass_at_k
+from moxin.eval.metrics import pass_at_k
 from moxin.eval.sandbox import ExecResult, SandboxLimits, humaneval_program, run_program, run_programs
 from moxin.rewards.base import CORRECT, NO_ANSWER, WRONG, RewardResult
 from moxin.rewards.extract import MalformedAnswer, last_boxed
