@@ -17,7 +17,6 @@ from moxin.checkpoint.resume import rescale_loop_batches
 from moxin.data.reshard import streams_of
 import tests.test_datamodule as T
 from tests.conftest import torchrun
-from tests.test_datamodule import corpus  # noqa: F401  (a fixture)
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
 STEPS, RESUME_AT = 12, 3  # phase a is steps 1-6, phase b 7-12: the resumed part runs to the end of phase b
@@ -82,6 +81,12 @@ def test_loop_counters_rescaled_to_the_new_accumulation():
     assert bp["current"] == {"ready": 1, "started": 1, "processed": 1, "completed": 0}
     with pytest.raises(CheckpointError, match="micro-batch 3, inside an optimizer step of 2"):
         rescale_loop_batches(ck, 2, 4)  # 3 micro-batches are not whole steps of 2
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """tests/test_datamodule.py's two-source corpus (its byte tokenizer's data modules, `T.make`)."""
+    return T.corpus.__wrapped__(tmp_path)
 
 
 def _steps(dms: list, phases: range, stop_after: int | None = None, done: int = 0) -> list[list[str]]:
