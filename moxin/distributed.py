@@ -10,8 +10,6 @@ replica * (world/R) + shard as torchtitan's ParallelDims orders it, and `fully_s
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -54,14 +52,20 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_fo
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
-@lru_cache(maxsize=4)
-def hsdp_mesh(device_type: str, world: int, replicate: int):
-    """The (replicate, shard) device mesh of HSDP over every rank: consecutive ranks (one node's GPUs, when R is
-    the node count) form a shard group, and rank i of each group is replicated across the R groups. Made once a
-    layout (creating a mesh creates process groups, collectively), so the policy and a frozen reference share it."""
+def hsdp_mesh(mesh, replicate: int):
+    """The (replicate, shard) device mesh of HSDP over the ranks of `mesh` (all data-parallel): consecutive ranks (one node's
+    GPUs, when R is the node count) form a shard group, and rank i of each group is replicated across the R groups
+    (torchtitan's dp_replicate before dp_shard). Made once per strategy mesh and kept on it (creating a mesh
+    creates process groups, collectively), so the policy and a frozen reference share it and a later run in the
+    same process (a warm-up, then the run) gets its own."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    return init_device_mesh(device_type, (replicate, world // replicate), mesh_dim_names=("replicate", "shard"))
+    made = getattr(mesh, "_moxin_hsdp", None)
+    if made is None or made.shape != (replicate, mesh.size() // replicate):
+        made = init_device_mesh(mesh.device_type, (replicate, mesh.size() // replicate),
+                                mesh_dim_names=("replicate", "shard"))
+        mesh._moxin_hsdp = made
+    return made
 
 
 def data_parallel_mesh(mesh, cfg: ParallelConfig):
@@ -73,7 +77,7 @@ def data_parallel_mesh(mesh, cfg: ParallelConfig):
     if dp_mesh.size() != dist.get_world_size():
         raise ValueError("hardware.parallel.replicate > 1 (HSDP) needs every rank data-parallel (no tensor "
                          f"parallelism): the data-parallel mesh has {dp_mesh.size()} of {dist.get_world_size()} ranks")
-    return hsdp_mesh(dp_mesh.device_type, dp_mesh.size(), cfg.replicate)
+    return hsdp_mesh(mesh, cfg.replicate)
 
 
 def is_sharded(strategy) -> bool:

@@ -6,6 +6,7 @@ module redistributes the readers (moxin/data/reshard.py), the stage rescales the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from moxin.checkpoint.files import CheckpointError
 from moxin.checkpoint.resume import rescale_loop_batches
 from moxin.data.reshard import streams_of
+import tests.test_datamodule as T
 from tests.conftest import torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
@@ -79,3 +81,46 @@ def test_loop_counters_rescaled_to_the_new_accumulation():
     assert bp["current"] == {"ready": 1, "started": 1, "processed": 1, "completed": 0}
     with pytest.raises(CheckpointError, match="micro-batch 3, inside an optimizer step of 2"):
         rescale_loop_batches(ck, 2, 4)  # 3 micro-batches are not whole steps of 2
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    """tests/test_datamodule.py's two-source corpus (its byte tokenizer's data modules, `T.make`)."""
+    return T.corpus.__wrapped__(tmp_path)
+
+
+def _steps(dms: list, phases: range, stop_after: int | None = None, done: int = 0) -> list[list[str]]:
+    """Per optimizer step, the sorted row hashes every rank (one data module each, in this process) yields;
+    `done` steps of the first phase were taken before (a resume)."""
+    out = []
+    for ph in phases:
+        loaders = [dm.build_train_loader(ph) for dm in dms]
+        its = [iter(ld) for ld in loaders]
+        accum = dms[0].accumulate_grad_batches
+        for _ in range(dms[0].steps_in_phase(ph) - (done if ph == phases[0] else 0)):
+            rows = []
+            for ld, it in zip(loaders, its):
+                for _ in range(accum):
+                    rows += [hashlib.sha1(r.numpy().tobytes()).hexdigest() for r in next(it)["input_ids"]]
+                    ld.consumed += 1
+            out.append(sorted(rows))
+            if stop_after is not None and len(out) == stop_after:
+                return out
+    return out
+
+
+@pytest.mark.parametrize("saved, resumed, workers", [(2, 1, 0), (1, 2, 0), (2, 4, 0), (4, 2, 0), (2, 1, 2)])
+def test_redistributed_readers_yield_the_straight_runs_rows(corpus, saved, resumed, workers):
+    """The data module alone, every rank in this process: a stream saved by `saved` ranks mid-phase and resumed
+    on `resumed` gives the straight run's rows in every later step, across the phase boundary."""
+    phases = range(len(T.PHASES))
+    straight = _steps([T.make(corpus, workers, world_size=saved, rank=r) for r in range(saved)], phases)
+    first = [T.make(corpus, workers, world_size=saved, rank=r) for r in range(saved)]
+    _steps(first, range(1), stop_after=RESUME_AT)
+    readers = {}
+    for dm in first:
+        readers.update(dm.state_dict()["readers"])
+    again = [T.make(corpus, workers, world_size=resumed, rank=r) for r in range(resumed)]
+    for dm in again:
+        dm.load_state_dict({"readers": readers, "phase": 0, "resharded": False, "pending_in_step": {}})
+    assert _steps(again, phases, done=RESUME_AT) == straight[RESUME_AT:]
