@@ -9,42 +9,12 @@ from moxin.config import DataError
 from moxin.data.phases import Phase
 from moxin.data.pretrain_data import PretrainDataModule
 from tests.helpers.batches import as_list, assert_same_batches, ckpt_roundtrip
-
-
-class ByteTok:
-    """Picklable stand-in for moxin.tokenizer.Tokenizer: bytes + 3, bos 1, eos 2."""
-
-    bos_id, eos_id, vocab_size = 1, 2, 259
-
-    def encode(self, text, bos=False, eos=False):
-        return [1] * bos + [b + 3 for b in text.encode()] + [2] * eos
+from tests.helpers.two_source_corpus import PHASES, ByteTok, make, write_corpus
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    prose = [f"prose document {i} " + "word " * (i % 13) for i in range(300)]
-    prose += prose[:20]  # exact duplicates
-    prose += ["PROSE   document 5 " + "word " * 5]  # case/whitespace variant of doc 5
-    code = [f"def f{i}():\n    return {i}" + " " * (i % 5) for i in range(200)]
-    (tmp_path / "prose.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in prose) + "{bad line\n")
-    (tmp_path / "code.jsonl").write_text("".join(json.dumps({"content": d}) + "\n" for d in code))
-    return [
-        {"name": "prose", "path": str(tmp_path / "prose.jsonl")},
-        {"name": "code", "path": str(tmp_path / "code.jsonl"), "text_field": "content"},
-    ]
-
-
-PHASES = [
-    {"name": "short", "seq_len": 32, "tokens": 6 * 256, "mixture": {"prose": 3, "code": 1}},
-    {"name": "long", "seq_len": 64, "tokens": 4 * 256, "mixture": {"prose": 1, "code": 1}},
-]
-
-
-def make(corpus, workers=0, **kw):
-    args = dict(tokenizer=ByteTok(), tokens_per_step=256, micro_batch_tokens=64, max_seq_len=128,
-                num_workers=workers, seed=7, val_percent=10, val_tokens=128, world_size=1)
-    args.update(kw)
-    return PretrainDataModule(corpus, PHASES, **args)
+    return write_corpus(tmp_path)
 
 
 def _documents(batches) -> list[str]:

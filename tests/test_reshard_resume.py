@@ -15,7 +15,7 @@ import pytest
 from moxin.checkpoint.files import CheckpointError
 from moxin.checkpoint.resume import rescale_loop_batches
 from moxin.data.reshard import streams_of
-import tests.test_datamodule as T
+import tests.helpers.two_source_corpus as T
 from tests.conftest import torchrun
 
 HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
@@ -85,8 +85,8 @@ def test_loop_counters_rescaled_to_the_new_accumulation():
 
 @pytest.fixture
 def corpus(tmp_path):
-    """tests/test_datamodule.py's two-source corpus (its byte tokenizer's data modules, `T.make`)."""
-    return T.corpus.__wrapped__(tmp_path)
+    """The two-source corpus of tests/helpers/two_source_corpus.py (its byte tokenizer's data modules, `T.make`)."""
+    return T.write_corpus(tmp_path)
 
 
 def _steps(dms: list, phases: range, stop_after: int | None = None, done: int = 0) -> list[list[str]]:

@@ -15,8 +15,8 @@ import torch
 import torch.distributed as dist
 
 from moxin.assemble import assemble
-from tests.helpers.compose import compose_config
-from tests.helpers.tiny_overrides import TINY_PRETRAIN, replaced
+from compose import compose_config  # this script's folder is on sys.path when torchrun runs it
+from tiny_overrides import TINY_PRETRAIN, replaced
 
 
 class RecordRows(L.Callback):
