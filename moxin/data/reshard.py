@@ -1,18 +1,6 @@
 """Resume on another process count: the data stream of the layout a run started with, redistributed.
 
-The micro-batches one optimizer step consumes are fixed by the run's first layout, N0 ranks of nw0 dataloader
-workers (readers, each a shard of every source, ``PackedDataset``): G = N0 * a0 a step (a0 = its gradient
-accumulation), global index g = r * a0 + i for batch i of the step in original rank r's stream, which takes its
-readers round-robin as the dataloader does. On M ranks (a1 = G / M) rank r' takes g in [r' * a1, (r' + 1) * a1) of
-every step: it runs every original stream that range touches and yields its own batches in g order. A stream split
-between several ranks (M > N0) is read whole by each of them, the others' batches dropped (readers are sequential:
-a position cannot be jumped to without reading what comes before), so the reading work per rank does not shrink.
-The loss is normalised by the step's tokens over all ranks, so the step's loss and gradients are the straight
-run's up to the order of the sums.
-
-The state stays the original readers' (keyed by original rank and worker), so a later resume on any count, the
-first layout included, continues the same stream. A step's readers are read before its first batch is yielded,
-so the state is exact at step boundaries, where checkpoints are taken; the data module refuses one taken inside.
+Details: docs/modules.md, "data/reshard.py".
 """
 
 from __future__ import annotations
