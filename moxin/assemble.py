@@ -132,14 +132,15 @@ def resolve_resume(cfg: DictConfig, ckpt_dir: Path) -> str | None:
 
 
 def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
-    """A checkpoint written by another process count resumes where the data module can redistribute its loader
-    state (pretraining); other stages' step samplers count their position in their own layout's batches."""
+    """A checkpoint written by another process count resumes where the data module can move its loader state to
+    the new layout (every built-in one: pretraining's readers are redistributed, the step samplers' positions
+    rescaled); a data module that cannot (``resumes_on_another_world`` False, a user's own by default) is refused."""
     saved_world = read_info(ckpt_path).world_size
     if saved_world and saved_world != world and not datamodule.resumes_on_another_world:
         raise ConfigError(
             f"{ckpt_path} was written by {saved_world} processes; this run has {world} (hardware.devices x "
             f"hardware.num_nodes). {type(datamodule).__name__} keeps its data position as batches of the process "
-            f"count that wrote it (pretraining's data resumes on any count), so resume with {saved_world} processes, "
+            f"count that wrote it (resumes_on_another_world is False), so resume with {saved_world} processes, "
             f"or start a new run from its weights: init_from={ckpt_path} (the weights reshard to any process count)")
 
 

@@ -21,6 +21,9 @@ from moxin.assemble import assemble, check_resume_world
 from moxin.checkpoint.files import read_info
 from moxin.checkpoint.weights import load_model_weights
 from moxin.config import ConfigError
+from moxin.data.base import MoxinDataModule
+from moxin.data.dpo_data import PreferenceDataModule
+from moxin.data.grpo_data import PromptDataModule
 from moxin.data.pretrain_data import PretrainDataModule
 from moxin.data.sft_data import ChatSFTDataModule
 from tests.helpers.kill_loop import TINY
@@ -70,11 +73,15 @@ def test_fsdp_run_writes_one_complete_checkpoint_folder_and_hf(fsdp_run):
 def test_fsdp_checkpoint_feeds_one_process(fsdp_run, tmp_path):
     ck = fsdp_run / "checkpoints" / "last.ckpt"
     one = [a for a in TINY if not a.startswith("+logger")]
-    # a data module that counts its position in its own layout's batches (SFT, DPO, GRPO) cannot resume on 1
-    # process: refused, naming both counts and the way out; pretraining's redistributes (test_reshard_resume.py)
-    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*ChatSFTDataModule.*init_from="):
-        check_resume_world(str(ck), 1, ChatSFTDataModule.__new__(ChatSFTDataModule))
-    check_resume_world(str(ck), 1, PretrainDataModule.__new__(PretrainDataModule))
+    # every built-in data module resumes on another process count (tests/test_reshard_resume.py); one that cannot
+    # (a data module of the user's, by default) is refused, naming both counts and the way out
+    class OwnData(MoxinDataModule):
+        pass
+
+    with pytest.raises(ConfigError, match="written by 2 processes; this run has 1.*OwnData.*init_from="):
+        check_resume_world(str(ck), 1, OwnData())
+    for dm in (ChatSFTDataModule, PreferenceDataModule, PromptDataModule, PretrainDataModule):
+        check_resume_world(str(ck), 1, dm.__new__(dm))
     # init_from the distributed-checkpoint folder, one process, no process group: the same weights
     # (preflight first, as the command line runs it: it once refused this folder for lacking config.json)
     from moxin.errors import preflight

@@ -1,8 +1,9 @@
-"""A pretraining run resumed on another process count continues the straight run's data stream: every step trains
+"""A run resumed on another process count continues the straight run's data stream: every step trains
 on the very rows the uninterrupted run trained on (token contents of every rank's rows, compared step by step: no
 document lost or repeated), with its losses within 1e-4, across a phase boundary (phases of 64- and 128-token
-rows). FSDP2 over gloo processes (torchrun); the distributed checkpoint reshards model and optimizer, the data
-module redistributes the readers (moxin/data/reshard.py), the stage rescales the loop's micro-batch counters."""
+rows; SFT and DPO across an epoch boundary; GRPO's prompts). FSDP2 over gloo processes (torchrun); the distributed
+checkpoint reshards model and optimizer, the data module redistributes the readers (moxin/data/reshard.py) or
+rescales the step sampler's position (moxin/data/resume.py), the stage rescales the loop's micro-batch counters."""
 
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import pytest
 
 from moxin.checkpoint.files import CheckpointError
 from moxin.checkpoint.resume import rescale_loop_batches
+from moxin.config import DataError
+from moxin.data.resume import rescale_sampler_position
 from moxin.data.reshard import streams_of
 import tests.helpers.two_source_corpus as T
 from tests.conftest import torchrun
@@ -22,8 +25,9 @@ HELPER = Path(__file__).parent / "helpers" / "reshard_resume.py"
 STEPS, RESUME_AT = 12, 3  # phase a is steps 1-6, phase b 7-12: the resumed part runs to the end of phase b
 
 
-def _launch(world: int, out: Path, resume: str | None = None, workers: int = 0) -> dict:
-    args = [out / "rows.json", out / "run", STEPS, resume or "", workers]
+def _launch(world: int, out: Path, resume: str | None = None, workers: int = 0, stage: str = "pretrain",
+            steps: int = STEPS) -> dict:
+    args = [out / "rows.json", out / "run", steps, resume or "", workers, stage]
     torchrun(HELPER, *args, nproc=world)
     return json.loads((out / "rows.json").read_text())
 
@@ -41,14 +45,15 @@ def straight(tmp_path_factory):
     return get
 
 
-def _check_continues(straight_run: dict, resumed: dict) -> None:
-    steps = {s["step"]: s for s in straight_run["steps"]}
-    assert [s["step"] for s in resumed["steps"]] == list(range(RESUME_AT + 1, STEPS + 1))
-    assert resumed["accumulate"] != straight_run["accumulate"]  # really another layout
+def _check_continues(straight_run: dict, resumed: dict, steps: int = STEPS, same_layout: bool = False) -> None:
+    by_step = {s["step"]: s for s in straight_run["steps"]}
+    assert [s["step"] for s in resumed["steps"]] == list(range(RESUME_AT + 1, steps + 1))
+    assert same_layout or resumed["accumulate"] != straight_run["accumulate"]  # really another layout
     for s in resumed["steps"]:
-        want = steps[s["step"]]
+        want = by_step[s["step"]]
         assert s["rows"] == want["rows"], f"step {s['step']}: other rows than the straight run's"
-        assert s["loss"] == pytest.approx(want["loss"], abs=1e-4), f"step {s['step']}"
+        if want["loss"] is not None:
+            assert s["loss"] == pytest.approx(want["loss"], abs=1e-4), f"step {s['step']}"
 
 
 @pytest.mark.parametrize("saved, resumed, workers", [
@@ -62,6 +67,40 @@ def test_resume_on_another_process_count_continues_the_straight_run(straight, tm
     run, ckpts = straight(saved, workers)
     again = _launch(resumed, tmp_path, str(ckpts / f"step{RESUME_AT:06d}.ckpt"), workers)
     _check_continues(run, again)
+
+
+POST_STEPS = 8  # SFT: epochs of 5 steps, DPO: of 6: the resumed part crosses the epoch boundary
+
+
+@pytest.mark.parametrize("stage, saved, resumed, workers", [
+    ("sft", 2, 1, 0),
+    pytest.param("sft", 1, 2, 1, marks=pytest.mark.slow),  # one dataloader worker a rank: torchdata's snapshot form
+    pytest.param("dpo", 2, 1, 0, marks=pytest.mark.slow),
+    pytest.param("grpo", 2, 1, 0, marks=pytest.mark.slow),
+])
+def test_post_training_resumes_on_another_process_count(tmp_path, stage, saved, resumed, workers):
+    """SFT and DPO: the step sampler gives a global step the same items on any process count, and the saved loader
+    position is rescaled to the new accumulation; GRPO: every rank takes its slice of the step's prompts (its loss
+    depends on each rank's sampling: the prompts are compared)."""
+    run = _launch(saved, tmp_path / "straight", workers=workers, stage=stage, steps=POST_STEPS)
+    ckpt = tmp_path / "straight" / "run" / "checkpoints" / f"step{RESUME_AT:06d}.ckpt"
+    again = _launch(resumed, tmp_path / "again", str(ckpt), workers, stage, POST_STEPS)
+    # GRPO: one rollout a step on any process count (its accumulation stays 1)
+    _check_continues(run, again, POST_STEPS, same_layout=stage == "grpo")
+
+
+def test_a_step_samplers_position_moves_to_the_new_accumulation():
+    one = {"_sampler_iter_yielded": 12, "_num_yielded": 12, "_index_sampler_state": None}
+    rescale_sampler_position(one, 4, 2)
+    assert one["_sampler_iter_yielded"] == one["_num_yielded"] == 6
+    workers = {"_snapshot": {"_snapshot_step": 6, "_last_yielded_worker_id": 1,
+                             "_main_snapshot": {"_num_workers": 2, "_sampler_iter_yielded": 6}},
+               "_steps_since_snapshot": 0}
+    rescale_sampler_position(workers, 2, 1)
+    assert workers["_snapshot"]["_snapshot_step"] == workers["_snapshot"]["_main_snapshot"]["_sampler_iter_yielded"] == 3
+    assert workers["_snapshot"]["_last_yielded_worker_id"] == 0  # batch 3 came from worker 0: worker 1 is next
+    with pytest.raises(DataError, match="micro-batch 3, inside an optimizer step of 2"):
+        rescale_sampler_position({"_sampler_iter_yielded": 3, "_num_yielded": 3}, 2, 1)
 
 
 def test_streams_a_rank_reads_cover_its_share_of_each_step():

@@ -18,8 +18,8 @@ __all__ = ["MoxinDataModule"]
 class MoxinDataModule(L.LightningDataModule):
     #: Lightning epochs of the run (the trainer's max_epochs); subclasses set it or compute it.
     num_epochs: int = 1
-    #: whether a checkpoint written by another process count resumes exactly (its loader state redistributed);
-    #: pretraining's does (moxin/data/reshard.py), a step sampler's position is counted in its own layout's batches
+    #: whether a checkpoint written by another process count resumes exactly: pretraining's readers are
+    #: redistributed (moxin/data/reshard.py), a step sampler's position rescaled (``rescale_loader_state``)
     resumes_on_another_world: bool = False
 
     def __init__(self, *, seed: int = 1234, tokenizer=None, world_size: int | None = None, rank: int | None = None,

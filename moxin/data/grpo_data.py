@@ -73,6 +73,9 @@ class PromptDataModule(MoxinDataModule):
             through ``connect`` (or given here by direct users).
     """
 
+    #: every rollout step's prompts are the same on any process count (each rank takes its slice of the step)
+    resumes_on_another_world = True
+
     def __init__(self, source: str = "arithmetic", prompts_per_step: int = 64, steps: int | None = None,
                  num_passes: int = 1, instruction: str | None = None, verifier: str = "exact",
                  system: str | None = None, prompt_fields: tuple[str, ...] = ("problem", "prompt", "question"),

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-__all__ = ["ConsumedStateLoader"]
+from moxin.config import DataError
+
+__all__ = ["ConsumedStateLoader", "rescale_sampler_position"]
 
 
 class ConsumedStateLoader(StatefulDataLoader):
@@ -49,3 +51,32 @@ class ConsumedStateLoader(StatefulDataLoader):
         if self._yielded and self.consumed in self._states:
             return self._states[self.consumed]
         return super().state_dict()
+
+
+def rescale_sampler_position(state: dict, saved_accumulate: int, accumulate: int) -> None:
+    """A map-style ``StatefulDataLoader`` state (a step sampler's position counted in this rank's micro-batches)
+    moved, in place, to another accumulation: ``k`` whole optimizer steps of ``saved_accumulate`` micro-batches
+    become ``k`` steps of ``accumulate``. The step sampler gives every global step the same items on any process
+    count (moxin/data/step_batches.py), so the resumed loader starts at the straight run's next step.
+
+    Both of torchdata's forms: one process (``_num_yielded``) and with workers (``_snapshot``, where the next
+    worker to yield follows from the count)."""
+    def moved(n: int) -> int:
+        if n % saved_accumulate:
+            raise DataError(f"the data loader stands at micro-batch {n}, inside an optimizer step of "
+                             f"{saved_accumulate}: it cannot be resumed with another process count")
+        return n // saved_accumulate * accumulate
+
+    snap = state.get("_snapshot")
+    if snap is None:
+        state["_sampler_iter_yielded"] = moved(state["_sampler_iter_yielded"])
+        state["_num_yielded"] = moved(state["_num_yielded"])
+        return
+    if snap.get("_main_snapshot") is None or state.get("_steps_since_snapshot", 0):
+        raise DataError("the data loader's saved state is not at a snapshot; it cannot be resumed with another "
+                         "process count")
+    main = snap["_main_snapshot"]
+    main["_sampler_iter_yielded"] = moved(main["_sampler_iter_yielded"])
+    snap["_snapshot_step"] = n = moved(snap["_snapshot_step"])
+    workers = int(main["_num_workers"])
+    snap["_last_yielded_worker_id"] = (n - 1) % workers

@@ -16,6 +16,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 from moxin.config import DataError, SourceConfig, plain
 from moxin.data.base import MoxinDataModule
 from moxin.data.reader import as_source
+from moxin.data.resume import rescale_sampler_position
 
 __all__ = ["StepBatchSampler", "StepDataModule"]
 
@@ -79,6 +80,8 @@ class StepDataModule(MoxinDataModule):
 
     item = "items"
     multi_source = False  # whether ``train`` may list several sources
+    #: every global step holds the same items on any process count: the loader's position is rescaled
+    resumes_on_another_world = True
 
     def __init__(self, train: Any, val: Any, *, max_length: int, batch_size: int, micro_batch_size: int,
                  num_epochs: int, num_workers: int, pad_to_multiple_of: int, max_bad_records: int,
@@ -173,6 +176,10 @@ class StepDataModule(MoxinDataModule):
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate(),
                                   num_workers=self.num_workers, persistent_workers=False,
                                   pin_memory=torch.cuda.is_available())  # as PretrainDataModule's pin_memory
+
+    def rescale_loader_state(self, state: dict, saved_accumulate: int, accumulate: int) -> None:
+        """The training loader's saved position (a checkpoint of another process count) in this layout's batches."""
+        rescale_sampler_position(state, saved_accumulate, accumulate)
 
     def ordered_loader(self, ds) -> torch.utils.data.DataLoader:
         """Every item of ``ds`` once, in order, round-robin over ranks (the same batch count on every rank)."""

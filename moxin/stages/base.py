@@ -347,7 +347,13 @@ class MoxinStage(L.LightningModule):
             return
         self.tokens_seen = int(st["tokens_seen"])
         if self._trainer is not None and "accumulate_grad_batches" in st:  # resumed on another process count
-            rescale_loop_batches(checkpoint, int(st["accumulate_grad_batches"]), self.trainer.accumulate_grad_batches)
+            saved, now = int(st["accumulate_grad_batches"]), self.trainer.accumulate_grad_batches
+            rescale_loop_batches(checkpoint, saved, now)
+            rescale = getattr(self.trainer.datamodule, "rescale_loader_state", None)
+            if saved != now and rescale is not None:  # a step sampler's position, in this layout's micro-batches
+                loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
+                for state in loops.get("combined_loader") or []:
+                    rescale(state, saved, now)
         self.optim_step.nonfinite_steps = int(st.get("nonfinite_steps", 0))
         restore_rng(st)
         # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,
