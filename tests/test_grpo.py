@@ -24,17 +24,10 @@ from moxin.paths import conf_dir
 from moxin.presets import load_preset
 from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
-from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch
+from tests.helpers.tiny_grpo import ParityVerifier, arithmetic_prompts, fit_one_epoch
 from tests.helpers.tiny_overrides import tiny_model
 
 CONF = str(conf_dir())
-
-
-class ParityVerifier:
-    """A stand-in reward that varies on a random model: 1 when the completion text has an odd length."""
-
-    def __call__(self, completion: str, reference: str) -> RewardResult:
-        return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
 
 
 class BrokenVerifier:

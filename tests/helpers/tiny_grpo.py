@@ -8,8 +8,16 @@ import torch
 from moxin.config import GRPOConfig, OptimConfig
 from moxin.data.grpo_data import PromptDataModule
 from moxin.presets import load_preset
+from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
+
+
+class ParityVerifier:
+    """A stand-in reward that varies on a random model: 1 when the completion text has an odd length."""
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
 
 
 def tiny_grpo_stage(verifier: str, **grpo) -> tuple[GRPOStage, object]:
