@@ -8,16 +8,14 @@ OUT.step<N>.pt, for the one-process reference (tests/test_grpo_rollout_fsdp.py).
 import json
 import sys
 
-import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 import moxin.rewards as rewards_pkg
 import moxin.stages.grpo as grpo_mod
 from moxin.config.grpo import ShardedRollout
 from moxin.data.grpo_data import PromptDataModule
-from tiny_grpo import ParityVerifier, tiny_grpo_stage  # this script's folder is on sys.path under torchrun
+from tiny_grpo import ParityVerifier, fsdp2_cpu_trainer, tiny_grpo_stage  # this script's folder is on sys.path under torchrun
 
 
 def main(out_path):
@@ -50,10 +48,7 @@ def main(out_path):
         return ro
 
     stage.rollout = rollout
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
-                                                                                      tensor_parallel_size=1),
-                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer = fsdp2_cpu_trainer()
     trainer.fit(stage, datamodule=dm)
     if trainer.is_global_zero:
         with open(out_path, "w") as f:
