@@ -571,6 +571,8 @@ class GRPOStage(MoxinStage):
                 acc["kl"] += r[3] / max(tot_tok, 1.0)
                 acc["tok"] += tot_tok
                 acc["n_mb"] += 1
+        # the gradients are set again by the next minibatch: their memory goes to the next rollout (copy, cache)
+        opt.zero_grad(set_to_none=True)
         n_mb = max(acc["n_mb"], 1)
         ent_sum, ent_n = all_reduce_values([acc["ent"], acc["ent_n"]], self.device)
         self.last_step_tokens_processed = processed
