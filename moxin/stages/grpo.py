@@ -180,7 +180,8 @@ class GRPOStage(MoxinStage):
         # (gather), or every forward is collective and the ranks decode in lockstep, eagerly (a CUDA graph cannot
         # hold the all-gathers)
         sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
-        lockstep = sharded and self.sharded_rollout_mode(min(bs, len(prompts)), max(map(len, prompts))) == ShardedRollout.LOCKSTEP
+        lockstep = sharded and (self.sharded_rollout_mode(min(bs, len(prompts)), max(map(len, prompts)))
+                                == ShardedRollout.LOCKSTEP)
         t_refresh = time.perf_counter()
         gen_model, no_autocast = (self.model, False) if lockstep else self.rollout_model(sharded)
         if self.device.type == "cuda":
@@ -224,7 +225,8 @@ class GRPOStage(MoxinStage):
         ro = self.build_rollout(prompts, tokens, finished, rewards)
         ro.completions = completions
         # score_s: scoring left after the last token (the rest ran during generation); score_busy_s: all of it
-        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "refresh_s": refresh_s, "score_s": score_s, "score_busy_s": busy[0],
+        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "refresh_s": refresh_s, "score_s": score_s,
+                         "score_busy_s": busy[0],
                          "verifier_errors": vstats["errors"],
                          "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
         if c.log_completions and self.trainer_is_zero() and step % max(1, c.log_every) == 0:
@@ -643,8 +645,8 @@ class GRPOStage(MoxinStage):
             print(f"[grpo step {rl_step}] reward {mean:.3f} zero-std groups {zs / ng:.2f} "
                   f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {'-' if ent is None else f'{ent:.3f}'} "
                   f"clip {logs['grpo/clip_frac']:.3f} kl {logs['grpo/kl']:.4f} "
-                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time gen {gen_s:.2f} s score "
-                  f"{ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)
+                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time refresh {refresh_s:.2f} s gen {gen_s:.2f} s "
+                  f"score {ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("reward", mean, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
         return None

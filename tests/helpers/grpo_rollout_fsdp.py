@@ -15,7 +15,8 @@ import moxin.rewards as rewards_pkg
 import moxin.stages.grpo as grpo_mod
 from moxin.config.grpo import ShardedRollout
 from moxin.data.grpo_data import PromptDataModule
-from tiny_grpo import ParityVerifier, fsdp2_cpu_trainer, tiny_grpo_stage  # this script's folder is on sys.path under torchrun
+# this script's folder is on sys.path when torchrun runs it
+from tiny_grpo import ParityVerifier, fsdp2_cpu_trainer, tiny_grpo_stage
 
 
 def main(out_path):

@@ -1,5 +1,6 @@
-"""The tiny GRPO stage the GRPO tests train, its arithmetic prompts and a one-epoch fit: the `tiny` preset on the real 32000-entry vocabulary, a constant
-high learning rate so a few steps move the policy, groups of 4 sampled at temperature 1, verifiers in-process.
+"""The tiny GRPO stage the GRPO tests train, its arithmetic prompts and a one-epoch fit: the `tiny` preset on the
+real 32000-entry vocabulary, a constant high learning rate so a few steps move the policy, groups of 4 sampled at
+temperature 1, verifiers in-process; ParityVerifier, a reward that varies on a random model.
 Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_and_failures.py, and by
 tests/helpers/grpo_fsdp.py and grpo_rollout_fsdp.py (scripts under torchrun, with the FSDP2 trainer here)."""
 
