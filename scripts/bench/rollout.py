@@ -19,7 +19,6 @@ It starts itself under torchrun (--nproc processes) unless torchrun started it.
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import subprocess
 import sys
@@ -32,6 +31,7 @@ from _common import default_out, env, free, sync, table, write_json
 
 from moxin.config import GRPOConfig, ParallelConfig
 from moxin.distributed import all_reduce_values, apply_fsdp
+from moxin.model import Transformer
 from moxin.model.generate import generate
 from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage, free_storage, kv_cache_bytes, rollout_copy_bytes
@@ -75,7 +75,14 @@ def worker(a) -> None:
         stage.configure_model()  # the same initial weights on every rank (same seed)
     stage.to(dev)
     dtype = stage.copy_dtype(sharded=True)
-    one = copy.deepcopy(stage.model).to(dtype).eval().requires_grad_(False).fuse_projections()
+    with torch.device("meta"):
+        one = Transformer(cfg)
+    one = one.to(dtype).to_empty(device=dev).eval().requires_grad_(False)  # one 16-bit copy: no fp32 double
+    with torch.no_grad():
+        for (name, p), (name2, q) in zip(one.named_parameters(), stage.model.named_parameters()):
+            assert name == name2, (name, name2)
+            p.copy_(q)
+    one.fuse_projections()
     from torch.distributed.device_mesh import init_device_mesh
 
     apply_fsdp(stage.model, init_device_mesh(dev.type, (world,)), par.fsdp_param_dtype, par.reshard_after_forward)
