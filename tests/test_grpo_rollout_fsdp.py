@@ -17,7 +17,8 @@ from moxin.config import GRPOConfig
 from moxin.config.grpo import ShardedRollout
 from moxin.data.grpo_data import PromptDataModule
 from moxin.presets import load_preset
-from moxin.stages.grpo import GRPOStage, allocate_storage, free_storage, kv_cache_bytes, rollout_copy_bytes
+from moxin.stages.grpo import (GRPOStage, allocate_storage, free_storage, gather_fits, kv_cache_bytes,
+                               rollout_copy_bytes)
 from tests.conftest import torchrun
 from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
 
@@ -93,7 +94,8 @@ def test_one_device_keeps_the_copy_unless_told_and_logs_its_refresh():
 
 def test_sharded_rollout_option_and_memory_figures():
     """stage.grpo.sharded_rollout names gather, lockstep or auto (a bad value names the key); the copy of
-    Moxin-7B in bf16 and its cache have the sizes docs/performance.md accounts with."""
+    Moxin-7B in bf16 and its cache have the sizes docs/performance.md accounts with, and auto's rule gathers on
+    8 80 GB GPUs (about 46 GiB free at the rollout) but not on 2 with the KL reference (about 2 GiB)."""
     with pytest.raises(ValueError, match="stage.grpo.sharded_rollout='all': choose one of auto, gather, lockstep"):
         GRPOConfig(sharded_rollout="all")
     assert GRPOConfig(sharded_rollout="gather").sharded_rollout is ShardedRollout.GATHER
@@ -102,3 +104,8 @@ def test_sharded_rollout_option_and_memory_figures():
     # 36 layers x k and v x 8 kv heads x 128 x 2 bytes = 144 KiB a slot; the 4096-slot window caps it
     assert kv_cache_bytes(cfg, 1, 3072, 2) == 3072 * 147_456
     assert kv_cache_bytes(cfg, 64, 17_408, 2) == 64 * 4096 * 147_456
+    gib = 2**30
+    assert gather_fits(cfg, torch.bfloat16, 64, 17_408, 76 * gib - 15 * gib)  # 8 GPUs: state + reference 15 GiB
+    assert not gather_fits(cfg, torch.bfloat16, 64, 17_408, 76 * gib - 61 * gib)  # 2 GPUs: 61 GiB
+    assert not gather_fits(cfg, torch.bfloat16, 16, 3072, 76 * gib - 61 * gib)
+    assert gather_fits(cfg, torch.bfloat16, 16, 3072, 76 * gib - 61 * gib, copy_held=True)  # the cache alone

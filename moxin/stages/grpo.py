@@ -262,14 +262,12 @@ class GRPOStage(MoxinStage):
             return mode
         fits = 1.0
         if self.device.type == "cuda":
-            dtype = self.copy_dtype(True)
-            size = torch.empty((), dtype=dtype).element_size()
             copy = self.__dict__.get("_rollout_copy")
-            need = 0 if copy is not None and copy_allocated(copy) else rollout_copy_bytes(self.model_cfg, dtype)
-            need += kv_cache_bytes(self.model_cfg, batch, prompt_len + self.cfg.max_new_tokens, size)
             free, _ = torch.cuda.mem_get_info(self.device)
             free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-            fits = float(need <= 0.9 * free)
+            fits = float(gather_fits(self.model_cfg, self.copy_dtype(True), batch,
+                                     prompt_len + self.cfg.max_new_tokens, free,
+                                     copy_held=copy is not None and copy_allocated(copy)))
         fits = all_reduce_values([fits], self.device, "min")[0]
         return ShardedRollout.GATHER if fits else ShardedRollout.LOCKSTEP
 
@@ -677,6 +675,15 @@ def kv_cache_bytes(cfg, batch: int, length: int, size: int) -> int:
     element): k and v, every layer, the window's slots at most."""
     slots = length if cfg.sliding_window is None else min(cfg.sliding_window, length)
     return 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * size
+
+
+def gather_fits(cfg, dtype: torch.dtype, batch: int, length: int, free_bytes: int, copy_held: bool = False) -> bool:
+    """Whether a whole copy of the model of `cfg` in `dtype` (unless `copy_held`: its memory is allocated already)
+    and generate's cache of `batch` rows of up to `length` tokens fit 90 % of `free_bytes` (the rest: the decode's
+    workspaces, the logits, the allocator's fragmentation)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    need = (0 if copy_held else rollout_copy_bytes(cfg, dtype)) + kv_cache_bytes(cfg, batch, length, size)
+    return need <= 0.9 * free_bytes
 
 
 def _storages(model: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
