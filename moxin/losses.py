@@ -144,6 +144,35 @@ def _add_weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, h: torch.Tens
     return prod if grad_w is None else grad_w.add_(prod)
 
 
+def _chunked_head_backward(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_grad):
+    """The backward both chunked heads share (:class:`_ChunkedLabelLogProbs`, :class:`_ChunkedEntropy`): chunk
+    by chunk of rows (`ctx.chunk_size`), the head's logits gradient ``g, s = chunk_grad(i, start, end, h, w)``
+    (g (rows, V) in `ctx.mm_dtype`; s: a (rows, 1) scale of each row, or None) becomes grad_h = (g @ W) s and
+    grad_w += g^T (s h), the products in `ctx.mm_dtype`, grad_w summed in fp32. Returns (grad_h, grad_w), each
+    None when `ctx.needs_input_grad` does not ask for it."""
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    grad_h = torch.empty_like(hidden) if need_h else None
+    grad_w = None
+    w, hid = weight.to(ctx.mm_dtype), hidden.to(ctx.mm_dtype)  # once, not per chunk (no copy if equal)
+    for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
+        end = start + ctx.chunk_size
+        h = hid[start:end]
+        g, s = chunk_grad(i, start, end, h, w)
+        if s is not None:
+            if need_h:
+                grad_h[start:end] = mm_f32(g, w) * s
+            if need_w:
+                grad_w = _add_weight_grad(grad_w, g, (h * s).to(h.dtype))
+            continue
+        if need_h:
+            grad_h[start:end] = g @ w
+        if need_w:
+            grad_w = _add_weight_grad(grad_w, g, h)
+    if need_w:
+        grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+    return grad_h, grad_w
+
+
 class _ChunkedLabelLogProbs(torch.autograd.Function):
     """log softmax(h @ W.T / temperature)[y] for selected rows, one chunk of rows at a time.
 
@@ -190,34 +219,22 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (R,)
         hidden, weight, labels, lse_all = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None
         t = ctx.temperature
         _, logits_grad = _head_kernels(hidden.device)
-        w, hid = weight.to(ctx.mm_dtype), hidden.to(ctx.mm_dtype)  # once, not per chunk (no copy if equal)
         row_scale = grad_out.float() / t  # d logits / d (logits / t) folded into each row's weight
         kept, ctx.logit_grads = ctx.logit_grads, None
-        for i, start in enumerate(range(0, hidden.shape[0], ctx.chunk_size)):
-            end = start + ctx.chunk_size
-            h = hid[start:end]
+
+        def chunk_grad(i, start, end, h, w):
             if kept is not None:
                 # the forward's (onehot - softmax); the row weights commute out of both products:
                 # grad_h = diag(s) (g w), grad_w = g^T (diag(s) h)
-                g, s = kept[i], row_scale[start:end, None]
+                g = kept[i]
                 kept[i] = None  # free each block once used
-                if need_h:
-                    grad_h[start:end] = mm_f32(g, w) * s
-                if need_w:
-                    grad_w = _add_weight_grad(grad_w, g, (h * s).to(h.dtype))
-                continue
-            g = logits_grad(h @ w.T, lse_all[start:end], labels[start:end], row_scale[start:end], t, ctx.mm_dtype)
-            if need_h:
-                grad_h[start:end] = g @ w
-            if need_w:
-                grad_w = _add_weight_grad(grad_w, g, h)
-        if need_w:
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+                return g, row_scale[start:end, None]
+            return logits_grad(h @ w.T, lse_all[start:end], labels[start:end], row_scale[start:end], t,
+                               ctx.mm_dtype), None
+
+        grad_h, grad_w = _chunked_head_backward(ctx, hidden, weight, chunk_grad)
         return grad_h, grad_w, None, None, None, None
 
 
@@ -426,26 +443,16 @@ class _ChunkedEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):  # grad_out (R,)
         hidden, weight, lse_all, ent = ctx.saved_tensors
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        grad_w = None
-        w, hid = weight.to(ctx.mm_dtype), hidden.to(ctx.mm_dtype)
-        for start in range(0, hidden.shape[0], ctx.chunk_size):
-            end = start + ctx.chunk_size
-            h = hid[start:end]
+
+        def chunk_grad(i, start, end, h, w):
             logp = (h @ w.T).float().div_(ctx.temperature).sub_(lse_all[start:end, None])
             # d H / d logits = -p (log p + H) / temperature, times each row's incoming gradient (in place: two
             # fp32 (chunk, V) blocks)
             scale = (grad_out[start:end].float() / -ctx.temperature)[:, None]
             p = logp.exp()
-            g = logp.add_(ent[start:end, None]).mul_(p).mul_(scale).to(ctx.mm_dtype)
-            del p
-            if need_h:
-                grad_h[start:end] = g @ w
-            if need_w:
-                grad_w = _add_weight_grad(grad_w, g, h)
-        if need_w:
-            grad_w = torch.zeros_like(weight) if grad_w is None else grad_w.to(weight.dtype)
+            return logp.add_(ent[start:end, None]).mul_(p).mul_(scale).to(ctx.mm_dtype), None
+
+        grad_h, grad_w = _chunked_head_backward(ctx, hidden, weight, chunk_grad)
         return grad_h, grad_w, None, None
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile",
-                                    "grpo_update"])
+                                    "grpo_update", "rollout"])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
@@ -30,6 +30,8 @@ def test_bench_smoke(script, tmp_path):
         pad, packed = data["rows"][:2]
         assert pad["tokens"] == packed["tokens"] and packed["through_model"] < pad["through_model"]
         assert data["ratio"] > 0
+    if script == "rollout":  # 2 gloo ranks: the gathered copy samples the unsharded model's tokens
+        assert data["world"] == 2 and data["equal_tokens"] and data["ratios"]["gathered_vs_one_gpu"] > 0
     if script == "generate":
         assert all(v["equal_tokens"] == 1.0 for v in data["greedy_agree"].values())
     if script == "train_profile":  # the families partition the kernel time; products dominate even here

@@ -24,17 +24,10 @@ from moxin.paths import conf_dir
 from moxin.presets import load_preset
 from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
-from tests.helpers.tiny_grpo import arithmetic_prompts, fit_one_epoch
+from tests.helpers.tiny_grpo import ParityVerifier, arithmetic_prompts, fit_one_epoch
 from tests.helpers.tiny_overrides import tiny_model
 
 CONF = str(conf_dir())
-
-
-class ParityVerifier:
-    """A stand-in reward that varies on a random model: 1 when the completion text has an odd length."""
-
-    def __call__(self, completion: str, reference: str) -> RewardResult:
-        return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
 
 
 class BrokenVerifier:
@@ -338,7 +331,7 @@ def test_the_update_finds_its_rows_on_the_host_reads_nothing_in_its_passes_and_u
         runs[host] = (stage.history, stage.model.state_dict(), reads)
     (h_host, w_host, r_host), (h_dev, w_dev, r_dev) = runs[True], runs[False]
     assert r_host == [] and "aten::nonzero" in r_dev
-    timing = {"grpo/step_s", "grpo/gen_s", "grpo/score_s", "grpo/update_s", "grpo/score_busy_s",
+    timing = {"grpo/step_s", "grpo/gen_s", "grpo/score_s", "grpo/update_s", "grpo/score_busy_s", "grpo/refresh_s",
               "grpo/gen_tokens_per_s"}
     assert [{k: v for k, v in h.items() if k not in timing} for h in h_host] == \
         [{k: v for k, v in h.items() if k not in timing} for h in h_dev]

@@ -3,10 +3,23 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 
 from moxin.config.options import Aggregation, DecodePath, KLEstimator, parse_option
 
-__all__ = ["GRPOConfig"]
+__all__ = ["GRPOConfig", "ShardedRollout"]
+
+
+class ShardedRollout(StrEnum):
+    """How rollouts decode under FSDP2 (`stage.grpo.sharded_rollout`; docs/modules.md, "stages/grpo.py")."""
+
+    AUTO = "auto"
+    """gather when every rank's free device memory holds the copy and the cache (a CPU always), else lockstep."""
+    GATHER = "gather"
+    """Each rank gathers the whole policy once per rollout into the rollout copy, then decodes its own prompts
+    alone (compiled on a GPU): no collective per token."""
+    LOCKSTEP = "lockstep"
+    """The ranks decode eagerly in lockstep through the sharded model: every forward all-gathers the weights."""
 
 
 @dataclass
@@ -30,13 +43,24 @@ class GRPOConfig:
     decode: DecodePath = DecodePath.AUTO
     """Rollout decode path: auto = compiled on a CUDA device (the decode step compiled once per cache shape,
     about a minute for Moxin-7B, then 1.5x the uncompiled CUDA graph, 1.6x with the rollout copy's fused
-    projections), eager on a CPU; or eager, static, graph, compiled. Under FSDP the rollouts always decode
-    eagerly (every forward all-gathers the weights)."""
+    projections), eager on a CPU; or eager, static, graph, compiled. Under FSDP2 the rollouts decode
+    the same way from the gathered copy (`sharded_rollout: gather`), or eagerly in lockstep (`lockstep`)."""
     rollout_copy: bool | None = None
     """Decode rollouts with a copy of the policy in the autocast dtype (bf16 under bf16-mixed), refreshed from the
     policy at every rollout step, rather than with the fp32 policy under autocast, whose decode casts every weight
     again for every token and keeps an fp32 cache. Costs a 16-bit copy of the weights (2 bytes a parameter).
-    None: on one CUDA device under 16-bit autocast. Never under FSDP (the copy would be whole on every rank)."""
+    None: on one CUDA device under 16-bit autocast. Under FSDP2 `sharded_rollout` decides instead (gather: a copy
+    in the autocast dtype, else FSDP2's param dtype, else the parameters')."""
+    rollout_copy_keep: bool | None = None
+    """Keep the rollout copy's memory between rollout steps (True) or free it after each rollout so the update has
+    it (False; the next rollout allocates it again, same module, so compiled code is reused). None: keep on one
+    device (the copy costs 2 bytes a parameter beside an unsharded fp32 policy and its optimizer), free under
+    FSDP2 (a whole copy on every rank beside 1/N of the training state; docs/performance.md, "GRPO rollouts
+    under FSDP2")."""
+    sharded_rollout: ShardedRollout = ShardedRollout.AUTO
+    """Under FSDP2: gather (a whole copy per rank, refreshed once per rollout, each rank decoding alone), lockstep
+    (the sharded model, eagerly, all ranks in step: a weight all-gather per token) or auto (gather when the copy
+    and the cache fit every rank's free device memory)."""
     scale_by_std: bool = True
     """Divide advantages by the group std (GRPO) or not (Dr. GRPO)."""
     filter_zero_std: bool = True
@@ -115,6 +139,7 @@ class GRPOConfig:
         self.aggregation = parse_option(Aggregation, self.aggregation, "stage.grpo.aggregation")
         self.kl_estimator = parse_option(KLEstimator, self.kl_estimator, "stage.grpo.kl_estimator")
         self.decode = parse_option(DecodePath, self.decode, "stage.grpo.decode")
+        self.sharded_rollout = parse_option(ShardedRollout, self.sharded_rollout, "stage.grpo.sharded_rollout")
         if self.temperature <= 0:
             raise ValueError("stage.grpo.temperature must be > 0 (the ratio needs the sampling distribution)")
         if self.ppo_epochs < 1 or self.num_minibatches < 1 or self.micro_batch_size < 1:

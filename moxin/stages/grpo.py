@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moxin.config import Aggregation, DecodePath, GRPOConfig, OptimConfig, TrainerConfig
+from moxin.config.grpo import ShardedRollout
 from moxin.constants import IGNORE_INDEX
 from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
@@ -135,9 +136,11 @@ class GRPOStage(MoxinStage):
         return rollouts * self.optimizer_steps_per_rollout()
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def generator_for(self, step: int) -> torch.Generator:
+    def generator_for(self, step: int, rank: int | None = None) -> torch.Generator:
+        """The sampling generator of rollout `step` on `rank` (None: this process's rank)."""
+        rank = rank_and_world()[0] if rank is None else rank
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank_and_world()[0] * 101 + 17) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank * 101 + 17) % (2**63 - 1))
         return g
 
     # ---- rollout ------------------------------------------------------------------------------------------------
@@ -171,15 +174,22 @@ class GRPOStage(MoxinStage):
             busy[0] += time.perf_counter() - t
             return st
 
-        t0 = time.perf_counter()
         tokens, finished, jobs = [], [], []
         bs = c.gen_batch_size or len(prompts)
-        # FSDP2 shards the weights: every forward is collective, so ranks decode in lockstep, eagerly (a CUDA
-        # graph cannot hold the all-gathers)
+        # FSDP2 shards the weights: either each rank gathers them once into the rollout copy and decodes alone
+        # (gather), or every forward is collective and the ranks decode in lockstep, eagerly (a CUDA graph cannot
+        # hold the all-gathers)
         sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
-        gen_model, no_autocast = self.rollout_model(sharded)
+        lockstep = sharded and (self.sharded_rollout_mode(min(bs, len(prompts)), max(map(len, prompts)))
+                                == ShardedRollout.LOCKSTEP)
+        t_refresh = time.perf_counter()
+        gen_model, no_autocast = (self.model, False) if lockstep else self.rollout_model(sharded)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        t0 = time.perf_counter()
+        refresh_s = t0 - t_refresh
         decode = c.decode
-        if sharded:
+        if lockstep:
             decode = DecodePath.EAGER
         elif decode == DecodePath.AUTO:
             decode = DecodePath.COMPILED if self.device.type == "cuda" else DecodePath.EAGER
@@ -197,12 +207,14 @@ class GRPOStage(MoxinStage):
                     out = generate(gen_model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature,
                                    top_k=c.top_k, top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
                                    prefill_chunk=c.prefill_chunk, generator=gen,
-                                   pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=sharded,
+                                   pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=lockstep,
                                    decode=decode, on_finished=on_finished if overlap else None)
                 tokens += out.tokens
                 finished += out.finished
             gen_s = time.perf_counter() - t0
             model.train(was_training)
+            if gen_model is not self.model and not self.keeps_rollout_copy(sharded):
+                free_storage(gen_model)
             if not overlap:
                 jobs.append(scorer.submit(score, list(range(len(tokens))), tokens))
             stats = [j.result() for j in jobs]  # re-raises a scoring thread's exception here
@@ -213,7 +225,8 @@ class GRPOStage(MoxinStage):
         ro = self.build_rollout(prompts, tokens, finished, rewards)
         ro.completions = completions
         # score_s: scoring left after the last token (the rest ran during generation); score_busy_s: all of it
-        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "score_s": score_s, "score_busy_s": busy[0],
+        ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "refresh_s": refresh_s, "score_s": score_s,
+                         "score_busy_s": busy[0],
                          "verifier_errors": vstats["errors"],
                          "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
         if c.log_completions and self.trainer_is_zero() and step % max(1, c.log_every) == 0:
@@ -223,20 +236,57 @@ class GRPOStage(MoxinStage):
                       f"(answer {answers[k]!r}, reward {float(rewards[k]):g}, {results[k].reason})", flush=True)
         return ro
 
+    def copy_dtype(self, sharded: bool) -> torch.dtype:
+        """The rollout copy's dtype: autocast's; without autocast, FSDP2's param dtype when sharded, else bf16 on
+        one device (a copy in the policy's own dtype saves nothing) and the parameters' dtype under FSDP2."""
+        dev = self.device.type
+        if torch.is_autocast_enabled(dev):
+            return torch.get_autocast_dtype(dev)
+        if not sharded:
+            return torch.bfloat16
+        if self.parallel_cfg.fsdp_param_dtype:
+            return getattr(torch, self.parallel_cfg.fsdp_param_dtype)
+        return next(self.model.parameters()).dtype
+
+    def keeps_rollout_copy(self, sharded: bool) -> bool:
+        """stage.grpo.rollout_copy_keep, None: keep the copy's memory on one device, free it under FSDP2."""
+        keep = self.cfg.rollout_copy_keep
+        return not sharded if keep is None else bool(keep)
+
+    def sharded_rollout_mode(self, batch: int, prompt_len: int) -> ShardedRollout:
+        """gather or lockstep (stage.grpo.sharded_rollout); auto: gather when, on every rank, the copy (unless
+        kept) and the cache of one generate call of `batch` rows fit 90 % of the free device memory (the
+        caching allocator's unused blocks included); always on a CPU. The ranks agree (one collective)."""
+        mode = self.cfg.sharded_rollout
+        if mode != ShardedRollout.AUTO:
+            return mode
+        fits = 1.0
+        if self.device.type == "cuda":
+            copy = self.__dict__.get("_rollout_copy")
+            free, _ = torch.cuda.mem_get_info(self.device)
+            free += torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
+            fits = float(gather_fits(self.model_cfg, self.copy_dtype(True), batch,
+                                     prompt_len + self.cfg.max_new_tokens, free,
+                                     copy_held=copy is not None and copy_allocated(copy)))
+        fits = all_reduce_values([fits], self.device, "min")[0]
+        return ShardedRollout.GATHER if fits else ShardedRollout.LOCKSTEP
+
     @torch.no_grad()
     def rollout_model(self, sharded: bool) -> tuple[torch.nn.Module, bool]:
         """(the model rollouts decode with, whether to turn autocast off for them): the policy under the run's
-        autocast, or (`rollout_copy`) its copy in the autocast dtype, refreshed from the policy now, without
-        autocast. The copy is kept between steps outside the module tree (no checkpoint, no device moves)."""
+        autocast, or (`rollout_copy`; always under FSDP2, where this is the gather path) its copy in
+        `copy_dtype`, refreshed from the policy now, without autocast. Under FSDP2 every rank gathers each
+        parameter whole (cast to the copy's dtype first, so 16 bits travel) in the same order: a collective per
+        tensor, none per decoded token. The copy is kept between steps outside the module tree (no checkpoint,
+        no device moves); its memory is freed after a rollout unless `keeps_rollout_copy`."""
         dev = self.device.type
-        amp = torch.is_autocast_enabled(dev)
-        dtype = torch.get_autocast_dtype(dev) if amp else None
         use = self.cfg.rollout_copy
         if use is None:
-            use = dev == "cuda" and dtype in (torch.bfloat16, torch.float16)
-        if not use or sharded:
+            use = dev == "cuda" and torch.is_autocast_enabled(dev) and \
+                torch.get_autocast_dtype(dev) in (torch.bfloat16, torch.float16)
+        if not use and not sharded:
             return self.model, False
-        dtype = dtype or torch.bfloat16
+        dtype = self.copy_dtype(sharded)
         copy = self.__dict__.get("_rollout_copy")
         if copy is None or next(copy.parameters()).dtype != dtype:
             with torch.device("meta"):
@@ -246,15 +296,19 @@ class GRPOStage(MoxinStage):
                 copy.output.weight = copy.tok_embeddings.weight
             copy.fuse_projections()  # one q/k/v and one gate/up product a block; refreshed in place below
             self.__dict__["_rollout_copy"] = copy  # a plain attribute: not a submodule
+        else:
+            allocate_storage(copy)
         params = dict(copy.named_parameters())
         if self.lora_cfg.enabled:  # the adapters merged into the copy's weights, one tensor at a time
-            for name, t in lora_lib.merged_items(self.model, dtype=dtype):
-                if name in params:
-                    params[name].copy_(t)
-            return copy, True
-        src = dict(self.model.named_parameters())
-        for name, p in params.items():
-            p.copy_(src[name])
+            items = lora_lib.merged_items(self.model, dtype=dtype)
+        else:
+            reshard(self.model)  # a forward without backward (held-out) may have left FSDP2's root gathered
+            items = ((lora_lib.plain_name(n), p) for n, p in self.model.named_parameters())
+        for name, t in items:
+            if hasattr(t, "full_tensor"):  # a DTensor shard: cast it, then all-gather
+                t = t.to(dtype).full_tensor()
+            if name in params:
+                params[name].copy_(t)
         return copy, True
 
     def trainer_is_zero(self) -> bool:
@@ -517,6 +571,8 @@ class GRPOStage(MoxinStage):
                 acc["kl"] += r[3] / max(tot_tok, 1.0)
                 acc["tok"] += tot_tok
                 acc["n_mb"] += 1
+        # the gradients are set again by the next minibatch: their memory goes to the next rollout (copy, cache)
+        opt.zero_grad(set_to_none=True)
         n_mb = max(acc["n_mb"], 1)
         ent_sum, ent_n = all_reduce_values([acc["ent"], acc["ent_n"]], self.device)
         self.last_step_tokens_processed = processed
@@ -557,7 +613,7 @@ class GRPOStage(MoxinStage):
                 f"(stage.grpo.verifier={self.cfg.verifier!r}) or raise stage.grpo.verifier_timeout_s "
                 f"(now {self.cfg.verifier_timeout_s})")
         mean = rs / n
-        gen_s = all_reduce_values([ro.stats["gen_s"]], self.device, "max")[0]
+        gen_s, refresh_s = all_reduce_values([ro.stats["gen_s"], ro.stats.get("refresh_s", 0.0)], self.device, "max")
         logs.update({
             "grpo/reward_mean": mean,
             "grpo/reward_std": math.sqrt(max(rs2 / n - mean * mean, 0.0)),
@@ -571,6 +627,8 @@ class GRPOStage(MoxinStage):
             "grpo/step_s": time.perf_counter() - t0,
             # where the step's time goes (rank 0's clock; generation is the slowest rank's)
             "grpo/gen_s": gen_s, "grpo/score_s": ro.stats["score_s"], "grpo/update_s": update_s,
+            # seconds to gather / copy the policy into the rollout copy (0: decoding with the policy itself)
+            "grpo/refresh_s": refresh_s,
             "grpo/score_busy_s": ro.stats["score_busy_s"],
             "train/lr": self.optimizers().param_groups[0]["lr"],
         })
@@ -585,8 +643,8 @@ class GRPOStage(MoxinStage):
             print(f"[grpo step {rl_step}] reward {mean:.3f} zero-std groups {zs / ng:.2f} "
                   f"len {ln / n:.1f} truncated {tr / n:.2f} entropy {'-' if ent is None else f'{ent:.3f}'} "
                   f"clip {logs['grpo/clip_frac']:.3f} kl {logs['grpo/kl']:.4f} "
-                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time gen {gen_s:.2f} s score "
-                  f"{ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)
+                  f"gen {logs['grpo/gen_tokens_per_s']:.0f} tok/s | time refresh {refresh_s:.2f} s gen {gen_s:.2f} s "
+                  f"score {ro.stats['score_s']:.2f} s update {update_s:.2f} s", flush=True)
         self.log_dict(logs, on_step=True, on_epoch=False, rank_zero_only=True)
         self.log("reward", mean, prog_bar=True, on_step=True, on_epoch=False, logger=False, rank_zero_only=True)
         return None
@@ -602,3 +660,58 @@ class GRPOStage(MoxinStage):
         self.batches_seen = int(st.get("grpo_batches_seen", 0))
         # the KL reference is rebuilt from init_from in configure_model: the policy RL started from (after an SFT
         # warm-up, init_from is the warm-up's final checkpoint)
+
+
+def rollout_copy_bytes(cfg, dtype: torch.dtype) -> int:
+    """Bytes of a whole copy of the model of `cfg` in `dtype` (counted on the meta device)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() for p in model.parameters()) * size
+
+
+def kv_cache_bytes(cfg, batch: int, length: int, size: int) -> int:
+    """Bytes of the rolling cache generate makes for `batch` rows of up to `length` tokens (`size` bytes an
+    element): k and v, every layer, the window's slots at most."""
+    slots = length if cfg.sliding_window is None else min(cfg.sliding_window, length)
+    return 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * size
+
+
+def gather_fits(cfg, dtype: torch.dtype, batch: int, length: int, free_bytes: int, copy_held: bool = False) -> bool:
+    """Whether a whole copy of the model of `cfg` in `dtype` (unless `copy_held`: its memory is allocated already)
+    and generate's cache of `batch` rows of up to `length` tokens fit 90 % of `free_bytes` (the rest: the decode's
+    workspaces, the logits, the allocator's fragmentation)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    need = (0 if copy_held else rollout_copy_bytes(cfg, dtype)) + kv_cache_bytes(cfg, batch, length, size)
+    return need <= 0.9 * free_bytes
+
+
+def _storages(model: torch.nn.Module) -> list[tuple[torch.Tensor, int]]:
+    """(a tensor of each distinct storage among the parameters, the storage's bytes): fused projections and tied
+    weights share one."""
+    seen = {}
+    for p in model.parameters():
+        st = p.untyped_storage()
+        seen.setdefault(st.data_ptr(), (p, st.nbytes()))
+    return list(seen.values())
+
+
+@torch.no_grad()
+def free_storage(model: torch.nn.Module) -> None:
+    """Free the memory of `model`'s parameters, keeping the module and its tensors (shapes, views, fusion) so
+    `allocate_storage` brings them back and compiled code made for them still applies. The values are lost."""
+    model.__dict__["_freed_storages"] = _storages(model)
+    for p, _ in model.__dict__["_freed_storages"]:
+        p.untyped_storage().resize_(0)
+
+
+@torch.no_grad()
+def allocate_storage(model: torch.nn.Module) -> None:
+    """Give the parameters freed by `free_storage` their memory again (values undefined until written)."""
+    for p, nbytes in model.__dict__.pop("_freed_storages", ()):
+        p.untyped_storage().resize_(nbytes)
+
+
+def copy_allocated(model: torch.nn.Module) -> bool:
+    """False after `free_storage` until `allocate_storage`."""
+    return "_freed_storages" not in model.__dict__

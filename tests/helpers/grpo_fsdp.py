@@ -7,13 +7,11 @@ import json
 import os
 import sys
 
-import lightning as L
-from lightning.pytorch.strategies import ModelParallelStrategy
 
 import moxin.rewards as rewards_pkg
 from moxin.data.grpo_data import PromptDataModule
 from moxin.rewards import RewardResult
-from tiny_grpo import tiny_grpo_stage  # this script's folder is on sys.path when torchrun runs it
+from tiny_grpo import fsdp2_cpu_trainer, tiny_grpo_stage  # this script's folder is on sys.path when torchrun runs it
 
 
 class RankSkewVerifier:
@@ -31,10 +29,7 @@ def main(out_path):
                                  kl_coef=0.1)
     dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=2, tokenizer=tok, seed=0,
                           max_prompt_tokens=64, world_size=2)
-    trainer = L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
-                                                                                      tensor_parallel_size=1),
-                        max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
+    trainer = fsdp2_cpu_trainer()
     trainer.fit(stage, datamodule=dm)
     if trainer.is_global_zero:
         ref_sharded = all(hasattr(p, "to_local") for p in stage.ref_model.parameters())

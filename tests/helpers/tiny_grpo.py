@@ -1,15 +1,26 @@
-"""The tiny GRPO stage the GRPO tests train, its arithmetic prompts and a one-epoch fit: the `tiny` preset on the real 32000-entry vocabulary, a constant
-high learning rate so a few steps move the policy, groups of 4 sampled at temperature 1, verifiers in-process.
-Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_and_failures.py and by tests/helpers/grpo_fsdp.py (run as a script under torchrun)."""
+"""The tiny GRPO stage the GRPO tests train, its arithmetic prompts and a one-epoch fit: the `tiny` preset on the
+real 32000-entry vocabulary, a constant high learning rate so a few steps move the policy, groups of 4 sampled at
+temperature 1, verifiers in-process; ParityVerifier, a reward that varies on a random model.
+Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_and_failures.py, and by
+tests/helpers/grpo_fsdp.py and grpo_rollout_fsdp.py (scripts under torchrun, with the FSDP2 trainer here)."""
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
 
 from moxin.config import GRPOConfig, OptimConfig
 from moxin.data.grpo_data import PromptDataModule
 from moxin.presets import load_preset
+from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
+
+
+class ParityVerifier:
+    """A stand-in reward that varies on a random model: 1 when the completion text has an odd length."""
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        return RewardResult(float(len(completion) % 2), "correct" if len(completion) % 2 else "wrong")
 
 
 def tiny_grpo_stage(verifier: str, **grpo) -> tuple[GRPOStage, object]:
@@ -37,3 +48,12 @@ def fit_one_epoch(stage, dm, root) -> L.Trainer:
                         num_sanity_val_steps=0)
     trainer.fit(stage, datamodule=dm)
     return trainer
+
+
+def fsdp2_cpu_trainer() -> L.Trainer:
+    """One epoch on 2 CPU processes under FSDP2 (Lightning's ModelParallelStrategy, launched by torchrun), without
+    logger, checkpoints or sanity validation; each rank reads its own prompts (no distributed sampler)."""
+    return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+                                                                                 tensor_parallel_size=1),
+                     max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                     enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
