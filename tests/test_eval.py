@@ -288,6 +288,17 @@ def test_grpo_heldout_prompts_are_outside_the_rl_pool_and_scored_greedily(tok):
     pool = {tuple(r["prompt_ids"]) for s in range(4) for r in dm._global_batch(s)}
     assert len(recs) == 20 and not pool & {tuple(r["prompt_ids"]) for r in recs}
     assert heldout_records(dm, 20) == recs  # fixed
+    # a reserved part (data.task.heldout): the RL stream, unbounded, and the warm-up's solutions never hold one
+    free = PromptDataModule(source="arithmetic", steps=40, prompts_per_step=8, tokenizer=tok, seed=3,
+                            task={"ops": ["+"], "max_digits": 1, "heldout": 0.25, "solution": "answer"})
+    held = heldout_records(free, 64)  # the whole part: about 25 sums
+    seen = {r["messages"][-1]["content"] for s in range(40) for r in free._global_batch(s)}
+    warm = {c["messages"][-2]["content"] for c in free.solution_conversations(400)}
+    assert 10 <= len(held) <= 40 and len(seen) > 50 and len(warm) > 50
+    assert not {r["messages"][-1]["content"] for r in held} & (seen | warm)
+    with pytest.raises(ValueError, match="data.task.heldout"):  # an unbounded stream and no reserved part
+        heldout_records(PromptDataModule(source="arithmetic", steps=2, prompts_per_step=4, tokenizer=tok, seed=3,
+                                         task={"ops": ["+"]}), 4)
     stage = GRPOStage(load_preset("tiny", vocab_size=32000, attn_backend="sdpa"), tokenizer=tok,
                       grpo=GRPOConfig(max_new_tokens=4, verifier_workers=0, heldout_every=2))
     stage.configure_model()

@@ -191,6 +191,28 @@ def test_arithmetic_task_deterministic_small_and_correct():
         ArithmeticTask(ops=("*",))
 
 
+def test_arithmetic_heldout_part_is_never_a_training_problem():
+    """heldout=0.25 reserves a fixed quarter of the distinct problems: problem() (RL and the warm-up) never returns
+    one, heldout_problems() returns only them, the same set every time; heldout=0 leaves the problems unchanged."""
+    task = ArithmeticTask(seed=5, min_digits=1, max_digits=1, ops=("+",), heldout=0.25)
+    held = task.heldout_problems(64)
+    sums = {f"What is {a} + {b}?" for a in range(10) for b in range(10)}
+    assert {p["prompt"] for p in held} == {p for p in sums if task.is_heldout(p)}  # the whole part: fewer than 64
+    assert 10 <= len(held) <= 40 and held == task.heldout_problems(64) and task.heldout_problems(3) == held[:3]
+    train = {task.problem(i)["prompt"] for i in range(2000)} | {task.problem(10**7 + i)["prompt"] for i in range(2000)}
+    assert train == sums - {p["prompt"] for p in held}  # every other sum is trained on, no held-out one
+    for p in held:
+        x, _, y = p["prompt"].removeprefix("What is ").removesuffix("?").split()
+        assert int(p["answer"]) == int(x) + int(y)
+    big = ArithmeticTask(seed=5, min_digits=3, max_digits=3, heldout=0.1)  # drawn, not enumerated
+    assert len(big.heldout_problems(8)) == 8 and all(big.is_heldout(p["prompt"]) for p in big.heldout_problems(8))
+    assert ArithmeticTask(seed=1, heldout=0.0).sample(20) == ArithmeticTask(seed=1).sample(20)
+    with pytest.raises(ValueError, match="heldout"):
+        ArithmeticTask(heldout=1.0)
+    with pytest.raises(ValueError, match="heldout > 0"):
+        ArithmeticTask().heldout_problems(4)
+
+
 def test_exact_verifier_forms():
     v = ExactAnswerVerifier()
     assert v(r"so \boxed{85}", "85").score == 1.0

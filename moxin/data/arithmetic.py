@@ -11,6 +11,7 @@ the mean reward within minutes.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from dataclasses import dataclass
@@ -25,15 +26,22 @@ _PROMPT = re.compile(r"What is (\d+) ([+\-]) (\d+)\?")
 class ArithmeticTask:
     """Problems "What is A op B?" with A, B of ``min_digits``..``max_digits`` digits and op in ``ops``.
 
-    Deterministic: problem ``i`` depends only on ``(seed, i)``, so train/eval splits are just disjoint index
-    ranges (``sample(n, start=...)``). Subtraction puts the larger operand first, so every answer is a
-    non-negative integer. Keep digits small (1-2): with 3+ digits a tiny model needs far more than minutes.
+    Deterministic: problem ``i`` depends only on ``(seed, i)``. Subtraction puts the larger operand first, so
+    every answer is a non-negative integer. Keep digits small (1-2): with 3+ digits a tiny model needs far more
+    than minutes.
+
+    ``heldout``: the fraction of the distinct problems (chosen by a hash of the seed and the prompt) that
+    :meth:`problem` never returns and :meth:`heldout_problem` only returns: an evaluation set that neither RL
+    nor the SFT warm-up ever trains on, whatever their index ranges (with 1-digit operands there are only 100
+    sums, so disjoint index ranges alone still repeat the same problems). 0: no reserved part (index ranges
+    are then the only split).
     """
 
     seed: int = 0
     min_digits: int = 1
     max_digits: int = 2
     ops: tuple[str, ...] = _OPS
+    heldout: float = 0.0
 
     def __post_init__(self) -> None:
         self.ops = tuple(self.ops)
@@ -44,21 +52,72 @@ class ArithmeticTask:
             raise ValueError(
                 f"need 1 <= min_digits <= max_digits, got min_digits={self.min_digits}, max_digits={self.max_digits}"
             )
+        if not 0.0 <= self.heldout < 1.0:
+            raise ValueError(f"ArithmeticTask heldout is the reserved fraction of the problems, in [0, 1); "
+                             f"got {self.heldout}")
 
     def _operand(self, rng: random.Random) -> int:
         digits = rng.randint(self.min_digits, self.max_digits)
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return rng.randint(low, 10**digits - 1)
 
+    def is_heldout(self, prompt: str) -> bool:
+        """Whether ``prompt`` is in the reserved held-out part (always False with ``heldout`` 0)."""
+        if not self.heldout:
+            return False
+        h = hashlib.sha256(f"moxin-arith-heldout/{self.seed}/{prompt}".encode()).digest()
+        return int.from_bytes(h[:8], "big") < self.heldout * 2**64
+
+    def _draw(self, index: int, heldout: bool) -> dict[str, str]:
+        """The first draw of ``index``'s sequence of problems on the requested side of the held-out split."""
+        for k in range(10_000):
+            key = f"moxin-arith/{self.seed}/{index}" + (f"/{k}" if k else "")
+            rng = random.Random(key)  # str seeds hash deterministically (sha512)
+            a, b = self._operand(rng), self._operand(rng)
+            op = rng.choice(self.ops)
+            if op == "-" and b > a:
+                a, b = b, a
+            answer = a + b if op == "+" else a - b
+            p = {"prompt": f"What is {a} {op} {b}?", "answer": str(answer)}
+            if self.is_heldout(p["prompt"]) == heldout:
+                return p
+        raise ValueError(f"ArithmeticTask heldout={self.heldout}: no {'held-out' if heldout else 'training'} problem "
+                         f"in 10000 draws; the problem space (digits {self.min_digits}-{self.max_digits}, ops "
+                         f"{list(self.ops)}) is too small for that fraction")
+
     def problem(self, index: int) -> dict[str, str]:
-        """Problem number ``index``: ``{"prompt": "What is 37 + 48?", "answer": "85"}``."""
-        rng = random.Random(f"moxin-arith/{self.seed}/{index}")  # str seeds hash deterministically (sha512)
-        a, b = self._operand(rng), self._operand(rng)
-        op = rng.choice(self.ops)
-        if op == "-" and b > a:
-            a, b = b, a
-        answer = a + b if op == "+" else a - b
-        return {"prompt": f"What is {a} {op} {b}?", "answer": str(answer)}
+        """Training problem number ``index``: ``{"prompt": "What is 37 + 48?", "answer": "85"}`` (never one of the
+        held-out part)."""
+        return self._draw(index, heldout=False)
+
+    def heldout_problems(self, n: int) -> list[dict[str, str]]:
+        """Up to ``n`` distinct problems of the held-out part in a fixed seeded order (needs ``heldout`` > 0).
+        Fewer when the part is smaller: with small operands it is enumerated whole (``heldout`` x the number of
+        distinct problems, e.g. about 25 of the 100 one-digit sums at 0.25); else drawn."""
+        if not self.heldout:
+            raise ValueError("ArithmeticTask.heldout_problems needs heldout > 0 (no problem is reserved)")
+        if self.max_digits <= 2:  # at most 2 x 100 x 100 problems: enumerate the reserved part
+            low = 0 if self.min_digits == 1 else 10 ** (self.min_digits - 1)
+            vals = range(low, 10**self.max_digits)
+            probs = [{"prompt": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a - b)}
+                     for op in self.ops for a in vals for b in vals
+                     if (op == "+" or a >= b) and self._digits_ok(a) and self._digits_ok(b)]
+            probs = [p for p in probs if self.is_heldout(p["prompt"])]
+            random.Random(f"moxin-arith-heldout-order/{self.seed}").shuffle(probs)
+            return probs[:n]
+        out, seen = [], set()
+        for i in range(1000 * n):
+            if len(out) == n:
+                break
+            p = self._draw(i, heldout=True)
+            if p["prompt"] not in seen:
+                seen.add(p["prompt"])
+                out.append(p)
+        return out
+
+    def _digits_ok(self, x: int) -> bool:
+        """Whether ``x`` has between ``min_digits`` and ``max_digits`` digits (as :meth:`_operand` draws them)."""
+        return self.min_digits <= len(str(x)) <= self.max_digits
 
     def sample(self, n: int, start: int = 0) -> list[dict[str, str]]:
         """Problems ``start .. start + n - 1``."""

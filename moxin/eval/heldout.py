@@ -53,18 +53,29 @@ def heldout_records(dm, n: int | None, source: str | None = None, split: str | N
     pool = kw.pop("pool", None)
     kw.pop("solution", None)
     task = ArithmeticTask(seed=dm.seed, **kw)
-    trained = {task.problem(i)["prompt"] for i in range(pool)} if pool else set()
+    if not task.heldout and not pool:
+        raise ValueError("stage.grpo.heldout_every is set but the arithmetic task has neither a reserved held-out part "
+                         "nor a fixed RL pool, so its held-out prompts would be drawn from the very stream RL trains "
+                         "on: set data.task.heldout to a fraction (e.g. 0.2; problems neither RL nor the warm-up sees) "
+                         "or data.task.pool")
+    if task.heldout:  # the reserved part: no training draw (RL or warm-up) can return these
+        probs = task.heldout_problems(n)
+        if not probs:
+            raise ValueError(f"data.task.heldout={task.heldout}: the arithmetic task's held-out part is empty; raise it")
+        return [dm.render({"problem": p["prompt"], "answer": p["answer"]}) for p in probs]
+    # the problems outside the RL pool (the warm-up may still have trained on them)
+    trained = {task.problem(i)["prompt"] for i in range(pool)}
     i = HELDOUT_START
     while len(out) < n:
+        if i - HELDOUT_START >= 1000 * n:
+            raise ValueError(f"stage.grpo.heldout_prompts={n}: the arithmetic task has too few problems outside the "
+                             "RL pool; lower heldout_prompts")
         p = task.problem(i)
         i += 1
         if p["prompt"] in trained:
             continue
         trained.add(p["prompt"])  # distinct problems
         out.append(dm.render({"problem": p["prompt"], "answer": p["answer"]}))
-        if i - HELDOUT_START > 1000 * n:
-            raise ValueError(f"stage.grpo.heldout_prompts={n}: the arithmetic task has too few problems outside the "
-                             "RL pool; lower heldout_prompts")
     return out
 
 
