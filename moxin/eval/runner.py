@@ -254,8 +254,8 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: str | Path) -> Path:
-    """``results`` as JSON at ``path`` (written whole, then renamed); one evaluation's table also as markdown
-    beside it (``eval.md``)."""
+    """``results`` as JSON at ``path`` (written whole, then renamed), and its table as markdown beside it
+    (``eval.md``): one evaluation's table, or for a training run's ``{"evaluations": [...]}`` one table each."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
@@ -263,12 +263,16 @@ def write_results(results: dict, path: str | Path) -> Path:
     tmp.replace(p)
     if "tasks" in results:
         p.with_suffix(".md").write_text(markdown_table(results))
+    elif any("tasks" in r for r in results.get("evaluations", [])):
+        p.with_suffix(".md").write_text("\n".join(f"## {r.get('when', 'evaluation')}, step {r.get('step', '?')}\n\n"
+                                                  f"{markdown_table(r)}" for r in results["evaluations"] if "tasks" in r))
     return p
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
+    """The results as a table on the console: moxin's task name and lm-eval's, shots, items, each metric."""
     t = Table(title=title)
-    for col in ("task", "shots", "n", "metric", "value", "stderr", "items/s"):
+    for col in ("task", "lm-eval task", "shots", "n", "metric", "value", "stderr", "items/s"):
         t.add_column(col, justify="right" if col in ("shots", "n", "value", "stderr", "items/s") else "left",
                      no_wrap=True)
     for name, r in results["tasks"].items():
@@ -277,8 +281,8 @@ def print_table(results: dict, title: str = "moxin evaluation") -> None:
             if k.endswith("_stderr"):
                 continue
             se = r["metrics"].get(f"{k}_stderr")
-            t.add_row(name if first else "", str(r.get("num_fewshot", 0)) if first else "",
-                      str(r["n"]) if first else "", k, f"{v:.4f}",
+            head = (name, r.get("task", name), str(r.get("num_fewshot", 0)), str(r["n"])) if first else ("",) * 4
+            t.add_row(*head, k, f"{v:.4f}",
                       "" if se is None or math.isnan(se) else f"{se:.4f}", f"{r['items_per_s']:.1f}" if first else "")
             first = False
     Console(width=max(100, Console().width)).print(t)
