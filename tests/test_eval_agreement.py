@@ -118,6 +118,7 @@ BBH_CASES = [
     ("So the answer is false.", "False"),  # exact: case matters
     ("So the answer is (A)", "(A)"),  # no full stop: "(A" != "(A)"
     ("So the answer is 3. </s> So the answer is 4.", "3"),
+    ("So the answer is (A). Q: next", "(A)"),  # cut at "Q", the trailing space is the "last character": "(A)."
     ("", "True"),
 ]
 PA = json.dumps(["Barack Obama", "Obama", "barack obama"])
