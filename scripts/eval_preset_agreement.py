@@ -1,7 +1,8 @@
 """Agreement of moxin's presets with lm-evaluation-harness's own task configs, on local jsonl copies: every request
 (few-shot examples, description, delimiters, continuations) of gsm8k, mmlu (one subject), piqa, arc_challenge,
-hellaswag, winogrande, truthfulqa_mc1 and truthfulqa_mc2 at the paper's few-shot counts; gsm8k's filters and
-exact_match on the same completions; truthfulqa_mc2's score on the same log-likelihoods.
+hellaswag, winogrande, truthfulqa_mc1 and truthfulqa_mc2 at the paper's few-shot counts, and of bbh_cot_fewshot
+(three subtasks: prompt ids, stop strings, token budget); gsm8k's and bbh's filters and exact_match on the same
+completions; truthfulqa_mc2's score on the same log-likelihoods.
 
     # an environment with moxin and lm-eval (no model, no network), e.g.
     #   python -m venv /tmp/lmeval-venv && /tmp/lmeval-venv/bin/pip install lm-eval==0.4.9.1
@@ -22,8 +23,10 @@ import tempfile
 from pathlib import Path
 
 from moxin.config import EvalConfig
-from moxin.eval.scoring import gsm8k_scores
-from moxin.eval.tasks import _docs_with_prefix, _gen_doc, build_mc_items, load_records
+from moxin.eval.scoring import gsm8k_scores, truncate_at
+from moxin.eval.tasks import _docs_with_prefix, _gen_doc, build_gen_items, build_mc_items, load_records, task_records
+from moxin.rewards import get_verifier
+from moxin.tokenizer import load_tokenizer
 
 
 def _jsonl(path: Path, rows: list[dict]) -> str:
@@ -136,6 +139,65 @@ def check_gsm8k(tmp: Path, tasks_dir: Path) -> int:
     return bad
 
 
+BBH_TEST = {"boolean_expressions": [{"input": "not ( True and False ) is", "target": "True"},
+                                    {"input": "False or not True is", "target": "False"}],
+            "web_of_lies": [{"input": "Question: Fidel lies. Ka says Fidel lies. Does Ka tell the truth?",
+                             "target": "Yes"}],
+            "date_understanding": [{"input": "Today is 1/2/2020. What is the date tomorrow?\nOptions:\n(A) 01/03/2020"
+                                             "\n(B) 01/04/2020", "target": "(A)"}]}
+BBH_COMPLETIONS = ["not (True and False) = not False = True. So the answer is True.",
+                   "False or False = False. So the answer is False",  # no full stop: the last character is lost
+                   "Ka tells the truth.\n\nSo the answer is Yes.",  # cut at the blank line first
+                   "Tomorrow is 01/03/2020. So the answer is (A). Q: next"]  # cut at "Q": "(A)." is taken
+
+
+def check_bbh(tmp: Path, tasks_dir: Path) -> int:
+    """bbh_cot_fewshot: each subtask's prompt ids (description, the three CoT examples, the question), its
+    ``until`` and ``max_gen_toks``; the get-answer filter and exact_match on the same completions."""
+    tok = load_tokenizer("mistral")
+    rows = [{**r, "subtask": sub} for sub, rs in BBH_TEST.items() for r in rs]
+    ours = EvalConfig(tasks=[{"name": "bbh", "preset": "bbh_cot_fewshot",
+                              "path": _jsonl(tmp / "bbh_all.jsonl", rows)}]).tasks[0]
+    records, shots = task_records(ours)
+    items = build_gen_items(ours, records, tok, shots)
+    verifier = get_verifier("bbh")
+    bad, n = 0, 0
+    for sub, recs in BBH_TEST.items():
+        cfg = {k_: v for k_, v in _yaml(tasks_dir / "bbh" / "cot_fewshot" / f"{sub}.yaml").items()
+               if k_ not in ("tag", "group", "include")}
+        cfg.update(dataset_path="json", dataset_name=None,
+                   dataset_kwargs={"data_files": {"test": _jsonl(tmp / f"bbh_{sub}.jsonl", recs)}})
+        task = _lm_task(cfg)
+        task.set_fewshot_seed(1234)
+        task.build_all_requests(rank=0, world_size=1)
+        insts = sorted(task.instances, key=lambda x: x.doc_id)
+        for inst in insts:
+            it = items[n]
+            n += 1
+            ctx, gen_kwargs = inst.args
+            if tok.encode(ctx, bos=True) != it.prompt_ids or it.subject != sub:
+                bad += 1
+                print(f"bbh {sub} doc {inst.doc_id}: prompts differ\n--- lm-eval\n{ctx!r}\n"
+                      f"--- moxin\n{tok.decode(it.prompt_ids)!r}")
+            if list(gen_kwargs["until"]) != ours.until or gen_kwargs["max_gen_toks"] != ours.max_new_tokens:
+                bad += 1
+                print(f"bbh {sub}: generation settings differ: lm-eval {gen_kwargs}, moxin until={ours.until} "
+                      f"max_new_tokens={ours.max_new_tokens}")
+            inst.completion = BBH_COMPLETIONS[(n - 1) % len(BBH_COMPLETIONS)]
+            inst.resps = [truncate_at(inst.completion, gen_kwargs["until"])]  # what lm-eval's model returns
+        for f in task._filters:
+            f.apply(task.instances)
+        for inst in insts:
+            comp = inst.completion
+            ref = task.process_results(inst.doc, [inst.filtered_resps["get-answer"]])["exact_match"]
+            mine = verifier(truncate_at(comp, tuple(ours.until)), inst.doc["target"]).score
+            bad += ref != mine
+            print(f"bbh {sub} doc {inst.doc_id}: lm-eval exact_match {ref} moxin {mine} "
+                  f"{'ok' if ref == mine else 'DIFF'}")
+    print(f"bbh_cot_fewshot: {n} prompts compared (3-shot CoT, {len(BBH_TEST)} subtasks)")
+    return bad
+
+
 def check_mmlu(tmp: Path, tasks_dir: Path) -> int:
     subj = "high_school_physics"
     rows = [{"question": f" Q{i} about {subj}? ", "subject": subj, "choices": [f"a{i}", f"b{i}", f"c{i}", f"d{i}"],
@@ -179,7 +241,7 @@ def main() -> int:
     print(f"lm-eval {getattr(lm_eval, '__version__', '?')} at {tasks_dir}")
     with tempfile.TemporaryDirectory() as d:
         bad = check_gsm8k(Path(d), tasks_dir) + check_mmlu(Path(d), tasks_dir) + check_base_table(Path(d), tasks_dir)
-        bad += check_truthfulqa(Path(d), tasks_dir)
+        bad += check_truthfulqa(Path(d), tasks_dir) + check_bbh(Path(d), tasks_dir)
     print("agreement: all equal" if not bad else f"agreement: {bad} differences")
     return int(bad > 0)
 

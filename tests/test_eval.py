@@ -340,6 +340,8 @@ def test_training_run_with_eval_after_stage_gets_the_callback_and_it_logs(tmp_pa
     logger.save()
     saved = json.loads((tmp_path / "eval.json").read_text())["evaluations"]
     assert len(saved) == 1 and saved[0]["step"] == 7 and saved[0]["tasks"]["mc"]["n"] == 3
+    md = (tmp_path / "eval.md").read_text()  # the table of each evaluation, under its moment
+    assert md.startswith("## end of stage, step 7\n\n| task | lm-eval task |") and "| mc | mc | 0 | acc |" in md
     import csv
 
     rows = list(csv.DictReader((tmp_path / "logs" / "version_0" / "metrics.csv").open()))

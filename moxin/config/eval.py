@@ -75,6 +75,17 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     # lm-eval humaneval.yaml (0-shot, greedy, the prompt as plain text); HumanEval+ is evalplus's release
     "humaneval": TaskPreset("openai/openai_humaneval", "test", kind=TaskKind.generation, defaults=_CODE),
     "humaneval_plus": TaskPreset("evalplus/humanevalplus", "test", kind=TaskKind.generation, defaults=_CODE),
+    # lm-eval bbh_cot_fewshot (version 4.0; Tülu 3's BBH: 3-shot CoT): 27 subtasks, one hub config each (SaylorTwift/
+    # bbh, the parquet copy of lukaemon/bbh lm-eval reads), each its description and three fixed CoT examples
+    # (moxin/eval/assets), greedy to 1024 tokens or a stop string, exact_match of the "the answer is X." answer
+    "bbh_cot_fewshot": TaskPreset("SaylorTwift/bbh", "test", kind=TaskKind.generation, defaults=dict(
+        verifier="bbh", chat=False, instruction="", num_fewshot=3, fewshot_sampler="first_n", target_delimiter="",
+        subject_field="subtask", until=["</s>", "Q", "\n\n"], max_new_tokens=1024, metric="exact_match",
+        verifier_variants={"get-answer": {}})),
+    # PopQA (Tülu 3: 15-shot, greedy, exact match) as its authors' run_model.py runs it: "Q: .. A:" prompts, one
+    # example from each of the other 15 relations, 15 new tokens, correct when a possible answer is in the first line
+    "popqa": TaskPreset("akariasai/PopQA", "test", kind=TaskKind.generation, defaults=dict(
+        verifier="popqa", chat=False, instruction="", num_fewshot=15, max_new_tokens=15, metric="exact_match")),
 }
 
 

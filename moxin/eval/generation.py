@@ -30,8 +30,10 @@ class GenRecord:
 @torch.no_grad()
 def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  stop_tokens: tuple[int, ...], pad_id: int, batch_size: int = 64,
-                 generator: torch.Generator | None = None, lockstep: bool = False) -> list[GenRecord]:
-    """Completions of every prompt in batches of ``batch_size``, left-padded.
+                 generator: torch.Generator | None = None, lockstep: bool = False,
+                 stop_strings: tuple[str, ...] = (), tokenizer=None) -> list[GenRecord]:
+    """Completions of every prompt in batches of ``batch_size``, left-padded; a row ends at a stop token or once its
+    text holds one of ``stop_strings`` (decoded with ``tokenizer``: lm-eval's ``until``).
 
     lockstep (FSDP2): every rank makes the same number of ``generate`` calls (a rank out of prompts decodes a
     one-token dummy prompt) and the calls decode eagerly in lockstep, because every forward is collective."""
@@ -47,7 +49,7 @@ def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temper
         res = generate(model, chunk or [[stop_tokens[0] if stop_tokens else pad_id]], max_new_tokens,
                        temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, pad_side="left",
                        generator=generator, pad_id=pad_id, lockstep=lockstep,
-                       decode="eager" if lockstep else "auto")
+                       decode="eager" if lockstep else "auto", stop_strings=stop_strings, tokenizer=tokenizer)
         if chunk:
             out += [GenRecord(t, f) for t, f in zip(res.tokens, res.finished)]
     model.train(was_training)

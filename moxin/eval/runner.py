@@ -27,7 +27,7 @@ from moxin.eval.generation import generate_all, score_texts
 from moxin.eval.metrics import pass_at_k
 from moxin.eval.loglik import encode_pair, loglikelihoods
 from moxin.eval.scoring import truncate_at
-from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, load_records
+from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, task_records
 
 __all__ = ["evaluate", "print_table", "write_results", "flat_metrics", "lm_eval_results", "markdown_table"]
 
@@ -58,19 +58,9 @@ def _argmax(xs: list[float]) -> int:
     return max(range(len(xs)), key=lambda j: (xs[j], -j))
 
 
-def _task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
-    """The evaluated records and the few-shot pool (None: the evaluated records themselves)."""
-    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
-    fewshot = None
-    if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
-        fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
-                               task.data_files, task.name)
-    return records, fewshot
-
-
 def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
     rank, world = rank_and_world()
-    items = build_mc_items(task, *_task_records(task))
+    items = build_mc_items(task, *task_records(task))
     mine = items[rank::world]
     t0 = time.perf_counter()
     reqs = [encode_pair(tokenizer, c, x, bos=cfg.bos) for it in mine for c, x in zip(it.contexts, it.continuations)]
@@ -135,14 +125,14 @@ def _decode_and_score(tokenizer, task: TaskConfig, cfg: EvalConfig, gens, answer
 
 def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
     rank, world = rank_and_world()
-    records, fewshot = _task_records(task)
+    records, fewshot = task_records(task)
     items = build_gen_items(task, records, tokenizer, fewshot)
     mine = items[rank::world]
     device = next(model.parameters()).device
     kw = dict(max_new_tokens=task.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-              batch_size=cfg.gen_batch_size, lockstep=lockstep)
+              batch_size=cfg.gen_batch_size, lockstep=lockstep, stop_strings=tuple(task.until), tokenizer=tokenizer)
     t0 = time.perf_counter()
-    per = [{"index": it.index, "answer": it.answer} for it in mine]
+    per = [{"index": it.index, "answer": it.answer} | ({"subject": it.subject} if it.subject else {}) for it in mine]
     names = {v: task.metric + (f",{v}" if v else "") for v in (task.verifier_variants or {"": {}})}
     first = next(iter(names))
     if task.greedy:
@@ -168,9 +158,23 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
             p.update(samples=texts[sl], sample_scores=[r.score for r in sampled[sl]])
     per = sorted(_gather(per), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
+    res = {"kind": task.kind.value, "n": len(per), "num_fewshot": task.num_fewshot, "seconds": seconds,
+           "items_per_s": len(per) / max(seconds, 1e-9), "samples": task.samples,
+           "temperature": task.temperature if task.samples else None, "metrics": _gen_metrics(task, names, per),
+           "items": per}
+    if task.subject_field:  # BBH's subtasks; the group score (size-weighted, as lm-eval's) is the mean over items
+        res["subjects"] = {s_: {"n": len(sub), "metrics": _gen_metrics(task, names, sub)}
+                           for s_ in sorted({p["subject"] for p in per})
+                           for sub in [[p for p in per if p["subject"] == s_]]}
+    return res
+
+
+def _gen_metrics(task: TaskConfig, names: dict[str, str], per: list[dict]) -> dict:
+    """A generation task's metrics over ``per``: each variant's greedy score with its stderr, the shares without an
+    answer and run into max_new_tokens, pass@k of the samples."""
     metrics = {}
     if task.greedy:
-        for v, name in names.items():
+        for name in names.values():
             key = (lambda p: p["greedy_scores"][name]) if task.verifier_variants else (lambda p: p["greedy_score"])
             metrics[name], metrics[f"{name}_stderr"] = _mean_stderr([float(key(p) >= 1.0) for p in per])
         metrics["no_answer"] = sum(p["greedy_reason"].startswith("no_answer") for p in per) / max(len(per), 1)
@@ -179,9 +183,7 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
         for k in task.k:
             metrics[f"pass@{k}_sampled"] = sum(
                 pass_at_k(task.samples, sum(s >= 1.0 for s in p["sample_scores"]), k) for p in per) / max(len(per), 1)
-    return {"kind": task.kind.value, "n": len(per), "num_fewshot": task.num_fewshot, "seconds": seconds,
-            "items_per_s": len(per) / max(seconds, 1e-9), "samples": task.samples,
-            "temperature": task.temperature if task.samples else None, "metrics": metrics, "items": per}
+    return metrics
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig | dict, *, lockstep: bool = False) -> dict:
@@ -252,8 +254,8 @@ def markdown_table(results: dict) -> str:
 
 
 def write_results(results: dict, path: str | Path) -> Path:
-    """``results`` as JSON at ``path`` (written whole, then renamed); one evaluation's table also as markdown
-    beside it (``eval.md``)."""
+    """``results`` as JSON at ``path`` (written whole, then renamed), and its table as markdown beside it
+    (``eval.md``): one evaluation's table, or for a training run's ``{"evaluations": [...]}`` one table each."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
@@ -261,12 +263,16 @@ def write_results(results: dict, path: str | Path) -> Path:
     tmp.replace(p)
     if "tasks" in results:
         p.with_suffix(".md").write_text(markdown_table(results))
+    elif any("tasks" in r for r in results.get("evaluations", [])):
+        p.with_suffix(".md").write_text("\n".join(f"## {r.get('when', 'evaluation')}, step {r.get('step', '?')}\n\n"
+                                                  f"{markdown_table(r)}" for r in results["evaluations"] if "tasks" in r))
     return p
 
 
 def print_table(results: dict, title: str = "moxin evaluation") -> None:
+    """The results as a table on the console: moxin's task name and lm-eval's, shots, items, each metric."""
     t = Table(title=title)
-    for col in ("task", "shots", "n", "metric", "value", "stderr", "items/s"):
+    for col in ("task", "lm-eval task", "shots", "n", "metric", "value", "stderr", "items/s"):
         t.add_column(col, justify="right" if col in ("shots", "n", "value", "stderr", "items/s") else "left",
                      no_wrap=True)
     for name, r in results["tasks"].items():
@@ -275,8 +281,8 @@ def print_table(results: dict, title: str = "moxin evaluation") -> None:
             if k.endswith("_stderr"):
                 continue
             se = r["metrics"].get(f"{k}_stderr")
-            t.add_row(name if first else "", str(r.get("num_fewshot", 0)) if first else "",
-                      str(r["n"]) if first else "", k, f"{v:.4f}",
+            head = (name, r.get("task", name), str(r.get("num_fewshot", 0)), str(r["n"])) if first else ("",) * 4
+            t.add_row(*head, k, f"{v:.4f}",
                       "" if se is None or math.isnan(se) else f"{se:.4f}", f"{r['items_per_s']:.1f}" if first else "")
             first = False
     Console(width=max(100, Console().width)).print(t)

@@ -19,7 +19,8 @@ from moxin.rewards.math import _math_verify, grade_answer
 
 __all__ = ["truncate_at", "GSM8K_UNTIL", "GSM8K_FILTERS", "gsm8k_extract", "gsm8k_normalise", "gsm8k_scores",
            "GSM8KVerifier", "qwen_math_extract", "MathAnswerVerifier", "minerva_math_verify", "HUMANEVAL_UNTIL",
-           "mean_pass_at_k", "HumanEvalScore", "score_humaneval", "humaneval_reference", "HumanEvalVerifier"]
+           "mean_pass_at_k", "HumanEvalScore", "score_humaneval", "humaneval_reference", "HumanEvalVerifier",
+           "BBH_UNTIL", "bbh_extract", "BBHVerifier", "popqa_prediction", "popqa_correct", "PopQAVerifier"]
 
 
 def truncate_at(text: str, until: tuple[str, ...] | list[str]) -> str:
@@ -166,6 +167,64 @@ def minerva_math_verify(completion: str, reference: str) -> float:
     gold = parse(reference, config, parsing_timeout=None)
     pred = parse(completion, config, parsing_timeout=None)
     return float(bool(verify(gold, pred, timeout_seconds=None)))
+
+
+# ---- BBH (lm-eval bbh_cot_fewshot, version 4.0) ------------------------------------------------------------------
+
+BBH_UNTIL = ("</s>", "Q", "\n\n")
+# filter "get-answer": RegexFilter with this pattern (findall, the first match, stripped; none: "[invalid]"), then
+# take_first; the metric is exact_match with no normalisation (ignore_case and ignore_punctuation stay off)
+_BBH_ANSWER = re.compile(r"(?<=the answer is )(.*)(?=.)")
+
+
+def bbh_extract(completion: str) -> str:
+    """The answer lm-eval's ``get-answer`` filter takes from a (truncated) BBH completion: what follows the first
+    "the answer is " up to the last character of that line (the full stop), stripped; ``[invalid]`` without one."""
+    matches = _BBH_ANSWER.findall(completion)
+    return matches[0].strip() if matches else _INVALID
+
+
+@dataclass
+class BBHVerifier:
+    """lm-eval bbh_cot_fewshot's ``exact_match,get-answer``: the extracted answer equals the target exactly."""
+
+    until: tuple[str, ...] = BBH_UNTIL
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        extracted = bbh_extract(truncate_at(completion, self.until))
+        if extracted == _INVALID:
+            return RewardResult(0.0, NO_ANSWER)
+        return RewardResult(1.0, CORRECT, extracted) if extracted == reference else RewardResult(0.0, WRONG, extracted)
+
+
+# ---- PopQA (Mallen et al. 2023, AlexTMallen/adaptive-retrieval run_model.py) --------------------------------------
+
+def popqa_prediction(completion: str) -> str:
+    """The prediction run_model.py reads from a generation: a leading blank line dropped, then the first line."""
+    if completion.startswith("\n\n"):
+        completion = completion[2:]
+    return completion.split("\n")[0]
+
+
+def popqa_correct(completion: str, possible_answers: list[str]) -> bool:
+    """run_model.py's accuracy: some possible answer occurs in the prediction as written, lower-cased or
+    capitalised (``str.capitalize``)."""
+    pred = popqa_prediction(completion)
+    return any(pa in pred or pa.lower() in pred or pa.capitalize() in pred for pa in possible_answers)
+
+
+@dataclass
+class PopQAVerifier:
+    """PopQA accuracy (:func:`popqa_correct`); the reference is the record's ``possible_answers`` JSON list."""
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        answers = json.loads(reference)
+        if not isinstance(answers, list) or not answers:
+            return RewardResult(0.0, f"{NO_ANSWER}; reference {reference[:80]!r} is not a non-empty JSON list")
+        pred = popqa_prediction(completion)
+        if popqa_correct(completion, [str(a) for a in answers]):
+            return RewardResult(1.0, CORRECT, pred)
+        return RewardResult(0.0, WRONG if pred.strip() else NO_ANSWER, pred)
 
 
 # ---- HumanEval / HumanEval+ ------------------------------------------------------------------------------------

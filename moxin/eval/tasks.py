@@ -9,9 +9,12 @@ the published ones. Details: docs/modules.md, "eval/tasks.py".
 
 from __future__ import annotations
 
+import json
 import random
 import re
 from dataclasses import dataclass, replace
+from functools import cache
+from pathlib import Path
 from typing import Any, Callable
 
 from moxin.config import (DataError, EvalConfig, EvalConfigError, FewshotSampler, SourceConfig, TaskConfig,
@@ -23,7 +26,7 @@ from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
-           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config"]
+           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "task_records", "POPQA_PROP_IDS"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -158,8 +161,31 @@ _MMLU_GROUPS = {
 #: lm-eval's ``mmlu`` group: its 57 subjects, each in one of the groups mmlu_stem, mmlu_humanities,
 #: mmlu_social_sciences, mmlu_other (lm_eval/tasks/mmlu/default/_mmlu_*.yaml)
 MMLU_SUBJECTS: dict[str, str] = {subj: group for group, names in _MMLU_GROUPS.items() for subj in names.split()}
+
+
+@cache
+def bbh_prompts() -> dict[str, dict]:
+    """lm-eval ``bbh_cot_fewshot``'s 27 subtasks: subtask -> ``{"description", "samples"}`` (its three chain-of-thought
+    examples, ``input`` and ``target``), as its per-subtask yaml files give them (``assets/bbh_cot_fewshot.json``
+    names the commit they were copied from)."""
+    return json.loads((Path(__file__).parent / "assets" / "bbh_cot_fewshot.json").read_text())["subtasks"]
+
+
 #: The subjects a preset's records may carry, subject -> lm-eval group
 PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
+
+
+def _known_subjects(preset: str | None) -> dict[str, str] | None:
+    if preset == "bbh_cot_fewshot":
+        return {sub: preset for sub in bbh_prompts()}
+    return PRESET_SUBJECTS.get(preset or "")
+
+
+def _subject_description(task: TaskConfig, subj: str) -> str:
+    """A subject's description line: BBH's own per subtask, else ``description`` with ``{subject}`` filled in."""
+    if task.preset == "bbh_cot_fewshot":
+        return bbh_prompts()[subj]["description"]
+    return task.description.format(subject=subj.replace("_", " "))
 
 #: lm-eval's doc_to_text / doc_to_choice / doc_to_target of the benchmarks in the Moxin paper, by preset name (where
 #: their records are: moxin.config.TASK_PRESETS)
@@ -252,7 +278,7 @@ def _subject(task: TaskConfig, rec: dict, where: str) -> str:
     if not isinstance(subj, str) or not subj:
         raise DataError(f"eval task {task.name!r}: {where} has no subject_field {task.subject_field!r} (fields: "
                         f"{sorted(rec)[:20]}); set subject_field or add the field")
-    known = PRESET_SUBJECTS.get(task.preset or "")
+    known = _known_subjects(task.preset)
     if known is not None and subj not in known:
         raise DataError(f"eval task {task.name!r}: {where}: subject {subj!r} is not one of preset {task.preset!r}'s "
                         f"{len(known)} subjects; fix the record or drop the preset and map the fields")
@@ -273,7 +299,7 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
     items = []
     for subj, idx in groups.items():
         sub = replace(task, subject_field=None, limit=None, name=f"{task.name}/{subj}",
-                      description=task.description.format(subject=subj.replace("_", " ")))
+                      description=_subject_description(task, subj))
         for it in build(sub, [records[i] for i in idx], None if fewshot_records is None else pools.get(subj, [])):
             it.index, it.subject = idx[it.index], subj
             items.append(it)
@@ -295,11 +321,12 @@ def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: li
         raise DataError(f"eval task {task.name!r}: num_fewshot={task.num_fewshot} but the few-shot pool has only "
                         f"{len(pool)} records")
     rnd = random.Random(task.fewshot_seed)
+    draw = _popqa_drawer(task, pool_recs) if task.preset == "popqa" and task.num_fewshot else None
     out = []
     for i, d in enumerate(docs):
         prefix = task.description
         if task.num_fewshot:
-            drawn = _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
+            drawn = draw(rnd, records[i]) if draw else _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
             prefix += "".join(example_fn(task, pool[j]) + task.fewshot_delimiter for j in drawn)
         out.append((d, prefix))
     return out
@@ -331,6 +358,7 @@ class GenItem:
     prompt_ids: list[int]
     answer: str
     problem: str
+    subject: str | None = None
 
 
 @dataclass
@@ -369,6 +397,56 @@ def _humaneval(doc: dict) -> GenDoc:
     return GenDoc(doc["prompt"], doc.get("canonical_solution", ""), humaneval_reference(doc))
 
 
+_BBH_COT = "Let's think step by step.\n"
+
+
+def _bbh(doc: dict) -> GenDoc:
+    """lm-eval bbh_cot_fewshot: ``Q: {input}\nA: Let's think step by step.\n``; target (target_delimiter "") the
+    record's ``target``: a worked answer in the few-shot examples, the answer itself in the test records."""
+    return GenDoc(f"Q: {doc['input']}\nA: {_BBH_COT}", str(doc["target"]), str(doc["target"]))
+
+
+#: PopQA's 16 relations (``prop_id``) in the order of the reference's question templates (Mallen et al. 2023,
+#: AlexTMallen/adaptive-retrieval run_model.py ``q_templates``)
+POPQA_PROP_IDS = (22, 218, 91, 257, 182, 164, 526, 97, 533, 639, 472, 106, 560, 484, 292, 422)
+
+
+def _popqa(doc: dict) -> GenDoc:
+    """PopQA as its authors' run_model.py prompts it: ``Q: {question} A:``, a few-shot example's target the object
+    (``obj``); the reference is the JSON list ``possible_answers`` (read by the popqa verifier)."""
+    answers = doc["possible_answers"]
+    answers = answers if isinstance(answers, str) else json.dumps(list(answers))
+    return GenDoc(f"Q: {doc['question']} A:", str(doc["obj"]), answers)
+
+
+def _popqa_drawer(task: TaskConfig, pool_recs: list[dict]) -> Callable[[random.Random, dict], list[int]]:
+    """PopQA's few-shot draw (run_model.py, templated QA): ``num_fewshot // 15`` examples from each of the 15
+    relations other than the item's, in template order, then shuffled; the item's own relation never appears."""
+    per, rest = divmod(task.num_fewshot, len(POPQA_PROP_IDS) - 1)
+    if rest:
+        raise DataError(f"eval task {task.name!r}: popqa draws the same number of examples from each of the other "
+                        f"{len(POPQA_PROP_IDS) - 1} relations; num_fewshot={task.num_fewshot} is not a multiple of "
+                        f"{len(POPQA_PROP_IDS) - 1} (the reference uses 15)")
+    groups: dict[int, list[int]] = {pid: [] for pid in POPQA_PROP_IDS}
+    for j, r in enumerate(pool_recs):
+        groups.setdefault(int(r.get("prop_id", -1)), []).append(j)
+    short = [pid for pid in POPQA_PROP_IDS if len(groups[pid]) < per]
+    if short:
+        raise DataError(f"eval task {task.name!r}: the few-shot pool has fewer than {per} records of relation(s) "
+                        f"prop_id {short}; popqa needs every relation in it")
+
+    def draw(rnd: random.Random, rec: dict) -> list[int]:
+        own = int(rec.get("prop_id", -1))
+        if own not in POPQA_PROP_IDS:
+            raise DataError(f"eval task {task.name!r}: record {rec.get('id', '?')} has prop_id {own!r}, not one of "
+                            f"PopQA's relations {list(POPQA_PROP_IDS)}")
+        drawn = [j for pid in POPQA_PROP_IDS if pid != own for j in rnd.sample(groups[pid], per)]
+        rnd.shuffle(drawn)
+        return drawn
+
+    return draw
+
+
 #: Generation presets' record mapping (where their records are and their settings: moxin.config.TASK_PRESETS)
 GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
     "gsm8k": _gsm8k,
@@ -378,7 +456,29 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
     "olympiadbench": _qwen_math,
     "humaneval": _humaneval,
     "humaneval_plus": _humaneval,
+    "bbh_cot_fewshot": _bbh,
+    "popqa": _popqa,
 }
+
+
+def task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH: the 27 subtasks'
+    test records (one hub config each, tagged with ``subtask``; a local copy is one file whose records carry the
+    field) and the three fixed chain-of-thought examples of each subtask."""
+    if task.preset == "bbh_cot_fewshot":
+        if is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
+            records = [{**r, task.subject_field: sub} for sub in bbh_prompts()
+                       for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
+        else:
+            records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
+        shots = [{**ex, task.subject_field: sub} for sub, p in bbh_prompts().items() for ex in p["samples"]]
+        return records, shots
+    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
+    fewshot = None
+    if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
+        fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
+                               task.data_files, task.name)
+    return records, fewshot
 
 
 def user_text(task: TaskConfig, problem: str) -> str:

@@ -1,7 +1,8 @@
 """Batched generation on the rolling-buffer cache: prefill (optionally in chunks), then decode.
 
 Prompts are padded left or right (position -1: never cached nor attended to); sampling is temperature, top-k
-and top-p (temperature 0: greedy); a row stops at any of `stop_tokens` or after `max_new_tokens`; randomness
+and top-p (temperature 0: greedy); a row stops at any of `stop_tokens`, at any of `stop_strings` in its decoded text
+(:class:`StopStrings`, lm-eval's ``until``), or after `max_new_tokens`; randomness
 comes only from `generator`, so a seed reproduces the rollouts. The decode paths (``eager``, the reference;
 ``static``; ``graph``; ``compiled``) give the same tokens: docs/modules.md, "model/generate.py".
 """
@@ -54,6 +55,51 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+class StopStrings:
+    """Which rows' generated text contains a stop string, checked on the host as tokens arrive.
+
+    ``feed(row, new_tokens)`` is True once ``decode(all of the row's tokens so far)`` contains one of ``stops``. A stop
+    string may span several tokens, so each check decodes the new tokens with enough earlier ones in front that at
+    least ``max(len(stop)) + 4`` characters precede them (4 more than a stop string can reach back: a window's first
+    characters may decode differently, a leading space dropped, a split UTF-8 character as replacement characters);
+    a stop string wholly in earlier tokens was found by an earlier check. Each check costs two decodes of about that
+    many tokens, not of the whole row."""
+
+    def __init__(self, stops, decode: Callable[[list[int]], str], batch: int):
+        self.stops = tuple(s for s in stops if s)
+        if not self.stops:
+            raise ValueError("StopStrings needs at least one non-empty stop string")
+        self.decode = decode
+        self.need = max(map(len, self.stops)) + 4
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+
+    def feed(self, row: int, new: list[int]) -> bool:
+        toks = self.tokens[row]
+        first_new = len(toks)
+        toks.extend(new)
+        s = first_new
+        while s > 0:  # reach back far enough that `need` characters precede the new tokens
+            s = max(0, s - self.need)
+            if len(self.decode(toks[s:first_new])) >= self.need:
+                break
+        text = self.decode(toks[s:])
+        return any(stop in text for stop in self.stops)
+
+
+def _stop_on_strings(checker: StopStrings, out: torch.Tensor, seen: int, t: int, done: torch.Tensor,
+                     stopped: torch.Tensor) -> int:
+    """Feed the rows still running their tokens ``seen..t`` and end the rows whose text now holds a stop string;
+    returns the next unseen column."""
+    new = out[:, seen:t + 1].tolist()
+    live = (~done).tolist()
+    hits = [i for i, row in enumerate(new) if live[i] and checker.feed(i, row)]
+    if hits:
+        idx = torch.tensor(hits, device=done.device)
+        done[idx] = True
+        stopped[idx] = True
+    return t + 1
+
+
 def _all_done(done: torch.Tensor, lockstep: bool) -> bool:
     if lockstep and torch.distributed.is_available() and torch.distributed.is_initialized():
         flag = done.all().to(torch.int32).reshape(1)
@@ -68,7 +114,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
              pad_side: str = "left", prefill_chunk: int | None = None, generator: torch.Generator | None = None,
              pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
              decode: str = "auto", sync_every: int = 16, lockstep: bool = False,
-             on_finished: Callable[[list[int], list[list[int]]], None] | None = None) -> GenerationOutput:
+             on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
+             stop_strings: tuple[str, ...] = (), tokenizer=None) -> GenerationOutput:
     """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache.
 
     decode: auto (graph on CUDA, eager elsewhere), eager, static, graph or compiled; see the module docstring.
@@ -78,13 +125,22 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     on_finished: called on the host as rows finish, ``on_finished(rows, tokens)`` with the prompt indices and
         their new tokens (stop token included), each row exactly once: rows that stopped are reported at the
         stop checks (every token on the eager path, every `sync_every` tokens otherwise), the rest at the end.
-        Lets a caller work on finished completions (GRPO scores them) while the others still decode."""
+        Lets a caller work on finished completions (GRPO scores them) while the others still decode.
+    stop_strings: a row also stops once its text (``tokenizer.decode`` of its new tokens) contains one of these,
+        checked with the stop tokens (every `sync_every` tokens off the eager path, so a row may run a few tokens
+        past it); its tokens are returned as generated and ``finished`` is True: cut the text at the first stop
+        string (moxin.eval.scoring.truncate_at), as lm-eval cuts its ``until``."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add the bos token)")
     if pad_side not in ("left", "right"):
         raise ValueError(f"pad_side must be 'left' or 'right', got {pad_side!r}")
     if decode not in DECODE_PATHS:
         raise ValueError(f"decode must be one of {', '.join(DECODE_PATHS)}, got {decode!r}")
+    checker = None
+    if any(stop_strings):
+        if tokenizer is None:
+            raise ValueError("generate(stop_strings=...) needs the tokenizer that decodes the new tokens")
+        checker = StopStrings(stop_strings, tokenizer.decode, len(prompts))
     device = next(model.parameters()).device
     if decode == "auto":
         decode = "graph" if device.type == "cuda" else "eager"
@@ -133,6 +189,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         step = _DecodeStep(model, cache, B, device, graph=graph, compile=decode == "compiled")
     check_every = 1 if step is None else max(1, sync_every)
     reported = torch.zeros(B, dtype=torch.bool, device=device)
+    seen = 0
     for t in range(max_new_tokens):
         nxt = sample_next(logits, temperature, top_k, top_p, generator)
         nxt = torch.where(done, pad_id, nxt)
@@ -145,6 +202,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
         stopped |= is_stop
         done |= is_stop
         check = (t + 1) % check_every == 0
+        if checker is not None and (check or t == max_new_tokens - 1):
+            seen = _stop_on_strings(checker, out, seen, t, done, stopped)
         if check and on_finished is not None:
             _report(on_finished, done & ~reported, reported, out, n_new)
         if t == max_new_tokens - 1 or (check and _all_done(done, lockstep)):

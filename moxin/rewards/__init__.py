@@ -8,7 +8,8 @@ Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify
 Moxin-Reasoning's), ``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form
 reward); the evaluation scorers of moxin/eval/scoring.py: ``"gsm8k"`` (lm-eval's exact_match, kwarg
 ``filter_name``), ``"qwen_math"`` (Qwen2.5-Math's answer extraction + math-verify), ``"humaneval"`` (tests run in
-the sandbox).
+the sandbox), ``"bbh"`` (lm-eval bbh_cot_fewshot's get-answer exact match), ``"popqa"`` (a possible answer in the
+first line).
 """
 
 from __future__ import annotations
@@ -64,12 +65,26 @@ def _humaneval(**kwargs: Any) -> Verifier:
     return HumanEvalVerifier(**kwargs)
 
 
+def _bbh(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import BBHVerifier
+
+    return BBHVerifier(**kwargs)
+
+
+def _popqa(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import PopQAVerifier
+
+    return PopQAVerifier(**kwargs)
+
+
 VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "math": _math,
     "deepscaler": _deepscaler,
     "gsm8k": _gsm8k,
     "qwen_math": _qwen_math,
     "humaneval": _humaneval,
+    "bbh": _bbh,
+    "popqa": _popqa,
     "exact": ExactAnswerVerifier,
     "format": FormatVerifier,
 }
