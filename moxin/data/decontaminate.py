@@ -1,8 +1,8 @@
 """N-gram decontamination of training sources against evaluation splits, as GPT-3 and lm-evaluation-harness do it.
 
 Text is normalised as lm-eval's ``Janitor`` does (lowercased, ASCII punctuation deleted, split on whitespace); its
-word n-grams (13 by default) are hashed to 64-bit integers (BLAKE2b of each word, combined polynomially), so the
-evaluation side is a sorted ``uint64`` array with a bitmask of the tasks that hold each n-gram: a few bytes per
+word n-grams (13 by default) are hashed to 64-bit integers (each word's 64-bit str hash, combined polynomially), so
+the evaluation side is a sorted ``uint64`` array with a bitmask of the tasks that hold each n-gram: 16 bytes per
 n-gram, whatever the words. A training record that shares one n-gram with an evaluation split is contaminated; the
 preparation (``python -m moxin.prepare``, ``data.decontaminate``) drops or flags it and writes
 ``decontamination.json`` next to the prepared data. Details: docs/modules.md, "data/decontaminate.py".
@@ -10,8 +10,6 @@ preparation (``python -m moxin.prepare``, ``data.decontaminate``) drops or flags
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import string
 from dataclasses import dataclass, field
@@ -40,17 +38,13 @@ def normalized_words(text: str) -> list[str]:
     return text.lower().translate(_DELETE).split()
 
 
-@functools.lru_cache(maxsize=1 << 20)
-def _word_hash(word: str) -> int:
-    return int.from_bytes(hashlib.blake2b(word.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little")
-
-
 def ngram_hashes(words: list[str], n: int) -> np.ndarray:
     """The 64-bit hash of every word n-gram of ``words`` in order (``uint64``, ``len(words) - n + 1`` of them; none
-    for fewer than ``n`` words)."""
+    for fewer than ``n`` words). Words are hashed with Python's str hash (64-bit SipHash, computed in C and cached
+    on the string): seeded per process, so an index is only matched in the process that built it."""
     if len(words) < n:
         return np.zeros(0, dtype=np.uint64)
-    w = np.fromiter((_word_hash(x) for x in words), dtype=np.uint64, count=len(words))
+    w = np.fromiter(map(hash, words), dtype=np.int64, count=len(words)).view(np.uint64)
     m = len(words) - n + 1
     h = np.zeros(m, dtype=np.uint64)
     for j in range(n):  # uint64 arrays wrap around: h = sum_j w[i + j] * MUL^(n - 1 - j) mod 2^64
@@ -138,7 +132,6 @@ class EvalNgrams:
         self.n = n
         self.tasks: list[str] = []
         self.meta: dict[str, dict] = {}
-        self._parts: list[tuple[np.ndarray, int]] = []
         self.keys = np.zeros(0, dtype=np.uint64)
         self.masks = np.zeros(0, dtype=np.uint64)
 
@@ -154,14 +147,11 @@ class EvalNgrams:
             short += not mine
             grams.extend(mine)
         uniq = np.unique(np.concatenate(grams)) if grams else np.zeros(0, dtype=np.uint64)
-        self._parts.append((uniq, len(self.tasks)))
+        bit = np.uint64(1) << np.uint64(len(self.tasks))
         self.tasks.append(name)
         self.meta[name] = {**(where or {}), "records": n_records, "ngrams": int(len(uniq)), "shorter_than_n": short}
-        self._freeze()
-
-    def _freeze(self) -> None:
-        h = np.concatenate([u for u, _ in self._parts])
-        bits = np.concatenate([np.full(len(u), np.uint64(1) << np.uint64(t), dtype=np.uint64) for u, t in self._parts])
+        h = np.concatenate([self.keys, uniq])  # merged into the index: keys stay sorted and unique
+        bits = np.concatenate([self.masks, np.full(len(uniq), bit, dtype=np.uint64)])
         order = np.argsort(h, kind="stable")
         h, bits = h[order], bits[order]
         self.keys, start = np.unique(h, return_index=True)
