@@ -3,7 +3,9 @@ across all sources and parts, tokenize it with the run's tokenizer and write tok
 and a manifest (layout: moxin/data/prepared.py). Train on it with ``data.prepared=DIR``.
 
 ``prepare.part=i prepare.parts=n`` writes one slice (a SLURM array), ``prepare.merge=true`` joins the parts;
-without ``prepare.part`` one process does both. Parts, merge and dedup: docs/modules.md, "prepare.py".
+without ``prepare.part`` one process does both. Parts, merge and dedup: docs/modules.md, "prepare.py". A data
+config with ``decontaminate`` has its benchmark sources checked against evaluation splits
+(moxin/data/decontaminate.py), the report written as ``decontamination.json`` beside the manifest.
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from moxin.config import DataError, SourceConfig, plain
+from moxin.config import DataError, DecontaminateConfig, SourceConfig, plain
 from moxin.data.bad_records import RecordStats
+from moxin.data.decontaminate import REPORT, Decontaminator, SourceCounts, build_report, format_table, write_report
 from moxin.data.dedup import normalize_text, text_hash
 from moxin.data.documents import documents_of
 from moxin.data.prepared import (FORMAT_VERSION, INDEX_DTYPE, MANIFEST, PreparedData, file_sha256, token_dtype,
                                  tokenizer_fingerprint)
+from moxin.data.extract import text_columns
 from moxin.data.reader import is_hub_name, open_hub_dataset, open_hub_file, read_positioned, resolve_files
 from moxin.data.sample import sample_path
 from moxin.paths import conf_dir
@@ -175,7 +179,7 @@ def _unit_records(source: SourceConfig, unit: Any, ds: Any) -> Iterator[tuple[An
     else:
         path, fmt = unit
         one = dataclasses.replace(source, path=path, data_files=None, format=fmt)
-        yield from read_positioned(one, columns=[source.text_field])
+        yield from read_positioned(one, columns=text_columns(source))
 
 
 def _part_path(out: Path, part: int, parts: int) -> Path:
@@ -183,9 +187,10 @@ def _part_path(out: Path, part: int, parts: int) -> Path:
 
 
 def run_part(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, part: int, opts: PrepareOptions,
-             log=print) -> dict:
+             log=print, decon: Decontaminator | None = None) -> dict:
     """Prepare part ``part`` of ``opts.parts``: its slice of every source, written to ``out``; returns (and
-    writes) its record ``parts/part-<part>-of-<parts>.json``."""
+    writes) its record ``parts/part-<part>-of-<parts>.json``. ``decon``: check the sources it names against the
+    evaluation n-grams, dropping (or flagging) the overlapping documents (moxin/data/decontaminate.py)."""
     out = Path(out)
     fp = tokenizer_fingerprint(tok)
     dtype = token_dtype(int(fp["vocab_size"] or 1 << 16))
@@ -195,12 +200,21 @@ def run_part(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, part
     t0 = time.perf_counter()
     record: dict = {"part": part, "parts": opts.parts, "format_version": FORMAT_VERSION, "tokenizer": fp,
                     "dtype": dtype.str, "settings": opts.settings(), "sources": {}}
+    checked = decon.checked_sources(sources) if decon else set()
+    overlap: dict[str, SourceCounts] = {}
     for src in sources:
         units, ds = _units(src)
         mine = units[len(units) * part // opts.parts: len(units) * (part + 1) // opts.parts]
         writer = _ShardWriter(out, src.name, part, opts.shard_tokens, dtype, opts.near_dedup)
-        stats, counts = RecordStats(), {"dup_in_part": 0, "short": 0, "tokens": 0}
+        stats, counts = RecordStats(), {"dup_in_part": 0, "short": 0, "tokens": 0, "decontaminated": 0}
         batch: list[tuple[int, str]] = []
+        found = overlap.setdefault(src.name, SourceCounts()) if src.name in checked else None
+        where = {"loc": ""}
+
+        def located(records):  # remembers the location of the record documents_of is on (report examples)
+            for pos, loc, rec in records:
+                where["loc"] = loc
+                yield pos, loc, rec
 
         def flush():
             texts = [t for _, t in batch]
@@ -211,7 +225,11 @@ def run_part(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, part
             batch.clear()
 
         for unit in mine:
-            for _, text in documents_of(src, _unit_records(src, unit, ds), stats):
+            for _, text in documents_of(src, located(_unit_records(src, unit, ds)), stats):
+                if found is not None and decon.check(text, found, where["loc"]) \
+                        and not decon.cfg.action.keeps_record:
+                    counts["decontaminated"] += 1
+                    continue
                 if len(text) < opts.min_chars:
                     counts["short"] += 1
                     continue
@@ -231,7 +249,11 @@ def run_part(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, part
             "units": [u if ds is not None else u[0] for u in mine], "stats": stats.to_dict(), **counts,
             "shards": writer.close()}
         log(f"part {part}/{opts.parts} {src.name}: {len(mine)} file(s), {stats.records} records, "
-            f"{stats.kept - counts['dup_in_part'] - counts['short']} documents, {counts['tokens']:,} tokens")
+            f"{stats.kept - counts['dup_in_part'] - counts['short'] - counts['decontaminated']} documents, "
+            f"{counts['tokens']:,} tokens" + (f", {found.contaminated} overlap an evaluation split" if found else ""))
+    if decon is not None:
+        record["decontamination"] = {"settings": decon.cfg.settings(), "eval_tasks": decon.index.meta,
+                                     "sources": {n: c.to_dict() for n, c in overlap.items()}}
     record["seconds"] = time.perf_counter() - t0
     path = _part_path(out, part, opts.parts)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -264,11 +286,20 @@ def _load_parts(out: Path, sources: list[SourceConfig], opts: PrepareOptions, fp
     return parts
 
 
-def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: PrepareOptions, log=print) -> dict:
-    """Merge the parts in ``out`` (module docstring) and write ``manifest.json``; returns the manifest."""
+def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: PrepareOptions, log=print,
+          decon: DecontaminateConfig | None = None) -> dict:
+    """Merge the parts in ``out`` (module docstring) and write ``manifest.json`` (and, with ``decon``, the
+    decontamination report); returns the manifest."""
     out = Path(out)
     fp = tokenizer_fingerprint(tok)
     parts = _load_parts(out, sources, opts, fp)
+    want = decon.settings() if decon else None
+    for p in parts:
+        have = (p.get("decontamination") or {}).get("settings")
+        if have != want:
+            raise DataError(f"{_part_path(out, p['part'], opts.parts)} was prepared with data.decontaminate "
+                            f"{have}, the merge has {want}; merge with the data config the parts were prepared "
+                            "with, or prepare the part again")
     t0 = time.perf_counter()
     # every written document in canonical order: sources in config order, then parts, then shards
     entries = [(s.name, p["sources"][s.name], sh)
@@ -287,7 +318,7 @@ def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: P
     for s in sources:
         manifest["sources"][s.name] = {"config": dataclasses.asdict(s), "documents": 0, "tokens": 0,
                                        "dead_tokens": 0, "dup_exact": 0, "dup_near": 0, "short": 0,
-                                       "stats": RecordStats(), "shards": []}
+                                       "decontaminated": 0, "stats": RecordStats(), "shards": []}
     for k, ((name, part_src, sh), r) in enumerate(zip(entries, rows)):
         m = manifest["sources"][name]
         sl = slice(bounds[k], bounds[k + 1])
@@ -310,7 +341,15 @@ def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: P
             m["stats"].merge(RecordStats.from_dict(ps["stats"]))
             m["dup_exact"] += ps["dup_in_part"]
             m["short"] += ps["short"]
+            m["decontaminated"] += ps.get("decontaminated", 0)
         m["stats"] = m["stats"].to_dict()
+    if decon is not None:
+        report = _merge_decontamination(decon, parts)
+        write_report(out, report)
+        manifest["decontamination"] = {"settings": want, "report": REPORT, "sources": {
+            n: {k: c[k] for k in ("checked", "contaminated", "dropped", "flagged")}
+            for n, c in report["sources"].items()}}
+        log(format_table(report))
     manifest["totals"] = {k: sum(m[k] for m in manifest["sources"].values())
                           for k in ("documents", "tokens", "dead_tokens", "dup_exact", "dup_near")}
     manifest["prepare_seconds"] = {"parts": [p["seconds"] for p in parts], "merge": time.perf_counter() - t0}
@@ -321,6 +360,15 @@ def merge(sources: list[SourceConfig], tok: Any, out: str | os.PathLike, opts: P
         log(f"{name}: {m['documents']:,} documents, {m['tokens']:,} tokens, {m['stats']['bad']} bad, "
             f"{m['dup_exact']} exact and {m['dup_near']} near duplicates dropped")
     return manifest
+
+
+def _merge_decontamination(cfg: DecontaminateConfig, parts: list[dict]) -> dict:
+    """The decontamination report of all parts: their counts summed per source."""
+    total: dict[str, SourceCounts] = {}
+    for p in parts:
+        for name, c in p["decontamination"]["sources"].items():
+            total.setdefault(name, SourceCounts()).merge(SourceCounts.from_dict(c), cfg.examples)
+    return build_report(cfg, parts[0]["decontamination"]["eval_tasks"], total)
 
 
 def _near_duplicates(out: Path, entries: list, bounds: np.ndarray, keep: np.ndarray,
@@ -362,18 +410,20 @@ def prepare(cfg: DictConfig, log=print) -> dict | None:
         n = PreparedData(out).verify_checksums()
         log(f"{out}: the sha256 of all {n} shard and index files match {MANIFEST}")
         return None
+    decon = DecontaminateConfig.from_any(plain(cfg.data.get("decontaminate")))
     tok = load_tokenizer(cfg.tokenizer)
     if (out / MANIFEST).exists() and not opts.merge:
         raise DataError(f"prepare: {out / MANIFEST} exists, the corpus there is prepared; choose another out=, or "
                         "delete the folder to prepare it again")
     if opts.merge:
-        return merge(sources, tok, out, opts, log)
+        return merge(sources, tok, out, opts, log, decon)
+    checker = Decontaminator.from_config(decon, log) if decon else None
     if opts.part is not None:
-        run_part(sources, tok, out, opts.part, opts, log)
+        run_part(sources, tok, out, opts.part, opts, log, checker)
         return None
     for i in range(opts.parts):
-        run_part(sources, tok, out, i, opts, log)
-    return merge(sources, tok, out, opts, log)
+        run_part(sources, tok, out, i, opts, log, checker)
+    return merge(sources, tok, out, opts, log, decon)
 
 
 @hydra.main(version_base=None, config_path=str(conf_dir()), config_name="prepare")

@@ -41,7 +41,10 @@ def test_every_data_config_instantiates_and_connects(name):
     objects through connect()."""
     from moxin.data.base import MoxinDataModule
 
-    cfg = compose_config([f"data={name}", "model=moxin-7b"] + (["schedule=moxin_7b"] if name == "moxin_pretrain" else []))
+    cfg = compose_config([f"data={name}", "model=moxin-7b"]
+                         + (["schedule=moxin_7b"] if name in ("moxin_pretrain", "moxin_enhance") else []))
+    if name == "moxin_pretrain":  # phases 1-2's corpora: phase 3 reads moxin_enhance's benchmark sources
+        cfg.schedule.phases = cfg.schedule.phases[:2]
     dm = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
     assert isinstance(dm, MoxinDataModule)
     tok = object()

@@ -6,20 +6,20 @@ are made from these dataclasses (:mod:`moxin.config.schema`, registered when ``m
 mistakes raise a :class:`MoxinUserError` (:mod:`moxin.config.errors`).
 """
 
-from moxin.config.data import SourceConfig, config_fields, plain
+from moxin.config.data import DecontaminateConfig, SourceConfig, config_fields, plain
 from moxin.config.errors import ConfigError, DataError, EvalConfigError, InitFromError, MoxinUserError
 from moxin.config.eval import TASK_PRESETS, EvalConfig, TaskConfig, TaskPreset, task_from_any
 from moxin.config.grpo import GRPOConfig
 from moxin.config.lora import LoRAConfig
 from moxin.config.model import ModelConfig
 from moxin.config.optim import OptimConfig
-from moxin.config.options import (Aggregation, DecodePath, DPOLoss, EvalAfter, FewshotSampler, KLEstimator, Recompute,
-                                  ReferenceMode, TaskKind, parse_option)
+from moxin.config.options import (Aggregation, ContaminatedAction, DecodePath, DPOLoss, EvalAfter, FewshotSampler,
+                                  KLEstimator, Recompute, ReferenceMode, TaskKind, parse_option)
 from moxin.config.parallel import ParallelConfig
 from moxin.config.run import RunConfig, TrainerConfig, check_init_from
 
 __all__ = ["ModelConfig", "OptimConfig", "GRPOConfig", "LoRAConfig", "ParallelConfig", "EvalConfig", "TaskConfig",
-           "TaskPreset", "TASK_PRESETS", "task_from_any", "SourceConfig", "TrainerConfig", "RunConfig",
-           "check_init_from", "parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute",
-           "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "MoxinUserError", "ConfigError", "DataError",
-           "EvalConfigError", "InitFromError", "plain", "config_fields"]
+           "TaskPreset", "TASK_PRESETS", "task_from_any", "SourceConfig", "DecontaminateConfig", "TrainerConfig",
+           "RunConfig", "check_init_from", "parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode",
+           "Recompute", "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction", "MoxinUserError",
+           "ConfigError", "DataError", "EvalConfigError", "InitFromError", "plain", "config_fields"]

@@ -4,14 +4,16 @@ dataclass, naming an unknown or missing key."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moxin.config.errors import DataError
+from moxin.config.options import ContaminatedAction
 
-__all__ = ["SourceConfig", "plain", "config_fields"]
+__all__ = ["SourceConfig", "DecontaminateConfig", "plain", "config_fields"]
 
 
 def plain(obj: Any) -> Any:
@@ -41,6 +43,12 @@ class SourceConfig:
         max_record_bytes: a record (jsonl line, text line or file, parquet / hub text) longer than this is a bad
             record, counted and skipped unparsed: one runaway line (a dumped table, a base64 blob) would
             otherwise be tokenized and packed into thousands of rows. None: no cap.
+        template: render each record with this benchmark template (``moxin.data.enhance.TEMPLATES``: question and
+            answer as one text) instead of reading ``text_field``; the phase-3 enhancement sources use it.
+        local_dir: offline machines: read the local copy ``<local_dir>/<name>.jsonl`` (or ``.parquet``, or the folder
+            ``<local_dir>/<name>/``) instead of the hub dataset ``path``; resolved into ``path`` on construction
+            (``split``, ``hub_config`` and ``data_files`` then do not apply). Write a copy with
+            ``datasets.load_dataset(path, hub_config, split=split).to_json("<local_dir>/<name>.jsonl")``.
     """
 
     name: str
@@ -54,8 +62,12 @@ class SourceConfig:
     max_bad_records: int = 1000
     max_bad_fraction: float = 0.01
     max_record_bytes: int | None = 8 * 1024 * 1024
+    template: str | None = None
+    local_dir: str | None = None
 
     def __post_init__(self):
+        if self.local_dir is not None:
+            self._use_local_copy()
         problems = []
         if not isinstance(self.max_bad_records, int) or self.max_bad_records < 0:
             problems.append(f"max_bad_records={self.max_bad_records!r} must be an integer >= 0")
@@ -67,12 +79,79 @@ class SourceConfig:
         if problems:
             raise DataError(f"data source {self.name!r}: " + "; ".join(problems))
 
+    def _use_local_copy(self) -> None:
+        """Point ``path`` at the local copy of the hub dataset (``local_dir``), or name the files looked for."""
+        base = os.path.join(self.local_dir, self.name)
+        tried = [base + ".jsonl", base + ".jsonl.gz", base + ".parquet", base]
+        found = next((p for p in tried if os.path.exists(p)), None)
+        if found is None:
+            raise DataError(f"data source {self.name!r}: local_dir={self.local_dir!r} holds no copy of {self.path!r} "
+                            f"(looked for {', '.join(tried)}); write it with datasets.load_dataset({self.path!r}, "
+                            f"{self.hub_config!r}, split={self.split!r}).to_json({tried[0]!r}), or unset local_dir "
+                            "to read the hub")
+        self.path, self.local_dir, self.data_files, self.hub_config = found, None, None, None
+        self.format = None if self.format == "hub" else self.format
+
     @classmethod
     def from_any(cls, obj: Any) -> "SourceConfig":
         """Accept a SourceConfig, a dict / DictConfig (Hydra) with the same keys."""
         if isinstance(obj, SourceConfig):
             return obj
         return cls(**config_fields(cls, obj, "data source", ("name", "path")))
+
+
+@dataclass
+class DecontaminateConfig:
+    """``data.decontaminate``: n-gram overlap between training sources and the evaluation splits of eval presets,
+    checked by ``python -m moxin.prepare`` (moxin/data/decontaminate.py; docs/modules.md, "data/decontaminate.py").
+
+    Args:
+        eval: eval configs whose tasks' evaluated splits (validation / test) are the contaminants: names of
+            ``conf/eval/*.yaml`` files or paths to such files.
+        local_dir: local copies of the preset tasks' records (``<local_dir>/<preset>/<split>.jsonl``, as
+            ``eval.local_dir``), for offline machines; None: each eval config's own ``local_dir``, else the hub.
+        n: words per n-gram (13: GPT-3's and lm-evaluation-harness's decontamination). Smaller n catches shorter
+            overlaps and flags more chance matches; an eval item shorter than n words cannot be matched at all
+            (the report counts them).
+        action: ``drop`` (overlapping records are not written) or ``flag`` (written, counted and listed).
+        sources: the sources to check; None: every source with a ``template`` (the benchmark training splits).
+        examples: overlapping records listed per source in the report (location, task, one shared n-gram).
+    """
+
+    eval: list[str] = field(default_factory=lambda: ["paper_base", "paper_instruct", "paper_reasoning"])
+    local_dir: str | None = None
+    n: int = 13
+    action: ContaminatedAction = ContaminatedAction.DROP
+    sources: list[str] | None = None
+    examples: int = 5
+
+    def __post_init__(self):
+        if isinstance(self.eval, str):
+            self.eval = [self.eval]
+        problems = []
+        if not self.eval:
+            problems.append("eval is empty; name at least one conf/eval config (e.g. paper_base)")
+        if not isinstance(self.n, int) or self.n < 1:
+            problems.append(f"n={self.n!r} must be an integer >= 1 (13 as GPT-3 and lm-eval)")
+        try:
+            self.action = ContaminatedAction(self.action)
+        except ValueError:
+            problems.append(f"action={self.action!r}; choose one of {[a.value for a in ContaminatedAction]}")
+        if not isinstance(self.examples, int) or self.examples < 0:
+            problems.append(f"examples={self.examples!r} must be an integer >= 0")
+        if problems:
+            raise DataError("data.decontaminate: " + "; ".join(problems))
+
+    @classmethod
+    def from_any(cls, obj: Any) -> "DecontaminateConfig | None":
+        """None (no decontamination), a DecontaminateConfig, or a dict / DictConfig with its keys."""
+        if obj is None or isinstance(obj, DecontaminateConfig):
+            return obj
+        return cls(**config_fields(cls, obj, "data.decontaminate", ()))
+
+    def settings(self) -> dict:
+        """What decides which records overlap (recorded in the prepared manifest)."""
+        return {"eval": list(self.eval), "n": self.n, "action": self.action.value, "sources": self.sources}
 
 
 def config_fields(cls, obj: Any, what: str, required: tuple[str, ...]) -> dict:

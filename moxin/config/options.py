@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = ["parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute", "DecodePath",
-           "EvalAfter", "TaskKind", "FewshotSampler"]
+           "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction"]
 
 
 def parse_option(enum_cls, value, key: str):
@@ -110,3 +110,16 @@ class FewshotSampler(StrEnum):
     """lm-eval's default: a seeded random draw per item (``fewshot_seed``)."""
     first_n = "first_n"
     """The first ``num_fewshot`` records of the pool (lm-eval's first_n, used where examples have a canonical order)."""
+
+
+class ContaminatedAction(StrEnum):
+    """What the preparation does with a training record that shares an n-gram with an evaluation split
+    (``data.decontaminate.action``, moxin/data/decontaminate.py)."""
+
+    DROP = "drop"
+    FLAG = "flag"
+
+    @property
+    def keeps_record(self) -> bool:
+        """A flagged record is trained on and listed in the report; a dropped one is not written."""
+        return self is ContaminatedAction.FLAG

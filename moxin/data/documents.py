@@ -15,7 +15,7 @@ from typing import Any, Iterable, Iterator
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
-from moxin.data.extract import text_of
+from moxin.data.extract import text_columns, text_of
 from moxin.data.reader import Bad, is_hub_name, read_positioned, read_records, resolve_files
 
 __all__ = ["iter_records", "documents_of", "iter_documents", "validate_source"]
@@ -35,7 +35,7 @@ def iter_records(
     :func:`moxin.data.reader.read_positioned`). Bad and empty records update ``stats``.
     """
     records = read_positioned(source, shard=shard_index, num_shards=num_shards, start=start,
-                              columns=[source.text_field])
+                              columns=text_columns(source))
     yield from documents_of(source, records, stats)
 
 
@@ -80,15 +80,14 @@ def validate_source(source: SourceConfig, probe_records: int = 1000) -> dict:
     files = None if hub else resolve_files(source)
     seen = 0
     first_bad = None
-    for loc, rec in read_records(source, columns=[source.text_field]):
+    for loc, rec in read_records(source, columns=text_columns(source)):
         text = rec if isinstance(rec, Bad) else text_of(rec, source)
         seen += 1
         if isinstance(text, Bad):
             if text.kind == "missing_field":
-                raise DataError(
-                    f"data source {source.name!r}: record at {loc} has {text.reason}; set text_field to the field "
-                    "that holds the document text"
-                )
+                fix = (f"check the records against template {source.template!r} (moxin/data/enhance.py)"
+                       if source.template else "set text_field to the field that holds the document text")
+                raise DataError(f"data source {source.name!r}: record at {loc} has {text.reason}; {fix}")
             first_bad = first_bad or f"{loc}: {text.reason}"
         elif text.strip():
             return {"name": source.name, "kind": "hub" if hub else "local", "files": files and [f for f, _ in files]}

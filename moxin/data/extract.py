@@ -19,10 +19,11 @@ from typing import Any, Callable
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.bad_records import RecordStats
+from moxin.data.enhance import render_record
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
 from moxin.tokenizer.chat import validate_conversation
 
-__all__ = ["text_of", "SHAREGPT_ROLES", "sharegpt_messages", "messages_from_record", "conversation_problem", "role_order_problem", "pair_from_record", "pair_problem",
+__all__ = ["text_of", "text_columns", "SHAREGPT_ROLES", "sharegpt_messages", "messages_from_record", "conversation_problem", "role_order_problem", "pair_from_record", "pair_problem",
            "prompt_from_record", "Extracted", "extract_all"]
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,13 @@ log = logging.getLogger(__name__)
 
 # ---- pretraining -----------------------------------------------------------------------------------------------
 def text_of(record: Any, source: SourceConfig) -> str | Bad:
-    """The document text of a record: a text file / line itself, or the ``text_field`` of an object or row."""
-    if not isinstance(record, str):
+    """The document text of a record: a text file / line itself, the ``text_field`` of an object or row, or the
+    record rendered by the source's ``template`` (moxin/data/enhance.py)."""
+    if source.template is not None:
+        record = render_record(record, source)
+        if isinstance(record, Bad):
+            return record
+    elif not isinstance(record, str):
         field = source.text_field
         if field not in record:
             return Bad(f"no field {field!r} (fields: {sorted(record)[:20]})", "missing_field")
@@ -43,6 +49,11 @@ def text_of(record: Any, source: SourceConfig) -> str | Bad:
         return Bad(f"record of {len(record.encode('utf-8', 'surrogatepass')):,} bytes is longer than "
                    f"max_record_bytes={cap:,}", "oversized")
     return record
+
+
+def text_columns(source: SourceConfig) -> list[str] | None:
+    """The parquet columns the text comes from: ``text_field``, or all of them for a templated source."""
+    return None if source.template is not None else [source.text_field]
 
 
 # ---- SFT -------------------------------------------------------------------------------------------------------

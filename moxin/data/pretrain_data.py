@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from moxin.config import DataError, SourceConfig
+from moxin.config import DataError, DecontaminateConfig, SourceConfig
 from moxin.data.bad_records import RecordStats
 from moxin.data.base import MoxinDataModule
 from moxin.data.documents import validate_source
@@ -49,6 +49,9 @@ class PretrainDataModule(MoxinDataModule):
         rank: this process's data-parallel rank; ``None`` takes it from the trainer.
         prepared: a folder written by ``python -m moxin.prepare`` (token shards + manifest) to read instead of the
             raw sources; ``None`` reads the sources themselves (small corpora, the default run).
+        decontaminate: :class:`DecontaminateConfig` (or a dict): the sources must come from a ``prepared`` folder
+            whose preparation checked them against these evaluation splits with these settings (the check runs
+            in ``python -m moxin.prepare``: moxin/data/decontaminate.py); None: no such requirement.
         snapshot_every_n_steps: StatefulDataLoader snapshot interval (restore replays up to n-1 batches).
         validate_sources: check every source (exists, has documents, has the text field) in ``setup``.
         pin_memory: page-locked batches; ``None`` (default) pins where CUDA is available. A pageable batch's copy to
@@ -76,9 +79,11 @@ class PretrainDataModule(MoxinDataModule):
         pin_memory: bool | None = None,
         rank: int | None = None,
         prepared: str | None = None,
+        decontaminate: DecontaminateConfig | Mapping | None = None,
     ):
         super().__init__(seed=seed, tokenizer=tokenizer, world_size=world_size, rank=rank, max_seq_len=max_seq_len)
         self.prepared = PreparedData(prepared) if prepared else None
+        self.decontaminate = DecontaminateConfig.from_any(decontaminate)
         self.sources = [SourceConfig.from_any(s) for s in sources or []]
         if self.prepared is not None:
             self.sources = self._prepared_sources()
@@ -216,7 +221,19 @@ class PretrainDataModule(MoxinDataModule):
 
     def _check_prepared(self) -> None:
         """Prepared data: the run's tokenizer and every shard of the used sources (always, whatever
-        validate_sources says: it is cheap, and ids of another tokenizer would train silently)."""
+        validate_sources says: it is cheap, and ids of another tokenizer would train silently); with
+        ``decontaminate``, a preparation that checked the sources with those settings."""
+        if self.decontaminate is not None and not self._validated:
+            want = self.decontaminate.settings()
+            have = None if self.prepared is None else (self.prepared.manifest.get("decontamination") or {}).get(
+                "settings")
+            if have != want:
+                where = ("the sources are read raw" if self.prepared is None else
+                         f"data.prepared={str(self.prepared.path)!r} was prepared with decontamination {have}")
+                raise DataError(f"data.decontaminate is {want}, but {where}: benchmark training splits would be "
+                                "trained on unchecked. Run `python -m moxin.prepare data=<this data config> out=DIR` "
+                                "(it writes DIR/decontamination.json) and train with data.prepared=DIR, or set "
+                                "data.decontaminate=null to train without the check")
         if self.prepared is not None and not self._validated:
             used = {n for p in self.phases for n, w in p.mixture.items() if float(w) > 0}
             self.prepared.check_tokenizer(self.tokenizer)
