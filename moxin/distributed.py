@@ -1,11 +1,14 @@
 """Parallelism applied to the model from outside, in one fixed order (torchtitan's):
 
-    activation checkpointing -> torch.compile -> FSDP2 sharding
+    tensor parallelism -> activation checkpointing -> torch.compile -> FSDP2 sharding
 
 The model file knows nothing of this. Stages call `parallelize` from `configure_model`, where Lightning's
 `ModelParallelStrategy` has set up the device mesh (one data-parallel dimension for FSDP2). With
 `hardware.parallel.replicate=R > 1` that dimension is laid out as a (replicate R, shard world/R) mesh, rank =
 replica * (world/R) + shard as torchtitan's ParallelDims orders it, and `fully_shard` over the 2-D mesh is HSDP.
+With ``hardware.tensor_parallel_size=T > 1`` the strategy's mesh is (data_parallel world/T, tensor_parallel T):
+the model is first planned over the tensor dimension (moxin/tensor_parallel.py), then sharded by FSDP2 over the
+data dimension (its parameters are then 2-D DTensors).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from moxin.config import ParallelConfig, Recompute
 from moxin.devices import to_device
+from moxin.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str = Recompute.FULL) -> None:
@@ -169,8 +173,11 @@ def weights_checksum(model: nn.Module) -> float:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
-    """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with
-    cfg.replicate > 1)."""
+    """Apply, in order, tensor parallelism (when the mesh has a tensor_parallel dimension of size > 1),
+    activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with cfg.replicate > 1)."""
+    tp_mesh = tensor_parallel_mesh(mesh)
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)

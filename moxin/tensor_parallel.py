@@ -1,0 +1,120 @@
+"""Tensor parallelism of the model core over the mesh's ``tensor_parallel`` dimension (torchtitan's Llama plan).
+
+`parallelize` (moxin/distributed.py) applies it first, before activation checkpointing, compile and FSDP2 over the
+data-parallel dimension. Per block::
+
+    residual (B, T/tp, D) -> attention_norm (SequenceParallel) -> all-gather T -> wq, wk, wv column-wise
+    (each rank n_heads/tp query and n_kv_heads/tp key/value heads: GQA groups stay whole) -> attention -> wo
+    row-wise -> reduce-scatter T -> + residual; the same for ffn_norm, w1 / w3 (column-wise) and w2 (row-wise).
+
+The residual stream between blocks is sharded on the sequence dimension (sequence parallelism), so the norms'
+activations are split too. The embedding is row-wise (vocabulary shards, its output reduce-scattered onto the
+sequence); the output projection is column-wise. The loss heads (chunked cross-entropy, `Transformer.forward`'s
+``head``) take the whole hidden states and output weight, gathered here, so every head computes the one-process
+loss unchanged on every tensor-parallel rank (correctness first: the head's product is repeated on the tp ranks).
+With tied embeddings the shared weight is left whole on the tensor dimension (FSDP2 still shards it).
+
+Generation through the rolling cache is refused under tensor parallelism (decode steps of one token cannot be
+split along the sequence); so is a fused q/k/v or gate/up inference copy.
+"""
+
+from __future__ import annotations
+
+import torch.nn as nn
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+__all__ = ["apply_tensor_parallel", "tensor_parallel_mesh", "tensor_parallel_size"]
+
+
+def tensor_parallel_mesh(mesh):
+    """The mesh's ``tensor_parallel`` dimension, or None when it has none or its size is 1."""
+    if mesh is None or not mesh.mesh_dim_names or "tensor_parallel" not in mesh.mesh_dim_names:
+        return None
+    tp = mesh["tensor_parallel"]
+    return tp if tp.size() > 1 else None
+
+
+def tensor_parallel_size(strategy) -> int:
+    """The tensor-parallel group size of a Lightning strategy (1 without a ``tensor_parallel`` mesh dimension)."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    tp = tensor_parallel_mesh(mesh)
+    return 1 if tp is None else tp.size()
+
+
+def _block_plan() -> dict:
+    # attention and feed_forward take the sequence-sharded normed input and gather it (their first argument;
+    # attention's others, cos / sin / mask / cache / layer index, pass through as they are)
+    gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None, None, None),
+                                        use_local_output=True),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def _whole(t):
+    """A DTensor gathered into the plain tensor every rank holds (autograd carries each rank's share back)."""
+    if isinstance(t, DTensor):
+        return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim).to_local()
+    return t
+
+
+def _check_forward(tp: int):
+    def pre_hook(model, args, kwargs):
+        tokens = args[0] if args else kwargs["tokens"]
+        if kwargs.get("cache") is not None:
+            raise ValueError("generation (a RollingKVCache forward) is not supported under tensor parallelism "
+                             f"(hardware.tensor_parallel_size={tp}): decode steps cannot be split along the sequence. "
+                             "Evaluate, sample or run GRPO rollouts with hardware.tensor_parallel_size=1")
+        if tokens.shape[1] % tp:
+            raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of hardware.tensor_parallel_size="
+                             f"{tp}: sequence parallelism splits every row's tokens evenly over the tensor-parallel "
+                             "ranks. Use a sequence length (data.seq_len / the phase lengths) that it divides")
+        if any(getattr(m, "fused_weight", None) is not None for m in model.modules()):
+            raise ValueError("fuse_projections (an inference copy's fused q/k/v and gate/up products) is not "
+                             "supported under tensor parallelism: keep the projections separate")
+        head = kwargs.get("head")
+        if head is not None:  # the loss heads take the whole hidden states and output weight
+            kwargs = kwargs | {"head": lambda h, w: head(_whole(h), _whole(w))}
+        return args, kwargs
+
+    return pre_hook
+
+
+def _gather_hidden(model, args, kwargs, out):
+    return _whole(out)  # return_hidden: the final-normed (B, T, D), not its sequence shard
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard `model` (a `Transformer`) over `tp_mesh` with the plan of this module's docstring. Attention modules
+    are set to their local head counts (the views of the projections' outputs use them). Shapes must divide:
+    `moxin.config.ParallelConfig.check_tensor_parallel` refuses those that do not, before any work."""
+    tp = tp_mesh.size()
+    tied = model.output.weight is model.tok_embeddings.weight
+    if tied:  # the shared weight stays whole on the tensor dimension; the embedding's output is split onto T
+        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+               "output": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                            use_local_output=True)}
+    else:
+        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+               "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    top["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, _block_plan())
+        attn = block.attention
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+    model.register_forward_pre_hook(_check_forward(tp), with_kwargs=True)
+    model.register_forward_hook(_gather_hidden, with_kwargs=True)
