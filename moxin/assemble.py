@@ -173,6 +173,12 @@ def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
             "sample generations (samples.prompts)": bool(cfg.get("samples") and cfg.samples.get("prompts")),
             "evaluation during training (eval.after)": bool(cfg.get("eval") and cfg.eval.get("after")),
             "LoRA (stage.lora.rank)": bool(lora is not None and lora.get("rank"))}
+    phases = cfg.get("schedule", {}).get("phases") or []
+    uneven = [int(p.seq_len) for p in phases if p.get("seq_len") and int(p.seq_len) % tp]
+    if uneven:
+        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not divide schedule.phases' seq_len {uneven}: "
+                          "sequence parallelism splits every row's tokens evenly over the tensor-parallel ranks. Use "
+                          "phase lengths it divides, or another tensor_parallel_size")
     refused = [k for k, v in uses.items() if v]
     if refused:
         raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {', '.join(refused)} yet (generation "

@@ -81,7 +81,7 @@ def _check_forward(tp: int):
         if tokens.shape[1] % tp:
             raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of hardware.tensor_parallel_size="
                              f"{tp}: sequence parallelism splits every row's tokens evenly over the tensor-parallel "
-                             "ranks. Use a sequence length (data.seq_len / the phase lengths) that it divides")
+                             "ranks. Use row lengths it divides (schedule.phases' seq_len, data.max_length)")
         if any(getattr(m, "fused_weight", None) is not None for m in model.modules()):
             raise ValueError("fuse_projections (an inference copy's fused q/k/v and gate/up products) is not "
                              "supported under tensor parallelism: keep the projections separate")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moxin.config import ConfigError, ParallelConfig
+from moxin.config import ConfigError, ModelConfig, ParallelConfig, check_tensor_parallel
 from tests.conftest import torchrun
 from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one, check_same_training
 
@@ -63,6 +63,58 @@ def test_hsdp_two_replicas_of_one_shard_match_one(tmp_path, one_process):
 def test_hsdp_two_replicas_of_two_shards_match_one(tmp_path, one_process):
     """HSDP R=2 x 2 on 4 gloo processes: sharded within a pair, replicated across the pairs, as one process."""
     _check_hsdp(one_process, _run(4, tmp_path / "hsdp4.json", "hsdp"), 4)
+
+
+def _check_tensor_parallel(one: dict, tp: dict, what: str) -> None:
+    """Tensor parallelism trains as one process: gradients, losses (1e-4) and every weight (1e-5, relative 2e-3 as
+    for HSDP above); its block parameters really are 2-D DTensors, sharded on the data and the tensor dimension."""
+    assert tp["placements"][0].count("Shard(dim=0)") == 2  # the embedding: FSDP2 rows of its vocabulary shard
+    check_same_training(one, tp, 4, what, loss_rel=1e-4)
+    assert sorted(tp["weights"]) == sorted(one["weights"])
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(tp["weights"][name], w, rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tensor_parallel_two_ranks_match_one(tmp_path, one_process):
+    """hardware.tensor_parallel_size=2 on 2 processes (one data-parallel rank): the plan of moxin/tensor_parallel.py
+    (sequence-parallel norms, GQA heads split 2 + 1 a rank, the loss head on gathered states) as one process."""
+    _check_tensor_parallel(one_process, _run(2, tmp_path / "tp.json", "tp"), "TP 2")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_by_two_data_parallel_match_one(tmp_path, one_process):
+    """TP=2 x DP=2 on 4 gloo processes (FSDP2 over the data dimension of Lightning's 2-D mesh) as one process."""
+    _check_tensor_parallel(one_process, _run(4, tmp_path / "tp4.json", "tp"), "TP 2 x DP 2")
+
+
+TP_MODEL = ModelConfig(vocab_size=96, dim=32, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                       max_seq_len=16)
+
+
+@pytest.mark.parametrize("tp, world, model, strategy, replicate, why", [
+    (4, 8, TP_MODEL, "fsdp2", 1, "does not divide model.n_heads=6, model.n_kv_heads=2.*Values that fit: \\[1, 2\\]"),
+    (2, 3, TP_MODEL, "fsdp2", 1, "does not divide world size .*=3"),
+    (3, 6, TP_MODEL, "fsdp2", 1, "model.n_kv_heads=2"),
+    (2, 4, TP_MODEL, "ddp_cpu", 1, "ModelParallelStrategy.*hardware=fsdp"),
+    (2, 4, TP_MODEL, "fsdp2", 2, "HSDP is not composed"),
+    (0, 4, TP_MODEL, "fsdp2", 1, "an integer >= 1"),
+])
+def test_tensor_parallel_shapes_it_cannot_split_are_refused_with_the_fix(tp, world, model, strategy, replicate, why):
+    with pytest.raises(ConfigError, match=f"hardware.tensor_parallel_size={tp}.*{why}"):
+        check_tensor_parallel(tp, world, model, strategy, replicate)
+    check_tensor_parallel(2, 4, TP_MODEL)  # heads, hidden and vocabulary it divides, under fsdp2: accepted
+
+
+def test_tensor_parallel_refuses_decode_and_uneven_rows(tmp_path):
+    """Under TP a cache forward (generation) and a row length the tensor ranks cannot split evenly are refused
+    with the fix, and the refusals of jobs that decode come before any work (moxin/assemble.py)."""
+    out = tmp_path / "refusals.json"
+    torchrun(Path(__file__).parent / "helpers" / "tp_refusals.py", out)
+    r = json.loads(out.read_text())
+    assert "not supported under tensor parallelism" in r["cache"]
+    assert "sequence length 7 is not a multiple of hardware.tensor_parallel_size=2" in r["uneven"]
+    assert r["heads"] == [2, 1]  # local query / key-value heads of 4 / 2
+    assert r["logits_match"] and r["hidden_match"]  # the unsharded model's logits and final hidden states
 
 
 @pytest.mark.parametrize("lockstep", ["1", "0"])
