@@ -159,9 +159,9 @@ def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
 
 def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
     """``hardware.tensor_parallel_size`` that the run cannot hold, refused before any work: shapes it does not
-    divide (`moxin.config.check_tensor_parallel`), and the jobs that decode through the rolling cache or wrap the
-    projections, which the tensor-parallel plan does not cover yet (GRPO's rollouts, sample generations,
-    evaluation during training, LoRA)."""
+    divide (`moxin.config.check_tensor_parallel`), and the stages the tensor-parallel plan does not cover yet:
+    GRPO (its rollouts and packed update are untested under it) and LoRA (its wrapped projections are not in the
+    plan). Sample generations and evaluation decode through the same forward and do run."""
     hw = cfg.hardware
     tp = tensor_parallel_size_of(hw)
     check_tensor_parallel(tp, world_size_of(hw), model_cfg, hw.strategy, int(hw.parallel.get("replicate", 1)))
@@ -169,22 +169,13 @@ def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
         return
     stage = cfg.stage
     lora = stage.get("lora")
-    uses = {"GRPO's rollouts (stage=grpo)": stage.get("grpo") is not None,
-            "sample generations (samples.prompts)": bool(cfg.get("samples") and cfg.samples.get("prompts")),
-            "evaluation during training (eval.after)": bool(cfg.get("eval") and cfg.eval.get("after")),
-            "LoRA (stage.lora.rank)": bool(lora is not None and lora.get("rank"))}
-    phases = cfg.get("schedule", {}).get("phases") or []
-    uneven = [int(p.seq_len) for p in phases if p.get("seq_len") and int(p.seq_len) % tp]
-    if uneven:
-        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not divide schedule.phases' seq_len {uneven}: "
-                          "sequence parallelism splits every row's tokens evenly over the tensor-parallel ranks. Use "
-                          "phase lengths it divides, or another tensor_parallel_size")
+    uses = {"GRPO (stage=grpo)": stage.get("grpo") is not None,
+            "LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank"))}
     refused = [k for k, v in uses.items() if v]
     if refused:
-        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {', '.join(refused)} yet (generation "
-                          "through the rolling cache and LoRA's wrapped projections are not planned over the tensor "
-                          "dimension). Turn them off (samples.prompts=[], eval.after=null, stage.lora.rank=0), or "
-                          "run with hardware.tensor_parallel_size=1")
+        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {' or '.join(refused)} yet (not in "
+                          "the tensor-parallel plan). Run it with hardware.tensor_parallel_size=1 (FSDP2 or HSDP), "
+                          "or train without LoRA (stage.lora.rank=0)")
 
 
 def check_vocab(model_cfg, tok: Tokenizer) -> None:

@@ -14,13 +14,18 @@ sequence); the output projection is column-wise. The loss heads (chunked cross-e
 loss unchanged on every tensor-parallel rank (correctness first: the head's product is repeated on the tp ranks).
 With tied embeddings the shared weight is left whole on the tensor dimension (FSDP2 still shards it).
 
-Generation through the rolling cache is refused under tensor parallelism (decode steps of one token cannot be
-split along the sequence); so is a fused q/k/v or gate/up inference copy.
+Rows of any length run: a forward pads them to a multiple of tp where needed (with a cache, padding positions -1,
+which the cache neither stores nor attends to; in training, a separate document after the row, which the document
+mask keeps apart) and cuts the outputs back. So generation through the rolling cache works (a decode step of one
+token runs as tp tokens), with a cache of this rank's key/value heads. A fused q/k/v or gate/up inference copy is
+refused.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
@@ -71,30 +76,61 @@ def _whole(t):
     return t
 
 
-def _check_forward(tp: int):
+def _local_cache(cache, n_kv_heads: int) -> None:
+    """Give a fresh RollingKVCache this rank's key/value heads (generate builds it from the whole model's config)."""
+    if cache.k[0].shape[1] == n_kv_heads:
+        return
+    if bool((cache.pos >= 0).any()):
+        raise ValueError(f"this RollingKVCache already holds {cache.k[0].shape[1]} key/value heads a layer; under "
+                         f"tensor parallelism a rank keeps {n_kv_heads}: start generation with a new cache")
+    shape = (cache.k[0].shape[0], n_kv_heads, *cache.k[0].shape[2:])
+    cache.k = [t.new_zeros(shape) for t in cache.k]
+    cache.v = [t.new_zeros(shape) for t in cache.v]
+
+
+def _pre_forward(tp: int):
+    """Transformer.forward under tensor parallelism: rows padded to a multiple of tp (sequence parallelism splits
+    them evenly), the loss head given whole tensors, a generation cache with this rank's heads."""
+
     def pre_hook(model, args, kwargs):
-        tokens = args[0] if args else kwargs["tokens"]
-        if kwargs.get("cache") is not None:
-            raise ValueError("generation (a RollingKVCache forward) is not supported under tensor parallelism "
-                             f"(hardware.tensor_parallel_size={tp}): decode steps cannot be split along the sequence. "
-                             "Evaluate, sample or run GRPO rollouts with hardware.tensor_parallel_size=1")
-        if tokens.shape[1] % tp:
-            raise ValueError(f"sequence length {tokens.shape[1]} is not a multiple of hardware.tensor_parallel_size="
-                             f"{tp}: sequence parallelism splits every row's tokens evenly over the tensor-parallel "
-                             "ranks. Use row lengths it divides (schedule.phases' seq_len, data.max_length)")
+        kwargs = dict(kwargs)
+        tokens = args[0] if args else kwargs.pop("tokens")
+        positions = args[1] if len(args) > 1 else kwargs.pop("positions", None)
+        cache = kwargs.get("cache")
         if any(getattr(m, "fused_weight", None) is not None for m in model.modules()):
             raise ValueError("fuse_projections (an inference copy's fused q/k/v and gate/up products) is not "
                              "supported under tensor parallelism: keep the projections separate")
+        if cache is not None:
+            _local_cache(cache, model.layers[0].attention.n_kv_heads)
+        B, T = tokens.shape
+        pad = (-T) % tp
+        if pad:
+            # padding the ranks never look at: with a cache, positions -1 (neither stored nor attended to); in a
+            # training forward, a document of its own after the rows' end (the document mask keeps it apart, and
+            # its outputs are cut off below, so it gets no gradient)
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            fill = (torch.full((B, pad), -1, dtype=positions.dtype, device=positions.device) if cache is not None
+                    else torch.arange(pad, dtype=positions.dtype, device=positions.device).expand(B, pad))
+            tokens = F.pad(tokens, (0, pad))
+            positions = torch.cat([positions, fill], dim=1)
+            if kwargs.get("doc_bounds") is not None:
+                kwargs["doc_bounds"] = None  # they describe the unpadded rows
         head = kwargs.get("head")
-        if head is not None:  # the loss heads take the whole hidden states and output weight
-            kwargs = kwargs | {"head": lambda h, w: head(_whole(h), _whole(w))}
-        return args, kwargs
+        if head is not None:  # the loss heads take the whole hidden states and output weight, of the real tokens
+            kwargs["head"] = lambda h, w: head(_whole(h)[:, :T], _whole(w))
+        model._tp_rows = (T, head is not None)
+        return (tokens, positions), kwargs
 
     return pre_hook
 
 
-def _gather_hidden(model, args, kwargs, out):
-    return _whole(out)  # return_hidden: the final-normed (B, T, D), not its sequence shard
+def _post_forward(model, args, kwargs, out):
+    """Logits or final hidden states (return_hidden) whole, and of the real tokens only."""
+    T, headed = model._tp_rows
+    if headed:
+        return out
+    return _whole(out)[:, :T]
 
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
@@ -116,5 +152,5 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, _block_plan())
         attn = block.attention
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
-    model.register_forward_pre_hook(_check_forward(tp), with_kwargs=True)
-    model.register_forward_hook(_gather_hidden, with_kwargs=True)
+    model.register_forward_pre_hook(_pre_forward(tp), with_kwargs=True)
+    model.register_forward_hook(_post_forward, with_kwargs=True)

@@ -68,7 +68,7 @@ def test_hsdp_two_replicas_of_two_shards_match_one(tmp_path, one_process):
 def _check_tensor_parallel(one: dict, tp: dict, what: str) -> None:
     """Tensor parallelism trains as one process: gradients, losses (1e-4) and every weight (1e-5, relative 2e-3 as
     for HSDP above); its block parameters really are 2-D DTensors, sharded on the data and the tensor dimension."""
-    assert tp["placements"][0].count("Shard(dim=0)") == 2  # the embedding: FSDP2 rows of its vocabulary shard
+    assert tp["placements"][0].count("Shard(dim=0") == 2  # the embedding: FSDP2 rows (strided) of its vocabulary shard
     check_same_training(one, tp, 4, what, loss_rel=1e-4)
     assert sorted(tp["weights"]) == sorted(one["weights"])
     for name, w in one["weights"].items():
@@ -105,16 +105,37 @@ def test_tensor_parallel_shapes_it_cannot_split_are_refused_with_the_fix(tp, wor
     check_tensor_parallel(2, 4, TP_MODEL)  # heads, hidden and vocabulary it divides, under fsdp2: accepted
 
 
-def test_tensor_parallel_refuses_decode_and_uneven_rows(tmp_path):
-    """Under TP a cache forward (generation) and a row length the tensor ranks cannot split evenly are refused
-    with the fix, and the refusals of jobs that decode come before any work (moxin/assemble.py)."""
-    out = tmp_path / "refusals.json"
-    torchrun(Path(__file__).parent / "helpers" / "tp_refusals.py", out)
+def test_tensor_parallel_forward_loss_head_and_generation_match_the_unsharded_model(tmp_path):
+    """Under TP=2: logits and hidden states equal the unsharded model's, on rows of even and of odd length (padded
+    inside the forward), so do a loss head's value and gradients on odd rows; greedy generation through the
+    rolling cache gives the same tokens (each rank caching its own key/value head); a fused inference copy is
+    refused with the fix."""
+    out = tmp_path / "tp.json"
+    torchrun(Path(__file__).parent / "helpers" / "tp_forward.py", out)
     r = json.loads(out.read_text())
-    assert "not supported under tensor parallelism" in r["cache"]
-    assert "sequence length 7 is not a multiple of hardware.tensor_parallel_size=2" in r["uneven"]
     assert r["heads"] == [2, 1]  # local query / key-value heads of 4 / 2
-    assert r["logits_match"] and r["hidden_match"]  # the unsharded model's logits and final hidden states
+    assert all(r[k] for k in ("logits_8", "hidden_8", "logits_7", "hidden_7"))
+    assert r["loss_7"] < 1e-4 and r["grad_err_7"] < 1e-5
+    assert r["generated"] == r["generated_plain"] and len(r["generated"][0]) == 6
+    assert "not supported under tensor parallelism" in r["fused"]
+
+
+@pytest.mark.parametrize("tp, overrides, why", [
+    (2, ["stage=grpo", "data=grpo_arithmetic"], "does not support GRPO"),
+    (2, ["stage.lora.rank=4", "init_from=somewhere"], "does not support LoRA"),
+    (4, ["model=moxin-7b", "hardware.devices=6"], "does not divide world size .*=6: .*Values that fit: \\[1, 2\\]"),
+])
+def test_tensor_parallel_runs_it_cannot_hold_are_refused_before_any_work(tp, overrides, why):
+    from hydra.utils import instantiate
+
+    from moxin.assemble import check_tensor_parallel_run
+    from tests.helpers.compose import compose_config
+
+    cfg = compose_config(["hardware=fsdp_cpu", f"hardware.tensor_parallel_size={tp}", *overrides])
+    with pytest.raises(ConfigError, match=f"hardware.tensor_parallel_size={tp} {why}"):
+        check_tensor_parallel_run(cfg, instantiate(cfg.model))
+    cfg = compose_config(["hardware=fsdp_cpu", "hardware.tensor_parallel_size=2"])  # the sample run: accepted
+    check_tensor_parallel_run(cfg, instantiate(cfg.model))
 
 
 @pytest.mark.parametrize("lockstep", ["1", "0"])
