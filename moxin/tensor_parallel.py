@@ -1,24 +1,9 @@
-"""Tensor parallelism of the model core over the mesh's ``tensor_parallel`` dimension (torchtitan's Llama plan).
-
-`parallelize` (moxin/distributed.py) applies it first, before activation checkpointing, compile and FSDP2 over the
-data-parallel dimension. Per block::
-
-    residual (B, T/tp, D) -> attention_norm (SequenceParallel) -> all-gather T -> wq, wk, wv column-wise
-    (each rank n_heads/tp query and n_kv_heads/tp key/value heads: GQA groups stay whole) -> attention -> wo
-    row-wise -> reduce-scatter T -> + residual; the same for ffn_norm, w1 / w3 (column-wise) and w2 (row-wise).
-
-The residual stream between blocks is sharded on the sequence dimension (sequence parallelism), so the norms'
-activations are split too. The embedding is row-wise (vocabulary shards, its output reduce-scattered onto the
-sequence); the output projection is column-wise. The loss heads (chunked cross-entropy, `Transformer.forward`'s
-``head``) take the whole hidden states and output weight, gathered here, so every head computes the one-process
-loss unchanged on every tensor-parallel rank (correctness first: the head's product is repeated on the tp ranks).
-With tied embeddings the shared weight is left whole on the tensor dimension (FSDP2 still shards it).
-
-Rows of any length run: a forward pads them to a multiple of tp where needed (with a cache, padding positions -1,
-which the cache neither stores nor attends to; in training, a separate document after the row, which the document
-mask keeps apart) and cuts the outputs back. So generation through the rolling cache works (a decode step of one
-token runs as tp tokens), with a cache of this rank's key/value heads. A fused q/k/v or gate/up inference copy is
-refused.
+"""Tensor parallelism of the model core over the mesh's ``tensor_parallel`` dimension, torchtitan's Llama plan:
+column-wise q/k/v and w1/w3, row-wise wo and w2, sequence-parallel norms (the residual stream split on the
+sequence between blocks), row-wise embedding, column-wise output; attention runs on each rank's share of the
+query and key/value heads. `moxin.distributed.parallelize` applies it first, before activation checkpointing,
+compile and FSDP2 over the data dimension. Loss heads get the whole hidden states and output weight; rows of any
+length and the rolling-cache decode work (padded inside the forward). docs/architecture.md, "Tensor parallelism".
 """
 
 from __future__ import annotations
