@@ -120,6 +120,38 @@ def test_tensor_parallel_forward_loss_head_and_generation_match_the_unsharded_mo
     assert "not supported under tensor parallelism" in r["fused"]
 
 
+@pytest.mark.slow
+def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
+    """`python -m moxin.run hardware=fsdp_cpu hardware.tensor_parallel_size=2` on 2 processes (one data-parallel
+    reader) against `hardware=cpu` on one: the same logged losses and target tokens, the same final weights, the
+    same greedy sample; validation, the distributed checkpoint and the HF export run under TP."""
+    import subprocess
+    import sys
+
+    from tests.helpers.compose import logged_train_losses
+    from tests.helpers.tiny_overrides import TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    common = TINY_MODEL + [
+        "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256", "trainer.val_every_n_steps=3",
+        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}]",
+        "trainer.checkpoint_every_n_steps=3", "samples.prompts=[The history of]", "samples.max_new_tokens=6",
+        "trainer.progress_bar=none", "data.val_tokens=1024", "hardware.num_workers=0"]
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    tp = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *common,
+                  f"out_dir={tmp_path / 'tp'}", "run_name=tp", cwd=root, env=env, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "moxin.run", "hardware=cpu", *common, f"out_dir={tmp_path / 'one'}",
+                          "run_name=one"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    losses = {k: logged_train_losses(tmp_path / k) for k in ("tp", "one")}
+    assert len(losses["one"]) == 6 and losses["tp"] == pytest.approx(losses["one"], rel=1e-4)
+    summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("tp", "one")}
+    assert summaries["tp"]["weights_checksum"] == pytest.approx(summaries["one"]["weights_checksum"], rel=1e-5)
+    samples = [[ln for ln in r.stdout.splitlines() + r.stderr.splitlines() if ln.startswith("[sample")] for r in (tp, one)]
+    assert samples[0] == samples[1] and len(samples[0]) == 1
+    assert (tmp_path / "tp" / "hf" / "config.json").is_file()
+
+
 @pytest.mark.parametrize("tp, overrides, why", [
     (2, ["stage=grpo", "data=grpo_arithmetic"], "does not support GRPO"),
     (2, ["stage.lora.rank=4", "init_from=somewhere"], "does not support LoRA"),
