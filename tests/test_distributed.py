@@ -1,10 +1,14 @@
-"""Two CPU processes (gloo DDP / FSDP2 through torchrun, Lightning's launcher path) give the same losses, weights
-and gradients as one process with the same global batch, for pretraining, DPO and GRPO: the loss is normalised by
-the step's target tokens (pairs) across accumulation and ranks. The one-process micro-batches straddle the ranks'
-rows with unequal counts and clipping is off, so a per-micro-batch mean or a missing world-size factor shows in
-the gradients, which are compared directly (and with the first step's gradients written out by hand)."""
+"""Two CPU processes (gloo DDP / FSDP2 / tensor parallelism through torchrun, Lightning's launcher path) give the
+same losses, weights and gradients as one process with the same global batch, for pretraining, DPO and GRPO: the
+loss is normalised by the step's target tokens (pairs) across accumulation and ranks. The one-process micro-batches
+straddle the ranks' rows with unequal counts and clipping is off, so a per-micro-batch mean or a missing
+world-size factor shows in the gradients, which are compared directly (and with the first step's gradients written
+out by hand)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -125,9 +129,6 @@ def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
     """`python -m moxin.run hardware=fsdp_cpu hardware.tensor_parallel_size=2` on 2 processes (one data-parallel
     reader) against `hardware=cpu` on one: the same logged losses and target tokens, the same final weights, the
     same greedy sample; validation, the distributed checkpoint and the HF export run under TP."""
-    import subprocess
-    import sys
-
     from tests.helpers.compose import logged_train_losses
     from tests.helpers.tiny_overrides import TINY_MODEL
 
@@ -137,7 +138,7 @@ def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
         "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}]",
         "trainer.checkpoint_every_n_steps=3", "samples.prompts=[The history of]", "samples.max_new_tokens=6",
         "trainer.progress_bar=none", "data.val_tokens=1024", "hardware.num_workers=0"]
-    env = dict(__import__("os").environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
     tp = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *common,
                   f"out_dir={tmp_path / 'tp'}", "run_name=tp", cwd=root, env=env, timeout=600)
     one = subprocess.run([sys.executable, "-m", "moxin.run", "hardware=cpu", *common, f"out_dir={tmp_path / 'one'}",
@@ -147,7 +148,7 @@ def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
     assert len(losses["one"]) == 6 and losses["tp"] == pytest.approx(losses["one"], rel=1e-4)
     summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("tp", "one")}
     assert summaries["tp"]["weights_checksum"] == pytest.approx(summaries["one"]["weights_checksum"], rel=1e-5)
-    samples = [[ln for ln in r.stdout.splitlines() + r.stderr.splitlines() if ln.startswith("[sample")] for r in (tp, one)]
+    samples = [[ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("[sample")] for r in (tp, one)]
     assert samples[0] == samples[1] and len(samples[0]) == 1
     assert (tmp_path / "tp" / "hf" / "config.json").is_file()
 
