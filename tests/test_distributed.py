@@ -71,7 +71,7 @@ def test_hsdp_two_replicas_of_two_shards_match_one(tmp_path, one_process):
 
 def _check_tensor_parallel(one: dict, tp: dict, what: str) -> None:
     """Tensor parallelism trains as one process: gradients, losses (1e-4) and every weight (1e-5, relative 2e-3 as
-    for HSDP above); its block parameters really are 2-D DTensors, sharded on the data and the tensor dimension."""
+    for HSDP above); its parameters really are sharded on the data and the tensor dimension."""
     assert tp["placements"][0].count("Shard(dim=0") == 2  # the embedding: FSDP2 rows (strided) of its vocabulary shard
     check_same_training(one, tp, 4, what, loss_rel=1e-4)
     assert sorted(tp["weights"]) == sorted(one["weights"])
@@ -91,6 +91,14 @@ def test_tensor_parallel_two_by_two_data_parallel_match_one(tmp_path, one_proces
     _check_tensor_parallel(one_process, _run(4, tmp_path / "tp4.json", "tp"), "TP 2 x DP 2")
 
 
+@pytest.mark.slow
+def test_tensor_parallel_with_hsdp_matches_one(tmp_path, one_process):
+    """TP=2 under HSDP R=2 on 4 gloo processes (one 3-D (replicate, shard, tensor_parallel) mesh) as one process."""
+    tp = _run(4, tmp_path / "tph.json", "tp_hsdp")
+    assert tp["placements"][0].startswith("(Replicate(), ")
+    _check_tensor_parallel(one_process, tp, "TP 2 x HSDP 2")
+
+
 TP_MODEL = ModelConfig(vocab_size=96, dim=32, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=8, hidden_dim=48,
                        max_seq_len=16)
 
@@ -100,7 +108,7 @@ TP_MODEL = ModelConfig(vocab_size=96, dim=32, n_layers=1, n_heads=6, n_kv_heads=
     (2, 3, TP_MODEL, "fsdp2", 1, "does not divide world size .*=3"),
     (3, 6, TP_MODEL, "fsdp2", 1, "model.n_kv_heads=2"),
     (2, 4, TP_MODEL, "ddp_cpu", 1, "ModelParallelStrategy.*hardware=fsdp"),
-    (2, 4, TP_MODEL, "fsdp2", 2, "HSDP is not composed"),
+    (2, 8, TP_MODEL, "fsdp2", 3, "Use replicate in \\[1, 2, 4\\]"),
     (0, 4, TP_MODEL, "fsdp2", 1, "an integer >= 1"),
 ])
 def test_tensor_parallel_shapes_it_cannot_split_are_refused_with_the_fix(tp, world, model, strategy, replicate, why):

@@ -59,7 +59,8 @@ class ParallelConfig:
 def check_tensor_parallel(tp, world: int, model, strategy: str = "fsdp2", replicate: int = 1) -> None:
     """Refuse, before any work, a ``hardware.tensor_parallel_size`` the run cannot hold: it must divide the world
     size and every dimension the plan splits (query and key/value heads, the MLP's hidden size and, unless the
-    embeddings are tied, the vocabulary), and it runs under FSDP2 without HSDP. `model`: the run's ModelConfig."""
+    embeddings are tied, the vocabulary), it runs under FSDP2, and HSDP's R must divide the data-parallel ranks
+    (world / tp). `model`: the run's ModelConfig."""
     key = "hardware.tensor_parallel_size"
     if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
         raise ConfigError(f"{key}={tp!r}: the number of ranks each block's projections are split over, an integer "
@@ -69,9 +70,11 @@ def check_tensor_parallel(tp, world: int, model, strategy: str = "fsdp2", replic
     if strategy != "fsdp2":
         raise ConfigError(f"{key}={tp} runs on Lightning's ModelParallelStrategy and this run's hardware.strategy is "
                           f"{strategy!r}; use hardware=fsdp (strategy fsdp2), or {key}=1")
-    if replicate != 1:
-        raise ConfigError(f"{key}={tp} with hardware.parallel.replicate={replicate}: HSDP is not composed with tensor "
-                          f"parallelism yet; use one of them (hardware.parallel.replicate=1, or {key}=1)")
+    if world % tp == 0 and (world // tp) % replicate:
+        fits = [r for r in range(1, world // tp + 1) if (world // tp) % r == 0]
+        raise ConfigError(f"hardware.parallel.replicate={replicate} does not divide the {world // tp} data-parallel "
+                          f"ranks (world size {world} / {key}={tp}): each HSDP replica group must hold the same number "
+                          f"of tensor-parallel groups. Use replicate in {fits}")
     split = {"world size (hardware.devices x hardware.num_nodes)": world, "model.n_heads": model.n_heads,
              "model.n_kv_heads": model.n_kv_heads, "model.hidden_dim": model.hidden_dim}
     if not model.tie_embeddings:

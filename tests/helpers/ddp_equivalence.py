@@ -1,5 +1,5 @@
 """Run PretrainStage on fixed rows with 1, 2 or 4 CPU processes (launched by torchrun; DDP, FSDP2, HSDP, or tensor
-parallelism over pairs of ranks with FSDP2 over the pairs, "tp") and write the per-step
+parallelism over pairs of ranks with FSDP2 over the pairs, "tp", or HSDP over them, "tp_hsdp") and write the per-step
 losses and a weight checksum to a JSON file, and the gradients of every optimizer step (with the gradients of the
 first step's loss written out by hand, tests/helpers/wiring_reference.py) to OUT.grads.pt. Used by
 tests/test_distributed.py.
@@ -72,7 +72,7 @@ def _checksum(model):
 
 
 def main(out_path, strategy="ddp"):
-    tp = 2 if strategy == "tp" else 1
+    tp = 2 if strategy in ("tp", "tp_hsdp") else 1
     # the data-parallel layout (Lightning's (data_parallel, tensor_parallel) mesh: rank = dp rank * tp + tp rank)
     world = int(os.environ.get("WORLD_SIZE", "1")) // tp
     rank = int(os.environ.get("RANK", "0")) // tp
@@ -81,7 +81,7 @@ def main(out_path, strategy="ddp"):
     accum = 2
     micro = per_rank // accum
     # hsdp: FSDP2 over a (replicate 2, shard world/2) mesh
-    parallel = ParallelConfig(replicate=2 if strategy == "hsdp" and world > 1 else 1)
+    parallel = ParallelConfig(replicate=2 if strategy in ("hsdp", "tp_hsdp") and world > 1 else 1)
     stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
                                                                   grad_clip=None), parallel=parallel,
                           total_steps=STEPS)
@@ -101,7 +101,7 @@ def main(out_path, strategy="ddp"):
     loader = DataLoader(Rows(make_rows(), world, rank, per_rank), batch_size=micro, shuffle=False)
     if world * tp == 1:
         strat = "auto"
-    elif strategy in ("fsdp2", "hsdp", "tp"):  # the path of hardware=fsdp: FSDP2 through ModelParallelStrategy
+    elif strategy in ("fsdp2", "hsdp", "tp", "tp_hsdp"):  # the path of hardware=fsdp: FSDP2 through ModelParallelStrategy
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=tp)
