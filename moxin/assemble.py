@@ -29,14 +29,15 @@ from moxin.checkpoint.lock import launcher_rank
 from moxin.checkpoint.policy import CheckpointPolicy
 from moxin.checkpoint.resume import candidates, find_resume
 from moxin.checkpoint.signals import StopOnSignal
-from moxin.config import ConfigError, RunConfig
+from moxin.config import ConfigError, RunConfig, check_tensor_parallel
 from moxin.data.sample import sample_path
 from moxin.loggers import build_loggers
 from moxin.tokenizer import Tokenizer, load_tokenizer
 from moxin.ui import run_plan
 
-__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_vocab", "connected_datamodule",
-           "hardware_trainer", "plugins_for", "resolve_resume", "say", "val_interval_steps", "world_size_of"]
+__all__ = ["Run", "assemble", "build_strategy", "check_resume_world", "check_tensor_parallel_run", "check_vocab",
+           "connected_datamodule", "data_parallel_size_of", "hardware_trainer", "plugins_for", "resolve_resume", "say",
+           "tensor_parallel_size_of", "val_interval_steps", "world_size_of"]
 
 if not OmegaConf.has_resolver("moxin_sample"):  # ${moxin_sample:NAME}: a file of the built-in sample data
     OmegaConf.register_new_resolver("moxin_sample", lambda name: str(sample_path(name)))
@@ -70,14 +71,27 @@ def world_size_of(hw: DictConfig) -> int:
     return int(devices) * int(hw.num_nodes)
 
 
+def tensor_parallel_size_of(hw: DictConfig):
+    """``hardware.tensor_parallel_size`` (Lightning's argument; 1, no tensor parallelism, when absent)."""
+    return hw.get("tensor_parallel_size", 1)
+
+
+def data_parallel_size_of(hw: DictConfig) -> int:
+    """Data-parallel ranks of the run: the world over the tensor-parallel group size (the ranks of a group read the
+    same rows, so the data is planned for world / T readers)."""
+    return world_size_of(hw) // int(tensor_parallel_size_of(hw))
+
+
 def build_strategy(hw: DictConfig, world: int):
-    """Lightning's strategy for ``hardware.strategy``: fsdp2 (every rank a data-parallel FSDP rank, no tensor
-    parallelism), ddp_cpu (DDP over gloo), or Lightning's own name."""
+    """Lightning's strategy for ``hardware.strategy``: fsdp2 (FSDP2 over the data-parallel ranks, tensor
+    parallelism over groups of ``hardware.tensor_parallel_size`` ranks), ddp_cpu (DDP over gloo), or Lightning's
+    own name."""
     name = hw.strategy
     if name == "fsdp2":
+        tp = int(tensor_parallel_size_of(hw))
         dp = hw.get("data_parallel_size", "auto")
-        return ModelParallelStrategy(data_parallel_size=world if dp == "auto" else int(dp), tensor_parallel_size=1,
-                                     save_distributed_checkpoint=True)
+        return ModelParallelStrategy(data_parallel_size=world // tp if dp == "auto" else int(dp),
+                                     tensor_parallel_size=tp, save_distributed_checkpoint=True)
     if name == "ddp_cpu":
         return DDPStrategy(process_group_backend="gloo")
     return name
@@ -144,6 +158,27 @@ def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
             f"or start a new run from its weights: init_from={ckpt_path} (the weights reshard to any process count)")
 
 
+def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
+    """``hardware.tensor_parallel_size`` that the run cannot hold, refused before any work: shapes it does not
+    divide (`moxin.config.check_tensor_parallel`), and the stages the tensor-parallel plan does not cover yet:
+    GRPO (its rollouts and packed update are untested under it) and LoRA (its wrapped projections are not in the
+    plan). Sample generations and evaluation decode through the same forward and do run."""
+    hw = cfg.hardware
+    tp = tensor_parallel_size_of(hw)
+    check_tensor_parallel(tp, world_size_of(hw), model_cfg, hw.strategy, int(hw.parallel.get("replicate", 1)))
+    if tp == 1:
+        return
+    stage = cfg.stage
+    lora = stage.get("lora")
+    uses = {"GRPO (stage=grpo)": stage.get("grpo") is not None,
+            "LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank"))}
+    refused = [k for k, v in uses.items() if v]
+    if refused:
+        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {' or '.join(refused)} yet (not in "
+                          "the tensor-parallel plan). Run it with hardware.tensor_parallel_size=1 (FSDP2 or HSDP), "
+                          "or train without LoRA (stage.lora.rank=0)")
+
+
 def check_vocab(model_cfg, tok: Tokenizer) -> None:
     """The embedding must have a row for every id the tokenizer can produce (its specials included); otherwise
     the first batch dies mid-step (an IndexError on a CPU, a device-side assert on a GPU)."""
@@ -174,7 +209,7 @@ def val_interval_steps(every: int | None, phase_steps: list[int]) -> int | None:
 def connected_datamodule(cfg: DictConfig, tokenizer: Tokenizer, max_seq_len: int | None = None):
     """``cfg.data`` instantiated with the run's seed and connected to the run's tokenizer and process count."""
     datamodule = instantiate(cfg.data, seed=cfg.seed, _convert_="all")
-    datamodule.connect(tokenizer, world_size=world_size_of(cfg.hardware), max_seq_len=max_seq_len)
+    datamodule.connect(tokenizer, world_size=data_parallel_size_of(cfg.hardware), max_seq_len=max_seq_len)
     return datamodule
 
 
@@ -190,6 +225,7 @@ def assemble(cfg: DictConfig, tokenizer: Tokenizer | None = None) -> Run:
     parallel.check_world(world_size_of(hw), hw.strategy)  # HSDP's replica groups, before any work
 
     model_cfg = instantiate(cfg.model)
+    check_tensor_parallel_run(cfg, model_cfg)  # shapes the tensor dimension splits, jobs it does not cover
     if tokenizer is None:
         tokenizer = load_tokenizer(cfg.tokenizer)
     check_vocab(model_cfg, tokenizer)

@@ -1,11 +1,14 @@
 """Parallelism applied to the model from outside, in one fixed order (torchtitan's):
 
-    activation checkpointing -> torch.compile -> FSDP2 sharding
+    tensor parallelism -> activation checkpointing -> torch.compile -> FSDP2 sharding
 
 The model file knows nothing of this. Stages call `parallelize` from `configure_model`, where Lightning's
 `ModelParallelStrategy` has set up the device mesh (one data-parallel dimension for FSDP2). With
 `hardware.parallel.replicate=R > 1` that dimension is laid out as a (replicate R, shard world/R) mesh, rank =
 replica * (world/R) + shard as torchtitan's ParallelDims orders it, and `fully_shard` over the 2-D mesh is HSDP.
+With ``hardware.tensor_parallel_size=T > 1`` the strategy's mesh is (data_parallel world/T, tensor_parallel T):
+the model is first planned over the tensor dimension (moxin/tensor_parallel.py), then sharded by FSDP2 over the
+data dimension (its parameters are then 2-D DTensors).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoi
 
 from moxin.config import ParallelConfig, Recompute
 from moxin.devices import to_device
+from moxin.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str = Recompute.FULL) -> None:
@@ -52,32 +56,39 @@ def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_fo
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
 
 
-def hsdp_mesh(mesh, replicate: int):
-    """The (replicate, shard) device mesh of HSDP over the ranks of `mesh` (all data-parallel): consecutive ranks (one node's
-    GPUs, when R is the node count) form a shard group, and rank i of each group is replicated across the R groups
-    (torchtitan's dp_replicate before dp_shard). Made once per strategy mesh and kept on it (creating a mesh
-    creates process groups, collectively), so the policy and a frozen reference share it and a later run in the
-    same process (a warm-up, then the run) gets its own."""
+def hsdp_mesh(mesh, replicate: int, tp: int = 1):
+    """The (replicate, shard) device mesh of HSDP over the ranks of `mesh`: consecutive ranks (one node's GPUs, when
+    R is the node count) form a shard group, and rank i of each group is replicated across the R groups
+    (torchtitan's dp_replicate before dp_shard). With tensor parallelism (tp > 1) the mesh is (replicate, shard,
+    tensor_parallel), the tensor dimension innermost as in Lightning's (data_parallel, tensor_parallel) mesh, so
+    the tensor groups and the data ranks are Lightning's. Made once per strategy mesh and kept on it (creating a
+    mesh creates process groups, collectively), so the policy and a frozen reference share it and a later run in
+    the same process (a warm-up, then the run) gets its own."""
     from torch.distributed.device_mesh import init_device_mesh
 
+    shard = mesh.size() // (replicate * tp)
+    shape, names = ((replicate, shard, tp), ("replicate", "shard", "tensor_parallel")) if tp > 1 else (
+        (replicate, shard), ("replicate", "shard"))
     made = getattr(mesh, "_moxin_hsdp", None)
-    if made is None or made.shape != (replicate, mesh.size() // replicate):
-        made = init_device_mesh(mesh.device_type, (replicate, mesh.size() // replicate),
-                                mesh_dim_names=("replicate", "shard"))
+    if made is None or made.shape != shape:
+        made = init_device_mesh(mesh.device_type, shape, mesh_dim_names=names)
         mesh._moxin_hsdp = made
     return made
 
 
-def data_parallel_mesh(mesh, cfg: ParallelConfig):
-    """The mesh FSDP2 shards over: the strategy mesh's data-parallel dimension, or HSDP's 2-D mesh over it."""
+def parallel_meshes(mesh, cfg: ParallelConfig):
+    """(the tensor-parallel mesh or None, the mesh FSDP2 shards over) of the strategy's mesh: its data-parallel
+    dimension, or HSDP's (replicate, shard) mesh over it; with both HSDP and tensor parallelism, the two come from
+    one 3-D mesh (FSDP2 composes with TP over submeshes of one mesh)."""
+    tp_mesh = tensor_parallel_mesh(mesh)
     dp_mesh = mesh["data_parallel"] if mesh.mesh_dim_names and "data_parallel" in mesh.mesh_dim_names else mesh
     if cfg.replicate == 1:
-        return dp_mesh
+        return tp_mesh, dp_mesh
     cfg.check_world(dp_mesh.size())
-    if dp_mesh.size() != dist.get_world_size():
-        raise ValueError("hardware.parallel.replicate > 1 (HSDP) needs every rank data-parallel (no tensor "
-                         f"parallelism): the data-parallel mesh has {dp_mesh.size()} of {dist.get_world_size()} ranks")
-    return hsdp_mesh(mesh, cfg.replicate)
+    if tp_mesh is None:
+        return None, hsdp_mesh(mesh, cfg.replicate)
+    made = hsdp_mesh(mesh, cfg.replicate, tp_mesh.size())
+    return made["tensor_parallel"], made["replicate", "shard"]
 
 
 def is_sharded(strategy) -> bool:
@@ -169,11 +180,14 @@ def weights_checksum(model: nn.Module) -> float:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
-    """Apply, in order, activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with
-    cfg.replicate > 1)."""
+    """Apply, in order, tensor parallelism (when the mesh has a tensor_parallel dimension of size > 1),
+    activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with cfg.replicate > 1)."""
+    tp_mesh, dp_mesh = parallel_meshes(mesh, cfg) if mesh is not None else (None, None)
+    if tp_mesh is not None:
+        apply_tensor_parallel(model, tp_mesh)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)
     if cfg.compile:
         apply_compile(model)
     if mesh is not None:
-        apply_fsdp(model, data_parallel_mesh(mesh, cfg), cfg.fsdp_param_dtype, cfg.reshard_after_forward)
+        apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward)
     return model

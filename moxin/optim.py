@@ -110,18 +110,21 @@ class OptimizerStep:
         self._processed += tokens_processed
 
     def prepare(self, optimizer, params, *, divided_by: int, device, step: int, counters: list = (),
-                grad_scaler: bool = False) -> StepValues | None:
+                grad_scaler: bool = False, replicas: int = 1) -> StepValues | None:
         """Before ``optimizer.step()``: reduce the step's sums (and `counters`) over ranks, take the gradients' norm
         and normalise and clip them. With a fused optimizer (and no fp16 `grad_scaler`, which owns ``grad_scale``)
         the factor goes into the step and None comes back (`finish` returns the values); otherwise the values,
         after the guard and the multiply. `divided_by`: what each micro-batch's gradient was divided by (Lightning's
-        accumulation x the data-parallel world)."""
+        accumulation x the data-parallel world). `replicas`: how many ranks hold each row (the tensor-parallel
+        ranks of a group see the same rows and add the same sums): the reduced sums are divided by it."""
         inner = getattr(optimizer, "optimizer", optimizer)  # a LightningOptimizer wraps the torch optimizer
         self.clear(inner)
         keys = sorted(self._metrics)
         counters = list(counters)
         stats = all_reduce_tensor([self._tokens, self._loss, float(self._processed)]
                                   + [self._metrics[k] for k in keys] + counters, device)
+        if replicas != 1:
+            stats = stats / replicas
         self._reset_sums()
         params = list(params)
         grads = [p.grad for p in params if p.grad is not None]

@@ -1,16 +1,20 @@
-"""Two CPU processes (gloo DDP / FSDP2 through torchrun, Lightning's launcher path) give the same losses, weights
-and gradients as one process with the same global batch, for pretraining, DPO and GRPO: the loss is normalised by
-the step's target tokens (pairs) across accumulation and ranks. The one-process micro-batches straddle the ranks'
-rows with unequal counts and clipping is off, so a per-micro-batch mean or a missing world-size factor shows in
-the gradients, which are compared directly (and with the first step's gradients written out by hand)."""
+"""Two CPU processes (gloo DDP / FSDP2 / tensor parallelism through torchrun, Lightning's launcher path) give the
+same losses, weights and gradients as one process with the same global batch, for pretraining, DPO and GRPO: the
+loss is normalised by the step's target tokens (pairs) across accumulation and ranks. The one-process micro-batches
+straddle the ranks' rows with unequal counts and clipping is off, so a per-micro-batch mean or a missing
+world-size factor shows in the gradients, which are compared directly (and with the first step's gradients written
+out by hand)."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from moxin.config import ConfigError, ParallelConfig
+from moxin.config import ConfigError, ModelConfig, ParallelConfig, check_tensor_parallel
 from tests.conftest import torchrun
 from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one, check_same_training
 
@@ -63,6 +67,116 @@ def test_hsdp_two_replicas_of_one_shard_match_one(tmp_path, one_process):
 def test_hsdp_two_replicas_of_two_shards_match_one(tmp_path, one_process):
     """HSDP R=2 x 2 on 4 gloo processes: sharded within a pair, replicated across the pairs, as one process."""
     _check_hsdp(one_process, _run(4, tmp_path / "hsdp4.json", "hsdp"), 4)
+
+
+def _check_tensor_parallel(one: dict, tp: dict, what: str) -> None:
+    """Tensor parallelism trains as one process: gradients, losses (1e-4) and every weight (1e-5, relative 2e-3 as
+    for HSDP above); its parameters really are sharded on the data and the tensor dimension."""
+    assert tp["placements"][0].count("Shard(dim=0") == 2  # the embedding: FSDP2 rows (strided) of its vocabulary shard
+    check_same_training(one, tp, 4, what, loss_rel=1e-4)
+    assert sorted(tp["weights"]) == sorted(one["weights"])
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(tp["weights"][name], w, rtol=2e-3, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_tensor_parallel_two_ranks_match_one(tmp_path, one_process):
+    """hardware.tensor_parallel_size=2 on 2 processes (one data-parallel rank): the plan of moxin/tensor_parallel.py
+    (sequence-parallel norms, GQA heads split 2 + 1 a rank, the loss head on gathered states) as one process."""
+    _check_tensor_parallel(one_process, _run(2, tmp_path / "tp.json", "tp"), "TP 2")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_two_by_two_data_parallel_match_one(tmp_path, one_process):
+    """TP=2 x DP=2 on 4 gloo processes (FSDP2 over the data dimension of Lightning's 2-D mesh) as one process."""
+    _check_tensor_parallel(one_process, _run(4, tmp_path / "tp4.json", "tp"), "TP 2 x DP 2")
+
+
+@pytest.mark.slow
+def test_tensor_parallel_with_hsdp_matches_one(tmp_path, one_process):
+    """TP=2 under HSDP R=2 on 4 gloo processes (one 3-D (replicate, shard, tensor_parallel) mesh) as one process."""
+    tp = _run(4, tmp_path / "tph.json", "tp_hsdp")
+    assert tp["placements"][0].startswith("(Replicate(), ")
+    _check_tensor_parallel(one_process, tp, "TP 2 x HSDP 2")
+
+
+TP_MODEL = ModelConfig(vocab_size=96, dim=32, n_layers=1, n_heads=6, n_kv_heads=2, head_dim=8, hidden_dim=48,
+                       max_seq_len=16)
+
+
+@pytest.mark.parametrize("tp, world, model, strategy, replicate, why", [
+    (4, 8, TP_MODEL, "fsdp2", 1, "does not divide model.n_heads=6, model.n_kv_heads=2.*Values that fit: \\[1, 2\\]"),
+    (2, 3, TP_MODEL, "fsdp2", 1, "does not divide world size .*=3"),
+    (3, 6, TP_MODEL, "fsdp2", 1, "model.n_kv_heads=2"),
+    (2, 4, TP_MODEL, "ddp_cpu", 1, "ModelParallelStrategy.*hardware=fsdp"),
+    (2, 8, TP_MODEL, "fsdp2", 3, "Use replicate in \\[1, 2, 4\\]"),
+    (0, 4, TP_MODEL, "fsdp2", 1, "an integer >= 1"),
+])
+def test_tensor_parallel_shapes_it_cannot_split_are_refused_with_the_fix(tp, world, model, strategy, replicate, why):
+    with pytest.raises(ConfigError, match=f"hardware.tensor_parallel_size={tp}.*{why}"):
+        check_tensor_parallel(tp, world, model, strategy, replicate)
+    check_tensor_parallel(2, 4, TP_MODEL)  # heads, hidden and vocabulary it divides, under fsdp2: accepted
+
+
+def test_tensor_parallel_forward_loss_head_and_generation_match_the_unsharded_model(tmp_path):
+    """Under TP=2: logits and hidden states equal the unsharded model's, on rows of even and of odd length (padded
+    inside the forward), so do a loss head's value and gradients on odd rows; greedy generation through the
+    rolling cache gives the same tokens (each rank caching its own key/value head); a fused inference copy is
+    refused with the fix."""
+    out = tmp_path / "tp.json"
+    torchrun(Path(__file__).parent / "helpers" / "tp_forward.py", out)
+    r = json.loads(out.read_text())
+    assert r["heads"] == [2, 1]  # local query / key-value heads of 4 / 2
+    assert all(r[k] for k in ("logits_8", "hidden_8", "logits_7", "hidden_7"))
+    assert r["loss_7"] < 1e-4 and r["grad_err_7"] < 1e-5
+    assert r["generated"] == r["generated_plain"] and len(r["generated"][0]) == 6
+    assert "not supported under tensor parallelism" in r["fused"]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
+    """`python -m moxin.run hardware=fsdp_cpu hardware.tensor_parallel_size=2` on 2 processes (one data-parallel
+    reader) against `hardware=cpu` on one: the same logged losses and target tokens, the same final weights, the
+    same greedy sample; validation, the distributed checkpoint and the HF export run under TP."""
+    from tests.helpers.compose import logged_train_losses
+    from tests.helpers.tiny_overrides import TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    common = TINY_MODEL + [
+        "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256", "trainer.val_every_n_steps=3",
+        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}]",
+        "trainer.checkpoint_every_n_steps=3", "samples.prompts=[The history of]", "samples.max_new_tokens=6",
+        "trainer.progress_bar=none", "data.val_tokens=1024", "hardware.num_workers=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    tp = torchrun("-m", "moxin.run", "hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *common,
+                  f"out_dir={tmp_path / 'tp'}", "run_name=tp", cwd=root, env=env, timeout=600)
+    one = subprocess.run([sys.executable, "-m", "moxin.run", "hardware=cpu", *common, f"out_dir={tmp_path / 'one'}",
+                          "run_name=one"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    losses = {k: logged_train_losses(tmp_path / k) for k in ("tp", "one")}
+    assert len(losses["one"]) == 6 and losses["tp"] == pytest.approx(losses["one"], rel=1e-4)
+    summaries = {k: json.loads((tmp_path / k / "summary.json").read_text()) for k in ("tp", "one")}
+    assert summaries["tp"]["weights_checksum"] == pytest.approx(summaries["one"]["weights_checksum"], rel=1e-5)
+    samples = [[ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("[sample")] for r in (tp, one)]
+    assert samples[0] == samples[1] and len(samples[0]) == 1
+    assert (tmp_path / "tp" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.parametrize("tp, overrides, why", [
+    (2, ["stage=grpo", "data=grpo_arithmetic"], "does not support GRPO"),
+    (2, ["stage.lora.rank=4", "init_from=somewhere"], "does not support LoRA"),
+    (4, ["model=moxin-7b", "hardware.devices=6"], "does not divide world size .*=6: .*Values that fit: \\[1, 2\\]"),
+])
+def test_tensor_parallel_runs_it_cannot_hold_are_refused_before_any_work(tp, overrides, why):
+    from hydra.utils import instantiate
+
+    from moxin.assemble import check_tensor_parallel_run
+    from tests.helpers.compose import compose_config
+
+    cfg = compose_config(["hardware=fsdp_cpu", f"hardware.tensor_parallel_size={tp}", *overrides])
+    with pytest.raises(ConfigError, match=f"hardware.tensor_parallel_size={tp} {why}"):
+        check_tensor_parallel_run(cfg, instantiate(cfg.model))
+    cfg = compose_config(["hardware=fsdp_cpu", "hardware.tensor_parallel_size=2"])  # the sample run: accepted
+    check_tensor_parallel_run(cfg, instantiate(cfg.model))
 
 
 @pytest.mark.parametrize("lockstep", ["1", "0"])

@@ -1,5 +1,6 @@
 """ParallelConfig: activation checkpointing, compile, FSDP2 and HSDP settings (``hardware.parallel``), which
-moxin/distributed.py applies to the model from outside."""
+moxin/distributed.py applies to the model from outside; and the shape checks of tensor parallelism
+(``hardware.tensor_parallel_size``, Lightning's own argument, so it sits beside ``hardware.data_parallel_size``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import dataclass
 from moxin.config.errors import ConfigError
 from moxin.config.options import Recompute, parse_option
 
-__all__ = ["ParallelConfig"]
+__all__ = ["ParallelConfig", "check_tensor_parallel"]
 
 
 @dataclass
@@ -53,3 +54,33 @@ class ParallelConfig:
             raise ConfigError(f"hardware.parallel.replicate={self.replicate} does not divide the world size {world} "
                               f"(hardware.devices x hardware.num_nodes): each replica group must hold the same "
                               f"number of ranks. Use one of {fits} (the node count, typically)")
+
+
+def check_tensor_parallel(tp, world: int, model, strategy: str = "fsdp2", replicate: int = 1) -> None:
+    """Refuse, before any work, a ``hardware.tensor_parallel_size`` the run cannot hold: it must divide the world
+    size and every dimension the plan splits (query and key/value heads, the MLP's hidden size and, unless the
+    embeddings are tied, the vocabulary), it runs under FSDP2, and HSDP's R must divide the data-parallel ranks
+    (world / tp). `model`: the run's ModelConfig."""
+    key = "hardware.tensor_parallel_size"
+    if isinstance(tp, bool) or not isinstance(tp, int) or tp < 1:
+        raise ConfigError(f"{key}={tp!r}: the number of ranks each block's projections are split over, an integer "
+                          ">= 1 (1: no tensor parallelism)")
+    if tp == 1:
+        return
+    if strategy != "fsdp2":
+        raise ConfigError(f"{key}={tp} runs on Lightning's ModelParallelStrategy and this run's hardware.strategy is "
+                          f"{strategy!r}; use hardware=fsdp (strategy fsdp2), or {key}=1")
+    if world % tp == 0 and (world // tp) % replicate:
+        fits = [r for r in range(1, world // tp + 1) if (world // tp) % r == 0]
+        raise ConfigError(f"hardware.parallel.replicate={replicate} does not divide the {world // tp} data-parallel "
+                          f"ranks (world size {world} / {key}={tp}): each HSDP replica group must hold the same number "
+                          f"of tensor-parallel groups. Use replicate in {fits}")
+    split = {"world size (hardware.devices x hardware.num_nodes)": world, "model.n_heads": model.n_heads,
+             "model.n_kv_heads": model.n_kv_heads, "model.hidden_dim": model.hidden_dim}
+    if not model.tie_embeddings:
+        split["model.vocab_size"] = model.vocab_size
+    bad = {k: v for k, v in split.items() if v % tp}
+    if bad:
+        fits = [t for t in range(1, world + 1) if all(v % t == 0 for v in split.values())]
+        raise ConfigError(f"{key}={tp} does not divide " + ", ".join(f"{k}={v}" for k, v in bad.items())
+                          + f": each tensor-parallel rank takes an equal share of them. Values that fit: {fits}")

@@ -59,6 +59,11 @@ class MoxinDataModule(L.LightningDataModule):
 
     @property
     def rank(self) -> int:
+        """This process's data-parallel rank: the trainer's global rank, or, under tensor parallelism, its rank on
+        the data dimension (Lightning's sampler rank), so a tensor-parallel group's ranks read the same rows."""
+        trainer = getattr(self, "trainer", None)
+        if self._rank is None and trainer is not None and getattr(trainer.strategy, "_device_mesh", None) is not None:
+            return int(trainer.strategy.distributed_sampler_kwargs["rank"])
         return self._given_or_trainer(self._rank, "global_rank", 0)
 
     def _given_or_trainer(self, given: int | None, attr: str, default: int) -> int:

@@ -28,6 +28,7 @@ from moxin.model import lora as lora_lib
 from moxin.losses import LabelRows
 from moxin.model.attention import DocBounds
 from moxin.optim import OptimizerStep, StepValues, adamw_with_schedule
+from moxin.tensor_parallel import tensor_parallel_size
 
 
 @dataclass
@@ -234,12 +235,14 @@ class MoxinStage(L.LightningModule):
             return
         # a step whose values were never read (optimizer_step overridden)
         self._log_step(self.optim_step.finish(optimizer, self.model.parameters(), self._global_step()), optimizer)
-        # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over `world`
+        # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over the data-parallel ranks
+        # (world / tp: a tensor-parallel group's ranks share their rows, and their sums count once)
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
+        tp = tensor_parallel_size(self.trainer.strategy)
         values = self.optim_step.prepare(
             optimizer, self.model.parameters(), device=self.device, step=self._global_step(),
-            divided_by=self.trainer.accumulate_grad_batches * self.trainer.world_size,
-            counters=self.step_counters(), grad_scaler=scaler)
+            divided_by=self.trainer.accumulate_grad_batches * self.trainer.world_size // tp,
+            counters=self.step_counters(), grad_scaler=scaler, replicas=tp)
         self._log_step(values, optimizer)
 
     def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):

@@ -1,4 +1,5 @@
-"""Run PretrainStage on fixed rows with 1, 2 or 4 CPU processes (launched by torchrun; DDP, FSDP2 or HSDP) and write the per-step
+"""Run PretrainStage on fixed rows with 1, 2 or 4 CPU processes (launched by torchrun; DDP, FSDP2, HSDP, or tensor
+parallelism over pairs of ranks with FSDP2 over the pairs, "tp", or HSDP over them, "tp_hsdp") and write the per-step
 losses and a weight checksum to a JSON file, and the gradients of every optimizer step (with the gradients of the
 first step's loss written out by hand, tests/helpers/wiring_reference.py) to OUT.grads.pt. Used by
 tests/test_distributed.py.
@@ -10,6 +11,7 @@ that straddle the two ranks' rows, (g0, g1, g4, g5) and (g2, g3, g6, g7). Label 
 targets), so micro-batches hold different numbers of target tokens: only an exact token normalisation across
 accumulation and ranks gives the same gradients in both layouts (a per-micro-batch mean, or a normalisation
 missing the world size, does not). Gradient clipping is off, so the gradients reach the optimizer unchanged.
+Under "tp" the two ranks of a tensor-parallel pair read the same rows: the layout above holds for the pairs.
 """
 
 import json
@@ -70,14 +72,16 @@ def _checksum(model):
 
 
 def main(out_path, strategy="ddp"):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+    tp = 2 if strategy in ("tp", "tp_hsdp") else 1
+    # the data-parallel layout (Lightning's (data_parallel, tensor_parallel) mesh: rank = dp rank * tp + tp rank)
+    world = int(os.environ.get("WORLD_SIZE", "1")) // tp
+    rank = int(os.environ.get("RANK", "0")) // tp
     torch.manual_seed(0)
     per_rank = GLOBAL_ROWS // world
     accum = 2
     micro = per_rank // accum
     # hsdp: FSDP2 over a (replicate 2, shard world/2) mesh
-    parallel = ParallelConfig(replicate=2 if strategy == "hsdp" and world > 1 else 1)
+    parallel = ParallelConfig(replicate=2 if strategy in ("hsdp", "tp_hsdp") and world > 1 else 1)
     stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
                                                                   grad_clip=None), parallel=parallel,
                           total_steps=STEPS)
@@ -95,15 +99,15 @@ def main(out_path, strategy="ddp"):
                 losses.append(float(trainer.callback_metrics["train/loss"]))
 
     loader = DataLoader(Rows(make_rows(), world, rank, per_rank), batch_size=micro, shuffle=False)
-    if world == 1:
+    if world * tp == 1:
         strat = "auto"
-    elif strategy in ("fsdp2", "hsdp"):  # the path of hardware=fsdp: per-block FSDP2 through ModelParallelStrategy
+    elif strategy in ("fsdp2", "hsdp", "tp", "tp_hsdp"):  # the path of hardware=fsdp: FSDP2 through ModelParallelStrategy
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=tp)
     else:
         strat = "ddp"
-    trainer = L.Trainer(accelerator="cpu", devices=world, strategy=strat,
+    trainer = L.Trainer(accelerator="cpu", devices=world * tp, strategy=strat,
                         max_steps=STEPS, accumulate_grad_batches=accum, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[Record(), grads],
                         use_distributed_sampler=False)

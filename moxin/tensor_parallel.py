@@ -1,0 +1,141 @@
+"""Tensor parallelism of the model core over the mesh's ``tensor_parallel`` dimension, torchtitan's Llama plan:
+column-wise q/k/v and w1/w3, row-wise wo and w2, sequence-parallel norms (the residual stream split on the
+sequence between blocks), row-wise embedding, column-wise output; attention runs on each rank's share of the
+query and key/value heads. `moxin.distributed.parallelize` applies it first, before activation checkpointing,
+compile and FSDP2 over the data dimension. Loss heads get the whole hidden states and output weight; rows of any
+length and the rolling-cache decode work (padded inside the forward). docs/architecture.md, "Tensor parallelism".
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.distributed.tensor import DTensor, Replicate, Shard
+from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+__all__ = ["apply_tensor_parallel", "tensor_parallel_mesh", "tensor_parallel_size"]
+
+
+def tensor_parallel_mesh(mesh):
+    """The mesh's ``tensor_parallel`` dimension, or None when it has none or its size is 1."""
+    if mesh is None or not mesh.mesh_dim_names or "tensor_parallel" not in mesh.mesh_dim_names:
+        return None
+    tp = mesh["tensor_parallel"]
+    return tp if tp.size() > 1 else None
+
+
+def tensor_parallel_size(strategy) -> int:
+    """The tensor-parallel group size of a Lightning strategy (1 without a ``tensor_parallel`` mesh dimension)."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    tp = tensor_parallel_mesh(mesh)
+    return 1 if tp is None else tp.size()
+
+
+def _block_plan() -> dict:
+    # attention and feed_forward take the sequence-sharded normed input and gather it (their first argument;
+    # attention's others, cos / sin / mask / cache / layer index, pass through as they are)
+    gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
+    return {
+        "attention_norm": SequenceParallel(),
+        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None, None, None),
+                                        use_local_output=True),
+        "attention.wq": ColwiseParallel(),
+        "attention.wk": ColwiseParallel(),
+        "attention.wv": ColwiseParallel(),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "ffn_norm": SequenceParallel(),
+        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
+        "feed_forward.w1": ColwiseParallel(),
+        "feed_forward.w3": ColwiseParallel(),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+    }
+
+
+def _whole(t):
+    """A DTensor gathered into the plain tensor every rank holds (autograd carries each rank's share back)."""
+    if isinstance(t, DTensor):
+        return t.redistribute(placements=[Replicate()] * t.device_mesh.ndim).to_local()
+    return t
+
+
+def _local_cache(cache, n_kv_heads: int) -> None:
+    """Give a fresh RollingKVCache this rank's key/value heads (generate builds it from the whole model's config)."""
+    if cache.k[0].shape[1] == n_kv_heads:
+        return
+    if bool((cache.pos >= 0).any()):
+        raise ValueError(f"this RollingKVCache already holds {cache.k[0].shape[1]} key/value heads a layer; under "
+                         f"tensor parallelism a rank keeps {n_kv_heads}: start generation with a new cache")
+    shape = (cache.k[0].shape[0], n_kv_heads, *cache.k[0].shape[2:])
+    cache.k = [t.new_zeros(shape) for t in cache.k]
+    cache.v = [t.new_zeros(shape) for t in cache.v]
+
+
+def _pre_forward(tp: int):
+    """Transformer.forward under tensor parallelism: rows padded to a multiple of tp (sequence parallelism splits
+    them evenly), the loss head given whole tensors, a generation cache with this rank's heads."""
+
+    def pre_hook(model, args, kwargs):
+        kwargs = dict(kwargs)
+        tokens = args[0] if args else kwargs.pop("tokens")
+        positions = args[1] if len(args) > 1 else kwargs.pop("positions", None)
+        cache = kwargs.get("cache")
+        if any(getattr(m, "fused_weight", None) is not None for m in model.modules()):
+            raise ValueError("fuse_projections (an inference copy's fused q/k/v and gate/up products) is not "
+                             "supported under tensor parallelism: keep the projections separate")
+        if cache is not None:
+            _local_cache(cache, model.layers[0].attention.n_kv_heads)
+        B, T = tokens.shape
+        pad = (-T) % tp
+        if pad:
+            # padding the ranks never look at: with a cache, positions -1 (neither stored nor attended to); in a
+            # training forward, a document of its own after the rows' end (the document mask keeps it apart, and
+            # its outputs are cut off below, so it gets no gradient)
+            if positions is None:
+                positions = torch.arange(T, device=tokens.device).expand(B, T)
+            fill = (torch.full((B, pad), -1, dtype=positions.dtype, device=positions.device) if cache is not None
+                    else torch.arange(pad, dtype=positions.dtype, device=positions.device).expand(B, pad))
+            tokens = F.pad(tokens, (0, pad))
+            positions = torch.cat([positions, fill], dim=1)
+            if kwargs.get("doc_bounds") is not None:
+                kwargs["doc_bounds"] = None  # they describe the unpadded rows
+        head = kwargs.get("head")
+        if head is not None:  # the loss heads take the whole hidden states and output weight, of the real tokens
+            kwargs["head"] = lambda h, w: head(_whole(h)[:, :T], _whole(w))
+        model._tp_rows = (T, head is not None)
+        return (tokens, positions), kwargs
+
+    return pre_hook
+
+
+def _post_forward(model, args, kwargs, out):
+    """Logits or final hidden states (return_hidden) whole, and of the real tokens only."""
+    T, headed = model._tp_rows
+    if headed:
+        return out
+    return _whole(out)[:, :T]
+
+
+def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+    """Shard `model` (a `Transformer`) over `tp_mesh` with the plan of this module's docstring. Attention modules
+    are set to their local head counts (the views of the projections' outputs use them). Shapes must divide:
+    `moxin.config.ParallelConfig.check_tensor_parallel` refuses those that do not, before any work."""
+    tp = tp_mesh.size()
+    tied = model.output.weight is model.tok_embeddings.weight
+    if tied:  # the shared weight stays whole on the tensor dimension; the embedding's output is split onto T
+        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+               "output": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                            use_local_output=True)}
+    else:
+        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+               "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
+    top["norm"] = SequenceParallel()
+    parallelize_module(model, tp_mesh, top)
+    for block in model.layers:
+        parallelize_module(block, tp_mesh, _block_plan())
+        attn = block.attention
+        attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+    model.register_forward_pre_hook(_pre_forward(tp), with_kwargs=True)
+    model.register_forward_hook(_post_forward, with_kwargs=True)
