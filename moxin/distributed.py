@@ -1,6 +1,6 @@
 """Parallelism applied to the model from outside, in one fixed order (torchtitan's):
 
-    tensor parallelism -> activation checkpointing -> torch.compile -> FSDP2 sharding
+    float8 linear layers -> tensor parallelism -> activation checkpointing -> torch.compile -> FSDP2 sharding
 
 The model file knows nothing of this. Stages call `parallelize` from `configure_model`, where Lightning's
 `ModelParallelStrategy` has set up the device mesh (one data-parallel dimension for FSDP2). With
@@ -13,14 +13,59 @@ data dimension (its parameters are then 2-D DTensors).
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from moxin.config import ParallelConfig, Recompute
+from moxin.config import ConfigError, Float8Recipe, ParallelConfig, Recompute
 from moxin.devices import to_device
+from moxin.model import lora
 from moxin.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
+
+FLOAT8_DIM_MULTIPLE = 16  # torch._scaled_mm needs both dimensions of a float8 product to be multiples of 16
+
+
+def float8_module_filter(module: nn.Module, fqn: str) -> bool:
+    """The layers float8 converts: the blocks' linear layers (q/k/v/o, gate/up/down) whose dimensions the float8
+    product can take. The loss head, embeddings and norms stay in the run's precision (the head's logits are the
+    most range-sensitive product of the model, and torchtitan keeps it out too)."""
+    return (fqn.startswith("layers.") and isinstance(module, nn.Linear)
+            and module.in_features % FLOAT8_DIM_MULTIPLE == 0 and module.out_features % FLOAT8_DIM_MULTIPLE == 0)
+
+
+def apply_float8(model: nn.Module, cfg: ParallelConfig, fsdp: bool) -> list[str]:
+    """Swap the linear layers `float8_module_filter` picks for torchao's `Float8Linear` with the recipe
+    ``cfg.float8`` (in place, before compile and FSDP2, as torchtitan's float8 converter does); returns their
+    names. Float8Linear subclasses nn.Linear with the same parameters, so state dicts keep their keys. Under FSDP2
+    the tensorwise recipe all-gathers the weights in float8, with the scales of all of them computed in one
+    all-reduce after each optimizer step (`float8_optimizer_hook`)."""
+    recipe = Float8Recipe(cfg.float8)
+    if recipe == Float8Recipe.NONE:
+        return []
+    cfg.check_float8(gpu=torch.cuda.is_available(), lora=lora.has_lora(model))
+    from torchao.float8 import Float8LinearConfig, convert_to_float8_training  # optional: checked just above
+
+    all_gather = fsdp and recipe.fsdp_float8_all_gather
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe.value), emulate=cfg.float8_emulate,
+                                 enable_fsdp_float8_all_gather=all_gather)
+    names = [n for n, m in model.named_modules() if float8_module_filter(m, n)]
+    convert_to_float8_training(model, module_filter_fn=float8_module_filter, config=config)
+    model._moxin_float8_precompute = all_gather
+    return names
+
+
+def float8_optimizer_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
+    """After every step of `optimizer`, compute the float8 scales of `model`'s FSDP2-sharded weights in one
+    all-reduce (torchao's `precompute_float8_dynamic_scale_for_fsdp`), which the next forward's float8 all-gathers
+    then use instead of one reduction per weight. Nothing for a model `apply_float8` gave no float8 all-gather."""
+    if not getattr(model, "_moxin_float8_precompute", False):
+        return
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp  # optional: apply_float8 checked it
+
+    optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
 
 
 def apply_activation_checkpointing(model: nn.Module, policy: str = Recompute.FULL) -> None:
@@ -180,9 +225,15 @@ def weights_checksum(model: nn.Module) -> float:
 
 
 def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
-    """Apply, in order, tensor parallelism (when the mesh has a tensor_parallel dimension of size > 1),
-    activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with cfg.replicate > 1)."""
+    """Apply, in order, float8 linear layers, tensor parallelism (when the mesh has a tensor_parallel dimension of
+    size > 1), activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with
+    cfg.replicate > 1)."""
     tp_mesh, dp_mesh = parallel_meshes(mesh, cfg) if mesh is not None else (None, None)
+    if tp_mesh is not None and Float8Recipe(cfg.float8) != Float8Recipe.NONE:
+        raise ConfigError(f"hardware.parallel.float8={cfg.float8} with hardware.tensor_parallel_size="
+                          f"{tp_mesh.size()}: float8 under tensor parallelism is not supported yet; use one of them "
+                          "(hardware.parallel.float8=none, or hardware.tensor_parallel_size=1)")
+    apply_float8(model, cfg, fsdp=mesh is not None)
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
     apply_activation_checkpointing(model, cfg.activation_checkpointing)

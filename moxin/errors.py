@@ -28,7 +28,7 @@ from hydra.errors import InstantiationException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from moxin.config import ConfigError, LoRAConfig, MoxinUserError, RunConfig, SourceConfig, plain
+from moxin.config import ConfigError, LoRAConfig, MoxinUserError, ParallelConfig, RunConfig, SourceConfig, plain
 from moxin.data.reader import Bad, read_records
 from moxin.paths import conf_dir
 
@@ -257,12 +257,27 @@ def check_lora(cfg: DictConfig) -> None:
                         (hw.get("parallel") or {}).get("fsdp_param_dtype"))
 
 
+def check_float8(cfg: DictConfig) -> None:
+    """A float8 setting the run cannot train with (``ParallelConfig.check_float8``: torchao, the GPU, LoRA)."""
+    hw = cfg.get("hardware") or {}
+    par = hw.get("parallel") or {}
+    if par.get("float8") in (None, "none"):
+        return
+    try:
+        pcfg = ParallelConfig(**{k: v for k, v in plain(par).items() if k != "_target_"})
+    except ValueError:  # a value ParallelConfig refuses: instantiating hardware.parallel names it, with its key
+        return
+    lora_rank = ((cfg.get("stage") or {}).get("lora") or {}).get("rank")
+    pcfg.check_float8(gpu=hw.get("accelerator") in ("gpu", "cuda"), lora=bool(lora_rank))
+
+
 def preflight(cfg: DictConfig) -> None:
     """Everything about the config that can be checked without building data, model or trainer."""
     check_keys(cfg)
     RunConfig.from_cfg(cfg)  # trainer.* types and ranges, resume, init_from
     check_hardware(cfg)
     check_lora(cfg)
+    check_float8(cfg)
     check_data(cfg)
     check_mixtures(cfg)  # after the paths: a missing file is the first thing to fix
 

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
-                       + (["--whole-rows", "--device-bounds"] if script == "train" else [])
+                       + (["--whole-rows", "--device-bounds", "--float8", "rowwise", "--loss-steps", "3"]
+                          if script == "train" else [])
                        + (["--lightning"] if script == "train_profile" else []),
                        cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
@@ -26,6 +27,10 @@ def test_bench_smoke(script, tmp_path):
     if script == "train":  # moxin on the same tokens without document boundaries, beside the packed rows
         assert any("whole rows" in row["impl"] for row in data["rows"])
         assert any("read from the device" in row["impl"] for row in data["rows"])
+        assert any("float8 rowwise" in row["impl"] for row in data["rows"])  # float8 (emulated) beside bf16
+        curves = data["loss_curves"]
+        assert len(curves["curves"]["none"]) == len(curves["curves"]["rowwise"]) == 3
+        assert 0 <= curves["max_rel_diff"]["rowwise"] < 0.05
     if script == "grpo_update":  # the same rollouts both ways: packing leaves the padding out of the forwards
         pad, packed = data["rows"][:2]
         assert pad["tokens"] == packed["tokens"] and packed["through_model"] < pad["through_model"]

@@ -14,13 +14,13 @@ from moxin.config.lora import LoRAConfig
 from moxin.config.model import ModelConfig
 from moxin.config.optim import OptimConfig
 from moxin.config.options import (Aggregation, ContaminatedAction, DecodePath, DPOLoss, EvalAfter, FewshotSampler,
-                                  KLEstimator, Recompute, ReferenceMode, TaskKind, parse_option)
+                                  Float8Recipe, KLEstimator, Recompute, ReferenceMode, TaskKind, parse_option)
 from moxin.config.parallel import ParallelConfig, check_tensor_parallel
 from moxin.config.run import RunConfig, TrainerConfig, check_init_from
 
 __all__ = ["ModelConfig", "OptimConfig", "GRPOConfig", "LoRAConfig", "ParallelConfig", "EvalConfig", "TaskConfig",
            "TaskPreset", "TASK_PRESETS", "task_from_any", "SourceConfig", "DecontaminateConfig", "TrainerConfig",
            "RunConfig", "check_init_from", "parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode",
-           "Recompute", "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction", "MoxinUserError",
-           "ConfigError", "DataError", "EvalConfigError", "InitFromError", "plain", "config_fields",
+           "Recompute", "Float8Recipe", "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction",
+           "MoxinUserError", "ConfigError", "DataError", "EvalConfigError", "InitFromError", "plain", "config_fields",
            "check_tensor_parallel"]

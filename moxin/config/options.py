@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-__all__ = ["parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute", "DecodePath",
-           "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction"]
+__all__ = ["parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute", "Float8Recipe",
+           "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction"]
 
 
 def parse_option(enum_cls, value, key: str):
@@ -76,6 +76,24 @@ class Recompute(StrEnum):
     MLP = "mlp"  # recompute the SwiGLU MLP (its hidden_dim-wide activations are most of a block's memory)
     ATTENTION = "attention"  # recompute the attention sub-layer (projections, RoPE, the kernel)
     FULL = "full"  # recompute the whole block: ~1/3 more compute, keeps only each block's input
+
+
+class Float8Recipe(StrEnum):
+    """torchao's float8 training recipes for the blocks' linear layers (``hardware.parallel.float8``; applied by
+    `moxin.distributed.apply_float8`)."""
+
+    NONE = "none"
+    """bf16 (or the run's precision) everywhere."""
+    TENSORWISE = "tensorwise"
+    """one scale per tensor: the fastest; under FSDP2 the weights are all-gathered in float8 (half the bytes)."""
+    ROWWISE = "rowwise"
+    """one scale per row (power-of-2 scales): more accurate where rows differ in range, slightly slower."""
+
+    @property
+    def fsdp_float8_all_gather(self) -> bool:
+        """FSDP2 can all-gather the weights already cast to float8 (tensorwise scales only: a row-wise scale
+        depends on the whole row's other shards)."""
+        return self is Float8Recipe.TENSORWISE
 
 
 class DecodePath(StrEnum):

@@ -1,13 +1,16 @@
-"""ParallelConfig: activation checkpointing, compile, FSDP2 and HSDP settings (``hardware.parallel``), which
+"""ParallelConfig: float8, activation checkpointing, compile, FSDP2 and HSDP settings (``hardware.parallel``), which
 moxin/distributed.py applies to the model from outside; and the shape checks of tensor parallelism
 (``hardware.tensor_parallel_size``, Lightning's own argument, so it sits beside ``hardware.data_parallel_size``)."""
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 
+import torch
+
 from moxin.config.errors import ConfigError
-from moxin.config.options import Recompute, parse_option
+from moxin.config.options import Float8Recipe, Recompute, parse_option
 
 __all__ = ["ParallelConfig", "check_tensor_parallel"]
 
@@ -30,6 +33,14 @@ class ParallelConfig:
     (FSDP2 over a (replicate, shard) mesh). Set R to the node count so the per-block all-gathers and
     reduce-scatters stay inside a node and only one gradient all-reduce per step crosses nodes; 1 shards over the
     whole world (plain FSDP2). Needs hardware.strategy=fsdp2 and a world size R divides."""
+    float8: str = Float8Recipe.NONE
+    """none | tensorwise | rowwise: torchao's float8 training on the blocks' linear layers (the loss head,
+    embeddings and norms stay in the run's precision). Needs torchao and a GPU with float8 tensor cores (compute
+    capability 8.9+: H100/H200, L40S, RTX 4090); pays off with compile=true. Checkpoints keep plain parameter
+    names: a float8 run's checkpoint loads into a bf16 run and exports to Hugging Face as any other."""
+    float8_emulate: bool = False
+    """Tests and CPU only: torchao emulates the float8 casts in high precision, so the float8 path runs anywhere
+    (same rounding, no speed). Without it float8 on a CPU is refused."""
 
     def __post_init__(self):
         ac = self.activation_checkpointing
@@ -37,6 +48,7 @@ class ParallelConfig:
             ac = Recompute.FULL if ac else Recompute.NONE
         # kept as the plain string (OmegaConf, which saves this config with the run, types it str | bool)
         self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing").value
+        self.float8 = parse_option(Float8Recipe, self.float8, "hardware.parallel.float8").value
         if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 1:
             raise ConfigError(f"hardware.parallel.replicate={self.replicate!r}: the number of HSDP replica groups, "
                               "an integer >= 1 (1: plain FSDP2 over every rank)")
@@ -54,6 +66,33 @@ class ParallelConfig:
             raise ConfigError(f"hardware.parallel.replicate={self.replicate} does not divide the world size {world} "
                               f"(hardware.devices x hardware.num_nodes): each replica group must hold the same "
                               f"number of ranks. Use one of {fits} (the node count, typically)")
+
+    def check_float8(self, gpu: bool, lora: bool = False) -> None:
+        """Refuse, before any work and with the fix, a float8 setting this run cannot train with: torchao missing,
+        a CPU run without the emulation flag, a GPU without float8 tensor cores, LoRA / QLoRA (their adapters wrap
+        the very projections float8 would replace, over a frozen 16-bit or NF4 base)."""
+        if self.float8 == Float8Recipe.NONE:
+            return
+        key = f"hardware.parallel.float8={self.float8}"
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError(f"{key} trains with torchao's float8 linear layers and torchao is not installed: "
+                              "pip install torchao (or hardware.parallel.float8=none)")
+        if lora:
+            raise ConfigError(f"{key} with stage.lora: LoRA's adapters wrap the projections float8 would convert, "
+                              "over a frozen 16-bit (or NF4) base; train LoRA in bf16 (hardware.parallel.float8=none)"
+                              " or full weights with float8 (stage.lora.rank=0)")
+        if self.float8_emulate:
+            return
+        if not gpu:
+            raise ConfigError(f"{key} needs a GPU with float8 tensor cores (compute capability 8.9+: H100, H200, "
+                              "L40S); this run is on the CPU. Use hardware.parallel.float8=none (tests: "
+                              "hardware.parallel.float8_emulate=true runs the float8 path emulated)")
+        if torch.cuda.is_available():
+            cap = torch.cuda.get_device_capability()
+            if cap < (8, 9):
+                raise ConfigError(f"{key}: {torch.cuda.get_device_name()} (compute capability {cap[0]}.{cap[1]}) has "
+                                  "no float8 tensor cores (8.9+ needed: H100, H200, L40S); use "
+                                  "hardware.parallel.float8=none on this GPU")
 
 
 def check_tensor_parallel(tp, world: int, model, strategy: str = "fsdp2", replicate: int = 1) -> None:

@@ -22,7 +22,7 @@ from torchmetrics import Metric
 from moxin.checkpoint.resume import rescale_loop_batches, restore_rng, rng_state
 from moxin.checkpoint.weights import load_init_weights
 from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
-from moxin.distributed import is_sharded, parallelize, weights_checksum
+from moxin.distributed import float8_optimizer_hook, is_sharded, parallelize, weights_checksum
 from moxin.model import Transformer
 from moxin.model import lora as lora_lib
 from moxin.losses import LabelRows
@@ -204,6 +204,7 @@ class MoxinStage(L.LightningModule):
     def configure_optimizers(self):
         fused = self.device.type == "cuda"
         opt, sched = adamw_with_schedule(self.model, self.optim_cfg, self.total_steps(), fused=fused)
+        float8_optimizer_hook(opt, self.model)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def compute_loss(self, batch) -> StepLoss:  # pragma: no cover - abstract

@@ -9,8 +9,14 @@ MistralForCausalLM of the same shape measured as shared/baselines/hf_anchor.py d
 
 tokens/s over steady-state steps (after --warm steps), MFU vs 989 TFLOP/s with ModelConfig.flops_per_token.
 
+--float8 RECIPE...: the moxin rows again with torchao float8 linear layers in the blocks (hardware.parallel.float8),
+beside the bf16 ones and HF compiled in the same run. --loss-steps N: N optimizer steps of the sample corpus
+through the stage with bf16 and with each --float8 recipe (same seed, same batches), both curves in the JSON and
+the largest relative difference per step (and over 10-step means) printed.
+
     python scripts/bench/train.py [--mbs 2 4] [--out bench.json]
-    python scripts/bench/train.py --smoke     # tiny model, short sequence, CPU
+    python scripts/bench/train.py --mbs 2 --float8 rowwise tensorwise --loss-steps 200
+    python scripts/bench/train.py --smoke     # tiny model, short sequence, CPU (float8 emulated)
 """
 
 from __future__ import annotations
@@ -58,6 +64,18 @@ class StepTimer(L.Callback):
         return (self.t1 - self.t0) / self.n
 
 
+class LossCurve(L.Callback):
+    """train/loss after every optimizer step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        m = trainer.callback_metrics.get("train/loss")
+        if m is not None and trainer.global_step > len(self.losses):
+            self.losses.append(float(m))
+
+
 def make_dm(seq, mbs, steps, workers, world=1):
     srcs = [{"name": n, "path": str(sample_path(f"{n}.jsonl")), "text_field": "text"} for n in ("prose", "code", "cjk")]
     return PretrainDataModule(
@@ -67,11 +85,17 @@ def make_dm(seq, mbs, steps, workers, world=1):
         max_seq_len=max(seq, 32768), num_workers=workers, val_percent=0, world_size=world)
 
 
-def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers, callbacks=()):
+def parallel_cfg(compile_, float8, dev) -> ParallelConfig:
+    """The stage's parallel settings: compiled blocks, float8 (emulated on a CPU) or not."""
+    return ParallelConfig(compile=compile_, float8=float8, float8_emulate=float8 != "none" and dev == "cpu")
+
+
+def lightning_run(cfg, seq, mbs, warm, n, dev, compile_, workers, callbacks=(), float8="none", lr=1e-4):
     steps = warm + n + 1
     dm = make_dm(seq, mbs, steps, workers)
-    stage = PretrainStage(model=cfg, optim=OptimConfig(lr=1e-4, warmup_steps=0, schedule="constant"),
-                          parallel=ParallelConfig(compile=compile_))
+    L.seed_everything(0, verbose=False)  # the same initial weights for every run (loss curves compared)
+    stage = PretrainStage(model=cfg, optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant"),
+                          parallel=parallel_cfg(compile_, float8, dev))
     from moxin.callbacks import Throughput
 
     timer = StepTimer(warm, n)
@@ -160,6 +184,31 @@ def hf_train(cfg, seq, mbs, dev, compile_, warm, n):
     return timed(hf_step(cfg, ids, dev, compile_), dev, warm, n)
 
 
+def loss_curves(cfg, seq, mbs, steps, dev, compile_, workers, recipes, lr) -> dict:
+    """`steps` optimizer steps of the sample corpus with bf16 and with each float8 recipe (same seed and batches):
+    the curves, and per recipe the largest relative difference from bf16 per step and over 10-step means (a
+    step's loss is one micro-batch: the means show the drift without the per-batch noise)."""
+    curves = {}
+    for recipe in ["none", *recipes]:
+        torch._dynamo.reset()
+        rec = LossCurve()
+        lightning_run(cfg, seq, mbs, 1, steps - 1, dev, compile_, workers, callbacks=[rec], float8=recipe, lr=lr)
+        curves[recipe] = rec.losses
+        free(dev)
+    ref = curves["none"]
+    out = {"steps": steps, "lr": lr, "curves": curves, "max_rel_diff": {}, "max_rel_diff_10_step_mean": {}}
+    for recipe in recipes:
+        got = curves[recipe]
+        out["max_rel_diff"][recipe] = max(abs(a - b) / abs(a) for a, b in zip(ref, got))
+        means = [(sum(ref[i:i + 10]), sum(got[i:i + 10])) for i in range(0, min(len(ref), len(got)), 10)]
+        out["max_rel_diff_10_step_mean"][recipe] = max(abs(a - b) / abs(a) for a, b in means)
+        print(f"loss curve, float8 {recipe} vs bf16 over {min(len(ref), len(got))} steps: largest relative "
+              f"difference {out['max_rel_diff'][recipe]:.3%} per step, "
+              f"{out['max_rel_diff_10_step_mean'][recipe]:.3%} over 10-step means; final loss "
+              f"{ref[-1]:.4f} (bf16) vs {got[-1]:.4f}", flush=True)
+    return out
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--smoke", action="store_true")
@@ -176,6 +225,11 @@ def main(argv=None):
                     help="also time the bare loop with the forward reading its document bounds from the device "
                          "(reads at the start of every forward, as before DocBounds)")
     ap.add_argument("--attn", nargs="*", default=["auto"], help="moxin attention backends to time (auto flex flash)")
+    ap.add_argument("--float8", nargs="*", default=[], choices=["tensorwise", "rowwise"],
+                    help="also time the moxin rows with these float8 recipes (torchao; emulated with --smoke)")
+    ap.add_argument("--loss-steps", type=int, default=0,
+                    help="compare loss curves of bf16 and each --float8 recipe over this many steps (first --mbs)")
+    ap.add_argument("--loss-lr", type=float, default=3e-4, help="learning rate of the --loss-steps runs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
@@ -202,22 +256,23 @@ def main(argv=None):
         try:
             if a.no_moxin:
                 raise StopIteration
-            for attn in (["sdpa"] if a.smoke else a.attn):
+            for attn, float8 in [(t, f) for t in (["sdpa"] if a.smoke else a.attn) for f in ["none", *a.float8]]:
                 be = A.resolve_backend(attn, torch.device(dev))
                 label = f"flash{A.flash_version(dev)}" if be == "flash" else be
+                label += f", float8 {float8}" if float8 != "none" else ""
                 run_cfg = dataclasses.replace(cfg, attn_backend=be)
                 torch._dynamo.reset()
-                res, batch, model = lightning_run(run_cfg, seq, mbs, warm, n, dev, compile_, workers)
+                res, batch, model = lightning_run(run_cfg, seq, mbs, warm, n, dev, compile_, workers, float8=float8)
                 peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
                 add(f"moxin PretrainStage + PretrainDataModule + L.Trainer ({label})", mbs, res["s_per_step"],
                     peak_gib=peak, loss=res["loss"])
                 rows[-1]["data"] = res["passes"]
                 t = bare_loop(model, batch, warm, n, dev)
                 add(f"moxin bare loop (same model/compile/loss/optimizer, {label})", mbs, t)
-                if a.device_bounds:
+                if a.device_bounds and float8 == "none":
                     t = bare_loop(model, batch, warm, n, dev, host_bounds=False)
                     add(f"moxin bare loop, document bounds read from the device ({label})", mbs, t)
-                if a.whole_rows:
+                if a.whole_rows and float8 == "none":
                     t = bare_loop(model, whole_rows(batch), warm, n, dev)
                     add(f"moxin bare loop, whole rows without document boundaries ({label})", mbs, t)
                 del model, batch
@@ -251,8 +306,11 @@ def main(argv=None):
                        ("peak_gib", "peak GiB", ".1f"), ("error", "error", "")],
                 f"train: moxin-7b blocks x {cfg.n_layers}, seq {seq}, bf16-mixed, fused AdamW, {dev}; "
                 f"flops/token {fpt / 1e9:.2f} G"))
+    curves = None
+    if a.loss_steps and a.float8:
+        curves = loss_curves(cfg, seq, mbs_list[0], a.loss_steps, dev, compile_, workers, a.float8, a.loss_lr)
     write_json(a.out or default_out("train"), {"env": env(), "rows": rows, "flops_per_token": fpt, "seq": seq,
-                                               "layers": cfg.n_layers})
+                                               "layers": cfg.n_layers, "loss_curves": curves})
     return rows
 
 
