@@ -264,8 +264,9 @@ def write_results(results: dict, path: str | Path) -> Path:
     if "tasks" in results:
         p.with_suffix(".md").write_text(markdown_table(results))
     elif any("tasks" in r for r in results.get("evaluations", [])):
+        done = [r for r in results["evaluations"] if "tasks" in r]
         p.with_suffix(".md").write_text("\n".join(f"## {r.get('when', 'evaluation')}, step {r.get('step', '?')}\n\n"
-                                                  f"{markdown_table(r)}" for r in results["evaluations"] if "tasks" in r))
+                                                  f"{markdown_table(r)}" for r in done))
     return p
 
 
