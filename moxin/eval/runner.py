@@ -130,7 +130,8 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
     mine = items[rank::world]
     device = next(model.parameters()).device
     kw = dict(max_new_tokens=task.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-              batch_size=cfg.gen_batch_size, lockstep=lockstep, stop_strings=tuple(task.until), tokenizer=tokenizer)
+              batch_size=cfg.gen_batch_size, lockstep=lockstep, stop_strings=tuple(task.until), tokenizer=tokenizer,
+              by_length=True)
     t0 = time.perf_counter()
     per = [{"index": it.index, "answer": it.answer} | ({"subject": it.subject} if it.subject else {}) for it in mine]
     names = {v: task.metric + (f",{v}" if v else "") for v in (task.verifier_variants or {"": {}})}
