@@ -26,21 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
-GSM8K_TRAIN = [{"question": f"Sam has {i} pens and finds {i + 2}. How many now?",
-                "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(12)]
-GSM8K_TEST = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
-              {"question": "What is 10 * 100?", "answer": "10 * 100 = 1000\n#### 1,000"},
-              {"question": "A shop sells 3 pens for $4.50. Price of one?", "answer": "4.50 / 3 = 1.5\n#### 1.5"},
-              {"question": "What is 7 - 10?", "answer": "7 - 10 = -3\n#### -3"}]
-BBH_TEST = {"boolean_expressions": [{"input": "not ( True and False ) is", "target": "True"},
-                                    {"input": "False or not True is", "target": "False"}],
-            "web_of_lies": [{"input": "Question: Fidel lies. Ka says Fidel lies. Does Ka tell the truth?",
-                             "target": "Yes"}]}
-
-
-def _jsonl(path: Path, rows: list[dict]) -> str:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return str(path)
+# the records whose requests scripts/eval_preset_agreement.py checks (a sibling: scripts/ is the script's path)
+from eval_preset_agreement import BBH_TEST, GSM8K_TEST, GSM8K_TRAIN, _jsonl
 
 
 def make_random(preset: str, path: str, seed: int) -> None:
