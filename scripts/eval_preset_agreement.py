@@ -98,14 +98,17 @@ def check_base_table(tmp: Path, tasks_dir: Path) -> int:
     return bad
 
 
+GSM8K_TRAIN = [{"question": f"Sam has {i} pens and finds {i + 2}. How many now?",
+                "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(12)]
+GSM8K_TEST = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
+              {"question": "What is 10 * 100?", "answer": "10 * 100 = 1000\n#### 1,000"},
+              {"question": "A shop sells 3 pens for $4.50. Price of one?", "answer": "4.50 / 3 = 1.5\n#### 1.5"},
+              {"question": "What is 7 - 10?", "answer": "7 - 10 = -3\n#### -3"}]
+
+
 def check_gsm8k(tmp: Path, tasks_dir: Path) -> int:
-    train = [{"question": f"Sam has {i} pens and finds {i + 2}. How many now?",
-              "answer": f"{i} + {i + 2} = {2 * i + 2}\n#### {2 * i + 2}"} for i in range(12)]
-    test = [{"question": "What is 2 + 3?", "answer": "2 + 3 = 5\n#### 5"},
-            {"question": "What is 10 * 100?", "answer": "10 * 100 = 1000\n#### 1,000"},
-            {"question": "A shop sells 3 pens for $4.50. Price of one?", "answer": "4.50 / 3 = 1.5\n#### 1.5"},
-            {"question": "What is 7 - 10?", "answer": "7 - 10 = -3\n#### -3"}]
-    files = {"train": _jsonl(tmp / "gsm8k_train.jsonl", train), "test": _jsonl(tmp / "gsm8k_test.jsonl", test)}
+    files = {"train": _jsonl(tmp / "gsm8k_train.jsonl", GSM8K_TRAIN),
+             "test": _jsonl(tmp / "gsm8k_test.jsonl", GSM8K_TEST)}
     cfg = _yaml(tasks_dir / "gsm8k" / "gsm8k.yaml")
     cfg.update(dataset_path="json", dataset_name=None, dataset_kwargs={"data_files": files})
     task = _lm_task(cfg)

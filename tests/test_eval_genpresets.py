@@ -64,7 +64,8 @@ def test_bbh_prompt_is_lm_evals_cot_fewshot_layout_and_scores_per_subtask(tmp_pa
         p = bbh_prompts()[rec["subtask"]]
         shots = "".join(f"Q: {s['input']}\nA: Let's think step by step.\n{s['target']}\n\n" for s in p["samples"])
         want = p["description"] + shots + f"Q: {rec['input']}\nA: Let's think step by step.\n"
-        assert it.prompt_ids == tok.encode(want, bos=True) and it.subject == rec["subtask"] and it.answer == rec["target"]
+        assert it.prompt_ids == tok.encode(want, bos=True)
+        assert it.subject == rec["subtask"] and it.answer == rec["target"]
 
     calls = _recorded(monkeypatch, tok, ["Not True is False. So the answer is False.",
                                          "Fidel lies.\n\nSo the answer is No.",  # cut at "\n\n": no answer

@@ -83,3 +83,24 @@ def test_generate_stops_at_strings_and_the_cut_text_matches_the_full_run(tok, de
         assert truncate_at(tok.decode(c), (stop,)) == truncate_at(tok.decode(f), (stop,))
     for f, c, fin in zip(full.tokens, cut.tokens, cut.finished):
         assert fin == (stop in tok.decode(f))
+
+
+def test_generate_all_by_length_batches_longest_first_and_returns_prompt_order(tok):
+    """The same greedy completions in prompt order whether batched as given or longest first; the stop strings
+    reach every batch."""
+    from moxin.eval.generation import generate_all
+
+    model = tiny_model(vocab_size=32000)
+    g = torch.Generator().manual_seed(1)
+    prompts = [[1] + torch.randint(3, 32000, (n,), generator=g).tolist() for n in (2, 11, 5, 8, 3)]
+    kw = dict(max_new_tokens=10, temperature=0.0, stop_tokens=(tok.eos_id,), pad_id=0, batch_size=2)
+    plain = generate_all(model, prompts, **kw)
+    ref = [generate(model, [p], 10, temperature=0.0, stop_tokens=(tok.eos_id,)).tokens[0] for p in prompts]
+    assert [r.tokens for r in plain] == ref
+    sorted_ = generate_all(model, prompts, by_length=True, **kw)
+    assert [r.tokens for r in sorted_] == ref
+    stop = tok.decode(ref[3])[4:6]
+    cut = generate_all(model, prompts, by_length=True, stop_strings=(stop,), tokenizer=tok, **kw)
+    assert cut[3].finished and len(cut[3].tokens) < len(ref[3])
+    assert [truncate_at(tok.decode(c.tokens), (stop,)) for c in cut] == [truncate_at(tok.decode(r), (stop,))
+                                                                          for r in ref]

@@ -31,27 +31,31 @@ class GenRecord:
 def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temperature: float, top_p: float = 1.0,
                  stop_tokens: tuple[int, ...], pad_id: int, batch_size: int = 64,
                  generator: torch.Generator | None = None, lockstep: bool = False,
-                 stop_strings: tuple[str, ...] = (), tokenizer=None) -> list[GenRecord]:
+                 stop_strings: tuple[str, ...] = (), tokenizer=None, by_length: bool = False) -> list[GenRecord]:
     """Completions of every prompt in batches of ``batch_size``, left-padded; a row ends at a stop token or once its
     text holds one of ``stop_strings`` (decoded with ``tokenizer``: lm-eval's ``until``).
 
+    by_length: batch the prompts longest first (results still in prompt order), so a batch pads less, as lm-eval's
+    Collator orders its requests; sampled completions then draw their random numbers in that order.
     lockstep (FSDP2): every rank makes the same number of ``generate`` calls (a rank out of prompts decodes a
     one-token dummy prompt) and the calls decode eagerly in lockstep, because every forward is collective."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i])) if by_length else list(range(len(prompts)))
     n_calls = -(-len(prompts) // batch_size) if prompts else 0
     if lockstep:
         n_calls = int(all_reduce_values([n_calls], device, "max")[0])
-    out: list[GenRecord] = []
+    out: list[GenRecord | None] = [None] * len(prompts)
     for b in range(n_calls):
-        chunk = prompts[b * batch_size:(b + 1) * batch_size]
+        idx = order[b * batch_size:(b + 1) * batch_size]
+        chunk = [prompts[i] for i in idx]
         res = generate(model, chunk or [[stop_tokens[0] if stop_tokens else pad_id]], max_new_tokens,
                        temperature=temperature, top_p=top_p, stop_tokens=stop_tokens, pad_side="left",
                        generator=generator, pad_id=pad_id, lockstep=lockstep,
                        decode="eager" if lockstep else "auto", stop_strings=stop_strings, tokenizer=tokenizer)
-        if chunk:
-            out += [GenRecord(t, f) for t, f in zip(res.tokens, res.finished)]
+        for i, t, f in zip(idx, res.tokens, res.finished):
+            out[i] = GenRecord(t, f)
     model.train(was_training)
     return out
 

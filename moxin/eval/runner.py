@@ -130,7 +130,8 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
     mine = items[rank::world]
     device = next(model.parameters()).device
     kw = dict(max_new_tokens=task.max_new_tokens, stop_tokens=(tokenizer.eos_id,), pad_id=tokenizer.pad_id,
-              batch_size=cfg.gen_batch_size, lockstep=lockstep, stop_strings=tuple(task.until), tokenizer=tokenizer)
+              batch_size=cfg.gen_batch_size, lockstep=lockstep, stop_strings=tuple(task.until), tokenizer=tokenizer,
+              by_length=True)
     t0 = time.perf_counter()
     per = [{"index": it.index, "answer": it.answer} | ({"subject": it.subject} if it.subject else {}) for it in mine]
     names = {v: task.metric + (f",{v}" if v else "") for v in (task.verifier_variants or {"": {}})}
@@ -264,8 +265,9 @@ def write_results(results: dict, path: str | Path) -> Path:
     if "tasks" in results:
         p.with_suffix(".md").write_text(markdown_table(results))
     elif any("tasks" in r for r in results.get("evaluations", [])):
+        done = [r for r in results["evaluations"] if "tasks" in r]
         p.with_suffix(".md").write_text("\n".join(f"## {r.get('when', 'evaluation')}, step {r.get('step', '?')}\n\n"
-                                                  f"{markdown_table(r)}" for r in results["evaluations"] if "tasks" in r))
+                                                  f"{markdown_table(r)}" for r in done))
     return p
 
 
