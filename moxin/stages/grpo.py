@@ -304,11 +304,17 @@ class GRPOStage(MoxinStage):
         else:
             reshard(self.model)  # a forward without backward (held-out) may have left FSDP2's root gathered
             items = ((lora_lib.plain_name(n), p) for n, p in self.model.named_parameters())
+        filled = set()
         for name, t in items:
             if hasattr(t, "full_tensor"):  # a DTensor shard: cast it, then all-gather
                 t = t.to(dtype).full_tensor()
             if name in params:
                 params[name].copy_(t)
+                filled.add(name)
+        if len(filled) != len(params):  # an unfilled tensor would hold whatever its memory held
+            raise RuntimeError(f"the rollout copy found no policy weight for {sorted(set(params) - filled)}: the "
+                               "policy's parameter names no longer match the model's (a new wrapper prefix? see "
+                               "lora.plain_name)")
         return copy, True
 
     def trainer_is_zero(self) -> bool:
