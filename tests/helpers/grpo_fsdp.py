@@ -1,4 +1,4 @@
-"""GRPO under FSDP2 with 2 gloo processes (torchrun), two rollout steps. Writes rank 0's JSON to OUT.
+"""GRPO under FSDP2 with 2 processes (torchrun), two rollout steps. Writes rank 0's JSON to OUT.
 
 - Ranks that keep different numbers of sequences: rank 1's rewards are all equal (every group filtered), rank 0's
   vary. Off-policy updates (2 epochs x 2 minibatches) and a KL reference make every forward collective: old
@@ -8,7 +8,10 @@
   rollout the update trains on). Recorded: every rank's prompts, both paths' tokens, what generate was handed
   (copy or policy, lockstep), whether the copy's memory was freed afterwards; the policy's full weights at each
   rollout go to OUT.step<N>.pt for the one-process reference.
-Used by tests/test_grpo_rollout_fsdp.py."""
+Used by tests/test_grpo_rollout_fsdp.py (gloo), and by tests/test_gpu.py on 2 GPUs (NCCL, decode compiled):
+
+    torchrun --nproc_per_node 2 tests/helpers/grpo_fsdp.py OUT.json [cpu|gpu]
+"""
 
 import json
 import os
@@ -23,7 +26,7 @@ from moxin.config.grpo import ShardedRollout
 from moxin.data.grpo_data import PromptDataModule
 from moxin.rewards import RewardResult
 # this script's folder is on sys.path when torchrun runs it
-from tiny_grpo import FSDP_GRPO, fsdp2_cpu_trainer, tiny_grpo_stage
+from tiny_grpo import FSDP_GRPO, fsdp2_trainer, tiny_grpo_stage
 
 
 class RankSkewVerifier:
@@ -43,7 +46,7 @@ def recording_rollouts(stage, out_path: str, steps: list):
     def rollout(batch, step):
         weights = {n: p.full_tensor() for n, p in stage.model.named_parameters()}  # collective: every rank
         if dist.get_rank() == 0:
-            torch.save(weights, f"{out_path}.step{step}.pt")
+            torch.save({n: w.cpu() for n, w in weights.items()}, f"{out_path}.step{step}.pt")
         rec = {"prompts": [r["prompt_ids"] for r in batch]}
         for mode in (ShardedRollout.LOCKSTEP, ShardedRollout.GATHER):
             stage.cfg.sharded_rollout = mode
@@ -52,6 +55,7 @@ def recording_rollouts(stage, out_path: str, steps: list):
             rec[mode.value] = {"input_ids": ro.input_ids.tolist(), "lengths": ro.lengths.tolist(),
                                "policy": [m is stage.model for m, _ in calls],
                                "lockstep": [kw["lockstep"] for _, kw in calls],
+                               "decode": [str(kw["decode"]) for _, kw in calls],
                                "refresh_s": ro.stats["refresh_s"]}
         rec["copy_freed"] = not grpo_mod.copy_allocated(stage.__dict__["_rollout_copy"])
         ranks = [None] * dist.get_world_size()
@@ -62,14 +66,14 @@ def recording_rollouts(stage, out_path: str, steps: list):
     stage.rollout = rollout
 
 
-def main(out_path):
+def main(out_path, accelerator="cpu"):
     rewards_pkg.VERIFIERS["rankskew"] = RankSkewVerifier
     stage, tok = tiny_grpo_stage("rankskew", **FSDP_GRPO)
     dm = PromptDataModule(source="arithmetic", prompts_per_step=4, steps=2, tokenizer=tok, seed=0,
                           max_prompt_tokens=64, world_size=2)
     steps = []
     recording_rollouts(stage, out_path, steps)
-    trainer = fsdp2_cpu_trainer()
+    trainer = fsdp2_trainer(accelerator)
     trainer.fit(stage, datamodule=dm)
     if trainer.is_global_zero:
         ref_sharded = all(hasattr(p, "to_local") for p in stage.ref_model.parameters())
@@ -79,4 +83,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

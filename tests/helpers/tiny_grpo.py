@@ -53,10 +53,10 @@ def fit_one_epoch(stage, dm, root) -> L.Trainer:
     return trainer
 
 
-def fsdp2_cpu_trainer() -> L.Trainer:
-    """One epoch on 2 CPU processes under FSDP2 (Lightning's ModelParallelStrategy, launched by torchrun), without
-    logger, checkpoints or sanity validation; each rank reads its own prompts (no distributed sampler)."""
-    return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+def fsdp2_trainer(accelerator: str = "cpu") -> L.Trainer:
+    """One epoch on 2 processes (CPU or GPU) under FSDP2 (Lightning's ModelParallelStrategy, launched by torchrun),
+    without logger, checkpoints or sanity validation; each rank reads its own prompts (no distributed sampler)."""
+    return L.Trainer(accelerator=accelerator, devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
                                                                                  tensor_parallel_size=1),
                      max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
