@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile",
-                                    "grpo_update", "rollout"])
+                                    "grpo_update",
+                                    # 2 torchrun processes: tests/test_grpo_rollout_fsdp.py checks the same path
+                                    pytest.param("rollout", marks=pytest.mark.slow)])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]

@@ -448,3 +448,26 @@ def test_dpo_fsdp2_two_gpus_match_one(tmp_path):
     from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one
 
     check_dpo_fsdp_matches_one(tmp_path, "gpu")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_grpo_fsdp2_gathered_rollouts_equal_lockstep_on_two_gpus(tmp_path):
+    """GRPO under FSDP2 on 2 GPUs (NCCL): each rank's rollout through the gathered copy (compiled decode, alone)
+    samples the tokens of the eager lockstep rollout through the sharded model, before and after an update; the
+    copy is freed after each rollout (tests/test_grpo_rollout_fsdp.py checks the same on 2 CPU processes, and
+    against the unsharded rollout)."""
+    import json
+    from pathlib import Path
+
+    from tests.conftest import torchrun
+
+    out = tmp_path / "grpo.json"
+    torchrun(Path(__file__).parent / "helpers" / "grpo_fsdp.py", out, "gpu", timeout=600)
+    res = json.loads(out.read_text())
+    assert len(res["rollouts"]) == 2 and res["steps"] > 0
+    for step, ranks in enumerate(res["rollouts"]):
+        for rank, rec in enumerate(ranks):
+            gathered, lockstep = rec["gather"], rec["lockstep"]
+            assert gathered["decode"] == ["compiled"] and gathered["policy"] == [False] and rec["copy_freed"]
+            assert lockstep["decode"] == ["eager"] and lockstep["lockstep"] == [True]
+            assert gathered["input_ids"] == lockstep["input_ids"], (step, rank)

@@ -1,6 +1,7 @@
-"""GRPO rollouts under FSDP2 (2 gloo processes): the gathered copy decodes, rank by rank, the tokens of the
-unsharded one-process rollout from the same weights and generators, and the tokens of the lockstep path through
-the sharded model; its refresh is logged and its memory freed after the rollout. The copy's storage freeing, the
+"""GRPO under FSDP2 (2 gloo processes, one run shared by the first tests): ranks with different kept counts stay
+in step; the gathered copy decodes, rank by rank, the tokens of the unsharded one-process rollout from the same
+weights and generators, and the tokens of the lockstep path through the sharded model; its refresh is logged and
+its memory freed after the rollout. The copy's storage freeing, the
 kept copy on one device, the auto choice and the memory figures it uses are checked in one process."""
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from moxin.presets import load_preset
 from moxin.stages.grpo import (GRPOStage, allocate_storage, free_storage, gather_fits, kv_cache_bytes,
                                rollout_copy_bytes)
 from tests.conftest import torchrun
-from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
+from tests.helpers.tiny_grpo import FSDP_GRPO, ParityVerifier, tiny_grpo_stage
 
 
 @pytest.fixture(autouse=True)
@@ -28,14 +29,33 @@ def _verifier(monkeypatch):
     monkeypatch.setitem(rewards_pkg.VERIFIERS, "parity", ParityVerifier)
 
 
-def test_gathered_rollout_equals_the_unsharded_one_and_lockstep_token_for_token(tmp_path):
-    out = tmp_path / "rollout.json"
-    torchrun(Path(__file__).parent / "helpers" / "grpo_rollout_fsdp.py", out, timeout=400)
-    res = json.loads(out.read_text())
-    assert len(res["steps"]) == 2 and len(res["history"]) == 2
-    stage, tok = tiny_grpo_stage("parity", max_new_tokens=8, micro_batch_size=4)
+@pytest.fixture(scope="module")
+def fsdp_run(tmp_path_factory):
+    """tests/helpers/grpo_fsdp.py's run (2 FSDP2 gloo processes, 2 rollout steps): its JSON and output path."""
+    out = tmp_path_factory.mktemp("grpo_fsdp") / "grpo.json"
+    torchrun(Path(__file__).parent / "helpers" / "grpo_fsdp.py", out, timeout=400)
+    return json.loads(out.read_text()), out
+
+
+def test_fsdp2_ranks_with_different_kept_counts_stay_in_step(fsdp_run):
+    """Two FSDP2 processes, one of which filters every group: off-policy updates with a sharded KL reference run
+    to the end (every collective forward matched by the other rank), and the rank with data still updates."""
+    res, _ = fsdp_run
+    assert res["ref_sharded"]
+    assert len(res["history"]) == 2
+    assert any(h["grpo/skipped_update"] == 0.0 for h in res["history"])
+    assert res["steps"] > 0
+
+
+def test_gathered_rollout_equals_the_unsharded_one_and_lockstep_token_for_token(fsdp_run):
+    """Each rank's rollout through the gathered copy (decoding alone) = the same prompts decoded in one unsharded
+    process from the same weights with that rank's generator = the lockstep rollout through the sharded model,
+    at both steps (the second after an update: the copy was gathered again); the copy is freed after each
+    rollout and grpo/refresh_s logged."""
+    res, out = fsdp_run
+    stage, tok = tiny_grpo_stage("parity", **(FSDP_GRPO | {"kl_coef": 0.0}))  # the same generation settings
     stage.configure_model()
-    for step, ranks in enumerate(res["steps"]):
+    for step, ranks in enumerate(res["rollouts"]):
         stage.model.load_state_dict(torch.load(f"{out}.step{step}.pt"))  # the policy as that rollout saw it
         for rank, rec in enumerate(ranks):
             gathered, lockstep = rec["gather"], rec["lockstep"]
@@ -47,10 +67,9 @@ def test_gathered_rollout_equals_the_unsharded_one_and_lockstep_token_for_token(
             ref = stage.rollout(batch, step)  # no trainer: unsharded, the policy itself
             assert ref.input_ids.tolist() == gathered["input_ids"] == lockstep["input_ids"], (step, rank)
             assert ref.lengths.tolist() == gathered["lengths"] == lockstep["lengths"]
-    assert all(h["grpo/refresh_s"] > 0 for h in res["history"])
-    # the second rollout decoded from weights the first update changed: its match above needed a fresh gather
+    assert len(res["rollouts"]) == 2 and all(h["grpo/refresh_s"] > 0 for h in res["history"])
     w0, w1 = (torch.load(f"{out}.step{s}.pt") for s in (0, 1))
-    assert any(not torch.equal(w0[n], w1[n]) for n in w0)
+    assert any(not torch.equal(w0[n], w1[n]) for n in w0)  # the second rollout's weights were updated ones
 
 
 def test_freed_copy_comes_back_with_its_fusion_and_refreshed_values():

@@ -46,9 +46,10 @@ class GRPOConfig:
     projections), eager on a CPU; or eager, static, graph, compiled. Under FSDP2 the rollouts decode
     the same way from the gathered copy (`sharded_rollout: gather`), or eagerly in lockstep (`lockstep`)."""
     rollout_copy: bool | None = None
-    """Decode rollouts with a copy of the policy in the autocast dtype (bf16 under bf16-mixed), refreshed from the
-    policy at every rollout step, rather than with the fp32 policy under autocast, whose decode casts every weight
-    again for every token and keeps an fp32 cache. Costs a 16-bit copy of the weights (2 bytes a parameter).
+    """Decode rollouts (and the held-out / validation generations) with a copy of the policy in the autocast dtype
+    (bf16 under bf16-mixed), refreshed from the policy at every rollout step, rather than with the fp32 policy
+    under autocast, whose decode casts every weight again for every token and keeps an fp32 cache. Costs a 16-bit
+    copy of the weights (2 bytes a parameter).
     None: on one CUDA device under 16-bit autocast. Under FSDP2 `sharded_rollout` decides instead (gather: a copy
     in the autocast dtype, else FSDP2's param dtype, else the parameters')."""
     rollout_copy_keep: bool | None = None

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from moxin.data.arithmetic import ArithmeticTask
-from moxin.distributed import all_reduce_values, is_sharded, rank_and_world
+from moxin.distributed import all_reduce_values, rank_and_world
 from moxin.eval.generation import generate_all, score_generations
 from moxin.eval.tasks import load_records
 
@@ -83,16 +83,18 @@ def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: fl
                    generator: torch.Generator | None = None) -> tuple[float, float]:
     """(mean reward, fraction with no answer) over ``samples`` completions of each of ``records`` under
     ``stage.model``: pass@1 averaged over the samples, as DeepScaleR's validation averages the rewards of its
-    ``n_val`` samples. Greedy at temperature 0; ranks split the prompts, sums are all-reduced."""
+    ``n_val`` samples. Greedy at temperature 0; ranks split the prompts, sums are all-reduced. Decodes with what the
+    rollouts decode with (`GRPOStage.decoding_model`: under FSDP2 the gathered copy, or lockstep)."""
     c = stage.cfg
     tok = stage.tokenizer
     rank, world = rank_and_world()
     mine = records[rank::world]
-    sharded = stage._trainer is not None and is_sharded(stage.trainer.strategy)
-    gens = generate_all(stage.model, [r["prompt_ids"] for r in mine for _ in range(samples)],
-                        max_new_tokens=c.max_new_tokens, temperature=temperature,
-                        top_p=c.top_p if temperature > 0 else 1.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
-                        batch_size=c.gen_batch_size or 64, generator=generator, lockstep=sharded)
+    prompts = [r["prompt_ids"] for r in mine for _ in range(samples)]
+    bs = c.gen_batch_size or 64
+    with stage.decoding_model(min(bs, max(len(prompts), 1)), max(map(len, prompts), default=1)) as (model, lockstep):
+        gens = generate_all(model, prompts, max_new_tokens=c.max_new_tokens, temperature=temperature,
+                            top_p=c.top_p if temperature > 0 else 1.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
+                            batch_size=bs, generator=generator, lockstep=lockstep)
     _, results = score_generations(tok, gens, [r["answer"] for r in mine for _ in range(samples)], c.verifier,
                                    c.verifier_kwargs, c.verifier_timeout_s, c.verifier_workers)
     s, na, n = all_reduce_values([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),

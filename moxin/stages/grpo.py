@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import time
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -104,6 +104,7 @@ class GRPOStage(MoxinStage):
         self.seed = int(seed)
         self.ref_model = None
         self.batches_seen = 0
+        self.last_refresh_s = 0.0  # seconds of the last rollout copy's refresh (decoding_model)
         self.history: list[dict] = []  # per rollout step: the logged grpo/* metrics (also read by tests / summary)
 
     # ---- setup --------------------------------------------------------------------------------------------------
@@ -176,45 +177,33 @@ class GRPOStage(MoxinStage):
 
         tokens, finished, jobs = [], [], []
         bs = c.gen_batch_size or len(prompts)
-        # FSDP2 shards the weights: either each rank gathers them once into the rollout copy and decodes alone
-        # (gather), or every forward is collective and the ranks decode in lockstep, eagerly (a CUDA graph cannot
-        # hold the all-gathers)
-        sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
-        lockstep = sharded and (self.sharded_rollout_mode(min(bs, len(prompts)), max(map(len, prompts)))
-                                == ShardedRollout.LOCKSTEP)
-        t_refresh = time.perf_counter()
-        gen_model, no_autocast = (self.model, False) if lockstep else self.rollout_model(sharded)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        t0 = time.perf_counter()
-        refresh_s = t0 - t_refresh
-        decode = c.decode
-        if lockstep:
-            decode = DecodePath.EAGER
-        elif decode == DecodePath.AUTO:
-            decode = DecodePath.COMPILED if self.device.type == "cuda" else DecodePath.EAGER
         overlap = c.score_during_generation
         if overlap is None:
             overlap = self.device.type == "cuda"
         # with overlap, rows are scored one batch at a time in one thread (the verifier pool is not shared between
         # threads) as generate reports them finished; without, all at once after generation
         with ThreadPoolExecutor(1, thread_name_prefix="grpo-score") as scorer:
-            for s in range(0, len(prompts), bs):
-                def on_finished(rows, toks, s=s):
-                    jobs.append(scorer.submit(score, [s + r for r in rows], toks))
+            with self.decoding_model(min(bs, len(prompts)), max(map(len, prompts))) as (gen_model, lockstep):
+                refresh_s = self.last_refresh_s
+                t0 = time.perf_counter()
+                decode = c.decode
+                if lockstep:
+                    decode = DecodePath.EAGER
+                elif decode == DecodePath.AUTO:
+                    decode = DecodePath.COMPILED if self.device.type == "cuda" else DecodePath.EAGER
+                for s in range(0, len(prompts), bs):
+                    def on_finished(rows, toks, s=s):
+                        jobs.append(scorer.submit(score, [s + r for r in rows], toks))
 
-                with torch.autocast(self.device.type, enabled=False) if no_autocast else nullcontext():
                     out = generate(gen_model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature,
                                    top_k=c.top_k, top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
                                    prefill_chunk=c.prefill_chunk, generator=gen,
                                    pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=lockstep,
                                    decode=decode, on_finished=on_finished if overlap else None)
-                tokens += out.tokens
-                finished += out.finished
-            gen_s = time.perf_counter() - t0
+                    tokens += out.tokens
+                    finished += out.finished
+                gen_s = time.perf_counter() - t0
             model.train(was_training)
-            if gen_model is not self.model and not self.keeps_rollout_copy(sharded):
-                free_storage(gen_model)
             if not overlap:
                 jobs.append(scorer.submit(score, list(range(len(tokens))), tokens))
             stats = [j.result() for j in jobs]  # re-raises a scoring thread's exception here
@@ -271,6 +260,27 @@ class GRPOStage(MoxinStage):
         fits = all_reduce_values([fits], self.device, "min")[0]
         return ShardedRollout.GATHER if fits else ShardedRollout.LOCKSTEP
 
+    @contextmanager
+    def decoding_model(self, rows: int, prompt_len: int):
+        """Yields (the model to decode with, whether to decode in lockstep) for generations of up to `rows` rows
+        a call of prompts up to `prompt_len` tokens (rollouts; held-out and validation rewards): under FSDP2 as
+        `sharded_rollout_mode` says (the sharded policy in lockstep, or the gathered copy), else `rollout_model`.
+        Autocast is off while a copy decodes; the copy's memory is freed on the way out unless
+        `keeps_rollout_copy`. `last_refresh_s`: the seconds the gather / copy took."""
+        sharded = self._trainer is not None and is_sharded(self.trainer.strategy)
+        lockstep = sharded and self.sharded_rollout_mode(rows, prompt_len) == ShardedRollout.LOCKSTEP
+        t0 = time.perf_counter()
+        model, no_autocast = (self.model, False) if lockstep else self.rollout_model(sharded)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.last_refresh_s = time.perf_counter() - t0
+        try:
+            with torch.autocast(self.device.type, enabled=False) if no_autocast else nullcontext():
+                yield model, lockstep
+        finally:
+            if model is not self.model and not self.keeps_rollout_copy(sharded):
+                free_storage(model)
+
     @torch.no_grad()
     def rollout_model(self, sharded: bool) -> tuple[torch.nn.Module, bool]:
         """(the model rollouts decode with, whether to turn autocast off for them): the policy under the run's
@@ -304,11 +314,17 @@ class GRPOStage(MoxinStage):
         else:
             reshard(self.model)  # a forward without backward (held-out) may have left FSDP2's root gathered
             items = ((lora_lib.plain_name(n), p) for n, p in self.model.named_parameters())
+        filled = set()
         for name, t in items:
             if hasattr(t, "full_tensor"):  # a DTensor shard: cast it, then all-gather
                 t = t.to(dtype).full_tensor()
             if name in params:
                 params[name].copy_(t)
+                filled.add(name)
+        if len(filled) != len(params):  # an unfilled tensor would hold whatever its memory held
+            raise RuntimeError(f"the rollout copy found no policy weight for {sorted(set(params) - filled)}: the "
+                               "policy's parameter names no longer match the model's (a new wrapper prefix? see "
+                               "lora.plain_name)")
         return copy, True
 
     def trainer_is_zero(self) -> bool:

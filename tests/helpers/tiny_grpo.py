@@ -2,7 +2,7 @@
 real 32000-entry vocabulary, a constant high learning rate so a few steps move the policy, groups of 4 sampled at
 temperature 1, verifiers in-process; ParityVerifier, a reward that varies on a random model.
 Imported by tests/test_grpo.py, tests/test_eval_grpo.py, tests/test_checkpoints_and_failures.py, and by
-tests/helpers/grpo_fsdp.py and grpo_rollout_fsdp.py (scripts under torchrun, with the FSDP2 trainer here)."""
+tests/helpers/grpo_fsdp.py (a script under torchrun: the FSDP2 trainer and run settings here)."""
 
 import lightning as L
 import torch
@@ -14,6 +14,9 @@ from moxin.presets import load_preset
 from moxin.rewards import RewardResult
 from moxin.stages.grpo import GRPOStage
 from moxin.tokenizer import load_tokenizer
+
+#: GRPOConfig overrides of tests/helpers/grpo_fsdp.py's FSDP2 run (its one-process reference rollout uses them too)
+FSDP_GRPO = dict(max_new_tokens=6, micro_batch_size=2, ppo_epochs=2, num_minibatches=2, kl_coef=0.1)
 
 
 class ParityVerifier:
@@ -50,10 +53,10 @@ def fit_one_epoch(stage, dm, root) -> L.Trainer:
     return trainer
 
 
-def fsdp2_cpu_trainer() -> L.Trainer:
-    """One epoch on 2 CPU processes under FSDP2 (Lightning's ModelParallelStrategy, launched by torchrun), without
-    logger, checkpoints or sanity validation; each rank reads its own prompts (no distributed sampler)."""
-    return L.Trainer(accelerator="cpu", devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
+def fsdp2_trainer(accelerator: str = "cpu") -> L.Trainer:
+    """One epoch on 2 processes (CPU or GPU) under FSDP2 (Lightning's ModelParallelStrategy, launched by torchrun),
+    without logger, checkpoints or sanity validation; each rank reads its own prompts (no distributed sampler)."""
+    return L.Trainer(accelerator=accelerator, devices=2, strategy=ModelParallelStrategy(data_parallel_size=2,
                                                                                  tensor_parallel_size=1),
                      max_epochs=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, num_sanity_val_steps=0, use_distributed_sampler=False)
