@@ -7,7 +7,8 @@ numpy array. Same normalisation and n, one synthetic corpus:
   evaluation question (case and punctuation changed), and as many near misses that carry 12 words.
 
 Measured: the index's build time, its retained memory (tracemalloc, in a second build: tracing slows allocation),
-training records checked per second, and agreement (both find exactly the planted records). Pseudo-words are Zipf-distributed over a 50K vocabulary.
+training records checked per second, and agreement (both find exactly the planted records). Pseudo-words are
+Zipf-distributed over a 50K vocabulary.
 
     python scripts/bench/decontaminate.py --out bench_out/decontaminate.json
 """
