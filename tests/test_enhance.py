@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pyarrow as pa
+from omegaconf import OmegaConf
 import pyarrow.parquet as pq
 import pytest
 
@@ -16,7 +17,7 @@ from moxin.data.decontaminate import (REPORT, Decontaminator, EvalNgrams, Source
 from moxin.data.documents import iter_documents, validate_source
 from moxin.data.enhance import TEMPLATES
 from moxin.data.pretrain_data import PretrainDataModule
-from moxin.prepare import PrepareOptions, merge, run_part
+from moxin.prepare import PrepareOptions, merge, prepare, run_part
 
 QUIET = dict(log=lambda *_: None)
 
@@ -217,3 +218,17 @@ def test_parts_prepared_with_other_settings_do_not_merge(planted, tmp_path):
         Decontaminator(DecontaminateConfig(sources=["nope"]), EvalNgrams(13)).checked_sources(sources)
     counts = SourceCounts()
     assert not Decontaminator(decon, EvalNgrams(13)).check("any text at all", counts, "x") and counts.checked == 1
+
+
+def test_prepare_entry_reads_the_data_configs_decontaminate_block(planted, tmp_path):
+    """`python -m moxin.prepare data=...`'s function: the data config's block runs the check and writes the report."""
+    sources, cfg = planted
+    lines = []
+    conf = OmegaConf.create({"out": str(tmp_path / "out"), "tokenizer": "mistral",
+                             "prepare": {"parts": 1, "shard_tokens": 4096},
+                             "data": {"sources": [vars(s) for s in sources], "decontaminate": cfg}})
+    manifest = prepare(conf, log=lines.append)
+    assert manifest["sources"]["gsm8k"]["decontaminated"] == 1
+    assert manifest["sources"]["arc_challenge"]["documents"] == 10
+    assert (tmp_path / "out" / REPORT).is_file() and any("(any)" in line for line in lines)
+    assert any(line.startswith("decontamination: gsm8k") for line in lines)
