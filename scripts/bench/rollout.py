@@ -159,8 +159,10 @@ def main():
         a.prompts, a.group, a.prompt_len, a.new, a.lockstep_new = 2, 2, 8, 12, 12
     if "LOCAL_RANK" not in os.environ:  # start this script under torchrun
         n = a.nproc or (2 if a.tiny else torch.cuda.device_count())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               *sys.argv]
+        # --nproc is the launcher's business only (torchrun would read it as its own, ambiguous, option)
+        args = [x for i, x in enumerate(sys.argv) if not x.startswith("--nproc")
+                and not (i and sys.argv[i - 1] == "--nproc")]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", *args]
         sys.exit(subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1")))
                  .returncode)
     worker(a)
