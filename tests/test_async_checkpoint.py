@@ -43,12 +43,19 @@ def _launch(out: Path, *extra: str, watch: Path | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A synchronous and an async run to step 9 (the async one with its writes held back), then a copy of the async
-    run cut back to its step-3 checkpoint and resumed (async, across the phase end at 6) to step 9."""
+    """A synchronous and an async run to step 9 (the async one with its writes held back)."""
     root = tmp_path_factory.mktemp("async")
     _launch(root / "sync", "trainer.max_steps=9")
     watch = root / "watch.json"
     _launch(root / "async", "trainer.max_steps=9", "trainer.async_checkpoint=true", watch=watch)
+    return root, json.loads(watch.read_text())
+
+
+@pytest.fixture(scope="module")
+def resumed(runs):
+    """A copy of the async run cut back to its step-3 checkpoint and resumed (async, across the phase end at 6) to
+    step 9."""
+    root, _ = runs
     cut = root / "resumed"
     shutil.copytree(root / "async", cut, symlinks=True)
     for step in (6, 9):
@@ -56,7 +63,7 @@ def runs(tmp_path_factory):
     (cut / "checkpoints" / "last.ckpt").unlink()
     os.symlink("step000003.ckpt", cut / "checkpoints" / "last.ckpt")
     _launch(cut, "trainer.max_steps=9", "trainer.async_checkpoint=true", "resume=auto")
-    return root, json.loads(watch.read_text())
+    return root, cut
 
 
 def _steps(ckpt_dir: Path) -> list[str]:
@@ -75,9 +82,8 @@ def test_async_checkpoints_equal_the_synchronous_ones(runs):
         assert state_diff(sync["meta"], asyn["meta"]) == [], name  # loops, data position, RNG, moxin's entry
 
 
-def test_resumed_from_an_async_checkpoint_continues_the_straight_run_bit_for_bit(runs):
-    root, _ = runs
-    cut = root / "resumed"
+def test_resumed_from_an_async_checkpoint_continues_the_straight_run_bit_for_bit(resumed):
+    root, cut = resumed
     assert os.readlink(cut / "checkpoints" / "last.ckpt") == "step000009.ckpt"
     for name in ("step000006.ckpt", "step000009.ckpt"):
         straight = load_checkpoint(root / "sync" / "checkpoints" / name)
