@@ -1,7 +1,7 @@
 """Async distributed checkpoints (``trainer.async_checkpoint=true``, FSDP2 on 2 gloo processes): the folders are
 the synchronous save's, tensor for tensor; a run resumed from them continues the straight run bit for bit; and
 ``last.ckpt`` never points at a folder whose write is still in flight (the writes are held back for two step
-boundaries, so training demonstrably goes on meanwhile)."""
+boundaries, so training demonstrably goes on meanwhile), also after a SIGUSR1 stop."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from moxin.assemble import build_strategy
+from moxin.checkpoint.files import read_info
 from moxin.config import ConfigError
 from tests.conftest import torchrun
 from tests.helpers.compose import compose_config, logged_train_losses
@@ -34,10 +35,10 @@ def _env():
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
 
 
-def _launch(out: Path, *extra: str, watch: Path | None = None) -> None:
+def _launch(out: Path, *extra: str, watch: Path | None = None, env: dict | None = None) -> None:
     args = [*RUN, *extra, f"out_dir={out}", f"run_name={out.name}"]
     head = [WATCH, watch] if watch is not None else ["-m", "moxin.run"]
-    torchrun(*head, *args, cwd=ROOT, env=_env(), timeout=600,
+    torchrun(*head, *args, cwd=ROOT, env=_env() | (env or {}), timeout=600,
              before_retry=lambda: shutil.rmtree(out, ignore_errors=True))
 
 
@@ -122,3 +123,16 @@ def test_async_checkpoint_needs_fsdp2():
     hw = compose_config([*TINY, "hardware=ddp_cpu"]).hardware
     with pytest.raises(ConfigError, match="trainer.async_checkpoint=true.*'ddp_cpu'.*async_checkpoint=false"):
         build_strategy(hw, 2, async_checkpoint=True)
+
+
+def test_a_signal_stop_publishes_its_async_checkpoint_once_written(tmp_path):
+    """SIGUSR1's stop (StopOnSignal: save at the step boundary, stop, publish at the end of fit) with the write held
+    back: the run waits for it, then last.ckpt points at the complete step-4 folder."""
+    out, watch = tmp_path / "sig", tmp_path / "watch.json"
+    _launch(out, "trainer.async_checkpoint=true", watch=watch, env={"SIGNAL_AT": "4"})
+    records = json.loads(watch.read_text())
+    assert any(r["pending"] == "step000004.ckpt" and not r["written"] for r in records)
+    assert all(r["last"] != "step000004.ckpt" for r in records if r["where"] != "train end")
+    assert records[-1]["step"] == 4
+    assert os.readlink(out / "checkpoints" / "last.ckpt") == "step000004.ckpt"
+    assert read_info(out / "checkpoints" / "last.ckpt").step == 4

@@ -4,6 +4,9 @@ where ``last.ckpt`` points (and whether that folder is complete). Writes the rec
 tests/test_async_checkpoint.py.
 
     torchrun --nproc_per_node 2 tests/helpers/async_watch.py OUT.json OVERRIDE...
+
+With SIGNAL_AT=N in the environment, the run gets StopOnSignal's SIGUSR1 flag at the end of optimizer step N (as
+the handler would set it), so it saves that step, stops and publishes it at the end of fit.
 """
 
 import json
@@ -18,6 +21,7 @@ import lightning as L
 import moxin.checkpoint.async_save as async_save_module
 from moxin import run as R
 from moxin.checkpoint.files import CheckpointError, read_info
+from moxin.checkpoint.signals import StopOnSignal
 from compose import compose_config
 
 HOLD_BOUNDARIES = 2  # step boundaries a write is held back for
@@ -78,6 +82,8 @@ class Watch(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self._record(trainer, pl_module, "end")
+        if trainer.global_step == int(os.environ.get("SIGNAL_AT", -1)):
+            next(c for c in trainer.callbacks if isinstance(c, StopOnSignal)).received = True
 
     def on_train_epoch_end(self, trainer, pl_module):
         self._record(trainer, pl_module, "phase end")
