@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from moxin.callbacks import SampleGenerations, Throughput
 from moxin.callbacks.evaluation import EvalCallback
 from moxin.callbacks.progress import progress_callbacks
+from moxin.checkpoint.async_save import AsyncCheckpointStrategy
 from moxin.checkpoint.files import AtomicCheckpointIO, CheckpointError, read_info
 from moxin.checkpoint.lock import launcher_rank
 from moxin.checkpoint.policy import CheckpointPolicy
@@ -82,16 +83,21 @@ def data_parallel_size_of(hw: DictConfig) -> int:
     return world_size_of(hw) // int(tensor_parallel_size_of(hw))
 
 
-def build_strategy(hw: DictConfig, world: int):
+def build_strategy(hw: DictConfig, world: int, async_checkpoint: bool = False):
     """Lightning's strategy for ``hardware.strategy``: fsdp2 (FSDP2 over the data-parallel ranks, tensor
-    parallelism over groups of ``hardware.tensor_parallel_size`` ranks), ddp_cpu (DDP over gloo), or Lightning's
-    own name."""
+    parallelism over groups of ``hardware.tensor_parallel_size`` ranks; its checkpoints written in the background
+    with `async_checkpoint`), ddp_cpu (DDP over gloo), or Lightning's own name."""
     name = hw.strategy
+    if async_checkpoint and name != "fsdp2":
+        raise ConfigError(f"trainer.async_checkpoint=true writes FSDP2's distributed checkpoints in the background, "
+                          f"and this run's hardware.strategy is {name!r} (single-file checkpoints): use hardware=fsdp "
+                          "(strategy fsdp2), or trainer.async_checkpoint=false")
     if name == "fsdp2":
         tp = int(tensor_parallel_size_of(hw))
         dp = hw.get("data_parallel_size", "auto")
-        return ModelParallelStrategy(data_parallel_size=world // tp if dp == "auto" else int(dp),
-                                     tensor_parallel_size=tp, save_distributed_checkpoint=True)
+        cls = AsyncCheckpointStrategy if async_checkpoint else ModelParallelStrategy
+        return cls(data_parallel_size=world // tp if dp == "auto" else int(dp), tensor_parallel_size=tp,
+                   save_distributed_checkpoint=True)
     if name == "ddp_cpu":
         return DDPStrategy(process_group_backend="gloo")
     return name
@@ -111,8 +117,10 @@ def hardware_trainer(cfg: DictConfig, **settings) -> L.Trainer:
     the run's loggers in ``out_dir``; ``settings`` are the job's own (training's loop, evaluation's quiet test)."""
     hw = cfg.hardware
     out_dir = Path(cfg.out_dir)
+    async_checkpoint = bool((cfg.get("trainer") or {}).get("async_checkpoint", False))
     return L.Trainer(accelerator=hw.accelerator, devices=hw.devices, num_nodes=hw.num_nodes, precision=hw.precision,
-                     strategy=build_strategy(hw, world_size_of(hw)), logger=build_loggers(cfg, out_dir),
+                     strategy=build_strategy(hw, world_size_of(hw), async_checkpoint),
+                     logger=build_loggers(cfg, out_dir),
                      default_root_dir=str(out_dir), enable_model_summary=False, use_distributed_sampler=False,
                      **settings)
 

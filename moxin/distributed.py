@@ -137,9 +137,9 @@ def parallel_meshes(mesh, cfg: ParallelConfig):
 
 
 def is_sharded(strategy) -> bool:
-    """True when the trainer's strategy shards the model with FSDP2 (Lightning's ModelParallelStrategy): every
-    forward is then collective and parameters are DTensor shards."""
-    return strategy is not None and type(strategy).__name__ == "ModelParallelStrategy"
+    """True when the trainer's strategy shards the model with FSDP2 (Lightning's ModelParallelStrategy or a
+    subclass, as moxin's AsyncCheckpointStrategy): every forward is then collective and parameters are DTensor shards."""
+    return strategy is not None and any(c.__name__ == "ModelParallelStrategy" for c in type(strategy).__mro__)
 
 
 def rank_and_world() -> tuple[int, int]:

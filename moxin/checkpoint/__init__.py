@@ -4,6 +4,8 @@
   checking that it is complete.
 - `policy`: `CheckpointPolicy`, what is written when, what is kept, and ``last`` published only after a complete
   save.
+- `async_save`: `AsyncCheckpointStrategy`, FSDP2's distributed checkpoints written in the background
+  (``trainer.async_checkpoint``).
 - `resume`: which checkpoint a run folder resumes from, leftovers of killed saves, model-config comparison.
 - `weights`: a model's weights from any source (moxin checkpoint, distributed checkpoint, Hugging Face, safetensors,
   PEFT adapter).

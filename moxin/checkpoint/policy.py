@@ -7,6 +7,11 @@
 4. only then does the retention policy delete what it no longer keeps (the newest ``keep_checkpoints`` step
    checkpoints stay, 1 by default; ``keep_all_checkpoints=true``: all of them).
 
+With ``trainer.async_checkpoint=true`` (FSDP2, `async_save.AsyncCheckpointStrategy`) step 1 returns while the
+shards are still being written; steps 2-4 wait for the write: rank 0 publishes at the first step boundary where
+it has finished, and every rank waits for it before the next save, at a phase end, at the end of fit and after a
+signal-driven stop. A failure while it is in flight leaves the ``.tmp-`` folder (cleared at the next start).
+
 Details: docs/modules.md, "checkpoint/policy.py".
 """
 
@@ -20,6 +25,7 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
+from moxin.checkpoint.async_save import AsyncCheckpointStrategy
 from moxin.checkpoint.files import (LAST, STEP_RE, TMP_PREFIX, CheckpointError, fsync_dir, remove_checkpoint,
                                     step_name)
 from moxin.config import MoxinUserError
@@ -129,6 +135,8 @@ class CheckpointPolicy(L.Callback):
         self._pending: tuple[Path, str] | None = None  # written, not yet published: (temporary, final name)
         self._pending_final = False  # ... and it is the run's final checkpoint
         self._stepped_at_save = 0  # Lightning's count of stepped batches when it was written
+        self._publish_asked = False  # ... and `save` was asked to publish it at once (async: once written)
+        self._published_early = False  # async: rank 0 published it at a step boundary, the other ranks not told
 
     @staticmethod
     def phase_done(trainer) -> bool:
@@ -151,7 +159,31 @@ class CheckpointPolicy(L.Callback):
             self.save(trainer, pl_module, publish=False)  # published once the step is logged (module docstring)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        self.publish(trainer)  # the previous step and its validation are logged by now
+        # the previous step and its validation are logged by now
+        if self._async(trainer) is not None:
+            self._publish_if_written(trainer)  # no collective: training goes on while the shards are written
+        else:
+            self.publish(trainer)
+
+    @staticmethod
+    def _async(trainer) -> AsyncCheckpointStrategy | None:
+        s = trainer.strategy
+        return s if isinstance(s, AsyncCheckpointStrategy) else None
+
+    def _publish_if_written(self, trainer) -> None:
+        """Async saves: rank 0 publishes the pending checkpoint once its write has finished (rank 0 coordinates
+        the save and writes ``.metadata`` after every rank's shards: its future done means the folder is complete).
+        The other ranks learn of it at the next collective `publish`."""
+        if self._pending is None or self._published_early or not trainer.is_global_zero:
+            return
+        saver = self._async(trainer)
+        if not saver.checkpoint_written():
+            return
+        saver.wait_checkpoint()  # done: returns at once, or raises the write's error
+        tmp, name = self._pending
+        self._publish_files(trainer, tmp, name)
+        self._published_early = True
+        self.last_path = self.ckpt_dir / name
 
     def on_train_epoch_end(self, trainer, pl_module):
         self.publish(trainer)
@@ -172,11 +204,21 @@ class CheckpointPolicy(L.Callback):
         checkpoint is always dropped: published, it would say "finished" to a run whose stage evaluation failed
         and whose HF export never ran."""
         pending, self._pending = self._pending, None
-        if pending is None or not trainer.is_global_zero:
+        if pending is None or not trainer.is_global_zero or self._published_early:
             return
         tmp, name = pending
+        saver = self._async(trainer)
+        if saver is not None:
+            if not saver.checkpoint_written():
+                return  # still being written (and so not published): the folder stays a .tmp- one
+            try:
+                saver.wait_checkpoint()
+            except Exception:  # noqa: BLE001 - a failed write is dropped like an unfinished one
+                remove_checkpoint(tmp)
+                return
         stepped = getattr(getattr(trainer.fit_loop, "epoch_loop", None), "_batches_that_stepped", None)
-        if not self._pending_final and stepped is not None and stepped > self._stepped_at_save:
+        done = self._publish_asked or (stepped is not None and stepped > self._stepped_at_save)
+        if not self._pending_final and done:
             self._publish_files(trainer, tmp, name)
             self.last_path = self.ckpt_dir / name
         elif tmp.exists() or tmp.is_symlink():
@@ -237,18 +279,25 @@ class CheckpointPolicy(L.Callback):
         self._pending = (tmp, name)
         self._pending_final = self._finished
         self._stepped_at_save = getattr(trainer.fit_loop.epoch_loop, "_batches_that_stepped", 0)
-        if publish:
+        self._publish_asked = publish
+        self._published_early = False
+        if publish and self._async(trainer) is None:  # async: once written (module docstring)
             self.publish(trainer)
         return self.ckpt_dir / name
 
     def publish(self, trainer) -> Path | None:
         """Steps 2-4 of the module docstring for the checkpoint `save` wrote, after the loggers flush (every rank
-        calls it: it ends with a barrier). Nothing to do where no checkpoint waits."""
+        calls it: it ends with a barrier; an async save is waited for first). Nothing to do where no checkpoint
+        waits."""
         if self._pending is None:
             return None
         (tmp, name), self._pending = self._pending, None
-        if trainer.is_global_zero:
+        saver = self._async(trainer)
+        if saver is not None:
+            saver.wait_checkpoint()  # every rank: its shards written (rank 0: the whole folder)
+        if trainer.is_global_zero and not self._published_early:
             self._publish_files(trainer, tmp, name)
+        self._published_early = False
         trainer.strategy.barrier("moxin.checkpoint.post")
         self.last_path = self.ckpt_dir / name
         return self.last_path

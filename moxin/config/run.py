@@ -51,6 +51,9 @@ class TrainerConfig:
     keep_checkpoints: int = field(default=1, metadata=_example("3"))
     keep_all_checkpoints: bool = field(default=False, metadata=_example("true"))
     save_checkpoints: bool = field(default=True, metadata=_example("false"))
+    async_checkpoint: bool = field(default=False, metadata=_example("true"))
+    """FSDP2's distributed checkpoints written in the background (moxin/checkpoint/async_save.py): a save costs the
+    step only the copy of the shards to host memory; ``last`` still moves only once the save is complete."""
     max_nonfinite_steps: int = field(default=5, metadata=_example("5"))
     """Optimizer steps with a NaN/Inf loss or gradient norm are skipped (weights, optimizer moments untouched)
     and counted (``train/nonfinite_steps``); this many in a row stop the run with an error."""

@@ -229,7 +229,7 @@ def main(argv=None):
                     help="also time the moxin rows with these float8 recipes (torchao; emulated with --smoke)")
     ap.add_argument("--loss-steps", type=int, default=0,
                     help="compare loss curves of bf16 and each --float8 recipe over this many steps (first --mbs)")
-    ap.add_argument("--loss-lr", type=float, default=3e-4, help="learning rate of the --loss-steps runs")
+    ap.add_argument("--loss-lr", type=float, default=1e-4, help="learning rate of the --loss-steps runs")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.smoke:
