@@ -126,6 +126,7 @@ def test_tensor_parallel_forward_loss_head_and_generation_match_the_unsharded_mo
     torchrun(Path(__file__).parent / "helpers" / "tp_forward.py", out)
     r = json.loads(out.read_text())
     assert r["heads"] == [2, 1]  # local query / key-value heads of 4 / 2
+    assert r["frozen_stays_frozen"]  # parallelize_module's new parameters keep a reference model's requires_grad
     assert all(r[k] for k in ("logits_8", "hidden_8", "logits_7", "hidden_7"))
     assert r["loss_7"] < 1e-4 and r["grad_err_7"] < 1e-5
     assert r["generated"] == r["generated_plain"] and len(r["generated"][0]) == 6
@@ -215,6 +216,13 @@ def test_dpo_fsdp2_two_processes_match_one(tmp_path):
     process on the same global batch of pairs in micro-batches of other sizes (pairs normalised across
     accumulation and ranks), and the first step's gradients those of the loss written out by hand."""
     check_dpo_fsdp_matches_one(tmp_path, "cpu")
+
+
+@pytest.mark.slow
+def test_dpo_tensor_parallel_pair_matches_one(tmp_path):
+    """DPO with a frozen reference under TP=2 (both models planned over the pair, the reference kept frozen): the
+    one-process gradients, losses and weights."""
+    check_dpo_fsdp_matches_one(tmp_path, "cpu", "tp")
 
 
 def test_grpo_two_processes_match_one(tmp_path):
