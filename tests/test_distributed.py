@@ -7,6 +7,7 @@ out by hand)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,33 @@ def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
     samples = [[ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("[sample")] for r in (tp, one)]
     assert samples[0] == samples[1] and len(samples[0]) == 1
     assert (tmp_path / "tp" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_checkpoint_resumes_under_tp_and_under_fsdp2(tmp_path):
+    """A TP=2 run's distributed checkpoint (2-D DTensors, one data reader) resumes under TP=2 and under plain FSDP2
+    on 2 processes (the model resharded, the reader's stream redistributed over two): both continue with the same
+    losses."""
+    from tests.helpers.compose import logged_train_losses
+    from tests.helpers.tiny_overrides import TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    common = TINY_MODEL + [
+        "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256", "trainer.val_every_n_steps=3",
+        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}]",
+        "trainer.checkpoint_every_n_steps=3", "samples.prompts=[]", "trainer.progress_bar=none",
+        "export_hf=false", "data.val_tokens=1024", "hardware.num_workers=0", "run_name=r"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    tp, fsdp = tmp_path / "tp", tmp_path / "fsdp"
+    torchrun("-m", "moxin.run", "hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *common, "trainer.max_steps=3",
+             f"out_dir={tp}", cwd=root, env=env, timeout=600)
+    shutil.copytree(tp, fsdp)
+    for out, size in ((tp, 2), (fsdp, 1)):
+        torchrun("-m", "moxin.run", "hardware=fsdp_cpu", f"hardware.tensor_parallel_size={size}", *common,
+                 "resume=auto", f"out_dir={out}", cwd=root, env=env, timeout=600)
+    losses = {k: logged_train_losses(k) for k in (tp, fsdp)}
+    assert sorted(losses[tp]) == list(range(6))
+    assert losses[fsdp] == pytest.approx(losses[tp], rel=1e-4)
 
 
 @pytest.mark.parametrize("tp, overrides, why", [
