@@ -185,9 +185,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     tp_mesh, dp_mesh = parallel_meshes(mesh, cfg) if mesh is not None else (None, None)
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)
-    if cfg.compile:
+    if tp_mesh is not None and cfg.compile and cfg.activation_checkpointing == Recompute.FULL:
+        # a compiled block cannot hold the checkpoint of a tensor-parallel block (torch asserts on the DeviceMesh
+        # the checkpoint saves with the DTensor residual): compile each block, then checkpoint it
         apply_compile(model)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    else:
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+        if cfg.compile:
+            apply_compile(model)
     if mesh is not None:
         apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward)
     return model

@@ -45,12 +45,12 @@ def _block_plan() -> dict:
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
     }
 
 
@@ -127,11 +127,13 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     tied = model.output.weight is model.tok_embeddings.weight
     if tied:  # the shared weight stays whole on the tensor dimension; the embedding's output is split onto T
-        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                     use_local_output=False),
                "output": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                             use_local_output=True)}
     else:
-        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                 use_local_output=False),
                "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
     top["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
