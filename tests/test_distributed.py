@@ -94,8 +94,8 @@ def test_tensor_parallel_two_by_two_data_parallel_match_one(tmp_path, one_proces
 
 @pytest.mark.slow
 def test_tensor_parallel_compiled_blocks_give_the_eager_gradients(tmp_path):
-    """TP=2 with compiled blocks under every recomputation policy (full: compiled, then checkpointed) gives the
-    unsharded eager model's loss and gradients, the embedding's included (seen: all zero through compiled blocks
+    """TP=2 with compiled blocks under every recomputation policy (full: compiled, then checkpointed), and eager
+    with full recomputation, gives the unsharded eager model's loss and gradients, the embedding's included (seen: all zero through compiled blocks
     when the residual stream was a plain tensor between them)."""
     out = tmp_path / "compile.json"
     torchrun(Path(__file__).parent / "helpers" / "tp_compile.py", out, timeout=600)
