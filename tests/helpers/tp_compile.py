@@ -14,10 +14,7 @@ from moxin.config import ParallelConfig
 from moxin.distributed import parallelize
 from moxin.model import Transformer
 from moxin.presets import load_preset
-
-
-def full(t):
-    return t.full_tensor() if hasattr(t, "full_tensor") else t
+from tp_forward import full  # this script's folder is on sys.path
 
 
 def main(out_path):
