@@ -1,9 +1,13 @@
 """Two gloo processes, the tiny model under tensor parallelism 2 with compiled blocks and each recomputation
 policy, and eager with full recomputation (through `moxin.distributed.parallelize`), against the unsharded eager
 model: the loss of a head and every parameter's gradient (the embedding's included: it gets the gradient back
-through the blocks). Writes {policy and compile: [loss difference, largest gradient difference]} as JSON (rank 0)."""
+through the blocks). Writes {policy and compile: [loss difference, largest gradient difference]} as JSON (rank 0).
+
+    torchrun --nproc_per_node 2 tests/helpers/tp_compile.py OUT.json [cpu|cuda]
+"""
 
 import json
+import os
 import sys
 
 import torch
@@ -17,16 +21,18 @@ from moxin.presets import load_preset
 from tp_forward import full  # this script's folder is on sys.path
 
 
-def main(out_path):
-    dist.init_process_group("gloo")
-    mesh = init_device_mesh("cpu", (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
+def main(out_path, device="cpu"):
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    mesh = init_device_mesh(device, (1, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     cfg = load_preset("tiny")
-    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
-    pos = torch.cat([torch.arange(5), torch.arange(11)]).expand(2, 16)
+    tokens = torch.randint(0, cfg.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1)).to(device)
+    pos = torch.cat([torch.arange(5), torch.arange(11)]).expand(2, 16).to(device)
     res = {}
     for policy, compile in (("none", True), ("mlp", True), ("full", True), ("full", False)):
         torch.manual_seed(0)
-        plain, model = Transformer(cfg), Transformer(cfg)
+        plain, model = Transformer(cfg).to(device), Transformer(cfg).to(device)
         model.load_state_dict(plain.state_dict())
         parallelize(model, ParallelConfig(activation_checkpointing=policy, compile=compile), mesh)
         losses = [m(tokens, pos, head=lambda h, w: (h @ w.t()).logsumexp(-1).sum()) for m in (model, plain)]
@@ -42,4 +48,4 @@ def main(out_path):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])
