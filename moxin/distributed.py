@@ -236,9 +236,15 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     apply_float8(model, cfg, fsdp=mesh is not None)
     if tp_mesh is not None:
         apply_tensor_parallel(model, tp_mesh)
-    apply_activation_checkpointing(model, cfg.activation_checkpointing)
-    if cfg.compile:
+    if tp_mesh is not None and cfg.compile and cfg.activation_checkpointing == Recompute.FULL:
+        # a compiled block cannot hold the checkpoint of a tensor-parallel block (torch asserts on the DeviceMesh
+        # the checkpoint saves with the DTensor residual): compile each block, then checkpoint it
         apply_compile(model)
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+    else:
+        apply_activation_checkpointing(model, cfg.activation_checkpointing)
+        if cfg.compile:
+            apply_compile(model)
     if mesh is not None:
         apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward)
     return model

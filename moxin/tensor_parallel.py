@@ -45,12 +45,12 @@ def _block_plan() -> dict:
         "attention.wq": ColwiseParallel(),
         "attention.wk": ColwiseParallel(),
         "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1)),
+        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
         "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
         "feed_forward.w1": ColwiseParallel(),
         "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1)),
+        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
     }
 
 
@@ -123,13 +123,17 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     are set to their local head counts (the views of the projections' outputs use them). Shapes must divide:
     `moxin.config.ParallelConfig.check_tensor_parallel` refuses those that do not, before any work."""
     tp = tp_mesh.size()
+    # parallelize_module makes new Parameters, which want gradients: a frozen model (a DPO / KL reference) stays so
+    frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
     tied = model.output.weight is model.tok_embeddings.weight
     if tied:  # the shared weight stays whole on the tensor dimension; the embedding's output is split onto T
-        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1)),
+        top = {"tok_embeddings": PrepareModuleOutput(output_layouts=Replicate(), desired_output_layouts=Shard(1),
+                                                     use_local_output=False),
                "output": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
                                             use_local_output=True)}
     else:
-        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1)),
+        top = {"tok_embeddings": RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1),
+                                                 use_local_output=False),
                "output": ColwiseParallel(input_layouts=Shard(1), output_layouts=Replicate())}
     top["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
@@ -137,5 +141,8 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
         parallelize_module(block, tp_mesh, _block_plan())
         attn = block.attention
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
+    for name, p in model.named_parameters():
+        if name in frozen:
+            p.requires_grad_(False)
     model.register_forward_pre_hook(_pre_forward(tp), with_kwargs=True)
     model.register_forward_hook(_post_forward, with_kwargs=True)

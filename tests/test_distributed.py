@@ -7,6 +7,7 @@ out by hand)."""
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -92,6 +93,17 @@ def test_tensor_parallel_two_by_two_data_parallel_match_one(tmp_path, one_proces
 
 
 @pytest.mark.slow
+def test_tensor_parallel_compiled_blocks_give_the_eager_gradients(tmp_path):
+    """TP=2 with compiled blocks under every recomputation policy (full: compiled, then checkpointed), and eager
+    with full recomputation, gives the unsharded eager model's loss and gradients, the embedding's included (seen: all zero through compiled blocks
+    when the residual stream was a plain tensor between them)."""
+    out = tmp_path / "compile.json"
+    torchrun(Path(__file__).parent / "helpers" / "tp_compile.py", out, timeout=600)
+    for policy, (loss_err, grad_err) in json.loads(out.read_text()).items():
+        assert loss_err < 1e-4 and grad_err < 1e-5, policy
+
+
+@pytest.mark.slow
 def test_tensor_parallel_with_hsdp_matches_one(tmp_path, one_process):
     """TP=2 under HSDP R=2 on 4 gloo processes (one 3-D (replicate, shard, tensor_parallel) mesh) as one process."""
     tp = _run(4, tmp_path / "tph.json", "tp_hsdp")
@@ -126,6 +138,7 @@ def test_tensor_parallel_forward_loss_head_and_generation_match_the_unsharded_mo
     torchrun(Path(__file__).parent / "helpers" / "tp_forward.py", out)
     r = json.loads(out.read_text())
     assert r["heads"] == [2, 1]  # local query / key-value heads of 4 / 2
+    assert r["frozen_stays_frozen"]  # parallelize_module's new parameters keep a reference model's requires_grad
     assert all(r[k] for k in ("logits_8", "hidden_8", "logits_7", "hidden_7"))
     assert r["loss_7"] < 1e-4 and r["grad_err_7"] < 1e-5
     assert r["generated"] == r["generated_plain"] and len(r["generated"][0]) == 6
@@ -159,6 +172,33 @@ def test_tensor_parallel_run_through_moxin_run_matches_one_process(tmp_path):
     samples = [[ln for ln in (r.stdout + r.stderr).splitlines() if ln.startswith("[sample")] for r in (tp, one)]
     assert samples[0] == samples[1] and len(samples[0]) == 1
     assert (tmp_path / "tp" / "hf" / "config.json").is_file()
+
+
+@pytest.mark.slow
+def test_tensor_parallel_checkpoint_resumes_under_tp_and_under_fsdp2(tmp_path):
+    """A TP=2 run's distributed checkpoint (2-D DTensors, one data reader) resumes under TP=2 and under plain FSDP2
+    on 2 processes (the model resharded, the reader's stream redistributed over two): both continue with the same
+    losses."""
+    from tests.helpers.compose import logged_train_losses
+    from tests.helpers.tiny_overrides import TINY_MODEL
+
+    root = Path(__file__).resolve().parents[1]
+    common = TINY_MODEL + [
+        "schedule.tokens_per_step=512", "schedule.micro_batch_tokens=256", "trainer.val_every_n_steps=3",
+        "schedule.phases=[{name: a, seq_len: 64, tokens: 3072, mixture: {prose: 1, code: 1, cjk: 1}}]",
+        "trainer.checkpoint_every_n_steps=3", "samples.prompts=[]", "trainer.progress_bar=none",
+        "export_hf=false", "data.val_tokens=1024", "hardware.num_workers=0", "run_name=r"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(root))
+    tp, fsdp = tmp_path / "tp", tmp_path / "fsdp"
+    torchrun("-m", "moxin.run", "hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *common, "trainer.max_steps=3",
+             f"out_dir={tp}", cwd=root, env=env, timeout=600)
+    shutil.copytree(tp, fsdp)
+    for out, size in ((tp, 2), (fsdp, 1)):
+        torchrun("-m", "moxin.run", "hardware=fsdp_cpu", f"hardware.tensor_parallel_size={size}", *common,
+                 "resume=auto", f"out_dir={out}", cwd=root, env=env, timeout=600)
+    losses = {k: logged_train_losses(k) for k in (tp, fsdp)}
+    assert sorted(losses[tp]) == list(range(6))
+    assert losses[fsdp] == pytest.approx(losses[tp], rel=1e-4)
 
 
 @pytest.mark.parametrize("tp, overrides, why", [
@@ -215,6 +255,13 @@ def test_dpo_fsdp2_two_processes_match_one(tmp_path):
     process on the same global batch of pairs in micro-batches of other sizes (pairs normalised across
     accumulation and ranks), and the first step's gradients those of the loss written out by hand."""
     check_dpo_fsdp_matches_one(tmp_path, "cpu")
+
+
+@pytest.mark.slow
+def test_dpo_tensor_parallel_pair_matches_one(tmp_path):
+    """DPO with a frozen reference under TP=2 (both models planned over the pair, the reference kept frozen): the
+    one-process gradients, losses and weights."""
+    check_dpo_fsdp_matches_one(tmp_path, "cpu", "tp")
 
 
 def test_grpo_two_processes_match_one(tmp_path):

@@ -11,7 +11,9 @@ the step's pairs across accumulation and ranks gives the same gradients in both 
 reference is moved away from the starting policy and the loss smoothed (label_smoothing 0.1), so chosen and
 rejected swapped changes the gradients too.
 
-    torchrun --nproc_per_node N tests/helpers/dpo_equivalence.py OUT.json [cpu|gpu]
+    torchrun --nproc_per_node N tests/helpers/dpo_equivalence.py OUT.json [cpu|gpu] [tp]
+
+With ``tp`` the processes form tensor-parallel pairs (FSDP2 over the pairs), and each pair takes one rank's pairs.
 """
 
 import json
@@ -48,9 +50,10 @@ def pairs():
     return out
 
 
-def main(out_path, accelerator="cpu"):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def main(out_path, accelerator="cpu", layout="fsdp2"):
+    tp = 2 if layout == "tp" else 1
+    world = int(os.environ.get("WORLD_SIZE", "1")) // tp  # data-parallel ranks: Lightning's rank = dp * tp + tp rank
+    rank = int(os.environ.get("RANK", "0")) // tp
     torch.manual_seed(0)
     cfg = ModelConfig(vocab_size=512, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
                       sliding_window=8, max_seq_len=64)
@@ -86,13 +89,13 @@ def main(out_path, accelerator="cpu"):
             if (batch_idx + 1) % accum == 0:
                 losses.append(float(trainer.callback_metrics["train/loss"]))
 
-    if world == 1:
+    if world * tp == 1:
         strat = "auto"
     else:
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
-    trainer = L.Trainer(accelerator=accelerator, devices=world, strategy=strat, max_steps=STEPS, logger=False,
+        strat = ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=tp)
+    trainer = L.Trainer(accelerator=accelerator, devices=world * tp, strategy=strat, max_steps=STEPS, logger=False,
                         accumulate_grad_batches=accum, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Record(), grads], use_distributed_sampler=False,
                         num_sanity_val_steps=0, precision="32-true")
@@ -101,7 +104,7 @@ def main(out_path, accelerator="cpu"):
 
     out = {"losses": losses, "checksum": weights_checksum(stage.model),
            "ref_checksum": weights_checksum(stage.ref_model), "ref_sharded": ref_sharded, "world": world}
-    if rank == 0:
+    if trainer.is_global_zero:
         with open(out_path, "w") as f:
             json.dump(out, f)
         torch.save({"steps": grads.grads, "reference": {k: v.double() for k, v in want.items()}},

@@ -27,18 +27,19 @@ def check_same_training(one: dict, two: dict, n_steps: int, what: str, loss_rel:
     assert one["checksum"] == pytest.approx(two["checksum"], rel=1e-6)
 
 
-def run_dpo_equivalence(world: int, out: Path, accelerator: str = "cpu") -> dict:
-    """tests/helpers/dpo_equivalence.py on `world` processes: its JSON record with the gradients it saved."""
-    torchrun(HELPERS / "dpo_equivalence.py", out, accelerator, nproc=world)
+def run_dpo_equivalence(world: int, out: Path, accelerator: str = "cpu", layout: str = "fsdp2") -> dict:
+    """tests/helpers/dpo_equivalence.py on `world` processes (layout fsdp2, or tp: tensor-parallel pairs): its JSON
+    record with the gradients it saved."""
+    torchrun(HELPERS / "dpo_equivalence.py", out, accelerator, layout, nproc=world)
     return json.loads(out.read_text()) | torch.load(f"{out}.grads.pt", weights_only=True)
 
 
-def check_dpo_fsdp_matches_one(tmp_path: Path, accelerator: str) -> None:
-    """DPO with a frozen reference, 2 FSDP2 processes vs one: the same training, the reference sharded like the
-    policy and never moving, and the policy trained."""
+def check_dpo_fsdp_matches_one(tmp_path: Path, accelerator: str, layout: str = "fsdp2") -> None:
+    """DPO with a frozen reference, 2 FSDP2 processes (or a tensor-parallel pair, layout tp) vs one: the same
+    training, the reference sharded like the policy and never moving, and the policy trained."""
     one = run_dpo_equivalence(1, tmp_path / "one.json", accelerator)
-    two = run_dpo_equivalence(2, tmp_path / "two.json", accelerator)
+    two = run_dpo_equivalence(2, tmp_path / "two.json", accelerator, layout)
     assert two["ref_sharded"] and not one["ref_sharded"]  # the frozen reference is sharded like the policy
-    check_same_training(one, two, 3, "2 FSDP2 processes", loss_rel=1e-4)
+    check_same_training(one, two, 3, f"2 processes, {layout}", loss_rel=1e-4)
     assert one["ref_checksum"] == pytest.approx(two["ref_checksum"], rel=1e-9)  # the reference never moves
     assert abs(one["losses"][-1] - one["losses"][0]) > 1e-3  # it trained

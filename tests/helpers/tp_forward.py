@@ -1,8 +1,8 @@
 """Two gloo processes, the tiny model under tensor parallelism 2 (FSDP2 over a data dimension of one rank), against
 the unsharded model: logits and final hidden states on rows whose length the ranks split evenly and on rows they
 do not (padded inside the forward), a loss head's gradients on odd-length rows, and greedy generation through
-the rolling cache (prompts of odd lengths, one-token decode steps). Writes the comparisons, the local head counts
-and the message refusing a fused inference copy as JSON (rank 0)."""
+the rolling cache (prompts of odd lengths, one-token decode steps); a frozen model stays frozen. Writes the
+comparisons, the local head counts and the message refusing a fused inference copy as JSON (rank 0)."""
 
 import json
 import sys
@@ -30,7 +30,10 @@ def main(out_path):
     model = Transformer(cfg)
     model.load_state_dict(plain.state_dict())
     parallelize(model, ParallelConfig(), mesh)
-    res = {"heads": [model.layers[0].attention.n_heads, model.layers[0].attention.n_kv_heads]}
+    frozen = Transformer(cfg).requires_grad_(False)  # a reference model: its new DTensor parameters stay frozen
+    parallelize(frozen, ParallelConfig(), mesh)
+    res = {"heads": [model.layers[0].attention.n_heads, model.layers[0].attention.n_kv_heads],
+           "frozen_stays_frozen": not any(p.requires_grad for p in frozen.parameters())}
     for T in (8, 7):
         tokens = torch.randint(0, cfg.vocab_size, (2, T))
         pos = torch.cat([torch.arange(3), torch.arange(T - 3)]).expand(2, T)
