@@ -170,7 +170,8 @@ def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
     """``hardware.tensor_parallel_size`` that the run cannot hold, refused before any work: shapes it does not
     divide (`moxin.config.check_tensor_parallel`), and the stages the tensor-parallel plan does not cover yet:
     GRPO (its rollouts and packed update are untested under it) and LoRA (its wrapped projections are not in the
-    plan). Sample generations and evaluation decode through the same forward and do run."""
+    plan) and float8 (torchao's float8 tensor-parallel styles are not in the plan). Sample generations and
+    evaluation decode through the same forward and do run."""
     hw = cfg.hardware
     tp = tensor_parallel_size_of(hw)
     check_tensor_parallel(tp, world_size_of(hw), model_cfg, hw.strategy, int(hw.parallel.get("replicate", 1)))
@@ -178,13 +179,15 @@ def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
         return
     stage = cfg.stage
     lora = stage.get("lora")
+    float8 = str(hw.parallel.get("float8", "none"))
     uses = {"GRPO (stage=grpo)": stage.get("grpo") is not None,
-            "LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank"))}
+            "LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank")),
+            f"float8 (hardware.parallel.float8={float8})": float8 != "none"}
     refused = [k for k, v in uses.items() if v]
     if refused:
         raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {' or '.join(refused)} yet (not in "
                           "the tensor-parallel plan). Run it with hardware.tensor_parallel_size=1 (FSDP2 or HSDP), "
-                          "or train without LoRA (stage.lora.rank=0)")
+                          "or train without it (stage.lora.rank=0, hardware.parallel.float8=none)")
 
 
 def check_vocab(model_cfg, tok: Tokenizer) -> None:

@@ -204,6 +204,7 @@ def test_tensor_parallel_checkpoint_resumes_under_tp_and_under_fsdp2(tmp_path):
 @pytest.mark.parametrize("tp, overrides, why", [
     (2, ["stage=grpo", "data=grpo_arithmetic"], "does not support GRPO"),
     (2, ["stage.lora.rank=4", "init_from=somewhere"], "does not support LoRA"),
+    (2, ["hardware.parallel.float8=rowwise"], "does not support float8 \\(hardware.parallel.float8=rowwise\\)"),
     (4, ["model=moxin-7b", "hardware.devices=6"], "does not divide world size .*=6: .*Values that fit: \\[1, 2\\]"),
 ])
 def test_tensor_parallel_runs_it_cannot_hold_are_refused_before_any_work(tp, overrides, why):
