@@ -24,8 +24,9 @@ from moxin.checkpoint.policy import DiskSpaceError, apply_retention, checkpoint_
 from moxin.checkpoint.resume import clean_temporaries, find_resume
 from moxin.config import ConfigError
 from moxin.presets import load_preset
-from tests.helpers.compose import compose_config
-from tests.helpers.tiny_overrides import TINY_PRETRAIN
+from tests.helpers.compose import compose_config, logged_train_losses
+from tests.helpers.resume_state import load_checkpoint, state_diff
+from tests.helpers.tiny_overrides import TINY_PRETRAIN, replaced
 
 FAST = TINY_PRETRAIN + ["hardware.num_workers=0"]
 
@@ -72,6 +73,25 @@ def test_phase_end_resume_and_finished_run(tmp_path):
     assert again["nothing_to_do"] and again["optimizer_steps"] == 12
     assert len(list((tmp_path / "part" / "logs").iterdir())) == n_versions
     assert json.loads((tmp_path / "part" / "summary.json").read_text())["checkpoint"].endswith("step000012.ckpt")
+
+
+def test_phase_end_resume_under_max_steps_trains_the_next_phase(tmp_path):
+    """With trainer.max_steps set Lightning always restarts its loops, and a checkpoint from a phase's end once
+    resumed into an 'unfinished' epoch that ended at once: the run stopped at step 6 of 9 (max_epochs reached).
+    Resumed at the first phase's end with max_steps=9, it trains steps 7-9 as the uninterrupted run does and ends
+    in the same state."""
+    run = FAST + ["trainer.val_every_n_steps=null", "trainer.max_steps=9", "run_name=r"]
+    R.train(compose_config(run + [f"out_dir={tmp_path / 'full'}"]))
+    R.train(compose_config(replaced(run, "trainer.max_steps=6") + [f"out_dir={tmp_path / 'part'}"]))
+    R.train(compose_config(run + [f"out_dir={tmp_path / 'part'}", "resume=auto"]))
+    a, b = logged_train_losses(tmp_path / "full"), logged_train_losses(tmp_path / "part")
+    assert sorted(a) == sorted(b) == list(range(9))
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=1e-6), step
+    full, part = (load_checkpoint(tmp_path / r / "checkpoints" / "last.ckpt") for r in ("full", "part"))
+    # torch's generator: the resumed run restores it at the load and at the first batch, after the new phase's
+    # loader drew its seed (the straight run drew it from the state the first phase left); no draw trains on it
+    assert [d for d in state_diff(full, part) if not d.startswith("/moxin/rng_torch")] == []
 
 
 def test_finished_run_continue_command_exits_zero(tmp_path):

@@ -135,3 +135,32 @@ def rescale_loop_batches(checkpoint: dict, saved_accumulate: int, accumulate: in
         # has not counted that batch completed): kept as they were
         for k, v in counts.items():
             counts[k] = ready // saved_accumulate * accumulate - (ready - v)
+
+
+def finish_phase_end(checkpoint: dict) -> None:
+    """A checkpoint saved at a phase's end (Lightning's ``on_train_epoch_end``: the epoch processed, not yet counted
+    completed), resumed by a trainer with ``max_steps``: Lightning then always restarts its loops and would take the
+    epoch for unfinished, end it at once and stop (``max_epochs`` reached) without training the next phase. In place:
+    the epoch counted completed and the next one started from its first batch with a fresh loader, which is what
+    Lightning itself does for such a checkpoint without ``max_steps``."""
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if not fit or "epoch_progress" not in fit:
+        return
+    epochs, batches = fit["epoch_progress"], fit.get("epoch_loop.batch_progress") or {}
+    ended = all(epochs[p]["ready"] == epochs[p]["started"] == epochs[p]["processed"] == epochs[p]["completed"] + 1
+                for p in ("total", "current"))
+    if not (ended and batches.get("is_last_batch")):
+        return
+    for p in ("total", "current"):
+        epochs[p]["completed"] += 1
+    batches["current"] = {k: 0 for k in batches["current"]}
+    batches["is_last_batch"] = False
+    fit.get("state_dict", {}).pop("combined_loader", None)
+    # the per-epoch counters a new epoch starts from zero (Lightning's reset at an epoch's start)
+    optim = fit.get("epoch_loop.automatic_optimization.optim_progress", {}).get("optimizer", {})
+    for part in [fit.get("epoch_loop.scheduler_progress"), optim.get("step"), optim.get("zero_grad")]:
+        if part:
+            part["current"] = {k: 0 for k in part["current"]}
+    val = fit.get("epoch_loop.val_loop.batch_progress")
+    if val:
+        val["total"] = {k: 0 for k in val["total"]}

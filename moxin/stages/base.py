@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torchmetrics import Metric
 
-from moxin.checkpoint.resume import rescale_loop_batches, restore_rng, rng_state
+from moxin.checkpoint.resume import finish_phase_end, rescale_loop_batches, restore_rng, rng_state
 from moxin.checkpoint.weights import load_init_weights
 from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
 from moxin.distributed import float8_optimizer_hook, is_sharded, parallelize, weights_checksum
@@ -358,6 +358,8 @@ class MoxinStage(L.LightningModule):
                 loops = checkpoint.get("loops", {}).get("fit_loop", {}).get("state_dict", {})
                 for state in loops.get("combined_loader") or []:
                     rescale(state, saved, now)
+        if self._trainer is not None and self.trainer.max_steps != -1:
+            finish_phase_end(checkpoint)
         self.optim_step.nonfinite_steps = int(st.get("nonfinite_steps", 0))
         restore_rng(st)
         # and again at the first batch: the loaders built after this load draw their seeds from torch's generator,
