@@ -3,6 +3,7 @@ contexts, generation + verifier metrics, config errors, local/hub loading, the e
 held-out reward."""
 
 import json
+import random
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from moxin.config import DataError, EvalConfig, EvalConfigError, TaskConfig
 from moxin.data.sample import sample_path
 from moxin.eval import build_mc_items, encode_pair, eval_config, evaluate, load_records, loglikelihoods, pass_at_k
+from moxin.eval.loglik import encode_pairs
 from moxin.model import Transformer
 from moxin.presets import load_preset
 
@@ -23,6 +25,21 @@ def model():
 
 
 MC = {"name": "mc", "path": str(sample_path("eval_mc")), "text": "Question: {question}\nAnswer:"}
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_encode_pairs_batched_equals_encode_pair_one_by_one(tok, bos):
+    """The scorer's batched, once-per-text tokenization gives every request `encode_pair`'s ids: random contexts
+    (empty ones, trailing spaces and newlines, CJK) shared by several options and repeated."""
+    rng = random.Random(0)
+    words = ["the", "cat", " sat", "Question:", "Answer:", "日本語", "  ", "\n", "x", "42", "é"]
+    pairs = []
+    for _ in range(60):
+        context = "".join(rng.choice(words) + rng.choice(["", " ", "  "]) for _ in range(rng.randint(0, 8)))
+        pairs += [(context, "".join(rng.choice(words) for _ in range(rng.randint(1, 4)))) for _ in range(4)]
+    pairs += pairs[:50]
+    assert any(c == "" for c, _ in pairs) and any(c.endswith(" ") for c, _ in pairs)
+    assert encode_pairs(tok, pairs, bos=bos) == [encode_pair(tok, c, x, bos=bos) for c, x in pairs]
 
 
 def test_encode_pair_moves_trailing_space_and_splits_the_whole_encoding(tok):

@@ -15,7 +15,7 @@ import torch
 
 from moxin.distributed import all_reduce_values
 
-__all__ = ["encode_pair", "LoglikResult", "loglikelihoods"]
+__all__ = ["encode_pair", "encode_pairs", "LoglikResult", "loglikelihoods"]
 
 
 def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True) -> tuple[list[int], list[int]]:
@@ -29,6 +29,36 @@ def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True) ->
     whole = tokenizer.encode(context + continuation, bos=bos)
     ctx = tokenizer.encode(context, bos=bos)
     return ctx, whole[len(ctx):]
+
+
+def encode_pairs(tokenizer, pairs, bos: bool = True) -> list[tuple[list[int], list[int]]]:
+    """`encode_pair` of every (context, continuation), with each distinct text tokenized once and all of them in
+    one batched call where the tokenizer has `encode_batch` (a question's options share their context, a
+    repeated item all its texts): the same ids as `encode_pair`, a fraction of the tokenizer's time."""
+    texts: dict[tuple[str, bool], list[int] | None] = {}
+    moved = []
+    for context, continuation in pairs:
+        n_spaces = len(context) - len(context.rstrip())
+        if n_spaces > 0:
+            context, continuation = context[:-n_spaces], context[-n_spaces:] + continuation
+        moved.append((context, continuation))
+        for key in ([(continuation, False)] if context == "" else [(context, bos), (context + continuation, bos)]):
+            texts[key] = None
+    for flag in (False, True):
+        group = [t for t, b in texts if b == flag]
+        if not group:
+            continue
+        batch = getattr(tokenizer, "encode_batch", None)
+        encoded = batch(group, bos=flag) if batch else [tokenizer.encode(t, bos=flag) for t in group]
+        texts.update(zip(((t, flag) for t in group), encoded))
+    out = []
+    for context, continuation in moved:
+        if context == "":  # lm-eval: the prefix token (bos) stands for an empty context
+            out.append(([tokenizer.bos_id], texts[continuation, False]))
+        else:
+            ctx = texts[context, bos]
+            out.append((ctx, texts[context + continuation, bos][len(ctx):]))
+    return out
 
 
 @dataclass

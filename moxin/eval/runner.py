@@ -25,7 +25,7 @@ from moxin.config import EvalConfig, TaskConfig, TaskKind
 from moxin.distributed import rank_and_world
 from moxin.eval.generation import generate_all, score_texts
 from moxin.eval.metrics import pass_at_k
-from moxin.eval.loglik import encode_pair, loglikelihoods
+from moxin.eval.loglik import encode_pairs, loglikelihoods
 from moxin.eval.scoring import truncate_at
 from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, task_records
 
@@ -63,7 +63,7 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
     items = build_mc_items(task, *task_records(task))
     mine = items[rank::world]
     t0 = time.perf_counter()
-    reqs = [encode_pair(tokenizer, c, x, bos=cfg.bos) for it in mine for c, x in zip(it.contexts, it.continuations)]
+    reqs = encode_pairs(tokenizer, [(c, x) for it in mine for c, x in zip(it.contexts, it.continuations)], bos=cfg.bos)
     res = loglikelihoods(model, reqs, batch_tokens=cfg.batch_tokens, max_batch=cfg.max_batch,
                          pad_id=tokenizer.pad_id, lockstep=lockstep)
     s = 0
