@@ -31,7 +31,7 @@ class ArithmeticTask:
     than minutes.
 
     ``heldout``: the fraction of the distinct problems (chosen by a hash of the seed and the prompt) that
-    :meth:`problem` never returns and :meth:`heldout_problem` only returns: an evaluation set that neither RL
+    :meth:`problem` never returns and :meth:`heldout_problems` only returns: an evaluation set that neither RL
     nor the SFT warm-up ever trains on, whatever their index ranges (with 1-digit operands there are only 100
     sums, so disjoint index ranges alone still repeat the same problems). 0: no reserved part (index ranges
     are then the only split).
