@@ -239,7 +239,7 @@ class MoxinStage(L.LightningModule):
         # Lightning divided each micro loss by `accum` and the DP all-reduce averaged over the data-parallel ranks
         # (world / tp: a tensor-parallel group's ranks share their rows, and their sums count once)
         scaler = getattr(getattr(self._trainer, "precision_plugin", None), "scaler", None) is not None
-        tp = tensor_parallel_size(self.trainer.strategy)
+        tp = tensor_parallel_size(getattr(self._trainer, "strategy", None))
         values = self.optim_step.prepare(
             optimizer, self.model.parameters(), device=self.device, step=self._global_step(),
             divided_by=self.trainer.accumulate_grad_batches * self.trainer.world_size // tp,
