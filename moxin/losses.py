@@ -381,6 +381,20 @@ def token_cross_entropy(
     return -logp.sum(), n_tokens
 
 
+def _masked_hidden(hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """The (R, D) hidden states at the mask's positions: ``rows`` (the flat positions, found on the host) when
+    given, else the mask itself. Checks both shapes."""
+    if mask.shape != hidden.shape[:2]:
+        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    if rows is None:
+        return flat[mask.reshape(-1).bool()]
+    if rows.dim() != 1 or rows.device != hidden.device:
+        raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
+                         f"{tuple(rows.shape)} on {rows.device}")
+    return flat.index_select(0, rows)
+
+
 @torch.no_grad()
 def token_entropy(
     hidden: torch.Tensor,
@@ -397,15 +411,7 @@ def token_entropy(
     rows: the mask's flat positions (``mask.reshape(-1).nonzero()``, found on the host and sent with the batch):
     then nothing is read from the device, and ``n_tokens`` is a host (CPU) tensor.
     """
-    if mask.shape != hidden.shape[:2]:
-        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
-    if rows is not None:
-        if rows.dim() != 1 or rows.device != hidden.device:
-            raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
-                             f"{tuple(rows.shape)} on {rows.device}")
-        h = hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows)
-    else:
-        h = hidden.reshape(-1, hidden.shape[-1])[mask.reshape(-1).bool()]
+    h = _masked_hidden(hidden, mask, rows)
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     for start in range(0, h.shape[0], chunk_size):
         logits = (h[start : start + chunk_size] @ weight.T).float() / temperature
@@ -471,17 +477,12 @@ def token_entropies(
     hidden (B, T, D), weight (V, D), mask (B, T); rows: the mask's flat positions found on the host (as
     :func:`token_entropy`). Returns (B, T) fp32, differentiable w.r.t. ``hidden`` and ``weight``.
     """
-    if mask.shape != hidden.shape[:2]:
-        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
     if chunk_size < 1 or not temperature > 0:
         raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size} and {temperature}")
     B, T, D = hidden.shape
-    if rows is None:
-        rows = mask.reshape(-1).bool().nonzero().squeeze(1)
-    elif rows.dim() != 1 or rows.device != hidden.device:
-        raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
-                         f"{tuple(rows.shape)} on {rows.device}")
-    h = hidden.reshape(B * T, D).index_select(0, rows)
+    if rows is None and mask.shape == hidden.shape[:2]:
+        rows = mask.reshape(-1).bool().nonzero().squeeze(1)  # the positions to scatter the entropies back to
+    h = _masked_hidden(hidden, mask, rows)
     ent_rows = _ChunkedEntropy.apply(h, weight, int(chunk_size), float(temperature))
     out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put((rows,), ent_rows)
     return out.view(B, T)
