@@ -28,9 +28,9 @@ MC = {"name": "mc", "path": str(sample_path("eval_mc")), "text": "Question: {que
 
 
 @pytest.mark.parametrize("bos", [True, False])
-def test_encode_pairs_batched_equals_encode_pair_one_by_one(tok, bos):
-    """The scorer's batched, once-per-text tokenization gives every request `encode_pair`'s ids: random contexts
-    (empty ones, trailing spaces and newlines, CJK) shared by several options and repeated."""
+def test_encode_pairs_batched_equals_encoding_one_by_one(tok, bos):
+    """The scorer's batched, once-per-text tokenization gives every request the ids of tokenizing it alone: random
+    contexts (empty ones, trailing spaces and newlines, CJK) shared by several options and repeated."""
     rng = random.Random(0)
     words = ["the", "cat", " sat", "Question:", "Answer:", "日本語", "  ", "\n", "x", "42", "é"]
     pairs = []
@@ -39,7 +39,17 @@ def test_encode_pairs_batched_equals_encode_pair_one_by_one(tok, bos):
         pairs += [(context, "".join(rng.choice(words) for _ in range(rng.randint(1, 4)))) for _ in range(4)]
     pairs += pairs[:50]
     assert any(c == "" for c, _ in pairs) and any(c.endswith(" ") for c, _ in pairs)
-    assert encode_pairs(tok, pairs, bos=bos) == [encode_pair(tok, c, x, bos=bos) for c, x in pairs]
+
+    def reference(context, continuation):  # lm-eval's _encode_pair, one text at a time
+        n = len(context) - len(context.rstrip())
+        if n:
+            context, continuation = context[:-n], context[-n:] + continuation
+        if not context:
+            return [tok.bos_id], tok.encode(continuation)
+        ctx = tok.encode(context, bos=bos)
+        return ctx, tok.encode(context + continuation, bos=bos)[len(ctx):]
+
+    assert encode_pairs(tok, pairs, bos=bos) == [reference(c, x) for c, x in pairs]
 
 
 def test_encode_pair_moves_trailing_space_and_splits_the_whole_encoding(tok):

@@ -20,21 +20,14 @@ __all__ = ["encode_pair", "encode_pairs", "LoglikResult", "loglikelihoods"]
 
 def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True) -> tuple[list[int], list[int]]:
     """lm-eval's ``HFLM._encode_pair`` with moxin's tokenizer: (context ids, continuation ids)."""
-    n_spaces = len(context) - len(context.rstrip())
-    if n_spaces > 0:
-        continuation = context[-n_spaces:] + continuation
-        context = context[:-n_spaces]
-    if context == "":  # lm-eval: the prefix token (bos) stands for an empty context
-        return [tokenizer.bos_id], tokenizer.encode(continuation)
-    whole = tokenizer.encode(context + continuation, bos=bos)
-    ctx = tokenizer.encode(context, bos=bos)
-    return ctx, whole[len(ctx):]
+    return encode_pairs(tokenizer, [(context, continuation)], bos=bos)[0]
 
 
 def encode_pairs(tokenizer, pairs, bos: bool = True) -> list[tuple[list[int], list[int]]]:
-    """`encode_pair` of every (context, continuation), with each distinct text tokenized once and all of them in
-    one batched call where the tokenizer has `encode_batch` (a question's options share their context, a
-    repeated item all its texts): the same ids as `encode_pair`, a fraction of the tokenizer's time."""
+    """lm-eval's ``HFLM._encode_pair`` of every (context, continuation): the context's trailing whitespace moves to
+    the continuation, the whole string is tokenized and split after the context's ids, an empty context is the
+    prefix token alone. Each distinct text is tokenized once, all of them in one batched call where the tokenizer
+    has `encode_batch` (a question's options share their context, a repeated item all its texts)."""
     texts: dict[tuple[str, bool], list[int] | None] = {}
     moved = []
     for context, continuation in pairs:
