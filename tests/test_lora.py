@@ -166,6 +166,7 @@ def test_qlora_on_the_gpu_never_holds_the_16_bit_base_and_a_compiled_step_keeps_
         assert not saved, saved
         out.float().square().mean().backward()
         del out
+    del x
     # after compiled steps: the model, the adapters' gradients and nothing else (no weight copy in a compile cache)
     grads = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     assert torch.cuda.memory_allocated() - start < held + grads + 64 * 2**20
