@@ -134,7 +134,10 @@ def flex(q, k, v, block_mask):
     pad = block_mask.shape[-2] - T
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, *, T + pad, D)
-    out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
+    # inside a compiled region (a compiled block) Dynamo traces flex_attention into the region's graph; calling
+    # the separately compiled wrapper there is a graph break before and after it, forward and backward
+    kernel = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out = kernel(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
     return out[:, :, :T] if pad else out
 
 
