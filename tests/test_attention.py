@@ -507,3 +507,41 @@ def test_compiled_block_on_the_flex_path_equals_eager_with_gradients():
     torch.testing.assert_close(got_out, out, atol=1e-4, rtol=1e-4)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # 13-30 s on 2 shared cores: five traces of a block
+@flex_cpu
+def test_compiled_blocks_take_varying_rows_in_one_graph(monkeypatch):
+    """GRPO's micro-batches change shape every call (rows of many lengths, a window that bites in some and not in
+    others). With `varying_shapes` a compiled block takes them all in two traces: the first with the block mask's
+    length (a Python int of torch's BlockMask, which cannot be marked dynamic) as a constant, the second for any
+    length; batch and length of the tensors are dynamic from the start, and the document mask has one structure
+    whether the window bites or not (it had two: a recompile each). Without it, each dimension that changes
+    recompiles the block once more; past torch's limit of 8 variants (kernels x grad modes x these) a block runs
+    eagerly. Forward, no gradients (FlexAttention has no backward on CPUs)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from moxin.config import ModelConfig
+    from moxin.model import Transformer, transformer
+
+    monkeypatch.setattr(transformer, "resolve_backend", lambda backend, device: backend)  # flex on the CPU
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=attention.FLEX_MIN_HEAD_DIM,
+                      hidden_dim=128, sliding_window=160, max_seq_len=512, attn_backend="flex")
+    torch.manual_seed(0)
+    model = Transformer(cfg).requires_grad_(False)
+    ref = Transformer(cfg.replace(attn_backend="sdpa")).requires_grad_(False)
+    ref.load_state_dict(model.state_dict())
+    model.layers[0].compile(backend="aot_eager")
+    # lengths 140, 300 and 200 (the window bites); 2 or 3 rows; two or more blocks of 128 (one block, a size of
+    # 1, is a variant of its own)
+    rows = [[[60, 80], [100, 40]], [[150, 50, 100], [200, 100]], [[70, 130], [120, 80], [50, 150]]]
+    entries = {}
+    for varying in (True, False):
+        torch._dynamo.reset()
+        for docs in rows:
+            pos = packed_positions(docs)
+            tokens = torch.randint(0, 64, pos.shape, generator=torch.Generator().manual_seed(len(docs)))
+            out = model(tokens, pos, varying_shapes=varying)
+            torch.testing.assert_close(out, ref(tokens, pos), atol=1e-5, rtol=1e-5)
+        entries[varying] = len(_debug_get_cache_entry_list(transformer.Block.forward.__code__))
+    assert entries[True] == 2 and entries[False] > 2, entries
