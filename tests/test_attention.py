@@ -443,3 +443,105 @@ def test_flex_cuda_matches_reference(window, with_docs):
 @pytest.mark.parametrize("window,with_docs", [(None, True), (128, False), (128, True)])
 def test_flash_cuda_matches_reference(window, with_docs):
     _check_backend_bf16("flash", window, with_docs)
+
+
+# ---- a compiled block on the flex path: one graph ----------------------------------------------------------------
+def _flex_block_inputs(device="cpu", B=2, T=40, docs=((10, 30), (25, 15))):
+    """A Block of FlexAttention's head size (>= FLEX_MIN_HEAD_DIM) and its inputs over rows with documents."""
+    from moxin.config import ModelConfig
+    from moxin.model.transformer import Block, rope_cos_sin
+
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=attention.FLEX_MIN_HEAD_DIM,
+                      hidden_dim=128, sliding_window=None, max_seq_len=T)
+    torch.manual_seed(0)
+    block = Block(cfg).to(device)
+    pos = packed_positions([list(r) for r in docs[:B]]).to(device)
+    mask = attention.AttentionMask.build("flex", None, masks.doc_ids_from_positions(pos), B, T, cfg.head_dim, device)
+    assert mask.kernel == "flex"
+    x = torch.randn(B, T, cfg.dim, device=device)
+    cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta, x.dtype)
+    return block, (x, cos, sin, mask)
+
+
+@flex_cpu
+def test_compiled_block_on_the_flex_path_is_one_graph(monkeypatch):
+    """A compiled block on the flex path (documents in the rows) is one graph with no break, FlexAttention traced
+    into it (not the separately compiled wrapper that eager forwards call), and gives the reference's output and
+    gradients (the block with the dense SDPA mask). On CPUs torch refuses FlexAttention's backward up front
+    (`_validate_device`); the traced graph's backward is FlexAttention's own math, so the check is lifted here to
+    test the gradients of the graph (Inductor's kernels: the GPU test below)."""
+    import torch.nn.attention.flex_attention as fa
+
+    monkeypatch.setattr(fa, "_validate_device", lambda *tensors: None)
+    block, (x, cos, sin, mask) = _flex_block_inputs()
+    x.requires_grad_(True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(block)(x, cos, sin, mask)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    torch._dynamo.reset()
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # fullgraph: a break would raise
+    out = compiled(x, cos, sin, mask)
+    dense = attention.AttentionMask.build("sdpa", None, mask.doc_ids, *x.shape[:2], 32, "cpu")  # the reference
+    ref = block(x, cos, sin, dense)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(ref)
+    wrt = [x, *block.parameters()]
+    for a, b in zip(torch.autograd.grad(out, wrt, g), torch.autograd.grad(ref, wrt, g)):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.gpu
+@cuda
+def test_compiled_block_on_the_flex_path_equals_eager_with_gradients():
+    """The same block compiled by Inductor in one graph (fullgraph) on a GPU: output and gradients of the input and
+    every weight equal the eager block's (which runs the compiled FlexAttention wrapper)."""
+    block, (x, cos, sin, mask) = _flex_block_inputs("cuda")
+    x.requires_grad_(True)
+    out = block(x, cos, sin, mask)
+    g = torch.randn_like(out)
+    ref = torch.autograd.grad(out, [x, *block.parameters()], g)
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True)
+    got_out = compiled(x, cos, sin, mask)
+    got = torch.autograd.grad(got_out, [x, *block.parameters()], g)
+    torch.testing.assert_close(got_out, out, atol=1e-4, rtol=1e-4)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.slow  # 13-30 s on 2 shared cores: five traces of a block
+@flex_cpu
+def test_compiled_blocks_take_varying_rows_in_one_graph(monkeypatch):
+    """GRPO's micro-batches change shape every call (rows of many lengths, a window that bites in some and not in
+    others). With `varying_shapes` a compiled block takes them all in two traces: the first with the block mask's
+    length (a Python int of torch's BlockMask, which cannot be marked dynamic) as a constant, the second for any
+    length; batch and length of the tensors are dynamic from the start, and the document mask has one structure
+    whether the window bites or not (it had two: a recompile each). Without it, each dimension that changes
+    recompiles the block once more; past torch's limit of 8 variants (kernels x grad modes x these) a block runs
+    eagerly. Forward, no gradients (FlexAttention has no backward on CPUs)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from moxin.config import ModelConfig
+    from moxin.model import Transformer, transformer
+
+    monkeypatch.setattr(transformer, "resolve_backend", lambda backend, device: backend)  # flex on the CPU
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=1, n_heads=2, n_kv_heads=1, head_dim=attention.FLEX_MIN_HEAD_DIM,
+                      hidden_dim=128, sliding_window=160, max_seq_len=512, attn_backend="flex")
+    torch.manual_seed(0)
+    model = Transformer(cfg).requires_grad_(False)
+    ref = Transformer(cfg.replace(attn_backend="sdpa")).requires_grad_(False)
+    ref.load_state_dict(model.state_dict())
+    model.layers[0].compile(backend="aot_eager")
+    # lengths 140, 300 and 200 (the window bites); 2 or 3 rows; two or more blocks of 128 (one block, a size of
+    # 1, is a variant of its own)
+    rows = [[[60, 80], [100, 40]], [[150, 50, 100], [200, 100]], [[70, 130], [120, 80], [50, 150]]]
+    entries = {}
+    for varying in (True, False):
+        torch._dynamo.reset()
+        for docs in rows:
+            pos = packed_positions(docs)
+            tokens = torch.randint(0, 64, pos.shape, generator=torch.Generator().manual_seed(len(docs)))
+            out = model(tokens, pos, varying_shapes=varying)
+            torch.testing.assert_close(out, ref(tokens, pos), atol=1e-5, rtol=1e-5)
+        entries[varying] = len(_debug_get_cache_entry_list(transformer.Block.forward.__code__))
+    assert entries[True] == 2 and entries[False] > 2, entries

@@ -105,20 +105,62 @@ FLEX_MIN_HEAD_DIM = 32
 FLEX_BLOCK = 128
 
 
-def flex_block_mask(window: int | None, doc_ids: torch.Tensor | None, batch: int, seq_len: int, device):
+def mark_varying(t: torch.Tensor | None, *dims: int) -> None:
+    """Tell torch.compile that `dims` of `t` change from call to call (GRPO's micro-batches: rows of many lengths,
+    a varying number of them), so a compiled block is traced for any size the first time instead of once for the
+    first size and again when it changes (every such recompile takes minutes on a GPU, and past
+    ``torch._dynamo.config.recompile_limit`` (8) variants of a block the rest run eagerly). A size of 1 is still
+    specialised by Dynamo (``maybe_mark_dynamic`` accepts that). No effect outside compiled code."""
+    if t is not None:
+        for d in dims:
+            torch._dynamo.maybe_mark_dynamic(t, d)
+
+
+def _document_block_mask(doc_ids: torch.Tensor, window: int | None):
+    """The block mask of (B, Tp) document ids padded to whole blocks: causal, within the document, within the
+    window. One function, so that its compiled form and a compiled block taking its result see one mask of one
+    structure whatever the batch (`masks.training_mask` of a window that comes and goes was two)."""
+    B, Tp = doc_ids.shape
+    return create_block_mask(masks.training_mask(window, doc_ids), B, None, Tp, Tp, device=doc_ids.device)
+
+
+@functools.cache
+def _compiled_document_block_mask():
+    # compiled once (torchtitan's `torch.compile(create_block_mask)`): the eager one evaluates the mask on every
+    # (q, kv) pair in Python-level vmap and costs more than the attention itself at 4K
+    return torch.compile(_document_block_mask)
+
+
+def _mark_block_mask_varying(bm) -> None:
+    """`mark_varying` over a BlockMask's tensors: (B, H, rows of blocks[, columns of blocks])."""
+    for name in ("kv_num_blocks", "kv_indices", "full_kv_num_blocks", "full_kv_indices", "q_num_blocks",
+                 "q_indices", "full_q_num_blocks", "full_q_indices"):
+        t = getattr(bm, name, None)
+        if t is not None:
+            mark_varying(t, 0, *range(2, t.dim()))
+
+
+def flex_block_mask(window: int | None, doc_ids: torch.Tensor | None, batch: int, seq_len: int, device,
+                    varying: bool = False):
     """The FlexAttention block mask of a training forward over `seq_len` tokens padded to `FLEX_BLOCK`.
 
     Without documents the mask depends on the shape only and is cached. With documents it is built for the
-    batch (compiled `create_block_mask`: the eager one evaluates the mask on every (q, kv) pair in Python-level
-    vmap and costs more than the attention itself at 4K)."""
+    batch by `_document_block_mask` (compiled on CUDA); pass the model's window whether or not it bites at this
+    length, so every batch's mask has one structure. `varying`: the batch's shape changes from call to call
+    (`mark_varying` on the ids and the mask's tensors)."""
     pad = (-seq_len) % FLEX_BLOCK
     Tp = seq_len + pad
     if doc_ids is None:
         return _static_block_mask(Tp, window, str(device))
     if pad:
         doc_ids = F.pad(doc_ids, (0, pad), value=-1)  # padding is its own document
-    return create_block_mask(masks.training_mask(window, doc_ids), batch, None, Tp, Tp, device=device,
-                             _compile=torch.device(device).type == "cuda")
+    if varying:
+        mark_varying(doc_ids, 0, 1)
+    build = _compiled_document_block_mask() if torch.device(device).type == "cuda" else _document_block_mask
+    bm = build(doc_ids, window)
+    if varying:
+        _mark_block_mask_varying(bm)
+    return bm
 
 
 def flex(q, k, v, block_mask):
@@ -134,7 +176,10 @@ def flex(q, k, v, block_mask):
     pad = block_mask.shape[-2] - T
     if pad:
         q, k, v = (F.pad(t, (0, 0, 0, pad)) for t in (q, k, v))  # (B, *, T + pad, D)
-    out = _compiled_flex()(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
+    # inside a compiled region (a compiled block) Dynamo traces flex_attention into the region's graph; calling
+    # the separately compiled wrapper there is a graph break before and after it, forward and backward
+    kernel = flex_attention if torch.compiler.is_compiling() else _compiled_flex()
+    out = kernel(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != H)
     return out[:, :, :T] if pad else out
 
 
@@ -260,14 +305,16 @@ class AttentionMask:
 
     @classmethod
     def build(cls, backend: str, window: int | None, doc_ids: torch.Tensor | None, batch: int, seq_len: int,
-              head_dim: int, device, bounds: DocBounds | None = None) -> "AttentionMask":
+              head_dim: int, device, bounds: DocBounds | None = None, varying: bool = False) -> "AttentionMask":
         """backend: a resolved backend (sdpa, flex or flash). doc_ids (B, T): document index of every token.
-        bounds: the same rows' `DocBounds` from the host; without it the decision reads the device."""
+        bounds: the same rows' `DocBounds` from the host; without it the decision reads the device.
+        varying: the rows' shape changes from call to call (`mark_varying` on what the mask holds)."""
         if backend not in ("sdpa", "flex", "flash"):
             raise ValueError(f"unknown attention backend {backend!r}: choose sdpa, flex or flash")
         if bounds is not None and (bounds.batch, bounds.seq_len) != (batch, seq_len):
             raise ValueError(f"doc_bounds were computed for rows of shape ({bounds.batch}, {bounds.seq_len}) but "
                              f"the forward has ({batch}, {seq_len}): compute them from this batch's positions")
+        model_window = window  # flex's document mask keeps it at every length: one mask structure
         if window is not None and window >= seq_len:
             window = None  # the window never bites: plain causal
         if bounds is not None:
@@ -292,8 +339,12 @@ class AttentionMask:
                 cu, max_len = flash_seqlens(doc_ids, batch, seq_len, device)
             return cls("flash", window, doc_ids, cu_seqlens=cu, max_len=max_len, flash_version=version)
         if backend == "flex" and head_dim >= FLEX_MIN_HEAD_DIM:
-            return cls("flex", window, doc_ids, block_mask=flex_block_mask(window, doc_ids, batch, seq_len, device))
+            bm = flex_block_mask(window if doc_ids is None else model_window, doc_ids, batch, seq_len, device,
+                                 varying)
+            return cls("flex", window, doc_ids, block_mask=bm)
         dense = masks.dense_mask(masks.training_mask(window, doc_ids), batch, seq_len, seq_len, device)
+        if varying:
+            mark_varying(dense, 0, 2, 3)
         return cls("dense", window, doc_ids, dense=dense)
 
     def takes_bthd(self, dtype: torch.dtype) -> bool:

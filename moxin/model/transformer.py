@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moxin.config import ModelConfig
-from moxin.model.attention import AttentionMask, DocBounds, resolve_backend
+from moxin.model.attention import AttentionMask, DocBounds, mark_varying, resolve_backend
 from moxin.model.masks import doc_ids_from_positions
 from moxin.numerics import mm_f32
 
@@ -234,7 +234,8 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, 0.0, std)
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, cache=None,
-                return_hidden: bool = False, head=None, doc_bounds: DocBounds | None = None):
+                return_hidden: bool = False, head=None, doc_bounds: DocBounds | None = None,
+                varying_shapes: bool = False):
         """tokens (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D) with return_hidden.
 
         positions (B, T): None means 0..T-1 in every row. In training, a 0 inside a row starts a new document.
@@ -245,6 +246,8 @@ class Transformer(nn.Module):
         doc_bounds: `DocBounds.from_positions` of the same positions, computed on the host before they were sent
             (the stages attach it to every batch): the attention is then prepared without reading the device, so
             the host queues the forward while the GPU still runs the previous step. Training forwards only.
+        varying_shapes: the rows' batch and length change from call to call (GRPO's micro-batches): compiled
+            blocks take them as dynamic sizes from the first call (`attention.mark_varying`).
         """
         B, T = tokens.shape
         if positions is None:
@@ -264,10 +267,13 @@ class Transformer(nn.Module):
         mask = None
         if cache is None:  # one mask for all layers (and their recomputation): built here, not per layer
             mask = AttentionMask.build(resolve_backend(self.cfg.attn_backend, tokens.device), self.cfg.sliding_window,
-                                       doc_ids, B, T, self.cfg.head_dim, tokens.device, bounds=doc_bounds)
+                                       doc_ids, B, T, self.cfg.head_dim, tokens.device, bounds=doc_bounds,
+                                       varying=varying_shapes)
 
         h = self.tok_embeddings(tokens)  # (B, T, D)
         cos, sin = rope_cos_sin(positions.clamp(min=0), self.cfg.head_dim, self.cfg.rope_theta, h.dtype)
+        if varying_shapes:
+            mark_varying(h, 0, 1), mark_varying(cos, 0, 2), mark_varying(sin, 0, 2)
         if cache is not None:
             cache.begin(positions)
         for i, layer in enumerate(self.layers):

@@ -385,7 +385,7 @@ class GRPOStage(MoxinStage):
                                     temperature=self.cfg.temperature, rows=rows.entropy)
             return logp, ent
 
-        return model(ids, pos, head=head, doc_bounds=rows.bounds)
+        return model(ids, pos, head=head, doc_bounds=rows.bounds, varying_shapes=True)
 
     def _host_rows(self, labels: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None = None) -> _HostRows:
         """`_HostRows` of host tensors (a micro-batch's labels, positions and, for the entropy, completion mask),
