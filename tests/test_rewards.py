@@ -204,8 +204,18 @@ def test_arithmetic_heldout_part_is_never_a_training_problem():
     for p in held:
         x, _, y = p["prompt"].removeprefix("What is ").removesuffix("?").split()
         assert int(p["answer"]) == int(x) + int(y)
-    big = ArithmeticTask(seed=5, min_digits=3, max_digits=3, heldout=0.1)  # drawn, not enumerated
+    big = ArithmeticTask(seed=5, min_digits=3, max_digits=3, heldout=0.1)  # too many to count: n of them drawn
     assert len(big.heldout_problems(8)) == 8 and all(big.is_heldout(p["prompt"]) for p in big.heldout_problems(8))
+    # operands 0..19 (the CPU demo's task): 400 sums, a quarter reserved, drawn as the training problems are drawn
+    teens = ArithmeticTask(seed=5, min_digits=1, max_digits=2, ops=("+",), heldout=0.25, max_operand=19)
+    held = teens.heldout_problems(1000)
+    all_sums = {f"What is {a} + {b}?" for a in range(20) for b in range(20)}
+    assert {p["prompt"] for p in held} == {p for p in all_sums if teens.is_heldout(p)} and 70 <= len(held) <= 130
+    train = {teens.problem(i)["prompt"] for i in range(3000)}
+    assert train == all_sums - {p["prompt"] for p in held}
+    assert teens.heldout_problems(10) == held[:10] and all(int(p["answer"]) <= 38 for p in held)
+    with pytest.raises(ValueError, match="max_operand=123"):
+        ArithmeticTask(max_digits=2, max_operand=123)
     assert ArithmeticTask(seed=1, heldout=0.0).sample(20) == ArithmeticTask(seed=1).sample(20)
     with pytest.raises(ValueError, match="heldout"):
         ArithmeticTask(heldout=1.0)

@@ -30,6 +30,12 @@ class ArithmeticTask:
     every answer is a non-negative integer. Keep digits small (1-2): with 3+ digits a tiny model needs far more
     than minutes.
 
+    ``max_operand``: the largest operand (None: ``10**max_digits - 1``); operands are then uniform over
+    ``[smallest min_digits-digit number, max_operand]`` instead of a digit count first. E.g. ``max_digits=2,
+    max_operand=19``: 400 sums of 0..19 whose units digits are the one-digit sums' table, so what a policy learns on
+    some problems carries over to others (the CPU GRPO demo's held-out rise needs that; see
+    docs/performance.md).
+
     ``heldout``: the fraction of the distinct problems (chosen by a hash of the seed and the prompt) that
     :meth:`problem` never returns and :meth:`heldout_problems` only returns: an evaluation set that neither RL
     nor the SFT warm-up ever trains on, whatever their index ranges (with 1-digit operands there are only 100
@@ -42,6 +48,7 @@ class ArithmeticTask:
     max_digits: int = 2
     ops: tuple[str, ...] = _OPS
     heldout: float = 0.0
+    max_operand: int | None = None
 
     def __post_init__(self) -> None:
         self.ops = tuple(self.ops)
@@ -52,11 +59,20 @@ class ArithmeticTask:
             raise ValueError(
                 f"need 1 <= min_digits <= max_digits, got min_digits={self.min_digits}, max_digits={self.max_digits}"
             )
+        if self.max_operand is not None and not self.min_digits <= len(str(self.max_operand)) <= self.max_digits:
+            raise ValueError(f"ArithmeticTask max_operand={self.max_operand} must have between min_digits="
+                             f"{self.min_digits} and max_digits={self.max_digits} digits")
         if not 0.0 <= self.heldout < 1.0:
             raise ValueError(f"ArithmeticTask heldout is the reserved fraction of the problems, in [0, 1); "
                              f"got {self.heldout}")
 
+    def _low(self) -> int:
+        """The smallest operand."""
+        return 0 if self.min_digits == 1 else 10 ** (self.min_digits - 1)
+
     def _operand(self, rng: random.Random) -> int:
+        if self.max_operand is not None:
+            return rng.randint(self._low(), self.max_operand)
         digits = rng.randint(self.min_digits, self.max_digits)
         low = 0 if digits == 1 else 10 ** (digits - 1)
         return rng.randint(low, 10**digits - 1)
@@ -91,29 +107,32 @@ class ArithmeticTask:
         return self._draw(index, heldout=False)
 
     def heldout_problems(self, n: int) -> list[dict[str, str]]:
-        """Up to ``n`` distinct problems of the held-out part in a fixed seeded order (needs ``heldout`` > 0).
-        Fewer when the part is smaller: with small operands it is enumerated whole (``heldout`` x the number of
-        distinct problems, e.g. about 25 of the 100 one-digit sums at 0.25); else drawn."""
+        """Up to ``n`` distinct problems of the held-out part, drawn as training problems are drawn (the same mix of
+        operand sizes and ops), in a fixed seeded order; the first ``k`` of ``n`` are the ``k`` asked for alone
+        (needs ``heldout`` > 0). Fewer when the part is smaller (with small operands all of it: ``heldout`` x
+        the number of distinct problems, e.g. about 25 of the 100 one-digit sums at 0.25)."""
         if not self.heldout:
             raise ValueError("ArithmeticTask.heldout_problems needs heldout > 0 (no problem is reserved)")
-        if self.max_digits <= 2:  # at most 2 x 100 x 100 problems: enumerate the reserved part
-            low = 0 if self.min_digits == 1 else 10 ** (self.min_digits - 1)
-            vals = range(low, 10**self.max_digits)
-            probs = [{"prompt": f"What is {a} {op} {b}?", "answer": str(a + b if op == "+" else a - b)}
-                     for op in self.ops for a in vals for b in vals
-                     if (op == "+" or a >= b) and self._digits_ok(a) and self._digits_ok(b)]
-            probs = [p for p in probs if self.is_heldout(p["prompt"])]
-            random.Random(f"moxin-arith-heldout-order/{self.seed}").shuffle(probs)
-            return probs[:n]
+        size = self._heldout_size()
         out, seen = [], set()
         for i in range(1000 * n):
-            if len(out) == n:
+            if len(out) == n or len(out) == size:
                 break
-            p = self._draw(i, heldout=True)
+            p = self._draw(2 * 10**7 + i, heldout=True)
             if p["prompt"] not in seen:
                 seen.add(p["prompt"])
                 out.append(p)
         return out
+
+    def _heldout_size(self) -> int | None:
+        """How many distinct problems the held-out part has, counted where they are few (operands below 100),
+        else None."""
+        high = self.max_operand if self.max_operand is not None else 10**self.max_digits - 1
+        if high >= 100:
+            return None
+        vals = [v for v in range(self._low(), high + 1) if self._digits_ok(v)]
+        return sum(self.is_heldout(f"What is {a} {op} {b}?") for op in self.ops for a in vals for b in vals
+                   if op == "+" or a >= b)
 
     def _digits_ok(self, x: int) -> bool:
         """Whether ``x`` has between ``min_digits`` and ``max_digits`` digits (as :meth:`_operand` draws them)."""
