@@ -14,6 +14,7 @@ from moxin.eval import build_mc_items, encode_pair, eval_config, evaluate, load_
 from moxin.eval.loglik import encode_pairs
 from moxin.model import Transformer
 from moxin.presets import load_preset
+from tests.helpers.forward_shapes import forward_shapes
 
 
 @pytest.fixture(scope="module")
@@ -89,28 +90,21 @@ def test_loglikelihoods_match_one_request_at_a_time_whatever_the_batching(model,
     assert loglikelihoods(model, [(ctx, [greedy])])[0].is_greedy
 
 
-def test_loglikelihoods_share_one_row_per_distinct_input(model, tok):
-    """Repeated requests and single-token options after one context are scored from one model row each (as
-    lm-eval's Collator does), and every request still gets its own answer, in order."""
+@pytest.mark.parametrize("share_prefixes", [False, True])
+def test_loglikelihoods_share_one_row_per_distinct_input(model, tok, share_prefixes):
+    """Repeated requests and single-token options after one context are scored from one model input each (as
+    lm-eval's Collator does), and every request still gets its own answer, in order. Packed as prefix trees, the
+    context is read once for all options: one row holding ctx + " a deep"."""
     ctx = tok.encode("The colour of the sky is", bos=True)
     opts = [[tok.encode("blue")[0]], [tok.encode("green")[0]], tok.encode(" a deep blue")]
     reqs = [(ctx, o) for o in opts] * 3  # two options share an input (ctx); everything is repeated 3 times
     ref = [_reference_loglik(model, c, x) for c, x in reqs]
-    rows = []
-    real = model.forward
-
-    def counting(tokens, *a, **kw):
-        rows.append(tokens.shape[0])
-        return real(tokens, *a, **kw)
-
-    model.forward = counting
-    try:
-        got = loglikelihoods(model, reqs)
-    finally:
-        del model.forward
+    with forward_shapes(model) as shapes:
+        got = loglikelihoods(model, reqs, share_prefixes=share_prefixes)
     assert [r.logprob for r in got] == pytest.approx([r[0] for r in ref], abs=2e-4)
     assert [r.is_greedy for r in got] == [r[1] for r in ref]
-    assert sum(rows) == 2  # ctx (for both single-token options) and ctx + " a deep"
+    longer = len(ctx) + len(opts[2]) - 1  # ctx + " a deep"
+    assert shapes == ([(1, longer)] if share_prefixes else [(2, longer)])
 
 
 def test_loglikelihoods_truncate_from_the_left_like_lm_eval(model, tok):

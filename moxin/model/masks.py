@@ -77,3 +77,24 @@ def dense_mask(mask_mod: MaskMod, batch: int, q_len: int, kv_len: int, device) -
     q = torch.arange(q_len, device=device).view(1, 1, q_len, 1)
     kv = torch.arange(kv_len, device=device).view(1, 1, 1, kv_len)
     return mask_mod(b, h, q, kv).expand(batch, 1, q_len, kv_len)
+
+
+def subtree(last: torch.Tensor) -> MaskMod:
+    """Packed prefix trees: a token sees its ancestors and itself. Tokens in depth-first order, ``last`` (B, T) the
+    index of the last token of each token's subtree, so the ancestors of q are exactly the kv <= q whose subtree
+    reaches q. Causal by construction; separate trees (and padding, each its own tree) never see each other."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return (kv_idx <= q_idx) & (q_idx <= last[b, kv_idx])
+
+    return mask_mod
+
+
+def position_window(positions: torch.Tensor, window: int) -> MaskMod:
+    """`sliding_window` over positions (B, T) rather than indices, for rows whose positions are not their indices
+    (packed prefix trees): a query sees keys at most ``window - 1`` positions back."""
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        return positions[b, q_idx] - positions[b, kv_idx] < window
+
+    return mask_mod

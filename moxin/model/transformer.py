@@ -235,7 +235,7 @@ class Transformer(nn.Module):
 
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, *, cache=None,
                 return_hidden: bool = False, head=None, doc_bounds: DocBounds | None = None,
-                varying_shapes: bool = False):
+                varying_shapes: bool = False, attn_mask: AttentionMask | None = None):
         """tokens (B, T) -> logits (B, T, V), or final-normed hidden states (B, T, D) with return_hidden.
 
         positions (B, T): None means 0..T-1 in every row. In training, a 0 inside a row starts a new document.
@@ -248,6 +248,8 @@ class Transformer(nn.Module):
             the host queues the forward while the GPU still runs the previous step. Training forwards only.
         varying_shapes: the rows' batch and length change from call to call (GRPO's micro-batches): compiled
             blocks take them as dynamic sizes from the first call (`attention.mark_varying`).
+        attn_mask: a prepared `AttentionMask` for rows whose visibility their positions cannot express (evaluation's
+            packed prefix trees, moxin/eval/loglik.py); the positions then only rotate. Not with a cache.
         """
         B, T = tokens.shape
         if positions is None:
@@ -258,14 +260,16 @@ class Transformer(nn.Module):
         elif positions.shape != tokens.shape:
             raise ValueError(f"positions shape {tuple(positions.shape)} must equal tokens shape {tuple(tokens.shape)}")
         else:
-            doc_ids = None if cache is not None else doc_ids_from_positions(positions)
+            doc_ids = None if cache is not None or attn_mask is not None else doc_ids_from_positions(positions)
         if T > self.cfg.max_seq_len and cache is None:
             raise ValueError(f"sequence length {T} exceeds the model's max_seq_len={self.cfg.max_seq_len}")
         if doc_bounds is not None and doc_ids is None:  # no positions given, or a generation cache
             raise ValueError("doc_bounds describe the documents of training rows: pass them with those rows' "
                              "positions, and not with a generation cache")
-        mask = None
-        if cache is None:  # one mask for all layers (and their recomputation): built here, not per layer
+        if attn_mask is not None and cache is not None:
+            raise ValueError("attn_mask is for forwards without a cache (a generation cache builds its own masks)")
+        mask = attn_mask
+        if cache is None and mask is None:  # one mask for all layers (and their recomputation), not one per layer
             mask = AttentionMask.build(resolve_backend(self.cfg.attn_backend, tokens.device), self.cfg.sliding_window,
                                        doc_ids, B, T, self.cfg.head_dim, tokens.device, bounds=doc_bounds,
                                        varying=varying_shapes)
