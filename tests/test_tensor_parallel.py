@@ -62,3 +62,26 @@ def test_grpo_under_tensor_parallel_matches_one_process(tmp_path):
     assert sorted(tp["weights"]) == sorted(one["weights"])
     for name, w in one["weights"].items():
         torch.testing.assert_close(tp["weights"][name], w, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_evaluation_under_tensor_parallel_matches_one_process(tmp_path):
+    """`moxin.eval.evaluate` in lockstep on a TP=2 model (tests/helpers/tp_eval.py) takes each item once on the tensor
+    pair (both ranks feed the collective forward the same rows) and gives one process's per-item log-likelihoods
+    (1e-4), greedy completions and samples (the data-parallel rank's generator) and metrics."""
+    from moxin.eval import evaluate
+    from moxin.tokenizer import load_tokenizer
+    from tests.helpers.tp_eval import eval_cfg, model
+
+    out = tmp_path / "eval.json"
+    torchrun(HELPERS / "tp_eval.py", out)
+    tp = json.loads(out.read_text())
+    one = evaluate(model(), load_tokenizer("mistral"), eval_cfg())
+    mc1, mc2 = one["tasks"]["mc"], tp["tasks"]["mc"]
+    assert [i["index"] for i in mc2["items"]] == [i["index"] for i in mc1["items"]] == list(range(4))
+    assert [x for i in mc2["items"] for x in i["loglik"]] == pytest.approx(
+        [x for i in mc1["items"] for x in i["loglik"]], abs=1e-4)
+    g1, g2 = one["tasks"]["math"], tp["tasks"]["math"]
+    assert [i["index"] for i in g2["items"]] == list(range(3))
+    assert [(i["greedy"], i["samples"]) for i in g2["items"]] == [(i["greedy"], i["samples"]) for i in g1["items"]]
+    assert mc2["metrics"] == pytest.approx(mc1["metrics"], nan_ok=True)
+    assert g2["metrics"] == pytest.approx(g1["metrics"], nan_ok=True)
