@@ -85,3 +85,40 @@ def test_evaluation_under_tensor_parallel_matches_one_process(tmp_path):
     assert [(i["greedy"], i["samples"]) for i in g2["items"]] == [(i["greedy"], i["samples"]) for i in g1["items"]]
     assert mc2["metrics"] == pytest.approx(mc1["metrics"], nan_ok=True)
     assert g2["metrics"] == pytest.approx(g1["metrics"], nan_ok=True)
+
+
+def test_comm_projection_arithmetic_on_a_tiny_case_by_hand(tmp_path):
+    """scripts/bench/comm_projection.py on a 236-parameter model, 2 nodes x 2 GPUs, 16 tokens a step in micro-steps
+    of 4 tokens, against the bytes worked out by hand (ring collectives: (n - 1) / n of the size a rank, twice for
+    an all-reduce; a ring over 2 nodes of 2 ranks puts half its bytes on the network)."""
+    import sys
+
+    from moxin.config import ModelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    try:
+        from comm_projection import Cluster, Layout, main, step_traffic
+    finally:
+        sys.path.pop(0)
+    cfg = ModelConfig(vocab_size=8, dim=4, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=2, hidden_dim=8,
+                      max_seq_len=16)
+    assert cfg.num_params() == 236  # block 64 + 96 + 8, final norm 4, embedding and output 32 each
+    cluster = Cluster(nodes=2, gpus_per_node=2)
+
+    def sent(tp, replicate):
+        r = step_traffic(cfg, Layout("x", tp, replicate), cluster, tokens_per_step=16, micro_batch_tokens=4)
+        return r["accum"], r["nvlink_bytes"], r["network_bytes"]
+
+    # FSDP2 over 4: all-gathers 3/4 x 2 bytes x (2 x 236 - 168) = 456, reduce-scatter 3/4 x 4 x 236 = 708; half out
+    assert sent(1, 1) == (1, pytest.approx(582), pytest.approx(582))
+    # HSDP 2 x 2: in-node 1/2 x 2 x 304 + 1/2 x 4 x 236 = 776; the all-reduce 2 x 1/2 x 4 x 118 = 472 between nodes
+    assert sent(1, 2) == (1, pytest.approx(776), pytest.approx(472))
+    # TP 2 in a node, FSDP2 over the 2 nodes, 2 micro-steps: FSDP 1/2 x 2 x (236 - 84) + 1/2 x 4 x 118 = 388 out;
+    # TP 12 x 16 (blocks, recomputed) + 2 x 16 (embedding) + 16 + 1/2 x 64 (head) = 272 over NVLink, a micro-step
+    assert sent(2, 1) == (2, pytest.approx(544), pytest.approx(776))
+    with pytest.raises(ValueError, match="not a whole number of micro-steps"):
+        step_traffic(cfg, Layout("x", 1, 1), cluster, tokens_per_step=10, micro_batch_tokens=4)
+    res = main(["--nodes", "64", "--out", str(tmp_path / "p.json")])  # the recipe's table: it runs and adds up
+    fsdp, hsdp = res["rows"][:2]
+    assert res["world"] == 512 and fsdp["accum"] == hsdp["accum"] == 1
+    assert hsdp["network_bytes"] < fsdp["network_bytes"] < 1.1 * hsdp["network_bytes"]
