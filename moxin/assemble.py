@@ -168,10 +168,10 @@ def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
 
 def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
     """``hardware.tensor_parallel_size`` that the run cannot hold, refused before any work: shapes it does not
-    divide (`moxin.config.check_tensor_parallel`), and the stages the tensor-parallel plan does not cover yet:
-    GRPO (its rollouts and packed update are untested under it) and LoRA (its wrapped projections are not in the
-    plan) and float8 (torchao's float8 tensor-parallel styles are not in the plan). Sample generations and
-    evaluation decode through the same forward and do run."""
+    divide (`moxin.config.check_tensor_parallel`), and what the tensor-parallel plan does not cover yet: LoRA (its
+    wrapped projections are not in the plan) and float8 (torchao's float8 tensor-parallel styles are not in the
+    plan). Sample generations, evaluation and GRPO's rollouts decode through the same forward (or GRPO's gathered
+    copy) and do run; GRPO's update counts a tensor group's rows once (`GRPOStage.row_sums`)."""
     hw = cfg.hardware
     tp = tensor_parallel_size_of(hw)
     check_tensor_parallel(tp, world_size_of(hw), model_cfg, hw.strategy, int(hw.parallel.get("replicate", 1)))
@@ -180,8 +180,7 @@ def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
     stage = cfg.stage
     lora = stage.get("lora")
     float8 = str(hw.parallel.get("float8", "none"))
-    uses = {"GRPO (stage=grpo)": stage.get("grpo") is not None,
-            "LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank")),
+    uses = {"LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank")),
             f"float8 (hardware.parallel.float8={float8})": float8 != "none"}
     refused = [k for k, v in uses.items() if v]
     if refused:

@@ -9,13 +9,15 @@ length and the rolling-cache decode work (padded inside the forward). docs/archi
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-__all__ = ["apply_tensor_parallel", "tensor_parallel_mesh", "tensor_parallel_size"]
+__all__ = ["apply_tensor_parallel", "data_rank_and_world", "model_tensor_parallel_size", "tensor_parallel_mesh",
+           "tensor_parallel_size"]
 
 
 def tensor_parallel_mesh(mesh):
@@ -31,6 +33,26 @@ def tensor_parallel_size(strategy) -> int:
     mesh = getattr(strategy, "_device_mesh", None)
     tp = tensor_parallel_mesh(mesh)
     return 1 if tp is None else tp.size()
+
+
+def model_tensor_parallel_size(model: nn.Module) -> int:
+    """T of a model `apply_tensor_parallel` planned (read from its parameters' device mesh); 1 for any other."""
+    for p in model.parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if mesh is not None:
+            tp = tensor_parallel_mesh(mesh)
+            return 1 if tp is None else tp.size()
+    return 1
+
+
+def data_rank_and_world(model: nn.Module) -> tuple[int, int, int]:
+    """(data-parallel rank, data-parallel ranks, T) for work split over ranks that runs `model`'s forwards
+    (evaluation, held-out rewards): a tensor-parallel group's T ranks, consecutive in the mesh (rank = data rank x
+    T + tensor rank, Lightning's layout and ours under HSDP), take the same rows, since every forward is collective
+    over the group and the ranks must feed it alike. (rank, world, 1) without tensor parallelism."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    tp = model_tensor_parallel_size(model)
+    return rank // tp, world // tp, tp
 
 
 def _block_plan() -> dict:

@@ -12,9 +12,10 @@ from __future__ import annotations
 import torch
 
 from moxin.data.arithmetic import ArithmeticTask
-from moxin.distributed import all_reduce_values, rank_and_world
+from moxin.distributed import all_reduce_values
 from moxin.eval.generation import generate_all, score_generations
 from moxin.eval.tasks import load_records
+from moxin.tensor_parallel import data_rank_and_world
 
 __all__ = ["heldout_records", "heldout_reward", "maybe_heldout", "maybe_validate", "sampled_reward"]
 
@@ -87,7 +88,7 @@ def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: fl
     rollouts decode with (`GRPOStage.decoding_model`: under FSDP2 the gathered copy, or lockstep)."""
     c = stage.cfg
     tok = stage.tokenizer
-    rank, world = rank_and_world()
+    rank, world, _ = data_rank_and_world(stage.model)  # a tensor-parallel group decodes the same prompts
     mine = records[rank::world]
     prompts = [r["prompt_ids"] for r in mine for _ in range(samples)]
     bs = c.gen_batch_size or 64
@@ -174,7 +175,8 @@ def maybe_validate(stage, rl_step: int, after_update: bool) -> dict[str, float]:
                              f"data.max_prompt_tokens={dm.max_prompt_tokens}; raise it or pick another set")
         object.__setattr__(stage, "_val_records", recs)
     gen = torch.Generator(device=stage.device)
-    gen.manual_seed((stage.seed * 1_000_003 + updates * 7_919 + rank_and_world()[0] * 101 + 23) % (2**63 - 1))
+    rank = data_rank_and_world(stage.model)[0]  # a tensor-parallel group samples alike
+    gen.manual_seed((stage.seed * 1_000_003 + updates * 7_919 + rank * 101 + 23) % (2**63 - 1))
     r, na = sampled_reward(stage, recs, samples=c.n_val, temperature=c.val_temperature, generator=gen)
     m = {"val/reward_mean": r, "val/no_answer_frac": na}
     _record(stage, "val_history", updates, m)

@@ -28,17 +28,20 @@ from moxin.eval.metrics import pass_at_k
 from moxin.eval.loglik import encode_pairs, loglikelihoods
 from moxin.eval.scoring import truncate_at
 from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, task_records
+from moxin.tensor_parallel import data_rank_and_world
 
 __all__ = ["evaluate", "print_table", "write_results", "flat_metrics", "lm_eval_results", "markdown_table"]
 
 
-def _gather(obj: list) -> list:
+def _gather(obj: list, tp: int = 1) -> list:
+    """Every rank's list, concatenated in rank order; of a tensor-parallel group (T consecutive ranks holding the
+    same items) only its first rank's."""
     rank, world = rank_and_world()
     if world == 1:
         return obj
     parts: list = [None] * world
     dist.all_gather_object(parts, obj)
-    return [x for p in parts for x in p]
+    return [x for i, p in enumerate(parts) if i % tp == 0 for x in p]
 
 
 def _mean_stderr(xs: list[float]) -> tuple[float, float]:
@@ -59,7 +62,7 @@ def _argmax(xs: list[float]) -> int:
 
 
 def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
-    rank, world = rank_and_world()
+    rank, world, tp = data_rank_and_world(model)
     items = build_mc_items(task, *task_records(task))
     mine = items[rank::world]
     t0 = time.perf_counter()
@@ -78,7 +81,7 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
         out.append({"index": it.index, "gold": it.gold, "loglik": lls, "pred": pred, "pred_norm": pred_norm,
                     "acc": acc, "acc_norm": float(pred_norm == it.gold),
                     "is_greedy": [r.is_greedy for r in res[s - n:s]]} | ({"subject": it.subject} if it.subject else {}))
-    out = sorted(_gather(out), key=lambda r: r["index"])
+    out = sorted(_gather(out, tp), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
     metrics = _mc_metrics(out)
     if items and items[0].labels is not None:  # TruthfulQA MC2 reports its probability mass as acc only
@@ -124,7 +127,7 @@ def _decode_and_score(tokenizer, task: TaskConfig, cfg: EvalConfig, gens, answer
 
 
 def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockstep: bool) -> dict:
-    rank, world = rank_and_world()
+    rank, world, tp = data_rank_and_world(model)
     records, fewshot = task_records(task)
     items = build_gen_items(task, records, tokenizer, fewshot)
     mine = items[rank::world]
@@ -157,7 +160,7 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
         for j, p in enumerate(per):
             sl = slice(j * task.samples, (j + 1) * task.samples)
             p.update(samples=texts[sl], sample_scores=[r.score for r in sampled[sl]])
-    per = sorted(_gather(per), key=lambda r: r["index"])
+    per = sorted(_gather(per, tp), key=lambda r: r["index"])
     seconds = max(_gather([time.perf_counter() - t0]))
     res = {"kind": task.kind.value, "n": len(per), "num_fewshot": task.num_fewshot, "seconds": seconds,
            "items_per_s": len(per) / max(seconds, 1e-9), "samples": task.samples,

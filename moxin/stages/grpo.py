@@ -30,6 +30,7 @@ from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage
+from moxin.tensor_parallel import tensor_parallel_size
 
 __all__ = ["GRPOStage", "Rollout"]
 
@@ -137,9 +138,20 @@ class GRPOStage(MoxinStage):
         return rollouts * self.optimizer_steps_per_rollout()
 
     # ---- helpers ------------------------------------------------------------------------------------------------
+    def tp_size(self) -> int:
+        """The tensor-parallel group size (1 without one): a group's T ranks hold the same rows, so their
+        rollouts sample alike and a sum of per-row counts over all ranks counts each row T times."""
+        return tensor_parallel_size(getattr(self._trainer, "strategy", None))
+
+    def row_sums(self, values: list) -> list[float]:
+        """Per-row counts summed over the data-parallel ranks (`all_reduce_values` over all ranks, / T)."""
+        t = self.tp_size()
+        return [v / t for v in all_reduce_values(values, self.device)]
+
     def generator_for(self, step: int, rank: int | None = None) -> torch.Generator:
-        """The sampling generator of rollout `step` on `rank` (None: this process's rank)."""
-        rank = rank_and_world()[0] if rank is None else rank
+        """The sampling generator of rollout `step` on data-parallel `rank` (None: this process's; the ranks of a
+        tensor-parallel group, T consecutive ranks, share it and sample the same completions)."""
+        rank = rank_and_world()[0] // self.tp_size() if rank is None else rank
         g = torch.Generator(device=self.device)
         g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank * 101 + 17) % (2**63 - 1))
         return g
@@ -464,7 +476,7 @@ class GRPOStage(MoxinStage):
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        world = rank_and_world()[1]
+        world = rank_and_world()[1] // self.tp_size()  # the data-parallel ranks
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
         # the host's rows (the rollout is built on the host), and the device's, sent once without blocking
@@ -524,7 +536,7 @@ class GRPOStage(MoxinStage):
                 m_all = host["mask"][mb]
                 local_tok = float(m_all.sum())
                 local_seq = float((m_all.sum(1) > 0).sum())
-                tot_tok, tot_seq, tot_n = all_reduce_values([local_tok, local_seq, float(len(mb))], self.device)
+                tot_tok, tot_seq, tot_n = self.row_sums([local_tok, local_seq, float(len(mb))])
                 opt.zero_grad(set_to_none=True)
                 pending = []  # per micro-batch: its statistics on the device, and its host numbers
                 for mc in plan:
@@ -580,7 +592,7 @@ class GRPOStage(MoxinStage):
                         acc["ent_n"] += ent_n
                 # each micro-batch's loss is its share of the minibatch's (normalised by the counts of all ranks):
                 # their sum over ranks is the minibatch's loss
-                r = all_reduce_values([mb_loss, mb_pg, mb_clip, mb_kl], self.device)
+                r = self.row_sums([mb_loss, mb_pg, mb_clip, mb_kl])
                 acc["loss"] += r[0]
                 acc["pg_loss"] += r[1]
                 acc["clip"] += r[2] / max(tot_tok, 1.0)
@@ -590,7 +602,7 @@ class GRPOStage(MoxinStage):
         # the gradients are set again by the next minibatch: their memory goes to the next rollout (copy, cache)
         opt.zero_grad(set_to_none=True)
         n_mb = max(acc["n_mb"], 1)
-        ent_sum, ent_n = all_reduce_values([acc["ent"], acc["ent_n"]], self.device)
+        ent_sum, ent_n = self.row_sums([acc["ent"], acc["ent_n"]])
         self.last_step_tokens_processed = processed
         return {"train/loss": acc["loss"] / n_mb, "grpo/pg_loss": acc["pg_loss"] / n_mb,
                 "grpo/clip_frac": acc["clip"] / n_mb, "grpo/kl": acc["kl"] / n_mb,
@@ -614,11 +626,11 @@ class GRPOStage(MoxinStage):
         update_s = time.perf_counter() - t_update
         c = self.cfg
         S = len(ro.rewards)
-        tot = all_reduce_values([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
+        tot = self.row_sums([float(ro.rewards.sum()), float((ro.rewards ** 2).sum()), float(S),
                                  float(ro.zero_std.sum()), float(len(ro.zero_std)), float(ro.lengths.sum()),
                                  float(ro.truncated.sum()), float(ro.stats["gen_tokens"]),
                                  float(ro.stats["verifier_errors"]), float(ro.stats["verifier_timeouts"]),
-                                 float(ro.stats["no_answer"])], self.device)
+                                 float(ro.stats["no_answer"])])
         rs, rs2, n, zs, ng, ln, tr, gt, ve, vt, na = tot
         if (ve + vt) > self.cfg.max_verifier_failure_fraction * n:
             raise RuntimeError(

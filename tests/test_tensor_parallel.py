@@ -1,0 +1,124 @@
+"""Tensor parallelism (moxin/tensor_parallel.py) beyond training's forward and backward: the rolling-cache decode
+that sample generations, evaluation and GRPO's rollouts call, on 2 gloo processes against the unsharded model.
+The training equivalences (TP=2, TP=2 x DP=2, TP=2 x HSDP) are in tests/test_distributed.py."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.conftest import torchrun
+
+HELPERS = Path(__file__).parent / "helpers"
+
+
+def test_tensor_parallel_decode_gives_the_unsharded_tokens_past_the_window(tmp_path):
+    """Under TP=2 `generate` gives the unsharded model's tokens, token for token, and its log-probs within 1e-5:
+    greedy and sampled (the same seeded generator), left and right padding, chunked prefill, the eager and static
+    paths, rows ending on stop tokens at different steps, every row running past the window so the rolling buffer
+    wraps; the gathered copy GRPO's rollouts decode from (the DTensors' full_tensor()) gives them too."""
+    out = tmp_path / "decode.json"
+    torchrun(HELPERS / "tp_decode.py", out)
+    r = json.loads(out.read_text())
+    assert min(r["prompt_lens"]) + r["new"] > r["window"]  # every row wraps the ring buffer
+    for case in ("greedy_left", "greedy_right_chunked", "sampled", "sampled_static", "greedy_stops"):
+        plain = r[case]["plain"]
+        for other in ("tp", "copy"):
+            got = r[case][other]
+            assert got["tokens"] == plain["tokens"], f"{case}: {other}"
+            assert got["finished"] == plain["finished"], f"{case}: {other}"
+            for a, b in zip(got["logprobs"], plain["logprobs"]):
+                assert a == pytest.approx(b, abs=1e-5), f"{case}: {other}"
+    lens = [len(t) for t in r["greedy_stops"]["plain"]["tokens"]]
+    assert min(lens) < r["new"] and max(lens) == r["new"]  # the stops end some rows early, not all
+    assert r["sampled"]["plain"]["tokens"] != r["greedy_left"]["plain"]["tokens"]  # the sampled cases sampled
+
+
+def test_grpo_under_tensor_parallel_matches_one_process(tmp_path):
+    """GRPO with TP=2 (tests/helpers/grpo_tp.py: two rollout steps, off-policy updates against a KL reference, the
+    held-out reward) as one process: the same completions from the sharded policy in lockstep and from the gathered
+    copy (a tensor group's ranks share the data-parallel rank's generator), the same rewards and held-out rewards,
+    losses within 1e-4 (relative; the update counts a group's rows once), and the final weights within 1e-4: eight
+    Adam steps at lr 1e-2 turn the reductions' rounding into up to 5.1e-5 on weights of ~0.1 (measured; Adam's
+    normalised step lr x m / sqrt(v) moves a weight whose gradient is near zero by up to lr whatever its size, so
+    the summation order shows), where a missing or doubled row count would move them by the lr itself."""
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path / f"grpo{world}.json"
+        torchrun(HELPERS / "grpo_tp.py", out, nproc=world)
+        runs[world] = json.loads(out.read_text()) | {"weights": torch.load(f"{out}.weights.pt", weights_only=True)}
+    one, tp = runs[1], runs[2]
+    assert tp["placements"][0].count("Shard(dim=0") == 2  # really sharded on the data and the tensor dimension
+    assert one["steps"] == tp["steps"] == 8  # 2 rollouts x 2 epochs x 2 minibatches
+    for r1, r2 in zip(one["rollouts"], tp["rollouts"], strict=True):
+        assert r2["lockstep"] == r2["gather"] == r1["one"]
+    for h1, h2 in zip(one["history"], tp["history"], strict=True):
+        for key in ("grpo/reward_mean", "grpo/heldout_reward", "grpo/loss_tokens", "grpo/completion_len_mean"):
+            assert h2[key] == h1[key], key
+        for key in ("train/loss", "grpo/pg_loss", "grpo/kl", "grpo/entropy", "grpo/clip_frac"):
+            assert h2[key] == pytest.approx(h1[key], rel=1e-4, abs=1e-6), key
+    assert one["history"][0]["grpo/skipped_update"] == 0.0  # the rewards varied: the update ran
+    assert sorted(tp["weights"]) == sorted(one["weights"])
+    for name, w in one["weights"].items():
+        torch.testing.assert_close(tp["weights"][name], w, rtol=0, atol=1e-4, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_evaluation_under_tensor_parallel_matches_one_process(tmp_path):
+    """`moxin.eval.evaluate` in lockstep on a TP=2 model (tests/helpers/tp_eval.py) takes each item once on the tensor
+    pair (both ranks feed the collective forward the same rows) and gives one process's per-item log-likelihoods
+    (1e-4), greedy completions and samples (the data-parallel rank's generator) and metrics."""
+    from moxin.eval import evaluate
+    from moxin.tokenizer import load_tokenizer
+    from tests.helpers.tp_eval import eval_cfg, model
+
+    out = tmp_path / "eval.json"
+    torchrun(HELPERS / "tp_eval.py", out)
+    tp = json.loads(out.read_text())
+    one = evaluate(model(), load_tokenizer("mistral"), eval_cfg())
+    mc1, mc2 = one["tasks"]["mc"], tp["tasks"]["mc"]
+    assert [i["index"] for i in mc2["items"]] == [i["index"] for i in mc1["items"]] == list(range(4))
+    assert [x for i in mc2["items"] for x in i["loglik"]] == pytest.approx(
+        [x for i in mc1["items"] for x in i["loglik"]], abs=1e-4)
+    g1, g2 = one["tasks"]["math"], tp["tasks"]["math"]
+    assert [i["index"] for i in g2["items"]] == list(range(3))
+    assert [(i["greedy"], i["samples"]) for i in g2["items"]] == [(i["greedy"], i["samples"]) for i in g1["items"]]
+    assert mc2["metrics"] == pytest.approx(mc1["metrics"], nan_ok=True)
+    assert g2["metrics"] == pytest.approx(g1["metrics"], nan_ok=True)
+
+
+def test_comm_projection_arithmetic_on_a_tiny_case_by_hand(tmp_path):
+    """scripts/bench/comm_projection.py on a 236-parameter model, 2 nodes x 2 GPUs, 16 tokens a step in micro-steps
+    of 4 tokens, against the bytes worked out by hand (ring collectives: (n - 1) / n of the size a rank, twice for
+    an all-reduce; a ring over 2 nodes of 2 ranks puts half its bytes on the network)."""
+    import sys
+
+    from moxin.config import ModelConfig
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts" / "bench"))
+    try:
+        from comm_projection import Cluster, Layout, main, step_traffic
+    finally:
+        sys.path.pop(0)
+    cfg = ModelConfig(vocab_size=8, dim=4, n_layers=1, n_heads=2, n_kv_heads=2, head_dim=2, hidden_dim=8,
+                      max_seq_len=16)
+    assert cfg.num_params() == 236  # block 64 + 96 + 8, final norm 4, embedding and output 32 each
+    cluster = Cluster(nodes=2, gpus_per_node=2)
+
+    def sent(tp, replicate):
+        r = step_traffic(cfg, Layout("x", tp, replicate), cluster, tokens_per_step=16, micro_batch_tokens=4)
+        return r["accum"], r["nvlink_bytes"], r["network_bytes"]
+
+    # FSDP2 over 4: all-gathers 3/4 x 2 bytes x (2 x 236 - 168) = 456, reduce-scatter 3/4 x 4 x 236 = 708; half out
+    assert sent(1, 1) == (1, pytest.approx(582), pytest.approx(582))
+    # HSDP 2 x 2: in-node 1/2 x 2 x 304 + 1/2 x 4 x 236 = 776; the all-reduce 2 x 1/2 x 4 x 118 = 472 between nodes
+    assert sent(1, 2) == (1, pytest.approx(776), pytest.approx(472))
+    # TP 2 in a node, FSDP2 over the 2 nodes, 2 micro-steps: FSDP 1/2 x 2 x (236 - 84) + 1/2 x 4 x 118 = 388 out;
+    # TP 12 x 16 (blocks, recomputed) + 2 x 16 (embedding) + 16 + 1/2 x 64 (head) = 272 over NVLink, a micro-step
+    assert sent(2, 1) == (2, pytest.approx(544), pytest.approx(776))
+    with pytest.raises(ValueError, match="not a whole number of micro-steps"):
+        step_traffic(cfg, Layout("x", 1, 1), cluster, tokens_per_step=10, micro_batch_tokens=4)
+    res = main(["--nodes", "64", "--out", str(tmp_path / "p.json")])  # the recipe's table: it runs and adds up
+    fsdp, hsdp = res["rows"][:2]
+    assert res["world"] == 512 and fsdp["accum"] == hsdp["accum"] == 1
+    assert hsdp["network_bytes"] < fsdp["network_bytes"] < 1.1 * hsdp["network_bytes"]
