@@ -21,6 +21,7 @@ from moxin.numerics import mm_f32
 
 __all__ = [
     "token_logprobs",
+    "token_logprobs_and_entropy",
     "token_cross_entropy",
     "token_entropy",
     "token_entropies",
@@ -42,13 +43,20 @@ __all__ = [
 # --------------------------------------------------------------------------------------------------------------
 
 
-def _label_logp_lse(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """(log p(label), logsumexp) per row of a (c, V) chunk of logits, in fp32 (the eager form)."""
+def _label_logp_lse(logits: torch.Tensor, labels: torch.Tensor, temperature: float, entropy: bool = False):
+    """(log p(label), logsumexp) per row of a (c, V) chunk of logits, in fp32 (the eager form); with `entropy`,
+    also each row's entropy -sum p log p (from the same logits: no second product)."""
     z = logits.float()
     if temperature != 1.0:
         z = z / temperature
     lse = torch.logsumexp(z, dim=-1)
-    return z.gather(1, labels[:, None]).squeeze(1) - lse, lse
+    out = (z.gather(1, labels[:, None]).squeeze(1) - lse, lse)
+    return out + (_entropy_from(z, lse),) if entropy else out
+
+
+def _entropy_from(z: torch.Tensor, lse: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(z) per row from the scaled logits z and their logsumexp: lse - sum p z (fp32)."""
+    return lse - (torch.exp(z - lse[:, None]) * z).sum(-1)
 
 
 def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,
@@ -63,15 +71,17 @@ def _logits_grad(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, 
     return g.mul_(row_scale[:, None]).to(dtype)
 
 
-def _label_logp_lse_fused(logits: torch.Tensor, labels: torch.Tensor, temperature: float):
-    """:func:`_label_logp_lse` written for Inductor (compiled on CUDA): one read of the chunk's logits."""
+def _label_logp_lse_fused(logits: torch.Tensor, labels: torch.Tensor, temperature, entropy: bool = False):
+    """:func:`_label_logp_lse` written for Inductor (compiled on CUDA): one read of the chunk's logits.
+    `temperature`: a float, or (compiled) a 0-d tensor, so that no value is baked into the compiled kernel."""
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
-    return z.gather(1, labels[:, None]).squeeze(1) - lse, lse
+    out = (z.gather(1, labels[:, None]).squeeze(1) - lse, lse)
+    return out + (_entropy_from(z, lse),) if entropy else out
 
 
 def _logits_grad_fused(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Tensor, row_scale: torch.Tensor,
-                       temperature: float, dtype: torch.dtype) -> torch.Tensor:
+                       temperature, dtype: torch.dtype) -> torch.Tensor:
     """:func:`_logits_grad` written for Inductor (compiled on CUDA): one read of the logits, one write of the
     result, where the eager form makes six passes over an fp32 block."""
     p = torch.exp(logits.float() / temperature - lse[:, None])
@@ -79,16 +89,18 @@ def _logits_grad_fused(logits: torch.Tensor, lse: torch.Tensor, labels: torch.Te
     return ((hit.to(p.dtype) - p) * row_scale[:, None]).to(dtype)
 
 
-def _label_logp_lse_grad_fused(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
-                               dtype: torch.dtype):
+def _label_logp_lse_grad_fused(logits: torch.Tensor, labels: torch.Tensor, temperature, dtype: torch.dtype,
+                               entropy: bool = False):
     """:func:`_label_logp_lse_fused` plus the chunk's logits gradient before the row weights,
     ``onehot(labels) - softmax(logits / temperature)`` in `dtype`: what the backward would otherwise recompute
-    the logits for."""
+    the logits for. With `entropy`, each row's entropy last."""
     z = logits.float() / temperature
     lse = torch.logsumexp(z, dim=-1)
+    p = torch.exp(z - lse[:, None])
     hit = torch.arange(logits.shape[1], device=logits.device)[None, :] == labels[:, None]
-    g = (hit.to(z.dtype) - torch.exp(z - lse[:, None])).to(dtype)
-    return z.gather(1, labels[:, None]).squeeze(1) - lse, lse, g
+    g = (hit.to(z.dtype) - p).to(dtype)
+    out = (z.gather(1, labels[:, None]).squeeze(1) - lse, lse, g)
+    return out + (lse - (p * z).sum(-1),) if entropy else out
 
 
 COMPILE_HEAD = True
@@ -96,17 +108,35 @@ COMPILE_HEAD = True
 forward there when the products are 16-bit (:func:`_keeps_logit_grads`); the eager forms elsewhere. A switch for
 A/B runs and debugging; the products are cuBLAS either way."""
 _compiled: dict = {}
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for the head kernels (tests: aot_eager on the CPU)
+
+
+def _compiles_head(device: torch.device) -> bool:
+    """Whether the head's per-chunk kernels are compiled on `device` (CUDA, unless COMPILE_HEAD is off)."""
+    return device.type == "cuda" and COMPILE_HEAD
+
+
+def _compiled_args(device: torch.device, temperature: float, *rows: torch.Tensor):
+    """What a compiled head kernel is called with on `device`: the temperature as a 0-d fp32 tensor there (a float
+    argument is a constant of the first compile: another value recompiled, as the pretraining bench's 1.0 after
+    GRPO's 0.6 did), and the chunk's row dimension of `rows` marked dynamic, so that one kernel serves every row
+    count from the first call (a chunk of one row is still its own). Elsewhere (eager kernels) the float as is."""
+    if not _compiles_head(device):
+        return temperature
+    for t in rows:
+        torch._dynamo.maybe_mark_dynamic(t, 0)
+    return torch.full((), temperature, dtype=torch.float32, device=device)
 
 
 def _head_kernels(device: torch.device):
     """The per-chunk (log p(label), logsumexp) and logits-gradient functions for `device`: compiled on CUDA
     (Inductor fuses each into one pass over the chunk; row counts vary between chunks and batches, so the second
     shape compiles a kernel for any number of rows), eager elsewhere (no C++ compiler needed on CPUs)."""
-    if device.type != "cuda" or not COMPILE_HEAD:
+    if not _compiles_head(device):
         return _label_logp_lse, _logits_grad
     if "fwd" not in _compiled:  # each key on its own: the kept-gradient forward may have been compiled first
-        _compiled["fwd"] = torch.compile(_label_logp_lse_fused)
-        _compiled["bwd"] = torch.compile(_logits_grad_fused)
+        _compiled["fwd"] = torch.compile(_label_logp_lse_fused, backend=COMPILE_BACKEND)
+        _compiled["bwd"] = torch.compile(_logits_grad_fused, backend=COMPILE_BACKEND)
     return _compiled["fwd"], _compiled["bwd"]
 
 
@@ -125,10 +155,10 @@ head's extra memory stays one chunk's however long the rows get: 1 GiB keeps 163
 
 
 def _forward_with_grad(device: torch.device):
-    if device.type != "cuda":
+    if not _compiles_head(device):
         return _label_logp_lse_grad_fused  # eager: tests drive the kept-gradient path on the CPU
     if "fwd_grad" not in _compiled:
-        _compiled["fwd_grad"] = torch.compile(_label_logp_lse_grad_fused)
+        _compiled["fwd_grad"] = torch.compile(_label_logp_lse_grad_fused, backend=COMPILE_BACKEND)
     return _compiled["fwd_grad"]
 
 
@@ -193,10 +223,13 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float, grad_wanted: bool):
-        # hidden (R, D), labels (R,); grad_wanted: grad mode was on and hidden or weight requires grad
+    def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float, grad_wanted: bool,
+                with_entropy: bool = False):
+        # hidden (R, D), labels (R,); grad_wanted: grad mode was on and hidden or weight requires grad.
+        # Returns (log-probs (R,), entropies (R,) without gradient, or an empty tensor without `with_entropy`).
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty_like(out)
+        ent = torch.empty_like(out) if with_entropy else out.new_empty(0)
         dev = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
         keep = (grad_wanted and _keeps_logit_grads(hidden.device, mm_dtype)
@@ -205,8 +238,12 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         grads = []
         for start in range(0, hidden.shape[0], chunk_size):
             end = start + chunk_size
-            res = fwd(hidden[start:end] @ weight.T, labels[start:end], temperature, *([mm_dtype] if keep else []))
+            logits, lab = hidden[start:end] @ weight.T, labels[start:end]
+            t = _compiled_args(hidden.device, temperature, logits, lab)
+            res = fwd(logits, lab, t, *([mm_dtype] if keep else []), entropy=with_entropy)
             out[start:end], lse_all[start:end] = res[0], res[1]
+            if with_entropy:
+                ent[start:end] = res[-1]
             if keep:
                 grads.append(res[2])
         ctx.save_for_backward(hidden, weight, labels, lse_all)
@@ -214,10 +251,11 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
         ctx.mm_dtype = mm_dtype
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
-        return out
+        ctx.mark_non_differentiable(ent)
+        return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out):  # grad_out (R,)
+    def backward(ctx, grad_out, _grad_ent):  # grad_out (R,); the entropies have no gradient
         hidden, weight, labels, lse_all = ctx.saved_tensors
         t = ctx.temperature
         _, logits_grad = _head_kernels(hidden.device)
@@ -231,11 +269,12 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 g = kept[i]
                 kept[i] = None  # free each block once used
                 return g, row_scale[start:end, None]
-            return logits_grad(h @ w.T, lse_all[start:end], labels[start:end], row_scale[start:end], t,
+            logits, lse, lab, scale = h @ w.T, lse_all[start:end], labels[start:end], row_scale[start:end]
+            return logits_grad(logits, lse, lab, scale, _compiled_args(h.device, t, logits, lse, lab, scale),
                                ctx.mm_dtype), None
 
         grad_h, grad_w = _chunked_head_backward(ctx, hidden, weight, chunk_grad)
-        return grad_h, grad_w, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None
 
 
 def _check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
@@ -342,6 +381,26 @@ def token_logprobs(
         (B, T) fp32 log-probs; differentiable w.r.t. ``hidden`` and ``weight``. Only rows with a label are
         computed at all, so prompt and padding tokens cost nothing.
     """
+    return _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, False)[0]
+
+
+def token_logprobs_and_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    chunk_size: int = 1024,
+    temperature: float = 1.0,
+    label_rows: LabelRows | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`token_logprobs` and, from the same chunks of logits, the entropy of every labelled position's
+    next-token distribution (B, T) fp32, 0 where the label is -100, without gradient (a diagnostic, as
+    :func:`token_entropy`): one (tokens x dim x vocab) product a chunk for both, where the two functions take two.
+    The log-probs are differentiable as :func:`token_logprobs`'s."""
+    return _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, True)
+
+
+def _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, with_entropy: bool):
+    """(log-probs (B, T), entropies (B, T) or None): the shared body of the two functions above."""
     _check_hidden_weight_labels(hidden, weight, labels)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
@@ -352,10 +411,14 @@ def token_logprobs(
     rows, selected = _select_targets(labels, V, label_rows)
     h = hidden.reshape(B * T, D).index_select(0, rows)  # (R, D)
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    logp_rows = _ChunkedLabelLogProbs.apply(h, weight, selected, int(chunk_size), float(temperature), grad_wanted)
+    logp_rows, ent_rows = _ChunkedLabelLogProbs.apply(h, weight, selected, int(chunk_size), float(temperature),
+                                                      grad_wanted, with_entropy)
     out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
     out = out.index_put((rows,), logp_rows)  # out-of-place so autograd routes the gradient to logp_rows
-    return out.view(B, T)
+    if not with_entropy:
+        return out.view(B, T), None
+    ent = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put_((rows,), ent_rows)
+    return out.view(B, T), ent.view(B, T)
 
 
 def token_cross_entropy(

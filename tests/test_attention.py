@@ -466,15 +466,20 @@ def _flex_block_inputs(device="cpu", B=2, T=40, docs=((10, 30), (25, 15))):
 @flex_cpu
 def test_compiled_block_on_the_flex_path_is_one_graph(monkeypatch):
     """A compiled block on the flex path (documents in the rows) is one graph with no break, FlexAttention traced
-    into it (not the separately compiled wrapper that eager forwards call), and gives the reference's output and
+    into it. It called the separately compiled wrapper that eager forwards call, and with Lightning imported (every
+    run) `torch.compile` is Lightning's wrapper, which Dynamo cannot trace: a break before and after attention in
+    every block, forward and backward. The graph gives the reference's output and
     gradients (the block with the dense SDPA mask). On CPUs torch refuses FlexAttention's backward up front
     (`_validate_device`); the traced graph's backward is FlexAttention's own math, so the check is lifted here to
     test the gradients of the graph (Inductor's kernels: the GPU test below)."""
+    import lightning  # noqa: F401  (every run imports it: it wraps torch.compile, which Dynamo cannot trace)
     import torch.nn.attention.flex_attention as fa
 
     monkeypatch.setattr(fa, "_validate_device", lambda *tensors: None)
     block, (x, cos, sin, mask) = _flex_block_inputs()
     x.requires_grad_(True)
+    # sizes as GRPO's varying rows give them (dynamic): calling the compiled wrapper there was the break
+    attention.mark_varying(x, 0, 1), attention.mark_varying(cos, 0, 2), attention.mark_varying(sin, 0, 2)
     torch._dynamo.reset()
     explained = torch._dynamo.explain(block)(x, cos, sin, mask)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

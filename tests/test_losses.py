@@ -585,3 +585,61 @@ def test_string_options_name_the_key_and_the_choices():
     assert DPOLoss.SIMPO.needs_reference is False and DPOLoss.IPO.averages_over_tokens
     with pytest.raises(ValueError, match=r"stage.loss_type='dpo2': choose one of dpo, dpo_norm, ipo, simpo"):
         parse_option(DPOLoss, "dpo2", "stage.loss_type")
+
+
+# ---------------------------------------------------------------- log-probs and entropy in one head pass
+@pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept_gradients"])
+@pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
+def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(keep, chunk_size, temperature, monkeypatch):
+    """`token_logprobs_and_entropy` (one product a chunk) against `token_logprobs` and `token_entropy` /
+    `token_entropies` (one each) on random inputs: the same log-probs and gradients, the same entropies at the
+    labelled positions (0 elsewhere, no gradient), the same masked sum as `token_entropy`'s; in the recomputing
+    path and in the kept-gradient one (the CUDA head's, driven eagerly here)."""
+    from moxin import losses as L
+
+    monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt, _k=keep: _k)
+    hidden, weight, labels = _inputs(B=3, T=11, D=16, V=50, seed=5)
+    up = torch.randn(labels.shape, generator=torch.Generator().manual_seed(6))
+    lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature)
+    assert not ent.requires_grad and ent.shape == labels.shape
+    g = torch.autograd.grad((lp * up).sum(), (hidden, weight))
+    lp_ref = token_logprobs(hidden, weight, labels, chunk_size, temperature)
+    g_ref = torch.autograd.grad((lp_ref * up).sum(), (hidden, weight))
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    valid = labels != -100
+    ent_ref = L.token_entropies(hidden, weight, valid, chunk_size, temperature).detach()
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-5)
+    assert not ent[~valid].any()
+    mask = valid & (torch.rand(labels.shape, generator=torch.Generator().manual_seed(7)) < 0.6)  # within the labels
+    s, n = token_entropy(hidden, weight, mask, chunk_size, temperature)
+    torch.testing.assert_close((ent * mask).sum(), s, rtol=1e-5, atol=1e-5)
+
+
+def test_compiled_head_kernels_compile_once_for_any_rows_and_temperature(monkeypatch):
+    """The head's compiled kernels (CUDA's; traced here by aot_eager on the CPU) are traced once whatever the chunk's
+    row count and the temperature: rows marked dynamic, the temperature a tensor argument (a float was a constant
+    of the first trace: GRPO's 0.6, then the pretraining bench's 1.0, recompiled). Values as the eager path's."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from moxin import losses as L
+
+    monkeypatch.setattr(L, "_compiles_head", lambda device: True)
+    monkeypatch.setattr(L, "COMPILE_BACKEND", "aot_eager")
+    monkeypatch.setattr(L, "_compiled", {})
+    torch._dynamo.reset()
+    for keep in (False, True):
+        monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt, _k=keep: _k)
+        for B, T, chunk, t in ((3, 11, 8, 0.6), (3, 13, 7, 1.0), (4, 9, 9, 0.8)):  # no chunk of one row
+            hidden, weight, labels = _inputs(B=B, T=T, D=16, V=50, seed=B)
+            lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk, t)
+            g = torch.autograd.grad(lp.sum(), (hidden, weight))
+            monkeypatch.setattr(L, "_compiles_head", lambda device: False)  # the eager reference
+            lp_ref, ent_ref = L.token_logprobs_and_entropy(hidden, weight, labels, chunk, t)
+            g_ref = torch.autograd.grad(lp_ref.sum(), (hidden, weight))
+            monkeypatch.setattr(L, "_compiles_head", lambda device: True)
+            for a, b in zip((lp, ent, *g), (lp_ref, ent_ref, *g_ref)):
+                torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for fn in (L._label_logp_lse_fused, L._logits_grad_fused, L._label_logp_lse_grad_fused):
+        assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn.__name__

@@ -9,10 +9,15 @@ stage's clipping. Each mode updates once on a warm-up rollout (compilation), the
 tokens/s counts the sequences' real tokens (prompt + response); "through the model" the tokens the forwards
 read, padding included. The ratio packed / padded is printed and written to the JSON. Beside them (unless
 --no-pretrain), the pretraining bench's bare loop (scripts/bench/train.py: same blocks, compile, autocast and
-optimizer, next-token loss) on random rows of --pretrain-seq tokens: the update's goal is 0.8x its tokens/s.
+optimizer, next-token loss) on random rows of --pretrain-seq tokens, twice: one document a row (SDPA's causal
+kernel) and packed documents of the rollouts' length distribution (the document-mask kernel pretraining on a real
+corpus takes, through the same doc-bounds path as GRPO's packed rows). The update's goal is 0.8x its tokens/s.
+Every row records the attention kernels its forwards took (`kernels`) and the compiled block's variants traced
+during its timed repetitions (`compiles_timed`: 0 unless a new shape or kernel recompiled inside the timing).
 
     python scripts/bench/grpo_update.py [--prompts 16 --group 8 --mbs 2 --layers 8] [--out grpo_update.json]
     python scripts/bench/grpo_update.py --tiny    # tiny model, short sequences, CPU, fp32, no compile
+    python scripts/bench/grpo_update.py --tiny --compile --compile-backend aot_eager   # compiled blocks on a CPU
     python scripts/bench/grpo_update.py --count --prompts 64 --mbs 1   # only the tokens each way reads (host)
 """
 
@@ -20,7 +25,8 @@ from __future__ import annotations
 
 import argparse
 import time
-from contextlib import nullcontext
+from collections import Counter
+from contextlib import contextmanager, nullcontext
 from types import SimpleNamespace
 
 import torch
@@ -31,6 +37,8 @@ from train import bare_step
 from moxin.config import GRPOConfig, OptimConfig, ParallelConfig
 from moxin.distributed import parallelize
 from moxin.model import Transformer
+from moxin.model import attention as A
+from moxin.model.transformer import Block
 from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 
@@ -53,6 +61,44 @@ def synthetic_rollout(stage: GRPOStage, prompts: int, prompt_len: int, min_new: 
     return stage.build_rollout(ps, toks, fin, rewards)
 
 
+@contextmanager
+def kernels_taken():
+    """Counts the attention kernel of every forward inside (`AttentionMask.build`'s choice: causal, dense, flex,
+    flash)."""
+    seen = Counter()
+    real = A.AttentionMask.build
+
+    def spy(*args, **kwargs):
+        mask = real(*args, **kwargs)
+        seen[mask.kernel if mask.kernel != "flash" else f"flash{mask.flash_version}"] += 1
+        return mask
+
+    A.AttentionMask.build = spy
+    try:
+        yield seen
+    finally:
+        A.AttentionMask.build = real
+
+
+def block_variants() -> int:
+    """How many variants of the compiled block torch.compile holds (its cache entries for Block.forward)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    return len(_debug_get_cache_entry_list(Block.forward.__code__))
+
+
+def compile_blocks(model, a, dev: str) -> None:
+    """The blocks compiled as a run compiles them: `parallelize` on a GPU (unless --no-compile); on a CPU only with
+    --compile, each block with --compile-backend. torch.compile's caches are emptied first, so that each row
+    compiles for itself, as a run would."""
+    torch._dynamo.reset()
+    if dev == "cuda":
+        parallelize(model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    elif a.compile:
+        for block in model.layers:
+            block.compile(backend=a.compile_backend)
+
+
 def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Optimizer]:
     """The stage outside a trainer: its model on `dev` (compiled on a GPU), fused AdamW, no scheduler."""
     torch.manual_seed(0)
@@ -61,8 +107,7 @@ def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Opt
                                       pack=pack, pack_tokens=a.pack_tokens, temperature=0.6), seed=0)
     stage.configure_model()
     stage.to(dev)  # the LightningModule, so that stage.device (where the update sends its rows) follows
-    if dev == "cuda":
-        parallelize(stage.model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    compile_blocks(stage.model, a, dev)
     opt = torch.optim.AdamW(stage.model.parameters(), lr=1e-6, fused=dev == "cuda")
     stage.optimizers = lambda: opt
     stage.lr_schedulers = lambda: SimpleNamespace(step=lambda: None)
@@ -74,18 +119,22 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
     stage, opt = make_stage(cfg, pack, a, dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
     secs, real, through = 0.0, 0, 0
-    for rep in range(a.reps + 1):  # rollout 0 warms up (compiles); the others are timed
-        ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=rep)
-        kept = ro.keep.nonzero().squeeze(1)
-        sync(dev)
-        t0 = time.perf_counter()
-        with amp:
-            stage._update(ro, step=rep)
-        sync(dev)
-        if rep:
-            secs += time.perf_counter() - t0
-            real += int(ro.seq_lengths[kept].sum())
-            through += stage.last_step_tokens_processed
+    with kernels_taken() as kernels:
+        for rep in range(a.warm + a.reps):  # the first --warm rollouts warm up (compile); the others are timed
+            if rep == a.warm:
+                variants = block_variants()
+            ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=rep)
+            kept = ro.keep.nonzero().squeeze(1)
+            sync(dev)
+            t0 = time.perf_counter()
+            with amp:
+                stage._update(ro, step=rep)
+            sync(dev)
+            if rep >= a.warm:
+                secs += time.perf_counter() - t0
+                real += int(ro.seq_lengths[kept].sum())
+                through += stage.last_step_tokens_processed
+    compiles_timed = block_variants() - variants
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     del stage, opt  # the weights and AdamW's state, before the next mode's
     free(dev)
@@ -93,28 +142,47 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
         torch.cuda.reset_peak_memory_stats()
     return {"impl": "packed rows" if pack else "padded rows", "update_s": secs / a.reps, "tok_s": real / secs,
             "tokens": real // a.reps, "through_model": through // a.reps, "fill": real / max(through, 1),
-            "peak_gib": peak}
+            "peak_gib": peak, "kernels": dict(kernels), "compiles_timed": compiles_timed}
 
 
-def pretrain_row(cfg, a, dev: str) -> dict:
-    """The pretraining bench's bare loop on `--pretrain-rows` random rows of `--pretrain-seq` tokens (one document a
-    row), the same blocks compiled the same way."""
+def document_positions(a, rows: int, seq: int, g: torch.Generator) -> torch.Tensor:
+    """(rows, seq) positions of documents packed back to back, each as long as a rollout's sequence (prompt of
+    3/4 to all of --prompt-len, response uniform in [--min-new, --max-new]), the last one cut at the row's end."""
+    out = torch.empty(rows, seq, dtype=torch.long)
+    for r in range(rows):
+        col = 0
+        while col < seq:
+            n = int(torch.randint(max(1, a.prompt_len * 3 // 4), a.prompt_len + 1, (1,), generator=g))
+            n += int(torch.randint(a.min_new, a.max_new + 1, (1,), generator=g))
+            n = min(n, seq - col)
+            out[r, col:col + n] = torch.arange(n)
+            col += n
+    return out
+
+
+def pretrain_row(cfg, a, dev: str, documents: bool) -> dict:
+    """The pretraining bench's bare loop on `--pretrain-rows` random rows of `--pretrain-seq` tokens, the same
+    blocks compiled the same way: one document a row, or (`documents`) packed documents of the rollouts' lengths,
+    whose forward takes the document-mask kernel through the host's DocBounds as a pretraining run does."""
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev)
-    if dev == "cuda":
-        parallelize(model, ParallelConfig(compile=not a.no_compile, activation_checkpointing=a.ac))
+    compile_blocks(model, a, dev)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, cfg.vocab_size, (a.pretrain_rows, a.pretrain_seq + 1), generator=g)
-    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(),
-             "positions": torch.arange(a.pretrain_seq).expand(a.pretrain_rows, -1).contiguous()}
-    t = timed(bare_step(model, batch, dev, autocast=dev == "cuda"), dev, warm=2 if a.tiny else 3,
-              reps=2 if a.tiny else 5)
+    pos = (document_positions(a, a.pretrain_rows, a.pretrain_seq, g) if documents
+           else torch.arange(a.pretrain_seq).expand(a.pretrain_rows, -1).contiguous())
+    batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "positions": pos}
+    with kernels_taken() as kernels:
+        t = timed(bare_step(model, batch, dev, autocast=dev == "cuda"), dev, warm=2 if a.tiny else 3,
+                  reps=2 if a.tiny else 5)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     del model
     free(dev)
     n = a.pretrain_rows * a.pretrain_seq
-    return {"impl": f"pretraining bare loop ({a.pretrain_rows} x {a.pretrain_seq})", "update_s": t,
-            "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak}
+    what = "packed documents" if documents else "one document a row"
+    return {"impl": f"pretraining bare loop ({a.pretrain_rows} x {a.pretrain_seq}, {what})", "update_s": t,
+            "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak,
+            "kernels": dict(kernels)}
 
 
 def count_tokens(cfg, a) -> list[dict]:
@@ -150,6 +218,9 @@ def main():
     ap.add_argument("--pack-tokens", type=int, default=None, help="stage.grpo.pack_tokens (None: max_seq_len)")
     ap.add_argument("--ac", default="none", help="activation checkpointing: none | mlp | attention | full")
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="on a CPU: compile the blocks too (a GPU always does)")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile backend of --compile on a CPU")
+    ap.add_argument("--warm", type=int, default=1, help="warm-up rollouts per mode (compiles)")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--no-pretrain", action="store_true", help="leave out the pretraining bare-loop row")
     ap.add_argument("--pretrain-seq", type=int, default=4096)
@@ -182,15 +253,20 @@ def main():
     pad["vs_padded"] = 1.0
     ratios = {"packed_vs_padded": packed["vs_padded"]}
     if not a.no_pretrain:
-        pre = pretrain_row(cfg, a, dev)
-        rows.append(pre)
+        pre, pre_docs = pretrain_row(cfg, a, dev, documents=False), pretrain_row(cfg, a, dev, documents=True)
+        rows += [pre, pre_docs]
         for r in rows:
             r["vs_pretrain"] = r["tok_s"] / pre["tok_s"]
-        ratios |= {"packed_vs_pretrain": packed["vs_pretrain"], "padded_vs_pretrain": pad["vs_pretrain"]}
+            r["vs_pretrain_docs"] = r["tok_s"] / pre_docs["tok_s"]
+        ratios |= {"packed_vs_pretrain": packed["vs_pretrain"], "padded_vs_pretrain": pad["vs_pretrain"],
+                   "packed_vs_pretrain_docs": packed["vs_pretrain_docs"],
+                   "padded_vs_pretrain_docs": pad["vs_pretrain_docs"]}
     print(table(rows, [("impl", "update", ""), ("update_s", "s/update", ".3f"), ("tok_s", "tokens/s", ",.0f"),
                        ("tokens", "tokens", ","), ("through_model", "through the model", ","),
                        ("fill", "real/through", ".2f"), ("peak_gib", "peak GiB", ".1f"),
-                       ("vs_padded", "x padded", ".2f"), ("vs_pretrain", "x pretraining", ".2f")],
+                       ("vs_padded", "x padded", ".2f"), ("vs_pretrain", "x pretraining", ".2f"),
+                       ("vs_pretrain_docs", "x pretraining (docs)", ".2f"), ("kernels", "attention kernels", ""),
+                       ("compiles_timed", "compiles timed", "")],
                 f"GRPO update, {a.prompts} prompts x {a.group}, prompt ~{a.prompt_len}, responses "
                 f"{a.min_new}-{a.max_new}, micro_batch_size {a.mbs} ({dev})"))
     print(" ".join(f"{k}: {v:.2f}x" for k, v in ratios.items()), flush=True)
