@@ -1,5 +1,6 @@
 """GRPO's held-out reward (stage.grpo.heldout_every): logged before the rollouts of every N-th step and after the
-last update, and measuring it leaves the training run itself unchanged (greedy decoding draws no random numbers).
+last update, and measuring it leaves the training run itself unchanged (greedy decoding draws no random numbers;
+heldout_samples draws from a generator of its own).
 The recipe's validation (stage.grpo.val_*): n_val sampled completions a problem of a file, on verl's schedule, with
 its own random numbers, so the training run is unchanged too."""
 
@@ -39,7 +40,7 @@ def _fit(tmp_path, heldout_every, **grpo):
 
 def test_heldout_reward_is_logged_and_changes_nothing_else(tmp_path):
     plain = _fit(tmp_path / "a", 0)
-    held = _fit(tmp_path / "b", 2)
+    held = _fit(tmp_path / "b", 2, heldout_samples=3)  # greedy and 3 samples a prompt, with their own generator
     assert [h["grpo/reward_mean"] for h in held.history] == [h["grpo/reward_mean"] for h in plain.history]
     for k, v in plain.model.state_dict().items():
         assert torch.equal(v, held.model.state_dict()[k]), k
@@ -47,6 +48,8 @@ def test_heldout_reward_is_logged_and_changes_nothing_else(tmp_path):
     assert "grpo/heldout_reward_final" in held.history[-1]
     assert [e["rl_updates"] for e in held.heldout_history] == [0, 2, 3]
     assert all(0.0 <= e["grpo/heldout_reward"] <= 1.0 for e in held.heldout_history)
+    assert all(0.0 <= e["grpo/heldout_reward_sampled"] <= 1.0 for e in held.heldout_history)
+    assert "grpo/heldout_reward_sampled_final" in held.history[-1]
     assert not any("grpo/heldout_reward" in h for h in plain.history)
 
 

@@ -102,6 +102,10 @@ class GRPOConfig:
     """Rollout steps between greedy held-out reward measurements (grpo/heldout_reward; moxin/eval/heldout.py);
     0: none. Measured before the rollout of every multiple of it (step 0: the starting policy) and after the last."""
     heldout_prompts: int = 64
+    heldout_samples: int = 0
+    """Also, at every held-out measurement, this many samples a held-out prompt at the rollout temperature:
+    ``grpo/heldout_reward_sampled``, pass@1 averaged over them (as the recipe's n_val; less noisy than the greedy
+    pass@1 of a small set). 0: greedy only."""
     heldout_source: str | None = None
     """Held-out problems (jsonl/parquet/hub, the data's fields); None: the arithmetic task's own held-out range."""
     entropy_coef: float = 0.0
@@ -148,6 +152,8 @@ class GRPOConfig:
         if self.n_val < 1 or self.val_every_n_steps < 0 or self.val_temperature < 0:
             raise ValueError(f"stage.grpo.n_val={self.n_val} must be >= 1, val_every_n_steps="
                              f"{self.val_every_n_steps} and val_temperature={self.val_temperature} >= 0")
+        if self.heldout_samples < 0:
+            raise ValueError(f"stage.grpo.heldout_samples={self.heldout_samples} must be >= 0 (0: greedy only)")
         if self.pack_tokens is not None and self.pack_tokens < 1:
             raise ValueError(f"stage.grpo.pack_tokens={self.pack_tokens}: a packed row needs >= 1 token (null: "
                              "model.max_seq_len)")

@@ -103,10 +103,18 @@ def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: fl
     return s / max(n, 1.0), na / max(n, 1.0)
 
 
-def heldout_reward(stage, records: list[dict]) -> dict[str, float]:
-    """Greedy mean reward of ``records`` under ``stage.model`` (:func:`sampled_reward`, one greedy sample)."""
+def heldout_reward(stage, records: list[dict], samples: int = 0, seed: int = 0) -> dict[str, float]:
+    """Greedy mean reward of ``records`` under ``stage.model`` (:func:`sampled_reward`, one greedy sample); with
+    ``samples`` > 0 also ``grpo/heldout_reward_sampled``: pass@1 averaged over that many samples a prompt at the
+    rollout temperature, drawn from a generator of its own seeded by ``seed`` (the rollouts' stay unchanged)."""
     r, na = sampled_reward(stage, records)
-    return {"grpo/heldout_reward": r, "grpo/heldout_no_answer_frac": na}
+    out = {"grpo/heldout_reward": r, "grpo/heldout_no_answer_frac": na}
+    if samples:
+        gen = torch.Generator(device=stage.device)
+        gen.manual_seed(seed % (2**63 - 1))
+        out["grpo/heldout_reward_sampled"] = sampled_reward(stage, records, samples=samples,
+                                                            temperature=stage.cfg.temperature, generator=gen)[0]
+    return out
 
 
 def _record(stage, attr: str, updates: int, m: dict[str, float]) -> None:
@@ -138,11 +146,14 @@ def maybe_heldout(stage, rl_step: int, after_update: bool) -> dict[str, float]:
     if recs is None:
         recs = heldout_records(dm, c.heldout_prompts, c.heldout_source)
         object.__setattr__(stage, "_heldout_records", recs)
-    m = heldout_reward(stage, recs)
+    seed = stage.seed * 1_000_003 + updates * 7_919 + rank_and_world()[0] * 101 + 29
+    m = heldout_reward(stage, recs, c.heldout_samples, seed)
     _record(stage, "heldout_history", updates, m)
     if stage.trainer_is_zero():
+        sampled = (f"; {m['grpo/heldout_reward_sampled']:.3f} sampled ({c.heldout_samples} a prompt at temperature "
+                   f"{c.temperature:g})" if c.heldout_samples else "")
         print(f"[grpo held-out] after {updates} rollout steps: reward {m['grpo/heldout_reward']:.3f} "
-              f"(greedy, {len(recs)} prompts)", flush=True)
+              f"(greedy, {len(recs)} prompts){sampled}", flush=True)
     return {f"{k}_final": v for k, v in m.items()} if after_update else m
 
 
