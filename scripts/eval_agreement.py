@@ -165,7 +165,9 @@ def run_lmeval(args) -> dict:
 
 
 # ---- moxin side ---------------------------------------------------------------------------------------------------
-def run_moxin(args) -> dict:
+def run_moxin(args) -> list[dict]:
+    """moxin's scoring of the task: inputs packed as prefix trees (the default), and with --plain-too also one padded
+    row per input, timed in the same process after the same warm-up."""
     import torch
 
     from moxin.config import EvalConfig, TaskConfig
@@ -176,8 +178,8 @@ def run_moxin(args) -> dict:
     from moxin.tokenizer import load_tokenizer
 
     t0 = time.perf_counter()
-    # sdpa: with no document mask and the window beyond the longest row it is plain causal attention (flash on a
-    # GPU); flex would recompile for every new batch length
+    # sdpa: plain causal attention for padded rows (flash on a GPU), the dense tree mask for packed ones; flex would
+    # recompile for every new batch length
     model = load_hf(args.hf, attn_backend="sdpa").to(device=args.device, dtype=getattr(torch, args.dtype)).eval()
     tok = load_tokenizer(args.moxin_tokenizer or (args.hf if any(
         Path(args.hf, f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else "mistral"))
@@ -187,19 +189,62 @@ def run_moxin(args) -> dict:
     task = TaskConfig(name=TASK, path=str(args.data), text=args.text, choices_field=args.choices_field,
                       gold_field=args.gold_field, num_fewshot=args.num_fewshot, fewshot_seed=1234, limit=args.limit,
                       preset="winogrande" if args.style == "winogrande" else None)
-    cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0)
-    t0 = time.perf_counter()
-    res = evaluate(model, tok, cfg)["tasks"][TASK]
-    eval_s = time.perf_counter() - t0
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
     items = build_mc_items(task, load_records(task.path, name=TASK))
-    for it, r in zip(items, res["items"]):
-        r["pairs"] = list(zip(it.contexts, it.continuations))
-        r["tokens"] = [list(map(list, encode_pair(tok, c, x, bos=True))) for c, x in r["pairs"]]
-    return {"acc": res["metrics"]["acc"], "acc_norm": res["metrics"]["acc_norm"], "n": res["n"], "load_s": load_s,
-            "eval_s": eval_s, "score_s": res["seconds"], "items_per_s": res["n"] / res["seconds"], "items": res["items"],
-            "tokenizer": tok.name, "versions": {"torch": torch.__version__}}
+    tokens = [[list(map(list, encode_pair(tok, c, x, bos=True))) for c, x in zip(it.contexts, it.continuations)]
+              for it in items]
+    real_forward = model.forward
+    out = []
+    for share in (True, False) if args.plain_too else (True,):
+        cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0,
+                         share_prefixes=share)
+        seen = [0, 0]  # forwards, tokens through the model (padding included)
+
+        def counting(x, *a, **kw):
+            seen[0] += 1
+            seen[1] += x.numel()
+            return real_forward(x, *a, **kw)
+
+        model.forward = counting
+        try:
+            t0 = time.perf_counter()
+            res = evaluate(model, tok, cfg)["tasks"][TASK]
+            eval_s = time.perf_counter() - t0
+        finally:
+            del model.forward
+        if args.device.startswith("cuda"):
+            torch.cuda.synchronize()
+        for it, r, ids in zip(items, res["items"], tokens):
+            r["pairs"] = list(zip(it.contexts, it.continuations))
+            r["tokens"] = ids
+        out.append({"side": "moxin" if share else "moxin, padded rows", "acc": res["metrics"]["acc"],
+                    "acc_norm": res["metrics"]["acc_norm"], "n": res["n"], "load_s": load_s, "eval_s": eval_s,
+                    "score_s": res["seconds"], "items_per_s": res["n"] / res["seconds"], "items": res["items"],
+                    "forwards": seen[0], "forward_tokens": seen[1], "tokenizer": tok.name,
+                    "versions": {"torch": torch.__version__}})
+    return out
+
+
+def synthetic_task(path: Path, n: int, words: int, seed: int) -> None:
+    """A multiple-choice task of `n` items with long contexts, for throughput at realistic lengths: a passage of about
+    `words` words (sentences of the built-in prose drawn at random, so passages differ from item to item and share
+    no more than a first sentence), then four candidate next sentences (about 10-50 tokens each, as HellaSwag's
+    endings). Random sentences make the task unlearnable; only the token statistics matter here."""
+    import random
+    import re
+
+    texts = [json.loads(line)["text"] for line in (REPO / "moxin" / "data" / "sample" / "prose.jsonl").open()]
+    sentences = sorted({s.strip() for t in texts for s in re.split(r"(?<=[.!?])\s+", t)
+                        if "\n" not in s.strip() and 6 <= len(s.split()) <= 40})
+    rng = random.Random(seed)
+    with path.open("w") as f:
+        for _ in range(n):
+            picked = rng.sample(sentences, 40)
+            passage, k = [], 0
+            while sum(len(s.split()) for s in passage) < words:
+                passage.append(picked[k])
+                k += 1
+            choices = picked[k:k + 4]
+            f.write(json.dumps({"passage": " ".join(passage), "choices": choices, "gold": rng.randrange(4)}) + "\n")
 
 
 def make_random(preset: str, path: str, seed: int) -> None:
@@ -258,28 +303,31 @@ def compare(mx: dict, lm: dict) -> dict:
     return out
 
 
-def print_report(args, mx: dict, lm: dict, cmp: dict) -> None:
+def print_report(args, mxs: list[dict], lm: dict, cmps: list[dict]) -> None:
     print(f"\nmodel {args.hf}  task {args.data}  num_fewshot {args.num_fewshot}  device {args.device}  dtype {args.dtype}")
-    print(f"lm-eval {lm['versions']}; moxin tokenizer {mx['tokenizer']}\n")
+    print(f"lm-eval {lm['versions']}; moxin tokenizer {mxs[0]['tokenizer']}\n")
     print("items/s: tokenization + forwards of the log-likelihood requests (lm-eval: HFLM.loglikelihood; moxin: "
-          "encode_pair + loglikelihoods); total s: the whole evaluate call (lm-eval: simple_evaluate, task building "
-          "and dataset loading included)")
-    print("| side | n | acc | acc_norm | scoring s | items/s | total s | model load s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, r in (("moxin", mx), ("lm-eval", lm)):
-        print(f"| {name} | {r['n']} | {r['acc']:.4f} | {r['acc_norm']:.4f} | {r['score_s']:.2f} | "
-              f"{r['items_per_s']:.1f} | {r['eval_s']:.1f} | {r['load_s']:.1f} |")
-    n = cmp["items"]
-    print(f"\nper item: acc equal on {n - len(cmp['acc_differs'])}/{n}, acc_norm equal on "
-          f"{n - len(cmp['acc_norm_differs'])}/{n}; (context, continuation) strings equal on "
-          f"{n - len(cmp['context_differs'])}/{n}; request token ids equal on {n - len(cmp['tokens_differ'])}/{n}; "
-          f"max |loglik diff| {cmp['max_abs_loglik_diff']:.3g} (relative {cmp['max_rel_loglik_diff']:.3g})")
-    for key in ("acc_differs", "acc_norm_differs", "context_differs", "tokens_differ"):
-        if cmp[key]:
-            print(f"  {key}: items {cmp[key][:20]}")
-    by = {it["index"]: it for it in lm["items"]}
-    for i in sorted(set(cmp["acc_differs"] + cmp["acc_norm_differs"]))[:5]:
-        print(f"  item {i}: moxin loglik {mx['items'][i]['loglik']} vs lm-eval {by[i]['loglik']}")
+          "encode_pairs + loglikelihoods); total s: the whole evaluate call (lm-eval: simple_evaluate, task building "
+          "and dataset loading included); forward tokens: moxin's rows x length over its forwards")
+    print("| side | n | acc | acc_norm | scoring s | items/s | x lm-eval | forwards | forward tokens | total s | "
+          "model load s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in (*mxs, lm):
+        print(f"| {r.get('side', 'lm-eval')} | {r['n']} | {r['acc']:.4f} | {r['acc_norm']:.4f} | {r['score_s']:.2f} | "
+              f"{r['items_per_s']:.1f} | {r['items_per_s'] / lm['items_per_s']:.2f} | {r.get('forwards', '')} | "
+              f"{r.get('forward_tokens', '')} | {r['eval_s']:.1f} | {r['load_s']:.1f} |")
+    for mx, cmp in zip(mxs, cmps):
+        n = cmp["items"]
+        print(f"\n{mx['side']} vs lm-eval, per item: acc equal on {n - len(cmp['acc_differs'])}/{n}, acc_norm equal on "
+              f"{n - len(cmp['acc_norm_differs'])}/{n}; (context, continuation) strings equal on "
+              f"{n - len(cmp['context_differs'])}/{n}; request token ids equal on {n - len(cmp['tokens_differ'])}/{n}; "
+              f"max |loglik diff| {cmp['max_abs_loglik_diff']:.3g} (relative {cmp['max_rel_loglik_diff']:.3g})")
+        for key in ("acc_differs", "acc_norm_differs", "context_differs", "tokens_differ"):
+            if cmp[key]:
+                print(f"  {key}: items {cmp[key][:20]}")
+        by = {it["index"]: it for it in lm["items"]}
+        for i in sorted(set(cmp["acc_differs"] + cmp["acc_norm_differs"]))[:5]:
+            print(f"  item {i}: moxin loglik {mx['items'][i]['loglik']} vs lm-eval {by[i]['loglik']}")
 
 
 def main(argv=None) -> int:
@@ -314,9 +362,25 @@ def main(argv=None) -> int:
                     help="evaluate the task's records this many times over (0-shot only). Both sides score a repeated "
                          "request once (lm-eval's Collator, moxin's shared rows), so this tests the sharing, not "
                          "a larger workload")
+    ap.add_argument("--plain-too", action="store_true",
+                    help="also time moxin with one padded row per input (eval.share_prefixes=false), same process")
+    ap.add_argument("--synthetic", type=int, default=None, metavar="N",
+                    help="score a generated task of N items with long contexts instead of --data (passages of "
+                         "--synthetic-words words from the built-in prose, four candidate next sentences)")
+    ap.add_argument("--synthetic-words", type=int, default=180, help="passage length of --synthetic, in words")
     ap.add_argument("--side", choices=["both", "lmeval"], default="both", help=argparse.SUPPRESS)
     ap.add_argument("--json-out", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.synthetic and args.side == "both":
+        if args.data is not None or args.style != "mc":
+            ap.error("--synthetic writes its own task: give it without --data and --style")
+        syn = Path(tempfile.mkdtemp(prefix="moxin-agree-")) / "synthetic.jsonl"
+        synthetic_task(syn, args.synthetic, args.synthetic_words, args.seed)
+        argv = list(argv if argv is not None else sys.argv[1:])
+        drop = {"--synthetic", "--synthetic-words"}
+        argv = [a for j, a in enumerate(argv) if a not in drop and (j == 0 or argv[j - 1] not in drop)]
+        text = args.text if args.text != DEFAULT_TEXT else "{passage}\nWhich sentence comes next?\nAnswer:"
+        return main(argv + ["--data", str(syn), "--text", text])
     if args.data is None:
         if args.style == "winogrande":
             wg = Path(tempfile.mkdtemp(prefix="moxin-agree-")) / "winogrande.jsonl"
@@ -364,12 +428,13 @@ def main(argv=None) -> int:
                   "(pip install lm-eval transformers in a separate environment; see the docstring)", file=sys.stderr)
             return 2
         lm = json.loads(jpath.read_text())
-    mx = run_moxin(args)
-    cmp = compare(mx, lm)
-    print_report(args, mx, lm, cmp)
+    mxs = run_moxin(args)
+    cmps = [compare(mx, lm) for mx in mxs]
+    print_report(args, mxs, lm, cmps)
     if args.out:
-        Path(args.out).write_text(json.dumps({"moxin": mx, "lm_eval": lm, "comparison": cmp}, indent=1))
-    return 1 if args.strict and (cmp["acc_differs"] or cmp["acc_norm_differs"]) else 0
+        Path(args.out).write_text(json.dumps({"moxin": mxs[0], "moxin_padded": mxs[1:], "lm_eval": lm,
+                                              "comparison": cmps[0], "comparison_padded": cmps[1:]}, indent=1))
+    return 1 if args.strict and any(c["acc_differs"] or c["acc_norm_differs"] for c in cmps) else 0
 
 
 if __name__ == "__main__":

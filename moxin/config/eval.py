@@ -245,6 +245,10 @@ class EvalConfig:
     batch_tokens: int = 16384
     """Padded tokens per log-likelihood forward (rows x longest row)."""
     max_batch: int = 64
+    share_prefixes: bool = True
+    """Log-likelihood inputs packed as prefix trees: a context shared by a question's options (a few-shot prefix shared
+    by questions) goes through the model once, every option still scored as if alone (moxin/eval/loglik.py). False:
+    one padded row per distinct input, the way lm-eval runs them."""
     gen_batch_size: int = 64
     """Prompts per generate() call."""
     verifier_timeout_s: float = 10.0

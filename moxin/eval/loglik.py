@@ -255,8 +255,7 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], *, max_le
         def head(h, w):
             with no_autocast:
                 logits = torch.nn.functional.linear(h[rows_t, cols_t].float(), w.float())
-                logp = logits.log_softmax(-1)[slots_t].gather(-1, tgt[:, None]).squeeze(-1)
-                return logp, logits.argmax(-1)[slots_t] == tgt
+                return logits.log_softmax(-1)[slots_t, tgt], logits.argmax(-1)[slots_t] == tgt
 
         tokens = torch.from_numpy(batch.tokens).to(device)
         if batch.positions is None:
