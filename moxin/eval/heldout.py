@@ -146,7 +146,7 @@ def maybe_heldout(stage, rl_step: int, after_update: bool) -> dict[str, float]:
     if recs is None:
         recs = heldout_records(dm, c.heldout_prompts, c.heldout_source)
         object.__setattr__(stage, "_heldout_records", recs)
-    seed = stage.seed * 1_000_003 + updates * 7_919 + rank_and_world()[0] * 101 + 29
+    seed = stage.seed * 1_000_003 + updates * 7_919 + data_rank_and_world(stage.model)[0] * 101 + 29
     m = heldout_reward(stage, recs, c.heldout_samples, seed)
     _record(stage, "heldout_history", updates, m)
     if stage.trainer_is_zero():

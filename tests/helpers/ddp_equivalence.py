@@ -12,6 +12,11 @@ targets), so micro-batches hold different numbers of target tokens: only an exac
 accumulation and ranks gives the same gradients in both layouts (a per-micro-batch mean, or a normalisation
 missing the world size, does not). Gradient clipping is off, so the gradients reach the optimizer unchanged.
 Under "tp" the two ranks of a tensor-parallel pair read the same rows: the layout above holds for the pairs.
+
+    torchrun --nproc_per_node N tests/helpers/ddp_equivalence.py OUT.json [ddp|fsdp2|hsdp|tp|tp_hsdp] [DTYPE] [LR]
+
+DTYPE (float32) is the default dtype the model is built in (float64 shows whether a layout's math is exact), LR
+(1e-2) Adam's learning rate.
 """
 
 import json
@@ -71,7 +76,11 @@ def _checksum(model):
     return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum()) for p in model.parameters())
 
 
-def main(out_path, strategy="ddp"):
+def main(out_path, strategy="ddp", dtype="float32", lr="1e-2"):
+    torch.set_default_dtype(getattr(torch, dtype))
+    if dtype == "float64":  # the model's .float() casts stay float64 (the loss head's fp32 buffers remain)
+        as_fp32 = torch.Tensor.float
+        torch.Tensor.float = lambda t, *a, **k: t if t.dtype == torch.float64 else as_fp32(t, *a, **k)
     tp = 2 if strategy in ("tp", "tp_hsdp") else 1
     # the data-parallel layout (Lightning's (data_parallel, tensor_parallel) mesh: rank = dp rank * tp + tp rank)
     world = int(os.environ.get("WORLD_SIZE", "1")) // tp
@@ -82,7 +91,7 @@ def main(out_path, strategy="ddp"):
     micro = per_rank // accum
     # hsdp: FSDP2 over a (replicate 2, shard world/2) mesh
     parallel = ParallelConfig(replicate=2 if strategy in ("hsdp", "tp_hsdp") and world > 1 else 1)
-    stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant",
+    stage = PretrainStage(load_preset("tiny"), OptimConfig(lr=float(lr), warmup_steps=0, schedule="constant",
                                                                   grad_clip=None), parallel=parallel,
                           total_steps=STEPS)
     losses = []
