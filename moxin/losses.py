@@ -224,15 +224,16 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, chunk_size: int, temperature: float, grad_wanted: bool,
-                with_entropy: bool = False):
+                with_entropy: bool = False, entropy_grad: bool = False):
         # hidden (R, D), labels (R,); grad_wanted: grad mode was on and hidden or weight requires grad.
-        # Returns (log-probs (R,), entropies (R,) without gradient, or an empty tensor without `with_entropy`).
+        # Returns (log-probs (R,), entropies (R,), or an empty tensor without `with_entropy`); the entropies are
+        # differentiable with `entropy_grad` (the backward then recomputes each chunk's logits for both terms).
         out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
         lse_all = torch.empty_like(out)
         ent = torch.empty_like(out) if with_entropy else out.new_empty(0)
         dev = hidden.device.type
         mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        keep = (grad_wanted and _keeps_logit_grads(hidden.device, mm_dtype)
+        keep = (grad_wanted and not entropy_grad and _keeps_logit_grads(hidden.device, mm_dtype)
                 and hidden.shape[0] * weight.shape[0] * mm_dtype.itemsize <= KEEP_LOGIT_GRADS_MAX_BYTES)
         fwd = _forward_with_grad(hidden.device) if keep else _head_kernels(hidden.device)[0]
         grads = []
@@ -246,23 +247,36 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                 ent[start:end] = res[-1]
             if keep:
                 grads.append(res[2])
-        ctx.save_for_backward(hidden, weight, labels, lse_all)
+        ctx.save_for_backward(hidden, weight, labels, lse_all, ent)
         ctx.logit_grads = grads if keep else None  # intermediates, not inputs or outputs: held on ctx
         ctx.mm_dtype = mm_dtype
         ctx.chunk_size = chunk_size
         ctx.temperature = temperature
-        ctx.mark_non_differentiable(ent)
+        if not entropy_grad:
+            ctx.mark_non_differentiable(ent)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None, not as zeros
         return out, ent
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_ent):  # grad_out (R,); the entropies have no gradient
-        hidden, weight, labels, lse_all = ctx.saved_tensors
+    def backward(ctx, grad_out, grad_ent):  # grad_out (R,); grad_ent (R,) with entropy_grad, else None
+        hidden, weight, labels, lse_all, ent = ctx.saved_tensors
         t = ctx.temperature
         _, logits_grad = _head_kernels(hidden.device)
+        if grad_out is None:
+            grad_out = torch.zeros_like(lse_all)
         row_scale = grad_out.float() / t  # d logits / d (logits / t) folded into each row's weight
         kept, ctx.logit_grads = ctx.logit_grads, None
 
         def chunk_grad(i, start, end, h, w):
+            if grad_ent is not None:
+                # both terms from one recomputed chunk, z = logits / t, p = softmax(z), H its entropy:
+                # d logp_y / dz = onehot(y) - p; dH / dz = -p (log p + H); each row weighted by its gradient
+                logp = (h @ w.T).float().div_(t).sub_(lse_all[start:end, None])  # log p, in place (fp32)
+                a, b = row_scale[start:end, None], grad_ent[start:end, None].float() / t
+                p = logp.exp()
+                g = logp.add_(ent[start:end, None]).mul_(b).add_(a).mul_(p).neg_()  # -p (a + b (log p + H))
+                g.scatter_add_(1, labels[start:end, None], a)  # + a onehot(y)
+                return g.to(ctx.mm_dtype), None
             if kept is not None:
                 # the forward's (onehot - softmax); the row weights commute out of both products:
                 # grad_h = diag(s) (g w), grad_w = g^T (diag(s) h)
@@ -274,7 +288,7 @@ class _ChunkedLabelLogProbs(torch.autograd.Function):
                                ctx.mm_dtype), None
 
         grad_h, grad_w = _chunked_head_backward(ctx, hidden, weight, chunk_grad)
-        return grad_h, grad_w, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None
 
 
 def _check_hidden_weight_labels(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
@@ -391,15 +405,19 @@ def token_logprobs_and_entropy(
     chunk_size: int = 1024,
     temperature: float = 1.0,
     label_rows: LabelRows | None = None,
+    entropy_grad: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logprobs` and, from the same chunks of logits, the entropy of every labelled position's
-    next-token distribution (B, T) fp32, 0 where the label is -100, without gradient (a diagnostic, as
-    :func:`token_entropy`): one (tokens x dim x vocab) product a chunk for both, where the two functions take two.
-    The log-probs are differentiable as :func:`token_logprobs`'s."""
-    return _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, True)
+    next-token distribution (B, T) fp32, 0 where the label is -100: one (tokens x dim x vocab) product a chunk for
+    both, where the two functions take two. The log-probs are differentiable as :func:`token_logprobs`'s; the
+    entropies without gradient (a diagnostic, as :func:`token_entropy`) unless `entropy_grad` (an entropy bonus, as
+    :func:`token_entropies`: the backward then recomputes each chunk's logits once for both gradients, instead of
+    keeping the log-probs' logits gradient from the forward)."""
+    return _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, True, entropy_grad)
 
 
-def _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, with_entropy: bool):
+def _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, with_entropy: bool,
+                    entropy_grad: bool = False):
     """(log-probs (B, T), entropies (B, T) or None): the shared body of the two functions above."""
     _check_hidden_weight_labels(hidden, weight, labels)
     if chunk_size < 1:
@@ -412,12 +430,12 @@ def _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows,
     h = hidden.reshape(B * T, D).index_select(0, rows)  # (R, D)
     grad_wanted = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     logp_rows, ent_rows = _ChunkedLabelLogProbs.apply(h, weight, selected, int(chunk_size), float(temperature),
-                                                      grad_wanted, with_entropy)
+                                                      grad_wanted, with_entropy, entropy_grad and grad_wanted)
     out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device)
     out = out.index_put((rows,), logp_rows)  # out-of-place so autograd routes the gradient to logp_rows
     if not with_entropy:
         return out.view(B, T), None
-    ent = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put_((rows,), ent_rows)
+    ent = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put((rows,), ent_rows)
     return out.view(B, T), ent.view(B, T)
 
 

@@ -643,3 +643,33 @@ def test_compiled_head_kernels_compile_once_for_any_rows_and_temperature(monkeyp
                 torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     for fn in (L._label_logp_lse_fused, L._logits_grad_fused, L._label_logp_lse_grad_fused):
         assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn.__name__
+
+
+@pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
+def test_logprobs_and_entropy_with_its_gradient_equal_the_two_functions(chunk_size, temperature, monkeypatch):
+    """The entropy bonus's case: `token_logprobs_and_entropy(entropy_grad=True)` (one product a chunk forward, one
+    recomputed chunk for both gradients backward) against `token_logprobs` + `token_entropies` on random inputs and
+    random weights of both outputs: the same values and the same gradients of hidden and weight, even where the
+    kept-gradient path would otherwise be taken (it is not: the entropy's gradient needs the recomputed logits)."""
+    from moxin import losses as L
+
+    monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt: True)
+    hidden, weight, labels = _inputs(B=3, T=11, D=16, V=50, seed=8)
+    g = torch.Generator().manual_seed(9)
+    up_lp, up_ent = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    valid = labels != -100
+    lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=True)
+    got = torch.autograd.grad((lp * up_lp).sum() + (ent * up_ent).sum(), (hidden, weight))
+    lp_ref = token_logprobs(hidden, weight, labels, chunk_size, temperature)
+    ent_ref = L.token_entropies(hidden, weight, valid, chunk_size, temperature)
+    ref = torch.autograd.grad((lp_ref * up_lp).sum() + (ent_ref * up_ent).sum(), (hidden, weight))
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    lp2, ent2 = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=True)
+    only_ent = torch.autograd.grad((ent2 * up_ent).sum(), (hidden, weight))  # the log-probs unused
+    ref_ent = torch.autograd.grad((L.token_entropies(hidden, weight, valid, chunk_size, temperature) * up_ent).sum(),
+                                  (hidden, weight))
+    for a, b in zip(only_ent, ref_ent):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -23,8 +23,8 @@ from moxin.constants import IGNORE_INDEX
 from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
 from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
-from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_entropies,
-                          token_logprobs, token_logprobs_and_entropy, zero_std_groups)
+from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_logprobs,
+                          token_logprobs_and_entropy, zero_std_groups)
 from moxin.model import Transformer
 from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds
@@ -380,24 +380,23 @@ class GRPOStage(MoxinStage):
         """Per-token log-probs (and with_entropy, the masked entropy's sum and count, plus, with an entropy bonus in
         grad mode, its (B, T) per-token values with their gradient) of a forward. `rows`: the
         rows' bounds and label and mask positions found on the host (`_HostRows`), so nothing is read from the
-        device; without them the forward and the head find them on the device. The logged entropy comes from the
-        log-probs' own chunks of logits (`token_logprobs_and_entropy`): the completion mask lies within the
-        labelled positions (`build_rollout`, `_plan`)."""
+        device; without them the forward and the head find them on the device. The entropy comes from the
+        log-probs' own chunks of logits (`token_logprobs_and_entropy`, one product a chunk for both): the
+        completion mask lies within the labelled positions (`build_rollout`, `_plan`)."""
         rows = rows or _HostRows()
 
         def head(hidden, W):  # runs inside the model's forward, where FSDP2 has gathered the output weight
             t, chunk = self.cfg.temperature, self.loss_chunk_size
-            if with_entropy and self.cfg.entropy_coef != 0.0 and torch.is_grad_enabled():
-                logp = token_logprobs(hidden, W, labels, chunk, temperature=t, label_rows=rows.labels)
-                tok = token_entropies(hidden, W, mask, chunk, temperature=t, rows=rows.entropy)
-                n = rows.entropy.numel() if rows.entropy is not None else mask.bool().sum()
-                return logp, (tok.detach().sum(), n, tok)
             if not with_entropy:
                 return token_logprobs(hidden, W, labels, chunk, temperature=t, label_rows=rows.labels), None
-            logp, tok = token_logprobs_and_entropy(hidden, W, labels, chunk, temperature=t, label_rows=rows.labels)
+            bonus = self.cfg.entropy_coef != 0.0 and torch.is_grad_enabled()
+            logp, tok = token_logprobs_and_entropy(hidden, W, labels, chunk, temperature=t, label_rows=rows.labels,
+                                                   entropy_grad=bonus)
             m = mask.bool()
+            tok = tok * m  # the completion's tokens only (with the bonus, its gradient too)
             # the count: from the host's mask positions when found there (nothing read), else on the device
-            return logp, ((tok * m).sum(), torch.tensor(rows.entropy.numel()) if rows.entropy is not None else m.sum())
+            n = torch.tensor(rows.entropy.numel()) if rows.entropy is not None else m.sum()
+            return logp, (tok.detach().sum(), n, tok) if bonus else (tok.sum(), n)
 
         return model(ids, pos, head=head, doc_bounds=rows.bounds, varying_shapes=True)
 
