@@ -1,9 +1,9 @@
 """GRPO under tensor parallelism 2 (2 gloo processes, one data-parallel rank: Lightning's ModelParallelStrategy), or
-the same run on one process: two rollout steps of 2 arithmetic prompts x 4 completions of the tiny model, a reward
+the same run on one process: one rollout step of 2 arithmetic prompts x 4 completions of the tiny model, a reward
 that varies on a random model (the parity of the completion's length), off-policy updates (2 PPO epochs x 2
-minibatches) against a KL reference, the greedy held-out reward before each step and after the last. Under TP
-every rollout decodes twice from the same weights and generator: through the sharded policy in lockstep and through
-the gathered copy (the rollout it trains on); the held-out reward of step 0 decodes in lockstep, the later ones
+minibatches) against a KL reference, the greedy held-out reward before the step and after it. Under TP the
+rollout decodes twice from the same weights and generator: through the sharded policy in lockstep and through the
+gathered copy (the rollout it trains on); the held-out reward before the step decodes in lockstep, the one after
 from the copy. Writes rank 0's history, every rollout's tokens as JSON, the final weights
 (gathered) to OUT.weights.pt.
 
@@ -50,7 +50,7 @@ def main(out_path):
     rewards_pkg.VERIFIERS["parity"] = ParityVerifier
     stage, tok = tiny_grpo_stage("parity", **FSDP_GRPO, heldout_every=1, heldout_prompts=4,
                                  sharded_rollout="lockstep")
-    dm = PromptDataModule(source="arithmetic", prompts_per_step=2, steps=2, tokenizer=tok, seed=0,
+    dm = PromptDataModule(source="arithmetic", prompts_per_step=2, steps=1, tokenizer=tok, seed=0,
                           max_prompt_tokens=64, world_size=1, task={"pool": 4})
     record = []
     recording_rollouts(stage, record)
