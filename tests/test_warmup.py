@@ -136,22 +136,27 @@ def test_warmup_needs_data_with_solutions(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_demo_reward_rises(tmp_path):
-    """`python -m moxin.run +experiment=grpo` as a fresh clone runs it (about 5 minutes on 2 CPU cores): the mean
-    reward of the last six rollout steps is at least 0.6 and at least 0.2 above the first four's, and the SFT
-    warm-up alone does not already reach 0.6 on the first rollout step (the rise is GRPO's). Greedy pass@1 on the
-    reserved sums (grpo/heldout_reward) is logged from step 0 to the end; it does not rise yet (docs/performance.md,
-    issue 31), so only its presence is checked."""
+    """`python -m moxin.run +experiment=grpo` as a fresh clone runs it (7-8 minutes on 2 idle CPU cores): the SFT
+    warm-up alone does not already reach 0.6 on the first rollout step; the mean train reward of the last ten rollout
+    steps is at least 0.05 above the first ten's; and pass@1 on the reserved sums, which neither the warm-up nor RL
+    trains on (grpo/heldout_reward_sampled, 16 samples a sum), ends at least 0.03 above where it started (on an AMD
+    EPYC Zen 4: seed 1234, the default, +0.091, seed 0 +0.047; the sampling error alone is about 0.02:
+    docs/performance.md). Another CPU type gives another curve for the same seed."""
     out = tmp_path / "demo"
     R.train(compose_config(["+experiment=grpo", f"out_dir={out}", "run_name=demo", "trainer.progress_bar=none"]))
     rewards = [v for _, _, v in sorted(_metric_rows(out, "grpo/reward_mean"), key=lambda r: r[1])]
-    first4, last6 = sum(rewards[:4]) / 4, sum(rewards[-6:]) / 6
-    held = sorted(_metric_rows(out, "grpo/heldout_reward"), key=lambda r: r[1])
-    final = _metric_rows(out, "grpo/heldout_reward_final")
-    print(f"grpo/reward_mean per rollout step: {[round(r, 3) for r in rewards]}; first four {first4:.3f}, "
-          f"last six {last6:.3f}; held-out from {held[0][2]:.3f} to {final[-1][2]:.3f}")
-    assert held[0][1] == 0 and len(final) == 1 and all(0.0 <= v <= 1.0 for *_, v in held + final)
+    first, last = sum(rewards[:10]) / 10, sum(rewards[-10:]) / 10
+    greedy = sorted(_metric_rows(out, "grpo/heldout_reward"), key=lambda r: r[1])
+    held = sorted(_metric_rows(out, "grpo/heldout_reward_sampled"), key=lambda r: r[1])
+    final = _metric_rows(out, "grpo/heldout_reward_sampled_final")
+    print(f"grpo/reward_mean per rollout step: {[round(r, 3) for r in rewards]}; first ten {first:.3f}, last ten "
+          f"{last:.3f}; held-out sampled {[round(v, 3) for *_, v in held + final]}, greedy "
+          f"{[round(v, 3) for *_, v in greedy]} -> {_metric_rows(out, 'grpo/heldout_reward_final')[-1][2]:.3f}")
+    assert held[0][1] == 0 and greedy[0][1] == 0 and len(final) == 1
+    assert all(0.0 <= v <= 1.0 for *_, v in greedy + held + final)
     assert rewards[0] < 0.6, rewards
-    assert last6 >= 0.6 and last6 >= first4 + 0.2, (first4, last6, rewards)
+    assert last >= first + 0.05, (first, last, rewards)
+    assert final[0][2] >= held[0][2] + 0.03, (held, final)
 
 
 def test_warmup_micro_batch_defaults_to_each_process_share():

@@ -33,8 +33,8 @@ class ArithmeticTask:
     ``max_operand``: the largest operand (None: ``10**max_digits - 1``); operands are then uniform over
     ``[smallest min_digits-digit number, max_operand]`` instead of a digit count first. E.g. ``max_digits=2,
     max_operand=19``: 400 sums of 0..19 whose units digits are the one-digit sums' table, so what a policy learns on
-    some problems carries over to others (the CPU GRPO demo's held-out rise needs that; see
-    docs/performance.md).
+    some problems could carry over to others (tried for the CPU GRPO demo: its 200-step warm-up reaches only
+    0.1-0.15 there; docs/performance.md).
 
     ``heldout``: the fraction of the distinct problems (chosen by a hash of the seed and the prompt) that
     :meth:`problem` never returns and :meth:`heldout_problems` only returns: an evaluation set that neither RL
