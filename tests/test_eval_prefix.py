@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 
+from moxin.data.sample import sample_path
+from moxin.eval import evaluate
 from moxin.eval.loglik import _pack_row, _tree_rows, loglikelihoods
 from moxin.model import Transformer, masks
 from moxin.model.cache import RollingKVCache
@@ -109,3 +111,20 @@ def test_attn_mask_is_not_taken_with_a_cache(model):
     with pytest.raises(ValueError, match="attn_mask"):
         model(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
               cache=RollingKVCache(model.cfg, 1, 8), attn_mask=object())
+
+
+@pytest.mark.parametrize("sampler", ["default", "first_n"])
+def test_few_shot_task_scores_equal_with_and_without_shared_prefixes(tok, sampler):
+    """The sample task 3-shot through evaluate(): with lm-eval's random draw (few-shot examples differ per item) and
+    first_n (one few-shot prefix for every item, shared across questions), packed and padded give the same
+    log-likelihoods, predictions and greedy flags."""
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512,
+                                    sliding_window=64)).eval()
+    task = {"name": "mc", "path": str(sample_path("eval_mc")), "text": "Question: {question}\nAnswer:",
+            "num_fewshot": 3, "fewshot_sampler": sampler, "limit": 8}
+    runs = [evaluate(model, tok, {"tasks": [task], "verifier_workers": 0, "share_prefixes": share})["tasks"]["mc"]
+            for share in (True, False)]
+    for a, b in zip(*(r["items"] for r in runs)):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
+        assert (a["pred"], a["pred_norm"], a["is_greedy"]) == (b["pred"], b["pred_norm"], b["is_greedy"])
