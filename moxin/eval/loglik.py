@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moxin.distributed import all_reduce_values
 from moxin.model import masks
@@ -177,6 +178,19 @@ def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max
     return out
 
 
+@dataclass
+class _TreeMask(AttentionMask):
+    """The dense mask of packed prefix trees, applied with the keys and values repeated to every query head. SDPA's
+    fused kernel that takes an explicit mask (memory-efficient attention) does not take grouped-query heads, so the
+    grouped call would fall back to the math kernel on a GPU, which materialises every (head, query, key) score."""
+
+    def apply(self, q, k, v):
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # query head h reads key head h // group, as enable_gqa does
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
+
+
 def _tree_mask(batch: _Batch, window: int | None, device) -> tuple[torch.Tensor, AttentionMask]:
     """The rows' positions on `device` and the dense mask of their prefix trees (SDPA with an explicit mask on every
     device: the trees' attention is a small part of a forward next to the projections, and one kernel keeps the CPU
@@ -186,7 +200,7 @@ def _tree_mask(batch: _Batch, window: int | None, device) -> tuple[torch.Tensor,
     mods = [masks.subtree(torch.from_numpy(batch.last).to(device))]
     if window is not None and window <= int(batch.positions.max()):
         mods.append(masks.position_window(positions, window))
-    return positions, AttentionMask("dense", dense=masks.dense_mask(masks.and_masks(*mods), B, T, T, device))
+    return positions, _TreeMask("dense", dense=masks.dense_mask(masks.and_masks(*mods), B, T, T, device))
 
 
 @torch.no_grad()
