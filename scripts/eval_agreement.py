@@ -6,6 +6,10 @@ folder and the same local jsonl task; prints both tables, items/s of each, and e
     python scripts/eval_agreement.py --hf /path/to/Moxin-7B --device cuda --dtype bfloat16 --num-fewshot 5 \\
         --lm-eval-python python   # lm-eval installed into the GPU machine's environment
 
+    # throughput at realistic lengths: a generated task (~250-token passages, four candidate sentences), and moxin's
+    # padded-row path (eval.share_prefixes=false) timed in the same process
+    python scripts/eval_agreement.py --hf runs/evaltiny/hf --synthetic 300 --plain-too --lm-eval-python ...
+
 The task (default: the built-in sample, moxin/data/sample/eval_mc.jsonl, ``{"question", "choices", "gold"}``) is
 written as an lm-eval task yaml (dataset_path json, doc_to_text from --text, doc_to_choice/doc_to_target the
 fields, fewshot_split = test split so lm-eval drops the item from its own few-shot draw) and as a moxin
