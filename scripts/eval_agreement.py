@@ -200,7 +200,7 @@ def run_moxin(args) -> list[dict]:
     out = []
     for share in (True, False) if args.plain_too else (True,):
         cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0,
-                         share_prefixes=share)
+                         share_prefixes=share, row_tokens=args.row_tokens)
         seen = [0, 0]  # forwards, tokens through the model (padding included)
 
         def counting(x, *a, **kw):
@@ -366,6 +366,7 @@ def main(argv=None) -> int:
                     help="evaluate the task's records this many times over (0-shot only). Both sides score a repeated "
                          "request once (lm-eval's Collator, moxin's shared rows), so this tests the sharing, not "
                          "a larger workload")
+    ap.add_argument("--row-tokens", type=int, default=1024, help="moxin packed tokens per row (eval.row_tokens)")
     ap.add_argument("--plain-too", action="store_true",
                     help="also time moxin with one padded row per input (eval.share_prefixes=false), same process")
     ap.add_argument("--synthetic", type=int, default=None, metavar="N",

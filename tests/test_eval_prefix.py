@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from moxin.config import EvalConfig, EvalConfigError
 from moxin.data.sample import sample_path
 from moxin.eval import evaluate
 from moxin.eval.loglik import _pack_row, _tree_rows, loglikelihoods
@@ -128,3 +129,8 @@ def test_few_shot_task_scores_equal_with_and_without_shared_prefixes(tok, sample
     for a, b in zip(*(r["items"] for r in runs)):
         assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
         assert (a["pred"], a["pred_norm"], a["is_greedy"]) == (b["pred"], b["pred_norm"], b["is_greedy"])
+
+
+def test_row_tokens_below_one_is_refused():
+    with pytest.raises(EvalConfigError, match="eval.row_tokens"):
+        EvalConfig(tasks=[{"name": "mc", "path": str(sample_path("eval_mc"))}], row_tokens=0)
