@@ -68,13 +68,14 @@ def test_prefix_trees_with_left_truncation(model):
 
 def test_a_shared_context_goes_through_the_model_once(model):
     """Four options of one 40-token context: one forward of 40 + the options' tokens (less each last one), where
-    padded rows need 4 x 40; the few-shot prefix of two questions is written once as well."""
+    padded rows need 4 x 40; the few-shot prefix of two questions is written once as well. Rows are padded to a
+    multiple of 16 (`ROW_MULTIPLE`)."""
     ctx = list(range(3, 43))
     opts = [[50, 51, 52], [53], [54, 55], [56, 57, 58, 59]]
     with forward_shapes(model) as shapes:
         loglikelihoods(model, [(ctx, o) for o in opts])
         loglikelihoods(model, [(ctx + [60], [61]), (ctx + [62, 63], [64])])  # a 40-token shared few-shot prefix
-    assert shapes == [(1, 40 + 2 + 1 + 3), (1, 40 + 1 + 2)]
+    assert shapes == [(1, 48), (1, 48)]  # 40 + 2 + 1 + 3 and 40 + 1 + 2 tokens, padded to a multiple of 16
 
 
 def test_packed_rows_are_a_depth_first_trie():

@@ -159,6 +159,10 @@ def _pack_row(entries: list[tuple[int, int]], inputs: list[np.ndarray], tokens: 
         last[start:start + n] = off - 1
 
 
+#: Packed rows are padded to a multiple of this many tokens (a multiple of any tensor-parallel size up to 16).
+ROW_MULTIPLE = 16
+
+
 def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max_batch: int,
                   pad_id: int) -> list[_Batch]:
     """Rows of packed prefix trees (`_tree_rows`), as many to a forward as the token budget holds."""
@@ -168,6 +172,9 @@ def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max
     for b in range(0, len(rows), per):
         group = rows[b:b + per]
         T = max(sum(len(inputs[u]) - shared for u, shared in row) for row in group)
+        # a multiple of 16 where the row allows it: tensor parallelism pads rows to a multiple of its size (which a
+        # mask built for the unpadded rows would not fit), and SDPA's fused kernels want aligned mask rows
+        T = max(T, min(-(-T // ROW_MULTIPLE) * ROW_MULTIPLE, row_len))
         tokens = np.full((len(group), T), pad_id, dtype=np.int64)
         positions = np.zeros((len(group), T), dtype=np.int64)
         last = np.tile(np.arange(T), (len(group), 1))
