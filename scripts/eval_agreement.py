@@ -6,6 +6,10 @@ folder and the same local jsonl task; prints both tables, items/s of each, and e
     python scripts/eval_agreement.py --hf /path/to/Moxin-7B --device cuda --dtype bfloat16 --num-fewshot 5 \\
         --lm-eval-python python   # lm-eval installed into the GPU machine's environment
 
+    # throughput at realistic lengths: a generated task (~250-token passages, four candidate sentences), and moxin's
+    # padded-row path (eval.share_prefixes=false) timed in the same process
+    python scripts/eval_agreement.py --hf runs/evaltiny/hf --synthetic 300 --plain-too --lm-eval-python ...
+
 The task (default: the built-in sample, moxin/data/sample/eval_mc.jsonl, ``{"question", "choices", "gold"}``) is
 written as an lm-eval task yaml (dataset_path json, doc_to_text from --text, doc_to_choice/doc_to_target the
 fields, fewshot_split = test split so lm-eval drops the item from its own few-shot draw) and as a moxin
@@ -196,7 +200,7 @@ def run_moxin(args) -> list[dict]:
     out = []
     for share in (True, False) if args.plain_too else (True,):
         cfg = EvalConfig(tasks=[task], bos=True, batch_tokens=args.batch_tokens, verifier_workers=0,
-                         share_prefixes=share)
+                         share_prefixes=share, row_tokens=args.row_tokens)
         seen = [0, 0]  # forwards, tokens through the model (padding included)
 
         def counting(x, *a, **kw):
@@ -362,6 +366,7 @@ def main(argv=None) -> int:
                     help="evaluate the task's records this many times over (0-shot only). Both sides score a repeated "
                          "request once (lm-eval's Collator, moxin's shared rows), so this tests the sharing, not "
                          "a larger workload")
+    ap.add_argument("--row-tokens", type=int, default=1024, help="moxin packed tokens per row (eval.row_tokens)")
     ap.add_argument("--plain-too", action="store_true",
                     help="also time moxin with one padded row per input (eval.share_prefixes=false), same process")
     ap.add_argument("--synthetic", type=int, default=None, metavar="N",

@@ -8,6 +8,9 @@ import numpy as np
 import pytest
 import torch
 
+from moxin.config import EvalConfig, EvalConfigError
+from moxin.data.sample import sample_path
+from moxin.eval import evaluate
 from moxin.eval.loglik import _pack_row, _tree_rows, loglikelihoods
 from moxin.model import Transformer, masks
 from moxin.model.cache import RollingKVCache
@@ -65,13 +68,14 @@ def test_prefix_trees_with_left_truncation(model):
 
 def test_a_shared_context_goes_through_the_model_once(model):
     """Four options of one 40-token context: one forward of 40 + the options' tokens (less each last one), where
-    padded rows need 4 x 40; the few-shot prefix of two questions is written once as well."""
+    padded rows need 4 x 40; the few-shot prefix of two questions is written once as well. Rows are padded to a
+    multiple of 16 (`ROW_MULTIPLE`)."""
     ctx = list(range(3, 43))
     opts = [[50, 51, 52], [53], [54, 55], [56, 57, 58, 59]]
     with forward_shapes(model) as shapes:
         loglikelihoods(model, [(ctx, o) for o in opts])
         loglikelihoods(model, [(ctx + [60], [61]), (ctx + [62, 63], [64])])  # a 40-token shared few-shot prefix
-    assert shapes == [(1, 40 + 2 + 1 + 3), (1, 40 + 1 + 2)]
+    assert shapes == [(1, 48), (1, 48)]  # 40 + 2 + 1 + 3 and 40 + 1 + 2 tokens, padded to a multiple of 16
 
 
 def test_packed_rows_are_a_depth_first_trie():
@@ -109,3 +113,25 @@ def test_attn_mask_is_not_taken_with_a_cache(model):
     with pytest.raises(ValueError, match="attn_mask"):
         model(torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 2, dtype=torch.long),
               cache=RollingKVCache(model.cfg, 1, 8), attn_mask=object())
+
+
+@pytest.mark.parametrize("sampler", ["default", "first_n"])
+def test_few_shot_task_scores_equal_with_and_without_shared_prefixes(tok, sampler):
+    """The sample task 3-shot through evaluate(): with lm-eval's random draw (few-shot examples differ per item) and
+    first_n (one few-shot prefix for every item, shared across questions), packed and padded give the same
+    log-likelihoods, predictions and greedy flags."""
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", max_seq_len=512,
+                                    sliding_window=64)).eval()
+    task = {"name": "mc", "path": str(sample_path("eval_mc")), "text": "Question: {question}\nAnswer:",
+            "num_fewshot": 3, "fewshot_sampler": sampler, "limit": 8}
+    runs = [evaluate(model, tok, {"tasks": [task], "verifier_workers": 0, "share_prefixes": share})["tasks"]["mc"]
+            for share in (True, False)]
+    for a, b in zip(*(r["items"] for r in runs)):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5)
+        assert (a["pred"], a["pred_norm"], a["is_greedy"]) == (b["pred"], b["pred_norm"], b["is_greedy"])
+
+
+def test_row_tokens_below_one_is_refused():
+    with pytest.raises(EvalConfigError, match="eval.row_tokens"):
+        EvalConfig(tasks=[{"name": "mc", "path": str(sample_path("eval_mc"))}], row_tokens=0)

@@ -249,6 +249,9 @@ class EvalConfig:
     """Log-likelihood inputs packed as prefix trees: a context shared by a question's options (a few-shot prefix shared
     by questions) goes through the model once, every option still scored as if alone (moxin/eval/loglik.py). False:
     one padded row per distinct input, the way lm-eval runs them."""
+    row_tokens: int = 1024
+    """With share_prefixes: packed tokens per row (at least the longest input). Longer rows cut fewer questions in two
+    (the second part writes its context again); the dense tree mask's attention grows with the row."""
     gen_batch_size: int = 64
     """Prompts per generate() call."""
     verifier_timeout_s: float = 10.0
@@ -271,8 +274,9 @@ class EvalConfig:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise EvalConfigError(f"eval.tasks: task names {dup} appear twice; names key the results")
-        if self.batch_tokens < 1 or self.max_batch < 1 or self.gen_batch_size < 1:
-            raise EvalConfigError("eval.batch_tokens, eval.max_batch and eval.gen_batch_size must be >= 1")
+        if self.batch_tokens < 1 or self.max_batch < 1 or self.gen_batch_size < 1 or self.row_tokens < 1:
+            raise EvalConfigError("eval.batch_tokens, eval.max_batch, eval.gen_batch_size and eval.row_tokens must be "
+                                  ">= 1")
 
     @classmethod
     def from_any(cls, obj: Any) -> "EvalConfig":

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from moxin.distributed import all_reduce_values
 from moxin.model import masks
@@ -158,6 +159,10 @@ def _pack_row(entries: list[tuple[int, int]], inputs: list[np.ndarray], tokens: 
         last[start:start + n] = off - 1
 
 
+#: Packed rows are padded to a multiple of this many tokens (a multiple of any tensor-parallel size up to 16).
+ROW_MULTIPLE = 16
+
+
 def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max_batch: int,
                   pad_id: int) -> list[_Batch]:
     """Rows of packed prefix trees (`_tree_rows`), as many to a forward as the token budget holds."""
@@ -167,6 +172,9 @@ def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max
     for b in range(0, len(rows), per):
         group = rows[b:b + per]
         T = max(sum(len(inputs[u]) - shared for u, shared in row) for row in group)
+        # a multiple of 16 where the row allows it: tensor parallelism pads rows to a multiple of its size (which a
+        # mask built for the unpadded rows would not fit), and SDPA's fused kernels want aligned mask rows
+        T = max(T, min(-(-T // ROW_MULTIPLE) * ROW_MULTIPLE, row_len))
         tokens = np.full((len(group), T), pad_id, dtype=np.int64)
         positions = np.zeros((len(group), T), dtype=np.int64)
         last = np.tile(np.arange(T), (len(group), 1))
@@ -175,6 +183,19 @@ def _tree_batches(inputs: list[np.ndarray], row_len: int, batch_tokens: int, max
             _pack_row(row, inputs, tokens[r], positions[r], last[r], place, r)
         out.append(_Batch(tokens, positions, last, place))
     return out
+
+
+@dataclass
+class _TreeMask(AttentionMask):
+    """The dense mask of packed prefix trees, applied with the keys and values repeated to every query head. SDPA's
+    fused kernel that takes an explicit mask (memory-efficient attention) does not take grouped-query heads, so the
+    grouped call would fall back to the math kernel on a GPU, which materialises every (head, query, key) score."""
+
+    def apply(self, q, k, v):
+        group = q.shape[1] // k.shape[1]
+        if group > 1:  # query head h reads key head h // group, as enable_gqa does
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.dense)
 
 
 def _tree_mask(batch: _Batch, window: int | None, device) -> tuple[torch.Tensor, AttentionMask]:
@@ -186,7 +207,7 @@ def _tree_mask(batch: _Batch, window: int | None, device) -> tuple[torch.Tensor,
     mods = [masks.subtree(torch.from_numpy(batch.last).to(device))]
     if window is not None and window <= int(batch.positions.max()):
         mods.append(masks.position_window(positions, window))
-    return positions, AttentionMask("dense", dense=masks.dense_mask(masks.and_masks(*mods), B, T, T, device))
+    return positions, _TreeMask("dense", dense=masks.dense_mask(masks.and_masks(*mods), B, T, T, device))
 
 
 @torch.no_grad()

@@ -68,7 +68,8 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
     t0 = time.perf_counter()
     reqs = encode_pairs(tokenizer, [(c, x) for it in mine for c, x in zip(it.contexts, it.continuations)], bos=cfg.bos)
     res = loglikelihoods(model, reqs, batch_tokens=cfg.batch_tokens, max_batch=cfg.max_batch,
-                         pad_id=tokenizer.pad_id, lockstep=lockstep, share_prefixes=cfg.share_prefixes)
+                         pad_id=tokenizer.pad_id, lockstep=lockstep, share_prefixes=cfg.share_prefixes,
+                         row_tokens=cfg.row_tokens)
     s = 0
     out = []
     for it in mine:
