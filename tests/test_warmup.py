@@ -136,12 +136,13 @@ def test_warmup_needs_data_with_solutions(tmp_path):
 
 @pytest.mark.slow
 def test_grpo_demo_reward_rises(tmp_path):
-    """`python -m moxin.run +experiment=grpo` as a fresh clone runs it (7-8 minutes on 2 idle CPU cores): the SFT
+    """`python -m moxin.run +experiment=grpo` as a fresh clone runs it (9-15 minutes on 2 shared CPU cores): the SFT
     warm-up alone does not already reach 0.6 on the first rollout step; the mean train reward of the last ten rollout
     steps is at least 0.05 above the first ten's; and pass@1 on the reserved sums, which neither the warm-up nor RL
-    trains on (grpo/heldout_reward_sampled, 16 samples a sum), ends at least 0.03 above where it started (on an AMD
-    EPYC Zen 4: seed 1234, the default, +0.091, seed 0 +0.047; the sampling error alone is about 0.02:
-    docs/performance.md). Another CPU type gives another curve for the same seed."""
+    trains on (grpo/heldout_reward_sampled, 16 samples a sum), ends at least 0.05 above where it started, and greedy
+    pass@1 on them does not end lower (on an AMD EPYC Zen 4, seed 1234, the default: sampled +0.091, greedy 6/22 ->
+    7/22; at fixed weights the sampled figure moved by up to 0.04: docs/performance.md). Another CPU type gives
+    another curve for the same seed."""
     out = tmp_path / "demo"
     R.train(compose_config(["+experiment=grpo", f"out_dir={out}", "run_name=demo", "trainer.progress_bar=none"]))
     rewards = [v for _, _, v in sorted(_metric_rows(out, "grpo/reward_mean"), key=lambda r: r[1])]
@@ -156,7 +157,8 @@ def test_grpo_demo_reward_rises(tmp_path):
     assert all(0.0 <= v <= 1.0 for *_, v in greedy + held + final)
     assert rewards[0] < 0.6, rewards
     assert last >= first + 0.05, (first, last, rewards)
-    assert final[0][2] >= held[0][2] + 0.03, (held, final)
+    assert final[0][2] >= held[0][2] + 0.05, (held, final)
+    assert _metric_rows(out, "grpo/heldout_reward_final")[-1][2] >= greedy[0][2], greedy
 
 
 def test_warmup_micro_batch_defaults_to_each_process_share():
