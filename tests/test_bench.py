@@ -11,8 +11,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["attention", "generate", "train", "recompute", "train_profile",
-                                    "grpo_update",
+@pytest.mark.parametrize("script", ["attention", "generate", "train", "grpo_update",
+                                    # whole runs (25 s): the policies' equal losses and gradients are
+                                    # tests/test_distributed.py::test_recompute_policies_give_the_same_loss...'s
+                                    pytest.param("recompute", marks=pytest.mark.slow),
+                                    # the profiler over a Lightning run (11 s); its gap grouping is tested below
+                                    pytest.param("train_profile", marks=pytest.mark.slow),
                                     # 2 torchrun processes: tests/test_grpo_rollout_fsdp.py checks the same path
                                     pytest.param("rollout", marks=pytest.mark.slow)])
 def test_bench_smoke(script, tmp_path):
