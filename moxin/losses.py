@@ -23,8 +23,6 @@ __all__ = [
     "token_logprobs",
     "token_logprobs_and_entropy",
     "token_cross_entropy",
-    "token_entropy",
-    "token_entropies",
     "DPOOutput",
     "DPO_LOSS_TYPES",
     "dpo_loss",
@@ -175,8 +173,8 @@ def _add_weight_grad(grad_w: torch.Tensor | None, g: torch.Tensor, h: torch.Tens
 
 
 def _chunked_head_backward(ctx, hidden: torch.Tensor, weight: torch.Tensor, chunk_grad):
-    """The backward both chunked heads share (:class:`_ChunkedLabelLogProbs`, :class:`_ChunkedEntropy`): chunk
-    by chunk of rows (`ctx.chunk_size`), the head's logits gradient ``g, s = chunk_grad(i, start, end, h, w)``
+    """The chunked head's backward (:class:`_ChunkedLabelLogProbs`, log-probs and entropies alike): chunk by
+    chunk of rows (`ctx.chunk_size`), the head's logits gradient ``g, s = chunk_grad(i, start, end, h, w)``
     (g (rows, V) in `ctx.mm_dtype`; s: a (rows, 1) scale of each row, or None) becomes grad_h = (g @ W) s and
     grad_w += g^T (s h), the products in `ctx.mm_dtype`, grad_w summed in fp32. Returns (grad_h, grad_w), each
     None when `ctx.needs_input_grad` does not ask for it."""
@@ -409,10 +407,10 @@ def token_logprobs_and_entropy(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`token_logprobs` and, from the same chunks of logits, the entropy of every labelled position's
     next-token distribution (B, T) fp32, 0 where the label is -100: one (tokens x dim x vocab) product a chunk for
-    both, where the two functions take two. The log-probs are differentiable as :func:`token_logprobs`'s; the
-    entropies without gradient (a diagnostic, as :func:`token_entropy`) unless `entropy_grad` (an entropy bonus, as
-    :func:`token_entropies`: the backward then recomputes each chunk's logits once for both gradients, instead of
-    keeping the log-probs' logits gradient from the forward)."""
+    both. The log-probs are differentiable as :func:`token_logprobs`'s; the entropies without gradient (GRPO's
+    diagnostic: entropy collapsing towards 0 means the policy stopped exploring) unless `entropy_grad` (GRPO's
+    entropy bonus, verl's `entropy_coeff`: the backward then recomputes each chunk's logits once for both
+    gradients, instead of keeping the log-probs' logits gradient from the forward)."""
     return _token_logprobs(hidden, weight, labels, chunk_size, temperature, label_rows, True, entropy_grad)
 
 
@@ -460,113 +458,6 @@ def token_cross_entropy(
     logp = token_logprobs(hidden, weight, labels, chunk_size=chunk_size, label_rows=label_rows)
     n_tokens = (labels != IGNORE_INDEX).sum()
     return -logp.sum(), n_tokens
-
-
-def _masked_hidden(hidden: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
-    """The (R, D) hidden states at the mask's positions: ``rows`` (the flat positions, found on the host) when
-    given, else the mask itself. Checks both shapes."""
-    if mask.shape != hidden.shape[:2]:
-        raise ValueError(f"mask must be (B, T) = {tuple(hidden.shape[:2])}, got {tuple(mask.shape)}")
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    if rows is None:
-        return flat[mask.reshape(-1).bool()]
-    if rows.dim() != 1 or rows.device != hidden.device:
-        raise ValueError(f"rows must be the mask's flat positions (R,) on {hidden.device}, got shape "
-                         f"{tuple(rows.shape)} on {rows.device}")
-    return flat.index_select(0, rows)
-
-
-@torch.no_grad()
-def token_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int = 1024,
-    temperature: float = 1.0,
-    rows: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed entropy of the next-token distribution at masked positions (a diagnostic: no gradient).
-
-    Useful in GRPO: entropy collapsing towards 0 means the policy stopped exploring (DAPO's motivation for
-    clip-higher). hidden (B, T, D), weight (V, D), mask (B, T) bool. Returns ``(entropy_sum, n_tokens)``.
-    rows: the mask's flat positions (``mask.reshape(-1).nonzero()``, found on the host and sent with the batch):
-    then nothing is read from the device, and ``n_tokens`` is a host (CPU) tensor.
-    """
-    h = _masked_hidden(hidden, mask, rows)
-    total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-    for start in range(0, h.shape[0], chunk_size):
-        logits = (h[start : start + chunk_size] @ weight.T).float() / temperature
-        logp = torch.log_softmax(logits, dim=-1)
-        total += -(logp.exp() * logp).sum()
-    return total, (torch.tensor(h.shape[0]) if rows is not None else mask.bool().sum())
-
-
-class _ChunkedEntropy(torch.autograd.Function):
-    """Entropy of softmax(h @ W.T / temperature) per row, one chunk of rows at a time, differentiable.
-
-    Forward keeps the (R,) entropies and logsumexps; backward recomputes each chunk's logits, so the extra memory
-    is one ``(chunk_size, V)`` fp32 block in either pass, as in :class:`_ChunkedLabelLogProbs`. With
-    z = logits / temperature, p = softmax(z) and H = -sum p log p: dH/dz = -p (log p + H). The products run in
-    the forward's dtype (the autocast dtype, else the weight's) in backward too; softmax and sums stay fp32.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, chunk_size: int, temperature: float):
-        ent = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-        lse_all = torch.empty_like(ent)
-        dev = hidden.device.type
-        mm_dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else weight.dtype
-        for start in range(0, hidden.shape[0], chunk_size):
-            # two fp32 (chunk, V) blocks at most: the log-probs, in place on the scaled logits, and p log p
-            logp = (hidden[start:start + chunk_size] @ weight.T).float().div_(temperature)
-            lse = torch.logsumexp(logp, dim=-1)
-            logp.sub_(lse[:, None])
-            ent[start:start + chunk_size] = -logp.exp().mul_(logp).sum(-1)
-            lse_all[start:start + chunk_size] = lse
-        ctx.save_for_backward(hidden, weight, lse_all, ent)
-        ctx.mm_dtype, ctx.chunk_size, ctx.temperature = mm_dtype, chunk_size, temperature
-        return ent
-
-    @staticmethod
-    def backward(ctx, grad_out):  # grad_out (R,)
-        hidden, weight, lse_all, ent = ctx.saved_tensors
-
-        def chunk_grad(i, start, end, h, w):
-            logp = (h @ w.T).float().div_(ctx.temperature).sub_(lse_all[start:end, None])
-            # d H / d logits = -p (log p + H) / temperature, times each row's incoming gradient (in place: two
-            # fp32 (chunk, V) blocks)
-            scale = (grad_out[start:end].float() / -ctx.temperature)[:, None]
-            p = logp.exp()
-            return logp.add_(ent[start:end, None]).mul_(p).mul_(scale).to(ctx.mm_dtype), None
-
-        grad_h, grad_w = _chunked_head_backward(ctx, hidden, weight, chunk_grad)
-        return grad_h, grad_w, None, None
-
-
-def token_entropies(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    mask: torch.Tensor,
-    chunk_size: int = 1024,
-    temperature: float = 1.0,
-    rows: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-token entropy of ``softmax(hidden @ weight.T / temperature)`` at masked positions, 0 elsewhere, with
-    its gradient: GRPO's entropy bonus (``stage.grpo.entropy_coef``; verl's ``entropy_coeff``), which the loss
-    aggregates like the policy loss. Chunked as :func:`token_logprobs`: no (B, T, V) fp32 logits are held.
-
-    hidden (B, T, D), weight (V, D), mask (B, T); rows: the mask's flat positions found on the host (as
-    :func:`token_entropy`). Returns (B, T) fp32, differentiable w.r.t. ``hidden`` and ``weight``.
-    """
-    if chunk_size < 1 or not temperature > 0:
-        raise ValueError(f"chunk_size must be >= 1 and temperature > 0, got {chunk_size} and {temperature}")
-    B, T, D = hidden.shape
-    if rows is None and mask.shape == hidden.shape[:2]:
-        rows = mask.reshape(-1).bool().nonzero().squeeze(1)  # the positions to scatter the entropies back to
-    h = _masked_hidden(hidden, mask, rows)
-    ent_rows = _ChunkedEntropy.apply(h, weight, int(chunk_size), float(temperature))
-    out = torch.zeros(B * T, dtype=torch.float32, device=hidden.device).index_put((rows,), ent_rows)
-    return out.view(B, T)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -885,10 +776,10 @@ def policy_loss(
             the shares add up to the minibatch's loss. None: this call's own count (token, sequence).
         kl: optional (S, T) per-token KL from :func:`kl_penalty` (GRPO's KL-in-loss). kl_coef: its weight (Moxin
             0.001); too large pins the policy to the reference, 0 with no clipping lets it drift.
-        entropy: optional (S, T) per-token entropy with its gradient (:func:`token_entropies`); entropy_coef: the
-            bonus's weight (verl's ``entropy_coeff``, 0.001 in DeepScaleR). The loss subtracts entropy_coef x the
-            entropy aggregated like the policy loss (verl: ``pg_loss - entropy_coeff * agg_loss(entropy)``); the
-            aggregation is linear, so it is taken per token. 0 or None: the loss is exactly the one without it.
+        entropy: optional (S, T) per-token entropy with its gradient (:func:`token_logprobs_and_entropy`,
+            ``entropy_grad``); entropy_coef: the bonus's weight (verl's ``entropy_coeff``, 0.001 in DeepScaleR).
+            The loss subtracts entropy_coef x the entropy aggregated like the policy loss (verl: ``pg_loss -
+            entropy_coeff * agg_loss(entropy)``); the aggregation is linear, so it is taken per token. 0 or None: the loss is exactly the one without it.
 
     Returns:
         ``(loss, stats)``: scalar loss, and detached scalars ``clip_frac_low`` (ratio < 1 - clip_low with A < 0,

@@ -15,8 +15,6 @@ from moxin.losses import (
     policy_loss,
     sft_nll_per_token,
     token_cross_entropy,
-    token_entropies,
-    token_entropy,
     token_logprobs,
     zero_std_groups,
 )
@@ -278,66 +276,6 @@ def test_label_rows_from_the_host_give_the_same_loss_and_read_nothing(seed):
         LabelRows.from_labels(labels.reshape(-1))
 
 
-def test_token_entropy():
-    hidden, weight, labels = _inputs()
-    mask = labels != -100
-    ent, n = token_entropy(hidden, weight, mask, chunk_size=4)
-    p = torch.softmax(hidden.detach() @ weight.detach().T, -1)
-    ref = (-(p * p.log()).sum(-1) * mask).sum()
-    torch.testing.assert_close(ent, ref, atol=1e-4, rtol=1e-5)
-    assert n.item() == mask.sum().item()
-    # the mask's positions found on the host: the same sum bit for bit, nothing read, the count a host tensor
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    with HostReads() as seen:
-        ent2, n2 = token_entropy(hidden, weight, mask, chunk_size=4, rows=rows)
-    assert torch.equal(ent, ent2) and n2.device.type == "cpu" and int(n2) == int(n) and seen.reads == []
-    with pytest.raises(ValueError, match=r"flat positions \(R,\)"):
-        token_entropy(hidden, weight, mask, rows=rows[None])
-
-
-@pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
-def test_token_entropies_and_their_gradients_equal_the_full_logits(chunk_size, temperature):
-    """The entropy bonus's per-token entropies, in chunks: values and gradients (hidden and weight, under a random
-    upstream gradient) of -sum p log p over softmax(full logits / temperature), 0 off the mask; the host's rows
-    give the same values bit for bit."""
-    hidden, weight, labels = _inputs()
-    mask = labels != -100
-    ent = token_entropies(hidden, weight, mask, chunk_size=chunk_size, temperature=temperature)
-    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    logp = ((h2 @ w2.T) / temperature).log_softmax(-1)
-    ref = -(logp.exp() * logp).sum(-1) * mask
-    torch.testing.assert_close(ent, ref, atol=1e-5, rtol=1e-5)
-    assert torch.equal(ent[~mask], torch.zeros_like(ent[~mask]))
-    up = torch.randn(ent.shape, generator=torch.Generator().manual_seed(1))
-    gh, gw = torch.autograd.grad((ent * up).sum(), (hidden, weight))
-    rh, rw = torch.autograd.grad((ref * up).sum(), (h2, w2))
-    torch.testing.assert_close(gh, rh, atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(gw, rw, atol=1e-5, rtol=1e-4)
-    rows = mask.reshape(-1).nonzero().squeeze(1)
-    assert torch.equal(token_entropies(hidden, weight, mask, chunk_size, temperature, rows=rows), ent)
-
-
-def test_token_entropies_under_autocast_run_backward_products_in_its_dtype():
-    """bf16-mixed: the backward's products run in bf16 as the forward's, and the gradients equal autograd through
-    the plain autocast path (bf16-product logits, entropy in fp32)."""
-    hidden, weight, labels = _inputs(B=3, T=64, D=32, V=96, seed=5)
-    mask = labels != -100
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ent = token_entropies(hidden, weight, mask, chunk_size=40, temperature=0.6)
-    with _MatmulDtypes() as rec:
-        gh, gw = torch.autograd.grad(ent.sum(), (hidden, weight))
-    assert len(rec.seen) >= 3 and all(d == (torch.bfloat16,) * len(d) for d in rec.seen), rec.seen
-    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits = h2 @ w2.T
-    logp = (logits.float() / 0.6).log_softmax(-1)
-    ref = (-(logp.exp() * logp).sum(-1) * mask).sum()
-    rh, rw = torch.autograd.grad(ref, (h2, w2))
-    torch.testing.assert_close(ent.sum(), ref, atol=1e-3, rtol=1e-5)
-    torch.testing.assert_close(gh, rh, atol=2e-2, rtol=2e-2)
-    torch.testing.assert_close(gw, rw, atol=2e-2, rtol=2e-2)
-
-
 def test_policy_loss_entropy_bonus_aggregates_like_the_policy_loss_and_coef_zero_changes_nothing():
     """loss = pg - coef x agg(entropy) (verl); entropy_coef 0 gives the loss and gradient of no bonus bit for bit."""
     g = torch.Generator().manual_seed(2)
@@ -588,33 +526,74 @@ def test_string_options_name_the_key_and_the_choices():
 
 
 # ---------------------------------------------------------------- log-probs and entropy in one head pass
+def _full_logits_reference(hidden, weight, labels, temperature):
+    """Plain PyTorch over the whole (B, T, V) logits: per-token log-probs of the labels and the entropy of every
+    position's softmax(logits / temperature), both 0 where the label is -100, differentiable w.r.t. the returned
+    leaf copies of hidden and weight."""
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    logp = ((h2 @ w2.T).float() / temperature).log_softmax(-1)
+    valid = labels != -100
+    lp = logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) * valid
+    ent = -(logp.exp() * logp).sum(-1) * valid
+    return h2, w2, lp, ent
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True], ids=["diagnostic", "bonus"])
 @pytest.mark.parametrize("keep", [False, True], ids=["recomputed", "kept_gradients"])
 @pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
-def test_logprobs_and_entropy_in_one_pass_equal_the_two_functions(keep, chunk_size, temperature, monkeypatch):
-    """`token_logprobs_and_entropy` (one product a chunk) against `token_logprobs` and `token_entropy` /
-    `token_entropies` (one each) on random inputs: the same log-probs and gradients, the same entropies at the
-    labelled positions (0 elsewhere, no gradient), the same masked sum as `token_entropy`'s; in the recomputing
-    path and in the kept-gradient one (the CUDA head's, driven eagerly here)."""
+def test_logprobs_and_entropy_in_one_pass_equal_the_full_logits(entropy_grad, keep, chunk_size, temperature,
+                                                                monkeypatch):
+    """`token_logprobs_and_entropy` (one head product a chunk) against log_softmax over the full logits on random
+    inputs: the same log-probs and entropies (0 off the labels), and under random upstream weights of both outputs
+    the same gradients of hidden and weight; as a diagnostic the entropies carry no gradient, as GRPO's entropy
+    bonus they do (the backward recomputes each chunk once for both gradients, even where the kept-gradient path,
+    the CUDA head's, driven eagerly here, would otherwise be taken); a lone entropy gradient too."""
     from moxin import losses as L
 
     monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt, _k=keep: _k)
     hidden, weight, labels = _inputs(B=3, T=11, D=16, V=50, seed=5)
-    up = torch.randn(labels.shape, generator=torch.Generator().manual_seed(6))
-    lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature)
-    assert not ent.requires_grad and ent.shape == labels.shape
-    g = torch.autograd.grad((lp * up).sum(), (hidden, weight))
-    lp_ref = token_logprobs(hidden, weight, labels, chunk_size, temperature)
-    g_ref = torch.autograd.grad((lp_ref * up).sum(), (hidden, weight))
-    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
-    for a, b in zip(g, g_ref):
-        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    g = torch.Generator().manual_seed(6)
+    up_lp, up_ent = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
+    lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=entropy_grad)
+    h2, w2, lp_ref, ent_ref = _full_logits_reference(hidden, weight, labels, temperature)
+    torch.testing.assert_close(lp, lp_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ent, ent_ref.detach(), rtol=1e-5, atol=1e-5)
+    assert ent.shape == labels.shape and not ent[labels == -100].any()
+    assert ent.requires_grad == entropy_grad
+    out, ref = (lp * up_lp).sum(), (lp_ref * up_lp).sum()
+    if entropy_grad:
+        out, ref = out + (ent * up_ent).sum(), ref + (ent_ref * up_ent).sum()
+    for a, b in zip(torch.autograd.grad(out, (hidden, weight)), torch.autograd.grad(ref, (h2, w2))):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    if entropy_grad:  # the log-probs unused
+        _, ent2 = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=True)
+        h3, w3, _, ent_ref3 = _full_logits_reference(hidden, weight, labels, temperature)
+        for a, b in zip(torch.autograd.grad((ent2 * up_ent).sum(), (hidden, weight)),
+                        torch.autograd.grad((ent_ref3 * up_ent).sum(), (h3, w3))):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_entropy_bonus_under_autocast_runs_backward_products_in_its_dtype():
+    """bf16-mixed, the entropy bonus's case: the backward's products run in bf16 as the forward's, and the
+    gradients equal autograd through the plain autocast path (bf16-product logits, log-softmax in fp32)."""
+    from moxin import losses as L
+
+    hidden, weight, labels = _inputs(B=3, T=64, D=32, V=96, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, 40, 0.6, entropy_grad=True)
+    with _MatmulDtypes() as rec:
+        gh, gw = torch.autograd.grad(lp.sum() + ent.sum(), (hidden, weight))
+    assert len(rec.seen) >= 3 and all(d == (torch.bfloat16,) * len(d) for d in rec.seen), rec.seen
+    h2, w2 = hidden.detach().clone().requires_grad_(), weight.detach().clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = h2 @ w2.T
+    logp = (logits.float() / 0.6).log_softmax(-1)
     valid = labels != -100
-    ent_ref = L.token_entropies(hidden, weight, valid, chunk_size, temperature).detach()
-    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-5)
-    assert not ent[~valid].any()
-    mask = valid & (torch.rand(labels.shape, generator=torch.Generator().manual_seed(7)) < 0.6)  # within the labels
-    s, n = token_entropy(hidden, weight, mask, chunk_size, temperature)
-    torch.testing.assert_close((ent * mask).sum(), s, rtol=1e-5, atol=1e-5)
+    ref = ((logp.gather(-1, labels.clamp(min=0)[..., None]).squeeze(-1) - (logp.exp() * logp).sum(-1)) * valid).sum()
+    rh, rw = torch.autograd.grad(ref, (h2, w2))
+    torch.testing.assert_close(lp.sum() + ent.sum(), ref, atol=1e-3, rtol=1e-5)
+    for a, b in ((gh, rh), (gw, rw)):  # bf16 products on both sides, rounded in different orders
+        assert (a - b).norm() <= 1e-2 * b.norm(), ((a - b).norm(), b.norm())
 
 
 def test_compiled_head_kernels_compile_once_for_any_rows_and_temperature(monkeypatch):
@@ -645,31 +624,3 @@ def test_compiled_head_kernels_compile_once_for_any_rows_and_temperature(monkeyp
         assert len(_debug_get_cache_entry_list(fn.__code__)) == 1, fn.__name__
 
 
-@pytest.mark.parametrize("chunk_size,temperature", [(4, 0.7), (1000, 1.0)])
-def test_logprobs_and_entropy_with_its_gradient_equal_the_two_functions(chunk_size, temperature, monkeypatch):
-    """The entropy bonus's case: `token_logprobs_and_entropy(entropy_grad=True)` (one product a chunk forward, one
-    recomputed chunk for both gradients backward) against `token_logprobs` + `token_entropies` on random inputs and
-    random weights of both outputs: the same values and the same gradients of hidden and weight, even where the
-    kept-gradient path would otherwise be taken (it is not: the entropy's gradient needs the recomputed logits)."""
-    from moxin import losses as L
-
-    monkeypatch.setattr(L, "_keeps_logit_grads", lambda dev, dt: True)
-    hidden, weight, labels = _inputs(B=3, T=11, D=16, V=50, seed=8)
-    g = torch.Generator().manual_seed(9)
-    up_lp, up_ent = torch.randn(labels.shape, generator=g), torch.randn(labels.shape, generator=g)
-    valid = labels != -100
-    lp, ent = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=True)
-    got = torch.autograd.grad((lp * up_lp).sum() + (ent * up_ent).sum(), (hidden, weight))
-    lp_ref = token_logprobs(hidden, weight, labels, chunk_size, temperature)
-    ent_ref = L.token_entropies(hidden, weight, valid, chunk_size, temperature)
-    ref = torch.autograd.grad((lp_ref * up_lp).sum() + (ent_ref * up_ent).sum(), (hidden, weight))
-    torch.testing.assert_close(lp, lp_ref, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(ent, ent_ref, rtol=1e-5, atol=1e-5)
-    for a, b in zip(got, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    lp2, ent2 = L.token_logprobs_and_entropy(hidden, weight, labels, chunk_size, temperature, entropy_grad=True)
-    only_ent = torch.autograd.grad((ent2 * up_ent).sum(), (hidden, weight))  # the log-probs unused
-    ref_ent = torch.autograd.grad((L.token_entropies(hidden, weight, valid, chunk_size, temperature) * up_ent).sum(),
-                                  (hidden, weight))
-    for a, b in zip(only_ent, ref_ent):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
