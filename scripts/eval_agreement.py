@@ -251,14 +251,15 @@ def synthetic_task(path: Path, n: int, words: int, seed: int) -> None:
             f.write(json.dumps({"passage": " ".join(passage), "choices": choices, "gold": rng.randrange(4)}) + "\n")
 
 
-def make_random(preset: str, path: str, seed: int) -> None:
-    """A randomly initialised moxin model of ``preset`` saved as a HF folder (bf16) with the tokenizer files a run's
+def make_random(preset: str, path: str, seed: int, windowless: bool = False) -> None:
+    """A randomly initialised moxin model of ``preset`` saved as a HF folder (bf16; fp32 up to dim 1024) with the tokenizer files a run's
     export has (tokenizer.model, tokenizer.json, tokenizer_config.json): a model of the real size on a machine that
     cannot download one.
 
     tokenizer.json matters: from a bare tokenizer.model, transformers converts the SentencePiece model itself and
     5.17 drops the dummy-prefix space (``Question`` -> id 24994 where SentencePiece gives ``▁Question`` 22478),
-    which made every request's token ids differ from moxin's on the GPU machine."""
+    which made every request's token ids differ from moxin's on the GPU machine. `windowless`: no sliding window
+    (and at least 4K positions), so both sides attend alike at any prompt length."""
     import shutil
 
     import torch
@@ -272,9 +273,11 @@ def make_random(preset: str, path: str, seed: int) -> None:
 
     torch.manual_seed(seed)
     cfg = load_preset(preset)
+    if windowless:
+        cfg = load_preset(preset, sliding_window=None, max_seq_len=max(4096, cfg.max_seq_len))
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Transformer(cfg)
-    save_hf(model, path, dtype=torch.bfloat16)
+    save_hf(model, path, dtype=torch.float32 if cfg.dim <= 1024 else torch.bfloat16)
     shutil.copy2(mistral_model_path(), Path(path) / "tokenizer.model")
     write_hf_tokenizer_files(path, OmegaConf.create({"tokenizer": "mistral", "stage": {},
                                                      "model": {"max_seq_len": cfg.max_seq_len}}))

@@ -26,33 +26,10 @@ import tempfile
 import time
 from pathlib import Path
 
-# the records whose requests scripts/eval_preset_agreement.py checks (a sibling: scripts/ is the script's path)
+# siblings (scripts/ is the script's path): the random model writer, and the records whose requests
+# scripts/eval_preset_agreement.py checks
+from eval_agreement import make_random
 from eval_preset_agreement import BBH_TEST, GSM8K_TEST, GSM8K_TRAIN, _jsonl
-
-
-def make_random(preset: str, path: str, seed: int) -> None:
-    """A random moxin model of ``preset`` (no sliding window, so both sides attend alike at any prompt length) as a
-    HF folder with the export's tokenizer files (scripts/eval_agreement.py ``make_random`` says why)."""
-    import shutil
-
-    import torch
-    from omegaconf import OmegaConf
-
-    from moxin.model import Transformer
-    from moxin.model.hf import save_hf
-    from moxin.presets import load_preset
-    from moxin.tokenizer import mistral_model_path
-    from moxin.tokenizer.hf_export import write_hf_tokenizer_files
-
-    torch.manual_seed(seed)
-    cfg = load_preset(preset, sliding_window=None, max_seq_len=max(4096, load_preset(preset).max_seq_len))
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        model = Transformer(cfg)
-    save_hf(model, path, dtype=torch.float32 if cfg.dim <= 1024 else torch.bfloat16)
-    shutil.copy2(mistral_model_path(), Path(path) / "tokenizer.model")
-    write_hf_tokenizer_files(path, OmegaConf.create({"tokenizer": "mistral", "stage": {},
-                                                     "model": {"max_seq_len": cfg.max_seq_len}}))
-    print(f"wrote a random {preset} to {path}")
 
 
 def tasks_of(tmp: Path, args) -> list[tuple[str, dict, dict]]:
@@ -174,7 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="write both sides' completions and scores here (json)")
     args = ap.parse_args(argv)
     if args.make_random and not Path(args.hf, "config.json").is_file():
-        make_random(args.make_random, args.hf, args.seed)
+        make_random(args.make_random, args.hf, args.seed, windowless=True)
     args.hf = str(Path(args.hf).resolve())
     with tempfile.TemporaryDirectory() as d:
         tasks = tasks_of(Path(d), args)
