@@ -22,7 +22,7 @@ from moxin.config.grpo import ShardedRollout
 from moxin.constants import IGNORE_INDEX
 from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
-from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
+from moxin.distributed import all_reduce_values, is_sharded, reshard
 from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_logprobs,
                           token_logprobs_and_entropy, zero_std_groups)
 from moxin.model import Transformer
@@ -31,7 +31,7 @@ from moxin.model.attention import DocBounds
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage
 from moxin.tensor_parallel import (data_parallel_group, data_rank_and_world, gather_rows, row_share,
-                                   tensor_parallel_group, tensor_parallel_size)
+                                   tensor_parallel_group)
 
 __all__ = ["GRPOStage", "Rollout"]
 
@@ -139,11 +139,6 @@ class GRPOStage(MoxinStage):
         return rollouts * self.optimizer_steps_per_rollout()
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def tp_size(self) -> int:
-        """The tensor-parallel group size (1 without one): a group's T ranks hold the same rows (the rollout's,
-        gathered after each decoded its share) for the collective update."""
-        return tensor_parallel_size(getattr(self._trainer, "strategy", None))
-
     def row_sums(self, values: list) -> list[float]:
         """Per-row counts summed over the data-parallel ranks: one reduction over the data-parallel process group
         (`tensor_parallel.data_parallel_group`: the mesh's data dimension, HSDP's replicate x shard ranks), so a
@@ -513,7 +508,7 @@ class GRPOStage(MoxinStage):
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        world = rank_and_world()[1] // self.tp_size()  # the data-parallel ranks
+        world = data_rank_and_world(self.model)[1]  # the data-parallel ranks
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
         # the host's rows (the rollout is built on the host), and the device's, sent once without blocking
