@@ -86,34 +86,49 @@ def test_row_share_splits_rows_into_contiguous_shares_a_row_apart():
 
 
 @pytest.mark.slow
-def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path):
-    """Under TP=2 the gathered copy's rollout splits the rows over the pair (tests/helpers/tp_rollout.py): each
-    rank decodes its share (5 and 4 of 9 rows, also in blocks of 4, 4 and 1 where rank 1 decodes nothing of the
-    last), and both ranks then hold the rollout one process decodes alone from the same weights, token for token:
-    sampled and greedy, the same completions, rewards, lengths and generated-token counts."""
+@pytest.mark.parametrize("world", [2, 4])
+def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, world):
+    """Under TP=2 (and TP=2 x DP=2 on 4 processes) the gathered copy's rollout splits each data rank's rows over its
+    tensor pair (tests/helpers/tp_rollout.py): each rank decodes its share (5 and 4 of 9 rows, also in blocks of 4,
+    4 and 1 where tensor rank 1 decodes nothing of the last), and both ranks of the pair then hold the rollout one
+    process decodes alone from the same weights with that data rank's generator, token for token: sampled and
+    greedy, the same completions, rewards, lengths and generated-token counts. `row_sums` adds one rank of each
+    tensor pair: the data-parallel ranks'."""
     import moxin.rewards as rewards_pkg
+    from moxin.stages.grpo import GRPOStage
     from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
 
     out = tmp_path / "rollout.json"
-    torchrun(HELPERS / "tp_rollout.py", out)
+    torchrun(HELPERS / "tp_rollout.py", out, nproc=world)
     r = json.loads(out.read_text())
     rewards_pkg.VERIFIERS["parity"] = ParityVerifier
     stage, _ = tiny_grpo_stage("parity", **r["stage"])
     stage.configure_model()
     stage.model.load_state_dict(torch.load(f"{out}.weights.pt", weights_only=True))
+    ranks = r["ranks"]
+    assert [(x["data_rank"], x["tensor_rank"]) for x in ranks] == [(d, t) for d in range(world // 2) for t in (0, 1)]
+    for rank, x in enumerate(ranks):  # over the ranks of tensor rank t: 1 each, and their global ranks
+        t = x["tensor_rank"]
+        assert x["row_sums"] == [world // 2, sum(2 * d + t for d in range(world // 2))], rank
     for name, case in r["settings"].items():
         for k, v in (r["stage"] | {"gen_batch_size": None} | case).items():
             setattr(stage.cfg, k, v)
-        ro = stage.rollout(r["batch"], step=1)
-        ranks = r["cases"][name]
-        assert [x["decoded_rows"] for x in ranks] == [5, 4], name
-        assert ro.stats["decoded_rows"] == 9
-        for got in ranks:
-            assert got["input_ids"] == ro.input_ids.tolist(), name
-            assert got["completions"] == ro.completions, name
-            assert (got["lengths"], got["rewards"], got["truncated"], got["gen_tokens"]) == (
-                ro.lengths.tolist(), ro.rewards.tolist(), ro.truncated.tolist(), ro.stats["gen_tokens"]), name
-    sampled, greedy = (r["cases"][k][0]["input_ids"] for k in ("sampled", "greedy"))
+        inputs = []
+        for d in range(world // 2):
+            stage.generator_for = lambda s, rank=d, block=0: GRPOStage.generator_for(stage, s, rank, block)
+            ro = stage.rollout(r["batch"], step=1)
+            assert ro.stats["decoded_rows"] == 9
+            pair = [x["cases"][name] for x in ranks if x["data_rank"] == d]
+            assert [x["decoded_rows"] for x in pair] == [5, 4], name
+            for got in pair:
+                assert got["input_ids"] == ro.input_ids.tolist(), (name, d)
+                assert got["completions"] == ro.completions, (name, d)
+                assert (got["lengths"], got["rewards"], got["truncated"], got["gen_tokens"]) == (
+                    ro.lengths.tolist(), ro.rewards.tolist(), ro.truncated.tolist(), ro.stats["gen_tokens"]), name
+            inputs.append(ro.input_ids.tolist())
+        if world == 4 and case["temperature"] > 0:
+            assert inputs[0] != inputs[1], name  # the data ranks sampled with their own generators
+    sampled, greedy = (ranks[0]["cases"][k]["input_ids"] for k in ("sampled", "greedy"))
     assert sampled != greedy and len(set(map(tuple, sampled))) > 3  # the sampled rows differ within a group
 
 
