@@ -210,7 +210,9 @@ class GRPOStage(MoxinStage):
         # with overlap, rows are scored one batch at a time in one thread (the verifier pool is not shared between
         # threads) as generate reports them finished; without, all at once after generation
         with ThreadPoolExecutor(1, thread_name_prefix="grpo-score") as scorer:
-            with self.decoding_model(min(bs, len(prompts)), max(map(len, prompts))) as (gen_model, lockstep):
+            # the rows of one generate call from the copy: a tensor group's rank decodes its share of a block
+            call_rows = -(-min(bs, len(prompts)) // T)
+            with self.decoding_model(call_rows, max(map(len, prompts))) as (gen_model, lockstep):
                 refresh_s = self.last_refresh_s
                 t0 = time.perf_counter()
                 decode = c.decode
