@@ -149,17 +149,22 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def all_reduce_values(values: list, device, op: str = "sum") -> list[float]:
-    """A few numbers (Python numbers or 0-d tensors) reduced over all ranks in one float64 collective on `device`
-    (the stage's device: NCCL needs the GPU, gloo the CPU); op is sum, max or min. Without a process group, or
-    with one rank, the values come back as floats with no collective. Every rank must call it with the same
-    number of values."""
-    if rank_and_world()[1] == 1 and not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
+def _group_size(group) -> int:
+    """Ranks of `group` (None: the default group); 1 without a process group."""
+    return dist.get_world_size(group) if dist.is_available() and dist.is_initialized() else 1
+
+
+def all_reduce_values(values: list, device, op: str = "sum", group=None) -> list[float]:
+    """A few numbers (Python numbers or 0-d tensors) reduced over all ranks (or those of process group `group`) in
+    one float64 collective on `device` (the stage's device: NCCL needs the GPU, gloo the CPU); op is sum, max or
+    min. Without a process group, or with one rank, the values come back as floats with no collective. Every
+    rank must call it with the same number of values."""
+    if _group_size(group) == 1 and not any(isinstance(v, torch.Tensor) and v.device.type != "cpu" for v in values):
         return [float(v) for v in values]  # the host's own numbers: no round trip through the device (a read)
-    return all_reduce_tensor(values, device, op).tolist()
+    return all_reduce_tensor(values, device, op, group).tolist()
 
 
-def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
+def all_reduce_tensor(values: list, device, op: str = "sum", group=None) -> torch.Tensor:
     """As `all_reduce_values`, but the (len(values),) float64 result stays on `device`: no host sync, so it can
     join other device numbers before the one `.tolist()` a step needs."""
     device = torch.device(device)
@@ -176,8 +181,9 @@ def all_reduce_tensor(values: list, device, op: str = "sum") -> torch.Tensor:
         rest = iter(host.unbind(0))
         t = torch.stack([v.to(device=device, dtype=torch.float64).reshape(()) if on_device(v) else next(rest)
                          for v in values])
-    if rank_and_world()[1] > 1:
-        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op])
+    if _group_size(group) > 1:
+        dist.all_reduce(t, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}[op],
+                        group=group)
     return t
 
 

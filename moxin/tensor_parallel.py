@@ -16,7 +16,8 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, PrepareModuleOutput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-__all__ = ["apply_tensor_parallel", "data_rank_and_world", "model_tensor_parallel_size", "tensor_parallel_mesh",
+__all__ = ["apply_tensor_parallel", "data_parallel_group", "data_rank_and_world", "gather_rows",
+           "model_tensor_parallel_size", "row_share", "tensor_parallel_group", "tensor_parallel_mesh",
            "tensor_parallel_size"]
 
 
@@ -33,6 +34,53 @@ def tensor_parallel_size(strategy) -> int:
     mesh = getattr(strategy, "_device_mesh", None)
     tp = tensor_parallel_mesh(mesh)
     return 1 if tp is None else tp.size()
+
+
+def tensor_parallel_group(strategy) -> tuple[int, int, dist.ProcessGroup | None]:
+    """(this rank's index in its tensor-parallel group, T, the group's process group) of a Lightning strategy;
+    (0, 1, None) without tensor parallelism."""
+    tp = tensor_parallel_mesh(getattr(strategy, "_device_mesh", None))
+    return (0, 1, None) if tp is None else (tp.get_local_rank(), tp.size(), tp.get_group())
+
+
+def data_parallel_group(strategy) -> dist.ProcessGroup | None:
+    """The process group of this rank's data-parallel peers under tensor parallelism: the mesh's
+    ``data_parallel`` dimension (all of HSDP's replicate x shard ranks), one rank of each tensor group. None (the
+    default group, the whole world) without tensor parallelism, where every rank is a data-parallel rank."""
+    mesh = getattr(strategy, "_device_mesh", None)
+    if tensor_parallel_mesh(mesh) is None:
+        return None
+    return mesh["data_parallel"].get_group()
+
+
+def row_share(n: int, rank: int, size: int) -> tuple[int, int]:
+    """[first, end) of rank `rank`'s contiguous share when `size` ranks split `n` rows: shares differ by one row
+    at most, the first n % size ranks taking the larger (torch.tensor_split's split); empty when n < size."""
+    q, m = divmod(n, size)
+    first = rank * q + min(rank, m)
+    return first, first + q + (rank < m)
+
+
+def gather_rows(rows: list[int], columns: dict[str, list], n: int, group, sums: dict | None = None
+                ) -> tuple[dict[str, list], dict]:
+    """Each rank's per-row values (`columns`: name -> one value for each of its `rows`, host objects) gathered over
+    `group` in one collective (all_gather_object) into lists of all `n` rows in row order, and the numbers of
+    `sums` summed over the group. Every row must come from exactly one rank."""
+    parts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, (list(rows), columns, sums or {}), group=group)
+    out = {k: [None] * n for k in columns}
+    got = [0] * n
+    for part_rows, part_cols, _ in parts:
+        for k, vals in part_cols.items():
+            for i, v in zip(part_rows, vals, strict=True):
+                out[k][i] = v
+        for i in part_rows:
+            got[i] += 1
+    if any(c != 1 for c in got):
+        raise RuntimeError(f"gather_rows: rows {[i for i, c in enumerate(got) if c != 1]} came from "
+                           f"{sorted(set(c for c in got if c != 1))} ranks, not exactly one")
+    total = {k: sum(p[2][k] for p in parts) for k in (sums or {})}
+    return out, total
 
 
 def model_tensor_parallel_size(model: nn.Module) -> int:

@@ -63,7 +63,7 @@ def test_gathered_rollout_equals_the_unsharded_one_and_lockstep_token_for_token(
             assert lockstep["policy"] == [True] and lockstep["lockstep"] == [True]
             assert gathered["refresh_s"] > 0 and rec["copy_freed"]
             batch = [{"prompt_ids": p, "answer": "0"} for p in rec["prompts"]]
-            stage.generator_for = lambda s, r=rank: GRPOStage.generator_for(stage, s, r)  # rank r's seed
+            stage.generator_for = lambda s, r=rank, block=0: GRPOStage.generator_for(stage, s, r, block)  # rank r's
             ref = stage.rollout(batch, step)  # no trainer: unsharded, the policy itself
             assert ref.input_ids.tolist() == gathered["input_ids"] == lockstep["input_ids"], (step, rank)
             assert ref.lengths.tolist() == gathered["lengths"] == lockstep["lengths"]

@@ -17,14 +17,15 @@ def test_tensor_parallel_decode_gives_the_unsharded_tokens_past_the_window(tmp_p
     """Under TP=2 `generate` gives the unsharded model's tokens, token for token, and its log-probs within 1e-5:
     greedy and sampled (the same seeded generator), left and right padding, chunked prefill, the eager and static
     paths, rows ending on stop tokens at different steps, every row running past the window so the rolling buffer
-    wraps; the gathered copy GRPO's rollouts decode from (the DTensors' full_tensor()) gives them too."""
+    wraps; the gathered copy GRPO's rollouts decode from (the DTensors' full_tensor()) gives them too, whole and
+    split over the pair as the rollouts split it (2 rows a rank, `rows_of`, then `gather_rows`)."""
     out = tmp_path / "decode.json"
     torchrun(HELPERS / "tp_decode.py", out)
     r = json.loads(out.read_text())
     assert min(r["prompt_lens"]) + r["new"] > r["window"]  # every row wraps the ring buffer
     for case in ("greedy_left", "greedy_right_chunked", "sampled", "sampled_static", "greedy_stops"):
         plain = r[case]["plain"]
-        for other in ("tp", "copy"):
+        for other in ("tp", "copy", "split"):
             got = r[case][other]
             assert got["tokens"] == plain["tokens"], f"{case}: {other}"
             assert got["finished"] == plain["finished"], f"{case}: {other}"
@@ -33,6 +34,102 @@ def test_tensor_parallel_decode_gives_the_unsharded_tokens_past_the_window(tmp_p
     lens = [len(t) for t in r["greedy_stops"]["plain"]["tokens"]]
     assert min(lens) < r["new"] and max(lens) == r["new"]  # the stops end some rows early, not all
     assert r["sampled"]["plain"]["tokens"] != r["greedy_left"]["plain"]["tokens"]  # the sampled cases sampled
+
+
+def test_generate_rows_of_a_split_batch_give_the_whole_batch_tokens():
+    """`generate(rows_of=(first, total))`: a batch of 7 prompts decoded as 3 shares (3, 2 and 2 rows, each from
+    the generator in the same state) gives the whole batch's tokens and stop flags, and its log-probs within 1e-5:
+    greedy and sampled (temperature; top-k and top-p), the eager and static paths, stop tokens ending rows at
+    different steps (a share whose rows all stopped ends its loop early). A share outside the batch is refused."""
+    from moxin.model import Transformer, generate, sample_next
+    from moxin.presets import load_preset
+
+    cfg = load_preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (3, 6, 20, 9, 12, 5, 7)]
+    shares = ((0, 3), (3, 5), (5, 7))
+    cases = [dict(temperature=0.0), dict(temperature=1.0, decode="static"),
+             dict(temperature=0.9, top_k=50, top_p=0.95)]
+    for case in cases:
+        kw = dict(decode="eager", return_logprobs=True) | case
+        whole = generate(model, prompts, 12, generator=torch.Generator().manual_seed(5), **kw)
+        stops = (whole.tokens[0][3], whole.tokens[4][7])  # tokens the batch emits mid-way: rows end apart
+        whole = generate(model, prompts, 12, generator=torch.Generator().manual_seed(5), stop_tokens=stops, **kw)
+        parts = [generate(model, prompts[a:b], 12, generator=torch.Generator().manual_seed(5), stop_tokens=stops,
+                          rows_of=(a, len(prompts)), **kw) for a, b in shares]
+        assert [t for p in parts for t in p.tokens] == whole.tokens, case
+        assert [f for p in parts for f in p.finished] == whole.finished, case
+        got = [x for p in parts for row in p.logprobs for x in row]
+        assert got == pytest.approx([x for row in whole.logprobs for x in row], abs=1e-5), case
+        lens = [len(t) for t in whole.tokens]
+        assert min(lens) < 12 == max(lens), case
+    assert whole.tokens != generate(model, prompts, 12, temperature=0.0).tokens  # the sampled cases sampled
+    with pytest.raises(ValueError, match=r"rows_of=\(6, 7\)\): 2 rows from row 6 do not lie within 7 rows"):
+        sample_next(torch.zeros(2, 5), 1.0, rows_of=(6, 7))
+
+
+def test_row_share_splits_rows_into_contiguous_shares_a_row_apart():
+    """row_share: contiguous shares that cover the rows once, the first n % T ranks a row more, empty ones when
+    the rows are fewer than the ranks."""
+    from moxin.tensor_parallel import row_share
+
+    assert [row_share(9, r, 2) for r in range(2)] == [(0, 5), (5, 9)]
+    assert [row_share(7, r, 3) for r in range(3)] == [(0, 3), (3, 5), (5, 7)]
+    assert [row_share(1, r, 2) for r in range(2)] == [(0, 1), (1, 1)]
+    for n in range(12):
+        for t in (1, 2, 3, 4):
+            spans = [row_share(n, r, t) for r in range(t)]
+            assert [i for a, b in spans for i in range(a, b)] == list(range(n))
+            assert max(b - a for a, b in spans) - min(b - a for a, b in spans) <= 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world", [2, 4])
+def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, world):
+    """Under TP=2 (and TP=2 x DP=2 on 4 processes) the gathered copy's rollout splits each data rank's rows over its
+    tensor pair (tests/helpers/tp_rollout.py): each rank decodes its share (5 and 4 of 9 rows, also in blocks of 4,
+    4 and 1 where tensor rank 1 decodes nothing of the last), and both ranks of the pair then hold the rollout one
+    process decodes alone from the same weights with that data rank's generator, token for token: sampled and
+    greedy, the same completions, rewards, lengths and generated-token counts. `row_sums` adds one rank of each
+    tensor pair: the data-parallel ranks'."""
+    import moxin.rewards as rewards_pkg
+    from moxin.stages.grpo import GRPOStage
+    from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
+
+    out = tmp_path / "rollout.json"
+    torchrun(HELPERS / "tp_rollout.py", out, nproc=world)
+    r = json.loads(out.read_text())
+    rewards_pkg.VERIFIERS["parity"] = ParityVerifier
+    stage, _ = tiny_grpo_stage("parity", **r["stage"])
+    stage.configure_model()
+    stage.model.load_state_dict(torch.load(f"{out}.weights.pt", weights_only=True))
+    ranks = r["ranks"]
+    assert [(x["data_rank"], x["tensor_rank"]) for x in ranks] == [(d, t) for d in range(world // 2) for t in (0, 1)]
+    for rank, x in enumerate(ranks):  # over the ranks of tensor rank t: 1 each, and their global ranks
+        t = x["tensor_rank"]
+        assert x["row_sums"] == [world // 2, sum(2 * d + t for d in range(world // 2))], rank
+    for name, case in r["settings"].items():
+        for k, v in (r["stage"] | {"gen_batch_size": None} | case).items():
+            setattr(stage.cfg, k, v)
+        inputs = []
+        for d in range(world // 2):
+            stage.generator_for = lambda s, rank=d, block=0: GRPOStage.generator_for(stage, s, rank, block)
+            ro = stage.rollout(r["batch"], step=1)
+            assert ro.stats["decoded_rows"] == 9
+            pair = [x["cases"][name] for x in ranks if x["data_rank"] == d]
+            assert [x["decoded_rows"] for x in pair] == [5, 4], name
+            for got in pair:
+                assert got["input_ids"] == ro.input_ids.tolist(), (name, d)
+                assert got["completions"] == ro.completions, (name, d)
+                assert (got["lengths"], got["rewards"], got["truncated"], got["gen_tokens"]) == (
+                    ro.lengths.tolist(), ro.rewards.tolist(), ro.truncated.tolist(), ro.stats["gen_tokens"]), name
+            inputs.append(ro.input_ids.tolist())
+        if world == 4 and case["temperature"] > 0:
+            assert inputs[0] != inputs[1], name  # the data ranks sampled with their own generators
+    sampled, greedy = (ranks[0]["cases"][k]["input_ids"] for k in ("sampled", "greedy"))
+    assert sampled != greedy and len(set(map(tuple, sampled))) > 3  # the sampled rows differ within a group
 
 
 @pytest.mark.slow

@@ -36,8 +36,14 @@ class GenerationOutput:
 
 
 def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 means greedy."""
+                top_p: float | None = None, generator: torch.Generator | None = None,
+                rows_of: tuple[int, int] | None = None) -> torch.Tensor:
+    """logits (B, V) -> token ids (B,). temperature 0 means greedy.
+
+    rows_of (first, total): the B rows are rows first..first+B of a batch of `total` rows. The draw is then the
+    whole batch's (`torch.multinomial`'s own exponential race, argmax(p / q) with q ~ Exp(1) over a (total, V)
+    tensor from `generator`) and these rows take theirs, so each row gets the token `torch.multinomial` gives it
+    in the whole batch from the same generator state: a batch split over processes samples as one."""
     if temperature == 0:
         return logits.argmax(-1)
     logits = logits.float() / temperature
@@ -52,7 +58,14 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    if rows_of is None:
+        return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    first, total = rows_of
+    if not 0 <= first <= first + len(probs) <= total:
+        raise ValueError(f"sample_next(rows_of={rows_of}): {len(probs)} rows from row {first} do not lie within "
+                         f"{total} rows")
+    q = probs.new_empty(total, probs.shape[-1]).exponential_(1, generator=generator)
+    return (probs / q[first:first + len(probs)]).argmax(-1)
 
 
 class StopStrings:
@@ -115,7 +128,8 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
              pad_id: int = 0, cache_dtype: torch.dtype | None = None, return_logprobs: bool = False,
              decode: str = "auto", sync_every: int = 16, lockstep: bool = False,
              on_finished: Callable[[list[int], list[list[int]]], None] | None = None,
-             stop_strings: tuple[str, ...] = (), tokenizer=None) -> GenerationOutput:
+             stop_strings: tuple[str, ...] = (), tokenizer=None,
+             rows_of: tuple[int, int] | None = None) -> GenerationOutput:
     """Generate up to `max_new_tokens` for every prompt (lists of token ids) with one rolling cache.
 
     decode: auto (graph on CUDA, eager elsewhere), eager, static, graph or compiled; see the module docstring.
@@ -129,7 +143,12 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     stop_strings: a row also stops once its text (``tokenizer.decode`` of its new tokens) contains one of these,
         checked with the stop tokens (every `sync_every` tokens off the eager path, so a row may run a few tokens
         past it); its tokens are returned as generated and ``finished`` is True: cut the text at the first stop
-        string (moxin.eval.scoring.truncate_at), as lm-eval cuts its ``until``."""
+        string (moxin.eval.scoring.truncate_at), as lm-eval cuts its ``until``.
+    rows_of: (first, total): `prompts` are rows first.. of a batch of `total` prompts that another process (or
+        call) decodes the rest of, each from `generator` in the same state: every step draws the whole batch's
+        sampling noise and uses these rows' (`sample_next`), so the rows get the tokens `generate` gives them in the
+        whole batch (where the forward's numbers do not depend on the batch's size). GRPO's rollouts under tensor
+        parallelism split a batch so."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token (add the bos token)")
     if pad_side not in ("left", "right"):
@@ -191,7 +210,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, temperatur
     reported = torch.zeros(B, dtype=torch.bool, device=device)
     seen = 0
     for t in range(max_new_tokens):
-        nxt = sample_next(logits, temperature, top_k, top_p, generator)
+        nxt = sample_next(logits, temperature, top_k, top_p, generator, rows_of)
         nxt = torch.where(done, pad_id, nxt)
         out[:, t] = nxt
         if lps is not None:

@@ -22,7 +22,7 @@ from moxin.config.grpo import ShardedRollout
 from moxin.constants import IGNORE_INDEX
 from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
-from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
+from moxin.distributed import all_reduce_values, is_sharded, reshard
 from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_logprobs,
                           token_logprobs_and_entropy, zero_std_groups)
 from moxin.model import Transformer
@@ -30,7 +30,8 @@ from moxin.model import lora as lora_lib
 from moxin.model.attention import DocBounds
 from moxin.model.generate import generate
 from moxin.stages.base import MoxinStage
-from moxin.tensor_parallel import tensor_parallel_size
+from moxin.tensor_parallel import (data_parallel_group, data_rank_and_world, gather_rows, row_share,
+                                   tensor_parallel_group)
 
 __all__ = ["GRPOStage", "Rollout"]
 
@@ -138,28 +139,41 @@ class GRPOStage(MoxinStage):
         return rollouts * self.optimizer_steps_per_rollout()
 
     # ---- helpers ------------------------------------------------------------------------------------------------
-    def tp_size(self) -> int:
-        """The tensor-parallel group size (1 without one): a group's T ranks hold the same rows, so their
-        rollouts sample alike and a sum of per-row counts over all ranks counts each row T times."""
-        return tensor_parallel_size(getattr(self._trainer, "strategy", None))
-
     def row_sums(self, values: list) -> list[float]:
-        """Per-row counts summed over the data-parallel ranks (`all_reduce_values` over all ranks, / T)."""
-        t = self.tp_size()
-        return [v / t for v in all_reduce_values(values, self.device)]
+        """Per-row counts summed over the data-parallel ranks: one reduction over the data-parallel process group
+        (`tensor_parallel.data_parallel_group`: the mesh's data dimension, HSDP's replicate x shard ranks), so a
+        tensor group's rows, held by its T ranks alike, count once."""
+        return all_reduce_values(values, self.device, group=data_parallel_group(getattr(self._trainer, "strategy",
+                                                                                        None)))
 
-    def generator_for(self, step: int, rank: int | None = None) -> torch.Generator:
-        """The sampling generator of rollout `step` on data-parallel `rank` (None: this process's; the ranks of a
-        tensor-parallel group, T consecutive ranks, share it and sample the same completions)."""
-        rank = rank_and_world()[0] // self.tp_size() if rank is None else rank
+    def generator_for(self, step: int, rank: int | None = None, block: int = 0) -> torch.Generator:
+        """The sampling generator of rollout `step`'s row block `block` (stage.grpo.gen_batch_size rows; one block
+        without it) on data-parallel `rank` (None: this process's, `data_rank_and_world`). The ranks of a
+        tensor-parallel group share it: they split the block's rows and each samples its rows' share of the
+        block's draws (`rollout`). A generator per block makes a block's draws independent of how many rows
+        another block ran for."""
+        rank = data_rank_and_world(self.model)[0] if rank is None else rank
         g = torch.Generator(device=self.device)
-        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank * 101 + 17) % (2**63 - 1))
+        g.manual_seed((self.seed * 1_000_003 + step * 10_007 + rank * 101 + block * 1_000_000_007 + 17) % (2**63 - 1))
         return g
 
     # ---- rollout ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def rollout(self, batch: list[dict], step: int) -> Rollout:
-        """Generate, score and build the tensors of one rollout batch (no optimisation)."""
+        """Generate, score and build the tensors of one rollout batch (no optimisation).
+
+        The rows (prompts x group_size, a prompt's completions contiguous) are decoded in blocks of
+        stage.grpo.gen_batch_size (one block without it), block k sampled from `generator_for(step, block=k)`.
+        Under tensor parallelism with the gathered copy (not in lockstep), the T ranks of a tensor group split
+        each block (`row_share`: contiguous shares differing by a row at most; a rank may get none), each decodes
+        and scores its share alone (no collective per token), and one all-gather within the group (`gather_rows`)
+        gives every rank the whole rollout, in row order, for the collective update.
+
+        Determinism: a share samples with its rows' part of the whole block's draws (`generate`'s rows_of), so each
+        row gets the tokens the block decoded whole in one process gives it, from the same weights and generator:
+        the rollout is the same for any T, split or in lockstep, wherever the forward's numbers do not depend on
+        the batch's size (on the CPU; a GPU's kernels may round a row differently at another batch size, as a
+        change of gen_batch_size may, which can flip a near-tie)."""
         c = self.cfg
         G = c.group_size
         tok = self.tokenizer
@@ -168,7 +182,6 @@ class GRPOStage(MoxinStage):
         model.eval()
         prompts = [r["prompt_ids"] for r in batch for _ in range(G)]  # the G completions of a prompt are contiguous
         answers = [r["answer"] for r in batch for _ in range(G)]
-        gen = self.generator_for(step)
         from moxin.rewards import get_verifier, score_batch
 
         verifier = get_verifier(c.verifier, **c.verifier_kwargs)
@@ -188,6 +201,8 @@ class GRPOStage(MoxinStage):
             return st
 
         tokens, finished, jobs = [], [], []
+        own: list[int] = []  # the rows this rank decoded (all of them unless a tensor group splits them)
+        t_rank, T, t_group = tensor_parallel_group(getattr(self._trainer, "strategy", None))
         bs = c.gen_batch_size or len(prompts)
         overlap = c.score_during_generation
         if overlap is None:
@@ -195,7 +210,9 @@ class GRPOStage(MoxinStage):
         # with overlap, rows are scored one batch at a time in one thread (the verifier pool is not shared between
         # threads) as generate reports them finished; without, all at once after generation
         with ThreadPoolExecutor(1, thread_name_prefix="grpo-score") as scorer:
-            with self.decoding_model(min(bs, len(prompts)), max(map(len, prompts))) as (gen_model, lockstep):
+            # the rows of one generate call from the copy: a tensor group's rank decodes its share of a block
+            call_rows = -(-min(bs, len(prompts)) // T)
+            with self.decoding_model(call_rows, max(map(len, prompts))) as (gen_model, lockstep):
                 refresh_s = self.last_refresh_s
                 t0 = time.perf_counter()
                 decode = c.decode
@@ -203,30 +220,46 @@ class GRPOStage(MoxinStage):
                     decode = DecodePath.EAGER
                 elif decode == DecodePath.AUTO:
                     decode = DecodePath.COMPILED if self.device.type == "cuda" else DecodePath.EAGER
-                for s in range(0, len(prompts), bs):
-                    def on_finished(rows, toks, s=s):
-                        jobs.append(scorer.submit(score, [s + r for r in rows], toks))
+                split = T > 1 and not lockstep  # in lockstep the group's forwards are collective: the same rows
+                for k, s in enumerate(range(0, len(prompts), bs)):
+                    n = min(bs, len(prompts) - s)
+                    a, b = row_share(n, t_rank, T) if split else (0, n)
+                    if a == b:
+                        continue
 
-                    out = generate(gen_model, prompts[s:s + bs], c.max_new_tokens, temperature=c.temperature,
+                    def on_finished(rows, toks, first=s + a):
+                        jobs.append(scorer.submit(score, [first + r for r in rows], toks))
+
+                    out = generate(gen_model, prompts[s + a:s + b], c.max_new_tokens, temperature=c.temperature,
                                    top_k=c.top_k, top_p=c.top_p, stop_tokens=(tok.eos_id,), pad_side="left",
-                                   prefill_chunk=c.prefill_chunk, generator=gen,
+                                   prefill_chunk=c.prefill_chunk, generator=self.generator_for(step, block=k),
                                    pad_id=tok.pad_id if tok.pad_id is not None else 0, lockstep=lockstep,
-                                   decode=decode, on_finished=on_finished if overlap else None)
+                                   decode=decode, on_finished=on_finished if overlap else None,
+                                   rows_of=(a, n) if split else None)
+                    own += range(s + a, s + b)
                     tokens += out.tokens
                     finished += out.finished
                 gen_s = time.perf_counter() - t0
             model.train(was_training)
-            if not overlap:
-                jobs.append(scorer.submit(score, list(range(len(tokens))), tokens))
+            if not overlap and own:
+                jobs.append(scorer.submit(score, own, tokens))
             stats = [j.result() for j in jobs]  # re-raises a scoring thread's exception here
+        vstats = {k: sum(st[k] for st in stats) for k in ("errors", "timeouts", "no_answer")}
+        if split:  # the tensor group split the rows: every rank gets all of them
+            cols, vstats = gather_rows(own, {"tokens": tokens, "finished": finished,
+                                             "completions": [completions[i] for i in own],
+                                             "results": [results[i] for i in own]}, len(prompts), t_group, vstats)
+            tokens, finished, completions, results = (cols[k] for k in ("tokens", "finished", "completions",
+                                                                        "results"))
         score_s = time.perf_counter() - t0 - gen_s
         n_gen = sum(len(t) for t in tokens)
-        vstats = {k: sum(st[k] for st in stats) for k in ("errors", "timeouts", "no_answer")}
         rewards = torch.tensor([r.score for r in results], dtype=torch.float32)
         ro = self.build_rollout(prompts, tokens, finished, rewards)
         ro.completions = completions
         # score_s: scoring left after the last token (the rest ran during generation); score_busy_s: all of it
+        # decoded_rows: this rank's own (under a tensor group's split, its share)
         ro.stats.update({"gen_tokens": n_gen, "gen_s": gen_s, "refresh_s": refresh_s, "score_s": score_s,
+                         "decoded_rows": len(own),
                          "score_busy_s": busy[0],
                          "verifier_errors": vstats["errors"],
                          "verifier_timeouts": vstats["timeouts"], "no_answer": vstats["no_answer"]})
@@ -477,7 +510,7 @@ class GRPOStage(MoxinStage):
         c = self.cfg
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        world = rank_and_world()[1] // self.tp_size()  # the data-parallel ranks
+        world = data_rank_and_world(self.model)[1]  # the data-parallel ranks
         kept = ro.keep.nonzero().squeeze(1)
         dev = self.device
         # the host's rows (the rollout is built on the host), and the device's, sent once without blocking

@@ -2,8 +2,10 @@
 rolling-cache decode past the window (prompt + new tokens > 16, so the ring buffer wraps), greedy and sampled
 (temperature, top-k, top-p, the same seeded generator on both), left and right padding, chunked prefill of a
 prompt longer than the window, the eager and the static decode paths, stop tokens ending rows at different steps,
-and the gathered copy GRPO's rollouts decode with (built from the DTensors' full_tensor()). Writes rank 0's
-results (each case's tokens and log-probs for both models) as JSON.
+and the gathered copy GRPO's rollouts decode with (built from the DTensors' full_tensor()), whole on each rank
+and split over the pair as GRPO's rollouts split it (each rank its `row_share` with `rows_of`, then
+`gather_rows` over the tensor group). Writes rank 0's results (each case's tokens and log-probs for each) as
+JSON.
 
     torchrun --nproc_per_node 2 tests/helpers/tp_decode.py OUT.json
 """
@@ -19,6 +21,7 @@ from moxin.config import ParallelConfig
 from moxin.distributed import parallelize
 from moxin.model import Transformer, generate
 from moxin.presets import load_preset
+from moxin.tensor_parallel import gather_rows, row_share
 
 NEW = 20  # new tokens: with prompts of 3..20 tokens every row runs past the window of 16
 
@@ -45,12 +48,20 @@ def gathered_copy(model, cfg):
     return copy
 
 
-def run(model, prompts, case: dict, stop_tokens=(), lockstep=False):
+def run(model, prompts, case: dict, stop_tokens=(), lockstep=False, rows_of=None):
     kw = {k: v for k, v in case.items() if k not in ("seed", "stop")}
     gen = torch.Generator().manual_seed(case["seed"]) if "seed" in case else None
     out = generate(model, prompts, NEW, generator=gen, stop_tokens=stop_tokens, return_logprobs=True,
-                   lockstep=lockstep, **({"decode": "eager"} | kw))
+                   lockstep=lockstep, rows_of=rows_of, **({"decode": "eager"} | kw))
     return {"tokens": out.tokens, "logprobs": out.logprobs, "finished": out.finished}
+
+
+def run_split(model, prompts, case: dict, stop_tokens, tp_mesh):
+    """This rank's share of the rows decoded alone (the rows' part of the whole batch's draws), then every rank's
+    gathered over the tensor group into all the rows, in order."""
+    a, b = row_share(len(prompts), tp_mesh.get_local_rank(), tp_mesh.size())
+    mine = run(model, prompts[a:b], case, stop_tokens, rows_of=(a, len(prompts)))
+    return gather_rows(list(range(a, b)), mine, len(prompts), tp_mesh.get_group())[0]
 
 
 def main(out_path):
@@ -74,7 +85,8 @@ def main(out_path):
                 first = run(plain, prompts, case)["tokens"]
                 stops = (first[0][4], first[2][9])
             res[name] = {"tp": run(model, prompts, case, stops, lockstep=True), "plain": run(plain, prompts, case, stops),
-                         "copy": run(copy, prompts, case, stops)}
+                         "copy": run(copy, prompts, case, stops),
+                         "split": run_split(copy, prompts, case, stops, mesh["tensor_parallel"])}
     if dist.get_rank() == 0:
         json.dump(res, open(out_path, "w"))
     dist.destroy_process_group()
