@@ -154,6 +154,10 @@ class TaskConfig:
     system: str | None = None
     chat: bool = True
     """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
+    fewshot_multiturn: bool = False
+    """With ``chat``: each few-shot example is a user turn (its text) and an assistant turn (its target), the item the
+    last user turn (OLMES's ``fewshot_as_multiturn``, which Tülu 3's ``gsm8k::tulu``, ``popqa::tulu``,
+    ``minerva_math::tulu`` and ``mmlu:mc::tulu`` set); off: description and examples lead the one user turn."""
     max_new_tokens: int = 512
     greedy: bool = True
     """pass@1 from one greedy completion per problem."""
@@ -209,6 +213,10 @@ class TaskConfig:
                                       "(greedy completions are all the same)")
             if self.max_new_tokens < 1:
                 raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
+        if self.fewshot_multiturn and (self.kind != TaskKind.generation or not self.chat):
+            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs a generation task with chat=true "
+                                  f"(kind={self.kind.value}, chat={self.chat}); set chat: true or drop "
+                                  "fewshot_multiturn")
 
 
 def task_from_any(obj: Any, local_dir: str | None = None) -> TaskConfig:

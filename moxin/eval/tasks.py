@@ -306,11 +306,11 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
     return sorted(items, key=lambda it: it.index)
 
 
-def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
-                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
-    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
-    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each). The pool is ``fewshot_records`` or,
-    when None, the evaluated records minus the item; ``limit`` cuts the evaluated records only, as lm-eval's."""
+def _docs_with_shots(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                     to_doc_fn: Callable) -> list[tuple[Any, list[Any]]]:
+    """(doc, its few-shot example docs in order) per evaluated record, as lm-eval's sampler draws them. The pool is
+    ``fewshot_records`` or, when None, the evaluated records minus the item; ``limit`` cuts the evaluated records
+    only, as lm-eval's."""
     same_pool = fewshot_records is None
     pool_recs = records if same_pool else list(fewshot_records)
     if task.limit is not None:
@@ -324,12 +324,19 @@ def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: li
     draw = _popqa_drawer(task, pool_recs) if task.preset == "popqa" and task.num_fewshot else None
     out = []
     for i, d in enumerate(docs):
-        prefix = task.description
+        drawn = []
         if task.num_fewshot:
             drawn = draw(rnd, records[i]) if draw else _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
-            prefix += "".join(example_fn(task, pool[j]) + task.fewshot_delimiter for j in drawn)
-        out.append((d, prefix))
+        out.append((d, [pool[j] for j in drawn]))
     return out
+
+
+def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
+    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
+    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each)."""
+    return [(d, task.description + "".join(example_fn(task, s) + task.fewshot_delimiter for s in shots))
+            for d, shots in _docs_with_shots(task, records, fewshot_records, to_doc_fn)]
 
 
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
@@ -489,13 +496,20 @@ def user_text(task: TaskConfig, problem: str) -> str:
     return f"{text.rstrip()}\n\n{instr}" if instr else text
 
 
-def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
+def render_prompt(task: TaskConfig, problem: str, tokenizer, shots: list[tuple[str, str]] = ()) -> list[int]:
     """The prompt ids, as the GRPO data module renders them (chat template + generation prompt), or plain text
-    after bos when ``chat`` is off (base models)."""
+    after bos when ``chat`` is off (base models). ``shots`` (``fewshot_multiturn``): (text, target) of each few-shot
+    example, rendered as a user turn and an assistant turn before the item's user turn; the task's description
+    opens the first user turn."""
     text = user_text(task, problem)
     if not task.chat:
         return tokenizer.encode(text, bos=True)
-    msgs = ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
+    msgs = [{"role": "system", "content": task.system}] if task.system else []
+    turns = [(user_text(task, q), a.strip()) for q, a in shots] + [(text, None)]
+    if task.fewshot_multiturn:  # else the description is already in ``problem``'s prefix
+        turns[0] = (task.description + turns[0][0], turns[0][1])
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a is not None else [])
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 
 
@@ -514,9 +528,14 @@ def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
 def build_gen_items(task: TaskConfig, records: list[dict], tokenizer,
                     fewshot_records: list[dict] | None = None) -> list[GenItem]:
     """Records -> prompts and reference answers; with ``num_fewshot``, lm-eval's few-shot prefix (examples as
-    text + target_delimiter + target, drawn as for multiple choice) before the prompt text."""
+    text + target_delimiter + target, drawn as for multiple choice) before the prompt text, or with
+    ``fewshot_multiturn`` the same examples as chat turns (:func:`render_prompt`)."""
     if task.subject_field:
         return _by_subject(task, records, fewshot_records, lambda t, r, f: build_gen_items(t, r, tokenizer, f))
+    if task.fewshot_multiturn:  # OLMES fewshot_as_multiturn: one user/assistant exchange per example
+        return [GenItem(i, render_prompt(task, d.text, tokenizer, [(s.text, s.target) for s in shots]), d.answer,
+                        d.text)
+                for i, (d, shots) in enumerate(_docs_with_shots(task, records, fewshot_records, _gen_doc))]
     pairs = _docs_with_prefix(task, records, fewshot_records, _gen_doc,
                               lambda t, d: d.text + t.target_delimiter + d.target)
     return [GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text)

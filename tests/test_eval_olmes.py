@@ -1,0 +1,128 @@
+"""``eval=paper_instruct`` as Tülu 3 runs its suite through OLMES's ``::tulu`` task configs: few-shot examples as chat
+turns (``fewshot_as_multiturn``), BBH in the chat template with no stop string, HumanEval sampled for pass@10. The
+OLMES values asserted here are those of allenai/olmes ``oe_eval/configs/tasks.py`` (docs/modules.md, "OLMES's
+::tulu settings"); prompts are checked against the chat template rendered by hand, verdicts on hand-written
+completions."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import moxin.eval.runner as runner
+from moxin.config import EvalConfigError
+from moxin.eval import eval_config, evaluate
+from moxin.eval.generation import GenRecord
+from moxin.eval.tasks import POPQA_PROP_IDS, build_gen_items, load_records, task_records
+from moxin.model import Transformer
+from moxin.presets import load_preset
+from moxin.tokenizer.chat import render_chat
+from tests.helpers.compose import compose_config
+
+
+def _jsonl(path: Path, rows: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _chat(tok, turns: list[str]) -> list[int]:
+    """The Tülu chat template over alternating user / assistant turns, the last a user turn, then the generation
+    prompt: what OLMES renders for ``use_chat_format`` with ``fewshot_as_multiturn``."""
+    msgs = [{"role": "user" if i % 2 == 0 else "assistant", "content": t} for i, t in enumerate(turns)]
+    return render_chat(msgs, tok, add_generation_prompt=True).input_ids
+
+
+@pytest.fixture(scope="module")
+def paper_instruct() -> dict:
+    return {t.name: t for t in eval_config(compose_config(["+experiment=eval", "eval=paper_instruct"]).eval).tasks}
+
+
+def test_paper_instruct_takes_olmes_tulu_generation_settings(paper_instruct):
+    """gsm8k::tulu (8 shots, use_chat_format, fewshot_as_multiturn), popqa::tulu (the popqa task's 15 shots and 15
+    new tokens, chat, multiturn), bbh:cot-v1::tulu (chat, greedy, max_gen_toks 512, stop_sequences []),
+    codex_humaneval(plus)::tulu (repeats 20, temperature 0.8, top_p 0.95, pass_at_ks [1, 10])."""
+    gsm = paper_instruct["gsm8k"]
+    assert (gsm.num_fewshot, gsm.chat, gsm.fewshot_multiturn, gsm.greedy) == (8, True, True, True)
+    pop = paper_instruct["popqa"]
+    assert (pop.num_fewshot, pop.max_new_tokens, pop.chat, pop.fewshot_multiturn, pop.greedy) == (15, 15, True, True,
+                                                                                                   True)
+    bbh = paper_instruct["bbh_cot_fewshot"]
+    assert (bbh.num_fewshot, bbh.chat, bbh.max_new_tokens, bbh.until, bbh.greedy) == (3, True, 512, [], True)
+    assert bbh.verifier_kwargs == {"until": []} and not bbh.fewshot_multiturn
+    for name in ("humaneval", "humaneval_plus"):
+        he = paper_instruct[name]
+        assert (he.greedy, he.samples, he.temperature, he.top_p, he.k) == (False, 20, 0.8, 0.95, [1, 10])
+    assert paper_instruct["mmlu"].num_fewshot == 5  # mmlu:mc::tulu: 5 shots
+
+
+def test_popqa_shots_are_chat_turns(tmp_path, tok):
+    """fewshot_as_multiturn: each example ``Q: {question} A:`` is a user turn and its object the assistant's reply;
+    the item is the last user turn; the examples are the same ones the plain-text form draws, in the same order."""
+    rows = [{"id": 100 * k + j, "prop_id": pid, "question": f"Who is r{pid} of e{k}?", "obj": f"O{pid}.{k}",
+             "possible_answers": json.dumps([f"O{pid}.{k}"])} for k in range(2) for j, pid in enumerate(POPQA_PROP_IDS)]
+    _jsonl(tmp_path / "popqa" / "test.jsonl", rows)
+    base = {"name": "popqa", "preset": "popqa", "limit": 2}
+    turns_task = eval_config({"tasks": [{**base, "chat": True, "fewshot_multiturn": True}],
+                              "local_dir": str(tmp_path)}).tasks[0]
+    plain_task = eval_config({"tasks": [base], "local_dir": str(tmp_path)}).tasks[0]
+    records, _ = task_records(turns_task)
+    by_text = {f"Q: {r['question']} A: {r['obj']}": r for r in rows}
+    for it, plain, rec in zip(build_gen_items(turns_task, records, tok), build_gen_items(plain_task, records, tok),
+                              rows):
+        shots = [by_text[p] for p in tok.decode(plain.prompt_ids).split("\n\n")[:-1]]
+        turns = [x for s in shots for x in (f"Q: {s['question']} A:", s["obj"])] + [f"Q: {rec['question']} A:"]
+        assert it.prompt_ids == _chat(tok, turns)
+        assert len(shots) == 15 and rec["prop_id"] not in {s["prop_id"] for s in shots}
+
+
+def test_gsm8k_shots_are_chat_turns_and_the_description_opens_the_first(tmp_path, tok):
+    """Each example's ``Question: ..\\nAnswer:`` a user turn, its worked answer the assistant turn; a task's
+    description leads the first user turn (it does not become a turn of its own)."""
+    train = [{"question": f"Q{i}?", "answer": f"step {i}\n#### {i}"} for i in range(3)]
+    _jsonl(tmp_path / "gsm8k" / "test.jsonl", [{"question": "What is 2 + 3?", "answer": "#### 5"}])
+    _jsonl(tmp_path / "gsm8k" / "train.jsonl", train)
+    task = eval_config({"tasks": [{"name": "gsm8k", "preset": "gsm8k", "num_fewshot": 2, "chat": True,
+                                   "fewshot_multiturn": True, "description": "Solve.\n\n"}],
+                        "local_dir": str(tmp_path)}).tasks[0]
+    item = build_gen_items(task, load_records(task.path), tok, load_records(task.fewshot_path))[0]
+    text = tok.decode(item.prompt_ids)
+    shown = [r for r in train if f"Question: {r['question']}\nAnswer:" in text]
+    assert len(shown) == 2
+    order = sorted(shown, key=lambda r: text.index(r["question"]))
+    turns = [x for r in order for x in (f"Question: {r['question']}\nAnswer:", r["answer"])]
+    turns[0] = "Solve.\n\n" + turns[0]
+    assert item.prompt_ids == _chat(tok, turns + ["Question: What is 2 + 3?\nAnswer:"])
+
+
+def test_fewshot_multiturn_needs_a_chat_generation_task():
+    with pytest.raises(EvalConfigError, match="fewshot_multiturn needs a generation task with chat=true"):
+        eval_config({"tasks": [{"name": "p", "preset": "popqa", "chat": False, "fewshot_multiturn": True}]})
+    with pytest.raises(EvalConfigError, match="fewshot_multiturn"):
+        eval_config({"tasks": [{"name": "m", "preset": "mmlu", "fewshot_multiturn": True}]})
+
+
+def test_bbh_tulu_scores_the_whole_chat_reply(tmp_path, tok, monkeypatch, paper_instruct):
+    """bbh:cot-v1::tulu has ``stop_sequences: []`` (the reply ends with the chat turn), so a reply whose reasoning
+    has a blank line, or a word starting with "Q", is read to its end: the answer after it counts. Under lm-eval's
+    ``until`` (``Q``, ``\\n\\n``) the same replies have no answer. Hand-written replies and their verdicts:
+    1. "Not True is False.\\n\\nSo the answer is False." (target False) -> 1 (0 under lm-eval's cut at "\\n\\n")
+    2. "Quickly: True and not False.\\nSo the answer is True." (target True) -> 1 (0 under the cut at "Q")
+    3. "So the answer is True." (target False) -> 0"""
+    rows = [{"input": "not ( True ) and ( True ) is", "target": "False", "subtask": "boolean_expressions"},
+            {"input": "True and not False is", "target": "True", "subtask": "boolean_expressions"},
+            {"input": "not True or False is", "target": "False", "subtask": "boolean_expressions"}]
+    replies = ["Not True is False.\n\nSo the answer is False.", "Quickly: True and not False.\nSo the answer is True.",
+               "So the answer is True."]
+    _jsonl(tmp_path / "bbh_cot_fewshot" / "test.jsonl", rows)
+    monkeypatch.setattr(runner, "generate_all", lambda m, prompts, **kw: [
+        GenRecord(tok.encode(c), True) for c in replies[:len(prompts)]])
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", sliding_window=None)).eval()
+    tulu = paper_instruct["bbh_cot_fewshot"]
+    over = {k: getattr(tulu, k) for k in ("chat", "max_new_tokens", "until", "verifier_kwargs")}
+    scores = {}
+    for name, extra in (("tulu", over), ("lm_eval", {})):
+        cfg = {"tasks": [{"name": "bbh_cot_fewshot", "preset": "bbh_cot_fewshot", **extra}],
+               "local_dir": str(tmp_path), "verifier_workers": 0}
+        r = evaluate(model, tok, cfg)["tasks"]["bbh_cot_fewshot"]
+        scores[name] = [x["greedy_scores"]["exact_match,get-answer"] for x in r["items"]]
+    assert scores == {"tulu": [1.0, 1.0, 0.0], "lm_eval": [0.0, 0.0, 0.0]}
