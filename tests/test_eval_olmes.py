@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 
 import moxin.eval.runner as runner
+import moxin.eval.tasks as tasks
 from moxin.config import EvalConfigError
 from moxin.eval import eval_config, evaluate
 from moxin.eval.generation import GenRecord
-from moxin.eval.tasks import POPQA_PROP_IDS, build_gen_items, load_records, task_records
+from moxin.eval.tasks import POPQA_PROP_IDS, build_gen_items, load_records, minerva_prompts, task_records
 from moxin.model import Transformer
 from moxin.presets import load_preset
 from moxin.tokenizer.chat import render_chat
@@ -53,6 +54,9 @@ def test_paper_instruct_takes_olmes_tulu_generation_settings(paper_instruct):
         he = paper_instruct[name]
         assert (he.greedy, he.samples, he.temperature, he.top_p, he.k) == (False, 20, 0.8, 0.95, [1, 10])
     assert paper_instruct["mmlu"].num_fewshot == 5  # mmlu:mc::tulu: 5 shots
+    math = paper_instruct["math"]  # minerva_math::tulu: 4 shots, chat, multiturn, 1024 tokens, greedy, no stop
+    assert (math.preset, math.num_fewshot, math.chat, math.fewshot_multiturn, math.max_new_tokens, math.until,
+            math.greedy) == ("hendrycks_math", 4, True, True, 1024, [], True)
 
 
 def test_popqa_shots_are_chat_turns(tmp_path, tok):
@@ -126,3 +130,70 @@ def test_bbh_tulu_scores_the_whole_chat_reply(tmp_path, tok, monkeypatch, paper_
         r = evaluate(model, tok, cfg)["tasks"]["bbh_cot_fewshot"]
         scores[name] = [x["greedy_scores"]["exact_match,get-answer"] for x in r["items"]]
     assert scores == {"tulu": [1.0, 1.0, 0.0], "lm_eval": [0.0, 0.0, 0.0]}
+
+
+MATH_TEST = [{"problem": r"What is $2\cdot 12$?", "solution": r"It is $\boxed{24}$.", "subtask": "algebra"},
+             {"problem": "Compute $7-4$.", "solution": r"$7-4=\boxed{3}$", "subtask": "prealgebra"},
+             {"problem": "Find $1+1$.", "solution": r"So $\boxed{2}$.", "subtask": "algebra"}]
+
+
+def test_math_prompt_is_minervas_four_examples_then_the_problem(tmp_path, tok):
+    r"""lm-eval minerva_math's prompt (utils.py ``doc_to_text``): the four Minerva examples, each
+    ``Problem:\n..\n\nSolution:\n..``, joined by a blank line, then ``Problem:\n{problem}\n\nSolution:``; as chat
+    turns (minerva_math::tulu) each example a user turn ``Problem:\n..\n\nSolution:`` and its solution the reply."""
+    _jsonl(tmp_path / "hendrycks_math" / "test.jsonl", MATH_TEST)
+    base = {"name": "math", "preset": "hendrycks_math"}
+    plain = eval_config({"tasks": [base], "local_dir": str(tmp_path)}).tasks[0]
+    assert len(minerva_prompts()["samples"]) == 4 and len(minerva_prompts()["subjects"]) == 7
+    records, shots = task_records(plain)
+    items = build_gen_items(plain, records, tok, shots)
+    for it, rec in zip(items, MATH_TEST):
+        text = tok.decode(it.prompt_ids)
+        assert text.startswith("Problem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}"
+                               "\n\nSolution:\nThe expressions inside")
+        assert text.endswith("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.\n\n"
+                             f"Problem:\n{rec['problem']}\n\nSolution:")
+        assert text.count("Problem:\n") == 5 and it.subject == rec["subtask"] and it.answer == rec["solution"]
+    turns_task = eval_config({"tasks": [{**base, "chat": True, "fewshot_multiturn": True}],
+                              "local_dir": str(tmp_path)}).tasks[0]
+    shots_turns = [x for ex in minerva_prompts()["samples"]
+                   for x in (f"Problem:\n{ex['problem']}\n\nSolution:", ex["solution"])]
+    for it, rec in zip(build_gen_items(turns_task, records, tok, shots), MATH_TEST):
+        assert it.prompt_ids == _chat(tok, shots_turns + [f"Problem:\n{rec['problem']}\n\nSolution:"])
+
+
+def test_math_reads_each_subject_config_from_the_hub(monkeypatch):
+    asked = []
+
+    def fake_load(path, split="test", hub_config=None, data_files=None, name="eval"):
+        asked.append((path, split, hub_config))
+        return [{"problem": f"{hub_config}?", "solution": "\\boxed{1}"}]
+
+    monkeypatch.setattr(tasks, "load_records", fake_load)
+    records, shots = task_records(eval_config({"tasks": [{"name": "m", "preset": "hendrycks_math"}]}).tasks[0])
+    subjects = ["algebra", "counting_and_probability", "geometry", "intermediate_algebra", "number_theory",
+                "prealgebra", "precalculus"]
+    assert asked == [("EleutherAI/hendrycks_math", "test", s) for s in subjects]
+    assert [r["subtask"] for r in records] == subjects and len(shots) == 28
+
+
+def test_math_verdicts_read_minervas_final_answer_line(tmp_path, tok, monkeypatch, paper_instruct):
+    r"""Minerva's answer (lm-eval minerva_math ``get_unnormalized_answer``): the text between "Final Answer: The final
+    answer is" and ". I hope it is correct."; the reference is the solution's last ``\boxed{}``. Hand-written
+    replies and their verdicts (the whole reply read: no stop string):
+    1. "2 times 12.\n\nFinal Answer: The final answer is $24$. I hope it is correct." (24) -> 1
+    2. "Final Answer: The final answer is $4$. I hope it is correct." (3) -> 0
+    3. "We get \boxed{1}, no: Final Answer: The final answer is $2$. I hope it is correct." (2) -> 1 (the line wins)"""
+    _jsonl(tmp_path / "hendrycks_math" / "test.jsonl", MATH_TEST)
+    replies = ["2 times 12.\n\nFinal Answer: The final answer is $24$. I hope it is correct.",
+               "Final Answer: The final answer is $4$. I hope it is correct.",
+               "We get \\boxed{1}, no: Final Answer: The final answer is $2$. I hope it is correct."]
+    monkeypatch.setattr(runner, "generate_all", lambda m, prompts, **kw: [
+        GenRecord(tok.encode(c), True) for c in replies[:len(prompts)]])
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", sliding_window=None)).eval()
+    t = paper_instruct["math"]
+    cfg = {"tasks": [{"name": "math", "preset": "hendrycks_math", "chat": True, "fewshot_multiturn": True,
+                      "until": t.until}], "local_dir": str(tmp_path), "verifier_workers": 0}
+    r = evaluate(model, tok, cfg)["tasks"]["math"]
+    assert [x["greedy_score"] for x in r["items"]] == [1.0, 0.0, 1.0]
+    assert r["subjects"]["algebra"]["metrics"]["exact_match"] == pytest.approx(1.0)

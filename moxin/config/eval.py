@@ -69,6 +69,14 @@ TASK_PRESETS: dict[str, TaskPreset] = {
         metric="exact_match", verifier_variants={"strict-match": {"filter_name": "strict-match"},
                                                  "flexible-extract": {"filter_name": "flexible-extract"}})),
     "math500": TaskPreset("HuggingFaceH4/MATH-500", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    # MATH's 5,000 test problems as lm-eval's minerva_math group (and OLMES's minerva_math) reads them: 7 subject
+    # configs of EleutherAI/hendrycks_math, Minerva's four fixed examples ("Problem:\n..\n\nSolution:\n.."), greedy,
+    # 1024 tokens, until "Problem:"; the answer read by qwen_math (Minerva's "Final Answer: The final answer is X."
+    # line first), math-verify equality. Tülu 3's MATH column is OLMES's minerva_math::tulu (conf/eval/paper_instruct)
+    "hendrycks_math": TaskPreset("EleutherAI/hendrycks_math", "test", kind=TaskKind.generation, defaults=dict(
+        verifier="qwen_math", chat=False, instruction="", num_fewshot=4, fewshot_sampler="first_n",
+        target_delimiter="\n", subject_field="subtask", until=["Problem:"], max_new_tokens=1024,
+        metric="exact_match")),
     "minerva_math": TaskPreset("math-ai/minervamath", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "amc23": TaskPreset("math-ai/amc23", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "olympiadbench": TaskPreset("math-ai/olympiadbench", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),

@@ -26,7 +26,8 @@ from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
-           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "task_records", "POPQA_PROP_IDS"]
+           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "minerva_prompts", "task_records",
+           "POPQA_PROP_IDS"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -175,9 +176,27 @@ def bbh_prompts() -> dict[str, dict]:
 PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
 
 
-def _known_subjects(preset: str | None) -> dict[str, str] | None:
+@cache
+def minerva_prompts() -> dict:
+    """MATH's seven subject configs (``subjects``) and Minerva's four fixed examples (``samples``: ``problem`` and
+    ``solution``), as lm-eval's ``minerva_math`` prompt holds them (``assets/minerva_math_fewshot.json`` names the
+    commit)."""
+    return json.loads((Path(__file__).parent / "assets" / "minerva_math_fewshot.json").read_text())
+
+
+def _fixed_shots(preset: str | None) -> dict[str, list[dict]] | None:
+    """subtask -> its fixed few-shot examples, for the presets read as one hub config per subtask (BBH, MATH)."""
     if preset == "bbh_cot_fewshot":
-        return {sub: preset for sub in bbh_prompts()}
+        return {sub: p["samples"] for sub, p in bbh_prompts().items()}
+    if preset == "hendrycks_math":
+        return {sub: minerva_prompts()["samples"] for sub in minerva_prompts()["subjects"]}
+    return None
+
+
+def _known_subjects(preset: str | None) -> dict[str, str] | None:
+    shots = _fixed_shots(preset)
+    if shots is not None:
+        return {sub: preset for sub in shots}
     return PRESET_SUBJECTS.get(preset or "")
 
 
@@ -418,6 +437,12 @@ def _bbh(doc: dict) -> GenDoc:
 POPQA_PROP_IDS = (22, 218, 91, 257, 182, 164, 526, 97, 533, 639, 472, 106, 560, 484, 292, 422)
 
 
+def _minerva(doc: dict) -> GenDoc:
+    """lm-eval minerva_math: ``Problem:\n{problem}\n\nSolution:``; target (after ``\n``) and reference the worked
+    solution, whose last ``\\boxed{}`` is the answer."""
+    return GenDoc(f"Problem:\n{doc['problem']}\n\nSolution:", doc["solution"], doc["solution"])
+
+
 def _popqa(doc: dict) -> GenDoc:
     """PopQA as its authors' run_model.py prompts it: ``Q: {question} A:``, a few-shot example's target the object
     (``obj``); the reference is the JSON list ``possible_answers`` (read by the popqa verifier)."""
@@ -464,21 +489,24 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
     "humaneval": _humaneval,
     "humaneval_plus": _humaneval,
     "bbh_cot_fewshot": _bbh,
+    "hendrycks_math": _minerva,
     "popqa": _popqa,
 }
 
 
 def task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
-    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH: the 27 subtasks'
-    test records (one hub config each, tagged with ``subtask``; a local copy is one file whose records carry the
-    field) and the three fixed chain-of-thought examples of each subtask."""
-    if task.preset == "bbh_cot_fewshot":
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH and MATH
+    (``hendrycks_math``): every subtask's test records (one hub config each, tagged with ``subtask``; a local copy is
+    one file whose records carry the field) and each subtask's fixed examples (BBH's three chain-of-thought
+    examples, Minerva's four)."""
+    fixed = _fixed_shots(task.preset)
+    if fixed is not None:
         if is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
-            records = [{**r, task.subject_field: sub} for sub in bbh_prompts()
+            records = [{**r, task.subject_field: sub} for sub in fixed
                        for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
         else:
             records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
-        shots = [{**ex, task.subject_field: sub} for sub, p in bbh_prompts().items() for ex in p["samples"]]
+        shots = [{**ex, task.subject_field: sub} for sub, samples in fixed.items() for ex in samples]
         return records, shots
     records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
