@@ -197,3 +197,6 @@ def test_math_verdicts_read_minervas_final_answer_line(tmp_path, tok, monkeypatc
     r = evaluate(model, tok, cfg)["tasks"]["math"]
     assert [x["greedy_score"] for x in r["items"]] == [1.0, 0.0, 1.0]
     assert r["subjects"]["algebra"]["metrics"]["exact_match"] == pytest.approx(1.0)
+    # OLMES's suite score is the macro mean over subjects (algebra 2/2, prealgebra 0/1); lm-eval's the item mean
+    assert r["macro"]["exact_match"] == pytest.approx(0.5) and r["metrics"]["exact_match"] == pytest.approx(2 / 3)
+    assert not any("_stderr" in k for k in r["macro"])
