@@ -200,3 +200,39 @@ def test_math_verdicts_read_minervas_final_answer_line(tmp_path, tok, monkeypatc
     # OLMES's suite score is the macro mean over subjects (algebra 2/2, prealgebra 0/1); lm-eval's the item mean
     assert r["macro"]["exact_match"] == pytest.approx(0.5) and r["metrics"]["exact_match"] == pytest.approx(2 / 3)
     assert not any("_stderr" in k for k in r["macro"])
+
+
+def test_mmlu_cot_prompt_is_one_chat_turn_per_question(tmp_path, tok, paper_instruct):
+    """mmlu:cot::summarize: the subject's instruction (its ``description``, ``_`` as spaces) then ``Question: ..``
+    and a line `` A. ..`` per option, as the one user turn; no shots, greedy, 512 tokens, stop ``Question:``."""
+    t = paper_instruct["mmlu_cot"]
+    assert (t.chat, t.num_fewshot, t.max_new_tokens, t.until, t.greedy) == (True, 0, 512, ["Question:"], True)
+    rows = [{"question": "Which bone?", "choices": ["ulna", "tibia", "femur", "skull"], "answer": 2,
+             "subject": "anatomy"}]
+    _jsonl(tmp_path / "mmlu_cot" / "test.jsonl", rows)
+    task = eval_config({"tasks": [{"name": "mmlu_cot", "preset": "mmlu_cot"}], "local_dir": str(tmp_path)}).tasks[0]
+    item = build_gen_items(task, load_records(task.path), tok)[0]
+    user = ("The following are multiple choice questions about anatomy. Summarize your reasoning concisely, then "
+            "conclude with 'Therefore, the answer is: X' where X is one of A, B, C, or D.\n\n"
+            "Question: Which bone?\n A. ulna\n B. tibia\n C. femur\n D. skull\n")
+    assert item.prompt_ids == _chat(tok, [user]) and item.answer == "C" and item.subject == "anatomy"
+
+
+def test_mmlu_cot_verdicts_follow_olmes_answer_patterns():
+    r"""OLMES ``GenericMMLU_OneTurnCoT._extract_answer`` without an answer_format_regex: the first of
+    ``(?i)therefore,?\s*the\s*answer\s*is:?\s*\(?([A-D])\b``, ``(?i)answer\s*is:?\s*\(?([A-D])\b``,
+    ``(?i)([A-D])\)?\s+is\s+correct``, ``\(([A-D])\)``, ``.*\b([A-D])\b`` that matches (re.search), upper-cased,
+    parentheses dropped; exact match with the gold letter ignoring case; the reply cut at "Question:" first."""
+    from moxin.rewards import get_verifier
+
+    v = get_verifier("mmlu_cot")
+    cases = [("Ulna is an arm bone. Therefore, the answer is: C", "C", 1.0),
+             ("so the answer is (b).", "B", 1.0),  # case-insensitive pattern, upper-cased
+             ("I think D is correct.", "D", 1.0),
+             ("Options (A) and (B) fail, leaving C.", "C", 0.0),  # "(A)" is found before the bare C
+             ("A, B and then finally C", "C", 1.0),  # the last stand-alone capital
+             ("Therefore, the answer is: B\n\nQuestion: next one. Therefore, the answer is: C", "C", 0.0),
+             ("no letter here", "A", 0.0)]
+    got = [(v(c, gold).score, v(c, gold).extracted) for c, gold, _ in cases]
+    assert [g[0] for g in got] == [want for _, _, want in cases]
+    assert [g[1] for g in got] == ["C", "B", "D", "A", "C", "B", None]

@@ -62,6 +62,15 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     "mmlu": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
         subject_field="subject", fewshot_sampler="first_n",
         description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
+    # OLMES mmlu:cot::summarize (the MMLU 0-shot CoT column of Tülu 3's table): per subject its instruction, then
+    # "Question: ..\n A. ..\n B. .." in one chat turn, greedy, 512 tokens, stop "Question:"; the answer letter read
+    # by OLMES's patterns (verifier mmlu_cot); exact_match, per subject and macro
+    "mmlu_cot": TaskPreset("cais/mmlu", "test", "all", kind=TaskKind.generation, defaults=dict(
+        verifier="mmlu_cot", chat=True, instruction="", subject_field="subject", until=["Question:"],
+        max_new_tokens=512, metric="exact_match",
+        description="The following are multiple choice questions about {subject}. Summarize your reasoning "
+                    "concisely, then conclude with 'Therefore, the answer is: X' where X is one of A, B, C, or "
+                    "D.\n\n")),
     # lm-eval gsm8k.yaml 3.0: 5-shot "Question: ...\nAnswer:" from train (seeded sampler), greedy, until, 256 tokens,
     # exact_match under the strict-match and flexible-extract filters
     "gsm8k": TaskPreset("openai/gsm8k", "test", "main", "train", TaskKind.generation, defaults=dict(

@@ -173,7 +173,7 @@ def bbh_prompts() -> dict[str, dict]:
 
 
 #: The subjects a preset's records may carry, subject -> lm-eval group
-PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
+PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS, "mmlu_cot": MMLU_SUBJECTS}
 
 
 @cache
@@ -437,6 +437,15 @@ def _bbh(doc: dict) -> GenDoc:
 POPQA_PROP_IDS = (22, 218, 91, 257, 182, 164, 526, 97, 533, 639, 472, 106, 560, 484, 292, 422)
 
 
+def _mmlu_cot(doc: dict) -> GenDoc:
+    """OLMES mmlu CoT (``GenericMMLU_OneTurnCoT._process_doc``: ``make_mcq_prompt`` with label format `` A.`` and no
+    answer prefix): ``Question: {question}``, then a line `` A. {choice}`` per option and a newline; the reference the
+    gold letter."""
+    opts = "\n".join(f" {letter}. {c}" for letter, c in zip("ABCDE", doc["choices"], strict=False))
+    letter = "ABCDE"[int(doc["answer"])]
+    return GenDoc(f"Question: {doc['question']}\n{opts}\n", letter, letter)
+
+
 def _minerva(doc: dict) -> GenDoc:
     """lm-eval minerva_math: ``Problem:\n{problem}\n\nSolution:``; target (after ``\n``) and reference the worked
     solution, whose last ``\\boxed{}`` is the answer."""
@@ -490,6 +499,7 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
     "humaneval_plus": _humaneval,
     "bbh_cot_fewshot": _bbh,
     "hendrycks_math": _minerva,
+    "mmlu_cot": _mmlu_cot,
     "popqa": _popqa,
 }
 
