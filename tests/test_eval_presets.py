@@ -69,6 +69,8 @@ def test_mmlu_preset_few_shot_by_subject_runs_and_scores_like_lm_eval(tmp_path, 
     assert r["metrics"]["acc"] == pytest.approx(sum(x["acc"] for x in r["items"]) / 5)
     anat = [x["acc"] for x in r["items"] if x["subject"] == "anatomy"]
     assert r["subjects"]["anatomy"]["metrics"]["acc"] == pytest.approx(sum(anat) / 2)
+    phys = [x["acc"] for x in r["items"] if x["subject"] == "high_school_physics"]
+    assert r["macro"]["acc"] == pytest.approx((sum(anat) / 2 + sum(phys) / 3) / 2)  # OLMES's mmlu:mc suite score
     assert set(res["results"]) == {"mmlu", "mmlu_anatomy", "mmlu_high_school_physics", "mmlu_stem"}
     assert r["groups"]["stem"]["metrics"]["acc"] == r["metrics"]["acc"]  # both subjects are STEM
     assert res["results"]["mmlu"]["acc,none"] == r["metrics"]["acc"] and res["n-shot"]["mmlu_anatomy"] == 2

@@ -62,6 +62,15 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     "mmlu": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
         subject_field="subject", fewshot_sampler="first_n",
         description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
+    # OLMES mmlu:cot::summarize (the MMLU 0-shot CoT column of Tülu 3's table): per subject its instruction, then
+    # "Question: ..\n A. ..\n B. .." in one chat turn, greedy, 512 tokens, stop "Question:"; the answer letter read
+    # by OLMES's patterns (verifier mmlu_cot); exact_match, per subject and macro
+    "mmlu_cot": TaskPreset("cais/mmlu", "test", "all", kind=TaskKind.generation, defaults=dict(
+        verifier="mmlu_cot", chat=True, instruction="", subject_field="subject", until=["Question:"],
+        max_new_tokens=512, metric="exact_match",
+        description="The following are multiple choice questions about {subject}. Summarize your reasoning "
+                    "concisely, then conclude with 'Therefore, the answer is: X' where X is one of A, B, C, or "
+                    "D.\n\n")),
     # lm-eval gsm8k.yaml 3.0: 5-shot "Question: ...\nAnswer:" from train (seeded sampler), greedy, until, 256 tokens,
     # exact_match under the strict-match and flexible-extract filters
     "gsm8k": TaskPreset("openai/gsm8k", "test", "main", "train", TaskKind.generation, defaults=dict(
@@ -69,6 +78,14 @@ TASK_PRESETS: dict[str, TaskPreset] = {
         metric="exact_match", verifier_variants={"strict-match": {"filter_name": "strict-match"},
                                                  "flexible-extract": {"filter_name": "flexible-extract"}})),
     "math500": TaskPreset("HuggingFaceH4/MATH-500", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
+    # MATH's 5,000 test problems as lm-eval's minerva_math group (and OLMES's minerva_math) reads them: 7 subject
+    # configs of EleutherAI/hendrycks_math, Minerva's four fixed examples ("Problem:\n..\n\nSolution:\n.."), greedy,
+    # 1024 tokens, until "Problem:"; the answer read by qwen_math (Minerva's "Final Answer: The final answer is X."
+    # line first), math-verify equality. Tülu 3's MATH column is OLMES's minerva_math::tulu (conf/eval/paper_instruct)
+    "hendrycks_math": TaskPreset("EleutherAI/hendrycks_math", "test", kind=TaskKind.generation, defaults=dict(
+        verifier="qwen_math", chat=False, instruction="", num_fewshot=4, fewshot_sampler="first_n",
+        target_delimiter="\n", subject_field="subtask", until=["Problem:"], max_new_tokens=1024,
+        metric="exact_match")),
     "minerva_math": TaskPreset("math-ai/minervamath", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "amc23": TaskPreset("math-ai/amc23", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "olympiadbench": TaskPreset("math-ai/olympiadbench", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
@@ -154,6 +171,10 @@ class TaskConfig:
     system: str | None = None
     chat: bool = True
     """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
+    fewshot_multiturn: bool = False
+    """With ``chat``: each few-shot example is a user turn (its text) and an assistant turn (its target), the item the
+    last user turn (OLMES's ``fewshot_as_multiturn``, which Tülu 3's ``gsm8k::tulu``, ``popqa::tulu``,
+    ``minerva_math::tulu`` and ``mmlu:mc::tulu`` set); off: description and examples lead the one user turn."""
     max_new_tokens: int = 512
     greedy: bool = True
     """pass@1 from one greedy completion per problem."""
@@ -209,6 +230,10 @@ class TaskConfig:
                                       "(greedy completions are all the same)")
             if self.max_new_tokens < 1:
                 raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
+        if self.fewshot_multiturn and (self.kind != TaskKind.generation or not self.chat):
+            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs a generation task with chat=true "
+                                  f"(kind={self.kind.value}, chat={self.chat}); set chat: true or drop "
+                                  "fewshot_multiturn")
 
 
 def task_from_any(obj: Any, local_dir: str | None = None) -> TaskConfig:

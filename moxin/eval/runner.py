@@ -99,7 +99,17 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
             res["groups"] = {g: {"n": sum(group_of[r["subject"]] == g for r in out),
                                  "metrics": _mc_metrics([r for r in out if group_of[r["subject"]] == g])}
                              for g in groups}
+        res["macro"] = _macro(res["subjects"])
     return res
+
+
+def _macro(subjects: dict[str, dict]) -> dict[str, float]:
+    """Each metric's unweighted mean over the subjects (OLMES's "macro" suite score: ``mmlu:mc::tulu``,
+    ``minerva_math::tulu``), beside the size-weighted one lm-eval reports; stderr entries are left out."""
+    names = [k for k, v in next(iter(subjects.values()))["metrics"].items()
+             if "_stderr" not in k and isinstance(v, (int, float))]
+    return {k: sum(vals) / len(vals) for k in names
+            for vals in [[s["metrics"][k] for s in subjects.values() if k in s["metrics"]]]}
 
 
 def _mc2(lls: list[float], labels: list[int]) -> float:
@@ -171,6 +181,7 @@ def eval_generation(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lockste
         res["subjects"] = {s_: {"n": len(sub), "metrics": _gen_metrics(task, names, sub)}
                            for s_ in sorted({p["subject"] for p in per})
                            for sub in [[p for p in per if p["subject"] == s_]]}
+        res["macro"] = _macro(res["subjects"])
     return res
 
 

@@ -197,6 +197,43 @@ class BBHVerifier:
         return RewardResult(1.0, CORRECT, extracted) if extracted == reference else RewardResult(0.0, WRONG, extracted)
 
 
+# ---- MMLU 0-shot CoT (OLMES mmlu:cot::summarize, Tülu 3's MMLU column) ------------------------------------------
+
+MMLU_COT_UNTIL = ("Question:",)
+# OLMES GenericMMLU_OneTurnCoT._extract_answer with no answer_format_regex: the first pattern that matches (re.search)
+# gives the letter; the last one is greedy, so it takes the last stand-alone capital A-D
+_MMLU_COT_PATTERNS = (re.compile(r"(?i)therefore,?\s*the\s*answer\s*is:?\s*\(?([A-D])\b"),
+                      re.compile(r"(?i)answer\s*is:?\s*\(?([A-D])\b"),
+                      re.compile(r"(?i)([A-D])\)?\s+is\s+correct"),
+                      re.compile(r"\(([A-D])\)"),
+                      re.compile(r".*\b([A-D])\b"))
+
+
+def mmlu_cot_extract(completion: str) -> str:
+    """The letter OLMES's MMLU CoT task reads from a reply: the first of its patterns ("Therefore, the answer is X",
+    "answer is X", "X is correct", "(X)", the last stand-alone A-D) that matches, upper-cased, parentheses removed;
+    "" without one."""
+    for pat in _MMLU_COT_PATTERNS:
+        m = pat.search(completion)
+        if m:
+            return re.sub(r"\(|\)", "", m.group(1).upper())
+    return ""
+
+
+@dataclass
+class MMLUCoTVerifier:
+    """OLMES ``mmlu:cot::summarize``'s ``exact_match``: the extracted letter equals the gold letter (case and
+    punctuation ignored); the reply is cut at ``until`` (its stop sequence ``Question:``) first."""
+
+    until: tuple[str, ...] = MMLU_COT_UNTIL
+
+    def __call__(self, completion: str, reference: str) -> RewardResult:
+        pred = mmlu_cot_extract(truncate_at(completion, self.until))
+        if not pred:
+            return RewardResult(0.0, NO_ANSWER)
+        return RewardResult(1.0, CORRECT, pred) if pred == reference.strip().upper() else RewardResult(0.0, WRONG, pred)
+
+
 # ---- PopQA (Mallen et al. 2023, AlexTMallen/adaptive-retrieval run_model.py) --------------------------------------
 
 def popqa_prediction(completion: str) -> str:

@@ -26,7 +26,8 @@ from moxin.rewards import VERIFIERS
 from moxin.tokenizer.chat import render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
-           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "task_records", "POPQA_PROP_IDS"]
+           "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "minerva_prompts", "task_records",
+           "POPQA_PROP_IDS"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -172,12 +173,30 @@ def bbh_prompts() -> dict[str, dict]:
 
 
 #: The subjects a preset's records may carry, subject -> lm-eval group
-PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS}
+PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS, "mmlu_cot": MMLU_SUBJECTS}
+
+
+@cache
+def minerva_prompts() -> dict:
+    """MATH's seven subject configs (``subjects``) and Minerva's four fixed examples (``samples``: ``problem`` and
+    ``solution``), as lm-eval's ``minerva_math`` prompt holds them (``assets/minerva_math_fewshot.json`` names the
+    commit)."""
+    return json.loads((Path(__file__).parent / "assets" / "minerva_math_fewshot.json").read_text())
+
+
+def _fixed_shots(preset: str | None) -> dict[str, list[dict]] | None:
+    """subtask -> its fixed few-shot examples, for the presets read as one hub config per subtask (BBH, MATH)."""
+    if preset == "bbh_cot_fewshot":
+        return {sub: p["samples"] for sub, p in bbh_prompts().items()}
+    if preset == "hendrycks_math":
+        return {sub: minerva_prompts()["samples"] for sub in minerva_prompts()["subjects"]}
+    return None
 
 
 def _known_subjects(preset: str | None) -> dict[str, str] | None:
-    if preset == "bbh_cot_fewshot":
-        return {sub: preset for sub in bbh_prompts()}
+    shots = _fixed_shots(preset)
+    if shots is not None:
+        return {sub: preset for sub in shots}
     return PRESET_SUBJECTS.get(preset or "")
 
 
@@ -306,11 +325,11 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
     return sorted(items, key=lambda it: it.index)
 
 
-def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
-                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
-    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
-    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each). The pool is ``fewshot_records`` or,
-    when None, the evaluated records minus the item; ``limit`` cuts the evaluated records only, as lm-eval's."""
+def _docs_with_shots(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                     to_doc_fn: Callable) -> list[tuple[Any, list[Any]]]:
+    """(doc, its few-shot example docs in order) per evaluated record, as lm-eval's sampler draws them. The pool is
+    ``fewshot_records`` or, when None, the evaluated records minus the item; ``limit`` cuts the evaluated records
+    only, as lm-eval's."""
     same_pool = fewshot_records is None
     pool_recs = records if same_pool else list(fewshot_records)
     if task.limit is not None:
@@ -324,12 +343,19 @@ def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: li
     draw = _popqa_drawer(task, pool_recs) if task.preset == "popqa" and task.num_fewshot else None
     out = []
     for i, d in enumerate(docs):
-        prefix = task.description
+        drawn = []
         if task.num_fewshot:
             drawn = draw(rnd, records[i]) if draw else _fewshot_draw(task, rnd, pool_recs, records[i], same_pool)
-            prefix += "".join(example_fn(task, pool[j]) + task.fewshot_delimiter for j in drawn)
-        out.append((d, prefix))
+        out.append((d, [pool[j] for j in drawn]))
     return out
+
+
+def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None,
+                      to_doc_fn: Callable, example_fn: Callable) -> list[tuple[Any, str]]:
+    """(doc, context prefix) per evaluated record: the description, then the few-shot examples lm-eval's sampler
+    draws (``example_fn(task, doc)`` each, ``fewshot_delimiter`` after each)."""
+    return [(d, task.description + "".join(example_fn(task, s) + task.fewshot_delimiter for s in shots))
+            for d, shots in _docs_with_shots(task, records, fewshot_records, to_doc_fn)]
 
 
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
@@ -411,6 +437,21 @@ def _bbh(doc: dict) -> GenDoc:
 POPQA_PROP_IDS = (22, 218, 91, 257, 182, 164, 526, 97, 533, 639, 472, 106, 560, 484, 292, 422)
 
 
+def _mmlu_cot(doc: dict) -> GenDoc:
+    """OLMES mmlu CoT (``GenericMMLU_OneTurnCoT._process_doc``: ``make_mcq_prompt`` with label format `` A.`` and no
+    answer prefix): ``Question: {question}``, then a line `` A. {choice}`` per option and a newline; the reference the
+    gold letter."""
+    opts = "\n".join(f" {letter}. {c}" for letter, c in zip("ABCDE", doc["choices"], strict=False))
+    letter = "ABCDE"[int(doc["answer"])]
+    return GenDoc(f"Question: {doc['question']}\n{opts}\n", letter, letter)
+
+
+def _minerva(doc: dict) -> GenDoc:
+    """lm-eval minerva_math: ``Problem:\n{problem}\n\nSolution:``; target (after ``\n``) and reference the worked
+    solution, whose last ``\\boxed{}`` is the answer."""
+    return GenDoc(f"Problem:\n{doc['problem']}\n\nSolution:", doc["solution"], doc["solution"])
+
+
 def _popqa(doc: dict) -> GenDoc:
     """PopQA as its authors' run_model.py prompts it: ``Q: {question} A:``, a few-shot example's target the object
     (``obj``); the reference is the JSON list ``possible_answers`` (read by the popqa verifier)."""
@@ -457,21 +498,25 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
     "humaneval": _humaneval,
     "humaneval_plus": _humaneval,
     "bbh_cot_fewshot": _bbh,
+    "hendrycks_math": _minerva,
+    "mmlu_cot": _mmlu_cot,
     "popqa": _popqa,
 }
 
 
 def task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
-    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH: the 27 subtasks'
-    test records (one hub config each, tagged with ``subtask``; a local copy is one file whose records carry the
-    field) and the three fixed chain-of-thought examples of each subtask."""
-    if task.preset == "bbh_cot_fewshot":
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH and MATH
+    (``hendrycks_math``): every subtask's test records (one hub config each, tagged with ``subtask``; a local copy is
+    one file whose records carry the field) and each subtask's fixed examples (BBH's three chain-of-thought
+    examples, Minerva's four)."""
+    fixed = _fixed_shots(task.preset)
+    if fixed is not None:
         if is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
-            records = [{**r, task.subject_field: sub} for sub in bbh_prompts()
+            records = [{**r, task.subject_field: sub} for sub in fixed
                        for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
         else:
             records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
-        shots = [{**ex, task.subject_field: sub} for sub, p in bbh_prompts().items() for ex in p["samples"]]
+        shots = [{**ex, task.subject_field: sub} for sub, samples in fixed.items() for ex in samples]
         return records, shots
     records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
@@ -489,13 +534,20 @@ def user_text(task: TaskConfig, problem: str) -> str:
     return f"{text.rstrip()}\n\n{instr}" if instr else text
 
 
-def render_prompt(task: TaskConfig, problem: str, tokenizer) -> list[int]:
+def render_prompt(task: TaskConfig, problem: str, tokenizer, shots: list[tuple[str, str]] = ()) -> list[int]:
     """The prompt ids, as the GRPO data module renders them (chat template + generation prompt), or plain text
-    after bos when ``chat`` is off (base models)."""
+    after bos when ``chat`` is off (base models). ``shots`` (``fewshot_multiturn``): (text, target) of each few-shot
+    example, rendered as a user turn and an assistant turn before the item's user turn; the task's description
+    opens the first user turn."""
     text = user_text(task, problem)
     if not task.chat:
         return tokenizer.encode(text, bos=True)
-    msgs = ([{"role": "system", "content": task.system}] if task.system else []) + [{"role": "user", "content": text}]
+    msgs = [{"role": "system", "content": task.system}] if task.system else []
+    turns = [(user_text(task, q), a.strip()) for q, a in shots] + [(text, None)]
+    if task.fewshot_multiturn:  # else the description is already in ``problem``'s prefix
+        turns[0] = (task.description + turns[0][0], turns[0][1])
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a is not None else [])
     return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
 
 
@@ -514,9 +566,14 @@ def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
 def build_gen_items(task: TaskConfig, records: list[dict], tokenizer,
                     fewshot_records: list[dict] | None = None) -> list[GenItem]:
     """Records -> prompts and reference answers; with ``num_fewshot``, lm-eval's few-shot prefix (examples as
-    text + target_delimiter + target, drawn as for multiple choice) before the prompt text."""
+    text + target_delimiter + target, drawn as for multiple choice) before the prompt text, or with
+    ``fewshot_multiturn`` the same examples as chat turns (:func:`render_prompt`)."""
     if task.subject_field:
         return _by_subject(task, records, fewshot_records, lambda t, r, f: build_gen_items(t, r, tokenizer, f))
+    if task.fewshot_multiturn:  # OLMES fewshot_as_multiturn: one user/assistant exchange per example
+        return [GenItem(i, render_prompt(task, d.text, tokenizer, [(s.text, s.target) for s in shots]), d.answer,
+                        d.text)
+                for i, (d, shots) in enumerate(_docs_with_shots(task, records, fewshot_records, _gen_doc))]
     pairs = _docs_with_prefix(task, records, fewshot_records, _gen_doc,
                               lambda t, d: d.text + t.target_delimiter + d.target)
     return [GenItem(i, render_prompt(task, prefix + d.text, tokenizer), d.answer, d.text)

@@ -8,8 +8,8 @@ Configs name verifiers by string (:func:`get_verifier`): ``"math"`` (math-verify
 Moxin-Reasoning's), ``"exact"`` (exact final answer, for the built-in arithmetic task), ``"format"`` (answer-form
 reward); the evaluation scorers of moxin/eval/scoring.py: ``"gsm8k"`` (lm-eval's exact_match, kwarg
 ``filter_name``), ``"qwen_math"`` (Qwen2.5-Math's answer extraction + math-verify), ``"humaneval"`` (tests run in
-the sandbox), ``"bbh"`` (lm-eval bbh_cot_fewshot's get-answer exact match), ``"popqa"`` (a possible answer in the
-first line).
+the sandbox), ``"bbh"`` (lm-eval bbh_cot_fewshot's get-answer exact match), ``"mmlu_cot"`` (OLMES's MMLU CoT
+letter), ``"popqa"`` (a possible answer in the first line).
 """
 
 from __future__ import annotations
@@ -71,6 +71,12 @@ def _bbh(**kwargs: Any) -> Verifier:
     return BBHVerifier(**kwargs)
 
 
+def _mmlu_cot(**kwargs: Any) -> Verifier:
+    from moxin.eval.scoring import MMLUCoTVerifier
+
+    return MMLUCoTVerifier(**kwargs)
+
+
 def _popqa(**kwargs: Any) -> Verifier:
     from moxin.eval.scoring import PopQAVerifier
 
@@ -84,6 +90,7 @@ VERIFIERS: dict[str, Callable[..., Verifier]] = {
     "qwen_math": _qwen_math,
     "humaneval": _humaneval,
     "bbh": _bbh,
+    "mmlu_cot": _mmlu_cot,
     "popqa": _popqa,
     "exact": ExactAnswerVerifier,
     "format": FormatVerifier,
