@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moxin.config import Aggregation, GRPOConfig, OptimConfig
-from moxin.data.packing import first_fit, pack_sequences, unpack
+from moxin.data.packing import first_fit, pack_sequences, row_width_grid, unpack
 from moxin.presets import load_preset
 from moxin.stages.grpo import GRPOStage
 
@@ -133,6 +133,37 @@ def test_packed_update_equals_padded_update(aggregation, kl_coef, epochs_minibat
         assert tok_pack < tok_pad
         if kl_coef:
             assert logs_pack["grpo/kl"] > 0 or ppo_epochs == 1
+
+
+def test_row_width_grid_rounds_up_by_under_a_quarter():
+    assert [row_width_grid(n) for n in (1, 128, 129, 512, 513, 4096, 4097, 5888, 6145, 8192)] == \
+        [128, 128, 256, 512, 640, 4096, 5120, 6144, 7168, 8192]
+    for n in range(1, 70_000, 37):
+        w = row_width_grid(n)
+        assert w >= n and w % 128 == 0 and (w - n) * 4 < max(n, 512)
+
+
+def test_gpu_packed_rows_take_one_width_and_equal_the_padded_update(monkeypatch):
+    """On a GPU (`bucket`, forced here) every packed row of every micro-batch is as wide as the grid's width at or
+    above the rows' capacity, whatever the rollout (one compiled shape), and the update still equals the padded
+    one: logs and gradients."""
+    plan, widths = GRPOStage._plan, set()
+
+    def gpu_plan(self, seqs, host, dev, bucket=None):
+        out = plan(self, seqs, host, dev, bucket=True)
+        if self.cfg.pack:
+            widths.update(int(mc.ids.shape[1]) for mc in out)
+        return out
+
+    monkeypatch.setattr(GRPOStage, "_plan", gpu_plan)
+    for seed in (0, 1, 2):
+        logs_pack, grads_pack, _ = run_update(True, seed, pack_tokens=40)
+        logs_pad, grads_pad, _ = run_update(False, seed, pack_tokens=40)
+        for k, v in logs_pad.items():
+            assert logs_pack[k] == pytest.approx(v, rel=1e-5, abs=1e-6), k
+        for a, b in zip(grads_pack[0], grads_pad[0]):
+            torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+    assert widths == {row_width_grid(40)}, widths
 
 
 @pytest.mark.skipif(not hasattr(GRPOConfig(), "entropy_coef"), reason="the entropy bonus (stage.grpo.entropy_coef) "

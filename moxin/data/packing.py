@@ -19,7 +19,7 @@ import torch
 
 from moxin.constants import IGNORE_INDEX
 
-__all__ = ["PackedRows", "Packer", "first_fit", "pack_sequences", "row_positions", "unpack"]
+__all__ = ["PackedRows", "Packer", "first_fit", "pack_sequences", "row_positions", "row_width_grid", "unpack"]
 
 
 def row_positions(starts: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,16 @@ class Packer:
     def load_state_dict(self, state: dict) -> None:
         self._tokens = state["tokens"].tolist()
         self._starts = state["starts"].tolist()
+
+
+def row_width_grid(n: int) -> int:
+    """The smallest width >= `n` on a grid of four steps an octave (multiples of 128 up to 512, then m x 2^k for
+    m in 4..7: ..., 4096, 5120, 6144, 7168, 8192, ...): packed rows rounded up to it waste under a quarter of a row,
+    and rollouts whose longest sequences differ by a few percent share a width (one compiled shape)."""
+    if n <= 512:
+        return max(128, -(-n // 128) * 128)
+    step = 1 << (n.bit_length() - 3)
+    return -(-n // step) * step
 
 
 def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
