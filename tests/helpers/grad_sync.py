@@ -33,7 +33,7 @@ class CollectiveLog:
     torch) to note every call that names a process group; a call made from inside another wrapped one counts once."""
 
     def __init__(self):
-        self.calls: list[tuple[str, object, torch.dtype, int]] = []
+        self.calls: list[tuple[str, tuple, torch.dtype, int]] = []  # (op, the group's ranks, dtype, numel)
         self._inside = threading.local()
         for name, tensor_arg in (("all_reduce", 0), ("reduce_scatter_single", 1), ("reduce_scatter_tensor", 1)):
             if hasattr(dist, name):
@@ -45,7 +45,7 @@ class CollectiveLog:
             group = kwargs.get("group")
             if group is not None and not getattr(self._inside, "on", False):
                 t = args[tensor_arg] if len(args) > tensor_arg else kwargs.get("input", kwargs.get("tensor"))
-                self.calls.append((op, group, t.dtype, t.numel()))
+                self.calls.append((op, tuple(dist.get_process_group_ranks(group)), t.dtype, t.numel()))
             self._inside.on = True
             try:
                 return fn(*args, **kwargs)
@@ -77,8 +77,9 @@ def fit(setting: str, layout: str, world: int, rank: int, accum: int, log: Colle
     log.calls.clear()
     trainer.fit(stage, loader)
     mesh = next(stage.model.parameters()).device_mesh
-    names = {id(mesh.get_group(d)): d for d in mesh.mesh_dim_names}
-    calls = [(op, names.get(id(g), "other"), str(dt), n) for op, g, dt, n in log.calls]
+    # by their ranks: a later fit's new mesh of the same layout may hand back the first one's group objects
+    names = {tuple(dist.get_process_group_ranks(mesh.get_group(d))): d for d in mesh.mesh_dim_names}
+    calls = [(op, names.get(g, "other"), str(dt), n) for op, g, dt, n in log.calls]
     weights = {n: p.full_tensor().detach().double().clone() for n, p in stage.model.named_parameters()}
     return {"losses": losses, "weights": weights, "calls": calls}
 
