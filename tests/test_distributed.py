@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from moxin.config import ConfigError, ModelConfig, ParallelConfig, check_tensor_parallel
+from moxin.presets import load_preset
 from tests.conftest import torchrun
 from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one, check_same_training
 
@@ -191,6 +192,21 @@ def test_fsdp2_gradient_sync_step_reduce_scatters_once_per_optimizer_step(tmp_pa
     bf16 = runs[f"step:bfloat16:{F32}"]
     assert set(bf16["counts"]) == {("reduce_scatter", "data_parallel", "torch.bfloat16")}
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-5)
+
+
+def test_grpo_micro_batch_loop_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
+    """GRPO's own micro-batch loop under HSDP 2 x 1: gradient_sync=auto all-reduces across the replicas once per
+    optimizer step (2 steps of 3 micro-batches) and trains as micro_step does (fp32 at the recipe's lr, 1e-6)."""
+    out = tmp_path / "grpo.pt"
+    torchrun(Path(__file__).parent / "helpers" / "grpo_grad_sync.py", out, "micro_step", "auto", nproc=2)
+    runs = torch.load(out, weights_only=False)
+    counts = {k: Counter((op, dim) for op, dim, dt, _ in r["calls"] if dt != "torch.int64") for k, r in runs.items()}
+    units = load_preset("tiny").n_layers + 1  # FSDP2 units: the blocks and the root
+    assert counts["auto"] == {("all_reduce", "replicate"): units * 2}
+    assert counts["micro_step"] == {("all_reduce", "replicate"): units * 2 * 3}
+    assert runs["auto"]["loss"] == pytest.approx(runs["micro_step"]["loss"], rel=1e-5)
+    for name, w in runs["micro_step"]["weights"].items():
+        torch.testing.assert_close(runs["auto"]["weights"][name], w, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _check_tensor_parallel(one: dict, tp: dict, world: int, atol: float = 1e-5) -> None:
@@ -532,3 +548,20 @@ def test_hsdp_layouts_that_cannot_work_are_refused_with_the_fix(replicate, world
 def test_hsdp_replicate_must_be_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="hardware.parallel.replicate"):
         ParallelConfig(replicate=bad)
+
+
+@pytest.mark.parametrize("override", [{"reduce_dtype": "bfloat16"}, {"gradient_sync": "step"},
+                                      {"gradient_sync": "micro_step"}])
+def test_fsdp2_gradient_settings_under_another_strategy_are_refused_with_the_fix(override):
+    (key, value), = override.items()
+    with pytest.raises(ConfigError, match=f"hardware.parallel.{key}={value}.*'ddp_cpu'.*use hardware=fsdp"):
+        ParallelConfig(**override).check_world(2, "ddp_cpu")
+    ParallelConfig(**override).check_world(2, "fsdp2")
+    ParallelConfig().check_world(2, "ddp_cpu")  # the defaults: nothing to refuse
+
+
+@pytest.mark.parametrize("key, bad", [("reduce_dtype", "float16"), ("gradient_sync", "never")])
+def test_fsdp2_gradient_settings_name_the_key_and_the_choices(key, bad):
+    with pytest.raises(ValueError, match=f"hardware.parallel.{key}='{bad}': choose one of"):
+        ParallelConfig(**{key: bad})
+

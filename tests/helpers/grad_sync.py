@@ -54,6 +54,15 @@ class CollectiveLog:
         return counted
 
 
+def mesh_dims(model, calls: list) -> list[tuple[str, str, str, int]]:
+    """`CollectiveLog` calls with the name of the dimension of `model`'s FSDP2 mesh their group is ("other" for
+    none), told apart by their ranks: a later fit's new mesh of the same layout may hand back the first one's
+    group objects."""
+    mesh = next(model.parameters()).device_mesh
+    names = {tuple(dist.get_process_group_ranks(mesh.get_group(d))): d for d in mesh.mesh_dim_names}
+    return [(op, names.get(g, "other"), str(dt), n) for op, g, dt, n in calls]
+
+
 def fit(setting: str, layout: str, world: int, rank: int, accum: int, log: CollectiveLog) -> dict:
     sync, reduce_dtype, dtype, lr = setting.split(":")
     torch.set_default_dtype(getattr(torch, dtype))
@@ -76,10 +85,7 @@ def fit(setting: str, layout: str, world: int, rank: int, accum: int, log: Colle
                         enable_model_summary=False, callbacks=[Record()], use_distributed_sampler=False)
     log.calls.clear()
     trainer.fit(stage, loader)
-    mesh = next(stage.model.parameters()).device_mesh
-    # by their ranks: a later fit's new mesh of the same layout may hand back the first one's group objects
-    names = {tuple(dist.get_process_group_ranks(mesh.get_group(d))): d for d in mesh.mesh_dim_names}
-    calls = [(op, names.get(g, "other"), str(dt), n) for op, g, dt, n in log.calls]
+    calls = mesh_dims(stage.model, log.calls)
     weights = {n: p.full_tensor().detach().double().clone() for n, p in stage.model.named_parameters()}
     return {"losses": losses, "weights": weights, "calls": calls}
 
