@@ -18,25 +18,12 @@ from torch.utils.data import DataLoader
 
 # this script's folder is on sys.path
 from grad_sync import CollectiveLog, mesh_dims
-from grpo_equivalence import G, REWARDS, rollout
-from moxin.config import GRPOConfig, OptimConfig, ParallelConfig
-from moxin.presets import load_preset
-from moxin.stages.grpo import GRPOStage
-from moxin.tokenizer import load_tokenizer
+from grpo_equivalence import stage_on_rollout
+from moxin.config import ParallelConfig
 
 
 def fit(sync: str, world: int, rank: int, log: CollectiveLog) -> dict:
-    torch.manual_seed(0)
-    cfg = GRPOConfig(group_size=G, temperature=0.7, max_new_tokens=8, mask_truncated=True, verifier="exact",
-                     verifier_workers=0, log_completions=0, micro_batch_size=3, ppo_epochs=2)
-    stage = GRPOStage(load_preset("tiny", attn_backend="sdpa"), grpo=cfg, tokenizer=load_tokenizer("mistral"), seed=5,
-                      parallel=ParallelConfig(replicate=2, gradient_sync=sync),
-                      optim=OptimConfig(lr=3e-4, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                                        grad_clip=None), total_steps=2)
-    stage.configure_model()
-    per = len(REWARDS) // world
-    mine = rollout(stage, slice(rank * per, (rank + 1) * per))
-    stage.rollout = lambda batch, step: mine  # the update alone: the rollout is given
+    stage, _ = stage_on_rollout(world, rank, lr=3e-4, parallel=ParallelConfig(replicate=2, gradient_sync=sync))
     trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=2,
                         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
