@@ -165,6 +165,19 @@ def test_hsdp_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
     assert bf16["losses"] != fp32["losses"]  # the reduction really was rounded
 
 
+def test_hsdp_epoch_ending_on_a_partial_window_all_reduces_at_its_last_micro_batch(tmp_path):
+    """HSDP 2 x 1, accumulation 3 over an epoch of 16 micro-batches: the loop steps after micro-batches 3, 6, ..., 15
+    and 16 (the epoch's last, a window of one); auto all-reduces at each of those 6 and nowhere else, and trains as
+    micro_step does (float64, 1e-10): a last micro-batch taken for an accumulating one would leave its window's
+    partial sums unreduced."""
+    runs = _grad_sync_runs(tmp_path, "hsdp", 2, [f"micro_step:float32:{F64}", f"auto:float32:{F64}"], accum=3)
+    ref, auto = runs[f"micro_step:float32:{F64}"], runs[f"auto:float32:{F64}"]
+    ar = ("all_reduce", "replicate", "torch.float64")
+    units = load_preset("tiny").n_layers + 1
+    assert (ref["counts"][ar], auto["counts"][ar]) == (units * 16, units * 6)
+    _check_same_weights(ref, auto, 1e-10, "HSDP 2 x 1, accumulation 3, auto vs micro_step")
+
+
 @pytest.mark.slow
 def test_hsdp_two_by_two_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
     """HSDP 2 x 2 on 4 gloo processes, accumulation 2 (a reduce-scatter within each pair every micro-step, the

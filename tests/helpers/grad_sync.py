@@ -7,7 +7,9 @@ replicate or shard dimension), dtype and size of every call made on a mesh group
     torchrun --nproc_per_node N tests/helpers/grad_sync.py OUT.pt LAYOUT ACCUM SETTING [SETTING ...]
 
 LAYOUT: fsdp2 (one shard group of N) or hsdp (replicate 2 x shard N/2). ACCUM: micro-batches per optimizer step
-(the N ranks' 8/N rows a step split into ACCUM micro-batches). SETTING: GRADIENT_SYNC:REDUCE_DTYPE:DTYPE:LR, e.g.
+(the N ranks' 8/N rows a step split into ACCUM micro-batches; one epoch over the 4 steps' rows, so an ACCUM that
+does not divide a rank's rows ends the epoch on a partial window: 2 processes, ACCUM 3, 16 micro-batches of one
+row, 6 optimizer steps). SETTING: GRADIENT_SYNC:REDUCE_DTYPE:DTYPE:LR, e.g.
 auto:bfloat16:float32:3e-4 (DTYPE: the model's, float32 or float64; LR: Adam's). Rank 0 writes
 {setting: {"losses", "weights", "calls"}} to OUT.pt, calls a list of (op, mesh dimension, dtype, numel).
 """
@@ -79,7 +81,7 @@ def fit(setting: str, layout: str, world: int, rank: int, accum: int, log: Colle
 
     per_rank = GLOBAL_ROWS // world
     loader = DataLoader(Rows(make_rows(), world, rank, per_rank), batch_size=per_rank // accum, shuffle=False)
-    trainer = L.Trainer(accelerator="cpu", devices=world, max_steps=STEPS, accumulate_grad_batches=accum,
+    trainer = L.Trainer(accelerator="cpu", devices=world, max_epochs=1, accumulate_grad_batches=accum,
                         strategy=ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1),
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False, callbacks=[Record()], use_distributed_sampler=False)
