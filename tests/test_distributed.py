@@ -115,9 +115,9 @@ def _grad_sync_runs(tmp_path, layout: str, world: int, settings: list[str], accu
     out = tmp_path / f"{layout}{world}.pt"
     torchrun(GRAD_SYNC, out, layout, accum, *settings, nproc=world)
     runs = torch.load(out, weights_only=False)
-    for r in runs.values():
+    for setting, r in runs.items():
         r["counts"] = Counter((op, dim, dt) for op, dim, dt, _ in r["calls"] if dt != "torch.int64")
-        r["accum"] = accum
+        r["accum"] = int(setting.split(":")[4]) if setting.count(":") == 4 else accum
     return runs
 
 
@@ -152,30 +152,25 @@ def _check_replica_all_reduce_once_per_step(runs: dict, world: int) -> None:
 
 def test_hsdp_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
     """HSDP 2 x 1, accumulation 4: the replica all-reduce runs once a step (`_check_replica_all_reduce_once_per_step`);
-    reduce_dtype=bfloat16 hands the all-reduce bf16 gradients and trains as fp32 does (losses within 1e-5)."""
+    reduce_dtype=bfloat16 hands the all-reduce bf16 gradients and trains as fp32 does (losses within 1e-5).
+    Accumulation 3 over the epoch's 16 micro-batches: the loop steps after micro-batches 3, 6, ..., 15 and 16 (the
+    epoch's last, a window of one); auto all-reduces at each of those 6 and nowhere else, and trains as micro_step
+    (float64, 1e-10): a last micro-batch taken for an accumulating one would leave its window's sums unreduced."""
+    partial = [f"micro_step:float32:{F64}:3", f"auto:float32:{F64}:3"]
     runs = _grad_sync_runs(tmp_path, "hsdp", 2, [f"micro_step:float32:{F64}", f"auto:float32:{F64}",
                                                   f"micro_step:float32:{F32}", f"auto:float32:{F32}",
-                                                  f"auto:bfloat16:{F32}"])
+                                                  f"auto:bfloat16:{F32}", *partial])
     _check_replica_all_reduce_once_per_step(runs, 2)
+    ref, auto = (runs[k] for k in partial)
+    ar, units = ("all_reduce", "replicate", "torch.float64"), load_preset("tiny").n_layers + 1
+    assert (ref["counts"][ar], auto["counts"][ar]) == (units * 16, units * 6)
+    _check_same_weights(ref, auto, 1e-10, "HSDP 2 x 1, accumulation 3, auto vs micro_step")
     bf16, fp32 = runs[f"auto:bfloat16:{F32}"], runs[f"micro_step:float32:{F32}"]
     assert set(bf16["counts"]) == {("all_reduce", "replicate", "torch.bfloat16")}
     assert bf16["counts"][("all_reduce", "replicate", "torch.bfloat16")] == _per_backward(
         fp32, ("all_reduce", "replicate", "torch.float32")) * STEPS_OF_HELPER
     assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-5)
     assert bf16["losses"] != fp32["losses"]  # the reduction really was rounded
-
-
-def test_hsdp_epoch_ending_on_a_partial_window_all_reduces_at_its_last_micro_batch(tmp_path):
-    """HSDP 2 x 1, accumulation 3 over an epoch of 16 micro-batches: the loop steps after micro-batches 3, 6, ..., 15
-    and 16 (the epoch's last, a window of one); auto all-reduces at each of those 6 and nowhere else, and trains as
-    micro_step does (float64, 1e-10): a last micro-batch taken for an accumulating one would leave its window's
-    partial sums unreduced."""
-    runs = _grad_sync_runs(tmp_path, "hsdp", 2, [f"micro_step:float32:{F64}", f"auto:float32:{F64}"], accum=3)
-    ref, auto = runs[f"micro_step:float32:{F64}"], runs[f"auto:float32:{F64}"]
-    ar = ("all_reduce", "replicate", "torch.float64")
-    units = load_preset("tiny").n_layers + 1
-    assert (ref["counts"][ar], auto["counts"][ar]) == (units * 16, units * 6)
-    _check_same_weights(ref, auto, 1e-10, "HSDP 2 x 1, accumulation 3, auto vs micro_step")
 
 
 @pytest.mark.slow

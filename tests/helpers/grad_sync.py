@@ -9,8 +9,8 @@ replicate or shard dimension), dtype and size of every call made on a mesh group
 LAYOUT: fsdp2 (one shard group of N) or hsdp (replicate 2 x shard N/2). ACCUM: micro-batches per optimizer step
 (the N ranks' 8/N rows a step split into ACCUM micro-batches; one epoch over the 4 steps' rows, so an ACCUM that
 does not divide a rank's rows ends the epoch on a partial window: 2 processes, ACCUM 3, 16 micro-batches of one
-row, 6 optimizer steps). SETTING: GRADIENT_SYNC:REDUCE_DTYPE:DTYPE:LR, e.g.
-auto:bfloat16:float32:3e-4 (DTYPE: the model's, float32 or float64; LR: Adam's). Rank 0 writes
+row, 6 optimizer steps). SETTING: GRADIENT_SYNC:REDUCE_DTYPE:DTYPE:LR[:ACCUM], e.g.
+auto:bfloat16:float32:3e-4 (DTYPE: the model's, float32 or float64; LR: Adam's; ACCUM: this setting's own). Rank 0 writes
 {setting: {"losses", "weights", "calls"}} to OUT.pt, calls a list of (op, mesh dimension, dtype, numel).
 """
 
@@ -66,7 +66,8 @@ def mesh_dims(model, calls: list) -> list[tuple[str, str, str, int]]:
 
 
 def fit(setting: str, layout: str, world: int, rank: int, accum: int, log: CollectiveLog) -> dict:
-    sync, reduce_dtype, dtype, lr = setting.split(":")
+    sync, reduce_dtype, dtype, lr, *own = setting.split(":")
+    accum = int(own[0]) if own else accum
     torch.set_default_dtype(getattr(torch, dtype))
     torch.manual_seed(0)
     parallel = ParallelConfig(replicate=2 if layout == "hsdp" else 1, gradient_sync=sync, reduce_dtype=reduce_dtype)
