@@ -215,13 +215,17 @@ class MoxinStage(L.LightningModule):
         self.optim_step.add(out.loss_sum, out.n_tokens, out.metrics, out.tokens_processed, self.device)
         return out.loss_sum
 
+    def gradient_sync(self, last: bool) -> None:
+        """Before a micro-batch's backward: FSDP2's gradient collectives it runs (hardware.parallel.gradient_sync;
+        all of them when it is the `last` of its optimizer step). Manual optimisation (GRPO) calls it in its own
+        micro-batch loop."""
+        set_gradient_sync(self.model, self.parallel_cfg, last)
+
     def on_before_backward(self, loss):
-        # FSDP2's gradient collectives of this micro-batch (hardware.parallel.gradient_sync): all of them on the
-        # last micro-batch of the optimizer step. "Last" is the loop's own rule (every accumulate-th micro-batch,
-        # and an epoch's final one), the one that decides whether the optimizer steps after this backward; manual
-        # optimisation (GRPO) sets it in its own micro-batch loop.
+        # "last" is the loop's own rule (every accumulate-th micro-batch, and an epoch's final one), the one that
+        # decides whether the optimizer steps after this backward
         if self.automatic_optimization and self._trainer is not None:
-            set_gradient_sync(self.model, self.parallel_cfg, last=not self.trainer.fit_loop._should_accumulate())
+            self.gradient_sync(last=not self.trainer.fit_loop._should_accumulate())
 
     def step_counters(self) -> list:
         """Per-step sums a subclass adds to the step's one reduction over ranks (host numbers or 0-d device

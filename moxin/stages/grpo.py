@@ -22,7 +22,7 @@ from moxin.config.grpo import ShardedRollout
 from moxin.constants import IGNORE_INDEX
 from moxin.data.packing import first_fit, pack_sequences, unpack
 from moxin.devices import to_device
-from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard, set_gradient_sync
+from moxin.distributed import all_reduce_values, is_sharded, rank_and_world, reshard
 from moxin.losses import (LabelRows, completion_mask, group_advantages, kl_penalty, policy_loss, token_logprobs,
                           token_logprobs_and_entropy, zero_std_groups)
 from moxin.model import Transformer
@@ -567,9 +567,9 @@ class GRPOStage(MoxinStage):
                     loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, c.aggregation,
                                            normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef,
                                            entropy=ent_tok, entropy_coef=c.entropy_coef)
-                    # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     # FSDP2's collectives: HSDP's all-reduce (by default) on the minibatch's last micro-batch only
-                    set_gradient_sync(self.model, self.parallel_cfg, last=j == len(plan) - 1)
+                    self.gradient_sync(last=j == len(plan) - 1)
+                    # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     self.manual_backward(loss * world)
                     # grpo/entropy: the first epoch's (the policy that sampled), as without a bonus
                     ent_sum, ent_n = (ent[0], float(ent[1])) if ent is not None and epoch == 0 else (zero, None)
