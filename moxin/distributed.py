@@ -9,6 +9,10 @@ replica * (world/R) + shard as torchtitan's ParallelDims orders it, and `fully_s
 With ``hardware.tensor_parallel_size=T > 1`` the strategy's mesh is (data_parallel world/T, tensor_parallel T):
 the model is first planned over the tensor dimension (moxin/tensor_parallel.py), then sharded by FSDP2 over the
 data dimension (its parameters are then 2-D DTensors).
+
+Under gradient accumulation `set_gradient_sync` decides, before each micro-batch's backward, which of FSDP2's
+gradient collectives run (``hardware.parallel.gradient_sync``): by default HSDP's all-reduce across the replica
+groups runs once per optimizer step, on the last micro-batch, not once per micro-batch.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from moxin.config import ConfigError, Float8Recipe, ParallelConfig, Recompute
+from moxin.config import ConfigError, Float8Recipe, GradientSync, ParallelConfig, Recompute, ReduceDtype
 from moxin.devices import to_device
 from moxin.model import lora
 from moxin.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
@@ -88,17 +92,38 @@ def apply_compile(model: nn.Module) -> None:
         block.compile()  # in place: parameter names (and so checkpoints) stay the same
 
 
-def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_forward: bool) -> None:
+def apply_fsdp(model: nn.Module, mesh, param_dtype: str | None, reshard_after_forward: bool,
+               reduce_dtype: str = ReduceDtype.FLOAT32) -> None:
+    """`fully_shard` each block, then the root, over `mesh` (1-D: FSDP2; (replicate, shard): HSDP). Parameters are
+    gathered in `param_dtype` (None: their own) and gradients reduced in `reduce_dtype`; with neither set, no
+    mixed-precision policy (a float64 model then reduces in float64)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # optional: torch builds without distributed
 
     mp = None
-    if param_dtype is not None:
-        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype), reduce_dtype=torch.float32)
+    if param_dtype is not None or ReduceDtype(reduce_dtype) != ReduceDtype.FLOAT32:
+        mp = MixedPrecisionPolicy(param_dtype=getattr(torch, param_dtype) if param_dtype is not None else None,
+                                  reduce_dtype=getattr(torch, ReduceDtype(reduce_dtype).value))
     kw = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
     for i, block in enumerate(model.layers):
         # the last block's parameters are needed right away by the backward: no point resharding them
         fully_shard(block, reshard_after_forward=reshard_after_forward and i < len(model.layers) - 1, **kw)
     fully_shard(model, reshard_after_forward=reshard_after_forward, **kw)
+
+
+def set_gradient_sync(model: nn.Module, cfg: ParallelConfig, last: bool) -> None:
+    """Before a micro-batch's backward on an FSDP2 `model`: which gradient collectives it runs. `last`: it is the
+    last micro-batch of its optimizer step, where every collective runs (the sums of the earlier ones included).
+    Before it, by ``cfg.gradient_sync`` (`GradientSync`): auto keeps the reduce-scatter (the gradients stay
+    sharded) and lets HSDP's all-reduce across replica groups wait (FSDP2 adds the micro-batches' reduce-scattered
+    shards into a partial sum that the last one's all-reduce carries); step lets both wait (the unsharded gradients
+    accumulate); micro_step runs both. Nothing for a model FSDP2 does not shard."""
+    from torch.distributed.fsdp import FSDPModule  # optional: torch builds without distributed
+
+    if not isinstance(model, FSDPModule):
+        return
+    sync = GradientSync(cfg.gradient_sync)
+    model.set_requires_gradient_sync(last or not sync.defers_reduce_scatter)  # (both flags: set the all-reduce's after)
+    model.set_requires_all_reduce(last or not sync.defers_all_reduce)
 
 
 def hsdp_mesh(mesh, replicate: int, tp: int = 1):
@@ -252,5 +277,5 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
         if cfg.compile:
             apply_compile(model)
     if mesh is not None:
-        apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward)
+        apply_fsdp(model, dp_mesh, cfg.fsdp_param_dtype, cfg.reshard_after_forward, cfg.reduce_dtype)
     return model

@@ -10,12 +10,14 @@ import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
 from moxin.config import ConfigError, ModelConfig, ParallelConfig, check_tensor_parallel
+from moxin.presets import load_preset
 from tests.conftest import torchrun
 from tests.helpers.process_equivalence import check_dpo_fsdp_matches_one, check_same_training
 
@@ -98,6 +100,121 @@ def test_hsdp_two_replicas_of_two_shards_match_one(tmp_path, one_process_recipe_
     """HSDP R=2 x 2 on 4 gloo processes: sharded within a pair, replicated across the pairs, as one process (fp32
     and float64, `_check_layout`)."""
     _check_layout(tmp_path, one_process_recipe_lr, one_process_f64, 4, "hsdp", _check_hsdp)
+
+
+GRAD_SYNC = Path(__file__).parent / "helpers" / "grad_sync.py"
+ACCUM = 4  # micro-batches an optimizer step in the gradient-sync runs (tests/helpers/grad_sync.py)
+STEPS_OF_HELPER = 4  # their optimizer steps (tests/helpers/ddp_equivalence.py's STEPS)
+F64, F32 = "float64:1e-2", "float32:3e-4"  # the model's dtype and Adam's lr: exact math, and the recipe's lr
+
+
+def _grad_sync_runs(tmp_path, layout: str, world: int, settings: list[str], accum: int = ACCUM) -> dict:
+    """tests/helpers/grad_sync.py: `layout` on `world` processes, once per setting (GRADIENT_SYNC:REDUCE_DTYPE:
+    DTYPE:LR); {setting: {losses, weights, calls, accum}}, the gradients' calls counted as
+    {(op, mesh dimension, dtype): n}."""
+    out = tmp_path / f"{layout}{world}.pt"
+    torchrun(GRAD_SYNC, out, layout, accum, *settings, nproc=world)
+    runs = torch.load(out, weights_only=False)
+    for setting, r in runs.items():
+        r["counts"] = Counter((op, dim, dt) for op, dim, dt, _ in r["calls"] if dt != "torch.int64")
+        r["accum"] = int(setting.split(":")[4]) if setting.count(":") == 4 else accum
+    return runs
+
+
+def _per_backward(ref: dict, key: tuple) -> int:
+    """Collectives of `key` one backward issues (one per FSDP2 unit: each block and the root), from a run that
+    syncs every micro-step."""
+    n, backwards = ref["counts"][key], STEPS_OF_HELPER * ref["accum"]
+    assert n > 0 and n % backwards == 0, ref["counts"]
+    return n // backwards
+
+
+def _check_same_weights(ref: dict, other: dict, atol: float, what: str) -> None:
+    assert other["losses"] == pytest.approx(ref["losses"], rel=1e-6), what
+    for name, w in ref["weights"].items():
+        torch.testing.assert_close(other["weights"][name], w, rtol=0, atol=atol, msg=lambda m, n=name: f"{what} {n}: {m}")
+
+
+def _check_replica_all_reduce_once_per_step(runs: dict, world: int) -> None:
+    """gradient_sync=auto (the default) under HSDP trains as micro_step does (float64 within 1e-10, fp32 at the
+    recipe's lr within 1e-6) with one replica all-reduce an optimizer step, not one a micro-batch, and the same
+    reduce-scatters (none with shards of 1)."""
+    for tail, atol in ((F64, 1e-10), (F32, 1e-6)):
+        ref, auto = runs[f"micro_step:float32:{tail}"], runs[f"auto:float32:{tail}"]
+        dtype = "torch." + tail.split(":")[0]
+        ar = ("all_reduce", "replicate", dtype)
+        per = _per_backward(ref, ar)
+        assert auto["counts"][ar] == per * STEPS_OF_HELPER  # accum times fewer
+        assert auto["counts"][("reduce_scatter", "shard", dtype)] == ref["counts"][("reduce_scatter", "shard", dtype)]
+        assert (world > 2) == (auto["counts"][("reduce_scatter", "shard", dtype)] > 0)
+        _check_same_weights(ref, auto, atol, f"HSDP 2 x {world // 2}, gradient_sync=auto vs micro_step, {tail}")
+
+
+def test_hsdp_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
+    """HSDP 2 x 1, accumulation 4: the replica all-reduce runs once a step (`_check_replica_all_reduce_once_per_step`);
+    reduce_dtype=bfloat16 hands the all-reduce bf16 gradients and trains as fp32 does (losses within 1e-5).
+    Accumulation 3 over the epoch's 16 micro-batches: the loop steps after micro-batches 3, 6, ..., 15 and 16 (the
+    epoch's last, a window of one); auto all-reduces at each of those 6 and nowhere else, and trains as micro_step
+    (float64, 1e-10): a last micro-batch taken for an accumulating one would leave its window's sums unreduced."""
+    partial = [f"micro_step:float32:{F64}:3", f"auto:float32:{F64}:3"]
+    runs = _grad_sync_runs(tmp_path, "hsdp", 2, [f"micro_step:float32:{F64}", f"auto:float32:{F64}",
+                                                  f"micro_step:float32:{F32}", f"auto:float32:{F32}",
+                                                  f"auto:bfloat16:{F32}", *partial])
+    _check_replica_all_reduce_once_per_step(runs, 2)
+    ref, auto = (runs[k] for k in partial)
+    ar, units = ("all_reduce", "replicate", "torch.float64"), load_preset("tiny").n_layers + 1
+    assert (ref["counts"][ar], auto["counts"][ar]) == (units * 16, units * 6)
+    _check_same_weights(ref, auto, 1e-10, "HSDP 2 x 1, accumulation 3, auto vs micro_step")
+    bf16, fp32 = runs[f"auto:bfloat16:{F32}"], runs[f"micro_step:float32:{F32}"]
+    assert set(bf16["counts"]) == {("all_reduce", "replicate", "torch.bfloat16")}
+    assert bf16["counts"][("all_reduce", "replicate", "torch.bfloat16")] == _per_backward(
+        fp32, ("all_reduce", "replicate", "torch.float32")) * STEPS_OF_HELPER
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-5)
+    assert bf16["losses"] != fp32["losses"]  # the reduction really was rounded
+
+
+@pytest.mark.slow
+def test_hsdp_two_by_two_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
+    """HSDP 2 x 2 on 4 gloo processes, accumulation 2 (a reduce-scatter within each pair every micro-step, the
+    all-reduce across the pairs once a step): `_check_replica_all_reduce_once_per_step`."""
+    runs = _grad_sync_runs(tmp_path, "hsdp", 4, [f"{s}:float32:{t}" for t in (F64, F32) for s in ("micro_step", "auto")],
+                           accum=2)
+    _check_replica_all_reduce_once_per_step(runs, 4)
+
+
+def test_fsdp2_gradient_sync_step_reduce_scatters_once_per_optimizer_step(tmp_path):
+    """Plain FSDP2 on 2 processes, accumulation 4: gradient_sync=step reduce-scatters once a step (the unsharded
+    gradients accumulate in between) and trains as micro_step does (float64 within 1e-10; fp32 at the recipe's lr
+    within 1e-6); auto is micro_step there (nothing to defer without holding unsharded gradients); bfloat16 reduces
+    in bf16 (losses within 1e-5 of fp32's)."""
+    runs = _grad_sync_runs(tmp_path, "fsdp2", 2, [f"{s}:float32:{t}" for t in (F64, F32) for s in ("micro_step", "step")]
+                           + [f"auto:float32:{F32}", f"step:bfloat16:{F32}"])
+    for tail, atol in ((F64, 1e-10), (F32, 1e-6)):
+        ref, step = runs[f"micro_step:float32:{tail}"], runs[f"step:float32:{tail}"]
+        rs = ("reduce_scatter", "data_parallel", "torch." + tail.split(":")[0])
+        assert step["counts"][rs] == _per_backward(ref, rs) * STEPS_OF_HELPER
+        assert set(step["counts"]) == {rs}  # no all-reduce without replicas
+        _check_same_weights(ref, step, atol, f"FSDP2, gradient_sync=step vs micro_step, {tail}")
+    fp32 = runs[f"micro_step:float32:{F32}"]
+    assert runs[f"auto:float32:{F32}"]["counts"] == fp32["counts"]
+    bf16 = runs[f"step:bfloat16:{F32}"]
+    assert set(bf16["counts"]) == {("reduce_scatter", "data_parallel", "torch.bfloat16")}
+    assert bf16["losses"] == pytest.approx(fp32["losses"], rel=1e-5)
+
+
+def test_grpo_micro_batch_loop_all_reduces_across_replicas_once_per_optimizer_step(tmp_path):
+    """GRPO's own micro-batch loop under HSDP 2 x 1: gradient_sync=auto all-reduces across the replicas once per
+    optimizer step (2 steps of 3 micro-batches) and trains as micro_step does (fp32 at the recipe's lr, 1e-6)."""
+    out = tmp_path / "grpo.pt"
+    torchrun(Path(__file__).parent / "helpers" / "grpo_grad_sync.py", out, "micro_step", "auto", nproc=2)
+    runs = torch.load(out, weights_only=False)
+    counts = {k: Counter((op, dim) for op, dim, dt, _ in r["calls"] if dt != "torch.int64") for k, r in runs.items()}
+    units = load_preset("tiny").n_layers + 1  # FSDP2 units: the blocks and the root
+    assert counts["auto"] == {("all_reduce", "replicate"): units * 2}
+    assert counts["micro_step"] == {("all_reduce", "replicate"): units * 2 * 3}
+    assert runs["auto"]["loss"] == pytest.approx(runs["micro_step"]["loss"], rel=1e-5)
+    for name, w in runs["micro_step"]["weights"].items():
+        torch.testing.assert_close(runs["auto"]["weights"][name], w, rtol=0, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
 
 
 def _check_tensor_parallel(one: dict, tp: dict, world: int, atol: float = 1e-5) -> None:
@@ -439,3 +556,20 @@ def test_hsdp_layouts_that_cannot_work_are_refused_with_the_fix(replicate, world
 def test_hsdp_replicate_must_be_a_positive_integer(bad):
     with pytest.raises(ConfigError, match="hardware.parallel.replicate"):
         ParallelConfig(replicate=bad)
+
+
+@pytest.mark.parametrize("override", [{"reduce_dtype": "bfloat16"}, {"gradient_sync": "step"},
+                                      {"gradient_sync": "micro_step"}])
+def test_fsdp2_gradient_settings_under_another_strategy_are_refused_with_the_fix(override):
+    (key, value), = override.items()
+    with pytest.raises(ConfigError, match=f"hardware.parallel.{key}={value}.*'ddp_cpu'.*use hardware=fsdp"):
+        ParallelConfig(**override).check_world(2, "ddp_cpu")
+    ParallelConfig(**override).check_world(2, "fsdp2")
+    ParallelConfig().check_world(2, "ddp_cpu")  # the defaults: nothing to refuse
+
+
+@pytest.mark.parametrize("key, bad", [("reduce_dtype", "float16"), ("gradient_sync", "never")])
+def test_fsdp2_gradient_settings_name_the_key_and_the_choices(key, bad):
+    with pytest.raises(ValueError, match=f"hardware.parallel.{key}='{bad}': choose one of"):
+        ParallelConfig(**{key: bad})
+

@@ -218,7 +218,23 @@ def test_comm_projection_arithmetic_on_a_tiny_case_by_hand(tmp_path):
     assert sent(2, 1) == (2, pytest.approx(544), pytest.approx(776))
     with pytest.raises(ValueError, match="not a whole number of micro-steps"):
         step_traffic(cfg, Layout("x", 1, 1), cluster, tokens_per_step=10, micro_batch_tokens=4)
+
+    def hsdp2(sync, reduce="float32"):  # HSDP 2 x 2 in micro-steps of 2 tokens: 2 a step
+        r = step_traffic(cfg, Layout("x", 1, 2, sync, reduce), cluster, tokens_per_step=16, micro_batch_tokens=2)
+        return r["accum"], r["nvlink_bytes"], r["network_bytes"]
+
+    # gradient_sync: micro_step twice the one-micro-step HSDP above; auto the all-reduce once; step the
+    # reduce-scatter once too (2 x 304 + 472); bf16: reduce-scatter 1/2 x 2 x 236, all-reduce 2 x 1/2 x 2 x 118
+    assert hsdp2("micro_step") == (2, pytest.approx(1552), pytest.approx(944))
+    assert hsdp2("auto") == (2, pytest.approx(1552), pytest.approx(472))
+    assert hsdp2("step") == (2, pytest.approx(1080), pytest.approx(472))
+    assert hsdp2("auto", "bfloat16") == (2, pytest.approx(1080), pytest.approx(236))
     res = main(["--nodes", "64", "--out", str(tmp_path / "p.json")])  # the recipe's table: it runs and adds up
     fsdp, hsdp = res["rows"][:2]
     assert res["world"] == 512 and fsdp["accum"] == hsdp["accum"] == 1
     assert hsdp["network_bytes"] < fsdp["network_bytes"] < 1.1 * hsdp["network_bytes"]
+    # TP=8 + HSDP: 8 micro-steps, shards of one rank; the network carries only the replica all-reduce, 8x as often
+    # when every micro-step syncs
+    tp_hsdp, tp_hsdp_every = res["rows"][3], res["rows"][-1]
+    assert (tp_hsdp["accum"], tp_hsdp_every["gradient_sync"]) == (8, "micro_step")
+    assert tp_hsdp_every["network_bytes"] == pytest.approx(8 * tp_hsdp["network_bytes"])

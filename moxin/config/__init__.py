@@ -14,7 +14,8 @@ from moxin.config.lora import LoRAConfig
 from moxin.config.model import ModelConfig
 from moxin.config.optim import OptimConfig
 from moxin.config.options import (Aggregation, ContaminatedAction, DecodePath, DPOLoss, EvalAfter, FewshotSampler,
-                                  Float8Recipe, KLEstimator, Recompute, ReferenceMode, TaskKind, parse_option)
+                                  Float8Recipe, GradientSync, KLEstimator, Recompute, ReduceDtype, ReferenceMode,
+                                  TaskKind, parse_option)
 from moxin.config.parallel import ParallelConfig, check_tensor_parallel
 from moxin.config.run import RunConfig, TrainerConfig, check_init_from
 

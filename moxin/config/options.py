@@ -6,7 +6,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 __all__ = ["parse_option", "DPOLoss", "KLEstimator", "Aggregation", "ReferenceMode", "Recompute", "Float8Recipe",
-           "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction"]
+           "GradientSync", "ReduceDtype", "DecodePath", "EvalAfter", "TaskKind", "FewshotSampler", "ContaminatedAction"]
 
 
 def parse_option(enum_cls, value, key: str):
@@ -94,6 +94,41 @@ class Float8Recipe(StrEnum):
         """FSDP2 can all-gather the weights already cast to float8 (tensorwise scales only: a row-wise scale
         depends on the whole row's other shards)."""
         return self is Float8Recipe.TENSORWISE
+
+
+class GradientSync(StrEnum):
+    """When FSDP2's gradient collectives run under gradient accumulation (``hardware.parallel.gradient_sync``;
+    applied before each backward by `moxin.distributed.set_gradient_sync`). The last micro-batch of an optimizer
+    step always runs them all."""
+
+    AUTO = "auto"
+    """Reduce-scatter within the shard group every micro-step (gradients stay sharded: no memory cost); HSDP's
+    all-reduce across the replica groups, the inter-node traffic, once per optimizer step (FSDP2's partial sums
+    wait in the reduce dtype until then). Plain FSDP2: every micro-step, as micro_step."""
+    MICRO_STEP = "micro_step"
+    """Every micro-step reduce-scatters and, under HSDP, all-reduces (the reference behaviour)."""
+    STEP = "step"
+    """No collective before the last micro-step: one reduce-scatter (and all-reduce) per optimizer step, but every
+    rank holds its unsharded gradients across the micro-steps (the reduce dtype's bytes for every parameter)."""
+
+    @property
+    def defers_all_reduce(self) -> bool:
+        """The HSDP all-reduce across replica groups waits for the step's last micro-batch."""
+        return self is not GradientSync.MICRO_STEP
+
+    @property
+    def defers_reduce_scatter(self) -> bool:
+        """The reduce-scatter waits too (gradients accumulate unsharded)."""
+        return self is GradientSync.STEP
+
+
+class ReduceDtype(StrEnum):
+    """The dtype FSDP2 reduces gradients in (``hardware.parallel.reduce_dtype``; its `MixedPrecisionPolicy`)."""
+
+    FLOAT32 = "float32"
+    BFLOAT16 = "bfloat16"
+    """Half the reduce-scatter and all-reduce bytes (torchtitan's ``mixed_precision_reduce``); the sum over ranks
+    is rounded to bf16's 8 bits of mantissa."""
 
 
 class DecodePath(StrEnum):

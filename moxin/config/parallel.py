@@ -1,4 +1,4 @@
-"""ParallelConfig: float8, activation checkpointing, compile, FSDP2 and HSDP settings (``hardware.parallel``), which
+"""ParallelConfig: float8, activation checkpointing, compile, FSDP2 and HSDP settings (gradient reduction included) (``hardware.parallel``), which
 moxin/distributed.py applies to the model from outside; and the shape checks of tensor parallelism
 (``hardware.tensor_parallel_size``, Lightning's own argument, so it sits beside ``hardware.data_parallel_size``)."""
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from moxin.config.errors import ConfigError
-from moxin.config.options import Float8Recipe, Recompute, parse_option
+from moxin.config.options import Float8Recipe, GradientSync, Recompute, ReduceDtype, parse_option
 
 __all__ = ["ParallelConfig", "check_tensor_parallel"]
 
@@ -25,7 +25,18 @@ class ParallelConfig:
     """torch.compile each block (per-block, so recompiles stay cheap and FSDP hooks sit between blocks)."""
     fsdp_param_dtype: str | None = None
     """FSDP2 mixed precision: parameters gathered in this dtype for compute (e.g. bf16), gradients reduced in
-    fp32, master weights stay fp32. None: no FSDP mixed-precision policy (use Lightning's autocast instead)."""
+    ``reduce_dtype``, master weights stay fp32. None: parameters computed in their own dtype (use Lightning's
+    autocast instead)."""
+    reduce_dtype: str = ReduceDtype.FLOAT32
+    """float32 | bfloat16: the dtype FSDP2's reduce-scatter and HSDP's all-reduce carry gradients in (the
+    `MixedPrecisionPolicy`'s reduce_dtype). bfloat16 halves those bytes (torchtitan's ``mixed_precision_reduce``),
+    the sum over ranks then rounded to bf16; the sharded gradients the optimizer reads are fp32 either way. With
+    fsdp_param_dtype=null and float32 here, gradients are reduced in the parameters' own dtype (float64 tests)."""
+    gradient_sync: str = GradientSync.AUTO
+    """auto | micro_step | step: when FSDP2's gradient collectives run under accumulation (`GradientSync`). auto:
+    reduce-scatter every micro-step, HSDP's replica all-reduce once per optimizer step; micro_step: both every
+    micro-step; step: one reduce-scatter (and all-reduce) per step, holding unsharded gradients in between
+    (Moxin-7B: 30 GiB a GPU in fp32; docs/architecture.md, "Gradient accumulation")."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (ZeRO-3). False keeps them until backward (ZeRO-2-like)."""
     replicate: int = 1
@@ -49,12 +60,16 @@ class ParallelConfig:
         # kept as the plain string (OmegaConf, which saves this config with the run, types it str | bool)
         self.activation_checkpointing = parse_option(Recompute, ac, "hardware.parallel.activation_checkpointing").value
         self.float8 = parse_option(Float8Recipe, self.float8, "hardware.parallel.float8").value
+        self.reduce_dtype = parse_option(ReduceDtype, self.reduce_dtype, "hardware.parallel.reduce_dtype").value
+        self.gradient_sync = parse_option(GradientSync, self.gradient_sync, "hardware.parallel.gradient_sync").value
         if isinstance(self.replicate, bool) or not isinstance(self.replicate, int) or self.replicate < 1:
             raise ConfigError(f"hardware.parallel.replicate={self.replicate!r}: the number of HSDP replica groups, "
                               "an integer >= 1 (1: plain FSDP2 over every rank)")
 
     def check_world(self, world: int, strategy: str = "fsdp2") -> None:
-        """Refuse, before any work, a replicate count the run's process layout cannot hold."""
+        """Refuse, before any work, a replicate count the run's process layout cannot hold, and FSDP2 gradient
+        settings under a strategy that does not shard with FSDP2."""
+        self.check_reduction(strategy)
         if self.replicate == 1:
             return
         if strategy != "fsdp2":
@@ -66,6 +81,21 @@ class ParallelConfig:
             raise ConfigError(f"hardware.parallel.replicate={self.replicate} does not divide the world size {world} "
                               f"(hardware.devices x hardware.num_nodes): each replica group must hold the same "
                               f"number of ranks. Use one of {fits} (the node count, typically)")
+
+    def check_reduction(self, strategy: str) -> None:
+        """``reduce_dtype`` and ``gradient_sync`` set FSDP2's gradient collectives: refuse them away from their
+        defaults under another strategy, where they would silently do nothing (Lightning's DDP already all-reduces
+        once per optimizer step under accumulation; one device has nothing to reduce)."""
+        if strategy == "fsdp2":
+            return
+        changed = {k: v for k, v in (("reduce_dtype", self.reduce_dtype), ("gradient_sync", self.gradient_sync))
+                   if v != getattr(ParallelConfig, k)}
+        if changed:
+            keys = ", ".join(f"hardware.parallel.{k}={v}" for k, v in changed.items())
+            raise ConfigError(f"{keys}: FSDP2's gradient reduction, and this run's hardware.strategy is "
+                              f"{strategy!r}, which does not shard with FSDP2 (DDP already all-reduces once per "
+                              "optimizer step under accumulation); use hardware=fsdp (strategy fsdp2), or remove "
+                              f"the override{'s' if len(changed) > 1 else ''}")
 
     def check_float8(self, gpu: bool, lora: bool = False) -> None:
         """Refuse, before any work and with the fix, a float8 setting this run cannot train with: torchao missing,

@@ -22,7 +22,7 @@ from torchmetrics import Metric
 from moxin.checkpoint.resume import finish_phase_end, rescale_loop_batches, restore_rng, rng_state
 from moxin.checkpoint.weights import load_init_weights
 from moxin.config import LoRAConfig, ModelConfig, OptimConfig, ParallelConfig, TrainerConfig
-from moxin.distributed import float8_optimizer_hook, is_sharded, parallelize, weights_checksum
+from moxin.distributed import float8_optimizer_hook, is_sharded, parallelize, set_gradient_sync, weights_checksum
 from moxin.model import Transformer
 from moxin.model import lora as lora_lib
 from moxin.losses import LabelRows
@@ -214,6 +214,18 @@ class MoxinStage(L.LightningModule):
         out = self.compute_loss(batch)
         self.optim_step.add(out.loss_sum, out.n_tokens, out.metrics, out.tokens_processed, self.device)
         return out.loss_sum
+
+    def gradient_sync(self, last: bool) -> None:
+        """Before a micro-batch's backward: FSDP2's gradient collectives it runs (hardware.parallel.gradient_sync;
+        all of them when it is the `last` of its optimizer step). Manual optimisation (GRPO) calls it in its own
+        micro-batch loop."""
+        set_gradient_sync(self.model, self.parallel_cfg, last)
+
+    def on_before_backward(self, loss):
+        # "last" is the loop's own rule (every accumulate-th micro-batch, and an epoch's final one), the one that
+        # decides whether the optimizer steps after this backward
+        if self.automatic_optimization and self._trainer is not None:
+            self.gradient_sync(last=not self.trainer.fit_loop._should_accumulate())
 
     def step_counters(self) -> list:
         """Per-step sums a subclass adds to the step's one reduction over ranks (host numbers or 0-d device

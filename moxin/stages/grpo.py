@@ -576,7 +576,7 @@ class GRPOStage(MoxinStage):
                 tot_tok, tot_seq, tot_n = self.row_sums([local_tok, local_seq, float(len(mb))])
                 opt.zero_grad(set_to_none=True)
                 pending = []  # per micro-batch: its statistics on the device, and its host numbers
-                for mc in plan:
+                for j, mc in enumerate(plan):
                     logp, ent = self._logp(self.model, mc.ids, mc.pos, mc.lab, mc.mask, rows=mc.rows,
                                            with_entropy=epoch == 0 or c.entropy_coef != 0.0)
                     logp = mc.to_seqs(logp)
@@ -603,6 +603,8 @@ class GRPOStage(MoxinStage):
                     loss, st = policy_loss(logp, old_m, a_m, m_m, c.clip_low, c.clip_high, c.aggregation,
                                            normaliser=max(norm, 1.0), kl=kl, kl_coef=c.kl_coef,
                                            entropy=ent_tok, entropy_coef=c.entropy_coef)
+                    # FSDP2's collectives: HSDP's all-reduce (by default) on the minibatch's last micro-batch only
+                    self.gradient_sync(last=j == len(plan) - 1)
                     # DDP averages gradients over ranks; the loss is already a global mean, so undo the average
                     self.manual_backward(loss * world)
                     # grpo/entropy: the first epoch's (the policy that sampled), as without a bonus

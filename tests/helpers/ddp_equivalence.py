@@ -76,11 +76,17 @@ def _checksum(model):
     return sum(float((p.full_tensor() if hasattr(p, "full_tensor") else p).double().sum()) for p in model.parameters())
 
 
-def main(out_path, strategy="ddp", dtype="float32", lr="1e-2"):
+def use_dtype(dtype: str) -> None:
+    """Build models in `dtype` from here on; in float64 the model's .float() casts stay float64 (the loss head's
+    fp32 buffers remain)."""
     torch.set_default_dtype(getattr(torch, dtype))
-    if dtype == "float64":  # the model's .float() casts stay float64 (the loss head's fp32 buffers remain)
+    if dtype == "float64":
         as_fp32 = torch.Tensor.float
         torch.Tensor.float = lambda t, *a, **k: t if t.dtype == torch.float64 else as_fp32(t, *a, **k)
+
+
+def main(out_path, strategy="ddp", dtype="float32", lr="1e-2"):
+    use_dtype(dtype)
     tp = 2 if strategy in ("tp", "tp_hsdp") else 1
     # the data-parallel layout (Lightning's (data_parallel, tensor_parallel) mesh: rank = dp rank * tp + tp rank)
     world = int(os.environ.get("WORLD_SIZE", "1")) // tp

@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
-from moxin.config import GRPOConfig, OptimConfig
+from moxin.config import GRPOConfig, OptimConfig, ParallelConfig
 from moxin.distributed import weights_checksum
 from moxin.model import Transformer
 from moxin.presets import load_preset
@@ -53,20 +53,27 @@ def rollout(stage, rows: slice):
     return ro
 
 
-def main(out_path):
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
+def stage_on_rollout(world: int, rank: int, lr: float = 1e-2, parallel: ParallelConfig | None = None):
+    """(the GRPO stage, seeded, its update's rollout: this rank's share of the fixed one): micro-batches of 3, two
+    PPO epochs, token aggregation, clipping off; its `rollout` replaced by that share."""
     torch.manual_seed(0)
     cfg = GRPOConfig(group_size=G, temperature=0.7, max_new_tokens=8, mask_truncated=True, verifier="exact",
                      verifier_workers=0, log_completions=0, micro_batch_size=3, ppo_epochs=2)
-    stage = GRPOStage(load_preset("tiny", attn_backend="sdpa"), grpo=cfg,
-                      tokenizer=load_tokenizer("mistral"), seed=5,
-                      optim=OptimConfig(lr=1e-2, warmup_steps=0, schedule="constant", weight_decay=0.0,
-                                        grad_clip=None), total_steps=2)
+    stage = GRPOStage(load_preset("tiny", attn_backend="sdpa"), grpo=cfg, tokenizer=load_tokenizer("mistral"), seed=5,
+                      parallel=parallel, total_steps=2,
+                      optim=OptimConfig(lr=lr, warmup_steps=0, schedule="constant", weight_decay=0.0, grad_clip=None))
     stage.configure_model()
     per = len(REWARDS) // world
     mine = rollout(stage, slice(rank * per, (rank + 1) * per))
     stage.rollout = lambda batch, step: mine  # the update alone: the rollout is given
+    return stage, mine
+
+
+def main(out_path):
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    stage, mine = stage_on_rollout(world, rank)
+    cfg = stage.cfg
     whole = rollout(stage, slice(None))
     k = whole.keep
     plain = Transformer(stage.model_cfg)
