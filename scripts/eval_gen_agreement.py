@@ -148,6 +148,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--batch-size", default="16", help="lm-eval batch size")
+    ap.add_argument("--tasks", default=None, help="comma-separated task names to compare (default: all: gsm8k "
+                    "and the bbh_cot_fewshot_* subtasks)")
     ap.add_argument("--out", default=None, help="write both sides' completions and scores here (json)")
     args = ap.parse_args(argv)
     if args.make_random and not Path(args.hf, "config.json").is_file():
@@ -155,6 +157,12 @@ def main(argv=None) -> int:
     args.hf = str(Path(args.hf).resolve())
     with tempfile.TemporaryDirectory() as d:
         tasks = tasks_of(Path(d), args)
+        if args.tasks:
+            wanted = args.tasks.split(",")
+            unknown = sorted(set(wanted) - {t[0] for t in tasks})
+            if unknown:
+                ap.error(f"--tasks: unknown {unknown}; choose from {[t[0] for t in tasks]}")
+            tasks = [t for t in tasks if t[0] in wanted]
         lm = run_lmeval(args, tasks)
         mx = run_moxin(args, tasks)
     bad = 0
