@@ -90,7 +90,6 @@ class Rollout:
     seq_lengths: torch.Tensor | None = None  # (S,) prompt + completion tokens (None: every row is all tokens)
 
 
-
 class GRPOStage(MoxinStage):
     """See the module docstring. Batches are lists of prompt records from
     :class:`moxin.data.grpo_data.PromptDataModule`."""

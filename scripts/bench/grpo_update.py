@@ -130,8 +130,11 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
             with amp:
                 stage._update(ro, step=rep)
             sync(dev)
+            dt = time.perf_counter() - t0
+            print(f"[{'packed' if pack else 'padded'} rows] rollout {rep} ({'timed' if rep >= a.warm else 'warm-up'}): "
+                  f"{dt:.2f} s, {int(ro.seq_lengths[kept].sum()):,} tokens", flush=True)  # what a cut-off run leaves
             if rep >= a.warm:
-                secs += time.perf_counter() - t0
+                secs += dt
                 real += int(ro.seq_lengths[kept].sum())
                 through += stage.last_step_tokens_processed
     compiles_timed = block_variants() - variants
@@ -180,6 +183,7 @@ def pretrain_row(cfg, a, dev: str, documents: bool) -> dict:
     free(dev)
     n = a.pretrain_rows * a.pretrain_seq
     what = "packed documents" if documents else "one document a row"
+    print(f"[pretraining, {what}] {t:.3f} s a step, {n / t:,.0f} tokens/s", flush=True)
     return {"impl": f"pretraining bare loop ({a.pretrain_rows} x {a.pretrain_seq}, {what})", "update_s": t,
             "tok_s": n / t, "tokens": n, "through_model": n, "fill": 1.0, "peak_gib": peak,
             "kernels": dict(kernels)}
