@@ -19,6 +19,7 @@ during its timed repetitions (`compiles_timed`: 0 unless a new shape or kernel r
     python scripts/bench/grpo_update.py --tiny    # tiny model, short sequences, CPU, fp32, no compile
     python scripts/bench/grpo_update.py --tiny --compile --compile-backend aot_eager   # compiled blocks on a CPU
     python scripts/bench/grpo_update.py --count --prompts 64 --mbs 1   # only the tokens each way reads (host)
+    python scripts/bench/grpo_update.py --layers 2 --prompts 4 --profile 25   # where the time goes, each row
 """
 
 from __future__ import annotations
@@ -99,6 +100,20 @@ def compile_blocks(model, a, dev: str) -> None:
             block.compile(backend=a.compile_backend)
 
 
+@contextmanager
+def profiled(what: str, dev: str, top: int):
+    """With `top` > 0, profile the body and print its `top` operators by self time on the device (CPU: the host):
+    where an update's time goes beside a pretraining step's."""
+    if top <= 0:
+        yield
+        return
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        yield
+    sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    print(f"== profile: {what}\n" + prof.key_averages().table(sort_by=sort, row_limit=top), flush=True)
+
+
 def make_stage(cfg, pack: bool, a, dev: str) -> tuple[GRPOStage, torch.optim.Optimizer]:
     """The stage outside a trainer: its model on `dev` (compiled on a GPU), fused AdamW, no scheduler."""
     torch.manual_seed(0)
@@ -119,31 +134,38 @@ def run_mode(cfg, pack: bool, a, dev: str) -> dict:
     stage, opt = make_stage(cfg, pack, a, dev)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev == "cuda" else nullcontext()
     secs, real, through = 0.0, 0, 0
+    name = "packed rows" if pack else "padded rows"
     with kernels_taken() as kernels:
-        for rep in range(a.warm + a.reps):  # the first --warm rollouts warm up (compile); the others are timed
+        # the first --warm rollouts warm up (compile), the next --reps are timed, and with --profile one more is
+        # profiled (untimed: the profiler slows it)
+        for rep in range(a.warm + a.reps + (a.profile > 0)):
             if rep == a.warm:
                 variants = block_variants()
+            elif rep == a.warm + a.reps:
+                compiles_timed = block_variants() - variants
+            what = "warm-up" if rep < a.warm else "timed" if rep < a.warm + a.reps else "profiled"
             ro = synthetic_rollout(stage, a.prompts, a.prompt_len, a.min_new, a.max_new, seed=rep)
             kept = ro.keep.nonzero().squeeze(1)
             sync(dev)
             t0 = time.perf_counter()
-            with amp:
+            with profiled(f"{name}, one update", dev, a.profile if what == "profiled" else 0), amp:
                 stage._update(ro, step=rep)
-            sync(dev)
+                sync(dev)
             dt = time.perf_counter() - t0
-            print(f"[{'packed' if pack else 'padded'} rows] rollout {rep} ({'timed' if rep >= a.warm else 'warm-up'}): "
-                  f"{dt:.2f} s, {int(ro.seq_lengths[kept].sum()):,} tokens", flush=True)  # what a cut-off run leaves
-            if rep >= a.warm:
+            print(f"[{name}] rollout {rep} ({what}): {dt:.2f} s, {int(ro.seq_lengths[kept].sum()):,} tokens",
+                  flush=True)  # what a run cut off by a time limit leaves
+            if what == "timed":
                 secs += dt
                 real += int(ro.seq_lengths[kept].sum())
                 through += stage.last_step_tokens_processed
-    compiles_timed = block_variants() - variants
+    if not a.profile:
+        compiles_timed = block_variants() - variants
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     del stage, opt  # the weights and AdamW's state, before the next mode's
     free(dev)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    return {"impl": "packed rows" if pack else "padded rows", "update_s": secs / a.reps, "tok_s": real / secs,
+    return {"impl": name, "update_s": secs / a.reps, "tok_s": real / secs,
             "tokens": real // a.reps, "through_model": through // a.reps, "fill": real / max(through, 1),
             "peak_gib": peak, "kernels": dict(kernels), "compiles_timed": compiles_timed}
 
@@ -175,9 +197,13 @@ def pretrain_row(cfg, a, dev: str, documents: bool) -> dict:
     pos = (document_positions(a, a.pretrain_rows, a.pretrain_seq, g) if documents
            else torch.arange(a.pretrain_seq).expand(a.pretrain_rows, -1).contiguous())
     batch = {"input_ids": ids[:, :-1].contiguous(), "labels": ids[:, 1:].contiguous(), "positions": pos}
-    with kernels_taken() as kernels:
-        t = timed(bare_step(model, batch, dev, autocast=dev == "cuda"), dev, warm=2 if a.tiny else 3,
-                  reps=2 if a.tiny else 5)
+    step = bare_step(model, batch, dev, autocast=dev == "cuda")
+    with kernels_taken() as kernels:  # (the profiled step below is untimed)
+        t = timed(step, dev, warm=2 if a.tiny else 3, reps=2 if a.tiny else 5)
+    with profiled(f"pretraining ({'packed documents' if documents else 'one document a row'}), one step", dev,
+                  a.profile):
+        step()
+        sync(dev)
     peak = torch.cuda.max_memory_allocated() / 2**30 if dev == "cuda" else None
     del model
     free(dev)
@@ -229,6 +255,8 @@ def main():
     ap.add_argument("--no-pretrain", action="store_true", help="leave out the pretraining bare-loop row")
     ap.add_argument("--pretrain-seq", type=int, default=4096)
     ap.add_argument("--pretrain-rows", type=int, default=2)
+    ap.add_argument("--profile", type=int, default=0, metavar="K", help="profile one more (untimed) update of "
+                    "each mode and one pretraining step; print their K operators of most device time")
     ap.add_argument("--count", action="store_true", help="only count the tokens each way reads (no model, host)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
