@@ -18,7 +18,10 @@ ROOT = Path(__file__).resolve().parents[1]
                                     # the profiler over a Lightning run (11 s); its gap grouping is tested below
                                     pytest.param("train_profile", marks=pytest.mark.slow),
                                     # 2 torchrun processes: tests/test_grpo_rollout_fsdp.py checks the same path
-                                    pytest.param("rollout", marks=pytest.mark.slow)])
+                                    pytest.param("rollout", marks=pytest.mark.slow),
+                                    # a whole GRPO step with the verifier's worker processes (20 s); the rollout
+                                    # and update it times are tests/test_grpo.py's
+                                    pytest.param("grpo_step", marks=pytest.mark.slow)])
 def test_bench_smoke(script, tmp_path):
     out = tmp_path / f"{script}.json"
     r = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench" / f"{script}.py"), "--smoke", "--out", str(out)]
@@ -41,6 +44,9 @@ def test_bench_smoke(script, tmp_path):
         pad, packed = data["rows"][:2]
         assert pad["tokens"] == packed["tokens"] and packed["through_model"] < pad["through_model"]
         assert data["ratio"] > 0
+    if script == "grpo_step":  # generation, scoring and update timed, the update beside pretraining
+        assert data["step_s"] > 0 and data["ratios"]["update_vs_pretrain"] > 0
+        assert all(s["gen_tokens"] > 0 and s["update_tokens"] > 0 for s in data["steps"])
     if script == "rollout":  # 2 gloo ranks: the gathered copy samples the unsharded model's tokens
         assert data["world"] == 2 and data["equal_tokens"] and data["ratios"]["gathered_vs_one_gpu"] > 0
     if script == "generate":
