@@ -11,10 +11,11 @@ import pytest
 
 import moxin.eval.runner as runner
 import moxin.eval.tasks as tasks
-from moxin.config import EvalConfigError
+from moxin.config import TASK_PRESETS, EvalConfigError
 from moxin.eval import eval_config, evaluate
 from moxin.eval.generation import GenRecord
-from moxin.eval.tasks import POPQA_PROP_IDS, build_gen_items, load_records, minerva_prompts, task_records
+from moxin.eval.tasks import (POPQA_PROP_IDS, bbh_prompts, build_gen_items, load_records, minerva_prompts,
+                               task_records)
 from moxin.model import Transformer
 from moxin.presets import load_preset
 from moxin.tokenizer.chat import render_chat
@@ -175,6 +176,15 @@ def test_math_reads_each_subject_config_from_the_hub(monkeypatch):
                 "prealgebra", "precalculus"]
     assert asked == [("EleutherAI/hendrycks_math", "test", s) for s in subjects]
     assert [r["subtask"] for r in records] == subjects and len(shots) == 28
+
+
+def test_per_config_presets_name_the_subtasks_of_their_fixed_shots():
+    """BBH's and MATH's hub configs (read one by one, by the eval and the decontamination) are exactly the subtasks of
+    their fixed few-shot files; hub_configs without a subject field to tag the records with is refused."""
+    assert TASK_PRESETS["bbh_cot_fewshot"].defaults["hub_configs"] == list(bbh_prompts())
+    assert TASK_PRESETS["hendrycks_math"].defaults["hub_configs"] == minerva_prompts()["subjects"]
+    with pytest.raises(EvalConfigError, match="hub_configs=\\['a'\\] needs .* subject_field"):
+        eval_config({"tasks": [{"name": "t", "path": "org/data", "hub_configs": ["a"]}]})
 
 
 def test_math_verdicts_read_minervas_final_answer_line(tmp_path, tok, monkeypatch, paper_instruct):

@@ -317,7 +317,7 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
         pools.setdefault(_subject(task, r, f"few-shot record {i + 1}"), []).append(r)
     items = []
     for subj, idx in groups.items():
-        sub = replace(task, subject_field=None, limit=None, name=f"{task.name}/{subj}",
+        sub = replace(task, subject_field=None, hub_configs=None, limit=None, name=f"{task.name}/{subj}",
                       description=_subject_description(task, subj))
         for it in build(sub, [records[i] for i in idx], None if fewshot_records is None else pools.get(subj, [])):
             it.index, it.subject = idx[it.index], subj
@@ -505,20 +505,19 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
 
 
 def task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
-    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH and MATH
-    (``hendrycks_math``): every subtask's test records (one hub config each, tagged with ``subtask``; a local copy is
-    one file whose records carry the field) and each subtask's fixed examples (BBH's three chain-of-thought
-    examples, Minerva's four)."""
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves). A task with
+    ``hub_configs`` (BBH, MATH) reads each config's records tagged with its subtask (a local copy is one file whose
+    records carry the field); BBH and MATH (``hendrycks_math``) take each subtask's fixed examples (BBH's three
+    chain-of-thought examples, Minerva's four)."""
+    if task.hub_configs and is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
+        records = [{**r, task.subject_field: sub} for sub in task.hub_configs
+                   for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
+    else:
+        records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fixed = _fixed_shots(task.preset)
     if fixed is not None:
-        if is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
-            records = [{**r, task.subject_field: sub} for sub in fixed
-                       for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
-        else:
-            records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
         shots = [{**ex, task.subject_field: sub} for sub, samples in fixed.items() for ex in samples]
         return records, shots
-    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
     if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
         fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
