@@ -112,7 +112,8 @@ def test_eval_splits_of_the_paper_presets_each_once(tmp_path):
     assert [s.name for s in splits] == ["arc_challenge", "hellaswag", "mmlu", "winogrande", "arc_easy", "piqa"]
     assert splits[0].path == f"{tmp_path}/arc_challenge/test.jsonl"
     hub = {s.name: (s.path, s.split, s.hub_config) for s in eval_splits(DecontaminateConfig(eval=["paper_instruct"]))}
-    assert hub["gsm8k"] == ("openai/gsm8k", "test", "main") and hub["mmlu"] == ("cais/mmlu", "test", "all")
+    assert hub["gsm8k"] == ("openai/gsm8k", "test", "main") and hub["mmlu_mc"] == ("cais/mmlu", "test", "all")
+    assert hub["bbh_cot_fewshot"] == ("SaylorTwift/bbh", "test", None)  # read config by config (hub_configs)
     with pytest.raises(DataError, match="'paper_nope' is no eval config"):
         eval_splits(DecontaminateConfig(eval=["paper_nope"]))
 

@@ -74,6 +74,12 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     "mmlu": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
         subject_field="subject", fewshot_sampler="first_n",
         description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
+    # OLMES mmlu:mc (oe_eval/tasks/oe_eval_tasks/mmlu.py GenericMMLU_MC): the same records, subjects, description and
+    # first-5 dev shots, its make_mcq_prompt layout ("Question: ..", " A. .." lines, "Answer:"); acc_raw is acc.
+    # mmlu:mc::tulu adds chat and fewshot_as_multiturn (conf/eval/paper_instruct)
+    "mmlu_mc": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
+        subject_field="subject", fewshot_sampler="first_n",
+        description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
     # OLMES mmlu:cot::summarize (the MMLU 0-shot CoT column of Tülu 3's table): per subject its instruction, then
     # "Question: ..\n A. ..\n B. .." in one chat turn, greedy, 512 tokens, stop "Question:"; the answer letter read
     # by OLMES's patterns (verifier mmlu_cot); exact_match, per subject and macro
@@ -184,8 +190,11 @@ class TaskConfig:
     instruction: str | None = None
     """Appended to the problem after a blank line; None: the verifier's default (the GRPO prompts' form)."""
     system: str | None = None
-    chat: bool = True
-    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
+    chat: bool | None = None
+    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect); None: on for
+    generation tasks, off for multiple choice. A multiple-choice context in chat form is OLMES's
+    ``use_chat_format`` request: the template over the turns with the generation prompt, each continuation without
+    its leading space (moxin/eval/tasks.py, ``build_mc_items``)."""
     fewshot_multiturn: bool = False
     """With ``chat``: each few-shot example is a user turn (its text) and an assistant turn (its target), the item the
     last user turn (OLMES's ``fewshot_as_multiturn``, which Tülu 3's ``gsm8k::tulu``, ``popqa::tulu``,
@@ -226,6 +235,8 @@ class TaskConfig:
                 if self.fewshot_split is None:
                     self.fewshot_split = p.fewshot_split
             self.kind = p.kind
+        if self.chat is None:
+            self.chat = self.kind == TaskKind.generation
         if not self.path:
             raise EvalConfigError(f"eval task {self.name!r}: no path; give a local jsonl/parquet file or a hub "
                                   "dataset name (or a preset)")
@@ -251,10 +262,9 @@ class TaskConfig:
                                       "(greedy completions are all the same)")
             if self.max_new_tokens < 1:
                 raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
-        if self.fewshot_multiturn and (self.kind != TaskKind.generation or not self.chat):
-            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs a generation task with chat=true "
-                                  f"(kind={self.kind.value}, chat={self.chat}); set chat: true or drop "
-                                  "fewshot_multiturn")
+        if self.fewshot_multiturn and not self.chat:
+            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs chat=true (kind="
+                                  f"{self.kind.value}); set chat: true or drop fewshot_multiturn")
 
 
 def task_from_any(obj: Any, local_dir: str | None = None) -> TaskConfig:
