@@ -111,6 +111,8 @@ def test_fewshot_multiturn_needs_chat():
     tasks_ = eval_config({"tasks": [{"name": "m", "preset": "mmlu"}, {"name": "g", "preset": "gsm8k"},
                                     {"name": "x", "path": "x.jsonl", "kind": "generation"}]}).tasks
     assert [t.chat for t in tasks_] == [False, False, True]  # lm-eval's gsm8k preset is plain text
+    base = eval_config(compose_config(["+experiment=eval", "eval=paper_base"]).eval).tasks
+    assert not any(t.chat or t.fewshot_multiturn for t in base)  # the base presets stay plain text
 
 
 def test_bbh_tulu_scores_the_whole_chat_reply(tmp_path, tok, monkeypatch, paper_instruct):
