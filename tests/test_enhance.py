@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 import pyarrow.parquet as pq
 import pytest
 
-from moxin.config import DataError, DecontaminateConfig, SourceConfig
+from moxin.config import TASK_PRESETS, DataError, DecontaminateConfig, SourceConfig
+from moxin.data import decontaminate
 from moxin.data.bad_records import RecordStats
 from moxin.data.decontaminate import (REPORT, Decontaminator, EvalNgrams, SourceCounts, eval_splits, format_table,
                                       ngram_hashes, normalized_words)
@@ -111,9 +112,56 @@ def test_eval_splits_of_the_paper_presets_each_once(tmp_path):
     assert [s.name for s in splits] == ["arc_challenge", "hellaswag", "mmlu", "winogrande", "arc_easy", "piqa"]
     assert splits[0].path == f"{tmp_path}/arc_challenge/test.jsonl"
     hub = {s.name: (s.path, s.split, s.hub_config) for s in eval_splits(DecontaminateConfig(eval=["paper_instruct"]))}
-    assert hub["gsm8k"] == ("openai/gsm8k", "test", "main") and hub["mmlu"] == ("cais/mmlu", "test", "all")
+    assert hub["gsm8k"] == ("openai/gsm8k", "test", "main") and hub["mmlu_mc"] == ("cais/mmlu", "test", "all")
+    assert hub["bbh_cot_fewshot"] == ("SaylorTwift/bbh", "test", None)  # read config by config (hub_configs)
     with pytest.raises(DataError, match="'paper_nope' is no eval config"):
         eval_splits(DecontaminateConfig(eval=["paper_nope"]))
+
+
+BBH_TEXT = "Today is Christmas Eve of the year nineteen thirty seven what is the date tomorrow in the usual format"
+
+
+def test_multi_config_hub_datasets_are_read_config_by_config(tmp_path, monkeypatch):
+    """BBH and MATH have one hub config per subtask and none without a name (datasets raises): every config is read,
+    its records counted under their subtask in the report; MMLU's single "all" config keeps its own subjects."""
+    asked = []
+
+    def fake_hub(src, streaming):
+        asked.append((src.path, src.hub_config))
+        if src.path == "cais/mmlu":
+            return [{"question": "What bone is the femur?", "subject": "anatomy", "choices": ["a", "b"], "answer": 0},
+                    {"question": "What is a virus?", "subject": "virology", "choices": ["a", "b"], "answer": 1}]
+        if src.hub_config is None:
+            raise DataError(f"{src.path}: Config name is missing; pick one of its configs")
+        text = BBH_TEXT if src.hub_config == "date_understanding" else f"An item of {src.hub_config}"
+        return [{"input": text, "target": "(A)"}] * (2 if src.hub_config == "navigate" else 1)
+
+    monkeypatch.setattr(decontaminate, "open_hub_dataset", fake_hub)
+    (tmp_path / "eval.yaml").write_text("tasks:\n  - {name: bbh, preset: bbh_cot_fewshot}\n"
+                                        "  - {name: math, preset: hendrycks_math}\n  - {name: mmlu, preset: mmlu}\n")
+    decon = Decontaminator.from_config(DecontaminateConfig(eval=[str(tmp_path / "eval.yaml")]), **QUIET)
+    bbh_configs, math_configs = (TASK_PRESETS[p].defaults["hub_configs"] for p in ("bbh_cot_fewshot", "hendrycks_math"))
+    assert asked == ([("SaylorTwift/bbh", c) for c in bbh_configs] + [("EleutherAI/hendrycks_math", c)
+                     for c in math_configs] + [("cais/mmlu", "all")])
+    bbh = decon.index.meta["bbh_cot_fewshot"]
+    assert bbh["hub_configs"] == bbh_configs and bbh["records"] == 28
+    assert bbh["subjects"] == {c: 2 if c == "navigate" else 1 for c in sorted(bbh_configs)}
+    assert decon.index.meta["hendrycks_math"]["subjects"] == dict.fromkeys(math_configs, 1)
+    mmlu = decon.index.meta["mmlu"]
+    assert mmlu["subjects"] == {"anatomy": 1, "virology": 1} and "hub_configs" not in mmlu
+    counts = SourceCounts()
+    assert decon.check("Q: " + BBH_TEXT.upper() + "?", counts, "train:1")
+    assert list(counts.tasks) == ["bbh_cot_fewshot"] and counts.examples[0]["tasks"] == ["bbh_cot_fewshot"]
+    # offline: the local copy is one file whose records carry the subtask; the hub is not asked
+    asked.clear()
+    write_jsonl(tmp_path / "ev" / "bbh_cot_fewshot" / "test.jsonl",
+                [{"input": BBH_TEXT, "target": "(A)", "subtask": "date_understanding"},
+                 {"input": "x", "target": "y", "subtask": "snarks"}])
+    (tmp_path / "bbh.yaml").write_text("tasks:\n  - {name: bbh, preset: bbh_cot_fewshot}\n")
+    local = Decontaminator.from_config(DecontaminateConfig(eval=[str(tmp_path / "bbh.yaml")],
+                                                           local_dir=str(tmp_path / "ev")), **QUIET)
+    meta = local.index.meta["bbh_cot_fewshot"]
+    assert asked == [] and meta["subjects"] == {"date_understanding": 1, "snarks": 1} and "hub_configs" not in meta
 
 
 # ---- decontamination in the preparation --------------------------------------------------------------------------

@@ -5,16 +5,20 @@ OLMES values asserted here are those of allenai/olmes ``oe_eval/configs/tasks.py
 completions."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
 import moxin.eval.runner as runner
 import moxin.eval.tasks as tasks
-from moxin.config import EvalConfigError
+from moxin.config import TASK_PRESETS, EvalConfigError
 from moxin.eval import eval_config, evaluate
 from moxin.eval.generation import GenRecord
-from moxin.eval.tasks import POPQA_PROP_IDS, build_gen_items, load_records, minerva_prompts, task_records
+from moxin.eval.loglik import encode_pairs
+from moxin.eval.tasks import (CHAT_EOS_TEXT, POPQA_PROP_IDS, bbh_prompts, build_gen_items, build_mc_items,
+                              load_records, minerva_prompts, task_records)
 from moxin.model import Transformer
 from moxin.presets import load_preset
 from moxin.tokenizer.chat import render_chat
@@ -98,11 +102,17 @@ def test_gsm8k_shots_are_chat_turns_and_the_description_opens_the_first(tmp_path
     assert item.prompt_ids == _chat(tok, turns + ["Question: What is 2 + 3?\nAnswer:"])
 
 
-def test_fewshot_multiturn_needs_a_chat_generation_task():
-    with pytest.raises(EvalConfigError, match="fewshot_multiturn needs a generation task with chat=true"):
+def test_fewshot_multiturn_needs_chat():
+    """Chat is on by default for generation, off for multiple choice; turns need it either way."""
+    with pytest.raises(EvalConfigError, match="fewshot_multiturn needs chat=true"):
         eval_config({"tasks": [{"name": "p", "preset": "popqa", "chat": False, "fewshot_multiturn": True}]})
-    with pytest.raises(EvalConfigError, match="fewshot_multiturn"):
+    with pytest.raises(EvalConfigError, match="fewshot_multiturn needs chat=true \\(kind=multiple_choice"):
         eval_config({"tasks": [{"name": "m", "preset": "mmlu", "fewshot_multiturn": True}]})
+    tasks_ = eval_config({"tasks": [{"name": "m", "preset": "mmlu"}, {"name": "g", "preset": "gsm8k"},
+                                    {"name": "x", "path": "x.jsonl", "kind": "generation"}]}).tasks
+    assert [t.chat for t in tasks_] == [False, False, True]  # lm-eval's gsm8k preset is plain text
+    base = eval_config(compose_config(["+experiment=eval", "eval=paper_base"]).eval).tasks
+    assert not any(t.chat or t.fewshot_multiturn for t in base)  # the base presets stay plain text
 
 
 def test_bbh_tulu_scores_the_whole_chat_reply(tmp_path, tok, monkeypatch, paper_instruct):
@@ -177,6 +187,15 @@ def test_math_reads_each_subject_config_from_the_hub(monkeypatch):
     assert [r["subtask"] for r in records] == subjects and len(shots) == 28
 
 
+def test_per_config_presets_name_the_subtasks_of_their_fixed_shots():
+    """BBH's and MATH's hub configs (read one by one, by the eval and the decontamination) are exactly the subtasks of
+    their fixed few-shot files; hub_configs without a subject field to tag the records with is refused."""
+    assert TASK_PRESETS["bbh_cot_fewshot"].defaults["hub_configs"] == list(bbh_prompts())
+    assert TASK_PRESETS["hendrycks_math"].defaults["hub_configs"] == minerva_prompts()["subjects"]
+    with pytest.raises(EvalConfigError, match="hub_configs=\\['a'\\] needs .* subject_field"):
+        eval_config({"tasks": [{"name": "t", "path": "org/data", "hub_configs": ["a"]}]})
+
+
 def test_math_verdicts_read_minervas_final_answer_line(tmp_path, tok, monkeypatch, paper_instruct):
     r"""Minerva's answer (lm-eval minerva_math ``get_unnormalized_answer``): the text between "Final Answer: The final
     answer is" and ". I hope it is correct."; the reference is the solution's last ``\boxed{}``. Hand-written
@@ -236,3 +255,76 @@ def test_mmlu_cot_verdicts_follow_olmes_answer_patterns():
     got = [(v(c, gold).score, v(c, gold).extracted) for c, gold, _ in cases]
     assert [g[0] for g in got] == [want for _, _, want in cases]
     assert [g[1] for g in got] == ["C", "B", "D", "A", "C", "B", None]
+
+
+# ---- multiple choice in chat format (truthfulqa::tulu, mmlu:mc::tulu) ------------------------------------------
+MMLU_DEV = [{"question": f"Dev question {i}?", "choices": ["w", "x", "y", "z"], "answer": i % 4, "subject": "anatomy"}
+            for i in range(6)]
+MMLU_TEST = [{"question": "Which bone is longest?", "choices": ["ulna", "tibia", "femur", "skull"], "answer": 2,
+              "subject": "anatomy"},
+             {"question": "Where is the heart?", "choices": ["chest", "head", "foot", "arm"], "answer": 0,
+              "subject": "anatomy"}]
+TQA = [{"question": "Can pigs fly?", "mc1_targets": {"choices": ["No.", "Yes."], "labels": [1, 0]},
+        "mc2_targets": {"choices": ["No.", "Not really.", "Yes."], "labels": [1, 1, 0]}}]
+
+
+def _olmes_mcq(q: str, choices: list[str]) -> str:
+    """OLMES ``make_mcq_prompt`` (question prefix ``Question: ``, label format `` A.``, answer prefix ``Answer:``)."""
+    return f"Question: {q}\n" + "\n".join(f" {'ABCD'[i]}. {c}" for i, c in enumerate(choices)) + "\nAnswer:"
+
+
+def test_chat_mc_requests_are_rendered_as_olmes_renders_them(tmp_path, tok, paper_instruct):
+    """OLMES's convert_chat_instance: the context is the chat template over the turns with the generation prompt (no
+    assistant prefix), the continuation loses its leading space. Tülu's template in text form:
+    ``<|user|>\\n{text}\\n``, ``<|assistant|>\\n{reply}</s>\\n``, generation prompt ``<|assistant|>\\n``.
+    mmlu:mc::tulu: the description then the first 2 (here) dev examples as user/assistant turns; truthfulqa::tulu: the six-QA prompt as one user turn."""
+    _jsonl(tmp_path / "mmlu_mc" / "test.jsonl", MMLU_TEST)
+    _jsonl(tmp_path / "mmlu_mc" / "dev.jsonl", MMLU_DEV)
+    _jsonl(tmp_path / "truthfulqa_mc2" / "validation.jsonl", TQA)
+    mmlu = paper_instruct["mmlu"]
+    assert (mmlu.preset, mmlu.num_fewshot, mmlu.chat, mmlu.fewshot_multiturn) == ("mmlu_mc", 5, True, True)
+    assert paper_instruct["truthfulqa_mc2"].chat and paper_instruct["truthfulqa_mc1"].chat
+    cfg = eval_config({"tasks": [{"name": "mmlu", "preset": "mmlu_mc", "num_fewshot": 2, "chat": True,
+                                  "fewshot_multiturn": True},
+                                 {"name": "tqa", "preset": "truthfulqa_mc2", "chat": True}],
+                       "local_dir": str(tmp_path)})
+    items = build_mc_items(cfg.tasks[0], *task_records(cfg.tasks[0]))
+    desc = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    shots = [f"<|user|>\n{pre}{_olmes_mcq(d['question'], d['choices'])}\n<|assistant|>\n{'ABCD'[d['answer']]}</s>\n"
+             for pre, d in zip([desc, ""], MMLU_DEV)]
+    item_turn = _olmes_mcq(MMLU_TEST[0]["question"], MMLU_TEST[0]["choices"])
+    want = "".join(shots) + f"<|user|>\n{item_turn}\n<|assistant|>\n"
+    assert items[0].contexts == [want] * 4 and items[0].continuations == ["A", "B", "C", "D"]
+    assert items[0].gold == 2 and items[1].subject == "anatomy"
+    tqa = build_mc_items(cfg.tasks[1], *task_records(cfg.tasks[1]))[0]
+    plain = build_mc_items(replace(cfg.tasks[1], chat=False), *task_records(cfg.tasks[1]))[0]
+    assert tqa.contexts == [f"<|user|>\n{plain.contexts[0]}\n<|assistant|>\n"] * 3
+    assert plain.continuations == [" No.", " Not really.", " Yes."]
+    assert tqa.continuations == ["No.", "Not really.", "Yes."]
+    # the text's </s> is the eos id (as OLMES's tokenizer reads it); the context is what the chat renderer gives, its
+    # generation prompt's newline moved to the continuation (lm-eval's _encode_pair)
+    (ctx, cont), = encode_pairs(tok, [(want, "C")], bos=True, eos_text=CHAT_EOS_TEXT)
+    desc = "The following are multiple choice questions (with answers) about anatomy.\n\n"
+    msgs = [{"role": r, "content": c} for d, pre in zip(MMLU_DEV, [desc, ""])
+            for r, c in (("user", pre + _olmes_mcq(d["question"], d["choices"])), ("assistant", "ABCD"[d["answer"]]))]
+    msgs.append({"role": "user", "content": item_turn})
+    rendered = render_chat(msgs, tok, add_generation_prompt=True).input_ids
+    assert ctx == rendered[:-1] and cont[:1] == rendered[-1:] and ctx.count(tok.eos_id) == 2
+    assert tok.decode(cont) == "\nC"
+
+
+def test_chat_mc_scores_the_same_through_the_prefix_tree(tmp_path, tok):
+    """The chat contexts go through the shared-prefix packing unchanged: log-likelihoods equal the plain path's."""
+    _jsonl(tmp_path / "mmlu_mc" / "test.jsonl", MMLU_TEST)
+    _jsonl(tmp_path / "mmlu_mc" / "dev.jsonl", MMLU_DEV)
+    torch.manual_seed(0)
+    model = Transformer(load_preset("tiny", vocab_size=32000, attn_backend="sdpa", sliding_window=None)).eval()
+    runs = []
+    for share in (True, False):
+        cfg = {"tasks": [{"name": "mmlu", "preset": "mmlu_mc", "num_fewshot": 3, "chat": True,
+                          "fewshot_multiturn": True}], "local_dir": str(tmp_path), "share_prefixes": share}
+        runs.append(evaluate(model, tok, cfg)["tasks"]["mmlu"])
+    tree, plain = runs
+    for a, b in zip(tree["items"], plain["items"], strict=True):
+        assert a["loglik"] == pytest.approx(b["loglik"], abs=1e-5) and a["pred"] == b["pred"]
+    assert tree["macro"] == pytest.approx(plain["macro"])

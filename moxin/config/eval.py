@@ -39,6 +39,18 @@ _HUMANEVAL_UNTIL = ["\nclass", "\ndef", "\n#", "\nif", "\nprint"]
 # Qwen2.5-Math evaluation's "qwen25-math-cot" prompt: this system message, the problem as the user turn
 _QWEN_MATH_SYSTEM = "Please reason step by step, and put your final answer within \\boxed{}."
 _QWEN_MATH = dict(verifier="qwen_math", chat=True, system=_QWEN_MATH_SYSTEM, instruction="", max_new_tokens=4096)
+# One hub config per subtask (BBH's 27, MATH's 7), each read and its records tagged with the subtask; the lists equal
+# the subtasks of moxin/eval/assets' fixed few-shot files (a test checks it)
+_BBH_CONFIGS = ("boolean_expressions causal_judgement date_understanding disambiguation_qa dyck_languages "
+                "formal_fallacies geometric_shapes hyperbaton logical_deduction_five_objects "
+                "logical_deduction_seven_objects logical_deduction_three_objects movie_recommendation "
+                "multistep_arithmetic_two navigate object_counting penguins_in_a_table "
+                "reasoning_about_colored_objects ruin_names salient_translation_error_detection snarks "
+                "sports_understanding temporal_sequences tracking_shuffled_objects_five_objects "
+                "tracking_shuffled_objects_seven_objects tracking_shuffled_objects_three_objects web_of_lies "
+                "word_sorting").split()
+_MATH_CONFIGS = ("algebra counting_and_probability geometry intermediate_algebra number_theory prealgebra "
+                 "precalculus").split()
 _CODE = dict(verifier="humaneval", chat=False, instruction="", until=_HUMANEVAL_UNTIL, max_new_tokens=1024,
              verifier_timeout_s=20.0)  # above the sandbox's 4 s wall limit plus a child's start-up
 
@@ -60,6 +72,12 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     # without auxiliary_train); the "all" config holds every subject with its `subject` field; few-shot: the
     # subject's dev split, first n (fewshot_config sampler: first_n); each subject's description line
     "mmlu": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
+        subject_field="subject", fewshot_sampler="first_n",
+        description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
+    # OLMES mmlu:mc (oe_eval/tasks/oe_eval_tasks/mmlu.py GenericMMLU_MC): the same records, subjects, description and
+    # first-5 dev shots, its make_mcq_prompt layout ("Question: ..", " A. .." lines, "Answer:"); acc_raw is acc.
+    # mmlu:mc::tulu adds chat and fewshot_as_multiturn (conf/eval/paper_instruct)
+    "mmlu_mc": TaskPreset("cais/mmlu", "test", "all", "dev", defaults=dict(
         subject_field="subject", fewshot_sampler="first_n",
         description="The following are multiple choice questions (with answers) about {subject}.\n\n")),
     # OLMES mmlu:cot::summarize (the MMLU 0-shot CoT column of Tülu 3's table): per subject its instruction, then
@@ -84,8 +102,8 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     # line first), math-verify equality. Tülu 3's MATH column is OLMES's minerva_math::tulu (conf/eval/paper_instruct)
     "hendrycks_math": TaskPreset("EleutherAI/hendrycks_math", "test", kind=TaskKind.generation, defaults=dict(
         verifier="qwen_math", chat=False, instruction="", num_fewshot=4, fewshot_sampler="first_n",
-        target_delimiter="\n", subject_field="subtask", until=["Problem:"], max_new_tokens=1024,
-        metric="exact_match")),
+        target_delimiter="\n", subject_field="subtask", hub_configs=_MATH_CONFIGS, until=["Problem:"],
+        max_new_tokens=1024, metric="exact_match")),
     "minerva_math": TaskPreset("math-ai/minervamath", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "amc23": TaskPreset("math-ai/amc23", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
     "olympiadbench": TaskPreset("math-ai/olympiadbench", "test", kind=TaskKind.generation, defaults=_QWEN_MATH),
@@ -97,8 +115,8 @@ TASK_PRESETS: dict[str, TaskPreset] = {
     # (moxin/eval/assets), greedy to 1024 tokens or a stop string, exact_match of the "the answer is X." answer
     "bbh_cot_fewshot": TaskPreset("SaylorTwift/bbh", "test", kind=TaskKind.generation, defaults=dict(
         verifier="bbh", chat=False, instruction="", num_fewshot=3, fewshot_sampler="first_n", target_delimiter="",
-        subject_field="subtask", until=["</s>", "Q", "\n\n"], max_new_tokens=1024, metric="exact_match",
-        verifier_variants={"get-answer": {}})),
+        subject_field="subtask", hub_configs=_BBH_CONFIGS, until=["</s>", "Q", "\n\n"], max_new_tokens=1024,
+        metric="exact_match", verifier_variants={"get-answer": {}})),
     # PopQA (Tülu 3: 15-shot, greedy, exact match) as its authors' run_model.py runs it: "Q: .. A:" prompts, one
     # example from each of the other 15 relations, 15 new tokens, correct when a possible answer is in the first line
     "popqa": TaskPreset("akariasai/PopQA", "test", kind=TaskKind.generation, defaults=dict(
@@ -116,6 +134,9 @@ class TaskConfig:
     """Local jsonl/parquet file, folder or glob, or a hub dataset name. A preset fills it in."""
     split: str = "test"
     hub_config: str | None = None
+    hub_configs: list[str] | None = None
+    """Hub configs read one by one, each config's records tagged with its name in ``subject_field`` (a dataset with
+    one config per subtask: BBH, MATH; a preset gives them). A local copy is one file whose records carry the field."""
     data_files: Any = None
     preset: str | None = None
     """A public benchmark (see ``TASK_PRESETS``): its record mapping, path/split/config if unset, and its reference
@@ -169,8 +190,11 @@ class TaskConfig:
     instruction: str | None = None
     """Appended to the problem after a blank line; None: the verifier's default (the GRPO prompts' form)."""
     system: str | None = None
-    chat: bool = True
-    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect)."""
+    chat: bool | None = None
+    """Render the prompt with the chat template and a generation prompt (as GRPO / SFT models expect); None: on for
+    generation tasks, off for multiple choice. A multiple-choice context in chat form is OLMES's
+    ``use_chat_format`` request: the template over the turns with the generation prompt, each continuation without
+    its leading space (moxin/eval/tasks.py, ``build_mc_items``)."""
     fewshot_multiturn: bool = False
     """With ``chat``: each few-shot example is a user turn (its text) and an assistant turn (its target), the item the
     last user turn (OLMES's ``fewshot_as_multiturn``, which Tülu 3's ``gsm8k::tulu``, ``popqa::tulu``,
@@ -211,9 +235,17 @@ class TaskConfig:
                 if self.fewshot_split is None:
                     self.fewshot_split = p.fewshot_split
             self.kind = p.kind
+        if self.chat is None:
+            self.chat = self.kind == TaskKind.generation
         if not self.path:
             raise EvalConfigError(f"eval task {self.name!r}: no path; give a local jsonl/parquet file or a hub "
                                   "dataset name (or a preset)")
+        if self.hub_configs is not None:
+            self.hub_configs = [str(c) for c in self.hub_configs]
+            if not self.hub_configs or not self.subject_field or self.hub_config is not None:
+                raise EvalConfigError(f"eval task {self.name!r}: hub_configs={self.hub_configs} needs a non-empty "
+                                      f"list, subject_field (the field each config's records are tagged with; now "
+                                      f"{self.subject_field!r}) and no hub_config (now {self.hub_config!r})")
         if self.num_fewshot < 0:
             raise EvalConfigError(f"eval task {self.name!r}: num_fewshot={self.num_fewshot} must be >= 0")
         self.k = sorted({int(x) for x in self.k})
@@ -230,10 +262,9 @@ class TaskConfig:
                                       "(greedy completions are all the same)")
             if self.max_new_tokens < 1:
                 raise EvalConfigError(f"eval task {self.name!r}: max_new_tokens must be >= 1")
-        if self.fewshot_multiturn and (self.kind != TaskKind.generation or not self.chat):
-            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs a generation task with chat=true "
-                                  f"(kind={self.kind.value}, chat={self.chat}); set chat: true or drop "
-                                  "fewshot_multiturn")
+        if self.fewshot_multiturn and not self.chat:
+            raise EvalConfigError(f"eval task {self.name!r}: fewshot_multiturn needs chat=true (kind="
+                                  f"{self.kind.value}); set chat: true or drop fewshot_multiturn")
 
 
 def task_from_any(obj: Any, local_dir: str | None = None) -> TaskConfig:

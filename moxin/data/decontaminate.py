@@ -14,7 +14,7 @@ import json
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 from omegaconf import OmegaConf
@@ -67,27 +67,48 @@ def _strings(value: Any) -> Iterator[str]:
 # ---- the evaluation side -----------------------------------------------------------------------------------------
 @dataclass
 class EvalSplit:
-    """One evaluated split: the task name used in the report and where its records are."""
+    """One evaluated split: the task name used in the report and where its records are. With ``hub_configs`` (a hub
+    dataset of one config per subtask: BBH, MATH) every config is read, its records tagged with ``subject_field``."""
 
     name: str
     path: str
     split: str
     hub_config: str | None = None
     data_files: Any = None
+    hub_configs: list[str] | None = None
+    subject_field: str | None = None
 
     @classmethod
     def of(cls, task: TaskConfig) -> "EvalSplit":
-        return cls(task.preset or task.name, task.path, task.split, task.hub_config, task.data_files)
+        return cls(task.preset or task.name, task.path, task.split, task.hub_config, task.data_files,
+                   task.hub_configs, task.subject_field)
+
+    def where(self) -> dict:
+        """Where the records are, for the report."""
+        return {"path": self.path, "split": self.split, "hub_config": self.hub_config} | (
+            {"hub_configs": list(self.hub_configs)} if self.per_config() else {})
+
+    def per_config(self) -> bool:
+        """Whether each of ``hub_configs`` is read (a hub dataset; a local copy is one file)."""
+        return bool(self.hub_configs) and is_hub_name(SourceConfig(name=self.name, path=self.path, split=self.split))
 
     def records(self) -> Iterator[dict]:
-        """Its records: local jsonl / parquet or the hub (memory-mapped, as moxin.eval reads them)."""
-        src = SourceConfig(name=self.name, path=self.path, split=self.split, hub_config=self.hub_config,
-                           data_files=self.data_files)
-        dataset = open_hub_dataset(src, streaming=False) if is_hub_name(src) else None
-        for loc, rec in read_records(src, formats=("jsonl", "parquet"), dataset=dataset):
-            if isinstance(rec, Bad):
-                raise DataError(f"decontamination: eval task {self.name!r}: {loc}: {rec.reason}; fix the record")
-            yield rec
+        """Its records: local jsonl / parquet or the hub (memory-mapped, as moxin.eval reads them), every config of
+        ``hub_configs`` in turn."""
+        per_config = self.per_config()
+        for config in self.hub_configs if per_config else [self.hub_config]:
+            src = SourceConfig(name=self.name, path=self.path, split=self.split, hub_config=config,
+                               data_files=self.data_files)
+            dataset = open_hub_dataset(src, streaming=False) if is_hub_name(src) else None
+            for loc, rec in read_records(src, formats=("jsonl", "parquet"), dataset=dataset):
+                if isinstance(rec, Bad):
+                    raise DataError(f"decontamination: eval task {self.name!r}: {loc}"
+                                    f"{f' (config {config!r})' if config else ''}: {rec.reason}; fix the record")
+                yield {**rec, self.subject_field: config} if per_config else rec
+
+    def subject(self, rec: dict) -> str:
+        """The subject a record counts under in the report (its ``subject_field``)."""
+        return str(rec.get(self.subject_field))
 
 
 def _eval_config_file(name: str) -> Path:
@@ -115,7 +136,7 @@ def eval_splits(cfg: DecontaminateConfig) -> list[EvalSplit]:
             raise DataError(f"data.decontaminate.eval: {path}: {e}") from e
         for task in ecfg.tasks:
             s = EvalSplit.of(task)
-            key = (s.path, s.split, s.hub_config, json.dumps(s.data_files, sort_keys=True))
+            key = (s.path, s.split, s.hub_config, json.dumps(s.data_files, sort_keys=True), json.dumps(s.hub_configs))
             out.setdefault(key, s)
     names = [s.name for s in out.values()]
     dup = sorted({n for n in names if names.count(n) > 1})
@@ -135,13 +156,18 @@ class EvalNgrams:
         self.keys = np.zeros(0, dtype=np.uint64)
         self.masks = np.zeros(0, dtype=np.uint64)
 
-    def add(self, name: str, records: Iterable[Any], where: dict | None = None) -> None:
-        """Add one task's records: the n-grams of each string field (separately: no n-gram spans two fields)."""
+    def add(self, name: str, records: Iterable[Any], where: dict | None = None,
+            subject: Callable[[Any], str] | None = None) -> None:
+        """Add one task's records: the n-grams of each string field (separately: no n-gram spans two fields).
+        ``subject`` names a record's subject: the task's meta then counts the records of each."""
         if len(self.tasks) >= _MAX_TASKS:
             raise DataError(f"data.decontaminate: more than {_MAX_TASKS} evaluation tasks; split the check in two")
-        grams, n_records, short = [], 0, 0
+        grams, n_records, short, subjects = [], 0, 0, {}
         for rec in records:
             n_records += 1
+            if subject is not None:
+                sub = subject(rec)
+                subjects[sub] = subjects.get(sub, 0) + 1
             mine = [ngram_hashes(normalized_words(s), self.n) for s in _strings(rec)]
             mine = [g for g in mine if len(g)]
             short += not mine
@@ -150,6 +176,8 @@ class EvalNgrams:
         bit = np.uint64(1) << np.uint64(len(self.tasks))
         self.tasks.append(name)
         self.meta[name] = {**(where or {}), "records": n_records, "ngrams": int(len(uniq)), "shorter_than_n": short}
+        if subject is not None:
+            self.meta[name]["subjects"] = dict(sorted(subjects.items()))
         h = np.concatenate([self.keys, uniq])  # merged into the index: keys stay sorted and unique
         bits = np.concatenate([self.masks, np.full(len(uniq), bit, dtype=np.uint64)])
         order = np.argsort(h, kind="stable")
@@ -208,10 +236,12 @@ class Decontaminator:
         """Read every evaluated split ``cfg.eval`` names (hub or ``cfg.local_dir``) into the n-gram index."""
         index = EvalNgrams(cfg.n)
         for s in eval_splits(cfg):
-            index.add(s.name, s.records(), {"path": s.path, "split": s.split, "hub_config": s.hub_config})
+            index.add(s.name, s.records(), s.where(), s.subject if s.subject_field else None)
             m = index.meta[s.name]
-            log(f"decontamination: {s.name} ({s.path} {s.split}): {m['records']} records, {m['ngrams']:,} "
-                f"{cfg.n}-grams, {m['shorter_than_n']} records shorter than {cfg.n} words")
+            configs = f", {len(m['hub_configs'])} configs" if "hub_configs" in m else ""
+            subjects = f" in {len(m['subjects'])} subjects" if "subjects" in m else ""
+            log(f"decontamination: {s.name} ({s.path} {s.split}{configs}): {m['records']} records{subjects}, "
+                f"{m['ngrams']:,} {cfg.n}-grams, {m['shorter_than_n']} records shorter than {cfg.n} words")
         return cls(cfg, index)
 
     def checked_sources(self, sources: list[SourceConfig]) -> set[str]:

@@ -27,11 +27,25 @@ def encode_pair(tokenizer, context: str, continuation: str, bos: bool = True) ->
     return encode_pairs(tokenizer, [(context, continuation)], bos=bos)[0]
 
 
-def encode_pairs(tokenizer, pairs, bos: bool = True) -> list[tuple[list[int], list[int]]]:
+def _encode_eos_text(tokenizer, text: str, bos: bool, eos_text: str) -> list[int]:
+    """``text`` with each ``eos_text`` encoded as the eos id, the way a Hugging Face tokenizer splits a special token
+    out of text; the pieces after an eos are encoded as continuations (no dummy prefix), as moxin's chat renderer
+    encodes the segments after one."""
+    parts = text.split(eos_text)
+    ids = tokenizer.encode(parts[0], bos=bos)
+    for part in parts[1:]:
+        ids.append(tokenizer.eos_id)
+        if part:
+            ids.extend(tokenizer.encode(part, continuation=True))
+    return ids
+
+
+def encode_pairs(tokenizer, pairs, bos: bool = True, eos_text: str | None = None) -> list[tuple[list[int], list[int]]]:
     """lm-eval's ``HFLM._encode_pair`` of every (context, continuation): the context's trailing whitespace moves to
     the continuation, the whole string is tokenized and split after the context's ids, an empty context is the
     prefix token alone. Each distinct text is tokenized once, all of them in one batched call where the tokenizer
-    has `encode_batch` (a question's options share their context, a repeated item all its texts)."""
+    has `encode_batch` (a question's options share their context, a repeated item all its texts). ``eos_text``
+    (chat contexts): that text is the eos id (:func:`_encode_eos_text`)."""
     texts: dict[tuple[str, bool], list[int] | None] = {}
     moved = []
     for context, continuation in pairs:
@@ -46,7 +60,10 @@ def encode_pairs(tokenizer, pairs, bos: bool = True) -> list[tuple[list[int], li
         if not group:
             continue
         batch = getattr(tokenizer, "encode_batch", None)
-        encoded = batch(group, bos=flag) if batch else [tokenizer.encode(t, bos=flag) for t in group]
+        if eos_text is not None:
+            encoded = [_encode_eos_text(tokenizer, t, flag, eos_text) for t in group]
+        else:
+            encoded = batch(group, bos=flag) if batch else [tokenizer.encode(t, bos=flag) for t in group]
         texts.update(zip(((t, flag) for t in group), encoded))
     out = []
     for context, continuation in moved:

@@ -27,7 +27,8 @@ from moxin.eval.generation import generate_all, score_texts
 from moxin.eval.metrics import pass_at_k
 from moxin.eval.loglik import encode_pairs, loglikelihoods
 from moxin.eval.scoring import truncate_at
-from moxin.eval.tasks import PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config, task_records
+from moxin.eval.tasks import (CHAT_EOS_TEXT, PRESET_SUBJECTS, build_gen_items, build_mc_items, eval_config,
+                              task_records)
 from moxin.tensor_parallel import data_rank_and_world
 
 __all__ = ["evaluate", "print_table", "write_results", "flat_metrics", "lm_eval_results", "markdown_table"]
@@ -66,7 +67,8 @@ def eval_multiple_choice(model, tokenizer, task: TaskConfig, cfg: EvalConfig, lo
     items = build_mc_items(task, *task_records(task))
     mine = items[rank::world]
     t0 = time.perf_counter()
-    reqs = encode_pairs(tokenizer, [(c, x) for it in mine for c, x in zip(it.contexts, it.continuations)], bos=cfg.bos)
+    reqs = encode_pairs(tokenizer, [(c, x) for it in mine for c, x in zip(it.contexts, it.continuations)], bos=cfg.bos,
+                        eos_text=CHAT_EOS_TEXT if task.chat else None)
     res = loglikelihoods(model, reqs, batch_tokens=cfg.batch_tokens, max_batch=cfg.max_batch,
                          pad_id=tokenizer.pad_id, lockstep=lockstep, share_prefixes=cfg.share_prefixes,
                          row_tokens=cfg.row_tokens)

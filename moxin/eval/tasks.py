@@ -23,11 +23,11 @@ from moxin.data.grpo_data import DEFAULT_INSTRUCTIONS
 from moxin.data.reader import Bad, is_hub_name, open_hub_dataset, read_records
 from moxin.eval.scoring import humaneval_reference
 from moxin.rewards import VERIFIERS
-from moxin.tokenizer.chat import render_chat
+from moxin.tokenizer.chat import format_prompt, render_chat
 
 __all__ = ["MCItem", "GenItem", "load_records", "build_mc_items", "build_gen_items", "PRESET_DOCS", "GEN_PRESET_DOCS",
            "MMLU_SUBJECTS", "PRESET_SUBJECTS", "eval_config", "bbh_prompts", "minerva_prompts", "task_records",
-           "POPQA_PROP_IDS"]
+           "POPQA_PROP_IDS", "CHAT_EOS_TEXT"]
 
 
 def eval_config(obj: Any) -> EvalConfig:
@@ -145,6 +145,14 @@ def _mmlu(doc: dict) -> MCDoc:
     return MCDoc(f"{doc['question'].strip()}{opts}\nAnswer:", ["A", "B", "C", "D"], int(doc["answer"]))
 
 
+def _mmlu_mc(doc: dict) -> MCDoc:
+    """OLMES ``mmlu:mc`` (``GenericMMLU_MC._process_doc``: ``make_mcq_prompt`` with a space before each label):
+    ``Question: {question}``, a line `` A. {choice}`` per option, ``Answer:``; the choices are the letters."""
+    letters = "ABCDE"[:len(doc["choices"])]
+    opts = "\n".join(f" {letter}. {c}" for letter, c in zip(letters, doc["choices"], strict=True))
+    return MCDoc(f"Question: {doc['question']}\n{opts}\nAnswer:", list(letters), int(doc["answer"]))
+
+
 _MMLU_GROUPS = {
     "stem": "abstract_algebra anatomy astronomy college_biology college_chemistry college_computer_science "
             "college_mathematics college_physics computer_security conceptual_physics electrical_engineering "
@@ -173,7 +181,8 @@ def bbh_prompts() -> dict[str, dict]:
 
 
 #: The subjects a preset's records may carry, subject -> lm-eval group
-PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS, "mmlu_cot": MMLU_SUBJECTS}
+PRESET_SUBJECTS: dict[str, dict[str, str]] = {"mmlu": MMLU_SUBJECTS, "mmlu_mc": MMLU_SUBJECTS,
+                                              "mmlu_cot": MMLU_SUBJECTS}
 
 
 @cache
@@ -215,6 +224,7 @@ PRESET_DOCS: dict[str, Callable[[dict], MCDoc]] = {
     "piqa": _piqa,
     "winogrande": _winogrande,
     "mmlu": _mmlu,
+    "mmlu_mc": _mmlu_mc,
     "truthfulqa_mc1": _truthfulqa("mc1_targets"),
     "truthfulqa_mc2": _truthfulqa("mc2_targets"),
 }
@@ -267,11 +277,17 @@ def to_doc(task: TaskConfig, rec: dict, where: str) -> MCDoc:
     return MCDoc(text, list(choices), _gold_index(task, rec, list(choices), where))
 
 
+def _example_parts(d: MCDoc) -> tuple[str, str]:
+    """A few-shot example's (text, target text); winogrande's: the gold context, then its continuation."""
+    if isinstance(d.text, int):
+        return d.choices[d.text], str(d.target)
+    return d.text, d.choices[int(d.target)]
+
+
 def _fewshot_example(task: TaskConfig, d: MCDoc) -> str:
     """lm-eval's few-shot example: text + target_delimiter + target text."""
-    if isinstance(d.text, int):  # winogrande: the gold context, then its continuation
-        return d.choices[d.text] + task.target_delimiter + str(d.target)
-    return d.text + task.target_delimiter + d.choices[int(d.target)]
+    text, target = _example_parts(d)
+    return text + task.target_delimiter + target
 
 
 def _fewshot_draw(task: TaskConfig, rnd: random.Random, pool_recs: list[dict], rec: dict, same_pool: bool) -> list[int]:
@@ -317,7 +333,7 @@ def _by_subject(task: TaskConfig, records: list[dict], fewshot_records: list[dic
         pools.setdefault(_subject(task, r, f"few-shot record {i + 1}"), []).append(r)
     items = []
     for subj, idx in groups.items():
-        sub = replace(task, subject_field=None, limit=None, name=f"{task.name}/{subj}",
+        sub = replace(task, subject_field=None, hub_configs=None, limit=None, name=f"{task.name}/{subj}",
                       description=_subject_description(task, subj))
         for it in build(sub, [records[i] for i in idx], None if fewshot_records is None else pools.get(subj, [])):
             it.index, it.subject = idx[it.index], subj
@@ -358,13 +374,46 @@ def _docs_with_prefix(task: TaskConfig, records: list[dict], fewshot_records: li
             for d, shots in _docs_with_shots(task, records, fewshot_records, to_doc_fn)]
 
 
+#: The text ``format_prompt`` writes for the eos id in a chat context; moxin.eval.loglik.encode_pairs (``eos_text``)
+#: encodes it as the id, as OLMES's Hugging Face tokenizer does with the chat text it renders
+CHAT_EOS_TEXT = "</s>"
+
+
+def _chat_messages(task: TaskConfig, turns: list[tuple[str, str | None]]) -> list[dict]:
+    """The conversation of (user text, assistant reply or None) turns: the task's system message first, and with
+    ``fewshot_multiturn`` the description opening the first user turn (else it is already in the text)."""
+    if task.fewshot_multiturn:
+        turns = [(task.description + turns[0][0], turns[0][1])] + turns[1:]
+    msgs = [{"role": "system", "content": task.system}] if task.system else []
+    for q, a in turns:
+        msgs += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a is not None else [])
+    return msgs
+
+
+def _mc_chat_context(task: TaskConfig, text: str, shots: list[tuple[str, str]]) -> str:
+    """OLMES's ``use_chat_format`` context of a log-likelihood request (oe_eval/run_eval.py
+    ``convert_chat_instance``): the chat template over the turns with the generation prompt, as text. ``shots``
+    (``fewshot_multiturn``): each example's text a user turn and its target, stripped, the assistant's reply."""
+    turns = [(q, a.strip()) for q, a in shots] + [(text, None)]
+    return format_prompt(_chat_messages(task, turns), add_generation_prompt=True, eos_token=CHAT_EOS_TEXT)
+
+
 def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[dict] | None = None) -> list[MCItem]:
     """Records -> scored items, with lm-eval's description and the few-shot prefix its sampler would put in front
-    (per subject when ``subject_field`` is set)."""
+    (per subject when ``subject_field`` is set). With ``chat`` each context is rendered as OLMES renders a request
+    for a chat model (:func:`_mc_chat_context`; the examples as turns with ``fewshot_multiturn``) and each
+    continuation loses its leading whitespace, as OLMES's ``convert_chat_instance`` does without an assistant
+    prefix."""
     if task.subject_field:
         return _by_subject(task, records, fewshot_records, build_mc_items)
+    if task.fewshot_multiturn:
+        rows = [(d, "", [_example_parts(s) for s in shots])
+                for d, shots in _docs_with_shots(task, records, fewshot_records, to_doc)]
+    else:
+        rows = [(d, prefix, []) for d, prefix in _docs_with_prefix(task, records, fewshot_records, to_doc,
+                                                                   _fewshot_example)]
     items = []
-    for i, (d, prefix) in enumerate(_docs_with_prefix(task, records, fewshot_records, to_doc, _fewshot_example)):
+    for i, (d, prefix, shots) in enumerate(rows):
         if isinstance(d.text, int):  # partial evaluation: one continuation after each filled-in context
             contexts = [prefix + c for c in d.choices]
             conts = [task.target_delimiter + str(d.target)] * len(d.choices)
@@ -373,6 +422,9 @@ def build_mc_items(task: TaskConfig, records: list[dict], fewshot_records: list[
             contexts = [prefix + d.text] * len(d.choices)
             conts = [task.target_delimiter + c for c in d.choices]
             gold = int(d.target)
+        if task.chat:
+            contexts = [_mc_chat_context(task, c, shots) for c in contexts]
+            conts = [c.lstrip() for c in conts]
         items.append(MCItem(i, contexts, conts, gold, [float(len(c)) for c in d.choices], labels=d.labels))
     return items
 
@@ -505,20 +557,19 @@ GEN_PRESET_DOCS: dict[str, Callable[[dict], GenDoc]] = {
 
 
 def task_records(task: TaskConfig) -> tuple[list[dict], list[dict] | None]:
-    """The evaluated records and the few-shot pool (None: the evaluated records themselves). BBH and MATH
-    (``hendrycks_math``): every subtask's test records (one hub config each, tagged with ``subtask``; a local copy is
-    one file whose records carry the field) and each subtask's fixed examples (BBH's three chain-of-thought
-    examples, Minerva's four)."""
+    """The evaluated records and the few-shot pool (None: the evaluated records themselves). A task with
+    ``hub_configs`` (BBH, MATH) reads each config's records tagged with its subtask (a local copy is one file whose
+    records carry the field); BBH and MATH (``hendrycks_math``) take each subtask's fixed examples (BBH's three
+    chain-of-thought examples, Minerva's four)."""
+    if task.hub_configs and is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
+        records = [{**r, task.subject_field: sub} for sub in task.hub_configs
+                   for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
+    else:
+        records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fixed = _fixed_shots(task.preset)
     if fixed is not None:
-        if is_hub_name(SourceConfig(name=task.name, path=task.path, split=task.split)):
-            records = [{**r, task.subject_field: sub} for sub in fixed
-                       for r in load_records(task.path, task.split, sub, task.data_files, task.name)]
-        else:
-            records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
         shots = [{**ex, task.subject_field: sub} for sub, samples in fixed.items() for ex in samples]
         return records, shots
-    records = load_records(task.path, task.split, task.hub_config, task.data_files, task.name)
     fewshot = None
     if task.num_fewshot and (task.fewshot_path or task.fewshot_split):
         fewshot = load_records(task.fewshot_path or task.path, task.fewshot_split or task.split, task.hub_config,
@@ -542,13 +593,8 @@ def render_prompt(task: TaskConfig, problem: str, tokenizer, shots: list[tuple[s
     text = user_text(task, problem)
     if not task.chat:
         return tokenizer.encode(text, bos=True)
-    msgs = [{"role": "system", "content": task.system}] if task.system else []
     turns = [(user_text(task, q), a.strip()) for q, a in shots] + [(text, None)]
-    if task.fewshot_multiturn:  # else the description is already in ``problem``'s prefix
-        turns[0] = (task.description + turns[0][0], turns[0][1])
-    for q, a in turns:
-        msgs += [{"role": "user", "content": q}] + ([{"role": "assistant", "content": a}] if a is not None else [])
-    return render_chat(msgs, tokenizer, add_generation_prompt=True).input_ids
+    return render_chat(_chat_messages(task, turns), tokenizer, add_generation_prompt=True).input_ids
 
 
 def _gen_doc(task: TaskConfig, rec: dict, where: str) -> GenDoc:
