@@ -93,9 +93,14 @@ def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, w
     4 and 1 where tensor rank 1 decodes nothing of the last), and both ranks of the pair then hold the rollout one
     process decodes alone from the same weights with that data rank's generator, token for token: sampled and
     greedy, the same completions, rewards, lengths and generated-token counts. `row_sums` adds one rank of each
-    tensor pair: the data-parallel ranks'."""
+    tensor pair: the data-parallel ranks'. The held-out and validation decode (`sampled_completions`, greedy and
+    3 samples a record in batches of 4) splits each batch over the pair the same way: each rank decodes its
+    share, both hold the completions and scores one process gives that data rank's records, and the reward is the
+    mean over the data ranks' rows, each counted once."""
     import moxin.rewards as rewards_pkg
+    from moxin.eval.heldout import sampled_completions
     from moxin.stages.grpo import GRPOStage
+    from moxin.tensor_parallel import row_share
     from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
 
     out = tmp_path / "rollout.json"
@@ -130,6 +135,27 @@ def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, w
             assert inputs[0] != inputs[1], name  # the data ranks sampled with their own generators
     sampled, greedy = (ranks[0]["cases"][k]["input_ids"] for k in ("sampled", "greedy"))
     assert sampled != greedy and len(set(map(tuple, sampled))) > 3  # the sampled rows differ within a group
+    # held-out / validation (sampled_completions): each data rank's records split over its pair in batches of 4
+    stage.cfg.gen_batch_size = r["heldout"]["batch_size"]
+    dp = world // 2
+    for name, (samples, temperature, seed) in r["heldout"]["cases"].items():
+        scores = []
+        for d in range(dp):
+            recs = r["batch"][d::dp]
+            rows, texts, results = sampled_completions(stage, recs, samples, temperature, seed)
+            n = len(recs) * samples
+            assert rows == list(range(n)), name
+            pair = [x["heldout"][name] for x in ranks if x["data_rank"] == d]
+            for got in pair:
+                assert (got["rows"], got["texts"]) == (rows, texts), (name, d)
+                assert got["scores"] == [x.score for x in results], (name, d)
+            share = [sum(-a + b for s in range(0, n, 4) for a, b in [row_share(min(4, n - s), t, 2)]) for t in (0, 1)]
+            assert [x["decoded_rows"] for x in pair] == share and sum(share) == n, (name, d)
+            scores += [x.score for x in results]
+        for x in ranks:  # the mean over every data rank's rows, each row counted once
+            assert x["heldout"][name]["reward"][0] == pytest.approx(sum(scores) / len(scores), abs=1e-12), name
+    texts = {name: ranks[0]["heldout"][name]["texts"] for name in r["heldout"]["cases"]}
+    assert len(set(texts["sampled"][:3])) > 1 and texts["sampled"][0] != texts["greedy"][0]  # sampling sampled
 
 
 @pytest.mark.slow
