@@ -70,6 +70,40 @@ def test_generate_rows_of_a_split_batch_give_the_whole_batch_tokens():
         sample_next(torch.zeros(2, 5), 1.0, rows_of=(6, 7))
 
 
+def test_generate_all_split_over_ranks_gives_the_whole_batches():
+    """`generate_all(split=(rank, size))`, as the held-out and validation decodes use it under tensor parallelism:
+    the shares of 2 and of 3 ranks (each batch of 4 split, a rank empty in the last batch of 1 when there are 3)
+    together give the completions one call gives, greedy and sampled (one generator a batch, `generator_of`, so a
+    share whose rows stop early leaves the next batch's draws alone), stop tokens ending rows at different steps,
+    every row from exactly one rank. Refused: with lockstep, and sampled without generator_of."""
+    from moxin.eval.generation import generate_all
+    from moxin.model import Transformer
+    from moxin.presets import load_preset
+
+    cfg = load_preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 6, 3, 12, 5, 7, 8, 5)]
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=8, temperature=temperature, stop_tokens=(-1,), pad_id=0, batch_size=4,
+                  generator_of=lambda b: torch.Generator().manual_seed(100 + b))
+        whole = generate_all(model, prompts, **kw)
+        kw["stop_tokens"] = (whole[0].tokens[2], whole[5].tokens[4])  # tokens emitted mid-way: rows end apart
+        whole = generate_all(model, prompts, **kw)
+        assert min(len(r.tokens) for r in whole) < 8 == max(len(r.tokens) for r in whole)
+        for size in (2, 3):
+            parts = [generate_all(model, prompts, split=(r, size), **kw) for r in range(size)]
+            assert all(sum(p[i] is not None for p in parts) == 1 for i in range(len(prompts)))
+            assert [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))] == whole, (
+                temperature, size)
+    assert whole != generate_all(model, prompts, **(kw | {"temperature": 0.0}))  # the sampled case sampled
+    with pytest.raises(ValueError, match="split .* cannot decode in lockstep"):
+        generate_all(model, prompts, split=(0, 2), lockstep=True, **kw)
+    with pytest.raises(ValueError, match="a sampled split needs generator_of"):
+        generate_all(model, prompts, split=(0, 2), **(kw | {"generator_of": None}))
+
+
 def test_row_share_splits_rows_into_contiguous_shares_a_row_apart():
     """row_share: contiguous shares that cover the rows once, the first n % T ranks a row more, empty ones when
     the rows are fewer than the ranks."""

@@ -52,6 +52,9 @@ def generate_all(model, prompts: list[list[int]], *, max_new_tokens: int, temper
     if split is not None and lockstep:
         raise ValueError("generate_all: split (a tensor group's share of each batch) cannot decode in lockstep, "
                          "where the group's forwards are collective and every rank feeds the same rows")
+    if split is not None and temperature > 0 and generator_of is None:
+        raise ValueError("generate_all: a sampled split needs generator_of (one generator a batch): with one "
+                         "generator a share that stops early would shift the next batch's draws")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
