@@ -87,21 +87,24 @@ def test_fsdp2_float8_all_gather_matches_one_process(tmp_path):
 
 
 @pytest.mark.slow
-def test_tensor_parallel_float8_matches_one_process(tmp_path):
-    """TP=2 with float8 (tests/helpers/tp_float8.py; gloo carries the float8 all-gathers as bytes, as NCCL does):
-    every block projection is a Float8Linear whose weight is a DTensor sharded over the tensor dimension; under
+@pytest.mark.parametrize("world", [2, 4])
+def test_tensor_parallel_float8_matches_one_process(tmp_path, world):
+    """TP=2, and TP=2 x DP=2 on 4 processes, with float8 (tests/helpers/tp_float8.py; gloo carries the float8
+    all-gathers as bytes, as NCCL does): every block projection is a Float8Linear whose weight is a DTensor sharded
+    over the tensor dimension (tensorwise: all-gathered by FSDP2 in float8); under
     tensorwise the projections are fed float8 tensors (torchao's float8 styles: the sequence all-gather in float8),
     under rowwise high-precision ones (the plain styles; the layer casts). Against one process with the same
     recipe, over 5 steps: with SGD the losses are equal (measured: bit for bit, both recipes); with AdamW within
     1e-3 relative (measured 4.9e-4 tensorwise, 8.6e-8 rowwise: Adam turns the last-bit differences of a gradient
     near zero, from the tensor ranks' other order of sums, into whole steps), below float8's own distance from
-    fp32 (measured 2.9e-3 and 5.3e-3). State-dict keys stay the plain model's."""
+    fp32 (measured 2.9e-3 and 5.3e-3; TP=2 x DP=2 measured the same). State-dict keys stay the plain model's."""
     out = tmp_path / "tp_f8.json"
-    torchrun(Path(__file__).parent / "helpers" / "tp_float8.py", out, "tensorwise", "rowwise")
+    torchrun(Path(__file__).parent / "helpers" / "tp_float8.py", out, "tensorwise", "rowwise", nproc=world)
     res = json.loads(out.read_text())
     for recipe, fed in (("tensorwise", "Float8TrainingTensor"), ("rowwise", "Tensor")):
         r = res[recipe]
         assert len(r["float8"]) == 2 * 7, recipe
+        assert r["float8_all_gather"] == (2 * 7 if recipe == "tensorwise" else 0), recipe
         for name, placements in r["float8"].items():
             assert placements[-1] == ("S(1)" if name.endswith(("wo", "w2")) else "S(0)"), (recipe, name)
         assert set(r["inputs"].values()) == {fed}, (recipe, r["inputs"])

@@ -1,12 +1,14 @@
-"""Float8 (torchao, emulated) under tensor parallelism on 2 CPU processes: TP=2 (one data-parallel rank, so FSDP2
-over a mesh of one), the blocks' projections planned with torchao's float8 styles (tensorwise) or the plain ones
-(rowwise). Trains the same steps as fsdp_float8.py tensor-parallel and, on rank 0, unsharded in one process with
+"""Float8 (torchao, emulated) under tensor parallelism on 2 CPU processes, TP=2 (one data-parallel rank, so FSDP2
+over a mesh of one), or on 4, TP=2 x DP=2 (FSDP2 over 2 data ranks: tensorwise all-gathers its weights in float8
+too; every data rank trains on the same rows, so the mean gradient is one process's), the blocks' projections
+planned with torchao's float8 styles (tensorwise) or the plain ones (rowwise). Trains the same steps as fsdp_float8.py tensor-parallel and, on rank 0, unsharded in one process with
 float8 and without it, with AdamW and with SGD, and writes to JSON, for each recipe: the loss curves (tp_, single_, fp32_ +
-adamw / sgd), the converted layers under TP (names, their weights' placements), what the first block's q, w1 and
+adamw / sgd), the converted layers under TP (names, their weights' placements), how many weights FSDP2
+all-gathers in float8, what the first block's q, w1 and
 w2 projections are fed (a float8 tensor under tensorwise), and the state-dict keys of the TP float8 model and of
 a plain one. Used by tests/test_float8.py.
 
-    torchrun --nproc_per_node 2 tests/helpers/tp_float8.py OUT.json RECIPE [RECIPE ...]
+    torchrun --nproc_per_node 2 tests/helpers/tp_float8.py OUT.json RECIPE [RECIPE ...]    # or 4
 """
 
 import copy
@@ -71,7 +73,7 @@ def run(recipe, mesh) -> dict:
     torch.manual_seed(0)
     base = Transformer(tiny_config())
     pcfg = ParallelConfig(float8=recipe, float8_emulate=True)
-    curves, inputs, float8, keys = {}, {}, {}, []
+    curves, inputs, float8, keys, gathered = {}, {}, {}, [], 0
     for name, optim in OPTIMIZERS.items():
         tp = parallelize(copy.deepcopy(base), pcfg, mesh)
         inputs = fed(tp)
@@ -80,19 +82,21 @@ def run(recipe, mesh) -> dict:
         curves[f"tp_{name}"] = train(tp, opt)
         float8 = {n: [str(p) for p in m.weight.placements] for n, m in tp.named_modules()
                   if isinstance(m, Float8Linear)}
+        gathered = sum(type(p._local_tensor).__name__ == "WeightWithDynamicFloat8CastTensor" for p in tp.parameters())
         keys = list(tp.state_dict().keys())
         if dist.get_rank() == 0:
             single = parallelize(copy.deepcopy(base), pcfg)
             curves[f"single_{name}"] = train(single, optim(single.parameters()))
             plain = copy.deepcopy(base)
             curves[f"fp32_{name}"] = train(plain, optim(plain.parameters()))
-    return {**curves, "float8": float8, "inputs": inputs, "keys": keys, "plain_keys": list(base.state_dict().keys())}
+    return {**curves, "float8": float8, "float8_all_gather": gathered, "inputs": inputs, "keys": keys,
+            "plain_keys": list(base.state_dict().keys())}
 
 
 def main(out_path, recipes):
     dist.init_process_group("gloo")
     gloo_float8_all_gather()
-    mesh = init_device_mesh("cpu", (1, dist.get_world_size()), mesh_dim_names=("data_parallel", "tensor_parallel"))
+    mesh = init_device_mesh("cpu", (dist.get_world_size() // 2, 2), mesh_dim_names=("data_parallel", "tensor_parallel"))
     res = {recipe: run(recipe, mesh) for recipe in recipes}
     if dist.get_rank() == 0:
         with open(out_path, "w") as f:
