@@ -169,24 +169,26 @@ def check_resume_world(ckpt_path: str, world: int, datamodule) -> None:
 def check_tensor_parallel_run(cfg: DictConfig, model_cfg) -> None:
     """``hardware.tensor_parallel_size`` that the run cannot hold, refused before any work: shapes it does not
     divide (`moxin.config.check_tensor_parallel`), and what the tensor-parallel plan does not cover yet: LoRA (its
-    wrapped projections are not in the plan) and float8 (torchao's float8 tensor-parallel styles are not in the
-    plan). Sample generations, evaluation and GRPO's rollouts decode through the same forward (or GRPO's gathered
-    copy) and do run; GRPO's update counts a tensor group's rows once (`GRPOStage.row_sums`)."""
+    wrapped projections are not in the plan). Float8 composes (torchao's float8 styles under tensorwise,
+    `moxin.tensor_parallel._styles`), tensorwise on GPUs only (gloo sends no float8 tensors); sample generations, evaluation, GRPO's rollouts, held-out rewards and
+    validation decode through the same forward (or GRPO's gathered copy, the group splitting the rows) and do
+    run; GRPO's update counts a tensor group's rows once (`GRPOStage.row_sums`)."""
     hw = cfg.hardware
     tp = tensor_parallel_size_of(hw)
     check_tensor_parallel(tp, world_size_of(hw), model_cfg, hw.strategy, int(hw.parallel.get("replicate", 1)))
     if tp == 1:
         return
-    stage = cfg.stage
-    lora = stage.get("lora")
+    lora = cfg.stage.get("lora")
+    if lora is not None and lora.get("rank"):
+        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support LoRA (stage.lora.rank > 0) yet (not "
+                          "in the tensor-parallel plan). Run it with hardware.tensor_parallel_size=1 (FSDP2 or HSDP), "
+                          "or train without it (stage.lora.rank=0)")
     float8 = str(hw.parallel.get("float8", "none"))
-    uses = {"LoRA (stage.lora.rank > 0)": bool(lora is not None and lora.get("rank")),
-            f"float8 (hardware.parallel.float8={float8})": float8 != "none"}
-    refused = [k for k, v in uses.items() if v]
-    if refused:
-        raise ConfigError(f"hardware.tensor_parallel_size={tp} does not support {' or '.join(refused)} yet (not in "
-                          "the tensor-parallel plan). Run it with hardware.tensor_parallel_size=1 (FSDP2 or HSDP), "
-                          "or train without it (stage.lora.rank=0, hardware.parallel.float8=none)")
+    if float8 == "tensorwise" and str(hw.get("accelerator", "")) == "cpu":
+        raise ConfigError(f"hardware.tensor_parallel_size={tp} with hardware.parallel.float8=tensorwise on the CPU: "
+                          "torchao's tensorwise float8 styles all-gather activations in float8, which gloo (the CPU's "
+                          "backend) cannot send (NCCL sends them as bytes). On the CPU use "
+                          "hardware.parallel.float8=rowwise (its gathers stay in high precision), or a GPU")
 
 
 def check_vocab(model_cfg, tok: Tokenizer) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-from moxin.config import ConfigError, Float8Recipe, GradientSync, ParallelConfig, Recompute, ReduceDtype
+from moxin.config import Float8Recipe, GradientSync, ParallelConfig, Recompute, ReduceDtype
 from moxin.devices import to_device
 from moxin.model import lora
 from moxin.tensor_parallel import apply_tensor_parallel, tensor_parallel_mesh
@@ -62,13 +62,21 @@ def apply_float8(model: nn.Module, cfg: ParallelConfig, fsdp: bool) -> list[str]
 
 
 def float8_optimizer_hook(optimizer: torch.optim.Optimizer, model: nn.Module) -> None:
-    """After every step of `optimizer`, compute the float8 scales of `model`'s FSDP2-sharded weights in one
-    all-reduce (torchao's `precompute_float8_dynamic_scale_for_fsdp`), which the next forward's float8 all-gathers
-    then use instead of one reduction per weight. Nothing for a model `apply_float8` gave no float8 all-gather."""
+    """After every step of `optimizer`, and once before `model`'s first forward, compute the float8 scales of its
+    FSDP2-sharded weights in one all-reduce (torchao's `precompute_float8_dynamic_scale_for_fsdp`), which the
+    forwards' float8 all-gathers then use instead of one reduction per weight. Before the first forward too:
+    without a precomputed scale torchao reduces a weight's amax over the FSDP2 mesh only, so under tensor
+    parallelism each tensor rank would scale its own shard of the weight, not the whole weight as one process
+    does. Nothing for a model `apply_float8` gave no float8 all-gather."""
     if not getattr(model, "_moxin_float8_precompute", False):
         return
     from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp  # optional: apply_float8 checked it
 
+    def first_forward(module, args):
+        handle.remove()
+        precompute_float8_dynamic_scale_for_fsdp(module)
+
+    handle = model.register_forward_pre_hook(first_forward)
     optimizer.register_step_post_hook(lambda *_: precompute_float8_dynamic_scale_for_fsdp(model))
 
 
@@ -260,13 +268,9 @@ def parallelize(model: nn.Module, cfg: ParallelConfig, mesh=None) -> nn.Module:
     size > 1), activation checkpointing, compile and (when a mesh is given) FSDP2 sharding (HSDP with
     cfg.replicate > 1)."""
     tp_mesh, dp_mesh = parallel_meshes(mesh, cfg) if mesh is not None else (None, None)
-    if tp_mesh is not None and Float8Recipe(cfg.float8) != Float8Recipe.NONE:
-        raise ConfigError(f"hardware.parallel.float8={cfg.float8} with hardware.tensor_parallel_size="
-                          f"{tp_mesh.size()}: float8 under tensor parallelism is not supported yet; use one of them "
-                          "(hardware.parallel.float8=none, or hardware.tensor_parallel_size=1)")
     apply_float8(model, cfg, fsdp=mesh is not None)
     if tp_mesh is not None:
-        apply_tensor_parallel(model, tp_mesh)
+        apply_tensor_parallel(model, tp_mesh, float8_tensorwise=Float8Recipe(cfg.float8) == Float8Recipe.TENSORWISE)
     if tp_mesh is not None and cfg.compile and cfg.activation_checkpointing == Recompute.FULL:
         # a compiled block cannot hold the checkpoint of a tensor-parallel block (torch asserts on the DeviceMesh
         # the checkpoint saves with the DTensor residual): compile each block, then checkpoint it

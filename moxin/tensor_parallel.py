@@ -103,24 +103,53 @@ def data_rank_and_world(model: nn.Module) -> tuple[int, int, int]:
     return rank // tp, world // tp, tp
 
 
-def _block_plan() -> dict:
+def _styles(block: nn.Module, float8_tensorwise: bool) -> dict:
+    """name -> the styles (column-wise, row-wise, input preparation) of each of `block`'s projections and of its
+    attention / feed_forward inputs. With tensorwise float8, torchao's float8 styles where the projections are
+    torchao Float8Linear layers: the input is cast to float8 before the sequence all-gather (half the bytes of
+    bf16) and q/k/v (w1/w3) share that one gather; the gradients of the outputs are cast in the backward. A
+    projection `float8_module_filter` left in high precision, and a sub-layer with one, keep the plain styles."""
+    plain = {"attention": PrepareModuleInput, "feed_forward": PrepareModuleInput}
+    users = {"attention": ("wq", "wk", "wv", "wo"), "feed_forward": ("w1", "w3", "w2")}
+    if not float8_tensorwise:
+        return {**plain, **{f"{m}.{w}": (RowwiseParallel if w in ("wo", "w2") else ColwiseParallel)
+                            for m, ws in users.items() for w in ws}}
+    # optional: float8 was asked for, and `moxin.config.ParallelConfig.check_float8` found torchao
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.float8_tensor_parallel import (Float8ColwiseParallel, Float8RowwiseParallel,
+                                                       PrepareFloat8ModuleInput)
+
+    out = {}
+    for m, ws in users.items():
+        f8 = {w: isinstance(block.get_submodule(f"{m}.{w}"), Float8Linear) for w in ws}
+        for w in ws:
+            row = w in ("wo", "w2")
+            out[f"{m}.{w}"] = ((Float8RowwiseParallel if row else Float8ColwiseParallel) if f8[w] else
+                               (RowwiseParallel if row else ColwiseParallel))
+        out[m] = PrepareFloat8ModuleInput if all(f8.values()) else PrepareModuleInput
+    return out
+
+
+def _block_plan(block: nn.Module, float8_tensorwise: bool = False) -> dict:
+    """The plan of one block (`_styles` picks plain or float8 styles)."""
+    st = _styles(block, float8_tensorwise)
     # attention and feed_forward take the sequence-sharded normed input and gather it (their first argument;
     # attention's others, cos / sin / mask / cache / layer index, pass through as they are)
     gather = dict(desired_input_layouts=(Replicate(),), use_local_output=True)
     return {
         "attention_norm": SequenceParallel(),
-        "attention": PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None, None),
-                                        desired_input_layouts=(Replicate(), None, None, None, None, None),
-                                        use_local_output=True),
-        "attention.wq": ColwiseParallel(),
-        "attention.wk": ColwiseParallel(),
-        "attention.wv": ColwiseParallel(),
-        "attention.wo": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "attention": st["attention"](input_layouts=(Shard(1), None, None, None, None, None),
+                                     desired_input_layouts=(Replicate(), None, None, None, None, None),
+                                     use_local_output=True),
+        "attention.wq": st["attention.wq"](),
+        "attention.wk": st["attention.wk"](),
+        "attention.wv": st["attention.wv"](),
+        "attention.wo": st["attention.wo"](output_layouts=Shard(1), use_local_output=False),
         "ffn_norm": SequenceParallel(),
-        "feed_forward": PrepareModuleInput(input_layouts=(Shard(1),), **gather),
-        "feed_forward.w1": ColwiseParallel(),
-        "feed_forward.w3": ColwiseParallel(),
-        "feed_forward.w2": RowwiseParallel(output_layouts=Shard(1), use_local_output=False),
+        "feed_forward": st["feed_forward"](input_layouts=(Shard(1),), **gather),
+        "feed_forward.w1": st["feed_forward.w1"](),
+        "feed_forward.w3": st["feed_forward.w3"](),
+        "feed_forward.w2": st["feed_forward.w2"](output_layouts=Shard(1), use_local_output=False),
     }
 
 
@@ -188,10 +217,14 @@ def _post_forward(model, args, kwargs, out):
     return _whole(out)[:, :T]
 
 
-def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
+def apply_tensor_parallel(model: nn.Module, tp_mesh, float8_tensorwise: bool = False) -> None:
     """Shard `model` (a `Transformer`) over `tp_mesh` with the plan of this module's docstring. Attention modules
     are set to their local head counts (the views of the projections' outputs use them). Shapes must divide:
-    `moxin.config.ParallelConfig.check_tensor_parallel` refuses those that do not, before any work."""
+    `moxin.config.ParallelConfig.check_tensor_parallel` refuses those that do not, before any work.
+    float8_tensorwise: the blocks' projections are torchao Float8Linear layers of the tensorwise recipe
+    (`moxin.distributed.apply_float8`, run first): plan them with torchao's float8 styles (`_styles`). The rowwise
+    recipe takes the plain styles (torchao's float8 styles assume one scale per tensor; torchtitan does the same):
+    its layers cast their DTensor inputs themselves, and the sequence all-gather stays in high precision."""
     tp = tp_mesh.size()
     # parallelize_module makes new Parameters, which want gradients: a frozen model (a DPO / KL reference) stays so
     frozen = {name for name, p in model.named_parameters() if not p.requires_grad}
@@ -208,7 +241,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh) -> None:
     top["norm"] = SequenceParallel()
     parallelize_module(model, tp_mesh, top)
     for block in model.layers:
-        parallelize_module(block, tp_mesh, _block_plan())
+        parallelize_module(block, tp_mesh, _block_plan(block, float8_tensorwise))
         attn = block.attention
         attn.n_heads, attn.n_kv_heads = attn.n_heads // tp, attn.n_kv_heads // tp
     for name, p in model.named_parameters():

@@ -353,7 +353,8 @@ def test_tensor_parallel_checkpoint_resumes_under_tp_and_under_fsdp2(tmp_path):
 
 @pytest.mark.parametrize("tp, overrides, why", [
     (2, ["stage.lora.rank=4", "init_from=somewhere"], "does not support LoRA"),
-    (2, ["hardware.parallel.float8=rowwise"], "does not support float8 \\(hardware.parallel.float8=rowwise\\)"),
+    (2, ["hardware.parallel.float8=tensorwise"], "with hardware.parallel.float8=tensorwise on the CPU: .*gloo.*"
+                                                 "float8=rowwise"),
     (4, ["model=moxin-7b", "hardware.devices=6"], "does not divide world size .*=6: .*Values that fit: \\[1, 2\\]"),
 ])
 def test_tensor_parallel_runs_it_cannot_hold_are_refused_before_any_work(tp, overrides, why):
@@ -365,7 +366,8 @@ def test_tensor_parallel_runs_it_cannot_hold_are_refused_before_any_work(tp, ove
     cfg = compose_config(["hardware=fsdp_cpu", f"hardware.tensor_parallel_size={tp}", *overrides])
     with pytest.raises(ConfigError, match=f"hardware.tensor_parallel_size={tp} {why}"):
         check_tensor_parallel_run(cfg, instantiate(cfg.model))
-    for accepted in ([], ["stage=grpo", "data=grpo_arithmetic"]):  # the sample run and GRPO's
+    for accepted in ([], ["stage=grpo", "data=grpo_arithmetic"],  # the sample run and GRPO's, float8 too
+                     ["hardware.parallel.float8=rowwise", "hardware.parallel.float8_emulate=true"]):
         cfg = compose_config(["hardware=fsdp_cpu", "hardware.tensor_parallel_size=2", *accepted])
         check_tensor_parallel_run(cfg, instantiate(cfg.model))
 

@@ -70,6 +70,40 @@ def test_generate_rows_of_a_split_batch_give_the_whole_batch_tokens():
         sample_next(torch.zeros(2, 5), 1.0, rows_of=(6, 7))
 
 
+def test_generate_all_split_over_ranks_gives_the_whole_batches():
+    """`generate_all(split=(rank, size))`, as the held-out and validation decodes use it under tensor parallelism:
+    the shares of 2 and of 3 ranks (each batch of 4 split, a rank empty in the last batch of 1 when there are 3)
+    together give the completions one call gives, greedy and sampled (one generator a batch, `generator_of`, so a
+    share whose rows stop early leaves the next batch's draws alone), stop tokens ending rows at different steps,
+    every row from exactly one rank. Refused: with lockstep, and sampled without generator_of."""
+    from moxin.eval.generation import generate_all
+    from moxin.model import Transformer
+    from moxin.presets import load_preset
+
+    cfg = load_preset("tiny")
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    g = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, cfg.vocab_size, (n,), generator=g).tolist() for n in (4, 9, 6, 3, 12, 5, 7, 8, 5)]
+    for temperature in (0.0, 1.0):
+        kw = dict(max_new_tokens=8, temperature=temperature, stop_tokens=(-1,), pad_id=0, batch_size=4,
+                  generator_of=lambda b: torch.Generator().manual_seed(100 + b))
+        whole = generate_all(model, prompts, **kw)
+        kw["stop_tokens"] = (whole[0].tokens[2], whole[5].tokens[4])  # tokens emitted mid-way: rows end apart
+        whole = generate_all(model, prompts, **kw)
+        assert min(len(r.tokens) for r in whole) < 8 == max(len(r.tokens) for r in whole)
+        for size in (2, 3):
+            parts = [generate_all(model, prompts, split=(r, size), **kw) for r in range(size)]
+            assert all(sum(p[i] is not None for p in parts) == 1 for i in range(len(prompts)))
+            assert [next(p[i] for p in parts if p[i] is not None) for i in range(len(prompts))] == whole, (
+                temperature, size)
+    assert whole != generate_all(model, prompts, **(kw | {"temperature": 0.0}))  # the sampled case sampled
+    with pytest.raises(ValueError, match="split .* cannot decode in lockstep"):
+        generate_all(model, prompts, split=(0, 2), lockstep=True, **kw)
+    with pytest.raises(ValueError, match="a sampled split needs generator_of"):
+        generate_all(model, prompts, split=(0, 2), **(kw | {"generator_of": None}))
+
+
 def test_row_share_splits_rows_into_contiguous_shares_a_row_apart():
     """row_share: contiguous shares that cover the rows once, the first n % T ranks a row more, empty ones when
     the rows are fewer than the ranks."""
@@ -93,9 +127,14 @@ def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, w
     4 and 1 where tensor rank 1 decodes nothing of the last), and both ranks of the pair then hold the rollout one
     process decodes alone from the same weights with that data rank's generator, token for token: sampled and
     greedy, the same completions, rewards, lengths and generated-token counts. `row_sums` adds one rank of each
-    tensor pair: the data-parallel ranks'."""
+    tensor pair: the data-parallel ranks'. The held-out and validation decode (`sampled_completions`, greedy and
+    3 samples a record in batches of 4) splits each batch over the pair the same way: each rank decodes its
+    share, both hold the completions and scores one process gives that data rank's records, and the reward is the
+    mean over the data ranks' rows, each counted once."""
     import moxin.rewards as rewards_pkg
+    from moxin.eval.heldout import sampled_completions
     from moxin.stages.grpo import GRPOStage
+    from moxin.tensor_parallel import row_share
     from tests.helpers.tiny_grpo import ParityVerifier, tiny_grpo_stage
 
     out = tmp_path / "rollout.json"
@@ -130,6 +169,27 @@ def test_grpo_rollout_split_over_the_tensor_group_equals_one_process(tmp_path, w
             assert inputs[0] != inputs[1], name  # the data ranks sampled with their own generators
     sampled, greedy = (ranks[0]["cases"][k]["input_ids"] for k in ("sampled", "greedy"))
     assert sampled != greedy and len(set(map(tuple, sampled))) > 3  # the sampled rows differ within a group
+    # held-out / validation (sampled_completions): each data rank's records split over its pair in batches of 4
+    stage.cfg.gen_batch_size = r["heldout"]["batch_size"]
+    dp = world // 2
+    for name, (samples, temperature, seed) in r["heldout"]["cases"].items():
+        scores = []
+        for d in range(dp):
+            recs = r["batch"][d::dp]
+            rows, texts, results = sampled_completions(stage, recs, samples, temperature, seed)
+            n = len(recs) * samples
+            assert rows == list(range(n)), name
+            pair = [x["heldout"][name] for x in ranks if x["data_rank"] == d]
+            for got in pair:
+                assert (got["rows"], got["texts"]) == (rows, texts), (name, d)
+                assert got["scores"] == [x.score for x in results], (name, d)
+            share = [sum(-a + b for s in range(0, n, 4) for a, b in [row_share(min(4, n - s), t, 2)]) for t in (0, 1)]
+            assert [x["decoded_rows"] for x in pair] == share and sum(share) == n, (name, d)
+            scores += [x.score for x in results]
+        for x in ranks:  # the mean over every data rank's rows, each row counted once
+            assert x["heldout"][name]["reward"][0] == pytest.approx(sum(scores) / len(scores), abs=1e-12), name
+    texts = {name: ranks[0]["heldout"][name]["texts"] for name in r["heldout"]["cases"]}
+    assert len(set(texts["sampled"][:3])) > 1 and texts["sampled"][0] != texts["greedy"][0]  # sampling sampled
 
 
 @pytest.mark.slow

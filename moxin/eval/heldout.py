@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from moxin.data.arithmetic import ArithmeticTask
-from moxin.distributed import all_reduce_values
 from moxin.eval.generation import generate_all, score_generations
 from moxin.eval.tasks import load_records
-from moxin.tensor_parallel import data_rank_and_world
+from moxin.tensor_parallel import data_rank_and_world, gather_rows, tensor_parallel_group
 
-__all__ = ["heldout_records", "heldout_reward", "maybe_heldout", "maybe_validate", "sampled_reward"]
+__all__ = ["heldout_records", "heldout_reward", "maybe_heldout", "maybe_validate", "sampled_completions",
+           "sampled_reward"]
 
 #: First ArithmeticTask index of the held-out problems (RL uses 0.., the SFT warm-up 10**7..).
 HELDOUT_START = 2 * 10**7
@@ -80,26 +80,54 @@ def heldout_records(dm, n: int | None, source: str | None = None, split: str | N
     return out
 
 
-def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: float = 0.0,
-                   generator: torch.Generator | None = None) -> tuple[float, float]:
-    """(mean reward, fraction with no answer) over ``samples`` completions of each of ``records`` under
-    ``stage.model``: pass@1 averaged over the samples, as DeepScaleR's validation averages the rewards of its
-    ``n_val`` samples. Greedy at temperature 0; ranks split the prompts, sums are all-reduced. Decodes with what the
-    rollouts decode with (`GRPOStage.decoding_model`: under FSDP2 the gathered copy, or lockstep)."""
+def sampled_completions(stage, records: list[dict], samples: int = 1, temperature: float = 0.0,
+                        seed: int | None = None) -> tuple[list[int], list[str], list]:
+    """(rows, completions, RewardResults) of ``samples`` completions of each of this data rank's ``records``
+    (the data-parallel ranks split them, `data_rank_and_world`) under ``stage.model``, a record's samples
+    contiguous. Decodes with what the rollouts decode with (`GRPOStage.decoding_model`: under FSDP2 the gathered
+    copy, or lockstep) in batches of ``stage.grpo.gen_batch_size``, batch b sampled from a generator seeded by
+    ``seed`` and b. With the gathered copy under tensor parallelism the T ranks of a tensor group split every batch
+    as the rollouts do (`generate_all`'s split) and one `gather_rows` gives each rank all of them: the same
+    completions one process decodes, at 1/T of the decoding a rank."""
     c = stage.cfg
     tok = stage.tokenizer
-    rank, world, _ = data_rank_and_world(stage.model)  # a tensor-parallel group decodes the same prompts
+    rank, world, _ = data_rank_and_world(stage.model)  # a tensor-parallel group takes the same prompts
     mine = records[rank::world]
     prompts = [r["prompt_ids"] for r in mine for _ in range(samples)]
+    answers = [r["answer"] for r in mine for _ in range(samples)]
+    t_rank, T, t_group = tensor_parallel_group(getattr(stage._trainer, "strategy", None))
     bs = c.gen_batch_size or 64
-    with stage.decoding_model(min(bs, max(len(prompts), 1)), max(map(len, prompts), default=1)) as (model, lockstep):
+
+    def generator_of(b: int) -> torch.Generator | None:
+        if seed is None or temperature == 0:
+            return None
+        g = torch.Generator(device=stage.device)
+        return g.manual_seed((seed + b * 1_000_000_007) % (2**63 - 1))
+
+    call_rows = -(-min(bs, max(len(prompts), 1)) // T)  # a tensor group's rank decodes its share of a batch
+    with stage.decoding_model(call_rows, max(map(len, prompts), default=1)) as (model, lockstep):
+        split = (t_rank, T) if T > 1 and not lockstep else None
         gens = generate_all(model, prompts, max_new_tokens=c.max_new_tokens, temperature=temperature,
                             top_p=c.top_p if temperature > 0 else 1.0, stop_tokens=(tok.eos_id,), pad_id=tok.pad_id,
-                            batch_size=bs, generator=generator, lockstep=lockstep)
-    _, results = score_generations(tok, gens, [r["answer"] for r in mine for _ in range(samples)], c.verifier,
-                                   c.verifier_kwargs, c.verifier_timeout_s, c.verifier_workers)
-    s, na, n = all_reduce_values([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),
-                                   float(len(results))], stage.device)
+                            batch_size=bs, generator_of=generator_of, lockstep=lockstep, split=split)
+    own = [i for i, g in enumerate(gens) if g is not None]
+    texts, results = score_generations(tok, [gens[i] for i in own], [answers[i] for i in own], c.verifier,
+                                       c.verifier_kwargs, c.verifier_timeout_s, c.verifier_workers)
+    if split is None:
+        return own, texts, results
+    cols, _ = gather_rows(own, {"texts": texts, "results": results}, len(prompts), t_group)
+    return list(range(len(prompts))), cols["texts"], cols["results"]
+
+
+def sampled_reward(stage, records: list[dict], samples: int = 1, temperature: float = 0.0,
+                   seed: int | None = None) -> tuple[float, float]:
+    """(mean reward, fraction with no answer) over ``samples`` completions of each of ``records`` under
+    ``stage.model`` (`sampled_completions`): pass@1 averaged over the samples, as DeepScaleR's validation averages
+    the rewards of its ``n_val`` samples. Greedy at temperature 0; the sums are added over the data-parallel ranks
+    (`GRPOStage.row_sums`: a tensor group's rows once)."""
+    _, _, results = sampled_completions(stage, records, samples, temperature, seed)
+    s, na, n = stage.row_sums([sum(r.score for r in results), sum(r.outcome == "no_answer" for r in results),
+                               float(len(results))])
     return s / max(n, 1.0), na / max(n, 1.0)
 
 
@@ -110,10 +138,8 @@ def heldout_reward(stage, records: list[dict], samples: int = 0, seed: int = 0) 
     r, na = sampled_reward(stage, records)
     out = {"grpo/heldout_reward": r, "grpo/heldout_no_answer_frac": na}
     if samples:
-        gen = torch.Generator(device=stage.device)
-        gen.manual_seed(seed % (2**63 - 1))
         out["grpo/heldout_reward_sampled"] = sampled_reward(stage, records, samples=samples,
-                                                            temperature=stage.cfg.temperature, generator=gen)[0]
+                                                            temperature=stage.cfg.temperature, seed=seed)[0]
     return out
 
 
@@ -185,10 +211,9 @@ def maybe_validate(stage, rl_step: int, after_update: bool) -> dict[str, float]:
             raise ValueError(f"stage.grpo.val_source={c.val_source!r} (split {c.val_split!r}): no problem fits "
                              f"data.max_prompt_tokens={dm.max_prompt_tokens}; raise it or pick another set")
         object.__setattr__(stage, "_val_records", recs)
-    gen = torch.Generator(device=stage.device)
     rank = data_rank_and_world(stage.model)[0]  # a tensor-parallel group samples alike
-    gen.manual_seed((stage.seed * 1_000_003 + updates * 7_919 + rank * 101 + 23) % (2**63 - 1))
-    r, na = sampled_reward(stage, recs, samples=c.n_val, temperature=c.val_temperature, generator=gen)
+    seed = stage.seed * 1_000_003 + updates * 7_919 + rank * 101 + 23
+    r, na = sampled_reward(stage, recs, samples=c.n_val, temperature=c.val_temperature, seed=seed)
     m = {"val/reward_mean": r, "val/no_answer_frac": na}
     _record(stage, "val_history", updates, m)
     if stage.trainer_is_zero():

@@ -22,6 +22,12 @@ from moxin.model import Transformer
 STEPS = 5
 
 
+def tiny_config() -> ModelConfig:
+    """A 2-block model whose projections float8 converts (every dimension a multiple of 16)."""
+    return ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
+                       max_seq_len=64, attn_backend="sdpa")
+
+
 def batches():
     g = torch.Generator().manual_seed(0)
     start = torch.randint(0, 256, (STEPS, 4, 1), generator=g)
@@ -43,9 +49,7 @@ def train(model, opt) -> list[float]:
 def main(out_path, recipe):
     dist.init_process_group("gloo")
     torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=256, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16, hidden_dim=128,
-                      max_seq_len=64, attn_backend="sdpa")
-    base = Transformer(cfg)
+    base = Transformer(tiny_config())
     pcfg = ParallelConfig(float8=recipe, float8_emulate=True)
     single = copy.deepcopy(base)
     sharded = copy.deepcopy(base)
