@@ -115,6 +115,23 @@ def test_val_split_is_held_out_and_report_counts(corpus, tmp_path):
     assert dm.data_report()["val_held_out"] > 0
 
 
+def test_loaders_leave_the_global_generator_alone(corpus):
+    """Building and reading the train and validation loaders draws nothing from torch's global generator (each
+    loader has its own, `loader_generator`), so the generator state a checkpoint records does not depend on how
+    many loaders a run built: a run resumed from a checkpoint that a validation pass followed builds them again."""
+    phases = [Phase("all", 32, 64 * 400, {"prose": 1})]
+    dm = PretrainDataModule(corpus, phases, tokenizer=ByteTok(), tokens_per_step=64, micro_batch_tokens=64,
+                            max_seq_len=64, num_workers=0, val_percent=30, val_tokens=128, world_size=1)
+    dm.setup("fit")
+    before = torch.get_rng_state()
+    train = dm.build_train_loader(0)
+    next(iter(train))
+    as_list(dm.val_dataloader())
+    as_list(dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), before)
+    assert train.generator is not None
+
+
 @pytest.mark.parametrize(
     "kw, match",
     [

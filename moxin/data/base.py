@@ -9,10 +9,20 @@ from it: ``accumulate_grad_batches``, ``num_epochs``, ``total_steps``, the banne
 from __future__ import annotations
 
 import lightning as L
+import torch
 
 from moxin.config import DataError
 
-__all__ = ["MoxinDataModule"]
+__all__ = ["MoxinDataModule", "loader_generator"]
+
+
+def loader_generator(seed: int = 0) -> torch.Generator:
+    """A data loader's own generator, which its iterators draw their base seed from (workers seed from it). Without
+    one, torch's DataLoader draws that seed from the global generator at every ``iter()``, so building a loader (a
+    validation pass, a resumed run's loaders) moved the generator state that checkpoints record: a run killed and
+    resumed from a checkpoint that a validation pass followed ended with another state than the straight run's
+    (tests/test_fsdp_checkpoints_and_kill_loops.py, 2 of 5,056 entries)."""
+    return torch.Generator().manual_seed(int(seed))
 
 
 class MoxinDataModule(L.LightningDataModule):

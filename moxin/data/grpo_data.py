@@ -17,7 +17,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moxin.config import DataError, SourceConfig
 from moxin.data.arithmetic import ArithmeticTask, solution_text
-from moxin.data.base import MoxinDataModule
+from moxin.data.base import MoxinDataModule, loader_generator
 from moxin.data.extract import extract_all, prompt_from_record
 from moxin.tokenizer.chat import render_chat
 
@@ -242,7 +242,7 @@ class PromptDataModule(MoxinDataModule):
 
     def train_dataloader(self):
         return StatefulDataLoader(_StepDataset(self.rank_batches(self.rank)), batch_size=None, shuffle=False,
-                                  collate_fn=_identity, num_workers=0)
+                                  collate_fn=_identity, num_workers=0, generator=loader_generator(self.seed))
 
     def data_report(self) -> dict:
         rep = {"source": self.source, "prompts_per_step": self.prompts_per_step, "rollout_steps": self.total_steps}

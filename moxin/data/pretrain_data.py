@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 
 from moxin.config import DataError, DecontaminateConfig, SourceConfig
 from moxin.data.bad_records import RecordStats
-from moxin.data.base import MoxinDataModule
+from moxin.data.base import MoxinDataModule, loader_generator
 from moxin.data.documents import validate_source
 from moxin.data.mixture import validate_weights
 from moxin.data.packed_dataset import PackedDataset, reader_states
@@ -306,6 +306,7 @@ class PretrainDataModule(MoxinDataModule):
             snapshot_every_n_steps=self.snapshot_every_n_steps,
             pin_memory=self.pin_memory,
             persistent_workers=False,
+            generator=loader_generator(self.seed),
             ignore_restored_state=self._resharded or resharded_state,  # a redistributed loader's state is no use
         )
         self._train_loader, self._train_phase = loader, phase
@@ -359,7 +360,7 @@ class PretrainDataModule(MoxinDataModule):
             world_size=self.world_size, seed=self.seed, dedup=self.dedup and self.prepared is None,
             val_percent=self.val_percent, split="val", prepared=self.prepared,
         )
-        return DataLoader(ds, batch_size=None, num_workers=0)
+        return DataLoader(ds, batch_size=None, num_workers=0, generator=loader_generator(self.seed))
 
     # ---- checkpoint state (Lightning saves it under checkpoint["datamodule"]... via state_dict) -------------
     def state_dict(self) -> dict:

@@ -14,7 +14,7 @@ import torch
 from torchdata.stateful_dataloader import StatefulDataLoader
 
 from moxin.config import DataError, SourceConfig, plain
-from moxin.data.base import MoxinDataModule
+from moxin.data.base import MoxinDataModule, loader_generator
 from moxin.data.reader import as_source
 from moxin.data.resume import rescale_sampler_position
 
@@ -175,6 +175,7 @@ class StepDataModule(MoxinDataModule):
                                    batch_size=self.batch_size, seed=self.seed, epoch=epoch, shuffle=True)
         return StatefulDataLoader(self.train_set, batch_sampler=sampler, collate_fn=self.collate(),
                                   num_workers=self.num_workers, persistent_workers=False,
+                                  generator=loader_generator(self.seed),
                                   pin_memory=torch.cuda.is_available())  # as PretrainDataModule's pin_memory
 
     def rescale_loader_state(self, state: dict, saved_accumulate: int, accumulate: int) -> None:
@@ -184,7 +185,8 @@ class StepDataModule(MoxinDataModule):
     def ordered_loader(self, ds) -> torch.utils.data.DataLoader:
         """Every item of ``ds`` once, in order, round-robin over ranks (the same batch count on every rank)."""
         sampler = StepBatchSampler(len(ds), self.micro_batch_size, self.world_size, self.rank, shuffle=False)
-        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate(), num_workers=0)
+        return torch.utils.data.DataLoader(ds, batch_sampler=sampler, collate_fn=self.collate(), num_workers=0,
+                                           generator=loader_generator(self.seed))
 
     def val_dataloader(self):
         return [] if self.val_set is None else self.ordered_loader(self.val_set)

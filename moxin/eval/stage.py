@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 
 from moxin.assemble import hardware_trainer
 from moxin.config import EvalConfig, RunConfig
+from moxin.data.base import loader_generator
 from moxin.distributed import is_sharded
 from moxin.eval.runner import evaluate, flat_metrics, print_table, write_results
 from moxin.eval.tasks import eval_config
@@ -39,7 +40,7 @@ class EvalStage(MoxinStage):
         self.results: dict | None = None
 
     def test_dataloader(self):
-        return torch.utils.data.DataLoader([0], batch_size=None)
+        return torch.utils.data.DataLoader([0], batch_size=None, generator=loader_generator())
 
     def test_step(self, batch, batch_idx):
         sharded = is_sharded(self.trainer.strategy) and self.trainer.world_size > 1
